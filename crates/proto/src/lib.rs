@@ -1,0 +1,345 @@
+//! The guest-agent protocol, spoken over one virtio-serial port between the host daemon and
+//! `nook-guest-agent` inside every VM.
+//!
+//! This crate is the only place that knows the framing and the message set. It does no I/O of
+//! its own, so the static guest binary and the async host client share one definition.
+//!
+//! Framing: `MAGIC` (4 bytes), a big-endian `u32` body length, then a JSON body. The magic lets a
+//! reader resynchronise after the host end of the port reconnects mid-frame (virtio-serial drops
+//! bytes written while nobody listens), instead of misreading a stray length forever.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change. The host refuses an agent with another major version.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The virtserialport name the agent looks for under `/sys/class/virtio-ports/*/name`.
+pub const PORT_NAME: &str = "org.nook.agent.0";
+/// Frames larger than this are rejected; file transfers are chunked below it.
+pub const MAX_FRAME: usize = 8 * 1024 * 1024;
+/// Largest data payload a sender should put in one frame (base64 grows it by a third).
+pub const CHUNK: usize = 1024 * 1024;
+const MAGIC: [u8; 4] = *b"NOOK";
+const HEADER: usize = 8;
+
+/// A message from the host, tagged with a request id chosen by the host.
+/// Follow-up messages for a spawned process (`Stdin`, `Resize`, ...) reuse the spawn's id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostFrame {
+    pub id: u64,
+    #[serde(flatten)]
+    pub msg: HostMsg,
+}
+
+/// A message from the guest, answering (or streaming for) the host request with the same id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestFrame {
+    pub id: u64,
+    #[serde(flatten)]
+    pub msg: GuestMsg,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HostMsg {
+    /// Readiness probe; answered with `GuestMsg::Hello`.
+    Hello { version: u32 },
+    /// Start a process. Answered with `Spawned`, then `Output`* and finally `Exit`.
+    Spawn(SpawnRequest),
+    /// Bytes for the stdin (or pty) of the process started by the spawn with this id.
+    Stdin {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// Close the stdin of the process with this id.
+    CloseStdin,
+    /// New terminal size for a process started with a pty.
+    Resize { cols: u16, rows: u16 },
+    /// Send a signal (a number, as in `kill -l`) to the process with this id.
+    Signal { signal: i32 },
+    /// Read up to `len` bytes from `offset`; answered with `FileData` (empty data means end of file).
+    ReadFile { path: String, offset: u64, len: u32 },
+    /// Write `data` at the end (`append`) or replace the file; answered with `Ok`.
+    WriteFile {
+        path: String,
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+        append: bool,
+        mode: Option<u32>,
+    },
+    /// Answered with `Metrics`.
+    Metrics,
+    /// Flush disks and power off (or reboot); answered with `Ok` before the guest goes down.
+    Shutdown { reboot: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpawnRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// Run as this user (name); root when absent.
+    pub user: Option<String>,
+    /// Allocate a pseudo-terminal of this size; stdout and stderr are then one stream.
+    pub pty: Option<PtySize>,
+    /// When false, stdin is closed at once (for plain commands).
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum GuestMsg {
+    Hello {
+        version: u32,
+        agent_version: String,
+        hostname: String,
+        /// `/proc/sys/kernel/random/boot_id`: changes on every boot, so the host can tell a
+        /// reboot from a reconnect.
+        boot_id: String,
+    },
+    Spawned {
+        pid: u32,
+    },
+    Output {
+        stream: Stream,
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The process ended: `code` when it exited, `signal` when a signal killed it.
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    FileData {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    Ok,
+    Metrics(GuestMetrics),
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    PermissionDenied,
+    InvalidRequest,
+    Io,
+    /// The id names no running process.
+    NoSuchProcess,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuestMetrics {
+    pub uptime_secs: f64,
+    pub load_avg_1m: f64,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub disk_total_kib: u64,
+    pub disk_available_kib: u64,
+    pub processes: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("Frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("Malformed frame body")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Serialises one message into a complete frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(HEADER + body.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Parses a frame body produced by [`FrameBuf::next_body`].
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(body)?)
+}
+
+/// Accumulates bytes from the port and yields whole frame bodies, skipping anything that is
+/// not a frame (the tail of a frame cut by a reconnect, or noise).
+#[derive(Debug, Default)]
+pub struct FrameBuf {
+    buf: Vec<u8>,
+    skipped: u64,
+}
+
+impl FrameBuf {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Drops any partial frame, as after a reconnect.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    /// Bytes discarded while resynchronising, for diagnostics.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The next complete frame body, if one is buffered.
+    pub fn next_body(&mut self) -> Option<Vec<u8>> {
+        loop {
+            let start = find_magic(&self.buf);
+            if start > 0 {
+                self.skipped += start as u64;
+                self.buf.drain(..start);
+            }
+            if self.buf.len() < HEADER {
+                return None;
+            }
+            let len =
+                u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]) as usize;
+            if len > MAX_FRAME {
+                // Not a real header: skip this magic and look for the next one.
+                self.skipped += 1;
+                self.buf.drain(..1);
+                continue;
+            }
+            if self.buf.len() < HEADER + len {
+                return None;
+            }
+            let body = self.buf[HEADER..HEADER + len].to_vec();
+            self.buf.drain(..HEADER + len);
+            return Some(body);
+        }
+    }
+}
+
+/// Index of the first possible frame start: a full magic, or a prefix of it at the very end.
+fn find_magic(buf: &[u8]) -> usize {
+    let mut i = 0;
+    while i < buf.len() {
+        let rest = &buf[i..];
+        let n = rest.len().min(MAGIC.len());
+        if rest[..n] == MAGIC[..n] {
+            return i;
+        }
+        i += 1;
+    }
+    buf.len()
+}
+
+mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(data))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(frames: &[HostFrame], noise: &[u8]) -> Vec<HostFrame> {
+        let mut wire = noise.to_vec();
+        for f in frames {
+            wire.extend(encode(f).expect("encode"));
+        }
+        let mut fb = FrameBuf::new();
+        let mut out = Vec::new();
+        // Feed byte by byte to exercise partial frames.
+        for b in wire {
+            fb.push(&[b]);
+            while let Some(body) = fb.next_body() {
+                out.push(decode(&body).expect("decode"));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn frames_roundtrip_through_partial_reads() {
+        let frames = vec![
+            HostFrame {
+                id: 1,
+                msg: HostMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+            },
+            HostFrame {
+                id: 2,
+                msg: HostMsg::Stdin {
+                    data: vec![0, 159, 146, 150, b'N'],
+                },
+            },
+            HostFrame {
+                id: 3,
+                msg: HostMsg::Spawn(SpawnRequest {
+                    argv: vec!["uname".into(), "-a".into()],
+                    env: vec![],
+                    cwd: None,
+                    user: None,
+                    pty: Some(PtySize { cols: 80, rows: 24 }),
+                    stdin: false,
+                }),
+            },
+        ];
+        assert_eq!(roundtrip(&frames, b""), frames);
+    }
+
+    #[test]
+    fn reader_resynchronises_after_garbage() {
+        let frames = vec![HostFrame {
+            id: 7,
+            msg: HostMsg::Metrics,
+        }];
+        // A cut frame: magic plus a huge length, then junk that contains a partial magic.
+        let mut noise = b"NOOK\xff\xff\xff\xffjunkNOO".to_vec();
+        noise.extend_from_slice(b"x\n");
+        assert_eq!(roundtrip(&frames, &noise), frames);
+    }
+
+    #[test]
+    fn oversized_body_is_refused() {
+        let big = HostFrame {
+            id: 1,
+            msg: HostMsg::Stdin {
+                data: vec![0; MAX_FRAME],
+            },
+        };
+        assert!(matches!(encode(&big), Err(FrameError::TooLarge(_))));
+    }
+}
