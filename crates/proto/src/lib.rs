@@ -158,6 +158,59 @@ pub struct GuestMetrics {
     pub processes: u32,
 }
 
+/// What the host tells a guest at boot, on the kernel command line (`nook.KEY=VALUE` words).
+/// The initramfs and the agent read it; the VM runtime writes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootConfig {
+    /// The VM's name, used as its hostname.
+    pub hostname: String,
+    /// The guest's address with prefix length, e.g. `10.200.0.2/30`.
+    pub ip: Option<String>,
+    /// The host end of the VM's point-to-point link.
+    pub gateway: Option<String>,
+    pub dns: Option<String>,
+    /// What the initramfs executes after `switch_root` (`/sbin/init`, or systemd).
+    pub init: Option<String>,
+}
+
+impl BootConfig {
+    pub fn to_cmdline(&self) -> String {
+        let mut words = vec![format!("nook.hostname={}", self.hostname)];
+        for (key, value) in [
+            ("ip", &self.ip),
+            ("gw", &self.gateway),
+            ("dns", &self.dns),
+            ("init", &self.init),
+        ] {
+            if let Some(v) = value {
+                words.push(format!("nook.{key}={v}"));
+            }
+        }
+        words.join(" ")
+    }
+
+    /// Reads the `nook.*` words of a kernel command line; other words are ignored.
+    pub fn from_cmdline(cmdline: &str) -> Self {
+        let mut cfg = Self::default();
+        for word in cmdline.split_whitespace() {
+            let Some((key, value)) = word.strip_prefix("nook.").and_then(|w| w.split_once('='))
+            else {
+                continue;
+            };
+            let value = value.to_string();
+            match key {
+                "hostname" => cfg.hostname = value,
+                "ip" => cfg.ip = Some(value),
+                "gw" => cfg.gateway = Some(value),
+                "dns" => cfg.dns = Some(value),
+                "init" => cfg.init = Some(value),
+                _ => {}
+            }
+        }
+        cfg
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("Frame of {0} bytes exceeds the limit")]
@@ -330,6 +383,19 @@ mod tests {
         let mut noise = b"NOOK\xff\xff\xff\xffjunkNOO".to_vec();
         noise.extend_from_slice(b"x\n");
         assert_eq!(roundtrip(&frames, &noise), frames);
+    }
+
+    #[test]
+    fn boot_config_roundtrips_through_cmdline() {
+        let cfg = BootConfig {
+            hostname: "blog".into(),
+            ip: Some("10.200.0.2/30".into()),
+            gateway: Some("10.200.0.1".into()),
+            dns: Some("1.1.1.1".into()),
+            init: None,
+        };
+        let line = format!("console=ttyS0 root=/dev/vda {} quiet", cfg.to_cmdline());
+        assert_eq!(BootConfig::from_cmdline(&line), cfg);
     }
 
     #[test]
