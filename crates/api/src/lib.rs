@@ -1,1 +1,261 @@
-//! placeholder
+//! Wire types shared by the daemon's admin API and its clients (the `nook` CLI now, the SSH
+//! lobby and the HTTP API later), plus the single table of user-facing error codes.
+//!
+//! Nothing here does I/O. What a client sees of an error is an [`ApiError`]: a stable
+//! [`ErrorCode`] and a message written for a person, never the `Display` of an internal error.
+
+use serde::{Deserialize, Serialize};
+
+pub mod size;
+
+pub use size::{format_size, parse_size};
+
+/// Names are unique per host and safe as hostnames and DNS labels.
+pub const NAME_RULE: &str = "names are 2-63 characters: a lowercase letter, then lowercase letters, digits or '-', not ending in '-'";
+
+pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    let bytes = name.as_bytes();
+    let ok = (2..=63).contains(&bytes.len())
+        && bytes[0].is_ascii_lowercase()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(70).collect();
+        Err(ApiError::new(
+            ErrorCode::InvalidName,
+            format!("Invalid VM name {shown:?}: {NAME_RULE}"),
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: Option<String>,
+    pub image: Option<String>,
+    pub cpu: Option<u32>,
+    /// A size such as `512M` or `2G`.
+    pub memory: Option<String>,
+    pub disk: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Creating,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    /// QEMU or the guest died without being asked to; `state_reason` says why.
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "creating" => Self::Creating,
+            "starting" => Self::Starting,
+            "running" => Self::Running,
+            "stopping" => Self::Stopping,
+            "stopped" => Self::Stopped,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub image: String,
+    pub state: VmState,
+    pub state_reason: Option<String>,
+    pub cpu: u32,
+    pub memory_mib: u32,
+    pub disk_bytes: u64,
+    pub guest_ip: Option<String>,
+    pub created_at: String,
+}
+
+/// One line of the NDJSON stream answering a long request (create, start, image build).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ProgressEvent {
+    Progress { step: String },
+    Done { vm: Box<VmInfo> },
+    Error { error: ApiError },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    pub user: Option<String>,
+    pub cwd: Option<String>,
+    /// Forward the request body to the process's stdin.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// One line of the NDJSON stream answering an exec.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Stdout {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    Stderr {
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    Error {
+        error: ApiError,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub name: String,
+    pub kernel_version: String,
+    pub path: String,
+}
+
+/// Every error a client can see. The code is stable; the message is for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+}
+
+macro_rules! error_codes {
+    ($($variant:ident = $code:literal, $status:literal;)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum ErrorCode {
+            $(#[serde(rename = $code)] $variant,)*
+        }
+
+        impl ErrorCode {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $code,)* }
+            }
+
+            /// The HTTP status this error maps to on every HTTP surface.
+            pub fn status(self) -> u16 {
+                match self { $(Self::$variant => $status,)* }
+            }
+        }
+    };
+}
+
+error_codes! {
+    InvalidName = "invalid_name", 400;
+    InvalidArgument = "invalid_argument", 400;
+    NameTaken = "name_taken", 409;
+    NotFound = "vm_not_found", 404;
+    UnknownImage = "unknown_image", 400;
+    ImageNotBuilt = "image_not_built", 409;
+    NotRunning = "vm_not_running", 409;
+    AlreadyRunning = "vm_already_running", 409;
+    Busy = "vm_busy", 409;
+    QemuMissing = "qemu_missing", 503;
+    NoSpace = "no_space", 507;
+    GuestNotReady = "guest_not_ready", 504;
+    AgentUnavailable = "agent_unavailable", 503;
+    GuestError = "guest_error", 502;
+    Internal = "internal", 500;
+}
+
+mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(data))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for good in [
+            "ab",
+            "blog",
+            "a-1",
+            "x23456789012345678901234567890123456789012345678901234567890123",
+        ] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "a",
+            "1abc",
+            "Blog",
+            "blog-",
+            "bl_og",
+            "bløg",
+            "a b",
+            "x234567890123456789012345678901234567890123456789012345678901234",
+        ] {
+            let err = validate_name(bad).expect_err(bad);
+            assert_eq!(err.code, ErrorCode::InvalidName);
+        }
+    }
+
+    #[test]
+    fn error_codes_serialise_stably() {
+        let err = ApiError::new(ErrorCode::NameTaken, "taken");
+        assert_eq!(
+            serde_json::to_string(&err).expect("json"),
+            r#"{"code":"name_taken","message":"taken"}"#
+        );
+        assert_eq!(err.status(), 409);
+    }
+}

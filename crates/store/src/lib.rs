@@ -1,1 +1,297 @@
-//! placeholder
+//! Durable state for one nook host: VM records (and, later, accounts, keys and shares).
+//!
+//! SQLite is the embedded default; the schema lives in `migrations/` and runs at open.
+//! This crate knows SQL and nothing about QEMU, networks or users' wording of errors beyond
+//! the typed [`StoreError`].
+
+use std::path::Path;
+use std::str::FromStr;
+
+use nook_api::VmState;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("A VM named '{0}' already exists")]
+    NameTaken(String),
+    #[error("No VM named '{0}'")]
+    NotFound(String),
+    #[error("No free network slot")]
+    SlotsExhausted,
+    #[error("Database is full: the disk holding the data dir has no space left")]
+    NoSpace,
+    #[error("Database error")]
+    Db(#[source] sqlx::Error),
+    #[error("Database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("Corrupt row for VM '{0}': {1}")]
+    Corrupt(String, String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err {
+            // SQLITE_FULL (13) and friends: the disk under the data dir is full.
+            if db.code().as_deref() == Some("13")
+                || db.message().contains("database or disk is full")
+            {
+                return Self::NoSpace;
+            }
+        }
+        Self::Db(err)
+    }
+}
+
+/// Highest slot; matches the /16 the network crate carves /30 links from.
+pub const MAX_SLOT: i64 = 16383;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub image: String,
+    pub image_dir: String,
+    pub cpu: u32,
+    pub memory_mib: u32,
+    pub disk_bytes: u64,
+    pub slot: u32,
+    pub state: VmState,
+    pub state_reason: Option<String>,
+    pub pid: Option<u32>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub image: String,
+    pub image_dir: String,
+    pub cpu: u32,
+    pub memory_mib: u32,
+    pub disk_bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl Store {
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Inserts a VM in state `creating`, giving it the lowest free network slot.
+    pub async fn insert_vm(&self, vm: NewVm) -> Result<VmRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let taken = sqlx::query("SELECT 1 FROM vms WHERE name = ?")
+            .bind(&vm.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::NameTaken(vm.name));
+        }
+        let slot: i64 = sqlx::query(
+            "SELECT COALESCE((SELECT MIN(v.slot + 1) FROM vms v WHERE NOT EXISTS \
+             (SELECT 1 FROM vms w WHERE w.slot = v.slot + 1)), 0) AS free, \
+             EXISTS(SELECT 1 FROM vms WHERE slot = 0) AS zero_taken",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map(|row| {
+            if row.get::<bool, _>("zero_taken") {
+                row.get("free")
+            } else {
+                0
+            }
+        })?;
+        if slot > MAX_SLOT {
+            return Err(StoreError::SlotsExhausted);
+        }
+        let at = now();
+        let inserted = sqlx::query(
+            "INSERT INTO vms (id, name, owner, image, image_dir, cpu, memory_mib, disk_bytes, slot, state, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'creating', ?, ?)",
+        )
+        .bind(&vm.id)
+        .bind(&vm.name)
+        .bind(&vm.owner)
+        .bind(&vm.image)
+        .bind(&vm.image_dir)
+        .bind(vm.cpu as i64)
+        .bind(vm.memory_mib as i64)
+        .bind(vm.disk_bytes as i64)
+        .bind(slot)
+        .bind(&at)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await;
+        if let Err(sqlx::Error::Database(db)) = &inserted
+            && db.is_unique_violation()
+        {
+            return Err(StoreError::NameTaken(vm.name));
+        }
+        inserted?;
+        tx.commit().await?;
+        self.get_by_id(&vm.id).await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<VmRecord, StoreError> {
+        let row = sqlx::query("SELECT * FROM vms WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| decode(&r))
+            .unwrap_or_else(|| Err(StoreError::NotFound(name.to_string())))
+    }
+
+    pub async fn get_by_id(&self, id: &str) -> Result<VmRecord, StoreError> {
+        let row = sqlx::query("SELECT * FROM vms WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| decode(&r))
+            .unwrap_or_else(|| Err(StoreError::NotFound(id.to_string())))
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM vms ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode).collect()
+    }
+
+    pub async fn set_state(
+        &self,
+        id: &str,
+        state: VmState,
+        reason: Option<&str>,
+        pid: Option<u32>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE vms SET state = ?, state_reason = ?, pid = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(state.as_str())
+        .bind(reason)
+        .bind(pid.map(i64::from))
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM vms WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn decode(row: &SqliteRow) -> Result<VmRecord, StoreError> {
+    let name: String = row.try_get("name")?;
+    let state: String = row.try_get("state")?;
+    let state = VmState::parse(&state)
+        .ok_or_else(|| StoreError::Corrupt(name.clone(), format!("unknown state {state:?}")))?;
+    Ok(VmRecord {
+        id: row.try_get("id")?,
+        owner: row.try_get("owner")?,
+        image: row.try_get("image")?,
+        image_dir: row.try_get("image_dir")?,
+        cpu: row.try_get::<i64, _>("cpu")? as u32,
+        memory_mib: row.try_get::<i64, _>("memory_mib")? as u32,
+        disk_bytes: row.try_get::<i64, _>("disk_bytes")? as u64,
+        slot: row.try_get::<i64, _>("slot")? as u32,
+        state,
+        state_reason: row.try_get("state_reason")?,
+        pid: row.try_get::<Option<i64>, _>("pid")?.map(|p| p as u32),
+        created_at: row.try_get("created_at")?,
+        name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str) -> NewVm {
+        NewVm {
+            id: format!("id-{name}"),
+            name: name.into(),
+            owner: "admin".into(),
+            image: "tiny".into(),
+            image_dir: "/img".into(),
+            cpu: 1,
+            memory_mib: 256,
+            disk_bytes: 1 << 30,
+        }
+    }
+
+    #[tokio::test]
+    async fn slots_are_lowest_free_and_names_unique() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.sqlite"))
+            .await
+            .expect("open");
+        let a = store.insert_vm(vm("aa")).await.expect("aa");
+        let b = store.insert_vm(vm("bb")).await.expect("bb");
+        let c = store.insert_vm(vm("cc")).await.expect("cc");
+        assert_eq!((a.slot, b.slot, c.slot), (0, 1, 2));
+        assert!(matches!(
+            store.insert_vm(vm("bb")).await,
+            Err(StoreError::NameTaken(_))
+        ));
+        store.delete(&b.id).await.expect("delete");
+        assert_eq!(store.insert_vm(vm("dd")).await.expect("dd").slot, 1);
+        store.delete(&a.id).await.expect("delete");
+        assert_eq!(store.insert_vm(vm("ee")).await.expect("ee").slot, 0);
+        store
+            .set_state(&c.id, VmState::Running, None, Some(42))
+            .await
+            .expect("state");
+        let c = store.get("cc").await.expect("get");
+        assert_eq!((c.state, c.pid), (VmState::Running, Some(42)));
+        assert!(matches!(
+            store.get("zz").await,
+            Err(StoreError::NotFound(_))
+        ));
+        let names: Vec<_> = store
+            .list()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, ["cc", "dd", "ee"]);
+    }
+}
