@@ -1,1 +1,18 @@
-//! placeholder
+//! The VM runtime: turns a [`LaunchSpec`] into a running QEMU, finds it again after the daemon
+//! restarts, and talks to it over QMP and to the guest agent over virtio-serial.
+//!
+//! It knows nothing of accounts, names or the database: callers hand it paths and sizes.
+//! QEMU processes are daemonized so that they outlive the daemon; liveness is observed through
+//! the QMP socket, never through `waitpid`.
+
+pub mod agent;
+mod error;
+pub mod probe;
+pub mod qemu;
+pub mod qmp;
+
+pub use agent::{AgentClient, Process};
+pub use error::VmmError;
+pub use probe::{Accel, probe_accel, tsc_khz};
+pub use qemu::{Hypervisor, LaunchSpec, NetBackend, Qemu, VmPaths};
+pub use qmp::Qmp;

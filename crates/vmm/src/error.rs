@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("QEMU not found at {0}: install it (apt-get install qemu-system-x86) or set qemu_binary")]
+    QemuMissing(PathBuf),
+    #[error("QEMU failed to start: {0}")]
+    LaunchFailed(String),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("QMP connection closed")]
+    QmpClosed,
+    #[error("Guest agent connection closed")]
+    AgentClosed,
+    #[error("Guest agent speaks protocol {0}, this host speaks {1}")]
+    AgentVersion(u32, u32),
+    #[error("Guest agent: {0}")]
+    Agent(String),
+    #[error("Timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("I/O on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Malformed frame from the guest")]
+    Frame(#[from] nook_proto::FrameError),
+}
+
+impl VmmError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+}
