@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use nook_proto::{FrameBuf, GuestFrame, GuestMetrics, GuestMsg, HostFrame, HostMsg, PROTOCOL_VERSION, SpawnRequest};
+use nook_proto::{
+    FrameBuf, GuestFrame, GuestMetrics, GuestMsg, HostFrame, HostMsg, PROTOCOL_VERSION,
+    SpawnRequest,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
@@ -35,7 +38,9 @@ pub struct AgentHello {
 
 impl AgentClient {
     pub async fn connect(path: &Path) -> Result<Self, VmmError> {
-        let stream = UnixStream::connect(path).await.map_err(VmmError::io(path))?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(VmmError::io(path))?;
         let (mut read, write) = stream.into_split();
         let (closed_tx, closed) = watch::channel(false);
         let client = Self {
@@ -76,7 +81,10 @@ impl AgentClient {
     async fn send(&self, frame: &HostFrame) -> Result<(), VmmError> {
         let bytes = nook_proto::encode(frame)?;
         let mut writer = self.writer.lock().await;
-        writer.write_all(&bytes).await.map_err(|_| VmmError::AgentClosed)
+        writer
+            .write_all(&bytes)
+            .await
+            .map_err(|_| VmmError::AgentClosed)
     }
 
     fn open_route(&self) -> (u64, mpsc::UnboundedReceiver<GuestMsg>) {
@@ -104,7 +112,9 @@ impl AgentClient {
         };
         self.close_route(id);
         match reply? {
-            GuestMsg::Error { kind, message } => Err(VmmError::Agent(format!("{kind:?}: {message}"))),
+            GuestMsg::Error { kind, message } => {
+                Err(VmmError::Agent(format!("{kind:?}: {message}")))
+            }
             other => Ok(other),
         }
     }
@@ -118,10 +128,20 @@ impl AgentClient {
             if self.is_closed() {
                 break Err(VmmError::AgentClosed);
             }
-            if let Err(e) = self.send(&HostFrame { id, msg: HostMsg::Hello { version: PROTOCOL_VERSION } }).await {
+            if let Err(e) = self
+                .send(&HostFrame {
+                    id,
+                    msg: HostMsg::Hello {
+                        version: PROTOCOL_VERSION,
+                    },
+                })
+                .await
+            {
                 break Err(e);
             }
-            let wait = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(300)));
+            let wait = tokio::time::sleep_until(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(300)),
+            );
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(GuestMsg::Hello { version, agent_version, hostname, boot_id }) => {
@@ -146,19 +166,32 @@ impl AgentClient {
 
     pub async fn spawn(&self, request: SpawnRequest) -> Result<Process, VmmError> {
         let (id, mut rx) = self.open_route();
-        if let Err(e) = self.send(&HostFrame { id, msg: HostMsg::Spawn(request) }).await {
+        if let Err(e) = self
+            .send(&HostFrame {
+                id,
+                msg: HostMsg::Spawn(request),
+            })
+            .await
+        {
             self.close_route(id);
             return Err(e);
         }
         match rx.recv().await {
-            Some(GuestMsg::Spawned { pid }) => Ok(Process { id, pid, rx, client: self.clone() }),
+            Some(GuestMsg::Spawned { pid }) => Ok(Process {
+                id,
+                pid,
+                rx,
+                client: self.clone(),
+            }),
             Some(GuestMsg::Error { kind, message }) => {
                 self.close_route(id);
                 Err(VmmError::Agent(format!("{kind:?}: {message}")))
             }
             Some(other) => {
                 self.close_route(id);
-                Err(VmmError::Agent(format!("unexpected reply to spawn: {other:?}")))
+                Err(VmmError::Agent(format!(
+                    "unexpected reply to spawn: {other:?}"
+                )))
             }
             None => Err(VmmError::AgentClosed),
         }
@@ -167,16 +200,29 @@ impl AgentClient {
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, VmmError> {
         let mut out = Vec::new();
         loop {
-            let msg = HostMsg::ReadFile { path: path.to_string(), offset: out.len() as u64, len: nook_proto::CHUNK as u32 };
+            let msg = HostMsg::ReadFile {
+                path: path.to_string(),
+                offset: out.len() as u64,
+                len: nook_proto::CHUNK as u32,
+            };
             match self.call(msg).await? {
                 GuestMsg::FileData { data } if data.is_empty() => return Ok(out),
                 GuestMsg::FileData { data } => out.extend_from_slice(&data),
-                other => return Err(VmmError::Agent(format!("unexpected reply to read: {other:?}"))),
+                other => {
+                    return Err(VmmError::Agent(format!(
+                        "unexpected reply to read: {other:?}"
+                    )));
+                }
             }
         }
     }
 
-    pub async fn write_file(&self, path: &str, data: &[u8], mode: Option<u32>) -> Result<(), VmmError> {
+    pub async fn write_file(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+    ) -> Result<(), VmmError> {
         let mut chunks = data.chunks(nook_proto::CHUNK).peekable();
         let mut append = false;
         if chunks.peek().is_none() {
@@ -189,18 +235,33 @@ impl AgentClient {
         Ok(())
     }
 
-    async fn write_chunk(&self, path: &str, data: &[u8], append: bool, mode: Option<u32>) -> Result<(), VmmError> {
-        let msg = HostMsg::WriteFile { path: path.to_string(), data: data.to_vec(), append, mode };
+    async fn write_chunk(
+        &self,
+        path: &str,
+        data: &[u8],
+        append: bool,
+        mode: Option<u32>,
+    ) -> Result<(), VmmError> {
+        let msg = HostMsg::WriteFile {
+            path: path.to_string(),
+            data: data.to_vec(),
+            append,
+            mode,
+        };
         match self.call(msg).await? {
             GuestMsg::Ok => Ok(()),
-            other => Err(VmmError::Agent(format!("unexpected reply to write: {other:?}"))),
+            other => Err(VmmError::Agent(format!(
+                "unexpected reply to write: {other:?}"
+            ))),
         }
     }
 
     pub async fn metrics(&self) -> Result<GuestMetrics, VmmError> {
         match self.call(HostMsg::Metrics).await? {
             GuestMsg::Metrics(m) => Ok(m),
-            other => Err(VmmError::Agent(format!("unexpected reply to metrics: {other:?}"))),
+            other => Err(VmmError::Agent(format!(
+                "unexpected reply to metrics: {other:?}"
+            ))),
         }
     }
 
@@ -208,13 +269,17 @@ impl AgentClient {
     pub async fn shutdown(&self, reboot: bool) -> Result<(), VmmError> {
         match self.call(HostMsg::Shutdown { reboot }).await? {
             GuestMsg::Ok => Ok(()),
-            other => Err(VmmError::Agent(format!("unexpected reply to shutdown: {other:?}"))),
+            other => Err(VmmError::Agent(format!(
+                "unexpected reply to shutdown: {other:?}"
+            ))),
         }
     }
 }
 
 fn route(routes: &Routes, frame: GuestFrame) {
-    let Ok(mut routes) = routes.lock() else { return };
+    let Ok(mut routes) = routes.lock() else {
+        return;
+    };
     let finished = matches!(frame.msg, GuestMsg::Exit { .. });
     if let Some(tx) = routes.get(&frame.id) {
         let _ = tx.send(frame.msg);
@@ -240,7 +305,10 @@ impl Process {
 
     /// A sender for stdin that can move into another task while output is read here.
     pub fn handle(&self) -> ProcessHandle {
-        ProcessHandle { id: self.id, client: self.client.clone() }
+        ProcessHandle {
+            id: self.id,
+            client: self.client.clone(),
+        }
     }
 }
 
@@ -259,20 +327,42 @@ pub struct ProcessHandle {
 impl ProcessHandle {
     pub async fn stdin(&self, data: &[u8]) -> Result<(), VmmError> {
         for chunk in data.chunks(nook_proto::CHUNK) {
-            self.client.send(&HostFrame { id: self.id, msg: HostMsg::Stdin { data: chunk.to_vec() } }).await?;
+            self.client
+                .send(&HostFrame {
+                    id: self.id,
+                    msg: HostMsg::Stdin {
+                        data: chunk.to_vec(),
+                    },
+                })
+                .await?;
         }
         Ok(())
     }
 
     pub async fn close_stdin(&self) -> Result<(), VmmError> {
-        self.client.send(&HostFrame { id: self.id, msg: HostMsg::CloseStdin }).await
+        self.client
+            .send(&HostFrame {
+                id: self.id,
+                msg: HostMsg::CloseStdin,
+            })
+            .await
     }
 
     pub async fn signal(&self, signal: i32) -> Result<(), VmmError> {
-        self.client.send(&HostFrame { id: self.id, msg: HostMsg::Signal { signal } }).await
+        self.client
+            .send(&HostFrame {
+                id: self.id,
+                msg: HostMsg::Signal { signal },
+            })
+            .await
     }
 
     pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), VmmError> {
-        self.client.send(&HostFrame { id: self.id, msg: HostMsg::Resize { cols, rows } }).await
+        self.client
+            .send(&HostFrame {
+                id: self.id,
+                msg: HostMsg::Resize { cols, rows },
+            })
+            .await
     }
 }

@@ -2,7 +2,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("QEMU not found at {0}: install it (apt-get install qemu-system-x86) or set qemu_binary")]
+    #[error(
+        "QEMU not found at {0}: install it (apt-get install qemu-system-x86) or set qemu_binary"
+    )]
     QemuMissing(PathBuf),
     #[error("QEMU failed to start: {0}")]
     LaunchFailed(String),

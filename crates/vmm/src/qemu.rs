@@ -79,9 +79,15 @@ pub struct Qemu {
 impl Qemu {
     /// Finds the binary: an explicit path, or `qemu-system-x86_64` on PATH.
     pub fn locate(configured: Option<&Path>) -> Result<Self, VmmError> {
-        let wanted = configured.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        let wanted = configured
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
         if wanted.components().count() > 1 {
-            return if wanted.is_file() { Ok(Self { binary: wanted }) } else { Err(VmmError::QemuMissing(wanted)) };
+            return if wanted.is_file() {
+                Ok(Self { binary: wanted })
+            } else {
+                Err(VmmError::QemuMissing(wanted))
+            };
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path)
@@ -121,14 +127,18 @@ impl Qemu {
             "-append".into(),
             spec.cmdline.clone(),
             "-drive".into(),
-            format!("id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap", s(p.disk())),
+            format!(
+                "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap",
+                s(p.disk())
+            ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
         ]);
         let (netdev, mac) = match &spec.net {
-            NetBackend::Tap { ifname, mac } => {
-                (format!("tap,id=net0,ifname={ifname},script=no,downscript=no"), mac)
-            }
+            NetBackend::Tap { ifname, mac } => (
+                format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
+                mac,
+            ),
             NetBackend::User { netdev, mac } => (netdev.clone(), mac),
         };
         args.extend([
@@ -139,9 +149,15 @@ impl Qemu {
             "-device".into(),
             "virtio-serial-device".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", s(p.agent_socket())),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                s(p.agent_socket())
+            ),
             "-device".into(),
-            format!("virtserialport,chardev=agent,name={}", nook_proto::PORT_NAME),
+            format!(
+                "virtserialport,chardev=agent,name={}",
+                nook_proto::PORT_NAME
+            ),
             "-device".into(),
             "virtio-rng-device".into(),
             "-chardev".into(),
@@ -201,13 +217,18 @@ impl Hypervisor for Qemu {
 
 pub fn read_pid(pidfile: &Path) -> Result<u32, VmmError> {
     let text = std::fs::read_to_string(pidfile).map_err(VmmError::io(pidfile))?;
-    text.trim().parse().map_err(|_| VmmError::LaunchFailed(format!("bad pidfile {}", pidfile.display())))
+    text.trim()
+        .parse()
+        .map_err(|_| VmmError::LaunchFailed(format!("bad pidfile {}", pidfile.display())))
 }
 
 /// Last resort when QMP is gone: SIGKILL the process if it is still ours.
 pub fn kill(hv: &dyn Hypervisor, pid: u32, paths: &VmPaths) {
     if hv.is_running(pid, paths) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -225,7 +246,10 @@ mod tests {
             kernel: "/img/vmlinux".into(),
             initrd: "/img/initrd".into(),
             cmdline: "console=ttyS0".into(),
-            net: NetBackend::Tap { ifname: "nk3".into(), mac: "02:6e:6b:00:00:03".into() },
+            net: NetBackend::Tap {
+                ifname: "nk3".into(),
+                mac: "02:6e:6b:00:00:03".into(),
+            },
             accel: Accel::Tcg,
         };
         let line = Qemu::args(&spec).join(" ");

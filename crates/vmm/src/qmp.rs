@@ -34,11 +34,17 @@ pub struct Qmp {
 
 impl Qmp {
     pub async fn connect(path: &Path) -> Result<Self, VmmError> {
-        let stream = UnixStream::connect(path).await.map_err(VmmError::io(path))?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(VmmError::io(path))?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         // The greeting comes first; anything else means this is not a QMP socket.
-        let greeting = lines.next_line().await.map_err(VmmError::io(path))?.ok_or(VmmError::QmpClosed)?;
+        let greeting = lines
+            .next_line()
+            .await
+            .map_err(VmmError::io(path))?
+            .ok_or(VmmError::QmpClosed)?;
         if !greeting.contains("\"QMP\"") {
             return Err(VmmError::Qmp(format!("unexpected greeting: {greeting}")));
         }
@@ -57,7 +63,11 @@ impl Qmp {
             while let Ok(Some(line)) = lines.next_line().await {
                 reader.dispatch(&line);
             }
-            let waiting: Vec<_> = reader.pending.lock().map(|mut p| p.drain().collect()).unwrap_or_default();
+            let waiting: Vec<_> = reader
+                .pending
+                .lock()
+                .map(|mut p| p.drain().collect())
+                .unwrap_or_default();
             for (_, tx) in waiting {
                 let _ = tx.send(Err(VmmError::QmpClosed));
             }
@@ -77,9 +87,15 @@ impl Qmp {
             if event == "SHUTDOWN"
                 && let Ok(mut reason) = self.shutdown_reason.lock()
             {
-                *reason = data.get("reason").and_then(Value::as_str).map(str::to_string);
+                *reason = data
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
             }
-            let _ = self.events.send(QmpEvent { event: event.to_string(), data });
+            let _ = self.events.send(QmpEvent {
+                event: event.to_string(),
+                data,
+            });
             return;
         }
         let Some(id) = msg.get("id").and_then(Value::as_u64) else {
@@ -91,14 +107,21 @@ impl Qmp {
         let result = match (msg.get("return"), msg.get("error")) {
             (Some(ret), _) => Ok(ret.clone()),
             (_, Some(err)) => Err(VmmError::Qmp(
-                err.get("desc").and_then(Value::as_str).unwrap_or("unknown error").to_string(),
+                err.get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error")
+                    .to_string(),
             )),
             _ => Err(VmmError::Qmp(format!("malformed reply: {line}"))),
         };
         let _ = tx.send(result);
     }
 
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, VmmError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
         if self.is_closed() {
             return Err(VmmError::QmpClosed);
         }
