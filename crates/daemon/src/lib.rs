@@ -1,1 +1,83 @@
-//! placeholder
+//! The nook host daemon as a library: [`serve`] wires the [`manager::Manager`] (VM lifecycle)
+//! to its listeners. The `nook` binary only parses arguments and calls in here.
+//!
+//! It must not contain QEMU, SQL or nftables details: those belong to `nook-vmm`,
+//! `nook-store` and `nook-net`.
+
+pub mod admin;
+pub mod config;
+pub mod errors;
+pub mod manager;
+pub mod metadata;
+mod names;
+
+use std::os::unix::fs::PermissionsExt;
+
+pub use config::{Config, Settings};
+pub use manager::Manager;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("Cannot start: {0}")]
+    Manager(nook_api::ApiError),
+    #[error("Cannot listen on {0}")]
+    Listen(String, #[source] std::io::Error),
+    #[error("Another nook daemon is already serving {0}")]
+    AlreadyRunning(String),
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. Running VMs are left running, to be re-adopted.
+pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+    let socket = cfg.admin_socket();
+    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        return Err(ServeError::AlreadyRunning(socket.display().to_string()));
+    }
+    let manager = Manager::open(cfg).await.map_err(ServeError::Manager)?;
+    manager.recover().await.map_err(ServeError::Manager)?;
+
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| ServeError::Listen(socket.display().to_string(), e))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ServeError::Listen(socket.display().to_string(), e))?;
+    tracing::info!(socket = %socket.display(), "admin API listening");
+
+    if manager.net_mode() == nook_net::NetMode::Tap {
+        let addr = std::net::SocketAddr::from((nook_net::METADATA_ADDR, 80));
+        let md = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Listen(addr.to_string(), e))?;
+        let app = metadata::router(manager.clone())
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        tokio::spawn(async move {
+            if let Err(err) = axum::serve(md, app).await {
+                tracing::error!(%err, "metadata service stopped");
+            }
+        });
+        tracing::info!(%addr, "metadata service listening");
+    }
+
+    let app = admin::router(manager.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| ServeError::Listen(socket.display().to_string(), e))?;
+    let _ = std::fs::remove_file(&socket);
+    manager.store().close().await;
+    tracing::info!("stopped; running VMs keep running and will be re-adopted");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,191 @@
+//! The local admin API: HTTP/1.1 over a unix socket in the data dir (mode 0600), serving the
+//! `nook` subcommands. Long operations answer with NDJSON streams of events.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use nook_api::{ApiError, CreateVm, ErrorCode, ExecEvent, ExecRequest, ProgressEvent};
+use nook_proto::{GuestMsg, Stream};
+use tokio::sync::mpsc;
+
+use crate::manager::{ADMIN_OWNER, Manager};
+
+pub fn router(manager: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/vms", get(list).post(create))
+        .route("/v1/vms/{name}", get(show).delete(remove))
+        .route("/v1/vms/{name}/start", post(start))
+        .route("/v1/vms/{name}/stop", post(stop))
+        .route("/v1/vms/{name}/exec", post(exec))
+        .route("/v1/vms/{name}/console", get(console))
+        .with_state(manager)
+}
+
+struct Failure(ApiError);
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.0)).into_response()
+    }
+}
+
+type Reply<T> = Result<T, Failure>;
+
+fn ndjson(rx: mpsc::Receiver<Bytes>) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn line<T: serde::Serialize>(event: &T) -> Bytes {
+    let mut v = serde_json::to_vec(event).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+async fn info(State(m): State<Arc<Manager>>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "accel": m.accel().map(|a| a.qemu_arg()),
+        "net": format!("{:?}", m.net_mode()).to_lowercase(),
+        "data_dir": m.config().data_dir,
+    }))
+}
+
+async fn list(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    Ok(axum::Json(m.list().await?))
+}
+
+async fn show(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<impl IntoResponse> {
+    Ok(axum::Json(m.get(&name).await?))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Failure> {
+    serde_json::from_slice(body).map_err(|e| {
+        Failure(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("Malformed request: {e}"),
+        ))
+    })
+}
+
+/// Creation streams progress, then `done` or `error`. The work runs in its own task so a
+/// client that hangs up mid-way cannot leave a half-made VM behind.
+async fn create(State(m): State<Arc<Manager>>, body: Bytes) -> Reply<Response> {
+    let req: CreateVm = parse_json(&body)?;
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(async move {
+        let progress_tx = tx.clone();
+        let progress = move |step: &str| {
+            let _ = progress_tx.try_send(line(&ProgressEvent::Progress {
+                step: step.to_string(),
+            }));
+        };
+        let event = match m.create(req, ADMIN_OWNER, &progress).await {
+            Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
+            Err(error) => ProgressEvent::Error { error },
+        };
+        let _ = tx.send(line(&event)).await;
+    });
+    Ok(ndjson(rx))
+}
+
+async fn start(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<Response> {
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(async move {
+        let progress_tx = tx.clone();
+        let progress = move |step: &str| {
+            let _ = progress_tx.try_send(line(&ProgressEvent::Progress {
+                step: step.to_string(),
+            }));
+        };
+        let event = match m.start(&name, &progress).await {
+            Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
+            Err(error) => ProgressEvent::Error { error },
+        };
+        let _ = tx.send(line(&event)).await;
+    });
+    Ok(ndjson(rx))
+}
+
+async fn stop(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<impl IntoResponse> {
+    Ok(axum::Json(m.stop(&name).await?))
+}
+
+async fn remove(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+) -> Reply<impl IntoResponse> {
+    m.remove(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn console(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+) -> Reply<impl IntoResponse> {
+    Ok(m.console(&name).await?)
+}
+
+/// Streams the command's output as NDJSON `stdout`/`stderr` events and ends with `exit`.
+async fn exec(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Reply<Response> {
+    let req: ExecRequest = parse_json(&body)?;
+    let mut process = m.exec(&name, req).await?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let event = match process.next().await {
+                Some(GuestMsg::Output {
+                    stream: Stream::Stdout,
+                    data,
+                }) => ExecEvent::Stdout { data },
+                Some(GuestMsg::Output {
+                    stream: Stream::Stderr,
+                    data,
+                }) => ExecEvent::Stderr { data },
+                Some(GuestMsg::Exit { code, signal }) => {
+                    let _ = tx.send(line(&ExecEvent::Exit { code, signal })).await;
+                    break;
+                }
+                Some(_) => continue,
+                None => {
+                    let error = ApiError::new(
+                        ErrorCode::AgentUnavailable,
+                        "The guest agent went away before the command finished",
+                    );
+                    let _ = tx.send(line(&ExecEvent::Error { error })).await;
+                    break;
+                }
+            };
+            if tx.send(line(&event)).await.is_err() {
+                // The client left: stop the command rather than let it run unobserved.
+                let _ = process.handle().signal(9).await;
+                break;
+            }
+        }
+    });
+    Ok(ndjson(rx))
+}

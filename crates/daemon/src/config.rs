@@ -1,0 +1,220 @@
+//! The daemon's one typed config: defaults, then a TOML file, then environment, then flags,
+//! validated once into [`Config`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every setting, all optional, as any one layer gives them. Later layers win field by field.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub data_dir: Option<PathBuf>,
+    /// Where built images live; defaults to `DATA_DIR/images`. Several daemons may share it.
+    pub images_dir: Option<PathBuf>,
+    /// The QEMU binary; `qemu-system-x86_64` on PATH when unset.
+    pub qemu: Option<PathBuf>,
+    /// The static guest-agent binary; defaults to `nook-guest-agent` beside the `nook` binary.
+    pub agent: Option<PathBuf>,
+    /// `auto` (probe by booting), `kvm` or `tcg`.
+    pub accel: Option<String>,
+    /// `auto`, `tap` (root: taps and nftables) or `user` (rootless, no egress).
+    pub net: Option<String>,
+    /// Seconds a new or started VM has to answer its agent's readiness probe.
+    pub ready_timeout_secs: Option<u64>,
+    /// The resolver VMs are told to use.
+    pub dns: Option<String>,
+    /// `RUST_LOG`-style filter.
+    pub log: Option<String>,
+}
+
+impl Settings {
+    /// Overlays `other` on `self`: any field `other` sets wins.
+    pub fn merge(self, other: Settings) -> Settings {
+        Settings {
+            data_dir: other.data_dir.or(self.data_dir),
+            images_dir: other.images_dir.or(self.images_dir),
+            qemu: other.qemu.or(self.qemu),
+            agent: other.agent.or(self.agent),
+            accel: other.accel.or(self.accel),
+            net: other.net.or(self.net),
+            ready_timeout_secs: other.ready_timeout_secs.or(self.ready_timeout_secs),
+            dns: other.dns.or(self.dns),
+            log: other.log.or(self.log),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetChoice {
+    Auto,
+    Tap,
+    User,
+}
+
+/// The validated runtime config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub images_dir: PathBuf,
+    pub qemu: Option<PathBuf>,
+    pub agent: PathBuf,
+    pub accel: AccelChoice,
+    pub net: NetChoice,
+    pub ready_timeout: Duration,
+    pub dns: String,
+    pub log: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read config file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("Config file {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("Invalid setting {0}: {1}")]
+    Invalid(&'static str, String),
+}
+
+/// `/var/lib/nook` for root, else `~/.local/share/nook`.
+pub fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/nook");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/nook")
+}
+
+impl Config {
+    pub fn validate(s: Settings) -> Result<Config, ConfigError> {
+        let data_dir = s.data_dir.unwrap_or_else(default_data_dir);
+        if data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("data_dir", "must not be empty".into()));
+        }
+        let data_dir = std::path::absolute(&data_dir)
+            .map_err(|e| ConfigError::Invalid("data_dir", e.to_string()))?;
+        let images_dir = match s.images_dir {
+            Some(dir) => std::path::absolute(&dir)
+                .map_err(|e| ConfigError::Invalid("images_dir", e.to_string()))?,
+            None => data_dir.join("images"),
+        };
+        let agent = match s.agent {
+            Some(path) => path,
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("nook-guest-agent")))
+                .unwrap_or_else(|| PathBuf::from("nook-guest-agent")),
+        };
+        let accel = match s.accel.as_deref().unwrap_or("auto") {
+            "auto" => AccelChoice::Auto,
+            "kvm" => AccelChoice::Kvm,
+            "tcg" => AccelChoice::Tcg,
+            other => {
+                return Err(ConfigError::Invalid(
+                    "accel",
+                    format!("{other:?}: use auto, kvm or tcg"),
+                ));
+            }
+        };
+        let net = match s.net.as_deref().unwrap_or("auto") {
+            "auto" => NetChoice::Auto,
+            "tap" => NetChoice::Tap,
+            "user" => NetChoice::User,
+            other => {
+                return Err(ConfigError::Invalid(
+                    "net",
+                    format!("{other:?}: use auto, tap or user"),
+                ));
+            }
+        };
+        let ready = s.ready_timeout_secs.unwrap_or(120);
+        if ready == 0 || ready > 3600 {
+            return Err(ConfigError::Invalid(
+                "ready_timeout_secs",
+                format!("{ready}: use 1 to 3600"),
+            ));
+        }
+        let dns = s.dns.unwrap_or_else(|| "1.1.1.1".into());
+        if dns.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(ConfigError::Invalid(
+                "dns",
+                format!("{dns:?} is not an IPv4 address"),
+            ));
+        }
+        Ok(Config {
+            data_dir,
+            images_dir,
+            qemu: s.qemu,
+            agent,
+            accel,
+            net,
+            ready_timeout: Duration::from_secs(ready),
+            dns,
+            log: s.log.unwrap_or_else(|| "info".into()),
+        })
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("nook.sock")
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.data_dir.join("nook.sqlite")
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.data_dir.join("vms")
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.data_dir.join("cache")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_layers_win_and_bad_values_are_named() {
+        let file: Settings =
+            toml::from_str("data_dir = \"/srv/nook\"\naccel = \"tcg\"\nready_timeout_secs = 30")
+                .expect("toml");
+        let flags = Settings {
+            accel: Some("kvm".into()),
+            ..Settings::default()
+        };
+        let cfg = Config::validate(Settings::default().merge(file).merge(flags)).expect("valid");
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/nook"));
+        assert_eq!(cfg.images_dir, PathBuf::from("/srv/nook/images"));
+        assert_eq!(cfg.accel, AccelChoice::Kvm);
+        assert_eq!(cfg.ready_timeout, Duration::from_secs(30));
+
+        let err = Config::validate(Settings {
+            accel: Some("xen".into()),
+            ..Settings::default()
+        })
+        .expect_err("xen");
+        assert!(err.to_string().contains("accel"), "{err}");
+        assert!(
+            toml::from_str::<Settings>("colour = 1").is_err(),
+            "unknown fields are refused"
+        );
+    }
+}

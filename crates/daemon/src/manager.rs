@@ -1,0 +1,823 @@
+//! VM lifecycle: the core operations every front end (admin CLI, SSH lobby, HTTP API) calls.
+//!
+//! Invariants:
+//! - A VM row exists for every VM directory, tap and QEMU process this daemon made; a failed
+//!   operation removes everything it made (`destroy` is idempotent and is the only teardown).
+//! - Operations on one VM are serialised by its op lock; different VMs proceed in parallel.
+//! - QEMU outlives the daemon. On start the daemon re-adopts running VMs instead of
+//!   restarting them, and settles VMs left half-made by a crash.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nook_api::{ApiError, CreateVm, ErrorCode, VmInfo, VmState};
+use nook_net::{HostNet, NetMode, VmLink};
+use nook_proto::{BootConfig, SpawnRequest};
+use nook_storage::{Image, ImageKind, ImageStore};
+use nook_store::{NewVm, Store, VmRecord};
+use nook_vmm::{
+    Accel, AgentClient, Hypervisor, LaunchSpec, NetBackend, Process, Qemu, Qmp, VmPaths,
+};
+use tokio::sync::OnceCell;
+
+use crate::config::{AccelChoice, Config, NetChoice};
+use crate::errors;
+
+/// The owner recorded for VMs made through the local admin socket.
+pub const ADMIN_OWNER: &str = "admin";
+
+pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
+enum Net {
+    Tap(Arc<HostNet>),
+    User,
+}
+
+struct Live {
+    qmp: Qmp,
+    agent: Option<AgentClient>,
+    /// Set before the daemon itself stops QEMU, so the supervisor does not report a failure.
+    intended_exit: Arc<AtomicBool>,
+}
+
+pub struct Manager {
+    cfg: Config,
+    store: Store,
+    images: ImageStore,
+    net: Net,
+    accel: OnceCell<Accel>,
+    live: std::sync::Mutex<HashMap<String, Live>>,
+    op_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn map_join<T>(r: Result<T, tokio::task::JoinError>, context: &str) -> Result<T, ApiError> {
+    r.map_err(|e| errors::internal(context, &e))
+}
+
+impl Manager {
+    pub async fn open(cfg: Config) -> Result<Arc<Manager>, ApiError> {
+        for dir in [&cfg.data_dir, &cfg.vms_dir(), &cfg.cache_dir()] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| errors::internal("create the data dir", &e))?;
+        }
+        let store = Store::open(&cfg.database())
+            .await
+            .map_err(|e| errors::from_store("open the database", e))?;
+        let mode = match cfg.net {
+            NetChoice::Tap => NetMode::Tap,
+            NetChoice::User => NetMode::User,
+            NetChoice::Auto => nook_net::probe_mode(),
+        };
+        let net = match mode {
+            NetMode::Tap => {
+                let running: Vec<VmLink> = store
+                    .list()
+                    .await
+                    .map_err(|e| errors::from_store("list VMs", e))?
+                    .iter()
+                    .filter(|vm| {
+                        matches!(
+                            vm.state,
+                            VmState::Running | VmState::Stopping | VmState::Starting
+                        )
+                    })
+                    .filter_map(|vm| VmLink::for_slot(vm.slot).ok())
+                    .collect();
+                let host = tokio::task::spawn_blocking(move || HostNet::setup(&running)).await;
+                Net::Tap(Arc::new(
+                    map_join(host, "set up networking")?
+                        .map_err(|e| errors::from_net("set up networking", e))?,
+                ))
+            }
+            NetMode::User => {
+                tracing::warn!(
+                    "user-mode networking: VMs get no egress and no metadata service (run as root for taps)"
+                );
+                Net::User
+            }
+        };
+        tracing::info!(net = ?mode, data_dir = %cfg.data_dir.display(), "manager ready");
+        let images = ImageStore::new(cfg.images_dir.clone());
+        Ok(Arc::new(Manager {
+            cfg,
+            store,
+            images,
+            net,
+            accel: OnceCell::new(),
+            live: Default::default(),
+            op_locks: Default::default(),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn net_mode(&self) -> NetMode {
+        match self.net {
+            Net::Tap(_) => NetMode::Tap,
+            Net::User => NetMode::User,
+        }
+    }
+
+    pub fn accel(&self) -> Option<Accel> {
+        self.accel.get().copied()
+    }
+
+    fn paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(self.cfg.vms_dir().join(id))
+    }
+
+    fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.op_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    fn info(&self, vm: &VmRecord) -> VmInfo {
+        let running = matches!(
+            vm.state,
+            VmState::Running | VmState::Starting | VmState::Stopping
+        );
+        let guest_ip = match (&self.net, running) {
+            (Net::Tap(_), true) => VmLink::for_slot(vm.slot)
+                .ok()
+                .map(|l| l.guest_ip.to_string()),
+            _ => None,
+        };
+        VmInfo {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            owner: vm.owner.clone(),
+            image: vm.image.clone(),
+            state: vm.state,
+            state_reason: vm.state_reason.clone(),
+            cpu: vm.cpu,
+            memory_mib: vm.memory_mib,
+            disk_bytes: vm.disk_bytes,
+            guest_ip,
+            created_at: vm.created_at.clone(),
+        }
+    }
+
+    async fn record(&self, name: &str) -> Result<VmRecord, ApiError> {
+        self.store
+            .get(name)
+            .await
+            .map_err(|e| errors::from_store("look up a VM", e))
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>, ApiError> {
+        let vms = self
+            .store
+            .list()
+            .await
+            .map_err(|e| errors::from_store("list VMs", e))?;
+        Ok(vms.iter().map(|vm| self.info(vm)).collect())
+    }
+
+    pub async fn get(&self, name: &str) -> Result<VmInfo, ApiError> {
+        Ok(self.info(&self.record(name).await?))
+    }
+
+    /// Looks a VM up by the guest address a request came from (the metadata service).
+    pub async fn by_guest_ip(&self, ip: std::net::Ipv4Addr) -> Option<VmInfo> {
+        let slot = VmLink::slot_for_guest_ip(ip)?;
+        let vms = self.store.list().await.ok()?;
+        vms.iter()
+            .find(|vm| vm.slot == slot && matches!(vm.state, VmState::Running | VmState::Starting))
+            .map(|vm| self.info(vm))
+    }
+
+    pub async fn create(
+        self: &Arc<Self>,
+        req: CreateVm,
+        owner: &str,
+        progress: Progress<'_>,
+    ) -> Result<VmInfo, ApiError> {
+        let kind = ImageKind::from_str(req.image.as_deref().unwrap_or("default"))
+            .map_err(|e| errors::from_storage("choose an image", e))?;
+        if let Some(name) = &req.name {
+            nook_api::validate_name(name)?;
+        }
+        let cpu = req.cpu.unwrap_or(1);
+        if !(1..=64).contains(&cpu) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("Invalid --cpu {cpu}: use 1 to 64"),
+            ));
+        }
+        let memory_mib = match &req.memory {
+            Some(m) => (nook_api::parse_size(m)? >> 20) as u32,
+            None => 0,
+        };
+        if req.memory.is_some() && !(128..=1 << 20).contains(&memory_mib) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "Invalid --memory {}: use at least 128M",
+                    req.memory.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+        let disk_bytes = match &req.disk {
+            Some(d) => Some(nook_api::parse_size(d)?),
+            None => None,
+        };
+        // Fail fast on a missing QEMU, before anything is made.
+        Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
+        let image = self
+            .images
+            .image(kind)
+            .map_err(|e| errors::from_storage("open the image", e))?;
+        let memory_mib = if memory_mib == 0 {
+            image.default_memory_mib
+        } else {
+            memory_mib
+        };
+        let disk_bytes = disk_bytes
+            .unwrap_or(image.default_disk_bytes)
+            .max(image.rootfs_virtual_bytes);
+        if req.disk.is_some() && disk_bytes > 16 << 40 {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "Invalid --disk: at most 16T",
+            ));
+        }
+
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let mut attempt = 0;
+        let record = loop {
+            let name = req.name.clone().unwrap_or_else(crate::names::friendly);
+            let new = NewVm {
+                id: id.clone(),
+                name,
+                owner: owner.to_string(),
+                image: kind.to_string(),
+                image_dir: image.dir.display().to_string(),
+                cpu,
+                memory_mib,
+                disk_bytes,
+            };
+            match self.store.insert_vm(new).await {
+                Err(nook_store::StoreError::NameTaken(_)) if req.name.is_none() && attempt < 8 => {
+                    attempt += 1
+                }
+                other => break other.map_err(|e| errors::from_store("record the VM", e))?,
+            }
+        };
+        let lock = self.op_lock(&record.id);
+        let _guard = lock.lock().await;
+        tracing::info!(vm = %record.name, id = %record.id, "creating");
+        let made = self.make_and_boot(&record, &image, progress).await;
+        match made {
+            Ok(()) => self.get(&record.name).await,
+            Err(err) => {
+                tracing::warn!(vm = %record.name, code = err.code.as_str(), "create failed; removing what was made");
+                self.destroy(&record).await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn make_and_boot(
+        self: &Arc<Self>,
+        vm: &VmRecord,
+        image: &Image,
+        progress: Progress<'_>,
+    ) -> Result<(), ApiError> {
+        let paths = self.paths(&vm.id);
+        progress("creating the disk");
+        std::fs::create_dir_all(&paths.dir).map_err(|e| io_error("create the VM directory", e))?;
+        let (base, disk, size) = (image.rootfs.clone(), paths.disk(), vm.disk_bytes);
+        let made = tokio::task::spawn_blocking(move || {
+            nook_storage::disk::create_overlay(&base, &disk, size)
+        })
+        .await;
+        map_join(made, "create the disk")?
+            .map_err(|e| errors::from_storage("create the disk", e))?;
+        self.boot(vm, image, progress).await
+    }
+
+    /// Starts QEMU for `vm` and waits for its agent. On error the caller tears down.
+    async fn boot(
+        self: &Arc<Self>,
+        vm: &VmRecord,
+        image: &Image,
+        progress: Progress<'_>,
+    ) -> Result<(), ApiError> {
+        let started = Instant::now();
+        let paths = self.paths(&vm.id);
+        let qemu =
+            Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
+        let accel = self.choose_accel(&qemu, image).await;
+        let (img, agent, cache) = (image.clone(), self.cfg.agent.clone(), self.cfg.cache_dir());
+        if !agent.is_file() {
+            return Err(errors::internal(
+                "find the guest agent",
+                &std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{} is missing", agent.display()),
+                ),
+            ));
+        }
+        let initrd = tokio::task::spawn_blocking(move || {
+            nook_storage::initrd_with_agent(&img, &agent, &cache)
+        })
+        .await;
+        let initrd = map_join(initrd, "prepare the initrd")?
+            .map_err(|e| errors::from_storage("prepare the initrd", e))?;
+
+        let link =
+            VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
+        let mut boot = BootConfig {
+            hostname: vm.name.clone(),
+            init: Some(image.init.clone()),
+            ..BootConfig::default()
+        };
+        let net = match &self.net {
+            Net::Tap(host) => {
+                progress("connecting the network");
+                let (host, l) = (host.clone(), link.clone());
+                let added = tokio::task::spawn_blocking(move || host.add_vm(&l)).await;
+                map_join(added, "connect the network")?
+                    .map_err(|e| errors::from_net("connect the network", e))?;
+                boot.ip = Some(link.guest_cidr());
+                boot.gateway = Some(link.host_ip.to_string());
+                boot.dns = Some(self.cfg.dns.clone());
+                NetBackend::Tap {
+                    ifname: link.tap.clone(),
+                    mac: link.mac.clone(),
+                }
+            }
+            Net::User => {
+                boot.ip = Some("10.0.2.15/24".into());
+                boot.gateway = Some("10.0.2.2".into());
+                NetBackend::User {
+                    netdev: nook_net::user_mode_netdev("net0"),
+                    mac: link.mac.clone(),
+                }
+            }
+        };
+        let mut cmdline = String::from("console=ttyS0 root=/dev/vda rw");
+        if accel == Accel::Tcg
+            && let Some(khz) = nook_vmm::tsc_khz()
+        {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        cmdline.push(' ');
+        cmdline.push_str(&boot.to_cmdline());
+        let spec = LaunchSpec {
+            id: vm.id.clone(),
+            paths: paths.clone(),
+            cpus: vm.cpu,
+            memory_mib: vm.memory_mib,
+            kernel: image.kernel.clone(),
+            initrd,
+            cmdline,
+            net,
+            accel,
+        };
+        progress(&format!("starting QEMU ({})", accel.qemu_arg()));
+        let launched = tokio::task::spawn_blocking(move || qemu.launch(&spec)).await;
+        let pid =
+            map_join(launched, "start QEMU")?.map_err(|e| errors::from_vmm("start QEMU", e))?;
+        self.store
+            .set_state(&vm.id, VmState::Starting, None, Some(pid))
+            .await
+            .map_err(|e| errors::from_store("record the VM's process", e))?;
+        let qmp = Qmp::connect(&paths.qmp_socket())
+            .await
+            .map_err(|e| errors::from_vmm("connect to QMP", e))?;
+        let agent = AgentClient::connect(&paths.agent_socket())
+            .await
+            .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
+        self.adopt(vm, qmp.clone(), Some(agent.clone()));
+
+        progress("waiting for the guest to boot");
+        let timeout = self.cfg.ready_timeout;
+        let ready = tokio::select! {
+            r = agent.wait_ready(timeout) => r.map(|_| ()),
+            () = qmp.closed() => Err(nook_vmm::VmmError::QmpClosed),
+        };
+        if let Err(err) = ready {
+            let tail = paths.console_tail(25);
+            let why = match err {
+                nook_vmm::VmmError::Timeout(t) => {
+                    format!("did not become ready within {}s", t.as_secs())
+                }
+                nook_vmm::VmmError::QmpClosed => "QEMU exited during boot".to_string(),
+                other => format!("failed during boot ({other})"),
+            };
+            return Err(ApiError::new(
+                ErrorCode::GuestNotReady,
+                format!("VM '{}' {why}. Last console lines:\n{tail}", vm.name),
+            ));
+        }
+        self.store
+            .set_state(&vm.id, VmState::Running, None, Some(pid))
+            .await
+            .map_err(|e| errors::from_store("record the VM as running", e))?;
+        progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
+        tracing::info!(vm = %vm.name, secs = started.elapsed().as_secs_f64(), "running");
+        Ok(())
+    }
+
+    async fn choose_accel(&self, qemu: &Qemu, image: &Image) -> Accel {
+        *self
+            .accel
+            .get_or_init(|| async {
+                let accel = match self.cfg.accel {
+                    AccelChoice::Kvm => Accel::Kvm,
+                    AccelChoice::Tcg => Accel::Tcg,
+                    AccelChoice::Auto => nook_vmm::probe_accel(&qemu.binary, &image.kernel, &self.cfg.cache_dir()).await,
+                };
+                tracing::info!(accel = accel.qemu_arg(), choice = ?self.cfg.accel, "accelerator chosen");
+                accel
+            })
+            .await
+    }
+
+    /// Registers a running QEMU and watches it until it exits.
+    fn adopt(self: &Arc<Self>, vm: &VmRecord, qmp: Qmp, agent: Option<AgentClient>) {
+        let intended_exit = Arc::new(AtomicBool::new(false));
+        {
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.insert(
+                vm.id.clone(),
+                Live {
+                    qmp: qmp.clone(),
+                    agent,
+                    intended_exit: intended_exit.clone(),
+                },
+            );
+        }
+        let (this, id, name, slot) = (self.clone(), vm.id.clone(), vm.name.clone(), vm.slot);
+        tokio::spawn(async move {
+            qmp.closed().await;
+            if intended_exit.load(Ordering::SeqCst) {
+                return;
+            }
+            let reason = match qmp.shutdown_reason().as_deref() {
+                Some("guest-shutdown") => {
+                    (VmState::Stopped, "the guest powered itself off".to_string())
+                }
+                Some(other) => (
+                    VmState::Failed,
+                    format!("QEMU exited unexpectedly ({other})"),
+                ),
+                None => (
+                    VmState::Failed,
+                    "QEMU exited unexpectedly (killed or crashed)".to_string(),
+                ),
+            };
+            tracing::warn!(vm = %name, reason = %reason.1, "VM exited");
+            this.live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            this.release_runtime(&id, slot).await;
+            let _ = this
+                .store
+                .set_state(&id, reason.0, Some(&reason.1), None)
+                .await;
+        });
+    }
+
+    /// Removes the tap and runtime sockets of a VM whose QEMU is gone. Idempotent.
+    async fn release_runtime(&self, id: &str, slot: u32) {
+        if let (Net::Tap(host), Ok(link)) = (&self.net, VmLink::for_slot(slot)) {
+            let host = host.clone();
+            let removed = tokio::task::spawn_blocking(move || host.remove_vm(&link)).await;
+            if let Ok(Err(err)) = removed {
+                tracing::warn!(%err, "removing a tap failed");
+            }
+        }
+        let paths = self.paths(id);
+        for f in [paths.qmp_socket(), paths.agent_socket(), paths.pidfile()] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    /// Stops QEMU: a clean guest power-off when `graceful`, then QMP `quit`, then SIGKILL.
+    async fn halt(&self, vm: &VmRecord, graceful: bool) {
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm.id);
+        let paths = self.paths(&vm.id);
+        if let Some(live) = live {
+            live.intended_exit.store(true, Ordering::SeqCst);
+            let qmp = live.qmp;
+            if graceful && let Some(agent) = live.agent.filter(|a| !a.is_closed()) {
+                let asked =
+                    tokio::time::timeout(Duration::from_secs(5), agent.shutdown(false)).await;
+                if matches!(asked, Ok(Ok(()))) {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), qmp.closed()).await;
+                }
+            }
+            if !qmp.is_closed() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), qmp.execute("quit", None)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), qmp.closed()).await;
+            }
+        }
+        // Whatever QMP said, make sure the process is gone.
+        if let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) {
+            let qemu = Qemu {
+                binary: PathBuf::new(),
+            };
+            nook_vmm::qemu::kill(&qemu, pid, &paths);
+            for _ in 0..50 {
+                if !qemu.is_running(pid, &paths) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        self.release_runtime(&vm.id, vm.slot).await;
+    }
+
+    /// Removes every trace of a VM: process, tap, files, row. Safe to call on anything half-made.
+    async fn destroy(&self, vm: &VmRecord) {
+        self.halt(vm, false).await;
+        let dir = self.paths(&vm.id).dir;
+        if let Err(err) = std::fs::remove_dir_all(&dir)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(%err, dir = %dir.display(), "removing VM directory failed");
+        }
+        if let Err(err) = self.store.delete(&vm.id).await {
+            tracing::error!(%err, vm = %vm.name, "deleting VM row failed; it will be retried at the next start");
+        }
+        self.op_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm.id);
+    }
+
+    pub async fn start(
+        self: &Arc<Self>,
+        name: &str,
+        progress: Progress<'_>,
+    ) -> Result<VmInfo, ApiError> {
+        let vm = self.record(name).await?;
+        let lock = self.op_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(name).await?;
+        if !matches!(vm.state, VmState::Stopped | VmState::Failed) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyRunning,
+                format!("VM '{}' is already {}", vm.name, vm.state.as_str()),
+            ));
+        }
+        let image = self.image_of(&vm)?;
+        if let Err(err) = self.boot(&vm, &image, progress).await {
+            self.halt(&vm, false).await;
+            let _ = self
+                .store
+                .set_state(&vm.id, VmState::Stopped, Some(&err.message), None)
+                .await;
+            return Err(err);
+        }
+        self.get(name).await
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<VmInfo, ApiError> {
+        let vm = self.record(name).await?;
+        let lock = self.op_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(name).await?;
+        if matches!(vm.state, VmState::Stopped | VmState::Failed) {
+            return Err(ApiError::new(
+                ErrorCode::NotRunning,
+                format!("VM '{}' is not running", vm.name),
+            ));
+        }
+        self.store
+            .set_state(&vm.id, VmState::Stopping, None, vm.pid)
+            .await
+            .map_err(|e| errors::from_store("record the stop", e))?;
+        self.halt(&vm, true).await;
+        self.store
+            .set_state(&vm.id, VmState::Stopped, None, None)
+            .await
+            .map_err(|e| errors::from_store("record the stop", e))?;
+        tracing::info!(vm = %vm.name, "stopped");
+        self.get(name).await
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), ApiError> {
+        let vm = self.record(name).await?;
+        let lock = self.op_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(name).await?;
+        self.destroy(&vm).await;
+        tracing::info!(vm = %vm.name, "removed");
+        Ok(())
+    }
+
+    pub async fn console(&self, name: &str) -> Result<String, ApiError> {
+        let vm = self.record(name).await?;
+        Ok(self.paths(&vm.id).console_tail(usize::MAX))
+    }
+
+    /// The live agent connection of a running VM, reconnecting if it dropped.
+    async fn agent(&self, vm: &VmRecord) -> Result<AgentClient, ApiError> {
+        if vm.state != VmState::Running {
+            return Err(ApiError::new(
+                ErrorCode::NotRunning,
+                format!("VM '{}' is not running: start it first", vm.name),
+            ));
+        }
+        let existing = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            match live.get(&vm.id) {
+                Some(l) => l.agent.clone(),
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::NotRunning,
+                        format!("VM '{}' is not running", vm.name),
+                    ));
+                }
+            }
+        };
+        if let Some(agent) = existing.filter(|a| !a.is_closed()) {
+            return Ok(agent);
+        }
+        let agent = AgentClient::connect(&self.paths(&vm.id).agent_socket())
+            .await
+            .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
+        agent
+            .wait_ready(Duration::from_secs(10))
+            .await
+            .map_err(|e| errors::from_vmm("reach the guest agent", e))?;
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&vm.id)
+        {
+            live.agent = Some(agent.clone());
+        }
+        Ok(agent)
+    }
+
+    pub async fn exec(&self, name: &str, req: nook_api::ExecRequest) -> Result<Process, ApiError> {
+        if req.argv.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "Nothing to run: give a command after --",
+            ));
+        }
+        let vm = self.record(name).await?;
+        let agent = self.agent(&vm).await?;
+        let spawn = SpawnRequest {
+            argv: req.argv,
+            env: req.env,
+            cwd: req.cwd,
+            user: req.user,
+            pty: None,
+            stdin: req.stdin,
+        };
+        agent
+            .spawn(spawn)
+            .await
+            .map_err(|e| errors::from_vmm("start the command", e))
+    }
+
+    fn image_of(&self, vm: &VmRecord) -> Result<Image, ApiError> {
+        let kind = ImageKind::from_str(&vm.image)
+            .map_err(|e| errors::from_storage("open the VM's image", e))?;
+        ImageStore::open_at(kind, std::path::Path::new(&vm.image_dir))
+            .map_err(|e| errors::from_storage("open the VM's image", e))
+    }
+
+    /// Settles every VM after a daemon start: re-adopts live QEMUs, finishes or undoes
+    /// operations a crash interrupted, and removes leftovers no row owns.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
+        let vms = self
+            .store
+            .list()
+            .await
+            .map_err(|e| errors::from_store("list VMs", e))?;
+        let qemu = Qemu {
+            binary: PathBuf::new(),
+        };
+        for vm in &vms {
+            let paths = self.paths(&vm.id);
+            let pid = nook_vmm::qemu::read_pid(&paths.pidfile())
+                .ok()
+                .filter(|pid| qemu.is_running(*pid, &paths));
+            match (vm.state, pid) {
+                (VmState::Creating, _) => {
+                    tracing::warn!(vm = %vm.name, "removing a VM whose creation was interrupted");
+                    self.destroy(vm).await;
+                }
+                (VmState::Running | VmState::Starting | VmState::Stopping, Some(pid)) => {
+                    match Qmp::connect(&paths.qmp_socket()).await {
+                        Ok(qmp) => {
+                            tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
+                            let agent = AgentClient::connect(&paths.agent_socket()).await.ok();
+                            self.adopt(vm, qmp, agent);
+                            let _ = self
+                                .store
+                                .set_state(&vm.id, VmState::Running, None, Some(pid))
+                                .await;
+                        }
+                        Err(err) => {
+                            tracing::warn!(vm = %vm.name, %err, "cannot reach a running VM's QMP; stopping it");
+                            self.halt(vm, false).await;
+                            let reason = "QEMU was unreachable after a daemon restart";
+                            let _ = self
+                                .store
+                                .set_state(&vm.id, VmState::Failed, Some(reason), None)
+                                .await;
+                        }
+                    }
+                }
+                (VmState::Running | VmState::Starting | VmState::Stopping, None) => {
+                    self.release_runtime(&vm.id, vm.slot).await;
+                    let (state, reason) = if vm.state == VmState::Stopping {
+                        (VmState::Stopped, None)
+                    } else {
+                        (
+                            VmState::Failed,
+                            Some("QEMU exited while the nook daemon was down"),
+                        )
+                    };
+                    let _ = self.store.set_state(&vm.id, state, reason, None).await;
+                }
+                (VmState::Stopped | VmState::Failed, _) => {
+                    if pid.is_some() {
+                        self.halt(vm, false).await;
+                    }
+                }
+            }
+        }
+        self.remove_orphans(&vms).await;
+        Ok(())
+    }
+
+    async fn remove_orphans(&self, known: &[VmRecord]) {
+        let Ok(entries) = std::fs::read_dir(self.cfg.vms_dir()) else {
+            return;
+        };
+        let qemu = Qemu {
+            binary: PathBuf::new(),
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().to_string();
+            if known.iter().any(|vm| vm.id == id) {
+                continue;
+            }
+            let paths = self.paths(&id);
+            if let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) {
+                nook_vmm::qemu::kill(&qemu, pid, &paths);
+            }
+            tracing::warn!(dir = %paths.dir.display(), "removing a VM directory no VM owns");
+            let _ = std::fs::remove_dir_all(&paths.dir);
+        }
+        if let Net::Tap(_) = &self.net
+            && let Ok(taps) = nook_net::taps_present()
+        {
+            let live: Vec<String> = self
+                .store
+                .list()
+                .await
+                .unwrap_or_default()
+                .iter()
+                .filter(|vm| {
+                    matches!(
+                        vm.state,
+                        VmState::Running | VmState::Starting | VmState::Stopping
+                    )
+                })
+                .filter_map(|vm| VmLink::for_slot(vm.slot).ok().map(|l| l.tap))
+                .collect();
+            for tap in taps.into_iter().filter(|t| !live.contains(t)) {
+                let slot = tap.trim_start_matches(nook_net::TAP_PREFIX).parse::<u32>();
+                if let (Net::Tap(host), Ok(Ok(link))) = (&self.net, slot.map(VmLink::for_slot)) {
+                    tracing::warn!(tap, "removing a tap no running VM owns");
+                    let _ = host.remove_vm(&link);
+                }
+            }
+        }
+    }
+}
+
+fn io_error(context: &str, err: std::io::Error) -> ApiError {
+    if err.kind() == std::io::ErrorKind::StorageFull {
+        errors::no_space("the data dir")
+    } else {
+        errors::internal(context, &err)
+    }
+}

@@ -1,0 +1,39 @@
+//! The metadata service at 169.254.169.254:80, the one host address VMs may reach. It knows
+//! the caller by source address, which the network layer guarantees cannot be spoofed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::manager::Manager;
+
+pub fn router(manager: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/", get(metadata))
+        .route("/metadata", get(metadata))
+        .with_state(manager)
+}
+
+async fn metadata(
+    State(m): State<Arc<Manager>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> impl IntoResponse {
+    let std::net::IpAddr::V4(ip) = peer.ip() else {
+        return (StatusCode::FORBIDDEN, "IPv4 only\n").into_response();
+    };
+    match m.by_guest_ip(ip).await {
+        Some(vm) => axum::Json(serde_json::json!({
+            "name": vm.name,
+            "id": vm.id,
+            "owner": vm.owner,
+            "image": vm.image,
+        }))
+        .into_response(),
+        None => (StatusCode::FORBIDDEN, "Unknown VM\n").into_response(),
+    }
+}

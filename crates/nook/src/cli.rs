@@ -1,0 +1,124 @@
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nook",
+    version,
+    about = "Perfect little computers: persistent VMs for people and their agents"
+)]
+pub struct Cli {
+    /// Where nook keeps its state [default: /var/lib/nook as root, else ~/.local/share/nook]
+    #[arg(long, global = true, env = "NOOK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where built images live [default: DATA_DIR/images]
+    #[arg(long, global = true, env = "NOOK_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon
+    Serve(ServeArgs),
+    /// Build and list guest images
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Manage VMs through the running daemon
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A TOML config file [default: DATA_DIR/nook.toml when present]
+    #[arg(long, env = "NOOK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// QEMU binary [default: qemu-system-x86_64 on PATH]
+    #[arg(long, env = "NOOK_QEMU")]
+    pub qemu: Option<PathBuf>,
+    /// Static guest-agent binary [default: nook-guest-agent beside this binary]
+    #[arg(long, env = "NOOK_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// auto, kvm or tcg
+    #[arg(long, env = "NOOK_ACCEL")]
+    pub accel: Option<String>,
+    /// auto, tap or user
+    #[arg(long, env = "NOOK_NET")]
+    pub net: Option<String>,
+    /// Seconds a booting VM has to become ready
+    #[arg(long, env = "NOOK_READY_TIMEOUT")]
+    pub ready_timeout: Option<u64>,
+    /// Resolver address given to VMs
+    #[arg(long, env = "NOOK_DNS")]
+    pub dns: Option<String>,
+    /// Log filter, e.g. info or nook_daemon=debug
+    #[arg(long, env = "NOOK_LOG")]
+    pub log: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Build (or rebuild) an image: tiny or default
+    Build { name: String },
+    /// List built images
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Create and boot a VM
+    Create {
+        #[arg(long)]
+        name: Option<String>,
+        /// tiny or default
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        cpu: Option<u32>,
+        /// e.g. 512M or 2G
+        #[arg(long)]
+        memory: Option<String>,
+        /// e.g. 10G; at least the image's size
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List VMs
+    #[command(alias = "ls")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a VM; its exit status becomes ours
+    Exec {
+        name: String,
+        /// Run as this user instead of root
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Power a VM off cleanly
+    Stop {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot a stopped VM
+    Start {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a VM and its disk
+    Rm { name: String },
+    /// Print a VM's serial console log
+    Console { name: String },
+}

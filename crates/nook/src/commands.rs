@@ -1,0 +1,358 @@
+//! Runs one parsed command and returns the process exit status.
+
+use std::io::Write;
+
+use anyhow::Context;
+use hyper::Method;
+use nook_api::{ApiError, ExecEvent, ProgressEvent, VmInfo, format_size};
+use nook_daemon::{Config, Settings};
+
+use crate::cli::{Cli, Command, ImageCommand, ServeArgs, VmCommand};
+use crate::client::{Client, Reply, body_bytes, each_line};
+
+pub async fn run(cli: Cli) -> i32 {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            1
+        }
+    }
+}
+
+fn base_settings(cli: &Cli) -> Settings {
+    Settings {
+        data_dir: cli.data_dir.clone(),
+        images_dir: cli.images_dir.clone(),
+        ..Settings::default()
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let base = base_settings(&cli);
+    match cli.command {
+        Command::Serve(args) => serve(base, args).await,
+        Command::Image(cmd) => image(base, cmd).await,
+        Command::Vm(cmd) => {
+            let cfg = Config::validate(base)?;
+            vm(&Client::new(&cfg.admin_socket()), cmd).await
+        }
+    }
+}
+
+async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
+    // Layers: defaults, then the file, then env and flags (clap merges those two).
+    let data_dir = Config::validate(base.clone())?.data_dir;
+    let file = match &args.config {
+        Some(path) => Settings::from_file(path)?,
+        None if data_dir.join("nook.toml").is_file() => {
+            Settings::from_file(&data_dir.join("nook.toml"))?
+        }
+        None => Settings::default(),
+    };
+    let flags = Settings {
+        qemu: args.qemu,
+        agent: args.agent,
+        accel: args.accel,
+        net: args.net,
+        ready_timeout_secs: args.ready_timeout,
+        dns: args.dns,
+        log: args.log,
+        ..base
+    };
+    let cfg = Config::validate(file.merge(flags))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cfg.log).context("parse the log filter")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    nook_daemon::serve(cfg).await?;
+    Ok(0)
+}
+
+async fn image(base: Settings, cmd: ImageCommand) -> anyhow::Result<i32> {
+    let cfg = Config::validate(base)?;
+    let store = nook_storage::ImageStore::new(cfg.images_dir.clone());
+    match cmd {
+        ImageCommand::Build { name } => {
+            let kind: nook_storage::ImageKind = name.parse()?;
+            let started = std::time::Instant::now();
+            let image = tokio::task::spawn_blocking(move || {
+                let bar = progress_bar();
+                let built = store.build(kind, &mut |event| {
+                    match &event.detail {
+                        Some(detail) => {
+                            bar.set_message(format!("{}: {}", event.step, truncate(detail, 100)))
+                        }
+                        None => {
+                            bar.println(format!("==> {}", event.step));
+                            bar.set_message(event.step.clone());
+                        }
+                    }
+                    bar.tick();
+                });
+                bar.finish_and_clear();
+                built
+            })
+            .await??;
+            eprintln!(
+                "Built image '{}' (kernel {}) in {:.0}s at {}",
+                kind,
+                image.kernel_version,
+                started.elapsed().as_secs_f64(),
+                image.dir.display()
+            );
+            Ok(0)
+        }
+        ImageCommand::List { json } => {
+            let images: Vec<_> = store
+                .list()
+                .into_iter()
+                .map(|i| nook_api::ImageInfo {
+                    name: i.kind.to_string(),
+                    kernel_version: i.kernel_version.clone(),
+                    path: i.dir.display().to_string(),
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&images)?);
+            } else if images.is_empty() {
+                eprintln!(
+                    "No images built yet: run `nook image build tiny` or `nook image build default`"
+                );
+            } else {
+                for i in images {
+                    println!("{:<10} {:<24} {}", i.name, i.kernel_version, i.path);
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        s.chars().take(max).collect::<String>() + "…"
+    }
+}
+
+fn fail(err: ApiError, json: bool) -> i32 {
+    if json {
+        eprintln!("{}", serde_json::json!({ "error": err }));
+    } else {
+        eprintln!("error: {}", err.message);
+    }
+    1
+}
+
+/// Follows a progress stream to its end; returns the VM or the error.
+async fn follow(reply: Reply, json: bool) -> anyhow::Result<Result<VmInfo, ApiError>> {
+    let resp = match reply {
+        Reply::Ok(resp) => resp,
+        Reply::Err(err) => return Ok(Err(err)),
+    };
+    let mut outcome = None;
+    each_line(resp, |event: ProgressEvent| {
+        match event {
+            ProgressEvent::Progress { step } if !json => eprintln!("==> {step}"),
+            ProgressEvent::Progress { .. } => {}
+            ProgressEvent::Done { vm } => outcome = Some(Ok(*vm)),
+            ProgressEvent::Error { error } => outcome = Some(Err(error)),
+        }
+        Ok(())
+    })
+    .await?;
+    outcome.context("the daemon closed the stream without a result")
+}
+
+fn print_vm(vm: &VmInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(vm)?);
+    } else {
+        let ip = vm.guest_ip.as_deref().unwrap_or("-");
+        println!(
+            "{} is {} ({}, {} vCPU, {} RAM, {} disk, ip {ip})",
+            vm.name,
+            vm.state.as_str(),
+            vm.image,
+            vm.cpu,
+            format_size(u64::from(vm.memory_mib) << 20),
+            format_size(vm.disk_bytes)
+        );
+        println!("  run a command: nook vm exec {} -- uname -a", vm.name);
+    }
+    Ok(())
+}
+
+async fn vm(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
+    match cmd {
+        VmCommand::Create {
+            name,
+            image,
+            cpu,
+            memory,
+            disk,
+            json,
+        } => {
+            let req = nook_api::CreateVm {
+                name,
+                image,
+                cpu,
+                memory,
+                disk,
+            };
+            let reply = client
+                .send(Method::POST, "/v1/vms", Some(serde_json::to_value(req)?))
+                .await?;
+            match follow(reply, json).await? {
+                Ok(vm) => print_vm(&vm, json).map(|()| 0),
+                Err(err) => Ok(fail(err, json)),
+            }
+        }
+        VmCommand::Start { name, json } => {
+            let reply = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/vms/{}/start", path_segment(&name)),
+                    None,
+                )
+                .await?;
+            match follow(reply, json).await? {
+                Ok(vm) => print_vm(&vm, json).map(|()| 0),
+                Err(err) => Ok(fail(err, json)),
+            }
+        }
+        VmCommand::Stop { name, json } => match client
+            .send(
+                Method::POST,
+                &format!("/v1/vms/{}/stop", path_segment(&name)),
+                None,
+            )
+            .await?
+        {
+            Reply::Ok(resp) => {
+                let vm: VmInfo = serde_json::from_slice(&body_bytes(resp).await?)?;
+                print_vm(&vm, json).map(|()| 0)
+            }
+            Reply::Err(err) => Ok(fail(err, json)),
+        },
+        VmCommand::Rm { name } => match client
+            .send(
+                Method::DELETE,
+                &format!("/v1/vms/{}", path_segment(&name)),
+                None,
+            )
+            .await?
+        {
+            Reply::Ok(_) => {
+                eprintln!("Removed {name}");
+                Ok(0)
+            }
+            Reply::Err(err) => Ok(fail(err, false)),
+        },
+        VmCommand::List { json } => match client.send(Method::GET, "/v1/vms", None).await? {
+            Reply::Ok(resp) => {
+                let vms: Vec<VmInfo> = serde_json::from_slice(&body_bytes(resp).await?)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&vms)?);
+                } else {
+                    println!(
+                        "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} REASON",
+                        "NAME", "STATE", "IMAGE", "CPU", "MEMORY", "DISK", "IP"
+                    );
+                    for vm in vms {
+                        println!(
+                            "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} {}",
+                            vm.name,
+                            vm.state.as_str(),
+                            vm.image,
+                            vm.cpu,
+                            format_size(u64::from(vm.memory_mib) << 20),
+                            format_size(vm.disk_bytes),
+                            vm.guest_ip.as_deref().unwrap_or("-"),
+                            vm.state_reason.as_deref().unwrap_or("")
+                        );
+                    }
+                }
+                Ok(0)
+            }
+            Reply::Err(err) => Ok(fail(err, json)),
+        },
+        VmCommand::Console { name } => match client
+            .send(
+                Method::GET,
+                &format!("/v1/vms/{}/console", path_segment(&name)),
+                None,
+            )
+            .await?
+        {
+            Reply::Ok(resp) => {
+                std::io::stdout().write_all(&body_bytes(resp).await?)?;
+                Ok(0)
+            }
+            Reply::Err(err) => Ok(fail(err, false)),
+        },
+        VmCommand::Exec {
+            name,
+            user,
+            command,
+        } => {
+            let req = nook_api::ExecRequest {
+                argv: command,
+                user,
+                ..Default::default()
+            };
+            let reply = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/vms/{}/exec", path_segment(&name)),
+                    Some(serde_json::to_value(req)?),
+                )
+                .await?;
+            let resp = match reply {
+                Reply::Ok(resp) => resp,
+                Reply::Err(err) => return Ok(fail(err, false)),
+            };
+            let mut status = None;
+            each_line(resp, |event: ExecEvent| {
+                match event {
+                    ExecEvent::Stdout { data } => {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&data)?;
+                        out.flush()?;
+                    }
+                    ExecEvent::Stderr { data } => std::io::stderr().write_all(&data)?,
+                    ExecEvent::Exit { code, signal } => {
+                        status = Some(code.unwrap_or(128 + signal.unwrap_or(0)))
+                    }
+                    ExecEvent::Error { error } => status = Some(fail(error, false)),
+                }
+                Ok(())
+            })
+            .await?;
+            status.context("the command's output ended without an exit status")
+        }
+    }
+}
+
+/// VM names are validated by the daemon; escape anything odd so a bad name reaches it intact.
+fn path_segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

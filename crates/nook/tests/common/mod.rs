@@ -1,0 +1,302 @@
+//! Harness for system tests: a real `nook serve` on a private data dir, the real CLI, real
+//! QEMU guests. Images are built once per machine into a shared cache dir (see scripts/test).
+//!
+//! Everything a test starts is torn down on drop, including QEMU processes the daemon left
+//! running on purpose. On failure the daemon log and VM consoles are printed.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn nook_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nook"))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// The static guest agent, built by scripts/build-agent.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NOOK_TEST_AGENT") {
+        return PathBuf::from(p);
+    }
+    let p = workspace_root().join("target/x86_64-unknown-linux-gnu/release/nook-guest-agent");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/build-agent first",
+        p.display()
+    );
+    p
+}
+
+/// Shared image cache: building images is slow, so all tests (and CI runs) share it.
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("NOOK_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/nook-test/images"))
+}
+
+pub struct Daemon {
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("nook-sys")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let data_dir = tmp.path().join("data");
+        Self::start_in(data_dir, Some(tmp), extra)
+    }
+
+    pub fn start_in(data_dir: PathBuf, tmp: Option<tempfile::TempDir>, extra: &[&str]) -> Daemon {
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        let log = data_dir
+            .parent()
+            .unwrap_or(&data_dir)
+            .join(format!("daemon-{}.log", std::process::id()));
+        let mut d = Daemon {
+            data_dir,
+            _tmp: tmp,
+            child: None,
+            log,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let mut cmd = Command::new(nook_bin());
+        cmd.arg("serve")
+            .env("NOOK_DATA_DIR", &self.data_dir)
+            .env("NOOK_IMAGES_DIR", images_dir())
+            .env("NOOK_AGENT", agent_bin())
+            .env(
+                "NOOK_ACCEL",
+                std::env::var("NOOK_TEST_ACCEL").unwrap_or_else(|_| "tcg".into()),
+            )
+            .env("NOOK_LOG", "info,nook_daemon=debug")
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn nook serve");
+        self.child = Some(child);
+        let socket = self.data_dir.join("nook.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("nook serve exited with {status}:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, as a crash would: no cleanup runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_file(self.data_dir.join("nook.sock"));
+        self.spawn();
+    }
+
+    /// Runs `nook ARGS` against this daemon.
+    pub fn nook(&self, args: &[&str]) -> Output {
+        Command::new(nook_bin())
+            .args(args)
+            .env("NOOK_DATA_DIR", &self.data_dir)
+            .env("NOOK_IMAGES_DIR", images_dir())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run nook")
+    }
+
+    /// Runs `nook ARGS` and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.nook(args);
+        assert!(
+            out.status.success(),
+            "nook {args:?} failed ({}):\nstdout: {}\nstderr: {}\n--- daemon log ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `nook ARGS` expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.nook(args);
+        assert!(
+            !out.status.success(),
+            "nook {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn create_tiny(&self, name: &str) -> serde_json::Value {
+        let out = self.ok(&["vm", "create", "--image", "tiny", "--name", name, "--json"]);
+        serde_json::from_str(&out).expect("create --json output")
+    }
+
+    pub fn exec(&self, name: &str, cmd: &str) -> String {
+        self.ok(&["vm", "exec", name, "--", "sh", "-c", cmd])
+    }
+
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["vm", "list", "--json"])).expect("list --json")
+    }
+
+    pub fn vm(&self, name: &str) -> serde_json::Value {
+        self.list()
+            .into_iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no VM {name}"))
+    }
+
+    /// PIDs of QEMU processes whose command line mentions this daemon's data dir.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        qemu_pids_under(&self.data_dir)
+    }
+}
+
+pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon log ({}) ---\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
+            for entry in std::fs::read_dir(self.data_dir.join("vms"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let console =
+                    std::fs::read_to_string(entry.path().join("console.log")).unwrap_or_default();
+                let tail: Vec<&str> = console.lines().collect();
+                eprintln!(
+                    "--- console of {} ---\n{}",
+                    entry.path().display(),
+                    tail[tail.len().saturating_sub(30)..].join("\n")
+                );
+            }
+        }
+        // Remove VMs through the daemon so taps and rules go too; then make sure.
+        if self.child.is_some() {
+            for vm in serde_json::from_slice::<Vec<serde_json::Value>>(
+                &self.nook(&["vm", "list", "--json"]).stdout,
+            )
+            .unwrap_or_default()
+            {
+                if let Some(name) = vm["name"].as_str() {
+                    let _ = self.nook(&["vm", "rm", name]);
+                }
+            }
+        }
+        self.kill9();
+        for pid in self.qemu_pids() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn taps() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("nk") && n[2..].chars().all(|c| c.is_ascii_digit()))
+        .collect()
+}
+
+pub fn nft_sources() -> String {
+    let out = Command::new("nft")
+        .args(["list", "set", "inet", "nook", "vm_sources"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,166 @@
+//! System tests (root, real QEMU guests): bad input gets a clear error and leaves nothing
+//! half-made behind.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Daemon, taps};
+
+fn assert_nothing_left(d: &Daemon) {
+    assert!(d.list().is_empty(), "rows left: {:?}", d.list());
+    let dirs: Vec<_> = std::fs::read_dir(d.data_dir.join("vms"))
+        .map(|r| r.flatten().collect())
+        .unwrap_or_default();
+    assert!(dirs.is_empty(), "VM directories left: {dirs:?}");
+    assert!(d.qemu_pids().is_empty(), "QEMU left running");
+    assert!(taps().is_empty(), "taps left: {:?}", taps());
+}
+
+#[test]
+fn vm_bad_requests_get_clear_errors() {
+    let d = Daemon::start();
+    let err = d.fails(&["vm", "create", "--image", "tiny", "--name", "Bad_Name"]);
+    assert!(
+        err.contains("Invalid VM name \"Bad_Name\"") && err.contains("lowercase letter"),
+        "{err}"
+    );
+    let long = "a".repeat(64);
+    let err = d.fails(&["vm", "create", "--image", "tiny", "--name", &long]);
+    assert!(err.contains("Invalid VM name"), "{err}");
+    let err = d.fails(&["vm", "create", "--image", "nosuch", "--name", "img"]);
+    assert!(
+        err.contains("Unknown image 'nosuch'") && err.contains("tiny"),
+        "{err}"
+    );
+    let err = d.fails(&[
+        "vm", "create", "--image", "tiny", "--name", "mem", "--memory", "12X",
+    ]);
+    assert!(err.contains("Invalid size \"12X\""), "{err}");
+    let err = d.fails(&[
+        "vm", "create", "--image", "tiny", "--name", "cpu", "--cpu", "0",
+    ]);
+    assert!(err.contains("--cpu 0"), "{err}");
+    let err = d.fails(&[
+        "vm", "create", "--image", "tiny", "--name", "mem", "--memory", "16M",
+    ]);
+    assert!(err.contains("at least 128M"), "{err}");
+    let err = d.fails(&["vm", "exec", "ghost", "--", "true"]);
+    assert!(err.contains("No VM named 'ghost'"), "{err}");
+    // JSON errors carry a stable code.
+    let err = d.fails(&[
+        "vm", "create", "--image", "tiny", "--name", "9lives", "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(err.trim()).expect("json error");
+    assert_eq!(v["error"]["code"], "invalid_name");
+    assert_nothing_left(&d);
+
+    d.create_tiny("dup");
+    let err = d.fails(&["vm", "create", "--image", "tiny", "--name", "dup"]);
+    assert!(err.contains("A VM named 'dup' already exists"), "{err}");
+    assert_eq!(d.list().len(), 1);
+    assert_eq!(
+        d.vm("dup")["state"],
+        "running",
+        "the original was disturbed"
+    );
+    assert_eq!(d.qemu_pids().len(), 1);
+}
+
+#[test]
+fn vm_missing_qemu_is_named_and_nothing_is_made() {
+    let d = Daemon::start_with(&["--qemu", "/nonexistent/qemu-system-x86_64"]);
+    let err = d.fails(&["vm", "create", "--image", "tiny", "--name", "noqemu"]);
+    assert!(
+        err.contains("QEMU not found at /nonexistent/qemu-system-x86_64")
+            && err.contains("apt-get install"),
+        "{err}"
+    );
+    assert_nothing_left(&d);
+}
+
+#[test]
+fn vm_that_never_becomes_ready_times_out_with_console_tail() {
+    let d = Daemon::start_with(&["--ready-timeout", "1"]);
+    let err = d.fails(&["vm", "create", "--image", "tiny", "--name", "slowpoke"]);
+    assert!(
+        err.contains("VM 'slowpoke' did not become ready within 1s"),
+        "{err}"
+    );
+    assert!(err.contains("Last console lines:"), "{err}");
+    // The tail holds what the guest printed before the deadline.
+    let tail = err.split("Last console lines:").nth(1).unwrap_or("");
+    assert!(tail.trim().len() > 20, "console tail is empty: {err}");
+    assert_nothing_left(&d);
+}
+
+struct LoopMount {
+    dir: tempfile::TempDir,
+}
+
+impl LoopMount {
+    fn new(size: &str) -> LoopMount {
+        let dir = tempfile::Builder::new()
+            .prefix("nook-full")
+            .tempdir_in("/tmp")
+            .expect("tmp");
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mnt");
+        let run = |cmd: String| {
+            let out = Command::new("sh").args(["-c", &cmd]).output().expect("sh");
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(format!(
+            "truncate -s {size} {0} && mkfs.ext4 -q -F {0} && mount -o loop {0} {1}",
+            img.display(),
+            mnt.display()
+        ));
+        LoopMount { dir }
+    }
+
+    fn mnt(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    fn fill(&self) {
+        // dd stops at ENOSPC; its failure is the point.
+        let _ = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={}/filler", self.mnt().display()),
+                "bs=1M",
+                "status=none",
+            ])
+            .status();
+    }
+
+    fn unfill(&self) {
+        let _ = std::fs::remove_file(self.mnt().join("filler"));
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
+    }
+}
+
+#[test]
+fn vm_create_on_a_full_disk_fails_cleanly_and_recovers() {
+    let mount = LoopMount::new("48M");
+    {
+        let d = Daemon::start_in(mount.mnt().join("data"), None, &[]);
+        mount.fill();
+        let err = d.fails(&["vm", "create", "--image", "tiny", "--name", "full"]);
+        assert!(err.contains("No space left"), "{err}");
+        assert_nothing_left(&d);
+        mount.unfill();
+        d.create_tiny("roomy");
+        assert_eq!(d.exec("roomy", "echo fine"), "fine\n");
+    }
+}

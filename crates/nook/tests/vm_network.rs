@@ -1,0 +1,188 @@
+//! System test (root, real QEMU guests, network namespaces): VMs reach the internet and the
+//! metadata address, and nothing else on the host or each other.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::Command;
+
+use common::Daemon;
+
+fn sh(cmd: &str) -> std::process::Output {
+    Command::new("sh").args(["-c", cmd]).output().expect("sh")
+}
+
+fn must(cmd: &str) {
+    let out = sh(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace standing in for the internet at 203.0.113.10, with an HTTP server.
+struct Internet {
+    ns: String,
+    veth: String,
+    server: std::process::Child,
+}
+
+impl Internet {
+    fn new() -> Internet {
+        let id = std::process::id() % 100000;
+        let (ns, veth) = (format!("nkinet{id}"), format!("vinet{id}"));
+        must(&format!("ip netns add {ns}"));
+        must(&format!("ip link add {veth} type veth peer name {veth}n"));
+        must(&format!("ip link set {veth}n netns {ns}"));
+        must(&format!(
+            "ip addr add 203.0.113.1/24 dev {veth} && ip link set {veth} up"
+        ));
+        must(&format!(
+            "ip -n {ns} addr add 203.0.113.10/24 dev {veth}n && ip -n {ns} link set {veth}n up && ip -n {ns} link set lo up && ip -n {ns} route add default via 203.0.113.1"
+        ));
+        let dir = tempfile::tempdir().expect("tmp").keep();
+        std::fs::write(dir.join("index.html"), "hello from the internet\n").expect("write");
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "python3",
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                "203.0.113.10",
+                "--directory",
+            ])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("http server");
+        common::wait_until(
+            "the internet server",
+            std::time::Duration::from_secs(10),
+            || {
+                sh(&format!("ip netns exec {ns} python3 -c \"import socket; socket.create_connection(('203.0.113.10', 80), 1)\"")).status.success()
+            },
+        );
+        Internet { ns, veth, server }
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = sh(&format!("ip link del {}", self.veth));
+        let _ = sh(&format!("ip netns del {}", self.ns));
+    }
+}
+
+/// A plain HTTP server on the host, answering anyone who connects.
+fn host_server(addr: &str) -> u16 {
+    let listener = TcpListener::bind((addr, 0)).expect("bind host server");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost-secret\n");
+        }
+    });
+    port
+}
+
+fn host_address() -> String {
+    let out = sh("ip -4 -o route get 203.0.113.77 2>/dev/null || ip -4 -o addr show scope global");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // Prefer the address of the interface carrying the default route.
+    let out = sh(
+        "ip -4 -o addr show scope global | grep -v ' nk' | grep -v vinet | awk '{print $4}' | cut -d/ -f1 | head -1",
+    );
+    let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!addr.is_empty(), "no global host address: {text}");
+    addr
+}
+
+#[test]
+fn vm_network_isolation_egress_and_metadata() {
+    let internet = Internet::new();
+    let d = Daemon::start();
+    let a = d.create_tiny("neta");
+    let b = d.create_tiny("netb");
+    let b_ip = b["guest_ip"].as_str().expect("b ip").to_string();
+    let a_ip = a["guest_ip"].as_str().expect("a ip").to_string();
+
+    // Metadata: the VM learns who it is.
+    let md = d.exec("neta", "wget -q -T 5 -O - http://169.254.169.254/");
+    let md: serde_json::Value = serde_json::from_str(&md).expect("metadata JSON");
+    assert_eq!(md["name"], "neta");
+    assert_eq!(md["owner"], "admin");
+
+    // Egress to the "internet", masqueraded.
+    let page = d.exec("neta", "wget -q -T 5 -O - http://203.0.113.10/");
+    assert_eq!(page, "hello from the internet\n");
+
+    // B serves HTTP; the host can reach it (so the server is really up) but A cannot.
+    d.exec(
+        "netb",
+        "mkdir -p /srv && echo b-page > /srv/index.html && httpd -p 8080 -h /srv",
+    );
+    let from_host = sh(&format!("curl -s -m 5 http://{b_ip}:8080/"));
+    assert_eq!(
+        String::from_utf8_lossy(&from_host.stdout),
+        "b-page\n",
+        "host cannot reach VM B"
+    );
+    let out = d.nook(&[
+        "vm",
+        "exec",
+        "neta",
+        "--",
+        "wget",
+        "-q",
+        "-T",
+        "3",
+        "-O",
+        "-",
+        &format!("http://{b_ip}:8080/"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "VM A reached VM B: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Host services: on the host's own address, and on the tap's host end.
+    let host = host_address();
+    let port = host_server("0.0.0.0");
+    assert_eq!(
+        String::from_utf8_lossy(&sh(&format!("curl -s -m 3 http://{host}:{port}/")).stdout),
+        "host-secret\n"
+    );
+    let gateway = a_ip
+        .rsplit_once('.')
+        .map(|(net, last)| format!("{net}.{}", last.parse::<u8>().expect("octet") - 1))
+        .expect("gw");
+    for target in [
+        host.as_str(),
+        gateway.as_str(),
+        "127.0.0.1",
+        "169.254.169.254",
+    ] {
+        let url = format!("http://{target}:{port}/");
+        let out = d.nook(&[
+            "vm", "exec", "neta", "--", "wget", "-q", "-T", "3", "-O", "-", &url,
+        ]);
+        assert!(
+            !out.status.success(),
+            "VM reached host service at {url}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    drop(internet);
+}
