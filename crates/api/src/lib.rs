@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod lobby;
 pub mod size;
 
 pub use size::{format_size, parse_size};

@@ -42,7 +42,7 @@ fn vm_default_image_boots_systemd_to_multi_user() {
         "--",
         "sh",
         "-c",
-        "command -v git curl python3 gcc chromium sshd | wc -l",
+        "for t in git curl python3 gcc chromium sshd; do command -v $t; done | wc -l",
     ]);
     assert_eq!(tools.trim(), "6", "missing tools in the default image");
     // Every VM gets its own machine-id and SSH host keys, not the image's.

@@ -28,6 +28,14 @@ pub enum StoreError {
     Db(#[source] sqlx::Error),
     #[error("Database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("An account for {0} already exists")]
+    EmailTaken(String),
+    #[error("This key already belongs to an account")]
+    KeyTaken,
+    #[error("No such key")]
+    KeyNotFound,
+    #[error("An account must keep at least one key")]
+    LastKey,
     #[error("Corrupt row for VM '{0}': {1}")]
     Corrupt(String, String),
 }
@@ -64,6 +72,20 @@ pub struct VmRecord {
     pub state_reason: Option<String>,
     pub pid: Option<u32>,
     pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    pub id: String,
+    pub email: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SshKey {
+    pub fingerprint: String,
+    pub public_key: String,
+    pub comment: String,
 }
 
 #[derive(Debug, Clone)]
@@ -213,9 +235,183 @@ impl Store {
         Ok(())
     }
 
+    pub async fn rename(&self, id: &str, new_name: &str) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE vms SET name = ?, updated_at = ? WHERE id = ?")
+            .bind(new_name)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await;
+        match done {
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Err(StoreError::NameTaken(new_name.to_string()))
+            }
+            other => other.map(|_| ()).map_err(StoreError::from),
+        }
+    }
+
+    pub async fn set_resources(
+        &self,
+        id: &str,
+        cpu: u32,
+        memory_mib: u32,
+        disk_bytes: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE vms SET cpu = ?, memory_mib = ?, disk_bytes = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(cpu as i64)
+        .bind(memory_mib as i64)
+        .bind(disk_bytes as i64)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Creates an account holding one key, atomically.
+    pub async fn create_account(
+        &self,
+        id: &str,
+        email: &str,
+        key: &SshKey,
+    ) -> Result<Account, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if sqlx::query("SELECT 1 FROM ssh_keys WHERE fingerprint = ?")
+            .bind(&key.fingerprint)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::KeyTaken);
+        }
+        let at = now();
+        let inserted = sqlx::query("INSERT INTO accounts (id, email, created_at) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(email)
+            .bind(&at)
+            .execute(&mut *tx)
+            .await;
+        if let Err(sqlx::Error::Database(db)) = &inserted
+            && db.is_unique_violation()
+        {
+            return Err(StoreError::EmailTaken(email.to_string()));
+        }
+        inserted?;
+        insert_key(&mut tx, id, key, &at).await?;
+        tx.commit().await?;
+        Ok(Account {
+            id: id.to_string(),
+            email: email.to_string(),
+            created_at: at,
+        })
+    }
+
+    pub async fn account_for_key(&self, fingerprint: &str) -> Result<Option<Account>, StoreError> {
+        let row = sqlx::query("SELECT a.* FROM accounts a JOIN ssh_keys k ON k.account_id = a.id WHERE k.fingerprint = ?")
+            .bind(fingerprint)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| decode_account(&r)).transpose()
+    }
+
+    pub async fn account_by_email(&self, email: &str) -> Result<Option<Account>, StoreError> {
+        let row = sqlx::query("SELECT * FROM accounts WHERE email = ?")
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| decode_account(&r)).transpose()
+    }
+
+    pub async fn add_key(&self, account_id: &str, key: &SshKey) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if sqlx::query("SELECT 1 FROM ssh_keys WHERE fingerprint = ?")
+            .bind(&key.fingerprint)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::KeyTaken);
+        }
+        insert_key(&mut tx, account_id, key, &now()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn keys(&self, account_id: &str) -> Result<Vec<SshKey>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM ssh_keys WHERE account_id = ? ORDER BY created_at")
+            .bind(account_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SshKey {
+                    fingerprint: r.try_get("fingerprint")?,
+                    public_key: r.try_get("public_key")?,
+                    comment: r.try_get("comment")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes a key of this account, refusing to remove its last one (it would lock the
+    /// account out for good).
+    pub async fn remove_key(&self, account_id: &str, fingerprint: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ssh_keys WHERE account_id = ?")
+            .bind(account_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+        let found = sqlx::query("SELECT 1 FROM ssh_keys WHERE account_id = ? AND fingerprint = ?")
+            .bind(account_id)
+            .bind(fingerprint)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.is_none() {
+            return Err(StoreError::KeyNotFound);
+        }
+        if count <= 1 {
+            return Err(StoreError::LastKey);
+        }
+        sqlx::query("DELETE FROM ssh_keys WHERE account_id = ? AND fingerprint = ?")
+            .bind(account_id)
+            .bind(fingerprint)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+async fn insert_key(
+    tx: &mut sqlx::SqliteConnection,
+    account_id: &str,
+    key: &SshKey,
+    at: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO ssh_keys (fingerprint, account_id, public_key, comment, created_at) VALUES (?, ?, ?, ?, ?)")
+        .bind(&key.fingerprint)
+        .bind(account_id)
+        .bind(&key.public_key)
+        .bind(&key.comment)
+        .bind(at)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+fn decode_account(row: &SqliteRow) -> Result<Account, StoreError> {
+    Ok(Account {
+        id: row.try_get("id")?,
+        email: row.try_get("email")?,
+        created_at: row.try_get("created_at")?,
+    })
 }
 
 fn decode(row: &SqliteRow) -> Result<VmRecord, StoreError> {
@@ -293,5 +489,54 @@ mod tests {
             .map(|v| v.name)
             .collect();
         assert_eq!(names, ["cc", "dd", "ee"]);
+    }
+
+    #[tokio::test]
+    async fn accounts_own_keys_and_keep_at_least_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.sqlite"))
+            .await
+            .expect("open");
+        let key = |n: &str| SshKey {
+            fingerprint: format!("SHA256:{n}"),
+            public_key: format!("ssh-ed25519 {n}"),
+            comment: String::new(),
+        };
+        let alice = store
+            .create_account("a1", "alice@example.com", &key("k1"))
+            .await
+            .expect("alice");
+        assert!(matches!(
+            store
+                .create_account("a2", "alice@example.com", &key("k2"))
+                .await,
+            Err(StoreError::EmailTaken(_))
+        ));
+        assert!(matches!(
+            store
+                .create_account("a3", "bob@example.com", &key("k1"))
+                .await,
+            Err(StoreError::KeyTaken)
+        ));
+        assert_eq!(
+            store.account_for_key("SHA256:k1").await.expect("q"),
+            Some(alice.clone())
+        );
+        assert_eq!(store.account_for_key("SHA256:k2").await.expect("q"), None);
+        assert!(matches!(
+            store.remove_key("a1", "SHA256:k1").await,
+            Err(StoreError::LastKey)
+        ));
+        store.add_key("a1", &key("k2")).await.expect("add");
+        assert!(matches!(
+            store.add_key("a1", &key("k2")).await,
+            Err(StoreError::KeyTaken)
+        ));
+        store.remove_key("a1", "SHA256:k1").await.expect("remove");
+        assert!(matches!(
+            store.remove_key("a1", "SHA256:k1").await,
+            Err(StoreError::KeyNotFound)
+        ));
+        assert_eq!(store.keys("a1").await.expect("keys").len(), 1);
     }
 }

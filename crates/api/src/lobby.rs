@@ -1,0 +1,208 @@
+//! The lobby's command grammar: one clap parser for `ssh HOST CMD`, the interactive REPL and
+//! (later) the HTTP API, so the three can never disagree about what a command means.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nook",
+    no_binary_name = true,
+    disable_version_flag = true,
+    help_template = "{about}\n\n{usage-heading} {usage}\n\n{all-args}",
+    about = "nook lobby: your VMs. Every command takes --json."
+)]
+pub struct LobbyLine {
+    /// Print machine-readable JSON (errors too, with a stable `code`)
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: LobbyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LobbyCommand {
+    /// Create an account for the SSH key you connected with
+    Signup { email: String },
+    /// Show your account
+    Whoami,
+    /// Create a VM and wait until it is ready
+    New(NewArgs),
+    /// List your VMs
+    Ls {
+        /// Only names matching this (`*` is a wildcard; otherwise a substring)
+        pattern: Option<String>,
+        /// Long format: resources, address, age
+        #[arg(short = 'l')]
+        long: bool,
+    },
+    /// Delete VMs and their disks
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Boot a stopped VM
+    Start { name: String },
+    /// Power a VM off cleanly
+    Stop { name: String },
+    /// Stop and start a VM
+    Restart { name: String },
+    /// Rename a VM
+    Rename { old: String, new: String },
+    /// Change a VM's CPUs or memory (applied at the next start) or grow its disk (at once)
+    Resize {
+        name: String,
+        #[arg(long)]
+        cpu: Option<u32>,
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        disk: Option<String>,
+    },
+    /// A VM's CPU, memory, disk, network and uptime
+    Stat { name: String },
+    /// Manage the SSH keys of your account
+    #[command(subcommand, name = "ssh-key")]
+    SshKey(SshKeyCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    #[arg(long)]
+    pub name: Option<String>,
+    /// default (Debian with systemd and dev tools) or tiny (busybox)
+    #[arg(long)]
+    pub image: Option<String>,
+    #[arg(long)]
+    pub cpu: Option<u32>,
+    /// e.g. 512M, 2G
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// e.g. 20G
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// KEY=VALUE added to the VM's /etc/environment (repeatable)
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// A shell script to run as root once the VM is ready; `-` reads it from stdin
+    #[arg(long, value_name = "SCRIPT|-")]
+    pub setup_script: Option<String>,
+    /// Return as soon as the VM is created, without waiting for it to boot
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SshKeyCommand {
+    /// List your keys
+    List,
+    /// Add a public key (`ssh-ed25519 AAAA... comment`, quoted)
+    Add { key: Vec<String> },
+    /// Remove a key by its fingerprint (SHA256:...)
+    Remove { fingerprint: String },
+}
+
+/// The command names, for help and completion.
+pub const COMMANDS: &[&str] = &[
+    "signup", "whoami", "new", "ls", "rm", "start", "stop", "restart", "rename", "resize", "stat",
+    "ssh-key", "help", "exit",
+];
+
+/// Splits a command line as a POSIX shell would (quotes and backslashes), without expansion.
+pub fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => word.push(c),
+                        None => return Err("unterminated single quote".into()),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => word.push(c),
+                            Some(c) => {
+                                word.push('\\');
+                                word.push(c);
+                            }
+                            None => return Err("unterminated double quote".into()),
+                        },
+                        Some(c) => word.push(c),
+                        None => return Err("unterminated double quote".into()),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                match chars.next() {
+                    Some(c) => word.push(c),
+                    None => return Err("trailing backslash".into()),
+                }
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_split_like_a_shell() {
+        assert_eq!(
+            split_words(r#"new --name 'a b' "c\"d" e\ f"#).expect("split"),
+            ["new", "--name", "a b", "c\"d", "e f"]
+        );
+        assert_eq!(split_words("  ").expect("split"), Vec::<String>::new());
+        assert_eq!(split_words("ls ''").expect("split"), ["ls", ""]);
+        assert!(split_words("new 'oops").is_err());
+        assert!(split_words("new \"oops").is_err());
+    }
+
+    #[test]
+    fn every_command_parses_with_json() {
+        let parse = |line: &str| LobbyLine::try_parse_from(split_words(line).expect("split"));
+        let l = parse("new --name blog --env A=1 --env B=2 --json").expect("new");
+        assert!(l.json);
+        let LobbyCommand::New(args) = l.command else {
+            panic!("not new")
+        };
+        assert_eq!(args.env, ["A=1", "B=2"]);
+        assert!(matches!(
+            parse("ls -l 'b*'").expect("ls").command,
+            LobbyCommand::Ls { long: true, .. }
+        ));
+        assert!(matches!(
+            parse("ssh-key list --json").expect("keys").command,
+            LobbyCommand::SshKey(SshKeyCommand::List)
+        ));
+        assert!(parse("rm").is_err());
+        assert!(parse("frobnicate").is_err());
+        assert!(parse("new --bogus").is_err());
+    }
+}
