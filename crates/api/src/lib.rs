@@ -202,6 +202,11 @@ error_codes! {
     GuestNotReady = "guest_not_ready", 504;
     AgentUnavailable = "agent_unavailable", 503;
     GuestError = "guest_error", 502;
+    NotSignedUp = "not_signed_up", 401;
+    EmailTaken = "email_taken", 409;
+    KeyTaken = "key_taken", 409;
+    KeyNotFound = "key_not_found", 404;
+    Usage = "usage", 400;
     Internal = "internal", 500;
 }
 

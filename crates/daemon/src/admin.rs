@@ -14,7 +14,7 @@ use nook_api::{ApiError, CreateVm, ErrorCode, ExecEvent, ExecRequest, ProgressEv
 use nook_proto::{GuestMsg, Stream};
 use tokio::sync::mpsc;
 
-use crate::manager::{ADMIN_OWNER, Manager};
+use crate::manager::{ADMIN_OWNER, Manager, Scope};
 
 pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
@@ -72,11 +72,11 @@ async fn info(State(m): State<Arc<Manager>>) -> impl IntoResponse {
 }
 
 async fn list(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
-    Ok(axum::Json(m.list().await?))
+    Ok(axum::Json(m.list(Scope::Admin).await?))
 }
 
 async fn show(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<impl IntoResponse> {
-    Ok(axum::Json(m.get(&name).await?))
+    Ok(axum::Json(m.get(&name, Scope::Admin).await?))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Failure> {
@@ -100,7 +100,7 @@ async fn create(State(m): State<Arc<Manager>>, body: Bytes) -> Reply<Response> {
                 step: step.to_string(),
             }));
         };
-        let event = match m.create(req, ADMIN_OWNER, &progress).await {
+        let event = match m.create(req, ADMIN_OWNER, true, &progress).await {
             Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
             Err(error) => ProgressEvent::Error { error },
         };
@@ -118,7 +118,7 @@ async fn start(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply
                 step: step.to_string(),
             }));
         };
-        let event = match m.start(&name, &progress).await {
+        let event = match m.start(&name, Scope::Admin, &progress).await {
             Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
             Err(error) => ProgressEvent::Error { error },
         };
@@ -128,14 +128,14 @@ async fn start(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply
 }
 
 async fn stop(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<impl IntoResponse> {
-    Ok(axum::Json(m.stop(&name).await?))
+    Ok(axum::Json(m.stop(&name, Scope::Admin).await?))
 }
 
 async fn remove(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
 ) -> Reply<impl IntoResponse> {
-    m.remove(&name).await?;
+    m.remove(&name, Scope::Admin).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -143,7 +143,7 @@ async fn console(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
 ) -> Reply<impl IntoResponse> {
-    Ok(m.console(&name).await?)
+    Ok(m.console(&name, Scope::Admin).await?)
 }
 
 /// Streams the command's output as NDJSON `stdout`/`stderr` events and ends with `exit`.
@@ -153,7 +153,7 @@ async fn exec(
     body: Bytes,
 ) -> Reply<Response> {
     let req: ExecRequest = parse_json(&body)?;
-    let mut process = m.exec(&name, req).await?;
+    let mut process = m.exec(&name, Scope::Admin, req).await?;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {

@@ -27,6 +27,12 @@ pub struct Settings {
     pub dns: Option<String>,
     /// `RUST_LOG`-style filter.
     pub log: Option<String>,
+    /// Where the SSH front door listens; `off` disables it.
+    pub ssh_addr: Option<String>,
+    /// The host name users type to reach this host, shown in instructions.
+    pub public_host: Option<String>,
+    /// The domain VMs are served under: `https://VM.DOMAIN/`.
+    pub domain: Option<String>,
 }
 
 impl Settings {
@@ -42,6 +48,9 @@ impl Settings {
             ready_timeout_secs: other.ready_timeout_secs.or(self.ready_timeout_secs),
             dns: other.dns.or(self.dns),
             log: other.log.or(self.log),
+            ssh_addr: other.ssh_addr.or(self.ssh_addr),
+            public_host: other.public_host.or(self.public_host),
+            domain: other.domain.or(self.domain),
         }
     }
 
@@ -78,6 +87,9 @@ pub struct Config {
     pub ready_timeout: Duration,
     pub dns: String,
     pub log: String,
+    pub ssh_addr: Option<std::net::SocketAddr>,
+    pub public_host: String,
+    pub domain: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +169,30 @@ impl Config {
                 format!("{dns:?} is not an IPv4 address"),
             ));
         }
+        let ssh_addr = match s.ssh_addr.as_deref().unwrap_or("0.0.0.0:2222") {
+            "off" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                ConfigError::Invalid("ssh_addr", format!("{addr:?}: use HOST:PORT or off"))
+            })?),
+        };
+        let domain = s
+            .domain
+            .unwrap_or_else(|| "nook.localhost".into())
+            .to_ascii_lowercase();
+        if domain.is_empty()
+            || domain
+                .split('.')
+                .any(|l| l.is_empty() || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
+            return Err(ConfigError::Invalid(
+                "domain",
+                format!("{domain:?} is not a domain name"),
+            ));
+        }
         Ok(Config {
+            ssh_addr,
+            public_host: s.public_host.unwrap_or_else(|| "localhost".into()),
+            domain,
             data_dir,
             images_dir,
             qemu: s.qemu,
@@ -180,6 +215,24 @@ impl Config {
 
     pub fn vms_dir(&self) -> PathBuf {
         self.data_dir.join("vms")
+    }
+
+    pub fn ssh_host_key(&self) -> PathBuf {
+        self.data_dir.join("ssh_host_ed25519_key")
+    }
+
+    /// How users reach the lobby, e.g. `ssh -p 2222 localhost`.
+    pub fn ssh_command(&self, user: Option<&str>) -> String {
+        let port = self.ssh_addr.map(|a| a.port()).unwrap_or(22);
+        let port = if port == 22 {
+            String::new()
+        } else {
+            format!("-p {port} ")
+        };
+        match user {
+            Some(u) => format!("ssh {port}{u}@{}", self.public_host),
+            None => format!("ssh {port}{}", self.public_host),
+        }
     }
 
     pub fn cache_dir(&self) -> PathBuf {

@@ -7,6 +7,8 @@
 pub mod admin;
 pub mod config;
 pub mod errors;
+pub mod frontdoor;
+pub mod lobby;
 pub mod manager;
 pub mod metadata;
 mod names;
@@ -55,6 +57,26 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             }
         });
         tracing::info!(%addr, "metadata service listening");
+    }
+
+    if let Some(addr) = manager.config().ssh_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Listen(addr.to_string(), e))?;
+        let cfg = nook_sshd::SshServerConfig {
+            listen: addr,
+            host_key_path: manager.config().ssh_host_key(),
+            banner_host: manager.config().public_host.clone(),
+        };
+        let door = std::sync::Arc::new(frontdoor::FrontDoor::new(manager.clone()));
+        tokio::spawn(async move {
+            if let Err(err) =
+                nook_sshd::serve_listener(listener, cfg, door, std::future::pending()).await
+            {
+                tracing::error!(%err, "SSH front door stopped");
+            }
+        });
+        tracing::info!(%addr, "SSH front door listening");
     }
 
     let app = admin::router(manager.clone());

@@ -32,6 +32,52 @@ pub const ADMIN_OWNER: &str = "admin";
 
 pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
 
+/// Whose VMs an operation may see. Someone else's VM is reported exactly like a missing one.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// The local admin socket: every VM.
+    Admin,
+    /// An account: only the VMs it owns.
+    Account(&'a str),
+}
+
+impl Scope<'_> {
+    fn allows(&self, vm: &VmRecord) -> bool {
+        match self {
+            Scope::Admin => true,
+            Scope::Account(id) => vm.owner == *id,
+        }
+    }
+}
+
+/// What `stat` reports about one VM.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmStat {
+    pub vm: VmInfo,
+    pub uptime_secs: Option<f64>,
+    pub load_avg_1m: Option<f64>,
+    pub mem_total_kib: Option<u64>,
+    pub mem_available_kib: Option<u64>,
+    pub disk_total_kib: Option<u64>,
+    pub disk_available_kib: Option<u64>,
+    /// Bytes the VM's disk layer takes on the host.
+    pub disk_host_bytes: u64,
+    pub net_rx_bytes: Option<u64>,
+    pub net_tx_bytes: Option<u64>,
+    pub processes: Option<u32>,
+}
+
+/// How the SSH front door reaches a VM's own sshd.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    pub addr: std::net::SocketAddr,
+    pub user: String,
+    pub private_key_openssh: String,
+}
+
+/// The user every image has, and whom `ssh VM@HOST` lands as.
+pub const GUEST_USER: &str = "nook";
+
 enum Net {
     Tap(Arc<HostNet>),
     User,
@@ -167,24 +213,34 @@ impl Manager {
         }
     }
 
-    async fn record(&self, name: &str) -> Result<VmRecord, ApiError> {
-        self.store
+    async fn record(&self, name: &str, scope: Scope<'_>) -> Result<VmRecord, ApiError> {
+        let vm = self
+            .store
             .get(name)
             .await
-            .map_err(|e| errors::from_store("look up a VM", e))
+            .map_err(|e| errors::from_store("look up a VM", e))?;
+        if scope.allows(&vm) {
+            Ok(vm)
+        } else {
+            Err(errors::not_found(name))
+        }
     }
 
-    pub async fn list(&self) -> Result<Vec<VmInfo>, ApiError> {
+    pub async fn list(&self, scope: Scope<'_>) -> Result<Vec<VmInfo>, ApiError> {
         let vms = self
             .store
             .list()
             .await
             .map_err(|e| errors::from_store("list VMs", e))?;
-        Ok(vms.iter().map(|vm| self.info(vm)).collect())
+        Ok(vms
+            .iter()
+            .filter(|vm| scope.allows(vm))
+            .map(|vm| self.info(vm))
+            .collect())
     }
 
-    pub async fn get(&self, name: &str) -> Result<VmInfo, ApiError> {
-        Ok(self.info(&self.record(name).await?))
+    pub async fn get(&self, name: &str, scope: Scope<'_>) -> Result<VmInfo, ApiError> {
+        Ok(self.info(&self.record(name, scope).await?))
     }
 
     /// Looks a VM up by the guest address a request came from (the metadata service).
@@ -196,10 +252,13 @@ impl Manager {
             .map(|vm| self.info(vm))
     }
 
+    /// Creates a VM owned by `owner`. With `wait`, returns once it is ready (or fails and is
+    /// gone); without, returns as soon as its record exists and finishes in the background.
     pub async fn create(
         self: &Arc<Self>,
         req: CreateVm,
         owner: &str,
+        wait: bool,
         progress: Progress<'_>,
     ) -> Result<VmInfo, ApiError> {
         let kind = ImageKind::from_str(req.image.as_deref().unwrap_or("default"))
@@ -273,15 +332,32 @@ impl Manager {
                 other => break other.map_err(|e| errors::from_store("record the VM", e))?,
             }
         };
+        if !wait {
+            let info = self.info(&record);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _ = this.finish_create(&record, &image, &|_| {}).await;
+            });
+            return Ok(info);
+        }
+        self.finish_create(&record, &image, progress).await
+    }
+
+    async fn finish_create(
+        self: &Arc<Self>,
+        record: &VmRecord,
+        image: &Image,
+        progress: Progress<'_>,
+    ) -> Result<VmInfo, ApiError> {
         let lock = self.op_lock(&record.id);
         let _guard = lock.lock().await;
         tracing::info!(vm = %record.name, id = %record.id, "creating");
-        let made = self.make_and_boot(&record, &image, progress).await;
+        let made = self.make_and_boot(record, image, progress).await;
         match made {
-            Ok(()) => self.get(&record.name).await,
+            Ok(()) => self.get(&record.name, Scope::Admin).await,
             Err(err) => {
-                tracing::warn!(vm = %record.name, code = err.code.as_str(), "create failed; removing what was made");
-                self.destroy(&record).await;
+                tracing::warn!(vm = %record.name, code = err.code.as_str(), error = %err.message, "create failed; removing what was made");
+                self.destroy(record).await;
                 Err(err)
             }
         }
@@ -307,12 +383,44 @@ impl Manager {
     }
 
     /// Starts QEMU for `vm` and waits for its agent. On error the caller tears down.
+    /// Boots `vm`, retrying a boot that hangs before the kernel prints anything: a rare
+    /// TCG/microvm hang that a fresh QEMU does not repeat.
     async fn boot(
         self: &Arc<Self>,
         vm: &VmRecord,
         image: &Image,
         progress: Progress<'_>,
     ) -> Result<(), ApiError> {
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            match self.boot_once(vm, image, progress).await {
+                Err(BootError::SilentHang) if attempt < ATTEMPTS => {
+                    tracing::warn!(vm = %vm.name, attempt, "guest printed nothing on its console; restarting QEMU");
+                    progress("the guest hung early in boot; retrying");
+                    self.halt(vm, false).await;
+                }
+                Err(BootError::SilentHang) => {
+                    return Err(ApiError::new(
+                        ErrorCode::GuestNotReady,
+                        format!(
+                            "VM '{}' hung early in boot {ATTEMPTS} times without printing anything",
+                            vm.name
+                        ),
+                    ));
+                }
+                Err(BootError::Api(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn boot_once(
+        self: &Arc<Self>,
+        vm: &VmRecord,
+        image: &Image,
+        progress: Progress<'_>,
+    ) -> Result<(), BootError> {
         let started = Instant::now();
         let paths = self.paths(&vm.id);
         let qemu =
@@ -326,7 +434,8 @@ impl Manager {
                     std::io::ErrorKind::NotFound,
                     format!("{} is missing", agent.display()),
                 ),
-            ));
+            )
+            .into());
         }
         let initrd = tokio::task::spawn_blocking(move || {
             nook_storage::initrd_with_agent(&img, &agent, &cache)
@@ -406,6 +515,7 @@ impl Manager {
         let ready = tokio::select! {
             r = agent.wait_ready(timeout) => r.map(|_| ()),
             () = qmp.closed() => Err(nook_vmm::VmmError::QmpClosed),
+            () = silent_console(&paths, Duration::from_secs(15).min(timeout)) => return Err(BootError::SilentHang),
         };
         if let Err(err) = ready {
             let tail = paths.console_tail(25);
@@ -416,11 +526,12 @@ impl Manager {
                 nook_vmm::VmmError::QmpClosed => "QEMU exited during boot".to_string(),
                 other => format!("failed during boot ({other})"),
             };
-            return Err(ApiError::new(
+            return Err(BootError::Api(ApiError::new(
                 ErrorCode::GuestNotReady,
                 format!("VM '{}' {why}. Last console lines:\n{tail}", vm.name),
-            ));
+            )));
         }
+        self.install_ssh_key(vm, &agent).await?;
         self.store
             .set_state(&vm.id, VmState::Running, None, Some(pid))
             .await
@@ -567,12 +678,13 @@ impl Manager {
     pub async fn start(
         self: &Arc<Self>,
         name: &str,
+        scope: Scope<'_>,
         progress: Progress<'_>,
     ) -> Result<VmInfo, ApiError> {
-        let vm = self.record(name).await?;
+        let vm = self.record(name, scope).await?;
         let lock = self.op_lock(&vm.id);
         let _guard = lock.lock().await;
-        let vm = self.record(name).await?;
+        let vm = self.record(name, Scope::Admin).await?;
         if !matches!(vm.state, VmState::Stopped | VmState::Failed) {
             return Err(ApiError::new(
                 ErrorCode::AlreadyRunning,
@@ -588,14 +700,14 @@ impl Manager {
                 .await;
             return Err(err);
         }
-        self.get(name).await
+        self.get(name, Scope::Admin).await
     }
 
-    pub async fn stop(&self, name: &str) -> Result<VmInfo, ApiError> {
-        let vm = self.record(name).await?;
+    pub async fn stop(&self, name: &str, scope: Scope<'_>) -> Result<VmInfo, ApiError> {
+        let vm = self.record(name, scope).await?;
         let lock = self.op_lock(&vm.id);
         let _guard = lock.lock().await;
-        let vm = self.record(name).await?;
+        let vm = self.record(name, Scope::Admin).await?;
         if matches!(vm.state, VmState::Stopped | VmState::Failed) {
             return Err(ApiError::new(
                 ErrorCode::NotRunning,
@@ -612,21 +724,21 @@ impl Manager {
             .await
             .map_err(|e| errors::from_store("record the stop", e))?;
         tracing::info!(vm = %vm.name, "stopped");
-        self.get(name).await
+        self.get(name, Scope::Admin).await
     }
 
-    pub async fn remove(&self, name: &str) -> Result<(), ApiError> {
-        let vm = self.record(name).await?;
+    pub async fn remove(&self, name: &str, scope: Scope<'_>) -> Result<(), ApiError> {
+        let vm = self.record(name, scope).await?;
         let lock = self.op_lock(&vm.id);
         let _guard = lock.lock().await;
-        let vm = self.record(name).await?;
+        let vm = self.record(name, Scope::Admin).await?;
         self.destroy(&vm).await;
         tracing::info!(vm = %vm.name, "removed");
         Ok(())
     }
 
-    pub async fn console(&self, name: &str) -> Result<String, ApiError> {
-        let vm = self.record(name).await?;
+    pub async fn console(&self, name: &str, scope: Scope<'_>) -> Result<String, ApiError> {
+        let vm = self.record(name, scope).await?;
         Ok(self.paths(&vm.id).console_tail(usize::MAX))
     }
 
@@ -671,14 +783,19 @@ impl Manager {
         Ok(agent)
     }
 
-    pub async fn exec(&self, name: &str, req: nook_api::ExecRequest) -> Result<Process, ApiError> {
+    pub async fn exec(
+        &self,
+        name: &str,
+        scope: Scope<'_>,
+        req: nook_api::ExecRequest,
+    ) -> Result<Process, ApiError> {
         if req.argv.is_empty() {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,
                 "Nothing to run: give a command after --",
             ));
         }
-        let vm = self.record(name).await?;
+        let vm = self.record(name, scope).await?;
         let agent = self.agent(&vm).await?;
         let spawn = SpawnRequest {
             argv: req.argv,
@@ -699,6 +816,331 @@ impl Manager {
             .map_err(|e| errors::from_storage("open the VM's image", e))?;
         ImageStore::open_at(kind, std::path::Path::new(&vm.image_dir))
             .map_err(|e| errors::from_storage("open the VM's image", e))
+    }
+
+    pub async fn restart(
+        self: &Arc<Self>,
+        name: &str,
+        scope: Scope<'_>,
+        progress: Progress<'_>,
+    ) -> Result<VmInfo, ApiError> {
+        let vm = self.record(name, scope).await?;
+        if matches!(vm.state, VmState::Running | VmState::Starting) {
+            progress("stopping");
+            self.stop(name, scope).await?;
+        }
+        self.start(name, scope, progress).await
+    }
+
+    pub async fn rename(&self, old: &str, new: &str, scope: Scope<'_>) -> Result<VmInfo, ApiError> {
+        nook_api::validate_name(new)?;
+        let vm = self.record(old, scope).await?;
+        let lock = self.op_lock(&vm.id);
+        let _guard = lock.lock().await;
+        self.store
+            .rename(&vm.id, new)
+            .await
+            .map_err(|e| errors::from_store("rename the VM", e))?;
+        // The guest learns its new hostname now; the kernel command line carries it from the next boot.
+        if vm.state == VmState::Running
+            && let Ok(agent) = self.agent(&vm).await
+        {
+            let script = format!(
+                "hostname {new} && echo {new} > /etc/hostname && sed -i 's/^127.0.1.1.*/127.0.1.1 {new}/' /etc/hosts"
+            );
+            let _ = run_to_end(&agent, vec!["sh".into(), "-c".into(), script]).await;
+        }
+        tracing::info!(vm = %old, new, "renamed");
+        self.get(new, Scope::Admin).await
+    }
+
+    /// CPU and memory apply from the next start; a disk only grows, and at once.
+    pub async fn resize(
+        &self,
+        name: &str,
+        scope: Scope<'_>,
+        cpu: Option<u32>,
+        memory: Option<&str>,
+        disk: Option<&str>,
+    ) -> Result<VmInfo, ApiError> {
+        let vm = self.record(name, scope).await?;
+        let lock = self.op_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(name, Scope::Admin).await?;
+        let cpu = cpu.unwrap_or(vm.cpu);
+        if !(1..=64).contains(&cpu) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("Invalid --cpu {cpu}: use 1 to 64"),
+            ));
+        }
+        let memory_mib = match memory {
+            Some(m) => (nook_api::parse_size(m)? >> 20) as u32,
+            None => vm.memory_mib,
+        };
+        if memory_mib < 128 {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "Invalid --memory: use at least 128M",
+            ));
+        }
+        let disk_bytes = match disk {
+            Some(d) => nook_api::parse_size(d)?,
+            None => vm.disk_bytes,
+        };
+        if disk_bytes < vm.disk_bytes {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "Disks only grow: '{}' has {}, ask for more",
+                    vm.name,
+                    nook_api::format_size(vm.disk_bytes)
+                ),
+            ));
+        }
+        if disk_bytes > vm.disk_bytes {
+            self.grow_disk(&vm, disk_bytes).await?;
+        }
+        self.store
+            .set_resources(&vm.id, cpu, memory_mib, disk_bytes)
+            .await
+            .map_err(|e| errors::from_store("record the new size", e))?;
+        self.get(name, Scope::Admin).await
+    }
+
+    async fn grow_disk(&self, vm: &VmRecord, bytes: u64) -> Result<(), ApiError> {
+        let live_qmp = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vm.id)
+            .map(|l| l.qmp.clone());
+        match live_qmp {
+            Some(qmp) => {
+                qmp.execute(
+                    "block_resize",
+                    Some(serde_json::json!({ "device": "root", "size": bytes })),
+                )
+                .await
+                .map_err(|e| errors::from_vmm("grow the disk", e))?;
+                // Grow the filesystem online too; tiny images have no resize2fs and grow at next boot.
+                if let Ok(agent) = self.agent(vm).await {
+                    let _ = run_to_end(
+                        &agent,
+                        vec![
+                            "sh".into(),
+                            "-c".into(),
+                            "command -v resize2fs >/dev/null && resize2fs /dev/vda".into(),
+                        ],
+                    )
+                    .await;
+                }
+            }
+            None => {
+                let disk = self.paths(&vm.id).disk();
+                let out = tokio::process::Command::new("qemu-img")
+                    .arg("resize")
+                    .arg(&disk)
+                    .arg(bytes.to_string())
+                    .output()
+                    .await
+                    .map_err(|e| io_error("grow the disk", e))?;
+                if !out.status.success() {
+                    let err = std::io::Error::other(
+                        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    );
+                    return Err(errors::internal("grow the disk", &err));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn stat(&self, name: &str, scope: Scope<'_>) -> Result<VmStat, ApiError> {
+        let vm = self.record(name, scope).await?;
+        let disk_host_bytes = std::fs::metadata(self.paths(&vm.id).disk())
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        let metrics = match vm.state {
+            VmState::Running => match self.agent(&vm).await {
+                Ok(agent) => tokio::time::timeout(Duration::from_secs(5), agent.metrics())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let counter = |which: &str| -> Option<u64> {
+            let link = VmLink::for_slot(vm.slot).ok()?;
+            std::fs::read_to_string(format!("/sys/class/net/{}/statistics/{which}", link.tap))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let running = vm.state == VmState::Running;
+        Ok(VmStat {
+            vm: self.info(&vm),
+            uptime_secs: metrics.as_ref().map(|m| m.uptime_secs),
+            load_avg_1m: metrics.as_ref().map(|m| m.load_avg_1m),
+            mem_total_kib: metrics.as_ref().map(|m| m.mem_total_kib),
+            mem_available_kib: metrics.as_ref().map(|m| m.mem_available_kib),
+            disk_total_kib: metrics.as_ref().map(|m| m.disk_total_kib),
+            disk_available_kib: metrics.as_ref().map(|m| m.disk_available_kib),
+            disk_host_bytes,
+            // The tap's receive is the VM's transmit.
+            net_rx_bytes: if running { counter("tx_bytes") } else { None },
+            net_tx_bytes: if running { counter("rx_bytes") } else { None },
+            processes: metrics.as_ref().map(|m| m.processes),
+        })
+    }
+
+    /// Where the SSH front door connects to reach `name`'s own sshd, as [`GUEST_USER`].
+    pub async fn ssh_target(&self, name: &str, scope: Scope<'_>) -> Result<SshTarget, ApiError> {
+        let vm = self.record(name, scope).await?;
+        if vm.state != VmState::Running {
+            return Err(ApiError::new(
+                ErrorCode::NotRunning,
+                format!("VM '{}' is {}: start it first", vm.name, vm.state.as_str()),
+            ));
+        }
+        let key_path = self.paths(&vm.id).dir.join("ssh_key");
+        let key = std::fs::read_to_string(&key_path).map_err(|_| {
+            ApiError::new(
+                ErrorCode::GuestError,
+                format!(
+                    "VM '{}' runs an image without an SSH server: use the default image",
+                    vm.name
+                ),
+            )
+        })?;
+        let ip = match &self.net {
+            Net::Tap(_) => {
+                VmLink::for_slot(vm.slot)
+                    .map_err(|e| errors::from_net("find the VM's address", e))?
+                    .guest_ip
+            }
+            Net::User => {
+                return Err(ApiError::new(
+                    ErrorCode::GuestError,
+                    "SSH into VMs needs tap networking: run nook as root",
+                ));
+            }
+        };
+        Ok(SshTarget {
+            addr: (ip, 22).into(),
+            user: GUEST_USER.to_string(),
+            private_key_openssh: key,
+        })
+    }
+
+    /// Gives nook's per-VM key to the guest's sshd, when the image has one. Runs at every boot,
+    /// so a key rotation or a restored disk converges.
+    async fn install_ssh_key(&self, vm: &VmRecord, agent: &AgentClient) -> Result<(), ApiError> {
+        let dir = self.paths(&vm.id).dir;
+        let key = dir.join("ssh_key");
+        let has_sshd = run_to_end(
+            agent,
+            vec![
+                "sh".into(),
+                "-c".into(),
+                format!("test -x /usr/sbin/sshd && id -u {GUEST_USER}"),
+            ],
+        )
+        .await
+        .map(|code| code == 0)
+        .unwrap_or(false);
+        if !has_sshd {
+            let _ = std::fs::remove_file(&key);
+            return Ok(());
+        }
+        if !key.is_file() {
+            let out = tokio::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C"])
+                .arg(format!("nook-{}", vm.id))
+                .arg("-f")
+                .arg(&key)
+                .output()
+                .await
+                .map_err(|e| io_error("make the VM's SSH key (is openssh-client installed?)", e))?;
+            if !out.status.success() {
+                let err =
+                    std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string());
+                return Err(errors::internal("make the VM's SSH key", &err));
+            }
+        }
+        let public = std::fs::read_to_string(dir.join("ssh_key.pub"))
+            .map_err(|e| io_error("read the VM's SSH key", e))?;
+        agent
+            .write_file("/run/nook-authorized-key", public.as_bytes(), Some(0o644))
+            .await
+            .map_err(|e| errors::from_vmm("install the SSH key", e))?;
+        let script = format!(
+            "install -d -m 700 -o {u} -g {u} /home/{u}/.ssh && install -m 600 -o {u} -g {u} /run/nook-authorized-key /home/{u}/.ssh/authorized_keys && rm -f /run/nook-authorized-key",
+            u = GUEST_USER
+        );
+        if !matches!(
+            run_to_end(agent, vec!["sh".into(), "-c".into(), script]).await,
+            Ok(0)
+        ) {
+            return Err(ApiError::new(
+                ErrorCode::GuestError,
+                format!("Could not install nook's SSH key in VM '{}'", vm.name),
+            ));
+        }
+        // The agent answers before systemd has started sshd; "ready" includes SSH.
+        if let (Net::Tap(_), Ok(link)) = (&self.net, VmLink::for_slot(vm.slot)) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while tokio::net::TcpStream::connect((link.guest_ip, 22))
+                .await
+                .is_err()
+            {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(vm = %vm.name, "the guest's sshd did not come up within 60s");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a command in the guest as root, feeding it `input`; returns its exit status and
+    /// output, for setup work on behalf of the user.
+    pub async fn run_in(
+        &self,
+        name: &str,
+        scope: Scope<'_>,
+        argv: Vec<String>,
+        input: Option<Vec<u8>>,
+    ) -> Result<Process, ApiError> {
+        let vm = self.record(name, scope).await?;
+        let agent = self.agent(&vm).await?;
+        let spawn = SpawnRequest {
+            argv,
+            env: vec![],
+            cwd: None,
+            user: None,
+            pty: None,
+            stdin: input.is_some(),
+        };
+        let process = agent
+            .spawn(spawn)
+            .await
+            .map_err(|e| errors::from_vmm("start the command", e))?;
+        if let Some(input) = input {
+            let handle = process.handle();
+            handle
+                .stdin(&input)
+                .await
+                .map_err(|e| errors::from_vmm("send the script", e))?;
+            handle
+                .close_stdin()
+                .await
+                .map_err(|e| errors::from_vmm("send the script", e))?;
+        }
+        Ok(process)
     }
 
     /// Settles every VM after a daemon start: re-adopts live QEMUs, finishes or undoes
@@ -810,6 +1252,49 @@ impl Manager {
                     let _ = host.remove_vm(&link);
                 }
             }
+        }
+    }
+}
+
+enum BootError {
+    /// Nothing on the console long after QEMU started.
+    SilentHang,
+    Api(ApiError),
+}
+
+impl From<ApiError> for BootError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+/// Resolves if the console is still empty after `after`; otherwise never.
+async fn silent_console(paths: &VmPaths, after: Duration) {
+    tokio::time::sleep(after).await;
+    let printed = std::fs::metadata(paths.console_log())
+        .map(|m| m.len() > 0)
+        .unwrap_or(false);
+    if printed {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Runs a command through the agent and waits for it; its output is dropped.
+async fn run_to_end(agent: &AgentClient, argv: Vec<String>) -> Result<i32, nook_vmm::VmmError> {
+    let spawn = SpawnRequest {
+        argv,
+        env: vec![],
+        cwd: None,
+        user: None,
+        pty: None,
+        stdin: false,
+    };
+    let mut process = agent.spawn(spawn).await?;
+    loop {
+        match process.next().await {
+            Some(nook_proto::GuestMsg::Exit { code, .. }) => return Ok(code.unwrap_or(-1)),
+            Some(_) => continue,
+            None => return Err(nook_vmm::VmmError::AgentClosed),
         }
     }
 }

@@ -54,6 +54,15 @@ pub struct ServeArgs {
     /// Resolver address given to VMs
     #[arg(long, env = "NOOK_DNS")]
     pub dns: Option<String>,
+    /// SSH front door address, or `off`
+    #[arg(long, env = "NOOK_SSH_ADDR")]
+    pub ssh_addr: Option<String>,
+    /// Host name users reach this machine by, shown in instructions
+    #[arg(long, env = "NOOK_PUBLIC_HOST")]
+    pub public_host: Option<String>,
+    /// Domain VMs are served under (https://VM.DOMAIN/)
+    #[arg(long, env = "NOOK_DOMAIN")]
+    pub domain: Option<String>,
     /// Log filter, e.g. info or nook_daemon=debug
     #[arg(long, env = "NOOK_LOG")]
     pub log: Option<String>,

@@ -58,6 +58,9 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         ready_timeout_secs: args.ready_timeout,
         dns: args.dns,
         log: args.log,
+        ssh_addr: args.ssh_addr,
+        public_host: args.public_host,
+        domain: args.domain,
         ..base
     };
     let cfg = Config::validate(file.merge(flags))?;

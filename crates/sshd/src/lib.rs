@@ -1,1 +1,270 @@
-//! stub
+//! nook's SSH front door.
+//!
+//! One listener serves two things, chosen per connection by [`Backend::route`]:
+//! - the **lobby**: `ssh HOST CMD` runs a lobby command, and `ssh HOST` opens a
+//!   small REPL (`nook> `) with line editing, history and TAB completion;
+//! - a **VM**: `ssh VM@HOST` is relayed 1:1 to the guest's own sshd, with nook
+//!   acting as the SSH client (shell, exec, pty, sftp/scp, `-L`, `-R`, `-A`).
+//!
+//! Authentication is by public key only; any key whose signature verifies gets
+//! in (so an unknown key can `signup`), and the account behind the key is looked
+//! up per lobby command.
+//!
+//! This crate wraps russh (pre-1.0, it changes often) so nothing else in nook
+//! depends on it. It must not know about VMs, accounts or lobby commands beyond
+//! the [`Backend`] trait: the daemon implements that.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+
+mod editor;
+mod hostkey;
+mod lobby;
+mod relay;
+mod server;
+pub mod words;
+
+pub use hostkey::load_or_create_host_key;
+pub use server::{serve, serve_listener};
+
+/// Configuration of the SSH front door.
+#[derive(Debug, Clone)]
+pub struct SshServerConfig {
+    pub listen: SocketAddr,
+    /// An ed25519 key in OpenSSH format: created (mode 0600) if missing, reused after.
+    pub host_key_path: PathBuf,
+    /// The host name shown in messages, e.g. "localhost".
+    pub banner_host: String,
+}
+
+/// A nook account, as the backend knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub id: String,
+    pub email: String,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The SSH user name (`VM` in `ssh VM@HOST`).
+    pub user: String,
+    /// The verified public key, `"ssh-ed25519 AAAA…"` without a comment.
+    pub key_openssh: String,
+    /// `"SHA256:…"`.
+    pub fingerprint: String,
+    /// The account owning the key, if any (looked up for each lobby command).
+    pub account: Option<Account>,
+}
+
+/// Where the guest's sshd is and how nook logs in to it.
+#[derive(Clone)]
+pub struct VmEndpoint {
+    pub addr: SocketAddr,
+    /// The login user in the guest.
+    pub user: String,
+    /// The private key nook holds for that VM (OpenSSH format).
+    pub private_key_openssh: String,
+}
+
+impl std::fmt::Debug for VmEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmEndpoint")
+            .field("addr", &self.addr)
+            .field("user", &self.user)
+            .field("private_key_openssh", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Where `user@HOST` leads.
+#[derive(Clone, Debug)]
+pub enum Route {
+    Lobby,
+    Vm(VmEndpoint),
+    /// The user named a VM the caller may enter but it can't be entered now
+    /// (stopped, no sshd): the message for the user.
+    Unavailable(String),
+}
+
+/// One piece of lobby output, in the order it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LobbyOutput {
+    Out(Vec<u8>),
+    Err(Vec<u8>),
+}
+
+/// Stdin bytes buffered for a lobby command beyond this are discarded.
+const STDIN_BUDGET: usize = 4 << 20;
+
+#[derive(Debug)]
+struct Stdin {
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The terminal side of one lobby command.
+///
+/// Writes never block: output is queued and sent to the SSH channel (under
+/// SSH flow control) by the session. Clones share the same streams.
+#[derive(Debug, Clone)]
+pub struct LobbyIo {
+    tty: bool,
+    width: Arc<AtomicU16>,
+    tx: mpsc::UnboundedSender<LobbyOutput>,
+    stdin: Option<Arc<Stdin>>,
+}
+
+/// The writing end of a [`LobbyIo`]'s stdin.
+#[derive(Debug)]
+pub(crate) struct StdinWriter {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl StdinWriter {
+    /// Queues `data`; drops it once the command has `STDIN_BUDGET` bytes unread.
+    pub(crate) fn push(&self, data: &[u8]) {
+        let queued = self.queued.load(Ordering::Relaxed);
+        if queued + data.len() > STDIN_BUDGET {
+            return;
+        }
+        self.queued.fetch_add(data.len(), Ordering::Relaxed);
+        let _ = self.tx.send(data.to_vec());
+    }
+}
+
+impl LobbyIo {
+    /// A `LobbyIo` whose output is read from the returned receiver and whose
+    /// stdin is empty. For running lobby commands outside SSH (tests, the HTTP API).
+    pub fn channel(tty: bool, width: u16) -> (Self, mpsc::UnboundedReceiver<LobbyOutput>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let io = Self {
+            tty,
+            width: Arc::new(AtomicU16::new(width)),
+            tx,
+            stdin: None,
+        };
+        (io, rx)
+    }
+
+    pub(crate) fn for_session(
+        tty: bool,
+        width: Arc<AtomicU16>,
+        with_stdin: bool,
+    ) -> (
+        Self,
+        mpsc::UnboundedReceiver<LobbyOutput>,
+        Option<StdinWriter>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stdin, writer) = if with_stdin {
+            let (stx, srx) = mpsc::unbounded_channel();
+            let queued = Arc::new(AtomicUsize::new(0));
+            let stdin = Stdin {
+                rx: tokio::sync::Mutex::new(srx),
+                queued: queued.clone(),
+            };
+            (Some(Arc::new(stdin)), Some(StdinWriter { tx: stx, queued }))
+        } else {
+            (None, None)
+        };
+        (
+            Self {
+                tty,
+                width,
+                tx,
+                stdin,
+            },
+            rx,
+            writer,
+        )
+    }
+
+    /// Whether the client asked for a terminal (draw progress bars, colours).
+    pub fn tty(&self) -> bool {
+        self.tty
+    }
+
+    /// The terminal width in columns (80 without a pty); follows window changes.
+    pub fn width(&self) -> u16 {
+        self.width.load(Ordering::Relaxed)
+    }
+
+    /// Writes to stdout. With a tty, `\n` is sent as `\r\n`.
+    pub fn out(&self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            let _ = self.tx.send(LobbyOutput::Out(bytes.to_vec()));
+        }
+    }
+
+    /// Writes to stderr. With a tty, `\n` is sent as `\r\n`.
+    pub fn err(&self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            let _ = self.tx.send(LobbyOutput::Err(bytes.to_vec()));
+        }
+    }
+
+    /// The next chunk of the client's stdin, or `None` at end of input.
+    /// Only `ssh HOST CMD` has stdin; in the REPL this returns `None` at once.
+    pub async fn read_stdin(&self) -> Option<Vec<u8>> {
+        let stdin = self.stdin.as_ref()?;
+        let chunk = stdin.rx.lock().await.recv().await?;
+        stdin.queued.fetch_sub(chunk.len(), Ordering::Relaxed);
+        Some(chunk)
+    }
+}
+
+/// What the daemon provides to the SSH front door.
+pub trait Backend: Send + Sync + 'static {
+    /// The account owning this key (`"ssh-ed25519 AAAA…"`), if any.
+    fn account_for_key(&self, key_openssh: &str) -> impl Future<Output = Option<Account>> + Send;
+    /// Where `user@HOST` leads for this caller.
+    fn route(&self, caller: &Caller) -> impl Future<Output = Route> + Send;
+    /// Runs one lobby command (argv already split like a shell would, without
+    /// a program name). Returns the exit status.
+    fn lobby(
+        &self,
+        caller: &Caller,
+        argv: Vec<String>,
+        io: LobbyIo,
+    ) -> impl Future<Output = u32> + Send;
+    /// Words the REPL completes: command names and the caller's VM names.
+    fn completions(&self, caller: &Caller) -> impl Future<Output = Vec<String>> + Send;
+}
+
+/// Errors that stop the SSH front door.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("Bind SSH listener on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Read host key {path}")]
+    ReadHostKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Parse host key {path}")]
+    ParseHostKey {
+        path: PathBuf,
+        #[source]
+        source: russh::keys::ssh_key::Error,
+    },
+    #[error("Write host key {path}")]
+    WriteHostKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Encode host key")]
+    EncodeHostKey(#[source] russh::keys::ssh_key::Error),
+}

@@ -44,6 +44,7 @@ pub fn images_dir() -> PathBuf {
 
 pub struct Daemon {
     pub data_dir: PathBuf,
+    pub ssh_port: u16,
     _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
     log: PathBuf,
@@ -70,8 +71,13 @@ impl Daemon {
             .parent()
             .unwrap_or(&data_dir)
             .join(format!("daemon-{}.log", std::process::id()));
+        let ssh_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
         let mut d = Daemon {
             data_dir,
+            ssh_port,
             _tmp: tmp,
             child: None,
             log,
@@ -97,6 +103,7 @@ impl Daemon {
                 std::env::var("NOOK_TEST_ACCEL").unwrap_or_else(|_| "tcg".into()),
             )
             .env("NOOK_LOG", "info,nook_daemon=debug")
+            .env("NOOK_SSH_ADDR", format!("127.0.0.1:{}", self.ssh_port))
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -299,4 +306,78 @@ pub fn nft_sources() -> String {
         .output()
         .expect("nft");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An SSH identity for the real OpenSSH client.
+pub struct Key {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Key {
+    pub fn new(name: &str) -> Key {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(name);
+        let ok = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&path)
+            .status()
+            .expect("ssh-keygen");
+        assert!(ok.success());
+        Key { path, _dir: dir }
+    }
+}
+
+impl Daemon {
+    /// The OpenSSH client's common options for this daemon's front door.
+    pub fn ssh_opts(&self, key: &Key) -> Vec<String> {
+        [
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            "-i",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([key.path.display().to_string()])
+        .collect()
+    }
+
+    /// `ssh -p PORT USER@127.0.0.1 ARGS...` with the real client.
+    pub fn ssh(&self, key: &Key, user: &str, args: &[&str]) -> Output {
+        Command::new("ssh")
+            .args(self.ssh_opts(key))
+            .args([
+                "-p",
+                &self.ssh_port.to_string(),
+                &format!("{user}@127.0.0.1"),
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ssh")
+    }
+
+    /// Runs a lobby command and insists on success; returns stdout.
+    pub fn lobby_ok(&self, key: &Key, args: &[&str]) -> String {
+        let out = self.ssh(key, "lobby", args);
+        assert!(
+            out.status.success(),
+            "ssh lobby {args:?} failed ({}):\nstdout: {}\nstderr: {}\n--- daemon log ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }

@@ -1,0 +1,776 @@
+//! The lobby: runs one command line for a caller of the SSH front door (and, later, the HTTP
+//! API), using the grammar in `nook_api::lobby`. Output is text, or JSON with `--json`;
+//! errors go to stderr with a non-zero status, as JSON `{"error": {code, message}}` with
+//! `--json`.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use clap::Parser;
+use nook_api::lobby::{LobbyCommand, LobbyLine, NewArgs, SshKeyCommand};
+use nook_api::{ApiError, CreateVm, ErrorCode, VmInfo, VmState, format_size};
+use nook_proto::{GuestMsg, Stream};
+use nook_store::SshKey;
+use serde_json::json;
+
+use crate::errors;
+use crate::manager::{Manager, Scope, VmStat};
+
+/// Where a command's output goes. The SSH front door implements it over a channel.
+pub trait LobbyOutput: Send + Sync {
+    fn out(&self, bytes: &[u8]);
+    fn err(&self, bytes: &[u8]);
+    fn tty(&self) -> bool;
+}
+
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub account: Option<nook_store::Account>,
+    /// "ssh-ed25519 AAAA…" of the key the caller authenticated with.
+    pub key_openssh: String,
+    pub fingerprint: String,
+}
+
+/// Runs one command; returns the exit status (0 ok, 1 failed, 2 usage).
+pub async fn run(
+    m: &Arc<Manager>,
+    caller: &Caller,
+    argv: Vec<String>,
+    stdin: Option<Vec<u8>>,
+    io: &dyn LobbyOutput,
+) -> u32 {
+    let wants_json = argv.iter().any(|a| a == "--json");
+    let line = match LobbyLine::try_parse_from(&argv) {
+        Ok(line) => line,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let text = e.render().to_string();
+            return match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                | ErrorKind::DisplayVersion => {
+                    io.out(text.as_bytes());
+                    0
+                }
+                _ if wants_json => {
+                    let first = text
+                        .lines()
+                        .next()
+                        .unwrap_or("invalid command")
+                        .trim_start_matches("error: ")
+                        .to_string();
+                    report(io, true, &ApiError::new(ErrorCode::Usage, first));
+                    2
+                }
+                _ => {
+                    io.err(text.as_bytes());
+                    2
+                }
+            };
+        }
+    };
+    let json = line.json;
+    match execute(m, caller, line.command, stdin, io, json).await {
+        Ok(()) => 0,
+        Err(err) => {
+            report(io, json, &err);
+            1
+        }
+    }
+}
+
+fn report(io: &dyn LobbyOutput, json: bool, err: &ApiError) {
+    if json {
+        io.err(format!("{}\n", json!({ "error": err })).as_bytes());
+    } else {
+        io.err(format!("error: {}\n", err.message).as_bytes());
+    }
+}
+
+fn print_json(io: &dyn LobbyOutput, value: &serde_json::Value) {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    io.out(text.as_bytes());
+}
+
+fn println(io: &dyn LobbyOutput, text: &str) {
+    io.out(format!("{text}\n").as_bytes());
+}
+
+fn signed_up<'a>(m: &Manager, caller: &'a Caller) -> Result<&'a nook_store::Account, ApiError> {
+    caller.account.as_ref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotSignedUp,
+            format!(
+                "This SSH key has no nook account yet. Sign up with: {} signup you@example.com",
+                m.config().ssh_command(None)
+            ),
+        )
+    })
+}
+
+async fn execute(
+    m: &Arc<Manager>,
+    caller: &Caller,
+    command: LobbyCommand,
+    stdin: Option<Vec<u8>>,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    if let LobbyCommand::Signup { email } = &command {
+        return signup(m, caller, email, io, json).await;
+    }
+    let account = signed_up(m, caller)?;
+    let scope = Scope::Account(&account.id);
+    match command {
+        LobbyCommand::Signup { .. } => Ok(()),
+        LobbyCommand::Whoami => {
+            let vms = m.list(scope).await?.len();
+            if json {
+                print_json(
+                    io,
+                    &json!({ "id": account.id, "email": account.email, "key": caller.fingerprint, "vms": vms }),
+                );
+            } else {
+                println(
+                    io,
+                    &format!(
+                        "{}\n  account {}\n  key     {}\n  VMs     {vms}",
+                        account.email, account.id, caller.fingerprint
+                    ),
+                );
+            }
+            Ok(())
+        }
+        LobbyCommand::New(args) => new_vm(m, account, args, stdin, io, json).await,
+        LobbyCommand::Ls { pattern, long } => {
+            let vms: Vec<VmInfo> = m
+                .list(scope)
+                .await?
+                .into_iter()
+                .filter(|vm| pattern.as_deref().is_none_or(|p| matches(p, &vm.name)))
+                .collect();
+            if json {
+                print_json(io, &serde_json::to_value(&vms).unwrap_or_default());
+            } else if vms.is_empty() {
+                println(
+                    io,
+                    if pattern.is_some() {
+                        "No VMs match."
+                    } else {
+                        "No VMs yet. Make one with: new"
+                    },
+                );
+            } else if long {
+                println(
+                    io,
+                    &format!(
+                        "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} CREATED",
+                        "NAME", "STATE", "IMAGE", "CPU", "MEMORY", "DISK", "IP"
+                    ),
+                );
+                for vm in vms {
+                    println(
+                        io,
+                        &format!(
+                            "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} {}",
+                            vm.name,
+                            vm.state.as_str(),
+                            vm.image,
+                            vm.cpu,
+                            format_size(u64::from(vm.memory_mib) << 20),
+                            format_size(vm.disk_bytes),
+                            vm.guest_ip.as_deref().unwrap_or("-"),
+                            vm.created_at
+                        ),
+                    );
+                }
+            } else {
+                for vm in vms {
+                    println(io, &format!("{:<24} {}", vm.name, vm.state.as_str()));
+                }
+            }
+            Ok(())
+        }
+        LobbyCommand::Rm { names } => {
+            let mut failed = None;
+            let mut removed = Vec::new();
+            for name in &names {
+                match m.remove(name, scope).await {
+                    Ok(()) => removed.push(name.clone()),
+                    Err(e) => {
+                        report(io, json, &e);
+                        failed = Some(e);
+                    }
+                }
+            }
+            if json {
+                print_json(io, &json!({ "removed": removed }));
+            } else {
+                for name in &removed {
+                    println(io, &format!("Removed {name}"));
+                }
+            }
+            match failed {
+                // Already reported, per name; the status still says something failed.
+                Some(e) => Err(ApiError::new(
+                    e.code,
+                    format!(
+                        "{} of {} VMs could not be removed",
+                        names.len() - removed.len(),
+                        names.len()
+                    ),
+                )),
+                None => Ok(()),
+            }
+        }
+        LobbyCommand::Start { name } => {
+            let vm = m.start(&name, scope, &progress(io, json)).await?;
+            show_vm(m, io, &vm, json);
+            Ok(())
+        }
+        LobbyCommand::Stop { name } => {
+            let vm = m.stop(&name, scope).await?;
+            show_vm(m, io, &vm, json);
+            Ok(())
+        }
+        LobbyCommand::Restart { name } => {
+            let vm = m.restart(&name, scope, &progress(io, json)).await?;
+            show_vm(m, io, &vm, json);
+            Ok(())
+        }
+        LobbyCommand::Rename { old, new } => {
+            let vm = m.rename(&old, &new, scope).await?;
+            show_vm(m, io, &vm, json);
+            Ok(())
+        }
+        LobbyCommand::Resize {
+            name,
+            cpu,
+            memory,
+            disk,
+        } => {
+            if cpu.is_none() && memory.is_none() && disk.is_none() {
+                return Err(ApiError::new(
+                    ErrorCode::Usage,
+                    "Nothing to change: give --cpu, --memory or --disk",
+                ));
+            }
+            let vm = m
+                .resize(&name, scope, cpu, memory.as_deref(), disk.as_deref())
+                .await?;
+            if json {
+                print_json(io, &serde_json::to_value(&vm).unwrap_or_default());
+            } else {
+                let note = if vm.state == VmState::Running && (cpu.is_some() || memory.is_some()) {
+                    " (CPU and memory apply at the next restart)"
+                } else {
+                    ""
+                };
+                println(
+                    io,
+                    &format!(
+                        "{}: {} vCPU, {} RAM, {} disk{note}",
+                        vm.name,
+                        vm.cpu,
+                        format_size(u64::from(vm.memory_mib) << 20),
+                        format_size(vm.disk_bytes)
+                    ),
+                );
+            }
+            Ok(())
+        }
+        LobbyCommand::Stat { name } => {
+            let stat = m.stat(&name, scope).await?;
+            if json {
+                print_json(io, &serde_json::to_value(&stat).unwrap_or_default());
+            } else {
+                println(io, &format_stat(&stat));
+            }
+            Ok(())
+        }
+        LobbyCommand::SshKey(cmd) => ssh_keys(m, account, caller, cmd, io, json).await,
+    }
+}
+
+fn progress(io: &dyn LobbyOutput, json: bool) -> impl Fn(&str) + Send + Sync + '_ {
+    let show = io.tty() && !json;
+    move |step: &str| {
+        if show {
+            io.err(format!("\x1b[2m==> {step}\x1b[0m\r\n").as_bytes());
+        }
+    }
+}
+
+fn show_vm(m: &Manager, io: &dyn LobbyOutput, vm: &VmInfo, json: bool) {
+    if json {
+        let mut v = serde_json::to_value(vm).unwrap_or_default();
+        v["ssh"] = json!(m.config().ssh_command(Some(&vm.name)));
+        v["url"] = json!(format!("https://{}.{}/", vm.name, m.config().domain));
+        print_json(io, &v);
+    } else {
+        println(io, &format!("{} is {}", vm.name, vm.state.as_str()));
+    }
+}
+
+/// `*` matches any run of characters; without one, the pattern is a substring.
+fn matches(pattern: &str, name: &str) -> bool {
+    if !pattern.contains('*') {
+        return name.contains(pattern);
+    }
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let mut rest = name;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(at) => rest = &rest[at + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    rest.is_empty()
+}
+
+fn valid_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && email.len() <= 254
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !domain.contains('@')
+}
+
+async fn signup(
+    m: &Arc<Manager>,
+    caller: &Caller,
+    email: &str,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    if let Some(account) = &caller.account {
+        return Err(ApiError::new(
+            ErrorCode::KeyTaken,
+            format!("This key already belongs to {}", account.email),
+        ));
+    }
+    let email = email.trim().to_ascii_lowercase();
+    if !valid_email(&email) {
+        let shown: String = email.chars().take(80).collect();
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("{shown:?} is not an email address"),
+        ));
+    }
+    let key = parse_public_key(&caller.key_openssh)?;
+    let id = hex::encode(rand::random::<[u8; 8]>());
+    let account = m.store().create_account(&id, &email, &key).await.map_err(|e| match e {
+        nook_store::StoreError::EmailTaken(_) => ApiError::new(
+            ErrorCode::EmailTaken,
+            format!("An account for {email} already exists: from a key of that account, run `ssh-key add` with this key"),
+        ),
+        nook_store::StoreError::KeyTaken => ApiError::new(ErrorCode::KeyTaken, "This key already belongs to an account"),
+        other => errors::from_store("create the account", other),
+    })?;
+    tracing::info!(account = %account.id, "signed up");
+    if json {
+        print_json(
+            io,
+            &json!({ "id": account.id, "email": account.email, "key": key.fingerprint }),
+        );
+    } else {
+        println(
+            io,
+            &format!(
+                "Welcome to nook, {}! Create your first VM with: {} new",
+                account.email,
+                m.config().ssh_command(None)
+            ),
+        );
+    }
+    Ok(())
+}
+
+async fn new_vm(
+    m: &Arc<Manager>,
+    account: &nook_store::Account,
+    args: NewArgs,
+    stdin: Option<Vec<u8>>,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    let mut env_lines = String::new();
+    for pair in &args.env {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("Invalid --env {pair:?}: use KEY=VALUE"),
+            ));
+        };
+        let key_ok = !key.is_empty()
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !key.as_bytes()[0].is_ascii_digit();
+        if !key_ok || value.contains('\n') || value.contains('"') {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "Invalid --env {pair:?}: KEY is letters, digits and _, and VALUE has no quotes or newlines"
+                ),
+            ));
+        }
+        env_lines.push_str(&format!("{key}=\"{value}\"\n"));
+    }
+    let script = match args.setup_script.as_deref() {
+        Some("-") => match stdin {
+            Some(bytes) if !bytes.is_empty() => Some(bytes),
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "--setup-script - reads the script from stdin, but stdin was empty",
+                ));
+            }
+        },
+        Some(text) => Some(text.as_bytes().to_vec()),
+        None => None,
+    };
+    if args.no_wait && (script.is_some() || !env_lines.is_empty()) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "--no-wait cannot be combined with --env or --setup-script",
+        ));
+    }
+    let req = CreateVm {
+        name: args.name,
+        image: args.image,
+        cpu: args.cpu,
+        memory: args.memory,
+        disk: args.disk,
+    };
+    let vm = m
+        .create(req, &account.id, !args.no_wait, &progress(io, json))
+        .await?;
+    let scope = Scope::Account(&account.id);
+    if !env_lines.is_empty() {
+        let mut p = m
+            .run_in(
+                &vm.name,
+                scope,
+                vec!["sh".into(), "-c".into(), "cat >> /etc/environment".into()],
+                Some(env_lines.into_bytes()),
+            )
+            .await?;
+        while let Some(msg) = p.next().await {
+            if matches!(msg, GuestMsg::Exit { .. }) {
+                break;
+            }
+        }
+    }
+    let mut setup_status = None;
+    if let Some(script) = script {
+        if !json {
+            io.err(b"==> running the setup script\r\n");
+        }
+        let mut p = m
+            .run_in(
+                &vm.name,
+                scope,
+                vec!["sh".into(), "-s".into()],
+                Some(script),
+            )
+            .await?;
+        while let Some(msg) = p.next().await {
+            match msg {
+                // The script's output is for the user, but stdout stays clean for --json.
+                GuestMsg::Output {
+                    data,
+                    stream: Stream::Stdout,
+                } if !json => io.out(&data),
+                GuestMsg::Output { data, .. } => io.err(&data),
+                GuestMsg::Exit { code, signal } => {
+                    setup_status = Some(code.unwrap_or(128 + signal.unwrap_or(0)));
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    let ssh = m.config().ssh_command(Some(&vm.name));
+    let url = format!("https://{}.{}/", vm.name, m.config().domain);
+    if json {
+        let mut v = serde_json::to_value(&vm).unwrap_or_default();
+        v["ssh"] = json!(ssh);
+        v["url"] = json!(url);
+        if let Some(status) = setup_status {
+            v["setup_script_status"] = json!(status);
+        }
+        print_json(io, &v);
+    } else {
+        let state = if vm.state == VmState::Running {
+            "is ready"
+        } else {
+            "is being created"
+        };
+        println(
+            io,
+            &format!(
+                "{} {state} ({}, {} vCPU, {} RAM, {} disk)\n  shell: {ssh}\n  web:   {url}",
+                vm.name,
+                vm.image,
+                vm.cpu,
+                format_size(u64::from(vm.memory_mib) << 20),
+                format_size(vm.disk_bytes)
+            ),
+        );
+    }
+    match setup_status {
+        Some(status) if status != 0 => Err(ApiError::new(
+            ErrorCode::GuestError,
+            format!(
+                "The setup script exited with status {status}; the VM '{}' is kept",
+                vm.name
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn format_stat(s: &VmStat) -> String {
+    let kib = |v: Option<u64>| {
+        v.map(|k| format_size(k * 1024))
+            .unwrap_or_else(|| "-".into())
+    };
+    let used = |total: Option<u64>, avail: Option<u64>| match (total, avail) {
+        (Some(t), Some(a)) => format!(
+            "{} used of {}",
+            format_size(t.saturating_sub(a) * 1024),
+            format_size(t * 1024)
+        ),
+        _ => "-".into(),
+    };
+    let uptime = s
+        .uptime_secs
+        .map(|u| humanize_secs(u as u64))
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "{} ({}, {})\n  cpu      {} vCPU, load {}\n  memory   {} (plan {})\n  disk     {} (plan {}; {} on the host)\n  network  rx {} tx {}\n  uptime   {uptime}\n  procs    {}",
+        s.vm.name,
+        s.vm.state.as_str(),
+        s.vm.image,
+        s.vm.cpu,
+        s.load_avg_1m.map(|l| format!("{l:.2}")).unwrap_or_else(|| "-".into()),
+        used(s.mem_total_kib, s.mem_available_kib),
+        format_size(u64::from(s.vm.memory_mib) << 20),
+        used(s.disk_total_kib, s.disk_available_kib),
+        format_size(s.vm.disk_bytes),
+        format_size(s.disk_host_bytes),
+        s.net_rx_bytes.map(format_size).unwrap_or_else(|| "-".into()),
+        s.net_tx_bytes.map(format_size).unwrap_or_else(|| "-".into()),
+        s.processes.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+    )
+    .replace(&kib(None), "-")
+}
+
+fn humanize_secs(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m {}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// Parses `TYPE BASE64 [COMMENT]` and computes its OpenSSH SHA256 fingerprint.
+pub fn parse_public_key(line: &str) -> Result<SshKey, ApiError> {
+    let bad = || {
+        ApiError::new(
+            ErrorCode::InvalidArgument,
+            "Not an SSH public key: give the whole line, like 'ssh-ed25519 AAAA... you@laptop'",
+        )
+    };
+    let mut parts = line.split_whitespace();
+    let (kind, data) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?);
+    let comment: String = parts
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(200)
+        .collect();
+    const KINDS: &[&str] = &[
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    if !KINDS.contains(&kind) {
+        return Err(bad());
+    }
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|_| bad())?;
+    // The blob starts with its own type as an SSH string; it must agree with the prefix.
+    let len = blob
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(bad)?;
+    if blob.get(4..4 + len) != Some(kind.as_bytes()) {
+        return Err(bad());
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(&blob);
+    let fingerprint = format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    );
+    Ok(SshKey {
+        fingerprint,
+        public_key: format!("{kind} {data}"),
+        comment,
+    })
+}
+
+async fn ssh_keys(
+    m: &Arc<Manager>,
+    account: &nook_store::Account,
+    caller: &Caller,
+    cmd: SshKeyCommand,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    let store = m.store();
+    match cmd {
+        SshKeyCommand::List => {
+            let keys = store
+                .keys(&account.id)
+                .await
+                .map_err(|e| errors::from_store("list keys", e))?;
+            if json {
+                let keys: Vec<_> = keys
+                    .iter()
+                    .map(|k| json!({ "fingerprint": k.fingerprint, "key": k.public_key, "comment": k.comment, "current": k.fingerprint == caller.fingerprint }))
+                    .collect();
+                print_json(io, &json!(keys));
+            } else {
+                for k in keys {
+                    let current = if k.fingerprint == caller.fingerprint {
+                        " (this session)"
+                    } else {
+                        ""
+                    };
+                    println(io, &format!("{} {}{current}", k.fingerprint, k.comment));
+                }
+            }
+            Ok(())
+        }
+        SshKeyCommand::Add { key } => {
+            let key = parse_public_key(&key.join(" "))?;
+            store
+                .add_key(&account.id, &key)
+                .await
+                .map_err(|e| match e {
+                    nook_store::StoreError::KeyTaken => ApiError::new(
+                        ErrorCode::KeyTaken,
+                        "That key already belongs to an account",
+                    ),
+                    other => errors::from_store("add the key", other),
+                })?;
+            if json {
+                print_json(io, &json!({ "added": key.fingerprint }));
+            } else {
+                println(io, &format!("Added {}", key.fingerprint));
+            }
+            Ok(())
+        }
+        SshKeyCommand::Remove { fingerprint } => {
+            store
+                .remove_key(&account.id, &fingerprint)
+                .await
+                .map_err(|e| match e {
+                    nook_store::StoreError::KeyNotFound => ApiError::new(
+                        ErrorCode::KeyNotFound,
+                        format!("Your account has no key {fingerprint}: see ssh-key list"),
+                    ),
+                    nook_store::StoreError::LastKey => ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        "That is your account's last key: add another first",
+                    ),
+                    other => errors::from_store("remove the key", other),
+                })?;
+            if json {
+                print_json(io, &json!({ "removed": fingerprint }));
+            } else {
+                println(io, &format!("Removed {fingerprint}"));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_globs_and_substrings() {
+        assert!(matches("blog", "my-blog-2"));
+        assert!(matches("b*", "blog"));
+        assert!(matches("*-2", "my-blog-2"));
+        assert!(matches("m*b*2", "my-blog-2"));
+        assert!(!matches("b*", "abc"));
+        assert!(!matches("x", "blog"));
+    }
+
+    #[test]
+    fn public_keys_are_checked_and_fingerprinted_like_openssh() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("k");
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "me@laptop", "-f"])
+            .arg(&path)
+            .status()
+            .expect("ssh-keygen (openssh-client) is needed for this test");
+        assert!(made.success());
+        let line = std::fs::read_to_string(path.with_extension("pub")).expect("pub");
+        let printed = std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(path.with_extension("pub"))
+            .output()
+            .expect("ssh-keygen -l");
+        let expected = String::from_utf8_lossy(&printed.stdout)
+            .split_whitespace()
+            .nth(1)
+            .expect("fingerprint")
+            .to_string();
+        let key = parse_public_key(&line).expect("valid");
+        assert_eq!(key.fingerprint, expected);
+        assert_eq!(key.comment, "me@laptop");
+        let data = line.split_whitespace().nth(1).expect("data");
+        assert!(
+            parse_public_key(&format!("ssh-rsa {data}")).is_err(),
+            "type must match the blob"
+        );
+        assert!(parse_public_key("hello").is_err());
+        assert!(parse_public_key("ssh-ed25519 !!!").is_err());
+    }
+
+    #[test]
+    fn emails_are_sanity_checked() {
+        assert!(valid_email("a@example.com"));
+        assert!(!valid_email("a@b"));
+        assert!(!valid_email("@example.com"));
+        assert!(!valid_email("a b@example.com"));
+        assert!(!valid_email("a@@example.com"));
+    }
+}
