@@ -126,10 +126,10 @@ async fn main() -> anyhow_free::Result {
             &paths.disk(),
             image.rootfs_virtual_bytes,
         )?;
-        let mut cmdline = "console=ttyS0 root=/dev/vda rw nook.hostname=raw".to_string();
-        if let Some(khz) = nook_vmm::tsc_khz() {
-            cmdline.push_str(&format!(" tsc_early_khz={khz} nook.init={}", image.init));
-        }
+        let cmdline = format!(
+            "console=ttyS0 root=/dev/vda rw nook.hostname=raw nook.init={}",
+            image.init
+        );
         let spec = LaunchSpec {
             id: format!("raw{i}"),
             paths: paths.clone(),
@@ -151,7 +151,7 @@ async fn main() -> anyhow_free::Result {
             .position(|a| a == "-pidfile")
             .unwrap_or(args.len());
         args.truncate(cut);
-        // A raw boot that hangs silently (a known TCG/microvm hazard) is retried and counted,
+        // A raw boot that hangs silently (a known TCG hazard) is retried and counted,
         // exactly as nook's boot watchdog does.
         let (elapsed, mut child) = loop {
             let _ = std::fs::remove_file(paths.agent_socket());

@@ -144,7 +144,8 @@ mod tests {
         w.file("a", 0o644, b"xyz").unwrap();
         let out = w.finish_aligned(4096).unwrap();
         assert_eq!(out.len() % 4096, 0);
-        assert!(out[200..].iter().all(|&b| b == 0));
+        assert_eq!(&out[116..122], b"070701"); // trailer right after the entry
+        assert!(out[240..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -13,6 +13,6 @@ pub mod qmp;
 
 pub use agent::{AgentClient, Process};
 pub use error::VmmError;
-pub use probe::{Accel, probe_accel, tsc_khz};
+pub use probe::{Accel, probe_accel};
 pub use qemu::{Hypervisor, LaunchSpec, NetBackend, Qemu, VmPaths};
 pub use qmp::Qmp;

@@ -31,14 +31,11 @@ pub async fn probe_accel(qemu: &Path, kernel: &Path, scratch: &Path) -> Accel {
     }
     let console = scratch.join("kvm-probe.log");
     let _ = std::fs::remove_file(&console);
-    let mut append = String::from("console=ttyS0 panic=-1 root=/dev/nook-probe-none");
-    if let Some(khz) = tsc_khz() {
-        append.push_str(&format!(" tsc_early_khz={khz}"));
-    }
+    let append = String::from("console=ttyS0 panic=-1 root=/dev/nook-probe-none");
     let child = tokio::process::Command::new(qemu)
         .args([
             "-M",
-            "microvm",
+            "pc",
             "-accel",
             "kvm",
             "-cpu",
@@ -68,31 +65,5 @@ pub async fn probe_accel(qemu: &Path, kernel: &Path, scratch: &Path) -> Accel {
     match finished {
         Ok(Ok(_)) if log.contains("Kernel panic") => Accel::Kvm,
         _ => Accel::Tcg,
-    }
-}
-
-/// The host TSC frequency in kHz, for `tsc_early_khz=`: without it a microvm guest under TCG
-/// sometimes hangs calibrating against a PIT it does not have.
-pub fn tsc_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0) as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tsc_frequency_is_read_from_cpuinfo() {
-        let khz = tsc_khz().expect("cpu MHz in /proc/cpuinfo");
-        assert!(khz > 100_000, "{khz} kHz is implausible");
     }
 }

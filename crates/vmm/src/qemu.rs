@@ -104,7 +104,7 @@ impl Qemu {
             "-name".into(),
             format!("nook-{}", spec.id),
             "-M".into(),
-            "microvm".into(),
+            "pc".into(),
             "-accel".into(),
             spec.accel.qemu_arg().into(),
         ];
@@ -132,7 +132,7 @@ impl Qemu {
                 s(p.disk())
             ),
             "-device".into(),
-            "virtio-blk-device,drive=root".into(),
+            "virtio-blk-pci,drive=root".into(),
         ]);
         let (netdev, mac) = match &spec.net {
             NetBackend::Tap { ifname, mac } => (
@@ -145,9 +145,9 @@ impl Qemu {
             "-netdev".into(),
             netdev,
             "-device".into(),
-            format!("virtio-net-device,netdev=net0,mac={mac}"),
+            format!("virtio-net-pci,netdev=net0,mac={mac}"),
             "-device".into(),
-            "virtio-serial-device".into(),
+            "virtio-serial-pci".into(),
             "-chardev".into(),
             format!(
                 "socket,id=agent,path={},server=on,wait=off",
@@ -159,7 +159,7 @@ impl Qemu {
                 nook_proto::PORT_NAME
             ),
             "-device".into(),
-            "virtio-rng-device".into(),
+            "virtio-rng-pci".into(),
             "-chardev".into(),
             format!("file,id=console,path={}", s(p.console_log())),
             "-serial".into(),
@@ -255,7 +255,7 @@ mod tests {
         let line = Qemu::args(&spec).join(" ");
         for part in [
             "-name nook-abc123",
-            "-M microvm",
+            "-M pc",
             "-accel tcg",
             "-smp 2 -m 256M",
             "file=/d/vms/abc123/disk.qcow2,format=qcow2",
