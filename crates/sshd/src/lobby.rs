@@ -349,10 +349,15 @@ async fn repl<B: Backend>(
     input: &mut Input,
 ) -> Option<u32> {
     let mut ed = LineEditor::new(term.width.load(Ordering::Relaxed));
-    let welcome = format!(
+    let mut welcome = format!(
         "Welcome to nook on {}. Type `help` for commands, TAB to complete, `exit` to leave.\r\n",
         ctx.state.banner_host
     );
+    if ctx.caller().await.account.is_none() {
+        welcome.push_str(
+            "This SSH key has no account yet: type `signup you@example.com` to make one.\r\n",
+        );
+    }
     if !write_raw(w, welcome.into_bytes()).await {
         return None;
     }
