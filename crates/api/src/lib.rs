@@ -207,6 +207,7 @@ error_codes! {
     KeyTaken = "key_taken", 409;
     KeyNotFound = "key_not_found", 404;
     Usage = "usage", 400;
+    OverEnvelope = "over_envelope", 409;
     Internal = "internal", 500;
 }
 

@@ -58,8 +58,8 @@ pub enum LobbyCommand {
         #[arg(long)]
         disk: Option<String>,
     },
-    /// A VM's CPU, memory, disk, network and uptime
-    Stat { name: String },
+    /// A VM's CPU, memory, disk, network and uptime; without a name, your whole envelope
+    Stat { name: Option<String> },
     /// Manage the SSH keys of your account
     #[command(subcommand, name = "ssh-key")]
     SshKey(SshKeyCommand),

@@ -25,6 +25,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/stop", post(stop))
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/accounts/{email}/plan", get(get_plan).put(set_plan))
         .with_state(manager)
 }
 
@@ -188,4 +189,85 @@ async fn exec(
         }
     });
     Ok(ndjson(rx))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanChange {
+    cpu: Option<f64>,
+    memory: Option<String>,
+    disk: Option<String>,
+    max_vms: Option<u32>,
+}
+
+async fn account(m: &Manager, email: &str) -> Result<nook_store::Account, Failure> {
+    m.store()
+        .account_by_email(&email.to_ascii_lowercase())
+        .await
+        .map_err(|e| Failure(crate::errors::from_store("look up the account", e)))?
+        .ok_or_else(|| {
+            Failure(ApiError::new(
+                ErrorCode::NotFound,
+                format!("No account for {email}"),
+            ))
+        })
+}
+
+fn plan_json(email: &str, plan: &nook_store::Plan) -> serde_json::Value {
+    serde_json::json!({
+        "email": email,
+        "cpu": plan.cpu,
+        "memory_mib": plan.memory_mib,
+        "disk_bytes": plan.disk_bytes,
+        "max_vms": plan.max_vms,
+    })
+}
+
+async fn get_plan(
+    State(m): State<Arc<Manager>>,
+    Path(email): Path<String>,
+) -> Reply<impl IntoResponse> {
+    let account = account(&m, &email).await?;
+    let plan = m.plan_for(&account.id).await?;
+    Ok(axum::Json(plan_json(&account.email, &plan)))
+}
+
+/// Changes only the fields given; the rest keep their current (or default) values.
+async fn set_plan(
+    State(m): State<Arc<Manager>>,
+    Path(email): Path<String>,
+    body: Bytes,
+) -> Reply<impl IntoResponse> {
+    let change: PlanChange = parse_json(&body)?;
+    let account = account(&m, &email).await?;
+    let mut plan = m.plan_for(&account.id).await?;
+    let invalid = |msg: String| Failure(ApiError::new(ErrorCode::InvalidArgument, msg));
+    if let Some(cpu) = change.cpu {
+        if !(0.1..=1024.0).contains(&cpu) {
+            return Err(invalid(format!("Invalid --cpu {cpu}: use 0.1 to 1024")));
+        }
+        plan.cpu = cpu;
+    }
+    if let Some(memory) = change.memory {
+        plan.memory_mib = (nook_api::parse_size(&memory)? >> 20) as u32;
+        if plan.memory_mib < 128 {
+            return Err(invalid("Invalid --memory: at least 128M".into()));
+        }
+    }
+    if let Some(disk) = change.disk {
+        plan.disk_bytes = nook_api::parse_size(&disk)?;
+    }
+    if let Some(max) = change.max_vms {
+        if max == 0 {
+            return Err(invalid("Invalid --max-vms 0: at least 1".into()));
+        }
+        plan.max_vms = max;
+    }
+    m.store()
+        .set_plan(&account.id, &plan)
+        .await
+        .map_err(|e| Failure(crate::errors::from_store("set the plan", e)))?;
+    m.apply_plan(&account.id).await;
+    tracing::info!(account = %account.id, ?plan, "plan set");
+    Ok(axum::Json(plan_json(&account.email, &plan)))
 }

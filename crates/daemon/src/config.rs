@@ -33,6 +33,14 @@ pub struct Settings {
     pub public_host: Option<String>,
     /// The domain VMs are served under: `https://VM.DOMAIN/`.
     pub domain: Option<String>,
+    /// The envelope new accounts get: vCPUs, memory, total disk, number of VMs.
+    pub plan_cpu: Option<f64>,
+    pub plan_memory: Option<String>,
+    pub plan_disk: Option<String>,
+    pub plan_max_vms: Option<u32>,
+    /// How far the nominal memory of an account's running VMs may exceed its envelope,
+    /// relying on idle VMs giving memory back.
+    pub memory_overcommit: Option<f64>,
 }
 
 impl Settings {
@@ -51,6 +59,11 @@ impl Settings {
             ssh_addr: other.ssh_addr.or(self.ssh_addr),
             public_host: other.public_host.or(self.public_host),
             domain: other.domain.or(self.domain),
+            plan_cpu: other.plan_cpu.or(self.plan_cpu),
+            plan_memory: other.plan_memory.or(self.plan_memory),
+            plan_disk: other.plan_disk.or(self.plan_disk),
+            plan_max_vms: other.plan_max_vms.or(self.plan_max_vms),
+            memory_overcommit: other.memory_overcommit.or(self.memory_overcommit),
         }
     }
 
@@ -90,6 +103,8 @@ pub struct Config {
     pub ssh_addr: Option<std::net::SocketAddr>,
     pub public_host: String,
     pub domain: String,
+    pub default_plan: nook_store::Plan,
+    pub memory_overcommit: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +204,39 @@ impl Config {
                 format!("{domain:?} is not a domain name"),
             ));
         }
+        let size =
+            |name: &'static str, v: Option<String>, default: u64| -> Result<u64, ConfigError> {
+                match v {
+                    Some(text) => nook_api::parse_size(&text)
+                        .map_err(|e| ConfigError::Invalid(name, e.message)),
+                    None => Ok(default),
+                }
+            };
+        let default_plan = nook_store::Plan {
+            cpu: s.plan_cpu.unwrap_or(2.0),
+            memory_mib: (size("plan_memory", s.plan_memory, 8 << 30)? >> 20) as u32,
+            disk_bytes: size("plan_disk", s.plan_disk, 100 << 30)?,
+            max_vms: s.plan_max_vms.unwrap_or(50),
+        };
+        if !(0.1..=1024.0).contains(&default_plan.cpu)
+            || default_plan.memory_mib < 128
+            || default_plan.max_vms == 0
+        {
+            return Err(ConfigError::Invalid(
+                "plan_*",
+                "the default plan needs at least 0.1 CPU, 128M and one VM".into(),
+            ));
+        }
+        let memory_overcommit = s.memory_overcommit.unwrap_or(4.0);
+        if !(1.0..=100.0).contains(&memory_overcommit) {
+            return Err(ConfigError::Invalid(
+                "memory_overcommit",
+                format!("{memory_overcommit}: use 1 to 100"),
+            ));
+        }
         Ok(Config {
+            default_plan,
+            memory_overcommit,
             ssh_addr,
             public_host: s.public_host.unwrap_or_else(|| "localhost".into()),
             domain,

@@ -40,7 +40,9 @@ pub fn from_store(context: &str, err: StoreError) -> ApiError {
 
 pub fn from_storage(context: &str, err: StorageError) -> ApiError {
     match err {
-        StorageError::NotBuilt(_) => ApiError::new(ErrorCode::ImageNotBuilt, err.to_string()),
+        StorageError::NotBuilt(_) | StorageError::Outdated(_) => {
+            ApiError::new(ErrorCode::ImageNotBuilt, err.to_string())
+        }
         StorageError::UnknownKind(_) => ApiError::new(ErrorCode::UnknownImage, err.to_string()),
         StorageError::NoSpace { .. } => no_space("the data dir"),
         StorageError::DiskTooSmall { .. } => {

@@ -125,20 +125,18 @@ async fn execute(
     match command {
         LobbyCommand::Signup { .. } => Ok(()),
         LobbyCommand::Whoami => {
-            let vms = m.list(scope).await?.len();
+            let env = envelope(m, &account.id).await?;
             if json {
                 print_json(
                     io,
-                    &json!({ "id": account.id, "email": account.email, "key": caller.fingerprint, "vms": vms }),
+                    &json!({ "id": account.id, "email": account.email, "key": caller.fingerprint, "envelope": env }),
                 );
             } else {
-                println(
-                    io,
-                    &format!(
-                        "{}\n  account {}\n  key     {}\n  VMs     {vms}",
-                        account.email, account.id, caller.fingerprint
-                    ),
+                let head = format!(
+                    "{}\n  account  {}\n  key      {}",
+                    account.email, account.id, caller.fingerprint
                 );
+                println(io, &format!("{head}\n{}", format_envelope(&env)));
             }
             Ok(())
         }
@@ -280,7 +278,16 @@ async fn execute(
             }
             Ok(())
         }
-        LobbyCommand::Stat { name } => {
+        LobbyCommand::Stat { name: None } => {
+            let env = envelope(m, &account.id).await?;
+            if json {
+                print_json(io, &env);
+            } else {
+                println(io, &format_envelope(&env));
+            }
+            Ok(())
+        }
+        LobbyCommand::Stat { name: Some(name) } => {
             let stat = m.stat(&name, scope).await?;
             if json {
                 print_json(io, &serde_json::to_value(&stat).unwrap_or_default());
@@ -542,6 +549,47 @@ async fn new_vm(
         )),
         _ => Ok(()),
     }
+}
+
+/// The account's plan against what its VMs use.
+async fn envelope(m: &Arc<Manager>, account_id: &str) -> Result<serde_json::Value, ApiError> {
+    let plan = m.plan_for(account_id).await?;
+    let vms = m.list(Scope::Account(account_id)).await?;
+    let running: Vec<&VmInfo> = vms
+        .iter()
+        .filter(|vm| vm.state == VmState::Running)
+        .collect();
+    let usage = m.account_usage(account_id);
+    Ok(json!({
+        "plan": { "cpu": plan.cpu, "memory_mib": plan.memory_mib, "disk_bytes": plan.disk_bytes, "max_vms": plan.max_vms },
+        "vms": vms.len(),
+        "running": running.len(),
+        "running_memory_mib": running.iter().map(|vm| u64::from(vm.memory_mib)).sum::<u64>(),
+        "disk_bytes": vms.iter().map(|vm| vm.disk_bytes).sum::<u64>(),
+        "memory_used_bytes": usage.map(|u| u.memory_bytes),
+        "cpu_used_ns": usage.map(|u| u.cpu_usage_ns),
+    }))
+}
+
+fn format_envelope(env: &serde_json::Value) -> String {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let plan = &env["plan"];
+    let real = match env["memory_used_bytes"].as_u64() {
+        Some(bytes) => format!(", {} really in use", format_size(bytes)),
+        None => String::new(),
+    };
+    format!(
+        "  envelope {} vCPU, {} memory, {} disk, up to {} VMs\n  VMs      {} ({} running)\n  memory   {} nominal in running VMs{real}\n  disk     {} of {}",
+        plan["cpu"],
+        format_size(n(&plan["memory_mib"]) << 20),
+        format_size(n(&plan["disk_bytes"])),
+        n(&plan["max_vms"]),
+        n(&env["vms"]),
+        n(&env["running"]),
+        format_size(n(&env["running_memory_mib"]) << 20),
+        format_size(n(&env["disk_bytes"])),
+        format_size(n(&plan["disk_bytes"])),
+    )
 }
 
 fn format_stat(s: &VmStat) -> String {

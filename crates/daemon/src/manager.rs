@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nook_api::{ApiError, CreateVm, ErrorCode, VmInfo, VmState};
+use nook_api::{ApiError, CreateVm, ErrorCode, VmInfo, VmState, format_size};
 use nook_net::{HostNet, NetMode, VmLink};
 use nook_proto::{BootConfig, SpawnRequest};
 use nook_storage::{Image, ImageKind, ImageStore};
@@ -92,6 +92,7 @@ struct Live {
 
 pub struct Manager {
     cfg: Config,
+    cgroups: Option<Arc<nook_cgroup::Cgroups>>,
     store: Store,
     images: ImageStore,
     net: Net,
@@ -148,7 +149,18 @@ impl Manager {
         };
         tracing::info!(net = ?mode, data_dir = %cfg.data_dir.display(), "manager ready");
         let images = ImageStore::new(cfg.images_dir.clone());
+        let cgroups = match nook_cgroup::Cgroups::probe() {
+            Ok(cg) => {
+                tracing::info!(flavor = ?cg.flavor(), "cgroups in use: accounts' VMs are held to their envelopes");
+                Some(Arc::new(cg))
+            }
+            Err(err) => {
+                tracing::warn!(%err, "no usable cgroups: VMs run without envelope limits");
+                None
+            }
+        };
         Ok(Arc::new(Manager {
+            cgroups,
             cfg,
             store,
             images,
@@ -311,6 +323,11 @@ impl Manager {
             ));
         }
 
+        // Admission and insertion happen under the account's lock, so two concurrent
+        // creates cannot both squeeze into the last bit of an envelope.
+        let account_lock = self.op_lock(&format!("account:{owner}"));
+        let _account_guard = account_lock.lock().await;
+        self.admit(owner, None, cpu, memory_mib, disk_bytes).await?;
         let id = hex::encode(rand::random::<[u8; 6]>());
         let mut attempt = 0;
         let record = loop {
@@ -497,6 +514,11 @@ impl Manager {
             .set_state(&vm.id, VmState::Starting, None, Some(pid))
             .await
             .map_err(|e| errors::from_store("record the VM's process", e))?;
+        self.confine(vm, pid).await?;
+        self.store
+            .set_state(&vm.id, VmState::Starting, None, Some(pid))
+            .await
+            .map_err(|e| errors::from_store("record the VM's process", e))?;
         let qmp = Qmp::connect(&paths.qmp_socket())
             .await
             .map_err(|e| errors::from_vmm("connect to QMP", e))?;
@@ -565,7 +587,13 @@ impl Manager {
                 },
             );
         }
-        let (this, id, name, slot) = (self.clone(), vm.id.clone(), vm.name.clone(), vm.slot);
+        let (this, id, name, slot, owner) = (
+            self.clone(),
+            vm.id.clone(),
+            vm.name.clone(),
+            vm.slot,
+            vm.owner.clone(),
+        );
         tokio::spawn(async move {
             qmp.closed().await;
             if intended_exit.load(Ordering::SeqCst) {
@@ -589,7 +617,7 @@ impl Manager {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            this.release_runtime(&id, slot).await;
+            this.release_runtime(&id, slot, &owner).await;
             let _ = this
                 .store
                 .set_state(&id, reason.0, Some(&reason.1), None)
@@ -598,7 +626,71 @@ impl Manager {
     }
 
     /// Removes the tap and runtime sockets of a VM whose QEMU is gone. Idempotent.
-    async fn release_runtime(&self, id: &str, slot: u32) {
+    /// Puts a VM's QEMU into its account's cgroup, so the account's envelope bounds it.
+    /// Admin VMs, and hosts without usable cgroups, run unconfined (logged at start).
+    async fn confine(&self, vm: &VmRecord, pid: u32) -> Result<(), ApiError> {
+        let Some(cg) = &self.cgroups else {
+            return Ok(());
+        };
+        if vm.owner == ADMIN_OWNER {
+            return Ok(());
+        }
+        let plan = self.plan_for(&vm.owner).await?;
+        let limits = nook_cgroup::AccountLimits {
+            cpus: plan.cpu,
+            memory_bytes: u64::from(plan.memory_mib) << 20,
+        };
+        let (cg, owner, id) = (cg.clone(), vm.owner.clone(), vm.id.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            cg.set_account(&owner, limits)?;
+            cg.set_vm(
+                &owner,
+                &id,
+                nook_cgroup::VmKnobs {
+                    cpu_weight: 100,
+                    memory_high: None,
+                },
+            )?;
+            cg.attach(&owner, &id, pid)
+        })
+        .await;
+        map_join(done, "confine the VM")?
+            .map_err(|e| errors::internal("confine the VM to its account's envelope", &e))
+    }
+
+    /// Re-applies an account's plan to its cgroup after the plan changed.
+    pub async fn apply_plan(&self, account_id: &str) {
+        let Some(cg) = &self.cgroups else { return };
+        let Ok(plan) = self.plan_for(account_id).await else {
+            return;
+        };
+        let limits = nook_cgroup::AccountLimits {
+            cpus: plan.cpu,
+            memory_bytes: u64::from(plan.memory_mib) << 20,
+        };
+        let (cg, id) = (cg.clone(), account_id.to_string());
+        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || cg.set_account(&id, limits)).await
+        {
+            tracing::warn!(%err, account = account_id, "could not apply the plan to the cgroup");
+        }
+    }
+
+    /// CPU time and real memory of an account's running VMs, when cgroups are in use.
+    pub fn account_usage(&self, account_id: &str) -> Option<nook_cgroup::Usage> {
+        self.cgroups.as_ref()?.account_usage(account_id).ok()
+    }
+
+    async fn release_runtime(&self, id: &str, slot: u32, owner: &str) {
+        if let Some(cg) = &self.cgroups
+            && owner != ADMIN_OWNER
+        {
+            let (cg, owner, vm) = (cg.clone(), owner.to_string(), id.to_string());
+            if let Ok(Err(err)) =
+                tokio::task::spawn_blocking(move || cg.remove_vm(&owner, &vm)).await
+            {
+                tracing::warn!(%err, "removing a VM's cgroup failed");
+            }
+        }
         if let (Net::Tap(host), Ok(link)) = (&self.net, VmLink::for_slot(slot)) {
             let host = host.clone();
             let removed = tokio::task::spawn_blocking(move || host.remove_vm(&link)).await;
@@ -649,7 +741,7 @@ impl Manager {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        self.release_runtime(&vm.id, vm.slot).await;
+        self.release_runtime(&vm.id, vm.slot, &vm.owner).await;
     }
 
     /// Removes every trace of a VM: process, tap, files, row. Safe to call on anything half-made.
@@ -686,6 +778,8 @@ impl Manager {
                 format!("VM '{}' is already {}", vm.name, vm.state.as_str()),
             ));
         }
+        self.admit(&vm.owner, Some(&vm.id), vm.cpu, vm.memory_mib, 0)
+            .await?;
         let image = self.image_of(&vm)?;
         if let Err(err) = self.boot(&vm, &image, progress).await {
             self.halt(&vm, false).await;
@@ -1138,6 +1232,102 @@ impl Manager {
         Ok(process)
     }
 
+    /// The envelope of an account: its own plan, or the configured default.
+    pub async fn plan_for(&self, account_id: &str) -> Result<nook_store::Plan, ApiError> {
+        Ok(self
+            .store
+            .plan(account_id)
+            .await
+            .map_err(|e| errors::from_store("read the plan", e))?
+            .unwrap_or(self.cfg.default_plan))
+    }
+
+    /// Refuses to create (`existing` = None) or start (`existing` = the VM) a VM that would
+    /// push `owner` past its envelope. Each message says what to stop, remove or resize.
+    /// VMs made through the admin socket belong to no plan.
+    async fn admit(
+        &self,
+        owner: &str,
+        existing: Option<&str>,
+        cpu: u32,
+        memory_mib: u32,
+        disk_bytes: u64,
+    ) -> Result<(), ApiError> {
+        if owner == ADMIN_OWNER {
+            return Ok(());
+        }
+        let plan = self.plan_for(owner).await?;
+        let size = |mib: u64| format_size(mib << 20);
+        let refuse = |msg: String| Err(ApiError::new(ErrorCode::OverEnvelope, msg));
+        if f64::from(cpu) > plan.cpu.ceil() {
+            return refuse(format!(
+                "A VM with {cpu} vCPUs does not fit your envelope of {} vCPUs: ask for fewer with --cpu",
+                plan.cpu
+            ));
+        }
+        if memory_mib > plan.memory_mib {
+            return refuse(format!(
+                "A VM with {} of memory does not fit your envelope of {}: ask for less with --memory",
+                size(memory_mib.into()),
+                size(plan.memory_mib.into())
+            ));
+        }
+        let vms: Vec<VmRecord> = self
+            .store
+            .list()
+            .await
+            .map_err(|e| errors::from_store("list VMs", e))?
+            .into_iter()
+            .filter(|vm| vm.owner == owner && Some(vm.id.as_str()) != existing)
+            .collect();
+        if existing.is_none() {
+            if vms.len() as u32 >= plan.max_vms {
+                return refuse(format!(
+                    "Your envelope allows {} VMs and you have {}: remove one with `rm NAME`",
+                    plan.max_vms,
+                    vms.len()
+                ));
+            }
+            let disk_used: u64 = vms.iter().map(|vm| vm.disk_bytes).sum();
+            if disk_used + disk_bytes > plan.disk_bytes {
+                return refuse(format!(
+                    "A {} disk would bring your VMs' disks to {}, over your envelope's {}: remove a VM or ask for a smaller --disk",
+                    format_size(disk_bytes),
+                    format_size(disk_used + disk_bytes),
+                    format_size(plan.disk_bytes)
+                ));
+            }
+        }
+        let mut running: Vec<&VmRecord> = vms
+            .iter()
+            .filter(|vm| {
+                matches!(
+                    vm.state,
+                    VmState::Running | VmState::Starting | VmState::Creating
+                )
+            })
+            .collect();
+        let running_mib: u64 = running.iter().map(|vm| u64::from(vm.memory_mib)).sum();
+        let limit_mib = (f64::from(plan.memory_mib) * self.cfg.memory_overcommit) as u64;
+        if running_mib + u64::from(memory_mib) > limit_mib {
+            running.sort_by_key(|vm| std::cmp::Reverse(vm.memory_mib));
+            let biggest: Vec<String> = running
+                .iter()
+                .take(3)
+                .map(|vm| format!("{} ({})", vm.name, size(vm.memory_mib.into())))
+                .collect();
+            return refuse(format!(
+                "Running another {} would bring your running VMs to {}, over the {} your {} envelope allows: stop one ({}) or resize it",
+                size(memory_mib.into()),
+                size(running_mib + u64::from(memory_mib)),
+                size(limit_mib),
+                size(plan.memory_mib.into()),
+                biggest.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
     /// Settles every VM after a daemon start: re-adopts live QEMUs, finishes or undoes
     /// operations a crash interrupted, and removes leftovers no row owns.
     pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
@@ -1163,6 +1353,9 @@ impl Manager {
                     match Qmp::connect(&paths.qmp_socket()).await {
                         Ok(qmp) => {
                             tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
+                            if let Err(err) = self.confine(vm, pid).await {
+                                tracing::warn!(vm = %vm.name, error = %err.message, "could not confine a re-adopted VM");
+                            }
                             let agent = AgentClient::connect(&paths.agent_socket()).await.ok();
                             self.adopt(vm, qmp, agent);
                             let _ = self
@@ -1182,7 +1375,7 @@ impl Manager {
                     }
                 }
                 (VmState::Running | VmState::Starting | VmState::Stopping, None) => {
-                    self.release_runtime(&vm.id, vm.slot).await;
+                    self.release_runtime(&vm.id, vm.slot, &vm.owner).await;
                     let (state, reason) = if vm.state == VmState::Stopping {
                         (VmState::Stopped, None)
                     } else {

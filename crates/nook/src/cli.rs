@@ -29,6 +29,30 @@ pub enum Command {
     /// Manage VMs through the running daemon
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Manage accounts' envelopes
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+#[derive(Subcommand)]
+pub enum AccountCommand {
+    /// Set an account's envelope; fields not given keep their values
+    SetPlan {
+        email: String,
+        /// vCPUs, e.g. 2 or 0.5
+        #[arg(long)]
+        cpu: Option<f64>,
+        /// e.g. 8G
+        #[arg(long)]
+        memory: Option<String>,
+        /// total disk of all its VMs, e.g. 100G
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        max_vms: Option<u32>,
+    },
+    /// Show an account's envelope
+    Plan { email: String },
 }
 
 #[derive(Args)]

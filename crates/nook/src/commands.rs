@@ -7,7 +7,7 @@ use hyper::Method;
 use nook_api::{ApiError, ExecEvent, ProgressEvent, VmInfo, format_size};
 use nook_daemon::{Config, Settings};
 
-use crate::cli::{Cli, Command, ImageCommand, ServeArgs, VmCommand};
+use crate::cli::{AccountCommand, Cli, Command, ImageCommand, ServeArgs, VmCommand};
 use crate::client::{Client, Reply, body_bytes, each_line};
 
 pub async fn run(cli: Cli) -> i32 {
@@ -36,6 +36,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Vm(cmd) => {
             let cfg = Config::validate(base)?;
             vm(&Client::new(&cfg.admin_socket()), cmd).await
+        }
+        Command::Account(cmd) => {
+            let cfg = Config::validate(base)?;
+            account(&Client::new(&cfg.admin_socket()), cmd).await
         }
     }
 }
@@ -358,4 +362,48 @@ fn path_segment(name: &str) -> String {
             }
         })
         .collect()
+}
+
+async fn account(client: &Client, cmd: AccountCommand) -> anyhow::Result<i32> {
+    let (method, email, body) = match cmd {
+        AccountCommand::SetPlan {
+            email,
+            cpu,
+            memory,
+            disk,
+            max_vms,
+        } => (
+            Method::PUT,
+            email,
+            Some(
+                serde_json::json!({ "cpu": cpu, "memory": memory, "disk": disk, "max_vms": max_vms }),
+            ),
+        ),
+        AccountCommand::Plan { email } => (Method::GET, email, None),
+    };
+    match client
+        .send(
+            method,
+            &format!("/v1/accounts/{}/plan", path_segment(&email)),
+            body,
+        )
+        .await?
+    {
+        Reply::Ok(resp) => {
+            let plan: serde_json::Value = serde_json::from_slice(&body_bytes(resp).await?)?;
+            println!(
+                "{}: {} vCPU, {} memory, {} disk, up to {} VMs",
+                plan["email"].as_str().unwrap_or(""),
+                plan["cpu"]
+                    .as_f64()
+                    .map(|c| format!("{c}"))
+                    .unwrap_or_default(),
+                format_size(plan["memory_mib"].as_u64().unwrap_or(0) << 20),
+                format_size(plan["disk_bytes"].as_u64().unwrap_or(0)),
+                plan["max_vms"]
+            );
+            Ok(0)
+        }
+        Reply::Err(err) => Ok(fail(err, false)),
+    }
 }

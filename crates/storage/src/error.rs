@@ -10,6 +10,8 @@ use crate::ImageKind;
 pub enum StorageError {
     #[error("Image '{0}' is not built: run 'nook image build {0}'")]
     NotBuilt(ImageKind),
+    #[error("Image '{0}' was built by an older nook: run 'nook image build {0}'")]
+    Outdated(ImageKind),
     #[error("Unknown image '{0}': choose one of tiny, default")]
     UnknownKind(String),
     #[error("Image '{0}' is already being built: wait for that build to finish")]

@@ -34,6 +34,8 @@ pub(crate) const BOOT_MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    "virtio_balloon",
+    "virtio_rng",
 ];
 
 /// Without these the guest cannot mount its root disk, so their absence fails the build.

@@ -99,6 +99,9 @@ pub struct Image {
     pub rootfs_virtual_bytes: u64,
     pub default_memory_mib: u32,
     pub default_disk_bytes: u64,
+    /// The recipe version that built it; older than the current one means it lacks something
+    /// this nook expects (see `RECIPE_VERSION`).
+    pub recipe_version: u32,
 }
 
 /// The image's initrd with a second cpio archive appended holding the agent as `/nook-agent`

@@ -55,7 +55,11 @@ impl ImageStore {
             }
             Err(e) => return Err(io_err("read", &link)(e)),
         };
-        Self::open_at(kind, &dir)
+        let image = Self::open_at(kind, &dir)?;
+        if image.recipe_version < recipe::RECIPE_VERSION {
+            return Err(StorageError::Outdated(kind));
+        }
+        Ok(image)
     }
 
     /// The image of `kind` published in `dir`, current or not: VMs boot the image they were
@@ -76,6 +80,7 @@ impl ImageStore {
                 source,
             })?;
         let image = Image {
+            recipe_version: m.recipe_version,
             kind,
             rootfs: dir.join(ROOTFS_FILE),
             kernel: dir.join(KERNEL_FILE),
@@ -343,7 +348,7 @@ mod tests {
     #[test]
     fn manifest_round_trips() {
         let m = Manifest {
-            recipe_version: 1,
+            recipe_version: recipe::RECIPE_VERSION,
             kind: ImageKind::Tiny,
             kernel_version: "6.1.0-41-amd64".into(),
             built_at: "2026-11-28T14:00:00Z".into(),
@@ -374,7 +379,7 @@ mod tests {
             fs::write(dir.join(f), b"x").unwrap();
         }
         let m = Manifest {
-            recipe_version: 1,
+            recipe_version: recipe::RECIPE_VERSION,
             kind: ImageKind::Tiny,
             kernel_version: "6.1.0-41-amd64".into(),
             built_at: now_rfc3339(),

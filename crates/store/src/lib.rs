@@ -81,6 +81,15 @@ pub struct Account {
     pub created_at: String,
 }
 
+/// An account's compute envelope.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    pub cpu: f64,
+    pub memory_mib: u32,
+    pub disk_bytes: u64,
+    pub max_vms: u32,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SshKey {
     pub fingerprint: String,
@@ -384,6 +393,40 @@ impl Store {
         Ok(())
     }
 
+    /// The account's own plan, if one was set (else the caller applies the default).
+    pub async fn plan(&self, account_id: &str) -> Result<Option<Plan>, StoreError> {
+        let row = sqlx::query("SELECT * FROM plans WHERE account_id = ?")
+            .bind(account_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(Plan {
+                cpu: r.try_get("cpu")?,
+                memory_mib: r.try_get::<i64, _>("memory_mib")? as u32,
+                disk_bytes: r.try_get::<i64, _>("disk_bytes")? as u64,
+                max_vms: r.try_get::<i64, _>("max_vms")? as u32,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn set_plan(&self, account_id: &str, plan: &Plan) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO plans (account_id, cpu, memory_mib, disk_bytes, max_vms, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(account_id) DO UPDATE SET cpu = excluded.cpu, memory_mib = excluded.memory_mib, \
+             disk_bytes = excluded.disk_bytes, max_vms = excluded.max_vms, updated_at = excluded.updated_at",
+        )
+        .bind(account_id)
+        .bind(plan.cpu)
+        .bind(plan.memory_mib as i64)
+        .bind(plan.disk_bytes as i64)
+        .bind(plan.max_vms as i64)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -538,5 +581,21 @@ mod tests {
             Err(StoreError::KeyNotFound)
         ));
         assert_eq!(store.keys("a1").await.expect("keys").len(), 1);
+        assert_eq!(store.plan("a1").await.expect("plan"), None);
+        let plan = Plan {
+            cpu: 2.0,
+            memory_mib: 8192,
+            disk_bytes: 100 << 30,
+            max_vms: 20,
+        };
+        store.set_plan("a1", &plan).await.expect("set");
+        store
+            .set_plan("a1", &Plan { cpu: 1.5, ..plan })
+            .await
+            .expect("update");
+        assert_eq!(
+            store.plan("a1").await.expect("plan"),
+            Some(Plan { cpu: 1.5, ..plan })
+        );
     }
 }

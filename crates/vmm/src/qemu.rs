@@ -160,6 +160,10 @@ impl Qemu {
             ),
             "-device".into(),
             "virtio-rng-pci".into(),
+            // Free page reporting hands pages the guest frees back to the host at once, which
+            // is what lets idle VMs cost little and memory be overcommitted.
+            "-device".into(),
+            "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on".into(),
             "-chardev".into(),
             format!("file,id=console,path={}", s(p.console_log())),
             "-serial".into(),

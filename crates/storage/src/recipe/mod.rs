@@ -13,7 +13,8 @@ use crate::error::io_err;
 use crate::{BuildEvent, StorageError, initrd, kernel, rootfs};
 
 /// Bumped whenever a recipe changes what it produces; recorded in each image's manifest.
-pub(crate) const RECIPE_VERSION: u32 = 1;
+/// 2: the initramfs loads virtio_balloon (memory reclaim) and virtio_rng (entropy at boot).
+pub(crate) const RECIPE_VERSION: u32 = 2;
 
 pub(crate) const ROOTFS_FILE: &str = "rootfs.qcow2";
 pub(crate) const KERNEL_FILE: &str = "vmlinux";

@@ -1,0 +1,124 @@
+//! cgroup v1: one hierarchy per controller (or a few co-mounted).
+
+use std::path::{Path, PathBuf};
+
+use crate::{CPU_PERIOD_US, CgroupError, Usage, files};
+
+#[derive(Clone, Debug)]
+pub(crate) struct V1 {
+    pub cpu: PathBuf,
+    pub memory: PathBuf,
+    /// Where `cpuacct.usage` lives; may be the same mount as `cpu`.
+    pub cpuacct: Option<PathBuf>,
+    pub pids: Option<PathBuf>,
+}
+
+impl V1 {
+    /// Every hierarchy a group lives in, each once.
+    pub fn hierarchies(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = vec![&self.cpu];
+        for h in [
+            Some(&self.memory),
+            self.cpuacct.as_ref(),
+            self.pids.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !out.contains(&h.as_path()) {
+                out.push(h);
+            }
+        }
+        out
+    }
+
+    pub fn roots(&self) -> Vec<PathBuf> {
+        self.hierarchies().into_iter().map(Path::to_owned).collect()
+    }
+
+    /// `top` is `nook`, `account` is `nook/<account>`.
+    pub fn set_account(
+        &self,
+        top: &Path,
+        account: &Path,
+        quota_us: Option<u64>,
+        memory: Option<u64>,
+    ) -> Result<(), CgroupError> {
+        for h in self.hierarchies() {
+            for rel in [top, account] {
+                let dir = h.join(rel);
+                files::mkdir(&dir)?;
+                if h == self.memory {
+                    use_hierarchy(&dir);
+                }
+            }
+        }
+        let cpu = self.cpu.join(account);
+        files::write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        files::write(
+            &cpu.join("cpu.cfs_quota_us"),
+            &quota_us.map_or("-1".to_owned(), |q| q.to_string()),
+        )?;
+        set_memory_limit(&self.memory.join(account), memory)
+    }
+
+    pub fn set_vm(&self, vm: &Path, shares: u64, soft: Option<u64>) -> Result<(), CgroupError> {
+        for h in self.hierarchies() {
+            files::mkdir(&h.join(vm))?;
+        }
+        files::write(&self.cpu.join(vm).join("cpu.shares"), &shares.to_string())?;
+        files::write(
+            &self.memory.join(vm).join("memory.soft_limit_in_bytes"),
+            &soft.map_or("-1".to_owned(), |s| s.to_string()),
+        )
+    }
+
+    pub fn usage(&self, rel: &Path) -> Result<Usage, CgroupError> {
+        let cpu_usage_ns = match &self.cpuacct {
+            Some(h) => files::read_u64(&h.join(rel).join("cpuacct.usage"))?,
+            None => 0,
+        };
+        let memory_bytes = files::read_u64(&self.memory.join(rel).join("memory.usage_in_bytes"))?;
+        Ok(Usage {
+            cpu_usage_ns,
+            memory_bytes,
+        })
+    }
+}
+
+/// Asks for hierarchical accounting. It is the default (and the only mode)
+/// on kernels since 5.x, so a refusal is only logged.
+fn use_hierarchy(dir: &Path) {
+    let path = dir.join("memory.use_hierarchy");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    if let Err(e) = files::try_write(&path, "1") {
+        tracing::warn!(path = %path.display(), error = %e, "cannot enable memory.use_hierarchy");
+    }
+}
+
+/// Sets `memory.limit_in_bytes` and, when swap accounting exists,
+/// `memory.memsw.limit_in_bytes` to the same value so swap cannot extend the
+/// cap. The kernel wants memory <= memsw at every step: lowering writes
+/// memory first, raising writes memsw first.
+fn set_memory_limit(dir: &Path, limit: Option<u64>) -> Result<(), CgroupError> {
+    let value = limit.map_or("-1".to_owned(), |l| l.to_string());
+    let mem = dir.join("memory.limit_in_bytes");
+    let memsw = dir.join("memory.memsw.limit_in_bytes");
+    if !memsw.exists() {
+        return files::write(&mem, &value);
+    }
+    match files::try_write(&mem, &value) {
+        Ok(()) => files::write(&memsw, &value),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            files::write(&memsw, &value)?;
+            files::write(&mem, &value)
+        }
+        Err(source) => Err(CgroupError::Write {
+            path: mem,
+            value,
+            source,
+        }),
+    }
+}
