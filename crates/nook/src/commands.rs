@@ -87,15 +87,19 @@ async fn image(base: Settings, cmd: ImageCommand) -> anyhow::Result<i32> {
             let started = std::time::Instant::now();
             let image = tokio::task::spawn_blocking(move || {
                 let bar = progress_bar();
+                // Off a terminal (CI logs) a spinner draws nothing: print the steps as lines.
+                let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
                 let built = store.build(kind, &mut |event| {
-                    match &event.detail {
-                        Some(detail) => {
+                    match (&event.detail, tty) {
+                        (Some(detail), true) => {
                             bar.set_message(format!("{}: {}", event.step, truncate(detail, 100)))
                         }
-                        None => {
+                        (Some(_), false) => {}
+                        (None, true) => {
                             bar.println(format!("==> {}", event.step));
                             bar.set_message(event.step.clone());
                         }
+                        (None, false) => eprintln!("==> {}", event.step),
                     }
                     bar.tick();
                 });
