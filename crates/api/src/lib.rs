@@ -139,6 +139,28 @@ pub enum ExecEvent {
     },
 }
 
+/// One row of the VM table every front end prints, ending with `last` (a reason, a date).
+pub fn vm_table_row(vm: &VmInfo, last: &str) -> String {
+    format!(
+        "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} {last}",
+        vm.name,
+        vm.state.as_str(),
+        vm.image,
+        vm.cpu,
+        format_size(u64::from(vm.memory_mib) << 20),
+        format_size(vm.disk_bytes),
+        vm.guest_ip.as_deref().unwrap_or("-"),
+    )
+}
+
+/// The header of [`vm_table_row`]'s table, naming the last column.
+pub fn vm_table_header(last: &str) -> String {
+    format!(
+        "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} {last}",
+        "NAME", "STATE", "IMAGE", "CPU", "MEMORY", "DISK", "IP"
+    )
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageInfo {
     pub name: String,

@@ -107,86 +107,14 @@ pub const COMMANDS: &[&str] = &[
     "ssh-key", "help", "exit",
 ];
 
-/// Splits a command line as a POSIX shell would (quotes and backslashes), without expansion.
-pub fn split_words(line: &str) -> Result<Vec<String>, String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_word = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => word.push(c),
-                        None => return Err("unterminated single quote".into()),
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(c @ ('"' | '\\' | '$' | '`')) => word.push(c),
-                            Some(c) => {
-                                word.push('\\');
-                                word.push(c);
-                            }
-                            None => return Err("unterminated double quote".into()),
-                        },
-                        Some(c) => word.push(c),
-                        None => return Err("unterminated double quote".into()),
-                    }
-                }
-            }
-            '\\' => {
-                in_word = true;
-                match chars.next() {
-                    Some(c) => word.push(c),
-                    None => return Err("trailing backslash".into()),
-                }
-            }
-            c if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
-            c => {
-                in_word = true;
-                word.push(c);
-            }
-        }
-    }
-    if in_word {
-        words.push(word);
-    }
-    Ok(words)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn words_split_like_a_shell() {
-        assert_eq!(
-            split_words(r#"new --name 'a b' "c\"d" e\ f"#).expect("split"),
-            ["new", "--name", "a b", "c\"d", "e f"]
-        );
-        assert_eq!(split_words("  ").expect("split"), Vec::<String>::new());
-        assert_eq!(split_words("ls ''").expect("split"), ["ls", ""]);
-        assert!(split_words("new 'oops").is_err());
-        assert!(split_words("new \"oops").is_err());
-    }
-
-    #[test]
     fn every_command_parses_with_json() {
-        let parse = |line: &str| LobbyLine::try_parse_from(split_words(line).expect("split"));
+        // The SSH front door splits lines into words; here they are split on spaces.
+        let parse = |line: &str| LobbyLine::try_parse_from(line.split_whitespace());
         let l = parse("new --name blog --env A=1 --env B=2 --json").expect("new");
         assert!(l.json);
         let LobbyCommand::New(args) = l.command else {
@@ -194,7 +122,7 @@ mod tests {
         };
         assert_eq!(args.env, ["A=1", "B=2"]);
         assert!(matches!(
-            parse("ls -l 'b*'").expect("ls").command,
+            parse("ls -l b*").expect("ls").command,
             LobbyCommand::Ls { long: true, .. }
         ));
         assert!(matches!(

@@ -160,28 +160,9 @@ async fn execute(
                     },
                 );
             } else if long {
-                println(
-                    io,
-                    &format!(
-                        "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} CREATED",
-                        "NAME", "STATE", "IMAGE", "CPU", "MEMORY", "DISK", "IP"
-                    ),
-                );
+                println(io, &nook_api::vm_table_header("CREATED"));
                 for vm in vms {
-                    println(
-                        io,
-                        &format!(
-                            "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} {}",
-                            vm.name,
-                            vm.state.as_str(),
-                            vm.image,
-                            vm.cpu,
-                            format_size(u64::from(vm.memory_mib) << 20),
-                            format_size(vm.disk_bytes),
-                            vm.guest_ip.as_deref().unwrap_or("-"),
-                            vm.created_at
-                        ),
-                    );
+                    println(io, &nook_api::vm_table_row(&vm, &vm.created_at));
                 }
             } else {
                 for vm in vms {

@@ -276,21 +276,11 @@ async fn vm(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&vms)?);
                 } else {
-                    println!(
-                        "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} REASON",
-                        "NAME", "STATE", "IMAGE", "CPU", "MEMORY", "DISK", "IP"
-                    );
+                    println!("{}", nook_api::vm_table_header("REASON"));
                     for vm in vms {
                         println!(
-                            "{:<24} {:<9} {:<8} {:>4} {:>9} {:>9}  {:<14} {}",
-                            vm.name,
-                            vm.state.as_str(),
-                            vm.image,
-                            vm.cpu,
-                            format_size(u64::from(vm.memory_mib) << 20),
-                            format_size(vm.disk_bytes),
-                            vm.guest_ip.as_deref().unwrap_or("-"),
-                            vm.state_reason.as_deref().unwrap_or("")
+                            "{}",
+                            nook_api::vm_table_row(&vm, vm.state_reason.as_deref().unwrap_or(""))
                         );
                     }
                 }
