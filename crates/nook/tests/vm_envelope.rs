@@ -187,3 +187,53 @@ fn vm_envelope_caps_cpu_and_spares_other_accounts() {
         "alice's VM still held to {raised:.2} after the plan grew"
     );
 }
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kib / 1024.0
+}
+
+#[test]
+fn vm_envelope_freed_guest_memory_returns_to_the_host() {
+    let d = Daemon::start();
+    let vm = d.ok(&[
+        "vm", "create", "--image", "tiny", "--name", "reclaim", "--memory", "512M", "--json",
+    ]);
+    let vm: serde_json::Value = serde_json::from_str(&vm).expect("json");
+    let pid = qemu_pid_of(&d, vm["id"].as_str().expect("id"));
+    let idle = rss_mib(pid);
+    // /tmp is a tmpfs in the tiny image: 200 MiB of file data is 200 MiB of guest RAM.
+    d.exec(
+        "reclaim",
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null",
+    );
+    let full = rss_mib(pid);
+    assert!(
+        full - idle > 150.0,
+        "the guest's 200 MiB did not show in QEMU's RSS ({idle:.0} -> {full:.0} MiB)"
+    );
+    d.exec("reclaim", "rm /tmp/fill");
+    let freed_at = Instant::now();
+    let mut now = full;
+    while freed_at.elapsed() < Duration::from_secs(60) {
+        now = rss_mib(pid);
+        if full - now > 150.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "QEMU RSS: idle {idle:.0} MiB, with 200 MiB in use {full:.0} MiB, {:.1}s after freeing {now:.0} MiB",
+        freed_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        full - now > 150.0,
+        "freed guest memory was not returned within a minute ({full:.0} -> {now:.0} MiB)"
+    );
+}
