@@ -15,6 +15,7 @@
 
 mod error;
 mod files;
+mod ksm;
 mod mounts;
 mod v1;
 mod v2;
@@ -22,6 +23,7 @@ mod v2;
 use std::path::{Path, PathBuf};
 
 pub use error::CgroupError;
+pub use ksm::{enable_ksm, ksm_pages_sharing};
 
 /// The top group under which all of nook's groups live.
 pub const TOP: &str = "nook";

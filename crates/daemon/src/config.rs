@@ -41,6 +41,8 @@ pub struct Settings {
     /// How far the nominal memory of an account's running VMs may exceed its envelope,
     /// relying on idle VMs giving memory back.
     pub memory_overcommit: Option<f64>,
+    /// Seconds of near-zero CPU and network before a VM's idle knobs turn on.
+    pub idle_after_secs: Option<u64>,
 }
 
 impl Settings {
@@ -64,6 +66,7 @@ impl Settings {
             plan_disk: other.plan_disk.or(self.plan_disk),
             plan_max_vms: other.plan_max_vms.or(self.plan_max_vms),
             memory_overcommit: other.memory_overcommit.or(self.memory_overcommit),
+            idle_after_secs: other.idle_after_secs.or(self.idle_after_secs),
         }
     }
 
@@ -105,6 +108,7 @@ pub struct Config {
     pub domain: String,
     pub default_plan: nook_store::Plan,
     pub memory_overcommit: f64,
+    pub idle_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +238,9 @@ impl Config {
                 format!("{memory_overcommit}: use 1 to 100"),
             ));
         }
+        let idle_after = Duration::from_secs(s.idle_after_secs.unwrap_or(60).max(1));
         Ok(Config {
+            idle_after,
             default_plan,
             memory_overcommit,
             ssh_addr,

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 pub mod errors;
 pub mod frontdoor;
+pub mod idle;
 pub mod lobby;
 pub mod manager;
 pub mod metadata;
@@ -78,6 +79,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         });
         tracing::info!(%addr, "SSH front door listening");
     }
+
+    idle::spawn(manager.clone(), manager.config().idle_after);
 
     let app = admin::router(manager.clone());
     axum::serve(listener, app)

@@ -591,7 +591,7 @@ fn format_stat(s: &VmStat) -> String {
         .map(|u| humanize_secs(u as u64))
         .unwrap_or_else(|| "-".into());
     format!(
-        "{} ({}, {})\n  cpu      {} vCPU, load {}\n  memory   {} (plan {})\n  disk     {} (plan {}; {} on the host)\n  network  rx {} tx {}\n  uptime   {uptime}\n  procs    {}",
+        "{} ({}, {})\n  cpu      {} vCPU, load {}\n  memory   {} (plan {})\n  disk     {} (plan {}; {} on the host)\n  network  rx {} tx {}\n  uptime   {uptime}\n  procs    {}\n  idle     {}",
         s.vm.name,
         s.vm.state.as_str(),
         s.vm.image,
@@ -605,6 +605,7 @@ fn format_stat(s: &VmStat) -> String {
         s.net_rx_bytes.map(format_size).unwrap_or_else(|| "-".into()),
         s.net_tx_bytes.map(format_size).unwrap_or_else(|| "-".into()),
         s.processes.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        if s.idle { "yes (low CPU weight, soft memory limit)" } else { "no" },
     )
     .replace(&kib(None), "-")
 }

@@ -65,6 +65,8 @@ pub struct VmStat {
     pub net_rx_bytes: Option<u64>,
     pub net_tx_bytes: Option<u64>,
     pub processes: Option<u32>,
+    /// Whether the idle knobs (low CPU weight, soft memory limit) are on.
+    pub idle: bool,
 }
 
 /// How the SSH front door reaches a VM's own sshd.
@@ -93,6 +95,8 @@ struct Live {
 pub struct Manager {
     cfg: Config,
     cgroups: Option<Arc<nook_cgroup::Cgroups>>,
+    /// VMs whose idle knobs are on.
+    idle: std::sync::Mutex<std::collections::HashSet<String>>,
     store: Store,
     images: ImageStore,
     net: Net,
@@ -149,6 +153,11 @@ impl Manager {
         };
         tracing::info!(net = ?mode, data_dir = %cfg.data_dir.display(), "manager ready");
         let images = ImageStore::new(cfg.images_dir.clone());
+        match nook_cgroup::enable_ksm() {
+            Ok(true) => tracing::info!("KSM on: identical guest pages are shared"),
+            Ok(false) => tracing::info!("this kernel has no KSM"),
+            Err(err) => tracing::warn!(%err, "could not turn KSM on"),
+        }
         let cgroups = match nook_cgroup::Cgroups::probe() {
             Ok(cg) => {
                 tracing::info!(flavor = ?cg.flavor(), "cgroups in use: accounts' VMs are held to their envelopes");
@@ -160,6 +169,7 @@ impl Manager {
             }
         };
         Ok(Arc::new(Manager {
+            idle: Default::default(),
             cgroups,
             cfg,
             store,
@@ -675,6 +685,90 @@ impl Manager {
         }
     }
 
+    /// Running VMs that live in an account's cgroup (the ones idle detection looks after).
+    pub async fn confined_vms(&self) -> Vec<VmRecord> {
+        if self.cgroups.is_none() {
+            return Vec::new();
+        }
+        let live: Vec<String> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        self.store
+            .list()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|vm| {
+                vm.owner != ADMIN_OWNER && vm.state == VmState::Running && live.contains(&vm.id)
+            })
+            .collect()
+    }
+
+    /// CPU nanoseconds and network bytes (both directions) a VM has used so far.
+    pub fn activity(&self, vm: &VmRecord) -> Option<(u64, u64)> {
+        let cpu = self
+            .cgroups
+            .as_ref()?
+            .vm_usage(&vm.owner, &vm.id)
+            .ok()?
+            .cpu_usage_ns;
+        let tap = VmLink::for_slot(vm.slot).ok()?.tap;
+        let counter = |which: &str| -> u64 {
+            std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{which}"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Some((cpu, counter("rx_bytes") + counter("tx_bytes")))
+    }
+
+    /// Turns a VM's idle knobs on or off; a no-op when nothing changes.
+    pub async fn set_idle(&self, vm: &VmRecord, idle: bool) {
+        let changed = {
+            let mut set = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle {
+                set.insert(vm.id.clone())
+            } else {
+                set.remove(&vm.id)
+            }
+        };
+        let Some(cg) = self.cgroups.clone().filter(|_| changed) else {
+            return;
+        };
+        let knobs = if idle {
+            // Weight 10 against the default 100; memory above a quarter of its size is the
+            // first to go when the account presses on its cap.
+            nook_cgroup::VmKnobs {
+                cpu_weight: 10,
+                memory_high: Some((u64::from(vm.memory_mib) << 20) / 4),
+            }
+        } else {
+            nook_cgroup::VmKnobs {
+                cpu_weight: 100,
+                memory_high: None,
+            }
+        };
+        let (owner, id, name) = (vm.owner.clone(), vm.id.clone(), vm.name.clone());
+        match tokio::task::spawn_blocking(move || cg.set_vm(&owner, &id, knobs)).await {
+            Ok(Ok(())) => {
+                tracing::info!(vm = %name, idle, "idle knobs {}", if idle { "on" } else { "off" })
+            }
+            Ok(Err(err)) => tracing::warn!(vm = %name, %err, "could not change idle knobs"),
+            Err(_) => {}
+        }
+    }
+
+    pub fn is_idle(&self, id: &str) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
     /// CPU time and real memory of an account's running VMs, when cgroups are in use.
     pub fn account_usage(&self, account_id: &str) -> Option<nook_cgroup::Usage> {
         self.cgroups.as_ref()?.account_usage(account_id).ok()
@@ -1082,6 +1176,7 @@ impl Manager {
             net_rx_bytes: if running { counter("tx_bytes") } else { None },
             net_tx_bytes: if running { counter("rx_bytes") } else { None },
             processes: metrics.as_ref().map(|m| m.processes),
+            idle: self.is_idle(&vm.id),
         })
     }
 

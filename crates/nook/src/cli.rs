@@ -87,6 +87,9 @@ pub struct ServeArgs {
     /// Domain VMs are served under (https://VM.DOMAIN/)
     #[arg(long, env = "NOOK_DOMAIN")]
     pub domain: Option<String>,
+    /// Seconds of near-zero CPU and network before a VM counts as idle
+    #[arg(long, env = "NOOK_IDLE_AFTER")]
+    pub idle_after: Option<u64>,
     /// Log filter, e.g. info or nook_daemon=debug
     #[arg(long, env = "NOOK_LOG")]
     pub log: Option<String>,

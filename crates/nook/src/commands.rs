@@ -65,6 +65,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         ssh_addr: args.ssh_addr,
         public_host: args.public_host,
         domain: args.domain,
+        idle_after_secs: args.idle_after,
         ..base
     };
     let cfg = Config::validate(file.merge(flags))?;

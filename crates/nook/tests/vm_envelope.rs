@@ -237,3 +237,78 @@ fn vm_envelope_freed_guest_memory_returns_to_the_host() {
         "freed guest memory was not returned within a minute ({full:.0} -> {now:.0} MiB)"
     );
 }
+
+/// The VM group's CPU weight as the kernel holds it: v1 `cpu.shares` or v2 `cpu.weight`.
+fn cpu_weight_file(pid: u32) -> String {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        if controllers.split(',').any(|c| c == "cpu") {
+            let mount = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"]
+                .into_iter()
+                .find(|m| std::path::Path::new(m).is_dir());
+            let file = format!("{}{path}/cpu.shares", mount.expect("cpu mount"));
+            return std::fs::read_to_string(file)
+                .expect("cpu.shares")
+                .trim()
+                .to_string();
+        }
+        if controllers.is_empty()
+            && std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        {
+            return std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cpu.weight"))
+                .expect("cpu.weight")
+                .trim()
+                .to_string();
+        }
+    }
+    panic!("no cpu cgroup for {pid}:\n{cgroups}");
+}
+
+#[test]
+fn vm_envelope_idle_knobs_turn_on_and_off() {
+    let d = Daemon::start_with(&["--idle-after", "4"]);
+    let alice = Key::new("alice");
+    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    let vm: serde_json::Value = serde_json::from_str(&d.lobby_ok(
+        &alice,
+        &["new", "--image", "tiny", "--name", "sleepy", "--json"],
+    ))
+    .expect("json");
+    let pid = qemu_pid_of(&d, vm["id"].as_str().expect("id"));
+    let busy_weight = cpu_weight_file(pid);
+    let idle = |d: &Daemon| -> bool {
+        let stat: serde_json::Value =
+            serde_json::from_str(&d.lobby_ok(&alice, &["stat", "sleepy", "--json"])).expect("json");
+        stat["idle"].as_bool().expect("idle flag")
+    };
+    common::wait_until(
+        "the quiet VM to be marked idle",
+        Duration::from_secs(40),
+        || idle(&d),
+    );
+    let idle_weight = cpu_weight_file(pid);
+    assert_ne!(
+        idle_weight, busy_weight,
+        "the idle knob did not reach the cgroup"
+    );
+    assert!(d.log_text().contains("idle knobs on"));
+
+    d.exec("sleepy", "(while :; do :; done) >/dev/null 2>&1 &");
+    let woke = Instant::now();
+    common::wait_until(
+        "the busy VM to lose its idle knobs",
+        Duration::from_secs(15),
+        || !idle(&d),
+    );
+    eprintln!(
+        "idle weight {idle_weight}, busy weight {busy_weight}; recovered {:.1}s after getting busy",
+        woke.elapsed().as_secs_f64()
+    );
+    assert_eq!(cpu_weight_file(pid), busy_weight);
+}
