@@ -143,6 +143,7 @@ async fn main() -> anyhow_free::Result {
                 mac: "02:6e:6b:ff:ff:ff".into(),
             },
             accel,
+            reclaim: true,
         };
         let mut args = Qemu::args(&spec);
         // Plain foreground QEMU: no daemonizing, no pidfile.

@@ -19,6 +19,7 @@ use crate::manager::{ADMIN_OWNER, Manager, Scope};
 pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/v1/info", get(info))
+        .route("/metrics", get(metrics))
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{name}", get(show).delete(remove))
         .route("/v1/vms/{name}/start", post(start))
@@ -70,6 +71,13 @@ async fn info(State(m): State<Arc<Manager>>) -> impl IntoResponse {
         "net": format!("{:?}", m.net_mode()).to_lowercase(),
         "data_dir": m.config().data_dir,
     }))
+}
+
+async fn metrics(State(m): State<Arc<Manager>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&m).await,
+    )
 }
 
 async fn list(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {

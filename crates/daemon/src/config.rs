@@ -43,6 +43,11 @@ pub struct Settings {
     pub memory_overcommit: Option<f64>,
     /// Seconds of near-zero CPU and network before a VM's idle knobs turn on.
     pub idle_after_secs: Option<u64>,
+    /// Serve Prometheus metrics over TCP too (they are always on the admin socket).
+    pub metrics_addr: Option<String>,
+    /// Memory reclaim (balloon free page reporting, KSM, a small TCG cache). On by default;
+    /// off only to measure what it saves.
+    pub reclaim: Option<bool>,
 }
 
 impl Settings {
@@ -67,6 +72,8 @@ impl Settings {
             plan_max_vms: other.plan_max_vms.or(self.plan_max_vms),
             memory_overcommit: other.memory_overcommit.or(self.memory_overcommit),
             idle_after_secs: other.idle_after_secs.or(self.idle_after_secs),
+            metrics_addr: other.metrics_addr.or(self.metrics_addr),
+            reclaim: other.reclaim.or(self.reclaim),
         }
     }
 
@@ -109,6 +116,8 @@ pub struct Config {
     pub default_plan: nook_store::Plan,
     pub memory_overcommit: f64,
     pub idle_after: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub reclaim: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,7 +248,15 @@ impl Config {
             ));
         }
         let idle_after = Duration::from_secs(s.idle_after_secs.unwrap_or(60).max(1));
+        let metrics_addr = match s.metrics_addr.as_deref() {
+            None | Some("off") => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                ConfigError::Invalid("metrics_addr", format!("{addr:?}: use HOST:PORT or off"))
+            })?),
+        };
         Ok(Config {
+            reclaim: s.reclaim.unwrap_or(true),
+            metrics_addr,
             idle_after,
             default_plan,
             memory_overcommit,

@@ -12,6 +12,7 @@ pub mod idle;
 pub mod lobby;
 pub mod manager;
 pub mod metadata;
+pub mod metrics;
 mod names;
 
 use std::os::unix::fs::PermissionsExt;
@@ -81,6 +82,23 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     }
 
     idle::spawn(manager.clone(), manager.config().idle_after);
+    if let Some(addr) = manager.config().metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Listen(addr.to_string(), e))?;
+        let m = manager.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = m.clone();
+                async move { metrics::render(&m).await }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        tracing::info!(%addr, "metrics listening (unauthenticated)");
+    }
 
     let app = admin::router(manager.clone());
     axum::serve(listener, app)

@@ -153,7 +153,14 @@ impl Manager {
         };
         tracing::info!(net = ?mode, data_dir = %cfg.data_dir.display(), "manager ready");
         let images = ImageStore::new(cfg.images_dir.clone());
-        match nook_cgroup::enable_ksm() {
+        match if cfg.reclaim {
+            nook_cgroup::enable_ksm()
+        } else {
+            Ok(false)
+        } {
+            _ if !cfg.reclaim => tracing::warn!(
+                "memory reclaim is off (reclaim = false): idle VMs keep their memory"
+            ),
             Ok(true) => tracing::info!("KSM on: identical guest pages are shared"),
             Ok(false) => tracing::info!("this kernel has no KSM"),
             Err(err) => tracing::warn!(%err, "could not turn KSM on"),
@@ -515,6 +522,7 @@ impl Manager {
             cmdline,
             net,
             accel,
+            reclaim: self.cfg.reclaim,
         };
         progress(&format!("starting QEMU ({})", accel.qemu_arg()));
         let launched = tokio::task::spawn_blocking(move || qemu.launch(&spec)).await;
@@ -683,6 +691,14 @@ impl Manager {
         {
             tracing::warn!(%err, account = account_id, "could not apply the plan to the cgroup");
         }
+    }
+
+    /// CPU time and real memory of one confined VM.
+    pub fn vm_usage(&self, owner: &str, id: &str) -> Option<nook_cgroup::Usage> {
+        if owner == ADMIN_OWNER {
+            return None;
+        }
+        self.cgroups.as_ref()?.vm_usage(owner, id).ok()
     }
 
     /// Running VMs that live in an account's cgroup (the ones idle detection looks after).

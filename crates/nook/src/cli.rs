@@ -32,6 +32,8 @@ pub enum Command {
     /// Manage accounts' envelopes
     #[command(subcommand)]
     Account(AccountCommand),
+    /// Print the daemon's Prometheus metrics (per account and per VM)
+    Metrics,
 }
 
 #[derive(Subcommand)]
@@ -87,6 +89,9 @@ pub struct ServeArgs {
     /// Domain VMs are served under (https://VM.DOMAIN/)
     #[arg(long, env = "NOOK_DOMAIN")]
     pub domain: Option<String>,
+    /// Also serve Prometheus metrics over TCP here (unauthenticated: keep it on localhost)
+    #[arg(long, env = "NOOK_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// Seconds of near-zero CPU and network before a VM counts as idle
     #[arg(long, env = "NOOK_IDLE_AFTER")]
     pub idle_after: Option<u64>,

@@ -37,6 +37,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let cfg = Config::validate(base)?;
             vm(&Client::new(&cfg.admin_socket()), cmd).await
         }
+        Command::Metrics => {
+            let cfg = Config::validate(base)?;
+            match Client::new(&cfg.admin_socket())
+                .send(Method::GET, "/metrics", None)
+                .await?
+            {
+                Reply::Ok(resp) => {
+                    std::io::stdout().write_all(&body_bytes(resp).await?)?;
+                    Ok(0)
+                }
+                Reply::Err(err) => Ok(fail(err, false)),
+            }
+        }
         Command::Account(cmd) => {
             let cfg = Config::validate(base)?;
             account(&Client::new(&cfg.admin_socket()), cmd).await
@@ -66,6 +79,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         public_host: args.public_host,
         domain: args.domain,
         idle_after_secs: args.idle_after,
+        metrics_addr: args.metrics_addr,
         ..base
     };
     let cfg = Config::validate(file.merge(flags))?;

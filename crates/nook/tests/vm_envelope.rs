@@ -177,6 +177,23 @@ fn vm_envelope_caps_cpu_and_spares_other_accounts() {
         "bob's VM got only {b_share:.2} CPUs next to alice's hog"
     );
 
+    // Usage per account and per VM, in Prometheus form.
+    let metrics = d.ok(&["metrics"]);
+    assert!(
+        metrics.contains("email=\"alice@example.com\"} 0.25"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nook_vms{state=\"running\"} 2"),
+        "{metrics}"
+    );
+    for line in [
+        "nook_vm_cpu_seconds_total{vm=\"hog\",account=\"alice@example.com\"}",
+        "nook_account_memory_bytes{account=",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
+    }
+
     // Raising the plan takes effect on the running VM.
     d.ok(&["account", "set-plan", "alice@example.com", "--cpu", "1"]);
     std::thread::sleep(Duration::from_millis(500));

@@ -325,6 +325,13 @@ impl Store {
         row.map(|r| decode_account(&r)).transpose()
     }
 
+    pub async fn accounts(&self) -> Result<Vec<Account>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM accounts ORDER BY email")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode_account).collect()
+    }
+
     pub async fn account_by_email(&self, email: &str) -> Result<Option<Account>, StoreError> {
         let row = sqlx::query("SELECT * FROM accounts WHERE email = ?")
             .bind(email)

@@ -61,6 +61,9 @@ pub struct LaunchSpec {
     pub cmdline: String,
     pub net: NetBackend,
     pub accel: Accel,
+    /// Memory reclaim: a balloon with free page reporting, and a small TCG translation
+    /// cache. Off only to measure what it saves.
+    pub reclaim: bool,
 }
 
 /// The seam where another VMM (Cloud Hypervisor, Firecracker) would plug in.
@@ -108,9 +111,10 @@ impl Qemu {
             "-accel".into(),
             // TCG's translation cache defaults to 1 GiB, and it is resident memory that no
             // balloon can reclaim; 64 MiB costs little speed for a guest's hot code.
-            match spec.accel {
-                Accel::Tcg => "tcg,tb-size=64".into(),
-                Accel::Kvm => "kvm".into(),
+            match (spec.accel, spec.reclaim) {
+                (Accel::Tcg, true) => "tcg,tb-size=64".into(),
+                (Accel::Tcg, false) => "tcg".into(),
+                (Accel::Kvm, _) => "kvm".into(),
             },
         ];
         if spec.accel == Accel::Kvm {
@@ -167,8 +171,14 @@ impl Qemu {
             "virtio-rng-pci".into(),
             // Free page reporting hands pages the guest frees back to the host at once, which
             // is what lets idle VMs cost little and memory be overcommitted.
-            "-device".into(),
-            "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on".into(),
+        ]);
+        if spec.reclaim {
+            args.extend([
+                "-device".into(),
+                "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on".into(),
+            ]);
+        }
+        args.extend([
             "-chardev".into(),
             format!("file,id=console,path={}", s(p.console_log())),
             "-serial".into(),
@@ -260,6 +270,7 @@ mod tests {
                 mac: "02:6e:6b:00:00:03".into(),
             },
             accel: Accel::Tcg,
+            reclaim: true,
         };
         let line = Qemu::args(&spec).join(" ");
         for part in [
@@ -274,6 +285,7 @@ mod tests {
             "name=org.nook.agent.0",
             "-qmp unix:/d/vms/abc123/qmp.sock,server=on,wait=off",
             "-daemonize",
+            "free-page-reporting=on",
         ] {
             assert!(line.contains(part), "missing {part:?} in {line}");
         }

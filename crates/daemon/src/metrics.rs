@@ -1,0 +1,136 @@
+//! Prometheus text exposition of per-account and per-VM usage, served on the admin socket
+//! (`GET /metrics`) and, when configured, on `metrics_addr`.
+
+use std::fmt::Write;
+
+use nook_api::VmState;
+
+use crate::manager::{ADMIN_OWNER, Manager, Scope};
+
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub async fn render(m: &Manager) -> String {
+    let mut out = String::new();
+    let vms = m.list(Scope::Admin).await.unwrap_or_default();
+    let accounts = m.store().accounts().await.unwrap_or_default();
+    let email = |id: &str| {
+        accounts
+            .iter()
+            .find(|a| a.id == id)
+            .map(|a| a.email.clone())
+            .unwrap_or_else(|| id.to_string())
+    };
+
+    let _ = writeln!(
+        out,
+        "# HELP nook_vms VMs on this host by state.\n# TYPE nook_vms gauge"
+    );
+    for state in [
+        VmState::Creating,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Failed,
+    ] {
+        let n = vms.iter().filter(|vm| vm.state == state).count();
+        let _ = writeln!(out, "nook_vms{{state=\"{}\"}} {n}", state.as_str());
+    }
+
+    let _ = writeln!(
+        out,
+        "# HELP nook_account_plan_cpus vCPUs in the account's envelope.\n# TYPE nook_account_plan_cpus gauge"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nook_account_plan_memory_bytes Memory in the account's envelope.\n# TYPE nook_account_plan_memory_bytes gauge"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nook_account_memory_bytes Real memory the account's VMs use.\n# TYPE nook_account_memory_bytes gauge"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nook_account_cpu_seconds_total CPU time the account's VMs used.\n# TYPE nook_account_cpu_seconds_total counter"
+    );
+    for account in &accounts {
+        let Ok(plan) = m.plan_for(&account.id).await else {
+            continue;
+        };
+        let l = format!(
+            "account=\"{}\",email=\"{}\"",
+            label(&account.id),
+            label(&account.email)
+        );
+        let _ = writeln!(out, "nook_account_plan_cpus{{{l}}} {}", plan.cpu);
+        let _ = writeln!(
+            out,
+            "nook_account_plan_memory_bytes{{{l}}} {}",
+            u64::from(plan.memory_mib) << 20
+        );
+        if let Some(usage) = m.account_usage(&account.id) {
+            let _ = writeln!(
+                out,
+                "nook_account_memory_bytes{{{l}}} {}",
+                usage.memory_bytes
+            );
+            let _ = writeln!(
+                out,
+                "nook_account_cpu_seconds_total{{{l}}} {:.3}",
+                usage.cpu_usage_ns as f64 / 1e9
+            );
+        }
+    }
+
+    let _ = writeln!(
+        out,
+        "# HELP nook_vm_memory_nominal_bytes The VM's configured memory.\n# TYPE nook_vm_memory_nominal_bytes gauge"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nook_vm_memory_bytes Real memory of the VM's QEMU.\n# TYPE nook_vm_memory_bytes gauge"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nook_vm_cpu_seconds_total CPU time of the VM's QEMU.\n# TYPE nook_vm_cpu_seconds_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nook_vm_idle 1 while the VM's idle knobs are on.\n# TYPE nook_vm_idle gauge"
+    );
+    for vm in vms.iter().filter(|vm| vm.state == VmState::Running) {
+        let owner = if vm.owner == ADMIN_OWNER {
+            ADMIN_OWNER.to_string()
+        } else {
+            email(&vm.owner)
+        };
+        let l = format!("vm=\"{}\",account=\"{}\"", label(&vm.name), label(&owner));
+        let _ = writeln!(
+            out,
+            "nook_vm_memory_nominal_bytes{{{l}}} {}",
+            u64::from(vm.memory_mib) << 20
+        );
+        if let Some(usage) = m.vm_usage(&vm.owner, &vm.id) {
+            let _ = writeln!(out, "nook_vm_memory_bytes{{{l}}} {}", usage.memory_bytes);
+            let _ = writeln!(
+                out,
+                "nook_vm_cpu_seconds_total{{{l}}} {:.3}",
+                usage.cpu_usage_ns as f64 / 1e9
+            );
+        }
+        let _ = writeln!(out, "nook_vm_idle{{{l}}} {}", u8::from(m.is_idle(&vm.id)));
+    }
+    if let Some(pages) = nook_cgroup::ksm_pages_sharing() {
+        let _ = writeln!(
+            out,
+            "# HELP nook_ksm_pages_sharing Host pages saved by KSM.\n# TYPE nook_ksm_pages_sharing gauge"
+        );
+        let _ = writeln!(out, "nook_ksm_pages_sharing {pages}");
+    }
+    out
+}
