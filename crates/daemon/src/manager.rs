@@ -872,16 +872,30 @@ impl Manager {
             .remove(&vm.id);
     }
 
+    /// Looks a VM up for `scope`, takes its op lock, and re-reads it by id under the lock:
+    /// the operation then sees a state no concurrent one can change, and a rename or removal
+    /// in between can never hand it another VM of the same name.
+    async fn lock_vm(
+        &self,
+        name: &str,
+        scope: Scope<'_>,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, VmRecord), ApiError> {
+        let vm = self.record(name, scope).await?;
+        let guard = self.op_lock(&vm.id).lock_owned().await;
+        let vm = self.store.get_by_id(&vm.id).await.map_err(|e| match e {
+            nook_store::StoreError::NotFound(_) => errors::not_found(name),
+            other => errors::from_store("look up a VM", other),
+        })?;
+        Ok((guard, vm))
+    }
+
     pub async fn start(
         self: &Arc<Self>,
         name: &str,
         scope: Scope<'_>,
         progress: Progress<'_>,
     ) -> Result<VmInfo, ApiError> {
-        let vm = self.record(name, scope).await?;
-        let lock = self.op_lock(&vm.id);
-        let _guard = lock.lock().await;
-        let vm = self.record(name, Scope::Admin).await?;
+        let (_guard, vm) = self.lock_vm(name, scope).await?;
         if !matches!(vm.state, VmState::Stopped | VmState::Failed) {
             return Err(ApiError::new(
                 ErrorCode::AlreadyRunning,
@@ -903,10 +917,7 @@ impl Manager {
     }
 
     pub async fn stop(&self, name: &str, scope: Scope<'_>) -> Result<VmInfo, ApiError> {
-        let vm = self.record(name, scope).await?;
-        let lock = self.op_lock(&vm.id);
-        let _guard = lock.lock().await;
-        let vm = self.record(name, Scope::Admin).await?;
+        let (_guard, vm) = self.lock_vm(name, scope).await?;
         if matches!(vm.state, VmState::Stopped | VmState::Failed) {
             return Err(ApiError::new(
                 ErrorCode::NotRunning,
@@ -927,10 +938,7 @@ impl Manager {
     }
 
     pub async fn remove(&self, name: &str, scope: Scope<'_>) -> Result<(), ApiError> {
-        let vm = self.record(name, scope).await?;
-        let lock = self.op_lock(&vm.id);
-        let _guard = lock.lock().await;
-        let vm = self.record(name, Scope::Admin).await?;
+        let (_guard, vm) = self.lock_vm(name, scope).await?;
         self.destroy(&vm).await;
         tracing::info!(vm = %vm.name, "removed");
         Ok(())
@@ -1033,9 +1041,7 @@ impl Manager {
 
     pub async fn rename(&self, old: &str, new: &str, scope: Scope<'_>) -> Result<VmInfo, ApiError> {
         nook_api::validate_name(new)?;
-        let vm = self.record(old, scope).await?;
-        let lock = self.op_lock(&vm.id);
-        let _guard = lock.lock().await;
+        let (_guard, vm) = self.lock_vm(old, scope).await?;
         self.store
             .rename(&vm.id, new)
             .await
@@ -1062,10 +1068,7 @@ impl Manager {
         memory: Option<&str>,
         disk: Option<&str>,
     ) -> Result<VmInfo, ApiError> {
-        let vm = self.record(name, scope).await?;
-        let lock = self.op_lock(&vm.id);
-        let _guard = lock.lock().await;
-        let vm = self.record(name, Scope::Admin).await?;
+        let (_guard, vm) = self.lock_vm(name, scope).await?;
         let cpu = cpu.unwrap_or(vm.cpu);
         if !(1..=64).contains(&cpu) {
             return Err(ApiError::new(
