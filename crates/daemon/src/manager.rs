@@ -168,6 +168,7 @@ impl Manager {
         let cgroups = match nook_cgroup::Cgroups::probe() {
             Ok(cg) => {
                 tracing::info!(flavor = ?cg.flavor(), "cgroups in use: accounts' VMs are held to their envelopes");
+                sweep_cgroups(&cg);
                 Some(Arc::new(cg))
             }
             Err(err) => {
@@ -1555,6 +1556,17 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+/// Removes the empty groups of VMs and accounts that are gone. Groups still holding a QEMU
+/// (a VM about to be re-adopted) refuse removal and stay.
+fn sweep_cgroups(cg: &nook_cgroup::Cgroups) {
+    for account in cg.list_accounts().unwrap_or_default() {
+        for vm in cg.list_vms(&account).unwrap_or_default() {
+            let _ = cg.remove_vm(&account, &vm);
+        }
+        let _ = cg.remove_account(&account);
     }
 }
 
