@@ -123,11 +123,11 @@ pub struct ExecRequest {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ExecEvent {
     Stdout {
-        #[serde(with = "b64")]
+        #[serde(with = "nook_proto::b64")]
         data: Vec<u8>,
     },
     Stderr {
-        #[serde(with = "b64")]
+        #[serde(with = "nook_proto::b64")]
         data: Vec<u8>,
     },
     Exit {
@@ -231,21 +231,6 @@ error_codes! {
     Usage = "usage", 400;
     OverEnvelope = "over_envelope", 409;
     Internal = "internal", 500;
-}
-
-mod b64 {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(data: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(data))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = <&str>::deserialize(d)?;
-        STANDARD.decode(s).map_err(serde::de::Error::custom)
-    }
 }
 
 #[cfg(test)]

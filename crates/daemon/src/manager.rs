@@ -417,7 +417,6 @@ impl Manager {
         self.boot(vm, image, progress).await
     }
 
-    /// Starts QEMU for `vm` and waits for its agent. On error the caller tears down.
     /// Boots `vm`, retrying a boot that hangs before the kernel prints anything: a rare
     /// TCG hang that a fresh QEMU does not repeat.
     async fn boot(
@@ -450,6 +449,7 @@ impl Manager {
         Ok(())
     }
 
+    /// Starts QEMU for `vm` once and waits for its agent. On error the caller tears down.
     async fn boot_once(
         self: &Arc<Self>,
         vm: &VmRecord,
@@ -733,14 +733,9 @@ impl Manager {
             .vm_usage(&vm.owner, &vm.id)
             .ok()?
             .cpu_usage_ns;
-        let tap = VmLink::for_slot(vm.slot).ok()?.tap;
-        let counter = |which: &str| -> u64 {
-            std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{which}"))
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        Some((cpu, counter("rx_bytes") + counter("tx_bytes")))
+        let net = tap_counter(vm.slot, "rx_bytes").unwrap_or(0)
+            + tap_counter(vm.slot, "tx_bytes").unwrap_or(0);
+        Some((cpu, net))
     }
 
     /// Turns a VM's idle knobs on or off; a no-op when nothing changes.
@@ -1174,14 +1169,7 @@ impl Manager {
             },
             _ => None,
         };
-        let counter = |which: &str| -> Option<u64> {
-            let link = VmLink::for_slot(vm.slot).ok()?;
-            std::fs::read_to_string(format!("/sys/class/net/{}/statistics/{which}", link.tap))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        };
+        let counter = |which: &str| tap_counter(vm.slot, which);
         let running = vm.state == VmState::Running;
         Ok(VmStat {
             vm: self.info(&vm),
@@ -1557,6 +1545,16 @@ impl Manager {
             }
         }
     }
+}
+
+/// A byte counter of a VM's tap (`rx_bytes`, `tx_bytes`), seen from the host side.
+fn tap_counter(slot: u32, which: &str) -> Option<u64> {
+    let tap = VmLink::for_slot(slot).ok()?.tap;
+    std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{which}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Removes the empty groups of VMs and accounts that are gone. Groups still holding a QEMU

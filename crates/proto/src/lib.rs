@@ -307,7 +307,8 @@ fn find_magic(buf: &[u8]) -> usize {
     buf.len()
 }
 
-mod b64 {
+/// Serde helper for byte fields carried as base64 strings in JSON.
+pub mod b64 {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};

@@ -287,14 +287,7 @@ impl Store {
         key: &SshKey,
     ) -> Result<Account, StoreError> {
         let mut tx = self.pool.begin().await?;
-        if sqlx::query("SELECT 1 FROM ssh_keys WHERE fingerprint = ?")
-            .bind(&key.fingerprint)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some()
-        {
-            return Err(StoreError::KeyTaken);
-        }
+        ensure_key_free(&mut tx, &key.fingerprint).await?;
         let at = now();
         let inserted = sqlx::query("INSERT INTO accounts (id, email, created_at) VALUES (?, ?, ?)")
             .bind(id)
@@ -342,14 +335,7 @@ impl Store {
 
     pub async fn add_key(&self, account_id: &str, key: &SshKey) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        if sqlx::query("SELECT 1 FROM ssh_keys WHERE fingerprint = ?")
-            .bind(&key.fingerprint)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some()
-        {
-            return Err(StoreError::KeyTaken);
-        }
+        ensure_key_free(&mut tx, &key.fingerprint).await?;
         insert_key(&mut tx, account_id, key, &now()).await?;
         tx.commit().await?;
         Ok(())
@@ -436,6 +422,21 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+async fn ensure_key_free(
+    tx: &mut sqlx::SqliteConnection,
+    fingerprint: &str,
+) -> Result<(), StoreError> {
+    let taken = sqlx::query("SELECT 1 FROM ssh_keys WHERE fingerprint = ?")
+        .bind(fingerprint)
+        .fetch_optional(tx)
+        .await?;
+    if taken.is_some() {
+        Err(StoreError::KeyTaken)
+    } else {
+        Ok(())
     }
 }
 
