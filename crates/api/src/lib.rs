@@ -81,6 +81,71 @@ impl VmState {
     }
 }
 
+/// `POST /v1/vms/{name}/clone`: clone a VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CloneVm {
+    /// The clone's name; a friendly one is made up when absent.
+    pub name: Option<String>,
+    /// Clone only the disk, and boot the clone afresh, even when the source is running.
+    #[serde(default)]
+    pub stopped_only: bool,
+}
+
+/// How a clone was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneMode {
+    /// The source was stopped: the clone is a stopped copy of its disk.
+    Disk,
+    /// The source was running and the clone booted afresh from a copy of its disk.
+    Boot,
+    /// The source was running: the clone carries on from its memory, processes included.
+    Fork,
+}
+
+/// What `cp` did, with where its time went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cloned {
+    pub vm: VmInfo,
+    pub source: String,
+    pub mode: CloneMode,
+    pub timings: CloneTimings,
+}
+
+/// One line saying what `cp` made and how long it took, for the lobby and the CLI.
+pub fn clone_summary(c: &Cloned) -> String {
+    let t = &c.timings;
+    let what = match c.mode {
+        CloneMode::Disk => "a stopped copy of its disk".to_string(),
+        CloneMode::Boot => "a fresh boot of a copy of its disk".to_string(),
+        CloneMode::Fork => format!(
+            "running, memory and processes included; {} paused {:.0} ms",
+            c.source,
+            t.source_paused_ms.unwrap_or_default()
+        ),
+    };
+    format!(
+        "Cloned {} into {} ({what}) in {:.2} s",
+        c.source,
+        c.vm.name,
+        t.total_ms / 1000.0
+    )
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CloneTimings {
+    /// From the request to the clone being ready (or stopped, for a disk clone).
+    pub total_ms: f64,
+    /// Freezing the disk layer and making both new overlays.
+    pub disk_ms: f64,
+    /// Streaming memory and device state into the clone (forks only).
+    pub memory_ms: Option<f64>,
+    /// How long the source's vCPUs were paused (forks only).
+    pub source_paused_ms: Option<f64>,
+    /// Booting the clone (boot clones only) or giving it its identity (forks).
+    pub ready_ms: Option<f64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmInfo {
     pub id: String,
@@ -100,9 +165,19 @@ pub struct VmInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum ProgressEvent {
-    Progress { step: String },
-    Done { vm: Box<VmInfo> },
-    Error { error: ApiError },
+    Progress {
+        step: String,
+    },
+    Done {
+        vm: Box<VmInfo>,
+    },
+    /// The end of a clone.
+    Cloned {
+        cloned: Box<Cloned>,
+    },
+    Error {
+        error: ApiError,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

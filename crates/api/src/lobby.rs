@@ -48,6 +48,15 @@ pub enum LobbyCommand {
     Restart { name: String },
     /// Rename a VM
     Rename { old: String, new: String },
+    /// Clone a VM: its disk, and when it is running its memory and processes too
+    Cp {
+        source: String,
+        /// The clone's name (a friendly one is made up when absent)
+        new: Option<String>,
+        /// Clone only the disk and boot the clone afresh, even when the source is running
+        #[arg(long)]
+        stopped_only: bool,
+    },
     /// Change a VM's CPUs or memory (applied at the next start) or grow its disk (at once)
     Resize {
         name: String,
@@ -103,8 +112,8 @@ pub enum SshKeyCommand {
 
 /// The command names, for help and completion.
 pub const COMMANDS: &[&str] = &[
-    "signup", "whoami", "new", "ls", "rm", "start", "stop", "restart", "rename", "resize", "stat",
-    "ssh-key", "help", "exit",
+    "signup", "whoami", "new", "ls", "rm", "start", "stop", "restart", "rename", "cp", "resize",
+    "stat", "ssh-key", "help", "exit",
 ];
 
 #[cfg(test)]

@@ -144,6 +144,7 @@ async fn main() -> anyhow_free::Result {
             },
             accel,
             reclaim: true,
+            incoming: false,
         };
         let mut args = Qemu::args(&spec);
         // Plain foreground QEMU: no daemonizing, no pidfile.

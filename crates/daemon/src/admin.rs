@@ -24,6 +24,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}", get(show).delete(remove))
         .route("/v1/vms/{name}/start", post(start))
         .route("/v1/vms/{name}/stop", post(stop))
+        .route("/v1/vms/{name}/clone", post(clone))
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/accounts/{email}/plan", get(get_plan).put(set_plan))
@@ -129,6 +130,37 @@ async fn start(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply
         };
         let event = match m.start(&name, Scope::Admin, &progress).await {
             Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
+            Err(error) => ProgressEvent::Error { error },
+        };
+        let _ = tx.send(line(&event)).await;
+    });
+    Ok(ndjson(rx))
+}
+
+/// Cloning streams progress, then `cloned` (with timings) or `error`; like creation, it runs
+/// in its own task so a client hanging up cannot interrupt it halfway.
+async fn clone(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Reply<Response> {
+    let req: nook_api::CloneVm = if body.is_empty() {
+        Default::default()
+    } else {
+        parse_json(&body)?
+    };
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(async move {
+        let progress_tx = tx.clone();
+        let progress = move |step: &str| {
+            let _ = progress_tx.try_send(line(&ProgressEvent::Progress {
+                step: step.to_string(),
+            }));
+        };
+        let event = match m.clone_vm(&name, req, Scope::Admin, &progress).await {
+            Ok(cloned) => ProgressEvent::Cloned {
+                cloned: Box::new(cloned),
+            },
             Err(error) => ProgressEvent::Error { error },
         };
         let _ = tx.send(line(&event)).await;

@@ -283,6 +283,10 @@ impl Config {
         self.data_dir.join("nook.sqlite")
     }
 
+    /// Frozen disk layers that clones share (see `nook_storage::layers`).
+    pub fn layers_dir(&self) -> PathBuf {
+        self.data_dir.join("layers")
+    }
     pub fn vms_dir(&self) -> PathBuf {
         self.data_dir.join("vms")
     }

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 pub mod errors;
+mod faults;
 pub mod frontdoor;
 pub mod idle;
 pub mod lobby;

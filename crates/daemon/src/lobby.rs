@@ -223,6 +223,31 @@ async fn execute(
             show_vm(m, io, &vm, json);
             Ok(())
         }
+        LobbyCommand::Cp {
+            source,
+            new,
+            stopped_only,
+        } => {
+            let req = nook_api::CloneVm {
+                name: new,
+                stopped_only,
+            };
+            let cloned = m.clone_vm(&source, req, scope, &progress(io, json)).await?;
+            if json {
+                let mut v = serde_json::to_value(&cloned).unwrap_or_default();
+                v["vm"]["ssh"] = json!(m.config().ssh_command(Some(&cloned.vm.name)));
+                print_json(io, &v);
+            } else {
+                println(io, &nook_api::clone_summary(&cloned));
+                if cloned.vm.state == VmState::Running {
+                    println(
+                        io,
+                        &format!("  ssh: {}", m.config().ssh_command(Some(&cloned.vm.name))),
+                    );
+                }
+            }
+            Ok(())
+        }
         LobbyCommand::Resize {
             name,
             cpu,

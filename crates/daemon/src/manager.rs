@@ -27,6 +27,8 @@ use tokio::sync::OnceCell;
 use crate::config::{AccelChoice, Config, NetChoice};
 use crate::errors;
 
+mod clone;
+
 /// The owner recorded for VMs made through the local admin socket.
 pub const ADMIN_OWNER: &str = "admin";
 
@@ -102,6 +104,10 @@ pub struct Manager {
     net: Net,
     accel: OnceCell<Accel>,
     live: std::sync::Mutex<HashMap<String, Live>>,
+    layers: nook_storage::layers::Layers,
+    /// Held while a clone makes a layer and the overlays that name it, and while unused
+    /// layers are collected, so a layer is never collected between the two.
+    layers_lock: tokio::sync::Mutex<()>,
     op_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -176,6 +182,7 @@ impl Manager {
                 None
             }
         };
+        let layers = nook_storage::layers::Layers::new(cfg.layers_dir());
         Ok(Arc::new(Manager {
             idle: Default::default(),
             cgroups,
@@ -185,6 +192,8 @@ impl Manager {
             net,
             accel: OnceCell::new(),
             live: Default::default(),
+            layers,
+            layers_lock: Default::default(),
             op_locks: Default::default(),
         }))
     }
@@ -458,6 +467,54 @@ impl Manager {
     ) -> Result<(), BootError> {
         let started = Instant::now();
         let paths = self.paths(&vm.id);
+        let (pid, qmp) = self.launch(vm, image, false, progress).await?;
+        let agent = AgentClient::connect(&paths.agent_socket())
+            .await
+            .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
+        self.adopt(vm, qmp.clone(), Some(agent.clone()));
+
+        progress("waiting for the guest to boot");
+        let timeout = self.cfg.ready_timeout;
+        let ready = tokio::select! {
+            r = agent.wait_ready(timeout) => r.map(|_| ()),
+            () = qmp.closed() => Err(nook_vmm::VmmError::QmpClosed),
+            () = silent_console(&paths, Duration::from_secs(15).min(timeout)) => return Err(BootError::SilentHang),
+        };
+        if let Err(err) = ready {
+            let tail = paths.console_tail(25);
+            let why = match err {
+                nook_vmm::VmmError::Timeout(t) => {
+                    format!("did not become ready within {}s", t.as_secs())
+                }
+                nook_vmm::VmmError::QmpClosed => "QEMU exited during boot".to_string(),
+                other => format!("failed during boot ({other})"),
+            };
+            return Err(BootError::Api(ApiError::new(
+                ErrorCode::GuestNotReady,
+                format!("VM '{}' {why}. Last console lines:\n{tail}", vm.name),
+            )));
+        }
+        self.identify(vm, &agent).await?;
+        self.install_ssh_key(vm, &agent).await?;
+        self.store
+            .set_state(&vm.id, VmState::Running, None, Some(pid))
+            .await
+            .map_err(|e| errors::from_store("record the VM as running", e))?;
+        progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
+        tracing::info!(vm = %vm.name, secs = started.elapsed().as_secs_f64(), "running");
+        Ok(())
+    }
+
+    /// Starts QEMU for `vm` (paused for an incoming fork with `incoming`), connected to its
+    /// network and confined to its account's cgroup; returns its pid and QMP connection.
+    async fn launch(
+        &self,
+        vm: &VmRecord,
+        image: &Image,
+        incoming: bool,
+        progress: Progress<'_>,
+    ) -> Result<(u32, Qmp), ApiError> {
+        let paths = self.paths(&vm.id);
         let qemu =
             Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
         let accel = self.choose_accel(&qemu, image).await;
@@ -469,8 +526,7 @@ impl Manager {
                     std::io::ErrorKind::NotFound,
                     format!("{} is missing", agent.display()),
                 ),
-            )
-            .into());
+            ));
         }
         let initrd = tokio::task::spawn_blocking(move || {
             nook_storage::initrd_with_agent(&img, &agent, &cache)
@@ -524,6 +580,7 @@ impl Manager {
             net,
             accel,
             reclaim: self.cfg.reclaim,
+            incoming,
         };
         progress(&format!("starting QEMU ({})", accel.qemu_arg()));
         let launched = tokio::task::spawn_blocking(move || qemu.launch(&spec)).await;
@@ -541,40 +598,38 @@ impl Manager {
         let qmp = Qmp::connect(&paths.qmp_socket())
             .await
             .map_err(|e| errors::from_vmm("connect to QMP", e))?;
-        let agent = AgentClient::connect(&paths.agent_socket())
-            .await
-            .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
-        self.adopt(vm, qmp.clone(), Some(agent.clone()));
+        Ok((pid, qmp))
+    }
 
-        progress("waiting for the guest to boot");
-        let timeout = self.cfg.ready_timeout;
-        let ready = tokio::select! {
-            r = agent.wait_ready(timeout) => r.map(|_| ()),
-            () = qmp.closed() => Err(nook_vmm::VmmError::QmpClosed),
-            () = silent_console(&paths, Duration::from_secs(15).min(timeout)) => return Err(BootError::SilentHang),
+    /// Tells the guest who it is; true when it was another VM until now (a clone).
+    async fn identify(&self, vm: &VmRecord, agent: &AgentClient) -> Result<bool, ApiError> {
+        let link =
+            VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
+        let (ip, gateway, dns) = match &self.net {
+            Net::Tap(_) => (
+                link.guest_cidr(),
+                link.host_ip.to_string(),
+                Some(self.cfg.dns.clone()),
+            ),
+            Net::User => ("10.0.2.15/24".to_string(), "10.0.2.2".to_string(), None),
         };
-        if let Err(err) = ready {
-            let tail = paths.console_tail(25);
-            let why = match err {
-                nook_vmm::VmmError::Timeout(t) => {
-                    format!("did not become ready within {}s", t.as_secs())
-                }
-                nook_vmm::VmmError::QmpClosed => "QEMU exited during boot".to_string(),
-                other => format!("failed during boot ({other})"),
-            };
-            return Err(BootError::Api(ApiError::new(
-                ErrorCode::GuestNotReady,
-                format!("VM '{}' {why}. Last console lines:\n{tail}", vm.name),
-            )));
-        }
-        self.install_ssh_key(vm, &agent).await?;
-        self.store
-            .set_state(&vm.id, VmState::Running, None, Some(pid))
+        let identity = nook_proto::Identity {
+            vm_id: vm.id.clone(),
+            hostname: vm.name.clone(),
+            ip: Some(ip),
+            gateway: Some(gateway),
+            dns,
+            mac: Some(link.mac.clone()),
+            seed: rand::random::<[u8; 32]>().to_vec(),
+        };
+        let cloned = agent
+            .identify(identity)
             .await
-            .map_err(|e| errors::from_store("record the VM as running", e))?;
-        progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
-        tracing::info!(vm = %vm.name, secs = started.elapsed().as_secs_f64(), "running");
-        Ok(())
+            .map_err(|e| errors::from_vmm("give the VM its identity", e))?;
+        if cloned {
+            tracing::info!(vm = %vm.name, "the guest took its new identity after a clone");
+        }
+        Ok(cloned)
     }
 
     async fn choose_accel(&self, qemu: &Qemu, image: &Image) -> Accel {
@@ -862,6 +917,7 @@ impl Manager {
         if let Err(err) = self.store.delete(&vm.id).await {
             tracing::error!(%err, vm = %vm.name, "deleting VM row failed; it will be retried at the next start");
         }
+        self.collect_layers().await;
         self.op_locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1456,6 +1512,9 @@ impl Manager {
                     match Qmp::connect(&paths.qmp_socket()).await {
                         Ok(qmp) => {
                             tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
+                            // A clone the crash interrupted may have left it paused.
+                            nook_vmm::fork::resume(&qmp).await;
+                            self.settle_next_disk(vm, Some(&qmp)).await;
                             if let Err(err) = self.confine(vm, pid).await {
                                 tracing::warn!(vm = %vm.name, error = %err.message, "could not confine a re-adopted VM");
                             }
@@ -1478,6 +1537,7 @@ impl Manager {
                     }
                 }
                 (VmState::Running | VmState::Starting | VmState::Stopping, None) => {
+                    self.settle_next_disk(vm, None).await;
                     self.release_runtime(&vm.id, vm.slot, &vm.owner).await;
                     let (state, reason) = if vm.state == VmState::Stopping {
                         (VmState::Stopped, None)
@@ -1493,10 +1553,12 @@ impl Manager {
                     if pid.is_some() {
                         self.halt(vm, false).await;
                     }
+                    self.settle_next_disk(vm, None).await;
                 }
             }
         }
         self.remove_orphans(&vms).await;
+        self.collect_layers().await;
         Ok(())
     }
 

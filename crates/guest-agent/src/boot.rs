@@ -17,10 +17,17 @@ const GROW_SLACK: u64 = 16 * 1024 * 1024;
 /// How long boot set-up waits for the network device to appear.
 const NIC_WAIT: Duration = Duration::from_secs(10);
 
-/// Reads `/proc/cmdline` and applies it. Does nothing without `nook.hostname`, so running the
-/// agent by hand outside a nook VM cannot reconfigure that machine.
+/// Where the identity the host last gave this boot is kept, in the kernel command line's
+/// words. It lives in `/run`, so it outlasts an agent restart but not a reboot, and a forked
+/// clone re-reads its own identity rather than its source's command line.
+pub const CURRENT: &str = "/run/nook/boot";
+
+/// Reads the current identity (see [`CURRENT`]), or else `/proc/cmdline`, and applies it.
+/// Does nothing without `nook.hostname`, so running the agent by hand outside a nook VM cannot
+/// reconfigure that machine.
 pub fn setup() {
-    let cmdline = match fs::read_to_string("/proc/cmdline") {
+    let cmdline = match fs::read_to_string(CURRENT).or_else(|_| fs::read_to_string("/proc/cmdline"))
+    {
         Ok(c) => c,
         Err(e) => {
             log!("cannot read /proc/cmdline: {e}; skipping boot set-up");
@@ -170,6 +177,11 @@ fn configure_network(cfg: &BootConfig) {
     };
     let dev = interface();
     ip(&["link", "set", &dev, "up"]);
+    // Any other IPv4 address is a forked source's, on a link that is no longer its.
+    if current_ipv4(&ip_tool, &dev).is_some_and(|have| have != *addr) {
+        ip(&["-4", "addr", "flush", "dev", &dev]);
+        ip(&["neigh", "flush", "dev", &dev]);
+    }
     if !ip(&["addr", "replace", addr, "dev", &dev]) {
         ip(&["addr", "add", addr, "dev", &dev]);
     }
@@ -179,6 +191,34 @@ fn configure_network(cfg: &BootConfig) {
         ip(&["route", "add", "default", "via", gw]);
     }
     log!("network: {addr} on {dev}, gateway {:?}", cfg.gateway);
+}
+
+/// The first IPv4 address (with prefix) on `dev`, from `ip -4 -o addr show`.
+fn current_ipv4(ip_tool: &Path, dev: &str) -> Option<String> {
+    let out = Command::new(ip_tool)
+        .args(["-4", "-o", "addr", "show", "dev", dev])
+        .env_clear()
+        .env("PATH", SYSTEM_PATH)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "inet")?;
+    words.next().map(str::to_string)
+}
+
+/// The network interface the host's link is on, for callers outside boot set-up.
+pub(crate) fn nic() -> String {
+    interface()
+}
+
+/// Runs a system tool by name; true when it succeeded (false when it is not installed).
+pub(crate) fn run_tool(name: &str, args: &[&str]) -> bool {
+    match find_tool(name) {
+        Some(tool) => run(&tool, args),
+        None => false,
+    }
 }
 
 /// Mounts devpts when init has not, since pty spawns need it.

@@ -19,6 +19,7 @@ macro_rules! log {
 
 pub mod boot;
 mod files;
+mod identity;
 pub mod metrics;
 pub mod port;
 pub mod power;

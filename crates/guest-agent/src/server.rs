@@ -167,6 +167,11 @@ impl Agent {
                 append,
                 mode,
             } => files::write(&path, &data, append, mode).map(|()| shared.send(id, GuestMsg::Ok)),
+            HostMsg::Identify(identity) => {
+                let cloned = crate::identity::apply(&identity);
+                shared.send(id, GuestMsg::Identified { cloned });
+                Ok(())
+            }
             HostMsg::Metrics => {
                 shared.send(id, GuestMsg::Metrics(metrics::collect()));
                 Ok(())

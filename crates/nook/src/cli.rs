@@ -158,6 +158,17 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Clone a VM: its disk, and when it is running its memory and processes too
+    Cp {
+        source: String,
+        /// The clone's name (a friendly one is made up when absent)
+        new: Option<String>,
+        /// Clone only the disk and boot the clone afresh, even when the source is running
+        #[arg(long)]
+        stopped_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a VM and its disk
     Rm { name: String },
     /// Print a VM's serial console log

@@ -182,6 +182,19 @@ fn fail(err: ApiError, json: bool) -> i32 {
 
 /// Follows a progress stream to its end; returns the VM or the error.
 async fn follow(reply: Reply, json: bool) -> anyhow::Result<Result<VmInfo, ApiError>> {
+    Ok(match follow_to_end(reply, json).await? {
+        Ok(ProgressEvent::Done { vm }) => Ok(*vm),
+        Ok(ProgressEvent::Cloned { cloned }) => Ok(cloned.vm),
+        Ok(other) => anyhow::bail!("unexpected end of the daemon's stream: {other:?}"),
+        Err(err) => Err(err),
+    })
+}
+
+/// Shows the progress of a long request (on stderr, unless `json`) and returns its last event.
+async fn follow_to_end(
+    reply: Reply,
+    json: bool,
+) -> anyhow::Result<Result<ProgressEvent, ApiError>> {
     let resp = match reply {
         Reply::Ok(resp) => resp,
         Reply::Err(err) => return Ok(Err(err)),
@@ -191,8 +204,8 @@ async fn follow(reply: Reply, json: bool) -> anyhow::Result<Result<VmInfo, ApiEr
         match event {
             ProgressEvent::Progress { step } if !json => eprintln!("==> {step}"),
             ProgressEvent::Progress { .. } => {}
-            ProgressEvent::Done { vm } => outcome = Some(Ok(*vm)),
             ProgressEvent::Error { error } => outcome = Some(Err(error)),
+            done => outcome = Some(Ok(done)),
         }
         Ok(())
     })
@@ -254,6 +267,36 @@ async fn vm(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 .await?;
             match follow(reply, json).await? {
                 Ok(vm) => print_vm(&vm, json).map(|()| 0),
+                Err(err) => Ok(fail(err, json)),
+            }
+        }
+        VmCommand::Cp {
+            source,
+            new,
+            stopped_only,
+            json,
+        } => {
+            let req = nook_api::CloneVm {
+                name: new,
+                stopped_only,
+            };
+            let reply = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/vms/{}/clone", path_segment(&source)),
+                    Some(serde_json::to_value(req)?),
+                )
+                .await?;
+            match follow_to_end(reply, json).await? {
+                Ok(ProgressEvent::Cloned { cloned }) if json => {
+                    println!("{}", serde_json::to_string_pretty(&cloned)?);
+                    Ok(0)
+                }
+                Ok(ProgressEvent::Cloned { cloned }) => {
+                    println!("{}", nook_api::clone_summary(&cloned));
+                    Ok(0)
+                }
+                Ok(other) => anyhow::bail!("unexpected end of the daemon's stream: {other:?}"),
                 Err(err) => Ok(fail(err, json)),
             }
         }

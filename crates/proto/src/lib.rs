@@ -70,6 +70,39 @@ pub enum HostMsg {
     Metrics,
     /// Flush disks and power off (or reboot); answered with `Ok` before the guest goes down.
     Shutdown { reboot: bool },
+    /// Who this machine is; sent after every boot and after a fork. Answered with `Identified`.
+    Identify(Identity),
+}
+
+/// A VM's identity as the host assigns it. A guest that finds a different `vm_id` from the
+/// one it last saw was cloned: it takes the new name and address and makes itself a new
+/// machine-id and SSH host keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    pub vm_id: String,
+    pub hostname: String,
+    /// Address with prefix length, e.g. `10.200.0.6/30`.
+    pub ip: Option<String>,
+    pub gateway: Option<String>,
+    pub dns: Option<String>,
+    /// The NIC's MAC address; a running clone wakes up with its source's.
+    pub mac: Option<String>,
+    /// Fresh entropy from the host, mixed into the guest's pool.
+    #[serde(with = "b64")]
+    pub seed: Vec<u8>,
+}
+
+impl Identity {
+    /// The boot-time part of the identity, as the agent re-applies it after a restart.
+    pub fn boot_config(&self) -> BootConfig {
+        BootConfig {
+            hostname: self.hostname.clone(),
+            ip: self.ip.clone(),
+            gateway: self.gateway.clone(),
+            dns: self.dns.clone(),
+            init: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +163,10 @@ pub enum GuestMsg {
     },
     Ok,
     Metrics(GuestMetrics),
+    /// `cloned`: the machine had another VM's identity and has now taken this one.
+    Identified {
+        cloned: bool,
+    },
     Error {
         kind: ErrorKind,
         message: String,

@@ -20,6 +20,7 @@ pub mod disk;
 mod error;
 mod initrd;
 mod kernel;
+pub mod layers;
 mod recipe;
 mod rootfs;
 mod store;

@@ -265,6 +265,16 @@ impl AgentClient {
         }
     }
 
+    /// Tells the guest who it is; true when it found it had been another VM (a clone).
+    pub async fn identify(&self, identity: nook_proto::Identity) -> Result<bool, VmmError> {
+        match self.call(HostMsg::Identify(identity)).await? {
+            GuestMsg::Identified { cloned } => Ok(cloned),
+            other => Err(VmmError::Agent(format!(
+                "unexpected reply to identify: {other:?}"
+            ))),
+        }
+    }
+
     /// Asks the guest to flush and power off; returns once the agent acknowledged.
     pub async fn shutdown(&self, reboot: bool) -> Result<(), VmmError> {
         match self.call(HostMsg::Shutdown { reboot }).await? {

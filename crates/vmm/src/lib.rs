@@ -7,6 +7,7 @@
 
 pub mod agent;
 mod error;
+pub mod fork;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;

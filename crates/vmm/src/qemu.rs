@@ -64,6 +64,8 @@ pub struct LaunchSpec {
     /// Memory reclaim: a balloon with free page reporting, and a small TCG translation
     /// cache. Off only to measure what it saves.
     pub reclaim: bool,
+    /// Start paused, waiting for a running VM's state to stream in (a fork's clone).
+    pub incoming: bool,
 }
 
 /// The seam where another VMM (Cloud Hypervisor, Firecracker) would plug in.
@@ -135,9 +137,12 @@ impl Qemu {
             spec.initrd.display().to_string(),
             "-append".into(),
             spec.cmdline.clone(),
+            // No image locks on the top: nook guarantees it has one writer, and after a fork
+            // the source's old tops (now layers its clones read) must not block its own
+            // re-activation. Layers opened as backing files keep QEMU's read locks.
             "-drive".into(),
             format!(
-                "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap",
+                "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap,file.locking=off",
                 s(p.disk())
             ),
             "-device".into(),
@@ -169,6 +174,10 @@ impl Qemu {
             ),
             "-device".into(),
             "virtio-rng-pci".into(),
+            // A new generation id on every QEMU start, the restore of a fork included: the
+            // guest kernel reseeds its RNG when it changes, so clones never share random state.
+            "-device".into(),
+            "vmgenid,guid=auto".into(),
             // Free page reporting hands pages the guest frees back to the host at once, which
             // is what lets idle VMs cost little and memory be overcommitted.
         ]);
@@ -177,6 +186,9 @@ impl Qemu {
                 "-device".into(),
                 "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on".into(),
             ]);
+        }
+        if spec.incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
         }
         args.extend([
             "-chardev".into(),
@@ -271,6 +283,7 @@ mod tests {
             },
             accel: Accel::Tcg,
             reclaim: true,
+            incoming: false,
         };
         let line = Qemu::args(&spec).join(" ");
         for part in [

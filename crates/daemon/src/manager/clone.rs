@@ -1,0 +1,399 @@
+//! `cp`: cloning a VM. The disk side is `nook_storage::layers` (freeze the source's top, give
+//! both VMs a fresh overlay over it); a running source is also forked with `nook_vmm::fork`.
+//!
+//! Crash safety rests on three facts, each checked by `recover`:
+//! - The clone's row is `creating` until the clone is complete, and a `creating` row is
+//!   destroyed at start, so an interrupted clone leaves nothing.
+//! - The source only ever gains a layer: its new top is made beside its disk as
+//!   `disk.next.qcow2` and renamed over `disk.qcow2` once QEMU writes to it (or, with QEMU
+//!   gone, whenever its backing file is the source's old top). [`Manager::settle_next_disk`]
+//!   finishes or undoes that step.
+//! - Layers are collected by reachability from every VM's disk files, under the layers lock
+//!   a clone holds from freezing a layer until the overlays that name it exist.
+
+use super::*;
+use crate::faults::{self, Fault};
+use nook_api::{CloneMode, CloneTimings, CloneVm, Cloned};
+use nook_storage::layers;
+use nook_vmm::fork;
+
+/// Chains with more layers than this are flattened in the background after a clone.
+const MAX_LAYERS: usize = 8;
+/// The source's new top while a clone is moving it there.
+const NEXT_DISK: &str = "disk.next.qcow2";
+/// The `-drive id` of every VM's root disk.
+const DISK_DEVICE: &str = "root";
+/// How long a forked clone's agent has to answer after the restore.
+const FORK_READY: Duration = Duration::from_secs(30);
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl Manager {
+    /// Clones `source` into a new VM owned by the same account. A stopped source gives a
+    /// stopped clone of its disk; a running one a running clone with its memory and processes
+    /// (or, with `stopped_only`, a fresh boot of a copy of its disk).
+    pub async fn clone_vm(
+        self: &Arc<Self>,
+        source: &str,
+        req: CloneVm,
+        scope: Scope<'_>,
+        progress: Progress<'_>,
+    ) -> Result<Cloned, ApiError> {
+        let started = Instant::now();
+        if let Some(name) = &req.name {
+            nook_api::validate_name(name)?;
+        }
+        let (_source_guard, src) = self.lock_vm(source, scope).await?;
+        let mode = match src.state {
+            VmState::Stopped | VmState::Failed => CloneMode::Disk,
+            VmState::Running if req.stopped_only => CloneMode::Boot,
+            VmState::Running => CloneMode::Fork,
+            other => {
+                return Err(ApiError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "VM '{}' is {}: clone it once it is running or stopped",
+                        src.name,
+                        other.as_str()
+                    ),
+                ));
+            }
+        };
+        if mode != CloneMode::Disk {
+            Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
+        }
+        let image = self.image_of(&src)?;
+        let record = {
+            let account_lock = self.op_lock(&format!("account:{}", src.owner));
+            let _account_guard = account_lock.lock().await;
+            let memory = if mode == CloneMode::Disk {
+                0
+            } else {
+                src.memory_mib
+            };
+            self.admit(&src.owner, None, src.cpu, memory, src.disk_bytes)
+                .await?;
+            self.insert_clone_record(&src, req.name.as_deref()).await?
+        };
+        let clone_lock = self.op_lock(&record.id);
+        let _clone_guard = clone_lock.lock().await;
+        faults::point("clone:recorded");
+        tracing::info!(source = %src.name, clone = %record.name, ?mode, "cloning");
+        progress(&format!("cloning {} into {}", src.name, record.name));
+        match self.make_clone(&src, &record, &image, mode, progress).await {
+            Ok(mut timings) => {
+                timings.total_ms = ms(started.elapsed());
+                tracing::info!(source = %src.name, clone = %record.name, ?timings, "cloned");
+                for id in [&src.id, &record.id] {
+                    self.flatten_later(id);
+                }
+                let vm = self.get(&record.name, Scope::Admin).await?;
+                Ok(Cloned {
+                    vm,
+                    source: src.name.clone(),
+                    mode,
+                    timings,
+                })
+            }
+            Err(err) => {
+                tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "clone failed; removing what was made");
+                self.destroy(&record).await;
+                Err(err)
+            }
+        }
+    }
+
+    async fn insert_clone_record(
+        &self,
+        src: &VmRecord,
+        name: Option<&str>,
+    ) -> Result<VmRecord, ApiError> {
+        let id = hex::encode(rand::random::<[u8; 6]>());
+        let mut attempt = 0;
+        loop {
+            let new = NewVm {
+                id: id.clone(),
+                name: name.map_or_else(crate::names::friendly, str::to_string),
+                owner: src.owner.clone(),
+                image: src.image.clone(),
+                image_dir: src.image_dir.clone(),
+                cpu: src.cpu,
+                memory_mib: src.memory_mib,
+                disk_bytes: src.disk_bytes,
+            };
+            match self.store.insert_vm(new).await {
+                Err(nook_store::StoreError::NameTaken(_)) if name.is_none() && attempt < 8 => {
+                    attempt += 1
+                }
+                other => return other.map_err(|e| errors::from_store("record the clone", e)),
+            }
+        }
+    }
+
+    async fn make_clone(
+        self: &Arc<Self>,
+        src: &VmRecord,
+        clone: &VmRecord,
+        image: &Image,
+        mode: CloneMode,
+        progress: Progress<'_>,
+    ) -> Result<CloneTimings, ApiError> {
+        let mut timings = CloneTimings::default();
+        let disk_started = Instant::now();
+        let clone_paths = self.paths(&clone.id);
+        std::fs::create_dir_all(&clone_paths.dir)
+            .map_err(|e| io_error("create the VM directory", e))?;
+        let layers_guard = self.layers_lock.lock().await;
+        let next = self.paths(&src.id).dir.join(NEXT_DISK);
+        let (layers, src_disk, clone_disk, next_disk) = (
+            self.layers.clone(),
+            self.paths(&src.id).disk(),
+            clone_paths.disk(),
+            next.clone(),
+        );
+        let (src_size, clone_size) = (src.disk_bytes, clone.disk_bytes);
+        let made = tokio::task::spawn_blocking(move || {
+            let layer = layers.freeze(&src_disk)?;
+            faults::point("clone:frozen");
+            nook_storage::disk::create_overlay_on_qcow2(&layer, &next_disk, src_size)?;
+            nook_storage::disk::create_overlay_on_qcow2(&layer, &clone_disk, clone_size)?;
+            Ok::<_, nook_storage::StorageError>(layer)
+        })
+        .await;
+        let made = map_join(made, "clone the disk")?;
+        if let Err(err) = made {
+            let _ = std::fs::remove_file(&next);
+            return Err(errors::from_storage("clone the disk", err));
+        }
+        faults::point("clone:overlays");
+
+        if mode != CloneMode::Fork {
+            if mode == CloneMode::Boot {
+                let qmp = self.live_qmp(src)?;
+                let switched = fork::switch_disk(&qmp, DISK_DEVICE, &next).await;
+                faults::point("clone:switched");
+                self.settle_next_disk(src, Some(&qmp)).await;
+                switched.map_err(|e| errors::from_vmm("switch the source's disk", e))?;
+            } else {
+                self.settle_next_disk(src, None).await;
+            }
+            drop(layers_guard);
+            timings.disk_ms = ms(disk_started.elapsed());
+            if mode == CloneMode::Boot {
+                let boot_started = Instant::now();
+                self.boot(clone, image, progress).await?;
+                timings.ready_ms = Some(ms(boot_started.elapsed()));
+            } else {
+                self.store
+                    .set_state(&clone.id, VmState::Stopped, None, None)
+                    .await
+                    .map_err(|e| errors::from_store("record the clone", e))?;
+            }
+            return Ok(timings);
+        }
+
+        timings.disk_ms = ms(disk_started.elapsed());
+        progress("starting the clone's QEMU");
+        let (pid, clone_qmp) = self.launch(clone, image, true, progress).await?;
+        self.adopt(clone, clone_qmp.clone(), None);
+        let socket = clone_paths.dir.join("incoming.sock");
+        let src_qmp = self.live_qmp(src)?;
+        let source_pid = src.pid;
+        progress("copying memory");
+        let sent = async {
+            fork::listen(&clone_qmp, &socket).await?;
+            fork::send(&src_qmp, &socket, || async {
+                match faults::point("clone:paused") {
+                    Fault::KillSourceQemu => kill_qemu(source_pid),
+                    Fault::KillCloneQemu => kill_qemu(Some(pid)),
+                    Fault::None => {}
+                }
+                fork::switch_disk(&src_qmp, DISK_DEVICE, &next).await?;
+                faults::point("clone:switched");
+                Ok(())
+            })
+            .await
+        }
+        .await;
+        self.settle_next_disk(src, Some(&src_qmp)).await;
+        drop(layers_guard);
+        let sent = sent.map_err(|e| errors::from_vmm("copy the VM's memory", e))?;
+        timings.source_paused_ms = Some(ms(sent.paused));
+        fork::finish(&clone_qmp)
+            .await
+            .map_err(|e| errors::from_vmm("restore the clone", e))?;
+        timings.memory_ms = Some(ms(sent.total));
+        let _ = std::fs::remove_file(&socket);
+        faults::point("clone:restored");
+
+        let ready_started = Instant::now();
+        progress("giving the clone its own identity");
+        let agent = AgentClient::connect(&clone_paths.agent_socket())
+            .await
+            .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&clone.id)
+        {
+            live.agent = Some(agent.clone());
+        }
+        tokio::select! {
+            r = agent.wait_ready(FORK_READY) => r.map_err(|e| errors::from_vmm("reach the clone's guest agent", e))?,
+            () = clone_qmp.closed() => return Err(ApiError::new(ErrorCode::GuestNotReady, format!("The clone '{}' stopped right after its restore", clone.name))),
+        };
+        self.identify(clone, &agent).await?;
+        self.install_ssh_key(clone, &agent).await?;
+        self.store
+            .set_state(&clone.id, VmState::Running, None, Some(pid))
+            .await
+            .map_err(|e| errors::from_store("record the clone as running", e))?;
+        timings.ready_ms = Some(ms(ready_started.elapsed()));
+        Ok(timings)
+    }
+
+    /// The QMP connection of a running VM this daemon supervises.
+    fn live_qmp(&self, vm: &VmRecord) -> Result<Qmp, ApiError> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vm.id)
+            .map(|l| l.qmp.clone())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotRunning,
+                    format!("VM '{}' is not running", vm.name),
+                )
+            })
+    }
+
+    /// Finishes or undoes moving `vm` onto `disk.next.qcow2`: renamed over `disk.qcow2` when
+    /// QEMU writes to it or (QEMU gone) when it sits on the old top, else removed.
+    pub(super) async fn settle_next_disk(&self, vm: &VmRecord, qmp: Option<&Qmp>) {
+        let paths = self.paths(&vm.id);
+        let (next, disk) = (paths.dir.join(NEXT_DISK), paths.disk());
+        if !next.exists() {
+            return;
+        }
+        let in_use = match qmp.filter(|q| !q.is_closed()) {
+            Some(qmp) => match fork::disk_top(qmp, DISK_DEVICE).await {
+                Ok((_, file)) => Some(file == next.display().to_string()),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let keep = in_use.unwrap_or_else(|| same_file_backs(&next, &disk));
+        let outcome = if keep {
+            std::fs::rename(&next, &disk)
+        } else {
+            std::fs::remove_file(&next)
+        };
+        match outcome {
+            Ok(()) if keep => {
+                tracing::info!(vm = %vm.name, "the VM's disk now sits on a new layer")
+            }
+            Ok(()) => tracing::info!(vm = %vm.name, "dropped an unused new disk top"),
+            Err(err) => {
+                tracing::error!(vm = %vm.name, %err, "could not settle the VM's new disk top")
+            }
+        }
+    }
+
+    /// Deletes the layers no VM's disk reaches any more.
+    pub(super) async fn collect_layers(&self) {
+        let _guard = self.layers_lock.lock().await;
+        let mut tops = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.cfg.vms_dir()) {
+            for entry in entries.flatten() {
+                tops.push(entry.path().join("disk.qcow2"));
+                tops.push(entry.path().join(NEXT_DISK));
+            }
+        }
+        let layers = self.layers.clone();
+        match tokio::task::spawn_blocking(move || layers.collect(&tops)).await {
+            Ok(Ok(removed)) if !removed.is_empty() => {
+                tracing::info!(count = removed.len(), "deleted disk layers no VM uses")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "collecting unused disk layers failed"),
+            Err(err) => tracing::warn!(%err, "collecting unused disk layers failed"),
+        }
+    }
+
+    fn flatten_later(self: &Arc<Self>, id: &str) {
+        let (this, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move {
+            if let Err(err) = this.flatten(&id).await {
+                tracing::warn!(vm = id, error = %err.message, "flattening a disk chain failed; it stays deep");
+            }
+        });
+    }
+
+    /// Merges a VM's layers into its top once there are more than [`MAX_LAYERS`], so chains of
+    /// clones of clones stay short; then collects the layers nobody needs any more.
+    async fn flatten(&self, id: &str) -> Result<(), ApiError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        let Ok(vm) = self.store.get_by_id(id).await else {
+            return Ok(());
+        };
+        let disk = self.paths(id).disk();
+        let chain = {
+            let disk = disk.clone();
+            map_join(
+                tokio::task::spawn_blocking(move || layers::chain(&disk)).await,
+                "read a disk chain",
+            )?
+            .map_err(|e| errors::from_storage("read a disk chain", e))?
+        };
+        let depth = chain.iter().filter(|f| self.layers.contains(f)).count();
+        let Some(base) = chain.last().filter(|_| depth > MAX_LAYERS).cloned() else {
+            return Ok(());
+        };
+        tracing::info!(vm = %vm.name, depth, "flattening a deep disk chain");
+        match vm.state {
+            VmState::Running => {
+                let qmp = self.live_qmp(&vm)?;
+                fork::stream_to_base(&qmp, DISK_DEVICE, &base)
+                    .await
+                    .map_err(|e| errors::from_vmm("flatten the disk", e))?;
+            }
+            VmState::Stopped | VmState::Failed => {
+                let rebased =
+                    tokio::task::spawn_blocking(move || nook_storage::disk::rebase(&disk, &base))
+                        .await;
+                map_join(rebased, "flatten the disk")?
+                    .map_err(|e| errors::from_storage("flatten the disk", e))?;
+            }
+            _ => return Ok(()),
+        }
+        self.collect_layers().await;
+        Ok(())
+    }
+}
+
+/// Whether `next`'s backing file is the same file as `disk`: the new top was made for it.
+fn same_file_backs(next: &std::path::Path, disk: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(Some(backing)) = layers::backing_file(next) else {
+        return false;
+    };
+    match (std::fs::metadata(backing), std::fs::metadata(disk)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        // The old top is only a layer now: the new top is all the VM has.
+        (Ok(_), Err(_)) => true,
+        _ => false,
+    }
+}
+
+fn kill_qemu(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

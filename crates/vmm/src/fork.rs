@@ -1,0 +1,359 @@
+//! Forking a running VM: its memory and device state stream live into a second QEMU while
+//! the source keeps running, and at the one instant the source is paused its disk moves onto
+//! a fresh overlay, so the clone's disk and memory are of the same moment.
+//!
+//! The stream goes over a unix socket straight into the clone's QEMU (started with
+//! `-incoming defer`), so loading overlaps saving and no state file is ever left behind.
+//! `pause-before-switchover` stops the migration after the source is paused and before its
+//! device state is sent: that is where the disk switch happens.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::{Qmp, VmmError};
+
+/// How long a fork may take before it is abandoned (and the source resumed).
+const FORK_TIMEOUT: Duration = Duration::from_secs(120);
+/// The source's pause is budgeted at this much by QEMU's precopy: it keeps copying dirty
+/// pages until the rest fits. Lower than QEMU's default (300 ms) since the link is local.
+const DOWNTIME_LIMIT_MS: u64 = 20;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForkTimings {
+    /// From the start of the migration until the clone holds all of the state.
+    pub total: Duration,
+    /// How long the source's vCPUs were stopped.
+    pub paused: Duration,
+}
+
+/// Prepares the clone's QEMU (launched with `-incoming defer`) to receive on `socket`.
+pub async fn listen(clone: &Qmp, socket: &Path) -> Result<(), VmmError> {
+    let _ = std::fs::remove_file(socket);
+    clone
+        .execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Streams the running `source` into the clone listening on `socket`. When the source is
+/// paused, `switch_disk` is called with its QMP to move the disk onto a new overlay; its
+/// error aborts the fork, leaving the source running as before. The source always ends up
+/// running, whatever happens.
+pub async fn send<F, Fut>(
+    source: &Qmp,
+    socket: &Path,
+    switch_disk: F,
+) -> Result<ForkTimings, VmmError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), VmmError>>,
+{
+    let started = Instant::now();
+    source
+        .execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [
+                { "capability": "pause-before-switchover", "state": true },
+                { "capability": "events", "state": true },
+            ]})),
+        )
+        .await?;
+    source
+        .execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": DOWNTIME_LIMIT_MS })),
+        )
+        .await?;
+    let mut events = source.events();
+    source
+        .execute(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+        )
+        .await?;
+    let mut switch_disk = Some(switch_disk);
+    let outcome = tokio::time::timeout(FORK_TIMEOUT, async {
+        let mut paused_at: Option<Instant> = None;
+        loop {
+            // Events say when to act; the status poll backs them up, since an event can be
+            // missed if the broadcast lags.
+            let status = tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(ev) if ev.event == "STOP" => {
+                        paused_at.get_or_insert_with(Instant::now);
+                        continue;
+                    }
+                    Ok(ev) if ev.event == "MIGRATION" => ev.data.get("status").and_then(Value::as_str).unwrap_or_default().to_string(),
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => migration_status(source).await?,
+                    Err(_) => return Err(VmmError::QmpClosed),
+                },
+                () = tokio::time::sleep(Duration::from_millis(50)) => migration_status(source).await?,
+            };
+            tracing::debug!(status, "fork: source migration");
+            match status.as_str() {
+                "pre-switchover" if switch_disk.is_some() => {
+                    paused_at.get_or_insert_with(Instant::now);
+                    if let Some(switch) = switch_disk.take() {
+                        switch().await?;
+                    }
+                    source
+                        .execute(
+                            "migrate-continue",
+                            Some(json!({ "state": "pre-switchover" })),
+                        )
+                        .await?;
+                }
+                "completed" => return Ok(paused_at),
+                "failed" | "cancelled" => {
+                    let why = source
+                        .execute("query-migrate", None)
+                        .await
+                        .ok()
+                        .and_then(|v| v.get("error-desc").and_then(Value::as_str).map(str::to_string))
+                        .unwrap_or_else(|| status.clone());
+                    return Err(VmmError::Qmp(format!("migration {status}: {why}")));
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(Err(VmmError::Timeout(FORK_TIMEOUT)));
+    match outcome {
+        Ok(paused_at) => {
+            cont_after_migration(source).await?;
+            let paused = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+            Ok(ForkTimings {
+                total: started.elapsed(),
+                paused,
+            })
+        }
+        Err(err) => {
+            resume(source).await;
+            Err(err)
+        }
+    }
+}
+
+/// `cont` on a source whose migration just completed: QEMU refuses it until its migration
+/// thread has wound down ("not finalized yet"), a matter of a millisecond or so.
+async fn cont_after_migration(source: &Qmp) -> Result<(), VmmError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match source.execute("cont", None).await {
+            Err(VmmError::Qmp(msg))
+                if msg.contains("not finalized") && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+/// Waits for the clone to hold all of the state, then lets it run.
+pub async fn finish(clone: &Qmp) -> Result<(), VmmError> {
+    tokio::time::timeout(FORK_TIMEOUT, async {
+        loop {
+            match migration_status(clone).await?.as_str() {
+                "completed" => break,
+                s @ ("failed" | "cancelled") => {
+                    return Err(VmmError::Qmp(format!("incoming migration {s}")));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        if !is_running(clone).await? {
+            clone.execute("cont", None).await?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or(Err(VmmError::Timeout(FORK_TIMEOUT)))
+}
+
+/// Cancels any migration of `vm` and makes sure its vCPUs run: after a fork that failed or
+/// was interrupted (a daemon crash included), the source must not stay paused.
+pub async fn resume(vm: &Qmp) {
+    if let Ok(status) = migration_status(vm).await
+        && matches!(
+            status.as_str(),
+            "setup" | "active" | "pre-switchover" | "device" | "wait-unplug"
+        )
+    {
+        let _ = vm.execute("migrate_cancel", None).await;
+        for _ in 0..200 {
+            match migration_status(vm).await.as_deref() {
+                Ok("cancelling" | "active" | "pre-switchover" | "device") => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => break,
+            }
+        }
+    }
+    if matches!(is_running(vm).await, Ok(false)) {
+        let _ = vm.execute("cont", None).await;
+    }
+}
+
+async fn migration_status(vm: &Qmp) -> Result<String, VmmError> {
+    let info = vm.execute("query-migrate", None).await?;
+    Ok(info
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("none")
+        .to_string())
+}
+
+async fn is_running(vm: &Qmp) -> Result<bool, VmmError> {
+    let status = vm.execute("query-status", None).await?;
+    Ok(status
+        .get("running")
+        .and_then(Value::as_bool)
+        .unwrap_or(false))
+}
+
+/// The file QEMU currently writes the disk `device` to (the top of its chain).
+pub async fn disk_top(vm: &Qmp, device: &str) -> Result<(String, String), VmmError> {
+    let blocks = vm.execute("query-block", None).await?;
+    blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b.get("device").and_then(Value::as_str) == Some(device))
+        .and_then(|b| b.get("inserted"))
+        .and_then(|i| {
+            let node = i.get("node-name")?.as_str()?.to_string();
+            let file = top_file(i.get("file")?.as_str()?)?;
+            Some((node, file))
+        })
+        .ok_or_else(|| VmmError::Qmp(format!("no disk named {device}")))
+}
+
+/// The top's own file from QEMU's name for a chain: a plain path, or (once the chain was
+/// assembled at run time) a `json:` description whose `file.filename` is the top's file.
+fn top_file(name: &str) -> Option<String> {
+    match name.strip_prefix("json:") {
+        Some(json) => serde_json::from_str::<Value>(json)
+            .ok()?
+            .pointer("/file/filename")?
+            .as_str()
+            .map(str::to_string),
+        None => Some(name.to_string()),
+    }
+}
+
+/// Moves the running `device` onto `overlay`, a new empty qcow2 file whose backing file is
+/// the current top (under whatever name): from now on writes go to `overlay`, and the old
+/// top is read only.
+pub async fn switch_disk(vm: &Qmp, device: &str, overlay: &Path) -> Result<(), VmmError> {
+    let (top, _) = disk_top(vm, device).await?;
+    let node = format!("top-{}", hex_id());
+    vm.execute(
+        "blockdev-add",
+        Some(json!({
+            "driver": "qcow2",
+            "node-name": node,
+            "discard": "unmap",
+            "detect-zeroes": "unmap",
+            "file": { "driver": "file", "filename": overlay.display().to_string(), "locking": "off" },
+            "backing": null,
+        })),
+    )
+    .await?;
+    if let Err(err) = vm
+        .execute(
+            "blockdev-snapshot",
+            Some(json!({ "node": top, "overlay": node })),
+        )
+        .await
+    {
+        let _ = vm
+            .execute("blockdev-del", Some(json!({ "node-name": node })))
+            .await;
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Copies into the running disk's top everything its chain holds above `base`, then drops
+/// those layers from the chain (QEMU's block-stream). Returns once the job has finished.
+pub async fn stream_to_base(vm: &Qmp, device: &str, base: &Path) -> Result<(), VmmError> {
+    let nodes = vm.execute("query-named-block-nodes", None).await?;
+    let base_name = base.display().to_string();
+    let base_node = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| {
+            n.get("file").and_then(Value::as_str) == Some(base_name.as_str())
+                && n.get("drv").and_then(Value::as_str) == Some("qcow2")
+        })
+        .and_then(|n| n.get("node-name").and_then(Value::as_str))
+        .ok_or_else(|| VmmError::Qmp(format!("{base_name} is not in the disk's chain")))?
+        .to_string();
+    let (top, _) = disk_top(vm, device).await?;
+    let job = format!("flatten-{}", hex_id());
+    let mut events = vm.events();
+    vm.execute(
+        "block-stream",
+        Some(json!({ "job-id": job, "device": top, "base-node": base_node, "auto-dismiss": true })),
+    )
+    .await?;
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => ev.ok(),
+            () = tokio::time::sleep(Duration::from_millis(500)) => None,
+        };
+        if let Some(ev) = ev
+            && ev.data.get("device").and_then(Value::as_str) == Some(job.as_str())
+        {
+            match ev.event.as_str() {
+                "BLOCK_JOB_COMPLETED" => {
+                    return match ev.data.get("error").and_then(Value::as_str) {
+                        Some(e) => Err(VmmError::Qmp(format!("flattening failed: {e}"))),
+                        None => Ok(()),
+                    };
+                }
+                "BLOCK_JOB_CANCELLED" => {
+                    return Err(VmmError::Qmp("flattening was cancelled".into()));
+                }
+                _ => continue,
+            }
+        }
+        // No event: is the job still there? (Its completion event may have been missed.)
+        let jobs = vm.execute("query-block-jobs", None).await?;
+        let running = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|j| j.get("device").and_then(Value::as_str) == Some(job.as_str()));
+        if !running {
+            return Ok(());
+        }
+    }
+}
+
+fn hex_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_the_top_file_in_qemu_names() {
+        assert_eq!(
+            super::top_file("/d/disk.qcow2").as_deref(),
+            Some("/d/disk.qcow2")
+        );
+        let json = r#"json:{"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "/d/disk.qcow2"}}, "driver": "qcow2", "file": {"driver": "file", "filename": "/d/disk.next.qcow2"}}"#;
+        assert_eq!(super::top_file(json).as_deref(), Some("/d/disk.next.qcow2"));
+        assert_eq!(super::top_file("json:{nope"), None);
+    }
+}
