@@ -586,15 +586,18 @@ impl Manager {
         let launched = tokio::task::spawn_blocking(move || qemu.launch(&spec)).await;
         let pid =
             map_join(launched, "start QEMU")?.map_err(|e| errors::from_vmm("start QEMU", e))?;
+        // A fork's clone stays `creating` until it is complete, so that a crash before then
+        // removes it rather than re-adopting half a clone.
+        let state = if incoming {
+            VmState::Creating
+        } else {
+            VmState::Starting
+        };
         self.store
-            .set_state(&vm.id, VmState::Starting, None, Some(pid))
+            .set_state(&vm.id, state, None, Some(pid))
             .await
             .map_err(|e| errors::from_store("record the VM's process", e))?;
         self.confine(vm, pid).await?;
-        self.store
-            .set_state(&vm.id, VmState::Starting, None, Some(pid))
-            .await
-            .map_err(|e| errors::from_store("record the VM's process", e))?;
         let qmp = Qmp::connect(&paths.qmp_socket())
             .await
             .map_err(|e| errors::from_vmm("connect to QMP", e))?;

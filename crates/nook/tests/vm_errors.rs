@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Daemon, taps};
+use common::{Daemon, LoopMount, taps};
 
 fn assert_nothing_left(d: &Daemon) {
     assert!(d.list().is_empty(), "rows left: {:?}", d.list());
@@ -92,62 +92,6 @@ fn vm_that_never_becomes_ready_times_out_with_console_tail() {
     let tail = err.split("Last console lines:").nth(1).unwrap_or("");
     assert!(tail.trim().len() > 20, "console tail is empty: {err}");
     assert_nothing_left(&d);
-}
-
-struct LoopMount {
-    dir: tempfile::TempDir,
-}
-
-impl LoopMount {
-    fn new(size: &str) -> LoopMount {
-        let dir = tempfile::Builder::new()
-            .prefix("nook-full")
-            .tempdir_in("/tmp")
-            .expect("tmp");
-        let img = dir.path().join("fs.img");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mnt");
-        let run = |cmd: String| {
-            let out = Command::new("sh").args(["-c", &cmd]).output().expect("sh");
-            assert!(
-                out.status.success(),
-                "{cmd}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(format!(
-            "truncate -s {size} {0} && mkfs.ext4 -q -F {0} && mount -o loop {0} {1}",
-            img.display(),
-            mnt.display()
-        ));
-        LoopMount { dir }
-    }
-
-    fn mnt(&self) -> std::path::PathBuf {
-        self.dir.path().join("mnt")
-    }
-
-    fn fill(&self) {
-        // dd stops at ENOSPC; its failure is the point.
-        let _ = Command::new("dd")
-            .args([
-                "if=/dev/zero",
-                &format!("of={}/filler", self.mnt().display()),
-                "bs=1M",
-                "status=none",
-            ])
-            .status();
-    }
-
-    fn unfill(&self) {
-        let _ = std::fs::remove_file(self.mnt().join("filler"));
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
-    }
 }
 
 #[test]

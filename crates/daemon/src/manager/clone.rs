@@ -23,6 +23,8 @@ const MAX_LAYERS: usize = 8;
 const NEXT_DISK: &str = "disk.next.qcow2";
 /// The `-drive id` of every VM's root disk.
 const DISK_DEVICE: &str = "root";
+/// Free space the data dir must have for a clone to be made.
+const MIN_FREE_BYTES: u64 = 32 << 20;
 /// How long a forked clone's agent has to answer after the restore.
 const FORK_READY: Duration = Duration::from_secs(30);
 
@@ -65,6 +67,7 @@ impl Manager {
             Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
         }
         let image = self.image_of(&src)?;
+        self.check_room_for_clone()?;
         let record = {
             let account_lock = self.op_lock(&format!("account:{}", src.owner));
             let _account_guard = account_lock.lock().await;
@@ -101,6 +104,22 @@ impl Manager {
                 tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "clone failed; removing what was made");
                 self.destroy(&record).await;
                 Err(err)
+            }
+        }
+    }
+
+    /// A clone costs almost no space to make, but one that cannot write is of no use (and
+    /// would push its source, which shares the filesystem, to a stop too).
+    fn check_room_for_clone(&self) -> Result<(), ApiError> {
+        let dir = &self.cfg.data_dir;
+        match nix::sys::statvfs::statvfs(dir.as_path()) {
+            Ok(fs) if fs.blocks_available() * fs.fragment_size() < MIN_FREE_BYTES => {
+                Err(errors::no_space("the data dir"))
+            }
+            Ok(_) => Ok(()),
+            Err(err) => {
+                tracing::warn!(%err, dir = %dir.display(), "cannot tell the data dir's free space");
+                Ok(())
             }
         }
     }

@@ -49,6 +49,7 @@ pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -82,6 +83,7 @@ impl Daemon {
             child: None,
             log,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         d.spawn();
         d
@@ -105,6 +107,7 @@ impl Daemon {
             .env("NOOK_LOG", "info,nook_daemon=debug")
             .env("NOOK_SSH_ADDR", format!("127.0.0.1:{}", self.ssh_port))
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -142,6 +145,14 @@ impl Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Sets (or with None, clears) an environment variable for the next daemon start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
         }
     }
 
@@ -379,5 +390,62 @@ impl Daemon {
             self.log_tail()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// A small ext4 filesystem on a loop device, to run out of space on purpose.
+pub struct LoopMount {
+    dir: tempfile::TempDir,
+}
+
+impl LoopMount {
+    pub fn new(size: &str) -> LoopMount {
+        let dir = tempfile::Builder::new()
+            .prefix("nook-full")
+            .tempdir_in("/tmp")
+            .expect("tmp");
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mnt");
+        let run = |cmd: String| {
+            let out = Command::new("sh").args(["-c", &cmd]).output().expect("sh");
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(format!(
+            "truncate -s {size} {0} && mkfs.ext4 -q -F {0} && mount -o loop {0} {1}",
+            img.display(),
+            mnt.display()
+        ));
+        LoopMount { dir }
+    }
+
+    pub fn mnt(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    pub fn fill(&self) {
+        // dd stops at ENOSPC; its failure is the point.
+        let _ = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={}/filler", self.mnt().display()),
+                "bs=1M",
+                "status=none",
+            ])
+            .status();
+    }
+
+    pub fn unfill(&self) {
+        let _ = std::fs::remove_file(self.mnt().join("filler"));
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
     }
 }

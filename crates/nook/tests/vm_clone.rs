@@ -1,0 +1,497 @@
+//! System tests (root, real QEMU guests): `cp`. A running source is forked with its memory and
+//! processes, keeps serving, and the clone takes its own identity; stopped clones share the
+//! disk through layers; chains of clones stay readable; `rm` in any order leaks no layer; bad
+//! input and crashes at every step leave the source intact and no half-made clone.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::{Daemon, Key, LoopMount, taps, wait_until};
+use serde_json::Value;
+
+fn cp(d: &Daemon, args: &[&str]) -> Value {
+    let mut all = vec!["vm", "cp"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    serde_json::from_str(&d.ok(&all)).expect("cp --json output")
+}
+
+fn layers(d: &Daemon) -> Vec<PathBuf> {
+    std::fs::read_dir(d.data_dir.join("layers"))
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+fn vm_dirs(d: &Daemon) -> Vec<PathBuf> {
+    std::fs::read_dir(d.data_dir.join("vms"))
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Every file in the backing chain of a VM's disk, by `qemu-img`.
+fn chain(d: &Daemon, id: &str) -> Vec<String> {
+    let disk = d.data_dir.join("vms").join(id).join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(&disk)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let infos: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    infos
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// No layer exists that no VM's chain uses.
+fn assert_no_leaked_layer(d: &Daemon) {
+    let used: Vec<String> = d
+        .list()
+        .iter()
+        .flat_map(|vm| chain(d, vm["id"].as_str().expect("id")))
+        .collect();
+    for layer in layers(d) {
+        assert!(
+            used.contains(&layer.display().to_string()),
+            "layer {} is used by no VM",
+            layer.display()
+        );
+    }
+}
+
+fn counter(d: &Daemon, vm: &str) -> u64 {
+    d.exec(vm, "cat /root/counter")
+        .trim()
+        .parse()
+        .expect("counter")
+}
+
+/// A counter process writing to /root/counter every second, and a web server on :8080.
+fn start_workload(d: &Daemon, vm: &str) {
+    d.exec(
+        vm,
+        "echo before > /root/before && mkdir -p /www && echo served-by-$(hostname) > /www/index.html \
+         && httpd -p 8080 -h /www \
+         && setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 1; done' \
+            </dev/null >/dev/null 2>&1 &",
+    );
+    wait_until("the counter to start", Duration::from_secs(10), || {
+        d.nook(&["vm", "exec", vm, "--", "test", "-s", "/root/counter"])
+            .status
+            .success()
+    });
+}
+
+fn http_get(ip: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "-m", "5", &format!("http://{ip}:8080/")])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn vm_clone_running_carries_memory_and_processes_and_gets_its_own_identity() {
+    let d = Daemon::start();
+    let src = d.create_tiny("src");
+    let src_ip = src["guest_ip"].as_str().expect("ip").to_string();
+    start_workload(&d, "src");
+
+    // The source keeps serving while it is cloned: poll it all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let poller = {
+        let (stop, served, failed, ip) =
+            (stop.clone(), served.clone(), failed.clone(), src_ip.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match http_get(&ip) {
+                    Some(body) if body == "served-by-src\n" => {
+                        served.fetch_add(1, Ordering::SeqCst)
+                    }
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let cloned = cp(&d, &["src", "twin"]);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    poller.join().expect("poller");
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "the source stopped serving during the clone"
+    );
+    assert!(served.load(Ordering::SeqCst) > 5);
+
+    assert_eq!(cloned["mode"], "fork", "{cloned}");
+    assert_eq!(cloned["source"], "src");
+    assert_eq!(cloned["vm"]["state"], "running");
+    for t in [
+        "total_ms",
+        "disk_ms",
+        "memory_ms",
+        "source_paused_ms",
+        "ready_ms",
+    ] {
+        assert!(
+            cloned["timings"][t].as_f64().is_some_and(|v| v > 0.0),
+            "{t}: {cloned}"
+        );
+    }
+
+    // Memory and processes came along: the file, the counter and the web server.
+    assert_eq!(d.exec("twin", "cat /root/before"), "before\n");
+    let (a0, b0) = (counter(&d, "src"), counter(&d, "twin"));
+    std::thread::sleep(Duration::from_millis(2500));
+    let (a1, b1) = (counter(&d, "src"), counter(&d, "twin"));
+    assert!(
+        a1 > a0 && b1 > b0,
+        "counters: src {a0}->{a1}, twin {b0}->{b1}"
+    );
+    let twin_ip = d.vm("twin")["guest_ip"].as_str().expect("ip").to_string();
+    assert_ne!(twin_ip, src_ip);
+    assert_eq!(
+        http_get(&twin_ip).as_deref(),
+        Some("served-by-src\n"),
+        "the web server forked with the clone answers on the clone's address"
+    );
+
+    // Its own identity.
+    let ident = |vm: &str| {
+        d.exec(
+            vm,
+            "hostname; cat /sys/class/net/eth0/address; ip -4 -o addr show eth0 | awk '{print $4}'; cat /etc/nook/vm-id",
+        )
+    };
+    let (si, ti) = (ident("src"), ident("twin"));
+    let (s, t): (Vec<&str>, Vec<&str>) = (si.lines().collect(), ti.lines().collect());
+    assert_eq!(s[0], "src");
+    assert_eq!(t[0], "twin");
+    assert_ne!(s[1], t[1], "MAC");
+    assert_eq!(t[2], format!("{twin_ip}/30"));
+    assert_eq!(s[2], format!("{src_ip}/30"));
+    assert_ne!(s[3], t[3], "vm-id");
+    assert_eq!(d.exec("twin", "cat /run/nook/cloned"), s[3]);
+    assert!(
+        !d.nook(&["vm", "exec", "src", "--", "test", "-e", "/run/nook/cloned"])
+            .status
+            .success()
+    );
+
+    // Later writes are private to each.
+    d.exec("src", "echo s > /root/only-src && sync");
+    d.exec("twin", "echo t > /root/only-twin && sync");
+    assert!(
+        !d.nook(&["vm", "exec", "twin", "--", "test", "-e", "/root/only-src"])
+            .status
+            .success()
+    );
+    assert!(
+        !d.nook(&["vm", "exec", "src", "--", "test", "-e", "/root/only-twin"])
+            .status
+            .success()
+    );
+
+    // A clone of the clone sees the clone's files, not the source's later ones.
+    cp(&d, &["twin", "twin2"]);
+    assert_eq!(
+        d.exec("twin2", "cat /root/only-twin /root/before"),
+        "t\nbefore\n"
+    );
+    assert!(
+        !d.nook(&["vm", "exec", "twin2", "--", "test", "-e", "/root/only-src"])
+            .status
+            .success()
+    );
+    assert_no_leaked_layer(&d);
+
+    // Removing the source breaks nothing: the clone reboots from its chain.
+    d.ok(&["vm", "rm", "src"]);
+    assert_no_leaked_layer(&d);
+    d.ok(&["vm", "stop", "twin"]);
+    d.ok(&["vm", "start", "twin"]);
+    assert_eq!(
+        d.exec("twin", "cat /root/before /root/only-twin"),
+        "before\nt\n"
+    );
+    d.ok(&["vm", "rm", "twin2"]);
+    assert_no_leaked_layer(&d);
+    d.ok(&["vm", "rm", "twin"]);
+    assert!(layers(&d).is_empty(), "layers left: {:?}", layers(&d));
+    assert!(vm_dirs(&d).is_empty());
+    assert!(d.qemu_pids().is_empty());
+    assert!(taps().is_empty(), "{:?}", taps());
+}
+
+#[test]
+fn vm_clone_stopped_and_chains_ten_deep_stay_readable_and_leak_nothing() {
+    let d = Daemon::start();
+    d.create_tiny("gen0");
+    d.exec("gen0", "echo 0 > /root/gen0 && sync");
+
+    // --stopped-only: a fresh boot of a copy of the running source's disk.
+    let fresh = cp(&d, &["gen0", "fresh", "--stopped-only"]);
+    assert_eq!(fresh["mode"], "boot", "{fresh}");
+    assert_eq!(fresh["vm"]["state"], "running");
+    assert_eq!(d.exec("fresh", "cat /root/gen0; hostname"), "0\nfresh\n");
+    // The disk said it was gen0: the clone noticed at boot and renewed its identity.
+    assert!(
+        d.nook(&[
+            "vm",
+            "exec",
+            "fresh",
+            "--",
+            "test",
+            "-e",
+            "/run/nook/cloned"
+        ])
+        .status
+        .success()
+    );
+    d.ok(&["vm", "rm", "fresh"]);
+
+    // Ten generations, each a fork of the previous one, which then stops.
+    for i in 1..=10 {
+        let (prev, name) = (format!("gen{}", i - 1), format!("gen{i}"));
+        cp(&d, &[&prev, &name]);
+        d.exec(&name, &format!("echo {i} > /root/gen{i} && sync"));
+        d.ok(&["vm", "stop", &prev]);
+    }
+    let id10 = d.vm("gen10")["id"].as_str().expect("id").to_string();
+    // Deep chains are flattened in the background.
+    wait_until(
+        "gen10's chain to be flattened",
+        Duration::from_secs(60),
+        || {
+            chain(&d, &id10)
+                .iter()
+                .filter(|f| f.contains("/layers/"))
+                .count()
+                <= 8
+        },
+    );
+    d.ok(&["vm", "stop", "gen10"]);
+    d.ok(&["vm", "start", "gen10"]);
+    let expected: String = (0..=10).map(|i| format!("{i}\n")).collect();
+    let all: Vec<String> = (0..=10).map(|i| format!("/root/gen{i}")).collect();
+    assert_eq!(d.exec("gen10", &format!("cat {}", all.join(" "))), expected);
+
+    // A stopped source gives a stopped clone of its disk, which boots with exactly its files.
+    let copy = cp(&d, &["gen5", "copy5"]);
+    assert_eq!(copy["mode"], "disk", "{copy}");
+    assert_eq!(copy["vm"]["state"], "stopped");
+    d.ok(&["vm", "start", "copy5"]);
+    assert_eq!(
+        d.exec("copy5", "cat /root/gen0 /root/gen5; hostname"),
+        "0\n5\ncopy5\n"
+    );
+    assert!(
+        !d.nook(&["vm", "exec", "copy5", "--", "test", "-e", "/root/gen6"])
+            .status
+            .success()
+    );
+    d.ok(&["vm", "start", "gen3"]);
+    assert_eq!(d.exec("gen3", "cat /root/gen3"), "3\n");
+    assert_no_leaked_layer(&d);
+
+    // rm in a mixed order: a middle generation, the root, a leaf, then the rest.
+    for name in [
+        "gen5", "gen0", "gen10", "copy5", "gen3", "gen7", "gen1", "gen9", "gen2", "gen4", "gen6",
+        "gen8",
+    ] {
+        d.ok(&["vm", "rm", name]);
+        assert_no_leaked_layer(&d);
+    }
+    assert!(layers(&d).is_empty(), "layers left: {:?}", layers(&d));
+    assert!(vm_dirs(&d).is_empty());
+}
+
+#[test]
+fn vm_clone_bad_input_gets_clear_errors_and_leaves_nothing() {
+    let d = Daemon::start();
+    d.create_tiny("one");
+    let err = d.fails(&["vm", "cp", "nope", "copy"]);
+    assert!(err.contains("No VM named 'nope'"), "{err}");
+    let err = d.fails(&["vm", "cp", "one", "one"]);
+    assert!(err.contains("A VM named 'one' already exists"), "{err}");
+    let err = d.fails(&["vm", "cp", "one", "Bad_Name"]);
+    assert!(err.contains("Invalid VM name"), "{err}");
+    assert_eq!(d.list().len(), 1);
+    assert!(layers(&d).is_empty(), "{:?}", layers(&d));
+    assert_eq!(vm_dirs(&d).len(), 1);
+
+    // An account's envelope bounds clones like any new VM.
+    let alice = Key::new("alice");
+    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.ok(&["account", "set-plan", "alice@example.com", "--max-vms", "1"]);
+    d.lobby_ok(&alice, &["new", "--image", "tiny", "--name", "a1"]);
+    let out = d.ssh(&alice, "lobby", &["cp", "a1", "a2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Your envelope allows 1 VMs"), "{err}");
+    let out = d.ssh(&alice, "lobby", &["cp", "a1", "a2", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stderr)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["error"]["code"], "over_envelope", "{v}");
+    // Another account's VM cannot be cloned (and looks like no VM at all).
+    let out = d.ssh(&alice, "lobby", &["cp", "one", "mine"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No VM named 'one'"));
+}
+
+#[test]
+fn vm_clone_on_a_full_disk_fails_cleanly_and_the_source_runs_on() {
+    let mount = LoopMount::new("64M");
+    let d = Daemon::start_in(mount.mnt().join("data"), None, &[]);
+    d.create_tiny("src");
+    d.exec("src", "echo kept > /root/kept && sync");
+    mount.fill();
+    let err = d.fails(&["vm", "cp", "src", "copy"]);
+    assert!(err.contains("No space left"), "{err}");
+    assert_eq!(d.list().len(), 1);
+    assert_eq!(vm_dirs(&d).len(), 1);
+    assert!(layers(&d).is_empty(), "{:?}", layers(&d));
+    let id = d.vm("src")["id"].as_str().expect("id").to_string();
+    assert!(
+        !d.data_dir
+            .join("vms")
+            .join(&id)
+            .join("disk.next.qcow2")
+            .exists()
+    );
+    mount.unfill();
+    assert_eq!(d.exec("src", "cat /root/kept"), "kept\n");
+    cp(&d, &["src", "copy"]);
+    assert_eq!(d.exec("copy", "cat /root/kept"), "kept\n");
+}
+
+/// After any interrupted clone: the source runs on with its data, and no trace of the clone.
+fn assert_source_intact(d: &Daemon, running: bool) {
+    let vms = d.list();
+    assert_eq!(vms.len(), 1, "a half-made clone is left: {vms:?}");
+    assert_eq!(vms[0]["name"], "src");
+    assert_eq!(vm_dirs(d).len(), 1, "{:?}", vm_dirs(d));
+    let id = vms[0]["id"].as_str().expect("id");
+    assert!(
+        !d.data_dir
+            .join("vms")
+            .join(id)
+            .join("disk.next.qcow2")
+            .exists()
+    );
+    assert_no_leaked_layer(d);
+    if running {
+        assert_eq!(vms[0]["state"], "running", "{vms:?}");
+        assert_eq!(d.qemu_pids().len(), 1);
+        let c0 = counter(d, "src");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(counter(d, "src") > c0, "the source is not running on");
+    }
+    assert_eq!(d.exec("src", "cat /root/before"), "before\n");
+}
+
+#[test]
+fn vm_clone_crash_at_any_step_leaves_the_source_intact() {
+    let mut d = Daemon::start();
+    d.create_tiny("src");
+    start_workload(&d, "src");
+    for point in [
+        "clone:recorded",
+        "clone:frozen",
+        "clone:overlays",
+        "clone:paused",
+        "clone:switched",
+        "clone:restored",
+    ] {
+        d.set_env("NOOK_FAULT", Some(point));
+        d.restart();
+        let out = d.nook(&["vm", "cp", "src", "half"]);
+        assert!(
+            !out.status.success(),
+            "{point}: the daemon should have died"
+        );
+        d.set_env("NOOK_FAULT", None);
+        d.restart();
+        assert_source_intact(&d, true);
+        // And cloning works again.
+        if point == "clone:switched" {
+            cp(&d, &["src", "whole"]);
+            assert_eq!(d.exec("whole", "cat /root/before"), "before\n");
+            d.ok(&["vm", "rm", "whole"]);
+        }
+    }
+
+    // The clone's QEMU dies mid-fork: a clear error, the source runs on.
+    d.set_env("NOOK_FAULT", Some("clone:paused=kill-clone"));
+    d.restart();
+    d.fails(&["vm", "cp", "src", "half"]);
+    assert_source_intact(&d, true);
+
+    // The source's QEMU dies mid-fork: it fails like any crash, with its disk intact.
+    d.set_env("NOOK_FAULT", Some("clone:paused=kill-source"));
+    d.restart();
+    d.fails(&["vm", "cp", "src", "half"]);
+    wait_until(
+        "the source to be marked failed",
+        Duration::from_secs(10),
+        || d.vm("src")["state"] == "failed",
+    );
+    d.ok(&["vm", "start", "src"]);
+    assert_source_intact(&d, false);
+
+    // A crash while cloning a stopped source.
+    d.ok(&["vm", "stop", "src"]);
+    d.set_env("NOOK_FAULT", Some("clone:overlays"));
+    d.restart();
+    assert!(!d.nook(&["vm", "cp", "src", "half"]).status.success());
+    d.set_env("NOOK_FAULT", None);
+    d.restart();
+    d.ok(&["vm", "start", "src"]);
+    assert_source_intact(&d, false);
+}
+
+#[test]
+fn vm_clone_of_a_default_vm_gets_new_machine_id_and_ssh_host_keys() {
+    let d = Daemon::start();
+    d.ok(&["vm", "create", "--name", "deb", "--json"]);
+    let show =
+        "cat /etc/machine-id; cat /etc/ssh/ssh_host_ed25519_key.pub | cut -d' ' -f1,2; hostname";
+    let before = d.exec("deb", show);
+    let cloned = cp(&d, &["deb", "deb2"]);
+    assert_eq!(cloned["mode"], "fork", "{cloned}");
+    let (src, new) = (d.exec("deb", show), d.exec("deb2", show));
+    assert_eq!(src, before, "the source's identity changed");
+    let (s, n): (Vec<&str>, Vec<&str>) = (src.lines().collect(), new.lines().collect());
+    assert_ne!(s[0], n[0], "machine-id");
+    assert_eq!(n[0].len(), 32);
+    assert_ne!(s[1], n[1], "SSH host key");
+    assert_eq!(n[2], "deb2");
+    // sshd in the clone serves the new key.
+    let ip = d.vm("deb2")["guest_ip"].as_str().expect("ip").to_string();
+    wait_until(
+        "the clone's sshd to offer its new key",
+        Duration::from_secs(30),
+        || {
+            let out = Command::new("ssh-keyscan")
+                .args(["-T", "5", "-t", "ed25519", &ip])
+                .output()
+                .expect("ssh-keyscan");
+            String::from_utf8_lossy(&out.stdout).contains(n[1])
+        },
+    );
+}
