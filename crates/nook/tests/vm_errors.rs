@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{Daemon, LoopMount, taps};
 
 fn assert_nothing_left(d: &Daemon) {
