@@ -2,6 +2,8 @@
 //! that validates DNS-01 against nook's real DNS server, all on ephemeral
 //! loopback ports.
 
+#![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is the failure report.
+
 use std::net::{Ipv4Addr, TcpListener as StdTcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -353,6 +355,7 @@ async fn a_challenge_our_dns_cannot_answer_fails_with_the_name() {
     let cfg = pebble.config(DOMAIN, state.path());
     let err = nook_acme::obtain(&cfg, &zone).await.unwrap_err();
     let msg = err.to_string();
+    eprintln!("error as shown: {msg}");
     assert!(matches!(err, AcmeError::Challenge { .. }), "{err:?}");
     assert!(msg.starts_with("DNS-01 challenge for "), "{msg}");
     assert!(msg.contains(DOMAIN), "{msg}");

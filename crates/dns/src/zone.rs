@@ -434,6 +434,7 @@ fn labels_to_string(labels: &[Vec<u8>]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};

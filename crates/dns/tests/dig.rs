@@ -1,6 +1,8 @@
 //! Queries the real server with the real `dig` (Debian package `dnsutils`)
 //! over UDP and TCP on ephemeral loopback ports.
 
+#![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is the failure report.
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
