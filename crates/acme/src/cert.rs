@@ -135,3 +135,42 @@ fn unix_to_system(secs: i64) -> SystemTime {
         UNIX_EPOCH
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(lifetime_days: u64) -> Certificate {
+        let start = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        Certificate {
+            chain_pem: String::new(),
+            key_pem: String::new(),
+            not_before: start,
+            not_after: start + Duration::from_secs(lifetime_days * 86400),
+            names: vec!["nook.example.test".into(), "*.nook.example.test".into()],
+        }
+    }
+
+    #[test]
+    fn renewal_time() {
+        let days = |n: u64| Duration::from_secs(n * 86400);
+        let c = cert(90);
+        assert_eq!(c.renew_at(), c.not_after - days(30));
+        assert!(!c.needs_renewal(c.not_before + days(59)));
+        assert!(c.needs_renewal(c.not_before + days(60)));
+        let short = cert(6);
+        assert_eq!(short.renew_at(), short.not_after - days(2));
+    }
+
+    #[test]
+    fn coverage_is_case_insensitive() {
+        let c = cert(90);
+        assert!(c.covers(&["NOOK.example.test".into(), "*.nook.example.test".into()]));
+        assert!(!c.covers(&["other.test".into()]));
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        assert!(Certificate::from_pem("nope".into(), "nope".into()).is_err());
+    }
+}

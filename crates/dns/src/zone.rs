@@ -7,7 +7,7 @@ use crate::DnsError;
 use crate::wire::{
     self, CLASS_ANY, CLASS_IN, EDNS_UDP_PAYLOAD, EXT_RCODE_BADVERS, Labels, ParseError, Query,
     RCODE_FORMERR, RCODE_NOERROR, RCODE_NOTIMP, RCODE_NXDOMAIN, RCODE_REFUSED, Record, Response,
-    TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_NS, TYPE_SOA, TYPE_TXT,
+    TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_AXFR, TYPE_IXFR, TYPE_NS, TYPE_SOA, TYPE_TXT,
 };
 
 /// The label under the apex that holds DNS-01 challenge values. It serves
@@ -287,7 +287,12 @@ impl Zone {
             resp.rcode = RCODE_REFUSED;
             return resp;
         };
-        if q.qclass != CLASS_IN && q.qclass != CLASS_ANY {
+        // Zone transfers are refused rather than answered as NODATA: there
+        // are no secondaries, and the VM list is not for the public.
+        if q.qclass != CLASS_IN && q.qclass != CLASS_ANY
+            || q.qtype == TYPE_AXFR
+            || q.qtype == TYPE_IXFR
+        {
             resp.rcode = RCODE_REFUSED;
             return resp;
         }
