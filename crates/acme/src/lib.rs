@@ -10,6 +10,41 @@
 //! `cert.pem` (the chain) and `key.pem` (0600). This crate must not serve
 //! TLS or choose certificates per connection; it hands a [`Certificate`] to
 //! the caller, who installs it (e.g. with [`Certificate::certified_key`]).
+//!
+//! Wiring it into a daemon (the DNS server must answer before issuance):
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::{Arc, RwLock};
+//! use rustls::sign::CertifiedKey;
+//!
+//! let zone = nook_dns::Zone::new(nook_dns::ZoneConfig::new(
+//!     "nook.example.test",
+//!     Some([203, 0, 113, 7].into()),
+//!     None,
+//! ))?;
+//! let udp = tokio::net::UdpSocket::bind("0.0.0.0:53").await?;
+//! let tcp = tokio::net::TcpListener::bind("0.0.0.0:53").await?;
+//! tokio::spawn(nook_dns::serve(zone.clone(), udp, tcp));
+//!
+//! let cfg = nook_acme::AcmeConfig {
+//!     directory_url: "https://acme-v02.api.letsencrypt.org/directory".into(),
+//!     contact_email: Some("admin@example.test".into()),
+//!     domain: "nook.example.test".into(),
+//!     state_dir: "/var/lib/nook/acme".into(),
+//!     extra_root_ca_pem: None,
+//! };
+//! // What the TLS listener's `ResolvesServerCert::resolve` reads from.
+//! let current: Arc<RwLock<Option<Arc<CertifiedKey>>>> = Arc::default();
+//! let slot = current.clone();
+//! tokio::spawn(nook_acme::renew_loop(cfg, zone, move |cert| {
+//!     match cert.certified_key() {
+//!         Ok(key) => *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(key),
+//!         Err(e) => tracing::error!(error = %e, "new certificate unusable"),
+//!     }
+//! }));
+//! # Ok(()) }
+//! ```
 
 mod cert;
 mod issue;
