@@ -68,36 +68,53 @@ pub async fn obtain(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeEr
     Ok(cert)
 }
 
-/// Keeps a valid certificate for ever: loads or obtains one, hands it to
-/// `on_new_cert`, sleeps until it is due for renewal, and repeats. Failed
-/// attempts are logged and retried with exponential backoff (1 min to 6 h).
-/// Never returns; stop it by aborting its task.
+/// Keeps a valid certificate for ever: hands the stored certificate (if
+/// any is still valid) to `on_new_cert` at once, obtains a new one when it
+/// is due (or at once when there is none) and hands that over, and repeats.
+/// Failed attempts are logged and retried with exponential backoff (1 min
+/// to 6 h) while the old certificate keeps being served. Never returns;
+/// stop it by aborting its task.
 pub async fn renew_loop(cfg: AcmeConfig, zone: Zone, on_new_cert: impl Fn(Certificate)) {
-    let mut current: Option<Certificate> = None;
+    let mut current = match state::load(&cfg) {
+        Ok(Some(cert)) if cert.covers(&cfg.names()) && SystemTime::now() < cert.not_after => {
+            tracing::info!(
+                names = ?cert.names,
+                not_after = %humantime::format_rfc3339_seconds(cert.not_after),
+                "using stored certificate"
+            );
+            on_new_cert(cert.clone());
+            Some(cert)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %ErrorChain(&e), "ignoring unusable stored certificate");
+            None
+        }
+    };
     let mut backoff = BACKOFF_FIRST;
     loop {
-        let result = match &current {
-            None => load_or_obtain(&cfg, &zone).await,
-            Some(_) => obtain(&cfg, &zone).await,
-        };
-        match result {
-            Ok(cert) => {
-                backoff = BACKOFF_FIRST;
-                let renew_at = cert.renew_at();
+        if let Some(cert) = &current {
+            let renew_at = cert.renew_at();
+            if renew_at > SystemTime::now() {
                 tracing::info!(
                     renew_at = %humantime::format_rfc3339_seconds(renew_at),
-                    "certificate installed; next renewal scheduled"
+                    "next certificate renewal scheduled"
                 );
-                current = Some(cert.clone());
-                on_new_cert(cert);
-                sleep_until(renew_at).await;
+            }
+            sleep_until(renew_at).await;
+        }
+        match obtain(&cfg, &zone).await {
+            Ok(cert) => {
+                backoff = BACKOFF_FIRST;
+                on_new_cert(cert.clone());
+                current = Some(cert);
             }
             Err(e) => {
                 // Log the whole chain here: this is where the error is handled.
                 tracing::warn!(
                     error = %ErrorChain(&e),
                     retry_in_s = backoff.as_secs(),
-                    still_valid_until = current
+                    current_valid_until = current
                         .as_ref()
                         .map(|c| humantime::format_rfc3339_seconds(c.not_after).to_string()),
                     "certificate renewal failed"

@@ -340,6 +340,40 @@ async fn pebble_issues_and_reuses_a_wildcard_certificate() {
         .await
         .unwrap();
     assert!(zone.acme_challenges().is_empty());
+
+    // A stored certificate close to expiry is served at once and then
+    // replaced by a renewed one.
+    let expiring_key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec![DOMAIN.to_owned(), format!("*.{DOMAIN}")]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let expiring = params.self_signed(&expiring_key).unwrap();
+    std::fs::write(state.path().join("cert.pem"), expiring.pem()).unwrap();
+    std::fs::write(state.path().join("key.pem"), expiring_key.serialize_pem()).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(nook_acme::renew_loop(cfg.clone(), zone.clone(), move |c| {
+        let _ = tx.send(c);
+    }));
+    let first = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.chain_pem, expiring.pem());
+    let renewed = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    handshake(&renewed, &root, &format!("vm3.{DOMAIN}"))
+        .await
+        .unwrap();
+    assert!(renewed.not_after > first.not_after);
+    task.abort();
+    assert_eq!(
+        nook_acme::load(&cfg).unwrap().unwrap().chain_pem,
+        renewed.chain_pem
+    );
+    assert!(zone.acme_challenges().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

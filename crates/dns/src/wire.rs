@@ -106,7 +106,14 @@ pub(crate) fn parse_query(msg: &[u8]) -> Result<Query, ParseError> {
     }
     let mut pos = HEADER_LEN;
     let (labels, end) = read_name(msg, pos)?;
-    let raw_name = msg.get(pos..end).ok_or(ParseError::Malformed)?.to_vec();
+    let raw = msg.get(pos..end).ok_or(ParseError::Malformed)?;
+    // A compressed question name (legal, if odd) points into the query's
+    // header, which the response does not share: write it out instead.
+    let raw_name = if raw.len() == labels.iter().map(|l| l.len() + 1).sum::<usize>() + 1 {
+        raw.to_vec()
+    } else {
+        encode_name(&labels)
+    };
     pos = end;
     let qtype = read_u16(msg, pos)?;
     let qclass = read_u16(msg, pos + 2)?;

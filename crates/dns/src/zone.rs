@@ -533,6 +533,18 @@ mod tests {
         assert_eq!(rcode(&r), RCODE_FORMERR);
     }
 
+    #[test]
+    fn compressed_question_is_written_out() {
+        // The question name is a pointer to byte 11 of the header, a zero:
+        // the root name. The reply must not copy a pointer into its own header.
+        let q = [
+            0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 11, 0, 1, 0, 1,
+        ];
+        let r = zone().respond(&q, Transport::Udp).unwrap();
+        assert_eq!(rcode(&r), RCODE_REFUSED);
+        assert_eq!(&r[12..17], &[0, 0, 1, 0, 1]);
+    }
+
     /// Random bytes, and valid queries with random bytes changed, must never
     /// panic and must yield either nothing or a well-formed header.
     #[test]
