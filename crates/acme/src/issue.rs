@@ -21,11 +21,11 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(60);
 const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
 
 /// The stored certificate if it is still good for a while (see
-/// [`Certificate::renew_at`]) and names `DOMAIN` and `*.DOMAIN`; otherwise
-/// a newly issued one.
+/// [`Certificate::renew_at`]), names `DOMAIN` and `*.DOMAIN` and came from
+/// the configured directory URL; otherwise a newly issued one.
 pub async fn load_or_obtain(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeError> {
-    match state::load(cfg) {
-        Ok(Some(cert)) if cert.covers(&cfg.names()) && !cert.needs_renewal(SystemTime::now()) => {
+    match state::load_matching(cfg) {
+        Ok(Some(cert)) if !cert.needs_renewal(SystemTime::now()) => {
             tracing::info!(
                 names = ?cert.names,
                 not_after = %humantime::format_rfc3339_seconds(cert.not_after),
@@ -34,7 +34,10 @@ pub async fn load_or_obtain(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate
             return Ok(cert);
         }
         Ok(Some(cert)) => {
-            tracing::info!(names = ?cert.names, "stored certificate is due for renewal or names other domains");
+            tracing::info!(
+                renew_at = %humantime::format_rfc3339_seconds(cert.renew_at()),
+                "stored certificate is due for renewal"
+            );
         }
         Ok(None) => {}
         // A pair left half-written by a crash, or edited by hand: a new
@@ -75,8 +78,8 @@ pub async fn obtain(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeEr
 /// to 6 h) while the old certificate keeps being served. Never returns;
 /// stop it by aborting its task.
 pub async fn renew_loop(cfg: AcmeConfig, zone: Zone, on_new_cert: impl Fn(Certificate)) {
-    let mut current = match state::load(&cfg) {
-        Ok(Some(cert)) if cert.covers(&cfg.names()) && SystemTime::now() < cert.not_after => {
+    let mut current = match state::load_matching(&cfg) {
+        Ok(Some(cert)) if SystemTime::now() < cert.not_after => {
             tracing::info!(
                 names = ?cert.names,
                 not_after = %humantime::format_rfc3339_seconds(cert.not_after),

@@ -7,9 +7,10 @@
 //! in Certificate Transparency logs and no rate-limit pressure.
 //!
 //! State lives in `state_dir`: `account.json` (the ACME account key, 0600),
-//! `cert.pem` (the chain) and `key.pem` (0600). This crate must not serve
-//! TLS or choose certificates per connection; it hands a [`Certificate`] to
-//! the caller, who installs it (e.g. with [`Certificate::certified_key`]).
+//! `cert.pem` (the chain), `key.pem` (0600) and `cert.directory` (which CA
+//! issued it). This crate must not serve TLS or choose certificates per
+//! connection; it hands a [`Certificate`] to the caller, who installs it
+//! (e.g. with [`Certificate::certified_key`]).
 //!
 //! Wiring it into a daemon (the DNS server must answer before issuance):
 //!

@@ -13,6 +13,9 @@ use crate::{AcmeConfig, AcmeError, Certificate};
 const ACCOUNT_FILE: &str = "account.json";
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
+/// The directory URL the stored certificate came from, so that switching
+/// from a staging CA to the real one replaces its untrusted certificate.
+const SOURCE_FILE: &str = "cert.directory";
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AcmeError + '_ {
     move |source| AcmeError::State {
@@ -104,7 +107,25 @@ pub fn load(cfg: &AcmeConfig) -> Result<Option<Certificate>, AcmeError> {
 pub(crate) fn save_cert(cfg: &AcmeConfig, cert: &Certificate) -> Result<(), AcmeError> {
     ensure_dir(&cfg.state_dir)?;
     write_atomic(&key_path(cfg), cert.key_pem.as_bytes(), 0o600)?;
-    write_atomic(&cert_path(cfg), cert.chain_pem.as_bytes(), 0o644)
+    write_atomic(&cert_path(cfg), cert.chain_pem.as_bytes(), 0o644)?;
+    let source = cfg.state_dir.join(SOURCE_FILE);
+    write_atomic(&source, cfg.directory_url.as_bytes(), 0o644)
+}
+
+/// The stored certificate if it came from `cfg.directory_url` and names
+/// what `cfg` asks for; `None` if there is none or it is for something else.
+pub(crate) fn load_matching(cfg: &AcmeConfig) -> Result<Option<Certificate>, AcmeError> {
+    let source = cfg.state_dir.join(SOURCE_FILE);
+    if read_optional(&source)?.as_deref() != Some(cfg.directory_url.as_str()) {
+        return Ok(None);
+    }
+    Ok(load(cfg)?.filter(|c| {
+        let covers = c.covers(&cfg.names());
+        if !covers {
+            tracing::info!(names = ?c.names, "stored certificate names other domains");
+        }
+        covers
+    }))
 }
 
 pub(crate) fn cert_path(cfg: &AcmeConfig) -> PathBuf {

@@ -310,6 +310,14 @@ async fn pebble_issues_and_reuses_a_wildcard_certificate() {
     assert_eq!(again.chain_pem, cert.chain_pem);
     assert_eq!(again.key_pem, cert.key_pem);
 
+    // A certificate from another CA (say, staging) is not reused.
+    let mut elsewhere = cfg.clone();
+    elsewhere.directory_url = format!("https://127.0.0.1:{}/dir", free_port());
+    let err = nook_acme::load_or_obtain(&elsewhere, &zone)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AcmeError::Unreachable { .. }), "{err:?}");
+
     // The renewal loop hands the stored certificate over straight away.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(nook_acme::renew_loop(cfg.clone(), zone.clone(), move |c| {
