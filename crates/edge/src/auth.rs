@@ -38,7 +38,9 @@ fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
 }
 
 pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    cookie_pairs(headers).find(|(n, _)| *n == name).map(|(_, v)| v)
+    cookie_pairs(headers)
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
 }
 
 /// Rewrites the Cookie headers without the edge's own cookies (the VM must never see a
@@ -67,7 +69,10 @@ pub(crate) fn strip_nook_cookies(headers: &mut HeaderMap) {
 /// A host-only, Secure, HttpOnly, SameSite=Lax cookie. Values are restricted to URL-safe
 /// characters so no quoting is ever needed.
 pub(crate) fn set_cookie(name: &str, value: &str, max_age: Duration) -> Option<HeaderValue> {
-    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~%".contains(&b)) {
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.~%".contains(&b))
+    {
         return None;
     }
     HeaderValue::from_str(&format!(
@@ -78,8 +83,10 @@ pub(crate) fn set_cookie(name: &str, value: &str, max_age: Duration) -> Option<H
 }
 
 pub(crate) fn clear_cookie(name: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!("{name}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"))
-        .unwrap_or_else(|_| HeaderValue::from_static(""))
+    HeaderValue::from_str(&format!(
+        "{name}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// A machine token from `Authorization: Bearer T` or as the password of basic auth.
@@ -92,7 +99,9 @@ pub(crate) fn authorization_token(headers: &HeaderMap) -> Option<String> {
     }
     if scheme.eq_ignore_ascii_case("basic") {
         use base64::Engine;
-        let decoded = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()?;
         let text = String::from_utf8(decoded).ok()?;
         let (_, password) = text.split_once(':')?;
         return (!password.is_empty()).then(|| password.to_string());
@@ -118,7 +127,10 @@ const MAX_HANDOFFS: usize = 100_000;
 
 impl Handoffs {
     pub(crate) fn new(ttl: Duration) -> Self {
-        Self { ttl, codes: Mutex::new(HashMap::new()) }
+        Self {
+            ttl,
+            codes: Mutex::new(HashMap::new()),
+        }
     }
 
     pub(crate) fn issue(&self, user_id: &str, host: &str) -> String {
@@ -131,7 +143,11 @@ impl Handoffs {
         if codes.len() < MAX_HANDOFFS {
             codes.insert(
                 code.clone(),
-                Handoff { user_id: user_id.to_string(), host: host.to_string(), expires: now + self.ttl },
+                Handoff {
+                    user_id: user_id.to_string(),
+                    host: host.to_string(),
+                    expires: now + self.ttl,
+                },
             );
         }
         code
@@ -140,12 +156,17 @@ impl Handoffs {
     /// Consumes `code` (even when it turns out to be for another host) and returns its user if
     /// it is live and meant for `host`.
     pub(crate) fn redeem(&self, code: &str, host: &str) -> Option<String> {
-        let h = self.codes.lock().unwrap_or_else(|e| e.into_inner()).remove(code)?;
+        let h = self
+            .codes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(code)?;
         (h.expires > Instant::now() && h.host == host).then_some(h.user_id)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -155,7 +176,10 @@ mod tests {
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
         assert_eq!(authorization_token(&h).as_deref(), Some("abc"));
         // "git:tok" in base64
-        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic Z2l0OnRvaw=="));
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic Z2l0OnRvaw=="),
+        );
         assert_eq!(authorization_token(&h).as_deref(), Some("tok"));
         h.insert(AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
         assert_eq!(authorization_token(&h), None);
@@ -166,7 +190,10 @@ mod tests {
     #[test]
     fn strips_only_nook_cookies() {
         let mut h = HeaderMap::new();
-        h.append(COOKIE, HeaderValue::from_static("a=1; __Host-nook_session=s"));
+        h.append(
+            COOKIE,
+            HeaderValue::from_static("a=1; __Host-nook_session=s"),
+        );
         h.append(COOKIE, HeaderValue::from_static("b=2"));
         assert_eq!(cookie(&h, SESSION_COOKIE), Some("s"));
         strip_nook_cookies(&mut h);

@@ -56,24 +56,47 @@ pub trait EdgeBackend: Send + Sync + 'static {
     fn vm(&self, name: &str) -> impl Future<Output = BackendResult<Option<VmTarget>>> + Send;
 
     /// The role of `user_id` on `vm_id` (owner, collaborator or viewer through a share).
-    fn access(&self, user_id: &str, vm_id: &str) -> impl Future<Output = BackendResult<Access>> + Send;
+    fn access(
+        &self,
+        user_id: &str,
+        vm_id: &str,
+    ) -> impl Future<Output = BackendResult<Access>> + Send;
 
     /// Redeems a one-time login token (from the lobby's `browser` command or an email link).
     /// Must succeed at most once per token, and only within its short lifetime.
-    fn redeem_login_token(&self, token: &str) -> impl Future<Output = BackendResult<Option<User>>> + Send;
+    fn redeem_login_token(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = BackendResult<Option<User>>> + Send;
 
     /// Creates a session valid only on `host` (a lowercase host name without port) and returns
     /// its secret, which becomes the cookie value.
-    fn create_session(&self, user_id: &str, host: &str) -> impl Future<Output = BackendResult<String>> + Send;
+    fn create_session(
+        &self,
+        user_id: &str,
+        host: &str,
+    ) -> impl Future<Output = BackendResult<String>> + Send;
 
     /// The user of the session `secret`, only if that session was created for `host`.
-    fn session(&self, host: &str, secret: &str) -> impl Future<Output = BackendResult<Option<User>>> + Send;
+    fn session(
+        &self,
+        host: &str,
+        secret: &str,
+    ) -> impl Future<Output = BackendResult<Option<User>>> + Send;
 
     /// Ends the session `secret` on `host`. Ending an unknown session is not an error.
-    fn end_session(&self, host: &str, secret: &str) -> impl Future<Output = BackendResult<()>> + Send;
+    fn end_session(
+        &self,
+        host: &str,
+        secret: &str,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
 
     /// The user owning machine token `token`, if it is valid for `vm_id`.
-    fn token_user(&self, vm_id: &str, token: &str) -> impl Future<Output = BackendResult<Option<User>>> + Send;
+    fn token_user(
+        &self,
+        vm_id: &str,
+        token: &str,
+    ) -> impl Future<Output = BackendResult<Option<User>>> + Send;
 
     /// Grants `user_id` access to `vm_id` if `token` is a live share link of that VM.
     fn redeem_share_link(
@@ -85,8 +108,14 @@ pub trait EdgeBackend: Send + Sync + 'static {
 
     /// Creates a one-time login token for the account with `email`, or `None` when there is no
     /// such account. The edge mails the link; the page it shows does not depend on the answer.
-    fn start_email_login(&self, email: &str) -> impl Future<Output = BackendResult<Option<String>>> + Send;
+    fn start_email_login(
+        &self,
+        email: &str,
+    ) -> impl Future<Output = BackendResult<Option<String>>> + Send;
 
     /// The VMs the dashboard lists for `user_id` (own and shared).
-    fn dashboard_vms(&self, user_id: &str) -> impl Future<Output = BackendResult<Vec<DashboardVm>>> + Send;
+    fn dashboard_vms(
+        &self,
+        user_id: &str,
+    ) -> impl Future<Output = BackendResult<Vec<DashboardVm>>> + Send;
 }

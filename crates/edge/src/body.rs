@@ -24,7 +24,10 @@ impl Body for EdgeBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             EdgeBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             EdgeBody::Upstream(b) => Pin::new(b).poll_frame(cx),

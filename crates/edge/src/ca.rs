@@ -49,7 +49,11 @@ fn ca_params(domain: &str) -> CertificateParams {
     dn.push(DnType::CommonName, format!("nook local CA for {domain}"));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     // A leaked CA key can then only mint certificates for the development domain.
     params.name_constraints = Some(NameConstraints {
         permitted_subtrees: vec![GeneralSubtree::DnsName(domain.to_string())],
@@ -61,7 +65,10 @@ fn ca_params(domain: &str) -> CertificateParams {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EdgeError + '_ {
-    move |source| EdgeError::Io { path: path.to_path_buf(), source }
+    move |source| EdgeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl LocalCa {
@@ -83,10 +90,15 @@ impl LocalCa {
             _ => None,
         };
         let (ca_cert_pem, ca_key) = match existing {
-            Some((cert, key)) => (cert, KeyPair::from_pem(&key).map_err(EdgeError::Certificate)?),
+            Some((cert, key)) => (
+                cert,
+                KeyPair::from_pem(&key).map_err(EdgeError::Certificate)?,
+            ),
             None => {
                 let key = KeyPair::generate().map_err(EdgeError::Certificate)?;
-                let cert = ca_params(&domain).self_signed(&key).map_err(EdgeError::Certificate)?;
+                let cert = ca_params(&domain)
+                    .self_signed(&key)
+                    .map_err(EdgeError::Certificate)?;
                 write_private(&key_path, key.serialize_pem().as_bytes())?;
                 write_atomic(&cert_path, cert.pem().as_bytes())?;
                 write_atomic(&domain_path, domain.as_bytes())?;
@@ -102,15 +114,24 @@ impl LocalCa {
         leaf.distinguished_name = dn;
         leaf.subject_alt_names = vec![
             SanType::DnsName(domain.clone().try_into().map_err(EdgeError::Certificate)?),
-            SanType::DnsName(format!("*.{domain}").try_into().map_err(EdgeError::Certificate)?),
+            SanType::DnsName(
+                format!("*.{domain}")
+                    .try_into()
+                    .map_err(EdgeError::Certificate)?,
+            ),
         ];
-        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        leaf.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         leaf.use_authority_key_identifier_extension = true;
         leaf.not_before = OffsetDateTime::now_utc() - Duration::days(1);
         // Under the 398-day ceiling browsers apply to leaf certificates.
         leaf.not_after = OffsetDateTime::now_utc() + Duration::days(390);
-        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).map_err(EdgeError::Certificate)?;
+        let leaf_cert = leaf
+            .signed_by(&leaf_key, &issuer)
+            .map_err(EdgeError::Certificate)?;
 
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -171,6 +192,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EdgeError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -181,7 +203,10 @@ mod tests {
         let b = LocalCa::load_or_create(dir.path(), "nook.localhost").unwrap();
         assert_eq!(a.ca_cert_pem(), b.ca_cert_pem());
         assert_ne!(a.leaf_key_pem(), b.leaf_key_pem());
-        let mode = fs::metadata(dir.path().join(CA_KEY)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(a.ca_cert_path(), dir.path().join("ca.pem"));
         let c = LocalCa::load_or_create(dir.path(), "other.localhost").unwrap();

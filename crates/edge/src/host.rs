@@ -65,9 +65,18 @@ pub enum ListenerRole {
 /// `public_port` is the port users type for the main listener (443, or 8443 in development);
 /// a Host port equal to it is the main site, not a VM port. This also covers a daemon that
 /// redirects 3000–9999 to the main listener with nftables: the Host header keeps the port.
-pub(crate) fn vm_port(role: ListenerRole, local_port: u16, host_port: Option<u16>, public_port: u16) -> Result<Option<u16>, ()> {
+pub(crate) fn vm_port(
+    role: ListenerRole,
+    local_port: u16,
+    host_port: Option<u16>,
+    public_port: u16,
+) -> Result<Option<u16>, ()> {
     if role == ListenerRole::VmPort {
-        return if VM_PORTS.contains(&local_port) { Ok(Some(local_port)) } else { Err(()) };
+        return if VM_PORTS.contains(&local_port) {
+            Ok(Some(local_port))
+        } else {
+            Err(())
+        };
     }
     match host_port {
         None => Ok(None),
@@ -78,13 +87,26 @@ pub(crate) fn vm_port(role: ListenerRole, local_port: u16, host_port: Option<u16
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn parses_hosts() {
-        assert_eq!(parse_host("Blog.Nook.LOCALHOST:8443"), Some(HostName { name: "blog.nook.localhost".into(), port: Some(8443) }));
-        assert_eq!(parse_host("nook.localhost."), Some(HostName { name: "nook.localhost".into(), port: None }));
+        assert_eq!(
+            parse_host("Blog.Nook.LOCALHOST:8443"),
+            Some(HostName {
+                name: "blog.nook.localhost".into(),
+                port: Some(8443)
+            })
+        );
+        assert_eq!(
+            parse_host("nook.localhost."),
+            Some(HostName {
+                name: "nook.localhost".into(),
+                port: None
+            })
+        );
         assert_eq!(parse_host("a:b"), None);
         assert_eq!(parse_host("a:99999"), None);
         assert_eq!(parse_host("[::1]:80"), None);
@@ -106,10 +128,22 @@ mod tests {
     #[test]
     fn chooses_ports() {
         assert_eq!(vm_port(ListenerRole::Main, 8443, None, 8443), Ok(None));
-        assert_eq!(vm_port(ListenerRole::Main, 8443, Some(8443), 8443), Ok(None));
-        assert_eq!(vm_port(ListenerRole::Main, 8443, Some(3000), 8443), Ok(Some(3000)));
+        assert_eq!(
+            vm_port(ListenerRole::Main, 8443, Some(8443), 8443),
+            Ok(None)
+        );
+        assert_eq!(
+            vm_port(ListenerRole::Main, 8443, Some(3000), 8443),
+            Ok(Some(3000))
+        );
         assert_eq!(vm_port(ListenerRole::Main, 8443, Some(22), 8443), Err(()));
-        assert_eq!(vm_port(ListenerRole::VmPort, 5000, None, 8443), Ok(Some(5000)));
-        assert_eq!(vm_port(ListenerRole::VmPort, 5000, Some(8443), 8443), Ok(Some(5000)));
+        assert_eq!(
+            vm_port(ListenerRole::VmPort, 5000, None, 8443),
+            Ok(Some(5000))
+        );
+        assert_eq!(
+            vm_port(ListenerRole::VmPort, 5000, Some(8443), 8443),
+            Ok(Some(5000))
+        );
     }
 }

@@ -112,7 +112,9 @@ pub struct Edge<B> {
 
 impl<B> Clone for Edge<B> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone() }
+        Self {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -121,11 +123,18 @@ impl<B: EdgeBackend> Edge<B> {
     /// serving; until then handshakes fail.
     pub fn new(mut config: EdgeConfig, backend: Arc<B>) -> Result<Self, EdgeError> {
         config.domain = config.domain.trim_end_matches('.').to_ascii_lowercase();
-        if host::parse_host(&config.domain).is_none_or(|h| h.port.is_some() || !h.name.contains('.')) {
-            return Err(EdgeError::Config(format!("invalid domain {:?}", config.domain)));
+        if host::parse_host(&config.domain)
+            .is_none_or(|h| h.port.is_some() || !h.name.contains('.'))
+        {
+            return Err(EdgeError::Config(format!(
+                "invalid domain {:?}",
+                config.domain
+            )));
         }
         if config.max_header_bytes < 8192 {
-            return Err(EdgeError::Config("max_header_bytes must be at least 8192".into()));
+            return Err(EdgeError::Config(
+                "max_header_bytes must be at least 8192".into(),
+            ));
         }
         let certs = Arc::new(tls::CertStore::new());
         let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(certs.clone())?));
@@ -143,7 +152,10 @@ impl<B: EdgeBackend> Edge<B> {
             .keep_alive_interval(Some(Duration::from_secs(30)));
         Ok(Self {
             inner: Arc::new(Inner {
-                upstream: proxy::Upstream::new(config.upstream_connect_timeout, config.upstream_response_timeout),
+                upstream: proxy::Upstream::new(
+                    config.upstream_connect_timeout,
+                    config.upstream_response_timeout,
+                ),
                 handoffs: auth::Handoffs::new(config.handoff_ttl),
                 config,
                 backend,
@@ -186,7 +198,11 @@ impl<B: EdgeBackend> Edge<B> {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let conn = ConnInfo { peer, local_port, role };
+            let conn = ConnInfo {
+                peer,
+                local_port,
+                role,
+            };
             let inner = self.inner.clone();
             tokio::spawn(async move { inner.serve_connection(stream, conn).await });
         }
@@ -201,23 +217,30 @@ impl<B: EdgeBackend> Edge<B> {
 
 impl<B: EdgeBackend> Inner<B> {
     async fn serve_connection(self: Arc<Self>, stream: tokio::net::TcpStream, conn: ConnInfo) {
-        let tls = match tokio::time::timeout(self.config.handshake_timeout, self.acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
-                return;
-            }
-        };
+        let tls =
+            match tokio::time::timeout(self.config.handshake_timeout, self.acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %conn.peer, "TLS handshake timed out");
+                    return;
+                }
+            };
         let inner = self.clone();
         let service = service_fn(move |req| {
             let inner = inner.clone();
             async move { Ok::<_, std::convert::Infallible>(inner.handle(req, conn).await) }
         });
-        if let Err(e) = self.server.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
+        if let Err(e) = self
+            .server
+            .serve_connection_with_upgrades(TokioIo::new(tls), service)
+            .await
+        {
             tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
         }
     }

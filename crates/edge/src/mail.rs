@@ -51,9 +51,15 @@ impl Mailer {
     pub(crate) fn new(cfg: &SmtpConfig) -> Result<Self, EdgeError> {
         let mail_err = |e: lettre::transport::smtp::Error| EdgeError::Mail(Box::new(e));
         let builder = match cfg.security {
-            SmtpSecurity::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.host),
-            SmtpSecurity::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&cfg.host).map_err(mail_err)?,
-            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&cfg.host).map_err(mail_err)?,
+            SmtpSecurity::None => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.host)
+            }
+            SmtpSecurity::StartTls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&cfg.host).map_err(mail_err)?
+            }
+            SmtpSecurity::Tls => {
+                AsyncSmtpTransport::<Tokio1Executor>::relay(&cfg.host).map_err(mail_err)?
+            }
         };
         let mut builder = builder.port(cfg.port);
         if let Some((user, pass)) = &cfg.credentials {
@@ -63,7 +69,10 @@ impl Mailer {
             .from
             .parse()
             .map_err(|_| EdgeError::Config(format!("invalid SMTP from address {:?}", cfg.from)))?;
-        Ok(Self { transport: builder.build(), from })
+        Ok(Self {
+            transport: builder.build(),
+            from,
+        })
     }
 
     pub(crate) async fn send_login_link(&self, to: &str, link: &str) -> Result<(), EdgeError> {
@@ -75,7 +84,10 @@ impl Mailer {
             .header(ContentType::TEXT_PLAIN)
             .body(pages::login_email_text(link))
             .map_err(|e| EdgeError::Mail(Box::new(e)))?;
-        self.transport.send(message).await.map_err(|e| EdgeError::Mail(Box::new(e)))?;
+        self.transport
+            .send(message)
+            .await
+            .map_err(|e| EdgeError::Mail(Box::new(e)))?;
         Ok(())
     }
 }

@@ -2,7 +2,6 @@
 //! includes an internal error's text: only names the viewer typed (escaped) and fixed copy.
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 
@@ -43,9 +42,15 @@ pub(crate) fn html<B: From<Bytes>>(status: StatusCode, title: &str, body: &str) 
     let mut resp = Response::new(B::from(Bytes::from(layout(title, body))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     resp
 }
@@ -85,7 +90,9 @@ impl Page {
             Page::VmUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Page::VmTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Page::Unauthorized => StatusCode::UNAUTHORIZED,
-            Page::LoginLinkInvalid | Page::HandoffInvalid | Page::BadPort => StatusCode::BAD_REQUEST,
+            Page::LoginLinkInvalid | Page::HandoffInvalid | Page::BadPort => {
+                StatusCode::BAD_REQUEST
+            }
             Page::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Page::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -155,17 +162,28 @@ Ask for a new one.</p><p><a href=\"/\">Back to login</a></p>"
         let mut resp = html(self.status(), &title, &body);
         if *self == Page::Unauthorized {
             // Lets git and curl retry with a token as the basic-auth password.
-            resp.headers_mut()
-                .insert(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"nook\""));
+            resp.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"nook\""),
+            );
         }
         resp
     }
 }
 
 /// The dashboard's login page.
-pub(crate) fn login_page<B: From<Bytes>>(ssh_hint: &str, email_enabled: bool, next: Option<&str>) -> Response<B> {
+pub(crate) fn login_page<B: From<Bytes>>(
+    ssh_hint: &str,
+    email_enabled: bool,
+    next: Option<&str>,
+) -> Response<B> {
     let next_field = next
-        .map(|n| format!("<input type=\"hidden\" name=\"next\" value=\"{}\">", escape(n)))
+        .map(|n| {
+            format!(
+                "<input type=\"hidden\" name=\"next\" value=\"{}\">",
+                escape(n)
+            )
+        })
         .unwrap_or_default();
     let email = if email_enabled {
         format!(
@@ -200,7 +218,11 @@ pub(crate) fn email_failed_page<B: From<Bytes>>() -> Response<B> {
 }
 
 /// The dashboard for a signed-in user: their VMs, with links.
-pub(crate) fn dashboard_page<B: From<Bytes>>(email: &str, vms: &[DashboardVm], url_of: impl Fn(&str) -> String) -> Response<B> {
+pub(crate) fn dashboard_page<B: From<Bytes>>(
+    email: &str,
+    vms: &[DashboardVm],
+    url_of: impl Fn(&str) -> String,
+) -> Response<B> {
     let mut rows = String::new();
     for vm in vms {
         let url = url_of(&vm.name);
@@ -215,7 +237,9 @@ pub(crate) fn dashboard_page<B: From<Bytes>>(email: &str, vms: &[DashboardVm], u
     let table = if vms.is_empty() {
         "<p class=\"muted\">No VMs yet. Create one with <code>ssh HOST new</code>.</p>".to_string()
     } else {
-        format!("<table><tr><th>VM</th><th>State</th><th>Sharing</th><th>URL</th></tr>{rows}</table>")
+        format!(
+            "<table><tr><th>VM</th><th>State</th><th>Sharing</th><th>URL</th></tr>{rows}</table>"
+        )
     };
     let body = format!(
         "<h1>Your VMs</h1><p class=\"muted\">Signed in as {}. \
@@ -236,17 +260,22 @@ If you did not ask for it, ignore this email.\n"
 pub(crate) const LOGIN_EMAIL_SUBJECT: &str = "Your nook sign-in link";
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(escape("<a href='x'>&\""), "&lt;a href=&#39;x&#39;&gt;&amp;&quot;");
+        assert_eq!(
+            escape("<a href='x'>&\""),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
+        );
     }
 
     #[test]
     fn missing_and_forbidden_vm_look_the_same() {
-        let a: Response<Full<Bytes>> = Page::NoSuchVm { name: "x".into() }.response();
+        let a: Response<http_body_util::Full<Bytes>> =
+            Page::NoSuchVm { name: "x".into() }.response();
         assert_eq!(a.status(), StatusCode::NOT_FOUND);
     }
 }

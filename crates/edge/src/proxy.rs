@@ -82,7 +82,10 @@ fn strip_forgeable(headers: &mut HeaderMap) {
         .keys()
         .filter(|k| {
             let k = k.as_str();
-            k.starts_with("x-nook-") || k.starts_with("x-forwarded-") || k == "forwarded" || k == "x-real-ip"
+            k.starts_with("x-nook-")
+                || k.starts_with("x-forwarded-")
+                || k == "forwarded"
+                || k == "x-real-ip"
         })
         .cloned()
         .collect();
@@ -105,7 +108,10 @@ impl Upstream {
             // Headers go to the VM exactly as the edge composed them.
             .set_host(false)
             .build(connector);
-        Self { client, response_timeout }
+        Self {
+            client,
+            response_timeout,
+        }
     }
 
     pub(crate) async fn forward(
@@ -114,8 +120,9 @@ impl Upstream {
         target: SocketAddr,
         fwd: Forward<'_>,
     ) -> Result<Response<EdgeBody>, UpstreamError> {
-        let client_upgrade = (req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE))
-            .then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = (req.version() == Version::HTTP_11
+            && req.headers().contains_key(header::UPGRADE))
+        .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts.extensions = Default::default();
         let headers = &mut parts.headers;
@@ -140,21 +147,32 @@ impl Upstream {
         if let Some(user) = fwd.user {
             // An identity that cannot be expressed as a header value is left out rather than
             // mangled; the VM then sees an anonymous request.
-            if let (Ok(id), Ok(email)) = (HeaderValue::from_str(&user.id), HeaderValue::from_str(&user.email)) {
+            if let (Ok(id), Ok(email)) = (
+                HeaderValue::from_str(&user.id),
+                HeaderValue::from_str(&user.email),
+            ) {
                 headers.insert(X_NOOK_USER_ID, id);
                 headers.insert(X_NOOK_USER_EMAIL, email);
             }
         }
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        parts.uri = Uri::try_from(format!("http://{target}{path}")).unwrap_or_else(|_| Uri::from_static("/"));
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = Uri::try_from(format!("http://{target}{path}"))
+            .unwrap_or_else(|_| Uri::from_static("/"));
         parts.version = Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        let mut resp = match tokio::time::timeout(self.response_timeout, self.client.request(upstream_req)).await {
-            Err(_) => return Err(UpstreamError::Timeout),
-            Ok(Err(e)) => return Err(UpstreamError::Unreachable(e)),
-            Ok(Ok(resp)) => resp,
-        };
+        let mut resp =
+            match tokio::time::timeout(self.response_timeout, self.client.request(upstream_req))
+                .await
+            {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(Err(e)) => return Err(UpstreamError::Unreachable(e)),
+                Ok(Ok(resp)) => resp,
+            };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -175,7 +193,9 @@ impl Upstream {
             });
             let (mut parts, body) = resp.into_parts();
             let up = strip_hop_by_hop(&mut parts.headers);
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             if let Some(up) = up.or_else(|| upgrade.clone()) {
                 parts.headers.insert(header::UPGRADE, up);
             }
@@ -197,7 +217,11 @@ fn strip_nook_set_cookies(headers: &mut HeaderMap) {
     let kept: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
-        .filter(|v| !v.as_bytes().trim_ascii_start().starts_with(auth::NOOK_COOKIE_PREFIX.as_bytes()))
+        .filter(|v| {
+            !v.as_bytes()
+                .trim_ascii_start()
+                .starts_with(auth::NOOK_COOKIE_PREFIX.as_bytes())
+        })
         .cloned()
         .collect();
     headers.remove(header::SET_COOKIE);
@@ -207,19 +231,25 @@ fn strip_nook_set_cookies(headers: &mut HeaderMap) {
 }
 
 fn bad_gateway_upgrade() -> Response<EdgeBody> {
-    let mut r = Response::new(EdgeBody::from(bytes::Bytes::from_static(b"Unexpected protocol switch from the VM\n")));
+    let mut r = Response::new(EdgeBody::from(bytes::Bytes::from_static(
+        b"Unexpected protocol switch from the VM\n",
+    )));
     *r.status_mut() = StatusCode::BAD_GATEWAY;
     r
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn strips_hop_by_hop_and_listed_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret, Upgrade"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret, Upgrade"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -233,7 +263,10 @@ mod tests {
     #[test]
     fn strips_forged_identity() {
         let mut h = HeaderMap::new();
-        h.insert("x-nook-user-email", HeaderValue::from_static("boss@example.com"));
+        h.insert(
+            "x-nook-user-email",
+            HeaderValue::from_static("boss@example.com"),
+        );
         h.insert("X-Forwarded-For", HeaderValue::from_static("1.2.3.4"));
         h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
         h.insert("x-other", HeaderValue::from_static("1"));
@@ -244,7 +277,10 @@ mod tests {
     #[test]
     fn vm_cannot_set_nook_cookie() {
         let mut h = HeaderMap::new();
-        h.append(header::SET_COOKIE, HeaderValue::from_static("__Host-nook_session=x; Path=/"));
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("__Host-nook_session=x; Path=/"),
+        );
         h.append(header::SET_COOKIE, HeaderValue::from_static("app=1"));
         strip_nook_set_cookies(&mut h);
         assert_eq!(h.get_all(header::SET_COOKIE).iter().count(), 1);

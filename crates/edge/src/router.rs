@@ -52,7 +52,8 @@ fn redirect(location: &str) -> Resp {
     if let Ok(v) = HeaderValue::from_str(location) {
         r.headers_mut().insert(header::LOCATION, v);
     }
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
@@ -81,8 +82,14 @@ fn vm_next(next: &str, domain: &str) -> Option<(String, String, String)> {
         None => (rest, "/"),
     };
     let h = host::parse_host(authority)?;
-    let Site::Vm(_) = host::site(&h.name, domain) else { return None };
-    let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+    let Site::Vm(_) = host::site(&h.name, domain) else {
+        return None;
+    };
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
     let path = safe_path(Some(&path)).to_string();
     Some((authority.to_ascii_lowercase(), h.name, path))
 }
@@ -103,7 +110,12 @@ impl<B: EdgeBackend> Inner<B> {
             .uri()
             .authority()
             .map(|a| a.as_str().to_string())
-            .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            });
         let Some(host) = raw_host.as_deref().and_then(host::parse_host) else {
             return Page::UnknownHost.response();
         };
@@ -136,7 +148,11 @@ impl<B: EdgeBackend> Inner<B> {
         }
     }
 
-    async fn session_user(&self, req: &Request<Incoming>, host: &str) -> Result<Option<User>, BackendError> {
+    async fn session_user(
+        &self,
+        req: &Request<Incoming>,
+        host: &str,
+    ) -> Result<Option<User>, BackendError> {
         match auth::cookie(req.headers(), SESSION_COOKIE) {
             Some(secret) if !secret.is_empty() => self.backend.session(host, secret).await,
             _ => Ok(None),
@@ -165,13 +181,19 @@ impl<B: EdgeBackend> Inner<B> {
         match path.as_str() {
             "/" if is_get => {
                 let Some(user) = self.session_user(&req, &host.name).await? else {
-                    return Ok(pages::login_page(&self.config.ssh_login_hint, self.mailer.is_some(), None));
+                    return Ok(pages::login_page(
+                        &self.config.ssh_login_hint,
+                        self.mailer.is_some(),
+                        None,
+                    ));
                 };
                 let vms = self.backend.dashboard_vms(&user.id).await?;
                 Ok(pages::dashboard_page(&user.email, &vms, |n| self.vm_url(n)))
             }
             "/__nook/login" if is_get => self.login(req, host).await,
-            "/__nook/email" if method == Method::POST && self.mailer.is_some() => self.email_login(req).await,
+            "/__nook/email" if method == Method::POST && self.mailer.is_some() => {
+                self.email_login(req).await
+            }
             "/__nook/logout" if is_get || method == Method::POST => {
                 if let Some(secret) = auth::cookie(req.headers(), SESSION_COOKIE) {
                     self.backend.end_session(&host.name, secret).await?;
@@ -186,10 +208,13 @@ impl<B: EdgeBackend> Inner<B> {
     /// `/__nook/login?token=T[&next=URL]` redeems a login link; without a token it either
     /// continues to `next` (already signed in) or shows the login page and remembers `next`.
     async fn login(&self, req: Request<Incoming>, host: &HostName) -> Result<Resp, Failure> {
-        let next = query_param(&req, "next")
-            .or_else(|| auth::cookie(req.headers(), NEXT_COOKIE).map(|c| {
-                percent_encoding::percent_decode_str(c).decode_utf8_lossy().into_owned()
-            }));
+        let next = query_param(&req, "next").or_else(|| {
+            auth::cookie(req.headers(), NEXT_COOKIE).map(|c| {
+                percent_encoding::percent_decode_str(c)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        });
         if let Some(token) = query_param(&req, "token") {
             let Some(user) = self.backend.redeem_login_token(&token).await? else {
                 return Err(Failure::Page(Page::LoginLinkInvalid));
@@ -203,11 +228,19 @@ impl<B: EdgeBackend> Inner<B> {
             return Ok(self.continue_to(next.as_deref(), &user));
         }
         let next = next.filter(|n| vm_next(n, &self.config.domain).is_some());
-        let resp = pages::login_page(&self.config.ssh_login_hint, self.mailer.is_some(), next.as_deref());
-        Ok(match next.and_then(|n| auth::set_cookie(NEXT_COOKIE, &enc(&n), Duration::from_secs(900))) {
-            Some(c) => self.with_cookie(resp, c),
-            None => resp,
-        })
+        let resp = pages::login_page(
+            &self.config.ssh_login_hint,
+            self.mailer.is_some(),
+            next.as_deref(),
+        );
+        Ok(
+            match next
+                .and_then(|n| auth::set_cookie(NEXT_COOKIE, &enc(&n), Duration::from_secs(900)))
+            {
+                Some(c) => self.with_cookie(resp, c),
+                None => resp,
+            },
+        )
     }
 
     /// Sends a signed-in user on to `next`: through a handoff when it is a VM URL (each VM host
@@ -216,7 +249,10 @@ impl<B: EdgeBackend> Inner<B> {
         match next.and_then(|n| vm_next(n, &self.config.domain)) {
             Some((authority, vm_host, path)) => {
                 let code = self.handoffs.issue(&user.id, &vm_host);
-                redirect(&format!("https://{authority}/__nook/handoff?code={code}&next={}", enc(&path)))
+                redirect(&format!(
+                    "https://{authority}/__nook/handoff?code={code}&next={}",
+                    enc(&path)
+                ))
             }
             None => redirect("/"),
         }
@@ -224,7 +260,8 @@ impl<B: EdgeBackend> Inner<B> {
 
     async fn email_login(&self, req: Request<Incoming>) -> Result<Resp, Failure> {
         let body = http_body_util::Limited::new(req.into_body(), 8 * 1024);
-        let Ok(Ok(collected)) = tokio::time::timeout(Duration::from_secs(10), body.collect()).await else {
+        let Ok(Ok(collected)) = tokio::time::timeout(Duration::from_secs(10), body.collect()).await
+        else {
             return Err(Failure::Page(Page::NotFound));
         };
         let form = collected.to_bytes();
@@ -244,11 +281,17 @@ impl<B: EdgeBackend> Inner<B> {
             // Same answer as for a known address: the page must not reveal who has an account.
             return Ok(pages::email_sent_page());
         };
-        let mut link = format!("{}/__nook/login?token={}", self.dashboard_origin(), enc(&token));
+        let mut link = format!(
+            "{}/__nook/login?token={}",
+            self.dashboard_origin(),
+            enc(&token)
+        );
         if let Some(n) = next.filter(|n| vm_next(n, &self.config.domain).is_some()) {
             link.push_str(&format!("&next={}", enc(&n)));
         }
-        let Some(mailer) = &self.mailer else { return Err(Failure::Page(Page::NotFound)) };
+        let Some(mailer) = &self.mailer else {
+            return Err(Failure::Page(Page::NotFound));
+        };
         if let Err(e) = mailer.send_login_link(&email, &link).await {
             tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "login email not sent");
             return Ok(pages::email_failed_page());
@@ -259,12 +302,26 @@ impl<B: EdgeBackend> Inner<B> {
     // ---- VM hosts ----
 
     fn login_redirect(&self, req: &Request<Incoming>, authority: &str) -> Resp {
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let here = format!("https://{authority}{pq}");
-        redirect(&format!("{}/__nook/login?next={}", self.dashboard_origin(), enc(&here)))
+        redirect(&format!(
+            "{}/__nook/login?next={}",
+            self.dashboard_origin(),
+            enc(&here)
+        ))
     }
 
-    async fn vm(&self, req: Request<Incoming>, name: &str, host: &HostName, conn: ConnInfo) -> Result<Resp, Failure> {
+    async fn vm(
+        &self,
+        req: Request<Incoming>,
+        name: &str,
+        host: &HostName,
+        conn: ConnInfo,
+    ) -> Result<Resp, Failure> {
         let authority = match host.port {
             Some(p) => format!("{}:{p}", host.name),
             None => host.name.clone(),
@@ -284,8 +341,13 @@ impl<B: EdgeBackend> Inner<B> {
             };
         }
 
-        let port = host::vm_port(conn.role, conn.local_port, host.port, self.config.public_port)
-            .map_err(|()| Failure::Page(Page::BadPort))?;
+        let port = host::vm_port(
+            conn.role,
+            conn.local_port,
+            host.port,
+            self.config.public_port,
+        )
+        .map_err(|()| Failure::Page(Page::BadPort))?;
         let vm = self.backend.vm(name).await?;
         let mut user = self.session_user(&req, &host.name).await?;
         let mut token_used = false;
@@ -315,7 +377,9 @@ impl<B: EdgeBackend> Inner<B> {
             let Some(u) = &user else {
                 return Ok(self.login_redirect(&req, &authority));
             };
-            self.backend.redeem_share_link(&vm.id, &share, &u.id).await?;
+            self.backend
+                .redeem_share_link(&vm.id, &share, &u.id)
+                .await?;
             return Ok(redirect(&without_param(&req, SHARE_PARAM)));
         }
 
@@ -330,22 +394,43 @@ impl<B: EdgeBackend> Inner<B> {
         }
 
         let target = SocketAddr::new(vm.upstream, port.unwrap_or(vm.default_port));
-        let fwd = Forward { peer: conn.peer.ip(), host: &authority, user: user.as_ref(), strip_authorization: token_used };
+        let fwd = Forward {
+            peer: conn.peer.ip(),
+            host: &authority,
+            user: user.as_ref(),
+            strip_authorization: token_used,
+        };
         let vm_port = target.port();
         match self.upstream.forward(req, target, fwd).await {
             Ok(resp) => Ok(resp),
-            Err(UpstreamError::Timeout) => Err(Failure::Page(Page::VmTimeout { name: vm.name, port: vm_port })),
+            Err(UpstreamError::Timeout) => Err(Failure::Page(Page::VmTimeout {
+                name: vm.name,
+                port: vm_port,
+            })),
             Err(e @ UpstreamError::Unreachable(_)) => {
                 tracing::debug!(vm = %vm.name, port = vm_port, error = %e, source = ?std::error::Error::source(&e), "upstream failed");
-                Err(Failure::Page(Page::VmUnreachable { name: vm.name, port: vm_port }))
+                Err(Failure::Page(Page::VmUnreachable {
+                    name: vm.name,
+                    port: vm_port,
+                }))
             }
         }
     }
 
     /// The answer when the viewer may not open this VM (or it does not exist).
-    fn deny(&self, req: &Request<Incoming>, user: Option<&User>, bad_credentials: bool, name: &str, authority: &str) -> Resp {
+    fn deny(
+        &self,
+        req: &Request<Incoming>,
+        user: Option<&User>,
+        bad_credentials: bool,
+        name: &str,
+        authority: &str,
+    ) -> Resp {
         if user.is_some() {
-            return Page::NoSuchVm { name: name.to_string() }.response();
+            return Page::NoSuchVm {
+                name: name.to_string(),
+            }
+            .response();
         }
         if !bad_credentials && wants_html(req) {
             // A browser: log in, then come back here.
@@ -382,12 +467,15 @@ fn without_param(req: &Request<Incoming>, name: &str) -> String {
     if kept.is_empty() {
         path.to_string()
     } else {
-        let q = form_urlencoded::Serializer::new(String::new()).extend_pairs(kept).finish();
+        let q = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(kept)
+            .finish();
         format!("{path}?{q}")
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -396,14 +484,24 @@ mod tests {
         let d = "nook.localhost";
         assert_eq!(
             vm_next("https://Blog.nook.localhost:8443/a?b=1", d),
-            Some(("blog.nook.localhost:8443".into(), "blog.nook.localhost".into(), "/a?b=1".into()))
+            Some((
+                "blog.nook.localhost:8443".into(),
+                "blog.nook.localhost".into(),
+                "/a?b=1".into()
+            ))
         );
-        assert_eq!(vm_next("https://blog.nook.localhost", d).map(|v| v.2), Some("/".into()));
+        assert_eq!(
+            vm_next("https://blog.nook.localhost", d).map(|v| v.2),
+            Some("/".into())
+        );
         assert_eq!(vm_next("https://evil.com/", d), None);
         assert_eq!(vm_next("http://blog.nook.localhost/", d), None);
         assert_eq!(vm_next("https://nook.localhost/", d), None);
         assert_eq!(vm_next("https://blog.nook.localhost@evil.com/", d), None);
-        assert_eq!(vm_next("https://blog.nook.localhost//evil.com", d).map(|v| v.2), Some("/".into()));
+        assert_eq!(
+            vm_next("https://blog.nook.localhost//evil.com", d).map(|v| v.2),
+            Some("/".into())
+        );
     }
 
     #[test]

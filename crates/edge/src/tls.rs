@@ -20,7 +20,9 @@ pub(crate) struct CertStore {
 
 impl CertStore {
     pub(crate) fn new() -> Self {
-        Self { current: RwLock::new(None) }
+        Self {
+            current: RwLock::new(None),
+        }
     }
 
     pub(crate) fn set(&self, key: Arc<CertifiedKey>) {
@@ -31,7 +33,10 @@ impl CertStore {
     }
 
     pub(crate) fn get(&self) -> Option<Arc<CertifiedKey>> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -49,18 +54,20 @@ pub fn certified_key_from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Certif
     if chain.is_empty() {
         return Err(EdgeError::InvalidPem("no certificate in chain"));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| EdgeError::InvalidPem("unreadable private key"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|_| EdgeError::InvalidPem("unreadable private key"))?;
     let provider = aws_lc_rs::default_provider();
     let certified = CertifiedKey::from_der(chain, key, &provider).map_err(EdgeError::Tls)?;
     Ok(certified)
 }
 
 pub(crate) fn server_config(store: Arc<CertStore>) -> Result<rustls::ServerConfig, EdgeError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(EdgeError::Tls)?
-        .with_no_client_auth()
-        .with_cert_resolver(store);
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(EdgeError::Tls)?
+            .with_no_client_auth()
+            .with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
