@@ -558,7 +558,11 @@ fn parse_reply(out: &std::process::Output) -> Reply {
     );
     // The last line is the -w output.
     let (text, version) = text.rsplit_once('\n').unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+    let (mut head, mut body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+    // With -L, every hop's head precedes the final body: keep the last one.
+    while body.starts_with("HTTP/") {
+        (head, body) = body.split_once("\r\n\r\n").unwrap_or((body, ""));
+    }
     let mut lines = head.lines();
     let status_line = lines.next().unwrap();
     let status = status_line
