@@ -184,6 +184,16 @@ impl<B: EdgeBackend> Edge<B> {
         &self.inner.config
     }
 
+    /// The link the lobby's `browser` command prints for a fresh login token.
+    pub fn login_url(&self, token: &str) -> String {
+        self.inner.login_url(token)
+    }
+
+    /// `https://NAME.DOMAIN[:PORT]/`.
+    pub fn vm_url(&self, name: &str) -> String {
+        self.inner.vm_url(name)
+    }
+
     /// Accepts connections on `listener` until the task is dropped or aborted. Accept errors
     /// (such as running out of file descriptors) are logged and retried after a pause.
     pub async fn serve(&self, listener: TcpListener, role: ListenerRole) {
@@ -206,6 +216,43 @@ impl<B: EdgeBackend> Edge<B> {
             let inner = self.inner.clone();
             tokio::spawn(async move { inner.serve_connection(stream, conn).await });
         }
+    }
+
+    /// Serves `listener` on `threads` dedicated OS threads, each running its own
+    /// single-threaded runtime that accepts from the same socket. A connection, its TLS state,
+    /// its requests and their upstream connections then all live on one thread, as in nginx's
+    /// worker model; with a work-stealing runtime, cross-thread wake-ups cost more than the
+    /// proxying itself (see examples/proxy_bench.rs). The threads run until the process exits.
+    pub fn serve_on_threads(
+        &self,
+        listener: std::net::TcpListener,
+        role: ListenerRole,
+        threads: usize,
+    ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+        listener.set_nonblocking(true)?;
+        let mut handles = Vec::new();
+        for i in 0..threads.max(1) {
+            let listener = listener.try_clone()?;
+            let edge = self.clone();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("nook-edge-{i}"))
+                    .spawn(move || {
+                        rt.block_on(async move {
+                            match TcpListener::from_std(listener) {
+                                Ok(l) => edge.serve(l, role).await,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot register the edge listener")
+                                }
+                            }
+                        })
+                    })?,
+            );
+        }
+        Ok(handles)
     }
 
     /// Spawns [`Edge::serve`] on the current runtime.

@@ -134,14 +134,22 @@ impl<B: EdgeBackend> Inner<B> {
         }
     }
 
-    fn dashboard_origin(&self) -> String {
+    pub(crate) fn dashboard_origin(&self) -> String {
         match self.config.public_port {
             443 => format!("https://{}", self.config.domain),
             p => format!("https://{}:{p}", self.config.domain),
         }
     }
 
-    fn vm_url(&self, name: &str) -> String {
+    pub(crate) fn login_url(&self, token: &str) -> String {
+        format!(
+            "{}/__nook/login?token={}",
+            self.dashboard_origin(),
+            enc(token)
+        )
+    }
+
+    pub(crate) fn vm_url(&self, name: &str) -> String {
         match self.config.public_port {
             443 => format!("https://{name}.{}/", self.config.domain),
             p => format!("https://{name}.{}:{p}/", self.config.domain),
@@ -281,11 +289,7 @@ impl<B: EdgeBackend> Inner<B> {
             // Same answer as for a known address: the page must not reveal who has an account.
             return Ok(pages::email_sent_page());
         };
-        let mut link = format!(
-            "{}/__nook/login?token={}",
-            self.dashboard_origin(),
-            enc(&token)
-        );
+        let mut link = self.login_url(&token);
         if let Some(n) = next.filter(|n| vm_next(n, &self.config.domain).is_some()) {
             link.push_str(&format!("&next={}", enc(&n)));
         }
