@@ -220,12 +220,15 @@ http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d
         .stdin(Stdio::null())
         .spawn()?;
 
+    // BENCH_EDGE_MODE=runtime serves on one multi-threaded tokio runtime instead of one
+    // single-threaded runtime per worker thread (Edge::serve_on_threads).
+    let mode = std::env::var("BENCH_EDGE_MODE").unwrap_or_else(|_| "threads".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .build()?;
     let edge_port = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let config = EdgeConfig {
             public_port: port,
@@ -238,9 +241,18 @@ http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d
             }),
         )?;
         edge.set_certificate(ca.leaf_chain_pem().as_bytes(), ca.leaf_key_pem().as_bytes())?;
-        edge.spawn(listener, ListenerRole::Main);
+        if mode == "runtime" {
+            listener.set_nonblocking(true)?;
+            edge.spawn(
+                tokio::net::TcpListener::from_std(listener)?,
+                ListenerRole::Main,
+            );
+        } else {
+            edge.serve_on_threads(listener, ListenerRole::Main, workers)?;
+        }
         Ok::<_, BoxError>(port)
     })?;
+    println!("edge mode: {mode}");
 
     // Wait until all three answer.
     for port in [up_port, nginx_port, edge_port] {

@@ -116,6 +116,10 @@ impl<B: EdgeBackend> Inner<B> {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string)
             });
+        // The edge is not a forward proxy: no tunnels to arbitrary places.
+        if req.method() == Method::CONNECT {
+            return Page::MethodNotAllowed.response();
+        }
         let Some(host) = raw_host.as_deref().and_then(host::parse_host) else {
             return Page::UnknownHost.response();
         };

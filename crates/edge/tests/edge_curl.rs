@@ -935,3 +935,82 @@ async fn certificate_can_be_replaced_at_runtime() {
     assert_eq!(r.status, 200);
     assert!(h.edge.set_certificate(b"junk", b"junk").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_through_both_ways() {
+    let h = Harness::start().await;
+    let up = start_upstream().await;
+    h.backend.add_vm("pub", up, true);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload");
+    std::fs::write(&file, "z".repeat(3 * 1024 * 1024)).unwrap();
+    for proto in ["--http1.1", "--http2"] {
+        let r = h
+            .curl()
+            .arg(proto)
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .get(&h.url("pub.nook.localhost", "/upload"))
+            .await;
+        assert_eq!(r.status, 200, "{proto}");
+        let j = r.json();
+        assert_eq!(
+            j["body"].as_str().unwrap().len(),
+            3 * 1024 * 1024,
+            "{proto}"
+        );
+    }
+}
+
+/// Garbage after the TLS handshake never takes the edge down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_do_not_hurt_the_edge() {
+    let h = Harness::start().await;
+    let up = start_upstream().await;
+    h.backend.add_vm("pub", up, true);
+    let inputs: [&[u8]; 9] = [
+        b"CONNECT pub.nook.localhost:22 HTTP/1.1\r\nHost: pub.nook.localhost:22\r\n\r\n",
+        b"\x00\x01\x02\x03garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: pub.nook.localhost\r\nBad Header\r\n\r\n",
+        b"GET /\xff\xfe HTTP/1.1\r\nHost: pub.nook.localhost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: pub.nook.localhost\r\nHost: other.nook.localhost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: \xff\xfe.nook.localhost\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: pub.nook.localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: pub.nook.localhost\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00garbage",
+    ];
+    for input in inputs {
+        let mut tls = h.tls_connect("pub.nook.localhost").await;
+        tls.write_all(input).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+        if input.starts_with(b"CONNECT") {
+            assert!(
+                buf.starts_with(b"HTTP/1.1 405"),
+                "{}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
+    }
+    let r = h.curl().get(&h.url("pub.nook.localhost", "/")).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_threads_serves_like_spawn() {
+    let h = Harness::start().await;
+    let up = start_upstream().await;
+    h.backend.add_vm("pub", up, true);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    h.edge
+        .serve_on_threads(listener, nook_edge::ListenerRole::Main, 2)
+        .unwrap();
+    for _ in 0..4 {
+        let r = Curl::new(port, h.ca_path.clone())
+            .get(&format!("https://pub.nook.localhost:{port}/t"))
+            .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["path"], "/t");
+    }
+}
