@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p nook-edge --example proxy_bench            # needs nginx and wrk
-//! BENCH_SECS=20 BENCH_CONNS=128 cargo run --release -p nook-edge --example proxy_bench
+//! BENCH_SECS=8 BENCH_ROUNDS=7 BENCH_CONNS=128 BENCH_EDGE_MODE=runtime cargo run --release -p nook-edge --example proxy_bench
 //! ```
 //!
 //! The upstream runs in a child process so it does not share the edge's runtime. Each target
@@ -160,6 +160,33 @@ fn wrk(url: &str, conns: u32, secs: u32) -> Result<Stats, BoxError> {
     Ok(st)
 }
 
+/// User plus system CPU time of a process, in clock ticks (USER_HZ, 100 on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// The processes serving a target: the edge lives in this process; nginx in its workers.
+fn serving_pids(target: usize, nginx_master: u32) -> Vec<u32> {
+    match target {
+        1 => vec![std::process::id()],
+        2 => std::fs::read_to_string(format!("/proc/{nginx_master}/task/{nginx_master}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("upstream") {
@@ -168,7 +195,7 @@ fn main() -> Result<(), BoxError> {
     let secs: u32 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(4);
     let conns: u32 = std::env::var("BENCH_CONNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -269,14 +296,48 @@ http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d
         ("nook-edge", format!("https://127.0.0.1:{edge_port}/")),
         ("nginx", format!("https://127.0.0.1:{nginx_port}/")),
     ];
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     println!(
-        "{BODY_BYTES}-byte responses, {secs} s per run, {workers} workers each, wrk over HTTP/1.1 keep-alive"
+        "{BODY_BYTES}-byte responses, {workers} workers each, wrk over HTTP/1.1 keep-alive; \
+{rounds} interleaved rounds of {secs} s per target and mode, medians shown"
     );
-    let mut results = Vec::new();
-    for (name, url) in &targets {
+    // Rounds interleave the targets so that background load on a shared machine hits all of
+    // them alike; medians then discard the rounds it disturbed most.
+    for (_, url) in &targets {
         let _ = wrk(url, conns, 2)?; // warm-up: pools, TLS sessions, page cache
-        let load = wrk(url, conns, secs)?;
-        let single = wrk(url, 1, secs)?;
+    }
+    let mut samples: Vec<(Vec<Stats>, Vec<Stats>)> = vec![(Vec::new(), Vec::new()); targets.len()];
+    let mut cpu = vec![(0u64, 0f64); targets.len()]; // (ticks, requests) under load
+    for _ in 0..rounds {
+        for (i, (_, url)) in targets.iter().enumerate() {
+            let pids = serving_pids(i, nginx.id());
+            let before: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+            let st = wrk(url, conns, secs)?;
+            let after: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+            cpu[i].0 += after.saturating_sub(before);
+            cpu[i].1 += st.rps * f64::from(secs);
+            samples[i].0.push(st);
+            samples[i].1.push(wrk(url, 1, secs)?);
+        }
+    }
+    let median = |v: &[Stats]| -> Stats {
+        let pick = |f: fn(&Stats) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(|a, b| a.total_cmp(b));
+            x[x.len() / 2]
+        };
+        Stats {
+            rps: pick(|s| s.rps),
+            p50_ms: pick(|s| s.p50_ms),
+            p99_ms: pick(|s| s.p99_ms),
+        }
+    };
+    let mut results = Vec::new();
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let (load, single) = (median(&samples[i].0), median(&samples[i].1));
         println!(
             "{name:<14} {conns:>3} conns: {:>9.0} req/s p50 {:>6.3} ms p99 {:>6.3} ms | 1 conn: {:>7.0} req/s p50 {:>6.3} ms p99 {:>6.3} ms",
             load.rps, load.p50_ms, load.p99_ms, single.rps, single.p50_ms, single.p99_ms
@@ -284,7 +345,15 @@ http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d
         results.push((load, single));
     }
     let (direct, edge, nginx_r) = (results[0], results[1], results[2]);
+    // CPU per request is what the background load on a shared machine disturbs least.
+    let us_per_req = |i: usize| cpu[i].0 as f64 * 10_000.0 / cpu[i].1.max(1.0);
     println!();
+    println!(
+        "CPU per request under load: edge {:.1} us, nginx {:.1} us (edge/nginx {:.2}x)",
+        us_per_req(1),
+        us_per_req(2),
+        us_per_req(1) / us_per_req(2)
+    );
     println!("throughput edge/nginx: {:.2}x", edge.0.rps / nginx_r.0.rps);
     println!(
         "p50 (loaded) edge/nginx: {:.2}x  p99 (loaded) edge/nginx: {:.2}x",

@@ -218,22 +218,28 @@ impl<B: EdgeBackend> Edge<B> {
         }
     }
 
-    /// Serves `listener` on `threads` dedicated OS threads, each running its own
-    /// single-threaded runtime that accepts from the same socket. A connection, its TLS state,
-    /// its requests and their upstream connections then all live on one thread, as in nginx's
-    /// worker model; with a work-stealing runtime, cross-thread wake-ups cost more than the
-    /// proxying itself (see examples/proxy_bench.rs). The threads run until the process exits.
+    /// Serves `listener` on `threads` dedicated worker threads, each running its own
+    /// single-threaded runtime, plus one thread that accepts and deals connections out round
+    /// robin. A connection, its TLS state, its requests and their upstream connections then all
+    /// live on one thread, as in nginx's worker model: with a work-stealing runtime,
+    /// cross-thread wake-ups cost more than the proxying itself, and with every worker
+    /// accepting for itself the connections spread unevenly (see examples/proxy_bench.rs).
+    /// The threads run until the process exits.
     pub fn serve_on_threads(
         &self,
         listener: std::net::TcpListener,
         role: ListenerRole,
         threads: usize,
     ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-        listener.set_nonblocking(true)?;
+        listener.set_nonblocking(false)?;
+        let local_port = listener.local_addr()?.port();
         let mut handles = Vec::new();
+        let mut workers = Vec::new();
         for i in 0..threads.max(1) {
-            let listener = listener.try_clone()?;
-            let edge = self.clone();
+            let (tx, mut rx) =
+                tokio::sync::mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+            workers.push(tx);
+            let inner = self.inner.clone();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -242,16 +248,58 @@ impl<B: EdgeBackend> Edge<B> {
                     .name(format!("nook-edge-{i}"))
                     .spawn(move || {
                         rt.block_on(async move {
-                            match TcpListener::from_std(listener) {
-                                Ok(l) => edge.serve(l, role).await,
-                                Err(e) => {
-                                    tracing::error!(error = %e, "cannot register the edge listener")
-                                }
+                            while let Some((stream, peer)) = rx.recv().await {
+                                let stream = match tokio::net::TcpStream::from_std(stream) {
+                                    Ok(s) => s,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "cannot register a connection");
+                                        continue;
+                                    }
+                                };
+                                let conn = ConnInfo {
+                                    peer,
+                                    local_port,
+                                    role,
+                                };
+                                let inner = inner.clone();
+                                tokio::spawn(
+                                    async move { inner.serve_connection(stream, conn).await },
+                                );
                             }
                         })
                     })?,
             );
         }
+        handles.push(
+            std::thread::Builder::new()
+                .name("nook-edge-accept".into())
+                .spawn(move || {
+                    let mut next = 0usize;
+                    loop {
+                        let (stream, peer) = match listener.accept() {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "accept failed");
+                                std::thread::sleep(Duration::from_millis(100));
+                                continue;
+                            }
+                        };
+                        if stream.set_nonblocking(true).is_err() {
+                            continue;
+                        }
+                        let _ = stream.set_nodelay(true);
+                        // A worker only stops if its thread died; skip it then.
+                        let mut item = (stream, peer);
+                        for _ in 0..workers.len() {
+                            next = (next + 1) % workers.len();
+                            match workers[next].send(item) {
+                                Ok(()) => break,
+                                Err(e) => item = e.0,
+                            }
+                        }
+                    }
+                })?,
+        );
         Ok(handles)
     }
 
