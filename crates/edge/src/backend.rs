@@ -1,0 +1,121 @@
+//! What the edge needs from the daemon's store. The daemon implements [`EdgeBackend`]; the edge
+//! calls it on every request and caches nothing, so a revoked share, a deleted token or an
+//! ended session stops working on the very next request.
+
+use std::future::Future;
+use std::net::IpAddr;
+
+use crate::error::BackendError;
+
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// A signed-in person (an account).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub email: String,
+}
+
+/// Where requests for `NAME.DOMAIN` go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmTarget {
+    pub id: String,
+    pub name: String,
+    /// The VM's address as seen from the host (its tap address).
+    pub upstream: IpAddr,
+    /// The port `https://NAME.DOMAIN/` reaches (the VM's chosen port; 80 unless changed).
+    pub default_port: u16,
+    /// Anyone may open the default port, signed in or not.
+    pub public: bool,
+}
+
+/// A viewer's role on one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    None,
+    Viewer,
+    Collaborator,
+    Owner,
+}
+
+/// One row of the dashboard's VM list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashboardVm {
+    pub name: String,
+    /// Free text such as `running` or `stopped`.
+    pub state: String,
+    pub public: bool,
+}
+
+/// The daemon's side of the edge. All methods are called per request; none may be cached.
+///
+/// Secrets (login tokens, session secrets, machine tokens, share tokens) are passed as the
+/// client sent them; the backend should store only hashes and compare in constant time.
+pub trait EdgeBackend: Send + Sync + 'static {
+    /// The VM named `name` (lowercase, as it appears in the host name), if it exists.
+    fn vm(&self, name: &str) -> impl Future<Output = BackendResult<Option<VmTarget>>> + Send;
+
+    /// The role of `user_id` on `vm_id` (owner, collaborator or viewer through a share).
+    fn access(
+        &self,
+        user_id: &str,
+        vm_id: &str,
+    ) -> impl Future<Output = BackendResult<Access>> + Send;
+
+    /// Redeems a one-time login token (from the lobby's `browser` command or an email link).
+    /// Must succeed at most once per token, and only within its short lifetime.
+    fn redeem_login_token(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = BackendResult<Option<User>>> + Send;
+
+    /// Creates a session valid only on `host` (a lowercase host name without port) and returns
+    /// its secret, which becomes the cookie value.
+    fn create_session(
+        &self,
+        user_id: &str,
+        host: &str,
+    ) -> impl Future<Output = BackendResult<String>> + Send;
+
+    /// The user of the session `secret`, only if that session was created for `host`.
+    fn session(
+        &self,
+        host: &str,
+        secret: &str,
+    ) -> impl Future<Output = BackendResult<Option<User>>> + Send;
+
+    /// Ends the session `secret` on `host`. Ending an unknown session is not an error.
+    fn end_session(
+        &self,
+        host: &str,
+        secret: &str,
+    ) -> impl Future<Output = BackendResult<()>> + Send;
+
+    /// The user owning machine token `token`, if it is valid for `vm_id`.
+    fn token_user(
+        &self,
+        vm_id: &str,
+        token: &str,
+    ) -> impl Future<Output = BackendResult<Option<User>>> + Send;
+
+    /// Grants `user_id` access to `vm_id` if `token` is a live share link of that VM.
+    fn redeem_share_link(
+        &self,
+        vm_id: &str,
+        token: &str,
+        user_id: &str,
+    ) -> impl Future<Output = BackendResult<bool>> + Send;
+
+    /// Creates a one-time login token for the account with `email`, or `None` when there is no
+    /// such account. The edge mails the link; the page it shows does not depend on the answer.
+    fn start_email_login(
+        &self,
+        email: &str,
+    ) -> impl Future<Output = BackendResult<Option<String>>> + Send;
+
+    /// The VMs the dashboard lists for `user_id` (own and shared).
+    fn dashboard_vms(
+        &self,
+        user_id: &str,
+    ) -> impl Future<Output = BackendResult<Vec<DashboardVm>>> + Send;
+}

@@ -1,0 +1,281 @@
+//! Every page and message a browser or HTTP client sees from the edge itself. Nothing here
+//! includes an internal error's text: only names the viewer typed (escaped) and fixed copy.
+
+use bytes::Bytes;
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use crate::backend::DashboardVm;
+
+/// Escapes text for HTML element content and attribute values.
+pub(crate) fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;color:#222}\
+h1{font-size:1.4rem}code{background:#f2f2f2;padding:.1rem .3rem;border-radius:3px}\
+table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd}\
+input,button{font-size:1rem;padding:.3rem .5rem}.muted{color:#777}";
+
+fn layout(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+<title>{t}</title><style>{STYLE}</style></head><body>{body}</body></html>",
+        t = escape(title)
+    )
+}
+
+/// An HTML response the edge generated itself. Never cached: it may depend on the session.
+pub(crate) fn html<B: From<Bytes>>(status: StatusCode, title: &str, body: &str) -> Response<B> {
+    let mut resp = Response::new(B::from(Bytes::from(layout(title, body))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    resp
+}
+
+/// What kind of edge-generated page to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Page {
+    /// A VM that does not exist, or that the viewer may not see: identical on purpose.
+    NoSuchVm { name: String },
+    /// A host name that is neither the dashboard nor one label under it.
+    UnknownHost,
+    /// A path the edge reserves on VM hosts (`/__nook/...`) or does not serve on the dashboard.
+    NotFound,
+    /// The VM refused or did not accept the connection.
+    VmUnreachable { name: String, port: u16 },
+    /// The VM accepted but did not answer in time.
+    VmTimeout { name: String, port: u16 },
+    /// Credentials were sent and are not valid for this VM.
+    Unauthorized,
+    /// A login link that is unknown, used or expired.
+    LoginLinkInvalid,
+    /// A handoff code that is unknown, used, expired or meant for another host.
+    HandoffInvalid,
+    /// The daemon's store failed.
+    Internal,
+    /// A port outside 3000–9999 was asked for.
+    BadPort,
+    /// Not a GET/POST where the edge expects one.
+    MethodNotAllowed,
+}
+
+impl Page {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Page::NoSuchVm { .. } | Page::NotFound => StatusCode::NOT_FOUND,
+            Page::UnknownHost => StatusCode::MISDIRECTED_REQUEST,
+            Page::VmUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Page::VmTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Page::Unauthorized => StatusCode::UNAUTHORIZED,
+            Page::LoginLinkInvalid | Page::HandoffInvalid | Page::BadPort => {
+                StatusCode::BAD_REQUEST
+            }
+            Page::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Page::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    fn title_and_body(&self) -> (String, String) {
+        match self {
+            Page::NoSuchVm { name } => (
+                "No such VM".into(),
+                format!(
+                    "<h1>No such VM</h1><p>There is no VM called <code>{}</code> here, or you do not have access to it.</p>",
+                    escape(name)
+                ),
+            ),
+            Page::UnknownHost => (
+                "Unknown host".into(),
+                "<h1>Unknown host</h1><p>This server does not serve that host name.</p>".into(),
+            ),
+            Page::NotFound => ("Not found".into(), "<h1>Not found</h1><p>There is nothing at this address.</p>".into()),
+            Page::VmUnreachable { name, port } => (
+                format!("{name} is not answering"),
+                format!(
+                    "<h1>{n} is not answering</h1><p>The VM <code>{n}</code> did not accept a connection on port {port}. \
+Is it running, and is a server listening on port {port}?</p>",
+                    n = escape(name)
+                ),
+            ),
+            Page::VmTimeout { name, port } => (
+                format!("{name} timed out"),
+                format!(
+                    "<h1>{n} timed out</h1><p>The VM <code>{n}</code> accepted the request on port {port} but did not answer in time.</p>",
+                    n = escape(name)
+                ),
+            ),
+            Page::Unauthorized => (
+                "Not authorized".into(),
+                "<h1>Not authorized</h1><p>The credentials sent are not valid for this VM.</p>".into(),
+            ),
+            Page::LoginLinkInvalid => (
+                "Login link expired".into(),
+                "<h1>This login link is not valid</h1><p>Login links work once and expire after a few minutes. \
+Ask for a new one.</p><p><a href=\"/\">Back to login</a></p>"
+                    .into(),
+            ),
+            Page::HandoffInvalid => (
+                "Sign-in expired".into(),
+                "<h1>Sign-in did not complete</h1><p>The sign-in step expired or was already used. Reload the page you wanted to open.</p>"
+                    .into(),
+            ),
+            Page::Internal => (
+                "Something went wrong".into(),
+                "<h1>Something went wrong</h1><p>nook could not handle this request. Try again in a moment.</p>".into(),
+            ),
+            Page::BadPort => (
+                "Port not available".into(),
+                "<h1>Port not available</h1><p>Only ports 3000 to 9999 of a VM can be opened this way.</p>".into(),
+            ),
+            Page::MethodNotAllowed => (
+                "Method not allowed".into(),
+                "<h1>Method not allowed</h1>".into(),
+            ),
+        }
+    }
+
+    pub(crate) fn response<B: From<Bytes>>(&self) -> Response<B> {
+        let (title, body) = self.title_and_body();
+        let mut resp = html(self.status(), &title, &body);
+        if *self == Page::Unauthorized {
+            // Lets git and curl retry with a token as the basic-auth password.
+            resp.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"nook\""),
+            );
+        }
+        resp
+    }
+}
+
+/// The dashboard's login page.
+pub(crate) fn login_page<B: From<Bytes>>(
+    ssh_hint: &str,
+    email_enabled: bool,
+    next: Option<&str>,
+) -> Response<B> {
+    let next_field = next
+        .map(|n| {
+            format!(
+                "<input type=\"hidden\" name=\"next\" value=\"{}\">",
+                escape(n)
+            )
+        })
+        .unwrap_or_default();
+    let email = if email_enabled {
+        format!(
+            "<h2>Email</h2><form method=\"post\" action=\"/__nook/email\">{next_field}\
+<input type=\"email\" name=\"email\" required placeholder=\"you@example.com\"> <button>Send me a link</button></form>\
+<h2>SSH</h2>"
+        )
+    } else {
+        String::new()
+    };
+    let body = format!(
+        "<h1>Sign in to nook</h1>{email}<p>Run <code>{}</code> and open the link it prints in this browser.</p>",
+        escape(ssh_hint)
+    );
+    html(StatusCode::OK, "Sign in to nook", &body)
+}
+
+pub(crate) fn email_sent_page<B: From<Bytes>>() -> Response<B> {
+    html(
+        StatusCode::OK,
+        "Check your email",
+        "<h1>Check your email</h1><p>If an account uses that address, a sign-in link is on its way. It works once, for a few minutes.</p>",
+    )
+}
+
+pub(crate) fn email_failed_page<B: From<Bytes>>() -> Response<B> {
+    html(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Email not sent",
+        "<h1>Email could not be sent</h1><p>Try again later, or sign in over SSH.</p>",
+    )
+}
+
+/// The dashboard for a signed-in user: their VMs, with links.
+pub(crate) fn dashboard_page<B: From<Bytes>>(
+    email: &str,
+    vms: &[DashboardVm],
+    url_of: impl Fn(&str) -> String,
+) -> Response<B> {
+    let mut rows = String::new();
+    for vm in vms {
+        let url = url_of(&vm.name);
+        rows.push_str(&format!(
+            "<tr><td>{n}</td><td>{s}</td><td>{p}</td><td><a href=\"{u}\">{u}</a></td></tr>",
+            n = escape(&vm.name),
+            s = escape(&vm.state),
+            p = if vm.public { "public" } else { "private" },
+            u = escape(&url),
+        ));
+    }
+    let table = if vms.is_empty() {
+        "<p class=\"muted\">No VMs yet. Create one with <code>ssh HOST new</code>.</p>".to_string()
+    } else {
+        format!(
+            "<table><tr><th>VM</th><th>State</th><th>Sharing</th><th>URL</th></tr>{rows}</table>"
+        )
+    };
+    let body = format!(
+        "<h1>Your VMs</h1><p class=\"muted\">Signed in as {}. \
+<form method=\"post\" action=\"/__nook/logout\" style=\"display:inline\"><button>Log out</button></form></p>{table}",
+        escape(email)
+    );
+    html(StatusCode::OK, "nook", &body)
+}
+
+/// The email body of a magic link.
+pub(crate) fn login_email_text(link: &str) -> String {
+    format!(
+        "Open this link to sign in to nook:\n\n{link}\n\nIt works once and expires in a few minutes. \
+If you did not ask for it, ignore this email.\n"
+    )
+}
+
+pub(crate) const LOGIN_EMAIL_SUBJECT: &str = "Your nook sign-in link";
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            escape("<a href='x'>&\""),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
+        );
+    }
+
+    #[test]
+    fn missing_and_forbidden_vm_look_the_same() {
+        let a: Response<http_body_util::Full<Bytes>> =
+            Page::NoSuchVm { name: "x".into() }.response();
+        assert_eq!(a.status(), StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,523 @@
+//! Per-request decisions: which site, who is asking, whether they may, and then a page, a
+//! redirect or the proxy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::auth::{self, NEXT_COOKIE, SESSION_COOKIE};
+use crate::backend::{Access, EdgeBackend, User};
+use crate::body::EdgeBody;
+use crate::error::{BackendError, UpstreamError};
+use crate::host::{self, HostName, Site};
+use crate::pages::{self, Page};
+use crate::proxy::Forward;
+use crate::{ConnInfo, Inner, SHARE_PARAM};
+
+type Resp = Response<EdgeBody>;
+
+/// Internal outcome of a handler that could not produce a response itself.
+enum Failure {
+    Backend(BackendError),
+    Page(Page),
+}
+
+impl From<BackendError> for Failure {
+    fn from(e: BackendError) -> Self {
+        Failure::Backend(e)
+    }
+}
+
+fn enc(s: &str) -> String {
+    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn redirect(location: &str) -> Resp {
+    let mut r = Response::new(EdgeBody::from(Bytes::new()));
+    *r.status_mut() = StatusCode::FOUND;
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A same-origin path to return to: absolute path, no scheme-relative `//` or backslash
+/// tricks, no control characters.
+fn safe_path(next: Option<&str>) -> &str {
+    match next {
+        Some(p)
+            if p.starts_with('/')
+                && !p.starts_with("//")
+                && !p.contains('\\')
+                && !p.bytes().any(|b| b.is_ascii_control() || b == b' ') =>
+        {
+            p
+        }
+        _ => "/",
+    }
+}
+
+/// A `next` URL on a VM host of this domain, split into authority (as typed, with port) and
+/// path. Anything else is not a place the dashboard sends people.
+fn vm_next(next: &str, domain: &str) -> Option<(String, String, String)> {
+    let rest = next.strip_prefix("https://")?;
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let h = host::parse_host(authority)?;
+    let Site::Vm(_) = host::site(&h.name, domain) else {
+        return None;
+    };
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    let path = safe_path(Some(&path)).to_string();
+    Some((authority.to_ascii_lowercase(), h.name, path))
+}
+
+fn wants_html(req: &Request<Incoming>) -> bool {
+    (req.method() == Method::GET || req.method() == Method::HEAD)
+        && req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/html"))
+}
+
+impl<B: EdgeBackend> Inner<B> {
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Resp {
+        // HTTP/2 carries the host in :authority; HTTP/1.1 in Host.
+        let raw_host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            });
+        // The edge is not a forward proxy: no tunnels to arbitrary places.
+        if req.method() == Method::CONNECT {
+            return Page::MethodNotAllowed.response();
+        }
+        let Some(host) = raw_host.as_deref().and_then(host::parse_host) else {
+            return Page::UnknownHost.response();
+        };
+        let result = match host::site(&host.name, &self.config.domain) {
+            Site::Dashboard => self.dashboard(req, &host).await,
+            Site::Vm(name) => self.vm(req, &name, &host, conn).await,
+            Site::Unknown => Err(Failure::Page(Page::UnknownHost)),
+        };
+        match result {
+            Ok(r) => r,
+            Err(Failure::Page(p)) => p.response(),
+            Err(Failure::Backend(e)) => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), host = %host.name, "backend failed");
+                Page::Internal.response()
+            }
+        }
+    }
+
+    pub(crate) fn dashboard_origin(&self) -> String {
+        match self.config.public_port {
+            443 => format!("https://{}", self.config.domain),
+            p => format!("https://{}:{p}", self.config.domain),
+        }
+    }
+
+    pub(crate) fn login_url(&self, token: &str) -> String {
+        format!(
+            "{}/__nook/login?token={}",
+            self.dashboard_origin(),
+            enc(token)
+        )
+    }
+
+    pub(crate) fn vm_url(&self, name: &str) -> String {
+        match self.config.public_port {
+            443 => format!("https://{name}.{}/", self.config.domain),
+            p => format!("https://{name}.{}:{p}/", self.config.domain),
+        }
+    }
+
+    async fn session_user(
+        &self,
+        req: &Request<Incoming>,
+        host: &str,
+    ) -> Result<Option<User>, BackendError> {
+        match auth::cookie(req.headers(), SESSION_COOKIE) {
+            Some(secret) if !secret.is_empty() => self.backend.session(host, secret).await,
+            _ => Ok(None),
+        }
+    }
+
+    fn with_cookie(&self, mut resp: Resp, value: HeaderValue) -> Resp {
+        resp.headers_mut().append(header::SET_COOKIE, value);
+        resp
+    }
+
+    async fn new_session_cookie(&self, user_id: &str, host: &str) -> Result<HeaderValue, Failure> {
+        let secret = self.backend.create_session(user_id, host).await?;
+        auth::set_cookie(SESSION_COOKIE, &secret, self.config.session_max_age).ok_or_else(|| {
+            tracing::error!("backend returned a session secret that is not cookie-safe");
+            Failure::Page(Page::Internal)
+        })
+    }
+
+    // ---- the dashboard host ----
+
+    async fn dashboard(&self, req: Request<Incoming>, host: &HostName) -> Result<Resp, Failure> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let is_get = method == Method::GET || method == Method::HEAD;
+        match path.as_str() {
+            "/" if is_get => {
+                let Some(user) = self.session_user(&req, &host.name).await? else {
+                    return Ok(pages::login_page(
+                        &self.config.ssh_login_hint,
+                        self.mailer.is_some(),
+                        None,
+                    ));
+                };
+                let vms = self.backend.dashboard_vms(&user.id).await?;
+                Ok(pages::dashboard_page(&user.email, &vms, |n| self.vm_url(n)))
+            }
+            "/__nook/login" if is_get => self.login(req, host).await,
+            "/__nook/email" if method == Method::POST && self.mailer.is_some() => {
+                self.email_login(req).await
+            }
+            "/__nook/logout" if is_get || method == Method::POST => {
+                if let Some(secret) = auth::cookie(req.headers(), SESSION_COOKIE) {
+                    self.backend.end_session(&host.name, secret).await?;
+                }
+                Ok(self.with_cookie(redirect("/"), auth::clear_cookie(SESSION_COOKIE)))
+            }
+            "/" | "/__nook/login" | "/__nook/logout" => Err(Failure::Page(Page::MethodNotAllowed)),
+            _ => Err(Failure::Page(Page::NotFound)),
+        }
+    }
+
+    /// `/__nook/login?token=T[&next=URL]` redeems a login link; without a token it either
+    /// continues to `next` (already signed in) or shows the login page and remembers `next`.
+    async fn login(&self, req: Request<Incoming>, host: &HostName) -> Result<Resp, Failure> {
+        let next = query_param(&req, "next").or_else(|| {
+            auth::cookie(req.headers(), NEXT_COOKIE).map(|c| {
+                percent_encoding::percent_decode_str(c)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        });
+        if let Some(token) = query_param(&req, "token") {
+            let Some(user) = self.backend.redeem_login_token(&token).await? else {
+                return Err(Failure::Page(Page::LoginLinkInvalid));
+            };
+            let cookie = self.new_session_cookie(&user.id, &host.name).await?;
+            let resp = self.continue_to(next.as_deref(), &user);
+            let resp = self.with_cookie(resp, cookie);
+            return Ok(self.with_cookie(resp, auth::clear_cookie(NEXT_COOKIE)));
+        }
+        if let Some(user) = self.session_user(&req, &host.name).await? {
+            return Ok(self.continue_to(next.as_deref(), &user));
+        }
+        let next = next.filter(|n| vm_next(n, &self.config.domain).is_some());
+        let resp = pages::login_page(
+            &self.config.ssh_login_hint,
+            self.mailer.is_some(),
+            next.as_deref(),
+        );
+        Ok(
+            match next
+                .and_then(|n| auth::set_cookie(NEXT_COOKIE, &enc(&n), Duration::from_secs(900)))
+            {
+                Some(c) => self.with_cookie(resp, c),
+                None => resp,
+            },
+        )
+    }
+
+    /// Sends a signed-in user on to `next`: through a handoff when it is a VM URL (each VM host
+    /// gets its own cookie), else to the dashboard.
+    fn continue_to(&self, next: Option<&str>, user: &User) -> Resp {
+        match next.and_then(|n| vm_next(n, &self.config.domain)) {
+            Some((authority, vm_host, path)) => {
+                let code = self.handoffs.issue(&user.id, &vm_host);
+                redirect(&format!(
+                    "https://{authority}/__nook/handoff?code={code}&next={}",
+                    enc(&path)
+                ))
+            }
+            None => redirect("/"),
+        }
+    }
+
+    async fn email_login(&self, req: Request<Incoming>) -> Result<Resp, Failure> {
+        let body = http_body_util::Limited::new(req.into_body(), 8 * 1024);
+        let Ok(Ok(collected)) = tokio::time::timeout(Duration::from_secs(10), body.collect()).await
+        else {
+            return Err(Failure::Page(Page::NotFound));
+        };
+        let form = collected.to_bytes();
+        let mut email = None;
+        let mut next = None;
+        for (k, v) in form_urlencoded::parse(&form) {
+            match &*k {
+                "email" => email = Some(v.trim().to_string()),
+                "next" => next = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let Some(email) = email.filter(|e| e.contains('@') && e.len() <= 254) else {
+            return Ok(pages::email_sent_page());
+        };
+        let Some(token) = self.backend.start_email_login(&email).await? else {
+            // Same answer as for a known address: the page must not reveal who has an account.
+            return Ok(pages::email_sent_page());
+        };
+        let mut link = self.login_url(&token);
+        if let Some(n) = next.filter(|n| vm_next(n, &self.config.domain).is_some()) {
+            link.push_str(&format!("&next={}", enc(&n)));
+        }
+        let Some(mailer) = &self.mailer else {
+            return Err(Failure::Page(Page::NotFound));
+        };
+        if let Err(e) = mailer.send_login_link(&email, &link).await {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "login email not sent");
+            return Ok(pages::email_failed_page());
+        }
+        Ok(pages::email_sent_page())
+    }
+
+    // ---- VM hosts ----
+
+    fn login_redirect(&self, req: &Request<Incoming>, authority: &str) -> Resp {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let here = format!("https://{authority}{pq}");
+        redirect(&format!(
+            "{}/__nook/login?next={}",
+            self.dashboard_origin(),
+            enc(&here)
+        ))
+    }
+
+    async fn vm(
+        &self,
+        req: Request<Incoming>,
+        name: &str,
+        host: &HostName,
+        conn: ConnInfo,
+    ) -> Result<Resp, Failure> {
+        let authority = match host.port {
+            Some(p) => format!("{}:{p}", host.name),
+            None => host.name.clone(),
+        };
+        let path = req.uri().path();
+        if let Some(reserved) = path.strip_prefix("/__nook/") {
+            return match reserved {
+                "handoff" => self.handoff(&req, host).await,
+                "logout" => {
+                    if let Some(secret) = auth::cookie(req.headers(), SESSION_COOKIE) {
+                        self.backend.end_session(&host.name, secret).await?;
+                    }
+                    let to = format!("{}/__nook/logout", self.dashboard_origin());
+                    Ok(self.with_cookie(redirect(&to), auth::clear_cookie(SESSION_COOKIE)))
+                }
+                _ => Err(Failure::Page(Page::NotFound)),
+            };
+        }
+
+        let port = host::vm_port(
+            conn.role,
+            conn.local_port,
+            host.port,
+            self.config.public_port,
+        )
+        .map_err(|()| Failure::Page(Page::BadPort))?;
+        let vm = self.backend.vm(name).await?;
+        let mut user = self.session_user(&req, &host.name).await?;
+        let mut token_used = false;
+        let mut bad_credentials = false;
+        if let Some(token) = auth::authorization_token(req.headers()) {
+            match &vm {
+                Some(vm) => match self.backend.token_user(&vm.id, &token).await? {
+                    Some(u) => {
+                        user = Some(u);
+                        token_used = true;
+                    }
+                    // Possibly the app's own credentials: passed through if the request is
+                    // otherwise allowed.
+                    None => bad_credentials = true,
+                },
+                None => bad_credentials = true,
+            }
+        }
+
+        // A missing VM and a VM the viewer may not see must look identical, including to
+        // anonymous visitors (who are sent to log in either way).
+        let Some(vm) = vm else {
+            return Ok(self.deny(&req, user.as_ref(), bad_credentials, name, &authority));
+        };
+
+        if let Some(share) = query_param(&req, SHARE_PARAM) {
+            let Some(u) = &user else {
+                return Ok(self.login_redirect(&req, &authority));
+            };
+            self.backend
+                .redeem_share_link(&vm.id, &share, &u.id)
+                .await?;
+            return Ok(redirect(&without_param(&req, SHARE_PARAM)));
+        }
+
+        let default_port = port.is_none();
+        let access = match &user {
+            Some(u) => self.backend.access(&u.id, &vm.id).await?,
+            None => Access::None,
+        };
+        let allowed = access >= Access::Viewer || (vm.public && default_port);
+        if !allowed {
+            return Ok(self.deny(&req, user.as_ref(), bad_credentials, name, &authority));
+        }
+
+        let target = SocketAddr::new(vm.upstream, port.unwrap_or(vm.default_port));
+        let fwd = Forward {
+            peer: conn.peer.ip(),
+            host: &authority,
+            user: user.as_ref(),
+            strip_authorization: token_used,
+        };
+        let vm_port = target.port();
+        match self.upstream.forward(req, target, fwd).await {
+            Ok(resp) => Ok(resp),
+            Err(UpstreamError::Timeout) => Err(Failure::Page(Page::VmTimeout {
+                name: vm.name,
+                port: vm_port,
+            })),
+            Err(e @ UpstreamError::Unreachable(_)) => {
+                tracing::debug!(vm = %vm.name, port = vm_port, error = %e, source = ?std::error::Error::source(&e), "upstream failed");
+                Err(Failure::Page(Page::VmUnreachable {
+                    name: vm.name,
+                    port: vm_port,
+                }))
+            }
+        }
+    }
+
+    /// The answer when the viewer may not open this VM (or it does not exist).
+    fn deny(
+        &self,
+        req: &Request<Incoming>,
+        user: Option<&User>,
+        bad_credentials: bool,
+        name: &str,
+        authority: &str,
+    ) -> Resp {
+        if user.is_some() {
+            return Page::NoSuchVm {
+                name: name.to_string(),
+            }
+            .response();
+        }
+        if !bad_credentials && wants_html(req) {
+            // A browser: log in, then come back here.
+            return self.login_redirect(req, authority);
+        }
+        Page::Unauthorized.response()
+    }
+
+    async fn handoff(&self, req: &Request<Incoming>, host: &HostName) -> Result<Resp, Failure> {
+        let code = query_param(req, "code").unwrap_or_default();
+        let Some(user_id) = self.handoffs.redeem(&code, &host.name) else {
+            return Err(Failure::Page(Page::HandoffInvalid));
+        };
+        let cookie = self.new_session_cookie(&user_id, &host.name).await?;
+        let next = query_param(req, "next");
+        Ok(self.with_cookie(redirect(safe_path(next.as_deref())), cookie))
+    }
+}
+
+/// The request's path and query without one parameter (after a share link was redeemed).
+fn without_param(req: &Request<Incoming>, name: &str) -> String {
+    let path = req.uri().path();
+    let kept: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .filter(|(k, _)| k != name)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let path = safe_path(Some(path));
+    if kept.is_empty() {
+        path.to_string()
+    } else {
+        let q = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(kept)
+            .finish();
+        format!("{path}?{q}")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_urls_must_be_vm_hosts() {
+        let d = "nook.localhost";
+        assert_eq!(
+            vm_next("https://Blog.nook.localhost:8443/a?b=1", d),
+            Some((
+                "blog.nook.localhost:8443".into(),
+                "blog.nook.localhost".into(),
+                "/a?b=1".into()
+            ))
+        );
+        assert_eq!(
+            vm_next("https://blog.nook.localhost", d).map(|v| v.2),
+            Some("/".into())
+        );
+        assert_eq!(vm_next("https://evil.com/", d), None);
+        assert_eq!(vm_next("http://blog.nook.localhost/", d), None);
+        assert_eq!(vm_next("https://nook.localhost/", d), None);
+        assert_eq!(vm_next("https://blog.nook.localhost@evil.com/", d), None);
+        assert_eq!(
+            vm_next("https://blog.nook.localhost//evil.com", d).map(|v| v.2),
+            Some("/".into())
+        );
+    }
+
+    #[test]
+    fn safe_paths() {
+        assert_eq!(safe_path(Some("/x?y")), "/x?y");
+        assert_eq!(safe_path(Some("//evil.com")), "/");
+        assert_eq!(safe_path(Some("/\\evil.com")), "/");
+        assert_eq!(safe_path(Some("https://evil.com")), "/");
+        assert_eq!(safe_path(None), "/");
+    }
+}
