@@ -144,7 +144,13 @@ impl LocalCa {
 
     /// Where the CA certificate lives (what `nook ca path` prints, and what users trust).
     pub fn ca_cert_path(&self) -> PathBuf {
-        self.dir.join(CA_CERT)
+        Self::ca_cert_path_in(&self.dir)
+    }
+
+    /// Where [`LocalCa::load_or_create`] keeps the CA certificate in `dir`, without touching it
+    /// (for `nook ca path` when the daemon is not running).
+    pub fn ca_cert_path_in(dir: &Path) -> PathBuf {
+        dir.join(CA_CERT)
     }
 
     /// The CA certificate, PEM.

@@ -43,4 +43,6 @@ pub(crate) enum UpstreamError {
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("Upstream timed out")]
     Timeout,
+    #[error("Upstream switched protocols unasked")]
+    UnexpectedUpgrade,
 }

@@ -31,7 +31,6 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 pub use backend::{Access, BackendResult, DashboardVm, EdgeBackend, User, VmTarget};
-pub use body::EdgeBody;
 pub use ca::LocalCa;
 pub use error::{BackendError, EdgeError};
 pub use host::{ListenerRole, VM_PORTS};

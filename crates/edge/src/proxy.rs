@@ -191,7 +191,7 @@ impl Upstream {
             let Some(client_upgrade) = client_upgrade else {
                 // The VM switched protocols though the client never asked (or asked over HTTP/2,
                 // where this kind of upgrade does not exist).
-                return Ok(bad_gateway_upgrade());
+                return Err(UpstreamError::UnexpectedUpgrade);
             };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
@@ -256,14 +256,6 @@ fn strip_nook_set_cookies(headers: &mut HeaderMap) {
     for v in kept {
         headers.append(header::SET_COOKIE, v);
     }
-}
-
-fn bad_gateway_upgrade() -> Response<EdgeBody> {
-    let mut r = Response::new(EdgeBody::from(bytes::Bytes::from_static(
-        b"Unexpected protocol switch from the VM\n",
-    )));
-    *r.status_mut() = StatusCode::BAD_GATEWAY;
-    r
 }
 
 #[cfg(test)]

@@ -415,7 +415,7 @@ impl<B: EdgeBackend> Inner<B> {
                 name: vm.name,
                 port: vm_port,
             })),
-            Err(e @ UpstreamError::Unreachable(_)) => {
+            Err(e @ (UpstreamError::Unreachable(_) | UpstreamError::UnexpectedUpgrade)) => {
                 tracing::debug!(vm = %vm.name, port = vm_port, error = %e, source = ?std::error::Error::source(&e), "upstream failed");
                 Err(Failure::Page(Page::VmUnreachable {
                     name: vm.name,

@@ -1014,3 +1014,50 @@ async fn serve_on_threads_serves_like_spawn() {
         assert_eq!(r.json()["path"], "/t");
     }
 }
+
+/// The local CA may only vouch for the development domain, and its key stays private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_ca_is_name_constrained_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::start().await;
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&h.ca_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("X509v3 Name Constraints: critical")
+            || text.contains("X509v3 Name Constraints"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Permitted:") && text.contains("DNS:nook.localhost"),
+        "{text}"
+    );
+    assert!(text.contains("CA:TRUE"), "{text}");
+    let key = h.ca_path.with_file_name("ca-key.pem");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        nook_edge::LocalCa::ca_cert_path_in(h.ca_path.parent().unwrap()),
+        h.ca_path
+    );
+    // The served leaf covers the domain and one label under it.
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo | openssl s_client -connect 127.0.0.1:{} -servername x.nook.localhost 2>/dev/null | openssl x509 -noout -ext subjectAltName",
+            h.port
+        ))
+        .output()
+        .await
+        .unwrap();
+    let san = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        san.contains("DNS:nook.localhost") && san.contains("DNS:*.nook.localhost"),
+        "{san}"
+    );
+}
