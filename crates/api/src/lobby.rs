@@ -72,6 +72,48 @@ pub enum LobbyCommand {
     /// Manage the SSH keys of your account
     #[command(subcommand, name = "ssh-key")]
     SshKey(SshKeyCommand),
+    /// Print a one-time link that logs your browser in (valid 15 minutes)
+    Browser,
+    /// Who may open a VM's web ports at https://VM.DOMAIN/ (private by default)
+    #[command(subcommand)]
+    Share(ShareCommand),
+    /// Machine tokens for a VM's web ports (Bearer, or the basic-auth password)
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShareCommand {
+    /// Show who a VM is shared with
+    Show { vm: String },
+    /// Anyone may open the VM's web port, without logging in
+    SetPublic { vm: String },
+    /// Only you and the people it is shared with
+    SetPrivate { vm: String },
+    /// Share with someone by email (collaborators may also `ssh VM@HOST`)
+    Add {
+        vm: String,
+        email: String,
+        #[arg(long, default_value = "viewer", value_parser = ["viewer", "collaborator"])]
+        role: String,
+    },
+    /// Stop sharing with someone
+    Remove { vm: String, email: String },
+    /// Make a link that gives access to whoever opens it and logs in
+    AddLink { vm: String },
+    /// Revoke a link (and the access it gave)
+    RemoveLink { vm: String, token: String },
+    /// The VM port https://VM.DOMAIN/ goes to (`default`: 80, or 8000 if 80 is closed)
+    Port { vm: String, port: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token for one VM (shown once)
+    Create {
+        #[arg(long)]
+        vm: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -113,7 +155,7 @@ pub enum SshKeyCommand {
 /// The command names, for help and completion.
 pub const COMMANDS: &[&str] = &[
     "signup", "whoami", "new", "ls", "rm", "start", "stop", "restart", "rename", "cp", "resize",
-    "stat", "ssh-key", "help", "exit",
+    "stat", "ssh-key", "browser", "share", "token", "help", "exit",
 ];
 
 #[cfg(test)]

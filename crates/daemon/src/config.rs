@@ -48,6 +48,28 @@ pub struct Settings {
     /// Memory reclaim (balloon free page reporting, KSM, a small TCG cache). On by default;
     /// off only to measure what it saves.
     pub reclaim: Option<bool>,
+    /// Where the HTTPS edge listens (`https://VM.DOMAIN/`); `off` disables it.
+    pub https_addr: Option<String>,
+    /// VM web ports reachable as `https://VM.DOMAIN:PORT/` (`3000-9999`), or `off`.
+    pub vm_ports: Option<String>,
+    /// Where nook's authoritative DNS server for DOMAIN listens; off by default.
+    pub dns_addr: Option<String>,
+    /// The address DNS gives for DOMAIN and every VM name.
+    pub public_ip: Option<String>,
+    /// An ACME directory URL: get a wildcard certificate by DNS-01 (needs `dns_addr`).
+    pub acme_directory: Option<String>,
+    /// Contact email for the ACME account.
+    pub acme_email: Option<String>,
+    /// A PEM root to trust for the ACME server alone (a test CA such as Pebble).
+    pub acme_root_ca: Option<PathBuf>,
+    /// SMTP server for email login links; off when unset.
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    /// `none`, `starttls` or `tls`.
+    pub smtp_security: Option<String>,
+    pub smtp_from: Option<String>,
+    pub smtp_user: Option<String>,
+    pub smtp_password: Option<String>,
 }
 
 impl Settings {
@@ -74,6 +96,19 @@ impl Settings {
             idle_after_secs: other.idle_after_secs.or(self.idle_after_secs),
             metrics_addr: other.metrics_addr.or(self.metrics_addr),
             reclaim: other.reclaim.or(self.reclaim),
+            https_addr: other.https_addr.or(self.https_addr),
+            vm_ports: other.vm_ports.or(self.vm_ports),
+            dns_addr: other.dns_addr.or(self.dns_addr),
+            public_ip: other.public_ip.or(self.public_ip),
+            acme_directory: other.acme_directory.or(self.acme_directory),
+            acme_email: other.acme_email.or(self.acme_email),
+            acme_root_ca: other.acme_root_ca.or(self.acme_root_ca),
+            smtp_host: other.smtp_host.or(self.smtp_host),
+            smtp_port: other.smtp_port.or(self.smtp_port),
+            smtp_security: other.smtp_security.or(self.smtp_security),
+            smtp_from: other.smtp_from.or(self.smtp_from),
+            smtp_user: other.smtp_user.or(self.smtp_user),
+            smtp_password: other.smtp_password.or(self.smtp_password),
         }
     }
 
@@ -118,6 +153,26 @@ pub struct Config {
     pub idle_after: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub reclaim: bool,
+    pub web: WebConfig,
+}
+
+/// The HTTPS edge, its DNS server and certificates.
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    pub https_addr: Option<std::net::SocketAddr>,
+    /// First and last VM port served on their own listeners.
+    pub vm_ports: Option<(u16, u16)>,
+    pub dns_addr: Option<std::net::SocketAddr>,
+    pub public_ip: std::net::IpAddr,
+    pub acme: Option<AcmeSettings>,
+    pub smtp: Option<nook_edge::SmtpConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    pub directory: String,
+    pub email: Option<String>,
+    pub root_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +309,93 @@ impl Config {
                 ConfigError::Invalid("metrics_addr", format!("{addr:?}: use HOST:PORT or off"))
             })?),
         };
+        let addr =
+            |name: &'static str, v: Option<&str>, default: Option<&str>| match v.or(default) {
+                None | Some("off") => Ok(None),
+                Some(a) => a.parse::<std::net::SocketAddr>().map(Some).map_err(|_| {
+                    ConfigError::Invalid(name, format!("{a:?}: use HOST:PORT or off"))
+                }),
+            };
+        let https_addr = addr("https_addr", s.https_addr.as_deref(), Some("0.0.0.0:8443"))?;
+        let dns_addr = addr("dns_addr", s.dns_addr.as_deref(), None)?;
+        let vm_ports = match s.vm_ports.as_deref().unwrap_or("3000-9999") {
+            "off" => None,
+            range => {
+                let parsed = range
+                    .split_once('-')
+                    .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)))
+                    .filter(|(a, b)| 3000 <= *a && a <= b && *b <= 9999);
+                Some(parsed.ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "vm_ports",
+                        format!("{range:?}: use FIRST-LAST within 3000-9999, or off"),
+                    )
+                })?)
+            }
+        };
+        let public_ip = match s.public_ip.as_deref() {
+            Some(ip) => ip.parse().map_err(|_| {
+                ConfigError::Invalid("public_ip", format!("{ip:?} is not an IP address"))
+            })?,
+            None => match https_addr.map(|a| a.ip()) {
+                Some(ip) if !ip.is_unspecified() => ip,
+                _ => std::net::IpAddr::from([127, 0, 0, 1]),
+            },
+        };
+        let acme = match s.acme_directory {
+            None => None,
+            Some(directory) if dns_addr.is_none() => {
+                return Err(ConfigError::Invalid(
+                    "acme_directory",
+                    format!("{directory}: ACME DNS-01 needs nook's DNS server: set dns_addr too"),
+                ));
+            }
+            Some(directory) => Some(AcmeSettings {
+                directory,
+                email: s.acme_email,
+                root_ca: s.acme_root_ca,
+            }),
+        };
+        let smtp = match s.smtp_host {
+            None => None,
+            Some(host) => {
+                let security = match s.smtp_security.as_deref().unwrap_or("starttls") {
+                    "none" => nook_edge::SmtpSecurity::None,
+                    "starttls" => nook_edge::SmtpSecurity::StartTls,
+                    "tls" => nook_edge::SmtpSecurity::Tls,
+                    other => {
+                        return Err(ConfigError::Invalid(
+                            "smtp_security",
+                            format!("{other:?}: use none, starttls or tls"),
+                        ));
+                    }
+                };
+                let port = s.smtp_port.unwrap_or(match security {
+                    nook_edge::SmtpSecurity::Tls => 465,
+                    nook_edge::SmtpSecurity::StartTls => 587,
+                    nook_edge::SmtpSecurity::None => 25,
+                });
+                Some(nook_edge::SmtpConfig {
+                    host,
+                    port,
+                    security,
+                    credentials: s.smtp_user.zip(s.smtp_password),
+                    from: s
+                        .smtp_from
+                        .unwrap_or_else(|| format!("nook <nook@{domain}>")),
+                })
+            }
+        };
+        let web = WebConfig {
+            https_addr,
+            vm_ports,
+            dns_addr,
+            public_ip,
+            acme,
+            smtp,
+        };
         Ok(Config {
+            web,
             reclaim: s.reclaim.unwrap_or(true),
             metrics_addr,
             idle_after,
@@ -289,6 +430,27 @@ impl Config {
     }
     pub fn vms_dir(&self) -> PathBuf {
         self.data_dir.join("vms")
+    }
+
+    /// `https://[NAME.]DOMAIN[:PORT]`, as users reach the edge.
+    pub fn web_origin(&self, name: Option<&str>) -> String {
+        let host = match name {
+            Some(n) => format!("{n}.{}", self.domain),
+            None => self.domain.clone(),
+        };
+        match self.web.https_addr.map(|a| a.port()) {
+            Some(443) | None => format!("https://{host}"),
+            Some(p) => format!("https://{host}:{p}"),
+        }
+    }
+
+    /// nook's local certificate authority for the edge (`nook ca path`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.data_dir.join("ca")
+    }
+
+    pub fn acme_dir(&self) -> PathBuf {
+        self.data_dir.join("acme")
     }
 
     pub fn ssh_host_key(&self) -> PathBuf {

@@ -67,11 +67,19 @@ impl Backend for FrontDoor {
         if nook_api::validate_name(&caller.user).is_err() {
             return Route::Lobby;
         }
-        match self
-            .manager
-            .ssh_target(&caller.user, Scope::Account(&account.id))
-            .await
-        {
+        // Collaborators a VM is shared with may SSH in like its owner.
+        let store = self.manager.store();
+        let scope = match store.get(&caller.user).await {
+            Ok(vm)
+                if vm.owner != account.id
+                    && store.shared_role(&vm.id, &account).await.ok().flatten()
+                        == Some(nook_store::Role::Collaborator) =>
+            {
+                Scope::Admin
+            }
+            _ => Scope::Account(&account.id),
+        };
+        match self.manager.ssh_target(&caller.user, scope).await {
             Ok(t) => Route::Vm(VmEndpoint {
                 addr: t.addr,
                 user: t.user,

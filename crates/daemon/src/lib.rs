@@ -15,6 +15,7 @@ pub mod manager;
 pub mod metadata;
 pub mod metrics;
 mod names;
+pub mod web;
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -29,6 +30,8 @@ pub enum ServeError {
     Listen(String, #[source] std::io::Error),
     #[error("Another nook daemon is already serving {0}")]
     AlreadyRunning(String),
+    #[error("Cannot start the HTTPS edge: {0}")]
+    Web(String),
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Running VMs are left running, to be re-adopted.
@@ -40,6 +43,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let manager = Manager::open(cfg).await.map_err(ServeError::Manager)?;
     manager.recover().await.map_err(ServeError::Manager)?;
 
+    // The admin socket appears last, so its presence means every listener is up.
+    web::start(&manager).await?;
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)
         .map_err(|e| ServeError::Listen(socket.display().to_string(), e))?;

@@ -303,7 +303,215 @@ async fn execute(
             Ok(())
         }
         LobbyCommand::SshKey(cmd) => ssh_keys(m, account, caller, cmd, io, json).await,
+        LobbyCommand::Browser => {
+            let token = m
+                .store()
+                .create_login_token(Some(&account.id), None, crate::web::LOGIN_TTL_SECS)
+                .await
+                .map_err(|e| crate::errors::from_store("make a login link", e))?;
+            let url = format!("{}/__nook/login?token={token}", m.config().web_origin(None));
+            if json {
+                print_json(
+                    io,
+                    &json!({ "url": url, "expires_in_secs": crate::web::LOGIN_TTL_SECS }),
+                );
+            } else {
+                println(
+                    io,
+                    "Open this link to log your browser in (once, within 15 minutes):",
+                );
+                println(io, &url);
+            }
+            Ok(())
+        }
+        LobbyCommand::Share(cmd) => share(m, scope, cmd, io, json).await,
+        LobbyCommand::Token(nook_api::lobby::TokenCommand::Create { vm }) => {
+            let vm = m.get(&vm, scope).await?;
+            let token = m
+                .store()
+                .create_api_token(&vm.id, &account.id)
+                .await
+                .map_err(|e| crate::errors::from_store("make a token", e))?;
+            let url = m.config().web_origin(Some(&vm.name));
+            if json {
+                print_json(io, &json!({ "vm": vm.name, "token": token, "url": url }));
+            } else {
+                println(
+                    io,
+                    &format!("Token for {} (shown once; keep it secret):", vm.name),
+                );
+                println(io, &token);
+                println(
+                    io,
+                    &format!(
+                        "  curl -H 'Authorization: Bearer {token}' {url}/   or   git clone https://x:{token}@{}/REPO",
+                        url.trim_start_matches("https://")
+                    ),
+                );
+            }
+            Ok(())
+        }
     }
+}
+
+async fn share(
+    m: &Arc<Manager>,
+    scope: Scope<'_>,
+    cmd: nook_api::lobby::ShareCommand,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    use nook_api::lobby::ShareCommand as C;
+    let store_err = |what: &'static str| move |e| crate::errors::from_store(what, e);
+    let name = match &cmd {
+        C::Show { vm }
+        | C::SetPublic { vm }
+        | C::SetPrivate { vm }
+        | C::Add { vm, .. }
+        | C::Remove { vm, .. }
+        | C::AddLink { vm }
+        | C::RemoveLink { vm, .. }
+        | C::Port { vm, .. } => vm.clone(),
+    };
+    // Only the owner manages sharing: someone else's VM looks like no VM.
+    let vm = m.get(&name, scope).await?;
+    let store = m.store();
+    let url = m.config().web_origin(Some(&vm.name));
+    match cmd {
+        C::Show { .. } => {}
+        C::SetPublic { .. } => store
+            .set_public(&vm.id, true)
+            .await
+            .map_err(store_err("share the VM"))?,
+        C::SetPrivate { .. } => store
+            .set_public(&vm.id, false)
+            .await
+            .map_err(store_err("share the VM"))?,
+        C::Add { email, role, .. } => {
+            let email = email.trim().to_ascii_lowercase();
+            if !email.contains('@') || email.len() > 254 || email.chars().any(char::is_whitespace) {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("'{email}' is not an email address"),
+                ));
+            }
+            let role = nook_store::Role::parse(&role).unwrap_or(nook_store::Role::Viewer);
+            store
+                .add_share(&vm.id, &email, role)
+                .await
+                .map_err(store_err("share the VM"))?;
+        }
+        C::Remove { email, .. } => {
+            let email = email.trim().to_ascii_lowercase();
+            if !store
+                .remove_share(&vm.id, &email)
+                .await
+                .map_err(store_err("unshare the VM"))?
+            {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("{} is not shared with {email}", vm.name),
+                ));
+            }
+        }
+        C::AddLink { .. } => {
+            let token = store
+                .add_share_link(&vm.id)
+                .await
+                .map_err(store_err("make a share link"))?;
+            let link = format!("{url}/?{}={token}", nook_edge::SHARE_PARAM);
+            if json {
+                print_json(io, &json!({ "vm": vm.name, "url": link, "token": token }));
+            } else {
+                println(
+                    io,
+                    &format!(
+                        "Anyone who opens this link and logs in can see {}:",
+                        vm.name
+                    ),
+                );
+                println(io, &link);
+                println(
+                    io,
+                    &format!("Revoke it with: share remove-link {} {token}", vm.name),
+                );
+            }
+            return Ok(());
+        }
+        C::RemoveLink { token, .. } => {
+            if !store
+                .remove_share_link(&vm.id, &token)
+                .await
+                .map_err(store_err("revoke a share link"))?
+            {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("{} has no share link with that token", vm.name),
+                ));
+            }
+        }
+        C::Port { port, .. } => {
+            let port = match port.as_str() {
+                "default" => None,
+                p => Some(p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("'{p}' is not a port: give 1-65535 or 'default'"),
+                    )
+                })?),
+            };
+            store
+                .set_http_port(&vm.id, port)
+                .await
+                .map_err(store_err("set the web port"))?;
+        }
+    }
+    let web = store
+        .web_settings(&vm.id)
+        .await
+        .map_err(store_err("read sharing"))?;
+    let people = store
+        .shares(&vm.id)
+        .await
+        .map_err(store_err("read sharing"))?;
+    let links = store
+        .share_link_count(&vm.id)
+        .await
+        .map_err(store_err("read sharing"))?;
+    let port = web
+        .http_port
+        .map_or("default (80, or 8000)".to_string(), |p| p.to_string());
+    if json {
+        let people: Vec<_> = people
+            .iter()
+            .map(|s| json!({ "email": s.email, "role": s.role.as_str() }))
+            .collect();
+        print_json(
+            io,
+            &json!({ "vm": vm.name, "url": url, "public": web.public, "port": web.http_port, "people": people, "links": links }),
+        );
+    } else {
+        println(io, &format!("{}: {url}", vm.name));
+        println(
+            io,
+            &format!(
+                "  access: {}",
+                if web.public {
+                    "public (anyone with the URL)"
+                } else {
+                    "private (you and the people below)"
+                }
+            ),
+        );
+        println(io, &format!("  port:   {port}"));
+        for s in &people {
+            println(io, &format!("  {} ({})", s.email, s.role.as_str()));
+        }
+        if links > 0 {
+            println(io, &format!("  {links} share link(s)"));
+        }
+    }
+    Ok(())
 }
 
 fn progress(io: &dyn LobbyOutput, json: bool) -> impl Fn(&str) + Send + Sync + '_ {
@@ -319,7 +527,7 @@ fn show_vm(m: &Manager, io: &dyn LobbyOutput, vm: &VmInfo, json: bool) {
     if json {
         let mut v = serde_json::to_value(vm).unwrap_or_default();
         v["ssh"] = json!(m.config().ssh_command(Some(&vm.name)));
-        v["url"] = json!(format!("https://{}.{}/", vm.name, m.config().domain));
+        v["url"] = json!(format!("{}/", m.config().web_origin(Some(&vm.name))));
         print_json(io, &v);
     } else {
         println(io, &format!("{} is {}", vm.name, vm.state.as_str()));

@@ -20,6 +20,8 @@ pub struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process; boxing `serve`'s many flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the daemon
     Serve(ServeArgs),
@@ -34,6 +36,15 @@ pub enum Command {
     Account(AccountCommand),
     /// Print the daemon's Prometheus metrics (per account and per VM)
     Metrics,
+    /// nook's local certificate authority for https://VM.DOMAIN/
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Print the path of the CA certificate, for browsers and curl to trust
+    Path,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +100,38 @@ pub struct ServeArgs {
     /// Domain VMs are served under (https://VM.DOMAIN/)
     #[arg(long, env = "NOOK_DOMAIN")]
     pub domain: Option<String>,
+    /// HTTPS edge address (https://VM.DOMAIN/), or `off`
+    #[arg(long, env = "NOOK_HTTPS_ADDR")]
+    pub https_addr: Option<String>,
+    /// VM ports served as https://VM.DOMAIN:PORT/, e.g. 3000-9999, or `off`
+    #[arg(long, env = "NOOK_VM_PORTS")]
+    pub vm_ports: Option<String>,
+    /// Address of nook's authoritative DNS server for DOMAIN (off by default)
+    #[arg(long, env = "NOOK_DNS_ADDR")]
+    pub dns_addr: Option<String>,
+    /// The IP address DNS answers for DOMAIN and VM names
+    #[arg(long, env = "NOOK_PUBLIC_IP")]
+    pub public_ip: Option<String>,
+    /// ACME directory URL for a wildcard certificate by DNS-01 (needs --dns-addr)
+    #[arg(long, env = "NOOK_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
+    /// Contact email for the ACME account
+    #[arg(long, env = "NOOK_ACME_EMAIL")]
+    pub acme_email: Option<String>,
+    /// A PEM root CA trusted for the ACME server only (e.g. Pebble's)
+    #[arg(long, env = "NOOK_ACME_ROOT_CA")]
+    pub acme_root_ca: Option<PathBuf>,
+    /// SMTP server for email login links
+    #[arg(long, env = "NOOK_SMTP_HOST")]
+    pub smtp_host: Option<String>,
+    #[arg(long, env = "NOOK_SMTP_PORT")]
+    pub smtp_port: Option<u16>,
+    /// none, starttls or tls
+    #[arg(long, env = "NOOK_SMTP_SECURITY")]
+    pub smtp_security: Option<String>,
+    /// From address of login emails
+    #[arg(long, env = "NOOK_SMTP_FROM")]
+    pub smtp_from: Option<String>,
     /// Also serve Prometheus metrics over TCP here (unauthenticated: keep it on localhost)
     #[arg(long, env = "NOOK_METRICS_ADDR")]
     pub metrics_addr: Option<String>,

@@ -37,6 +37,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let cfg = Config::validate(base)?;
             vm(&Client::new(&cfg.admin_socket()), cmd).await
         }
+        Command::Ca(crate::cli::CaCommand::Path) => {
+            let cfg = Config::validate(base)?;
+            let path = cfg.ca_dir().join("ca.pem");
+            if !path.is_file() {
+                anyhow::bail!(
+                    "No CA certificate at {} yet: `nook serve` makes it when its HTTPS edge starts",
+                    path.display()
+                );
+            }
+            println!("{}", path.display());
+            Ok(0)
+        }
         Command::Metrics => {
             let cfg = Config::validate(base)?;
             match Client::new(&cfg.admin_socket())
@@ -80,6 +92,19 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         domain: args.domain,
         idle_after_secs: args.idle_after,
         metrics_addr: args.metrics_addr,
+        https_addr: args.https_addr,
+        vm_ports: args.vm_ports,
+        dns_addr: args.dns_addr,
+        public_ip: args.public_ip,
+        acme_directory: args.acme_directory,
+        acme_email: args.acme_email,
+        acme_root_ca: args.acme_root_ca,
+        smtp_host: args.smtp_host,
+        smtp_port: args.smtp_port,
+        smtp_security: args.smtp_security,
+        smtp_from: args.smtp_from,
+        smtp_user: None,
+        smtp_password: None,
         ..base
     };
     let cfg = Config::validate(file.merge(flags))?;

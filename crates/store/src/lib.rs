@@ -4,6 +4,10 @@
 //! This crate knows SQL and nothing about QEMU, networks or users' wording of errors beyond
 //! the typed [`StoreError`].
 
+mod edge;
+
+pub use edge::{Role, Share, WebSettings, hash_secret, new_secret};
+
 use std::path::Path;
 use std::str::FromStr;
 

@@ -45,6 +45,7 @@ pub fn images_dir() -> PathBuf {
 pub struct Daemon {
     pub data_dir: PathBuf,
     pub ssh_port: u16,
+    pub https_port: u16,
     _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
     log: PathBuf,
@@ -72,13 +73,17 @@ impl Daemon {
             .parent()
             .unwrap_or(&data_dir)
             .join(format!("daemon-{}.log", std::process::id()));
-        let ssh_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("free port")
+        };
+        let (ssh_port, https_port) = (free_port(), free_port());
         let mut d = Daemon {
             data_dir,
             ssh_port,
+            https_port,
             _tmp: tmp,
             child: None,
             log,
@@ -106,6 +111,8 @@ impl Daemon {
             )
             .env("NOOK_LOG", "info,nook_daemon=debug")
             .env("NOOK_SSH_ADDR", format!("127.0.0.1:{}", self.ssh_port))
+            .env("NOOK_HTTPS_ADDR", format!("127.0.0.1:{}", self.https_port))
+            .env("NOOK_VM_PORTS", "off")
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -1,0 +1,397 @@
+//! System tests (root, real QEMU guests): the HTTPS edge in front of real VMs with the real
+//! curl and git clients: private by default, login through a `browser` link, sharing with
+//! people and links (revoked on the next request), public VMs, identity headers a client
+//! cannot forge, host-bound cookies, machine tokens with git, and VM ports.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::{Daemon, Key};
+
+const DOMAIN: &str = "nook.localhost";
+
+/// A web app in the VM: static files, a CGI script echoing what nook tells it, and a bare git
+/// repository served over git's dumb HTTP protocol.
+fn start_app(d: &Daemon, vm: &str, git_tar_b64: &str) {
+    d.exec(
+        vm,
+        &format!(
+            "mkdir -p /www/cgi-bin && echo hello-from-{vm} > /www/index.html && \
+             printf '%s\\n' '#!/bin/sh' 'echo Content-Type: text/plain' 'echo' \
+               'echo \"user=$HTTP_X_NOOK_USER_EMAIL id=$HTTP_X_NOOK_USER_ID proto=$HTTP_X_FORWARDED_PROTO host=$HTTP_X_FORWARDED_HOST xff=$HTTP_X_FORWARDED_FOR auth=$HTTP_AUTHORIZATION cookie=$HTTP_COOKIE\"' \
+               > /www/cgi-bin/who && chmod +x /www/cgi-bin/who && \
+             echo {git_tar_b64} | base64 -d | tar -C /www -xf - && \
+             httpd -p 80 -h /www && httpd -p 8991 -h /www"
+        ),
+    );
+}
+
+/// A bare repository with one commit, packed for `start_app`.
+fn git_repo_tar_b64(dir: &std::path::Path) -> String {
+    let run = |args: &[&str], cwd: &std::path::Path| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(cwd)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).expect("dir");
+    run(&["git", "init", "-q", "-b", "main"], &work);
+    std::fs::write(work.join("README"), "cloned through nook\n").expect("write");
+    run(&["git", "add", "README"], &work);
+    run(&["git", "commit", "-q", "-m", "first"], &work);
+    run(&["git", "clone", "-q", "--bare", "work", "repo.git"], dir);
+    run(&["git", "update-server-info"], &dir.join("repo.git"));
+    let tar = run(&["tar", "-cf", "-", "repo.git"], dir);
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(tar)
+}
+
+struct Web<'a> {
+    d: &'a Daemon,
+    ca: PathBuf,
+}
+
+impl Web<'_> {
+    fn url(&self, host: Option<&str>, path: &str) -> String {
+        match host {
+            Some(vm) => format!("https://{vm}.{DOMAIN}:{}{path}", self.d.https_port),
+            None => format!("https://{DOMAIN}:{}{path}", self.d.https_port),
+        }
+    }
+
+    /// The real curl with nook's CA trusted and every nook host resolving to this machine.
+    fn curl(&self, jar: Option<&std::path::Path>, args: &[&str]) -> Output {
+        let port = self.d.https_port;
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-m", "20", "--cacert"]).arg(&self.ca);
+        for host in [
+            DOMAIN.to_string(),
+            format!("web.{DOMAIN}"),
+            format!("other.{DOMAIN}"),
+        ] {
+            for p in [port, 8991] {
+                cmd.args(["--resolve", &format!("{host}:{p}:127.0.0.1")]);
+            }
+        }
+        if let Some(jar) = jar {
+            cmd.arg("-b").arg(jar).arg("-c").arg(jar);
+        }
+        cmd.args(args).output().expect("curl")
+    }
+
+    /// Follows redirects like a browser; returns (final status, body).
+    fn browse(&self, jar: Option<&std::path::Path>, url: &str) -> (u16, String) {
+        let out = self.curl(
+            jar,
+            &["-L", "-H", "Accept: text/html", "-w", "\n%{http_code}", url],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// Logs `key`'s account in through a `browser` link, into a fresh cookie jar.
+    fn login(&self, key: &Key, jar: &std::path::Path) {
+        let link = self.d.lobby_ok(key, &["browser"]);
+        let url = link
+            .lines()
+            .find(|l| l.starts_with("https://"))
+            .expect("a login link")
+            .trim()
+            .to_string();
+        let (code, body) = self.browse(Some(jar), &url);
+        assert_eq!(code, 200, "login page: {body}");
+    }
+}
+
+fn who(web: &Web, jar: Option<&std::path::Path>) -> (u16, String) {
+    web.browse(jar, &web.url(Some("web"), "/cgi-bin/who"))
+}
+
+#[test]
+fn vm_web_private_by_default_shared_like_a_doc() {
+    let d = Daemon::start_with(&["--vm-ports", "8990-8993"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ca = PathBuf::from(d.ok(&["ca", "path"]).trim());
+    assert!(ca.is_file(), "{}", ca.display());
+    let web = Web { d: &d, ca };
+    let (alice, bob) = (Key::new("alice"), Key::new("bob"));
+    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.lobby_ok(&bob, &["signup", "bob@example.com"]);
+    d.lobby_ok(&alice, &["new", "--image", "tiny", "--name", "web"]);
+    start_app(&d, "web", &git_repo_tar_b64(tmp.path()));
+
+    // Anonymous: a browser is sent to log in, other clients get 401; nothing reaches the VM.
+    let out = web.curl(
+        None,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "-H",
+            "Accept: text/html",
+            &web.url(Some("web"), "/cgi-bin/who"),
+        ],
+    );
+    let status = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(status.starts_with("30"), "{status}");
+    assert!(
+        status.contains(&format!("{DOMAIN}:{}", d.https_port)),
+        "{status}"
+    );
+    let out = web.curl(
+        None,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &web.url(Some("web"), "/"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+
+    // Alice logs in with a `browser` link; the handoff gives web.DOMAIN its own cookie.
+    let alice_jar = tmp.path().join("alice.jar");
+    web.login(&alice, &alice_jar);
+    let (code, body) = who(&web, Some(&alice_jar));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("user=alice@example.com"), "{body}");
+    assert!(body.contains("proto=https"), "{body}");
+    assert!(body.contains(&format!("host=web.{DOMAIN}")), "{body}");
+    assert!(body.contains("xff=127.0.0.1"), "{body}");
+    assert!(
+        body.contains("cookie= ") || body.ends_with("cookie=\n") || body.ends_with("cookie="),
+        "nook's cookie reached the VM: {body}"
+    );
+    // Identity headers cannot be forged.
+    let out = web.curl(
+        Some(&alice_jar),
+        &[
+            "-H",
+            "X-Nook-User-Email: mallory@example.com",
+            "-H",
+            "X-Forwarded-For: 6.6.6.6",
+            &web.url(Some("web"), "/cgi-bin/who"),
+        ],
+    );
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("user=alice@example.com") && !body.contains("6.6.6.6"),
+        "{body}"
+    );
+    // The dashboard lists her VM.
+    let (code, page) = web.browse(Some(&alice_jar), &web.url(None, "/"));
+    assert_eq!(code, 200);
+    assert!(page.contains("web"), "{page}");
+
+    // The cookie of web.DOMAIN is no good on another host, even when sent by hand.
+    let jar_text = std::fs::read_to_string(&alice_jar).expect("jar");
+    let cookie = jar_text
+        .lines()
+        .find(|l| l.contains(&format!("web.{DOMAIN}")) && l.contains("nook"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Some(format!("{}={}", f.get(5)?, f.get(6)?))
+        })
+        .expect("a session cookie for web.DOMAIN");
+    d.lobby_ok(&alice, &["new", "--image", "tiny", "--name", "other"]);
+    let out = web.curl(
+        None,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Cookie: {cookie}"),
+            "-H",
+            "Accept: text/html",
+            &web.url(Some("other"), "/"),
+        ],
+    );
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        code.starts_with("30"),
+        "other.DOMAIN accepted web's cookie: {code}"
+    );
+    let out = web.curl(
+        None,
+        &["-H", &format!("Cookie: {cookie}"), &web.url(None, "/")],
+    );
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !page.contains("alice@example.com"),
+        "the dashboard accepted web's cookie: {page}"
+    );
+
+    // Bob is refused (like a VM that does not exist), let in by a share, refused again after.
+    let bob_jar = tmp.path().join("bob.jar");
+    web.login(&bob, &bob_jar);
+    let (code, nothing) = who(&web, Some(&bob_jar));
+    assert_eq!(code, 404);
+    let (code_missing, missing) = web.browse(Some(&bob_jar), &web.url(Some("nosuchvm"), "/"));
+    assert_eq!(
+        (code_missing, missing.replace("nosuchvm", "web")),
+        (404, nothing.clone()),
+        "a foreign VM must look missing"
+    );
+    d.lobby_ok(&alice, &["share", "add", "web", "bob@example.com"]);
+    let (code, body) = who(&web, Some(&bob_jar));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("user=bob@example.com"), "{body}");
+    let shown = d.lobby_ok(&alice, &["share", "show", "web"]);
+    assert!(shown.contains("bob@example.com (viewer)"), "{shown}");
+    d.lobby_ok(&alice, &["share", "remove", "web", "bob@example.com"]);
+    assert_eq!(
+        who(&web, Some(&bob_jar)).0,
+        404,
+        "revocation must apply to the next request"
+    );
+
+    // A share link: whoever opens it and logs in gets in, until it is removed.
+    let out: serde_json::Value =
+        serde_json::from_str(&d.lobby_ok(&alice, &["share", "add-link", "web", "--json"]))
+            .expect("json");
+    let (link, token) = (
+        out["url"].as_str().expect("url"),
+        out["token"].as_str().expect("token"),
+    );
+    let (code, body) = web.browse(Some(&bob_jar), link);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(who(&web, Some(&bob_jar)).0, 200);
+    d.lobby_ok(&alice, &["share", "remove-link", "web", token]);
+    assert_eq!(who(&web, Some(&bob_jar)).0, 404);
+
+    // Public: anyone, no login; identity only for those logged in.
+    d.lobby_ok(&alice, &["share", "set-public", "web"]);
+    let (code, body) = who(&web, None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("user= "), "{body}");
+    d.lobby_ok(&alice, &["share", "set-private", "web"]);
+    let out = web.curl(
+        None,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &web.url(Some("web"), "/"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+
+    // A VM port (8991) on its own listener, for those with access.
+    let out = web.curl(
+        Some(&alice_jar),
+        &[
+            "-w",
+            "\n%{http_code}",
+            &format!("https://web.{DOMAIN}:8991/cgi-bin/who"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("200") && text.contains("user=alice@example.com"),
+        "{text}"
+    );
+
+    // A machine token: Bearer, basic-auth password, and the real git client.
+    let tok: serde_json::Value =
+        serde_json::from_str(&d.lobby_ok(&alice, &["token", "create", "--vm", "web", "--json"]))
+            .expect("json");
+    let token = tok["token"].as_str().expect("token");
+    let out = web.curl(
+        None,
+        &[
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            &web.url(Some("web"), "/cgi-bin/who"),
+        ],
+    );
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains("user=alice@example.com") && body.contains("auth= "),
+        "{body}"
+    );
+    let out = web.curl(
+        None,
+        &[
+            "-u",
+            &format!("git:{token}"),
+            &web.url(Some("web"), "/cgi-bin/who"),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("user=alice@example.com"));
+    let clone_dir = tmp.path().join("clone");
+    let out = Command::new("git")
+        .args([
+            "-c",
+            &format!(
+                "http.curloptResolve=web.{DOMAIN}:{}:127.0.0.1",
+                d.https_port
+            ),
+        ])
+        .env("GIT_SSL_CAINFO", &web.ca)
+        .args([
+            "clone",
+            "-q",
+            &format!("https://git:{token}@web.{DOMAIN}:{}/repo.git", d.https_port),
+        ])
+        .arg(&clone_dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git clone: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(clone_dir.join("README")).expect("README"),
+        "cloned through nook\n"
+    );
+    // Without the token, git is refused.
+    let out = Command::new("git")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .args([
+            "-c",
+            &format!(
+                "http.curloptResolve=web.{DOMAIN}:{}:127.0.0.1",
+                d.https_port
+            ),
+        ])
+        .env("GIT_SSL_CAINFO", &web.ca)
+        .args([
+            "clone",
+            "-q",
+            &format!("https://web.{DOMAIN}:{}/repo.git", d.https_port),
+        ])
+        .arg(tmp.path().join("refused"))
+        .output()
+        .expect("git");
+    assert!(!out.status.success());
+
+    // Logout ends the dashboard session.
+    let (code, _) = web.browse(Some(&alice_jar), &web.url(None, "/__nook/logout"));
+    assert!(code == 200 || code == 303, "{code}");
+    let (_, page) = web.browse(Some(&alice_jar), &web.url(None, "/"));
+    assert!(
+        !page.contains("alice@example.com"),
+        "still logged in: {page}"
+    );
+}

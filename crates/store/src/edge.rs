@@ -1,0 +1,391 @@
+//! What the HTTPS edge needs: sharing (public flag, people, links), login links, per-host
+//! sessions and machine tokens. Secrets are stored only as SHA-256 hashes, so a leaked
+//! database does not leak a working session or token.
+
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use crate::{Account, Store, StoreError, decode_account, now};
+
+/// What a share gives: viewers reach the VM's web ports, collaborators may also SSH in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Collaborator,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Collaborator => "collaborator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "collaborator" => Some(Role::Collaborator),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Share {
+    pub email: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebSettings {
+    pub public: bool,
+    pub http_port: Option<u16>,
+}
+
+/// The hex SHA-256 of a secret: what is stored and looked up.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// A new random secret (256 bits, URL-safe hex).
+pub fn new_secret() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl Store {
+    pub async fn web_settings(&self, vm_id: &str) -> Result<WebSettings, StoreError> {
+        let row = sqlx::query("SELECT public, http_port FROM vms WHERE id = ?")
+            .bind(vm_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(vm_id.to_string()))?;
+        Ok(WebSettings {
+            public: row.try_get::<i64, _>("public")? != 0,
+            http_port: row
+                .try_get::<Option<i64>, _>("http_port")?
+                .map(|p| p as u16),
+        })
+    }
+
+    pub async fn set_public(&self, vm_id: &str, public: bool) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vms SET public = ? WHERE id = ?")
+            .bind(public as i64)
+            .bind(vm_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_http_port(&self, vm_id: &str, port: Option<u16>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE vms SET http_port = ? WHERE id = ?")
+            .bind(port.map(i64::from))
+            .bind(vm_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn shares(&self, vm_id: &str) -> Result<Vec<Share>, StoreError> {
+        let rows = sqlx::query("SELECT email, role FROM shares WHERE vm_id = ? ORDER BY email")
+            .bind(vm_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let role: String = r.try_get("role")?;
+                Ok(Share {
+                    email: r.try_get("email")?,
+                    role: Role::parse(&role).unwrap_or(Role::Viewer),
+                })
+            })
+            .collect()
+    }
+
+    /// Shares with `email` (replacing an earlier role).
+    pub async fn add_share(&self, vm_id: &str, email: &str, role: Role) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO shares (vm_id, email, role, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT(vm_id, email) DO UPDATE SET role = excluded.role",
+        )
+        .bind(vm_id)
+        .bind(email)
+        .bind(role.as_str())
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether any VM is shared with `email`.
+    pub async fn is_shared_with(&self, email: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM shares WHERE email = ? LIMIT 1")
+            .bind(email)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// False when the VM was not shared with `email`.
+    pub async fn remove_share(&self, vm_id: &str, email: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM shares WHERE vm_id = ? AND email = ?")
+            .bind(vm_id)
+            .bind(email)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The role `account` has on a VM through a share or a redeemed link (owners are the
+    /// caller's business). Checked on every request, so a revocation applies at once.
+    pub async fn shared_role(
+        &self,
+        vm_id: &str,
+        account: &Account,
+    ) -> Result<Option<Role>, StoreError> {
+        let row = sqlx::query("SELECT role FROM shares WHERE vm_id = ? AND email = ?")
+            .bind(vm_id)
+            .bind(&account.email)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            let role: String = row.try_get("role")?;
+            return Ok(Role::parse(&role));
+        }
+        let via_link = sqlx::query(
+            "SELECT 1 FROM link_grants g JOIN share_links l ON l.id = g.link_id \
+             WHERE l.vm_id = ? AND g.account_id = ?",
+        )
+        .bind(vm_id)
+        .bind(&account.id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(via_link.map(|_| Role::Viewer))
+    }
+
+    /// Makes a share link; returns its secret token (shown once).
+    pub async fn add_share_link(&self, vm_id: &str) -> Result<String, StoreError> {
+        let token = new_secret();
+        sqlx::query(
+            "INSERT INTO share_links (id, vm_id, token_hash, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(hex::encode(rand::random::<[u8; 8]>()))
+        .bind(vm_id)
+        .bind(hash_secret(&token))
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(token)
+    }
+
+    /// Revokes a link and the access it gave; false when no such link exists for the VM.
+    pub async fn remove_share_link(&self, vm_id: &str, token: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM share_links WHERE vm_id = ? AND token_hash = ?")
+            .bind(vm_id)
+            .bind(hash_secret(token))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn share_link_count(&self, vm_id: &str) -> Result<u32, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM share_links WHERE vm_id = ?")
+            .bind(vm_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")? as u32)
+    }
+
+    /// Records that `account` opened a valid link of this VM; false for an unknown token.
+    pub async fn redeem_share_link(
+        &self,
+        vm_id: &str,
+        token: &str,
+        account_id: &str,
+    ) -> Result<bool, StoreError> {
+        let Some(row) =
+            sqlx::query("SELECT id FROM share_links WHERE vm_id = ? AND token_hash = ?")
+                .bind(vm_id)
+                .bind(hash_secret(token))
+                .fetch_optional(&self.pool)
+                .await?
+        else {
+            return Ok(false);
+        };
+        let link_id: String = row.try_get("id")?;
+        sqlx::query("INSERT OR IGNORE INTO link_grants (link_id, account_id) VALUES (?, ?)")
+            .bind(link_id)
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(true)
+    }
+
+    /// A one-time login link for an account, valid for `ttl_secs`; returns its token.
+    pub async fn create_login_token(
+        &self,
+        account_id: Option<&str>,
+        email: Option<&str>,
+        ttl_secs: i64,
+    ) -> Result<String, StoreError> {
+        let token = new_secret();
+        sqlx::query(
+            "INSERT INTO login_tokens (token_hash, account_id, email, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(hash_secret(&token))
+        .bind(account_id)
+        .bind(email)
+        .bind(unix_now() + ttl_secs)
+        .execute(&self.pool)
+        .await?;
+        Ok(token)
+    }
+
+    /// Uses up a login token: the account it logs in (made on the spot for an email login
+    /// of someone without one), or None when it is unknown, used or expired.
+    pub async fn redeem_login_token(&self, token: &str) -> Result<Option<Account>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "DELETE FROM login_tokens WHERE token_hash = ? RETURNING account_id, email, expires_at",
+        )
+        .bind(hash_secret(token))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        if row.try_get::<i64, _>("expires_at")? < unix_now() {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        let account_id: Option<String> = row.try_get("account_id")?;
+        let email: Option<String> = row.try_get("email")?;
+        let account = match (account_id, email) {
+            (Some(id), _) => sqlx::query("SELECT * FROM accounts WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| decode_account(&r))
+                .transpose()?,
+            (None, Some(email)) => {
+                let existing = sqlx::query("SELECT * FROM accounts WHERE email = ?")
+                    .bind(&email)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match existing {
+                    Some(r) => Some(decode_account(&r)?),
+                    None => {
+                        let account = Account {
+                            id: hex::encode(rand::random::<[u8; 8]>()),
+                            email,
+                            created_at: now(),
+                        };
+                        sqlx::query(
+                            "INSERT INTO accounts (id, email, created_at) VALUES (?, ?, ?)",
+                        )
+                        .bind(&account.id)
+                        .bind(&account.email)
+                        .bind(&account.created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        Some(account)
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        tx.commit().await?;
+        Ok(account)
+    }
+
+    /// A session for `account` on exactly `host`; returns its secret (the cookie value).
+    pub async fn create_session(
+        &self,
+        account_id: &str,
+        host: &str,
+        ttl_secs: i64,
+    ) -> Result<String, StoreError> {
+        let secret = new_secret();
+        sqlx::query(
+            "INSERT INTO sessions (secret_hash, account_id, host, expires_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(hash_secret(&secret))
+        .bind(account_id)
+        .bind(host)
+        .bind(unix_now() + ttl_secs)
+        .execute(&self.pool)
+        .await?;
+        Ok(secret)
+    }
+
+    /// The account of a live session on `host`; a session of another host is no session.
+    pub async fn session(&self, host: &str, secret: &str) -> Result<Option<Account>, StoreError> {
+        let row = sqlx::query(
+            "SELECT a.* FROM sessions s JOIN accounts a ON a.id = s.account_id \
+             WHERE s.secret_hash = ? AND s.host = ? AND s.expires_at > ?",
+        )
+        .bind(hash_secret(secret))
+        .bind(host)
+        .bind(unix_now())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| decode_account(&r)).transpose()
+    }
+
+    pub async fn end_session(&self, secret: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sessions WHERE secret_hash = ?")
+            .bind(hash_secret(secret))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A machine token for one VM; returns its secret (shown once).
+    pub async fn create_api_token(
+        &self,
+        vm_id: &str,
+        account_id: &str,
+    ) -> Result<String, StoreError> {
+        let token = format!("nook_{}", new_secret());
+        sqlx::query(
+            "INSERT INTO api_tokens (id, token_hash, vm_id, account_id, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(hex::encode(rand::random::<[u8; 8]>()))
+        .bind(hash_secret(&token))
+        .bind(vm_id)
+        .bind(account_id)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(token)
+    }
+
+    /// The account a machine token of this VM acts as.
+    pub async fn api_token_account(
+        &self,
+        vm_id: &str,
+        token: &str,
+    ) -> Result<Option<Account>, StoreError> {
+        let row = sqlx::query(
+            "SELECT a.* FROM api_tokens t JOIN accounts a ON a.id = t.account_id \
+             WHERE t.token_hash = ? AND t.vm_id = ?",
+        )
+        .bind(hash_secret(token))
+        .bind(vm_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| decode_account(&r)).transpose()
+    }
+
+    pub async fn account_by_id(&self, id: &str) -> Result<Option<Account>, StoreError> {
+        let row = sqlx::query("SELECT * FROM accounts WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| decode_account(&r)).transpose()
+    }
+}
