@@ -537,10 +537,9 @@ impl Manager {
 
         let link =
             VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
-        let mut boot = BootConfig {
-            hostname: vm.name.clone(),
+        let boot = BootConfig {
             init: Some(image.init.clone()),
-            ..BootConfig::default()
+            ..self.guest_config(vm, &link)
         };
         let net = match &self.net {
             Net::Tap(host) => {
@@ -549,22 +548,15 @@ impl Manager {
                 let added = tokio::task::spawn_blocking(move || host.add_vm(&l)).await;
                 map_join(added, "connect the network")?
                     .map_err(|e| errors::from_net("connect the network", e))?;
-                boot.ip = Some(link.guest_cidr());
-                boot.gateway = Some(link.host_ip.to_string());
-                boot.dns = Some(self.cfg.dns.clone());
                 NetBackend::Tap {
                     ifname: link.tap.clone(),
                     mac: link.mac.clone(),
                 }
             }
-            Net::User => {
-                boot.ip = Some("10.0.2.15/24".into());
-                boot.gateway = Some("10.0.2.2".into());
-                NetBackend::User {
-                    netdev: nook_net::user_mode_netdev("net0"),
-                    mac: link.mac.clone(),
-                }
-            }
+            Net::User => NetBackend::User {
+                netdev: nook_net::user_mode_netdev("net0"),
+                mac: link.mac.clone(),
+            },
         };
         // `-M pc` rather than microvm: under TCG here, microvm guests hang or crash early in a
         // fair share of boots, pc boots as fast and did not fail once.
@@ -604,10 +596,9 @@ impl Manager {
         Ok((pid, qmp))
     }
 
-    /// Tells the guest who it is; true when it was another VM until now (a clone).
-    async fn identify(&self, vm: &VmRecord, agent: &AgentClient) -> Result<bool, ApiError> {
-        let link =
-            VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
+    /// The name and address the guest gets, at boot on its command line and after a fork
+    /// through the agent.
+    fn guest_config(&self, vm: &VmRecord, link: &VmLink) -> BootConfig {
         let (ip, gateway, dns) = match &self.net {
             Net::Tap(_) => (
                 link.guest_cidr(),
@@ -616,12 +607,26 @@ impl Manager {
             ),
             Net::User => ("10.0.2.15/24".to_string(), "10.0.2.2".to_string(), None),
         };
-        let identity = nook_proto::Identity {
-            vm_id: vm.id.clone(),
+        BootConfig {
             hostname: vm.name.clone(),
             ip: Some(ip),
             gateway: Some(gateway),
             dns,
+            init: None,
+        }
+    }
+
+    /// Tells the guest who it is; true when it was another VM until now (a clone).
+    async fn identify(&self, vm: &VmRecord, agent: &AgentClient) -> Result<bool, ApiError> {
+        let link =
+            VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
+        let boot = self.guest_config(vm, &link);
+        let identity = nook_proto::Identity {
+            vm_id: vm.id.clone(),
+            hostname: boot.hostname,
+            ip: boot.ip,
+            gateway: boot.gateway,
+            dns: boot.dns,
             mac: Some(link.mac.clone()),
             seed: rand::random::<[u8; 32]>().to_vec(),
         };
