@@ -355,27 +355,17 @@ impl Manager {
         let account_lock = self.op_lock(&format!("account:{owner}"));
         let _account_guard = account_lock.lock().await;
         self.admit(owner, None, cpu, memory_mib, disk_bytes).await?;
-        let id = hex::encode(rand::random::<[u8; 6]>());
-        let mut attempt = 0;
-        let record = loop {
-            let name = req.name.clone().unwrap_or_else(crate::names::friendly);
-            let new = NewVm {
-                id: id.clone(),
-                name,
-                owner: owner.to_string(),
-                image: kind.to_string(),
-                image_dir: image.dir.display().to_string(),
-                cpu,
-                memory_mib,
-                disk_bytes,
-            };
-            match self.store.insert_vm(new).await {
-                Err(nook_store::StoreError::NameTaken(_)) if req.name.is_none() && attempt < 8 => {
-                    attempt += 1
-                }
-                other => break other.map_err(|e| errors::from_store("record the VM", e))?,
-            }
+        let template = NewVm {
+            id: String::new(),
+            name: String::new(),
+            owner: owner.to_string(),
+            image: kind.to_string(),
+            image_dir: image.dir.display().to_string(),
+            cpu,
+            memory_mib,
+            disk_bytes,
         };
+        let record = self.insert_vm(template, req.name.as_deref()).await?;
         if !wait {
             let info = self.info(&record);
             let this = self.clone();
@@ -385,6 +375,22 @@ impl Manager {
             return Ok(info);
         }
         self.finish_create(&record, &image, progress).await
+    }
+
+    /// Records a new VM (state `creating`) with a fresh id and `name`, or with a made-up
+    /// friendly name, retried a few times should one be taken already.
+    async fn insert_vm(&self, mut new: NewVm, name: Option<&str>) -> Result<VmRecord, ApiError> {
+        new.id = hex::encode(rand::random::<[u8; 6]>());
+        let mut attempt = 0;
+        loop {
+            new.name = name.map_or_else(crate::names::friendly, str::to_string);
+            match self.store.insert_vm(new.clone()).await {
+                Err(nook_store::StoreError::NameTaken(_)) if name.is_none() && attempt < 8 => {
+                    attempt += 1
+                }
+                other => return other.map_err(|e| errors::from_store("record the VM", e)),
+            }
+        }
     }
 
     async fn finish_create(

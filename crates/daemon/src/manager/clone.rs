@@ -78,7 +78,17 @@ impl Manager {
             };
             self.admit(&src.owner, None, src.cpu, memory, src.disk_bytes)
                 .await?;
-            self.insert_clone_record(&src, req.name.as_deref()).await?
+            let template = NewVm {
+                id: String::new(),
+                name: String::new(),
+                owner: src.owner.clone(),
+                image: src.image.clone(),
+                image_dir: src.image_dir.clone(),
+                cpu: src.cpu,
+                memory_mib: src.memory_mib,
+                disk_bytes: src.disk_bytes,
+            };
+            self.insert_vm(template, req.name.as_deref()).await?
         };
         let clone_lock = self.op_lock(&record.id);
         let _clone_guard = clone_lock.lock().await;
@@ -124,33 +134,6 @@ impl Manager {
         }
     }
 
-    async fn insert_clone_record(
-        &self,
-        src: &VmRecord,
-        name: Option<&str>,
-    ) -> Result<VmRecord, ApiError> {
-        let id = hex::encode(rand::random::<[u8; 6]>());
-        let mut attempt = 0;
-        loop {
-            let new = NewVm {
-                id: id.clone(),
-                name: name.map_or_else(crate::names::friendly, str::to_string),
-                owner: src.owner.clone(),
-                image: src.image.clone(),
-                image_dir: src.image_dir.clone(),
-                cpu: src.cpu,
-                memory_mib: src.memory_mib,
-                disk_bytes: src.disk_bytes,
-            };
-            match self.store.insert_vm(new).await {
-                Err(nook_store::StoreError::NameTaken(_)) if name.is_none() && attempt < 8 => {
-                    attempt += 1
-                }
-                other => return other.map_err(|e| errors::from_store("record the clone", e)),
-            }
-        }
-    }
-
     async fn make_clone(
         self: &Arc<Self>,
         src: &VmRecord,
@@ -166,7 +149,7 @@ impl Manager {
             .map_err(|e| io_error("create the VM directory", e))?;
         let layers_guard = self.layers_lock.lock().await;
         let next = self.paths(&src.id).dir.join(NEXT_DISK);
-        let (layers, src_disk, clone_disk, next_disk) = (
+        let (layer_store, src_disk, clone_disk, next_disk) = (
             self.layers.clone(),
             self.paths(&src.id).disk(),
             clone_paths.disk(),
@@ -174,7 +157,7 @@ impl Manager {
         );
         let (src_size, clone_size) = (src.disk_bytes, clone.disk_bytes);
         let made = tokio::task::spawn_blocking(move || {
-            let layer = layers.freeze(&src_disk)?;
+            let layer = layer_store.freeze(&src_disk)?;
             faults::point("clone:frozen");
             nook_storage::disk::create_overlay_on_qcow2(&layer, &next_disk, src_size)?;
             nook_storage::disk::create_overlay_on_qcow2(&layer, &clone_disk, clone_size)?;
@@ -331,8 +314,8 @@ impl Manager {
                 tops.push(entry.path().join(NEXT_DISK));
             }
         }
-        let layers = self.layers.clone();
-        match tokio::task::spawn_blocking(move || layers.collect(&tops)).await {
+        let layer_store = self.layers.clone();
+        match tokio::task::spawn_blocking(move || layer_store.collect(&tops)).await {
             Ok(Ok(removed)) if !removed.is_empty() => {
                 tracing::info!(count = removed.len(), "deleted disk layers no VM uses")
             }
