@@ -98,47 +98,53 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Failure
     })
 }
 
-/// Creation streams progress, then `done` or `error`. The work runs in its own task so a
-/// client that hangs up mid-way cannot leave a half-made VM behind.
-async fn create(State(m): State<Arc<Manager>>, body: Bytes) -> Reply<Response> {
-    let req: CreateVm = parse_json(&body)?;
+/// What reports progress to a streaming client.
+type Reporter = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Streams `work`'s progress as NDJSON, then the event it ends with. The work runs in its own
+/// task, so a client that hangs up mid-way cannot leave a half-made VM behind.
+fn progress_stream<F, Fut>(work: F) -> Response
+where
+    F: FnOnce(Reporter) -> Fut,
+    Fut: std::future::Future<Output = ProgressEvent> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(32);
+    let progress_tx = tx.clone();
+    let report: Reporter = Arc::new(move |step: &str| {
+        let _ = progress_tx.try_send(line(&ProgressEvent::Progress {
+            step: step.to_string(),
+        }));
+    });
+    let work = work(report);
     tokio::spawn(async move {
-        let progress_tx = tx.clone();
-        let progress = move |step: &str| {
-            let _ = progress_tx.try_send(line(&ProgressEvent::Progress {
-                step: step.to_string(),
-            }));
-        };
-        let event = match m.create(req, ADMIN_OWNER, true, &progress).await {
-            Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
-            Err(error) => ProgressEvent::Error { error },
-        };
+        let event = work.await;
         let _ = tx.send(line(&event)).await;
     });
-    Ok(ndjson(rx))
+    ndjson(rx)
+}
+
+fn done(result: Result<nook_api::VmInfo, ApiError>) -> ProgressEvent {
+    match result {
+        Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
+        Err(error) => ProgressEvent::Error { error },
+    }
+}
+
+/// Creation streams progress, then `done` or `error`.
+async fn create(State(m): State<Arc<Manager>>, body: Bytes) -> Reply<Response> {
+    let req: CreateVm = parse_json(&body)?;
+    Ok(progress_stream(move |report| async move {
+        done(m.create(req, ADMIN_OWNER, true, &*report).await)
+    }))
 }
 
 async fn start(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<Response> {
-    let (tx, rx) = mpsc::channel(32);
-    tokio::spawn(async move {
-        let progress_tx = tx.clone();
-        let progress = move |step: &str| {
-            let _ = progress_tx.try_send(line(&ProgressEvent::Progress {
-                step: step.to_string(),
-            }));
-        };
-        let event = match m.start(&name, Scope::Admin, &progress).await {
-            Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
-            Err(error) => ProgressEvent::Error { error },
-        };
-        let _ = tx.send(line(&event)).await;
-    });
-    Ok(ndjson(rx))
+    Ok(progress_stream(move |report| async move {
+        done(m.start(&name, Scope::Admin, &*report).await)
+    }))
 }
 
-/// Cloning streams progress, then `cloned` (with timings) or `error`; like creation, it runs
-/// in its own task so a client hanging up cannot interrupt it halfway.
+/// Cloning streams progress, then `cloned` (with timings) or `error`.
 async fn clone(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
@@ -149,23 +155,14 @@ async fn clone(
     } else {
         parse_json(&body)?
     };
-    let (tx, rx) = mpsc::channel(32);
-    tokio::spawn(async move {
-        let progress_tx = tx.clone();
-        let progress = move |step: &str| {
-            let _ = progress_tx.try_send(line(&ProgressEvent::Progress {
-                step: step.to_string(),
-            }));
-        };
-        let event = match m.clone_vm(&name, req, Scope::Admin, &progress).await {
+    Ok(progress_stream(move |report| async move {
+        match m.clone_vm(&name, req, Scope::Admin, &*report).await {
             Ok(cloned) => ProgressEvent::Cloned {
                 cloned: Box::new(cloned),
             },
             Err(error) => ProgressEvent::Error { error },
-        };
-        let _ = tx.send(line(&event)).await;
-    });
-    Ok(ndjson(rx))
+        }
+    }))
 }
 
 async fn stop(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<impl IntoResponse> {
