@@ -107,6 +107,22 @@ pub enum ShareCommand {
     Port { vm: String, port: String },
 }
 
+impl ShareCommand {
+    /// The VM every share command is about.
+    pub fn vm(&self) -> &str {
+        match self {
+            Self::Show { vm }
+            | Self::SetPublic { vm }
+            | Self::SetPrivate { vm }
+            | Self::Add { vm, .. }
+            | Self::Remove { vm, .. }
+            | Self::AddLink { vm }
+            | Self::RemoveLink { vm, .. }
+            | Self::Port { vm, .. } => vm,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Make a token for one VM (shown once)

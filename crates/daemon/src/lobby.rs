@@ -363,18 +363,8 @@ async fn share(
 ) -> Result<(), ApiError> {
     use nook_api::lobby::ShareCommand as C;
     let store_err = |what: &'static str| move |e| crate::errors::from_store(what, e);
-    let name = match &cmd {
-        C::Show { vm }
-        | C::SetPublic { vm }
-        | C::SetPrivate { vm }
-        | C::Add { vm, .. }
-        | C::Remove { vm, .. }
-        | C::AddLink { vm }
-        | C::RemoveLink { vm, .. }
-        | C::Port { vm, .. } => vm.clone(),
-    };
     // Only the owner manages sharing: someone else's VM looks like no VM.
-    let vm = m.get(&name, scope).await?;
+    let vm = m.get(cmd.vm(), scope).await?;
     let store = m.store();
     let url = m.config().web_origin(Some(&vm.name));
     match cmd {
