@@ -20,13 +20,42 @@ pub const LOGIN_TTL_SECS: i64 = 15 * 60;
 /// How long the edge waits to learn whether a VM's port 80 is open, to choose 80 or 8000.
 const PORT_PROBE: Duration = Duration::from_millis(300);
 
+/// How long the answer of a port probe stands. Probing on every request would add a
+/// connection to the VM (which its app sees) and a round trip to each proxied request.
+const PORT_PROBE_TTL: Duration = Duration::from_secs(5);
+
 pub struct WebBackend {
     manager: Arc<Manager>,
+    /// VM id → (when probed, default port found).
+    probed: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u16)>>,
 }
 
 impl WebBackend {
     pub fn new(manager: Arc<Manager>) -> Self {
-        Self { manager }
+        Self {
+            manager,
+            probed: Default::default(),
+        }
+    }
+
+    /// The default port of a running VM with none chosen, probed at most every few seconds.
+    async fn probed_port(&self, vm_id: &str, ip: IpAddr) -> u16 {
+        let fresh = |at: &std::time::Instant| at.elapsed() < PORT_PROBE_TTL;
+        let known = self
+            .probed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vm_id)
+            .filter(|(at, _)| fresh(at))
+            .map(|(_, port)| *port);
+        if let Some(port) = known {
+            return port;
+        }
+        let port = default_port(ip).await;
+        let mut probed = self.probed.lock().unwrap_or_else(|p| p.into_inner());
+        probed.retain(|_, (at, _)| fresh(at));
+        probed.insert(vm_id.to_string(), (std::time::Instant::now(), port));
+        port
     }
 }
 
@@ -64,7 +93,7 @@ impl EdgeBackend for WebBackend {
         let upstream = IpAddr::V4(link.guest_ip);
         let default_port = match web.http_port {
             Some(p) => p,
-            None if vm.state == VmState::Running => default_port(upstream).await,
+            None if vm.state == VmState::Running => self.probed_port(&vm.id, upstream).await,
             None => 80,
         };
         Ok(Some(VmTarget {
