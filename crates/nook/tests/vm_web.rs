@@ -104,6 +104,22 @@ impl Web<'_> {
         (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
+    /// The real git client, trusting nook's CA, with web.DOMAIN resolving to this machine
+    /// and no prompt for credentials.
+    fn git_clone(&self, url: &str, dest: &std::path::Path) -> Output {
+        let resolve = format!(
+            "http.curloptResolve=web.{DOMAIN}:{}:127.0.0.1",
+            self.d.https_port
+        );
+        Command::new("git")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_SSL_CAINFO", &self.ca)
+            .args(["-c", &resolve, "clone", "-q", url])
+            .arg(dest)
+            .output()
+            .expect("git")
+    }
+
     /// Logs `key`'s account in through a `browser` link, into a fresh cookie jar.
     fn login(&self, key: &Key, jar: &std::path::Path) {
         let link = self.d.lobby_ok(key, &["browser"]);
@@ -339,23 +355,10 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("user=alice@example.com"));
     let clone_dir = tmp.path().join("clone");
-    let out = Command::new("git")
-        .args([
-            "-c",
-            &format!(
-                "http.curloptResolve=web.{DOMAIN}:{}:127.0.0.1",
-                d.https_port
-            ),
-        ])
-        .env("GIT_SSL_CAINFO", &web.ca)
-        .args([
-            "clone",
-            "-q",
-            &format!("https://git:{token}@web.{DOMAIN}:{}/repo.git", d.https_port),
-        ])
-        .arg(&clone_dir)
-        .output()
-        .expect("git");
+    let out = web.git_clone(
+        &format!("https://git:{token}@web.{DOMAIN}:{}/repo.git", d.https_port),
+        &clone_dir,
+    );
     assert!(
         out.status.success(),
         "git clone: {}",
@@ -366,24 +369,10 @@ fn vm_web_private_by_default_shared_like_a_doc() {
         "cloned through nook\n"
     );
     // Without the token, git is refused.
-    let out = Command::new("git")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .args([
-            "-c",
-            &format!(
-                "http.curloptResolve=web.{DOMAIN}:{}:127.0.0.1",
-                d.https_port
-            ),
-        ])
-        .env("GIT_SSL_CAINFO", &web.ca)
-        .args([
-            "clone",
-            "-q",
-            &format!("https://web.{DOMAIN}:{}/repo.git", d.https_port),
-        ])
-        .arg(tmp.path().join("refused"))
-        .output()
-        .expect("git");
+    let out = web.git_clone(
+        &format!("https://web.{DOMAIN}:{}/repo.git", d.https_port),
+        &tmp.path().join("refused"),
+    );
     assert!(!out.status.success());
 
     // Logout ends the dashboard session.
