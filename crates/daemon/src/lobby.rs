@@ -716,7 +716,7 @@ async fn new_vm(
         }
     }
     let ssh = m.config().ssh_command(Some(&vm.name));
-    let url = format!("https://{}.{}/", vm.name, m.config().domain);
+    let url = format!("{}/", m.config().web_origin(Some(&vm.name)));
     if json {
         let mut v = serde_json::to_value(&vm).unwrap_or_default();
         v["ssh"] = json!(ssh);

@@ -37,6 +37,10 @@ impl HostNet {
         for link in existing {
             ensure_link(link)?;
         }
+        // Each running VM's /30 route is more specific; an address with no VM behind it
+        // (a stopped VM's) must fail at once here rather than leave by the default route
+        // and reach whatever answers at that address outside.
+        ip(&["route", "replace", "unreachable", &vm_net_cidr()])?;
         enable_forwarding()?;
         info!(vms = existing.len(), "host networking ready");
         Ok(HostNet { _private: () })
@@ -76,6 +80,8 @@ impl HostNet {
         for tap in names.iter().filter(|n| is_tap_name(n)) {
             ip(&["link", "del", "dev", tap])?;
         }
+        // Absent already is fine.
+        let _ = ip(&["route", "del", "unreachable", &vm_net_cidr()]);
         info!("host networking removed");
         Ok(())
     }
@@ -189,6 +195,10 @@ fn link_names() -> Result<Vec<String>, NetError> {
                 .collect()
         })
         .unwrap_or_default())
+}
+
+fn vm_net_cidr() -> String {
+    format!("{}/{}", crate::VM_NET, crate::VM_NET_PREFIX)
 }
 
 fn ip(args: &[&str]) -> Result<String, NetError> {

@@ -1,7 +1,7 @@
 //! System tests (root, real QEMU guests): the HTTPS edge in front of real VMs with the real
 //! curl and git clients: private by default, login through a `browser` link, sharing with
 //! people and links (revoked on the next request), public VMs, identity headers a client
-//! cannot forge, host-bound cookies, machine tokens with git, and VM ports.
+//! cannot forge, host-bound cookies, machine tokens with git, VM ports, and a VM that is down.
 
 mod common;
 
@@ -374,6 +374,13 @@ fn vm_web_private_by_default_shared_like_a_doc() {
         &tmp.path().join("refused"),
     );
     assert!(!out.status.success());
+
+    // A VM that is down gets a friendly 502 page naming it (its address must not be routed
+    // anywhere else while it is stopped).
+    d.lobby_ok(&alice, &["stop", "web"]);
+    let (code, page) = who(&web, Some(&alice_jar));
+    assert_eq!(code, 502, "{page}");
+    assert!(page.contains("<code>web</code>"), "{page}");
 
     // Logout ends the dashboard session.
     let (code, _) = web.browse(Some(&alice_jar), &web.url(None, "/__nook/logout"));
