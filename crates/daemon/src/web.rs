@@ -273,10 +273,13 @@ pub async fn start(manager: &Arc<Manager>) -> Result<(), crate::ServeError> {
         .map_err(|e| ServeError::Web(e.to_string()))?;
     edge.set_certificate(ca.leaf_chain_pem().as_bytes(), ca.leaf_key_pem().as_bytes())
         .map_err(|e| ServeError::Web(e.to_string()))?;
-    let listener = tokio::net::TcpListener::bind(https_addr)
-        .await
+    // The main listener gets the edge's thread-per-core mode: on the daemon's work-stealing
+    // runtime, cross-thread wake-ups cost more than the proxying (see proxy_bench).
+    let listener = std::net::TcpListener::bind(https_addr)
         .map_err(|e| ServeError::Listen(https_addr.to_string(), e))?;
-    edge.spawn(listener, nook_edge::ListenerRole::Main);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    edge.serve_on_threads(listener, nook_edge::ListenerRole::Main, threads)
+        .map_err(|e| ServeError::Listen(https_addr.to_string(), e))?;
     tracing::info!(addr = %https_addr, domain, ca = %ca.ca_cert_path().display(), "HTTPS edge listening");
     if let Some((first, last)) = web.vm_ports {
         let (mut bound, mut busy) = (0, 0);
