@@ -211,6 +211,48 @@ fn vm_web_private_by_default_shared_like_a_doc() {
         body.contains("user=alice@example.com") && !body.contains("6.6.6.6"),
         "{body}"
     );
+    // Host names in any case, with or without the port, name the same VM.
+    let (code, body) = web.browse(
+        Some(&alice_jar),
+        &format!("https://WEB.Nook.LocalHost:{}/cgi-bin/who", d.https_port),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("user=alice@example.com"), "{body}");
+    // Absurd input gets a status, and the edge carries on.
+    let huge = format!("X-Huge: {}", "a".repeat(40 * 1024));
+    let out = web.curl(
+        Some(&alice_jar),
+        &[
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &huge,
+            &web.url(Some("web"), "/"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "431");
+    let out = web.curl(
+        None,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+            &format!("a.b.{DOMAIN}:{}:127.0.0.1", d.https_port),
+            &format!("https://a.b.{DOMAIN}:{}/", d.https_port),
+        ],
+    );
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        code == "421" || code == "000",
+        "a name two labels deep: {code}"
+    );
+    assert_eq!(who(&web, Some(&alice_jar)).0, 200);
+
     // The dashboard lists her VM.
     let (code, page) = web.browse(Some(&alice_jar), &web.url(None, "/"));
     assert_eq!(code, 200);
