@@ -2,7 +2,8 @@
 //! `browser` link and opens a private VM's page, whose script talks WebSocket to the VM through
 //! the edge; an SSE stream arrives event by event through the edge with the real curl. The
 //! local CA is trusted through an NSS database, as a user would; no certificate error is
-//! ignored. `*.localhost` resolves to loopback in chromium by itself.
+//! ignored. `*.localhost` resolves to loopback in chromium by itself. A collaborator may SSH
+//! into the VM; a viewer may not.
 
 mod common;
 
@@ -153,6 +154,31 @@ fn vm_web_browser_websocket_and_sse_through_a_real_guest() {
         "{dom}"
     );
     assert!(dom.contains(r#"<p id="ws">echo:hello</p>"#), "{dom}");
+
+    // A collaborator may also SSH in; a viewer may not.
+    let bob = Key::new("bob");
+    d.lobby_ok(&bob, &["signup", "bob@example.com"]);
+    d.lobby_ok(&alice, &["share", "add", "app", "bob@example.com"]);
+    let out = d.ssh(&bob, "app", &["hostname"]);
+    assert!(!out.status.success(), "a viewer got a shell");
+    d.lobby_ok(
+        &alice,
+        &[
+            "share",
+            "add",
+            "app",
+            "bob@example.com",
+            "--role",
+            "collaborator",
+        ],
+    );
+    let out = d.ssh(&bob, "app", &["hostname"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "app\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // SSE through the edge: each event arrives as the VM sends it, not all at the end.
     let token: serde_json::Value =
