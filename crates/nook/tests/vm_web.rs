@@ -1,7 +1,8 @@
 //! System tests (root, real QEMU guests): the HTTPS edge in front of real VMs with the real
 //! curl and git clients: private by default, login through a `browser` link, sharing with
 //! people and links (revoked on the next request), public VMs, identity headers a client
-//! cannot forge, host-bound cookies, machine tokens with git, VM ports, and a VM that is down.
+//! cannot forge, host-bound cookies, machine tokens with git, VM ports, a VM that is down,
+//! and email login links through a local SMTP sink.
 
 mod common;
 
@@ -432,4 +433,105 @@ fn vm_web_private_by_default_shared_like_a_doc() {
         !page.contains("alice@example.com"),
         "still logged in: {page}"
     );
+}
+
+/// A local SMTP sink: accepts every message and hands over its text.
+fn smtp_sink() -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut out = conn.try_clone().expect("clone");
+            let mut lines = BufReader::new(conn);
+            let _ = out.write_all(b"220 sink\r\n");
+            let (mut line, mut data, mut in_data) = (String::new(), String::new(), false);
+            while lines.read_line(&mut line).unwrap_or(0) > 0 {
+                let reply: &[u8] = if in_data {
+                    if line == ".\r\n" {
+                        in_data = false;
+                        let _ = tx.send(std::mem::take(&mut data));
+                        b"250 queued\r\n"
+                    } else {
+                        data.push_str(&line);
+                        b""
+                    }
+                } else {
+                    match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+                        "DATA" => {
+                            in_data = true;
+                            b"354 go on\r\n"
+                        }
+                        "QUIT" => b"221 bye\r\n",
+                        _ => b"250 ok\r\n",
+                    }
+                };
+                let _ = out.write_all(reply);
+                line.clear();
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn vm_web_email_magic_link_logs_in_through_smtp() {
+    let (smtp_port, mails) = smtp_sink();
+    let d = Daemon::start_with(&[
+        "--smtp-host",
+        "127.0.0.1",
+        "--smtp-port",
+        &smtp_port.to_string(),
+        "--smtp-security",
+        "none",
+    ]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let web = Web {
+        d: &d,
+        ca: PathBuf::from(d.ok(&["ca", "path"]).trim()),
+    };
+    let alice = Key::new("alice");
+    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    let (_, page) = web.browse(None, &web.url(None, "/"));
+    assert!(
+        page.contains("email"),
+        "the login page offers email: {page}"
+    );
+
+    // An address nook does not know gets the same page, and no mail.
+    let post = |email: &str| {
+        web.curl(
+            None,
+            &[
+                "-w",
+                "\n%{http_code}",
+                "--data-urlencode",
+                &format!("email={email}"),
+                &web.url(None, "/__nook/email"),
+            ],
+        )
+    };
+    let unknown = String::from_utf8_lossy(&post("nobody@example.com").stdout).into_owned();
+    let known = String::from_utf8_lossy(&post("alice@example.com").stdout).into_owned();
+    assert_eq!(unknown, known);
+    let mail = mails
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("a login mail");
+    assert!(mails.try_recv().is_err(), "mail sent to an unknown address");
+    assert!(mail.contains("alice@example.com"), "{mail}");
+    // Undo quoted-printable soft breaks and escapes, then take the link.
+    let text = mail.replace("=\r\n", "").replace("=3D", "=");
+    let link = text
+        .split_whitespace()
+        .find(|w| w.starts_with("https://") && w.contains("/__nook/login?token="))
+        .unwrap_or_else(|| panic!("no login link in {text}"));
+    let jar = tmp.path().join("jar");
+    let (code, page) = web.browse(Some(&jar), link);
+    assert_eq!(code, 200, "{page}");
+    let (_, page) = web.browse(Some(&jar), &web.url(None, "/"));
+    assert!(page.contains("alice@example.com"), "not logged in: {page}");
+    // The link works once.
+    let (code, _) = web.browse(Some(&tmp.path().join("jar2")), link);
+    assert_eq!(code, 400);
 }
