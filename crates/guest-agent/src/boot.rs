@@ -26,24 +26,20 @@ pub const CURRENT: &str = "/run/nook/boot";
 /// Does nothing without `nook.hostname`, so running the agent by hand outside a nook VM cannot
 /// reconfigure that machine.
 pub fn setup() {
-    let Some(cfg) = current() else {
-        log!("cannot read /proc/cmdline; skipping boot set-up");
-        return;
+    let cmdline = match fs::read_to_string(CURRENT).or_else(|_| fs::read_to_string("/proc/cmdline"))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            log!("cannot read /proc/cmdline: {e}; skipping boot set-up");
+            return;
+        }
     };
+    let cfg = BootConfig::from_cmdline(&cmdline);
     if cfg.hostname.is_empty() {
         log!("no nook.hostname on the kernel command line; skipping boot set-up");
         return;
     }
     apply(&cfg);
-}
-
-/// The identity this boot runs with: the host's latest (see [`CURRENT`]), else the kernel
-/// command line's.
-pub fn current() -> Option<BootConfig> {
-    fs::read_to_string(CURRENT)
-        .or_else(|_| fs::read_to_string("/proc/cmdline"))
-        .ok()
-        .map(|text| BootConfig::from_cmdline(&text))
 }
 
 /// Applies `cfg`. Growing the filesystem runs in the background so it cannot delay readiness.

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use nook_proto::{BootConfig, Identity};
+use nook_proto::Identity;
 
 use crate::boot;
 
@@ -23,12 +23,7 @@ pub fn apply(id: &Identity) -> bool {
         set_mac(mac);
     }
     let boot = id.boot_config();
-    // After a boot the host confirms what the command line already said: apply only a
-    // change (a fork's new name and address), not the whole set-up again.
-    let unchanged = boot::current().is_some_and(|now| BootConfig { init: None, ..now } == boot);
-    if !unchanged {
-        boot::apply(&boot);
-    }
+    boot::apply(&boot);
     if let Err(e) =
         fs::create_dir_all("/run/nook").and_then(|()| fs::write(boot::CURRENT, boot.to_cmdline()))
     {
