@@ -80,7 +80,7 @@ fn counter(d: &Daemon, vm: &str) -> u64 {
 fn start_workload(d: &Daemon, vm: &str) {
     d.exec(
         vm,
-        "echo before > /root/before && mkdir -p /www && echo served-by-$(hostname) > /www/index.html \
+        "echo before > /root/before && sync && mkdir -p /www && echo served-by-$(hostname) > /www/index.html \
          && httpd -p 8080 -h /www \
          && setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 1; done' \
             </dev/null >/dev/null 2>&1 &",
