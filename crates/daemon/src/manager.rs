@@ -566,7 +566,12 @@ impl Manager {
         };
         // `-M pc` rather than microvm: under TCG here, microvm guests hang or crash early in a
         // fair share of boots, pc boots as fast and did not fail once.
-        let cmdline = format!("console=ttyS0 root=/dev/vda rw {}", boot.to_cmdline());
+        // `net.ifnames=0`: a systemd image's udev would otherwise rename eth0 while the agent is
+        // configuring it, and the address would land on a name that no longer exists.
+        let cmdline = format!(
+            "console=ttyS0 root=/dev/vda rw net.ifnames=0 {}",
+            boot.to_cmdline()
+        );
         let spec = LaunchSpec {
             id: vm.id.clone(),
             paths: paths.clone(),

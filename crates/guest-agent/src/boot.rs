@@ -16,6 +16,7 @@ const ROOT_DEV: &str = "/dev/vda";
 const GROW_SLACK: u64 = 16 * 1024 * 1024;
 /// How long boot set-up waits for the network device to appear.
 const NIC_WAIT: Duration = Duration::from_secs(10);
+const LINK_ATTEMPTS: u32 = 10;
 
 /// Where the identity the host last gave this boot is kept, in the kernel command line's
 /// words. It lives in `/run`, so it outlasts an agent restart but not a reboot, and a forked
@@ -175,15 +176,25 @@ fn configure_network(cfg: &BootConfig) {
     let Some(addr) = &cfg.ip else {
         return;
     };
-    let dev = interface();
-    ip(&["link", "set", &dev, "up"]);
-    // Any other IPv4 address is a forked source's, on a link that is no longer its.
-    if current_ipv4(&ip_tool, &dev).is_some_and(|have| have != *addr) {
-        ip(&["-4", "addr", "flush", "dev", &dev]);
-        ip(&["neigh", "flush", "dev", &dev]);
-    }
-    if !ip(&["addr", "replace", addr, "dev", &dev]) {
-        ip(&["addr", "add", addr, "dev", &dev]);
+    // An image whose udev renames interfaces may do so between finding the link and using it;
+    // the link is found again until the address is on it.
+    let mut dev = interface();
+    for attempt in 1..=LINK_ATTEMPTS {
+        ip(&["link", "set", &dev, "up"]);
+        // Any other IPv4 address is a forked source's, on a link that is no longer its.
+        if current_ipv4(&ip_tool, &dev).is_some_and(|have| have != *addr) {
+            ip(&["-4", "addr", "flush", "dev", &dev]);
+            ip(&["neigh", "flush", "dev", &dev]);
+        }
+        if !ip(&["addr", "replace", addr, "dev", &dev]) {
+            ip(&["addr", "add", addr, "dev", &dev]);
+        }
+        if current_ipv4(&ip_tool, &dev).as_deref() == Some(addr.as_str()) {
+            break;
+        }
+        log!("network: {addr} is not on {dev} (attempt {attempt}); looking for the link again");
+        std::thread::sleep(Duration::from_millis(200));
+        dev = interface();
     }
     if let Some(gw) = &cfg.gateway
         && !ip(&["route", "replace", "default", "via", gw])

@@ -76,13 +76,14 @@ fn counter(d: &Daemon, vm: &str) -> u64 {
         .expect("counter")
 }
 
-/// A counter process writing to /root/counter every second, and a web server on :8080.
+/// A counter process writing to /root/counter every second (by rename, so a reader never
+/// sees it half-written), and a web server on :8080.
 fn start_workload(d: &Daemon, vm: &str) {
     d.exec(
         vm,
         "echo before > /root/before && sync && mkdir -p /www && echo served-by-$(hostname) > /www/index.html \
          && httpd -p 8080 -h /www \
-         && setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 1; done' \
+         && setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; sleep 1; done' \
             </dev/null >/dev/null 2>&1 &",
     );
     wait_until("the counter to start", Duration::from_secs(10), || {

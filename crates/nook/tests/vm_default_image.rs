@@ -35,6 +35,11 @@ fn vm_default_image_boots_systemd_to_multi_user() {
         "0\n"
     );
     assert_eq!(d.ok(&["vm", "exec", "deb", "--", "hostname"]), "deb\n");
+    // udev must not rename the link under the agent (`net.ifnames=0`): the address is on eth0.
+    let addr = d.ok(&[
+        "vm", "exec", "deb", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0",
+    ]);
+    assert!(addr.contains("inet 10.200."), "{addr}");
     let tools = d.ok(&[
         "vm",
         "exec",
