@@ -17,11 +17,35 @@ pub(crate) const NEXT_COOKIE: &str = "__Host-nook_next";
 /// Every cookie the edge owns starts with this; none of them reaches a VM.
 pub(crate) const NOOK_COOKIE_PREFIX: &str = "__Host-nook";
 
+/// A VM host sets `__Host-nook_s{STATE}` on the browser it sends to the dashboard to sign in,
+/// and accepts a handoff code only from a browser holding the cookie for the code's state. So
+/// nobody can sign a victim's browser into their own account on a VM host (login CSRF) by
+/// sending it a handoff link. One cookie per sign-in, so tabs signing in at once cannot
+/// overwrite each other's.
+const STATE_COOKIE_PREFIX: &str = "__Host-nook_s";
+pub(crate) const STATE_MAX_AGE: Duration = Duration::from_secs(600);
+
 /// A fresh random token (256 bits, hex).
 pub(crate) fn random_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     hex::encode(bytes)
+}
+
+/// A fresh sign-in state (128 bits, hex); it is part of a cookie's name, so it is kept short.
+pub(crate) fn random_state() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Whether `s` looks like a state from [`random_state`] (anything else is never stored).
+pub(crate) fn is_state(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+pub(crate) fn state_cookie_name(state: &str) -> String {
+    format!("{STATE_COOKIE_PREFIX}{state}")
 }
 
 /// Iterates over `name=value` pairs of every Cookie header (HTTP/2 may split them).
@@ -112,7 +136,15 @@ pub(crate) fn authorization_token(headers: &HeaderMap) -> Option<String> {
 struct Handoff {
     user_id: String,
     host: String,
+    /// The sign-in state of the browser the code was made for, when the dashboard knew it.
+    state: Option<String>,
     expires: Instant,
+}
+
+/// A redeemed handoff code.
+pub(crate) struct Redeemed {
+    pub user_id: String,
+    pub state: Option<String>,
 }
 
 /// One-time codes that carry a dashboard login to one VM host. They live only in memory:
@@ -133,7 +165,7 @@ impl Handoffs {
         }
     }
 
-    pub(crate) fn issue(&self, user_id: &str, host: &str) -> String {
+    pub(crate) fn issue(&self, user_id: &str, host: &str, state: Option<&str>) -> String {
         let code = random_token();
         let now = Instant::now();
         let mut codes = self.codes.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,6 +178,7 @@ impl Handoffs {
                 Handoff {
                     user_id: user_id.to_string(),
                     host: host.to_string(),
+                    state: state.map(str::to_string),
                     expires: now + self.ttl,
                 },
             );
@@ -153,15 +186,18 @@ impl Handoffs {
         code
     }
 
-    /// Consumes `code` (even when it turns out to be for another host) and returns its user if
-    /// it is live and meant for `host`.
-    pub(crate) fn redeem(&self, code: &str, host: &str) -> Option<String> {
+    /// Consumes `code` (even when it turns out to be for another host) and returns it if it is
+    /// live and meant for `host`.
+    pub(crate) fn redeem(&self, code: &str, host: &str) -> Option<Redeemed> {
         let h = self
             .codes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(code)?;
-        (h.expires > Instant::now() && h.host == host).then_some(h.user_id)
+        (h.expires > Instant::now() && h.host == host).then_some(Redeemed {
+            user_id: h.user_id,
+            state: h.state,
+        })
     }
 }
 
@@ -207,12 +243,22 @@ mod tests {
     #[test]
     fn handoff_is_single_use_and_host_bound() {
         let h = Handoffs::new(Duration::from_secs(60));
-        let c = h.issue("u1", "a.nook.localhost");
-        assert_eq!(h.redeem(&c, "b.nook.localhost"), None);
-        assert_eq!(h.redeem(&c, "a.nook.localhost"), None);
-        let c = h.issue("u1", "a.nook.localhost");
-        assert_eq!(h.redeem(&c, "a.nook.localhost").as_deref(), Some("u1"));
-        assert_eq!(h.redeem(&c, "a.nook.localhost"), None);
+        let c = h.issue("u1", "a.nook.localhost", None);
+        assert!(h.redeem(&c, "b.nook.localhost").is_none());
+        assert!(h.redeem(&c, "a.nook.localhost").is_none());
+        let c = h.issue("u1", "a.nook.localhost", Some("s1"));
+        let r = h.redeem(&c, "a.nook.localhost").unwrap();
+        assert_eq!((r.user_id.as_str(), r.state.as_deref()), ("u1", Some("s1")));
+        assert!(h.redeem(&c, "a.nook.localhost").is_none());
+    }
+
+    #[test]
+    fn states_are_short_hex() {
+        let s = random_state();
+        assert!(is_state(&s));
+        assert!(!is_state("x"));
+        assert!(!is_state(&"g".repeat(32)));
+        assert!(set_cookie(&state_cookie_name(&s), "1", STATE_MAX_AGE).is_some());
     }
 
     #[test]

@@ -139,7 +139,7 @@ Ask for a new one.</p><p><a href=\"/\">Back to login</a></p>"
             ),
             Page::HandoffInvalid => (
                 "Sign-in expired".into(),
-                "<h1>Sign-in did not complete</h1><p>The sign-in step expired or was already used. Reload the page you wanted to open.</p>"
+                "<h1>Sign-in did not complete</h1><p>The sign-in step expired, was already used, or was started in another browser. Open the page you wanted again.</p>"
                     .into(),
             ),
             Page::Internal => (

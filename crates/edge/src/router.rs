@@ -219,25 +219,40 @@ impl<B: EdgeBackend> Inner<B> {
 
     /// `/__nook/login?token=T[&next=URL]` redeems a login link; without a token it either
     /// continues to `next` (already signed in) or shows the login page and remembers `next`.
+    ///
+    /// A VM host sends browsers here with the sign-in `state` it set on them (see
+    /// [`auth::random_state`]); the handoff code is bound to it. While the user signs in out of
+    /// band, `next` and the state wait in a cookie as `STATE.NEXT`.
     async fn login(&self, req: Request<Incoming>, host: &HostName) -> Result<Resp, Failure> {
-        let next = query_param(&req, "next").or_else(|| {
-            auth::cookie(req.headers(), NEXT_COOKIE).map(|c| {
-                percent_encoding::percent_decode_str(c)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            })
+        let remembered = auth::cookie(req.headers(), NEXT_COOKIE).map(|c| {
+            let (state, next) = match c.split_once('.') {
+                Some((s, n)) if auth::is_state(s) => (Some(s.to_string()), n),
+                _ => (None, c),
+            };
+            let next = percent_encoding::percent_decode_str(next)
+                .decode_utf8_lossy()
+                .into_owned();
+            (state, next)
         });
+        let (next, state) = match query_param(&req, "next") {
+            Some(next) => (Some(next), query_param(&req, "state")),
+            None => match remembered {
+                Some((state, next)) => (Some(next), state),
+                None => (None, None),
+            },
+        };
+        let state = state.filter(|s| auth::is_state(s));
         if let Some(token) = query_param(&req, "token") {
             let Some(user) = self.backend.redeem_login_token(&token).await? else {
                 return Err(Failure::Page(Page::LoginLinkInvalid));
             };
             let cookie = self.new_session_cookie(&user.id, &host.name).await?;
-            let resp = self.continue_to(next.as_deref(), &user);
+            let resp = self.continue_to(next.as_deref(), state.as_deref(), &user);
             let resp = self.with_cookie(resp, cookie);
             return Ok(self.with_cookie(resp, auth::clear_cookie(NEXT_COOKIE)));
         }
         if let Some(user) = self.session_user(&req, &host.name).await? {
-            return Ok(self.continue_to(next.as_deref(), &user));
+            return Ok(self.continue_to(next.as_deref(), state.as_deref(), &user));
         }
         let next = next.filter(|n| vm_next(n, &self.config.domain).is_some());
         let resp = pages::login_page(
@@ -245,9 +260,12 @@ impl<B: EdgeBackend> Inner<B> {
             self.mailer.is_some(),
             next.as_deref(),
         );
+        let remember = next.map(|n| match &state {
+            Some(s) => format!("{s}.{}", enc(&n)),
+            None => enc(&n),
+        });
         Ok(
-            match next
-                .and_then(|n| auth::set_cookie(NEXT_COOKIE, &enc(&n), Duration::from_secs(900)))
+            match remember.and_then(|r| auth::set_cookie(NEXT_COOKIE, &r, Duration::from_secs(900)))
             {
                 Some(c) => self.with_cookie(resp, c),
                 None => resp,
@@ -257,10 +275,10 @@ impl<B: EdgeBackend> Inner<B> {
 
     /// Sends a signed-in user on to `next`: through a handoff when it is a VM URL (each VM host
     /// gets its own cookie), else to the dashboard.
-    fn continue_to(&self, next: Option<&str>, user: &User) -> Resp {
+    fn continue_to(&self, next: Option<&str>, state: Option<&str>, user: &User) -> Resp {
         match next.and_then(|n| vm_next(n, &self.config.domain)) {
             Some((authority, vm_host, path)) => {
-                let code = self.handoffs.issue(&user.id, &vm_host);
+                let code = self.handoffs.issue(&user.id, &vm_host, state);
                 redirect(&format!(
                     "https://{authority}/__nook/handoff?code={code}&next={}",
                     enc(&path)
@@ -315,12 +333,23 @@ impl<B: EdgeBackend> Inner<B> {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
+        self.sign_in_redirect(authority, pq)
+    }
+
+    /// Sends the browser to sign in on the dashboard and come back to `pq` on this VM host,
+    /// marking it with a fresh sign-in state that the handoff will ask for.
+    fn sign_in_redirect(&self, authority: &str, pq: &str) -> Resp {
         let here = format!("https://{authority}{pq}");
-        redirect(&format!(
-            "{}/__nook/login?next={}",
+        let state = auth::random_state();
+        let resp = redirect(&format!(
+            "{}/__nook/login?next={}&state={state}",
             self.dashboard_origin(),
             enc(&here)
-        ))
+        ));
+        match auth::set_cookie(&auth::state_cookie_name(&state), "1", auth::STATE_MAX_AGE) {
+            Some(c) => self.with_cookie(resp, c),
+            None => resp,
+        }
     }
 
     async fn vm(
@@ -337,7 +366,7 @@ impl<B: EdgeBackend> Inner<B> {
         let path = req.uri().path();
         if let Some(reserved) = path.strip_prefix("/__nook/") {
             return match reserved {
-                "handoff" => self.handoff(&req, host).await,
+                "handoff" => self.handoff(&req, host, &authority).await,
                 "logout" => {
                     if let Some(secret) = auth::cookie(req.headers(), SESSION_COOKIE) {
                         self.backend.end_session(&host.name, secret).await?;
@@ -447,14 +476,33 @@ impl<B: EdgeBackend> Inner<B> {
         Page::Unauthorized.response()
     }
 
-    async fn handoff(&self, req: &Request<Incoming>, host: &HostName) -> Result<Resp, Failure> {
+    /// Redeems a handoff code from the dashboard, but only in the browser it was made for.
+    async fn handoff(
+        &self,
+        req: &Request<Incoming>,
+        host: &HostName,
+        authority: &str,
+    ) -> Result<Resp, Failure> {
         let code = query_param(req, "code").unwrap_or_default();
-        let Some(user_id) = self.handoffs.redeem(&code, &host.name) else {
+        let Some(redeemed) = self.handoffs.redeem(&code, &host.name) else {
             return Err(Failure::Page(Page::HandoffInvalid));
         };
-        let cookie = self.new_session_cookie(&user_id, &host.name).await?;
         let next = query_param(req, "next");
-        Ok(self.with_cookie(redirect(safe_path(next.as_deref())), cookie))
+        let next = safe_path(next.as_deref());
+        let Some(state) = redeemed.state else {
+            // Signed in out of band (a link opened elsewhere, say): this browser never started
+            // a sign-in here, so it goes round once more and comes back with its own state.
+            return Ok(self.sign_in_redirect(authority, next));
+        };
+        let state_cookie = auth::state_cookie_name(&state);
+        if auth::cookie(req.headers(), &state_cookie).is_none() {
+            return Err(Failure::Page(Page::HandoffInvalid));
+        }
+        let cookie = self
+            .new_session_cookie(&redeemed.user_id, &host.name)
+            .await?;
+        let resp = self.with_cookie(redirect(next), cookie);
+        Ok(self.with_cookie(resp, auth::clear_cookie(&state_cookie)))
     }
 }
 

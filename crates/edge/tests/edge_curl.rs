@@ -33,11 +33,20 @@ async fn anonymous_visitor_logs_in_with_link_and_returns_to_vm() {
         .await;
     assert_eq!(r.status, 302);
     let want = format!(
-        "https://nook.localhost:{}/__nook/login?next={}",
+        "https://nook.localhost:{}/__nook/login?next={}&state=",
         h.port,
         enc(&format!("https://blog.nook.localhost:{}/post?id=7", h.port))
     );
-    assert_eq!(r.header("location"), Some(want.as_str()));
+    let location = r.header("location").unwrap();
+    assert!(location.starts_with(&want), "{location}");
+    // The browser is marked with the sign-in's state, which the handoff will ask for.
+    let state = &location[want.len()..];
+    assert_eq!(state.len(), 32, "{location}");
+    assert!(
+        r.set_cookie(&format!("__Host-nook_s{state}")).is_some(),
+        "{r:?}"
+    );
+    let want = location.to_string();
     // Non-browser clients get a 401 with a basic-auth challenge instead.
     let r = h.curl().get(&h.url("blog.nook.localhost", "/")).await;
     assert_eq!(r.status, 401);
@@ -125,13 +134,14 @@ async fn anonymous_visitor_logs_in_with_link_and_returns_to_vm() {
 
     // The same flow in one go, as a browser following redirects (curl -L with a fresh jar).
     let jar2 = tempfile::NamedTempFile::new().unwrap();
-    let _ = h
+    let r = h
         .curl()
         .html()
         .jar(jar2.path())
         .get(&h.url("blog.nook.localhost", "/x"))
         .await;
-    let _ = h.curl().html().jar(jar2.path()).get(&want).await;
+    let login = r.header("location").unwrap();
+    let _ = h.curl().html().jar(jar2.path()).get(login).await;
     let token = h.backend.login_token("u1");
     let r = h
         .curl()
@@ -1059,5 +1069,73 @@ async fn local_ca_is_name_constrained_and_private() {
     assert!(
         san.contains("DNS:nook.localhost") && san.contains("DNS:*.nook.localhost"),
         "{san}"
+    );
+}
+
+/// A handoff link works only in the browser that started the sign-in, so nobody can sign a
+/// victim's browser into their own account on a VM host by sending them a link (login CSRF).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_link_signs_in_only_the_browser_that_asked() {
+    let h = Harness::start().await;
+    let up = start_upstream().await;
+    h.backend.add_user("u1", "ann@example.com");
+    h.backend.add_user("u2", "mallory@example.com");
+    h.backend.add_vm("blog", up, false);
+    h.backend.grant("u1", "blog", Access::Owner);
+    h.backend.grant("u2", "blog", Access::Viewer);
+    let blog = h.url("blog.nook.localhost", "/");
+
+    // Mallory starts a sign-in in her browser and stops at the handoff link.
+    let mallory = tempfile::NamedTempFile::new().unwrap();
+    let r = h.curl().html().jar(mallory.path()).get(&blog).await;
+    let login = r.header("location").unwrap().to_string();
+    let m_dash = h.backend.session_for("u2", "nook.localhost");
+    let r = h.curl().session(&m_dash).get(&login).await;
+    assert_eq!(r.status, 302, "{r:?}");
+    let bound = r.header("location").unwrap().to_string();
+    assert!(bound.contains("/__nook/handoff?code="), "{bound}");
+
+    // Ann's browser, already signed in to the dashboard, is made to open it: refused, and no
+    // session for Mallory's account is set.
+    let ann = tempfile::NamedTempFile::new().unwrap();
+    let token = h.backend.login_token("u1");
+    let r = h
+        .curl()
+        .jar(ann.path())
+        .get(&h.url("nook.localhost", &format!("/__nook/login?token={token}")))
+        .await;
+    assert_eq!(r.status, 302, "{r:?}");
+    let r = h.curl().jar(ann.path()).get(&bound).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.set_cookie("__Host-nook_session").is_none(), "{r:?}");
+
+    // A code made without a browser's state (asked for straight from the dashboard) sends
+    // whoever opens it round to sign in as themselves.
+    let r = h
+        .curl()
+        .session(&m_dash)
+        .get(&h.url(
+            "nook.localhost",
+            &format!("/__nook/login?next={}", enc(&blog)),
+        ))
+        .await;
+    let unbound = r.header("location").unwrap().to_string();
+    let r = h.curl().jar(ann.path()).arg("-L").get(&unbound).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.upstream_header("x-nook-user-email").as_deref(),
+        Some("ann@example.com")
+    );
+
+    // In the browser that asked, the same steps sign in (the first code was used up above).
+    let r = h.curl().html().jar(mallory.path()).get(&blog).await;
+    let login = r.header("location").unwrap().to_string();
+    let r = h.curl().session(&m_dash).get(&login).await;
+    let bound = r.header("location").unwrap().to_string();
+    let r = h.curl().jar(mallory.path()).arg("-L").get(&bound).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.upstream_header("x-nook-user-email").as_deref(),
+        Some("mallory@example.com")
     );
 }
