@@ -22,6 +22,7 @@ mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -54,6 +55,10 @@ pub struct EdgeConfig {
     pub handshake_timeout: Duration,
     /// Time allowed for a client to send a request's headers (slowloris defence).
     pub header_read_timeout: Duration,
+    /// A connection on which no request has started for this long is closed gracefully
+    /// (requests in flight, such as a long SSE stream, finish first). HTTP/2 clients that hold
+    /// connections open forever would otherwise pin memory and descriptors.
+    pub idle_timeout: Duration,
     /// Largest request head accepted; larger ones get 431 (HTTP/1.1) or a reset (HTTP/2).
     pub max_header_bytes: usize,
     pub upstream_connect_timeout: Duration,
@@ -75,6 +80,7 @@ impl Default for EdgeConfig {
             ssh_login_hint: "ssh -p 2222 nook.localhost browser".into(),
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
             max_header_bytes: 32 * 1024,
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_response_timeout: Duration::from_secs(60),
@@ -326,16 +332,41 @@ impl<B: EdgeBackend> Inner<B> {
                 }
             };
         let inner = self.clone();
+        let opened = tokio::time::Instant::now();
+        // Milliseconds from `opened` to the start of the latest request.
+        let last_request = Arc::new(AtomicU64::new(0));
+        let mark = last_request.clone();
         let service = service_fn(move |req| {
             let inner = inner.clone();
+            mark.store(millis_since(opened), Ordering::Relaxed);
             async move { Ok::<_, std::convert::Infallible>(inner.handle(req, conn).await) }
         });
-        if let Err(e) = self
+        let served = self
             .server
-            .serve_connection_with_upgrades(TokioIo::new(tls), service)
-            .await
-        {
+            .serve_connection_with_upgrades(TokioIo::new(tls), service);
+        tokio::pin!(served);
+        let idle = self.config.idle_timeout;
+        let result = loop {
+            let idle_at =
+                opened + Duration::from_millis(last_request.load(Ordering::Relaxed)) + idle;
+            tokio::select! {
+                result = served.as_mut() => break result,
+                () = tokio::time::sleep_until(idle_at) => {
+                    let quiet = millis_since(opened)
+                        .saturating_sub(last_request.load(Ordering::Relaxed));
+                    if Duration::from_millis(quiet) >= idle {
+                        served.as_mut().graceful_shutdown();
+                        break served.await;
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
         }
     }
+}
+
+fn millis_since(t: tokio::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
 }

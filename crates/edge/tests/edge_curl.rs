@@ -1139,3 +1139,70 @@ async fn a_handoff_link_signs_in_only_the_browser_that_asked() {
         Some("mallory@example.com")
     );
 }
+
+/// A connection stays open while it is used, and is closed once no request has started on it
+/// for the idle timeout, over HTTP/1.1 and HTTP/2 alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed() {
+    let h = Harness::start_with(|c| c.idle_timeout = Duration::from_secs(1)).await;
+    let up = start_upstream().await;
+    h.backend.add_vm("pub", up, true);
+
+    // HTTP/1.1: requests every 400 ms for 3 s on one connection, then silence.
+    let mut tls = h.tls_connect("pub.nook.localhost").await;
+    for _ in 0..8 {
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: pub.nook.localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed while in use");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 200"), "{text}");
+        let (headers, body) = text.split_once("\r\n\r\n").unwrap();
+        let length: usize = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut have = body.len();
+        while have < length {
+            have += tls.read(&mut buf).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle HTTP/1.1 connection was kept open: {end:?}"
+    );
+
+    // HTTP/2: the edge sends GOAWAY and closes.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("pub.nook.localhost").unwrap();
+    let tls = h.tls_connector(&[b"h2"]).connect(name, tcp).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = hyper::Request::get("https://pub.nook.localhost/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
+}
