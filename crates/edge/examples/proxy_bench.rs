@@ -28,6 +28,10 @@ use nook_edge::{
     VmTarget,
 };
 
+/// The same allocator as the `nook` binary that runs the edge.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BoxError = Box<dyn Error + Send + Sync>;
 
 const BODY_BYTES: usize = 1024;

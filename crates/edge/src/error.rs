@@ -40,7 +40,7 @@ impl BackendError {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
     #[error("Upstream unreachable")]
-    Unreachable(#[source] hyper_util::client::legacy::Error),
+    Unreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("Upstream timed out")]
     Timeout,
     #[error("Upstream switched protocols unasked")]

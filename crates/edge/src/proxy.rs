@@ -1,18 +1,17 @@
 //! Forwarding one request to a VM over HTTP/1.1 and streaming the answer back, including
 //! protocol upgrades (WebSocket and anything else that answers 101).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::auth;
 use crate::backend::User;
@@ -25,15 +24,70 @@ pub(crate) struct Upstream {
     response_timeout: Duration,
 }
 
-type UpstreamClient = Client<HttpConnector, Incoming>;
-
 static NEXT_UPSTREAM_ID: AtomicUsize = AtomicUsize::new(0);
 
+/// A pooled connection unused for this long is closed.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Connections kept per upstream address and thread.
+const POOL_MAX_PER_TARGET: usize = 64;
+/// Every this many check-ins, the whole pool is swept of closed and idle connections (so
+/// stopped VMs leave nothing behind).
+const POOL_SWEEP_EVERY: u32 = 1024;
+
+struct Pooled {
+    sender: http1::SendRequest<Incoming>,
+    returned: Instant,
+}
+
+type PoolKey = (usize, SocketAddr);
+
 thread_local! {
-    /// One connection pool per thread (and per edge): a pooled connection's task runs on the
-    /// thread that opened it, so a request and its upstream connection rarely wake each other
-    /// across threads. Measured with examples/proxy_bench: cross-thread wake-ups dominated.
-    static CLIENTS: RefCell<HashMap<usize, UpstreamClient>> = RefCell::new(HashMap::new());
+    /// One pool of HTTP/1.1 connections per thread (and per edge): a connection's task runs on
+    /// the thread that opened it, so a request and its upstream connection never wake each
+    /// other across threads (examples/proxy_bench: cross-thread wake-ups dominated). A
+    /// connection is put back as soon as its response head arrives; it is taken again only
+    /// once it is ready, that is once that response's body has been read.
+    static POOL: RefCell<HashMap<PoolKey, Vec<Pooled>>> = RefCell::new(HashMap::new());
+    static CHECKINS: Cell<u32> = const { Cell::new(0) };
+}
+
+fn usable(c: &Pooled, now: Instant) -> bool {
+    !c.sender.is_closed() && now.saturating_duration_since(c.returned) < POOL_IDLE
+}
+
+fn checkout(key: PoolKey) -> Option<http1::SendRequest<Incoming>> {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let conns = pool.get_mut(&key)?;
+        let now = Instant::now();
+        conns.retain(|c| usable(c, now));
+        // The most recently returned first: its socket is the warmest.
+        let i = conns.iter().rposition(|c| c.sender.is_ready())?;
+        Some(conns.swap_remove(i).sender)
+    })
+}
+
+fn checkin(key: PoolKey, sender: http1::SendRequest<Incoming>) {
+    let now = Instant::now();
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let conns = pool.entry(key).or_default();
+        if conns.len() >= POOL_MAX_PER_TARGET {
+            conns.remove(0);
+        }
+        conns.push(Pooled {
+            sender,
+            returned: now,
+        });
+        let n = CHECKINS.get().wrapping_add(1);
+        CHECKINS.set(n);
+        if n.is_multiple_of(POOL_SWEEP_EVERY) {
+            pool.retain(|_, conns| {
+                conns.retain(|c| usable(c, now));
+                !conns.is_empty()
+            });
+        }
+    });
 }
 
 /// Who is asking, as the VM will be told.
@@ -67,6 +121,14 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Removes hop-by-hop headers, including those the Connection header names. Returns the
 /// Upgrade value when the message asks for (or agrees to) a protocol switch.
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // Most messages carry none of them: one pass over the names instead of a hash lookup
+    // per name (this runs twice per proxied request).
+    if !headers
+        .keys()
+        .any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k))
+    {
+        return None;
+    }
     let upgrade = headers.remove(header::UPGRADE);
     let mut upgrade_requested = false;
     let listed: Vec<HeaderName> = headers
@@ -93,17 +155,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
 
 /// Clients cannot forge identity or forwarding headers: drop every copy they sent.
 fn strip_forgeable(headers: &mut HeaderMap) {
-    let forged: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            let k = k.as_str();
-            k.starts_with("x-nook-")
-                || k.starts_with("x-forwarded-")
-                || k == "forwarded"
-                || k == "x-real-ip"
-        })
-        .cloned()
-        .collect();
+    let forgeable = |k: &HeaderName| {
+        let k = k.as_str();
+        k.starts_with("x-nook-")
+            || k.starts_with("x-forwarded-")
+            || k == "forwarded"
+            || k == "x-real-ip"
+    };
+    if !headers.keys().any(forgeable) {
+        return;
+    }
+    let forged: Vec<HeaderName> = headers.keys().filter(|k| forgeable(k)).cloned().collect();
     for name in forged {
         headers.remove(name);
     }
@@ -118,13 +180,63 @@ impl Upstream {
         }
     }
 
-    fn client(&self) -> UpstreamClient {
-        CLIENTS.with(|c| {
-            c.borrow_mut()
-                .entry(self.id)
-                .or_insert_with(|| build_client(self.connect_timeout))
-                .clone()
-        })
+    async fn connect(
+        &self,
+        target: SocketAddr,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        let tcp = match tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(target),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(UpstreamError::Unreachable(e.into())),
+            Err(_) => {
+                return Err(UpstreamError::Unreachable(
+                    std::io::Error::from(std::io::ErrorKind::TimedOut).into(),
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| UpstreamError::Unreachable(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` on a pooled connection to `target`, or a new one. A pooled connection the
+    /// VM closed meanwhile gives the request back unsent; it is then tried on the next one.
+    async fn send(
+        &self,
+        target: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = (self.id, target);
+        loop {
+            let (mut sender, pooled) = match checkout(key) {
+                Some(s) => (s, true),
+                None => (self.connect(target).await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        checkin(key, sender);
+                    }
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if pooled => req = unsent,
+                    _ => return Err(UpstreamError::Unreachable(e.into_error().into())),
+                },
+            }
+        }
     }
 
     pub(crate) async fn forward(
@@ -168,24 +280,21 @@ impl Upstream {
                 headers.insert(X_NOOK_USER_EMAIL, email);
             }
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = Uri::try_from(format!("http://{target}{path}"))
-            .unwrap_or_else(|_| Uri::from_static("/"));
+        // Origin form (`/path?query`): HTTP/2 requests arrive in absolute form.
+        let origin = parts.uri.path_and_query().cloned();
+        parts.uri = origin.map_or_else(|| Uri::from_static("/"), Uri::from);
         parts.version = Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        let mut resp =
-            match tokio::time::timeout(self.response_timeout, self.client().request(upstream_req))
-                .await
-            {
-                Err(_) => return Err(UpstreamError::Timeout),
-                Ok(Err(e)) => return Err(UpstreamError::Unreachable(e)),
-                Ok(Ok(resp)) => resp,
-            };
+        let mut resp = match tokio::time::timeout(
+            self.response_timeout,
+            self.send(target, upstream_req),
+        )
+        .await
+        {
+            Err(_) => return Err(UpstreamError::Timeout),
+            Ok(result) => result?,
+        };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -220,21 +329,6 @@ impl Upstream {
         strip_nook_set_cookies(&mut parts.headers);
         Ok(Response::from_parts(parts, EdgeBody::Upstream(body)))
     }
-}
-
-fn build_client(connect_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(64)
-        // Headers go to the VM exactly as the edge composed them.
-        .set_host(false)
-        .build(connector)
 }
 
 /// A VM may not set (and so overwrite or fixate) the edge's own session cookie on its host.

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1205,4 +1207,46 @@ async fn idle_connections_are_closed() {
     drop(resp);
     let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
     assert!(ended.is_ok(), "an idle HTTP/2 connection was kept open");
+}
+
+/// A VM that closes its idle keep-alive connections: the edge does not reuse a closed one,
+/// so the next request still gets through (no 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_idle_connections_is_not_an_error() {
+    let h = Harness::start().await;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(VM_IP, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut have = Vec::new();
+                while !have.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => have.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // Keep-alive was not refused, but the connection is dropped soon after.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            });
+        }
+    });
+    h.backend.add_vm("pub", port, true);
+    for _ in 0..3 {
+        let r = h.curl().get(&h.url("pub.nook.localhost", "/")).await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"), "{r:?}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
