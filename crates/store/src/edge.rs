@@ -73,6 +73,7 @@ impl Store {
     }
 
     pub async fn set_public(&self, vm_id: &str, public: bool) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query("UPDATE vms SET public = ? WHERE id = ?")
             .bind(public as i64)
             .bind(vm_id)
@@ -82,6 +83,7 @@ impl Store {
     }
 
     pub async fn set_http_port(&self, vm_id: &str, port: Option<u16>) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query("UPDATE vms SET http_port = ? WHERE id = ?")
             .bind(port.map(i64::from))
             .bind(vm_id)
@@ -108,6 +110,7 @@ impl Store {
 
     /// Shares with `email` (replacing an earlier role).
     pub async fn add_share(&self, vm_id: &str, email: &str, role: Role) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query(
             "INSERT INTO shares (vm_id, email, role, created_at) VALUES (?, ?, ?, ?) \
              ON CONFLICT(vm_id, email) DO UPDATE SET role = excluded.role",
@@ -132,6 +135,7 @@ impl Store {
 
     /// False when the VM was not shared with `email`.
     pub async fn remove_share(&self, vm_id: &str, email: &str) -> Result<bool, StoreError> {
+        let _changed = self.change();
         let done = sqlx::query("DELETE FROM shares WHERE vm_id = ? AND email = ?")
             .bind(vm_id)
             .bind(email)
@@ -169,6 +173,7 @@ impl Store {
 
     /// Makes a share link; returns its secret token (shown once).
     pub async fn add_share_link(&self, vm_id: &str) -> Result<String, StoreError> {
+        let _changed = self.change();
         let token = new_secret();
         sqlx::query(
             "INSERT INTO share_links (id, vm_id, token_hash, created_at) VALUES (?, ?, ?, ?)",
@@ -184,6 +189,7 @@ impl Store {
 
     /// Revokes a link and the access it gave; false when no such link exists for the VM.
     pub async fn remove_share_link(&self, vm_id: &str, token: &str) -> Result<bool, StoreError> {
+        let _changed = self.change();
         let done = sqlx::query("DELETE FROM share_links WHERE vm_id = ? AND token_hash = ?")
             .bind(vm_id)
             .bind(hash_secret(token))
@@ -207,6 +213,7 @@ impl Store {
         token: &str,
         account_id: &str,
     ) -> Result<bool, StoreError> {
+        let _changed = self.change();
         let Some(row) =
             sqlx::query("SELECT id FROM share_links WHERE vm_id = ? AND token_hash = ?")
                 .bind(vm_id)
@@ -232,6 +239,7 @@ impl Store {
         email: Option<&str>,
         ttl_secs: i64,
     ) -> Result<String, StoreError> {
+        let _changed = self.change();
         let token = new_secret();
         sqlx::query(
             "INSERT INTO login_tokens (token_hash, account_id, email, expires_at) VALUES (?, ?, ?, ?)",
@@ -248,6 +256,7 @@ impl Store {
     /// Uses up a login token: the account it logs in (made on the spot for an email login
     /// of someone without one), or None when it is unknown, used or expired.
     pub async fn redeem_login_token(&self, token: &str) -> Result<Option<Account>, StoreError> {
+        let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "DELETE FROM login_tokens WHERE token_hash = ? RETURNING account_id, email, expires_at",
@@ -309,6 +318,7 @@ impl Store {
         host: &str,
         ttl_secs: i64,
     ) -> Result<String, StoreError> {
+        let _changed = self.change();
         let secret = new_secret();
         sqlx::query(
             "INSERT INTO sessions (secret_hash, account_id, host, expires_at) VALUES (?, ?, ?, ?)",
@@ -337,6 +347,7 @@ impl Store {
     }
 
     pub async fn end_session(&self, secret: &str) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query("DELETE FROM sessions WHERE secret_hash = ?")
             .bind(hash_secret(secret))
             .execute(&self.pool)
@@ -350,6 +361,7 @@ impl Store {
         vm_id: &str,
         account_id: &str,
     ) -> Result<String, StoreError> {
+        let _changed = self.change();
         let token = format!("nook_{}", new_secret());
         sqlx::query(
             "INSERT INTO api_tokens (id, token_hash, vm_id, account_id, created_at) VALUES (?, ?, ?, ?, ?)",

@@ -10,6 +10,8 @@ pub use edge::{Role, Share, WebSettings, hash_secret, new_secret};
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nook_api::VmState;
 use sqlx::Row;
@@ -116,6 +118,18 @@ pub struct NewVm {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Changes whenever the data may have changed (see [`Store::generation`]).
+    generation: Arc<AtomicU64>,
+}
+
+/// Bumps the store's generation when dropped, so at the end of a writing method whatever its
+/// outcome, after its commit.
+struct Changed<'a>(&'a AtomicU64);
+
+impl Drop for Changed<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 fn now() -> String {
@@ -132,16 +146,43 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(std::time::Duration::from_secs(5));
+        let generation = Arc::new(AtomicU64::new(0));
+        let hooked = generation.clone();
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .after_connect(move |conn, _| {
+                let generation = hooked.clone();
+                Box::pin(async move {
+                    // Also bump on every commit, even one a writing method forgot to mark.
+                    conn.lock_handle().await?.set_commit_hook(move || {
+                        generation.fetch_add(1, Ordering::AcqRel);
+                        true
+                    });
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, generation })
+    }
+
+    /// A number that changes whenever the stored data may have changed: after every writing
+    /// method returns, and at every commit. A value read before a lookup and still current
+    /// after it vouches that the lookup's answer is current, which is what lets the edge keep
+    /// answers in memory and still see a revocation on the very next request. Valid within
+    /// this process, the only writer of its database.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn change(&self) -> Changed<'_> {
+        Changed(&self.generation)
     }
 
     /// Inserts a VM in state `creating`, giving it the lowest free network slot.
     pub async fn insert_vm(&self, vm: NewVm) -> Result<VmRecord, StoreError> {
+        let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         let taken = sqlx::query("SELECT 1 FROM vms WHERE name = ?")
             .bind(&vm.name)
@@ -227,6 +268,7 @@ impl Store {
         reason: Option<&str>,
         pid: Option<u32>,
     ) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query(
             "UPDATE vms SET state = ?, state_reason = ?, pid = ?, updated_at = ? WHERE id = ?",
         )
@@ -241,6 +283,7 @@ impl Store {
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query("DELETE FROM vms WHERE id = ?")
             .bind(id)
             .execute(&self.pool)
@@ -249,6 +292,7 @@ impl Store {
     }
 
     pub async fn rename(&self, id: &str, new_name: &str) -> Result<(), StoreError> {
+        let _changed = self.change();
         let done = sqlx::query("UPDATE vms SET name = ?, updated_at = ? WHERE id = ?")
             .bind(new_name)
             .bind(now())
@@ -270,6 +314,7 @@ impl Store {
         memory_mib: u32,
         disk_bytes: u64,
     ) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query(
             "UPDATE vms SET cpu = ?, memory_mib = ?, disk_bytes = ?, updated_at = ? WHERE id = ?",
         )
@@ -290,6 +335,7 @@ impl Store {
         email: &str,
         key: &SshKey,
     ) -> Result<Account, StoreError> {
+        let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         ensure_key_free(&mut tx, &key.fingerprint).await?;
         let at = now();
@@ -338,6 +384,7 @@ impl Store {
     }
 
     pub async fn add_key(&self, account_id: &str, key: &SshKey) -> Result<(), StoreError> {
+        let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         ensure_key_free(&mut tx, &key.fingerprint).await?;
         insert_key(&mut tx, account_id, key, &now()).await?;
@@ -364,6 +411,7 @@ impl Store {
     /// Removes a key of this account, refusing to remove its last one (it would lock the
     /// account out for good).
     pub async fn remove_key(&self, account_id: &str, fingerprint: &str) -> Result<(), StoreError> {
+        let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ssh_keys WHERE account_id = ?")
             .bind(account_id)
@@ -408,6 +456,7 @@ impl Store {
     }
 
     pub async fn set_plan(&self, account_id: &str, plan: &Plan) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query(
             "INSERT INTO plans (account_id, cpu, memory_mib, disk_bytes, max_vms, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT(account_id) DO UPDATE SET cpu = excluded.cpu, memory_mib = excluded.memory_mib, \
@@ -506,6 +555,31 @@ mod tests {
             memory_mib: 256,
             disk_bytes: 1 << 30,
         }
+    }
+
+    #[tokio::test]
+    async fn every_write_moves_the_generation_and_reads_do_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.sqlite"))
+            .await
+            .expect("open");
+        let a = store.insert_vm(vm("aa")).await.expect("aa");
+        let g = store.generation();
+        store.get("aa").await.expect("get");
+        store.web_settings(&a.id).await.expect("web");
+        assert_eq!(store.generation(), g, "a read moved the generation");
+        store.set_public(&a.id, true).await.expect("public");
+        let g2 = store.generation();
+        assert!(g2 > g);
+        store
+            .add_share(&a.id, "b@example.com", Role::Viewer)
+            .await
+            .expect("share");
+        let g3 = store.generation();
+        assert!(g3 > g2);
+        // A write that fails still counts: it may have changed something before failing.
+        assert!(store.insert_vm(vm("aa")).await.is_err());
+        assert!(store.generation() > g3);
     }
 
     #[tokio::test]
