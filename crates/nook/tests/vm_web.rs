@@ -370,6 +370,26 @@ fn vm_web_private_by_default_shared_like_a_doc() {
         "{text}"
     );
 
+    // `share port` moves the VM's main URL to another port, takes effect on the next request,
+    // and `default` moves it back; a bad port is a clear error.
+    d.exec(
+        "web",
+        "mkdir -p /www2 && echo from-8992 > /www2/index.html && httpd -p 8992 -h /www2",
+    );
+    d.lobby_ok(&alice, &["share", "port", "web", "8992"]);
+    let (code, body) = web.browse(Some(&alice_jar), &web.url(Some("web"), "/"));
+    assert_eq!((code, body.trim()), (200, "from-8992"), "{body}");
+    d.lobby_ok(&alice, &["share", "port", "web", "default"]);
+    let (code, body) = web.browse(Some(&alice_jar), &web.url(Some("web"), "/"));
+    assert_eq!((code, body.trim()), (200, "hello-from-web"), "{body}");
+    let out = d.ssh(&alice, "lobby", &["share", "port", "web", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a port"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A machine token: Bearer, basic-auth password, and the real git client.
     let tok: serde_json::Value =
         serde_json::from_str(&d.lobby_ok(&alice, &["token", "create", "--vm", "web", "--json"]))
