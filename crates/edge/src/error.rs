@@ -45,4 +45,6 @@ pub(crate) enum UpstreamError {
     Timeout,
     #[error("Upstream switched protocols unasked")]
     UnexpectedUpgrade,
+    #[error("Upstream did not accept the WebSocket")]
+    WebSocketRefused,
 }

@@ -154,6 +154,8 @@ impl<B: EdgeBackend> Edge<B> {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(config.max_header_bytes as u32)
+            // WebSockets over HTTP/2 (RFC 8441), so browsers need no second connection.
+            .enable_connect_protocol()
             .keep_alive_interval(Some(Duration::from_secs(30)));
         Ok(Self {
             inner: Arc::new(Inner {

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -153,6 +154,35 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     if upgrade_requested { upgrade } else { None }
 }
 
+/// An HTTP/2 extended CONNECT for a WebSocket (RFC 8441).
+pub(crate) fn is_websocket_connect<B>(req: &Request<B>) -> bool {
+    req.method() == hyper::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// Turns an HTTP/2 WebSocket CONNECT into the HTTP/1.1 upgrade request VMs understand: a GET
+/// asking to upgrade, with the key HTTP/2 does without.
+fn websocket_connect_to_upgrade(parts: &mut hyper::http::request::Parts) -> HeaderValue {
+    use base64::Engine;
+    use rand::RngCore;
+    let websocket = HeaderValue::from_static("websocket");
+    parts.method = hyper::Method::GET;
+    let mut key = [0u8; 16];
+    rand::rng().fill_bytes(&mut key);
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    if let Ok(key) = HeaderValue::from_str(&key) {
+        parts.headers.insert(header::SEC_WEBSOCKET_KEY, key);
+    }
+    parts
+        .headers
+        .entry(header::SEC_WEBSOCKET_VERSION)
+        .or_insert(HeaderValue::from_static("13"));
+    websocket
+}
+
 /// Clients cannot forge identity or forwarding headers: drop every copy they sent.
 fn strip_forgeable(headers: &mut HeaderMap) {
     let forgeable = |k: &HeaderName| {
@@ -245,13 +275,17 @@ impl Upstream {
         target: SocketAddr,
         fwd: Forward<'_>,
     ) -> Result<Response<EdgeBody>, UpstreamError> {
-        let client_upgrade = (req.version() == Version::HTTP_11
-            && req.headers().contains_key(header::UPGRADE))
+        let websocket_connect = is_websocket_connect(&req);
+        let client_upgrade = (websocket_connect
+            || (req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)))
         .then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts.extensions = Default::default();
+        let mut upgrade = strip_hop_by_hop(&mut parts.headers);
+        if websocket_connect {
+            upgrade = Some(websocket_connect_to_upgrade(&mut parts));
+        }
         let headers = &mut parts.headers;
-        let upgrade = strip_hop_by_hop(headers);
         strip_forgeable(headers);
         auth::strip_nook_cookies(headers);
         if fwd.strip_authorization {
@@ -315,6 +349,13 @@ impl Upstream {
             });
             let (mut parts, body) = resp.into_parts();
             let up = strip_hop_by_hop(&mut parts.headers);
+            strip_nook_set_cookies(&mut parts.headers);
+            if websocket_connect {
+                // HTTP/2 accepts the tunnel with a 200 and no key proof (RFC 8441).
+                parts.status = StatusCode::OK;
+                parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+                return Ok(Response::from_parts(parts, EdgeBody::from(Bytes::new())));
+            }
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -322,6 +363,10 @@ impl Upstream {
                 parts.headers.insert(header::UPGRADE, up);
             }
             return Ok(Response::from_parts(parts, EdgeBody::Upstream(body)));
+        }
+        if websocket_connect && resp.status().is_success() {
+            // A success without the switch would open a tunnel to nothing.
+            return Err(UpstreamError::WebSocketRefused);
         }
 
         let (mut parts, body) = resp.into_parts();

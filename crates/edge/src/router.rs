@@ -116,8 +116,9 @@ impl<B: EdgeBackend> Inner<B> {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string)
             });
-        // The edge is not a forward proxy: no tunnels to arbitrary places.
-        if req.method() == Method::CONNECT {
+        // The edge is not a forward proxy: no tunnels to arbitrary places. The one CONNECT it
+        // takes is HTTP/2's WebSocket (RFC 8441), which it proxies as an HTTP/1.1 upgrade.
+        if req.method() == Method::CONNECT && !crate::proxy::is_websocket_connect(&req) {
             return Page::MethodNotAllowed.response();
         }
         let Some(host) = raw_host.as_deref().and_then(host::parse_host) else {
@@ -444,7 +445,11 @@ impl<B: EdgeBackend> Inner<B> {
                 name: vm.name,
                 port: vm_port,
             })),
-            Err(e @ (UpstreamError::Unreachable(_) | UpstreamError::UnexpectedUpgrade)) => {
+            Err(
+                e @ (UpstreamError::Unreachable(_)
+                | UpstreamError::UnexpectedUpgrade
+                | UpstreamError::WebSocketRefused),
+            ) => {
                 tracing::debug!(vm = %vm.name, port = vm_port, error = %e, source = ?std::error::Error::source(&e), "upstream failed");
                 Err(Failure::Page(Page::VmUnreachable {
                     name: vm.name,

@@ -1250,3 +1250,78 @@ async fn upstream_closing_idle_connections_is_not_an_error() {
     }
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+/// A WebSocket over HTTP/2 (RFC 8441, as browsers send it when the server allows): the edge
+/// takes the extended CONNECT and talks the HTTP/1.1 upgrade to the VM; messages echo both
+/// ways. Without a session it never reaches the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_http2_echoes_through_the_proxy() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let h = Harness::start().await;
+    let ws_port = start_ws_upstream().await;
+    h.backend.add_user("u1", "ann@example.com");
+    h.backend.add_vm("ws", ws_port, false);
+    h.backend.grant("u1", "ws", Access::Owner);
+    let s = h.backend.session_for("u1", "ws.nook.localhost");
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("ws.nook.localhost").unwrap();
+    let tls = h.tls_connector(&[b"h2"]).connect(name, tcp).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let connect = |cookie: Option<&str>| {
+        let mut req = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(format!("https://ws.nook.localhost:{}/socket", h.port))
+            .header("sec-websocket-version", "13");
+        if let Some(c) = cookie {
+            req = req.header("cookie", format!("__Host-nook_session={c}"));
+        }
+        let mut req = req
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        req
+    };
+    // The server's SETTINGS (which allow extended CONNECT) arrive with the first exchange.
+    send.ready().await.unwrap();
+    let warm = hyper::Request::get(format!("https://ws.nook.localhost:{}/", h.port))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let _ = send.send_request(warm).await.unwrap();
+
+    let refused = send.send_request(connect(None)).await.unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let resp = send.send_request(connect(Some(&s))).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        Role::Client,
+        None,
+    )
+    .await;
+    for i in 0..3 {
+        ws.send(Message::text(format!("over h2 {i}")))
+            .await
+            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("over h2 {i}"));
+    }
+    ws.close(None).await.unwrap();
+}
