@@ -72,6 +72,9 @@ pub(crate) enum Page {
     Unauthorized,
     /// A login link that is unknown, used or expired.
     LoginLinkInvalid,
+    /// A login link for another account, opened where someone is signed in: never a silent
+    /// switch of account (someone may have sent it to sign the viewer in as themselves).
+    LoginLinkForAnotherAccount { signed_in: String, link_for: String },
     /// A handoff code that is unknown, used, expired or meant for another host.
     HandoffInvalid,
     /// The daemon's store failed.
@@ -93,6 +96,7 @@ impl Page {
             Page::LoginLinkInvalid | Page::HandoffInvalid | Page::BadPort => {
                 StatusCode::BAD_REQUEST
             }
+            Page::LoginLinkForAnotherAccount { .. } => StatusCode::CONFLICT,
             Page::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Page::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -136,6 +140,17 @@ Is it running, and is a server listening on port {port}?</p>",
                 "<h1>This login link is not valid</h1><p>Login links work once and expire after a few minutes. \
 Ask for a new one.</p><p><a href=\"/\">Back to login</a></p>"
                     .into(),
+            ),
+            Page::LoginLinkForAnotherAccount {
+                signed_in,
+                link_for,
+            } => (
+                "Already signed in".into(),
+                format!(
+                    "<h1>You are signed in as {}</h1><p>This login link is for <code>{}</code>, so it was not used. If you meant to switch accounts, <a href=\"/__nook/logout\">sign out</a> first and ask for a new link; if you did not ask for it, ignore it.</p>",
+                    escape(signed_in),
+                    escape(link_for)
+                ),
             ),
             Page::HandoffInvalid => (
                 "Sign-in expired".into(),

@@ -31,9 +31,9 @@ static NEXT_UPSTREAM_ID: AtomicUsize = AtomicUsize::new(0);
 const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Connections kept per upstream address and thread.
 const POOL_MAX_PER_TARGET: usize = 64;
-/// Every this many check-ins, the whole pool is swept of closed and idle connections (so
-/// stopped VMs leave nothing behind).
-const POOL_SWEEP_EVERY: u32 = 1024;
+/// How often (at a check-in) the whole pool is swept of closed and idle connections, so idle
+/// ones are closed and stopped VMs leave nothing behind.
+const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 struct Pooled {
     sender: http1::SendRequest<Incoming>,
@@ -49,7 +49,7 @@ thread_local! {
     /// connection is put back as soon as its response head arrives; it is taken again only
     /// once it is ready, that is once that response's body has been read.
     static POOL: RefCell<HashMap<PoolKey, Vec<Pooled>>> = RefCell::new(HashMap::new());
-    static CHECKINS: Cell<u32> = const { Cell::new(0) };
+    static LAST_SWEEP: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 fn usable(c: &Pooled, now: Instant) -> bool {
@@ -80,9 +80,11 @@ fn checkin(key: PoolKey, sender: http1::SendRequest<Incoming>) {
             sender,
             returned: now,
         });
-        let n = CHECKINS.get().wrapping_add(1);
-        CHECKINS.set(n);
-        if n.is_multiple_of(POOL_SWEEP_EVERY) {
+        let due = LAST_SWEEP
+            .get()
+            .is_none_or(|at| now.saturating_duration_since(at) >= POOL_SWEEP_EVERY);
+        if due {
+            LAST_SWEEP.set(Some(now));
             pool.retain(|_, conns| {
                 conns.retain(|c| usable(c, now));
                 !conns.is_empty()

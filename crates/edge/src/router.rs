@@ -244,9 +244,16 @@ impl<B: EdgeBackend> Inner<B> {
         };
         let state = state.filter(|s| auth::is_state(s));
         if let Some(token) = query_param(&req, "token") {
+            let current = self.session_user(&req, &host.name).await?;
             let Some(user) = self.backend.redeem_login_token(&token).await? else {
                 return Err(Failure::Page(Page::LoginLinkInvalid));
             };
+            if let Some(current) = current.filter(|c| c.id != user.id) {
+                return Err(Failure::Page(Page::LoginLinkForAnotherAccount {
+                    signed_in: current.email,
+                    link_for: user.email,
+                }));
+            }
             let cookie = self.new_session_cookie(&user.id, &host.name).await?;
             let resp = self.continue_to(next.as_deref(), state.as_deref(), &user);
             let resp = self.with_cookie(resp, cookie);
@@ -501,7 +508,9 @@ impl<B: EdgeBackend> Inner<B> {
         };
         let state_cookie = auth::state_cookie_name(&state);
         if auth::cookie(req.headers(), &state_cookie).is_none() {
-            return Err(Failure::Page(Page::HandoffInvalid));
+            // Made for another browser (or this one's mark expired): go round to sign in as
+            // whoever this browser is signed in as on the dashboard.
+            return Ok(self.sign_in_redirect(authority, next));
         }
         let cookie = self
             .new_session_cookie(&redeemed.user_id, &host.name)

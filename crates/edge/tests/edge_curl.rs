@@ -1097,8 +1097,8 @@ async fn a_handoff_link_signs_in_only_the_browser_that_asked() {
     let bound = r.header("location").unwrap().to_string();
     assert!(bound.contains("/__nook/handoff?code="), "{bound}");
 
-    // Ann's browser, already signed in to the dashboard, is made to open it: refused, and no
-    // session for Mallory's account is set.
+    // Ann's browser, already signed in to the dashboard, is made to open it: no session for
+    // Mallory's account is set; Ann is sent round to sign in as herself.
     let ann = tempfile::NamedTempFile::new().unwrap();
     let token = h.backend.login_token("u1");
     let r = h
@@ -1108,8 +1108,34 @@ async fn a_handoff_link_signs_in_only_the_browser_that_asked() {
         .await;
     assert_eq!(r.status, 302, "{r:?}");
     let r = h.curl().jar(ann.path()).get(&bound).await;
-    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.status, 302, "{r:?}");
     assert!(r.set_cookie("__Host-nook_session").is_none(), "{r:?}");
+    assert!(
+        r.header("location")
+            .unwrap()
+            .starts_with(&h.url("nook.localhost", "/__nook/login?next=")),
+        "{r:?}"
+    );
+
+    // Nor can Mallory's login link switch Ann's signed-in browser to her account.
+    let token = h.backend.login_token("u2");
+    let r = h
+        .curl()
+        .jar(ann.path())
+        .get(&h.url(
+            "nook.localhost",
+            &format!("/__nook/login?token={token}&next={}", enc(&blog)),
+        ))
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(r.set_cookie("__Host-nook_session").is_none(), "{r:?}");
+    assert!(r.body.contains("mallory@example.com"), "{}", r.body);
+    let r = h
+        .curl()
+        .jar(ann.path())
+        .get(&h.url("nook.localhost", "/"))
+        .await;
+    assert!(r.body.contains("ann@example.com"), "{}", r.body);
 
     // A code made without a browser's state (asked for straight from the dashboard) sends
     // whoever opens it round to sign in as themselves.
@@ -1146,7 +1172,13 @@ async fn a_handoff_link_signs_in_only_the_browser_that_asked() {
 /// for the idle timeout, over HTTP/1.1 and HTTP/2 alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed() {
-    let h = Harness::start_with(|c| c.idle_timeout = Duration::from_secs(1)).await;
+    // The header timeout (which also closes idle HTTP/1.1 connections) is set out of the way,
+    // so only the idle timeout can close them here.
+    let h = Harness::start_with(|c| {
+        c.idle_timeout = Duration::from_secs(1);
+        c.header_read_timeout = Duration::from_secs(60);
+    })
+    .await;
     let up = start_upstream().await;
     h.backend.add_vm("pub", up, true);
 
@@ -1175,7 +1207,9 @@ async fn idle_connections_are_closed() {
             .unwrap();
         let mut have = body.len();
         while have < length {
-            have += tls.read(&mut buf).await.unwrap();
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed mid-response");
+            have += n;
         }
         tokio::time::sleep(Duration::from_millis(400)).await;
     }

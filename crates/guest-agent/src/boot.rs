@@ -179,6 +179,7 @@ fn configure_network(cfg: &BootConfig) {
     // An image whose udev renames interfaces may do so between finding the link and using it;
     // the link is found again until the address is on it.
     let mut dev = interface();
+    let mut placed = false;
     for attempt in 1..=LINK_ATTEMPTS {
         ip(&["link", "set", &dev, "up"]);
         // Any other IPv4 address is a forked source's, on a link that is no longer its.
@@ -190,11 +191,17 @@ fn configure_network(cfg: &BootConfig) {
             ip(&["addr", "add", addr, "dev", &dev]);
         }
         if current_ipv4(&ip_tool, &dev).as_deref() == Some(addr.as_str()) {
+            placed = true;
             break;
         }
         log!("network: {addr} is not on {dev} (attempt {attempt}); looking for the link again");
         std::thread::sleep(Duration::from_millis(200));
-        dev = interface();
+        // No second wait for a device: `interface` already gave it time to appear.
+        dev = find_interface().unwrap_or(dev);
+    }
+    if !placed {
+        log!("network: could not put {addr} on {dev}; the host cannot reach this machine");
+        return;
     }
     if let Some(gw) = &cfg.gateway
         && !ip(&["route", "replace", "default", "via", gw])
