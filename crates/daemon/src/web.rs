@@ -70,6 +70,22 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
             .map(|(_, v)| v.clone())
     }
 
+    /// The remembered answer for `key`, else `load`'s, remembered for `generation` (read
+    /// before `load` began).
+    async fn get_or_load(
+        &self,
+        generation: u64,
+        key: K,
+        load: impl std::future::Future<Output = BackendResult<V>>,
+    ) -> BackendResult<V> {
+        if let Some(known) = self.get(generation, &key) {
+            return Ok(known);
+        }
+        let value = load.await?;
+        self.put(generation, key, value.clone());
+        Ok(value)
+    }
+
     /// Remembers `value`, looked up at `generation` (read before the lookup began). If the store
     /// changed meanwhile, the answer may be stale and is kept under a generation that is gone.
     fn put(&self, generation: u64, key: K, value: V) {
@@ -120,27 +136,25 @@ impl WebBackend {
 
     async fn vm_facts(&self, name: &str) -> BackendResult<Option<VmFacts>> {
         let store = self.manager.store();
-        let generation = store.generation();
-        if let Some(facts) = self.vms.get(generation, name) {
-            return Ok(facts);
-        }
-        let facts = match store.get(name).await {
-            Ok(vm) => {
-                let web = store.web_settings(&vm.id).await.map_err(backend_err)?;
-                Some(VmFacts {
-                    running: vm.state == VmState::Running,
-                    slot: vm.slot,
-                    id: vm.id,
-                    name: vm.name,
-                    http_port: web.http_port,
-                    public: web.public,
-                })
-            }
-            Err(StoreError::NotFound(_)) => None,
-            Err(e) => return Err(backend_err(e)),
+        let load = async {
+            let vm = match store.get(name).await {
+                Ok(vm) => vm,
+                Err(StoreError::NotFound(_)) => return Ok(None),
+                Err(e) => return Err(backend_err(e)),
+            };
+            let web = store.web_settings(&vm.id).await.map_err(backend_err)?;
+            Ok(Some(VmFacts {
+                running: vm.state == VmState::Running,
+                slot: vm.slot,
+                id: vm.id,
+                name: vm.name,
+                http_port: web.http_port,
+                public: web.public,
+            }))
         };
-        self.vms.put(generation, name.to_string(), facts.clone());
-        Ok(facts)
+        self.vms
+            .get_or_load(store.generation(), name.to_string(), load)
+            .await
     }
 
     async fn lookup_access(&self, user_id: &str, vm_id: &str) -> BackendResult<Access> {
@@ -233,14 +247,11 @@ impl EdgeBackend for WebBackend {
     }
 
     async fn access(&self, user_id: &str, vm_id: &str) -> BackendResult<Access> {
-        let generation = self.manager.store().generation();
         let key = (user_id.to_string(), vm_id.to_string());
-        if let Some(access) = self.access.get(generation, &key) {
-            return Ok(access);
-        }
-        let access = self.lookup_access(user_id, vm_id).await?;
-        self.access.put(generation, key, access);
-        Ok(access)
+        let load = self.lookup_access(user_id, vm_id);
+        self.access
+            .get_or_load(self.manager.store().generation(), key, load)
+            .await
     }
 
     async fn redeem_login_token(&self, token: &str) -> BackendResult<Option<User>> {
@@ -263,18 +274,17 @@ impl EdgeBackend for WebBackend {
 
     async fn session(&self, host: &str, secret: &str) -> BackendResult<Option<User>> {
         let store = self.manager.store();
-        let generation = store.generation();
         let key = (host.to_string(), secret.to_string());
-        if let Some(found) = self.sessions.get(generation, &key) {
-            return Ok(found);
-        }
-        let found = store
-            .session(host, secret)
+        let load = async {
+            Ok(store
+                .session(host, secret)
+                .await
+                .map_err(backend_err)?
+                .map(user))
+        };
+        self.sessions
+            .get_or_load(store.generation(), key, load)
             .await
-            .map_err(backend_err)?
-            .map(user);
-        self.sessions.put(generation, key, found.clone());
-        Ok(found)
     }
 
     async fn end_session(&self, _host: &str, secret: &str) -> BackendResult<()> {
@@ -287,18 +297,15 @@ impl EdgeBackend for WebBackend {
 
     async fn token_user(&self, vm_id: &str, token: &str) -> BackendResult<Option<User>> {
         let store = self.manager.store();
-        let generation = store.generation();
         let key = (vm_id.to_string(), token.to_string());
-        if let Some(found) = self.tokens.get(generation, &key) {
-            return Ok(found);
-        }
-        let found = store
-            .api_token_account(vm_id, token)
-            .await
-            .map_err(backend_err)?
-            .map(user);
-        self.tokens.put(generation, key, found.clone());
-        Ok(found)
+        let load = async {
+            Ok(store
+                .api_token_account(vm_id, token)
+                .await
+                .map_err(backend_err)?
+                .map(user))
+        };
+        self.tokens.get_or_load(store.generation(), key, load).await
     }
 
     async fn redeem_share_link(

@@ -1221,18 +1221,7 @@ async fn idle_connections_are_closed() {
     );
 
     // HTTP/2: the edge sends GOAWAY and closes.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("pub.nook.localhost").unwrap();
-    let tls = h.tls_connector(&[b"h2"]).connect(name, tcp).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    let driver = tokio::spawn(conn);
+    let (mut send, driver) = h.h2_connect("pub.nook.localhost").await;
     let req = hyper::Request::get("https://pub.nook.localhost/")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -1300,18 +1289,7 @@ async fn websocket_over_http2_echoes_through_the_proxy() {
     h.backend.grant("u1", "ws", Access::Owner);
     let s = h.backend.session_for("u1", "ws.nook.localhost");
 
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", h.port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("ws.nook.localhost").unwrap();
-    let tls = h.tls_connector(&[b"h2"]).connect(name, tcp).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _driver) = h.h2_connect("ws.nook.localhost").await;
     let connect = |cookie: Option<&str>| {
         let mut req = hyper::Request::builder()
             .method(hyper::Method::CONNECT)

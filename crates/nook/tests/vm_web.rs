@@ -94,6 +94,14 @@ impl Web<'_> {
         cmd.args(args).output().expect("curl")
     }
 
+    /// The status code alone (no redirects followed); "000" when there was no HTTP answer.
+    fn status(&self, jar: Option<&std::path::Path>, extra: &[&str], url: &str) -> String {
+        let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        String::from_utf8_lossy(&self.curl(jar, &args).stdout).into_owned()
+    }
+
     /// Follows redirects like a browser; returns (final status, body).
     fn browse(&self, jar: Option<&std::path::Path>, url: &str) -> (u16, String) {
         let out = self.curl(
@@ -171,17 +179,8 @@ fn vm_web_private_by_default_shared_like_a_doc() {
         status.contains(&format!("{DOMAIN}:{}", d.https_port)),
         "{status}"
     );
-    let out = web.curl(
-        None,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &web.url(Some("web"), "/"),
-        ],
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    let code = web.status(None, &[], &web.url(Some("web"), "/"));
+    assert_eq!(code, "401");
 
     // Alice logs in with a `browser` link; the handoff gives web.DOMAIN its own cookie.
     let alice_jar = tmp.path().join("alice.jar");
@@ -221,33 +220,20 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     assert!(body.contains("user=alice@example.com"), "{body}");
     // Absurd input gets a status, and the edge carries on.
     let huge = format!("X-Huge: {}", "a".repeat(40 * 1024));
-    let out = web.curl(
+    let code = web.status(
         Some(&alice_jar),
-        &[
-            "--http1.1",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            &huge,
-            &web.url(Some("web"), "/"),
-        ],
+        &["--http1.1", "-H", &huge],
+        &web.url(Some("web"), "/"),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "431");
-    let out = web.curl(
+    assert_eq!(code, "431");
+    let code = web.status(
         None,
         &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
             "--resolve",
             &format!("a.b.{DOMAIN}:{}:127.0.0.1", d.https_port),
-            &format!("https://a.b.{DOMAIN}:{}/", d.https_port),
         ],
+        &format!("https://a.b.{DOMAIN}:{}/", d.https_port),
     );
-    let code = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         code == "421" || code == "000",
         "a name two labels deep: {code}"
@@ -270,21 +256,16 @@ fn vm_web_private_by_default_shared_like_a_doc() {
         })
         .expect("a session cookie for web.DOMAIN");
     d.lobby_ok(&alice, &["new", "--image", "tiny", "--name", "other"]);
-    let out = web.curl(
+    let code = web.status(
         None,
         &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
             "-H",
             &format!("Cookie: {cookie}"),
             "-H",
             "Accept: text/html",
-            &web.url(Some("other"), "/"),
         ],
+        &web.url(Some("other"), "/"),
     );
-    let code = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         code.starts_with("30"),
         "other.DOMAIN accepted web's cookie: {code}"
@@ -343,17 +324,8 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("user= "), "{body}");
     d.lobby_ok(&alice, &["share", "set-private", "web"]);
-    let out = web.curl(
-        None,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &web.url(Some("web"), "/"),
-        ],
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    let code = web.status(None, &[], &web.url(Some("web"), "/"));
+    assert_eq!(code, "401");
 
     // A VM port (8991) on its own listener, for those with access.
     let out = web.curl(

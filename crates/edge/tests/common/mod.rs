@@ -417,14 +417,40 @@ impl Harness {
         &self,
         host: &str,
     ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        self.tls_connect_alpn(host, b"http/1.1").await
+    }
+
+    async fn tls_connect_alpn(
+        &self,
+        host: &str,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .unwrap();
         let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
-        self.tls_connector(&[b"http/1.1"])
+        self.tls_connector(&[alpn])
             .connect(name, tcp)
             .await
             .unwrap()
+    }
+
+    /// An HTTP/2 client connection to `host`; the task driving it ends when the connection does.
+    pub async fn h2_connect(
+        &self,
+        host: &str,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ) {
+        let tls = self.tls_connect_alpn(host, b"h2").await;
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        (send, tokio::spawn(conn))
     }
 }
 
