@@ -295,6 +295,7 @@ error_codes! {
     AlreadyRunning = "vm_already_running", 409;
     Busy = "vm_busy", 409;
     QemuMissing = "qemu_missing", 503;
+    HostMisconfigured = "host_misconfigured", 503;
     NoSpace = "no_space", 507;
     GuestNotReady = "guest_not_ready", 504;
     AgentUnavailable = "agent_unavailable", 503;

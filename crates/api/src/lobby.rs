@@ -147,7 +147,7 @@ pub struct NewArgs {
     /// e.g. 20G
     #[arg(long)]
     pub disk: Option<String>,
-    /// KEY=VALUE added to the VM's /etc/environment (repeatable)
+    /// KEY=VALUE added to the VM's /etc/environment and to the setup script's environment (repeatable)
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     /// A shell script to run as root once the VM is ready; `-` reads it from stdin

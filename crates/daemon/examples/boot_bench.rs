@@ -1,12 +1,27 @@
 //! Benchmark: `nook vm create` (create-to-ready) against a raw `qemu-system-x86_64` boot of
-//! the same image, kernel, initrd and devices to the same readiness marker (the guest agent's
-//! answer to a hello), plus the daemon's and QEMU's RSS per VM.
+//! the same image, kernel, initrd and devices to the same readiness marker, plus the daemon's
+//! and QEMU's RSS per VM.
 //!
-//! Run as root after `scripts/build release` and building the tiny image:
-//!   cargo run --release -p nook-daemon --example boot_bench -- [ROUNDS]
+//! The marker: the guest agent answers a hello; for an image with sshd (`default`) also the
+//! guest's sshd listening on port 22, after the host gave the guest its SSH host keys (as nook
+//! does, in `Identify`).
+//! - nook: `nook vm create` returns once the agent answered, took its identity and nook's SSH
+//!   key; with tap networking the daemon also waits for port 22 itself. With user networking
+//!   (`NOOK_NET=user`, no route to the guest) the bench then waits, through `nook vm exec`, for
+//!   a listening socket on port 22 in the guest: an upper bound, one exec round trip late.
+//! - raw: QEMU with nook's own argument list, user networking with a host port forwarded to
+//!   the guest's 22; the bench sends the agent the same `Identify` (host keys included) and
+//!   waits until a connection through the forward is accepted in the guest.
+//!
+//! Run as root after `scripts/build release` and building the image:
+//!   cargo run --release -p nook-daemon --example boot_bench -- [--image tiny|default] [ROUNDS]
+//! (`bench/boot.sh` runs it for the default image.)
 //! Env: NOOK_BIN (default target/release/nook), NOOK_IMAGES_DIR (default
-//! /var/cache/nook-test/images), NOOK_AGENT, NOOK_ACCEL (default auto).
+//! /var/cache/nook-test/images), NOOK_AGENT, NOOK_ACCEL (default auto); the daemon inherits
+//! the rest of the environment (NOOK_NET, NOOK_SSH_ADDR, ...).
 
+use std::io::Read;
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,12 +56,50 @@ fn qemu_pid_under(dir: &std::path::Path) -> Option<u32> {
     })
 }
 
+/// A free TCP port on 127.0.0.1 for QEMU's forward to the guest's sshd.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// True when something in the guest accepts a connection on port 22 through the forward, as
+/// nook's own readiness check (a TCP connect) sees it. slirp accepts the host side of a forward
+/// at once and only then connects to the guest: a guest with nothing listening resets that, and
+/// slirp closes our side (end of file), while a guest that accepted keeps it open (sshd sends
+/// its banner once it has forked for the connection).
+fn ssh_accepts(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 4];
+    match s.read(&mut buf) {
+        Ok(n) => n > 0,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Waits in the guest (one `nook vm exec`) until something listens on TCP port 22, reading
+/// /proc/net/tcp{,6} with bash builtins (and sleeping on a pipe that never has data) so that
+/// the wait itself starts no processes.
+const WAIT_SSHD: &str = r#"exec 3<> <(:); while :; do for f in /proc/net/tcp /proc/net/tcp6; do while read -r _ l _ s _; do case "$l:$s" in *:0016:0A) exit 0;; esac; done < "$f"; done; read -rt 0.05 -u 3 || :; done"#;
+
 #[tokio::main]
 async fn main() -> anyhow_free::Result {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(5);
+    let mut rounds: usize = 5;
+    let mut kind = ImageKind::Tiny;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--image" => kind = args.next().ok_or("--image needs a name")?.parse()?,
+            n => rounds = n.parse().map_err(|_| format!("not a round count: {n}"))?,
+        }
+    }
+    let image_name = kind.name();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let nook = std::env::var_os("NOOK_BIN")
         .map(PathBuf::from)
@@ -57,6 +110,9 @@ async fn main() -> anyhow_free::Result {
     let agent = std::env::var_os("NOOK_AGENT")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/x86_64-unknown-linux-gnu/release/nook-guest-agent"));
+    let image = ImageStore::new(&images).image(kind)?;
+    // The default image runs sshd; readiness includes it.
+    let sshd = kind == ImageKind::Default;
     let tmp = std::env::temp_dir().join(format!("nook-bench-{}", std::process::id()));
     let data = tmp.join("data");
     std::fs::create_dir_all(&data)?;
@@ -86,16 +142,39 @@ async fn main() -> anyhow_free::Result {
             .output()
     };
     // One warm-up create absorbs the accelerator probe and the initrd cache.
-    cli(&["vm", "create", "--image", "tiny", "--name", "warm"])?;
+    cli(&["vm", "create", "--image", image_name, "--name", "warm"])?;
+    // A systemd guest goes on booting (for half a minute under TCG) after it is ready; the
+    // next create must not share the CPU with that, any more than the raw boots below do. So
+    // for such an image each VM is removed after its round (the last one after its
+    // systemd-analyze), and the RSS figures cover the VMs left.
+    let one_at_a_time = sshd;
+    if one_at_a_time {
+        cli(&["vm", "rm", "warm"])?;
+    }
     let mut nook_secs = Vec::new();
+    let mut create_secs = Vec::new();
     let (mut daemon_rss, mut qemu_rss) = (Vec::new(), Vec::new());
     for i in 0..rounds {
         let name = format!("bench{i}");
         let t = Instant::now();
-        let out = cli(&["vm", "create", "--image", "tiny", "--name", &name])?;
-        nook_secs.push(t.elapsed().as_secs_f64());
+        let out = cli(&["vm", "create", "--image", image_name, "--name", &name])?;
+        create_secs.push(t.elapsed().as_secs_f64());
         if !out.status.success() {
             return Err(format!("create failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        if sshd {
+            let out = cli(&["vm", "exec", &name, "--", "bash", "-c", WAIT_SSHD])?;
+            if !out.status.success() {
+                return Err(format!(
+                    "waiting for sshd failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+                .into());
+            }
+        }
+        nook_secs.push(t.elapsed().as_secs_f64());
+        if one_at_a_time && i + 1 < rounds {
+            cli(&["vm", "rm", &name])?;
         }
     }
     let base_rss = rss_kib(daemon.id());
@@ -103,33 +182,64 @@ async fn main() -> anyhow_free::Result {
         qemu_rss.push(rss_kib(pid));
     }
     daemon_rss.push(base_rss);
-    let vms = rounds + 1;
-    for i in 0..rounds {
-        cli(&["vm", "rm", &format!("bench{i}")])?;
+    let vms = if one_at_a_time { 1 } else { rounds + 1 };
+    if sshd && rounds > 0 {
+        // How the last guest's boot went, once systemd calls it finished.
+        let last = format!("bench{}", rounds - 1);
+        let script = "until systemd-analyze >/dev/null 2>&1; do sleep 1; done; systemd-analyze; \
+                      echo; systemd-analyze critical-chain nook-agent.service ssh.service; \
+                      echo; systemd-analyze blame | head -n 15";
+        let out = cli(&["vm", "exec", &last, "--", "sh", "-c", script])?;
+        println!("--- systemd in {last} (one run) ---");
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        println!("---");
     }
-    cli(&["vm", "rm", "warm"])?;
+    if one_at_a_time {
+        cli(&["vm", "rm", &format!("bench{}", rounds.saturating_sub(1))])?;
+    } else {
+        for i in 0..rounds {
+            cli(&["vm", "rm", &format!("bench{i}")])?;
+        }
+        cli(&["vm", "rm", "warm"])?;
+    }
     let _ = daemon.kill();
     let _ = daemon.wait();
 
     // --- raw QEMU, same image and devices, same marker ---
-    let image = ImageStore::new(&images).image(ImageKind::Tiny)?;
     let initrd = nook_storage::initrd_with_agent(&image, &agent, &tmp)?;
     let qemu = Qemu::locate(None)?;
     let accel = nook_vmm::probe_accel(&qemu.binary, &image.kernel, &tmp).await;
     let mut raw_secs = Vec::new();
     let mut raw_hangs = 0;
+    // A silent hang shows as no answer at all; a full systemd boot under TCG takes a while.
+    let answer_within = Duration::from_secs(if sshd { 90 } else { 20 });
     for i in 0..rounds {
         let paths = VmPaths::new(tmp.join(format!("raw{i}")));
         std::fs::create_dir_all(&paths.dir)?;
+        // As nook makes a VM's disk: the image's default size (the agent grows the
+        // filesystem into it in the background, in both cases).
         nook_storage::disk::create_overlay(
             &image.rootfs,
             &paths.disk(),
-            image.rootfs_virtual_bytes,
+            image.default_disk_bytes.max(image.rootfs_virtual_bytes),
         )?;
+        // The words nook gives a VM with user networking.
+        let boot = nook_proto::BootConfig {
+            hostname: format!("raw{i}"),
+            ip: Some("10.0.2.15/24".into()),
+            gateway: Some("10.0.2.2".into()),
+            dns: None,
+            init: Some(image.init.clone()),
+        };
         let cmdline = format!(
-            "console=ttyS0 root=/dev/vda rw nook.hostname=raw nook.init={}",
-            image.init
+            "console=ttyS0 root=/dev/vda rw net.ifnames=0 {}",
+            boot.to_cmdline()
         );
+        let ssh_port = free_port()?;
+        let mut netdev = nook_net::user_mode_netdev("net0");
+        if sshd {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"));
+        }
         let spec = LaunchSpec {
             id: format!("raw{i}"),
             paths: paths.clone(),
@@ -139,7 +249,7 @@ async fn main() -> anyhow_free::Result {
             initrd: initrd.clone(),
             cmdline,
             net: NetBackend::User {
-                netdev: nook_net::user_mode_netdev("net0"),
+                netdev,
                 mac: "02:6e:6b:ff:ff:ff".into(),
             },
             accel,
@@ -155,7 +265,7 @@ async fn main() -> anyhow_free::Result {
         args.truncate(cut);
         // A raw boot that hangs silently (a known TCG hazard) is retried and counted,
         // exactly as nook's boot watchdog does.
-        let (elapsed, mut child) = loop {
+        let (t, client, mut child) = loop {
             let _ = std::fs::remove_file(paths.agent_socket());
             let t = Instant::now();
             let mut child = Command::new(&qemu.binary)
@@ -169,8 +279,8 @@ async fn main() -> anyhow_free::Result {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             };
-            match client.wait_ready(Duration::from_secs(20)).await {
-                Ok(_) => break (t.elapsed().as_secs_f64(), child),
+            match client.wait_ready(answer_within).await {
+                Ok(_) => break (t, client, child),
                 Err(_) => {
                     raw_hangs += 1;
                     let _ = child.kill();
@@ -178,7 +288,46 @@ async fn main() -> anyhow_free::Result {
                 }
             }
         };
-        raw_secs.push(elapsed);
+        if sshd {
+            let keys = nook_sshd::generate_guest_host_keys(&format!("root@raw{i}"))?;
+            let identity = nook_proto::Identity {
+                vm_id: format!("raw{i}"),
+                hostname: format!("raw{i}"),
+                ip: Some("10.0.2.15/24".into()),
+                gateway: Some("10.0.2.2".into()),
+                dns: None,
+                mac: Some("02:6e:6b:ff:ff:ff".into()),
+                seed: vec![7; 32],
+                ssh_host_keys: keys
+                    .into_iter()
+                    .map(|k| nook_proto::SshHostKey {
+                        kind: k.kind.to_string(),
+                        private_openssh: k.private_openssh,
+                        public_openssh: k.public_openssh,
+                    })
+                    .collect(),
+                // The same work as nook's boot: its relay key goes in with the identity.
+                authorized_key: Some(nook_proto::AuthorizedKey {
+                    user: "nook".into(),
+                    public_openssh: nook_sshd::generate_client_key("raw")?.public_openssh,
+                }),
+            };
+            client.identify(identity).await?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let accepted = loop {
+                let at = t.elapsed();
+                if ssh_accepts(ssh_port) {
+                    break at;
+                }
+                if Instant::now() >= deadline {
+                    return Err("raw boot: sshd did not listen within 60 s of Identify".into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            raw_secs.push(accepted.as_secs_f64());
+        } else {
+            raw_secs.push(t.elapsed().as_secs_f64());
+        }
         if i == 0 {
             qemu_rss.push(rss_kib(child.id()));
         }
@@ -188,8 +337,22 @@ async fn main() -> anyhow_free::Result {
     let _ = std::fs::remove_dir_all(&tmp);
 
     let (n, r) = (median(nook_secs.clone()), median(raw_secs.clone()));
+    let marker = if sshd {
+        "agent answers and sshd listens"
+    } else {
+        "agent answers"
+    };
     println!("accelerator: {}", accel.qemu_arg());
-    println!("nook vm create (tiny) to ready: median {n:.3}s over {rounds} ({nook_secs:.2?})");
+    println!("ready = {marker}");
+    if sshd {
+        println!(
+            "nook vm create ({image_name}) returned: median {:.3}s over {rounds} ({create_secs:.2?})",
+            median(create_secs.clone())
+        );
+    }
+    println!(
+        "nook vm create ({image_name}) to ready: median {n:.3}s over {rounds} ({nook_secs:.2?})"
+    );
     println!("raw qemu boot to the same marker: median {r:.3}s over {rounds} ({raw_secs:.2?})");
     println!(
         "ratio nook/raw: {:.2} (raw boots that hung and were retried: {raw_hangs})",
@@ -201,7 +364,7 @@ async fn main() -> anyhow_free::Result {
         idle_rss,
         base_rss.saturating_sub(idle_rss) / vms as u64
     );
-    println!("QEMU RSS per tiny VM (nook-launched, raw): {qemu_rss:?} KiB");
+    println!("QEMU RSS per {image_name} VM (nook-launched, raw): {qemu_rss:?} KiB");
     Ok(())
 }
 

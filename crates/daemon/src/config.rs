@@ -21,6 +21,9 @@ pub struct Settings {
     pub accel: Option<String>,
     /// `auto`, `tap` (root: taps and nftables) or `user` (rootless, no egress).
     pub net: Option<String>,
+    /// IPv4 networks VMs may not reach (`A.B.C.D/N` or an address), replacing
+    /// `nook_net::DEFAULT_EGRESS_BLOCK`: cloud metadata, private and special ranges.
+    pub egress_block: Option<Vec<String>>,
     /// Seconds a new or started VM has to answer its agent's readiness probe.
     pub ready_timeout_secs: Option<u64>,
     /// The resolver VMs are told to use.
@@ -45,7 +48,7 @@ pub struct Settings {
     pub idle_after_secs: Option<u64>,
     /// Serve Prometheus metrics over TCP too (they are always on the admin socket).
     pub metrics_addr: Option<String>,
-    /// Memory reclaim (balloon free page reporting, KSM, a small TCG cache). On by default;
+    /// Memory reclaim (balloon free page reporting, KSM). On by default;
     /// off only to measure what it saves.
     pub reclaim: Option<bool>,
     /// Where the HTTPS edge listens (`https://VM.DOMAIN/`); `off` disables it.
@@ -82,6 +85,7 @@ impl Settings {
             agent: other.agent.or(self.agent),
             accel: other.accel.or(self.accel),
             net: other.net.or(self.net),
+            egress_block: other.egress_block.or(self.egress_block),
             ready_timeout_secs: other.ready_timeout_secs.or(self.ready_timeout_secs),
             dns: other.dns.or(self.dns),
             log: other.log.or(self.log),
@@ -142,6 +146,8 @@ pub struct Config {
     pub agent: PathBuf,
     pub accel: AccelChoice,
     pub net: NetChoice,
+    /// What VMs on taps may not reach; see [`Settings::egress_block`].
+    pub egress_block: nook_net::EgressBlockList,
     pub ready_timeout: Duration,
     pub dns: String,
     pub log: String,
@@ -237,6 +243,11 @@ impl Config {
                     format!("{other:?}: use auto, tap or user"),
                 ));
             }
+        };
+        let egress_block = match &s.egress_block {
+            None => nook_net::EgressBlockList::default(),
+            Some(list) => nook_net::EgressBlockList::parse(list)
+                .map_err(|e| ConfigError::Invalid("egress_block", e.to_string()))?,
         };
         let ready = s.ready_timeout_secs.unwrap_or(120);
         if ready == 0 || ready > 3600 {
@@ -410,6 +421,7 @@ impl Config {
             agent,
             accel,
             net,
+            egress_block,
             ready_timeout: Duration::from_secs(ready),
             dns,
             log: s.log.unwrap_or_else(|| "info".into()),
@@ -504,6 +516,29 @@ mod tests {
         assert!(
             toml::from_str::<Settings>("colour = 1").is_err(),
             "unknown fields are refused"
+        );
+    }
+
+    #[test]
+    fn egress_block_defaults_and_names_a_bad_entry() {
+        let cfg = Config::validate(Settings::default()).expect("defaults");
+        assert_eq!(cfg.egress_block, nook_net::EgressBlockList::default());
+        let file: Settings =
+            toml::from_str("egress_block = [\"10.0.0.0/8\", \"168.63.129.16\"]").expect("toml");
+        let cfg = Config::validate(file).expect("valid");
+        let nets: Vec<String> = cfg
+            .egress_block
+            .nets()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "168.63.129.16/32"]);
+        let file: Settings =
+            toml::from_str("egress_block = [\"10.0.0.0/8\", \"10.1.2.3/8\"]").expect("toml");
+        let err = Config::validate(file).expect_err("host bits").to_string();
+        assert!(
+            err.contains("egress_block") && err.contains("\"10.1.2.3/8\""),
+            "{err}"
         );
     }
 }

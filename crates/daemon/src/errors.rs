@@ -49,6 +49,9 @@ pub fn from_storage(context: &str, err: StorageError) -> ApiError {
             ApiError::new(ErrorCode::InvalidArgument, err.to_string())
         }
         StorageError::ToolMissing { .. } => ApiError::new(ErrorCode::QemuMissing, err.to_string()),
+        StorageError::AgentUnusable { .. } => {
+            ApiError::new(ErrorCode::HostMisconfigured, err.to_string())
+        }
         other => internal(context, &other),
     }
 }
@@ -61,6 +64,13 @@ pub fn from_vmm(context: &str, err: VmmError) -> ApiError {
             format!("The VM's guest agent is not reachable ({err}); try again, or restart the VM"),
         ),
         VmmError::Agent(msg) => ApiError::new(ErrorCode::GuestError, msg),
+        VmmError::AgentTimeout(waited) | VmmError::Timeout(waited) => ApiError::new(
+            ErrorCode::AgentUnavailable,
+            format!(
+                "The VM's guest agent did not answer within {}s (trying to {context}); try again, or restart the VM",
+                waited.as_secs()
+            ),
+        ),
         other => internal(context, &other),
     }
 }

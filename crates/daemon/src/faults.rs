@@ -1,6 +1,8 @@
 //! Fault injection for crash-safety tests: `NOOK_FAULT=POINT` makes the daemon SIGKILL itself
 //! when it reaches `POINT`; `NOOK_FAULT=POINT=kill-source` or `=kill-clone` SIGKILLs that
-//! QEMU there instead and carries on, as a QEMU crash would. Unset, every point is a no-op.
+//! QEMU there instead and carries on, as a QEMU crash would; `=no-answer` waits at `POINT` for
+//! an answer that never comes, as with a guest whose agent stopped answering. Unset, every
+//! point is a no-op.
 
 use std::sync::OnceLock;
 
@@ -14,6 +16,8 @@ pub enum Fault {
     None,
     KillSourceQemu,
     KillCloneQemu,
+    /// Wait for a guest's answer that never comes.
+    NoAnswer,
 }
 
 fn configured() -> Option<&'static (String, String)> {
@@ -41,6 +45,7 @@ pub fn point(point: &str) -> Fault {
     match action.as_str() {
         "kill-source" => Fault::KillSourceQemu,
         "kill-clone" => Fault::KillCloneQemu,
+        "no-answer" => Fault::NoAnswer,
         _ => {
             let _ = kill(Pid::this(), Signal::SIGKILL);
             // SIGKILL to ourselves does not return; this is only for the type checker.

@@ -1,10 +1,18 @@
 //! The SSH front door's view of nook: accounts by key, where `user@HOST` leads, and lobby
 //! commands. The SSH protocol itself lives in `nook-sshd`; this is the glue to the manager.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use nook_api::{ErrorCode, lobby::COMMANDS};
-use nook_sshd::{Account, Backend, Caller, LobbyIo, Route, VmEndpoint};
+use nook_proto::{GuestMsg, PtySize, SpawnRequest, Stream};
+use nook_sshd::{
+    Account, Backend, Caller, GuestCommand, GuestInput, GuestOutput, GuestSession, GuestShell,
+    LobbyIo, Route, VmEndpoint,
+};
+use nook_vmm::{Process, ProcessHandle};
+use tokio::sync::mpsc;
 
 use crate::lobby::{self, LobbyOutput};
 use crate::manager::{Manager, Scope};
@@ -69,21 +77,28 @@ impl Backend for FrontDoor {
         }
         // Collaborators a VM is shared with may SSH in like its owner.
         let store = self.manager.store();
-        let scope = match store.get(&caller.user).await {
-            Ok(vm)
-                if vm.owner != account.id
+        let collaborator = match store.get(&caller.user).await {
+            Ok(vm) => {
+                vm.owner != account.id
                     && store.shared_role(&vm.id, &account).await.ok().flatten()
-                        == Some(nook_store::Role::Collaborator) =>
-            {
-                Scope::Admin
+                        == Some(nook_store::Role::Collaborator)
             }
-            _ => Scope::Account(&account.id),
+            Err(_) => false,
+        };
+        let scope = if collaborator {
+            Scope::Admin
+        } else {
+            Scope::Account(&account.id)
         };
         match self.manager.ssh_target(&caller.user, scope).await {
             Ok(t) => Route::Vm(VmEndpoint {
-                addr: t.addr,
-                user: t.user,
-                private_key_openssh: t.private_key_openssh,
+                shell: Some(Arc::new(AgentShell {
+                    manager: self.manager.clone(),
+                    vm: t.name.clone(),
+                    account: (!collaborator).then(|| account.id.clone()),
+                })),
+                name: t.name,
+                sshd: t.sshd,
             }),
             Err(e) if e.code == ErrorCode::NotFound => Route::Lobby,
             Err(e) => Route::Unavailable(format!("{}\r\n", e.message)),
@@ -98,7 +113,11 @@ impl Backend for FrontDoor {
             fingerprint: caller.fingerprint.clone(),
         };
         let stdin = if wants_stdin(&argv) {
-            io.read_stdin().await
+            Some(
+                io.read_stdin_to_end(lobby::SETUP_SCRIPT_LIMIT)
+                    .await
+                    .map_err(|_| lobby::script_too_long()),
+            )
         } else {
             None
         };
@@ -114,4 +133,114 @@ impl Backend for FrontDoor {
         }
         words
     }
+}
+
+/// Output a guest may send ahead of the client, and stdin the host may send ahead of the
+/// process: what one SSH session can hold in memory in each direction.
+const SESSION_WINDOW: u32 = 1 << 20;
+/// Chunks (of at most 64 KiB) queued between the agent and the SSH channel.
+const SESSION_QUEUE: usize = 16;
+
+/// `ssh VM@HOST [CMD]` through the guest agent: shells and commands need no sshd in the guest.
+struct AgentShell {
+    manager: Arc<Manager>,
+    vm: String,
+    /// The owner's account; `None` for a collaborator, whose access the route checked.
+    account: Option<String>,
+}
+
+impl GuestShell for AgentShell {
+    fn start(
+        &self,
+        cmd: GuestCommand,
+    ) -> Pin<Box<dyn Future<Output = Result<GuestSession, String>> + Send + '_>> {
+        Box::pin(async move {
+            let scope = match &self.account {
+                Some(id) => Scope::Account(id),
+                None => Scope::Admin,
+            };
+            let mut env = cmd.env;
+            let pty = cmd.pty.map(|p| {
+                env.retain(|(k, _)| k != "TERM");
+                env.push(("TERM".to_string(), p.term));
+                PtySize {
+                    cols: clamp_u16(p.cols),
+                    rows: clamp_u16(p.rows),
+                }
+            });
+            let spawn = SpawnRequest {
+                argv: cmd.command.into_iter().collect(),
+                env,
+                pty,
+                stdin: true,
+                shell: true,
+                window: Some(SESSION_WINDOW),
+                ..Default::default()
+            };
+            let process = self
+                .manager
+                .spawn_for_ssh(&self.vm, scope, spawn)
+                .await
+                .map_err(|e| format!("nook: {}", e.message))?;
+            let handle = process.handle();
+            let (input, input_rx) = mpsc::channel(SESSION_QUEUE);
+            let (output_tx, output) = mpsc::channel(SESSION_QUEUE);
+            tokio::spawn(pass_output(process, output_tx));
+            tokio::spawn(pass_input(handle, input_rx));
+            Ok(GuestSession { input, output })
+        })
+    }
+}
+
+fn clamp_u16(n: u32) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+/// Agent output to the SSH channel, acknowledging each chunk once the channel has taken it.
+async fn pass_output(mut process: Process, to_client: mpsc::Sender<GuestOutput>) {
+    let handle = process.handle();
+    while let Some(msg) = process.next().await {
+        match msg {
+            GuestMsg::Output { stream, data } => {
+                let bytes = data.len() as u64;
+                let out = match stream {
+                    Stream::Stdout => GuestOutput::Stdout(data.into()),
+                    Stream::Stderr => GuestOutput::Stderr(data.into()),
+                };
+                if to_client.send(out).await.is_err() {
+                    let _ = handle.hangup().await;
+                    return;
+                }
+                if handle.output_ack(bytes).await.is_err() {
+                    return;
+                }
+            }
+            GuestMsg::Exit { code, signal } => {
+                let _ = to_client.send(GuestOutput::Exit { code, signal }).await;
+                return;
+            }
+            _ => {}
+        }
+    }
+    // The agent connection dropped: closing `to_client` tells the session.
+}
+
+/// SSH channel input to the process. When the session ends (the client went away, or the
+/// process exited), the process is hung up; for an exited one that is a no-op.
+async fn pass_input(handle: ProcessHandle, mut from_client: mpsc::Receiver<GuestInput>) {
+    while let Some(input) = from_client.recv().await {
+        let sent = match input {
+            GuestInput::Data(data) => handle.stdin(&data).await,
+            GuestInput::Eof => handle.close_stdin().await,
+            GuestInput::Resize { cols, rows } => {
+                handle.resize(clamp_u16(cols), clamp_u16(rows)).await
+            }
+            GuestInput::Signal(n) => handle.signal(n).await,
+            GuestInput::Hangup => break,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+    let _ = handle.hangup().await;
 }

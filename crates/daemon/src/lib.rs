@@ -32,6 +32,10 @@ pub enum ServeError {
     AlreadyRunning(String),
     #[error("Cannot start the HTTPS edge: {0}")]
     Web(String),
+    #[error("{0}")]
+    Agent(nook_storage::StorageError),
+    #[error("Cannot make the data dir {0} private (mode 0700)")]
+    DataDir(String, #[source] std::io::Error),
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Running VMs are left running, to be re-adopted.
@@ -40,6 +44,18 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     if tokio::net::UnixStream::connect(&socket).await.is_ok() {
         return Err(ServeError::AlreadyRunning(socket.display().to_string()));
     }
+    // Everything the daemon and its children (QEMU, qemu-img) make is its own alone: the
+    // database, disks, keys and tokens in the data dir, and the sockets. The data dir itself is
+    // closed to other local users whatever mode an older version left it with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    std::fs::create_dir_all(&cfg.data_dir)
+        .and_then(|()| {
+            std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|e| ServeError::DataDir(cfg.data_dir.display().to_string(), e))?;
+    // Before anything boots: a wrong agent would leave every new VM waiting out its ready
+    // timeout with nothing but a loop on its console. (Running VMs are re-adopted once fixed.)
+    nook_storage::check_agent(&cfg.agent).map_err(ServeError::Agent)?;
     let manager = Manager::open(cfg).await.map_err(ServeError::Manager)?;
     manager.recover().await.map_err(ServeError::Manager)?;
 

@@ -31,12 +31,30 @@ pub struct Caller {
     pub fingerprint: String,
 }
 
+/// The most `new --setup-script -` reads from stdin. A setup script is a page or two of shell;
+/// the bound keeps one SSH client from holding daemon memory without end.
+pub const SETUP_SCRIPT_LIMIT: usize = 1 << 20;
+
+/// The error for a setup script on stdin longer than [`SETUP_SCRIPT_LIMIT`].
+pub fn script_too_long() -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidArgument,
+        format!(
+            "--setup-script - reads at most {} MiB from stdin, and this script is longer",
+            SETUP_SCRIPT_LIMIT >> 20
+        ),
+    )
+}
+
+/// The stdin a command was given: `None` when it reads none, else all of it or why not.
+pub type CommandStdin = Option<Result<Vec<u8>, ApiError>>;
+
 /// Runs one command; returns the exit status (0 ok, 1 failed, 2 usage).
 pub async fn run(
     m: &Arc<Manager>,
     caller: &Caller,
     argv: Vec<String>,
-    stdin: Option<Vec<u8>>,
+    stdin: CommandStdin,
     io: &dyn LobbyOutput,
 ) -> u32 {
     let wants_json = argv.iter().any(|a| a == "--json");
@@ -113,7 +131,7 @@ async fn execute(
     m: &Arc<Manager>,
     caller: &Caller,
     command: LobbyCommand,
-    stdin: Option<Vec<u8>>,
+    stdin: CommandStdin,
     io: &dyn LobbyOutput,
     json: bool,
 ) -> Result<(), ApiError> {
@@ -318,7 +336,7 @@ async fn execute(
             } else {
                 println(
                     io,
-                    "Open this link to log your browser in (once, within 15 minutes):",
+                    "Open this link in your browser and press Sign in (once, within 15 minutes):",
                 );
                 println(io, &url);
             }
@@ -616,11 +634,12 @@ async fn new_vm(
     m: &Arc<Manager>,
     account: &nook_store::Account,
     args: NewArgs,
-    stdin: Option<Vec<u8>>,
+    stdin: CommandStdin,
     io: &dyn LobbyOutput,
     json: bool,
 ) -> Result<(), ApiError> {
     let mut env_lines = String::new();
+    let mut env_pairs = Vec::new();
     for pair in &args.env {
         let Some((key, value)) = pair.split_once('=') else {
             return Err(ApiError::new(
@@ -640,10 +659,12 @@ async fn new_vm(
             ));
         }
         env_lines.push_str(&format!("{key}=\"{value}\"\n"));
+        env_pairs.push((key.to_string(), value.to_string()));
     }
     let script = match args.setup_script.as_deref() {
         Some("-") => match stdin {
-            Some(bytes) if !bytes.is_empty() => Some(bytes),
+            Some(Ok(bytes)) if !bytes.is_empty() => Some(bytes),
+            Some(Err(err)) => return Err(err),
             _ => {
                 return Err(ApiError::new(
                     ErrorCode::InvalidArgument,
@@ -677,6 +698,7 @@ async fn new_vm(
                 &vm.name,
                 scope,
                 vec!["sh".into(), "-c".into(), "cat >> /etc/environment".into()],
+                vec![],
                 Some(env_lines.into_bytes()),
             )
             .await?;
@@ -696,6 +718,9 @@ async fn new_vm(
                 &vm.name,
                 scope,
                 vec!["sh".into(), "-s".into()],
+                // /etc/environment is read at login, not by this shell: the script gets the
+                // variables itself, as `--env` promises it.
+                env_pairs,
                 Some(script),
             )
             .await?;

@@ -26,6 +26,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::{AccelChoice, Config, NetChoice};
 use crate::errors;
+use crate::faults::{self, Fault};
 
 mod clone;
 
@@ -71,16 +72,22 @@ pub struct VmStat {
     pub idle: bool,
 }
 
-/// How the SSH front door reaches a VM's own sshd.
+/// Where `ssh VM@HOST` leads: the running VM, and its own sshd when the image has one.
 #[derive(Debug, Clone)]
 pub struct SshTarget {
-    pub addr: std::net::SocketAddr,
-    pub user: String,
-    pub private_key_openssh: String,
+    pub name: String,
+    pub sshd: Option<nook_sshd::SshdEndpoint>,
 }
+
+/// How long a guest has to apply the identity it is given (name, address, host keys). It takes
+/// milliseconds to a second; generous, as a guest forked while its own boot is still running
+/// shares one slow vCPU with that boot. Only a broken agent takes longer.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// The user every image has, and whom `ssh VM@HOST` lands as.
 pub const GUEST_USER: &str = "nook";
+/// nook's key for the relay into a VM's sshd, in the VM's directory (`.pub` beside it).
+const RELAY_KEY: &str = "ssh_key";
 
 enum Net {
     Tap(Arc<HostNet>),
@@ -109,6 +116,62 @@ pub struct Manager {
     /// layers are collected, so a layer is never collected between the two.
     layers_lock: tokio::sync::Mutex<()>,
     op_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held for the daemon's life when it owns the host's VM network (see `take_host_lock`).
+    _host_lock: Option<std::fs::File>,
+}
+
+/// One daemon per host owns the VM network: the `nk*` taps, the nftables table and the metadata
+/// address are host-wide, and a second daemon's start-up sweep would delete the first one's
+/// taps from under its running VMs.
+const HOST_LOCK: &str = "/run/nook/host.lock";
+
+/// Takes [`HOST_LOCK`] (released when the process ends, however it ends), or says who holds it.
+fn take_host_lock(data_dir: &std::path::Path) -> Result<std::fs::File, ApiError> {
+    use std::io::{Read, Seek, Write};
+    let path = std::path::Path::new(HOST_LOCK);
+    let open = || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    };
+    let mut file = open().map_err(|e| io_error("open the host lock", e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(ApiError::new(
+                ErrorCode::HostMisconfigured,
+                format!(
+                    "Another nook daemon ({}) is running on this host and owns its VM network (taps, nftables, {}). One host runs one nook daemon: stop that one first.",
+                    if holder.is_empty() {
+                        "pid unknown"
+                    } else {
+                        holder
+                    },
+                    nook_net::METADATA_ADDR
+                ),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_error("take the host lock", e)),
+    }
+    let note = format!(
+        "pid {}, data dir {}\n",
+        std::process::id(),
+        data_dir.display()
+    );
+    let _ = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(note.as_bytes()));
+    Ok(file)
 }
 
 fn map_join<T>(r: Result<T, tokio::task::JoinError>, context: &str) -> Result<T, ApiError> {
@@ -129,8 +192,10 @@ impl Manager {
             NetChoice::User => NetMode::User,
             NetChoice::Auto => nook_net::probe_mode(),
         };
+        let mut host_lock = None;
         let net = match mode {
             NetMode::Tap => {
+                host_lock = Some(take_host_lock(&cfg.data_dir)?);
                 let running: Vec<VmLink> = store
                     .list()
                     .await
@@ -144,7 +209,10 @@ impl Manager {
                     })
                     .filter_map(|vm| VmLink::for_slot(vm.slot).ok())
                     .collect();
-                let host = tokio::task::spawn_blocking(move || HostNet::setup(&running)).await;
+                let block = cfg.egress_block.clone();
+                let host =
+                    tokio::task::spawn_blocking(move || HostNet::setup_with(&running, &block))
+                        .await;
                 Net::Tap(Arc::new(
                     map_join(host, "set up networking")?
                         .map_err(|e| errors::from_net("set up networking", e))?,
@@ -195,6 +263,7 @@ impl Manager {
             layers,
             layers_lock: Default::default(),
             op_locks: Default::default(),
+            _host_lock: host_lock,
         }))
     }
 
@@ -354,7 +423,8 @@ impl Manager {
         // creates cannot both squeeze into the last bit of an envelope.
         let account_lock = self.op_lock(&format!("account:{owner}"));
         let _account_guard = account_lock.lock().await;
-        self.admit(owner, None, cpu, memory_mib, disk_bytes).await?;
+        self.admit(owner, Ask::Create, cpu, memory_mib, disk_bytes)
+            .await?;
         let template = NewVm {
             id: String::new(),
             name: String::new(),
@@ -487,7 +557,7 @@ impl Manager {
             () = silent_console(&paths, Duration::from_secs(15).min(timeout)) => return Err(BootError::SilentHang),
         };
         if let Err(err) = ready {
-            let tail = paths.console_tail(25);
+            let tail = paths.console_tail(25).await;
             let why = match err {
                 nook_vmm::VmmError::Timeout(t) => {
                     format!("did not become ready within {}s", t.as_secs())
@@ -501,7 +571,6 @@ impl Manager {
             )));
         }
         self.identify(vm, &agent).await?;
-        self.install_ssh_key(vm, &agent).await?;
         self.store
             .set_state(&vm.id, VmState::Running, None, Some(pid))
             .await
@@ -525,15 +594,6 @@ impl Manager {
             Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
         let accel = self.choose_accel(&qemu, image).await;
         let (img, agent, cache) = (image.clone(), self.cfg.agent.clone(), self.cfg.cache_dir());
-        if !agent.is_file() {
-            return Err(errors::internal(
-                "find the guest agent",
-                &std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("{} is missing", agent.display()),
-                ),
-            ));
-        }
         let initrd = tokio::task::spawn_blocking(move || {
             nook_storage::initrd_with_agent(&img, &agent, &cache)
         })
@@ -589,6 +649,7 @@ impl Manager {
         let launched = tokio::task::spawn_blocking(move || qemu.launch(&spec)).await;
         let pid =
             map_join(launched, "start QEMU")?.map_err(|e| errors::from_vmm("start QEMU", e))?;
+        nook_vmm::console::follow(&paths);
         // A fork's clone stays `creating` until it is complete, so that a crash before then
         // removes it rather than re-adopting half a clone.
         let state = if incoming {
@@ -627,7 +688,8 @@ impl Manager {
         }
     }
 
-    /// Tells the guest who it is; true when it was another VM until now (a clone).
+    /// Tells the guest who it is, with nook's key for its sshd, and waits for that sshd when the
+    /// image runs one: "ready" includes SSH. True when it was another VM until now (a clone).
     async fn identify(&self, vm: &VmRecord, agent: &AgentClient) -> Result<bool, ApiError> {
         let link =
             VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
@@ -640,15 +702,45 @@ impl Manager {
             dns: boot.dns,
             mac: Some(link.mac.clone()),
             seed: rand::random::<[u8; 32]>().to_vec(),
+            ssh_host_keys: self.guest_host_keys(vm)?,
+            authorized_key: Some(nook_proto::AuthorizedKey {
+                user: GUEST_USER.to_string(),
+                public_openssh: self.relay_key(vm)?,
+            }),
         };
-        let cloned = agent
-            .identify(identity)
+        // A guest that answered its readiness probe but never takes its identity must not hold
+        // a boot or a clone forever.
+        let answer = async {
+            if faults::point("identify") == Fault::NoAnswer {
+                std::future::pending::<()>().await;
+            }
+            agent.identify(identity).await
+        };
+        let answer = tokio::time::timeout(IDENTIFY_TIMEOUT, answer)
             .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::GuestNotReady,
+                    format!(
+                        "VM '{}' did not take its identity within {}s: its guest agent stopped answering",
+                        vm.name,
+                        IDENTIFY_TIMEOUT.as_secs()
+                    ),
+                )
+            })?
             .map_err(|e| errors::from_vmm("give the VM its identity", e))?;
-        if cloned {
+        if answer.cloned {
             tracing::info!(vm = %vm.name, "the guest took its new identity after a clone");
         }
-        Ok(cloned)
+        if answer.sshd {
+            self.wait_for_sshd(vm).await;
+        } else {
+            // No sshd to relay to: the relay must not think there is one.
+            let dir = self.paths(&vm.id).dir;
+            let _ = std::fs::remove_file(dir.join(RELAY_KEY));
+            let _ = std::fs::remove_file(dir.join(RELAY_KEY).with_extension("pub"));
+        }
+        Ok(answer.cloned)
     }
 
     async fn choose_accel(&self, qemu: &Qemu, image: &Image) -> Accel {
@@ -711,11 +803,32 @@ impl Manager {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
             this.release_runtime(&id, slot, &owner).await;
-            let _ = this
-                .store
-                .set_state(&id, reason.0, Some(&reason.1), None)
+            this.record_state_or_log(&name, &id, reason.0, Some(&reason.1), None, "its exit")
                 .await;
         });
+    }
+
+    /// Records a VM's state where no caller can act on a failed write: the supervisor of a
+    /// VM that exited, recovery after a daemon restart, and the cleanup after a failed start
+    /// (whose own error is what the user needs). The failure is logged, not swallowed, so a
+    /// row that disagrees with reality can be explained from the log.
+    async fn record_state_or_log(
+        &self,
+        name: &str,
+        id: &str,
+        state: VmState,
+        reason: Option<&str>,
+        pid: Option<u32>,
+        what: &str,
+    ) {
+        if let Err(err) = self.store.set_state(id, state, reason, pid).await {
+            tracing::error!(
+                vm = %name,
+                state = state.as_str(),
+                %err,
+                "could not record {what} in the database; the VM's row may show a stale state"
+            );
+        }
     }
 
     /// Removes the tap and runtime sockets of a VM whose QEMU is gone. Idempotent.
@@ -973,15 +1086,26 @@ impl Manager {
                 format!("VM '{}' is already {}", vm.name, vm.state.as_str()),
             ));
         }
-        self.admit(&vm.owner, Some(&vm.id), vm.cpu, vm.memory_mib, 0)
+        // As in create, admission and the boot that makes it count happen under the
+        // account's lock, so two starts cannot both squeeze into the last of an envelope.
+        // Taken after the VM's lock (as clone does): create holds the account lock while it
+        // waits for a new VM's lock, but that VM is `creating`, which was refused above.
+        let account_lock = self.op_lock(&format!("account:{}", vm.owner));
+        let _account_guard = account_lock.lock().await;
+        self.admit(&vm.owner, Ask::Start(&vm.id), vm.cpu, vm.memory_mib, 0)
             .await?;
         let image = self.image_of(&vm)?;
         if let Err(err) = self.boot(&vm, &image, progress).await {
             self.halt(&vm, false).await;
-            let _ = self
-                .store
-                .set_state(&vm.id, VmState::Stopped, Some(&err.message), None)
-                .await;
+            self.record_state_or_log(
+                &vm.name,
+                &vm.id,
+                VmState::Stopped,
+                Some(&err.message),
+                None,
+                "the failed start",
+            )
+            .await;
             return Err(err);
         }
         self.get(name, Scope::Admin).await
@@ -1017,7 +1141,7 @@ impl Manager {
 
     pub async fn console(&self, name: &str, scope: Scope<'_>) -> Result<String, ApiError> {
         let vm = self.record(name, scope).await?;
-        Ok(self.paths(&vm.id).console_tail(usize::MAX))
+        Ok(self.paths(&vm.id).console_tail(usize::MAX).await)
     }
 
     /// The live agent connection of a running VM, reconnecting if it dropped.
@@ -1082,6 +1206,7 @@ impl Manager {
             user: req.user,
             pty: None,
             stdin: req.stdin,
+            ..Default::default()
         };
         agent
             .spawn(spawn)
@@ -1140,6 +1265,15 @@ impl Manager {
         disk: Option<&str>,
     ) -> Result<VmInfo, ApiError> {
         let (_guard, vm) = self.lock_vm(name, scope).await?;
+        if vm.state == VmState::Creating {
+            return Err(ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "VM '{}' is still being created: resize it once it is running",
+                    vm.name
+                ),
+            ));
+        }
         let cpu = cpu.unwrap_or(vm.cpu);
         if !(1..=64).contains(&cpu) {
             return Err(ApiError::new(
@@ -1171,6 +1305,23 @@ impl Manager {
                 ),
             ));
         }
+        if disk_bytes > 16 << 40 {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "Invalid --disk: at most 16T",
+            ));
+        }
+        // The same envelope as create, under the same account lock (taken after the VM's,
+        // as in start), so a resize cannot grow past the plan nor race another VM's growth.
+        let account_lock = self.op_lock(&format!("account:{}", vm.owner));
+        let _account_guard = account_lock.lock().await;
+        let ask = Ask::Resize {
+            id: &vm.id,
+            runs: matches!(vm.state, VmState::Running | VmState::Starting),
+            old_disk_bytes: vm.disk_bytes,
+        };
+        self.admit(&vm.owner, ask, cpu, memory_mib, disk_bytes)
+            .await?;
         if disk_bytes > vm.disk_bytes {
             self.grow_disk(&vm, disk_bytes).await?;
         }
@@ -1263,7 +1414,8 @@ impl Manager {
         })
     }
 
-    /// Where the SSH front door connects to reach `name`'s own sshd, as [`GUEST_USER`].
+    /// Where the SSH front door takes `ssh name@HOST`: the running VM, and its own sshd (as
+    /// [`GUEST_USER`]) when the image has one.
     pub async fn ssh_target(&self, name: &str, scope: Scope<'_>) -> Result<SshTarget, ApiError> {
         let vm = self.record(name, scope).await?;
         if vm.state != VmState::Running {
@@ -1272,125 +1424,143 @@ impl Manager {
                 format!("VM '{}' is {}: start it first", vm.name, vm.state.as_str()),
             ));
         }
-        let key_path = self.paths(&vm.id).dir.join("ssh_key");
-        let key = std::fs::read_to_string(&key_path).map_err(|_| {
-            ApiError::new(
-                ErrorCode::GuestError,
-                format!(
-                    "VM '{}' runs an image without an SSH server: use the default image",
-                    vm.name
-                ),
-            )
-        })?;
-        let ip = match &self.net {
-            Net::Tap(_) => {
-                VmLink::for_slot(vm.slot)
+        let dir = self.paths(&vm.id).dir;
+        let sshd = match (std::fs::read_to_string(dir.join(RELAY_KEY)), &self.net) {
+            (Ok(key), Net::Tap(_)) => {
+                let ip = VmLink::for_slot(vm.slot)
                     .map_err(|e| errors::from_net("find the VM's address", e))?
-                    .guest_ip
+                    .guest_ip;
+                Some(nook_sshd::SshdEndpoint {
+                    addr: (ip, 22).into(),
+                    user: GUEST_USER.to_string(),
+                    private_key_openssh: key,
+                    host_keys: read_guest_host_keys(&dir)
+                        .into_iter()
+                        .map(|k| k.public_openssh)
+                        .collect(),
+                })
             }
-            Net::User => {
-                return Err(ApiError::new(
-                    ErrorCode::GuestError,
-                    "SSH into VMs needs tap networking: run nook as root",
-                ));
-            }
+            // No sshd in the image, or no network path to it (user-mode networking).
+            _ => None,
         };
         Ok(SshTarget {
-            addr: (ip, 22).into(),
-            user: GUEST_USER.to_string(),
-            private_key_openssh: key,
+            name: vm.name,
+            sshd,
         })
     }
 
-    /// Gives nook's per-VM key to the guest's sshd, when the image has one. Runs at every boot,
-    /// so a key rotation or a restored disk converges.
-    async fn install_ssh_key(&self, vm: &VmRecord, agent: &AgentClient) -> Result<(), ApiError> {
-        let dir = self.paths(&vm.id).dir;
-        let key = dir.join("ssh_key");
-        let has_sshd = run_to_end(
-            agent,
-            vec![
-                "sh".into(),
-                "-c".into(),
-                format!("test -x /usr/sbin/sshd && id -u {GUEST_USER}"),
-            ],
-        )
-        .await
-        .map(|code| code == 0)
-        .unwrap_or(false);
-        if !has_sshd {
-            let _ = std::fs::remove_file(&key);
-            return Ok(());
-        }
-        if !key.is_file() {
-            let out = tokio::process::Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-C"])
-                .arg(format!("nook-{}", vm.id))
-                .arg("-f")
-                .arg(&key)
-                .output()
-                .await
-                .map_err(|e| io_error("make the VM's SSH key (is openssh-client installed?)", e))?;
-            if !out.status.success() {
-                let err =
-                    std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string());
-                return Err(errors::internal("make the VM's SSH key", &err));
-            }
-        }
-        let public = std::fs::read_to_string(dir.join("ssh_key.pub"))
-            .map_err(|e| io_error("read the VM's SSH key", e))?;
+    /// Starts a process in a running VM for the SSH front door, as [`GUEST_USER`], with output
+    /// flow control so a slow client slows the process instead of filling host memory.
+    pub async fn spawn_for_ssh(
+        &self,
+        name: &str,
+        scope: Scope<'_>,
+        spawn: SpawnRequest,
+    ) -> Result<Process, ApiError> {
+        let vm = self.record(name, scope).await?;
+        let agent = self.agent(&vm).await?;
         agent
-            .write_file("/run/nook-authorized-key", public.as_bytes(), Some(0o644))
+            .spawn(SpawnRequest {
+                user: Some(GUEST_USER.to_string()),
+                ..spawn
+            })
             .await
-            .map_err(|e| errors::from_vmm("install the SSH key", e))?;
-        let script = format!(
-            "install -d -m 700 -o {u} -g {u} /home/{u}/.ssh && install -m 600 -o {u} -g {u} /run/nook-authorized-key /home/{u}/.ssh/authorized_keys && rm -f /run/nook-authorized-key",
-            u = GUEST_USER
-        );
-        if !matches!(
-            run_to_end(agent, vec!["sh".into(), "-c".into(), script]).await,
-            Ok(0)
-        ) {
-            return Err(ApiError::new(
-                ErrorCode::GuestError,
-                format!("Could not install nook's SSH key in VM '{}'", vm.name),
-            ));
+            .map_err(|e| errors::from_vmm("start the command", e))
+    }
+
+    /// The VM's SSH host keys, made by the host on first need and kept in the VM's directory so
+    /// they survive restarts; a clone has a directory of its own and so gets keys of its own.
+    fn guest_host_keys(&self, vm: &VmRecord) -> Result<Vec<nook_proto::SshHostKey>, ApiError> {
+        let dir = self.paths(&vm.id).dir;
+        let existing = read_guest_host_keys(&dir);
+        if !existing.is_empty() {
+            return Ok(existing);
         }
-        // The agent answers before systemd has started sshd; "ready" includes SSH.
+        let made = nook_sshd::generate_guest_host_keys(&format!("root@{}", vm.name))
+            .map_err(|e| errors::internal("make the VM's SSH host keys", &e))?;
+        let mut keys = Vec::new();
+        for key in made {
+            let path = dir.join(format!("ssh_host_{}_key", key.kind));
+            write_private(
+                &path.with_extension("pub"),
+                key.public_openssh.as_bytes(),
+                0o644,
+            )
+            .and_then(|()| write_private(&path, key.private_openssh.as_bytes(), 0o600))
+            .map_err(|e| io_error("save the VM's SSH host keys", e))?;
+            keys.push(nook_proto::SshHostKey {
+                kind: key.kind.to_string(),
+                private_openssh: key.private_openssh,
+                public_openssh: key.public_openssh,
+            });
+        }
+        Ok(keys)
+    }
+
+    /// The public half of nook's per-VM key for the relay to the guest's sshd, made natively on
+    /// first need and kept in the VM's directory (0600) so it survives restarts. A clone comes
+    /// with its source's (see `share_ssh_key`), which its disk already authorizes.
+    fn relay_key(&self, vm: &VmRecord) -> Result<String, ApiError> {
+        let path = self.paths(&vm.id).dir.join(RELAY_KEY);
+        let public = path.with_extension("pub");
+        if path.is_file()
+            && let Ok(text) = std::fs::read_to_string(&public)
+        {
+            return Ok(text);
+        }
+        let key = nook_sshd::generate_client_key(&format!("nook-{}", vm.id))
+            .map_err(|e| errors::internal("make the VM's SSH key", &e))?;
+        write_private(&path, key.private_openssh.as_bytes(), 0o600)
+            .and_then(|()| write_private(&public, key.public_openssh.as_bytes(), 0o644))
+            .map_err(|e| io_error("save the VM's SSH key", e))?;
+        Ok(key.public_openssh)
+    }
+
+    /// The agent answers before systemd has started sshd; "ready" includes SSH, when there is
+    /// a network path to it.
+    pub(super) async fn wait_for_sshd(&self, vm: &VmRecord) {
         if let (Net::Tap(_), Ok(link)) = (&self.net, VmLink::for_slot(vm.slot)) {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while tokio::net::TcpStream::connect((link.guest_ip, 22))
+            // Each try is bounded: a SYN the guest never answers would otherwise wait out the
+            // kernel's retries (over two minutes), far past the deadline.
+            let accepts = || async {
+                tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect((link.guest_ip, 22)),
+                )
                 .await
-                .is_err()
-            {
+                .is_ok_and(|c| c.is_ok())
+            };
+            while !accepts().await {
                 if tokio::time::Instant::now() >= deadline {
                     tracing::warn!(vm = %vm.name, "the guest's sshd did not come up within 60s");
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        Ok(())
     }
 
-    /// Runs a command in the guest as root, feeding it `input`; returns its exit status and
-    /// output, for setup work on behalf of the user.
+    /// Runs a command in the guest as root with `env` added, feeding it `input`; returns its
+    /// exit status and output, for setup work on behalf of the user.
     pub async fn run_in(
         &self,
         name: &str,
         scope: Scope<'_>,
         argv: Vec<String>,
+        env: Vec<(String, String)>,
         input: Option<Vec<u8>>,
     ) -> Result<Process, ApiError> {
         let vm = self.record(name, scope).await?;
         let agent = self.agent(&vm).await?;
         let spawn = SpawnRequest {
             argv,
-            env: vec![],
+            env,
             cwd: None,
             user: None,
             pty: None,
             stdin: input.is_some(),
+            ..Default::default()
         };
         let process = agent
             .spawn(spawn)
@@ -1420,13 +1590,13 @@ impl Manager {
             .unwrap_or(self.cfg.default_plan))
     }
 
-    /// Refuses to create (`existing` = None) or start (`existing` = the VM) a VM that would
-    /// push `owner` past its envelope. Each message says what to stop, remove or resize.
-    /// VMs made through the admin socket belong to no plan.
+    /// Refuses to create, start or resize a VM when that would push `owner` past its
+    /// envelope. Each message says what to stop, remove or resize. VMs made through the admin
+    /// socket belong to no plan.
     async fn admit(
         &self,
         owner: &str,
-        existing: Option<&str>,
+        ask: Ask<'_>,
         cpu: u32,
         memory_mib: u32,
         disk_bytes: u64,
@@ -1456,16 +1626,23 @@ impl Manager {
             .await
             .map_err(|e| errors::from_store("list VMs", e))?
             .into_iter()
-            .filter(|vm| vm.owner == owner && Some(vm.id.as_str()) != existing)
+            .filter(|vm| vm.owner == owner && Some(vm.id.as_str()) != ask.existing())
             .collect();
-        if existing.is_none() {
-            if vms.len() as u32 >= plan.max_vms {
-                return refuse(format!(
-                    "Your envelope allows {} VMs and you have {}: remove one with `rm NAME`",
-                    plan.max_vms,
-                    vms.len()
-                ));
-            }
+        if matches!(ask, Ask::Create) && vms.len() as u32 >= plan.max_vms {
+            return refuse(format!(
+                "Your envelope allows {} VMs and you have {}: remove one with `rm NAME`",
+                plan.max_vms,
+                vms.len()
+            ));
+        }
+        // A resize that keeps the disk is not refused for disks a lowered plan no longer
+        // covers: it adds nothing to them.
+        let adds_disk = match ask {
+            Ask::Create => true,
+            Ask::Start(_) => false,
+            Ask::Resize { old_disk_bytes, .. } => disk_bytes > old_disk_bytes,
+        };
+        if adds_disk {
             let disk_used: u64 = vms.iter().map(|vm| vm.disk_bytes).sum();
             if disk_used + disk_bytes > plan.disk_bytes {
                 return refuse(format!(
@@ -1475,6 +1652,10 @@ impl Manager {
                     format_size(plan.disk_bytes)
                 ));
             }
+        }
+        // A stopped VM's new memory is admitted when it starts, not now.
+        if matches!(ask, Ask::Resize { runs: false, .. }) {
+            return Ok(());
         }
         let mut running: Vec<&VmRecord> = vms
             .iter()
@@ -1531,6 +1712,7 @@ impl Manager {
                     match Qmp::connect(&paths.qmp_socket()).await {
                         Ok(qmp) => {
                             tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
+                            nook_vmm::console::follow(&paths);
                             // A clone the crash interrupted may have left it paused.
                             nook_vmm::fork::resume(&qmp).await;
                             self.settle_next_disk(vm, Some(&qmp)).await;
@@ -1539,19 +1721,29 @@ impl Manager {
                             }
                             let agent = AgentClient::connect(&paths.agent_socket()).await.ok();
                             self.adopt(vm, qmp, agent);
-                            let _ = self
-                                .store
-                                .set_state(&vm.id, VmState::Running, None, Some(pid))
-                                .await;
+                            self.record_state_or_log(
+                                &vm.name,
+                                &vm.id,
+                                VmState::Running,
+                                None,
+                                Some(pid),
+                                "its re-adoption after a restart",
+                            )
+                            .await;
                         }
                         Err(err) => {
                             tracing::warn!(vm = %vm.name, %err, "cannot reach a running VM's QMP; stopping it");
                             self.halt(vm, false).await;
                             let reason = "QEMU was unreachable after a daemon restart";
-                            let _ = self
-                                .store
-                                .set_state(&vm.id, VmState::Failed, Some(reason), None)
-                                .await;
+                            self.record_state_or_log(
+                                &vm.name,
+                                &vm.id,
+                                VmState::Failed,
+                                Some(reason),
+                                None,
+                                "that its QEMU was unreachable after a restart",
+                            )
+                            .await;
                         }
                     }
                 }
@@ -1566,7 +1758,15 @@ impl Manager {
                             Some("QEMU exited while the nook daemon was down"),
                         )
                     };
-                    let _ = self.store.set_state(&vm.id, state, reason, None).await;
+                    self.record_state_or_log(
+                        &vm.name,
+                        &vm.id,
+                        state,
+                        reason,
+                        None,
+                        "that its QEMU exited while the daemon was down",
+                    )
+                    .await;
                 }
                 (VmState::Stopped | VmState::Failed, _) => {
                     if pid.is_some() {
@@ -1672,6 +1872,43 @@ async fn silent_console(paths: &VmPaths, after: Duration) {
     }
 }
 
+/// The host keys saved in a VM's directory (`ssh_host_KIND_key` and `.pub`), in a fixed order.
+fn read_guest_host_keys(dir: &std::path::Path) -> Vec<nook_proto::SshHostKey> {
+    ["ed25519", "ecdsa"]
+        .into_iter()
+        .filter_map(|kind| {
+            let path = dir.join(format!("ssh_host_{kind}_key"));
+            Some(nook_proto::SshHostKey {
+                kind: kind.to_string(),
+                private_openssh: std::fs::read_to_string(&path).ok()?,
+                public_openssh: std::fs::read_to_string(path.with_extension("pub"))
+                    .ok()?
+                    .trim()
+                    .to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Writes a file whole under a temporary name, then renames it, so a crash leaves either the
+/// old file or the new one.
+fn write_private(path: &std::path::Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Runs a command through the agent and waits for it; its output is dropped.
 async fn run_to_end(agent: &AgentClient, argv: Vec<String>) -> Result<i32, nook_vmm::VmmError> {
     let spawn = SpawnRequest {
@@ -1681,6 +1918,7 @@ async fn run_to_end(agent: &AgentClient, argv: Vec<String>) -> Result<i32, nook_
         user: None,
         pty: None,
         stdin: false,
+        ..Default::default()
     };
     let mut process = agent.spawn(spawn).await?;
     loop {
@@ -1697,5 +1935,31 @@ fn io_error(context: &str, err: std::io::Error) -> ApiError {
         errors::no_space("the data dir")
     } else {
         errors::internal(context, &err)
+    }
+}
+
+/// What [`Manager::admit`] is asked to let through.
+#[derive(Clone, Copy)]
+enum Ask<'a> {
+    /// A new VM: one more VM, its disk, and (unless it stays stopped) its memory.
+    Create,
+    /// Booting the VM with this id: only its CPU and memory count.
+    Start(&'a str),
+    /// New sizes for the VM with this id: its disk counts when it grows, its memory only if
+    /// it runs (a stopped VM is admitted again when it starts).
+    Resize {
+        id: &'a str,
+        runs: bool,
+        old_disk_bytes: u64,
+    },
+}
+
+impl Ask<'_> {
+    /// The VM already counted in the account, left out of the totals it is checked against.
+    fn existing(&self) -> Option<&str> {
+        match self {
+            Ask::Create => None,
+            Ask::Start(id) | Ask::Resize { id, .. } => Some(id),
+        }
     }
 }

@@ -290,7 +290,7 @@ impl EdgeBackend for WebBackend {
     async fn end_session(&self, _host: &str, secret: &str) -> BackendResult<()> {
         self.manager
             .store()
-            .end_session(secret)
+            .end_all_sessions(secret)
             .await
             .map_err(backend_err)
     }

@@ -9,12 +9,21 @@
 //! It must not recurse, forward, or answer for names outside the zone
 //! (those get REFUSED), and it never binds sockets itself: the daemon passes
 //! in bound sockets, so it alone decides addresses and privileges.
+//!
+//! Being public, it bounds what any client can make it spend or send: ANY
+//! gets one small record (RFC 8482), UDP responses are rate limited per
+//! source, and TCP clients are limited in number, size and idle time (see
+//! [`Limits`]).
 
+#[cfg(test)]
+mod proptests;
+mod ratelimit;
 mod server;
 mod wire;
 mod zone;
 
-pub use server::{serve, serve_tcp, serve_udp};
+pub use ratelimit::RateLimit;
+pub use server::{Limits, serve, serve_tcp, serve_udp, serve_with};
 pub use zone::{ACME_CHALLENGE_LABEL, Transport, Zone, ZoneConfig};
 
 #[derive(Debug, thiserror::Error)]

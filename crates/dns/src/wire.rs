@@ -10,6 +10,7 @@ pub(crate) type Labels = Vec<Vec<u8>>;
 pub(crate) const TYPE_A: u16 = 1;
 pub(crate) const TYPE_NS: u16 = 2;
 pub(crate) const TYPE_SOA: u16 = 6;
+pub(crate) const TYPE_HINFO: u16 = 13;
 pub(crate) const TYPE_TXT: u16 = 16;
 pub(crate) const TYPE_AAAA: u16 = 28;
 pub(crate) const TYPE_OPT: u16 = 41;

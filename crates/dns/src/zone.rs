@@ -7,7 +7,7 @@ use crate::DnsError;
 use crate::wire::{
     self, CLASS_ANY, CLASS_IN, EDNS_UDP_PAYLOAD, EXT_RCODE_BADVERS, Labels, ParseError, Query,
     RCODE_FORMERR, RCODE_NOERROR, RCODE_NOTIMP, RCODE_NXDOMAIN, RCODE_REFUSED, Record, Response,
-    TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_AXFR, TYPE_IXFR, TYPE_NS, TYPE_SOA, TYPE_TXT,
+    TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_AXFR, TYPE_HINFO, TYPE_IXFR, TYPE_NS, TYPE_SOA, TYPE_TXT,
 };
 
 /// The label under the apex that holds DNS-01 challenge values. It serves
@@ -50,6 +50,8 @@ const TXT_TTL: u32 = 10;
 /// SOA MINIMUM, i.e. how long a resolver caches "no such name". Short,
 /// because new VM names and challenge records appear at runtime.
 const NEGATIVE_TTL: u32 = 30;
+/// HINFO rdata for ANY queries (RFC 8482 4.2): CPU "RFC8482", OS empty.
+const RFC8482_HINFO: &[u8] = b"\x07RFC8482\x00";
 /// A TXT string is at most 255 bytes; a challenge value is 43.
 const MAX_TXT_LEN: usize = 255;
 /// More than this many pending challenge values is a bug in the caller, and
@@ -223,6 +225,16 @@ impl Zone {
     /// `None` for messages that deserve no answer at all (not a query, or
     /// too short to have an ID).
     pub fn respond(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        self.respond_within(msg, transport, false)
+    }
+
+    /// The reply to `msg` with every record left out and TC set: what a
+    /// rate-limited client gets now and then, to move it to TCP.
+    pub(crate) fn respond_truncated(&self, msg: &[u8]) -> Option<Vec<u8>> {
+        self.respond_within(msg, Transport::Udp, true)
+    }
+
+    fn respond_within(&self, msg: &[u8], transport: Transport, truncate: bool) -> Option<Vec<u8>> {
         let query = match wire::parse_query(msg) {
             Ok(q) => q,
             Err(ParseError::TooShort | ParseError::NotAQuery) => return None,
@@ -245,6 +257,8 @@ impl Zone {
             }
         };
         let limit = match transport {
+            // Nothing fits in 0 bytes, so `encode` writes the truncated form.
+            _ if truncate => 0,
             Transport::Tcp => usize::from(u16::MAX),
             Transport::Udp => match query.edns {
                 Some(e) => usize::from(e.udp_payload.clamp(512, EDNS_UDP_PAYLOAD)),
@@ -300,13 +314,25 @@ impl Zone {
         // Answers are owned by the name the client asked for; a pointer to
         // the question keeps its case and saves bytes.
         let owner = vec![0xc0, 0x0c];
-        let wants = |t: u16| q.qtype == t || q.qtype == TYPE_ANY;
+        let exists = matches!(relative, [] | [_]);
+        // ANY gets one small synthesized HINFO record instead of every
+        // RRset at the name (RFC 8482 4.2), over UDP and TCP alike: a
+        // reflection attack gains nothing from it, and no client needs more.
+        if q.qtype == TYPE_ANY && exists {
+            resp.answers.push(Record {
+                name: owner,
+                rtype: TYPE_HINFO,
+                ttl: data.ttl,
+                rdata: RFC8482_HINFO.to_vec(),
+            });
+            return resp;
+        }
         match relative {
             [] => {
-                if wants(TYPE_SOA) {
+                if q.qtype == TYPE_SOA {
                     resp.answers.push(data.soa(owner.clone()));
                 }
-                if wants(TYPE_NS) {
+                if q.qtype == TYPE_NS {
                     for ns in &data.nameservers {
                         resp.answers.push(Record {
                             name: owner.clone(),
@@ -320,7 +346,7 @@ impl Zone {
                 data.push_addrs(&data.default, &owner, q.qtype, &mut resp.answers);
             }
             [label] if label == ACME_CHALLENGE_LABEL.as_bytes() => {
-                if wants(TYPE_TXT) {
+                if q.qtype == TYPE_TXT {
                     for value in &data.challenges {
                         let mut rdata = Vec::with_capacity(value.len() + 1);
                         rdata.push(value.len() as u8);
@@ -368,7 +394,7 @@ impl ZoneData {
     }
 
     fn push_addrs(&self, addrs: &Addrs, owner: &[u8], qtype: u16, out: &mut Vec<Record>) {
-        if qtype == TYPE_A || qtype == TYPE_ANY {
+        if qtype == TYPE_A {
             out.extend(addrs.v4.iter().map(|ip| Record {
                 name: owner.to_vec(),
                 rtype: TYPE_A,
@@ -376,7 +402,7 @@ impl ZoneData {
                 rdata: ip.octets().to_vec(),
             }));
         }
-        if qtype == TYPE_AAAA || qtype == TYPE_ANY {
+        if qtype == TYPE_AAAA {
             out.extend(addrs.v6.iter().map(|ip| Record {
                 name: owner.to_vec(),
                 rtype: TYPE_AAAA,

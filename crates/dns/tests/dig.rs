@@ -301,7 +301,9 @@ async fn edns_and_truncation() {
 async fn garbage_on_the_wire_does_not_stop_the_server() {
     use rand::Rng;
     let port = start(zone()).await;
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // From another source address than dig's: the replies to garbage count
+    // against the sender's rate limit, and this test is not about that one.
+    let sock = UdpSocket::bind("127.0.0.3:0").await.unwrap();
     let mut rng = rand::rng();
     for _ in 0..500 {
         let len = rng.random_range(0..600);
@@ -319,4 +321,33 @@ async fn garbage_on_the_wire_does_not_stop_the_server() {
     assert_eq!(d.rdata("A"), vec![HOST_V4.to_string()], "{}", d.raw);
     let d = dig(port, &["+tcp", &format!("vm1.{DOMAIN}"), "A"]).await;
     assert_eq!(d.rdata("A"), vec![HOST_V4.to_string()], "{}", d.raw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_gets_one_hinfo_record_as_rfc8482_says() {
+    let zone = zone();
+    zone.add_acme_challenge("challenge-value").unwrap();
+    let port = start(zone).await;
+    let vm = format!("vm1.{DOMAIN}");
+    let acme = format!("_acme-challenge.{DOMAIN}");
+    for transport in ["+notcp", "+tcp"] {
+        // The apex holds SOA, NS, A and AAAA (and NS glue), yet ANY gets
+        // none of them: a small answer is no use to an amplification attack.
+        for name in [DOMAIN, &vm, &acme] {
+            let d = dig(port, &[transport, name, "ANY"]).await;
+            assert_eq!(d.status, "NOERROR", "{}", d.raw);
+            assert!(d.has_flag("aa"), "{}", d.raw);
+            assert_eq!(d.answer.len(), 1, "{}", d.raw);
+            assert_eq!(d.rdata("HINFO"), vec!["\"RFC8482\" \"\""], "{}", d.raw);
+            assert!(d.authority.is_empty(), "{}", d.raw);
+            assert!(d.additional.is_empty(), "{}", d.raw);
+        }
+        // A name that does not exist still does not.
+        let d = dig(port, &[transport, &format!("a.b.{DOMAIN}"), "ANY"]).await;
+        assert_eq!(d.status, "NXDOMAIN", "{}", d.raw);
+        assert!(d.answer.is_empty(), "{}", d.raw);
+        // Names outside the zone are still refused.
+        let d = dig(port, &[transport, "example.com", "ANY"]).await;
+        assert_eq!(d.status, "REFUSED", "{}", d.raw);
+    }
 }

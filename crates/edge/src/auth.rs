@@ -12,6 +12,10 @@ use rand::RngCore;
 /// Domain attribute) and for Path=/, so a VM can neither set it for its parent domain nor
 /// shadow the dashboard's.
 pub(crate) const SESSION_COOKIE: &str = "__Host-nook_session";
+/// Every nook machine token starts with this (see nook-store's `create_api_token`). The edge
+/// never hands one to a VM, valid for it or not: a VM's name can change hands, and a token
+/// sent to the old name must not reach the new owner's app.
+pub(crate) const TOKEN_PREFIX: &str = "nook_";
 /// Where the dashboard remembers which page to return to across an out-of-band login.
 pub(crate) const NEXT_COOKIE: &str = "__Host-nook_next";
 /// Every cookie the edge owns starts with this; none of them reaches a VM.

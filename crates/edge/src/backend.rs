@@ -84,7 +84,9 @@ pub trait EdgeBackend: Send + Sync + 'static {
         secret: &str,
     ) -> impl Future<Output = BackendResult<Option<User>>> + Send;
 
-    /// Ends the session `secret` on `host`. Ending an unknown session is not an error.
+    /// Ends the session `secret` on `host`; nook's daemon ends every other session of the
+    /// same account too (logout on any host signs the account out of all of them). Ending an
+    /// unknown session is not an error.
     fn end_session(
         &self,
         host: &str,

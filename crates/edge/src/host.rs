@@ -147,3 +147,44 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LABEL: &str = "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?";
+
+    proptest! {
+        /// A Host header is the visitor's to choose.
+        #[test]
+        fn any_host_header_parses_or_is_refused_without_panicking(raw in any::<String>()) {
+            if let Some(host) = parse_host(&raw) {
+                prop_assert!(!host.name.is_empty());
+                prop_assert!(!host.name.ends_with('.'));
+                prop_assert!(host.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'));
+            }
+        }
+
+        #[test]
+        fn names_and_ports_round_trip(name in "[a-zA-Z0-9]([a-zA-Z0-9.-]{0,40}[a-zA-Z0-9])?", port in proptest::option::of(any::<u16>()), dot in any::<bool>()) {
+            let raw = match port {
+                Some(p) => format!("{name}{}:{p}", if dot { "." } else { "" }),
+                None => format!("{name}{}", if dot { "." } else { "" }),
+            };
+            let host = parse_host(&raw).expect("a valid host parses");
+            prop_assert_eq!(host.name, name.to_ascii_lowercase());
+            prop_assert_eq!(host.port, port);
+        }
+
+        /// Exactly one label under the domain is a VM; nothing else is, so `a.b.DOMAIN` and
+        /// `evilDOMAIN` never reach a VM.
+        #[test]
+        fn only_one_label_under_the_domain_is_a_vm(label in LABEL, other in LABEL, domain in "[a-z]{1,10}\\.[a-z]{2,5}") {
+            prop_assert_eq!(site(&format!("{label}.{domain}"), &domain), Site::Vm(label.clone()));
+            prop_assert_eq!(site(&domain, &domain), Site::Dashboard);
+            prop_assert_eq!(site(&format!("{other}.{label}.{domain}"), &domain), Site::Unknown);
+            prop_assert_eq!(site(&format!("{label}{domain}"), &domain), Site::Unknown);
+        }
+    }
+}

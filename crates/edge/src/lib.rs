@@ -14,6 +14,7 @@ mod body;
 mod ca;
 mod error;
 mod host;
+mod limit;
 mod mail;
 mod pages;
 mod proxy;
@@ -35,6 +36,7 @@ pub use backend::{Access, BackendResult, DashboardVm, EdgeBackend, User, VmTarge
 pub use ca::LocalCa;
 pub use error::{BackendError, EdgeError};
 pub use host::{ListenerRole, VM_PORTS};
+pub use limit::EmailLimits;
 pub use mail::{SmtpConfig, SmtpSecurity};
 pub use tls::certified_key_from_pem;
 
@@ -70,6 +72,8 @@ pub struct EdgeConfig {
     pub handoff_ttl: Duration,
     /// SMTP for email login links; `None` hides the email form.
     pub smtp: Option<SmtpConfig>,
+    /// How often sign-in emails may be asked for.
+    pub email_limits: EmailLimits,
 }
 
 impl Default for EdgeConfig {
@@ -87,6 +91,7 @@ impl Default for EdgeConfig {
             session_max_age: Duration::from_secs(30 * 24 * 3600),
             handoff_ttl: Duration::from_secs(60),
             smtp: None,
+            email_limits: EmailLimits::default(),
         }
     }
 }
@@ -107,6 +112,7 @@ pub(crate) struct Inner<B> {
     upstream: proxy::Upstream,
     handoffs: auth::Handoffs,
     mailer: Option<mail::Mailer>,
+    email_limits: limit::EmailLimiter,
     server: auto::Builder<TokioExecutor>,
 }
 
@@ -164,6 +170,7 @@ impl<B: EdgeBackend> Edge<B> {
                     config.upstream_response_timeout,
                 ),
                 handoffs: auth::Handoffs::new(config.handoff_ttl),
+                email_limits: limit::EmailLimiter::new(config.email_limits),
                 config,
                 backend,
                 certs,

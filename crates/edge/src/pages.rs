@@ -83,6 +83,15 @@ pub(crate) enum Page {
     BadPort,
     /// Not a GET/POST where the edge expects one.
     MethodNotAllowed,
+    /// An `Upgrade` to anything but a WebSocket.
+    UpgradeNotSupported,
+    /// A signed-in browser's request that changes something (or opens a WebSocket) came from
+    /// another site: it may be that site acting as the viewer.
+    CrossSite,
+    /// Too many sign-in emails asked for from one address or for one email.
+    TooManyEmails,
+    /// A form body that was too large, too slow or not readable.
+    BadForm,
 }
 
 impl Page {
@@ -99,6 +108,10 @@ impl Page {
             Page::LoginLinkForAnotherAccount { .. } => StatusCode::CONFLICT,
             Page::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Page::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Page::UpgradeNotSupported => StatusCode::BAD_REQUEST,
+            Page::CrossSite => StatusCode::FORBIDDEN,
+            Page::TooManyEmails => StatusCode::TOO_MANY_REQUESTS,
+            Page::BadForm => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -169,6 +182,24 @@ Ask for a new one.</p><p><a href=\"/\">Back to login</a></p>"
                 "Method not allowed".into(),
                 "<h1>Method not allowed</h1>".into(),
             ),
+            Page::UpgradeNotSupported => (
+                "Upgrade not supported".into(),
+                "<h1>Upgrade not supported</h1><p>nook passes on WebSocket upgrades only; other protocol upgrades are refused.</p>".into(),
+            ),
+            Page::CrossSite => (
+                "Cross-site request refused".into(),
+                "<h1>Cross-site request refused</h1><p>This request came from another site, which could be acting as you without your knowledge, so it was not carried out. \
+If you meant to do this, open this site directly and try again from its own pages.</p>"
+                    .into(),
+            ),
+            Page::TooManyEmails => (
+                "Too many requests".into(),
+                "<h1>Too many sign-in emails</h1><p>Too many sign-in links were asked for recently. Wait a few minutes before asking again, or sign in over SSH.</p>".into(),
+            ),
+            Page::BadForm => (
+                "Form not received".into(),
+                "<h1>Form not received</h1><p>The form could not be read. Go back and send it again.</p>".into(),
+            ),
         }
     }
 
@@ -216,19 +247,40 @@ pub(crate) fn login_page<B: From<Bytes>>(
     html(StatusCode::OK, "Sign in to nook", &body)
 }
 
+/// Asks a browser with no session to confirm a login link before it is used: a link alone
+/// (sent by someone else, or opened by a page) must not sign a browser in to whatever account
+/// it is for. The token travels on in the form, never in a URL the browser keeps.
+pub(crate) fn login_confirm_page<B: From<Bytes>>(
+    token: &str,
+    next: Option<&str>,
+    state: Option<&str>,
+) -> Response<B> {
+    let hidden = |name: &str, value: Option<&str>| {
+        value
+            .map(|v| {
+                format!(
+                    "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+                    escape(v)
+                )
+            })
+            .unwrap_or_default()
+    };
+    let body = format!(
+        "<h1>Sign in to nook</h1><p>Continue only if you asked for this sign-in link yourself. \
+If someone sent it to you, close this page: it would sign you in to their account.</p>\
+<form method=\"post\" action=\"/__nook/login\">{}{}{}<button id=\"sign-in\">Sign in</button></form>",
+        hidden("token", Some(token)),
+        hidden("next", next),
+        hidden("state", state),
+    );
+    html(StatusCode::OK, "Sign in to nook", &body)
+}
+
 pub(crate) fn email_sent_page<B: From<Bytes>>() -> Response<B> {
     html(
         StatusCode::OK,
         "Check your email",
         "<h1>Check your email</h1><p>If an account uses that address, a sign-in link is on its way. It works once, for a few minutes.</p>",
-    )
-}
-
-pub(crate) fn email_failed_page<B: From<Bytes>>() -> Response<B> {
-    html(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "Email not sent",
-        "<h1>Email could not be sent</h1><p>Try again later, or sign in over SSH.</p>",
     )
 }
 

@@ -156,6 +156,44 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     if upgrade_requested { upgrade } else { None }
 }
 
+/// The protocol switch a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpgradeAsk {
+    None,
+    /// An HTTP/1.1 `Upgrade: websocket` or an HTTP/2 WebSocket CONNECT.
+    WebSocket,
+    /// Any other protocol (h2c, TLS, a VM's own): never tunnelled, since the edge cannot tell
+    /// what it would carry past its checks.
+    Other,
+}
+
+pub(crate) fn upgrade_ask<B>(req: &Request<B>) -> UpgradeAsk {
+    if is_websocket_connect(req) {
+        return UpgradeAsk::WebSocket;
+    }
+    let headers = req.headers();
+    let asked = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asked {
+        return UpgradeAsk::None;
+    }
+    let mut values = headers.get_all(header::UPGRADE).iter();
+    match (values.next(), values.next()) {
+        (None, _) => UpgradeAsk::None,
+        (Some(v), None) if is_websocket(v) => UpgradeAsk::WebSocket,
+        _ => UpgradeAsk::Other,
+    }
+}
+
+fn is_websocket(v: &HeaderValue) -> bool {
+    v.to_str()
+        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+}
+
 /// An HTTP/2 extended CONNECT for a WebSocket (RFC 8441).
 pub(crate) fn is_websocket_connect<B>(req: &Request<B>) -> bool {
     req.method() == hyper::Method::CONNECT
@@ -186,10 +224,15 @@ fn websocket_connect_to_upgrade(parts: &mut hyper::http::request::Parts) -> Head
 }
 
 /// Clients cannot forge identity or forwarding headers: drop every copy they sent.
+///
+/// Names with an underscore go too, whatever they say: CGI-style servers (Django, Rack/Puma,
+/// PHP) map both `X-Nook-User-Email` and `X_Nook_User_Email` to `HTTP_X_NOOK_USER_EMAIL`, so
+/// a client's `x_nook_user_email` could otherwise stand in for the identity nook vouches for.
 fn strip_forgeable(headers: &mut HeaderMap) {
     let forgeable = |k: &HeaderName| {
         let k = k.as_str();
-        k.starts_with("x-nook-")
+        k.contains('_')
+            || k.starts_with("x-nook-")
             || k.starts_with("x-forwarded-")
             || k == "forwarded"
             || k == "x-real-ip"
@@ -338,6 +381,15 @@ impl Upstream {
                 // where this kind of upgrade does not exist).
                 return Err(UpstreamError::UnexpectedUpgrade);
             };
+            if resp
+                .headers()
+                .get_all(header::UPGRADE)
+                .iter()
+                .any(|u| !is_websocket(u))
+            {
+                // Only WebSockets are tunnelled, whatever the VM switches to.
+                return Err(UpstreamError::UnexpectedUpgrade);
+            }
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {

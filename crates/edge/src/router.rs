@@ -18,7 +18,7 @@ use crate::body::EdgeBody;
 use crate::error::{BackendError, UpstreamError};
 use crate::host::{self, HostName, Site};
 use crate::pages::{self, Page};
-use crate::proxy::Forward;
+use crate::proxy::{Forward, UpgradeAsk};
 use crate::{ConnInfo, Inner, SHARE_PARAM};
 
 type Resp = Response<EdgeBody>;
@@ -39,11 +39,47 @@ fn enc(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
-fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+fn query_param<T>(req: &Request<T>, name: &str) -> Option<String> {
     let q = req.uri().query()?;
     form_urlencoded::parse(q.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
+}
+
+/// A small urlencoded form body; anything slow or large is refused.
+async fn read_form(body: Incoming) -> Result<Bytes, Failure> {
+    let body = http_body_util::Limited::new(body, 8 * 1024);
+    match tokio::time::timeout(Duration::from_secs(10), body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        _ => Err(Failure::Page(Page::BadForm)),
+    }
+}
+
+/// Where to go after signing in, and the sign-in state of the VM host that sent the browser:
+/// from the request if it says, else from the cookie the login page left.
+fn login_next<T>(
+    req: &Request<T>,
+    next: Option<String>,
+    state: Option<String>,
+) -> (Option<String>, Option<String>) {
+    let remembered = auth::cookie(req.headers(), NEXT_COOKIE).map(|c| {
+        let (state, next) = match c.split_once('.') {
+            Some((s, n)) if auth::is_state(s) => (Some(s.to_string()), n),
+            _ => (None, c),
+        };
+        let next = percent_encoding::percent_decode_str(next)
+            .decode_utf8_lossy()
+            .into_owned();
+        (state, next)
+    });
+    let (next, state) = match next {
+        Some(next) => (Some(next), state),
+        None => match remembered {
+            Some((state, next)) => (Some(next), state),
+            None => (None, None),
+        },
+    };
+    (next, state.filter(|s| auth::is_state(s)))
 }
 
 fn redirect(location: &str) -> Resp {
@@ -94,6 +130,60 @@ fn vm_next(next: &str, domain: &str) -> Option<(String, String, String)> {
     Some((authority.to_ascii_lowercase(), h.name, path))
 }
 
+/// Whether the browser says the request comes from the site it is for: `Origin` names this
+/// host (scheme, name and port), or `Sec-Fetch-Site` is `same-origin` or `none` (typed or
+/// bookmarked). Browsers send one or the other on every request that needs the check; a
+/// request with neither gets no benefit of the doubt.
+fn from_same_origin<T>(req: &Request<T>, host: &HostName) -> bool {
+    let headers = req.headers();
+    let fetch_site = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if matches!(fetch_site.as_deref(), Some("same-origin" | "none")) {
+        return true;
+    }
+    let mut origins = headers.get_all(header::ORIGIN).iter();
+    let (Some(origin), None) = (origins.next(), origins.next()) else {
+        return false;
+    };
+    origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.strip_prefix("https://"))
+        .and_then(host::parse_host)
+        .is_some_and(|o| o.name == host.name && o.port.unwrap_or(443) == host.port.unwrap_or(443))
+}
+
+/// What every dashboard answer carries. The dashboard is where accounts sign in, so: HTTPS
+/// only from now on (HSTS), never inside another site's frame (clickjacking the sign-in
+/// button), no content sniffing, and no URL (which may hold a login token) in a Referer.
+/// VM hosts get none of these from nook: each app decides its own.
+fn dashboard_headers(h: &mut hyper::HeaderMap) {
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+}
+
+/// Methods that must not change anything, so need no proof of where they came from.
+fn is_safe_method(m: &Method) -> bool {
+    *m == Method::GET || *m == Method::HEAD || *m == Method::OPTIONS
+}
+
 fn wants_html(req: &Request<Incoming>) -> bool {
     (req.method() == Method::GET || req.method() == Method::HEAD)
         && req
@@ -124,19 +214,25 @@ impl<B: EdgeBackend> Inner<B> {
         let Some(host) = raw_host.as_deref().and_then(host::parse_host) else {
             return Page::UnknownHost.response();
         };
-        let result = match host::site(&host.name, &self.config.domain) {
-            Site::Dashboard => self.dashboard(req, &host).await,
+        let site = host::site(&host.name, &self.config.domain);
+        let on_dashboard = site == Site::Dashboard;
+        let result = match site {
+            Site::Dashboard => self.dashboard(req, &host, conn).await,
             Site::Vm(name) => self.vm(req, &name, &host, conn).await,
             Site::Unknown => Err(Failure::Page(Page::UnknownHost)),
         };
-        match result {
+        let mut resp = match result {
             Ok(r) => r,
             Err(Failure::Page(p)) => p.response(),
             Err(Failure::Backend(e)) => {
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e), host = %host.name, "backend failed");
                 Page::Internal.response()
             }
+        };
+        if on_dashboard {
+            dashboard_headers(resp.headers_mut());
         }
+        resp
     }
 
     pub(crate) fn dashboard_origin(&self) -> String {
@@ -161,9 +257,9 @@ impl<B: EdgeBackend> Inner<B> {
         }
     }
 
-    async fn session_user(
+    async fn session_user<T>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<T>,
         host: &str,
     ) -> Result<Option<User>, BackendError> {
         match auth::cookie(req.headers(), SESSION_COOKIE) {
@@ -187,10 +283,20 @@ impl<B: EdgeBackend> Inner<B> {
 
     // ---- the dashboard host ----
 
-    async fn dashboard(&self, req: Request<Incoming>, host: &HostName) -> Result<Resp, Failure> {
+    async fn dashboard(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        host: &HostName,
+        conn: ConnInfo,
+    ) -> Result<Resp, Failure> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let is_get = method == Method::GET || method == Method::HEAD;
+        // Every POST here signs someone in or out, or sends mail: only the dashboard's own
+        // pages may make a browser send one (another site's form would be login CSRF).
+        if method == Method::POST && !from_same_origin(&req, host) {
+            return Err(Failure::Page(Page::CrossSite));
+        }
         match path.as_str() {
             "/" if is_get => {
                 let Some(user) = self.session_user(&req, &host.name).await? else {
@@ -204,8 +310,23 @@ impl<B: EdgeBackend> Inner<B> {
                 Ok(pages::dashboard_page(&user.email, &vms, |n| self.vm_url(n)))
             }
             "/__nook/login" if is_get => self.login(req, host).await,
+            "/__nook/login" if method == Method::POST => {
+                let (parts, body) = req.into_parts();
+                let form = read_form(body).await?;
+                let req = Request::from_parts(parts, ());
+                let field = |name: &str| {
+                    form_urlencoded::parse(&form)
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.into_owned())
+                };
+                let Some(token) = field("token") else {
+                    return Err(Failure::Page(Page::LoginLinkInvalid));
+                };
+                let (next, state) = login_next(&req, field("next"), field("state"));
+                self.redeem_login(&req, host, &token, next, state).await
+            }
             "/__nook/email" if method == Method::POST && self.mailer.is_some() => {
-                self.email_login(req).await
+                self.email_login(req, conn).await
             }
             "/__nook/logout" if is_get || method == Method::POST => {
                 if let Some(secret) = auth::cookie(req.headers(), SESSION_COOKIE) {
@@ -218,47 +339,33 @@ impl<B: EdgeBackend> Inner<B> {
         }
     }
 
-    /// `/__nook/login?token=T[&next=URL]` redeems a login link; without a token it either
+    /// `/__nook/login?token=T[&next=URL]` is a login link; without a token it either
     /// continues to `next` (already signed in) or shows the login page and remembers `next`.
+    ///
+    /// A browser signed in to the dashboard uses the link at once (it cannot be switched to
+    /// another account by it, see [`Self::redeem_login`]). A signed-out browser is asked to
+    /// confirm with a click that POSTs the token back: otherwise anyone could sign a victim's
+    /// browser in to their own account by making it open a link (login CSRF), and whatever
+    /// the victim then did or typed would land in that account.
     ///
     /// A VM host sends browsers here with the sign-in `state` it set on them (see
     /// [`auth::random_state`]); the handoff code is bound to it. While the user signs in out of
     /// band, `next` and the state wait in a cookie as `STATE.NEXT`.
     async fn login(&self, req: Request<Incoming>, host: &HostName) -> Result<Resp, Failure> {
-        let remembered = auth::cookie(req.headers(), NEXT_COOKIE).map(|c| {
-            let (state, next) = match c.split_once('.') {
-                Some((s, n)) if auth::is_state(s) => (Some(s.to_string()), n),
-                _ => (None, c),
-            };
-            let next = percent_encoding::percent_decode_str(next)
-                .decode_utf8_lossy()
-                .into_owned();
-            (state, next)
-        });
-        let (next, state) = match query_param(&req, "next") {
-            Some(next) => (Some(next), query_param(&req, "state")),
-            None => match remembered {
-                Some((state, next)) => (Some(next), state),
-                None => (None, None),
-            },
-        };
-        let state = state.filter(|s| auth::is_state(s));
+        let query_next = query_param(&req, "next");
+        let query_state = query_param(&req, "state");
         if let Some(token) = query_param(&req, "token") {
-            let current = self.session_user(&req, &host.name).await?;
-            let Some(user) = self.backend.redeem_login_token(&token).await? else {
-                return Err(Failure::Page(Page::LoginLinkInvalid));
-            };
-            if let Some(current) = current.filter(|c| c.id != user.id) {
-                return Err(Failure::Page(Page::LoginLinkForAnotherAccount {
-                    signed_in: current.email,
-                    link_for: user.email,
-                }));
+            if self.session_user(&req, &host.name).await?.is_none() {
+                return Ok(pages::login_confirm_page(
+                    &token,
+                    query_next.as_deref(),
+                    query_state.as_deref().filter(|s| auth::is_state(s)),
+                ));
             }
-            let cookie = self.new_session_cookie(&user.id, &host.name).await?;
-            let resp = self.continue_to(next.as_deref(), state.as_deref(), &user);
-            let resp = self.with_cookie(resp, cookie);
-            return Ok(self.with_cookie(resp, auth::clear_cookie(NEXT_COOKIE)));
+            let (next, state) = login_next(&req, query_next, query_state);
+            return self.redeem_login(&req, host, &token, next, state).await;
         }
+        let (next, state) = login_next(&req, query_next, query_state);
         if let Some(user) = self.session_user(&req, &host.name).await? {
             return Ok(self.continue_to(next.as_deref(), state.as_deref(), &user));
         }
@@ -281,6 +388,32 @@ impl<B: EdgeBackend> Inner<B> {
         )
     }
 
+    /// Uses up a login token and signs this browser in to the dashboard, then continues to
+    /// `next`. A browser signed in as someone else is never silently switched.
+    async fn redeem_login<T>(
+        &self,
+        req: &Request<T>,
+        host: &HostName,
+        token: &str,
+        next: Option<String>,
+        state: Option<String>,
+    ) -> Result<Resp, Failure> {
+        let current = self.session_user(req, &host.name).await?;
+        let Some(user) = self.backend.redeem_login_token(token).await? else {
+            return Err(Failure::Page(Page::LoginLinkInvalid));
+        };
+        if let Some(current) = current.filter(|c| c.id != user.id) {
+            return Err(Failure::Page(Page::LoginLinkForAnotherAccount {
+                signed_in: current.email,
+                link_for: user.email,
+            }));
+        }
+        let cookie = self.new_session_cookie(&user.id, &host.name).await?;
+        let resp = self.continue_to(next.as_deref(), state.as_deref(), &user);
+        let resp = self.with_cookie(resp, cookie);
+        Ok(self.with_cookie(resp, auth::clear_cookie(NEXT_COOKIE)))
+    }
+
     /// Sends a signed-in user on to `next`: through a handoff when it is a VM URL (each VM host
     /// gets its own cookie), else to the dashboard.
     fn continue_to(&self, next: Option<&str>, state: Option<&str>, user: &User) -> Resp {
@@ -296,41 +429,64 @@ impl<B: EdgeBackend> Inner<B> {
         }
     }
 
-    async fn email_login(&self, req: Request<Incoming>) -> Result<Resp, Failure> {
-        let body = http_body_util::Limited::new(req.into_body(), 8 * 1024);
-        let Ok(Ok(collected)) = tokio::time::timeout(Duration::from_secs(10), body.collect()).await
-        else {
-            return Err(Failure::Page(Page::NotFound));
-        };
-        let form = collected.to_bytes();
+    /// Asks for a sign-in email. The answer is the same page, at once, whether or not the
+    /// address belongs to anyone: the lookup and the mail happen afterwards, so neither the
+    /// page nor its timing tells who has an account. Limits per source address and per email
+    /// keep it from being used to flood someone's inbox or to probe at speed.
+    async fn email_login(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Resp, Failure> {
+        let form = read_form(req.into_body()).await?;
         let mut email = None;
         let mut next = None;
         for (k, v) in form_urlencoded::parse(&form) {
             match &*k {
-                "email" => email = Some(v.trim().to_string()),
+                "email" => email = Some(v.trim().to_ascii_lowercase()),
                 "next" => next = Some(v.into_owned()),
                 _ => {}
             }
         }
+        if !self.email_limits.allow_source(conn.peer.ip()) {
+            return Err(Failure::Page(Page::TooManyEmails));
+        }
         let Some(email) = email.filter(|e| e.contains('@') && e.len() <= 254) else {
             return Ok(pages::email_sent_page());
         };
-        let Some(token) = self.backend.start_email_login(&email).await? else {
-            // Same answer as for a known address: the page must not reveal who has an account.
+        if !self.email_limits.allow_email(&email) {
+            return Err(Failure::Page(Page::TooManyEmails));
+        }
+        let Ok(permit) = self.email_limits.in_flight.clone().try_acquire_owned() else {
+            tracing::warn!("too many sign-in emails in flight; one was dropped");
             return Ok(pages::email_sent_page());
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = this.send_login_email(&email, next).await {
+                tracing::warn!(error = %e, source = ?e.source(), "login email not sent");
+            }
+        });
+        Ok(pages::email_sent_page())
+    }
+
+    async fn send_login_email(
+        &self,
+        email: &str,
+        next: Option<String>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let Some(token) = self.backend.start_email_login(email).await? else {
+            return Ok(());
         };
         let mut link = self.login_url(&token);
         if let Some(n) = next.filter(|n| vm_next(n, &self.config.domain).is_some()) {
             link.push_str(&format!("&next={}", enc(&n)));
         }
-        let Some(mailer) = &self.mailer else {
-            return Err(Failure::Page(Page::NotFound));
-        };
-        if let Err(e) = mailer.send_login_link(&email, &link).await {
-            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "login email not sent");
-            return Ok(pages::email_failed_page());
+        if let Some(mailer) = &self.mailer {
+            mailer.send_login_link(email, &link).await?;
         }
-        Ok(pages::email_sent_page())
+        Ok(())
     }
 
     // ---- VM hosts ----
@@ -386,6 +542,10 @@ impl<B: EdgeBackend> Inner<B> {
             };
         }
 
+        let upgrade = crate::proxy::upgrade_ask(&req);
+        if upgrade == UpgradeAsk::Other {
+            return Err(Failure::Page(Page::UpgradeNotSupported));
+        }
         let port = host::vm_port(
             conn.role,
             conn.local_port,
@@ -397,7 +557,9 @@ impl<B: EdgeBackend> Inner<B> {
         let mut user = self.session_user(&req, &host.name).await?;
         let mut token_used = false;
         let mut bad_credentials = false;
+        let mut nook_token = false;
         if let Some(token) = auth::authorization_token(req.headers()) {
+            nook_token = token.starts_with(auth::TOKEN_PREFIX);
             match &vm {
                 Some(vm) => match self.backend.token_user(&vm.id, &token).await? {
                     Some(u) => {
@@ -428,6 +590,17 @@ impl<B: EdgeBackend> Inner<B> {
             return Ok(redirect(&without_param(&req, SHARE_PARAM)));
         }
 
+        // A browser's cookie goes with requests that other sites (a sibling VM, say) make it
+        // send: what such a request could change, or a WebSocket it opens, needs proof that it
+        // comes from this site itself. Tokens are never sent by a browser on its own.
+        let by_cookie = user.is_some() && !token_used;
+        if by_cookie
+            && (!is_safe_method(req.method()) || upgrade == UpgradeAsk::WebSocket)
+            && !from_same_origin(&req, host)
+        {
+            return Err(Failure::Page(Page::CrossSite));
+        }
+
         let default_port = port.is_none();
         let access = match &user {
             Some(u) => self.backend.access(&u.id, &vm.id).await?,
@@ -442,8 +615,12 @@ impl<B: EdgeBackend> Inner<B> {
         let fwd = Forward {
             peer: conn.peer.ip(),
             host: &authority,
-            user: user.as_ref(),
-            strip_authorization: token_used,
+            // Let in only because the VM is public: the app learns nothing about the visitor,
+            // or any public VM could collect the email of everyone who opens it.
+            user: user.as_ref().filter(|_| access >= Access::Viewer),
+            // A nook token is a secret for nook: the VM it was not made for (or made for, but
+            // it authenticated the request to nook) must not be able to replay it.
+            strip_authorization: token_used || nook_token,
         };
         let vm_port = target.port();
         match self.upstream.forward(req, target, fwd).await {

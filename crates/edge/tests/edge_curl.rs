@@ -70,13 +70,16 @@ async fn anonymous_visitor_logs_in_with_link_and_returns_to_vm() {
             && !next_cookie.to_lowercase().contains("domain=")
     );
 
-    // 3. The login link (from `ssh HOST browser`) opened in the same browser.
+    // 3. The login link (from `ssh HOST browser`) opened in the same browser, which is not
+    // signed in yet: it asks for a click first.
     let token = h.backend.login_token("u1");
-    let r = h
+    let page = h
         .curl()
         .jar(jar.path())
         .get(&h.url("nook.localhost", &format!("/__nook/login?token={token}")))
         .await;
+    assert!(page.set_cookie("__Host-nook_session").is_none(), "{page:?}");
+    let r = h.press_sign_in(jar.path(), &page, false).await;
     assert_eq!(r.status, 302, "{r:?}");
     let dash_cookie = r
         .headers_named("set-cookie")
@@ -99,10 +102,8 @@ async fn anonymous_visitor_logs_in_with_link_and_returns_to_vm() {
         "{handoff}"
     );
     // The link works once.
-    let again = h
-        .curl()
-        .get(&h.url("nook.localhost", &format!("/__nook/login?token={token}")))
-        .await;
+    let fresh = tempfile::NamedTempFile::new().unwrap();
+    let again = h.press_sign_in(fresh.path(), &page, false).await;
     assert_eq!(again.status, 400);
 
     // 4. The handoff sets the VM host's own cookie and returns to the original page.
@@ -145,12 +146,13 @@ async fn anonymous_visitor_logs_in_with_link_and_returns_to_vm() {
     let login = r.header("location").unwrap();
     let _ = h.curl().html().jar(jar2.path()).get(login).await;
     let token = h.backend.login_token("u1");
-    let r = h
+    let page = h
         .curl()
         .jar(jar2.path())
         .arg("-L")
         .get(&h.url("nook.localhost", &format!("/__nook/login?token={token}")))
         .await;
+    let r = h.press_sign_in(jar2.path(), &page, true).await;
     assert!(r.body.contains("ann@example.com"), "{r:?}");
 
     // The dashboard lists the user's VMs.
@@ -401,7 +403,7 @@ async fn revoking_access_takes_effect_on_the_next_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn public_vm_is_open_and_identifies_signed_in_viewers() {
+async fn public_vm_is_open_and_identifies_viewers_with_a_role() {
     let h = Harness::start().await;
     let up = start_upstream().await;
     h.backend.add_user("u3", "cat@example.com");
@@ -413,7 +415,16 @@ async fn public_vm_is_open_and_identifies_signed_in_viewers() {
         .await;
     assert_eq!(r.status, 200);
     assert!(r.upstream_header("x-nook-user-id").is_none());
+    // Signed in but without a role: still anonymous to the app (see edge_attacks.rs).
     let s = h.backend.session_for("u3", "pub.nook.localhost");
+    let r = h
+        .curl()
+        .session(&s)
+        .get(&h.url("pub.nook.localhost", "/hello"))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.upstream_header("x-nook-user-email").is_none(), "{r:?}");
+    h.backend.grant("u3", "pub", Access::Viewer);
     let r = h
         .curl()
         .session(&s)
@@ -859,6 +870,7 @@ async fn http2_from_clients() {
         .curl()
         .arg("--http2")
         .session(&s)
+        .header("Sec-Fetch-Site: same-origin")
         .arg("-d")
         .arg("x=1")
         .get(&h.url("blog.nook.localhost", "/h2"))
@@ -900,6 +912,13 @@ async fn websocket_echo_through_the_proxy() {
     req.headers_mut().insert(
         "cookie",
         format!("__Host-nook_session={s}").parse().unwrap(),
+    );
+    // As a browser sends it (a cookie-authenticated upgrade needs it, see edge_attacks.rs).
+    req.headers_mut().insert(
+        "origin",
+        format!("https://ws.nook.localhost:{}", h.port)
+            .parse()
+            .unwrap(),
     );
     let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
     assert_eq!(resp.status(), 101);
@@ -1101,11 +1120,12 @@ async fn a_handoff_link_signs_in_only_the_browser_that_asked() {
     // Mallory's account is set; Ann is sent round to sign in as herself.
     let ann = tempfile::NamedTempFile::new().unwrap();
     let token = h.backend.login_token("u1");
-    let r = h
+    let page = h
         .curl()
         .jar(ann.path())
         .get(&h.url("nook.localhost", &format!("/__nook/login?token={token}")))
         .await;
+    let r = h.press_sign_in(ann.path(), &page, false).await;
     assert_eq!(r.status, 302, "{r:?}");
     let r = h.curl().jar(ann.path()).get(&bound).await;
     assert_eq!(r.status, 302, "{r:?}");
@@ -1296,7 +1316,9 @@ async fn websocket_over_http2_echoes_through_the_proxy() {
             .uri(format!("https://ws.nook.localhost:{}/socket", h.port))
             .header("sec-websocket-version", "13");
         if let Some(c) = cookie {
-            req = req.header("cookie", format!("__Host-nook_session={c}"));
+            req = req
+                .header("cookie", format!("__Host-nook_session={c}"))
+                .header("origin", format!("https://ws.nook.localhost:{}", h.port));
         }
         let mut req = req
             .body(http_body_util::Empty::<bytes::Bytes>::new())

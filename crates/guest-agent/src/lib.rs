@@ -10,16 +10,18 @@
 //! from parsing `/etc/passwd` and `/etc/group`), exit on bad input from the host, or leave
 //! zombies behind (every spawned child is waited for by its own thread).
 
-/// Logs one line to stderr, which is the serial console inside a VM.
+/// Logs one line to stderr (the serial console, or the journal), never blocking: see [`logger`].
 macro_rules! log {
     ($($arg:tt)*) => {
-        eprintln!("nook-agent: {}", format_args!($($arg)*))
+        $crate::logger::line(format!($($arg)*))
     };
 }
 
 pub mod boot;
 mod files;
 mod identity;
+pub mod link;
+pub mod logger;
 pub mod metrics;
 pub mod port;
 pub mod power;

@@ -37,7 +37,8 @@ fn main() -> ExitCode {
             }
         }
     }
-    eprintln!("nook-agent: version {} starting", env!("CARGO_PKG_VERSION"));
+    nook_guest_agent::logger::start();
+    nook_guest_agent::logger::line(format!("version {} starting", env!("CARGO_PKG_VERSION")));
     if setup {
         nook_guest_agent::boot::setup();
     }

@@ -72,7 +72,10 @@ pub fn run(agent: &Agent, path: Option<&Path>) -> ! {
         loop {
             frames.clear();
             match agent.read_frames(&port, &mut frames) {
-                Ok(()) => sleep(EOF_DELAY),
+                Ok(()) => {
+                    agent.host_gone();
+                    sleep(EOF_DELAY);
+                }
                 Err(e) => {
                     log!("port read failed: {e}; reopening");
                     // Our last reference must go, or the reopen finds the port busy.

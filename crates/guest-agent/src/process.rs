@@ -25,8 +25,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 
 /// The default `PATH` of spawned processes.
@@ -45,6 +46,57 @@ pub(crate) struct Proc {
     stdin: Mutex<Option<Sender<Input>>>,
     /// The pty master, for `Resize`.
     pty: Option<OwnedFd>,
+    /// Output the host has not acknowledged yet may not pass this (`SpawnRequest::window`).
+    window: Option<Arc<Window>>,
+}
+
+/// Output flow control: bytes the process may still send before the host acknowledges more.
+/// Released (unlimited) when the host that asked for it is gone, so nothing waits forever.
+pub(crate) struct Window {
+    credit: Mutex<i64>,
+    grown: Condvar,
+    /// Set by `Hangup`: nobody reads the output any more.
+    hung_up: std::sync::atomic::AtomicBool,
+}
+
+impl Window {
+    fn new(bytes: u32) -> Self {
+        Self {
+            credit: Mutex::new(i64::from(bytes)),
+            grown: Condvar::new(),
+            hung_up: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Blocks while no credit is left.
+    fn wait(&self) {
+        let mut credit = lock(&self.credit);
+        while *credit <= 0 {
+            credit = self
+                .grown
+                .wait(credit)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn spend(&self, bytes: usize) {
+        *lock(&self.credit) -= bytes as i64;
+    }
+
+    fn grant(&self, bytes: u64) {
+        let mut credit = lock(&self.credit);
+        *credit = credit.saturating_add(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.grown.notify_all();
+    }
+}
+
+impl Proc {
+    /// Lifts flow control: the host that asked for it is gone.
+    pub(crate) fn release_window(&self) {
+        if let Some(w) = &self.window {
+            w.grant(u64::MAX);
+        }
+    }
 }
 
 enum Input {
@@ -142,9 +194,15 @@ fn start_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHan
 /// Starts `req` and its helper threads; `Spawned` is sent before any output. On error nothing
 /// was started and the caller reports the failure.
 pub(crate) fn spawn(shared: &Arc<Shared>, id: u64, req: SpawnRequest) -> Result<(), Failure> {
-    let Some(program) = req.argv.first() else {
+    if !req.shell && req.argv.is_empty() {
         return Err(Failure::new(ErrorKind::InvalidRequest, "Empty argv"));
-    };
+    }
+    if req.shell && req.argv.len() > 1 {
+        return Err(Failure::new(
+            ErrorKind::InvalidRequest,
+            "A shell spawn takes one command line, or none for a login shell",
+        ));
+    }
     if lock(&shared.procs).contains_key(&id) {
         return Err(Failure::new(
             ErrorKind::InvalidRequest,
@@ -158,9 +216,31 @@ pub(crate) fn spawn(shared: &Arc<Shared>, id: u64, req: SpawnRequest) -> Result<
         None => "/".to_string(),
     };
 
-    let mut cmd = Command::new(program);
-    cmd.args(&req.argv[1..])
-        .env_clear()
+    let (mut cmd, program) = if req.shell {
+        // As sshd does: the account's shell, as a login shell (argv[0] "-bash") when
+        // interactive, else `SHELL -c COMMAND`.
+        let shell = if Path::new(&account.shell).is_file() {
+            account.shell.clone()
+        } else {
+            "/bin/sh".to_string()
+        };
+        let mut cmd = Command::new(&shell);
+        match req.argv.first() {
+            Some(command) => {
+                cmd.arg("-c").arg(command);
+            }
+            None => {
+                let name = shell.rsplit('/').next().unwrap_or("sh");
+                std::os::unix::process::CommandExt::arg0(&mut cmd, format!("-{name}"));
+            }
+        }
+        (cmd, shell)
+    } else {
+        let mut cmd = Command::new(&req.argv[0]);
+        cmd.args(&req.argv[1..]);
+        (cmd, req.argv[0].clone())
+    };
+    cmd.env_clear()
         .envs(build_env(&req, &account))
         .current_dir(&cwd);
 
@@ -208,15 +288,18 @@ pub(crate) fn spawn(shared: &Arc<Shared>, id: u64, req: SpawnRequest) -> Result<
         stdin_sink = Some(Box::new(pipe));
     }
     let is_pty = pty_master.is_some();
+    let ack_to = req.window.map(|_| Arc::clone(shared));
     let stdin_tx = stdin_sink.and_then(|sink| {
         let (tx, rx) = mpsc::channel();
-        start_thread("stdin", move || feed(sink, rx, is_pty)).map(|_| tx)
+        start_thread("stdin", move || feed(sink, rx, is_pty, ack_to, id)).map(|_| tx)
     });
+    let window = req.window.map(|bytes| Arc::new(Window::new(bytes)));
     let proc = Arc::new(Proc {
         pid,
         exited: Mutex::new(false),
         stdin: Mutex::new(stdin_tx),
         pty: pty_master,
+        window: window.clone(),
     });
     lock(&shared.procs).insert(id, Arc::clone(&proc));
     shared.send(id, GuestMsg::Spawned { pid });
@@ -235,7 +318,8 @@ pub(crate) fn spawn(shared: &Arc<Shared>, id: u64, req: SpawnRequest) -> Result<
         .into_iter()
         .filter_map(|(r, stream)| {
             let shared = Arc::clone(shared);
-            start_thread("output", move || pump(&shared, id, r, stream))
+            let window = window.clone();
+            start_thread("output", move || pump(&shared, id, r, stream, window))
         })
         .collect();
     let waiter_shared = Arc::clone(shared);
@@ -261,31 +345,69 @@ pub(crate) fn spawn(shared: &Arc<Shared>, id: u64, req: SpawnRequest) -> Result<
 }
 
 /// Feeds queued stdin to the child. Write errors (the child closed its stdin) drop further data.
-fn feed(mut sink: Box<dyn Write + Send>, rx: Receiver<Input>, pty: bool) {
+/// With flow control (`ack_to`), each chunk is acknowledged once written (or dropped), so the
+/// host sends no more than the child takes.
+fn feed(
+    mut sink: Box<dyn Write + Send>,
+    rx: Receiver<Input>,
+    pty: bool,
+    ack_to: Option<Arc<Shared>>,
+    id: u64,
+) {
     let mut broken = false;
     while let Ok(input) = rx.recv() {
         match input {
-            Input::Data(data) if !broken => broken = sink.write_all(&data).is_err(),
-            Input::Data(_) => {}
+            Input::Data(data) => {
+                if !broken {
+                    broken = sink.write_all(&data).is_err();
+                }
+                if let Some(shared) = &ack_to {
+                    let bytes = data.len() as u64;
+                    shared.send(id, GuestMsg::StdinAck { bytes });
+                }
+            }
             Input::Close if pty => broken = broken || sink.write_all(&[PTY_EOF]).is_err(),
             Input::Close => return,
         }
     }
 }
 
-/// Forwards one output stream as `Output` frames until EOF (or EIO, as a pty master reports it).
-fn pump(shared: &Shared, id: u64, mut source: Box<dyn Read + Send>, stream: Stream) {
+/// Forwards one output stream as `Output` frames until EOF (or EIO, as a pty master reports it),
+/// within the flow-control window if there is one.
+fn pump(
+    shared: &Shared,
+    id: u64,
+    mut source: Box<dyn Read + Send>,
+    stream: Stream,
+    window: Option<Arc<Window>>,
+) {
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
+        if let Some(w) = &window {
+            w.wait();
+        }
         match source.read(&mut buf) {
             Ok(0) => return,
-            Ok(n) => shared.send(
-                id,
-                GuestMsg::Output {
-                    stream,
-                    data: buf[..n].to_vec(),
-                },
-            ),
+            // Hung up: dropping the read end makes the process's next write fail (EPIPE).
+            Ok(_)
+                if window
+                    .as_ref()
+                    .is_some_and(|w| w.hung_up.load(Ordering::Relaxed)) =>
+            {
+                return;
+            }
+            Ok(n) => {
+                if let Some(w) = &window {
+                    w.spend(n);
+                }
+                shared.send(
+                    id,
+                    GuestMsg::Output {
+                        stream,
+                        data: buf[..n].to_vec(),
+                    },
+                );
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
@@ -352,6 +474,35 @@ pub(crate) fn close_stdin(shared: &Shared, id: u64) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The host passed on `bytes` of output: the process may send that much more.
+pub(crate) fn output_ack(shared: &Shared, id: u64, bytes: u64) -> Result<(), Failure> {
+    // An ack racing the process's exit is normal: nothing to report.
+    if let Ok(proc) = get(shared, id)
+        && let Some(w) = &proc.window
+    {
+        w.grant(bytes);
+    }
+    Ok(())
+}
+
+/// The process's user went away: SIGHUP its group, close its stdin, stop reading its output.
+pub(crate) fn hangup(shared: &Shared, id: u64) -> Result<(), Failure> {
+    let Ok(proc) = get(shared, id) else {
+        return Ok(());
+    };
+    if let Some(w) = &proc.window {
+        w.hung_up.store(true, Ordering::Relaxed);
+        w.grant(u64::MAX);
+    }
+    if let Some(tx) = lock(&proc.stdin).take() {
+        let _ = tx.send(Input::Close);
+    }
+    match signal(shared, id, libc::SIGHUP) {
+        Err(f) if f.kind == ErrorKind::NoSuchProcess => Ok(()),
+        other => other,
+    }
 }
 
 pub(crate) fn resize(shared: &Shared, id: u64, cols: u16, rows: u16) -> Result<(), Failure> {

@@ -91,9 +91,21 @@ impl Agent {
 
     /// Sends all later frames, including output of processes already running, to `writer`.
     pub fn set_writer(&self, writer: impl Write + Send + 'static) {
-        let mut out = lock(&self.shared.out);
-        out.writer = Some(Box::new(writer));
-        out.failed = false;
+        {
+            let mut out = lock(&self.shared.out);
+            out.writer = Some(Box::new(writer));
+            out.failed = false;
+        }
+        self.host_gone();
+    }
+
+    /// The host end closed (the daemon restarted, or a new connection replaces it): nobody
+    /// will acknowledge the output of the processes running now, so let them run free instead
+    /// of waiting forever.
+    pub fn host_gone(&self) {
+        for proc in lock(&self.shared.procs).values() {
+            proc.release_window();
+        }
     }
 
     /// Drops the current writer; frames are discarded until the next [`Agent::set_writer`].
@@ -159,6 +171,8 @@ impl Agent {
             HostMsg::CloseStdin => process::close_stdin(shared, id),
             HostMsg::Resize { cols, rows } => process::resize(shared, id, cols, rows),
             HostMsg::Signal { signal } => process::signal(shared, id, signal),
+            HostMsg::OutputAck { bytes } => process::output_ack(shared, id, bytes),
+            HostMsg::Hangup => process::hangup(shared, id),
             HostMsg::ReadFile { path, offset, len } => files::read(&path, offset, len)
                 .map(|data| shared.send(id, GuestMsg::FileData { data })),
             HostMsg::WriteFile {
@@ -168,8 +182,14 @@ impl Agent {
                 mode,
             } => files::write(&path, &data, append, mode).map(|()| shared.send(id, GuestMsg::Ok)),
             HostMsg::Identify(identity) => {
-                let cloned = crate::identity::apply(&identity);
-                shared.send(id, GuestMsg::Identified { cloned });
+                let applied = crate::identity::apply(&identity);
+                shared.send(
+                    id,
+                    GuestMsg::Identified {
+                        cloned: applied.cloned,
+                        sshd: applied.sshd,
+                    },
+                );
                 Ok(())
             }
             HostMsg::Metrics => {

@@ -46,6 +46,7 @@ fn spawn_req(argv: &[&str]) -> SpawnRequest {
         user: None,
         pty: None,
         stdin: false,
+        ..Default::default()
     }
 }
 
@@ -843,4 +844,103 @@ fn processes_outlive_a_connection_and_talk_to_the_next() {
     let mut run = Run::default();
     host.finish(1, &mut run);
     assert_eq!(run.out(), "still here\n");
+}
+
+#[test]
+fn a_window_holds_output_until_the_host_acknowledges_it() {
+    let mut host = Host::start();
+    let req = SpawnRequest {
+        window: Some(10_000),
+        ..spawn_req(&["head", "-c", "200000", "/dev/zero"])
+    };
+    host.send(1, HostMsg::Spawn(req));
+    host.expect_spawned(1);
+    let mut received = 0usize;
+    let read_until_quiet = |host: &mut Host, received: &mut usize| {
+        host.stream
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        loop {
+            let mut buf = [0u8; 65536];
+            match host.stream.read(&mut buf) {
+                Ok(n) if n > 0 => host.frames.push(&buf[..n]),
+                _ => break,
+            }
+            while let Some(body) = host.frames.next_body() {
+                let frame: GuestFrame = decode(&body).unwrap();
+                match frame.msg {
+                    GuestMsg::Output { data, .. } => *received += data.len(),
+                    other => panic!("unexpected {other:?} before the window was acknowledged"),
+                }
+            }
+        }
+        host.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+    };
+    read_until_quiet(&mut host, &mut received);
+    // At most the window plus the one read that crossed it.
+    assert!(received > 0 && received < 10_000 + 65_536, "{received}");
+    host.send(
+        1,
+        HostMsg::OutputAck {
+            bytes: u64::MAX / 2,
+        },
+    );
+    let mut run = Run::default();
+    host.finish(1, &mut run);
+    assert_eq!(received + run.stdout.len(), 200_000);
+    assert_eq!(run.code, Some(0));
+}
+
+#[test]
+fn stdin_is_acknowledged_as_the_process_takes_it() {
+    let mut host = Host::start();
+    let req = SpawnRequest {
+        window: Some(1 << 20),
+        stdin: true,
+        ..spawn_req(&["wc", "-c"])
+    };
+    host.send(2, HostMsg::Spawn(req));
+    host.expect_spawned(2);
+    host.send(
+        2,
+        HostMsg::Stdin {
+            data: vec![7; 5000],
+        },
+    );
+    match host.recv(2) {
+        GuestMsg::StdinAck { bytes } => assert_eq!(bytes, 5000),
+        other => panic!("expected StdinAck, got {other:?}"),
+    }
+    host.send(2, HostMsg::CloseStdin);
+    let mut run = Run::default();
+    host.finish(2, &mut run);
+    assert_eq!(run.out().trim(), "5000");
+}
+
+#[test]
+fn hangup_sends_sighup_and_ends_a_login_shell_command() {
+    let mut host = Host::start();
+    let marker = std::env::temp_dir().join(format!("nook-agent-hup-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let script = format!(
+        "trap 'echo hup > {}; exit 0' HUP; echo ready; while :; do sleep 0.1; done",
+        marker.display()
+    );
+    let req = SpawnRequest {
+        window: Some(1 << 20),
+        stdin: true,
+        shell: true,
+        ..spawn_req(&[script.as_str()])
+    };
+    host.send(3, HostMsg::Spawn(req));
+    host.expect_spawned(3);
+    let mut run = Run::default();
+    host.wait_output(3, &mut run, "ready\n");
+    host.send(3, HostMsg::Hangup);
+    host.finish(3, &mut run);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "hup\n");
+    let _ = std::fs::remove_file(&marker);
 }

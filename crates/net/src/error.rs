@@ -7,6 +7,9 @@ pub enum NetError {
     #[error("Slot {0} is out of range: use 0 to {max}", max = MAX_SLOT)]
     SlotOutOfRange(u32),
 
+    #[error("Invalid egress block entry {value:?}: {reason}")]
+    BadCidr { value: String, reason: String },
+
     #[error("{tool} is missing: apt-get install {package}")]
     ToolMissing {
         tool: &'static str,

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use tracing::{debug, info};
 
-use crate::{METADATA_ADDR, NetError, NetMode, VmLink, is_tap_name, ruleset};
+use crate::{EgressBlockList, METADATA_ADDR, NetError, NetMode, VmLink, is_tap_name, ruleset};
 
 /// Dummy interface holding [`METADATA_ADDR`].
 pub const METADATA_IFACE: &str = "nook-md";
@@ -31,8 +31,17 @@ impl HostNet {
     /// one transaction whose source set holds exactly `existing`, existing
     /// taps are reused untouched, and conntrack keeps established flows.
     /// Taps not in `existing` are left alone (and can no longer send IP).
+    ///
+    /// VMs may not reach the networks of [`EgressBlockList::default`]; see
+    /// [`HostNet::setup_with`] for another list.
     pub fn setup(existing: &[VmLink]) -> Result<HostNet, NetError> {
-        nft(&ruleset::replace_batch(existing))?;
+        HostNet::setup_with(existing, &EgressBlockList::default())
+    }
+
+    /// [`HostNet::setup`], with VMs kept from the networks in `block`
+    /// instead of the default ones. Re-running it replaces the list.
+    pub fn setup_with(existing: &[VmLink], block: &EgressBlockList) -> Result<HostNet, NetError> {
+        nft(&ruleset::replace_batch(existing, block))?;
         ensure_metadata_iface()?;
         for link in existing {
             ensure_link(link)?;
@@ -86,9 +95,10 @@ impl HostNet {
         Ok(())
     }
 
-    /// The `table inet nook` definition, without set elements.
-    pub fn ruleset_text() -> String {
-        ruleset::table()
+    /// The `table inet nook` definition that [`HostNet::setup_with`]
+    /// installs for `block`, without set elements.
+    pub fn ruleset_text(block: &EgressBlockList) -> String {
+        ruleset::table(block)
     }
 }
 

@@ -4,17 +4,20 @@
 //! point-to-point /30 in `10.200.0.0/16`, a tap `nk<slot>` and a MAC. The
 //! host owns [`METADATA_ADDR`] on a dummy interface, and one nftables table,
 //! `inet nook`, isolates the VMs from the host, from each other and from
-//! private networks while masquerading their egress.
+//! the networks of an [`EgressBlockList`] (private ranges and cloud metadata
+//! endpoints by default) while masquerading their egress.
 //!
 //! Everything privileged lives in `host.rs`; the rest of this crate is pure.
 //! The API is synchronous: the daemon calls it from `spawn_blocking`.
 
+mod egress;
 mod error;
 mod host;
 mod ruleset;
 
 use std::net::Ipv4Addr;
 
+pub use egress::{DEFAULT_EGRESS_BLOCK, EgressBlockList, Ipv4Net};
 pub use error::NetError;
 pub use host::{HostNet, probe_mode, taps_present};
 

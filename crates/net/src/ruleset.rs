@@ -2,31 +2,31 @@
 
 use std::fmt::Write as _;
 
-use crate::{METADATA_ADDR, VM_NET, VM_NET_PREFIX, VmLink};
+use crate::{EgressBlockList, METADATA_ADDR, VM_NET, VM_NET_PREFIX, VmLink};
 
 /// Name of the one table nook owns, in family `inet`.
 pub(crate) const TABLE: &str = "nook";
 /// Set of `ifname . ipv4_addr` pairs a VM may send from.
 pub(crate) const SOURCES_SET: &str = "vm_sources";
 
-/// Destinations VMs may not reach through the host: private, shared,
-/// link-local, loopback, multicast, reserved and "this" networks.
-const BLOCKED_DESTS: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-];
-
 /// The full `table inet nook` definition, without set elements.
-pub(crate) fn table() -> String {
+///
+/// `block` only filters forwarded traffic. The metadata address is the
+/// host's own, so VMs reach it through the input chain whatever the list
+/// holds, and nothing else on the host at all.
+pub(crate) fn table(block: &EgressBlockList) -> String {
     let md = METADATA_ADDR;
-    let blocked = BLOCKED_DESTS.join(", ");
+    let nets = block.minimal();
+    // nft rejects an empty set; with nothing to block there is no rule.
+    let block_rule = if nets.is_empty() {
+        String::new()
+    } else {
+        let list = nets.iter().map(ToString::to_string).collect::<Vec<_>>();
+        format!(
+            "\n\t\tiifname \"nk*\" ip daddr {{ {} }} drop",
+            list.join(", ")
+        )
+    };
     format!(
         r#"table inet {TABLE} {{
 	# Addresses each tap may send from: "nkN" . 10.200.x.2.
@@ -56,8 +56,7 @@ pub(crate) fn table() -> String {
 	chain forward {{
 		type filter hook forward priority filter; policy accept;
 		ct state established,related accept
-		iifname "nk*" oifname "nk*" drop
-		iifname "nk*" ip daddr {{ {blocked} }} drop
+		iifname "nk*" oifname "nk*" drop{block_rule}
 		iifname "nk*" accept
 		oifname "nk*" drop
 	}}
@@ -86,9 +85,9 @@ fn elements(links: &[VmLink]) -> String {
 
 /// One transaction that replaces the table atomically (creating it first so
 /// the delete cannot fail) and refills the source set.
-pub(crate) fn replace_batch(existing: &[VmLink]) -> String {
+pub(crate) fn replace_batch(existing: &[VmLink], block: &EgressBlockList) -> String {
     let mut s = format!("table inet {TABLE}\ndelete table inet {TABLE}\n");
-    s.push_str(&table());
+    s.push_str(&table(block));
     if !existing.is_empty() {
         s.push_str(&add_elements(existing));
     }
@@ -152,7 +151,7 @@ mod tests {
 		type filter hook forward priority filter; policy accept;
 		ct state established,related accept
 		iifname "nk*" oifname "nk*" drop
-		iifname "nk*" ip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, 192.168.0.0/16, 224.0.0.0/4, 240.0.0.0/4 } drop
+		iifname "nk*" ip daddr { 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 168.63.129.16/32, 169.254.0.0/16, 172.16.0.0/12, 192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/4, 240.0.0.0/4 } drop
 		iifname "nk*" accept
 		oifname "nk*" drop
 	}
@@ -163,19 +162,69 @@ mod tests {
 	}
 }
 "#;
-        assert_eq!(table(), expected);
-        assert_eq!(crate::HostNet::ruleset_text(), expected);
+        let default = EgressBlockList::default();
+        assert_eq!(table(&default), expected);
+        assert_eq!(crate::HostNet::ruleset_text(&default), expected);
+    }
+
+    /// The forward chain's drop rule, the one line the block list decides.
+    fn block_rule(block: &EgressBlockList) -> Option<String> {
+        table(block)
+            .lines()
+            .find(|l| l.contains("ip daddr {") && l.ends_with("drop"))
+            .map(|l| l.trim().to_owned())
+    }
+
+    #[test]
+    fn block_list_is_configurable() -> Result<(), NetError> {
+        let custom = EgressBlockList::parse(&["203.0.113.0/24", "198.51.100.7"])?;
+        assert_eq!(
+            block_rule(&custom).as_deref(),
+            Some(r#"iifname "nk*" ip daddr { 198.51.100.7/32, 203.0.113.0/24 } drop"#)
+        );
+        // Nothing to block: no rule (nft refuses an empty set), and the rest
+        // of the isolation stays.
+        let none = EgressBlockList::parse::<&str>(&[])?;
+        assert_eq!(block_rule(&none), None);
+        let t = table(&none);
+        assert!(
+            t.contains("iifname \"nk*\" oifname \"nk*\" drop\n\t\tiifname \"nk*\" accept"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ip daddr 169.254.169.254 tcp dport 80 accept"),
+            "{t}"
+        );
+        // The batch carries the list it is given.
+        assert!(replace_batch(&[], &custom).contains("198.51.100.7/32, 203.0.113.0/24"));
+        Ok(())
+    }
+
+    /// The metadata address sits inside a blocked range, and stays reachable
+    /// because the input chain, which the block list is not part of, takes it.
+    #[test]
+    fn metadata_stays_reachable_inside_a_blocked_range() {
+        let default = EgressBlockList::default();
+        assert!(default.blocks(METADATA_ADDR));
+        let t = table(&default);
+        let input = t
+            .split("chain input {")
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .unwrap_or_default();
+        assert!(!input.contains("ip daddr {"), "{input}");
+        assert!(input.contains(&format!("ip daddr {METADATA_ADDR} tcp dport 80 accept")));
     }
 
     #[test]
     fn batches() -> Result<(), NetError> {
         let links = [VmLink::for_slot(0)?, VmLink::for_slot(1)?];
-        let b = replace_batch(&links);
+        let b = replace_batch(&links, &EgressBlockList::default());
         assert!(b.starts_with("table inet nook\ndelete table inet nook\ntable inet nook {"));
         assert!(b.ends_with(
             "add element inet nook vm_sources { \"nk0\" . 10.200.0.2, \"nk1\" . 10.200.0.6 }\n"
         ));
-        assert!(!replace_batch(&[]).contains("add element"));
+        assert!(!replace_batch(&[], &EgressBlockList::default()).contains("add element"));
         assert_eq!(
             remove_elements(&links[1..]),
             "add element inet nook vm_sources { \"nk1\" . 10.200.0.6 }\n\

@@ -9,7 +9,9 @@
 //!                                         ├─ host ns H (HostNet, nook-md 169.254.169.254)
 //!   guest ns B (10.200.0.30) ──veth── nk7 ┘        │ up0 203.0.113.1
 //!                                                  │
-//!                      inet ns I: 203.0.113.10, 192.168.77.10 (a "private" net)
+//!                      inet ns I: 203.0.113.10, 192.168.77.10 (a "private" net),
+//!                      cloud endpoints (168.63.129.16, 100.100.100.200, ...)
+//!                      and an impostor at 169.254.169.254
 //! ```
 //!
 //! A tap without a reader has no carrier, so a guest is emulated by a veth
@@ -29,9 +31,19 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
-use nook_net::{HostNet, METADATA_ADDR, VmLink, taps_present};
+use nook_net::{EgressBlockList, HostNet, METADATA_ADDR, VmLink, taps_present};
 
 const TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// One address in each network the issue named for the default block list.
+const BLOCKED_BY_DEFAULT: &[Ipv4Addr] = &[
+    Ipv4Addr::new(168, 63, 129, 16),
+    Ipv4Addr::new(100, 100, 100, 200),
+    Ipv4Addr::new(169, 254, 1, 1),
+    Ipv4Addr::new(100, 64, 0, 10),
+    Ipv4Addr::new(192, 0, 0, 10),
+    Ipv4Addr::new(198, 18, 0, 10),
+];
 
 fn can_run() -> bool {
     let root = nix::unistd::geteuid().is_root();
@@ -290,6 +302,26 @@ fn root_netns_isolation_and_egress() {
         "dev",
         "eth0",
     ]);
+    // Cloud metadata and control endpoints, and the special ranges the
+    // default block list holds, all living out on the "internet". One of
+    // them impersonates a cloud's metadata service at nook's own address.
+    for addr in BLOCKED_BY_DEFAULT
+        .iter()
+        .chain([&METADATA_ADDR])
+        .map(ToString::to_string)
+    {
+        sh(&[
+            "ip",
+            "-n",
+            i,
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", h, "route", "add", &addr, "via", "203.0.113.10"]);
+    }
     sh(&["ip", "-n", i, "link", "set", "eth0", "up"]);
     sh(&[
         "ip",
@@ -318,6 +350,7 @@ fn root_netns_isolation_and_egress() {
     let _host_svc = Server::start(h, sa(Ipv4Addr::UNSPECIFIED, 8080));
     let _guest_b_svc = Server::start(b, sa(Ipv4Addr::UNSPECIFIED, 8080));
     let _inet_svc = Server::start(i, sa(Ipv4Addr::UNSPECIFIED, 8080));
+    let _inet_web = Server::start(i, sa(Ipv4Addr::UNSPECIFIED, 80));
     let dns = in_ns(h, || UdpSocket::bind(sa(METADATA_ADDR, 53))).expect("bind 53");
     dns.set_read_timeout(Some(TIMEOUT)).expect("timeout");
 
@@ -338,6 +371,13 @@ fn root_netns_isolation_and_egress() {
     assert_dropped(a, sa(lb.host_ip, 8080));
     assert_dropped(a, sa(lb.guest_ip, 8080));
     assert_dropped(a, sa(private, 8080));
+    // Nor the cloud's metadata and control endpoints, while nook's own
+    // metadata address, inside 169.254.0.0/16, stays the host's (the server
+    // on the host sees the guest; the impostor outside would see the uplink).
+    for &blocked in BLOCKED_BY_DEFAULT {
+        assert_dropped(a, sa(blocked, 8080));
+    }
+    assert_eq!(seen_by(a, sa(METADATA_ADDR, 80)), la.guest_ip.to_string());
     // The host can still reach a guest.
     assert_eq!(seen_by(h, sa(lb.guest_ip, 8080)), lb.host_ip.to_string());
 
@@ -384,6 +424,24 @@ fn root_netns_isolation_and_egress() {
     assert_dropped(b, sa(METADATA_ADDR, 80));
     in_ns(h, || hn.add_vm(&lb)).expect("re-add");
     assert_eq!(seen_by(b, sa(METADATA_ADDR, 80)), lb.guest_ip.to_string());
+
+    // Another block list replaces the default one: what it leaves out
+    // becomes reachable, what it adds is dropped, and nook's own address
+    // stays reachable even when the list covers it.
+    let custom = EgressBlockList::parse(&["203.0.113.10/32", "169.254.0.0/16"]).expect("list");
+    in_ns(h, || {
+        HostNet::setup_with(&[la.clone(), lb.clone()], &custom)
+    })
+    .expect("setup");
+    assert_dropped(a, sa(inet, 8080));
+    let open = Ipv4Addr::new(198, 18, 0, 10);
+    assert_eq!(seen_by(a, sa(open, 8080)), uplink.to_string());
+    assert_dropped(a, sa(Ipv4Addr::new(169, 254, 1, 1), 8080));
+    assert_eq!(seen_by(a, sa(METADATA_ADDR, 80)), la.guest_ip.to_string());
+    // Back to the defaults.
+    let hn = net(h, &[la.clone(), lb.clone()]);
+    assert_dropped(a, sa(open, 8080));
+    assert_eq!(seen_by(a, sa(inet, 8080)), uplink.to_string());
 
     // Removal is idempotent and takes the link away.
     in_ns(h, || {

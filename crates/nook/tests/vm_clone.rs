@@ -496,3 +496,27 @@ fn vm_clone_of_a_default_vm_gets_new_machine_id_and_ssh_host_keys() {
         },
     );
 }
+
+#[test]
+fn vm_clone_whose_agent_never_takes_its_identity_fails_clearly_and_leaves_nothing() {
+    let mut d = Daemon::start();
+    d.create_tiny("src");
+    start_workload(&d, "src");
+    // From here on the daemon waits for identity answers that never come.
+    d.set_env("NOOK_FAULT", Some("identify=no-answer"));
+    d.restart();
+    let started = std::time::Instant::now();
+    let err = d.fails(&["vm", "cp", "src", "half"]);
+    assert!(
+        err.contains("did not take its identity") && err.contains("half"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        started.elapsed()
+    );
+    d.set_env("NOOK_FAULT", None);
+    d.restart();
+    assert_source_intact(&d, true);
+}

@@ -71,8 +71,10 @@ fn vm_missing_qemu_is_named_and_nothing_is_made() {
     let err = d.fails(&["vm", "create", "--image", "tiny", "--name", "noqemu"]);
     assert!(
         err.contains("QEMU not found at /nonexistent/qemu-system-x86_64")
-            && err.contains("apt-get install"),
-        "{err}"
+            && err.contains("apt-get install")
+            && err.contains("--qemu")
+            && !err.contains("qemu_binary"),
+        "the message must name the real setting (--qemu): {err}"
     );
     assert_nothing_left(&d);
 }
@@ -105,4 +107,32 @@ fn vm_create_on_a_full_disk_fails_cleanly_and_recovers() {
         d.create_tiny("roomy");
         assert_eq!(d.exec("roomy", "echo fine"), "fine\n");
     }
+}
+
+/// What a plain `cargo build` of the workspace used to leave beside `nook`: a dynamically
+/// linked agent, with which every guest looped on "No such file or directory" until its ready
+/// timeout. `nook serve` now refuses it at once and says what to do.
+#[test]
+fn vm_serve_refuses_a_dynamically_linked_agent() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(common::nook_bin())
+        .arg("serve")
+        .env("NOOK_DATA_DIR", tmp.path().join("data"))
+        .env("NOOK_IMAGES_DIR", common::images_dir())
+        // The nook binary itself is a dynamically linked x86-64 executable.
+        .env("NOOK_AGENT", common::nook_bin())
+        .env("NOOK_SSH_ADDR", "off")
+        .env("NOOK_HTTPS_ADDR", "127.0.0.1:0")
+        .env("NOOK_VM_PORTS", "off")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run nook serve");
+    assert!(!out.status.success());
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dynamically linked") && err.contains("scripts/build-agent"),
+        "{err}"
+    );
 }

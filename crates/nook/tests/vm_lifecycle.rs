@@ -14,6 +14,37 @@ fn vm_create_exec_persist_stop_start_rm_leaves_nothing() {
     assert_eq!(vm["state"], "running");
     let ip = vm["guest_ip"].as_str().expect("guest ip").to_string();
 
+    // QEMU runs under its seccomp filter (no fork, exec or setuid for a device bug to use).
+    let pids = d.qemu_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let seccomp = status.lines().find(|l| l.starts_with("Seccomp:"));
+        assert_eq!(
+            seccomp
+                .map(str::split_whitespace)
+                .and_then(|mut w| w.nth(1)),
+            Some("2"),
+            "QEMU {pid} is not sandboxed: {seccomp:?}"
+        );
+    }
+
+    // What the daemon keeps is closed to other local users.
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&d.data_dir), 0o700, "data dir");
+    let vm_dir = d.data_dir.join("vms").join(vm["id"].as_str().expect("id"));
+    for file in [d.data_dir.join("nook.sqlite"), vm_dir.join("disk.qcow2")] {
+        assert_eq!(
+            mode(&file) & 0o077,
+            0,
+            "{} is open to others",
+            file.display()
+        );
+    }
+
     let uname = d.ok(&["vm", "exec", "life", "--", "uname", "-a"]);
     assert!(uname.starts_with("Linux life "), "{uname}");
 

@@ -1,11 +1,14 @@
 //! System test (root, a real default-image guest): headless Debian chromium logs in through a
-//! `browser` link and opens a private VM's page, whose script talks WebSocket to the VM through
-//! the edge; an SSE stream arrives event by event through the edge with the real curl. The
-//! local CA is trusted through an NSS database, as a user would; no certificate error is
+//! `browser` link (pressing its sign-in button) and opens a private VM's page, whose script
+//! talks WebSocket to the VM through the edge; an SSE stream arrives event by event through
+//! the edge with the real curl. The local CA is trusted through an NSS database, as a user would; no certificate error is
 //! ignored. `*.localhost` resolves to loopback in chromium by itself. A collaborator may SSH
 //! into the VM; a viewer may not.
 
 mod common;
+// The DevTools-protocol driver the edge's own browser test uses (std and serde_json only).
+#[path = "../../edge/tests/common/cdp.rs"]
+mod cdp;
 
 use std::io::BufRead;
 use std::path::Path;
@@ -71,26 +74,6 @@ class App(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("", 80), App).serve_forever()
 "#;
 
-fn chromium_dom(home: &Path, url: &str) -> String {
-    let out = Command::new("chromium")
-        .env("HOME", home)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=5000",
-            &format!("--user-data-dir={}", home.join("profile").display()),
-            "--dump-dom",
-            url,
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .expect("chromium is installed (apt-get install chromium)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A throwaway HOME whose NSS database trusts `ca` for web sites.
 fn trusting_home(ca: &Path) -> tempfile::TempDir {
     let home = tempfile::tempdir().expect("tmp");
@@ -140,15 +123,25 @@ fn vm_web_browser_websocket_and_sse_through_a_real_guest() {
         .find(|l| l.starts_with("https://"))
         .expect("a login link")
         .trim();
-    chromium_dom(home.path(), link);
+    let mut browser = cdp::Browser::launch(home.path());
+    // A signed-out browser is asked to confirm the link with a click.
+    browser.goto(link);
+    browser.wait_for("id=\"sign-in\"");
+    browser.click("#sign-in");
+    browser.wait_for("Your VMs");
     let mut dom = String::new();
     for _ in 0..10 {
-        dom = chromium_dom(home.path(), &vm_url("/"));
+        browser.goto(&vm_url("/"));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !dom.contains("echo:hello") {
+            std::thread::sleep(Duration::from_millis(200));
+            dom = browser.html();
+        }
         if dom.contains("echo:hello") {
             break;
         }
-        std::thread::sleep(Duration::from_secs(1));
     }
+    drop(browser);
     assert!(
         dom.contains(r#"<p id="user">alice@example.com</p>"#),
         "{dom}"

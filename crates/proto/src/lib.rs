@@ -56,6 +56,13 @@ pub enum HostMsg {
     Resize { cols: u16, rows: u16 },
     /// Send a signal (a number, as in `kill -l`) to the process with this id.
     Signal { signal: i32 },
+    /// The host has passed on `bytes` more of this process's output; with a flow-control
+    /// window (`SpawnRequest::window`) the guest may send that much more.
+    OutputAck { bytes: u64 },
+    /// The user of the process with this id went away (a dropped SSH connection): as sshd does,
+    /// SIGHUP its process group, close its stdin and stop reading its output (later writes get
+    /// EPIPE). Its `Exit` still follows.
+    Hangup,
     /// Read up to `len` bytes from `offset`; answered with `FileData` (empty data means end of file).
     ReadFile { path: String, offset: u64, len: u32 },
     /// Write `data` at the end (`append`) or replace the file; answered with `Ok`.
@@ -90,6 +97,40 @@ pub struct Identity {
     /// Fresh entropy from the host, mixed into the guest's pool.
     #[serde(with = "b64")]
     pub seed: Vec<u8>,
+    /// The machine's SSH host keys, made by the host (making them in a guest without KVM took
+    /// 20 s). The agent installs them when they differ from what `/etc/ssh` holds.
+    #[serde(default)]
+    pub ssh_host_keys: Vec<SshHostKey>,
+    /// nook's own key for the guest's sshd (the relay for sftp, scp and forwarding), installed
+    /// as the user's `authorized_keys` when the image runs sshd. Sent here rather than through
+    /// guest commands: each cold exec under TCG cost the boot 0.2–0.8 s.
+    #[serde(default)]
+    pub authorized_key: Option<AuthorizedKey>,
+}
+
+/// A public key (one OpenSSH `authorized_keys` line) for `user`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthorizedKey {
+    pub user: String,
+    pub public_openssh: String,
+}
+
+/// One SSH host key pair in OpenSSH format, installed as `/etc/ssh/ssh_host_{kind}_key{,.pub}`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshHostKey {
+    /// `ed25519`, `ecdsa` or `rsa`: the word in the file names sshd looks for.
+    pub kind: String,
+    pub private_openssh: String,
+    pub public_openssh: String,
+}
+
+impl std::fmt::Debug for SshHostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshHostKey")
+            .field("kind", &self.kind)
+            .field("public_openssh", &self.public_openssh)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Identity {
@@ -105,7 +146,7 @@ impl Identity {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SpawnRequest {
     pub argv: Vec<String>,
     #[serde(default)]
@@ -118,6 +159,15 @@ pub struct SpawnRequest {
     /// When false, stdin is closed at once (for plain commands).
     #[serde(default)]
     pub stdin: bool,
+    /// Run through the user's login shell, as sshd does: `argv` empty starts an interactive
+    /// login shell, `argv == [command]` runs `SHELL -c command`.
+    #[serde(default)]
+    pub shell: bool,
+    /// Flow control: at most this many output bytes are sent ahead of the host's `OutputAck`s,
+    /// and stdin is acknowledged with `StdinAck` as the process takes it. `None` sends output
+    /// as fast as it comes (for commands whose output the host collects at once).
+    #[serde(default)]
+    pub window: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +202,11 @@ pub enum GuestMsg {
         #[serde(with = "b64")]
         data: Vec<u8>,
     },
+    /// `bytes` more of the stdin sent to this process (with a `window`) were written to it, so the
+    /// host may send that much more.
+    StdinAck {
+        bytes: u64,
+    },
     /// The process ended: `code` when it exited, `signal` when a signal killed it.
     Exit {
         code: Option<i32>,
@@ -163,9 +218,12 @@ pub enum GuestMsg {
     },
     Ok,
     Metrics(GuestMetrics),
-    /// `cloned`: the machine had another VM's identity and has now taken this one.
+    /// `cloned`: the machine had another VM's identity and has now taken this one. `sshd`: the
+    /// image runs sshd and the identity's `authorized_key` is in place for it.
     Identified {
         cloned: bool,
+        #[serde(default)]
+        sshd: bool,
     },
     Error {
         kind: ErrorKind,
@@ -276,9 +334,16 @@ pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FrameErr
 
 /// Accumulates bytes from the port and yields whole frame bodies, skipping anything that is
 /// not a frame (the tail of a frame cut by a reconnect, or noise).
+///
+/// Its memory is bounded: a header may announce at most [`MAX_FRAME`] bytes, so no more than
+/// one frame's worth (plus the last push) is ever kept. Parsing is linear in the bytes pushed,
+/// whatever they are: consumed bytes are passed over with a cursor and compacted away only
+/// once per push, so a peer sending garbage at full speed cannot make it quadratic.
 #[derive(Debug, Default)]
 pub struct FrameBuf {
     buf: Vec<u8>,
+    /// Where the unparsed bytes of `buf` begin; everything before it is consumed.
+    start: usize,
     skipped: u64,
 }
 
@@ -288,12 +353,22 @@ impl FrameBuf {
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start >= self.buf.len() - self.start {
+            // Moving the unparsed rest costs no more than the bytes consumed since the last
+            // move, which keeps compaction linear overall.
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Drops any partial frame, as after a reconnect.
     pub fn clear(&mut self) {
         self.buf.clear();
+        self.start = 0;
     }
 
     /// Bytes discarded while resynchronising, for diagnostics.
@@ -301,30 +376,33 @@ impl FrameBuf {
         self.skipped
     }
 
+    /// Bytes held that are not yet part of a yielded frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
     /// The next complete frame body, if one is buffered.
     pub fn next_body(&mut self) -> Option<Vec<u8>> {
         loop {
-            let start = find_magic(&self.buf);
-            if start > 0 {
-                self.skipped += start as u64;
-                self.buf.drain(..start);
-            }
-            if self.buf.len() < HEADER {
+            let at = find_magic(&self.buf[self.start..]);
+            self.skipped += at as u64;
+            self.start += at;
+            let rest = &self.buf[self.start..];
+            if rest.len() < HEADER {
                 return None;
             }
-            let len =
-                u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]) as usize;
+            let len = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
             if len > MAX_FRAME {
                 // Not a real header: skip this magic and look for the next one.
                 self.skipped += 1;
-                self.buf.drain(..1);
+                self.start += 1;
                 continue;
             }
-            if self.buf.len() < HEADER + len {
+            if rest.len() < HEADER + len {
                 return None;
             }
-            let body = self.buf[HEADER..HEADER + len].to_vec();
-            self.buf.drain(..HEADER + len);
+            let body = rest[HEADER..HEADER + len].to_vec();
+            self.start += HEADER + len;
             return Some(body);
         }
     }
@@ -332,16 +410,13 @@ impl FrameBuf {
 
 /// Index of the first possible frame start: a full magic, or a prefix of it at the very end.
 fn find_magic(buf: &[u8]) -> usize {
-    let mut i = 0;
-    while i < buf.len() {
-        let rest = &buf[i..];
-        let n = rest.len().min(MAGIC.len());
-        if rest[..n] == MAGIC[..n] {
-            return i;
-        }
-        i += 1;
-    }
-    buf.len()
+    (0..buf.len())
+        .find(|&i| {
+            let rest = &buf[i..];
+            let n = rest.len().min(MAGIC.len());
+            rest[..n] == MAGIC[..n]
+        })
+        .unwrap_or(buf.len())
 }
 
 /// Serde helper for byte fields carried as base64 strings in JSON.
@@ -405,6 +480,8 @@ mod tests {
                     user: None,
                     pty: Some(PtySize { cols: 80, rows: 24 }),
                     stdin: false,
+                    shell: false,
+                    window: Some(1 << 20),
                 }),
             },
         ];

@@ -1,4 +1,5 @@
-//! The server's host key: an ed25519 key in OpenSSH format, made once.
+//! Host keys: the front door's own (an ed25519 key in OpenSSH format, made once), and the
+//! ones nook makes for each VM's sshd.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -6,7 +7,7 @@ use std::path::Path;
 
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::LineEnding;
-use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::ssh_key::private::{EcdsaKeypair, Ed25519Keypair};
 
 use crate::SshError;
 
@@ -69,6 +70,98 @@ fn create(path: &Path) -> Result<PrivateKey, SshError> {
     }
 }
 
+/// One SSH host key pair for a guest's sshd, in OpenSSH format.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GuestHostKey {
+    /// The word in sshd's file names: `ed25519` or `ecdsa`.
+    pub kind: &'static str,
+    pub private_openssh: String,
+    /// `ALGO BASE64 COMMENT`, as in `ssh_host_*_key.pub`.
+    pub public_openssh: String,
+}
+
+impl std::fmt::Debug for GuestHostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestHostKey")
+            .field("kind", &self.kind)
+            .field("public_openssh", &self.public_openssh)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes a VM's SSH host keys: ed25519, and ECDSA P-256 for clients that lack ed25519 (no RSA:
+/// every current client has one of these). Done on the host, natively, because `ssh-keygen -A`
+/// in a guest without KVM took 20 s of its boot.
+pub fn generate_guest_host_keys(comment: &str) -> Result<Vec<GuestHostKey>, SshError> {
+    let seed: [u8; 32] = rand::random();
+    let ed25519 = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+    let ecdsa = loop {
+        // A random 32-byte string is a valid P-256 scalar unless it is zero or above the
+        // group order, which happens with probability about 2^-32: then draw again.
+        let bytes: [u8; 32] = rand::random();
+        if let Ok(secret) = p256::SecretKey::from_slice(&bytes) {
+            let public = secret.public_key();
+            break PrivateKey::from(EcdsaKeypair::NistP256 {
+                private: secret.into(),
+                public: public.into(),
+            });
+        }
+    };
+    [("ed25519", ed25519), ("ecdsa", ecdsa)]
+        .into_iter()
+        .map(|(kind, key)| {
+            let (private_openssh, public_openssh) = encode(key, comment)?;
+            Ok(GuestHostKey {
+                kind,
+                private_openssh,
+                public_openssh,
+            })
+        })
+        .collect()
+}
+
+/// An SSH key pair nook uses as a client, in OpenSSH format.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientKey {
+    pub private_openssh: String,
+    /// `ssh-ed25519 BASE64 COMMENT`, one `authorized_keys` line.
+    pub public_openssh: String,
+}
+
+impl std::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("public_openssh", &self.public_openssh)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes the ed25519 key nook's relay logs in to a guest's sshd with (what `ssh-keygen -t
+/// ed25519` would make, without a process per VM).
+pub fn generate_client_key(comment: &str) -> Result<ClientKey, SshError> {
+    let seed: [u8; 32] = rand::random();
+    let (private_openssh, public_openssh) =
+        encode(PrivateKey::from(Ed25519Keypair::from_seed(&seed)), comment)?;
+    Ok(ClientKey {
+        private_openssh,
+        public_openssh,
+    })
+}
+
+/// The OpenSSH private and public texts of `key`, labelled `comment`.
+fn encode(mut key: PrivateKey, comment: &str) -> Result<(String, String), SshError> {
+    key.set_comment(comment);
+    let private_openssh = key
+        .to_openssh(LineEnding::LF)
+        .map_err(SshError::EncodeHostKey)?
+        .to_string();
+    let public_openssh = key
+        .public_key()
+        .to_openssh()
+        .map_err(SshError::EncodeHostKey)?;
+    Ok((private_openssh, public_openssh))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +179,25 @@ mod tests {
         let b = load_or_create_host_key(&path).expect("load");
         assert_eq!(a.public_key(), b.public_key());
         assert_eq!(a.algorithm(), russh::keys::Algorithm::Ed25519);
+    }
+
+    #[test]
+    fn guest_host_keys_are_fresh_and_parse() {
+        let a = generate_guest_host_keys("root@vm").expect("generate");
+        let b = generate_guest_host_keys("root@vm").expect("generate");
+        let kinds: Vec<_> = a.iter().map(|k| k.kind).collect();
+        assert_eq!(kinds, ["ed25519", "ecdsa"]);
+        for (x, y) in a.iter().zip(&b) {
+            assert_ne!(
+                x.public_openssh, y.public_openssh,
+                "keys must differ per call"
+            );
+            let parsed = PrivateKey::from_openssh(&x.private_openssh).expect("parse private");
+            let public = parsed.public_key().to_openssh().expect("encode public");
+            assert_eq!(public, x.public_openssh);
+        }
+        assert!(a[0].public_openssh.starts_with("ssh-ed25519 "));
+        assert!(a[1].public_openssh.starts_with("ecdsa-sha2-nistp256 "));
     }
 
     #[test]

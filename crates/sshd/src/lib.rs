@@ -3,8 +3,10 @@
 //! One listener serves two things, chosen per connection by [`Backend::route`]:
 //! - the **lobby**: `ssh HOST CMD` runs a lobby command, and `ssh HOST` opens a
 //!   small REPL (`nook> `) with line editing, history and TAB completion;
-//! - a **VM**: `ssh VM@HOST` is relayed 1:1 to the guest's own sshd, with nook
-//!   acting as the SSH client (shell, exec, pty, sftp/scp, `-L`, `-R`, `-A`).
+//! - a **VM**: `ssh VM@HOST [CMD]` runs the shell or command through the VM's
+//!   guest agent (the backend's [`GuestShell`]); what needs an SSH server (sftp,
+//!   `-L`, `-R`, `-A`) is relayed 1:1 to the guest's own sshd, with nook acting
+//!   as the SSH client.
 //!
 //! Authentication is by public key only; any key whose signature verifies gets
 //! in (so an unknown key can `signup`), and the account behind the key is looked
@@ -18,18 +20,22 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 mod editor;
+mod guest;
 mod hostkey;
 mod lobby;
 mod relay;
 mod server;
 pub mod words;
 
-pub use hostkey::load_or_create_host_key;
+pub use hostkey::{
+    ClientKey, GuestHostKey, generate_client_key, generate_guest_host_keys, load_or_create_host_key,
+};
 pub use server::{serve, serve_listener};
 
 /// Configuration of the SSH front door.
@@ -62,24 +68,105 @@ pub struct Caller {
     pub account: Option<Account>,
 }
 
-/// Where the guest's sshd is and how nook logs in to it.
+/// A VM the caller may enter: its guest agent for shells and commands, and its sshd (if the
+/// image has one) for everything else.
 #[derive(Clone)]
 pub struct VmEndpoint {
-    pub addr: SocketAddr,
-    /// The login user in the guest.
-    pub user: String,
-    /// The private key nook holds for that VM (OpenSSH format).
-    pub private_key_openssh: String,
+    pub name: String,
+    /// Runs shells and commands; without one, every session is relayed to `sshd`.
+    pub shell: Option<Arc<dyn GuestShell>>,
+    pub sshd: Option<SshdEndpoint>,
 }
 
 impl std::fmt::Debug for VmEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmEndpoint")
+            .field("name", &self.name)
+            .field("sshd", &self.sshd)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the guest's sshd is and how nook logs in to it.
+#[derive(Clone)]
+pub struct SshdEndpoint {
+    pub addr: SocketAddr,
+    /// The login user in the guest.
+    pub user: String,
+    /// The private key nook holds for that VM (OpenSSH format).
+    pub private_key_openssh: String,
+    /// The guest's host keys (`ALGO BASE64`), which nook made: the guest must present one.
+    pub host_keys: Vec<String>,
+}
+
+impl std::fmt::Debug for SshdEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshdEndpoint")
             .field("addr", &self.addr)
             .field("user", &self.user)
             .field("private_key_openssh", &"<redacted>")
             .finish()
     }
+}
+
+/// A shell or command to start in a VM, as an SSH session asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestCommand {
+    /// `None` starts the login user's interactive login shell; otherwise it runs
+    /// `SHELL -c COMMAND`, as sshd does.
+    pub command: Option<String>,
+    /// From `SendEnv`/`SetEnv` (bounded in number and size).
+    pub env: Vec<(String, String)>,
+    pub pty: Option<GuestPty>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestPty {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+}
+
+/// From the client to a process in a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestInput {
+    Data(Bytes),
+    Eof,
+    Resize {
+        cols: u32,
+        rows: u32,
+    },
+    /// A Linux signal number.
+    Signal(i32),
+    /// The client went away: SIGHUP, as sshd does.
+    Hangup,
+}
+
+/// From a process in a VM to the client, ending with `Exit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestOutput {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+/// A process started by a [`GuestShell`]. Both channels are bounded: a slow client slows the
+/// process down instead of growing a buffer.
+pub struct GuestSession {
+    pub input: mpsc::Sender<GuestInput>,
+    pub output: mpsc::Receiver<GuestOutput>,
+}
+
+/// Starts shells and commands in one VM (the daemon does it through the guest agent).
+pub trait GuestShell: Send + Sync + 'static {
+    /// Starts `cmd`; the error is a message for the user.
+    fn start(
+        &self,
+        cmd: GuestCommand,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<GuestSession, String>> + Send + '_>>;
 }
 
 /// Where `user@HOST` leads.
@@ -106,6 +193,16 @@ const STDIN_BUDGET: usize = 4 << 20;
 struct Stdin {
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
     queued: Arc<AtomicUsize>,
+    /// Set once bytes were dropped over the budget, so a reader that wants all of stdin can
+    /// refuse a stream with a hole in it instead of using it.
+    overflowed: Arc<AtomicBool>,
+}
+
+/// Stdin was longer than [`LobbyIo::read_stdin_to_end`] was allowed to read.
+#[derive(Debug, thiserror::Error)]
+#[error("stdin is longer than {limit} bytes")]
+pub struct StdinTooLong {
+    pub limit: usize,
 }
 
 /// The terminal side of one lobby command.
@@ -125,13 +222,19 @@ pub struct LobbyIo {
 pub(crate) struct StdinWriter {
     tx: mpsc::UnboundedSender<Vec<u8>>,
     queued: Arc<AtomicUsize>,
+    overflowed: Arc<AtomicBool>,
 }
 
 impl StdinWriter {
     /// Queues `data`; drops it once the command has `STDIN_BUDGET` bytes unread.
     pub(crate) fn push(&self, data: &[u8]) {
+        // An empty chunk would read as end of input to a reader taking one chunk at a time.
+        if data.is_empty() {
+            return;
+        }
         let queued = self.queued.load(Ordering::Relaxed);
         if queued + data.len() > STDIN_BUDGET {
+            self.overflowed.store(true, Ordering::Relaxed);
             return;
         }
         self.queued.fetch_add(data.len(), Ordering::Relaxed);
@@ -166,11 +269,18 @@ impl LobbyIo {
         let (stdin, writer) = if with_stdin {
             let (stx, srx) = mpsc::unbounded_channel();
             let queued = Arc::new(AtomicUsize::new(0));
+            let overflowed = Arc::new(AtomicBool::new(false));
             let stdin = Stdin {
                 rx: tokio::sync::Mutex::new(srx),
                 queued: queued.clone(),
+                overflowed: overflowed.clone(),
             };
-            (Some(Arc::new(stdin)), Some(StdinWriter { tx: stx, queued }))
+            let writer = StdinWriter {
+                tx: stx,
+                queued,
+                overflowed,
+            };
+            (Some(Arc::new(stdin)), Some(writer))
         } else {
             (None, None)
         };
@@ -217,6 +327,27 @@ impl LobbyIo {
         let chunk = stdin.rx.lock().await.recv().await?;
         stdin.queued.fetch_sub(chunk.len(), Ordering::Relaxed);
         Some(chunk)
+    }
+
+    /// All of the client's stdin up to its end, at most `limit` bytes (empty without stdin).
+    /// Longer input is refused rather than cut short: a truncated script would run half-way.
+    pub async fn read_stdin_to_end(&self, limit: usize) -> Result<Vec<u8>, StdinTooLong> {
+        let mut all = Vec::new();
+        let too_long = StdinTooLong { limit };
+        while let Some(chunk) = self.read_stdin().await {
+            if all.len() + chunk.len() > limit {
+                return Err(too_long);
+            }
+            all.extend_from_slice(&chunk);
+        }
+        let overflowed = self
+            .stdin
+            .as_ref()
+            .is_some_and(|s| s.overflowed.load(Ordering::Relaxed));
+        if overflowed {
+            return Err(too_long);
+        }
+        Ok(all)
     }
 }
 
@@ -267,4 +398,57 @@ pub enum SshError {
     },
     #[error("Encode host key")]
     EncodeHostKey(#[source] russh::keys::ssh_key::Error),
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod stdin_tests {
+    use super::*;
+
+    fn session() -> (LobbyIo, StdinWriter) {
+        let (io, _out, writer) = LobbyIo::for_session(false, Arc::new(AtomicU16::new(80)), true);
+        (io, writer.unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_empty_chunk_is_not_end_of_input() {
+        let (io, w) = session();
+        w.push(b"");
+        w.push(b"echo hi\n");
+        drop(w);
+        assert_eq!(io.read_stdin().await.unwrap(), b"echo hi\n");
+        assert_eq!(io.read_stdin().await, None);
+    }
+
+    #[tokio::test]
+    async fn reads_every_chunk_to_the_end() {
+        let (io, w) = session();
+        let reader = tokio::spawn(async move { io.read_stdin_to_end(1 << 20).await });
+        for i in 0..100u8 {
+            w.push(&[i; 1000]);
+        }
+        drop(w);
+        let all = reader.await.unwrap().unwrap();
+        assert_eq!(all.len(), 100_000);
+        assert!(all.chunks(1000).enumerate().all(|(i, c)| c[0] == i as u8));
+    }
+
+    #[tokio::test]
+    async fn refuses_input_over_the_limit() {
+        let (io, w) = session();
+        w.push(&[b'x'; 600]);
+        w.push(&[b'x'; 600]);
+        drop(w);
+        let err = io.read_stdin_to_end(1000).await.unwrap_err();
+        assert_eq!(err.limit, 1000);
+    }
+
+    #[tokio::test]
+    async fn refuses_input_the_budget_dropped() {
+        let (io, w) = session();
+        w.push(&vec![b'x'; STDIN_BUDGET]);
+        w.push(b"lost");
+        drop(w);
+        assert!(io.read_stdin_to_end(usize::MAX).await.is_err());
+    }
 }

@@ -25,7 +25,7 @@ use russh::{
 use tracing::{Instrument, Span, debug};
 
 use crate::server::{Ctx, Prelude, Start};
-use crate::{Backend, VmEndpoint, lobby};
+use crate::{Backend, SshdEndpoint, lobby};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -36,7 +36,7 @@ pub(crate) struct Upstream {
 
 /// Connects and logs in to the guest's sshd. The error is a message for the user.
 pub(crate) async fn connect(
-    ep: &VmEndpoint,
+    ep: &SshdEndpoint,
     down: server::Handle,
     agent_requested: Arc<AtomicBool>,
     span: Span,
@@ -53,6 +53,7 @@ pub(crate) async fn connect(
         down,
         agent_requested,
         span,
+        host_keys: ep.host_keys.clone(),
     };
     let mut handle = match tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -136,6 +137,8 @@ pub(crate) struct UpHandler {
     down: server::Handle,
     agent_requested: Arc<AtomicBool>,
     span: Span,
+    /// The host keys nook made for the guest (`ALGO BASE64`); empty when it made none.
+    host_keys: Vec<String>,
 }
 
 impl client::Handler for UpHandler {
@@ -143,11 +146,29 @@ impl client::Handler for UpHandler {
 
     async fn check_server_key(
         &mut self,
-        _server_public_key: &PublicKeyOrCertificate,
+        server_public_key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        // The guest is on a private link and nook made it; its host key
-        // changes on clone, so there's nothing useful to pin.
-        Ok(true)
+        // nook made the guest's host keys, so the guest must show one of them: anything else
+        // on the VM's address is not that VM's sshd. (A VM of an older nook that made no keys
+        // is taken on its private link.)
+        if self.host_keys.is_empty() {
+            return Ok(true);
+        }
+        let PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
+            return Ok(false);
+        };
+        let Ok(shown) = key.to_openssh() else {
+            return Ok(false);
+        };
+        let shown: Vec<&str> = shown.split_whitespace().take(2).collect();
+        let known = self.host_keys.iter().any(|k| {
+            let k: Vec<&str> = k.split_whitespace().take(2).collect();
+            k == shown
+        });
+        if !known {
+            debug!("the guest's sshd showed a host key nook did not make");
+        }
+        Ok(known)
     }
 
     async fn server_channel_open_forwarded_tcpip(
@@ -378,7 +399,7 @@ async fn forward_request(
 pub(crate) async fn session<B: Backend>(
     ctx: Ctx<B>,
     id: ChannelId,
-    ep: VmEndpoint,
+    ep: SshdEndpoint,
     mut reader: ChannelReadHalf,
     writer: ChannelWriteHalf<server::Msg>,
     start: Start,

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::relay::{self, Upstream};
-use crate::{Backend, Caller, Route, SshError, SshServerConfig, VmEndpoint, lobby};
+use crate::{Backend, Caller, Route, SshError, SshServerConfig, SshdEndpoint, guest, lobby};
 
 /// Time allowed from TCP accept to a successful login.
 const LOGIN_GRACE: Duration = Duration::from_secs(60);
@@ -274,7 +274,7 @@ impl<B: Backend> Ctx<B> {
                 let route = self.backend.route(&caller).await;
                 match &route {
                     Route::Lobby => info!(parent: &self.state.span, "route: lobby"),
-                    Route::Vm(ep) => info!(parent: &self.state.span, addr = %ep.addr, "route: VM"),
+                    Route::Vm(ep) => info!(parent: &self.state.span, vm = %ep.name, "route: VM"),
                     Route::Unavailable(_) => info!(parent: &self.state.span, "route: unavailable"),
                 }
                 route
@@ -284,7 +284,7 @@ impl<B: Backend> Ctx<B> {
     }
 
     /// The connection to the guest's sshd, opened on first use.
-    pub(crate) async fn upstream(&self, ep: &VmEndpoint) -> Result<Arc<Upstream>, String> {
+    pub(crate) async fn upstream(&self, ep: &SshdEndpoint) -> Result<Arc<Upstream>, String> {
         self.state
             .upstream
             .get_or_init(|| async {
@@ -423,7 +423,7 @@ impl<B: Backend> server::Handler for ConnHandler<B> {
         tokio::spawn(
             async move {
                 let _slot = slot;
-                let Route::Vm(ep) = ctx.route().await else {
+                let Route::Vm(crate::VmEndpoint { sshd: Some(ep), .. }) = ctx.route().await else {
                     reply
                         .reject(ChannelOpenFailure::AdministrativelyProhibited)
                         .await;
@@ -456,7 +456,7 @@ impl<B: Backend> server::Handler for ConnHandler<B> {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let ask = async {
-            let Route::Vm(ep) = self.ctx.route().await else {
+            let Route::Vm(crate::VmEndpoint { sshd: Some(ep), .. }) = self.ctx.route().await else {
                 return None;
             };
             let up = self.ctx.upstream(&ep).await.ok()?;
@@ -480,7 +480,7 @@ impl<B: Backend> server::Handler for ConnHandler<B> {
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let ask = async {
-            let Route::Vm(ep) = self.ctx.route().await else {
+            let Route::Vm(crate::VmEndpoint { sshd: Some(ep), .. }) = self.ctx.route().await else {
                 return false;
             };
             match self.ctx.upstream(&ep).await {
@@ -632,8 +632,27 @@ async fn session_channel<B: Backend>(ctx: Ctx<B>, channel: Channel<Msg>) {
     };
     match ctx.route().await {
         Route::Lobby => lobby::run(ctx, reader, writer, start, prelude).await,
+        Route::Vm(crate::VmEndpoint {
+            shell: Some(shell), ..
+        }) if guest::can_serve(&start, &prelude) => {
+            let down = ctx.state.down.get().cloned();
+            guest::session(&*shell, down, id, reader, writer, start, prelude).await;
+        }
+        Route::Vm(crate::VmEndpoint {
+            sshd: Some(sshd), ..
+        }) => {
+            relay::session(ctx, id, sshd, reader, writer, start, prelude).await;
+        }
         Route::Vm(ep) => {
-            relay::session(ctx, id, ep, reader, writer, start, prelude).await;
+            let what = match &start {
+                Start::Subsystem(name) => format!("the {name} subsystem"),
+                _ => "agent forwarding (-A)".to_string(),
+            };
+            let message = format!(
+                "nook: VM '{}' runs an image without an SSH server, so {what} is not available: use the default image",
+                ep.name
+            );
+            lobby::refuse(&writer, prelude.pty.is_some(), &message).await;
         }
         Route::Unavailable(message) => {
             lobby::refuse(&writer, prelude.pty.is_some(), &message).await;

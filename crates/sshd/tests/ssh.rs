@@ -155,6 +155,16 @@ async fn unavailable_and_refused_routes() {
     assert_eq!(out.status, Some(1), "{out:?}");
     assert!(out.err().contains("no VM named vmtest"), "{out:?}");
 
+    // Something on the VM's address that shows a host key nook did not make is not the VM.
+    let mut cmd = fx.ssh(&fx.owner_key, "impostor");
+    cmd.args(["-s", "sftp"]);
+    let out = run_cmd(cmd).await;
+    assert_eq!(out.status, Some(1), "{out:?}");
+    assert!(
+        out.err().contains("not accepting SSH connections"),
+        "{out:?}"
+    );
+
     // A VM whose sshd doesn't answer.
     let mut cmd = fx.ssh(&fx.owner_key, "vmdown");
     cmd.arg("true");

@@ -184,15 +184,9 @@ mod tests {
         assert!(parse_info(b"not json").is_none());
     }
 
-    fn have_qemu_img() -> bool {
-        Command::new("qemu-img").arg("--version").output().is_ok()
-    }
-
     #[test]
     fn overlay_over_a_real_base() {
-        if !have_qemu_img() {
-            return;
-        }
+        crate::require_tool("qemu-img", "qemu-utils");
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
         let status = Command::new("qemu-img")

@@ -47,6 +47,11 @@ pub enum StorageError {
     DiskTooSmall { requested: u64, minimum: u64 },
     #[error("Disk {} already exists: delete it or choose another path", path.display())]
     DiskExists { path: PathBuf },
+    #[error(
+        "The guest agent {} {why}, so VMs could never become ready: build the static agent with 'scripts/build-agent' (or 'scripts/build'), or point --agent at it",
+        path.display()
+    )]
+    AgentUnusable { path: PathBuf, why: String },
 }
 
 /// Maps an I/O error on `path` to [`StorageError`], turning a full disk into `NoSpace`.

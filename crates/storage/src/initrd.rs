@@ -101,6 +101,70 @@ done
 exec switch_root /newroot "$init"
 "#;
 
+/// Checks that `path` is a guest agent that can run in any image: a static x86-64 ELF
+/// executable. A workspace `cargo build` makes a dynamically linked one of the same name;
+/// booted, it fails with "No such file or directory" on the guest's console and the VM never
+/// becomes ready, so this is checked before anything boots.
+pub fn check_agent(path: &Path) -> Result<(), StorageError> {
+    let bytes = fs::read(path).map_err(|e| StorageError::AgentUnusable {
+        path: path.to_path_buf(),
+        why: format!("cannot be read ({e})"),
+    })?;
+    check_agent_bytes(path, &bytes)
+}
+
+fn check_agent_bytes(path: &Path, elf: &[u8]) -> Result<(), StorageError> {
+    let unusable = |why: &str| StorageError::AgentUnusable {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    const ET_EXEC: u16 = 2;
+    const ET_DYN: u16 = 3;
+    const EM_X86_64: u16 = 62;
+    const PT_INTERP: u32 = 3;
+    let u16_at = |at: usize| {
+        elf.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        elf.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |at: usize| {
+        elf.get(at..at + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    // 64-bit, little-endian ELF.
+    if elf.get(..6) != Some(&b"\x7fELF\x02\x01"[..]) {
+        return Err(unusable("is not a 64-bit ELF executable"));
+    }
+    if !matches!(u16_at(16), Some(ET_EXEC | ET_DYN)) {
+        return Err(unusable("is not an executable"));
+    }
+    if u16_at(18) != Some(EM_X86_64) {
+        return Err(unusable("is not built for x86-64"));
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
+        return Err(unusable("is a truncated ELF file"));
+    };
+    for i in 0..usize::from(phnum) {
+        let at = usize::try_from(phoff)
+            .ok()
+            .and_then(|off| off.checked_add(i * usize::from(phentsize)));
+        match at.and_then(u32_at) {
+            Some(PT_INTERP) => {
+                return Err(unusable(
+                    "is dynamically linked (it needs a loader and a C library that images lack)",
+                ));
+            }
+            Some(_) => {}
+            None => return Err(unusable("is a truncated ELF file")),
+        }
+    }
+    Ok(())
+}
+
 /// The `/init` script for an initramfs that loads `modules` in order.
 pub(crate) fn init_script(modules: &[&str]) -> String {
     let agent_dir = AGENT_PATH.rsplit_once('/').map_or("/", |(d, _)| d);
@@ -150,6 +214,7 @@ pub(crate) fn with_agent(
     cache_dir: &Path,
 ) -> Result<PathBuf, StorageError> {
     let agent = fs::read(agent_binary).map_err(io_err("read the agent binary", agent_binary))?;
+    check_agent_bytes(agent_binary, &agent)?;
     let initrd = fs::canonicalize(&image.initrd).map_err(io_err("read", &image.initrd))?;
     let meta = fs::metadata(&initrd).map_err(io_err("read", &initrd))?;
     let mtime = meta
@@ -192,6 +257,30 @@ pub(crate) fn with_agent(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::check_agent;
+
+    #[test]
+    fn only_a_static_x86_64_executable_is_an_agent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Any system binary is dynamically linked: what a plain `cargo build` makes.
+        let err = check_agent(std::path::Path::new("/bin/true")).expect_err("dynamic");
+        let text = err.to_string();
+        assert!(text.contains("dynamically linked"), "{text}");
+        assert!(text.contains("scripts/build-agent"), "{text}");
+        let script = dir.path().join("agent.sh");
+        std::fs::write(&script, "#!/bin/sh\n").expect("write");
+        let err = check_agent(&script).expect_err("script");
+        assert!(err.to_string().contains("not a 64-bit ELF"), "{err}");
+        let err = check_agent(&dir.path().join("missing")).expect_err("missing");
+        assert!(err.to_string().contains("cannot be read"), "{err}");
+        // A static one, where the build put it (present after scripts/build-agent).
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let agent = root.join("target/x86_64-unknown-linux-gnu/release/nook-guest-agent");
+        if agent.is_file() {
+            check_agent(&agent).expect("the static agent passes");
+        }
+    }
+
     use super::*;
 
     #[test]

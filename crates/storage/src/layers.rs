@@ -163,9 +163,7 @@ mod tests {
 
     #[test]
     fn reads_chains_and_collects_only_unreachable_layers() {
-        if Command::new("qemu-img").arg("--version").output().is_err() {
-            return;
-        }
+        crate::require_tool("qemu-img", "qemu-utils");
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.qcow2");
         qcow2(&base, None);

@@ -105,17 +105,31 @@ pub struct Image {
     pub recipe_version: u32,
 }
 
+pub use initrd::check_agent;
+
 /// The image's initrd with a second cpio archive appended holding the agent as `/nook-agent`
 /// (mode 0755); the initramfs installs it at [`AGENT_PATH`] on the root disk at every boot.
 ///
 /// The result is cached in `cache_dir` under a hash of the image's initrd (path, size, mtime)
-/// and the agent's contents, and reused when present.
+/// and the agent's contents, and reused when present. The agent must pass [`check_agent`].
 pub fn initrd_with_agent(
     image: &Image,
     agent_binary: &Path,
     cache_dir: &Path,
 ) -> Result<PathBuf, StorageError> {
     initrd::with_agent(image, agent_binary, cache_dir)
+}
+
+/// Test-only: fails (naming the Debian package) when a host tool a test needs is absent.
+/// Skipping instead would let a missing tool hide a broken code path behind a green run.
+#[cfg(test)]
+pub(crate) fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
+    assert!(
+        found,
+        "this test needs `{tool}` on PATH: apt-get install {package}"
+    );
 }
 
 #[cfg(test)]

@@ -213,7 +213,8 @@ impl Store {
         token: &str,
         account_id: &str,
     ) -> Result<bool, StoreError> {
-        let _changed = self.change();
+        // A wrong token writes nothing, so it does not move the generation (see
+        // `redeem_login_token`).
         let Some(row) =
             sqlx::query("SELECT id FROM share_links WHERE vm_id = ? AND token_hash = ?")
                 .bind(vm_id)
@@ -223,6 +224,7 @@ impl Store {
         else {
             return Ok(false);
         };
+        let _changed = self.change();
         let link_id: String = row.try_get("id")?;
         sqlx::query("INSERT OR IGNORE INTO link_grants (link_id, account_id) VALUES (?, ?)")
             .bind(link_id)
@@ -232,7 +234,8 @@ impl Store {
         Ok(true)
     }
 
-    /// A one-time login link for an account, valid for `ttl_secs`; returns its token.
+    /// A one-time login link for an account, valid for `ttl_secs`; returns its token. Expired
+    /// links are swept on the way, so links nobody opened do not pile up.
     pub async fn create_login_token(
         &self,
         account_id: Option<&str>,
@@ -240,6 +243,10 @@ impl Store {
         ttl_secs: i64,
     ) -> Result<String, StoreError> {
         let _changed = self.change();
+        sqlx::query("DELETE FROM login_tokens WHERE expires_at < ?")
+            .bind(unix_now())
+            .execute(&self.pool)
+            .await?;
         let token = new_secret();
         sqlx::query(
             "INSERT INTO login_tokens (token_hash, account_id, email, expires_at) VALUES (?, ?, ?, ?)",
@@ -255,7 +262,19 @@ impl Store {
 
     /// Uses up a login token: the account it logs in (made on the spot for an email login
     /// of someone without one), or None when it is unknown, used or expired.
+    ///
+    /// An unknown token writes nothing: anyone may send one, and every write moves the store's
+    /// generation, which empties the edge's remembered answers (a flood of junk tokens would
+    /// otherwise make every request go to SQLite). Even a DELETE that matches no row fires
+    /// the commit hook, hence the look first.
     pub async fn redeem_login_token(&self, token: &str) -> Result<Option<Account>, StoreError> {
+        let known = sqlx::query("SELECT 1 FROM login_tokens WHERE token_hash = ?")
+            .bind(hash_secret(token))
+            .fetch_optional(&self.pool)
+            .await?;
+        if known.is_none() {
+            return Ok(None);
+        }
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
@@ -312,6 +331,7 @@ impl Store {
     }
 
     /// A session for `account` on exactly `host`; returns its secret (the cookie value).
+    /// Expired sessions are swept on the way.
     pub async fn create_session(
         &self,
         account_id: &str,
@@ -319,6 +339,10 @@ impl Store {
         ttl_secs: i64,
     ) -> Result<String, StoreError> {
         let _changed = self.change();
+        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?")
+            .bind(unix_now())
+            .execute(&self.pool)
+            .await?;
         let secret = new_secret();
         sqlx::query(
             "INSERT INTO sessions (secret_hash, account_id, host, expires_at) VALUES (?, ?, ?, ?)",
@@ -346,10 +370,23 @@ impl Store {
         row.map(|r| decode_account(&r)).transpose()
     }
 
-    pub async fn end_session(&self, secret: &str) -> Result<(), StoreError> {
-        let _changed = self.change();
-        sqlx::query("DELETE FROM sessions WHERE secret_hash = ?")
+    /// Signs out everywhere: ends the session `secret` and every other session of its account,
+    /// on every host. Each VM host has a session of its own, so ending only the one at hand
+    /// would leave the account signed in to every other VM it visited, in a browser its owner
+    /// believes signed out. Ending one that does not exist (anyone can send a made-up cookie
+    /// to the logout page) writes nothing, so it does not move the generation.
+    pub async fn end_all_sessions(&self, secret: &str) -> Result<(), StoreError> {
+        let Some(row) = sqlx::query("SELECT account_id FROM sessions WHERE secret_hash = ?")
             .bind(hash_secret(secret))
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(());
+        };
+        let account_id: String = row.try_get("account_id")?;
+        let _changed = self.change();
+        sqlx::query("DELETE FROM sessions WHERE account_id = ?")
+            .bind(account_id)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -399,5 +436,156 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| decode_account(&r)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.sqlite"))
+            .await
+            .expect("open");
+        (dir, store)
+    }
+
+    async fn count(store: &Store, table: &'static str) -> i64 {
+        let sql = match table {
+            "login_tokens" => "SELECT COUNT(*) AS n FROM login_tokens",
+            "sessions" => "SELECT COUNT(*) AS n FROM sessions",
+            other => panic!("no count for {other}"),
+        };
+        sqlx::query(sql)
+            .fetch_one(&store.pool)
+            .await
+            .expect("count")
+            .try_get("n")
+            .expect("n")
+    }
+
+    async fn account(store: &Store, id: &str) {
+        sqlx::query("INSERT INTO accounts (id, email, created_at) VALUES (?, ?, ?)")
+            .bind(id)
+            .bind(format!("{id}@example.com"))
+            .bind(now())
+            .execute(&store.pool)
+            .await
+            .expect("account");
+    }
+
+    /// Anyone can send a junk login token, session cookie or share token; if that moved the
+    /// generation, a stream of them would flush every answer the edge remembers.
+    #[tokio::test]
+    async fn failed_anonymous_attempts_do_not_move_the_generation() {
+        let (_dir, store) = store().await;
+        account(&store, "a1").await;
+        let vm_id = "vm1";
+        let g = store.generation();
+        assert!(
+            store
+                .redeem_login_token("junk")
+                .await
+                .expect("redeem")
+                .is_none()
+        );
+        store.end_all_sessions("junk").await.expect("end");
+        assert!(
+            !store
+                .redeem_share_link(vm_id, "junk", "a1")
+                .await
+                .expect("link")
+        );
+        assert_eq!(
+            store.generation(),
+            g,
+            "a failed attempt moved the generation"
+        );
+
+        // Real ones still do, and still work.
+        let token = store
+            .create_login_token(Some("a1"), None, 60)
+            .await
+            .expect("token");
+        let secret = store.create_session("a1", "h", 60).await.expect("session");
+        let g = store.generation();
+        let who = store.redeem_login_token(&token).await.expect("redeem");
+        assert_eq!(who.map(|a| a.id).as_deref(), Some("a1"));
+        assert!(store.generation() > g);
+        let g = store.generation();
+        store.end_all_sessions(&secret).await.expect("end");
+        assert!(store.generation() > g);
+        assert!(store.session("h", &secret).await.expect("gone").is_none());
+    }
+
+    /// Signing out on one host signs the account out on every host, and no one else.
+    #[tokio::test]
+    async fn logout_ends_every_session_of_the_account() {
+        let (_dir, store) = store().await;
+        account(&store, "a1").await;
+        account(&store, "a2").await;
+        let dash = store
+            .create_session("a1", "nook.test", 60)
+            .await
+            .expect("s");
+        let vm1 = store
+            .create_session("a1", "a.nook.test", 60)
+            .await
+            .expect("s");
+        let vm2 = store
+            .create_session("a1", "b.nook.test", 60)
+            .await
+            .expect("s");
+        let other = store
+            .create_session("a2", "a.nook.test", 60)
+            .await
+            .expect("s");
+        store.end_all_sessions(&vm1).await.expect("end");
+        for (host, secret) in [
+            ("nook.test", &dash),
+            ("a.nook.test", &vm1),
+            ("b.nook.test", &vm2),
+        ] {
+            assert!(
+                store.session(host, secret).await.expect("read").is_none(),
+                "{host} is still signed in"
+            );
+        }
+        assert!(
+            store
+                .session("a.nook.test", &other)
+                .await
+                .expect("read")
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_rows_are_swept() {
+        let (_dir, store) = store().await;
+        account(&store, "a1").await;
+        for _ in 0..3 {
+            store
+                .create_login_token(Some("a1"), None, -10)
+                .await
+                .expect("token");
+            store.create_session("a1", "h", -10).await.expect("session");
+        }
+        let live_token = store
+            .create_login_token(Some("a1"), None, 60)
+            .await
+            .expect("token");
+        let live = store.create_session("a1", "h", 60).await.expect("session");
+        assert_eq!(count(&store, "login_tokens").await, 1);
+        assert_eq!(count(&store, "sessions").await, 1);
+        assert!(store.session("h", &live).await.expect("live").is_some());
+        assert!(
+            store
+                .redeem_login_token(&live_token)
+                .await
+                .expect("live")
+                .is_some()
+        );
     }
 }

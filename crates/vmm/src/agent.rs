@@ -13,19 +13,154 @@ use nook_proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::VmmError;
+use crate::throttle::Throttle;
 
-type Routes = Arc<std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<GuestMsg>>>>;
+/// How long a request may wait for the agent's answer (and for room to send it) unless the
+/// client was given another deadline. Identify, the slowest request, takes tens of seconds
+/// on a loaded TCG host.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Frames waiting to be written. A guest that stops draining its port fills this, and then
+/// senders wait (each until its deadline) instead of the host buffering without limit.
+const OUTBOX_FRAMES: usize = 8;
+/// How often the readiness probe is repeated while the agent has not answered.
+const PROBE_EVERY: Duration = Duration::from_millis(300);
+/// The output window of a spawn that asked for none: such a process's output is acknowledged
+/// as [`Process::next`] hands it out, so a caller that reads slowly slows the process instead
+/// of the host buffering what it prints.
+pub const DEFAULT_WINDOW: u32 = 1 << 20;
 
+/// The requests waiting for the guest, and whether the connection is gone. One lock guards
+/// both, so a request can never be registered after the reader has given up on the
+/// connection (its reply would then be waited for forever).
+#[derive(Default)]
+struct Routes {
+    map: HashMap<u64, Route>,
+    closed: bool,
+}
+
+type SharedRoutes = Arc<std::sync::Mutex<Routes>>;
+
+fn lock(routes: &SharedRoutes) -> std::sync::MutexGuard<'_, Routes> {
+    routes.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks the connection gone; dropping the senders ends every open stream and call.
+fn close_routes(routes: &SharedRoutes) {
+    let mut routes = lock(routes);
+    routes.closed = true;
+    routes.map.clear();
+}
+
+/// Where the guest's frames for one request id go.
+struct Route {
+    tx: mpsc::UnboundedSender<(GuestMsg, usize)>,
+    /// Stdin the process may still be sent, for spawns with a flow-control window.
+    stdin_credit: Option<Arc<Credit>>,
+    queue: Arc<QueueBudget>,
+}
+
+/// Frame bytes delivered to one request and not yet taken by its reader. A guest that keeps
+/// to the protocol never passes the limit (one reply, or a spawn's window); one that does not
+/// loses the request instead of growing the host's memory.
+struct QueueBudget {
+    queued: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl QueueBudget {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// For one reply: any single frame fits.
+    fn reply() -> Arc<Self> {
+        Self::new(nook_proto::MAX_FRAME)
+    }
+
+    /// For a spawn's stream: its window, grown by base64 and framing, and one frame of slack.
+    fn window(bytes: u32) -> Arc<Self> {
+        Self::new(2 * bytes as usize + nook_proto::MAX_FRAME)
+    }
+}
+
+/// The receiving end of a route, which gives back the budget of what it hands out.
+struct RouteRx {
+    rx: mpsc::UnboundedReceiver<(GuestMsg, usize)>,
+    queue: Arc<QueueBudget>,
+}
+
+impl RouteRx {
+    async fn recv(&mut self) -> Option<GuestMsg> {
+        let (msg, cost) = self.rx.recv().await?;
+        self.queue.queued.fetch_sub(cost, Ordering::Relaxed);
+        Some(msg)
+    }
+}
+
+/// Bytes that may be sent before the other side acknowledges more.
+struct Credit {
+    available: std::sync::Mutex<i64>,
+    grown: tokio::sync::Notify,
+}
+
+impl Credit {
+    fn new(bytes: u32) -> Self {
+        Self {
+            available: std::sync::Mutex::new(i64::from(bytes)),
+            grown: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn grant(&self, bytes: u64) {
+        if let Ok(mut available) = self.available.lock() {
+            *available = available.saturating_add(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        self.grown.notify_waiters();
+    }
+
+    /// Waits until some credit is left, then spends `bytes` (which may overdraw it by one chunk).
+    async fn spend(&self, bytes: usize) {
+        loop {
+            let grown = self.grown.notified();
+            if let Ok(mut available) = self.available.lock()
+                && *available > 0
+            {
+                *available -= bytes as i64;
+                return;
+            }
+            grown.await;
+        }
+    }
+}
+
+/// What the guest answered to its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identified {
+    /// It had been another VM until now.
+    pub cloned: bool,
+    /// It runs sshd, with nook's key in place.
+    pub sshd: bool,
+}
+
+/// A connection to one VM's guest agent. Clones share it; when the last clone is dropped
+/// its tasks end and the socket is closed, even while a write is stuck on a guest that does
+/// not drain its port (QEMU accepts one client at a time, so a stuck old connection would
+/// keep a new one from ever being served).
 #[derive(Clone)]
 pub struct AgentClient {
-    writer: Arc<Mutex<OwnedWriteHalf>>,
-    routes: Routes,
+    outbox: mpsc::Sender<Vec<u8>>,
+    routes: SharedRoutes,
     next_id: Arc<AtomicU64>,
-    closed: watch::Receiver<bool>,
+    call_timeout: Duration,
+    _alive: Arc<watch::Sender<()>>,
 }
 
 /// What the agent said when it answered the readiness probe.
@@ -41,75 +176,90 @@ impl AgentClient {
         let stream = UnixStream::connect(path)
             .await
             .map_err(VmmError::io(path))?;
-        let (mut read, write) = stream.into_split();
-        let (closed_tx, closed) = watch::channel(false);
-        let client = Self {
-            writer: Arc::new(Mutex::new(write)),
-            routes: Arc::default(),
+        let (read, write) = stream.into_split();
+        let (alive, alive_rx) = watch::channel(());
+        let (outbox, queued) = mpsc::channel(OUTBOX_FRAMES);
+        let routes = SharedRoutes::default();
+        tokio::spawn(read_frames(read, routes.clone(), alive_rx.clone()));
+        tokio::spawn(write_frames(write, queued, routes.clone(), alive_rx));
+        Ok(Self {
+            outbox,
+            routes,
             next_id: Arc::new(AtomicU64::new(1)),
-            closed,
-        };
-        let routes = client.routes.clone();
-        tokio::spawn(async move {
-            let mut frames = FrameBuf::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match read.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => frames.push(&buf[..n]),
-                }
-                while let Some(body) = frames.next_body() {
-                    match nook_proto::decode::<GuestFrame>(&body) {
-                        Ok(frame) => route(&routes, frame),
-                        Err(err) => tracing::warn!(%err, "undecodable frame from guest agent"),
-                    }
-                }
-            }
-            // Dropping the senders ends every open stream.
-            if let Ok(mut routes) = routes.lock() {
-                routes.clear();
-            }
-            let _ = closed_tx.send(true);
-        });
-        Ok(client)
+            call_timeout: CALL_TIMEOUT,
+            _alive: Arc::new(alive),
+        })
+    }
+
+    /// The same connection, with another deadline for each request.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
     }
 
     pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
+        lock(&self.routes).closed
+    }
+
+    /// Queues one frame for the writer, waiting for room until `deadline`. Frames are written
+    /// whole by one task, so a sender that gives up never leaves half a frame on the wire.
+    async fn send_by(&self, frame: &HostFrame, deadline: Instant) -> Result<(), VmmError> {
+        let bytes = nook_proto::encode(frame)?;
+        match tokio::time::timeout_at(deadline, self.outbox.send(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(VmmError::AgentClosed),
+            Err(_) => Err(VmmError::AgentTimeout(self.call_timeout)),
+        }
     }
 
     async fn send(&self, frame: &HostFrame) -> Result<(), VmmError> {
-        let bytes = nook_proto::encode(frame)?;
-        let mut writer = self.writer.lock().await;
-        writer
-            .write_all(&bytes)
+        self.send_by(frame, Instant::now() + self.call_timeout)
             .await
-            .map_err(|_| VmmError::AgentClosed)
     }
 
-    fn open_route(&self) -> (u64, mpsc::UnboundedReceiver<GuestMsg>) {
+    fn open_route(&self) -> Result<(u64, RouteRx), VmmError> {
+        self.open_route_with(None, QueueBudget::reply())
+    }
+
+    fn open_route_with(
+        &self,
+        stdin_credit: Option<Arc<Credit>>,
+        queue: Arc<QueueBudget>,
+    ) -> Result<(u64, RouteRx), VmmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        if let Ok(mut routes) = self.routes.lock() {
-            routes.insert(id, tx);
+        let mut routes = lock(&self.routes);
+        if routes.closed {
+            return Err(VmmError::AgentClosed);
         }
-        (id, rx)
+        routes.map.insert(
+            id,
+            Route {
+                tx,
+                stdin_credit,
+                queue: queue.clone(),
+            },
+        );
+        Ok((id, RouteRx { rx, queue }))
     }
 
     fn close_route(&self, id: u64) {
-        if let Ok(mut routes) = self.routes.lock() {
-            routes.remove(&id);
-        }
+        lock(&self.routes).map.remove(&id);
     }
 
-    /// One request, one reply.
+    /// One request, one reply, within the client's call timeout.
     async fn call(&self, msg: HostMsg) -> Result<GuestMsg, VmmError> {
-        let (id, mut rx) = self.open_route();
-        let sent = self.send(&HostFrame { id, msg }).await;
-        let reply = match sent {
-            Ok(()) => rx.recv().await.ok_or(VmmError::AgentClosed),
-            Err(e) => Err(e),
-        };
+        let deadline = Instant::now() + self.call_timeout;
+        let (id, mut rx) = self.open_route()?;
+        let reply = async {
+            self.send_by(&HostFrame { id, msg }, deadline).await?;
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => Ok(reply),
+                Ok(None) => Err(VmmError::AgentClosed),
+                Err(_) => Err(VmmError::AgentTimeout(self.call_timeout)),
+            }
+        }
+        .await;
         self.close_route(id);
         match reply? {
             GuestMsg::Error { kind, message } => {
@@ -120,68 +270,87 @@ impl AgentClient {
     }
 
     /// Probes until the agent answers, which is the VM's readiness signal. Probes are repeated
-    /// because frames sent before the guest opened its port may be lost.
+    /// because frames sent before the guest opened its port may be lost. Returns
+    /// [`VmmError::Timeout`] at `timeout` whatever the guest does: a guest that never opens its
+    /// port stops QEMU from reading the socket, and a probe then never finishes being written.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<AgentHello, VmmError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let (id, mut rx) = self.open_route();
-        let result = loop {
-            if self.is_closed() {
-                break Err(VmmError::AgentClosed);
-            }
-            if let Err(e) = self
-                .send(&HostFrame {
-                    id,
-                    msg: HostMsg::Hello {
-                        version: PROTOCOL_VERSION,
-                    },
-                })
-                .await
-            {
-                break Err(e);
-            }
-            let wait = tokio::time::sleep_until(
-                deadline.min(tokio::time::Instant::now() + Duration::from_millis(300)),
-            );
-            tokio::select! {
-                msg = rx.recv() => match msg {
-                    Some(GuestMsg::Hello { version, agent_version, hostname, boot_id }) => {
-                        if version != PROTOCOL_VERSION {
-                            break Err(VmmError::AgentVersion(version, PROTOCOL_VERSION));
+        let deadline = Instant::now() + timeout;
+        let (id, mut rx) = self.open_route()?;
+        let probe = nook_proto::encode(&HostFrame {
+            id,
+            msg: HostMsg::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        })?;
+        let answer = async {
+            loop {
+                // A full outbox means the guest is not draining yet: that probe would only
+                // queue behind the others, so it is skipped rather than waited for.
+                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                    self.outbox.try_send(probe.clone())
+                {
+                    return Err(VmmError::AgentClosed);
+                }
+                tokio::select! {
+                    msg = rx.recv() => return match msg {
+                        Some(GuestMsg::Hello { version, agent_version, hostname, boot_id }) => {
+                            if version != PROTOCOL_VERSION {
+                                Err(VmmError::AgentVersion(version, PROTOCOL_VERSION))
+                            } else {
+                                Ok(AgentHello { agent_version, hostname, boot_id })
+                            }
                         }
-                        break Ok(AgentHello { agent_version, hostname, boot_id });
-                    }
-                    Some(other) => break Err(VmmError::Agent(format!("unexpected reply to hello: {other:?}"))),
-                    None => break Err(VmmError::AgentClosed),
-                },
-                () = wait => {
-                    if tokio::time::Instant::now() >= deadline {
-                        break Err(VmmError::Timeout(timeout));
-                    }
+                        Some(other) => Err(VmmError::Agent(format!("unexpected reply to hello: {other:?}"))),
+                        None => Err(VmmError::AgentClosed),
+                    },
+                    () = tokio::time::sleep(PROBE_EVERY) => {}
                 }
             }
         };
+        let result = tokio::time::timeout_at(deadline, answer)
+            .await
+            .unwrap_or(Err(VmmError::Timeout(timeout)));
         self.close_route(id);
         result
     }
 
-    pub async fn spawn(&self, request: SpawnRequest) -> Result<Process, VmmError> {
-        let (id, mut rx) = self.open_route();
+    /// Starts a process. With `request.window`, the guest sends at most that much output ahead
+    /// of [`ProcessHandle::output_ack`], and [`ProcessHandle::stdin`] waits until the process
+    /// has taken what it was sent, so memory on both ends stays bounded.
+    ///
+    /// Without a window, the process gets [`DEFAULT_WINDOW`] and [`Process::next`]
+    /// acknowledges its output as it hands it out.
+    pub async fn spawn(&self, mut request: SpawnRequest) -> Result<Process, VmmError> {
+        let deadline = Instant::now() + self.call_timeout;
+        let credit = request.window.map(|w| Arc::new(Credit::new(w)));
+        let auto_ack = request.window.is_none();
+        let window = *request.window.get_or_insert(DEFAULT_WINDOW);
+        let (id, mut rx) = self.open_route_with(credit.clone(), QueueBudget::window(window))?;
         if let Err(e) = self
-            .send(&HostFrame {
-                id,
-                msg: HostMsg::Spawn(request),
-            })
+            .send_by(
+                &HostFrame {
+                    id,
+                    msg: HostMsg::Spawn(request),
+                },
+                deadline,
+            )
             .await
         {
             self.close_route(id);
             return Err(e);
         }
-        match rx.recv().await {
+        let Ok(answer) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+            self.close_route(id);
+            return Err(VmmError::AgentTimeout(self.call_timeout));
+        };
+        match answer {
             Some(GuestMsg::Spawned { pid }) => Ok(Process {
                 id,
                 pid,
                 rx,
                 client: self.clone(),
+                stdin_credit: credit,
+                auto_ack,
             }),
             Some(GuestMsg::Error { kind, message }) => {
                 self.close_route(id);
@@ -265,10 +434,11 @@ impl AgentClient {
         }
     }
 
-    /// Tells the guest who it is; true when it found it had been another VM (a clone).
-    pub async fn identify(&self, identity: nook_proto::Identity) -> Result<bool, VmmError> {
+    /// Tells the guest who it is; the answer says whether it had been another VM (a clone) and
+    /// whether it runs sshd with nook's key.
+    pub async fn identify(&self, identity: nook_proto::Identity) -> Result<Identified, VmmError> {
         match self.call(HostMsg::Identify(identity)).await? {
-            GuestMsg::Identified { cloned } => Ok(cloned),
+            GuestMsg::Identified { cloned, sshd } => Ok(Identified { cloned, sshd }),
             other => Err(VmmError::Agent(format!(
                 "unexpected reply to identify: {other:?}"
             ))),
@@ -286,31 +456,147 @@ impl AgentClient {
     }
 }
 
-fn route(routes: &Routes, frame: GuestFrame) {
-    let Ok(mut routes) = routes.lock() else {
-        return;
-    };
+/// Reads the guest's frames and hands each to its request, until the guest closes the
+/// connection or the last client handle is dropped.
+async fn read_frames(
+    mut read: OwnedReadHalf,
+    routes: SharedRoutes,
+    mut alive: watch::Receiver<()>,
+) {
+    let mut frames = FrameBuf::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    // A guest can send garbage at full speed: one line per bad frame would flood the log.
+    let mut undecodable = Throttle::new(Duration::from_secs(10));
+    let mut noise = Throttle::new(Duration::from_secs(10));
+    let mut overrun = Throttle::new(Duration::from_secs(10));
+    loop {
+        let read = tokio::select! {
+            r = read.read(&mut buf) => r,
+            _ = alive.changed() => break,
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => frames.push(&buf[..n]),
+        }
+        let skipped_before = frames.skipped();
+        while let Some(body) = frames.next_body() {
+            match nook_proto::decode::<GuestFrame>(&body) {
+                Ok(frame) => {
+                    if let Overrun::Dropped(id) = route(&routes, frame, body.len())
+                        && let Some(more) = overrun.allow()
+                    {
+                        tracing::warn!(
+                            id,
+                            similar_since_last = more,
+                            "guest agent sent more than a request's window; dropped the request"
+                        );
+                    }
+                }
+                Err(err) => {
+                    if let Some(more) = undecodable.allow() {
+                        tracing::warn!(%err, similar_since_last = more, "undecodable frame from guest agent");
+                    }
+                }
+            }
+        }
+        let skipped = frames.skipped() - skipped_before;
+        if skipped > 0
+            && let Some(more) = noise.allow_n(skipped)
+        {
+            tracing::warn!(
+                bytes = skipped,
+                bytes_since_last = more,
+                "skipped bytes from guest agent that were not frames"
+            );
+        }
+    }
+    close_routes(&routes);
+}
+
+/// Writes queued frames whole, one after the other, until every client handle is dropped;
+/// a failed write ends the connection.
+async fn write_frames(
+    mut write: OwnedWriteHalf,
+    mut queued: mpsc::Receiver<Vec<u8>>,
+    routes: SharedRoutes,
+    mut alive: watch::Receiver<()>,
+) {
+    loop {
+        let frame = tokio::select! {
+            f = queued.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+            _ = alive.changed() => break,
+        };
+        let written = tokio::select! {
+            w = write.write_all(&frame) => w,
+            _ = alive.changed() => break,
+        };
+        if written.is_err() {
+            close_routes(&routes);
+            break;
+        }
+    }
+}
+
+enum Overrun {
+    No,
+    /// The request with this id was sent more than its budget and was dropped.
+    Dropped(u64),
+}
+
+/// Hands one frame, `cost` bytes on the wire, to its request.
+fn route(routes: &SharedRoutes, frame: GuestFrame, cost: usize) -> Overrun {
+    let mut routes = lock(routes);
+    let routes = &mut routes.map;
     let finished = matches!(frame.msg, GuestMsg::Exit { .. });
-    if let Some(tx) = routes.get(&frame.id) {
-        let _ = tx.send(frame.msg);
+    if let GuestMsg::StdinAck { bytes } = frame.msg {
+        if let Some(credit) = routes.get(&frame.id).and_then(|r| r.stdin_credit.as_ref()) {
+            credit.grant(bytes);
+        }
+        return Overrun::No;
+    }
+    if let Some(route) = routes.get(&frame.id) {
+        let queued = route.queue.queued.load(Ordering::Relaxed);
+        if queued.saturating_add(cost) > route.queue.limit {
+            // Its reader sees the stream end, as if the connection had dropped.
+            routes.remove(&frame.id);
+            return Overrun::Dropped(frame.id);
+        }
+        route.queue.queued.fetch_add(cost, Ordering::Relaxed);
+        let _ = route.tx.send((frame.msg, cost));
     }
     if finished {
         routes.remove(&frame.id);
     }
+    Overrun::No
 }
 
 /// A process running in the guest. Output arrives through [`Process::next`] until `Exit`.
 pub struct Process {
     id: u64,
     pub pid: u32,
-    rx: mpsc::UnboundedReceiver<GuestMsg>,
+    rx: RouteRx,
     client: AgentClient,
+    stdin_credit: Option<Arc<Credit>>,
+    /// The spawn asked for no window: output is acknowledged here as it is handed out.
+    auto_ack: bool,
 }
 
 impl Process {
     /// The next output chunk or the final `Exit`; `None` if the agent connection dropped.
     pub async fn next(&mut self) -> Option<GuestMsg> {
-        self.rx.recv().await
+        let msg = self.rx.recv().await?;
+        if self.auto_ack
+            && let GuestMsg::Output { data, .. } = &msg
+            && !data.is_empty()
+        {
+            // A lost acknowledgement would stall the process for good; one that cannot be
+            // sent means the connection is going, which the stream's end reports.
+            let _ = self.handle().output_ack(data.len() as u64).await;
+        }
+        Some(msg)
     }
 
     /// A sender for stdin that can move into another task while output is read here.
@@ -318,6 +604,7 @@ impl Process {
         ProcessHandle {
             id: self.id,
             client: self.client.clone(),
+            stdin_credit: self.stdin_credit.clone(),
         }
     }
 }
@@ -325,6 +612,24 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.client.close_route(self.id);
+        if self.auto_ack {
+            // Nobody reads this output any more; as before windows were the default, the
+            // process may go on printing, and what it prints is dropped on arrival.
+            let release = HostFrame {
+                id: self.id,
+                msg: HostMsg::OutputAck { bytes: u64::MAX },
+            };
+            if let Ok(bytes) = nook_proto::encode(&release)
+                && let Err(mpsc::error::TrySendError::Full(bytes)) =
+                    self.client.outbox.try_send(bytes)
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                let outbox = self.client.outbox.clone();
+                runtime.spawn(async move {
+                    let _ = tokio::time::timeout(CALL_TIMEOUT, outbox.send(bytes)).await;
+                });
+            }
+        }
     }
 }
 
@@ -332,11 +637,17 @@ impl Drop for Process {
 pub struct ProcessHandle {
     id: u64,
     client: AgentClient,
+    stdin_credit: Option<Arc<Credit>>,
 }
 
 impl ProcessHandle {
+    /// Sends stdin; with a flow-control window, waits while the process has not taken what it
+    /// was sent before.
     pub async fn stdin(&self, data: &[u8]) -> Result<(), VmmError> {
         for chunk in data.chunks(nook_proto::CHUNK) {
+            if let Some(credit) = &self.stdin_credit {
+                credit.spend(chunk.len()).await;
+            }
             self.client
                 .send(&HostFrame {
                     id: self.id,
@@ -363,6 +674,26 @@ impl ProcessHandle {
             .send(&HostFrame {
                 id: self.id,
                 msg: HostMsg::Signal { signal },
+            })
+            .await
+    }
+
+    /// Tells the guest that `bytes` of output were passed on (see [`AgentClient::spawn`]).
+    pub async fn output_ack(&self, bytes: u64) -> Result<(), VmmError> {
+        self.client
+            .send(&HostFrame {
+                id: self.id,
+                msg: HostMsg::OutputAck { bytes },
+            })
+            .await
+    }
+
+    /// The process's user went away: SIGHUP, stdin closed, output no longer read.
+    pub async fn hangup(&self) -> Result<(), VmmError> {
+        self.client
+            .send(&HostFrame {
+                id: self.id,
+                msg: HostMsg::Hangup,
             })
             .await
     }

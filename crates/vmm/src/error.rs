@@ -2,8 +2,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    // Names the real knobs (`--qemu`, `qemu` in nook.toml) so the user can act on it.
     #[error(
-        "QEMU not found at {0}: install it (apt-get install qemu-system-x86) or set qemu_binary"
+        "QEMU not found at {0}: install it (apt-get install qemu-system-x86) or point nook at it with --qemu (or `qemu` in nook.toml)"
     )]
     QemuMissing(PathBuf),
     #[error("QEMU failed to start: {0}")]
@@ -18,6 +19,10 @@ pub enum VmmError {
     AgentVersion(u32, u32),
     #[error("Guest agent: {0}")]
     Agent(String),
+    #[error("Guest agent did not answer within {0:?}")]
+    AgentTimeout(std::time::Duration),
+    #[error("QMP command {0} got no answer within {1:?}")]
+    QmpTimeout(String, std::time::Duration),
     #[error("Timed out after {0:?}")]
     Timeout(std::time::Duration),
     #[error("I/O on {path}")]
@@ -34,5 +39,18 @@ impl VmmError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { path, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_missing_names_the_real_setting() {
+        let msg = VmmError::QemuMissing("/nope/qemu".into()).to_string();
+        assert!(msg.contains("/nope/qemu"), "{msg}");
+        assert!(msg.contains("--qemu"), "{msg}");
+        assert!(!msg.contains("qemu_binary"), "{msg}");
     }
 }

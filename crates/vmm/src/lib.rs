@@ -2,17 +2,19 @@
 //! restarts, and talks to it over QMP and to the guest agent over virtio-serial.
 //!
 //! It knows nothing of accounts, names or the database: callers hand it paths and sizes.
-//! QEMU processes are daemonized so that they outlive the daemon; liveness is observed through
-//! the QMP socket, never through `waitpid`.
+//! QEMU processes run in process groups of their own so that they outlive the daemon; liveness
+//! is observed through the QMP socket, never through `waitpid`.
 
 pub mod agent;
+pub mod console;
 mod error;
 pub mod fork;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
+mod throttle;
 
-pub use agent::{AgentClient, Process};
+pub use agent::{AgentClient, Identified, Process, ProcessHandle};
 pub use error::VmmError;
 pub use probe::{Accel, probe_accel};
 pub use qemu::{Hypervisor, LaunchSpec, NetBackend, Qemu, VmPaths};

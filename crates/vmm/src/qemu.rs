@@ -1,7 +1,10 @@
 //! QEMU command lines, launch, and finding a launched QEMU again.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::{Accel, VmmError};
 
@@ -25,19 +28,29 @@ impl VmPaths {
     pub fn agent_socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
     }
+    /// What nook keeps of the serial console (see [`crate::console`]).
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+    /// Where QEMU serves the serial console, for the daemon to follow into `console_log`.
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
     }
     pub fn pidfile(&self) -> PathBuf {
         self.dir.join("qemu.pid")
     }
 
-    /// The last `max_lines` lines of the serial console, for error messages.
-    pub fn console_tail(&self, max_lines: usize) -> String {
-        let text = std::fs::read(self.console_log()).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(max_lines)..].join("\n")
+    /// The last `max_lines` lines of the serial console (of its current file, which holds at
+    /// most [`crate::console::CONSOLE_LOG_MAX`]), read from its end on a blocking thread.
+    pub async fn console_tail(&self, max_lines: usize) -> String {
+        let log = self.console_log();
+        tokio::task::spawn_blocking(move || {
+            crate::console::tail(&log, max_lines, crate::console::CONSOLE_LOG_MAX)
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
     }
 }
 
@@ -61,8 +74,7 @@ pub struct LaunchSpec {
     pub cmdline: String,
     pub net: NetBackend,
     pub accel: Accel,
-    /// Memory reclaim: a balloon with free page reporting, and a small TCG translation
-    /// cache. Off only to measure what it saves.
+    /// Memory reclaim: a balloon with free page reporting. Off only to measure what it saves.
     pub reclaim: bool,
     /// Start paused, waiting for a running VM's state to stream in (a fork's clone).
     pub incoming: bool,
@@ -111,12 +123,14 @@ impl Qemu {
             "-M".into(),
             "pc".into(),
             "-accel".into(),
-            // TCG's translation cache defaults to 1 GiB, and it is resident memory that no
-            // balloon can reclaim; 64 MiB costs little speed for a guest's hot code.
-            match (spec.accel, spec.reclaim) {
-                (Accel::Tcg, true) => "tcg,tb-size=64".into(),
-                (Accel::Tcg, false) => "tcg".into(),
-                (Accel::Kvm, _) => "kvm".into(),
+            // TCG keeps its default translation cache (up to 1 GiB, resident only as it fills).
+            // A 64 MiB cache saved memory but flushed again and again while a guest booted, and
+            // a fork taken across such a flush woke corrupted under QEMU 7.2: 5 of 6 forks of a
+            // booting default VM crashed (a corrupted kernel stack, a NULL jump) against 0 of 6
+            // with the default size (`bench/clone_ssh.sh` and `cp` right after `new`).
+            match spec.accel {
+                Accel::Tcg => "tcg".into(),
+                Accel::Kvm => "kvm".into(),
             },
         ];
         if spec.accel == Accel::Kvm {
@@ -191,36 +205,60 @@ impl Qemu {
             args.extend(["-incoming".into(), "defer".into()]);
         }
         args.extend([
+            // Not a file chardev, which would grow for as long as the guest prints: the daemon
+            // follows this socket into a log of bounded size (crate::console).
             "-chardev".into(),
-            format!("file,id=console,path={}", s(p.console_log())),
+            format!(
+                "socket,id=console,path={},server=on,wait=off",
+                s(p.console_socket())
+            ),
             "-serial".into(),
             "chardev:console".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", s(p.qmp_socket())),
             "-pidfile".into(),
             s(p.pidfile()),
-            "-daemonize".into(),
+            // seccomp: no obsolete syscalls, no setuid, no fork or exec, no scheduler or
+            // resource changes. A device-emulation bug then cannot start a shell or another
+            // process. (QEMU's own -daemonize forks and calls setsid after the filter is on,
+            // so nook puts QEMU in the background itself: see `launch`.)
+            "-sandbox".into(),
+            SANDBOX.into(),
         ]);
         args
     }
 }
 
+/// QEMU's seccomp filter, all of it.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// How long QEMU may take to come up (its QMP greeting) before the launch is abandoned.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// What is kept of QEMU's stderr in `qemu.log`; the rest is read and dropped, so a guest that
+/// makes QEMU warn forever can neither fill the disk nor block QEMU on a full pipe.
+const STDERR_KEEP: usize = 64 * 1024;
+
 impl Hypervisor for Qemu {
     fn launch(&self, spec: &LaunchSpec) -> Result<u32, VmmError> {
         let p = &spec.paths;
-        for stale in [p.qmp_socket(), p.agent_socket(), p.pidfile()] {
+        for stale in [
+            p.qmp_socket(),
+            p.agent_socket(),
+            p.console_socket(),
+            p.pidfile(),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
         // Keep the previous boot's console for post-mortems, and start this boot's afresh.
         let _ = std::fs::rename(p.console_log(), p.dir.join("console.log.1"));
-        // With -daemonize the parent returns only once the VM is set up, so a bad argument or
-        // a missing tap is reported here, with QEMU's own words.
-        let output = std::process::Command::new(&self.binary)
+        let mut child = std::process::Command::new(&self.binary)
             .args(Self::args(spec))
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .output()
+            // A process group of its own: QEMU outlives the daemon, and a ^C or a signal to the
+            // daemon's group must not reach it.
+            .process_group(0)
+            .spawn()
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     VmmError::QemuMissing(self.binary.clone())
@@ -228,11 +266,40 @@ impl Hypervisor for Qemu {
                     VmmError::LaunchFailed(e.to_string())
                 }
             })?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(VmmError::LaunchFailed(stderr.trim().to_string()));
-        }
-        read_pid(&p.pidfile())
+        let early = keep_stderr(&mut child, p.dir.join("qemu.log"));
+        let pid = child.id();
+        // QEMU is up once its monitor greets: then every device, the tap included, is set up,
+        // and a bad argument or a missing tap has made it exit with its own words instead.
+        let deadline = Instant::now() + LAUNCH_TIMEOUT;
+        let failure = loop {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(|e| VmmError::LaunchFailed(e.to_string()))?
+            {
+                // Give the stderr reader a moment to take QEMU's last words.
+                std::thread::sleep(Duration::from_millis(50));
+                let said = String::from_utf8_lossy(&lock(&early)).trim().to_string();
+                break if said.is_empty() {
+                    format!("QEMU exited ({status})")
+                } else {
+                    said
+                };
+            }
+            if greets(&p.qmp_socket()) {
+                // Reaped when it ends, so a VM that stops leaves no zombie behind.
+                let _ = std::thread::Builder::new()
+                    .name(format!("qemu-{pid}"))
+                    .spawn(move || child.wait());
+                return Ok(pid);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break format!("QEMU did not come up within {}s", LAUNCH_TIMEOUT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Err(VmmError::LaunchFailed(failure))
     }
 
     fn is_running(&self, pid: u32, paths: &VmPaths) -> bool {
@@ -244,6 +311,57 @@ impl Hypervisor for Qemu {
         let needle = paths.qmp_socket().display().to_string();
         String::from_utf8_lossy(&cmdline).contains(&needle)
     }
+}
+
+/// True once QEMU's monitor at `socket` sends its greeting (the connection is then dropped;
+/// the monitor takes the next client).
+fn greets(socket: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut first = [0u8; 1];
+    matches!(stream.read(&mut first), Ok(1))
+}
+
+/// Reads QEMU's stderr until it closes, keeping the first [`STDERR_KEEP`] bytes in `log` and
+/// in the returned buffer (for a launch that fails).
+fn keep_stderr(child: &mut std::process::Child, log: PathBuf) -> Arc<Mutex<Vec<u8>>> {
+    use std::io::{Read, Write};
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let Some(mut stderr) = child.stderr.take() else {
+        return kept;
+    };
+    let shared = Arc::clone(&kept);
+    let spawned = std::thread::Builder::new()
+        .name("qemu-stderr".into())
+        .spawn(move || {
+            let mut file = std::fs::File::create(&log).ok();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut kept = lock(&shared);
+                let room = STDERR_KEEP.saturating_sub(kept.len()).min(n);
+                if room > 0 {
+                    kept.extend_from_slice(&buf[..room]);
+                    if let Some(f) = file.as_mut() {
+                        let _ = f.write_all(&buf[..room]);
+                    }
+                }
+            }
+        });
+    if spawned.is_err() {
+        tracing::warn!("cannot read QEMU's stderr; its messages are lost");
+    }
+    kept
+}
+
+/// Locks, ignoring poisoning: a panicked reader thread loses only log lines.
+fn lock(m: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub fn read_pid(pidfile: &Path) -> Result<u32, VmmError> {
@@ -268,7 +386,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn command_line_has_every_device_and_daemonizes() {
+    fn command_line_has_every_device_and_the_sandbox() {
         let spec = LaunchSpec {
             id: "abc123".into(),
             paths: VmPaths::new("/d/vms/abc123"),
@@ -289,7 +407,7 @@ mod tests {
         for part in [
             "-name nook-abc123",
             "-M pc",
-            "-accel tcg,tb-size=64",
+            "-accel tcg ",
             "-smp 2 -m 256M",
             "file=/d/vms/abc123/disk.qcow2,format=qcow2",
             "ifname=nk3,script=no",
@@ -297,11 +415,15 @@ mod tests {
             "path=/d/vms/abc123/agent.sock,server=on,wait=off",
             "name=org.nook.agent.0",
             "-qmp unix:/d/vms/abc123/qmp.sock,server=on,wait=off",
-            "-daemonize",
+            "socket,id=console,path=/d/vms/abc123/console.sock,server=on,wait=off",
+            "-serial chardev:console",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "free-page-reporting=on",
         ] {
             assert!(line.contains(part), "missing {part:?} in {line}");
         }
         assert!(!line.contains("-cpu host"));
+        // A shrunken translation cache broke forks (see `args`).
+        assert!(!line.contains("tb-size"), "{line}");
     }
 }

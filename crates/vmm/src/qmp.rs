@@ -4,14 +4,21 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Mutex, broadcast, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::VmmError;
+
+/// How long a command may take to be answered, and QEMU to greet a new connection. QEMU
+/// answers from its main loop within milliseconds; one that does not for this long is stuck.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Commands waiting to be written.
+const OUTBOX_LINES: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct QmpEvent {
@@ -19,30 +26,74 @@ pub struct QmpEvent {
     pub data: Value,
 }
 
-type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<Value, VmmError>>>>>;
+type Reply = oneshot::Sender<Result<Value, VmmError>>;
+
+/// Commands waiting for their answer, and whether the connection is gone. One lock guards
+/// both, so a command is never registered after the reader has failed the waiting ones (its
+/// answer would then be waited for forever).
+#[derive(Default)]
+struct Pending {
+    map: HashMap<u64, Reply>,
+    closed: bool,
+}
+
+impl Pending {
+    fn insert(&mut self, id: u64, tx: Reply) -> Result<(), VmmError> {
+        if self.closed {
+            return Err(VmmError::QmpClosed);
+        }
+        self.map.insert(id, tx);
+        Ok(())
+    }
+
+    /// Marks the connection gone and hands back every command still waiting.
+    fn close(&mut self) -> Vec<Reply> {
+        self.closed = true;
+        self.map.drain().map(|(_, tx)| tx).collect()
+    }
+}
+
+type SharedPending = Arc<std::sync::Mutex<Pending>>;
+
+fn lock(pending: &SharedPending) -> std::sync::MutexGuard<'_, Pending> {
+    pending.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 #[derive(Clone)]
 pub struct Qmp {
-    writer: Arc<Mutex<OwnedWriteHalf>>,
-    pending: Pending,
+    outbox: mpsc::Sender<String>,
+    pending: SharedPending,
     next_id: Arc<AtomicU64>,
     events: broadcast::Sender<QmpEvent>,
     closed: watch::Receiver<bool>,
     /// The reason of the last SHUTDOWN event, if QEMU said why it is going away.
     shutdown_reason: Arc<std::sync::Mutex<Option<String>>>,
+    timeout: Duration,
+}
+
+/// What the reader task needs: not the outbox, so that dropping every [`Qmp`] ends the writer.
+struct Inbox {
+    pending: SharedPending,
+    events: broadcast::Sender<QmpEvent>,
+    shutdown_reason: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Qmp {
     pub async fn connect(path: &Path) -> Result<Self, VmmError> {
+        Self::connect_within(path, QMP_TIMEOUT).await
+    }
+
+    /// Connects, with `timeout` for the greeting and for every command.
+    pub async fn connect_within(path: &Path, timeout: Duration) -> Result<Self, VmmError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(VmmError::io(path))?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         // The greeting comes first; anything else means this is not a QMP socket.
-        let greeting = lines
-            .next_line()
+        let greeting = tokio::time::timeout(timeout, lines.next_line())
             .await
+            .map_err(|_| VmmError::QmpTimeout("(greeting)".into(), timeout))?
             .map_err(VmmError::io(path))?
             .ok_or(VmmError::QmpClosed)?;
         if !greeting.contains("\"QMP\"") {
@@ -50,25 +101,28 @@ impl Qmp {
         }
         let (events, _) = broadcast::channel(64);
         let (closed_tx, closed) = watch::channel(false);
-        let qmp = Self {
-            writer: Arc::new(Mutex::new(write)),
-            pending: Arc::default(),
-            next_id: Arc::new(AtomicU64::new(1)),
+        let (outbox, queued) = mpsc::channel(OUTBOX_LINES);
+        let inbox = Inbox {
+            pending: SharedPending::default(),
             events,
-            closed,
             shutdown_reason: Arc::default(),
         };
-        let reader = qmp.clone();
+        let qmp = Self {
+            outbox,
+            pending: inbox.pending.clone(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            events: inbox.events.clone(),
+            closed,
+            shutdown_reason: inbox.shutdown_reason.clone(),
+            timeout,
+        };
+        tokio::spawn(write_lines(write, queued));
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                reader.dispatch(&line);
+                inbox.dispatch(&line);
             }
-            let waiting: Vec<_> = reader
-                .pending
-                .lock()
-                .map(|mut p| p.drain().collect())
-                .unwrap_or_default();
-            for (_, tx) in waiting {
+            let waiting = lock(&inbox.pending).close();
+            for tx in waiting {
                 let _ = tx.send(Err(VmmError::QmpClosed));
             }
             let _ = closed_tx.send(true);
@@ -77,6 +131,60 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Runs one command; fails with [`VmmError::QmpTimeout`] if QEMU does not answer in time.
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmmError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            msg["arguments"] = args;
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx)?;
+        let mut line = msg.to_string();
+        line.push('\n');
+        let answer = tokio::time::timeout(self.timeout, async {
+            // Lines are written whole by one task, so a command that times out here never
+            // leaves half a line that would garble the next one.
+            self.outbox
+                .send(line)
+                .await
+                .map_err(|_| VmmError::QmpClosed)?;
+            rx.await.map_err(|_| VmmError::QmpClosed)?
+        })
+        .await;
+        match answer {
+            Ok(result) => result,
+            Err(_) => {
+                lock(&self.pending).map.remove(&id);
+                Err(VmmError::QmpTimeout(command.to_string(), self.timeout))
+            }
+        }
+    }
+
+    pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Resolves once QEMU has closed the connection (it exited or was killed).
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        let _ = closed.wait_for(|c| *c).await;
+    }
+
+    pub fn shutdown_reason(&self) -> Option<String> {
+        self.shutdown_reason.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+impl Inbox {
     fn dispatch(&self, line: &str) {
         let Ok(msg) = serde_json::from_str::<Value>(line) else {
             tracing::warn!(line, "unparseable QMP message");
@@ -101,7 +209,7 @@ impl Qmp {
         let Some(id) = msg.get("id").and_then(Value::as_u64) else {
             return;
         };
-        let Some(tx) = self.pending.lock().ok().and_then(|mut p| p.remove(&id)) else {
+        let Some(tx) = lock(&self.pending).map.remove(&id) else {
             return;
         };
         let result = match (msg.get("return"), msg.get("error")) {
@@ -116,50 +224,13 @@ impl Qmp {
         };
         let _ = tx.send(result);
     }
+}
 
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, VmmError> {
-        if self.is_closed() {
-            return Err(VmmError::QmpClosed);
+/// Writes queued commands whole until every [`Qmp`] is dropped or QEMU goes away.
+async fn write_lines(mut write: OwnedWriteHalf, mut queued: mpsc::Receiver<String>) {
+    while let Some(line) = queued.recv().await {
+        if write.write_all(line.as_bytes()).await.is_err() {
+            break;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({ "execute": command, "id": id });
-        if let Some(args) = arguments {
-            msg["arguments"] = args;
-        }
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(id, tx);
-        }
-        let mut line = msg.to_string();
-        line.push('\n');
-        {
-            let mut writer = self.writer.lock().await;
-            if writer.write_all(line.as_bytes()).await.is_err() {
-                return Err(VmmError::QmpClosed);
-            }
-        }
-        rx.await.map_err(|_| VmmError::QmpClosed)?
-    }
-
-    pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
-        self.events.subscribe()
-    }
-
-    pub fn is_closed(&self) -> bool {
-        *self.closed.borrow()
-    }
-
-    /// Resolves once QEMU has closed the connection (it exited or was killed).
-    pub async fn closed(&self) {
-        let mut closed = self.closed.clone();
-        let _ = closed.wait_for(|c| *c).await;
-    }
-
-    pub fn shutdown_reason(&self) -> Option<String> {
-        self.shutdown_reason.lock().ok().and_then(|r| r.clone())
     }
 }

@@ -28,6 +28,70 @@ const MIN_FREE_BYTES: u64 = 32 << 20;
 /// How long a forked clone's agent has to answer after the restore.
 const FORK_READY: Duration = Duration::from_secs(30);
 
+/// Forks of a running VM tried before `cp` gives up on a clone whose kernel crashed on waking.
+/// A fork must wake exactly as its source was; one that does not is thrown away, never handed
+/// to the user. (Under TCG with a shrunken translation cache, most forks of a booting guest
+/// woke with a corrupted kernel; see `nook_vmm::Qemu::args`. This is the net under that fix.)
+const FORK_ATTEMPTS: u32 = 3;
+/// How long a fresh clone has to run `true` before it counts as crashed.
+const CLONE_HEALTH: Duration = Duration::from_secs(10);
+
+/// Why making a clone failed.
+enum CloneError {
+    /// The clone's kernel panicked on waking from the fork: worth forking again.
+    Crashed(ApiError),
+    Failed(ApiError),
+}
+
+impl From<ApiError> for CloneError {
+    fn from(err: ApiError) -> Self {
+        CloneError::Failed(err)
+    }
+}
+
+/// Resolves once the VM's console shows the kernel crashing (a fresh clone's console holds only
+/// what it printed since it woke).
+async fn kernel_panic(paths: &VmPaths) {
+    // Only what the console gained since the last look is read (with a sign's length of
+    // overlap, so one split across two reads is still seen).
+    let mut seen = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let console = paths.console_log();
+        let from = seen;
+        let read = tokio::task::spawn_blocking(move || read_from(&console, from))
+            .await
+            .ok()
+            .flatten();
+        let Some((len, fresh)) = read else { continue };
+        if KERNEL_CRASH
+            .iter()
+            .any(|sign| fresh.windows(sign.len()).any(|w| w == sign.as_bytes()))
+        {
+            return;
+        }
+        seen = len.saturating_sub(CRASH_SIGN_MAX as u64);
+    }
+}
+
+/// The file's length and its bytes from `offset` (from the start if it shrank: rotated).
+fn read_from(path: &std::path::Path, offset: u64) -> Option<(u64, Vec<u8>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = if offset > len { 0 } else { offset };
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut fresh = Vec::new();
+    file.read_to_end(&mut fresh).ok()?;
+    Some((len, fresh))
+}
+
+/// Longer than any of [`KERNEL_CRASH`].
+const CRASH_SIGN_MAX: usize = 32;
+
+/// What Linux prints when it panics or oopses.
+const KERNEL_CRASH: &[&str] = &["Kernel panic - not syncing", "Oops: ", "BUG: "];
+
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
@@ -68,53 +132,64 @@ impl Manager {
         }
         let image = self.image_of(&src)?;
         self.check_room_for_clone()?;
-        let record = {
-            let account_lock = self.op_lock(&format!("account:{}", src.owner));
-            let _account_guard = account_lock.lock().await;
-            let memory = if mode == CloneMode::Disk {
-                0
-            } else {
-                src.memory_mib
+        let mut name = req.name.clone();
+        let mut attempt = 1;
+        loop {
+            let record = {
+                let account_lock = self.op_lock(&format!("account:{}", src.owner));
+                let _account_guard = account_lock.lock().await;
+                let memory = if mode == CloneMode::Disk {
+                    0
+                } else {
+                    src.memory_mib
+                };
+                self.admit(&src.owner, Ask::Create, src.cpu, memory, src.disk_bytes)
+                    .await?;
+                let template = NewVm {
+                    id: String::new(),
+                    name: String::new(),
+                    owner: src.owner.clone(),
+                    image: src.image.clone(),
+                    image_dir: src.image_dir.clone(),
+                    cpu: src.cpu,
+                    memory_mib: src.memory_mib,
+                    disk_bytes: src.disk_bytes,
+                };
+                self.insert_vm(template, name.as_deref()).await?
             };
-            self.admit(&src.owner, None, src.cpu, memory, src.disk_bytes)
-                .await?;
-            let template = NewVm {
-                id: String::new(),
-                name: String::new(),
-                owner: src.owner.clone(),
-                image: src.image.clone(),
-                image_dir: src.image_dir.clone(),
-                cpu: src.cpu,
-                memory_mib: src.memory_mib,
-                disk_bytes: src.disk_bytes,
-            };
-            self.insert_vm(template, req.name.as_deref()).await?
-        };
-        let clone_lock = self.op_lock(&record.id);
-        let _clone_guard = clone_lock.lock().await;
-        faults::point("clone:recorded");
-        tracing::info!(source = %src.name, clone = %record.name, ?mode, "cloning");
-        progress(&format!("cloning {} into {}", src.name, record.name));
-        match self.make_clone(&src, &record, &image, mode, progress).await {
-            Ok(mut timings) => {
-                timings.total_ms = ms(started.elapsed());
-                tracing::info!(source = %src.name, clone = %record.name, ?timings, "cloned");
-                for id in [&src.id, &record.id] {
-                    self.flatten_later(id);
+            let clone_lock = self.op_lock(&record.id);
+            let _clone_guard = clone_lock.lock().await;
+            faults::point("clone:recorded");
+            tracing::info!(source = %src.name, clone = %record.name, ?mode, attempt, "cloning");
+            progress(&format!("cloning {} into {}", src.name, record.name));
+            let err = match self.make_clone(&src, &record, &image, mode, progress).await {
+                Ok(mut timings) => {
+                    timings.total_ms = ms(started.elapsed());
+                    tracing::info!(source = %src.name, clone = %record.name, ?timings, "cloned");
+                    for id in [&src.id, &record.id] {
+                        self.flatten_later(id);
+                    }
+                    let vm = self.get(&record.name, Scope::Admin).await?;
+                    return Ok(Cloned {
+                        vm,
+                        source: src.name.clone(),
+                        mode,
+                        timings,
+                    });
                 }
-                let vm = self.get(&record.name, Scope::Admin).await?;
-                Ok(Cloned {
-                    vm,
-                    source: src.name.clone(),
-                    mode,
-                    timings,
-                })
-            }
-            Err(err) => {
-                tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "clone failed; removing what was made");
-                self.destroy(&record).await;
-                Err(err)
-            }
+                Err(CloneError::Crashed(err)) if attempt < FORK_ATTEMPTS => {
+                    tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "the clone crashed on waking; forking again");
+                    progress("the clone's kernel crashed on waking; forking again");
+                    self.destroy(&record).await;
+                    name = Some(record.name.clone());
+                    attempt += 1;
+                    continue;
+                }
+                Err(CloneError::Crashed(err) | CloneError::Failed(err)) => err,
+            };
+            tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "clone failed; removing what was made");
+            self.destroy(&record).await;
+            return Err(err);
         }
     }
 
@@ -141,7 +216,7 @@ impl Manager {
         image: &Image,
         mode: CloneMode,
         progress: Progress<'_>,
-    ) -> Result<CloneTimings, ApiError> {
+    ) -> Result<CloneTimings, CloneError> {
         let mut timings = CloneTimings::default();
         let disk_started = Instant::now();
         let clone_paths = self.paths(&clone.id);
@@ -167,7 +242,7 @@ impl Manager {
         let made = map_join(made, "clone the disk")?;
         if let Err(err) = made {
             let _ = std::fs::remove_file(&next);
-            return Err(errors::from_storage("clone the disk", err));
+            return Err(errors::from_storage("clone the disk", err).into());
         }
         faults::point("clone:overlays");
 
@@ -210,7 +285,7 @@ impl Manager {
                 match faults::point("clone:paused") {
                     Fault::KillSourceQemu => kill_qemu(source_pid),
                     Fault::KillCloneQemu => kill_qemu(Some(pid)),
-                    Fault::None => {}
+                    Fault::None | Fault::NoAnswer => {}
                 }
                 fork::switch_disk(&src_qmp, DISK_DEVICE, &next).await?;
                 faults::point("clone:switched");
@@ -245,16 +320,49 @@ impl Manager {
         }
         tokio::select! {
             r = agent.wait_ready(FORK_READY) => r.map_err(|e| errors::from_vmm("reach the clone's guest agent", e))?,
-            () = clone_qmp.closed() => return Err(ApiError::new(ErrorCode::GuestNotReady, format!("The clone '{}' stopped right after its restore", clone.name))),
+            () = clone_qmp.closed() => return Err(ApiError::new(ErrorCode::GuestNotReady, format!("The clone '{}' stopped right after its restore", clone.name)).into()),
+            () = kernel_panic(&clone_paths) => return Err(CloneError::Crashed(ApiError::new(
+                ErrorCode::GuestNotReady,
+                format!("The clone '{}' crashed on waking (its kernel failed right after the copy); try again", clone.name),
+            ))),
         };
+        // The clone's disk already authorizes the source's nook key: the clone shares that key
+        // rather than making another.
+        self.share_ssh_key(src, clone);
         self.identify(clone, &agent).await?;
-        self.install_ssh_key(clone, &agent).await?;
+        // A fork of a guest still booting has woken able to answer its identity and then
+        // unable to run anything (seen in CI once in a few dozen forks): prove it can run a
+        // command before handing it over, or fork again.
+        let runs =
+            tokio::time::timeout(CLONE_HEALTH, run_to_end(&agent, vec!["true".into()])).await;
+        if !matches!(runs, Ok(Ok(0))) {
+            return Err(CloneError::Crashed(ApiError::new(
+                ErrorCode::GuestNotReady,
+                format!(
+                    "The clone '{}' could not run a command right after waking; try again",
+                    clone.name
+                ),
+            )));
+        }
         self.store
             .set_state(&clone.id, VmState::Running, None, Some(pid))
             .await
             .map_err(|e| errors::from_store("record the clone as running", e))?;
         timings.ready_ms = Some(ms(ready_started.elapsed()));
         Ok(timings)
+    }
+
+    /// Copies `src`'s nook SSH key to `clone`, when it has one (an image without sshd has
+    /// none). The key file keeps its 0600 mode (`fs::copy` copies permissions).
+    fn share_ssh_key(&self, src: &VmRecord, clone: &VmRecord) {
+        let (from, to) = (self.paths(&src.id).dir, self.paths(&clone.id).dir);
+        for name in [RELAY_KEY.to_string(), format!("{RELAY_KEY}.pub")] {
+            if let Err(e) = std::fs::copy(from.join(&name), to.join(&name))
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(vm = %clone.name, error = %e, "cannot share the source's SSH key; making a new one");
+            }
+        }
     }
 
     /// The QMP connection of a running VM this daemon supervises.

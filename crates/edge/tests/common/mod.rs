@@ -213,6 +213,8 @@ fn rand_hex() -> String {
     format!("{n:08x}")
 }
 
+pub mod cdp;
+
 // ---- upstream servers ----
 
 /// An HTTP/1.1 server on VM_IP: `/sse` streams four events 400 ms apart; everything else
@@ -606,5 +608,60 @@ fn parse_reply(out: &std::process::Output) -> Reply {
         headers,
         body: body.to_string(),
         http_version: version.trim().to_string(),
+    }
+}
+
+// ---- forms ----
+
+/// The hidden and named inputs of the first form in an edge page, unescaped.
+pub fn form_fields(html: &str) -> Vec<(String, String)> {
+    let unescape = |s: &str| {
+        s.replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+    };
+    let attr = |tag: &str, name: &str| {
+        let key = format!("{name}=\"");
+        let start = tag.find(&key)? + key.len();
+        let end = tag[start..].find('"')? + start;
+        Some(unescape(&tag[start..end]))
+    };
+    let form = html.split("<form").nth(1).unwrap_or("");
+    let form = form.split("</form>").next().unwrap_or("");
+    form.split("<input")
+        .skip(1)
+        .filter_map(|tag| {
+            let tag = tag.split('>').next()?;
+            Some((attr(tag, "name")?, attr(tag, "value").unwrap_or_default()))
+        })
+        .collect()
+}
+
+impl Harness {
+    /// Presses the sign-in button of a login-link page, as the browser holding `jar` would:
+    /// a POST of the form's fields from the dashboard's own origin. `follow` follows the
+    /// redirects that come after (to the VM, say).
+    pub async fn press_sign_in(&self, jar: &std::path::Path, page: &Reply, follow: bool) -> Reply {
+        assert_eq!(page.status, 200, "not a login page: {page:?}");
+        let fields = form_fields(&page.body);
+        assert!(
+            fields.iter().any(|(k, _)| k == "token"),
+            "no sign-in form: {}",
+            page.body
+        );
+        let mut c = self
+            .curl()
+            .jar(jar)
+            .header(&format!("Origin: https://{DOMAIN}:{}", self.port));
+        for (k, v) in fields {
+            c = c.arg("--data-urlencode").arg(format!("{k}={v}"));
+        }
+        if follow {
+            // A browser follows a 302 after a POST with a GET.
+            c = c.arg("-L");
+        }
+        c.get(&self.url(DOMAIN, "/__nook/login")).await
     }
 }

@@ -48,9 +48,26 @@ pub struct Daemon {
     pub https_port: u16,
     _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
+    /// Test runs wait their turn for the host (see `host_turn`).
+    _host_turn: std::fs::File,
     log: PathBuf,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+}
+
+/// A daemon owns the host's VM network, and a second one refuses to start. nextest runs this
+/// crate's system tests one at a time; this lock also queues them behind those of another run
+/// on the same host (a second checkout's suite, say) instead of failing both.
+fn host_turn() -> std::fs::File {
+    std::fs::create_dir_all("/run/nook").expect("/run/nook");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/nook/system-tests.lock")
+        .expect("open /run/nook/system-tests.lock");
+    file.lock().expect("lock /run/nook/system-tests.lock");
+    file
 }
 
 impl Daemon {
@@ -80,7 +97,9 @@ impl Daemon {
                 .expect("free port")
         };
         let (ssh_port, https_port) = (free_port(), free_port());
+        let host_turn = host_turn();
         let mut d = Daemon {
+            _host_turn: host_turn,
             data_dir,
             ssh_port,
             https_port,

@@ -11,7 +11,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nook_sshd::{Account, Backend, Caller, LobbyIo, Route, SshServerConfig, VmEndpoint};
+use nook_sshd::{
+    Account, Backend, Caller, LobbyIo, Route, SshServerConfig, SshdEndpoint, VmEndpoint,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -81,6 +83,8 @@ impl Drop for Proc {
 /// OpenSSH's sshd on 127.0.0.1, playing the VM.
 pub struct Sshd {
     pub port: u16,
+    /// Its host key, `ALGO BASE64 COMMENT`.
+    pub host_key_pub: PathBuf,
     pub log: PathBuf,
     _proc: Proc,
 }
@@ -133,6 +137,7 @@ LogLevel VERBOSE
         wait_for_port(port).await;
         Sshd {
             port,
+            host_key_pub: host_key.with_extension("pub"),
             log,
             _proc: proc,
         }
@@ -146,6 +151,8 @@ pub struct TestBackend {
     pub vm: VmEndpoint,
     pub vm_owner: String,
     pub down_port: u16,
+    /// A host key that is not the test VM's.
+    pub other_host_key: String,
 }
 
 fn no_such_vm(name: &str) -> Route {
@@ -167,7 +174,18 @@ impl Backend for TestBackend {
                 }
             }
             "vmdown" => Route::Vm(VmEndpoint {
-                addr: SocketAddr::from(([127, 0, 0, 1], self.down_port)),
+                sshd: self.vm.sshd.clone().map(|sshd| SshdEndpoint {
+                    addr: SocketAddr::from(([127, 0, 0, 1], self.down_port)),
+                    ..sshd
+                }),
+                ..self.vm.clone()
+            }),
+            // The VM's address answers with a host key nook did not make for it.
+            "impostor" => Route::Vm(VmEndpoint {
+                sshd: self.vm.sshd.clone().map(|sshd| SshdEndpoint {
+                    host_keys: vec![self.other_host_key.clone()],
+                    ..sshd
+                }),
                 ..self.vm.clone()
             }),
             "stopped" => Route::Unavailable(
@@ -308,13 +326,21 @@ impl Fixture {
         );
         let backend = Arc::new(TestBackend {
             accounts: Mutex::new(accounts),
+            // No guest shell: every session goes through the relay to this real sshd (the
+            // guest-agent path is covered by the system tests, against real guests).
             vm: VmEndpoint {
-                addr: SocketAddr::from(([127, 0, 0, 1], vm.port)),
-                user: "root".into(),
-                private_key_openssh: std::fs::read_to_string(&vm_key).expect("read key"),
+                name: "vmtest".into(),
+                shell: None,
+                sshd: Some(SshdEndpoint {
+                    addr: SocketAddr::from(([127, 0, 0, 1], vm.port)),
+                    user: "root".into(),
+                    private_key_openssh: std::fs::read_to_string(&vm_key).expect("read key"),
+                    host_keys: vec![std::fs::read_to_string(&vm.host_key_pub).expect("host key")],
+                }),
             },
             vm_owner: "acct-owner".into(),
             down_port: free_port(),
+            other_host_key: keygen(&dir.path().join("other_host_key")),
         });
         let port = free_port();
         let cfg = SshServerConfig {
