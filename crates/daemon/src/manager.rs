@@ -99,6 +99,8 @@ struct Live {
     agent: Option<AgentClient>,
     /// Set before the daemon itself stops QEMU, so the supervisor does not report a failure.
     intended_exit: Arc<AtomicBool>,
+    /// The guest's boot is known to have finished (see `Manager::settle_boot`).
+    booted: bool,
 }
 
 pub struct Manager {
@@ -769,6 +771,7 @@ impl Manager {
                     qmp: qmp.clone(),
                     agent,
                     intended_exit: intended_exit.clone(),
+                    booted: false,
                 },
             );
         }

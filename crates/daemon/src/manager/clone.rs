@@ -36,6 +36,11 @@ const FORK_ATTEMPTS: u32 = 3;
 /// How long a fresh clone has to run `true` before it counts as crashed.
 const CLONE_HEALTH: Duration = Duration::from_secs(10);
 
+/// How long `cp` waits for a running source to finish booting before forking it anyway.
+const BOOT_SETTLE: Duration = Duration::from_secs(60);
+/// How long the wait for a boot to finish runs before `cp` says it is waiting.
+const BOOT_SETTLE_QUIET: Duration = Duration::from_millis(500);
+
 /// Why making a clone failed.
 enum CloneError {
     /// The clone's kernel panicked on waking from the fork: worth forking again.
@@ -132,6 +137,9 @@ impl Manager {
         }
         let image = self.image_of(&src)?;
         self.check_room_for_clone()?;
+        if mode == CloneMode::Fork {
+            self.settle_boot(&src, progress).await;
+        }
         let mut name = req.name.clone();
         let mut attempt = 1;
         loop {
@@ -190,6 +198,48 @@ impl Manager {
             tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "clone failed; removing what was made");
             self.destroy(&record).await;
             return Err(err);
+        }
+    }
+
+    /// Waits, within [`BOOT_SETTLE`], for the init system of a running `vm` to finish booting.
+    /// A fork taken while systemd was still starting units sometimes woke unable to take its
+    /// identity or run anything (a few in a hundred forks in CI, each of a VM `new` had just
+    /// returned), while forks of guests whose boot had ended woke well. A guest without
+    /// systemd counts as booted once its agent answers, as `systemctl` then fails at once.
+    async fn settle_boot(&self, vm: &VmRecord, progress: Progress<'_>) {
+        let agent = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            match live.get(&vm.id) {
+                Some(l) if !l.booted => l.agent.clone(),
+                _ => None,
+            }
+        };
+        let Some(agent) = agent else { return };
+        let argv = ["systemctl", "is-system-running", "--wait"].map(String::from);
+        let wait = run_to_end(&agent, argv.to_vec());
+        tokio::pin!(wait);
+        let ended = tokio::select! {
+            r = &mut wait => Some(r),
+            () = tokio::time::sleep(BOOT_SETTLE_QUIET) => {
+                progress(&format!("waiting for {} to finish booting", vm.name));
+                tokio::time::timeout(BOOT_SETTLE, wait).await.ok()
+            }
+        };
+        match ended {
+            // Any answer, even "degraded" or "no such command", means no boot is under way.
+            Some(_) => {
+                if let Some(l) = self
+                    .live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&vm.id)
+                {
+                    l.booted = true;
+                }
+            }
+            None => {
+                tracing::warn!(vm = %vm.name, "the VM's boot did not finish in time; forking it anyway")
+            }
         }
     }
 
