@@ -306,6 +306,12 @@ error_codes! {
     KeyNotFound = "key_not_found", 404;
     Usage = "usage", 400;
     OverEnvelope = "over_envelope", 409;
+    SignupClosed = "signup_closed", 403;
+    InvalidCode = "invalid_code", 403;
+    EmailUnconfirmed = "email_unconfirmed", 403;
+    Forbidden = "forbidden", 403;
+    TokenNotFound = "token_not_found", 404;
+    RateLimited = "rate_limited", 429;
     Internal = "internal", 500;
 }
 

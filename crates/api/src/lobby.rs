@@ -22,7 +22,14 @@ pub struct LobbyLine {
 #[derive(Debug, Subcommand)]
 pub enum LobbyCommand {
     /// Create an account for the SSH key you connected with
-    Signup { email: String },
+    Signup {
+        email: String,
+        /// The code from an invite (`nook account invite EMAIL` on the host)
+        #[arg(long)]
+        invite: Option<String>,
+    },
+    /// Make an invite code for someone to sign up with (the host's owner only)
+    Invite { email: String },
     /// Show your account
     Whoami,
     /// Create a VM and wait until it is ready
@@ -129,7 +136,14 @@ pub enum TokenCommand {
     Create {
         #[arg(long)]
         vm: String,
+        /// Days until it stops working (1 to 3650)
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
     },
+    /// List your tokens (ids, VMs, expiry; never the secrets)
+    List,
+    /// Revoke a token by its id (see `token list`); it stops working at once
+    Revoke { id: String },
 }
 
 #[derive(Debug, Args)]
@@ -162,16 +176,19 @@ pub struct NewArgs {
 pub enum SshKeyCommand {
     /// List your keys
     List,
-    /// Add a public key (`ssh-ed25519 AAAA... comment`, quoted)
+    /// Add a public key (`ssh-ed25519 AAAA... comment`, quoted); it joins your account once
+    /// a client holding it runs the `ssh-key confirm CODE` this prints
     Add { key: Vec<String> },
+    /// Run with the new key: proves you hold it and adds it to the account that asked
+    Confirm { code: String },
     /// Remove a key by its fingerprint (SHA256:...)
     Remove { fingerprint: String },
 }
 
 /// The command names, for help and completion.
 pub const COMMANDS: &[&str] = &[
-    "signup", "whoami", "new", "ls", "rm", "start", "stop", "restart", "rename", "cp", "resize",
-    "stat", "ssh-key", "browser", "share", "token", "help", "exit",
+    "signup", "invite", "whoami", "new", "ls", "rm", "start", "stop", "restart", "rename", "cp",
+    "resize", "stat", "ssh-key", "browser", "share", "token", "help", "exit",
 ];
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/clone", post(clone))
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/accounts", get(list_accounts).post(add_account))
+        .route("/v1/accounts/{email}/verify", post(verify_account))
+        .route("/v1/accounts/{email}/invite", post(invite_account))
         .route("/v1/accounts/{email}/plan", get(get_plan).put(set_plan))
         .with_state(manager)
 }
@@ -248,6 +251,96 @@ async fn account(m: &Manager, email: &str) -> Result<nook_store::Account, Failur
                 format!("No account for {email}"),
             ))
         })
+}
+
+fn account_json(a: &nook_store::Account) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id,
+        "email": a.email,
+        "email_verified": a.email_verified,
+        "owner": a.owner,
+        "created_at": a.created_at,
+    })
+}
+
+async fn list_accounts(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    let accounts = m
+        .store()
+        .accounts()
+        .await
+        .map_err(|e| Failure(crate::errors::from_store("list accounts", e)))?;
+    Ok(axum::Json(
+        accounts.iter().map(account_json).collect::<Vec<_>>(),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct NewAccount {
+    email: String,
+    /// An OpenSSH public key line.
+    key: String,
+}
+
+/// `nook account add EMAIL --key FILE`: the admin vouches for the email, so it is verified.
+async fn add_account(State(m): State<Arc<Manager>>, body: Bytes) -> Reply<impl IntoResponse> {
+    let new: NewAccount = parse_json(&body)?;
+    let email = new.email.trim().to_ascii_lowercase();
+    if !crate::lobby::valid_email(&email) {
+        return Err(Failure(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("{:?} is not an email address", new.email),
+        )));
+    }
+    let key = crate::lobby::parse_public_key(new.key.trim())?;
+    let id = hex::encode(rand::random::<[u8; 8]>());
+    let account = m
+        .store()
+        .create_account(&id, &email, &key, nook_store::Admission::Vouched)
+        .await
+        .map_err(|e| {
+            Failure(match e {
+                nook_store::StoreError::EmailTaken(_) => ApiError::new(
+                    ErrorCode::EmailTaken,
+                    format!("An account for {email} already exists: `nook account verify {email}` confirms its email"),
+                ),
+                nook_store::StoreError::KeyTaken => ApiError::new(
+                    ErrorCode::KeyTaken,
+                    "That key already belongs to an account",
+                ),
+                other => crate::errors::from_store("create the account", other),
+            })
+        })?;
+    tracing::info!(account = %account.id, "account added by the admin");
+    Ok(axum::Json(account_json(&account)))
+}
+
+/// `nook account verify EMAIL`: the admin vouches for an existing account's email.
+async fn verify_account(
+    State(m): State<Arc<Manager>>,
+    Path(email): Path<String>,
+) -> Reply<impl IntoResponse> {
+    let account = account(&m, &email).await?;
+    m.store()
+        .verify_email(&account.id)
+        .await
+        .map_err(|e| Failure(crate::errors::from_store("verify the email", e)))?;
+    tracing::info!(account = %account.id, "email verified by the admin");
+    let account = self::account(&m, &email).await?;
+    Ok(axum::Json(account_json(&account)))
+}
+
+/// `nook account invite EMAIL`: a one-time signup code for that email.
+async fn invite_account(
+    State(m): State<Arc<Manager>>,
+    Path(email): Path<String>,
+) -> Reply<impl IntoResponse> {
+    let (email, code) = crate::lobby::make_invite(&m, &email).await?;
+    Ok(axum::Json(serde_json::json!({
+        "email": email,
+        "code": code,
+        "expires_in_secs": nook_store::INVITE_TTL_SECS,
+        "signup": format!("{} signup {email} --invite {code}", m.config().ssh_command(None)),
+    })))
 }
 
 fn plan_json(email: &str, plan: &nook_store::Plan) -> serde_json::Value {

@@ -24,6 +24,9 @@ pub struct Settings {
     /// IPv4 networks VMs may not reach (`A.B.C.D/N` or an address), replacing
     /// `nook_net::DEFAULT_EGRESS_BLOCK`: cloud metadata, private and special ranges.
     pub egress_block: Option<Vec<String>>,
+    /// Who may sign up: `open`, `email`, `invite` or `closed` (see [`SignupPolicy`]);
+    /// `email` when SMTP is set up, else `invite`.
+    pub signup: Option<String>,
     /// Seconds a new or started VM has to answer its agent's readiness probe.
     pub ready_timeout_secs: Option<u64>,
     /// The resolver VMs are told to use.
@@ -86,6 +89,7 @@ impl Settings {
             accel: other.accel.or(self.accel),
             net: other.net.or(self.net),
             egress_block: other.egress_block.or(self.egress_block),
+            signup: other.signup.or(self.signup),
             ready_timeout_secs: other.ready_timeout_secs.or(self.ready_timeout_secs),
             dns: other.dns.or(self.dns),
             log: other.log.or(self.log),
@@ -123,6 +127,33 @@ impl Settings {
     }
 }
 
+/// Who may make an account with `signup`. Whatever the policy, the first account on a fresh
+/// host is made (it becomes the host's owner), and the admin can always add one with
+/// `nook account add`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignupPolicy {
+    /// Anyone; the email counts only once a mailed link proves it (with SMTP), or the admin
+    /// vouches for it.
+    Open,
+    /// Anyone, but the account can do nothing until it follows the link mailed to its email.
+    Email,
+    /// Only with a code from `nook account invite EMAIL`.
+    Invite,
+    /// Nobody: the admin adds accounts.
+    Closed,
+}
+
+impl SignupPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignupPolicy::Open => "open",
+            SignupPolicy::Email => "email",
+            SignupPolicy::Invite => "invite",
+            SignupPolicy::Closed => "closed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccelChoice {
     Auto,
@@ -148,6 +179,7 @@ pub struct Config {
     pub net: NetChoice,
     /// What VMs on taps may not reach; see [`Settings::egress_block`].
     pub egress_block: nook_net::EgressBlockList,
+    pub signup: SignupPolicy,
     pub ready_timeout: Duration,
     pub dns: String,
     pub log: String,
@@ -397,6 +429,27 @@ impl Config {
                 })
             }
         };
+        let signup = match s.signup.as_deref() {
+            None if smtp.is_some() => SignupPolicy::Email,
+            None => SignupPolicy::Invite,
+            Some("open") => SignupPolicy::Open,
+            Some("email") if smtp.is_some() => SignupPolicy::Email,
+            Some("email") => {
+                return Err(ConfigError::Invalid(
+                    "signup",
+                    "email needs SMTP (smtp_host) to mail the links: set it up, or use invite"
+                        .into(),
+                ));
+            }
+            Some("invite") => SignupPolicy::Invite,
+            Some("closed") => SignupPolicy::Closed,
+            Some(other) => {
+                return Err(ConfigError::Invalid(
+                    "signup",
+                    format!("{other:?}: use open, email, invite or closed"),
+                ));
+            }
+        };
         let web = WebConfig {
             https_addr,
             vm_ports,
@@ -422,6 +475,7 @@ impl Config {
             accel,
             net,
             egress_block,
+            signup,
             ready_timeout: Duration::from_secs(ready),
             dns,
             log: s.log.unwrap_or_else(|| "info".into()),

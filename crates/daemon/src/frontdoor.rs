@@ -111,6 +111,7 @@ impl Backend for FrontDoor {
             account,
             key_openssh: caller.key_openssh.clone(),
             fingerprint: caller.fingerprint.clone(),
+            peer: Some(caller.peer),
         };
         let stdin = if wants_stdin(&argv) {
             Some(

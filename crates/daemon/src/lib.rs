@@ -10,6 +10,7 @@ pub mod errors;
 mod faults;
 pub mod frontdoor;
 pub mod idle;
+pub mod limits;
 pub mod lobby;
 pub mod manager;
 pub mod metadata;

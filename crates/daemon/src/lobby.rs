@@ -14,7 +14,10 @@ use nook_store::SshKey;
 use serde_json::json;
 
 use crate::errors;
+
+mod identity;
 use crate::manager::{Manager, Scope, VmStat};
+pub(crate) use identity::make_invite;
 
 /// Where a command's output goes. The SSH front door implements it over a channel.
 pub trait LobbyOutput: Send + Sync {
@@ -29,6 +32,8 @@ pub struct Caller {
     /// "ssh-ed25519 AAAA…" of the key the caller authenticated with.
     pub key_openssh: String,
     pub fingerprint: String,
+    /// The client's address, when it came over the network.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 /// The most `new --setup-script -` reads from stdin. A setup script is a page or two of shell;
@@ -135,24 +140,50 @@ async fn execute(
     io: &dyn LobbyOutput,
     json: bool,
 ) -> Result<(), ApiError> {
-    if let LobbyCommand::Signup { email } = &command {
-        return signup(m, caller, email, io, json).await;
+    match &command {
+        LobbyCommand::Signup { email, invite } => {
+            return identity::signup(m, caller, email, invite.as_deref(), io, json).await;
+        }
+        LobbyCommand::SshKey(SshKeyCommand::Confirm { code }) => {
+            return identity::confirm_key(m, caller, code, io, json).await;
+        }
+        _ => {}
     }
     let account = signed_up(m, caller)?;
+    if !matches!(command, LobbyCommand::Whoami) {
+        identity::check_confirmed(m, account)?;
+    }
+    if matches!(command, LobbyCommand::New(_) | LobbyCommand::Cp { .. }) {
+        m.limits()
+            .create
+            .take(&account.id)
+            .map_err(|wait| crate::limits::too_many("new VMs", wait))?;
+    }
     let scope = Scope::Account(&account.id);
     match command {
         LobbyCommand::Signup { .. } => Ok(()),
+        LobbyCommand::Invite { email } => identity::invite(m, account, &email, io, json).await,
         LobbyCommand::Whoami => {
             let env = envelope(m, &account.id).await?;
             if json {
                 print_json(
                     io,
-                    &json!({ "id": account.id, "email": account.email, "key": caller.fingerprint, "envelope": env }),
+                    &json!({ "id": account.id, "email": account.email, "email_verified": account.email_verified, "owner": account.owner, "key": caller.fingerprint, "envelope": env }),
                 );
             } else {
+                let email = if account.email_verified {
+                    account.email.clone()
+                } else {
+                    format!("{} (unconfirmed)", account.email)
+                };
+                let owner = if account.owner {
+                    " (owns this host)"
+                } else {
+                    ""
+                };
                 let head = format!(
-                    "{}\n  account  {}\n  key      {}",
-                    account.email, account.id, caller.fingerprint
+                    "{email}{owner}\n  account  {}\n  key      {}",
+                    account.id, caller.fingerprint
                 );
                 println(io, &format!("{head}\n{}", format_envelope(&env)));
             }
@@ -343,20 +374,40 @@ async fn execute(
             Ok(())
         }
         LobbyCommand::Share(cmd) => share(m, scope, cmd, io, json).await,
-        LobbyCommand::Token(nook_api::lobby::TokenCommand::Create { vm }) => {
+        LobbyCommand::Token(cmd) => tokens(m, account, scope, cmd, io, json).await,
+    }
+}
+
+async fn tokens(
+    m: &Arc<Manager>,
+    account: &nook_store::Account,
+    scope: Scope<'_>,
+    cmd: nook_api::lobby::TokenCommand,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    use nook_api::lobby::TokenCommand as C;
+    let store = m.store();
+    match cmd {
+        C::Create { vm, days } => {
             let vm = m.get(&vm, scope).await?;
-            let token = m
-                .store()
-                .create_api_token(&vm.id, &account.id)
+            let (id, token) = store
+                .create_api_token(&vm.id, &account.id, i64::from(days) * 86400)
                 .await
-                .map_err(|e| crate::errors::from_store("make a token", e))?;
+                .map_err(|e| errors::from_store("make a token", e))?;
             let url = m.config().web_origin(Some(&vm.name));
             if json {
-                print_json(io, &json!({ "vm": vm.name, "token": token, "url": url }));
+                print_json(
+                    io,
+                    &json!({ "id": id, "vm": vm.name, "token": token, "url": url, "expires_in_days": days }),
+                );
             } else {
                 println(
                     io,
-                    &format!("Token for {} (shown once; keep it secret):", vm.name),
+                    &format!(
+                        "Token {id} for {} (shown once; keep it secret; expires in {days} days; `token revoke {id}` ends it):",
+                        vm.name
+                    ),
                 );
                 println(io, &token);
                 println(
@@ -366,6 +417,54 @@ async fn execute(
                         url.trim_start_matches("https://")
                     ),
                 );
+            }
+            Ok(())
+        }
+        C::List => {
+            let list = store
+                .api_tokens(&account.id)
+                .await
+                .map_err(|e| errors::from_store("list tokens", e))?;
+            if json {
+                let list: Vec<_> = list
+                    .iter()
+                    .map(|t| json!({ "id": t.id, "vm": t.vm, "created_at": t.created_at, "expires_at": t.expires_at }))
+                    .collect();
+                print_json(io, &json!(list));
+            } else if list.is_empty() {
+                println(io, "No tokens");
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                for t in list {
+                    let days = (t.expires_at - now).max(0) / 86400;
+                    println(
+                        io,
+                        &format!(
+                            "{}  {}  made {}  expires in {days} days",
+                            t.id, t.vm, t.created_at
+                        ),
+                    );
+                }
+            }
+            Ok(())
+        }
+        C::Revoke { id } => {
+            let revoked = store
+                .revoke_api_token(&account.id, &id)
+                .await
+                .map_err(|e| errors::from_store("revoke the token", e))?;
+            if !revoked {
+                return Err(ApiError::new(
+                    ErrorCode::TokenNotFound,
+                    format!("You have no token {id}: see token list"),
+                ));
+            }
+            if json {
+                print_json(io, &json!({ "revoked": id }));
+            } else {
+                println(io, &format!("Revoked token {id}"));
             }
             Ok(())
         }
@@ -567,7 +666,7 @@ fn matches(pattern: &str, name: &str) -> bool {
     rest.is_empty()
 }
 
-fn valid_email(email: &str) -> bool {
+pub(crate) fn valid_email(email: &str) -> bool {
     let Some((local, domain)) = email.split_once('@') else {
         return false;
     };
@@ -578,56 +677,6 @@ fn valid_email(email: &str) -> bool {
         && email.len() <= 254
         && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         && !domain.contains('@')
-}
-
-async fn signup(
-    m: &Arc<Manager>,
-    caller: &Caller,
-    email: &str,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
-    if let Some(account) = &caller.account {
-        return Err(ApiError::new(
-            ErrorCode::KeyTaken,
-            format!("This key already belongs to {}", account.email),
-        ));
-    }
-    let email = email.trim().to_ascii_lowercase();
-    if !valid_email(&email) {
-        let shown: String = email.chars().take(80).collect();
-        return Err(ApiError::new(
-            ErrorCode::InvalidArgument,
-            format!("{shown:?} is not an email address"),
-        ));
-    }
-    let key = parse_public_key(&caller.key_openssh)?;
-    let id = hex::encode(rand::random::<[u8; 8]>());
-    let account = m.store().create_account(&id, &email, &key).await.map_err(|e| match e {
-        nook_store::StoreError::EmailTaken(_) => ApiError::new(
-            ErrorCode::EmailTaken,
-            format!("An account for {email} already exists: from a key of that account, run `ssh-key add` with this key"),
-        ),
-        nook_store::StoreError::KeyTaken => ApiError::new(ErrorCode::KeyTaken, "This key already belongs to an account"),
-        other => errors::from_store("create the account", other),
-    })?;
-    tracing::info!(account = %account.id, "signed up");
-    if json {
-        print_json(
-            io,
-            &json!({ "id": account.id, "email": account.email, "key": key.fingerprint }),
-        );
-    } else {
-        println(
-            io,
-            &format!(
-                "Welcome to nook, {}! Create your first VM with: {} new",
-                account.email,
-                m.config().ssh_command(None)
-            ),
-        );
-    }
-    Ok(())
 }
 
 async fn new_vm(
@@ -954,23 +1003,10 @@ async fn ssh_keys(
         }
         SshKeyCommand::Add { key } => {
             let key = parse_public_key(&key.join(" "))?;
-            store
-                .add_key(&account.id, &key)
-                .await
-                .map_err(|e| match e {
-                    nook_store::StoreError::KeyTaken => ApiError::new(
-                        ErrorCode::KeyTaken,
-                        "That key already belongs to an account",
-                    ),
-                    other => errors::from_store("add the key", other),
-                })?;
-            if json {
-                print_json(io, &json!({ "added": key.fingerprint }));
-            } else {
-                println(io, &format!("Added {}", key.fingerprint));
-            }
-            Ok(())
+            identity::claim_key(m, account, &key, io, json).await
         }
+        // Handled before an account is needed: the new key runs it.
+        SshKeyCommand::Confirm { .. } => Ok(()),
         SshKeyCommand::Remove { fingerprint } => {
             store
                 .remove_key(&account.id, &fingerprint)

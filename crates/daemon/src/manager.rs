@@ -105,6 +105,7 @@ struct Live {
 
 pub struct Manager {
     cfg: Config,
+    limits: crate::limits::Limits,
     cgroups: Option<Arc<nook_cgroup::Cgroups>>,
     /// VMs whose idle knobs are on.
     idle: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -254,6 +255,7 @@ impl Manager {
         };
         let layers = nook_storage::layers::Layers::new(cfg.layers_dir());
         Ok(Arc::new(Manager {
+            limits: Default::default(),
             idle: Default::default(),
             cgroups,
             cfg,
@@ -275,6 +277,11 @@ impl Manager {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Rate limits on signups, codes and VM creation.
+    pub fn limits(&self) -> &crate::limits::Limits {
+        &self.limits
     }
 
     pub fn net_mode(&self) -> NetMode {

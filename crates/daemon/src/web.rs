@@ -212,6 +212,7 @@ fn user(a: Account) -> User {
     User {
         id: a.id,
         email: a.email,
+        email_verified: a.email_verified,
     }
 }
 
@@ -327,7 +328,12 @@ impl EdgeBackend for WebBackend {
         let store = self.manager.store();
         let email = email.trim().to_ascii_lowercase();
         let account = store.account_by_email(&email).await.map_err(backend_err)?;
-        let known = account.is_some() || store.is_shared_with(&email).await.map_err(backend_err)?;
+        let known = match &account {
+            // An account whose email nobody proved gets no email login: its key holder only
+            // claimed the address, and the address's owner must not be signed in to it.
+            Some(a) => a.email_verified,
+            None => store.is_shared_with(&email).await.map_err(backend_err)?,
+        };
         if !known {
             return Ok(None);
         }

@@ -14,6 +14,8 @@ pub type BackendResult<T> = Result<T, BackendError>;
 pub struct User {
     pub id: String,
     pub email: String,
+    /// The email was proven; an unproven one is never passed to apps as the viewer's.
+    pub email_verified: bool,
 }
 
 /// Where requests for `NAME.DOMAIN` go.

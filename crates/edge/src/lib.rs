@@ -37,7 +37,7 @@ pub use ca::LocalCa;
 pub use error::{BackendError, EdgeError};
 pub use host::{ListenerRole, VM_PORTS};
 pub use limit::EmailLimits;
-pub use mail::{SmtpConfig, SmtpSecurity};
+pub use mail::{Mailer, SmtpConfig, SmtpSecurity};
 pub use tls::certified_key_from_pem;
 
 /// The query parameter that carries a share-link token: `https://VM.DOMAIN/?nook_share=T`.

@@ -42,13 +42,14 @@ impl std::fmt::Debug for SmtpConfig {
     }
 }
 
-pub(crate) struct Mailer {
+/// Sends nook's emails over one SMTP transport.
+pub struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
 }
 
 impl Mailer {
-    pub(crate) fn new(cfg: &SmtpConfig) -> Result<Self, EdgeError> {
+    pub fn new(cfg: &SmtpConfig) -> Result<Self, EdgeError> {
         let mail_err = |e: lettre::transport::smtp::Error| EdgeError::Mail(Box::new(e));
         let builder = match cfg.security {
             SmtpSecurity::None => {
@@ -76,13 +77,38 @@ impl Mailer {
     }
 
     pub(crate) async fn send_login_link(&self, to: &str, link: &str) -> Result<(), EdgeError> {
+        self.send(
+            to,
+            pages::LOGIN_EMAIL_SUBJECT,
+            pages::login_email_text(link),
+        )
+        .await
+    }
+
+    /// Mails the link that confirms `to` for the account that signed up with `key` (its
+    /// fingerprint, so the reader can tell whether it was them).
+    pub async fn send_confirm_link(
+        &self,
+        to: &str,
+        link: &str,
+        key: &str,
+    ) -> Result<(), EdgeError> {
+        self.send(
+            to,
+            pages::CONFIRM_EMAIL_SUBJECT,
+            pages::confirm_email_text(link, key),
+        )
+        .await
+    }
+
+    async fn send(&self, to: &str, subject: &str, body: String) -> Result<(), EdgeError> {
         let to: Mailbox = to.parse().map_err(|e| EdgeError::Mail(Box::new(e)))?;
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)
-            .subject(pages::LOGIN_EMAIL_SUBJECT)
+            .subject(subject)
             .header(ContentType::TEXT_PLAIN)
-            .body(pages::login_email_text(link))
+            .body(body)
             .map_err(|e| EdgeError::Mail(Box::new(e)))?;
         self.transport
             .send(message)

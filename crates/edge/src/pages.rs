@@ -326,6 +326,18 @@ If you did not ask for it, ignore this email.\n"
 
 pub(crate) const LOGIN_EMAIL_SUBJECT: &str = "Your nook sign-in link";
 
+/// The email body that proves an address given at signup.
+pub(crate) fn confirm_email_text(link: &str, key: &str) -> String {
+    format!(
+        "Someone signed up for nook with this address and the SSH key {key}.\n\n\
+If that was you, open this link and press Sign in to confirm the address:\n\n{link}\n\n\
+It works once and expires in a few minutes. If it was not you, ignore this email: the address \
+grants that account nothing until it is confirmed.\n"
+    )
+}
+
+pub(crate) const CONFIRM_EMAIL_SUBJECT: &str = "Confirm your email for nook";
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -350,13 +350,16 @@ impl Upstream {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         if let Some(user) = fwd.user {
             // An identity that cannot be expressed as a header value is left out rather than
-            // mangled; the VM then sees an anonymous request.
+            // mangled; the VM then sees an anonymous request. An email nobody proved is not
+            // passed on: the app would take it for the viewer's.
             if let (Ok(id), Ok(email)) = (
                 HeaderValue::from_str(&user.id),
                 HeaderValue::from_str(&user.email),
             ) {
                 headers.insert(X_NOOK_USER_ID, id);
-                headers.insert(X_NOOK_USER_EMAIL, email);
+                if user.email_verified {
+                    headers.insert(X_NOOK_USER_EMAIL, email);
+                }
             }
         }
         // Origin form (`/path?query`): HTTP/2 requests arrive in absolute form.

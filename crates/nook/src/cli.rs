@@ -66,6 +66,19 @@ pub enum AccountCommand {
     },
     /// Show an account's envelope
     Plan { email: String },
+    /// List accounts, with whether each email is confirmed
+    List,
+    /// Add an account with a confirmed email (you vouch for it) and one SSH key
+    Add {
+        email: String,
+        /// The account's public key file, e.g. ~/.ssh/id_ed25519.pub
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Confirm an account's email (you vouch for it): shares sent to it now reach the account
+    Verify { email: String },
+    /// Make a one-time signup code for an email (valid 7 days)
+    Invite { email: String },
 }
 
 #[derive(Args)]
@@ -121,6 +134,9 @@ pub struct ServeArgs {
     /// A PEM root CA trusted for the ACME server only (e.g. Pebble's)
     #[arg(long, env = "NOOK_ACME_ROOT_CA")]
     pub acme_root_ca: Option<PathBuf>,
+    /// Who may sign up: open, email, invite or closed [default: email with SMTP, else invite]
+    #[arg(long, env = "NOOK_SIGNUP")]
+    pub signup: Option<String>,
     /// SMTP server for email login links
     #[arg(long, env = "NOOK_SMTP_HOST")]
     pub smtp_host: Option<String>,

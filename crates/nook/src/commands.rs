@@ -99,6 +99,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         acme_directory: args.acme_directory,
         acme_email: args.acme_email,
         acme_root_ca: args.acme_root_ca,
+        signup: args.signup,
         smtp_host: args.smtp_host,
         smtp_port: args.smtp_port,
         smtp_security: args.smtp_security,
@@ -443,6 +444,21 @@ fn path_segment(name: &str) -> String {
 
 async fn account(client: &Client, cmd: AccountCommand) -> anyhow::Result<i32> {
     let (method, email, body) = match cmd {
+        AccountCommand::List => return list_accounts(client).await,
+        AccountCommand::Add { email, key } => {
+            let key = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read the public key {}", key.display()))?;
+            let body = serde_json::json!({ "email": email, "key": key });
+            return account_action(client, Method::POST, "/v1/accounts".into(), Some(body)).await;
+        }
+        AccountCommand::Verify { email } => {
+            let path = format!("/v1/accounts/{}/verify", path_segment(&email));
+            return account_action(client, Method::POST, path, None).await;
+        }
+        AccountCommand::Invite { email } => {
+            let path = format!("/v1/accounts/{}/invite", path_segment(&email));
+            return account_action(client, Method::POST, path, None).await;
+        }
         AccountCommand::SetPlan {
             email,
             cpu,
@@ -479,6 +495,56 @@ async fn account(client: &Client, cmd: AccountCommand) -> anyhow::Result<i32> {
                 format_size(plan["disk_bytes"].as_u64().unwrap_or(0)),
                 plan["max_vms"]
             );
+            Ok(0)
+        }
+        Reply::Err(err) => Ok(fail(err, false)),
+    }
+}
+
+async fn list_accounts(client: &Client) -> anyhow::Result<i32> {
+    match client.send(Method::GET, "/v1/accounts", None).await? {
+        Reply::Ok(resp) => {
+            let accounts: Vec<serde_json::Value> =
+                serde_json::from_slice(&body_bytes(resp).await?)?;
+            for a in accounts {
+                let mut notes = Vec::new();
+                if a["owner"].as_bool() == Some(true) {
+                    notes.push("owner");
+                }
+                if a["email_verified"].as_bool() != Some(true) {
+                    notes.push("unconfirmed");
+                }
+                let notes = if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join(", "))
+                };
+                println!("{}{notes}", a["email"].as_str().unwrap_or(""));
+            }
+            Ok(0)
+        }
+        Reply::Err(err) => Ok(fail(err, false)),
+    }
+}
+
+/// Runs an account command and prints what it answered.
+async fn account_action(
+    client: &Client,
+    method: Method,
+    path: String,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<i32> {
+    match client.send(method, &path, body).await? {
+        Reply::Ok(resp) => {
+            let answer: serde_json::Value = serde_json::from_slice(&body_bytes(resp).await?)?;
+            let email = answer["email"].as_str().unwrap_or("");
+            if let Some(signup) = answer["signup"].as_str() {
+                println!(
+                    "Invite for {email} (once, within 7 days). They sign up with:\n  {signup}"
+                );
+            } else {
+                println!("{email}: email confirmed");
+            }
             Ok(0)
         }
         Reply::Err(err) => Ok(fail(err, false)),

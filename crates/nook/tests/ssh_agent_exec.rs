@@ -29,7 +29,7 @@ fn sh(d: &Daemon, key: &Key, script: &str) -> std::process::Output {
 fn vm_ssh_into_a_tiny_vm_runs_through_the_agent() {
     let d = Daemon::start();
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     d.lobby_ok(&alice, &["new", "--name", "t1", "--image", "tiny"]);
 
     // Exit status, stdout and stderr kept apart, the login user and the VM's name.
@@ -189,7 +189,7 @@ print("exit=%d" % os.waitstatus_to_exitcode(status))
 fn vm_ssh_pty_session_follows_resizes_and_ctrl_c() {
     let d = Daemon::start();
     let bob = Key::new("bob");
-    d.lobby_ok(&bob, &["signup", "bob@example.com"]);
+    d.signup(&bob, "bob@example.com");
     d.lobby_ok(&bob, &["new", "--name", "t2", "--image", "tiny"]);
     let mut cmd = Command::new("python3");
     cmd.args(["-c", PTY_DRIVER, "ssh", "-tt"])

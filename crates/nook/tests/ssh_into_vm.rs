@@ -24,7 +24,7 @@ fn sha256(path: &std::path::Path) -> String {
 fn vm_ssh_into_a_vm_shell_scp_and_forwarding() {
     let d = Daemon::start();
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     d.lobby_ok(
         &alice,
         &[
@@ -137,7 +137,7 @@ fn vm_ssh_into_a_vm_shell_scp_and_forwarding() {
 
     // Only the owner gets in; anyone else gets exactly what a missing VM gives.
     let bob = Key::new("bob");
-    d.lobby_ok(&bob, &["signup", "bob@example.com"]);
+    d.signup(&bob, "bob@example.com");
     let theirs = d.ssh(&bob, "dev", &["hostname"]);
     let missing = d.ssh(&bob, "nosuchvm", &["hostname"]);
     assert!(!theirs.status.success());

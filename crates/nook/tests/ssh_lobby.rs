@@ -23,7 +23,7 @@ fn vm_ssh_lobby_signup_commands_and_exit_codes() {
         stderr(&out)
     );
 
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     let me: serde_json::Value =
         serde_json::from_str(&d.lobby_ok(&alice, &["whoami", "--json"])).expect("json");
     assert_eq!(me["email"], "alice@example.com");
@@ -88,7 +88,7 @@ fn vm_ssh_lobby_signup_commands_and_exit_codes() {
 
     // A second account sees nothing of the first, and someone else's VM looks missing.
     let bob = Key::new("bob");
-    d.lobby_ok(&bob, &["signup", "bob@example.com"]);
+    d.signup(&bob, "bob@example.com");
     assert!(!d.lobby_ok(&bob, &["ls"]).contains("site"));
     let theirs = d.ssh(&bob, "lobby", &["stop", "site"]);
     let missing = d.ssh(&bob, "lobby", &["stop", "nothere"]);

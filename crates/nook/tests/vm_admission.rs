@@ -14,7 +14,7 @@ fn stderr(out: &std::process::Output) -> String {
 fn vm_admission_resize_cannot_grow_past_the_plan() {
     let d = Daemon::start();
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     d.ok(&[
         "account",
         "set-plan",
@@ -64,7 +64,7 @@ fn vm_admission_concurrent_starts_cannot_both_fit() {
     std::fs::write(&config, "memory_overcommit = 1.0\n").expect("config");
     let d = Daemon::start_with(&["--config", config.to_str().expect("utf-8 path")]);
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     d.ok(&[
         "account",
         "set-plan",

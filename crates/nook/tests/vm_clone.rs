@@ -339,7 +339,7 @@ fn vm_clone_bad_input_gets_clear_errors_and_leaves_nothing() {
 
     // An account's envelope bounds clones like any new VM.
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     d.ok(&["account", "set-plan", "alice@example.com", "--max-vms", "1"]);
     d.lobby_ok(&alice, &["new", "--image", "tiny", "--name", "a1"]);
     let out = d.ssh(&alice, "lobby", &["cp", "a1", "a2"]);

@@ -42,7 +42,7 @@ fn qemu_pid_of(d: &Daemon, vm_id: &str) -> u32 {
 fn vm_envelope_admission_names_what_to_do() {
     let d = Daemon::start();
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     let plan = d.ok(&[
         "account",
         "set-plan",
@@ -128,8 +128,8 @@ fn vm_envelope_admission_names_what_to_do() {
 fn vm_envelope_caps_cpu_and_spares_other_accounts() {
     let d = Daemon::start();
     let (alice, bob) = (Key::new("alice"), Key::new("bob"));
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
-    d.lobby_ok(&bob, &["signup", "bob@example.com"]);
+    d.signup(&alice, "alice@example.com");
+    d.signup(&bob, "bob@example.com");
     d.ok(&["account", "set-plan", "alice@example.com", "--cpu", "0.25"]);
     let a: serde_json::Value = serde_json::from_str(&d.lobby_ok(
         &alice,
@@ -291,7 +291,7 @@ fn cpu_weight_file(pid: u32) -> String {
 fn vm_envelope_idle_knobs_turn_on_and_off() {
     let d = Daemon::start_with(&["--idle-after", "4"]);
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     let vm: serde_json::Value = serde_json::from_str(&d.lobby_ok(
         &alice,
         &["new", "--image", "tiny", "--name", "sleepy", "--json"],

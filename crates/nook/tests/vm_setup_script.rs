@@ -48,7 +48,7 @@ fn padded_script(size: usize) -> Vec<u8> {
 fn vm_setup_script_from_stdin_runs_whole_with_env() {
     let d = Daemon::start();
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     // Far more than one SSH channel packet (32 KiB) and one agent frame (64 KiB).
     let script = padded_script(200 * 1024);
     assert!(script.len() > 200 * 1024);
@@ -95,7 +95,7 @@ fn vm_setup_script_from_stdin_runs_whole_with_env() {
 fn vm_setup_script_over_the_limit_is_refused_before_a_vm_is_made() {
     let d = Daemon::start();
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     let script = padded_script(1024 * 1024 + 1);
     let out = ssh_with_stdin(
         &d,

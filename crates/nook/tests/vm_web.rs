@@ -198,8 +198,8 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     assert!(ca.is_file(), "{}", ca.display());
     let web = Web { d: &d, ca };
     let (alice, bob) = (Key::new("alice"), Key::new("bob"));
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
-    d.lobby_ok(&bob, &["signup", "bob@example.com"]);
+    d.signup(&alice, "alice@example.com");
+    d.signup(&bob, "bob@example.com");
     d.lobby_ok(&alice, &["new", "--image", "tiny", "--name", "web"]);
     start_app(&d, "web", &git_repo_tar_b64(tmp.path()));
 
@@ -453,6 +453,48 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     );
     assert!(!out.status.success());
 
+    // Tokens are listed without their secrets, and a revoked one stops working at once.
+    let listed = d.lobby_ok(&alice, &["token", "list", "--json"]);
+    let id = tok["id"].as_str().expect("id");
+    assert!(
+        listed.contains(id) && listed.contains("\"web\""),
+        "{listed}"
+    );
+    assert!(!listed.contains(token), "a token's secret was listed");
+    let bearer = |token: &str| {
+        let out = web.curl(
+            None,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                &web.url(Some("web"), "/cgi-bin/who"),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(bearer(token), "200");
+    let out = d.ssh(&bob, "lobby", &["token", "revoke", id, "--json"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("token_not_found"),
+        "bob revoked alice's token"
+    );
+    d.lobby_ok(&alice, &["token", "revoke", id]);
+    assert_ne!(bearer(token), "200", "a revoked token still works");
+    let out = d.ssh(
+        &alice,
+        "lobby",
+        &["token", "create", "--vm", "web", "--days", "0"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a token that never works was made"
+    );
+
     // A VM that is down gets a friendly 502 page naming it (its address must not be routed
     // anywhere else while it is stopped).
     d.lobby_ok(&alice, &["stop", "web"]);
@@ -532,7 +574,7 @@ fn vm_web_email_magic_link_logs_in_through_smtp() {
         ca: PathBuf::from(d.ok(&["ca", "path"]).trim()),
     };
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     let (_, page) = web.browse(None, &web.url(None, "/"));
     assert!(
         page.contains("email"),
@@ -578,4 +620,82 @@ fn vm_web_email_magic_link_logs_in_through_smtp() {
     // The link works once.
     let (code, _) = web.press_sign_in(&tmp.path().join("jar2"), &confirm);
     assert_eq!(code, 400);
+}
+
+/// With SMTP the default signup policy is `email`: an account is held until the link mailed to
+/// its address is followed, so claiming someone else's address gets nothing, and that address
+/// gets no email login into the claimed account.
+#[test]
+fn vm_web_attack_signup_as_someone_elses_email_is_held_until_the_mail_is_followed() {
+    let (smtp_port, mails) = smtp_sink();
+    let d = Daemon::start_with(&[
+        "--smtp-host",
+        "127.0.0.1",
+        "--smtp-port",
+        &smtp_port.to_string(),
+        "--smtp-security",
+        "none",
+    ]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let web = Web {
+        d: &d,
+        ca: PathBuf::from(d.ok(&["ca", "path"]).trim()),
+    };
+    let (owner, mallory) = (Key::new("owner"), Key::new("mallory"));
+    d.signup(&owner, "owner@example.com");
+
+    let made = d.lobby_ok(&mallory, &["signup", "victim@example.com"]);
+    assert!(made.contains("confirm the address"), "{made}");
+    let confirm_mail = mails
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("a confirmation mail");
+    assert!(
+        confirm_mail.contains("victim@example.com"),
+        "{confirm_mail}"
+    );
+    let out = d.ssh(&mallory, "lobby", &["new", "--image", "tiny", "--json"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("email_unconfirmed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Asking again within a minute mails nothing more.
+    let again = d.ssh(&mallory, "lobby", &["signup", "victim@example.com"]);
+    assert!(!again.status.success());
+
+    // The address's owner asking for an email login gets no link into Mallory's account.
+    let post = web.curl(
+        None,
+        &[
+            "-H",
+            &format!("Origin: {}", web.url(None, "")),
+            "--data-urlencode",
+            "email=victim@example.com",
+            &web.url(None, "/__nook/email"),
+        ],
+    );
+    assert!(post.status.success());
+    assert!(
+        mails
+            .recv_timeout(std::time::Duration::from_secs(3))
+            .is_err(),
+        "an email login was mailed for an unconfirmed account"
+    );
+
+    // Following the mailed link confirms the address (here, as if Mallory owned it).
+    let text = confirm_mail.replace("=\r\n", "").replace("=3D", "=");
+    let link = text
+        .split_whitespace()
+        .find(|w| w.starts_with("https://") && w.contains("/__nook/login?token="))
+        .unwrap_or_else(|| panic!("no link in {text}"));
+    let jar = tmp.path().join("jar");
+    let (code, confirm) = web.browse(Some(&jar), link);
+    assert_eq!(code, 200, "{confirm}");
+    let (code, page) = web.press_sign_in(&jar, &confirm);
+    assert_eq!(code, 200, "{page}");
+    let me: serde_json::Value =
+        serde_json::from_str(&d.lobby_ok(&mallory, &["whoami", "--json"])).expect("whoami");
+    assert_eq!(me["email_verified"], true, "{me}");
+    d.lobby_ok(&mallory, &["ls"]);
 }

@@ -103,7 +103,7 @@ fn vm_web_browser_websocket_and_sse_through_a_real_guest() {
     let d = Daemon::start();
     let ca = d.ok(&["ca", "path"]).trim().to_string();
     let alice = Key::new("alice");
-    d.lobby_ok(&alice, &["signup", "alice@example.com"]);
+    d.signup(&alice, "alice@example.com");
     d.lobby_ok(&alice, &["new", "--name", "app"]);
     d.exec(
         "app",
@@ -150,7 +150,7 @@ fn vm_web_browser_websocket_and_sse_through_a_real_guest() {
 
     // A collaborator may also SSH in; a viewer may not.
     let bob = Key::new("bob");
-    d.lobby_ok(&bob, &["signup", "bob@example.com"]);
+    d.signup(&bob, "bob@example.com");
     d.lobby_ok(&alice, &["share", "add", "app", "bob@example.com"]);
     let out = d.ssh(&bob, "app", &["hostname"]);
     assert!(!out.status.success(), "a viewer got a shell");

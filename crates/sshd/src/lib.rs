@@ -66,6 +66,8 @@ pub struct Caller {
     pub fingerprint: String,
     /// The account owning the key, if any (looked up for each lobby command).
     pub account: Option<Account>,
+    /// The client's address (for limits per source).
+    pub peer: std::net::IpAddr,
 }
 
 /// A VM the caller may enter: its guest agent for shells and commands, and its sshd (if the

@@ -355,7 +355,9 @@ async fn repl<B: Backend>(
     );
     if ctx.caller().await.account.is_none() {
         welcome.push_str(
-            "This SSH key has no account yet: type `signup you@example.com` to make one.\r\n",
+            "This SSH key has no account yet: type `signup you@example.com` to make one \
+             (add `--invite CODE` if the host's owner gave you one), or `ssh-key confirm CODE` \
+             to add it to your account.\r\n",
         );
     }
     if !write_raw(w, welcome.into_bytes()).await {

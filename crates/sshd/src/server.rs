@@ -81,6 +81,7 @@ pub async fn serve_listener<B: Backend>(
                         connection(
                             config.clone(),
                             socket,
+                            peer.ip(),
                             backend.clone(),
                             banner_host.clone(),
                             stop_rx.clone(),
@@ -113,12 +114,14 @@ pub async fn serve_listener<B: Backend>(
 async fn connection<B: Backend>(
     config: Arc<server::Config>,
     socket: TcpStream,
+    peer: std::net::IpAddr,
     backend: Arc<B>,
     banner_host: Arc<str>,
     mut stop: watch::Receiver<bool>,
 ) {
     let state = Arc::new(ConnState {
         span: Span::current(),
+        peer,
         channels: AtomicUsize::new(0),
         banner_host,
         identity: OnceLock::new(),
@@ -194,6 +197,8 @@ pub(crate) struct Identity {
 pub(crate) struct ConnState {
     /// The connection's span (russh runs handlers in tasks of its own).
     pub(crate) span: Span,
+    /// The client's address.
+    pub(crate) peer: std::net::IpAddr,
     /// Open client-initiated channels, for `MAX_CHANNELS`.
     channels: AtomicUsize,
     pub(crate) banner_host: Arc<str>,
@@ -262,6 +267,7 @@ impl<B: Backend> Ctx<B> {
             key_openssh,
             fingerprint,
             account,
+            peer: self.state.peer,
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use nook_store::{NewVm, SshKey, Store};
+use nook_store::{Admission, NewVm, SshKey, Store};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -20,7 +20,7 @@ async fn main() {
         comment: "bench".into(),
     };
     let owner = store
-        .create_account("acct-1", "ann@example.com", &key)
+        .create_account("acct-1", "ann@example.com", &key, Admission::Unverified)
         .await
         .unwrap();
     let vm = store

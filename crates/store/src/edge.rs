@@ -53,8 +53,19 @@ pub fn new_secret() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A machine token as its owner sees it (never its secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiToken {
+    pub id: String,
+    /// The VM's current name.
+    pub vm: String,
+    pub created_at: String,
+    /// Unix seconds.
+    pub expires_at: i64,
 }
 
 impl Store {
@@ -151,11 +162,16 @@ impl Store {
         vm_id: &str,
         account: &Account,
     ) -> Result<Option<Role>, StoreError> {
-        let row = sqlx::query("SELECT role FROM shares WHERE vm_id = ? AND email = ?")
-            .bind(vm_id)
-            .bind(&account.email)
-            .fetch_optional(&self.pool)
-            .await?;
+        // A share names an email, so it reaches only an account that proved that email.
+        let row = if account.email_verified {
+            sqlx::query("SELECT role FROM shares WHERE vm_id = ? AND email = ?")
+                .bind(vm_id)
+                .bind(&account.email)
+                .fetch_optional(&self.pool)
+                .await?
+        } else {
+            None
+        };
         if let Some(row) = row {
             let role: String = row.try_get("role")?;
             return Ok(Role::parse(&role));
@@ -293,30 +309,50 @@ impl Store {
         let account_id: Option<String> = row.try_get("account_id")?;
         let email: Option<String> = row.try_get("email")?;
         let account = match (account_id, email) {
-            (Some(id), _) => sqlx::query("SELECT * FROM accounts WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| decode_account(&r))
-                .transpose()?,
+            (Some(id), mailed) => {
+                // A link that went by mail proves the address it went to.
+                if let Some(email) = &mailed {
+                    sqlx::query(
+                        "UPDATE accounts SET email_verified_at = COALESCE(email_verified_at, ?) \
+                         WHERE id = ? AND email = ?",
+                    )
+                    .bind(now())
+                    .bind(&id)
+                    .bind(email)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                sqlx::query("SELECT * FROM accounts WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| decode_account(&r))
+                    .transpose()?
+            }
             (None, Some(email)) => {
                 let existing = sqlx::query("SELECT * FROM accounts WHERE email = ?")
                     .bind(&email)
                     .fetch_optional(&mut *tx)
                     .await?;
                 match existing {
+                    // Someone claimed this address (unproven) since the link was sent: the
+                    // link's holder does not get that account.
+                    Some(r) if !decode_account(&r)?.email_verified => None,
                     Some(r) => Some(decode_account(&r)?),
                     None => {
                         let account = Account {
                             id: hex::encode(rand::random::<[u8; 8]>()),
                             email,
                             created_at: now(),
+                            email_verified: true,
+                            owner: false,
                         };
                         sqlx::query(
-                            "INSERT INTO accounts (id, email, created_at) VALUES (?, ?, ?)",
+                            "INSERT INTO accounts (id, email, created_at, email_verified_at) VALUES (?, ?, ?, ?)",
                         )
                         .bind(&account.id)
                         .bind(&account.email)
+                        .bind(&account.created_at)
                         .bind(&account.created_at)
                         .execute(&mut *tx)
                         .await?;
@@ -393,27 +429,71 @@ impl Store {
     }
 
     /// A machine token for one VM; returns its secret (shown once).
+    /// Makes a machine token for `vm_id` acting as `account_id`, valid for `ttl_secs`;
+    /// returns its id and its secret (shown once; only its hash is kept). Expired tokens are
+    /// swept on the way.
     pub async fn create_api_token(
         &self,
         vm_id: &str,
         account_id: &str,
-    ) -> Result<String, StoreError> {
+        ttl_secs: i64,
+    ) -> Result<(String, String), StoreError> {
         let _changed = self.change();
+        sqlx::query("DELETE FROM api_tokens WHERE expires_at <= ?")
+            .bind(unix_now())
+            .execute(&self.pool)
+            .await?;
         let token = format!("nook_{}", new_secret());
+        let id = hex::encode(rand::random::<[u8; 4]>());
         sqlx::query(
-            "INSERT INTO api_tokens (id, token_hash, vm_id, account_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO api_tokens (id, token_hash, vm_id, account_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
         )
-        .bind(hex::encode(rand::random::<[u8; 8]>()))
+        .bind(&id)
         .bind(hash_secret(&token))
         .bind(vm_id)
         .bind(account_id)
         .bind(now())
+        .bind(unix_now() + ttl_secs)
         .execute(&self.pool)
         .await?;
-        Ok(token)
+        Ok((id, token))
     }
 
-    /// The account a machine token of this VM acts as.
+    /// The live machine tokens `account_id` made, oldest first.
+    pub async fn api_tokens(&self, account_id: &str) -> Result<Vec<ApiToken>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT t.id, v.name, t.created_at, t.expires_at FROM api_tokens t \
+             JOIN vms v ON v.id = t.vm_id WHERE t.account_id = ? AND t.expires_at > ? \
+             ORDER BY t.created_at",
+        )
+        .bind(account_id)
+        .bind(unix_now())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ApiToken {
+                    id: r.try_get("id")?,
+                    vm: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                    expires_at: r.try_get("expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes `account_id`'s token `id`; false when it has none by that id.
+    pub async fn revoke_api_token(&self, account_id: &str, id: &str) -> Result<bool, StoreError> {
+        let _changed = self.change();
+        let done = sqlx::query("DELETE FROM api_tokens WHERE id = ? AND account_id = ?")
+            .bind(id)
+            .bind(account_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The account a live machine token of this VM acts as.
     pub async fn api_token_account(
         &self,
         vm_id: &str,
@@ -421,10 +501,11 @@ impl Store {
     ) -> Result<Option<Account>, StoreError> {
         let row = sqlx::query(
             "SELECT a.* FROM api_tokens t JOIN accounts a ON a.id = t.account_id \
-             WHERE t.token_hash = ? AND t.vm_id = ?",
+             WHERE t.token_hash = ? AND t.vm_id = ? AND t.expires_at > ?",
         )
         .bind(hash_secret(token))
         .bind(vm_id)
+        .bind(unix_now())
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| decode_account(&r)).transpose()

@@ -5,8 +5,10 @@
 //! the typed [`StoreError`].
 
 mod edge;
+mod identity;
 
-pub use edge::{Role, Share, WebSettings, hash_secret, new_secret};
+pub use edge::{ApiToken, Role, Share, WebSettings, hash_secret, new_secret};
+pub use identity::{Admission, CLAIM_TTL_SECS, INVITE_TTL_SECS};
 
 use std::path::Path;
 use std::str::FromStr;
@@ -42,6 +44,10 @@ pub enum StoreError {
     KeyNotFound,
     #[error("An account must keep at least one key")]
     LastKey,
+    #[error("Signup on this host needs an invite")]
+    SignupClosed,
+    #[error("That code is unknown, used or expired")]
+    InvalidCode,
     #[error("Corrupt row for VM '{0}': {1}")]
     Corrupt(String, String),
 }
@@ -85,6 +91,11 @@ pub struct Account {
     pub id: String,
     pub email: String,
     pub created_at: String,
+    /// The email was proven (a mailed link, an invite, or the admin vouching for it). Until
+    /// then it grants nothing: no shares addressed to it, no email login, no identity header.
+    pub email_verified: bool,
+    /// The host's owner: the first account made on it.
+    pub owner: bool,
 }
 
 /// An account's compute envelope.
@@ -328,26 +339,54 @@ impl Store {
         Ok(())
     }
 
-    /// Creates an account holding one key, atomically.
+    /// Creates an account holding one key, atomically, if `admission` lets it in. The first
+    /// account on a host is let in whatever the admission, becomes the owner, and has its email
+    /// counted as verified: it is the person who just set the host up.
     pub async fn create_account(
         &self,
         id: &str,
         email: &str,
         key: &SshKey,
+        admission: Admission<'_>,
     ) -> Result<Account, StoreError> {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         ensure_key_free(&mut tx, &key.fingerprint).await?;
+        let first = sqlx::query("SELECT 1 FROM accounts LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_none();
+        let verified = match admission {
+            _ if first => true,
+            Admission::FirstOnly => return Err(StoreError::SignupClosed),
+            Admission::Unverified => false,
+            Admission::Vouched => true,
+            Admission::Invite(code) => {
+                // A failure after a write rolls back at once: a transaction merely dropped
+                // rolls back only when its connection is next used, and until then it holds
+                // the database's write lock against every other connection.
+                if let Err(e) = identity::take_invite(&mut tx, code, email).await {
+                    tx.rollback().await?;
+                    return Err(e);
+                }
+                true
+            }
+        };
         let at = now();
-        let inserted = sqlx::query("INSERT INTO accounts (id, email, created_at) VALUES (?, ?, ?)")
-            .bind(id)
-            .bind(email)
-            .bind(&at)
-            .execute(&mut *tx)
-            .await;
+        let inserted = sqlx::query(
+            "INSERT INTO accounts (id, email, created_at, email_verified_at, owner) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(email)
+        .bind(&at)
+        .bind(verified.then_some(&at))
+        .bind(first)
+        .execute(&mut *tx)
+        .await;
         if let Err(sqlx::Error::Database(db)) = &inserted
             && db.is_unique_violation()
         {
+            tx.rollback().await?;
             return Err(StoreError::EmailTaken(email.to_string()));
         }
         inserted?;
@@ -357,6 +396,8 @@ impl Store {
             id: id.to_string(),
             email: email.to_string(),
             created_at: at,
+            email_verified: verified,
+            owner: first,
         })
     }
 
@@ -515,6 +556,10 @@ fn decode_account(row: &SqliteRow) -> Result<Account, StoreError> {
         id: row.try_get("id")?,
         email: row.try_get("email")?,
         created_at: row.try_get("created_at")?,
+        email_verified: row
+            .try_get::<Option<String>, _>("email_verified_at")?
+            .is_some(),
+        owner: row.try_get("owner")?,
     })
 }
 
@@ -640,18 +685,18 @@ mod tests {
             comment: String::new(),
         };
         let alice = store
-            .create_account("a1", "alice@example.com", &key("k1"))
+            .create_account("a1", "alice@example.com", &key("k1"), Admission::Unverified)
             .await
             .expect("alice");
         assert!(matches!(
             store
-                .create_account("a2", "alice@example.com", &key("k2"))
+                .create_account("a2", "alice@example.com", &key("k2"), Admission::Unverified)
                 .await,
             Err(StoreError::EmailTaken(_))
         ));
         assert!(matches!(
             store
-                .create_account("a3", "bob@example.com", &key("k1"))
+                .create_account("a3", "bob@example.com", &key("k1"), Admission::Unverified)
                 .await,
             Err(StoreError::KeyTaken)
         ));

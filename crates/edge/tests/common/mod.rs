@@ -49,6 +49,7 @@ impl MemBackend {
             User {
                 id: id.into(),
                 email: email.into(),
+                email_verified: true,
             },
         );
     }

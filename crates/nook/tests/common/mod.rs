@@ -404,6 +404,24 @@ impl Daemon {
             .expect("ssh")
     }
 
+    /// Signs `key` up as `email` the way the default signup policy (invite) lets people in:
+    /// the host's first account signs up straight away; later ones with an invite the admin
+    /// made (`nook account invite`), which also confirms their email.
+    pub fn signup(&self, key: &Key, email: &str) -> String {
+        let accounts = self.ok(&["account", "list"]);
+        if accounts.trim().is_empty() {
+            return self.lobby_ok(key, &["signup", email]);
+        }
+        let invite = self.ok(&["account", "invite", email]);
+        let code = invite
+            .split_whitespace()
+            .skip_while(|w| *w != "--invite")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no code in the invite: {invite}"))
+            .to_string();
+        self.lobby_ok(key, &["signup", email, "--invite", &code])
+    }
+
     /// Runs a lobby command and insists on success; returns stdout.
     pub fn lobby_ok(&self, key: &Key, args: &[&str]) -> String {
         let out = self.ssh(key, "lobby", args);

@@ -1,0 +1,251 @@
+//! System tests (root, the real daemon, the real OpenSSH client): attacks on who someone is.
+//! Each test names the attack it shows failing. An email or an SSH key counts only once it is
+//! proven; signup is closed to strangers unless the host's admin opens it.
+
+mod common;
+
+use common::{Daemon, Key};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json_error(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_str(stderr(out).lines().next().unwrap_or("")).unwrap_or_else(|e| {
+        panic!("not a JSON error ({e}): {}", stderr(out));
+    })
+}
+
+fn public_key(key: &Key) -> String {
+    std::fs::read_to_string(key.path.with_extension("pub"))
+        .expect("public key")
+        .trim()
+        .to_string()
+}
+
+/// The last word of the line holding `marker`: the code a command printed.
+fn code_after(text: &str, marker: &str) -> String {
+    text.lines()
+        .find(|l| l.contains(marker))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("no {marker:?} in {text}"))
+        .to_string()
+}
+
+#[test]
+fn attack_signup_as_an_invitees_email_gets_no_share_and_no_ssh() {
+    // Open signup: anyone may make an account, but an email nobody proved grants nothing.
+    let d = Daemon::start_with(&["--signup", "open"]);
+    let (alice, mallory) = (Key::new("alice"), Key::new("mallory"));
+    d.signup(&alice, "alice@example.com");
+    d.lobby_ok(&alice, &["new", "--name", "web", "--image", "tiny"]);
+    d.lobby_ok(
+        &alice,
+        &[
+            "share",
+            "add",
+            "web",
+            "victim@corp.example",
+            "--role",
+            "collaborator",
+        ],
+    );
+
+    // Mallory claims the invitee's address before the invitee signs up.
+    let made = d.lobby_ok(&mallory, &["signup", "victim@corp.example"]);
+    assert!(made.contains("unconfirmed"), "{made}");
+    let me: serde_json::Value =
+        serde_json::from_str(&d.lobby_ok(&mallory, &["whoami", "--json"])).expect("whoami");
+    assert_eq!(me["email_verified"], false, "{me}");
+
+    // The share does not reach Mallory's account: no shell in the VM, which looks missing.
+    let shell = d.ssh(&mallory, "web", &["hostname"]);
+    assert!(
+        !shell.status.success() && !stdout(&shell).contains("web"),
+        "an unproven email got a shell: {}{}",
+        stdout(&shell),
+        stderr(&shell)
+    );
+    let missing = d.ssh(&mallory, "nosuchvm", &["hostname"]);
+    assert_eq!(shell.status.code(), missing.status.code());
+
+    // Once the admin vouches for the address, the share applies: the check was the proof.
+    d.ok(&["account", "verify", "victim@corp.example"]);
+    let listed = d.ok(&["account", "list"]);
+    assert!(
+        !listed.contains("victim@corp.example (unconfirmed)"),
+        "{listed}"
+    );
+    let shell = d.ssh(&mallory, "web", &["hostname"]);
+    assert_eq!(stdout(&shell), "web\n", "{}", stderr(&shell));
+}
+
+#[test]
+fn attack_ssh_key_add_of_a_victims_public_key_does_not_take_the_key() {
+    let d = Daemon::start();
+    let (alice, mallory, victim) = (Key::new("alice"), Key::new("mallory"), Key::new("victim"));
+    d.signup(&alice, "alice@example.com");
+    d.signup(&mallory, "mallory@example.com");
+
+    // Mallory adds the victim's public key (anyone can fetch it from a code host).
+    let claim = d.lobby_ok(&mallory, &["ssh-key", "add", &public_key(&victim)]);
+    let code = code_after(&claim, "ssh-key confirm");
+    // The key is not Mallory's: the victim is still a stranger, not someone in her account.
+    let out = d.ssh(&victim, "lobby", &["whoami", "--json"]);
+    assert_eq!(json_error(&out)["error"]["code"], "not_signed_up");
+    let keys = d.lobby_ok(&mallory, &["ssh-key", "list"]);
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+    // Mallory cannot redeem the code herself: only the key's holder can.
+    let out = d.ssh(&mallory, "lobby", &["ssh-key", "confirm", &code, "--json"]);
+    assert!(!out.status.success());
+    assert_eq!(json_error(&out)["error"]["code"], "key_taken");
+    // A code redeemed with another key is spent, so codes cannot be tried key after key.
+    let stranger = Key::new("stranger");
+    let out = d.ssh(&stranger, "lobby", &["ssh-key", "confirm", &code, "--json"]);
+    assert_eq!(json_error(&out)["error"]["code"], "invalid_code");
+    let out = d.ssh(&victim, "lobby", &["ssh-key", "confirm", &code, "--json"]);
+    assert_eq!(json_error(&out)["error"]["code"], "invalid_code");
+    let out = d.ssh(&victim, "lobby", &["whoami"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+
+    // The honest path: Alice adds her second key and confirms from it.
+    let laptop = Key::new("laptop");
+    let claim = d.lobby_ok(&alice, &["ssh-key", "add", &public_key(&laptop)]);
+    let code = code_after(&claim, "ssh-key confirm");
+    let added = d.lobby_ok(&laptop, &["ssh-key", "confirm", &code]);
+    assert!(added.contains("alice@example.com"), "{added}");
+    assert!(
+        d.lobby_ok(&laptop, &["whoami"])
+            .contains("alice@example.com")
+    );
+    let out = d.ssh(&laptop, "lobby", &["ssh-key", "confirm", &code, "--json"]);
+    assert_eq!(json_error(&out)["error"]["code"], "key_taken");
+}
+
+#[test]
+fn attack_signup_by_a_stranger_needs_an_invite_by_default() {
+    let d = Daemon::start();
+    let (owner, stranger, friend) = (Key::new("owner"), Key::new("stranger"), Key::new("friend"));
+    // The first account on a fresh host signs up straight away and owns the host.
+    let welcome = d.lobby_ok(&owner, &["signup", "owner@example.com"]);
+    assert!(welcome.contains("You own this host"), "{welcome}");
+
+    // Anyone else needs an invite; the error says how to get one.
+    let out = d.ssh(&stranger, "lobby", &["signup", "stranger@example.com"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("needs an invite"), "{}", stderr(&out));
+    let out = d.ssh(
+        &stranger,
+        "lobby",
+        &["signup", "stranger@example.com", "--json"],
+    );
+    assert_eq!(json_error(&out)["error"]["code"], "signup_closed");
+
+    // The owner invites from the lobby; the code works once, for its email only.
+    let invite = d.lobby_ok(&owner, &["invite", "friend@example.com"]);
+    let code = code_after(&invite, "--invite");
+    let out = d.ssh(
+        &stranger,
+        "lobby",
+        &[
+            "signup",
+            "stranger@example.com",
+            "--invite",
+            &code,
+            "--json",
+        ],
+    );
+    assert_eq!(json_error(&out)["error"]["code"], "invalid_code");
+    d.lobby_ok(
+        &friend,
+        &["signup", "friend@example.com", "--invite", &code],
+    );
+    let me: serde_json::Value =
+        serde_json::from_str(&d.lobby_ok(&friend, &["whoami", "--json"])).expect("whoami");
+    assert_eq!(me["email_verified"], true, "{me}");
+    assert_eq!(me["owner"], false, "{me}");
+    let late = Key::new("late");
+    let out = d.ssh(
+        &late,
+        "lobby",
+        &["signup", "friend2@example.com", "--invite", &code, "--json"],
+    );
+    assert_eq!(json_error(&out)["error"]["code"], "invalid_code");
+
+    // Only the owner invites.
+    let out = d.ssh(&friend, "lobby", &["invite", "x@example.com", "--json"]);
+    assert_eq!(json_error(&out)["error"]["code"], "forbidden");
+
+    // The admin adds an account directly, its email confirmed.
+    let added = Key::new("added");
+    let pubfile = added.path.with_extension("pub");
+    d.ok(&[
+        "account",
+        "add",
+        "added@example.com",
+        "--key",
+        pubfile.to_str().expect("path"),
+    ]);
+    assert!(
+        d.lobby_ok(&added, &["whoami"])
+            .contains("added@example.com")
+    );
+    let listed = d.ok(&["account", "list"]);
+    assert!(listed.contains("owner@example.com (owner)"), "{listed}");
+    assert!(listed.contains("added@example.com\n"), "{listed}");
+}
+
+#[test]
+fn attack_signup_on_a_closed_host_is_refused() {
+    let d = Daemon::start_with(&["--signup", "closed"]);
+    let (owner, stranger) = (Key::new("owner"), Key::new("stranger"));
+    d.lobby_ok(&owner, &["signup", "owner@example.com"]);
+    let out = d.ssh(&stranger, "lobby", &["signup", "stranger@example.com"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("takes no signups"),
+        "{}",
+        stderr(&out)
+    );
+    // A bad policy is named at start.
+    let out = std::process::Command::new(common::nook_bin())
+        .args(["serve", "--signup", "sometimes"])
+        .env("NOOK_DATA_DIR", d.data_dir.join("other"))
+        .output()
+        .expect("nook serve");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("signup") && stderr(&out).contains("open, email, invite or closed"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn attack_signup_flood_from_one_address_is_throttled() {
+    let d = Daemon::start_with(&["--signup", "open"]);
+    // 20 signups from one address pass (the first makes the owner); the next is refused,
+    // saying when to come back, and makes no account.
+    for i in 0..20 {
+        let key = Key::new(&format!("k{i}"));
+        d.lobby_ok(&key, &["signup", &format!("user{i}@example.com")]);
+    }
+    let late = Key::new("late");
+    let out = d.ssh(&late, "lobby", &["signup", "late@example.com", "--json"]);
+    let err = json_error(&out);
+    assert_eq!(err["error"]["code"], "rate_limited", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("try again in"),
+        "{err}"
+    );
+    let listed = d.ok(&["account", "list"]);
+    assert!(!listed.contains("late@example.com"), "{listed}");
+    assert_eq!(listed.lines().count(), 20, "{listed}");
+}
