@@ -102,6 +102,45 @@ pub(crate) struct Forward<'a> {
     /// The client authenticated with a nook machine token in `Authorization`: it must not
     /// reach the VM.
     pub strip_authorization: bool,
+    /// For a WebSocket: asks whether what let the request in still does. The tunnel closes
+    /// once it answers no, so a revoked share, token or session ends the tunnels it opened.
+    pub recheck: Option<Recheck>,
+}
+
+/// Whether the request that opened a tunnel would still be let in.
+pub(crate) type Recheck =
+    Box<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// How often an open tunnel's access is asked again (answers are memoized by the backend,
+/// so this costs a lookup, not a query).
+const RECHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Copies both ways until either side closes or, with a `recheck`, access ends.
+async fn tunnel<C, U>(client: &mut C, upstream: &mut U, recheck: Option<Recheck>)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let copy = tokio::io::copy_bidirectional(client, upstream);
+    let Some(recheck) = recheck else {
+        let _ = copy.await;
+        return;
+    };
+    tokio::pin!(copy);
+    let mut tick = tokio::time::interval(RECHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = tick.tick() => {
+                if !recheck().await {
+                    tracing::info!("access ended: closing a WebSocket tunnel");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -394,12 +433,13 @@ impl Upstream {
                 return Err(UpstreamError::UnexpectedUpgrade);
             }
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let recheck = fwd.recheck;
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client, upstream)) => {
                         let mut client = TokioIo::new(client);
                         let mut upstream = TokioIo::new(upstream);
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        tunnel(&mut client, &mut upstream, recheck).await;
                     }
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }

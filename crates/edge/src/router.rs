@@ -516,6 +516,51 @@ impl<B: EdgeBackend> Inner<B> {
         }
     }
 
+    /// Asks again, for an open WebSocket, what let it in: the same token or session, its
+    /// role on the VM, or the VM still being public. A backend error keeps the tunnel (a
+    /// passing store hiccup must not cut every WebSocket); a definite no closes it.
+    fn tunnel_recheck(
+        &self,
+        vm: &crate::backend::VmTarget,
+        host: &str,
+        token: Option<String>,
+        session: Option<String>,
+        default_port: bool,
+    ) -> crate::proxy::Recheck {
+        let backend = self.backend.clone();
+        let (vm_id, vm_name, host) = (vm.id.clone(), vm.name.clone(), host.to_string());
+        Box::new(move || {
+            let (backend, vm_id, vm_name, host) = (
+                backend.clone(),
+                vm_id.clone(),
+                vm_name.clone(),
+                host.clone(),
+            );
+            let (token, session) = (token.clone(), session.clone());
+            Box::pin(async move {
+                let still = async {
+                    let vm = match backend.vm(&vm_name).await? {
+                        Some(vm) if vm.id == vm_id => vm,
+                        _ => return Ok(false),
+                    };
+                    let user = match (&token, &session) {
+                        (Some(t), _) => backend.token_user(&vm_id, t).await?,
+                        (None, Some(s)) => backend.session(&host, s).await?,
+                        (None, None) => None,
+                    };
+                    let access = match &user {
+                        Some(u) => backend.access(&u.id, &vm_id).await?,
+                        None => Access::None,
+                    };
+                    Ok::<_, crate::error::BackendError>(
+                        access >= Access::Viewer || (vm.public && default_port),
+                    )
+                };
+                still.await.unwrap_or(true)
+            })
+        })
+    }
+
     async fn vm(
         &self,
         req: Request<Incoming>,
@@ -556,6 +601,7 @@ impl<B: EdgeBackend> Inner<B> {
         let vm = self.backend.vm(name).await?;
         let mut user = self.session_user(&req, &host.name).await?;
         let mut token_used = false;
+        let mut used_token = None;
         let mut bad_credentials = false;
         let mut nook_token = false;
         if let Some(token) = auth::authorization_token(req.headers()) {
@@ -565,6 +611,7 @@ impl<B: EdgeBackend> Inner<B> {
                     Some(u) => {
                         user = Some(u);
                         token_used = true;
+                        used_token = Some(token);
                     }
                     // Possibly the app's own credentials: passed through if the request is
                     // otherwise allowed.
@@ -612,6 +659,12 @@ impl<B: EdgeBackend> Inner<B> {
         }
 
         let target = SocketAddr::new(vm.upstream, port.unwrap_or(vm.default_port));
+        let recheck = (upgrade == UpgradeAsk::WebSocket).then(|| {
+            let session = auth::cookie(req.headers(), SESSION_COOKIE)
+                .filter(|_| !token_used)
+                .map(str::to_string);
+            self.tunnel_recheck(&vm, &host.name, used_token, session, default_port)
+        });
         let fwd = Forward {
             peer: conn.peer.ip(),
             host: &authority,
@@ -621,6 +674,7 @@ impl<B: EdgeBackend> Inner<B> {
             // A nook token is a secret for nook: the VM it was not made for (or made for, but
             // it authenticated the request to nook) must not be able to replay it.
             strip_authorization: token_used || nook_token,
+            recheck,
         };
         let vm_port = target.port();
         match self.upstream.forward(req, target, fwd).await {

@@ -603,3 +603,76 @@ async fn attack_login_link_signs_in_a_signed_out_browser() {
         "{r:?}"
     );
 }
+
+/// Opens an authenticated WebSocket to `ws.nook.localhost` with session `s`.
+async fn open_websocket(
+    h: &Harness,
+    s: &str,
+) -> tokio_tungstenite::WebSocketStream<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tls = h.tls_connect("ws.nook.localhost").await;
+    let mut req = format!("wss://ws.nook.localhost:{}/socket", h.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "cookie",
+        format!("__Host-nook_session={s}").parse().unwrap(),
+    );
+    req.headers_mut().insert(
+        "origin",
+        format!("https://ws.nook.localhost:{}", h.port)
+            .parse()
+            .unwrap(),
+    );
+    let (ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// True when the socket still echoes; false once the edge has closed it.
+async fn echoes<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    if ws.send(Message::text("ping?")).await.is_err() {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), ws.next()).await,
+        Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "ping?"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_revoked_viewer_keeps_an_open_websocket() {
+    let h = Harness::start().await;
+    let ws_port = start_ws_upstream().await;
+    h.backend.add_user("u1", "ann@example.com");
+    h.backend.add_vm("ws", ws_port, false);
+    h.backend.grant("u1", "ws", Access::Viewer);
+    let s = h.backend.session_for("u1", "ws.nook.localhost");
+    let mut revoked = open_websocket(&h, &s).await;
+    assert!(echoes(&mut revoked).await);
+
+    // The share is revoked while the socket is open: the edge closes it within seconds.
+    h.backend.grant("u1", "ws", Access::None);
+    let mut closed = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if !echoes(&mut revoked).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a WebSocket outlived the share that opened it");
+    // A socket whose access holds outlives several checks.
+    h.backend.grant("u1", "ws", Access::Viewer);
+    let mut fresh = open_websocket(&h, &s).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        echoes(&mut fresh).await,
+        "a WebSocket with access was closed"
+    );
+}
