@@ -47,6 +47,14 @@ pub struct Settings {
     /// How far the nominal memory of an account's running VMs may exceed its envelope,
     /// relying on idle VMs giving memory back.
     pub memory_overcommit: Option<f64>,
+    /// The most memory all running VMs of all accounts may be given together, e.g. `96G`
+    /// [default: the host's RAM times `memory_overcommit`].
+    pub host_memory: Option<String>,
+    /// The most disk all VMs of all accounts may be given together (disks are thin, so this
+    /// may pass the filesystem's size) [default: 4 times the data dir's filesystem].
+    pub host_disk: Option<String>,
+    /// The most VMs on the host, all accounts together [default: 1000].
+    pub host_max_vms: Option<u32>,
     /// Seconds of near-zero CPU and network before a VM's idle knobs turn on.
     pub idle_after_secs: Option<u64>,
     /// Serve Prometheus metrics over TCP too (they are always on the admin socket).
@@ -101,6 +109,9 @@ impl Settings {
             plan_disk: other.plan_disk.or(self.plan_disk),
             plan_max_vms: other.plan_max_vms.or(self.plan_max_vms),
             memory_overcommit: other.memory_overcommit.or(self.memory_overcommit),
+            host_memory: other.host_memory.or(self.host_memory),
+            host_disk: other.host_disk.or(self.host_disk),
+            host_max_vms: other.host_max_vms.or(self.host_max_vms),
             idle_after_secs: other.idle_after_secs.or(self.idle_after_secs),
             metrics_addr: other.metrics_addr.or(self.metrics_addr),
             reclaim: other.reclaim.or(self.reclaim),
@@ -125,6 +136,38 @@ impl Settings {
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))
     }
+}
+
+/// What all accounts together may be given on this host: each account's envelope bounds it,
+/// and these bound the sum, so many accounts cannot together promise more than the host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLimits {
+    /// Running VMs' memory, all accounts together.
+    pub memory_mib: u64,
+    /// All VMs' disks, all accounts together.
+    pub disk_bytes: u64,
+    pub max_vms: u32,
+}
+
+/// The host's RAM in MiB, from `/proc/meminfo`.
+fn host_ram_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024)
+}
+
+/// The size of the filesystem that holds `dir` (or its nearest existing parent).
+fn filesystem_bytes(dir: &Path) -> Option<u64> {
+    let existing = dir.ancestors().find(|d| d.exists())?;
+    let fs = nix::sys::statvfs::statvfs(existing).ok()?;
+    Some(fs.blocks() * fs.fragment_size())
 }
 
 /// Who may make an account with `signup`. Whatever the policy, the first account on a fresh
@@ -188,6 +231,8 @@ pub struct Config {
     pub domain: String,
     pub default_plan: nook_store::Plan,
     pub memory_overcommit: f64,
+    /// What all accounts together may use on this host.
+    pub host_limits: HostLimits,
     pub idle_after: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub reclaim: bool,
@@ -345,6 +390,35 @@ impl Config {
                 format!("{memory_overcommit}: use 1 to 100"),
             ));
         }
+        let size =
+            |key: &'static str, value: &Option<String>| -> Result<Option<u64>, ConfigError> {
+                value
+                    .as_deref()
+                    .map(|v| {
+                        nook_api::parse_size(v)
+                            .map_err(|e| ConfigError::Invalid(key, format!("{v:?}: {}", e.message)))
+                    })
+                    .transpose()
+            };
+        let host_limits = HostLimits {
+            memory_mib: match size("host_memory", &s.host_memory)? {
+                Some(bytes) => bytes >> 20,
+                None => (host_ram_mib().unwrap_or(8192) as f64 * memory_overcommit) as u64,
+            },
+            disk_bytes: match size("host_disk", &s.host_disk)? {
+                Some(bytes) => bytes,
+                None => filesystem_bytes(&data_dir)
+                    .unwrap_or(100 << 30)
+                    .saturating_mul(4),
+            },
+            max_vms: s.host_max_vms.unwrap_or(1000),
+        };
+        if host_limits.memory_mib < 128 || host_limits.max_vms == 0 {
+            return Err(ConfigError::Invalid(
+                "host_memory",
+                "the host must allow at least one VM: host_memory at least 128M and host_max_vms at least 1".into(),
+            ));
+        }
         let idle_after = Duration::from_secs(s.idle_after_secs.unwrap_or(60).max(1));
         let metrics_addr = match s.metrics_addr.as_deref() {
             None | Some("off") => None,
@@ -465,6 +539,7 @@ impl Config {
             idle_after,
             default_plan,
             memory_overcommit,
+            host_limits,
             ssh_addr,
             public_host: s.public_host.unwrap_or_else(|| "localhost".into()),
             domain,

@@ -106,6 +106,9 @@ struct Live {
 pub struct Manager {
     cfg: Config,
     limits: crate::limits::Limits,
+    /// Held from a host-wide admission check until what it admitted shows in the store, so
+    /// two accounts cannot both take the host's last room.
+    host_admission: tokio::sync::Mutex<()>,
     cgroups: Option<Arc<nook_cgroup::Cgroups>>,
     /// VMs whose idle knobs are on.
     idle: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -256,6 +259,7 @@ impl Manager {
         let layers = nook_storage::layers::Layers::new(cfg.layers_dir());
         Ok(Arc::new(Manager {
             limits: Default::default(),
+            host_admission: Default::default(),
             idle: Default::default(),
             cgroups,
             cfg,
@@ -432,7 +436,8 @@ impl Manager {
         // creates cannot both squeeze into the last bit of an envelope.
         let account_lock = self.op_lock(&format!("account:{owner}"));
         let _account_guard = account_lock.lock().await;
-        self.admit(owner, Ask::Create, cpu, memory_mib, disk_bytes)
+        let admitted = self
+            .admit(owner, Ask::Create, cpu, memory_mib, disk_bytes)
             .await?;
         let template = NewVm {
             id: String::new(),
@@ -445,6 +450,7 @@ impl Manager {
             disk_bytes,
         };
         let record = self.insert_vm(template, req.name.as_deref()).await?;
+        drop(admitted);
         if !wait {
             let info = self.info(&record);
             let this = self.clone();
@@ -1102,9 +1108,16 @@ impl Manager {
         // waits for a new VM's lock, but that VM is `creating`, which was refused above.
         let account_lock = self.op_lock(&format!("account:{}", vm.owner));
         let _account_guard = account_lock.lock().await;
-        self.admit(&vm.owner, Ask::Start(&vm.id), vm.cpu, vm.memory_mib, 0)
-            .await?;
         let image = self.image_of(&vm)?;
+        let admitted = self
+            .admit(&vm.owner, Ask::Start(&vm.id), vm.cpu, vm.memory_mib, 0)
+            .await?;
+        // `starting` from here on counts the VM's memory against the host's room.
+        self.store
+            .set_state(&vm.id, VmState::Starting, None, None)
+            .await
+            .map_err(|e| errors::from_store("record the start", e))?;
+        drop(admitted);
         if let Err(err) = self.boot(&vm, &image, progress).await {
             self.halt(&vm, false).await;
             self.record_state_or_log(
@@ -1330,7 +1343,8 @@ impl Manager {
             runs: matches!(vm.state, VmState::Running | VmState::Starting),
             old_disk_bytes: vm.disk_bytes,
         };
-        self.admit(&vm.owner, ask, cpu, memory_mib, disk_bytes)
+        let _admitted = self
+            .admit(&vm.owner, ask, cpu, memory_mib, disk_bytes)
             .await?;
         if disk_bytes > vm.disk_bytes {
             self.grow_disk(&vm, disk_bytes).await?;
@@ -1610,10 +1624,17 @@ impl Manager {
         cpu: u32,
         memory_mib: u32,
         disk_bytes: u64,
-    ) -> Result<(), ApiError> {
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+        let admitted = self.host_admission.lock().await;
         if owner == ADMIN_OWNER {
-            return Ok(());
+            return Ok(admitted);
         }
+        let all = self
+            .store
+            .list()
+            .await
+            .map_err(|e| errors::from_store("list VMs", e))?;
+        host_room(&self.cfg.host_limits, &all, ask, memory_mib, disk_bytes)?;
         let plan = self.plan_for(owner).await?;
         let size = |mib: u64| format_size(mib << 20);
         let refuse = |msg: String| Err(ApiError::new(ErrorCode::OverEnvelope, msg));
@@ -1630,11 +1651,7 @@ impl Manager {
                 size(plan.memory_mib.into())
             ));
         }
-        let vms: Vec<VmRecord> = self
-            .store
-            .list()
-            .await
-            .map_err(|e| errors::from_store("list VMs", e))?
+        let vms: Vec<VmRecord> = all
             .into_iter()
             .filter(|vm| vm.owner == owner && Some(vm.id.as_str()) != ask.existing())
             .collect();
@@ -1665,7 +1682,7 @@ impl Manager {
         }
         // A stopped VM's new memory is admitted when it starts, not now.
         if matches!(ask, Ask::Resize { runs: false, .. }) {
-            return Ok(());
+            return Ok(admitted);
         }
         let mut running: Vec<&VmRecord> = vms
             .iter()
@@ -1694,7 +1711,7 @@ impl Manager {
                 biggest.join(", ")
             ));
         }
-        Ok(())
+        Ok(admitted)
     }
 
     /// Settles every VM after a daemon start: re-adopts live QEMUs, finishes or undoes
@@ -1964,6 +1981,56 @@ enum Ask<'a> {
     },
 }
 
+/// Whether the host, all accounts together, has room for what `ask` adds: a VM (count and
+/// disk) and, when it will run, its memory. Says only that the host is full, never what other
+/// accounts hold.
+fn host_room(
+    limits: &crate::config::HostLimits,
+    all: &[VmRecord],
+    ask: Ask<'_>,
+    memory_mib: u32,
+    disk_bytes: u64,
+) -> Result<(), ApiError> {
+    let others = || {
+        all.iter()
+            .filter(|vm| Some(vm.id.as_str()) != ask.existing())
+    };
+    let full = |what: &str| {
+        Err(ApiError::new(
+            ErrorCode::OverEnvelope,
+            format!("This host is full ({what}): try again later, or ask its admin for room"),
+        ))
+    };
+    if matches!(ask, Ask::Create) && others().count() as u64 >= u64::from(limits.max_vms) {
+        return full("it holds as many VMs as it may");
+    }
+    let adds_disk = match ask {
+        Ask::Create => true,
+        Ask::Start(_) => false,
+        Ask::Resize { old_disk_bytes, .. } => disk_bytes > old_disk_bytes,
+    };
+    let disks: u64 = others().map(|vm| vm.disk_bytes).sum();
+    if adds_disk && disks.saturating_add(disk_bytes) > limits.disk_bytes {
+        return full("its disks are all promised");
+    }
+    if matches!(ask, Ask::Resize { runs: false, .. }) {
+        return Ok(());
+    }
+    let running: u64 = others()
+        .filter(|vm| {
+            matches!(
+                vm.state,
+                VmState::Running | VmState::Starting | VmState::Creating
+            )
+        })
+        .map(|vm| u64::from(vm.memory_mib))
+        .sum();
+    if running + u64::from(memory_mib) > limits.memory_mib {
+        return full("its memory is all promised to running VMs");
+    }
+    Ok(())
+}
+
 impl Ask<'_> {
     /// The VM already counted in the account, left out of the totals it is checked against.
     fn existing(&self) -> Option<&str> {
@@ -1971,5 +2038,67 @@ impl Ask<'_> {
             Ask::Create => None,
             Ask::Start(id) | Ask::Resize { id, .. } => Some(id),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(id: &str, state: VmState, memory_mib: u32, disk_gib: u64) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: id.into(),
+            owner: format!("owner-of-{id}"),
+            image: "tiny".into(),
+            image_dir: String::new(),
+            cpu: 1,
+            memory_mib,
+            disk_bytes: disk_gib << 30,
+            slot: 1,
+            state,
+            state_reason: None,
+            pid: None,
+            created_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_host_limits_every_account_together() {
+        let limits = crate::config::HostLimits {
+            memory_mib: 1024,
+            disk_bytes: 10 << 30,
+            max_vms: 3,
+        };
+        let all = [
+            vm("a", VmState::Running, 512, 4),
+            vm("b", VmState::Stopped, 512, 4),
+        ];
+        assert!(host_room(&limits, &all, Ask::Create, 512, 1 << 30).is_ok());
+        // Memory counts only running VMs; disk counts all.
+        let err = host_room(&limits, &all, Ask::Create, 768, 1 << 30).expect_err("memory");
+        assert!(err.message.contains("memory"), "{}", err.message);
+        let err = host_room(&limits, &all, Ask::Create, 128, 3 << 30).expect_err("disk");
+        assert!(err.message.contains("disks"), "{}", err.message);
+        // Starting b adds its memory, not its disk or a VM.
+        assert!(host_room(&limits, &all, Ask::Start("b"), 512, 0).is_ok());
+        assert!(host_room(&limits, &all, Ask::Start("b"), 600, 0).is_err());
+        let three = [
+            vm("a", VmState::Stopped, 512, 1),
+            vm("b", VmState::Stopped, 512, 1),
+            vm("c", VmState::Stopped, 512, 1),
+        ];
+        let err = host_room(&limits, &three, Ask::Create, 128, 1 << 30).expect_err("count");
+        assert!(err.message.contains("as many VMs"), "{}", err.message);
+        // A resize of a stopped VM that keeps its disk adds nothing.
+        let resize = Ask::Resize {
+            id: "a",
+            runs: false,
+            old_disk_bytes: 1 << 30,
+        };
+        assert!(host_room(&limits, &three, resize, 4096, 1 << 30).is_ok());
+        // The message names nothing of other accounts.
+        let err = host_room(&limits, &all, Ask::Create, 768, 1 << 30).expect_err("memory");
+        assert!(!err.message.contains("owner-of"), "{}", err.message);
     }
 }

@@ -134,6 +134,16 @@ pub struct ServeArgs {
     /// A PEM root CA trusted for the ACME server only (e.g. Pebble's)
     #[arg(long, env = "NOOK_ACME_ROOT_CA")]
     pub acme_root_ca: Option<PathBuf>,
+    /// The most memory running VMs of all accounts may have together, e.g. 96G
+    /// [default: RAM times memory_overcommit]
+    #[arg(long, env = "NOOK_HOST_MEMORY")]
+    pub host_memory: Option<String>,
+    /// The most disk all VMs may have together, e.g. 2T [default: 4 times the data dir's filesystem]
+    #[arg(long, env = "NOOK_HOST_DISK")]
+    pub host_disk: Option<String>,
+    /// The most VMs on this host, all accounts together [default: 1000]
+    #[arg(long, env = "NOOK_HOST_MAX_VMS")]
+    pub host_max_vms: Option<u32>,
     /// Who may sign up: open, email, invite or closed [default: email with SMTP, else invite]
     #[arg(long, env = "NOOK_SIGNUP")]
     pub signup: Option<String>,

@@ -116,3 +116,58 @@ fn vm_admission_concurrent_starts_cannot_both_fit() {
     assert_eq!(running, 1);
     assert_eq!(d.qemu_pids().len(), 1);
 }
+
+/// Each account's envelope bounds it, and the host's limits bound all accounts together: many
+/// accounts cannot promise more memory, disk or VMs than the host was given.
+#[test]
+fn vm_admission_host_limits_hold_across_accounts() {
+    let d = Daemon::start_with(&["--host-memory", "600M", "--host-max-vms", "3"]);
+    let (alice, bob, carol) = (Key::new("alice"), Key::new("bob"), Key::new("carol"));
+    d.signup(&alice, "alice@example.com");
+    d.signup(&bob, "bob@example.com");
+    d.signup(&carol, "carol@example.com");
+    d.lobby_ok(&alice, &["new", "--image", "tiny", "--name", "a1"]);
+    d.lobby_ok(&bob, &["new", "--image", "tiny", "--name", "b1"]);
+
+    // Two 256 MiB VMs run; a third would pass the host's 600 MiB though carol's own envelope
+    // has room. The error says the host is full and nothing about the others.
+    let out = d.ssh(&carol, "lobby", &["new", "--image", "tiny", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("over_envelope") && text.contains("This host is full"),
+        "{text}"
+    );
+    assert!(!text.contains("alice") && !text.contains("a1"), "{text}");
+    assert_eq!(d.list().len(), 2, "a refused new left a VM behind");
+
+    // Room made by one account is room for another.
+    d.lobby_ok(&alice, &["stop", "a1"]);
+    d.lobby_ok(&carol, &["new", "--image", "tiny", "--name", "c1"]);
+    let out = d.ssh(&alice, "lobby", &["start", "a1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("This host is full"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(d.vm("a1")["state"], "stopped");
+
+    // Three VMs are the host's limit, running or not.
+    d.lobby_ok(&bob, &["stop", "b1"]);
+    let out = d.ssh(&bob, "lobby", &["new", "--image", "tiny"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("as many VMs as it may"),
+        "{}",
+        stderr(&out)
+    );
+    // A bad limit is named at start.
+    let out = std::process::Command::new(common::nook_bin())
+        .args(["serve", "--host-memory", "lots"])
+        .env("NOOK_DATA_DIR", d.data_dir.join("other"))
+        .output()
+        .expect("nook serve");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("host_memory"), "{}", stderr(&out));
+}

@@ -151,7 +151,8 @@ impl Manager {
                 } else {
                     src.memory_mib
                 };
-                self.admit(&src.owner, Ask::Create, src.cpu, memory, src.disk_bytes)
+                let _admitted = self
+                    .admit(&src.owner, Ask::Create, src.cpu, memory, src.disk_bytes)
                     .await?;
                 let template = NewVm {
                     id: String::new(),
