@@ -179,6 +179,9 @@ fn attack_signup_by_a_stranger_needs_an_invite_by_default() {
     // Only the owner invites.
     let out = d.ssh(&friend, "lobby", &["invite", "x@example.com", "--json"]);
     assert_eq!(json_error(&out)["error"]["code"], "forbidden");
+    // An invite for someone who already has an account is refused, not wasted.
+    let out = d.ssh(&owner, "lobby", &["invite", "friend@example.com", "--json"]);
+    assert_eq!(json_error(&out)["error"]["code"], "email_taken");
 
     // The admin adds an account directly, its email confirmed.
     let added = Key::new("added");

@@ -279,6 +279,17 @@ pub(crate) async fn make_invite(m: &Manager, email: &str) -> Result<(String, Str
             format!("{shown:?} is not an email address"),
         ));
     }
+    let existing = m
+        .store()
+        .account_by_email(&email)
+        .await
+        .map_err(|e| errors::from_store("look up the account", e))?;
+    if existing.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::EmailTaken,
+            format!("{email} already has an account: no invite is needed"),
+        ));
+    }
     let code = m
         .store()
         .create_invite(&email)
