@@ -255,14 +255,28 @@ async fn main() -> anyhow_free::Result {
             accel,
             reclaim: true,
             incoming: false,
+            jail: None,
         };
-        let mut args = Qemu::args(&spec);
-        // Plain foreground QEMU: no daemonizing, no pidfile.
-        let cut = args
-            .iter()
-            .position(|a| a == "-pidfile")
-            .unwrap_or(args.len());
-        args.truncate(cut);
+        // nook hands QEMU its sockets already bound; a plain QEMU makes them itself, and
+        // writes its console to a file.
+        let agent = paths.agent_socket().display().to_string();
+        let console = paths.console_log().display().to_string();
+        let mut args: Vec<String> = Vec::new();
+        let mut given = Qemu::args(&spec).into_iter();
+        while let Some(arg) = given.next() {
+            if arg.starts_with("socket,id=agent,") {
+                args.push(format!("socket,id=agent,path={agent},server=on,wait=off"));
+            } else if arg.starts_with("socket,id=console,") {
+                args.push(format!("file,id=console,path={console}"));
+            } else if arg.starts_with("socket,id=qmp,") {
+                // Drops the `-chardev` before it and the `-mon` pair after it: no monitor.
+                args.pop();
+                given.next();
+                given.next();
+            } else {
+                args.push(arg);
+            }
+        }
         // A raw boot that hangs silently (a known TCG hazard) is retried and counted,
         // exactly as nook's boot watchdog does.
         let (t, client, mut child) = loop {

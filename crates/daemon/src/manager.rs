@@ -647,6 +647,22 @@ impl Manager {
             "console=ttyS0 root=/dev/vda rw net.ifnames=0 {}",
             boot.to_cmdline()
         );
+        let jail = if nix::unistd::geteuid().is_root() {
+            let (paths, kernel, initrd, root) = (
+                paths.clone(),
+                image.kernel.clone(),
+                initrd.clone(),
+                self.cfg.data_dir.join(JAIL_ROOT),
+            );
+            let slot = vm.slot;
+            let made = tokio::task::spawn_blocking(move || {
+                jail_for(slot, &paths, &kernel, &initrd, root, accel)
+            })
+            .await;
+            Some(map_join(made, "prepare QEMU's jail")??)
+        } else {
+            None
+        };
         let spec = LaunchSpec {
             id: vm.id.clone(),
             paths: paths.clone(),
@@ -659,6 +675,7 @@ impl Manager {
             accel,
             reclaim: self.cfg.reclaim,
             incoming,
+            jail,
         };
         progress(&format!("starting QEMU ({})", accel.qemu_arg()));
         let launched = tokio::task::spawn_blocking(move || qemu.launch(&spec)).await;
@@ -1853,6 +1870,67 @@ impl Manager {
             }
         }
     }
+}
+
+/// The empty directory under the data dir that every QEMU's jail root is mounted on (in that
+/// QEMU's own mount namespace; on the host it stays empty).
+const JAIL_ROOT: &str = "jail";
+
+/// Makes the files of `paths`' VM fit its jail and describes the jail: the VM's directory is
+/// root's and only traversable, its disk top belongs to the VM's uid alone, and what lies
+/// below the top (layers, base, kernel, initrd) is readable, never writable, by it.
+fn jail_for(
+    slot: u32,
+    paths: &VmPaths,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    root: PathBuf,
+    accel: Accel,
+) -> Result<nook_vmm::Jail, ApiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let uid = nook_vmm::jail::uid_for_slot(slot);
+    let fail = |what: &str, path: &std::path::Path, e: std::io::Error| {
+        io_error(
+            &format!("prepare QEMU's jail ({what} {})", path.display()),
+            e,
+        )
+    };
+    let set = |path: &std::path::Path, owner: u32, mode: u32| -> Result<(), ApiError> {
+        std::os::unix::fs::chown(path, Some(owner), Some(owner))
+            .map_err(|e| fail("give", path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| fail("set the mode of", path, e))
+    };
+    std::fs::create_dir_all(&root).map_err(|e| fail("make", &root, e))?;
+    set(&paths.dir, 0, 0o711)?;
+    let chain = nook_storage::layers::chain(&paths.disk())
+        .map_err(|e| errors::from_storage("read the disk's chain", e))?;
+    let (top, below) = chain
+        .split_first()
+        .ok_or_else(|| io_error("read the disk's chain", std::io::ErrorKind::NotFound.into()))?;
+    set(top, uid, 0o600)?;
+    let mut read_only: Vec<PathBuf> = below.to_vec();
+    read_only.extend([kernel.to_path_buf(), initrd.to_path_buf()]);
+    for file in &read_only {
+        set(file, 0, 0o644)?;
+    }
+    let (devices, groups) = match accel {
+        Accel::Kvm => {
+            use std::os::unix::fs::MetadataExt;
+            let kvm = PathBuf::from("/dev/kvm");
+            let gid = std::fs::metadata(&kvm).map(|m| m.gid()).unwrap_or(0);
+            (vec![kvm], vec![gid])
+        }
+        Accel::Tcg => (Vec::new(), Vec::new()),
+    };
+    Ok(nook_vmm::Jail {
+        uid,
+        groups,
+        root,
+        read_only,
+        writable: vec![paths.dir.clone()],
+        devices,
+    })
 }
 
 /// A byte counter of a VM's tap (`rx_bytes`, `tx_bytes`), seen from the host side.

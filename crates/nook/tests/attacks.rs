@@ -252,3 +252,122 @@ fn attack_signup_flood_from_one_address_is_throttled() {
     assert!(!listed.contains("late@example.com"), "{listed}");
     assert_eq!(listed.lines().count(), 20, "{listed}");
 }
+
+/// `Uid:` and `Gid:` of `/proc/PID/status` (real, effective, saved, filesystem), `Seccomp:`
+/// and `NoNewPrivs:`.
+fn process_status(pid: u32) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.split_whitespace().collect::<Vec<_>>().join(" "),
+            )
+        })
+        .collect()
+}
+
+/// Runs `cmd` as `uid` (no groups) inside QEMU `pid`'s mount namespace and root, or on the
+/// host when `pid` is None.
+fn as_uid(pid: Option<u32>, uid: &str, cmd: &[&str]) -> std::process::Output {
+    let mut argv: Vec<String> = Vec::new();
+    if let Some(pid) = pid {
+        argv.extend(["nsenter", "-t", &pid.to_string(), "-m", "-r", "--"].map(String::from));
+    }
+    argv.extend(
+        [
+            "/usr/bin/setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "--",
+        ]
+        .map(String::from),
+    );
+    argv.extend(cmd.iter().map(|s| s.to_string()));
+    std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .output()
+        .expect("run setpriv")
+}
+
+#[test]
+fn attack_qemu_escape_runs_as_its_own_uid_and_sees_no_other_vm() {
+    let d = Daemon::start();
+    d.create_tiny("jail-a");
+    d.create_tiny("jail-b");
+    let (a, b) = (d.vm("jail-a"), d.vm("jail-b"));
+    let vm_dir =
+        |vm: &serde_json::Value| d.data_dir.join("vms").join(vm["id"].as_str().expect("id"));
+    let pid_of = |vm: &serde_json::Value| {
+        let pids = common::qemu_pids_under(&vm_dir(vm));
+        assert_eq!(pids.len(), 1, "QEMUs of {vm}: {pids:?}");
+        pids[0]
+    };
+    let (pid_a, pid_b) = (pid_of(&a), pid_of(&b));
+    let (status_a, status_b) = (process_status(pid_a), process_status(pid_b));
+    let uid_a = status_a["Uid"].split(' ').next().expect("uid").to_string();
+    for (status, name) in [(&status_a, "jail-a"), (&status_b, "jail-b")] {
+        let uid = status["Uid"].split(' ').next().expect("uid");
+        assert_ne!(uid, "0", "{name}'s QEMU runs as root: {status:?}");
+        assert_eq!(status["Uid"], [uid; 4].join(" "), "{name}: {status:?}");
+        assert_eq!(status["Gid"], [uid; 4].join(" "), "{name}: {status:?}");
+        assert_eq!(
+            status["Seccomp"], "2",
+            "{name}'s QEMU has no seccomp filter"
+        );
+        assert_eq!(status["NoNewPrivs"], "1", "{name}");
+        assert_eq!(status["Groups"], "", "{name} keeps supplementary groups");
+    }
+    assert_ne!(status_a["Uid"], status_b["Uid"], "two VMs share a uid");
+
+    let disk_a = vm_dir(&a).join("disk.qcow2");
+    let disk_b = vm_dir(&b).join("disk.qcow2");
+    let db = d.data_dir.join("nook.sqlite");
+    let text = |p: &std::path::Path| p.display().to_string();
+
+    // On the host, a's uid can open neither b's disk nor the database.
+    for target in [&disk_b, &db, &disk_a] {
+        let out = as_uid(None, &uid_a, &["/usr/bin/head", "-c", "4", &text(target)]);
+        assert!(
+            !out.status.success(),
+            "a's uid read {} on the host",
+            target.display()
+        );
+    }
+    // Inside a's jail: b's disk and the database do not exist, a's own disk does, and
+    // nothing can be created.
+    let jailed = |cmd: &[&str]| as_uid(Some(pid_a), &uid_a, cmd);
+    for target in [&disk_b, &db] {
+        let out = jailed(&["/usr/bin/head", "-c", "4", &text(target)]);
+        assert!(
+            stderr(&out).contains("No such file"),
+            "{} is visible in a's jail: {}",
+            target.display(),
+            stderr(&out)
+        );
+    }
+    let own = jailed(&["/usr/bin/head", "-c", "4", &text(&disk_a)]);
+    assert!(
+        own.status.success(),
+        "a's QEMU cannot read its own disk: {}",
+        stderr(&own)
+    );
+    assert_eq!(&own.stdout[..], b"QFI\xfb");
+    for place in [
+        std::path::PathBuf::from("/escape"),
+        vm_dir(&a).join("escape"),
+    ] {
+        let out = jailed(&["/usr/bin/touch", &text(&place)]);
+        assert!(!out.status.success(), "a's uid created {}", place.display());
+    }
+    // The VM's own directory is only traversable: its keys and logs are root's.
+    let listing = jailed(&["/usr/bin/ls", &text(&vm_dir(&a))]);
+    assert!(
+        !listing.status.success(),
+        "a's uid lists its VM directory: {}",
+        stdout(&listing)
+    );
+}

@@ -2,8 +2,9 @@
 //! the source keeps running, and at the one instant the source is paused its disk moves onto
 //! a fresh overlay, so the clone's disk and memory are of the same moment.
 //!
-//! The stream goes over a unix socket straight into the clone's QEMU (started with
-//! `-incoming defer`), so loading overlaps saving and no state file is ever left behind.
+//! The stream goes over a socket pair straight into the clone's QEMU (started with
+//! `-incoming defer`), so loading overlaps saving and no state file is ever left behind. Each
+//! QEMU is handed its end over QMP: jailed QEMUs can see no socket path of another VM.
 //! `pause-before-switchover` stops the migration after the source is paused and before its
 //! device state is sent: that is where the disk switch happens.
 
@@ -28,27 +29,36 @@ pub struct ForkTimings {
     pub paused: Duration,
 }
 
-/// Prepares the clone's QEMU (launched with `-incoming defer`) to receive on `socket`.
-pub async fn listen(clone: &Qmp, socket: &Path) -> Result<(), VmmError> {
-    let _ = std::fs::remove_file(socket);
+/// The name both QEMUs know their end of the stream by.
+const STREAM_FD: &str = "nook-fork";
+
+/// Connects the clone's QEMU (launched with `-incoming defer`), now listening, to the
+/// source's, which [`send`] then streams into.
+pub async fn connect(clone: &Qmp, source: &Qmp) -> Result<(), VmmError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (into_clone, from_source) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| VmmError::Qmp(format!("cannot make the fork's stream: {e}")))?;
+    clone.pass_fd(STREAM_FD, into_clone).await?;
     clone
         .execute(
             "migrate-incoming",
-            Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+            Some(json!({ "uri": format!("fd:{STREAM_FD}") })),
         )
         .await?;
+    source.pass_fd(STREAM_FD, from_source).await?;
     Ok(())
 }
 
-/// Streams the running `source` into the clone listening on `socket`. When the source is
+/// Streams the running `source` into the clone it was [`connect`]ed to. When the source is
 /// paused, `switch_disk` is called with its QMP to move the disk onto a new overlay; its
 /// error aborts the fork, leaving the source running as before. The source always ends up
 /// running, whatever happens.
-pub async fn send<F, Fut>(
-    source: &Qmp,
-    socket: &Path,
-    switch_disk: F,
-) -> Result<ForkTimings, VmmError>
+pub async fn send<F, Fut>(source: &Qmp, switch_disk: F) -> Result<ForkTimings, VmmError>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), VmmError>>,
@@ -71,10 +81,7 @@ where
         .await?;
     let mut events = source.events();
     source
-        .execute(
-            "migrate",
-            Some(json!({ "uri": format!("unix:{}", socket.display()) })),
-        )
+        .execute("migrate", Some(json!({ "uri": format!("fd:{STREAM_FD}") })))
         .await?;
     let mut switch_disk = Some(switch_disk);
     let outcome = tokio::time::timeout(FORK_TIMEOUT, async {

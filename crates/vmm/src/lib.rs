@@ -9,13 +9,16 @@ pub mod agent;
 pub mod console;
 mod error;
 pub mod fork;
+pub mod jail;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
+mod sys;
 mod throttle;
 
 pub use agent::{AgentClient, Identified, Process, ProcessHandle};
 pub use error::VmmError;
+pub use jail::Jail;
 pub use probe::{Accel, probe_accel};
 pub use qemu::{Hypervisor, LaunchSpec, NetBackend, Qemu, VmPaths};
 pub use qmp::Qmp;

@@ -1,5 +1,6 @@
 //! QEMU command lines, launch, and finding a launched QEMU again.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -78,6 +79,8 @@ pub struct LaunchSpec {
     pub reclaim: bool,
     /// Start paused, waiting for a running VM's state to stream in (a fork's clone).
     pub incoming: bool,
+    /// Where and as whom QEMU runs; None only where the daemon is not root and cannot jail.
+    pub jail: Option<crate::jail::Jail>,
 }
 
 /// The seam where another VMM (Cloud Hypervisor, Firecracker) would plug in.
@@ -163,10 +166,9 @@ impl Qemu {
             "virtio-blk-pci,drive=root".into(),
         ]);
         let (netdev, mac) = match &spec.net {
-            NetBackend::Tap { ifname, mac } => (
-                format!("tap,id=net0,ifname={ifname},script=no,downscript=no"),
-                mac,
-            ),
+            // The tap is opened by nook and handed over (see `launch`): QEMU needs neither
+            // /dev/net/tun nor the right to attach to a tap.
+            NetBackend::Tap { mac, .. } => (format!("tap,id=net0,fd={TAP_FD}"), mac),
             NetBackend::User { netdev, mac } => (netdev.clone(), mac),
         };
         args.extend([
@@ -177,10 +179,7 @@ impl Qemu {
             "-device".into(),
             "virtio-serial-pci".into(),
             "-chardev".into(),
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                s(p.agent_socket())
-            ),
+            format!("socket,id=agent,fd={AGENT_FD},server=on,wait=off"),
             "-device".into(),
             format!(
                 "virtserialport,chardev=agent,name={}",
@@ -208,16 +207,13 @@ impl Qemu {
             // Not a file chardev, which would grow for as long as the guest prints: the daemon
             // follows this socket into a log of bounded size (crate::console).
             "-chardev".into(),
-            format!(
-                "socket,id=console,path={},server=on,wait=off",
-                s(p.console_socket())
-            ),
+            format!("socket,id=console,fd={CONSOLE_FD},server=on,wait=off"),
             "-serial".into(),
             "chardev:console".into(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", s(p.qmp_socket())),
-            "-pidfile".into(),
-            s(p.pidfile()),
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
             // seccomp: no obsolete syscalls, no setuid, no fork or exec, no scheduler or
             // resource changes. A device-emulation bug then cannot start a shell or another
             // process. (QEMU's own -daemonize forks and calls setsid after the filter is on,
@@ -228,6 +224,13 @@ impl Qemu {
         args
     }
 }
+
+/// The descriptors QEMU is started with: its sockets are bound by nook (at `VmPaths`) and
+/// listened on by QEMU, so a jailed QEMU needs no directory it could write a socket into.
+const QMP_FD: i32 = 3;
+const AGENT_FD: i32 = 4;
+const CONSOLE_FD: i32 = 5;
+const TAP_FD: i32 = 6;
 
 /// QEMU's seccomp filter, all of it.
 const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
@@ -250,24 +253,51 @@ impl Hypervisor for Qemu {
         }
         // Keep the previous boot's console for post-mortems, and start this boot's afresh.
         let _ = std::fs::rename(p.console_log(), p.dir.join("console.log.1"));
-        let mut child = std::process::Command::new(&self.binary)
+        let listen = |path: PathBuf| {
+            std::os::unix::net::UnixListener::bind(&path)
+                .map(OwnedFd::from)
+                .map_err(VmmError::io(&path))
+        };
+        // Ordered as the fd numbers in `args`.
+        let mut handed = vec![
+            listen(p.qmp_socket())?,
+            listen(p.agent_socket())?,
+            listen(p.console_socket())?,
+        ];
+        if let NetBackend::Tap { ifname, .. } = &spec.net {
+            handed.push(crate::sys::open_tap(ifname)?);
+        }
+        let jail = spec
+            .jail
+            .as_ref()
+            .map(crate::jail::Jail::prepare)
+            .transpose()
+            .map_err(|e| VmmError::LaunchFailed(format!("cannot prepare QEMU's jail: {e}")))?;
+        let mut command = std::process::Command::new(&self.binary);
+        command
             .args(Self::args(spec))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             // A process group of its own: QEMU outlives the daemon, and a ^C or a signal to the
             // daemon's group must not reach it.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    VmmError::QemuMissing(self.binary.clone())
-                } else {
-                    VmmError::LaunchFailed(e.to_string())
-                }
-            })?;
-        let early = keep_stderr(&mut child, p.dir.join("qemu.log"));
+            .process_group(0);
+        let jail = jail.map(std::sync::Arc::new);
+        crate::sys::enter_before_exec(&mut command, jail.clone(), &handed, QMP_FD);
+        let mut child = command.spawn().map_err(|e| match (&jail, e.kind()) {
+            (_, std::io::ErrorKind::NotFound) => VmmError::QemuMissing(self.binary.clone()),
+            (Some(jail), _) => VmmError::LaunchFailed(jail.explain(&e)),
+            (None, _) => VmmError::LaunchFailed(e.to_string()),
+        })?;
+        drop(handed);
         let pid = child.id();
+        // nook writes the pidfile, not QEMU: a jailed QEMU cannot write into the VM's directory.
+        if let Err(e) = std::fs::write(p.pidfile(), format!("{pid}\n")) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(VmmError::io(&p.pidfile())(e));
+        }
+        let early = keep_stderr(&mut child, p.dir.join("qemu.log"));
         // QEMU is up once its monitor greets: then every device, the tap included, is set up,
         // and a bad argument or a missing tap has made it exit with its own words instead.
         let deadline = Instant::now() + LAUNCH_TIMEOUT;
@@ -299,17 +329,25 @@ impl Hypervisor for Qemu {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let _ = std::fs::remove_file(p.pidfile());
         Err(VmmError::LaunchFailed(failure))
     }
 
     fn is_running(&self, pid: u32, paths: &VmPaths) -> bool {
-        // The pid may have been reused: only a process whose command line names this VM's
-        // QMP socket is ours.
+        // The pid may have been reused: only a process whose command line carries this VM's
+        // `-name` is ours.
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             return false;
         };
-        let needle = paths.qmp_socket().display().to_string();
-        String::from_utf8_lossy(&cmdline).contains(&needle)
+        let Some(id) = paths.dir.file_name() else {
+            return false;
+        };
+        let mut needle = b"\0nook-".to_vec();
+        needle.extend_from_slice(id.as_encoded_bytes());
+        needle.push(0);
+        cmdline
+            .windows(needle.len())
+            .any(|w| w == needle.as_slice())
     }
 }
 
@@ -402,6 +440,7 @@ mod tests {
             accel: Accel::Tcg,
             reclaim: true,
             incoming: false,
+            jail: None,
         };
         let line = Qemu::args(&spec).join(" ");
         for part in [
@@ -410,12 +449,12 @@ mod tests {
             "-accel tcg ",
             "-smp 2 -m 256M",
             "file=/d/vms/abc123/disk.qcow2,format=qcow2",
-            "ifname=nk3,script=no",
+            "-netdev tap,id=net0,fd=6",
             "mac=02:6e:6b:00:00:03",
-            "path=/d/vms/abc123/agent.sock,server=on,wait=off",
+            "socket,id=agent,fd=4,server=on,wait=off",
             "name=org.nook.agent.0",
-            "-qmp unix:/d/vms/abc123/qmp.sock,server=on,wait=off",
-            "socket,id=console,path=/d/vms/abc123/console.sock,server=on,wait=off",
+            "-chardev socket,id=qmp,fd=3,server=on,wait=off -mon chardev=qmp,mode=control",
+            "socket,id=console,fd=5,server=on,wait=off",
             "-serial chardev:console",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "free-page-reporting=on",
@@ -423,6 +462,9 @@ mod tests {
             assert!(line.contains(part), "missing {part:?} in {line}");
         }
         assert!(!line.contains("-cpu host"));
+        // A jailed QEMU could not write these: nook binds the sockets and writes the pidfile.
+        assert!(!line.contains("path="), "{line}");
+        assert!(!line.contains("-pidfile"), "{line}");
         // A shrunken translation cache broke forks (see `args`).
         assert!(!line.contains("tb-size"), "{line}");
     }

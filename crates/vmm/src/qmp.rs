@@ -1,6 +1,7 @@
 //! A small QMP client: one connection, commands tagged with ids, events broadcast.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,12 @@ pub struct QmpEvent {
 }
 
 type Reply = oneshot::Sender<Result<Value, VmmError>>;
+
+/// A command line to write, with a descriptor to pass along with it (`getfd`, `add-fd`).
+struct Outgoing {
+    line: String,
+    fd: Option<OwnedFd>,
+}
 
 /// Commands waiting for their answer, and whether the connection is gone. One lock guards
 /// both, so a command is never registered after the reader has failed the waiting ones (its
@@ -61,7 +68,7 @@ fn lock(pending: &SharedPending) -> std::sync::MutexGuard<'_, Pending> {
 
 #[derive(Clone)]
 pub struct Qmp {
-    outbox: mpsc::Sender<String>,
+    outbox: mpsc::Sender<Outgoing>,
     pending: SharedPending,
     next_id: Arc<AtomicU64>,
     events: broadcast::Sender<QmpEvent>,
@@ -137,6 +144,24 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, VmmError> {
+        self.execute_passing(command, arguments, None).await
+    }
+
+    /// Hands `fd` to QEMU under `name` (QMP `getfd`), for a later command that takes a
+    /// descriptor by name, such as `migrate` to `fd:NAME`. A jailed QEMU can open no path of
+    /// its own, so whatever it needs beyond its launch comes this way.
+    pub async fn pass_fd(&self, name: &str, fd: OwnedFd) -> Result<(), VmmError> {
+        self.execute_passing("getfd", Some(json!({ "fdname": name })), Some(fd))
+            .await
+            .map(|_| ())
+    }
+
+    async fn execute_passing(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<OwnedFd>,
+    ) -> Result<Value, VmmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -150,7 +175,7 @@ impl Qmp {
             // Lines are written whole by one task, so a command that times out here never
             // leaves half a line that would garble the next one.
             self.outbox
-                .send(line)
+                .send(Outgoing { line, fd })
                 .await
                 .map_err(|_| VmmError::QmpClosed)?;
             rx.await.map_err(|_| VmmError::QmpClosed)?
@@ -227,10 +252,42 @@ impl Inbox {
 }
 
 /// Writes queued commands whole until every [`Qmp`] is dropped or QEMU goes away.
-async fn write_lines(mut write: OwnedWriteHalf, mut queued: mpsc::Receiver<String>) {
-    while let Some(line) = queued.recv().await {
-        if write.write_all(line.as_bytes()).await.is_err() {
+async fn write_lines(mut write: OwnedWriteHalf, mut queued: mpsc::Receiver<Outgoing>) {
+    while let Some(Outgoing { line, fd }) = queued.recv().await {
+        let mut rest = line.as_bytes();
+        if let Some(fd) = fd {
+            // The descriptor rides on the command's first bytes (SCM_RIGHTS); QEMU takes it
+            // as the one the command refers to.
+            match send_with_fd(&write, rest, &fd).await {
+                Ok(n) => rest = &rest[n..],
+                Err(_) => break,
+            }
+        }
+        if write.write_all(rest).await.is_err() {
             break;
+        }
+    }
+}
+
+async fn send_with_fd(
+    write: &OwnedWriteHalf,
+    bytes: &[u8],
+    fd: &OwnedFd,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let stream: &UnixStream = write.as_ref();
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [std::io::IoSlice::new(bytes)];
+            let fds = [fd.as_raw_fd()];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+                .map_err(std::io::Error::from)
+        });
+        match sent {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
         }
     }
 }

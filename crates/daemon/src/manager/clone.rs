@@ -282,11 +282,24 @@ impl Manager {
             next.clone(),
         );
         let (src_size, clone_size) = (src.disk_bytes, clone.disk_bytes);
+        // The source's QEMU runs jailed as its own uid, and must be able to write its new top.
+        let src_uid = nix::unistd::geteuid()
+            .is_root()
+            .then(|| nook_vmm::jail::uid_for_slot(src.slot));
         let made = tokio::task::spawn_blocking(move || {
             let layer = layer_store.freeze(&src_disk)?;
             faults::point("clone:frozen");
             nook_storage::disk::create_overlay_on_qcow2(&layer, &next_disk, src_size)?;
             nook_storage::disk::create_overlay_on_qcow2(&layer, &clone_disk, clone_size)?;
+            if let Some(uid) = src_uid {
+                std::os::unix::fs::chown(&next_disk, Some(uid), Some(uid)).map_err(|e| {
+                    nook_storage::StorageError::Io {
+                        action: "give the source its new disk top",
+                        path: next_disk.clone(),
+                        source: e,
+                    }
+                })?;
+            }
             Ok::<_, nook_storage::StorageError>(layer)
         })
         .await;
@@ -326,13 +339,12 @@ impl Manager {
         progress("starting the clone's QEMU");
         let (pid, clone_qmp) = self.launch(clone, image, true, progress).await?;
         self.adopt(clone, clone_qmp.clone(), None);
-        let socket = clone_paths.dir.join("incoming.sock");
         let src_qmp = self.live_qmp(src)?;
         let source_pid = src.pid;
         progress("copying memory");
         let sent = async {
-            fork::listen(&clone_qmp, &socket).await?;
-            fork::send(&src_qmp, &socket, || async {
+            fork::connect(&clone_qmp, &src_qmp).await?;
+            fork::send(&src_qmp, || async {
                 match faults::point("clone:paused") {
                     Fault::KillSourceQemu => kill_qemu(source_pid),
                     Fault::KillCloneQemu => kill_qemu(Some(pid)),
@@ -353,7 +365,6 @@ impl Manager {
             .await
             .map_err(|e| errors::from_vmm("restore the clone", e))?;
         timings.memory_ms = Some(ms(sent.total));
-        let _ = std::fs::remove_file(&socket);
         faults::point("clone:restored");
 
         let ready_started = Instant::now();

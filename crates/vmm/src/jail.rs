@@ -1,0 +1,379 @@
+//! QEMU's jail: a mount namespace that holds only what one VM's QEMU needs, entered as that
+//! VM's own unprivileged uid.
+//!
+//! A device-emulation bug in QEMU then hands an attacker a process that:
+//! - runs as a uid no other process or file on the host uses (`JAIL_UID_BASE + slot`);
+//! - sees a read-only tmpfs root holding `/usr` (read-only), a few device nodes, and this VM's
+//!   own files at their host paths: its disk top read-write, the layers, base image, kernel
+//!   and initrd below it read-only. No other VM's disk, no database, no key exists there;
+//! - cannot create a file anywhere (the VM directory is root's, bound only so its disk top
+//!   can be reached), and has no socket path to connect to: its monitor, agent and console
+//!   sockets and its tap are handed to it already opened;
+//! - then runs under QEMU's own seccomp filter (`-sandbox`), so it cannot exec, fork or
+//!   regain privileges.
+//!
+//! The jail is built in the forked child before `exec`, where only async-signal-safe calls
+//! are allowed: every path is turned into a `CString` beforehand ([`Jail::prepare`]) and the
+//! child only makes system calls ([`Prepared::enter`]). Those calls are why this module may
+//! use `unsafe`.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// First uid (and gid) of the range VMs' QEMUs run as: `0x6e6b0000` ("nk"), far above the
+/// ranges distributions hand to users and subordinate ids. The VM's network slot is added.
+pub const JAIL_UID_BASE: u32 = 0x6e6b_0000;
+
+/// The uid (and gid) the QEMU of the VM in network `slot` runs as.
+pub fn uid_for_slot(slot: u32) -> u32 {
+    JAIL_UID_BASE + slot
+}
+
+/// What one VM's QEMU may see, and who it runs as.
+#[derive(Debug, Clone)]
+pub struct Jail {
+    pub uid: u32,
+    /// Supplementary groups, e.g. the owner group of `/dev/kvm`.
+    pub groups: Vec<u32>,
+    /// An empty directory the jail's root is mounted on (in the child's namespace only, so
+    /// every jail can use the same one).
+    pub root: PathBuf,
+    /// Files bound read-only at their own path: kernel, initrd, base image, layers.
+    pub read_only: Vec<PathBuf>,
+    /// Bound read-write at their own path: the VM's directory. It is root's and QEMU's uid
+    /// cannot write to it, only to the disk top in it that it owns, and to a new top the
+    /// daemon makes there later to move the running disk onto.
+    pub writable: Vec<PathBuf>,
+    /// Device nodes beyond the harmless ones every jail gets (`/dev/kvm` under KVM).
+    pub devices: Vec<PathBuf>,
+}
+
+/// Host directories QEMU loads code and firmware from, bound read-only (or recreated as the
+/// symlinks they are on a merged-/usr system).
+const SYSTEM_DIRS: [&str; 5] = ["/usr", "/lib", "/lib64", "/bin", "/sbin"];
+/// The dynamic loader's cache: without it, libraries under `/usr/lib/<triplet>` are not found.
+const SYSTEM_FILES: [&str; 1] = ["/etc/ld.so.cache"];
+/// Device nodes glib and QEMU open on their own.
+const BASE_DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"];
+
+/// One thing the child does, with every path already a C string.
+#[derive(Debug)]
+enum Step {
+    Mkdir(CString),
+    Touch(CString),
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    Bind {
+        src: CString,
+        dst: CString,
+        read_only: bool,
+    },
+}
+
+/// A jail turned into system calls, ready for [`Prepared::enter`] in the child.
+#[derive(Debug)]
+pub struct Prepared {
+    root: CString,
+    steps: Vec<Step>,
+    uid: u32,
+    groups: Vec<libc::gid_t>,
+}
+
+/// Errors from the child encode the step that failed: `STEP_CODE + step * 1000 + errno`, so
+/// the parent can say which bind failed although the child cannot allocate a message.
+const STEP_CODE: i32 = 100_000;
+
+impl Jail {
+    /// Works out every directory, file and mount of the jail. Fails only on a path with a NUL
+    /// byte or a system directory that cannot be read.
+    pub fn prepare(&self) -> std::io::Result<Prepared> {
+        let inside = |path: &Path| -> std::io::Result<CString> {
+            let rel = path.strip_prefix("/").unwrap_or(path);
+            cstring(&self.root.join(rel))
+        };
+        let mut steps = Vec::new();
+        let mut made: Vec<PathBuf> = Vec::new();
+        let mut mkdirs = |path: &Path, steps: &mut Vec<Step>| -> std::io::Result<()> {
+            let mut wanted: Vec<&Path> =
+                path.ancestors().filter(|a| *a != Path::new("/")).collect();
+            wanted.reverse();
+            for dir in wanted {
+                if !made.iter().any(|m| m == dir) {
+                    made.push(dir.to_path_buf());
+                    steps.push(Step::Mkdir(inside(dir)?));
+                }
+            }
+            Ok(())
+        };
+        for dir in SYSTEM_DIRS.map(Path::new) {
+            match std::fs::symlink_metadata(dir) {
+                Ok(meta) if meta.file_type().is_symlink() => steps.push(Step::Symlink {
+                    target: cstring(&std::fs::read_link(dir)?)?,
+                    link: inside(dir)?,
+                }),
+                Ok(meta) if meta.is_dir() => {
+                    mkdirs(dir, &mut steps)?;
+                    steps.push(Step::Bind {
+                        src: cstring(dir)?,
+                        dst: inside(dir)?,
+                        read_only: true,
+                    });
+                }
+                _ => {}
+            }
+        }
+        let mut files: Vec<(&Path, bool)> = Vec::new();
+        files.extend(SYSTEM_FILES.iter().map(|f| (Path::new(*f), true)));
+        // Device nodes are bound writable: a read-only mount refuses even writes to /dev/null.
+        files.extend(BASE_DEVICES.iter().map(|d| (Path::new(*d), false)));
+        files.extend(self.devices.iter().map(|d| (d.as_path(), false)));
+        files.extend(self.read_only.iter().map(|f| (f.as_path(), true)));
+        files.extend(self.writable.iter().map(|f| (f.as_path(), false)));
+        for (file, read_only) in files {
+            if !file.exists() && SYSTEM_FILES.iter().any(|s| Path::new(s) == file) {
+                continue;
+            }
+            if file.is_dir() {
+                mkdirs(file, &mut steps)?;
+            } else {
+                if let Some(parent) = file.parent() {
+                    mkdirs(parent, &mut steps)?;
+                }
+                steps.push(Step::Touch(inside(file)?));
+            }
+            steps.push(Step::Bind {
+                src: cstring(file)?,
+                dst: inside(file)?,
+                read_only,
+            });
+        }
+        Ok(Prepared {
+            root: cstring(&self.root)?,
+            steps,
+            uid: self.uid,
+            groups: self.groups.clone(),
+        })
+    }
+}
+
+fn cstring(path: &Path) -> std::io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("path {} holds a NUL byte", path.display()),
+        )
+    })
+}
+
+impl Prepared {
+    /// Builds the jail and drops into it as its uid. Call only in a forked child before
+    /// `exec` (`CommandExt::pre_exec`): it changes the calling process's namespace, root and
+    /// identity for good.
+    ///
+    /// # Safety
+    /// Only async-signal-safe system calls are made, on memory prepared before the fork.
+    pub unsafe fn enter(&self) -> std::io::Result<()> {
+        // Step numbers in errors: 0 namespace, 1 root mount, 2.. the steps, then the rest.
+        let fail = |step: usize| {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            std::io::Error::from_raw_os_error(STEP_CODE + step as i32 * 1000 + errno.min(999))
+        };
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY: plain system calls on NUL-terminated strings owned by `self`.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(fail(0));
+            }
+            // Nothing mounted from here on may propagate back to the host.
+            if libc::mount(
+                null,
+                c"/".as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(fail(0));
+            }
+            if libc::mount(
+                c"tmpfs".as_ptr(),
+                self.root.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID,
+                c"mode=0755,size=64k".as_ptr().cast(),
+            ) != 0
+            {
+                return Err(fail(1));
+            }
+            // The daemon's umask (077) would make the jail's directories closed to its uid.
+            libc::umask(0o022);
+            for (i, step) in self.steps.iter().enumerate() {
+                let ok = match step {
+                    Step::Mkdir(dir) => libc::mkdir(dir.as_ptr(), 0o755) == 0,
+                    Step::Touch(file) => {
+                        let fd = libc::open(
+                            file.as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o600,
+                        );
+                        fd >= 0 && libc::close(fd) == 0
+                    }
+                    Step::Symlink { target, link } => {
+                        libc::symlink(target.as_ptr(), link.as_ptr()) == 0
+                    }
+                    Step::Bind {
+                        src,
+                        dst,
+                        read_only,
+                    } => {
+                        libc::mount(
+                            src.as_ptr(),
+                            dst.as_ptr(),
+                            null,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ) == 0
+                            && libc::mount(
+                                null,
+                                dst.as_ptr(),
+                                null,
+                                libc::MS_BIND
+                                    | libc::MS_REMOUNT
+                                    | libc::MS_NOSUID
+                                    | if *read_only {
+                                        libc::MS_RDONLY | libc::MS_NODEV
+                                    } else {
+                                        0
+                                    },
+                                std::ptr::null(),
+                            ) == 0
+                    }
+                };
+                if !ok {
+                    return Err(fail(2 + i));
+                }
+            }
+            let last = 2 + self.steps.len();
+            // The root itself becomes read-only: QEMU can create no file anywhere.
+            if libc::mount(
+                null,
+                self.root.as_ptr(),
+                null,
+                libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(fail(last));
+            }
+            if libc::chdir(self.root.as_ptr()) != 0
+                || libc::chroot(c".".as_ptr()) != 0
+                || libc::chdir(c"/".as_ptr()) != 0
+            {
+                return Err(fail(last + 1));
+            }
+            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
+                || libc::setresgid(self.uid, self.uid, self.uid) != 0
+                || libc::setresuid(self.uid, self.uid, self.uid) != 0
+            {
+                return Err(fail(last + 2));
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(fail(last + 3));
+            }
+        }
+        Ok(())
+    }
+
+    /// What a failure from [`Prepared::enter`] was about, in words.
+    pub fn explain(&self, err: &std::io::Error) -> String {
+        let Some(code) = err.raw_os_error().filter(|c| *c >= STEP_CODE) else {
+            return err.to_string();
+        };
+        let (step, errno) = ((code - STEP_CODE) / 1000, (code - STEP_CODE) % 1000);
+        let os = std::io::Error::from_raw_os_error(errno);
+        let last = 2 + self.steps.len();
+        let what = match step as usize {
+            0 => "make a mount namespace".to_string(),
+            1 => format!("mount the jail's root on {}", self.root.to_string_lossy()),
+            s if s < last => match &self.steps[s - 2] {
+                Step::Mkdir(d) => format!("make {}", d.to_string_lossy()),
+                Step::Touch(f) => format!("make {}", f.to_string_lossy()),
+                Step::Symlink { link, .. } => format!("link {}", link.to_string_lossy()),
+                Step::Bind { src, .. } => format!("bind {}", src.to_string_lossy()),
+            },
+            s if s == last => "make the jail's root read-only".into(),
+            s if s == last + 1 => "enter the jail's root".into(),
+            s if s == last + 2 => format!("become uid {}", self.uid),
+            _ => "forbid new privileges".into(),
+        };
+        format!("cannot {what} for QEMU's jail: {os}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_gets_its_parents_once_and_a_bind_at_its_own_path() {
+        let jail = Jail {
+            uid: uid_for_slot(3),
+            groups: vec![],
+            root: "/j".into(),
+            read_only: vec!["/d/img/kernel".into(), "/d/img/base.qcow2".into()],
+            writable: vec!["/d/vms/a/disk.qcow2".into()],
+            devices: vec![],
+        };
+        let p = jail.prepare().expect("prepare");
+        let dirs: Vec<_> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Mkdir(d) => Some(d.to_string_lossy().to_string()),
+                _ => None,
+            })
+            .collect();
+        for d in ["/j/d", "/j/d/img", "/j/d/vms", "/j/d/vms/a", "/j/dev"] {
+            assert_eq!(
+                dirs.iter().filter(|x| *x == d).count(),
+                1,
+                "{d} in {dirs:?}"
+            );
+        }
+        let binds: Vec<_> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Bind {
+                    src,
+                    dst,
+                    read_only,
+                } => Some((
+                    src.to_string_lossy().to_string(),
+                    dst.to_string_lossy().to_string(),
+                    *read_only,
+                )),
+                _ => None,
+            })
+            .collect();
+        assert!(binds.contains(&(
+            "/d/vms/a/disk.qcow2".into(),
+            "/j/d/vms/a/disk.qcow2".into(),
+            false
+        )));
+        assert!(binds.contains(&("/d/img/kernel".into(), "/j/d/img/kernel".into(), true)));
+        assert!(binds.contains(&("/dev/null".into(), "/j/dev/null".into(), false)));
+        assert_eq!(p.uid, JAIL_UID_BASE + 3);
+        // A failure names its step.
+        let err = std::io::Error::from_raw_os_error(STEP_CODE + 1000 + libc::EPERM);
+        assert!(
+            p.explain(&err).contains("mount the jail's root on /j"),
+            "{}",
+            p.explain(&err)
+        );
+    }
+}
