@@ -49,6 +49,9 @@ impl LobbyOutput for Io {
     fn tty(&self) -> bool {
         self.0.tty()
     }
+    fn writable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.0.writable())
+    }
 }
 
 /// Only `new --setup-script -` reads stdin; nothing else may block waiting for it.

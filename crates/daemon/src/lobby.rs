@@ -24,6 +24,10 @@ pub trait LobbyOutput: Send + Sync {
     fn out(&self, bytes: &[u8]);
     fn err(&self, bytes: &[u8]);
     fn tty(&self) -> bool;
+    /// Resolves once the client has taken enough of what was written to take more. A
+    /// command relaying a stream from a guest awaits it before each write, so a client that
+    /// stops reading stops the stream (and the guest) instead of growing the daemon.
+    fn writable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
 }
 
 #[derive(Debug, Clone)]
@@ -774,6 +778,7 @@ async fn new_vm(
             )
             .await?;
         while let Some(msg) = p.next().await {
+            io.writable().await;
             match msg {
                 // The script's output is for the user, but stdout stays clean for --json.
                 GuestMsg::Output {

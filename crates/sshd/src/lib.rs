@@ -190,6 +190,54 @@ pub enum LobbyOutput {
 
 /// Stdin bytes buffered for a lobby command beyond this are discarded.
 const STDIN_BUDGET: usize = 4 << 20;
+/// Output queued for a client beyond this makes a command that relays a stream wait
+/// ([`LobbyIo::writable`]): a client that stops reading then stops the stream instead of
+/// growing the daemon's memory.
+pub const OUTPUT_BUDGET: usize = 256 << 10;
+
+/// How much output is queued and not yet taken by the session, and a wake-up for a command
+/// waiting for it to shrink.
+#[derive(Debug, Default)]
+struct Backlog {
+    bytes: AtomicUsize,
+    /// Set when the session stops taking output: nothing waits on it any more.
+    gone: AtomicBool,
+    drained: tokio::sync::Notify,
+}
+
+/// The session's end of a [`LobbyIo`]'s output, which keeps its backlog count.
+#[derive(Debug)]
+pub struct OutputQueue {
+    rx: mpsc::UnboundedReceiver<LobbyOutput>,
+    backlog: Arc<Backlog>,
+}
+
+impl OutputQueue {
+    pub async fn recv(&mut self) -> Option<LobbyOutput> {
+        let output = self.rx.recv().await?;
+        self.taken(&output);
+        Some(output)
+    }
+
+    pub fn try_recv(&mut self) -> Option<LobbyOutput> {
+        let output = self.rx.try_recv().ok()?;
+        self.taken(&output);
+        Some(output)
+    }
+
+    fn taken(&self, output: &LobbyOutput) {
+        let (LobbyOutput::Out(bytes) | LobbyOutput::Err(bytes)) = output;
+        self.backlog.bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+        self.backlog.drained.notify_waiters();
+    }
+}
+
+impl Drop for OutputQueue {
+    fn drop(&mut self) {
+        self.backlog.gone.store(true, Ordering::Relaxed);
+        self.backlog.drained.notify_waiters();
+    }
+}
 
 #[derive(Debug)]
 struct Stdin {
@@ -210,12 +258,14 @@ pub struct StdinTooLong {
 /// The terminal side of one lobby command.
 ///
 /// Writes never block: output is queued and sent to the SSH channel (under
-/// SSH flow control) by the session. Clones share the same streams.
+/// SSH flow control) by the session. A command that relays a stream of any length awaits
+/// [`LobbyIo::writable`] between writes, which bounds the queue. Clones share the same streams.
 #[derive(Debug, Clone)]
 pub struct LobbyIo {
     tty: bool,
     width: Arc<AtomicU16>,
     tx: mpsc::UnboundedSender<LobbyOutput>,
+    backlog: Arc<Backlog>,
     stdin: Option<Arc<Stdin>>,
 }
 
@@ -245,29 +295,20 @@ impl StdinWriter {
 }
 
 impl LobbyIo {
-    /// A `LobbyIo` whose output is read from the returned receiver and whose
+    /// A `LobbyIo` whose output is read from the returned queue and whose
     /// stdin is empty. For running lobby commands outside SSH (tests, the HTTP API).
-    pub fn channel(tty: bool, width: u16) -> (Self, mpsc::UnboundedReceiver<LobbyOutput>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let io = Self {
-            tty,
-            width: Arc::new(AtomicU16::new(width)),
-            tx,
-            stdin: None,
-        };
-        (io, rx)
+    pub fn channel(tty: bool, width: u16) -> (Self, OutputQueue) {
+        let (io, queue, _) = Self::for_session(tty, Arc::new(AtomicU16::new(width)), false);
+        (io, queue)
     }
 
     pub(crate) fn for_session(
         tty: bool,
         width: Arc<AtomicU16>,
         with_stdin: bool,
-    ) -> (
-        Self,
-        mpsc::UnboundedReceiver<LobbyOutput>,
-        Option<StdinWriter>,
-    ) {
+    ) -> (Self, OutputQueue, Option<StdinWriter>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
         let (stdin, writer) = if with_stdin {
             let (stx, srx) = mpsc::unbounded_channel();
             let queued = Arc::new(AtomicUsize::new(0));
@@ -291,9 +332,10 @@ impl LobbyIo {
                 tty,
                 width,
                 tx,
+                backlog: backlog.clone(),
                 stdin,
             },
-            rx,
+            OutputQueue { rx, backlog },
             writer,
         )
     }
@@ -310,15 +352,39 @@ impl LobbyIo {
 
     /// Writes to stdout. With a tty, `\n` is sent as `\r\n`.
     pub fn out(&self, bytes: &[u8]) {
-        if !bytes.is_empty() {
-            let _ = self.tx.send(LobbyOutput::Out(bytes.to_vec()));
-        }
+        self.queue(LobbyOutput::Out(bytes.to_vec()));
     }
 
     /// Writes to stderr. With a tty, `\n` is sent as `\r\n`.
     pub fn err(&self, bytes: &[u8]) {
-        if !bytes.is_empty() {
-            let _ = self.tx.send(LobbyOutput::Err(bytes.to_vec()));
+        self.queue(LobbyOutput::Err(bytes.to_vec()));
+    }
+
+    fn queue(&self, output: LobbyOutput) {
+        let (LobbyOutput::Out(bytes) | LobbyOutput::Err(bytes)) = &output;
+        let len = bytes.len();
+        if len == 0 {
+            return;
+        }
+        // Counted before it is sent, so the session's subtraction never comes first.
+        self.backlog.bytes.fetch_add(len, Ordering::Relaxed);
+        if self.tx.send(output).is_err() {
+            self.backlog.bytes.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves once less than [`OUTPUT_BUDGET`] bytes wait for the client (or the client is
+    /// gone). A command relaying a stream awaits it before each write.
+    pub async fn writable(&self) {
+        loop {
+            // Made before the check, so a drain between the check and the wait is not missed.
+            let drained = self.backlog.drained.notified();
+            if self.backlog.gone.load(Ordering::Relaxed)
+                || self.backlog.bytes.load(Ordering::Relaxed) < OUTPUT_BUDGET
+            {
+                return;
+            }
+            drained.await;
         }
     }
 

@@ -232,7 +232,7 @@ async fn run_command<B: Backend>(
                 }
             }
             status = &mut fut => {
-                while let Ok(output) = out_rx.try_recv() {
+                while let Some(output) = out_rx.try_recv() {
                     if !emit(w, term, &output).await {
                         return Outcome::Closed;
                     }
