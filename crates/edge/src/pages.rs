@@ -276,6 +276,36 @@ If someone sent it to you, close this page: it would sign you in to their accoun
     html(StatusCode::OK, "Sign in to nook", &body)
 }
 
+/// Asked before a signed-in user is handed on to a VM on which they have no role (a public
+/// VM, or one they were lured to): another account's site, which should not get a session
+/// for them without their say.
+pub(crate) fn handoff_confirm_page<B: From<Bytes>>(
+    site: &str,
+    email: &str,
+    next: &str,
+    state: Option<&str>,
+) -> Response<B> {
+    let state = state
+        .map(|s| {
+            format!(
+                "<input type=\"hidden\" name=\"state\" value=\"{}\">",
+                escape(s)
+            )
+        })
+        .unwrap_or_default();
+    let body = format!(
+        "<h1>Continue to {site}?</h1><p>You are signed in to nook as {email}. \
+You have no role on <b>{site}</b>: another account runs it, and nook tells it who you are \
+only once its owner shares it with you. Continue only if you meant to open it.</p>\
+<form method=\"post\" action=\"/__nook/continue\"><input type=\"hidden\" name=\"next\" value=\"{}\">{state}\
+<button id=\"continue\">Continue to {site}</button></form><p><a href=\"/\">Back to your dashboard</a></p>",
+        escape(next),
+        site = escape(site),
+        email = escape(email),
+    );
+    html(StatusCode::OK, "Continue?", &body)
+}
+
 pub(crate) fn email_sent_page<B: From<Bytes>>() -> Response<B> {
     html(
         StatusCode::OK,

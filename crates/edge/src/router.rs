@@ -325,6 +325,22 @@ impl<B: EdgeBackend> Inner<B> {
                 let (next, state) = login_next(&req, field("next"), field("state"));
                 self.redeem_login(&req, host, &token, next, state).await
             }
+            // The click on [`pages::handoff_confirm_page`]: a same-origin POST (checked above).
+            "/__nook/continue" if method == Method::POST => {
+                let (parts, body) = req.into_parts();
+                let form = read_form(body).await?;
+                let req = Request::from_parts(parts, ());
+                let field = |name: &str| {
+                    form_urlencoded::parse(&form)
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.into_owned())
+                };
+                let Some(user) = self.session_user(&req, &host.name).await? else {
+                    return Ok(redirect("/"));
+                };
+                let state = field("state").filter(|s| auth::is_state(s));
+                Ok(self.hand_over(field("next").as_deref(), state.as_deref(), &user))
+            }
             "/__nook/email" if method == Method::POST && self.mailer.is_some() => {
                 self.email_login(req, conn).await
             }
@@ -334,7 +350,9 @@ impl<B: EdgeBackend> Inner<B> {
                 }
                 Ok(self.with_cookie(redirect("/"), auth::clear_cookie(SESSION_COOKIE)))
             }
-            "/" | "/__nook/login" | "/__nook/logout" => Err(Failure::Page(Page::MethodNotAllowed)),
+            "/" | "/__nook/login" | "/__nook/logout" | "/__nook/continue" => {
+                Err(Failure::Page(Page::MethodNotAllowed))
+            }
             _ => Err(Failure::Page(Page::NotFound)),
         }
     }
@@ -367,7 +385,9 @@ impl<B: EdgeBackend> Inner<B> {
         }
         let (next, state) = login_next(&req, query_next, query_state);
         if let Some(user) = self.session_user(&req, &host.name).await? {
-            return Ok(self.continue_to(next.as_deref(), state.as_deref(), &user));
+            return self
+                .continue_to(next.as_deref(), state.as_deref(), &user)
+                .await;
         }
         let next = next.filter(|n| vm_next(n, &self.config.domain).is_some());
         let resp = pages::login_page(
@@ -409,14 +429,39 @@ impl<B: EdgeBackend> Inner<B> {
             }));
         }
         let cookie = self.new_session_cookie(&user.id, &host.name).await?;
-        let resp = self.continue_to(next.as_deref(), state.as_deref(), &user);
+        let resp = self
+            .continue_to(next.as_deref(), state.as_deref(), &user)
+            .await?;
         let resp = self.with_cookie(resp, cookie);
         Ok(self.with_cookie(resp, auth::clear_cookie(NEXT_COOKIE)))
     }
 
+    /// Sends a signed-in user on to `next`, as [`Self::hand_over`] does, but first asks with a
+    /// click when `next` is a public VM on which they have no role, such as one a link lured
+    /// them to: its owner gets no session for them unless they meant to go.
+    async fn continue_to(
+        &self,
+        next: Option<&str>,
+        state: Option<&str>,
+        user: &User,
+    ) -> Result<Resp, Failure> {
+        if let Some(n) = next
+            && let Some((_, vm_host, _)) = vm_next(n, &self.config.domain)
+            && let Site::Vm(name) = host::site(&vm_host, &self.config.domain)
+            && let Some(vm) = self.backend.vm(&name).await?
+            // Only a public VM: a private one the user has no role on answers as a missing
+            // one after the handoff, and asking here would tell the two apart.
+            && vm.public
+            && self.backend.access(&user.id, &vm.id).await? == Access::None
+        {
+            return Ok(pages::handoff_confirm_page(&vm_host, &user.email, n, state));
+        }
+        Ok(self.hand_over(next, state, user))
+    }
+
     /// Sends a signed-in user on to `next`: through a handoff when it is a VM URL (each VM host
     /// gets its own cookie), else to the dashboard.
-    fn continue_to(&self, next: Option<&str>, state: Option<&str>, user: &User) -> Resp {
+    fn hand_over(&self, next: Option<&str>, state: Option<&str>, user: &User) -> Resp {
         match next.and_then(|n| vm_next(n, &self.config.domain)) {
             Some((authority, vm_host, path)) => {
                 let code = self.handoffs.issue(&user.id, &vm_host, state);

@@ -676,3 +676,84 @@ async fn attack_revoked_viewer_keeps_an_open_websocket() {
         "a WebSocket with access was closed"
     );
 }
+
+/// A silent handoff: Mallory lures Ann, signed in to the dashboard, to
+/// `/__nook/login?next=https://pub.DOMAIN/` for her public VM. Ann has no role there, so she
+/// gets a question naming the site instead of a session on Mallory's host; only her own click
+/// (a same-origin POST) hands her on, and another site cannot press it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_lure_to_a_public_vm_asks_before_the_handoff() {
+    let h = Harness::start().await;
+    let up = start_upstream().await;
+    h.backend.add_user("u1", "ann@example.com");
+    h.backend.add_user("u2", "mallory@example.com");
+    h.backend.add_vm("pub", up, true);
+    h.backend.grant("u2", "pub", Access::Owner);
+    h.backend.add_vm("mine", up, false);
+    h.backend.grant("u1", "mine", Access::Owner);
+    let ann = h.backend.session_for("u1", "nook.localhost");
+    let lure = |vm: &str| {
+        h.url(
+            "nook.localhost",
+            &format!(
+                "/__nook/login?next={}",
+                enc(&h.url(&format!("{vm}.nook.localhost"), "/"))
+            ),
+        )
+    };
+
+    let r = h.curl().html().session(&ann).get(&lure("pub")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.header("location").is_none(), "{r:?}");
+    assert!(
+        r.body.contains("Continue to pub.nook.localhost?"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("action=\"/__nook/continue\""), "{}", r.body);
+    let next = h.url("pub.nook.localhost", "/");
+
+    // Another site (Mallory's VM itself) cannot press the button.
+    let r = h
+        .curl()
+        .session(&ann)
+        .header(&format!("Origin: https://pub.nook.localhost:{}", h.port))
+        .arg("--data-urlencode")
+        .arg(format!("next={next}"))
+        .get(&h.url("nook.localhost", "/__nook/continue"))
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+
+    // Ann's own click hands her on.
+    let r = h
+        .curl()
+        .session(&ann)
+        .header(&format!("Origin: https://nook.localhost:{}", h.port))
+        .arg("--data-urlencode")
+        .arg(format!("next={next}"))
+        .get(&h.url("nook.localhost", "/__nook/continue"))
+        .await;
+    assert_eq!(r.status, 302, "{r:?}");
+    assert!(
+        r.header("location").unwrap().contains("pub.nook.localhost")
+            && r.header("location")
+                .unwrap()
+                .contains("/__nook/handoff?code="),
+        "{r:?}"
+    );
+
+    // Her own VM needs no click; nor does a private VM she has no role on, which must answer
+    // exactly as a missing one does (after the handoff), not with a question that names it.
+    h.backend.add_vm("secret", up, false);
+    h.backend.grant("u2", "secret", Access::Owner);
+    for vm in ["mine", "secret", "nosuchvm"] {
+        let r = h.curl().session(&ann).get(&lure(vm)).await;
+        assert_eq!(r.status, 302, "{vm}: {r:?}");
+        assert!(
+            r.header("location")
+                .unwrap()
+                .contains("/__nook/handoff?code="),
+            "{vm}: {r:?}"
+        );
+    }
+}
