@@ -4,7 +4,7 @@ use instant_acme::{
     Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
     RetryPolicy,
 };
-use nook_dns::Zone;
+use nook_dns::{Zone, Zones};
 
 use crate::{AcmeConfig, AcmeError, Certificate, state};
 
@@ -23,7 +23,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(6 * 3600);
 /// The stored certificate if it is still good for a while (see
 /// [`Certificate::renew_at`]), names `DOMAIN` and `*.DOMAIN` and came from
 /// the configured directory URL; otherwise a newly issued one.
-pub async fn load_or_obtain(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeError> {
+pub async fn load_or_obtain(
+    cfg: &AcmeConfig,
+    zones: impl Into<Zones>,
+) -> Result<Certificate, AcmeError> {
     match state::load_matching(cfg) {
         Ok(Some(cert)) if !cert.needs_renewal(SystemTime::now()) => {
             tracing::info!(
@@ -47,15 +50,16 @@ pub async fn load_or_obtain(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate
         }
         Err(e) => return Err(e),
     }
-    obtain(cfg, zone).await
+    obtain(cfg, zones).await
 }
 
 /// Issues a new certificate for `DOMAIN` and `*.DOMAIN` with DNS-01 through
 /// `zone`, stores it in the state directory and returns it.
-pub async fn obtain(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeError> {
+pub async fn obtain(cfg: &AcmeConfig, zones: impl Into<Zones>) -> Result<Certificate, AcmeError> {
+    let zones = zones.into();
     let domain = cfg.domain_normalised();
     let started = Instant::now();
-    let cert = tokio::time::timeout(ISSUE_TIMEOUT, issue(cfg, zone))
+    let cert = tokio::time::timeout(ISSUE_TIMEOUT, issue(cfg, &zones))
         .await
         .map_err(|_| AcmeError::Timeout {
             domain: domain.clone(),
@@ -77,7 +81,12 @@ pub async fn obtain(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeEr
 /// Failed attempts are logged and retried with exponential backoff (1 min
 /// to 6 h) while the old certificate keeps being served. Never returns;
 /// stop it by aborting its task.
-pub async fn renew_loop(cfg: AcmeConfig, zone: Zone, on_new_cert: impl Fn(Certificate)) {
+pub async fn renew_loop(
+    cfg: AcmeConfig,
+    zones: impl Into<Zones>,
+    on_new_cert: impl Fn(Certificate),
+) {
+    let zones = zones.into();
     let mut current = match state::load_matching(&cfg) {
         Ok(Some(cert)) if SystemTime::now() < cert.not_after => {
             tracing::info!(
@@ -106,7 +115,7 @@ pub async fn renew_loop(cfg: AcmeConfig, zone: Zone, on_new_cert: impl Fn(Certif
             }
             sleep_until(renew_at).await;
         }
-        match obtain(&cfg, &zone).await {
+        match obtain(&cfg, &zones).await {
             Ok(cert) => {
                 backoff = BACKOFF_FIRST;
                 on_new_cert(cert.clone());
@@ -159,15 +168,14 @@ impl std::fmt::Display for ErrorChain<'_> {
 
 /// Removes published challenge values however issuance ends (success,
 /// error, or the future being dropped by a timeout).
-struct Published<'a> {
-    zone: &'a Zone,
-    values: Vec<String>,
+struct Published {
+    values: Vec<(Zone, String)>,
 }
 
-impl Drop for Published<'_> {
+impl Drop for Published {
     fn drop(&mut self) {
-        for v in &self.values {
-            self.zone.remove_acme_challenge(v);
+        for (zone, v) in &self.values {
+            zone.remove_acme_challenge(v);
         }
     }
 }
@@ -229,19 +237,25 @@ fn is_unknown_account(e: &instant_acme::Error) -> bool {
         if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist"))
 }
 
-async fn issue(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeError> {
+async fn issue(cfg: &AcmeConfig, zones: &Zones) -> Result<Certificate, AcmeError> {
     let domain = cfg.domain_normalised();
     let order_err = |source| AcmeError::Order {
         domain: domain.clone(),
         source,
     };
-    if zone.domain() != domain {
-        return Err(AcmeError::DomainMismatch {
-            domain,
-            zone: zone.domain(),
-        });
+    for wanted in cfg.domains() {
+        if zones.get(&wanted).is_none() {
+            return Err(AcmeError::DomainMismatch {
+                domain: wanted,
+                zone: zones
+                    .iter()
+                    .map(Zone::domain)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
     }
-    let identifiers = cfg.names().map(Identifier::Dns);
+    let identifiers: Vec<Identifier> = cfg.names().into_iter().map(Identifier::Dns).collect();
     tracing::info!(names = ?cfg.names(), directory = %cfg.directory_url, "requesting certificate");
 
     let mut account = account(cfg, false).await?;
@@ -259,10 +273,7 @@ async fn issue(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeError> 
         r => r.map_err(order_err)?,
     };
 
-    let mut published = Published {
-        zone,
-        values: Vec::new(),
-    };
+    let mut published = Published { values: Vec::new() };
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
         let mut authz = authz.map_err(order_err)?;
@@ -283,8 +294,15 @@ async fn issue(cfg: &AcmeConfig, zone: &Zone) -> Result<Certificate, AcmeError> 
             .challenge(ChallengeType::Dns01)
             .ok_or_else(|| AcmeError::NoDns01 { name: name.clone() })?;
         let value = challenge.key_authorization().dns_value();
+        // `name` and `*.name` are both proven at `_acme-challenge.name`, in name's own zone.
+        let apex = name.strip_prefix("*.").unwrap_or(&name);
+        let zone = zones.get(apex).ok_or_else(|| AcmeError::Challenge {
+            name: name.clone(),
+            domain: domain.clone(),
+            detail: "no zone of nook's holds this name".into(),
+        })?;
         zone.add_acme_challenge(&value)?;
-        published.values.push(value);
+        published.values.push((zone.clone(), value));
         tracing::info!(%name, "published DNS-01 challenge; asking the CA to validate");
         challenge.set_ready().await.map_err(order_err)?;
     }

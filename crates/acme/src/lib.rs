@@ -29,6 +29,7 @@
 //! tokio::spawn(nook_dns::serve(zone.clone(), udp, tcp));
 //!
 //! let cfg = nook_acme::AcmeConfig {
+//!     vm_domain: None,
 //!     directory_url: "https://acme-v02.api.letsencrypt.org/directory".into(),
 //!     contact_email: Some("admin@example.test".into()),
 //!     domain: "nook.example.test".into(),
@@ -67,6 +68,9 @@ pub struct AcmeConfig {
     pub contact_email: Option<String>,
     /// The zone apex nook serves; the certificate covers it and `*.` it.
     pub domain: String,
+    /// The VMs' own domain when it is not `domain` (`--vm-domain`): the certificate covers it
+    /// and `*.` it too, proven through its own zone.
+    pub vm_domain: Option<String>,
     /// Directory for the account key and the issued certificate.
     pub state_dir: PathBuf,
     /// PEM file with the root CA that the ACME server's own HTTPS
@@ -77,10 +81,25 @@ pub struct AcmeConfig {
 }
 
 impl AcmeConfig {
-    /// The names the certificate covers: `DOMAIN` and `*.DOMAIN`.
-    pub fn names(&self) -> [String; 2] {
-        let domain = self.domain_normalised();
-        [domain.clone(), format!("*.{domain}")]
+    /// The names the certificate covers: `DOMAIN` and `*.DOMAIN`, and the same for the VM
+    /// domain when there is one.
+    pub fn names(&self) -> Vec<String> {
+        self.domains()
+            .into_iter()
+            .flat_map(|d| [d.clone(), format!("*.{d}")])
+            .collect()
+    }
+
+    /// Every zone apex the certificate covers names in.
+    pub fn domains(&self) -> Vec<String> {
+        let mut domains = vec![self.domain_normalised()];
+        if let Some(vm) = &self.vm_domain {
+            let vm = vm.trim_end_matches('.').to_ascii_lowercase();
+            if !domains.contains(&vm) {
+                domains.push(vm);
+            }
+        }
+        domains
     }
 
     fn domain_normalised(&self) -> String {

@@ -136,6 +136,7 @@ impl Pebble {
 
     fn config(&self, domain: &str, state_dir: &Path) -> AcmeConfig {
         AcmeConfig {
+            vm_domain: None,
             directory_url: self.directory_url.clone(),
             contact_email: Some("admin@example.test".into()),
             domain: domain.into(),
@@ -178,7 +179,8 @@ impl Pebble {
     }
 }
 
-async fn start_dns(zone: Zone) -> u16 {
+async fn start_dns(zone: impl Into<nook_dns::Zones>) -> u16 {
+    let zone = zone.into();
     for _ in 0..20 {
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let port = udp.local_addr().unwrap().port();
@@ -410,6 +412,7 @@ async fn an_unreachable_ca_is_named() {
     let state = tempfile::tempdir().unwrap();
     let url = format!("https://127.0.0.1:{}/dir", free_port());
     let cfg = AcmeConfig {
+        vm_domain: None,
         directory_url: url.clone(),
         contact_email: None,
         domain: DOMAIN.into(),
@@ -425,6 +428,7 @@ async fn an_unreachable_ca_is_named() {
 async fn a_zone_for_another_domain_is_refused() {
     let state = tempfile::tempdir().unwrap();
     let cfg = AcmeConfig {
+        vm_domain: None,
         directory_url: "https://127.0.0.1:1/dir".into(),
         contact_email: None,
         domain: "other.example.test".into(),
@@ -433,4 +437,48 @@ async fn a_zone_for_another_domain_is_refused() {
     };
     let err = nook_acme::obtain(&cfg, &zone()).await.unwrap_err();
     assert!(matches!(err, AcmeError::DomainMismatch { .. }), "{err:?}");
+}
+
+/// With a VM domain of its own (`--vm-domain`), one certificate covers both sites: each name
+/// is proven in its own zone, served from the same DNS socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pebble_issues_one_certificate_for_the_dashboard_and_the_vm_domain() {
+    init_tracing();
+    const VM_DOMAIN: &str = "nookvm.example.test";
+    let dashboard = zone();
+    let vms = Zone::new(ZoneConfig::new(
+        VM_DOMAIN,
+        Some(Ipv4Addr::new(127, 0, 0, 1)),
+        None,
+    ))
+    .unwrap();
+    let zones = nook_dns::Zones::new(vec![dashboard.clone(), vms.clone()]).unwrap();
+    let dns_port = start_dns(zones.clone()).await;
+    let pebble = Pebble::start(dns_port).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = pebble.config(DOMAIN, state.path());
+    cfg.vm_domain = Some(VM_DOMAIN.into());
+
+    let cert = nook_acme::obtain(&cfg, &zones).await.unwrap();
+    let mut names = cert.names.clone();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            format!("*.{DOMAIN}"),
+            format!("*.{VM_DOMAIN}"),
+            DOMAIN.to_owned(),
+            VM_DOMAIN.to_owned()
+        ]
+    );
+    assert!(dashboard.acme_challenges().is_empty() && vms.acme_challenges().is_empty());
+    let root = pebble.issuing_root().await;
+    handshake(&cert, &root, DOMAIN).await.unwrap();
+    handshake(&cert, &root, &format!("blog.{VM_DOMAIN}"))
+        .await
+        .unwrap();
+
+    // A VM domain nook serves no zone for is refused before anything is ordered.
+    let err = nook_acme::obtain(&cfg, &dashboard).await.unwrap_err();
+    assert!(err.to_string().contains(VM_DOMAIN), "{err}");
 }

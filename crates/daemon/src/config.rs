@@ -37,8 +37,10 @@ pub struct Settings {
     pub ssh_addr: Option<String>,
     /// The host name users type to reach this host, shown in instructions.
     pub public_host: Option<String>,
-    /// The domain VMs are served under: `https://VM.DOMAIN/`.
+    /// The dashboard's domain: `https://DOMAIN/`; VMs are under it too without `vm_domain`.
     pub domain: Option<String>,
+    /// A domain of the VMs' own: `https://VM.VM_DOMAIN/`.
+    pub vm_domain: Option<String>,
     /// The envelope new accounts get: vCPUs, memory, total disk, number of VMs.
     pub plan_cpu: Option<f64>,
     pub plan_memory: Option<String>,
@@ -104,6 +106,7 @@ impl Settings {
             ssh_addr: other.ssh_addr.or(self.ssh_addr),
             public_host: other.public_host.or(self.public_host),
             domain: other.domain.or(self.domain),
+            vm_domain: other.vm_domain.or(self.vm_domain),
             plan_cpu: other.plan_cpu.or(self.plan_cpu),
             plan_memory: other.plan_memory.or(self.plan_memory),
             plan_disk: other.plan_disk.or(self.plan_disk),
@@ -228,7 +231,10 @@ pub struct Config {
     pub log: String,
     pub ssh_addr: Option<std::net::SocketAddr>,
     pub public_host: String,
+    /// The dashboard's domain.
     pub domain: String,
+    /// The domain VMs are one label under: `vm_domain` when set, else `domain`.
+    pub vm_domain: String,
     pub default_plan: nook_store::Plan,
     pub memory_overcommit: f64,
     /// What all accounts together may use on this host.
@@ -346,18 +352,45 @@ impl Config {
                 ConfigError::Invalid("ssh_addr", format!("{addr:?}: use HOST:PORT or off"))
             })?),
         };
-        let domain = s
-            .domain
-            .unwrap_or_else(|| "nook.localhost".into())
-            .to_ascii_lowercase();
-        if domain.is_empty()
-            || domain
-                .split('.')
-                .any(|l| l.is_empty() || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        let domain_name = |setting: &'static str, d: String| {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            if d.is_empty()
+                || d.split('.').any(|l| {
+                    l.is_empty() || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+            {
+                return Err(ConfigError::Invalid(
+                    setting,
+                    format!("{d:?} is not a domain name"),
+                ));
+            }
+            Ok(d)
+        };
+        let domain = domain_name(
+            "domain",
+            s.domain.unwrap_or_else(|| "nook.localhost".into()),
+        )?;
+        let vm_domain = match s.vm_domain {
+            Some(v) => domain_name("vm_domain", v)?,
+            // Names under .localhost cost nothing and reach this machine from any browser, so
+            // the local default gives VMs a site of their own (`nook-vm.localhost`). A real
+            // domain's owner must name a second domain they own: until then VMs share it.
+            None => match domain.strip_suffix(".localhost") {
+                Some(first) if !first.contains('.') => format!("{first}-vm.localhost"),
+                _ => domain.clone(),
+            },
+        };
+        if vm_domain != domain
+            && (vm_domain.ends_with(&format!(".{domain}"))
+                || domain.ends_with(&format!(".{vm_domain}")))
         {
             return Err(ConfigError::Invalid(
-                "domain",
-                format!("{domain:?} is not a domain name"),
+                "vm_domain",
+                format!(
+                    "{vm_domain:?} lies inside {domain:?} (or the other way round), so VMs would share the dashboard's site: use a domain of its own, e.g. {domain} and {}-vms.{}",
+                    domain.split('.').next().unwrap_or("nook"),
+                    domain.split_once('.').map_or("example", |(_, rest)| rest)
+                ),
             ));
         }
         let size =
@@ -543,6 +576,7 @@ impl Config {
             ssh_addr,
             public_host: s.public_host.unwrap_or_else(|| "localhost".into()),
             domain,
+            vm_domain,
             data_dir,
             images_dir,
             qemu: s.qemu,
@@ -573,10 +607,11 @@ impl Config {
         self.data_dir.join("vms")
     }
 
-    /// `https://[NAME.]DOMAIN[:PORT]`, as users reach the edge.
+    /// `https://DOMAIN[:PORT]` (the dashboard) or `https://NAME.VM_DOMAIN[:PORT]` (a VM), as
+    /// users reach the edge.
     pub fn web_origin(&self, name: Option<&str>) -> String {
         let host = match name {
-            Some(n) => format!("{n}.{}", self.domain),
+            Some(n) => format!("{n}.{}", self.vm_domain),
             None => self.domain.clone(),
         };
         match self.web.https_addr.map(|a| a.port()) {
@@ -669,5 +704,45 @@ mod tests {
             err.contains("egress_block") && err.contains("\"10.1.2.3/8\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn vms_get_a_domain_of_their_own_and_one_inside_the_dashboards_is_refused() {
+        let domains = |domain: Option<&str>, vm: Option<&str>| {
+            Config::validate(Settings {
+                domain: domain.map(str::to_string),
+                vm_domain: vm.map(str::to_string),
+                ..Settings::default()
+            })
+            .map(|c| (c.domain, c.vm_domain))
+        };
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            domains(None, None).expect("defaults"),
+            pair("nook.localhost", "nook-vm.localhost")
+        );
+        assert_eq!(
+            domains(Some("Nook.Example.com."), Some("nook-vms.example.net")).expect("two"),
+            pair("nook.example.com", "nook-vms.example.net")
+        );
+        // A real domain without a second one: VMs share it (the daemon warns at start).
+        assert_eq!(
+            domains(Some("nook.example.com"), None).expect("one"),
+            pair("nook.example.com", "nook.example.com")
+        );
+        for (d, vm) in [
+            ("example.com", "vms.example.com"),
+            ("a.example.com", "example.com"),
+        ] {
+            let err = domains(Some(d), Some(vm)).expect_err(vm).to_string();
+            assert!(
+                err.contains("vm_domain") && err.contains("share the dashboard's site"),
+                "{err}"
+            );
+        }
+        let err = domains(None, Some("bad domain"))
+            .expect_err("bad")
+            .to_string();
+        assert!(err.contains("vm_domain"), "{err}");
     }
 }

@@ -390,16 +390,24 @@ pub async fn start(manager: &Arc<Manager>) -> Result<(), crate::ServeError> {
         return Ok(());
     };
     let domain = cfg.domain.clone();
+    let vm_domain = (cfg.vm_domain != domain).then(|| cfg.vm_domain.clone());
+    if vm_domain.is_none() {
+        tracing::warn!(
+            domain,
+            "VMs are served under the dashboard's own domain, so every VM is the same site as the dashboard and as each other: set --vm-domain to a domain of their own"
+        );
+    }
     let ca_dir = cfg.ca_dir();
-    let ca_domain = domain.clone();
+    let ca_domains = [domain.clone(), cfg.vm_domain.clone()];
     let ca = tokio::task::spawn_blocking(move || {
-        nook_edge::LocalCa::load_or_create(&ca_dir, &ca_domain)
+        nook_edge::LocalCa::load_or_create(&ca_dir, &[&ca_domains[0], &ca_domains[1]])
     })
     .await
     .map_err(|e| ServeError::Web(e.to_string()))?
     .map_err(|e| ServeError::Web(format!("the local CA in {}: {e}", cfg.ca_dir().display())))?;
     let edge_cfg = nook_edge::EdgeConfig {
         domain: domain.clone(),
+        vm_domain: vm_domain.clone(),
         public_port: https_addr.port(),
         ssh_login_hint: format!("{} browser", cfg.ssh_command(None)),
         smtp: web.smtp.clone(),
@@ -444,8 +452,15 @@ pub async fn start(manager: &Arc<Manager>) -> Result<(), crate::ServeError> {
         IpAddr::V4(ip) => (Some(ip), None),
         IpAddr::V6(ip) => (None, Some(ip)),
     };
-    let zone = nook_dns::Zone::new(nook_dns::ZoneConfig::new(domain.clone(), v4, v6))
-        .map_err(|e| ServeError::Web(format!("the DNS zone for {domain}: {e}")))?;
+    let zone_for = |d: &String| {
+        nook_dns::Zone::new(nook_dns::ZoneConfig::new(d.clone(), v4, v6))
+            .map_err(|e| ServeError::Web(format!("the DNS zone for {d}: {e}")))
+    };
+    let mut zones = vec![zone_for(&domain)?];
+    if let Some(vm) = &vm_domain {
+        zones.push(zone_for(vm)?);
+    }
+    let zone = nook_dns::Zones::new(zones).map_err(|e| ServeError::Web(e.to_string()))?;
     let udp = tokio::net::UdpSocket::bind(dns_addr)
         .await
         .map_err(|e| ServeError::Listen(format!("{dns_addr} (udp)"), e))?;
@@ -459,6 +474,7 @@ pub async fn start(manager: &Arc<Manager>) -> Result<(), crate::ServeError> {
             directory_url: acme.directory.clone(),
             contact_email: acme.email.clone(),
             domain: domain.clone(),
+            vm_domain: vm_domain.clone(),
             state_dir: cfg.acme_dir(),
             extra_root_ca_pem: acme.root_ca.clone(),
         };

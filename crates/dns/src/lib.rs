@@ -24,7 +24,7 @@ mod zone;
 
 pub use ratelimit::RateLimit;
 pub use server::{Limits, serve, serve_tcp, serve_udp, serve_with};
-pub use zone::{ACME_CHALLENGE_LABEL, Transport, Zone, ZoneConfig};
+pub use zone::{ACME_CHALLENGE_LABEL, Transport, Zone, ZoneConfig, Zones};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {

@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
 use crate::ratelimit::{RateLimit, RateLimiter, Verdict};
-use crate::{DnsError, Transport, Zone};
+use crate::{DnsError, Transport, Zones};
 
 /// Bigger than any sane query; a larger datagram is cut and then fails to
 /// parse, which is what it deserves.
@@ -52,17 +52,22 @@ impl Default for Limits {
 
 /// Serves `zone` on both sockets until one of them fails, within
 /// [`Limits::default`].
-pub async fn serve(zone: Zone, udp: UdpSocket, tcp: TcpListener) -> Result<(), DnsError> {
-    serve_with(zone, udp, tcp, Limits::default()).await
+pub async fn serve(
+    zones: impl Into<Zones>,
+    udp: UdpSocket,
+    tcp: TcpListener,
+) -> Result<(), DnsError> {
+    serve_with(zones, udp, tcp, Limits::default()).await
 }
 
 /// [`serve`] within other limits.
 pub async fn serve_with(
-    zone: Zone,
+    zones: impl Into<Zones>,
     udp: UdpSocket,
     tcp: TcpListener,
     limits: Limits,
 ) -> Result<(), DnsError> {
+    let zone = zones.into();
     tokio::try_join!(
         serve_udp_with(zone.clone(), udp, limits.udp_rate),
         serve_tcp_with(zone, tcp, limits)
@@ -72,11 +77,11 @@ pub async fn serve_with(
 
 /// Answers queries on a bound UDP socket. Only returns on a socket error
 /// that is not about one client.
-pub async fn serve_udp(zone: Zone, socket: UdpSocket) -> Result<(), DnsError> {
-    serve_udp_with(zone, socket, RateLimit::default()).await
+pub async fn serve_udp(zones: impl Into<Zones>, socket: UdpSocket) -> Result<(), DnsError> {
+    serve_udp_with(zones.into(), socket, RateLimit::default()).await
 }
 
-async fn serve_udp_with(zone: Zone, socket: UdpSocket, rate: RateLimit) -> Result<(), DnsError> {
+async fn serve_udp_with(zone: Zones, socket: UdpSocket, rate: RateLimit) -> Result<(), DnsError> {
     let mut buf = vec![0u8; UDP_RECV_BUF];
     // One task owns the limiter: no lock on the per-packet path.
     let mut limiter = RateLimiter::new(rate);
@@ -115,11 +120,15 @@ async fn serve_udp_with(zone: Zone, socket: UdpSocket, rate: RateLimit) -> Resul
 /// Answers queries on a bound TCP listener, several per connection, each
 /// framed by a two-byte length (RFC 1035 4.2.2), within
 /// [`Limits::default`]. Runs until cancelled.
-pub async fn serve_tcp(zone: Zone, listener: TcpListener) -> Result<(), DnsError> {
-    serve_tcp_with(zone, listener, Limits::default()).await
+pub async fn serve_tcp(zones: impl Into<Zones>, listener: TcpListener) -> Result<(), DnsError> {
+    serve_tcp_with(zones.into(), listener, Limits::default()).await
 }
 
-async fn serve_tcp_with(zone: Zone, listener: TcpListener, limits: Limits) -> Result<(), DnsError> {
+async fn serve_tcp_with(
+    zone: Zones,
+    listener: TcpListener,
+    limits: Limits,
+) -> Result<(), DnsError> {
     let limits = Arc::new(limits);
     let total = Arc::new(Semaphore::new(limits.max_tcp_connections.max(1)));
     let per_source = PerSource::default();
@@ -155,7 +164,7 @@ async fn serve_tcp_with(zone: Zone, listener: TcpListener, limits: Limits) -> Re
 }
 
 async fn serve_connection(
-    zone: &Zone,
+    zone: &Zones,
     mut stream: TcpStream,
     limits: &Limits,
 ) -> std::io::Result<()> {

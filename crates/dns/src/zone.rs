@@ -438,6 +438,72 @@ pub enum Transport {
 }
 
 /// The labels of `name` below `apex`, or `None` when `name` is outside.
+/// Zones served from one socket, such as the dashboard's domain and the VMs' own: each query
+/// is answered by the zone its name lies in (by the first, which refuses it, when none).
+#[derive(Debug, Clone)]
+pub struct Zones(Vec<Zone>);
+
+impl Zones {
+    /// Fails when `zones` is empty.
+    pub fn new(zones: Vec<Zone>) -> Result<Zones, DnsError> {
+        if zones.is_empty() {
+            return Err(DnsError::InvalidName("(no zone)".into()));
+        }
+        Ok(Zones(zones))
+    }
+
+    /// The zone whose apex is `domain`.
+    pub fn get(&self, domain: &str) -> Option<&Zone> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.0.iter().find(|z| z.domain() == domain)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Zone> {
+        self.0.iter()
+    }
+
+    /// [`Zone::respond`] of the zone the question's name lies in.
+    pub fn respond(&self, msg: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        self.pick(msg).respond(msg, transport)
+    }
+
+    pub(crate) fn respond_truncated(&self, msg: &[u8]) -> Option<Vec<u8>> {
+        self.pick(msg).respond_truncated(msg)
+    }
+
+    fn pick(&self, msg: &[u8]) -> &Zone {
+        if self.0.len() > 1
+            && let Ok(query) = wire::parse_query(msg)
+            && let Some(q) = query.question
+            && let Some(zone) = self
+                .0
+                .iter()
+                .find(|z| strip_apex(&q.labels, &z.read().apex).is_some())
+        {
+            return zone;
+        }
+        &self.0[0]
+    }
+}
+
+impl From<Zone> for Zones {
+    fn from(zone: Zone) -> Zones {
+        Zones(vec![zone])
+    }
+}
+
+impl From<&Zone> for Zones {
+    fn from(zone: &Zone) -> Zones {
+        Zones(vec![zone.clone()])
+    }
+}
+
+impl From<&Zones> for Zones {
+    fn from(zones: &Zones) -> Zones {
+        zones.clone()
+    }
+}
+
 fn strip_apex<'a>(name: &'a [Vec<u8>], apex: &[Vec<u8>]) -> Option<&'a [Vec<u8>]> {
     let split = name.len().checked_sub(apex.len())?;
     (name[split..] == *apex).then_some(&name[..split])

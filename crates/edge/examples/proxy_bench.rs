@@ -210,7 +210,7 @@ fn main() -> Result<(), BoxError> {
         .unwrap_or(2);
 
     let dir = tempfile::tempdir()?;
-    let ca = LocalCa::load_or_create(&dir.path().join("ca"), "nook.localhost")?;
+    let ca = LocalCa::load_or_create(&dir.path().join("ca"), &["nook.localhost"])?;
     let chain = dir.path().join("chain.pem");
     let key = dir.path().join("key.pem");
     std::fs::write(&chain, ca.leaf_chain_pem())?;

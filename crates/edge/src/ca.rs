@@ -40,13 +40,16 @@ impl std::fmt::Debug for LocalCa {
     }
 }
 
-/// The CA's parameters are a pure function of the domain, so the issuer can be rebuilt from the
-/// persisted key alone: same subject and same key identifier as the persisted certificate.
-fn ca_params(domain: &str) -> CertificateParams {
+/// The CA's parameters are a pure function of the domains, so the issuer can be rebuilt from
+/// the persisted key alone: same subject and same key identifier as the persisted certificate.
+fn ca_params(domains: &[String]) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "nook");
-    dn.push(DnType::CommonName, format!("nook local CA for {domain}"));
+    dn.push(
+        DnType::CommonName,
+        format!("nook local CA for {}", domains.join(", ")),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
@@ -54,9 +57,12 @@ fn ca_params(domain: &str) -> CertificateParams {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    // A leaked CA key can then only mint certificates for the development domain.
+    // A leaked CA key can then only mint certificates for the development domains.
     params.name_constraints = Some(NameConstraints {
-        permitted_subtrees: vec![GeneralSubtree::DnsName(domain.to_string())],
+        permitted_subtrees: domains
+            .iter()
+            .map(|d| GeneralSubtree::DnsName(d.clone()))
+            .collect(),
         excluded_subtrees: Vec::new(),
     });
     params.not_before = OffsetDateTime::now_utc() - Duration::days(1);
@@ -73,10 +79,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EdgeError + '_ {
 
 impl LocalCa {
     /// Loads the CA from `dir`, creating the directory, key (mode 0600) and certificate on first
-    /// use (or when the domain changed, since the name constraints would no longer fit), and
-    /// issues a fresh leaf for `domain` and `*.domain`.
-    pub fn load_or_create(dir: &Path, domain: &str) -> Result<Self, EdgeError> {
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    /// use (or when the domains changed, since the name constraints would no longer fit), and
+    /// issues a fresh leaf for each of `domains` (the dashboard's, the VMs') and `*.` each.
+    pub fn load_or_create(dir: &Path, domains: &[&str]) -> Result<Self, EdgeError> {
+        let mut domains: Vec<String> = domains
+            .iter()
+            .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        domains.dedup();
+        if domains.is_empty() {
+            return Err(EdgeError::Config("the local CA needs a domain".into()));
+        }
+        let domain = domains.join(" ");
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
@@ -96,7 +110,7 @@ impl LocalCa {
             ),
             None => {
                 let key = KeyPair::generate().map_err(EdgeError::Certificate)?;
-                let cert = ca_params(&domain)
+                let cert = ca_params(&domains)
                     .self_signed(&key)
                     .map_err(EdgeError::Certificate)?;
                 write_private(&key_path, key.serialize_pem().as_bytes())?;
@@ -105,21 +119,20 @@ impl LocalCa {
                 (cert.pem(), key)
             }
         };
-        let issuer = Issuer::new(ca_params(&domain), ca_key);
+        let issuer = Issuer::new(ca_params(&domains), ca_key);
 
         let leaf_key = KeyPair::generate().map_err(EdgeError::Certificate)?;
         let mut leaf = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, domain.clone());
+        dn.push(DnType::CommonName, domains[0].clone());
         leaf.distinguished_name = dn;
-        leaf.subject_alt_names = vec![
-            SanType::DnsName(domain.clone().try_into().map_err(EdgeError::Certificate)?),
-            SanType::DnsName(
-                format!("*.{domain}")
-                    .try_into()
-                    .map_err(EdgeError::Certificate)?,
-            ),
-        ];
+        for d in &domains {
+            for name in [d.clone(), format!("*.{d}")] {
+                leaf.subject_alt_names.push(SanType::DnsName(
+                    name.try_into().map_err(EdgeError::Certificate)?,
+                ));
+            }
+        }
         leaf.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -205,8 +218,8 @@ mod tests {
     #[test]
     fn persists_ca_and_reissues_leaf() {
         let dir = tempfile::tempdir().unwrap();
-        let a = LocalCa::load_or_create(dir.path(), "Nook.Localhost").unwrap();
-        let b = LocalCa::load_or_create(dir.path(), "nook.localhost").unwrap();
+        let a = LocalCa::load_or_create(dir.path(), &["Nook.Localhost"]).unwrap();
+        let b = LocalCa::load_or_create(dir.path(), &["nook.localhost"]).unwrap();
         assert_eq!(a.ca_cert_pem(), b.ca_cert_pem());
         assert_ne!(a.leaf_key_pem(), b.leaf_key_pem());
         let mode = fs::metadata(dir.path().join(CA_KEY))
@@ -215,7 +228,7 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(a.ca_cert_path(), dir.path().join("ca.pem"));
-        let c = LocalCa::load_or_create(dir.path(), "other.localhost").unwrap();
+        let c = LocalCa::load_or_create(dir.path(), &["other.localhost"]).unwrap();
         assert_ne!(a.ca_cert_pem(), c.ca_cert_pem());
     }
 }

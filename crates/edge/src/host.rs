@@ -40,12 +40,25 @@ pub(crate) fn parse_host(raw: &str) -> Option<HostName> {
     Some(HostName { name, port })
 }
 
-/// Classifies a host name against the configured domain (already lowercase).
-pub(crate) fn site(name: &str, domain: &str) -> Site {
-    if name == domain {
+/// The names the edge serves under: the dashboard's host, and the domain whose one-label
+/// subdomains are VMs. With `--vm-domain` they are different registrable domains, so no VM
+/// is the same site as the dashboard: a VM's `Domain=` cookies and SameSite requests stop at
+/// the VM domain and never reach the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sites {
+    pub dashboard: String,
+    pub vms: String,
+}
+
+/// Classifies a host name (already lowercase).
+pub(crate) fn site(name: &str, sites: &Sites) -> Site {
+    if name == sites.dashboard {
         return Site::Dashboard;
     }
-    match name.strip_suffix(domain).and_then(|p| p.strip_suffix('.')) {
+    match name
+        .strip_suffix(&sites.vms)
+        .and_then(|p| p.strip_suffix('.'))
+    {
         Some(label) if !label.is_empty() && !label.contains('.') => Site::Vm(label.to_string()),
         _ => Site::Unknown,
     }
@@ -114,15 +127,31 @@ mod tests {
         assert_eq!(parse_host(""), None);
     }
 
+    fn one(domain: &str) -> Sites {
+        Sites {
+            dashboard: domain.into(),
+            vms: domain.into(),
+        }
+    }
+
     #[test]
     fn classifies_sites() {
-        let d = "nook.localhost";
+        let d = &one("nook.localhost");
         assert_eq!(site("nook.localhost", d), Site::Dashboard);
         assert_eq!(site("blog.nook.localhost", d), Site::Vm("blog".into()));
         assert_eq!(site("a.blog.nook.localhost", d), Site::Unknown);
         assert_eq!(site("evilnook.localhost", d), Site::Unknown);
         assert_eq!(site(".nook.localhost", d), Site::Unknown);
         assert_eq!(site("example.com", d), Site::Unknown);
+        // With a VM domain of their own, VMs exist only there.
+        let split = &Sites {
+            dashboard: "nook.example".into(),
+            vms: "nookvm.example".into(),
+        };
+        assert_eq!(site("nook.example", split), Site::Dashboard);
+        assert_eq!(site("blog.nookvm.example", split), Site::Vm("blog".into()));
+        assert_eq!(site("blog.nook.example", split), Site::Unknown);
+        assert_eq!(site("nookvm.example", split), Site::Unknown);
     }
 
     #[test]
@@ -181,10 +210,11 @@ mod props {
         /// `evilDOMAIN` never reach a VM.
         #[test]
         fn only_one_label_under_the_domain_is_a_vm(label in LABEL, other in LABEL, domain in "[a-z]{1,10}\\.[a-z]{2,5}") {
-            prop_assert_eq!(site(&format!("{label}.{domain}"), &domain), Site::Vm(label.clone()));
-            prop_assert_eq!(site(&domain, &domain), Site::Dashboard);
-            prop_assert_eq!(site(&format!("{other}.{label}.{domain}"), &domain), Site::Unknown);
-            prop_assert_eq!(site(&format!("{label}{domain}"), &domain), Site::Unknown);
+            let sites = Sites { dashboard: domain.clone(), vms: domain.clone() };
+            prop_assert_eq!(site(&format!("{label}.{domain}"), &sites), Site::Vm(label.clone()));
+            prop_assert_eq!(site(&domain, &sites), Site::Dashboard);
+            prop_assert_eq!(site(&format!("{other}.{label}.{domain}"), &sites), Site::Unknown);
+            prop_assert_eq!(site(&format!("{label}{domain}"), &sites), Site::Unknown);
         }
     }
 }

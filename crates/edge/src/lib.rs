@@ -46,8 +46,11 @@ pub const SHARE_PARAM: &str = "nook_share";
 /// Settings of the edge. Build with `EdgeConfig { domain: .., ..Default::default() }`.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
-    /// The dashboard's host name; VMs are `NAME.DOMAIN`.
+    /// The dashboard's host name; VMs are `NAME.DOMAIN` unless `vm_domain` is set.
     pub domain: String,
+    /// The domain VMs are served under (`NAME.VM_DOMAIN`), a different registrable domain from
+    /// `domain` so that no VM is the same site as the dashboard. None puts VMs under `domain`.
+    pub vm_domain: Option<String>,
     /// The port users type for the main listener (443 is left out of URLs). A Host header
     /// with this port means the VM's default port.
     pub public_port: u16,
@@ -80,6 +83,7 @@ impl Default for EdgeConfig {
     fn default() -> Self {
         Self {
             domain: "nook.localhost".into(),
+            vm_domain: None,
             public_port: 8443,
             ssh_login_hint: "ssh -p 2222 nook.localhost browser".into(),
             handshake_timeout: Duration::from_secs(10),
@@ -106,6 +110,7 @@ pub(crate) struct ConnInfo {
 
 pub(crate) struct Inner<B> {
     config: EdgeConfig,
+    sites: host::Sites,
     backend: Arc<B>,
     certs: Arc<tls::CertStore>,
     acceptor: TlsAcceptor,
@@ -133,15 +138,29 @@ impl<B: EdgeBackend> Edge<B> {
     /// Validates the configuration. Install a certificate ([`Edge::set_certificate`]) before
     /// serving; until then handshakes fail.
     pub fn new(mut config: EdgeConfig, backend: Arc<B>) -> Result<Self, EdgeError> {
-        config.domain = config.domain.trim_end_matches('.').to_ascii_lowercase();
-        if host::parse_host(&config.domain)
-            .is_none_or(|h| h.port.is_some() || !h.name.contains('.'))
+        let normal = |d: &str| d.trim_end_matches('.').to_ascii_lowercase();
+        let valid =
+            |d: &str| host::parse_host(d).is_some_and(|h| h.port.is_none() && h.name.contains('.'));
+        config.domain = normal(&config.domain);
+        let vm_domain = normal(config.vm_domain.as_deref().unwrap_or(&config.domain));
+        for d in [&config.domain, &vm_domain] {
+            if !valid(d) {
+                return Err(EdgeError::Config(format!("invalid domain {d:?}")));
+            }
+        }
+        if vm_domain != config.domain
+            && (vm_domain.ends_with(&format!(".{}", config.domain))
+                || config.domain.ends_with(&format!(".{vm_domain}")))
         {
             return Err(EdgeError::Config(format!(
-                "invalid domain {:?}",
+                "the VM domain {vm_domain:?} lies inside the dashboard's {:?} (or the other way round), so VMs would be the same site: use a domain of its own",
                 config.domain
             )));
         }
+        let sites = host::Sites {
+            dashboard: config.domain.clone(),
+            vms: vm_domain,
+        };
         if config.max_header_bytes < 8192 {
             return Err(EdgeError::Config(
                 "max_header_bytes must be at least 8192".into(),
@@ -172,6 +191,7 @@ impl<B: EdgeBackend> Edge<B> {
                 handoffs: auth::Handoffs::new(config.handoff_ttl),
                 email_limits: limit::EmailLimiter::new(config.email_limits),
                 config,
+                sites,
                 backend,
                 certs,
                 acceptor,

@@ -111,14 +111,14 @@ fn safe_path(next: Option<&str>) -> &str {
 
 /// A `next` URL on a VM host of this domain, split into authority (as typed, with port) and
 /// path. Anything else is not a place the dashboard sends people.
-fn vm_next(next: &str, domain: &str) -> Option<(String, String, String)> {
+fn vm_next(next: &str, sites: &host::Sites) -> Option<(String, String, String)> {
     let rest = next.strip_prefix("https://")?;
     let (authority, path) = match rest.find(['/', '?', '#']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let h = host::parse_host(authority)?;
-    let Site::Vm(_) = host::site(&h.name, domain) else {
+    let Site::Vm(_) = host::site(&h.name, sites) else {
         return None;
     };
     let path = if path.starts_with('/') {
@@ -214,7 +214,7 @@ impl<B: EdgeBackend> Inner<B> {
         let Some(host) = raw_host.as_deref().and_then(host::parse_host) else {
             return Page::UnknownHost.response();
         };
-        let site = host::site(&host.name, &self.config.domain);
+        let site = host::site(&host.name, &self.sites);
         let on_dashboard = site == Site::Dashboard;
         let result = match site {
             Site::Dashboard => self.dashboard(req, &host, conn).await,
@@ -252,8 +252,8 @@ impl<B: EdgeBackend> Inner<B> {
 
     pub(crate) fn vm_url(&self, name: &str) -> String {
         match self.config.public_port {
-            443 => format!("https://{name}.{}/", self.config.domain),
-            p => format!("https://{name}.{}:{p}/", self.config.domain),
+            443 => format!("https://{name}.{}/", self.sites.vms),
+            p => format!("https://{name}.{}:{p}/", self.sites.vms),
         }
     }
 
@@ -389,7 +389,7 @@ impl<B: EdgeBackend> Inner<B> {
                 .continue_to(next.as_deref(), state.as_deref(), &user)
                 .await;
         }
-        let next = next.filter(|n| vm_next(n, &self.config.domain).is_some());
+        let next = next.filter(|n| vm_next(n, &self.sites).is_some());
         let resp = pages::login_page(
             &self.config.ssh_login_hint,
             self.mailer.is_some(),
@@ -446,8 +446,8 @@ impl<B: EdgeBackend> Inner<B> {
         user: &User,
     ) -> Result<Resp, Failure> {
         if let Some(n) = next
-            && let Some((_, vm_host, _)) = vm_next(n, &self.config.domain)
-            && let Site::Vm(name) = host::site(&vm_host, &self.config.domain)
+            && let Some((_, vm_host, _)) = vm_next(n, &self.sites)
+            && let Site::Vm(name) = host::site(&vm_host, &self.sites)
             && let Some(vm) = self.backend.vm(&name).await?
             // Only a public VM: a private one the user has no role on answers as a missing
             // one after the handoff, and asking here would tell the two apart.
@@ -462,7 +462,7 @@ impl<B: EdgeBackend> Inner<B> {
     /// Sends a signed-in user on to `next`: through a handoff when it is a VM URL (each VM host
     /// gets its own cookie), else to the dashboard.
     fn hand_over(&self, next: Option<&str>, state: Option<&str>, user: &User) -> Resp {
-        match next.and_then(|n| vm_next(n, &self.config.domain)) {
+        match next.and_then(|n| vm_next(n, &self.sites)) {
             Some((authority, vm_host, path)) => {
                 let code = self.handoffs.issue(&user.id, &vm_host, state);
                 redirect(&format!(
@@ -525,7 +525,7 @@ impl<B: EdgeBackend> Inner<B> {
             return Ok(());
         };
         let mut link = self.login_url(&token);
-        if let Some(n) = next.filter(|n| vm_next(n, &self.config.domain).is_some()) {
+        if let Some(n) = next.filter(|n| vm_next(n, &self.sites).is_some()) {
             link.push_str(&format!("&next={}", enc(&n)));
         }
         if let Some(mailer) = &self.mailer {
@@ -827,7 +827,10 @@ mod tests {
 
     #[test]
     fn next_urls_must_be_vm_hosts() {
-        let d = "nook.localhost";
+        let d = &host::Sites {
+            dashboard: "nook.localhost".into(),
+            vms: "nook.localhost".into(),
+        };
         assert_eq!(
             vm_next("https://Blog.nook.localhost:8443/a?b=1", d),
             Some((

@@ -951,7 +951,7 @@ async fn certificate_can_be_replaced_at_runtime() {
     let h = Harness::start().await;
     let dir = tempfile::tempdir().unwrap();
     // A different CA: the old CA no longer verifies the edge, the new one does.
-    let ca2 = nook_edge::LocalCa::load_or_create(dir.path(), DOMAIN).unwrap();
+    let ca2 = nook_edge::LocalCa::load_or_create(dir.path(), &[DOMAIN]).unwrap();
     h.edge
         .set_certificate(
             ca2.leaf_chain_pem().as_bytes(),

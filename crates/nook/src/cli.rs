@@ -110,9 +110,14 @@ pub struct ServeArgs {
     /// Host name users reach this machine by, shown in instructions
     #[arg(long, env = "NOOK_PUBLIC_HOST")]
     pub public_host: Option<String>,
-    /// Domain VMs are served under (https://VM.DOMAIN/)
+    /// The dashboard's domain (https://DOMAIN/); VMs are served under it too unless
+    /// --vm-domain is set
     #[arg(long, env = "NOOK_DOMAIN")]
     pub domain: Option<String>,
+    /// A domain of their own for VMs (https://VM.VM_DOMAIN/), a different registrable domain
+    /// from --domain so that no VM is the same site as the dashboard
+    #[arg(long, env = "NOOK_VM_DOMAIN")]
+    pub vm_domain: Option<String>,
     /// HTTPS edge address (https://VM.DOMAIN/), or `off`
     #[arg(long, env = "NOOK_HTTPS_ADDR")]
     pub https_addr: Option<String>,

@@ -90,6 +90,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         ssh_addr: args.ssh_addr,
         public_host: args.public_host,
         domain: args.domain,
+        vm_domain: args.vm_domain,
         idle_after_secs: args.idle_after,
         metrics_addr: args.metrics_addr,
         https_addr: args.https_addr,

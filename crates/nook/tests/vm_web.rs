@@ -12,6 +12,8 @@ use std::process::{Command, Output};
 use common::{Daemon, Key};
 
 const DOMAIN: &str = "nook.localhost";
+/// Where VMs are by default: a site of their own beside the dashboard's `nook.localhost`.
+const VM_DOMAIN: &str = "nook-vm.localhost";
 
 /// A web app in the VM: static files, a CGI script echoing what nook tells it, and a bare git
 /// repository served over git's dumb HTTP protocol.
@@ -64,12 +66,17 @@ fn git_repo_tar_b64(dir: &std::path::Path) -> String {
 struct Web<'a> {
     d: &'a Daemon,
     ca: PathBuf,
+    /// Where VMs are: DOMAIN, or the daemon's `--vm-domain`.
+    vm_domain: &'static str,
 }
 
 impl Web<'_> {
     fn url(&self, host: Option<&str>, path: &str) -> String {
         match host {
-            Some(vm) => format!("https://{vm}.{DOMAIN}:{}{path}", self.d.https_port),
+            Some(vm) => format!(
+                "https://{vm}.{}:{}{path}",
+                self.vm_domain, self.d.https_port
+            ),
             None => format!("https://{DOMAIN}:{}{path}", self.d.https_port),
         }
     }
@@ -82,7 +89,8 @@ impl Web<'_> {
         for host in [
             DOMAIN.to_string(),
             format!("web.{DOMAIN}"),
-            format!("other.{DOMAIN}"),
+            format!("web.{}", self.vm_domain),
+            format!("other.{}", self.vm_domain),
         ] {
             for p in [port, 8991] {
                 cmd.args(["--resolve", &format!("{host}:{p}:127.0.0.1")]);
@@ -117,7 +125,7 @@ impl Web<'_> {
     /// and no prompt for credentials.
     fn git_clone(&self, url: &str, dest: &std::path::Path) -> Output {
         let resolve = format!(
-            "http.curloptResolve=web.{DOMAIN}:{}:127.0.0.1",
+            "http.curloptResolve=web.{VM_DOMAIN}:{}:127.0.0.1",
             self.d.https_port
         );
         Command::new("git")
@@ -196,7 +204,11 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     let tmp = tempfile::tempdir().expect("tmp");
     let ca = PathBuf::from(d.ok(&["ca", "path"]).trim());
     assert!(ca.is_file(), "{}", ca.display());
-    let web = Web { d: &d, ca };
+    let web = Web {
+        d: &d,
+        ca,
+        vm_domain: VM_DOMAIN,
+    };
     let (alice, bob) = (Key::new("alice"), Key::new("bob"));
     d.signup(&alice, "alice@example.com");
     d.signup(&bob, "bob@example.com");
@@ -232,7 +244,7 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("user=alice@example.com"), "{body}");
     assert!(body.contains("proto=https"), "{body}");
-    assert!(body.contains(&format!("host=web.{DOMAIN}")), "{body}");
+    assert!(body.contains(&format!("host=web.{VM_DOMAIN}")), "{body}");
     assert!(body.contains("xff=127.0.0.1"), "{body}");
     assert!(
         body.contains("cookie= ") || body.ends_with("cookie=\n") || body.ends_with("cookie="),
@@ -257,7 +269,7 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     // Host names in any case, with or without the port, name the same VM.
     let (code, body) = web.browse(
         Some(&alice_jar),
-        &format!("https://WEB.Nook.LocalHost:{}/cgi-bin/who", d.https_port),
+        &format!("https://WEB.Nook-VM.LocalHost:{}/cgi-bin/who", d.https_port),
     );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("user=alice@example.com"), "{body}");
@@ -292,7 +304,7 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     let jar_text = std::fs::read_to_string(&alice_jar).expect("jar");
     let cookie = jar_text
         .lines()
-        .find(|l| l.contains(&format!("web.{DOMAIN}")) && l.contains("nook"))
+        .find(|l| l.contains(&format!("web.{VM_DOMAIN}")) && l.contains("nook"))
         .and_then(|l| {
             let f: Vec<&str> = l.split('\t').collect();
             Some(format!("{}={}", f.get(5)?, f.get(6)?))
@@ -376,7 +388,7 @@ fn vm_web_private_by_default_shared_like_a_doc() {
         &[
             "-w",
             "\n%{http_code}",
-            &format!("https://web.{DOMAIN}:8991/cgi-bin/who"),
+            &format!("https://web.{VM_DOMAIN}:8991/cgi-bin/who"),
         ],
     );
     let text = String::from_utf8_lossy(&out.stdout);
@@ -434,7 +446,10 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("user=alice@example.com"));
     let clone_dir = tmp.path().join("clone");
     let out = web.git_clone(
-        &format!("https://git:{token}@web.{DOMAIN}:{}/repo.git", d.https_port),
+        &format!(
+            "https://git:{token}@web.{VM_DOMAIN}:{}/repo.git",
+            d.https_port
+        ),
         &clone_dir,
     );
     assert!(
@@ -448,7 +463,7 @@ fn vm_web_private_by_default_shared_like_a_doc() {
     );
     // Without the token, git is refused.
     let out = web.git_clone(
-        &format!("https://web.{DOMAIN}:{}/repo.git", d.https_port),
+        &format!("https://web.{VM_DOMAIN}:{}/repo.git", d.https_port),
         &tmp.path().join("refused"),
     );
     assert!(!out.status.success());
@@ -570,6 +585,7 @@ fn vm_web_email_magic_link_logs_in_through_smtp() {
     ]);
     let tmp = tempfile::tempdir().expect("tmp");
     let web = Web {
+        vm_domain: VM_DOMAIN,
         d: &d,
         ca: PathBuf::from(d.ok(&["ca", "path"]).trim()),
     };
@@ -638,6 +654,7 @@ fn vm_web_attack_signup_as_someone_elses_email_is_held_until_the_mail_is_followe
     ]);
     let tmp = tempfile::tempdir().expect("tmp");
     let web = Web {
+        vm_domain: VM_DOMAIN,
         d: &d,
         ca: PathBuf::from(d.ok(&["ca", "path"]).trim()),
     };
@@ -698,4 +715,52 @@ fn vm_web_attack_signup_as_someone_elses_email_is_held_until_the_mail_is_followe
         serde_json::from_str(&d.lobby_ok(&mallory, &["whoami", "--json"])).expect("whoami");
     assert_eq!(me["email_verified"], true, "{me}");
     d.lobby_ok(&mallory, &["ls"]);
+}
+
+/// `--vm-domain` puts VMs on a registrable domain of the admin's choosing (the default is
+/// `nook-vm.localhost`): they are another site than the dashboard (and `VM.DOMAIN` is nothing
+/// at all), while signing in, the handoff, the certificate and the URLs nook prints all follow
+/// them there.
+#[test]
+fn vm_web_vm_domain_puts_vms_on_a_site_of_their_own() {
+    const BOXES: &str = "boxes.localhost";
+    let d = Daemon::start_with(&["--vm-domain", BOXES]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ca = PathBuf::from(d.ok(&["ca", "path"]).trim());
+    let web = Web {
+        d: &d,
+        ca,
+        vm_domain: BOXES,
+    };
+    let alice = Key::new("alice");
+    d.signup(&alice, "alice@example.com");
+    let made = d.lobby_ok(
+        &alice,
+        &["new", "--image", "tiny", "--name", "web", "--json"],
+    );
+    let made: serde_json::Value = serde_json::from_str(&made).expect("new --json");
+    assert_eq!(
+        made["url"],
+        format!("https://web.{BOXES}:{}/", d.https_port),
+        "{made}"
+    );
+    start_app(&d, "web", &git_repo_tar_b64(tmp.path()));
+
+    let jar = tmp.path().join("alice.jar");
+    web.login(&alice, &jar);
+    let (code, body) = who(&web, Some(&jar));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("user=alice@example.com"), "{body}");
+    assert!(body.contains(&format!("host=web.{BOXES}")), "{body}");
+
+    // Under the dashboard's domain there are no VMs any more.
+    let code = web.status(
+        Some(&jar),
+        &[],
+        &format!("https://web.{DOMAIN}:{}/", d.https_port),
+    );
+    assert_ne!(code, "200", "web.{DOMAIN} still reaches the VM");
+    let (code, page) = web.browse(Some(&jar), &web.url(None, "/"));
+    assert_eq!(code, 200);
+    assert!(page.contains(&format!("web.{BOXES}")), "{page}");
 }

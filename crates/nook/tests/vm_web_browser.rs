@@ -112,7 +112,7 @@ fn vm_web_browser_websocket_and_sse_through_a_real_guest() {
         ),
     );
     let port = d.https_port;
-    let vm_url = |path: &str| format!("https://app.nook.localhost:{port}{path}");
+    let vm_url = |path: &str| format!("https://app.nook-vm.localhost:{port}{path}");
 
     // A real browser: the login link, then the private page, whose script's WebSocket
     // echo comes back through the edge.
@@ -180,7 +180,10 @@ fn vm_web_browser_websocket_and_sse_through_a_real_guest() {
     let token = token["token"].as_str().expect("token");
     let mut curl = Command::new("curl")
         .args(["-sSN", "--cacert", &ca])
-        .args(["--resolve", &format!("app.nook.localhost:{port}:127.0.0.1")])
+        .args([
+            "--resolve",
+            &format!("app.nook-vm.localhost:{port}:127.0.0.1"),
+        ])
         .args(["-H", &format!("Authorization: Bearer {token}")])
         .arg(vm_url("/events"))
         .stdout(Stdio::piped())

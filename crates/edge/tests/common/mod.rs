@@ -362,7 +362,7 @@ impl Harness {
 
     pub async fn start_with(tweak: impl FnOnce(&mut EdgeConfig)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let ca = LocalCa::load_or_create(&dir.path().join("ca"), DOMAIN).unwrap();
+        let ca = LocalCa::load_or_create(&dir.path().join("ca"), &[DOMAIN]).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let mut config = EdgeConfig {
