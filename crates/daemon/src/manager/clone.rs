@@ -116,7 +116,7 @@ impl Manager {
         if let Some(name) = &req.name {
             nook_api::validate_name(name)?;
         }
-        let (_source_guard, src) = self.lock_vm(source, scope).await?;
+        let src = self.lock_vm(source, scope).await?;
         let mode = match src.state {
             VmState::Stopped | VmState::Failed => CloneMode::Disk,
             VmState::Running if req.stopped_only => CloneMode::Boot,

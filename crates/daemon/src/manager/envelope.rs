@@ -1,0 +1,407 @@
+//! The envelope: what an account and the host may run (`admit`, with the host's share as
+//! the pure `host_room`), the cgroups that hold VMs to it, and what VMs use (`stat`, idleness).
+
+use super::*;
+
+impl Manager {
+    /// Re-applies an account's plan to its cgroup after the plan changed.
+    pub async fn apply_plan(&self, account_id: &str) {
+        let Some(cg) = &self.cgroups else { return };
+        let Ok(plan) = self.plan_for(account_id).await else {
+            return;
+        };
+        let limits = nook_cgroup::AccountLimits {
+            cpus: plan.cpu,
+            memory_bytes: u64::from(plan.memory_mib) << 20,
+        };
+        let (cg, id) = (cg.clone(), account_id.to_string());
+        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || cg.set_account(&id, limits)).await
+        {
+            tracing::warn!(%err, account = account_id, "could not apply the plan to the cgroup");
+        }
+    }
+
+    /// CPU time and real memory of one confined VM.
+    pub fn vm_usage(&self, owner: &str, id: &str) -> Option<nook_cgroup::Usage> {
+        if owner == ADMIN_OWNER {
+            return None;
+        }
+        self.cgroups.as_ref()?.vm_usage(owner, id).ok()
+    }
+
+    /// Running VMs that live in an account's cgroup (the ones idle detection looks after).
+    pub async fn confined_vms(&self) -> Vec<VmRecord> {
+        if self.cgroups.is_none() {
+            return Vec::new();
+        }
+        let live: Vec<String> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        self.store
+            .list()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|vm| {
+                vm.owner != ADMIN_OWNER && vm.state == VmState::Running && live.contains(&vm.id)
+            })
+            .collect()
+    }
+
+    /// CPU nanoseconds and network bytes (both directions) a VM has used so far.
+    pub fn activity(&self, vm: &VmRecord) -> Option<(u64, u64)> {
+        let cpu = self
+            .cgroups
+            .as_ref()?
+            .vm_usage(&vm.owner, &vm.id)
+            .ok()?
+            .cpu_usage_ns;
+        let net = tap_counter(vm.slot, "rx_bytes").unwrap_or(0)
+            + tap_counter(vm.slot, "tx_bytes").unwrap_or(0);
+        Some((cpu, net))
+    }
+
+    /// Turns a VM's idle knobs on or off; a no-op when nothing changes.
+    pub async fn set_idle(&self, vm: &VmRecord, idle: bool) {
+        let changed = {
+            let mut set = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle {
+                set.insert(vm.id.clone())
+            } else {
+                set.remove(&vm.id)
+            }
+        };
+        let Some(cg) = self.cgroups.clone().filter(|_| changed) else {
+            return;
+        };
+        let knobs = if idle {
+            // Weight 10 against the default 100; memory above a quarter of its size is the
+            // first to go when the account presses on its cap.
+            nook_cgroup::VmKnobs {
+                cpu_weight: 10,
+                memory_high: Some((u64::from(vm.memory_mib) << 20) / 4),
+            }
+        } else {
+            nook_cgroup::VmKnobs {
+                cpu_weight: 100,
+                memory_high: None,
+            }
+        };
+        let (owner, id, name) = (vm.owner.clone(), vm.id.clone(), vm.name.clone());
+        match tokio::task::spawn_blocking(move || cg.set_vm(&owner, &id, knobs)).await {
+            Ok(Ok(())) => {
+                tracing::info!(vm = %name, idle, "idle knobs {}", if idle { "on" } else { "off" })
+            }
+            Ok(Err(err)) => tracing::warn!(vm = %name, %err, "could not change idle knobs"),
+            Err(_) => {}
+        }
+    }
+
+    pub fn is_idle(&self, id: &str) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// CPU time and real memory of an account's running VMs, when cgroups are in use.
+    pub fn account_usage(&self, account_id: &str) -> Option<nook_cgroup::Usage> {
+        self.cgroups.as_ref()?.account_usage(account_id).ok()
+    }
+
+    pub async fn stat(&self, name: &str, scope: Scope<'_>) -> Result<VmStat, ApiError> {
+        let vm = self.record(name, scope).await?;
+        let disk_host_bytes = std::fs::metadata(self.paths(&vm.id).disk())
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        let metrics = match vm.state {
+            VmState::Running => match self.agent(&vm).await {
+                Ok(agent) => tokio::time::timeout(Duration::from_secs(5), agent.metrics())
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let counter = |which: &str| tap_counter(vm.slot, which);
+        let running = vm.state == VmState::Running;
+        Ok(VmStat {
+            vm: self.info(&vm),
+            uptime_secs: metrics.as_ref().map(|m| m.uptime_secs),
+            load_avg_1m: metrics.as_ref().map(|m| m.load_avg_1m),
+            mem_total_kib: metrics.as_ref().map(|m| m.mem_total_kib),
+            mem_available_kib: metrics.as_ref().map(|m| m.mem_available_kib),
+            disk_total_kib: metrics.as_ref().map(|m| m.disk_total_kib),
+            disk_available_kib: metrics.as_ref().map(|m| m.disk_available_kib),
+            disk_host_bytes,
+            // The tap's receive is the VM's transmit.
+            net_rx_bytes: if running { counter("tx_bytes") } else { None },
+            net_tx_bytes: if running { counter("rx_bytes") } else { None },
+            processes: metrics.as_ref().map(|m| m.processes),
+            idle: self.is_idle(&vm.id),
+        })
+    }
+
+    /// The envelope of an account: its own plan, or the configured default.
+    pub async fn plan_for(&self, account_id: &str) -> Result<nook_store::Plan, ApiError> {
+        Ok(self
+            .store
+            .plan(account_id)
+            .await
+            .map_err(|e| errors::from_store("read the plan", e))?
+            .unwrap_or(self.cfg.default_plan))
+    }
+
+    /// Refuses to create, start or resize a VM when that would push `owner` past its
+    /// envelope. Each message says what to stop, remove or resize. VMs made through the admin
+    /// socket belong to no plan.
+    pub(super) async fn admit(
+        &self,
+        owner: &str,
+        ask: Ask<'_>,
+        cpu: u32,
+        memory_mib: u32,
+        disk_bytes: u64,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+        let admitted = self.host_admission.lock().await;
+        if owner == ADMIN_OWNER {
+            return Ok(admitted);
+        }
+        let all = self
+            .store
+            .list()
+            .await
+            .map_err(|e| errors::from_store("list VMs", e))?;
+        host_room(&self.cfg.host_limits, &all, ask, memory_mib, disk_bytes)?;
+        let plan = self.plan_for(owner).await?;
+        let size = |mib: u64| format_size(mib << 20);
+        let refuse = |msg: String| Err(ApiError::new(ErrorCode::OverEnvelope, msg));
+        if f64::from(cpu) > plan.cpu.ceil() {
+            return refuse(format!(
+                "A VM with {cpu} vCPUs does not fit your envelope of {} vCPUs: ask for fewer with --cpu",
+                plan.cpu
+            ));
+        }
+        if memory_mib > plan.memory_mib {
+            return refuse(format!(
+                "A VM with {} of memory does not fit your envelope of {}: ask for less with --memory",
+                size(memory_mib.into()),
+                size(plan.memory_mib.into())
+            ));
+        }
+        let vms: Vec<VmRecord> = all
+            .into_iter()
+            .filter(|vm| vm.owner == owner && Some(vm.id.as_str()) != ask.existing())
+            .collect();
+        if matches!(ask, Ask::Create) && vms.len() as u32 >= plan.max_vms {
+            return refuse(format!(
+                "Your envelope allows {} VMs and you have {}: remove one with `rm NAME`",
+                plan.max_vms,
+                vms.len()
+            ));
+        }
+        // A resize that keeps the disk is not refused for disks a lowered plan no longer
+        // covers: it adds nothing to them.
+        let adds_disk = match ask {
+            Ask::Create => true,
+            Ask::Start(_) => false,
+            Ask::Resize { old_disk_bytes, .. } => disk_bytes > old_disk_bytes,
+        };
+        if adds_disk {
+            let disk_used: u64 = vms.iter().map(|vm| vm.disk_bytes).sum();
+            if disk_used + disk_bytes > plan.disk_bytes {
+                return refuse(format!(
+                    "A {} disk would bring your VMs' disks to {}, over your envelope's {}: remove a VM or ask for a smaller --disk",
+                    format_size(disk_bytes),
+                    format_size(disk_used + disk_bytes),
+                    format_size(plan.disk_bytes)
+                ));
+            }
+        }
+        // A stopped VM's new memory is admitted when it starts, not now.
+        if matches!(ask, Ask::Resize { runs: false, .. }) {
+            return Ok(admitted);
+        }
+        let mut running: Vec<&VmRecord> = vms
+            .iter()
+            .filter(|vm| {
+                matches!(
+                    vm.state,
+                    VmState::Running | VmState::Starting | VmState::Creating
+                )
+            })
+            .collect();
+        let running_mib: u64 = running.iter().map(|vm| u64::from(vm.memory_mib)).sum();
+        let limit_mib = (f64::from(plan.memory_mib) * self.cfg.memory_overcommit) as u64;
+        if running_mib + u64::from(memory_mib) > limit_mib {
+            running.sort_by_key(|vm| std::cmp::Reverse(vm.memory_mib));
+            let biggest: Vec<String> = running
+                .iter()
+                .take(3)
+                .map(|vm| format!("{} ({})", vm.name, size(vm.memory_mib.into())))
+                .collect();
+            return refuse(format!(
+                "Running another {} would bring your running VMs to {}, over the {} your {} envelope allows: stop one ({}) or resize it",
+                size(memory_mib.into()),
+                size(running_mib + u64::from(memory_mib)),
+                size(limit_mib),
+                size(plan.memory_mib.into()),
+                biggest.join(", ")
+            ));
+        }
+        Ok(admitted)
+    }
+}
+
+/// A byte counter of a VM's tap (`rx_bytes`, `tx_bytes`), seen from the host side.
+pub(super) fn tap_counter(slot: u32, which: &str) -> Option<u64> {
+    let tap = VmLink::for_slot(slot).ok()?.tap;
+    std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{which}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What [`Manager::admit`] is asked to let through.
+#[derive(Clone, Copy)]
+pub(super) enum Ask<'a> {
+    /// A new VM: one more VM, its disk, and (unless it stays stopped) its memory.
+    Create,
+    /// Booting the VM with this id: only its CPU and memory count.
+    Start(&'a str),
+    /// New sizes for the VM with this id: its disk counts when it grows, its memory only if
+    /// it runs (a stopped VM is admitted again when it starts).
+    Resize {
+        id: &'a str,
+        runs: bool,
+        old_disk_bytes: u64,
+    },
+}
+
+/// Whether the host, all accounts together, has room for what `ask` adds: a VM (count and
+/// disk) and, when it will run, its memory. Says only that the host is full, never what other
+/// accounts hold.
+pub(super) fn host_room(
+    limits: &crate::config::HostLimits,
+    all: &[VmRecord],
+    ask: Ask<'_>,
+    memory_mib: u32,
+    disk_bytes: u64,
+) -> Result<(), ApiError> {
+    let others = || {
+        all.iter()
+            .filter(|vm| Some(vm.id.as_str()) != ask.existing())
+    };
+    let full = |what: &str| {
+        Err(ApiError::new(
+            ErrorCode::OverEnvelope,
+            format!("This host is full ({what}): try again later, or ask its admin for room"),
+        ))
+    };
+    if matches!(ask, Ask::Create) && others().count() as u64 >= u64::from(limits.max_vms) {
+        return full("it holds as many VMs as it may");
+    }
+    let adds_disk = match ask {
+        Ask::Create => true,
+        Ask::Start(_) => false,
+        Ask::Resize { old_disk_bytes, .. } => disk_bytes > old_disk_bytes,
+    };
+    let disks: u64 = others().map(|vm| vm.disk_bytes).sum();
+    if adds_disk && disks.saturating_add(disk_bytes) > limits.disk_bytes {
+        return full("its disks are all promised");
+    }
+    if matches!(ask, Ask::Resize { runs: false, .. }) {
+        return Ok(());
+    }
+    let running: u64 = others()
+        .filter(|vm| {
+            matches!(
+                vm.state,
+                VmState::Running | VmState::Starting | VmState::Creating
+            )
+        })
+        .map(|vm| u64::from(vm.memory_mib))
+        .sum();
+    if running + u64::from(memory_mib) > limits.memory_mib {
+        return full("its memory is all promised to running VMs");
+    }
+    Ok(())
+}
+
+impl Ask<'_> {
+    /// The VM already counted in the account, left out of the totals it is checked against.
+    fn existing(&self) -> Option<&str> {
+        match self {
+            Ask::Create => None,
+            Ask::Start(id) | Ask::Resize { id, .. } => Some(id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(id: &str, state: VmState, memory_mib: u32, disk_gib: u64) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: id.into(),
+            owner: format!("owner-of-{id}"),
+            image: "tiny".into(),
+            image_dir: String::new(),
+            cpu: 1,
+            memory_mib,
+            disk_bytes: disk_gib << 30,
+            slot: 1,
+            state,
+            state_reason: None,
+            pid: None,
+            created_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_host_limits_every_account_together() {
+        let limits = crate::config::HostLimits {
+            memory_mib: 1024,
+            disk_bytes: 10 << 30,
+            max_vms: 3,
+        };
+        let all = [
+            vm("a", VmState::Running, 512, 4),
+            vm("b", VmState::Stopped, 512, 4),
+        ];
+        assert!(host_room(&limits, &all, Ask::Create, 512, 1 << 30).is_ok());
+        // Memory counts only running VMs; disk counts all.
+        let err = host_room(&limits, &all, Ask::Create, 768, 1 << 30).expect_err("memory");
+        assert!(err.message.contains("memory"), "{}", err.message);
+        let err = host_room(&limits, &all, Ask::Create, 128, 3 << 30).expect_err("disk");
+        assert!(err.message.contains("disks"), "{}", err.message);
+        // Starting b adds its memory, not its disk or a VM.
+        assert!(host_room(&limits, &all, Ask::Start("b"), 512, 0).is_ok());
+        assert!(host_room(&limits, &all, Ask::Start("b"), 600, 0).is_err());
+        let three = [
+            vm("a", VmState::Stopped, 512, 1),
+            vm("b", VmState::Stopped, 512, 1),
+            vm("c", VmState::Stopped, 512, 1),
+        ];
+        let err = host_room(&limits, &three, Ask::Create, 128, 1 << 30).expect_err("count");
+        assert!(err.message.contains("as many VMs"), "{}", err.message);
+        // A resize of a stopped VM that keeps its disk adds nothing.
+        let resize = Ask::Resize {
+            id: "a",
+            runs: false,
+            old_disk_bytes: 1 << 30,
+        };
+        assert!(host_room(&limits, &three, resize, 4096, 1 << 30).is_ok());
+        // The message names nothing of other accounts.
+        let err = host_room(&limits, &all, Ask::Create, 768, 1 << 30).expect_err("memory");
+        assert!(!err.message.contains("owner-of"), "{}", err.message);
+    }
+}

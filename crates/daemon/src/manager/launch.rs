@@ -1,0 +1,451 @@
+//! Starting a VM's QEMU: the jail it runs in, the launch, the boot and the guest's
+//! identity, and the supervision that follows it (`adopt`).
+
+use super::*;
+
+impl Manager {
+    /// Boots `vm`, retrying a boot that hangs before the kernel prints anything: a rare
+    /// TCG hang that a fresh QEMU does not repeat.
+    pub(super) async fn boot(
+        self: &Arc<Self>,
+        vm: &VmRecord,
+        image: &Image,
+        progress: Progress<'_>,
+    ) -> Result<(), ApiError> {
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            match self.boot_once(vm, image, progress).await {
+                Err(BootError::SilentHang) if attempt < ATTEMPTS => {
+                    tracing::warn!(vm = %vm.name, attempt, "guest printed nothing on its console; restarting QEMU");
+                    progress("the guest hung early in boot; retrying");
+                    self.halt(vm, false).await;
+                }
+                Err(BootError::SilentHang) => {
+                    return Err(ApiError::new(
+                        ErrorCode::GuestNotReady,
+                        format!(
+                            "VM '{}' hung early in boot {ATTEMPTS} times without printing anything",
+                            vm.name
+                        ),
+                    ));
+                }
+                Err(BootError::Api(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts QEMU for `vm` once and waits for its agent. On error the caller tears down.
+    pub(super) async fn boot_once(
+        self: &Arc<Self>,
+        vm: &VmRecord,
+        image: &Image,
+        progress: Progress<'_>,
+    ) -> Result<(), BootError> {
+        let started = Instant::now();
+        let paths = self.paths(&vm.id);
+        let (pid, qmp) = self.launch(vm, image, false, progress).await?;
+        let agent = AgentClient::connect(&paths.agent_socket())
+            .await
+            .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
+        self.adopt(vm, qmp.clone(), Some(agent.clone()));
+
+        progress("waiting for the guest to boot");
+        let timeout = self.cfg.ready_timeout;
+        let ready = tokio::select! {
+            r = agent.wait_ready(timeout) => r.map(|_| ()),
+            () = qmp.closed() => Err(nook_vmm::VmmError::QmpClosed),
+            () = silent_console(&paths, Duration::from_secs(15).min(timeout)) => return Err(BootError::SilentHang),
+        };
+        if let Err(err) = ready {
+            let tail = paths.console_tail(25).await;
+            let why = match err {
+                nook_vmm::VmmError::Timeout(t) => {
+                    format!("did not become ready within {}s", t.as_secs())
+                }
+                nook_vmm::VmmError::QmpClosed => "QEMU exited during boot".to_string(),
+                other => format!("failed during boot ({other})"),
+            };
+            return Err(BootError::Api(ApiError::new(
+                ErrorCode::GuestNotReady,
+                format!("VM '{}' {why}. Last console lines:\n{tail}", vm.name),
+            )));
+        }
+        self.identify(vm, &agent).await?;
+        self.store
+            .set_state(&vm.id, VmState::Running, None, Some(pid))
+            .await
+            .map_err(|e| errors::from_store("record the VM as running", e))?;
+        progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
+        tracing::info!(vm = %vm.name, secs = started.elapsed().as_secs_f64(), "running");
+        Ok(())
+    }
+
+    /// Starts QEMU for `vm` (paused for an incoming fork with `incoming`), connected to its
+    /// network and confined to its account's cgroup; returns its pid and QMP connection.
+    pub(super) async fn launch(
+        &self,
+        vm: &VmRecord,
+        image: &Image,
+        incoming: bool,
+        progress: Progress<'_>,
+    ) -> Result<(u32, Qmp), ApiError> {
+        let paths = self.paths(&vm.id);
+        let qemu =
+            Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
+        let accel = self.choose_accel(&qemu, image).await;
+        let (img, agent, cache) = (image.clone(), self.cfg.agent.clone(), self.cfg.cache_dir());
+        let initrd = tokio::task::spawn_blocking(move || {
+            nook_storage::initrd_with_agent(&img, &agent, &cache)
+        })
+        .await;
+        let initrd = map_join(initrd, "prepare the initrd")?
+            .map_err(|e| errors::from_storage("prepare the initrd", e))?;
+
+        let link =
+            VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
+        let boot = BootConfig {
+            init: Some(image.init.clone()),
+            ..self.guest_config(vm, &link)
+        };
+        let net = match &self.net {
+            Net::Tap(host) => {
+                progress("connecting the network");
+                let (host, l) = (host.clone(), link.clone());
+                let added = tokio::task::spawn_blocking(move || host.add_vm(&l)).await;
+                map_join(added, "connect the network")?
+                    .map_err(|e| errors::from_net("connect the network", e))?;
+                NetBackend::Tap {
+                    ifname: link.tap.clone(),
+                    mac: link.mac.clone(),
+                }
+            }
+            Net::User => NetBackend::User {
+                netdev: nook_net::user_mode_netdev("net0"),
+                mac: link.mac.clone(),
+            },
+        };
+        // `-M pc` rather than microvm: under TCG here, microvm guests hang or crash early in a
+        // fair share of boots, pc boots as fast and did not fail once.
+        // `net.ifnames=0`: a systemd image's udev would otherwise rename eth0 while the agent is
+        // configuring it, and the address would land on a name that no longer exists.
+        let cmdline = format!(
+            "console=ttyS0 root=/dev/vda rw net.ifnames=0 {}",
+            boot.to_cmdline()
+        );
+        let jail = if nix::unistd::geteuid().is_root() {
+            let (paths, kernel, initrd, root) = (
+                paths.clone(),
+                image.kernel.clone(),
+                initrd.clone(),
+                self.cfg.data_dir.join(JAIL_ROOT),
+            );
+            let slot = vm.slot;
+            let made = tokio::task::spawn_blocking(move || {
+                jail_for(slot, &paths, &kernel, &initrd, root, accel)
+            })
+            .await;
+            Some(map_join(made, "prepare QEMU's jail")??)
+        } else {
+            None
+        };
+        let spec = LaunchSpec {
+            id: vm.id.clone(),
+            paths: paths.clone(),
+            cpus: vm.cpu,
+            memory_mib: vm.memory_mib,
+            kernel: image.kernel.clone(),
+            initrd,
+            cmdline,
+            net,
+            accel,
+            reclaim: self.cfg.reclaim,
+            incoming,
+            jail,
+        };
+        progress(&format!("starting QEMU ({})", accel.qemu_arg()));
+        let launched = tokio::task::spawn_blocking(move || qemu.launch(&spec)).await;
+        let pid =
+            map_join(launched, "start QEMU")?.map_err(|e| errors::from_vmm("start QEMU", e))?;
+        nook_vmm::console::follow(&paths);
+        // A fork's clone stays `creating` until it is complete, so that a crash before then
+        // removes it rather than re-adopting half a clone.
+        let state = if incoming {
+            VmState::Creating
+        } else {
+            VmState::Starting
+        };
+        self.store
+            .set_state(&vm.id, state, None, Some(pid))
+            .await
+            .map_err(|e| errors::from_store("record the VM's process", e))?;
+        self.confine(vm, pid).await?;
+        let qmp = Qmp::connect(&paths.qmp_socket())
+            .await
+            .map_err(|e| errors::from_vmm("connect to QMP", e))?;
+        Ok((pid, qmp))
+    }
+
+    /// The name and address the guest gets, at boot on its command line and after a fork
+    /// through the agent.
+    pub(super) fn guest_config(&self, vm: &VmRecord, link: &VmLink) -> BootConfig {
+        let (ip, gateway, dns) = match &self.net {
+            Net::Tap(_) => (
+                link.guest_cidr(),
+                link.host_ip.to_string(),
+                Some(self.cfg.dns.clone()),
+            ),
+            Net::User => ("10.0.2.15/24".to_string(), "10.0.2.2".to_string(), None),
+        };
+        BootConfig {
+            hostname: vm.name.clone(),
+            ip: Some(ip),
+            gateway: Some(gateway),
+            dns,
+            init: None,
+        }
+    }
+
+    /// Tells the guest who it is, with nook's key for its sshd, and waits for that sshd when the
+    /// image runs one: "ready" includes SSH. True when it was another VM until now (a clone).
+    pub(super) async fn identify(
+        &self,
+        vm: &VmRecord,
+        agent: &AgentClient,
+    ) -> Result<bool, ApiError> {
+        let link =
+            VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
+        let boot = self.guest_config(vm, &link);
+        let identity = nook_proto::Identity {
+            vm_id: vm.id.clone(),
+            hostname: boot.hostname,
+            ip: boot.ip,
+            gateway: boot.gateway,
+            dns: boot.dns,
+            mac: Some(link.mac.clone()),
+            seed: rand::random::<[u8; 32]>().to_vec(),
+            ssh_host_keys: self.guest_host_keys(vm)?,
+            authorized_key: Some(nook_proto::AuthorizedKey {
+                user: GUEST_USER.to_string(),
+                public_openssh: self.relay_key(vm)?,
+            }),
+        };
+        // A guest that answered its readiness probe but never takes its identity must not hold
+        // a boot or a clone forever.
+        let answer = async {
+            if faults::point("identify") == Fault::NoAnswer {
+                std::future::pending::<()>().await;
+            }
+            agent.identify(identity).await
+        };
+        let answer = tokio::time::timeout(IDENTIFY_TIMEOUT, answer)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::GuestNotReady,
+                    format!(
+                        "VM '{}' did not take its identity within {}s: its guest agent stopped answering",
+                        vm.name,
+                        IDENTIFY_TIMEOUT.as_secs()
+                    ),
+                )
+            })?
+            .map_err(|e| errors::from_vmm("give the VM its identity", e))?;
+        if answer.cloned {
+            tracing::info!(vm = %vm.name, "the guest took its new identity after a clone");
+        }
+        if answer.sshd {
+            self.wait_for_sshd(vm).await;
+        } else {
+            // No sshd to relay to: the relay must not think there is one.
+            let dir = self.paths(&vm.id).dir;
+            let _ = std::fs::remove_file(dir.join(RELAY_KEY));
+            let _ = std::fs::remove_file(dir.join(RELAY_KEY).with_extension("pub"));
+        }
+        Ok(answer.cloned)
+    }
+
+    pub(super) async fn choose_accel(&self, qemu: &Qemu, image: &Image) -> Accel {
+        *self
+            .accel
+            .get_or_init(|| async {
+                let accel = match self.cfg.accel {
+                    AccelChoice::Kvm => Accel::Kvm,
+                    AccelChoice::Tcg => Accel::Tcg,
+                    AccelChoice::Auto => nook_vmm::probe_accel(&qemu.binary, &image.kernel, &self.cfg.cache_dir()).await,
+                };
+                tracing::info!(accel = accel.qemu_arg(), choice = ?self.cfg.accel, "accelerator chosen");
+                accel
+            })
+            .await
+    }
+
+    /// Registers a running QEMU and watches it until it exits.
+    pub(super) fn adopt(self: &Arc<Self>, vm: &VmRecord, qmp: Qmp, agent: Option<AgentClient>) {
+        let intended_exit = Arc::new(AtomicBool::new(false));
+        {
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.insert(
+                vm.id.clone(),
+                Live {
+                    qmp: qmp.clone(),
+                    agent,
+                    intended_exit: intended_exit.clone(),
+                    booted: false,
+                },
+            );
+        }
+        let (this, id, name, slot, owner) = (
+            self.clone(),
+            vm.id.clone(),
+            vm.name.clone(),
+            vm.slot,
+            vm.owner.clone(),
+        );
+        tokio::spawn(async move {
+            qmp.closed().await;
+            if intended_exit.load(Ordering::SeqCst) {
+                return;
+            }
+            let reason = match qmp.shutdown_reason().as_deref() {
+                Some("guest-shutdown") => {
+                    (VmState::Stopped, "the guest powered itself off".to_string())
+                }
+                Some(other) => (
+                    VmState::Failed,
+                    format!("QEMU exited unexpectedly ({other})"),
+                ),
+                None => (
+                    VmState::Failed,
+                    "QEMU exited unexpectedly (killed or crashed)".to_string(),
+                ),
+            };
+            tracing::warn!(vm = %name, reason = %reason.1, "VM exited");
+            this.live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            this.release_runtime(&id, slot, &owner).await;
+            this.record_state_or_log(&name, &id, reason.0, Some(&reason.1), None, "its exit")
+                .await;
+        });
+    }
+
+    /// Removes the tap and runtime sockets of a VM whose QEMU is gone. Idempotent.
+    /// Puts a VM's QEMU into its account's cgroup, so the account's envelope bounds it.
+    /// Admin VMs, and hosts without usable cgroups, run unconfined (logged at start).
+    pub(super) async fn confine(&self, vm: &VmRecord, pid: u32) -> Result<(), ApiError> {
+        let Some(cg) = &self.cgroups else {
+            return Ok(());
+        };
+        if vm.owner == ADMIN_OWNER {
+            return Ok(());
+        }
+        let plan = self.plan_for(&vm.owner).await?;
+        let limits = nook_cgroup::AccountLimits {
+            cpus: plan.cpu,
+            memory_bytes: u64::from(plan.memory_mib) << 20,
+        };
+        let (cg, owner, id) = (cg.clone(), vm.owner.clone(), vm.id.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            cg.set_account(&owner, limits)?;
+            cg.set_vm(
+                &owner,
+                &id,
+                nook_cgroup::VmKnobs {
+                    cpu_weight: 100,
+                    memory_high: None,
+                },
+            )?;
+            cg.attach(&owner, &id, pid)
+        })
+        .await;
+        map_join(done, "confine the VM")?
+            .map_err(|e| errors::internal("confine the VM to its account's envelope", &e))
+    }
+}
+
+/// The empty directory under the data dir that every QEMU's jail root is mounted on (in that
+/// QEMU's own mount namespace; on the host it stays empty).
+pub(super) const JAIL_ROOT: &str = "jail";
+
+/// Makes the files of `paths`' VM fit its jail and describes the jail: the VM's directory is
+/// root's and only traversable, its disk top belongs to the VM's uid alone, and what lies
+/// below the top (layers, base, kernel, initrd) is readable, never writable, by it.
+pub(super) fn jail_for(
+    slot: u32,
+    paths: &VmPaths,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    root: PathBuf,
+    accel: Accel,
+) -> Result<nook_vmm::Jail, ApiError> {
+    use std::os::unix::fs::PermissionsExt;
+    let uid = nook_vmm::jail::uid_for_slot(slot);
+    let fail = |what: &str, path: &std::path::Path, e: std::io::Error| {
+        io_error(
+            &format!("prepare QEMU's jail ({what} {})", path.display()),
+            e,
+        )
+    };
+    let set = |path: &std::path::Path, owner: u32, mode: u32| -> Result<(), ApiError> {
+        std::os::unix::fs::chown(path, Some(owner), Some(owner))
+            .map_err(|e| fail("give", path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| fail("set the mode of", path, e))
+    };
+    std::fs::create_dir_all(&root).map_err(|e| fail("make", &root, e))?;
+    set(&paths.dir, 0, 0o711)?;
+    let chain = nook_storage::layers::chain(&paths.disk())
+        .map_err(|e| errors::from_storage("read the disk's chain", e))?;
+    let (top, below) = chain
+        .split_first()
+        .ok_or_else(|| io_error("read the disk's chain", std::io::ErrorKind::NotFound.into()))?;
+    set(top, uid, 0o600)?;
+    let mut read_only: Vec<PathBuf> = below.to_vec();
+    read_only.extend([kernel.to_path_buf(), initrd.to_path_buf()]);
+    for file in &read_only {
+        set(file, 0, 0o644)?;
+    }
+    let (devices, groups) = match accel {
+        Accel::Kvm => {
+            use std::os::unix::fs::MetadataExt;
+            let kvm = PathBuf::from("/dev/kvm");
+            let gid = std::fs::metadata(&kvm).map(|m| m.gid()).unwrap_or(0);
+            (vec![kvm], vec![gid])
+        }
+        Accel::Tcg => (Vec::new(), Vec::new()),
+    };
+    Ok(nook_vmm::Jail {
+        uid,
+        groups,
+        root,
+        read_only,
+        writable: vec![paths.dir.clone()],
+        devices,
+    })
+}
+
+pub(super) enum BootError {
+    /// Nothing on the console long after QEMU started.
+    SilentHang,
+    Api(ApiError),
+}
+
+impl From<ApiError> for BootError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+/// Resolves if the console is still empty after `after`; otherwise never.
+pub(super) async fn silent_console(paths: &VmPaths, after: Duration) {
+    tokio::time::sleep(after).await;
+    let printed = std::fs::metadata(paths.console_log())
+        .map(|m| m.len() > 0)
+        .unwrap_or(false);
+    if printed {
+        std::future::pending::<()>().await;
+    }
+}

@@ -1,0 +1,157 @@
+//! Settling every VM after a daemon start: re-adopting live QEMUs, finishing or undoing
+//! what a crash interrupted, and removing what no row owns.
+
+use super::*;
+
+impl Manager {
+    /// Settles every VM after a daemon start: re-adopts live QEMUs, finishes or undoes
+    /// operations a crash interrupted, and removes leftovers no row owns.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
+        let vms = self
+            .store
+            .list()
+            .await
+            .map_err(|e| errors::from_store("list VMs", e))?;
+        let qemu = Qemu {
+            binary: PathBuf::new(),
+        };
+        for vm in &vms {
+            let paths = self.paths(&vm.id);
+            let pid = nook_vmm::qemu::read_pid(&paths.pidfile())
+                .ok()
+                .filter(|pid| qemu.is_running(*pid, &paths));
+            match (vm.state, pid) {
+                (VmState::Creating, _) => {
+                    tracing::warn!(vm = %vm.name, "removing a VM whose creation was interrupted");
+                    self.destroy(vm).await;
+                }
+                (VmState::Running | VmState::Starting | VmState::Stopping, Some(pid)) => {
+                    match Qmp::connect(&paths.qmp_socket()).await {
+                        Ok(qmp) => {
+                            tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
+                            nook_vmm::console::follow(&paths);
+                            // A clone the crash interrupted may have left it paused.
+                            nook_vmm::fork::resume(&qmp).await;
+                            self.settle_next_disk(vm, Some(&qmp)).await;
+                            if let Err(err) = self.confine(vm, pid).await {
+                                tracing::warn!(vm = %vm.name, error = %err.message, "could not confine a re-adopted VM");
+                            }
+                            let agent = AgentClient::connect(&paths.agent_socket()).await.ok();
+                            self.adopt(vm, qmp, agent);
+                            self.record_state_or_log(
+                                &vm.name,
+                                &vm.id,
+                                VmState::Running,
+                                None,
+                                Some(pid),
+                                "its re-adoption after a restart",
+                            )
+                            .await;
+                        }
+                        Err(err) => {
+                            tracing::warn!(vm = %vm.name, %err, "cannot reach a running VM's QMP; stopping it");
+                            self.halt(vm, false).await;
+                            let reason = "QEMU was unreachable after a daemon restart";
+                            self.record_state_or_log(
+                                &vm.name,
+                                &vm.id,
+                                VmState::Failed,
+                                Some(reason),
+                                None,
+                                "that its QEMU was unreachable after a restart",
+                            )
+                            .await;
+                        }
+                    }
+                }
+                (VmState::Running | VmState::Starting | VmState::Stopping, None) => {
+                    self.settle_next_disk(vm, None).await;
+                    self.release_runtime(&vm.id, vm.slot, &vm.owner).await;
+                    let (state, reason) = if vm.state == VmState::Stopping {
+                        (VmState::Stopped, None)
+                    } else {
+                        (
+                            VmState::Failed,
+                            Some("QEMU exited while the nook daemon was down"),
+                        )
+                    };
+                    self.record_state_or_log(
+                        &vm.name,
+                        &vm.id,
+                        state,
+                        reason,
+                        None,
+                        "that its QEMU exited while the daemon was down",
+                    )
+                    .await;
+                }
+                (VmState::Stopped | VmState::Failed, _) => {
+                    if pid.is_some() {
+                        self.halt(vm, false).await;
+                    }
+                    self.settle_next_disk(vm, None).await;
+                }
+            }
+        }
+        self.remove_orphans(&vms).await;
+        self.collect_layers().await;
+        Ok(())
+    }
+
+    pub(super) async fn remove_orphans(&self, known: &[VmRecord]) {
+        let Ok(entries) = std::fs::read_dir(self.cfg.vms_dir()) else {
+            return;
+        };
+        let qemu = Qemu {
+            binary: PathBuf::new(),
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().to_string();
+            if known.iter().any(|vm| vm.id == id) {
+                continue;
+            }
+            let paths = self.paths(&id);
+            if let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) {
+                nook_vmm::qemu::kill(&qemu, pid, &paths);
+            }
+            tracing::warn!(dir = %paths.dir.display(), "removing a VM directory no VM owns");
+            let _ = std::fs::remove_dir_all(&paths.dir);
+        }
+        if let Net::Tap(_) = &self.net
+            && let Ok(taps) = nook_net::taps_present()
+        {
+            let live: Vec<String> = self
+                .store
+                .list()
+                .await
+                .unwrap_or_default()
+                .iter()
+                .filter(|vm| {
+                    matches!(
+                        vm.state,
+                        VmState::Running | VmState::Starting | VmState::Stopping
+                    )
+                })
+                .filter_map(|vm| VmLink::for_slot(vm.slot).ok().map(|l| l.tap))
+                .collect();
+            for tap in taps.into_iter().filter(|t| !live.contains(t)) {
+                let slot = tap.trim_start_matches(nook_net::TAP_PREFIX).parse::<u32>();
+                if let (Net::Tap(host), Ok(Ok(link))) = (&self.net, slot.map(VmLink::for_slot)) {
+                    tracing::warn!(tap, "removing a tap no running VM owns");
+                    let _ = host.remove_vm(&link);
+                }
+            }
+        }
+    }
+}
+
+/// Removes the empty groups of VMs and accounts that are gone. Groups still holding a QEMU
+/// (a VM about to be re-adopted) refuse removal and stay.
+pub(super) fn sweep_cgroups(cg: &nook_cgroup::Cgroups) {
+    for account in cg.list_accounts().unwrap_or_default() {
+        for vm in cg.list_vms(&account).unwrap_or_default() {
+            let _ = cg.remove_vm(&account, &vm);
+        }
+        let _ = cg.remove_account(&account);
+    }
+}
