@@ -179,83 +179,117 @@ impl Manager {
             .map_err(|e| errors::from_store("list VMs", e))?;
         host_room(&self.cfg.host_limits, &all, ask, memory_mib, disk_bytes)?;
         let plan = self.plan_for(owner).await?;
-        let size = |mib: u64| format_size(mib << 20);
-        let refuse = |msg: String| Err(ApiError::new(ErrorCode::OverEnvelope, msg));
-        if f64::from(cpu) > plan.cpu.ceil() {
-            return refuse(format!(
-                "A VM with {cpu} vCPUs does not fit your envelope of {} vCPUs: ask for fewer with --cpu",
-                plan.cpu
-            ));
-        }
-        if memory_mib > plan.memory_mib {
-            return refuse(format!(
-                "A VM with {} of memory does not fit your envelope of {}: ask for less with --memory",
-                size(memory_mib.into()),
-                size(plan.memory_mib.into())
-            ));
-        }
-        let vms: Vec<VmRecord> = all
-            .into_iter()
-            .filter(|vm| vm.owner == owner && Some(vm.id.as_str()) != ask.existing())
-            .collect();
-        if matches!(ask, Ask::Create) && vms.len() as u32 >= plan.max_vms {
-            return refuse(format!(
-                "Your envelope allows {} VMs and you have {}: remove one with `rm NAME`",
-                plan.max_vms,
-                vms.len()
-            ));
-        }
-        // A resize that keeps the disk is not refused for disks a lowered plan no longer
-        // covers: it adds nothing to them.
-        let adds_disk = match ask {
-            Ask::Create => true,
-            Ask::Start(_) => false,
-            Ask::Resize { old_disk_bytes, .. } => disk_bytes > old_disk_bytes,
+        let wants = Wants {
+            cpu,
+            memory_mib,
+            disk_bytes,
         };
-        if adds_disk {
-            let disk_used: u64 = vms.iter().map(|vm| vm.disk_bytes).sum();
-            if disk_used + disk_bytes > plan.disk_bytes {
-                return refuse(format!(
-                    "A {} disk would bring your VMs' disks to {}, over your envelope's {}: remove a VM or ask for a smaller --disk",
-                    format_size(disk_bytes),
-                    format_size(disk_used + disk_bytes),
-                    format_size(plan.disk_bytes)
-                ));
-            }
-        }
-        // A stopped VM's new memory is admitted when it starts, not now.
-        if matches!(ask, Ask::Resize { runs: false, .. }) {
-            return Ok(admitted);
-        }
-        let mut running: Vec<&VmRecord> = vms
-            .iter()
-            .filter(|vm| {
-                matches!(
-                    vm.state,
-                    VmState::Running | VmState::Starting | VmState::Creating
-                )
-            })
-            .collect();
-        let running_mib: u64 = running.iter().map(|vm| u64::from(vm.memory_mib)).sum();
-        let limit_mib = (f64::from(plan.memory_mib) * self.cfg.memory_overcommit) as u64;
-        if running_mib + u64::from(memory_mib) > limit_mib {
-            running.sort_by_key(|vm| std::cmp::Reverse(vm.memory_mib));
-            let biggest: Vec<String> = running
-                .iter()
-                .take(3)
-                .map(|vm| format!("{} ({})", vm.name, size(vm.memory_mib.into())))
-                .collect();
-            return refuse(format!(
-                "Running another {} would bring your running VMs to {}, over the {} your {} envelope allows: stop one ({}) or resize it",
-                size(memory_mib.into()),
-                size(running_mib + u64::from(memory_mib)),
-                size(limit_mib),
-                size(plan.memory_mib.into()),
-                biggest.join(", ")
-            ));
-        }
+        account_room(&plan, self.cfg.memory_overcommit, &all, owner, ask, wants)?;
         Ok(admitted)
     }
+}
+
+/// What an operation asks of an envelope.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Wants {
+    pub cpu: u32,
+    pub memory_mib: u32,
+    pub disk_bytes: u64,
+}
+
+/// Whether `owner`'s envelope (`plan`, running memory overcommitted by `overcommit`) has room
+/// for `ask` beside its VMs among `all`; the refusal says what to do. Pure: `admit` reads the
+/// store and holds the host's admission lock around it.
+pub(super) fn account_room(
+    plan: &nook_store::Plan,
+    overcommit: f64,
+    all: &[VmRecord],
+    owner: &str,
+    ask: Ask<'_>,
+    wants: Wants,
+) -> Result<(), ApiError> {
+    let Wants {
+        cpu,
+        memory_mib,
+        disk_bytes,
+    } = wants;
+    let size = |mib: u64| format_size(mib << 20);
+    let refuse = |msg: String| Err(ApiError::new(ErrorCode::OverEnvelope, msg));
+    if f64::from(cpu) > plan.cpu.ceil() {
+        return refuse(format!(
+            "A VM with {cpu} vCPUs does not fit your envelope of {} vCPUs: ask for fewer with --cpu",
+            plan.cpu
+        ));
+    }
+    if memory_mib > plan.memory_mib {
+        return refuse(format!(
+            "A VM with {} of memory does not fit your envelope of {}: ask for less with --memory",
+            size(memory_mib.into()),
+            size(plan.memory_mib.into())
+        ));
+    }
+    let vms: Vec<&VmRecord> = all
+        .iter()
+        .filter(|vm| vm.owner == owner && Some(vm.id.as_str()) != ask.existing())
+        .collect();
+    if matches!(ask, Ask::Create) && vms.len() as u32 >= plan.max_vms {
+        return refuse(format!(
+            "Your envelope allows {} VMs and you have {}: remove one with `rm NAME`",
+            plan.max_vms,
+            vms.len()
+        ));
+    }
+    // A resize that keeps the disk is not refused for disks a lowered plan no longer
+    // covers: it adds nothing to them.
+    let adds_disk = match ask {
+        Ask::Create => true,
+        Ask::Start(_) => false,
+        Ask::Resize { old_disk_bytes, .. } => disk_bytes > old_disk_bytes,
+    };
+    if adds_disk {
+        let disk_used: u64 = vms.iter().map(|vm| vm.disk_bytes).sum();
+        if disk_used + disk_bytes > plan.disk_bytes {
+            return refuse(format!(
+                "A {} disk would bring your VMs' disks to {}, over your envelope's {}: remove a VM or ask for a smaller --disk",
+                format_size(disk_bytes),
+                format_size(disk_used + disk_bytes),
+                format_size(plan.disk_bytes)
+            ));
+        }
+    }
+    // A stopped VM's new memory is admitted when it starts, not now.
+    if matches!(ask, Ask::Resize { runs: false, .. }) {
+        return Ok(());
+    }
+    let mut running: Vec<&VmRecord> = vms
+        .iter()
+        .copied()
+        .filter(|vm| {
+            matches!(
+                vm.state,
+                VmState::Running | VmState::Starting | VmState::Creating
+            )
+        })
+        .collect();
+    let running_mib: u64 = running.iter().map(|vm| u64::from(vm.memory_mib)).sum();
+    let limit_mib = (f64::from(plan.memory_mib) * overcommit) as u64;
+    if running_mib + u64::from(memory_mib) > limit_mib {
+        running.sort_by_key(|vm| std::cmp::Reverse(vm.memory_mib));
+        let biggest: Vec<String> = running
+            .iter()
+            .take(3)
+            .map(|vm| format!("{} ({})", vm.name, size(vm.memory_mib.into())))
+            .collect();
+        return refuse(format!(
+            "Running another {} would bring your running VMs to {}, over the {} your {} envelope allows: stop one ({}) or resize it",
+            size(memory_mib.into()),
+            size(running_mib + u64::from(memory_mib)),
+            size(limit_mib),
+            size(plan.memory_mib.into()),
+            biggest.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// A byte counter of a VM's tap (`rx_bytes`, `tx_bytes`), seen from the host side.
@@ -403,5 +437,89 @@ mod tests {
         // The message names nothing of other accounts.
         let err = host_room(&limits, &all, Ask::Create, 768, 1 << 30).expect_err("memory");
         assert!(!err.message.contains("owner-of"), "{}", err.message);
+    }
+
+    #[test]
+    fn an_envelope_refuses_what_does_not_fit_and_says_what_to_do() {
+        let plan = nook_store::Plan {
+            cpu: 2.0,
+            memory_mib: 1024,
+            disk_bytes: 10 << 30,
+            max_vms: 3,
+        };
+        let mine = |id: &str, state, mib, gib| VmRecord {
+            owner: "ann".into(),
+            ..vm(id, state, mib, gib)
+        };
+        let all = [
+            mine("big", VmState::Running, 1024, 4),
+            mine("small", VmState::Stopped, 512, 4),
+            // Another account's VMs count against the host, never against ann.
+            vm("theirs", VmState::Running, 4096, 50),
+        ];
+        let room = |ask, cpu, memory_mib, disk_gib: u64| {
+            account_room(
+                &plan,
+                1.5,
+                &all,
+                "ann",
+                ask,
+                Wants {
+                    cpu,
+                    memory_mib,
+                    disk_bytes: disk_gib << 30,
+                },
+            )
+            .map_err(|e| e.message)
+        };
+        assert_eq!(room(Ask::Create, 2, 512, 2), Ok(()));
+        assert!(room(Ask::Create, 3, 512, 1).unwrap_err().contains("--cpu"));
+        assert!(
+            room(Ask::Create, 1, 2048, 1)
+                .unwrap_err()
+                .contains("--memory")
+        );
+        let disk = room(Ask::Create, 1, 256, 3).unwrap_err();
+        assert!(
+            disk.contains("--disk") && disk.contains("over your envelope"),
+            "{disk}"
+        );
+        // 1024 running + 1024 asked passes 1.5 × 1024: the biggest running VM is named.
+        let memory = room(Ask::Create, 1, 1024, 1).unwrap_err();
+        assert!(memory.contains("stop one (big"), "{memory}");
+        // Starting a VM does not count that VM twice, nor its disk at all.
+        assert_eq!(room(Ask::Start("small"), 1, 512, 0), Ok(()));
+        assert!(room(Ask::Start("small"), 1, 1024, 0).is_err());
+        // A stopped VM's memory is admitted when it starts; its disk when it grows.
+        let resize = |runs, old: u64| Ask::Resize {
+            id: "small",
+            runs,
+            old_disk_bytes: old << 30,
+        };
+        assert_eq!(room(resize(false, 4), 1, 1024, 4), Ok(()));
+        assert!(room(resize(false, 4), 1, 512, 7).is_err());
+        assert!(room(resize(true, 4), 1, 1024, 4).is_err());
+        // A full envelope of VMs.
+        let crowded: Vec<VmRecord> = (0..3)
+            .map(|i| mine(&format!("v{i}"), VmState::Stopped, 128, 1))
+            .collect();
+        let full = account_room(
+            &plan,
+            1.5,
+            &crowded,
+            "ann",
+            Ask::Create,
+            Wants {
+                cpu: 1,
+                memory_mib: 128,
+                disk_bytes: 1 << 30,
+            },
+        )
+        .unwrap_err()
+        .message;
+        assert!(
+            full.contains("allows 3 VMs") && full.contains("rm NAME"),
+            "{full}"
+        );
     }
 }
