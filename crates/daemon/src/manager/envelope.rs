@@ -473,19 +473,23 @@ mod tests {
             .map_err(|e| e.message)
         };
         assert_eq!(room(Ask::Create, 2, 512, 2), Ok(()));
-        assert!(room(Ask::Create, 3, 512, 1).unwrap_err().contains("--cpu"));
+        assert!(
+            room(Ask::Create, 3, 512, 1)
+                .expect_err("refused")
+                .contains("--cpu")
+        );
         assert!(
             room(Ask::Create, 1, 2048, 1)
-                .unwrap_err()
+                .expect_err("refused")
                 .contains("--memory")
         );
-        let disk = room(Ask::Create, 1, 256, 3).unwrap_err();
+        let disk = room(Ask::Create, 1, 256, 3).expect_err("refused");
         assert!(
             disk.contains("--disk") && disk.contains("over your envelope"),
             "{disk}"
         );
         // 1024 running + 1024 asked passes 1.5 × 1024: the biggest running VM is named.
-        let memory = room(Ask::Create, 1, 1024, 1).unwrap_err();
+        let memory = room(Ask::Create, 1, 1024, 1).expect_err("refused");
         assert!(memory.contains("stop one (big"), "{memory}");
         // Starting a VM does not count that VM twice, nor its disk at all.
         assert_eq!(room(Ask::Start("small"), 1, 512, 0), Ok(()));
@@ -515,7 +519,7 @@ mod tests {
                 disk_bytes: 1 << 30,
             },
         )
-        .unwrap_err()
+        .expect_err("refused")
         .message;
         assert!(
             full.contains("allows 3 VMs") && full.contains("rm NAME"),
