@@ -322,6 +322,13 @@ fn attack_qemu_escape_runs_as_its_own_uid_and_sees_no_other_vm() {
         assert_eq!(status["Groups"], "", "{name} keeps supplementary groups");
     }
     assert_ne!(status_a["Uid"], status_b["Uid"], "two VMs share a uid");
+    // A network namespace of its own: no host address, loopback service or abstract socket.
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("netns");
+    assert_ne!(
+        netns(&pid_a.to_string()),
+        netns("self"),
+        "a's QEMU shares the host's network"
+    );
 
     let disk_a = vm_dir(&a).join("disk.qcow2");
     let disk_b = vm_dir(&b).join("disk.qcow2");
@@ -369,5 +376,48 @@ fn attack_qemu_escape_runs_as_its_own_uid_and_sees_no_other_vm() {
         !listing.status.success(),
         "a's uid lists its VM directory: {}",
         stdout(&listing)
+    );
+}
+
+/// An escaped QEMU owns its disk top and can write any backing-file name into its header, for
+/// the root daemon to follow at the next start (another VM's disk through `/proc`, a host
+/// file). Such a VM is not started, and the named file is left as it was.
+#[test]
+fn attack_disk_header_naming_a_host_file_is_refused_at_start() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start();
+    let vm = d.create_tiny("forged");
+    d.ok(&["vm", "stop", "forged"]);
+    let disk = d
+        .data_dir
+        .join("vms")
+        .join(vm["id"].as_str().expect("id"))
+        .join("disk.qcow2");
+    let bait = tempfile::NamedTempFile::new().expect("bait");
+    std::fs::write(bait.path(), b"host secret").expect("bait");
+    let before = std::fs::metadata(bait.path()).expect("bait");
+    let out = std::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-F", "raw", "-b"])
+        .arg(bait.path())
+        .arg(&disk)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let err = d.fails(&["vm", "start", "forged"]);
+    // Refused either way: the name is no layer, and the host file is no qcow2 to read on from.
+    assert!(
+        err.contains("backing file nook did not make") || err.contains("the disk's chain"),
+        "{err}"
+    );
+    let after = std::fs::metadata(bait.path()).expect("bait");
+    assert_eq!(
+        (after.uid(), after.mode()),
+        (before.uid(), before.mode()),
+        "the daemon changed the named file"
+    );
+    assert!(
+        d.qemu_pids().is_empty(),
+        "a QEMU started on the forged disk"
     );
 }

@@ -48,6 +48,10 @@ pub struct Jail {
     pub writable: Vec<PathBuf>,
     /// Device nodes beyond the harmless ones every jail gets (`/dev/kvm` under KVM).
     pub devices: Vec<PathBuf>,
+    /// A network namespace of its own, with nothing in it: right for a QEMU handed its tap
+    /// (it then reaches no host address, loopback or abstract socket), wrong for user-mode
+    /// networking, which needs the host's.
+    pub own_net: bool,
 }
 
 /// Host directories QEMU loads code and firmware from, bound read-only (or recreated as the
@@ -78,6 +82,7 @@ enum Step {
 #[derive(Debug)]
 pub struct Prepared {
     root: CString,
+    namespaces: libc::c_int,
     steps: Vec<Step>,
     uid: u32,
     groups: Vec<libc::gid_t>,
@@ -153,6 +158,7 @@ impl Jail {
         }
         Ok(Prepared {
             root: cstring(&self.root)?,
+            namespaces: libc::CLONE_NEWNS | if self.own_net { libc::CLONE_NEWNET } else { 0 },
             steps,
             uid: self.uid,
             groups: self.groups.clone(),
@@ -185,7 +191,7 @@ impl Prepared {
         let null = std::ptr::null::<libc::c_char>();
         // SAFETY: plain system calls on NUL-terminated strings owned by `self`.
         unsafe {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            if libc::unshare(self.namespaces) != 0 {
                 return Err(fail(0));
             }
             // Nothing mounted from here on may propagate back to the host.
@@ -297,7 +303,7 @@ impl Prepared {
         let os = std::io::Error::from_raw_os_error(errno);
         let last = 2 + self.steps.len();
         let what = match step as usize {
-            0 => "make a mount namespace".to_string(),
+            0 => "make its namespaces".to_string(),
             1 => format!("mount the jail's root on {}", self.root.to_string_lossy()),
             s if s < last => match &self.steps[s - 2] {
                 Step::Mkdir(d) => format!("make {}", d.to_string_lossy()),
@@ -327,6 +333,7 @@ mod tests {
             read_only: vec!["/d/img/kernel".into(), "/d/img/base.qcow2".into()],
             writable: vec!["/d/vms/a/disk.qcow2".into()],
             devices: vec![],
+            own_net: true,
         };
         let p = jail.prepare().expect("prepare");
         let dirs: Vec<_> = p

@@ -286,7 +286,14 @@ async fn send_with_fd(
                 .map_err(std::io::Error::from)
         });
         match sent {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
             other => return other,
         }
     }

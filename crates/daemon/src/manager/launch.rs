@@ -135,17 +135,19 @@ impl Manager {
             boot.to_cmdline()
         );
         let jail = if nix::unistd::geteuid().is_root() {
-            let (paths, kernel, initrd, root) = (
-                paths.clone(),
-                image.kernel.clone(),
-                initrd.clone(),
-                self.cfg.data_dir.join(JAIL_ROOT),
-            );
-            let slot = vm.slot;
-            let made = tokio::task::spawn_blocking(move || {
-                jail_for(slot, &paths, &kernel, &initrd, root, accel)
-            })
-            .await;
+            let files = JailFiles {
+                qemu: qemu.binary.clone(),
+                paths: paths.clone(),
+                kernel: image.kernel.clone(),
+                initrd: initrd.clone(),
+                base: image.rootfs.clone(),
+                layers: self.layers.clone(),
+            };
+            let (root, slot) = (self.cfg.data_dir.join(JAIL_ROOT), vm.slot);
+            let own_net = matches!(net, NetBackend::Tap { .. });
+            let made =
+                tokio::task::spawn_blocking(move || jail_for(slot, &files, root, accel, own_net))
+                    .await;
             Some(map_join(made, "prepare QEMU's jail")??)
         } else {
             None
@@ -370,18 +372,34 @@ impl Manager {
 /// QEMU's own mount namespace; on the host it stays empty).
 pub(super) const JAIL_ROOT: &str = "jail";
 
-/// Makes the files of `paths`' VM fit its jail and describes the jail: the VM's directory is
-/// root's and only traversable, its disk top belongs to the VM's uid alone, and what lies
-/// below the top (layers, base, kernel, initrd) is readable, never writable, by it.
+/// What a VM's QEMU needs from the host's files.
+pub(super) struct JailFiles {
+    /// QEMU itself: its directory is bound too when it is not under `/usr`.
+    pub qemu: PathBuf,
+    pub paths: VmPaths,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The image's base, the one file below the layers a chain may end in.
+    pub base: PathBuf,
+    pub layers: nook_storage::layers::Layers,
+}
+
+/// Makes the files of a VM fit its jail and describes the jail: the VM's directory is root's
+/// and only traversable, its disk top belongs to the VM's uid alone, and what lies below the
+/// top (layers, base, kernel, initrd) is readable, never writable, by it.
+///
+/// The chain's names come from qcow2 headers the VM's QEMU can write, so they are trusted only
+/// when each names a regular file among the layers, or the image's base: otherwise an escaped
+/// QEMU could name any host file (another VM's disk through `/proc`, say) and have root open
+/// it up to its next start.
 pub(super) fn jail_for(
     slot: u32,
-    paths: &VmPaths,
-    kernel: &std::path::Path,
-    initrd: &std::path::Path,
+    files: &JailFiles,
     root: PathBuf,
     accel: Accel,
+    own_net: bool,
 ) -> Result<nook_vmm::Jail, ApiError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let uid = nook_vmm::jail::uid_for_slot(slot);
     let fail = |what: &str, path: &std::path::Path, e: std::io::Error| {
         io_error(
@@ -389,30 +407,66 @@ pub(super) fn jail_for(
             e,
         )
     };
-    let set = |path: &std::path::Path, owner: u32, mode: u32| -> Result<(), ApiError> {
-        std::os::unix::fs::chown(path, Some(owner), Some(owner))
-            .map_err(|e| fail("give", path, e))?;
+    let mode = |path: &std::path::Path, mode: u32| -> Result<(), ApiError> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(|e| fail("set the mode of", path, e))
     };
+    let own = |path: &std::path::Path, owner: u32| -> Result<(), ApiError> {
+        std::os::unix::fs::chown(path, Some(owner), Some(owner)).map_err(|e| fail("give", path, e))
+    };
     std::fs::create_dir_all(&root).map_err(|e| fail("make", &root, e))?;
-    set(&paths.dir, 0, 0o711)?;
-    let chain = nook_storage::layers::chain(&paths.disk())
+    own(&files.paths.dir, 0)?;
+    mode(&files.paths.dir, 0o711)?;
+    let chain = nook_storage::layers::chain(&files.paths.disk())
         .map_err(|e| errors::from_storage("read the disk's chain", e))?;
     let (top, below) = chain
         .split_first()
         .ok_or_else(|| io_error("read the disk's chain", std::io::ErrorKind::NotFound.into()))?;
-    set(top, uid, 0o600)?;
+    for file in below {
+        let regular = std::fs::symlink_metadata(file).is_ok_and(|m| m.file_type().is_file());
+        if !regular || !(files.layers.contains(file) || *file == files.base) {
+            tracing::error!(disk = %top.display(), backing = %file.display(), "a disk names a backing file that is neither a layer nor its image");
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                "This VM's disk names a backing file nook did not make, so it will not be started; the daemon log has details",
+            ));
+        }
+    }
+    own(top, uid)?;
+    mode(top, 0o600)?;
     let mut read_only: Vec<PathBuf> = below.to_vec();
-    read_only.extend([kernel.to_path_buf(), initrd.to_path_buf()]);
+    read_only.extend([files.kernel.clone(), files.initrd.clone()]);
     for file in &read_only {
-        set(file, 0, 0o644)?;
+        mode(file, 0o644)?;
+    }
+    // A QEMU of its own build (under /opt, say) must be found after the jail's chroot.
+    if let Some(dir) = std::fs::canonicalize(&files.qemu)
+        .ok()
+        .and_then(|q| q.parent().map(std::path::Path::to_path_buf))
+        .filter(|d| !d.starts_with("/usr"))
+    {
+        read_only.push(dir);
+    }
+    // A layer that was this VM's own top before a clone still belongs to its uid: it becomes
+    // root's now. (A layer frozen for a fork a moment ago is still the source's live top,
+    // owned by the source's uid: the clone's jail only makes it readable.)
+    for file in below {
+        if std::fs::metadata(file).is_ok_and(|m| m.uid() == uid) {
+            own(file, 0)?;
+        }
     }
     let (devices, groups) = match accel {
         Accel::Kvm => {
-            use std::os::unix::fs::MetadataExt;
             let kvm = PathBuf::from("/dev/kvm");
-            let gid = std::fs::metadata(&kvm).map(|m| m.gid()).unwrap_or(0);
+            let gid = std::fs::metadata(&kvm)
+                .map(|m| m.gid())
+                .map_err(|e| fail("read", &kvm, e))?;
+            if gid == 0 {
+                return Err(ApiError::new(
+                    ErrorCode::HostMisconfigured,
+                    "/dev/kvm belongs to group root, and QEMU runs as a VM's own user: give /dev/kvm a group of its own (`groupadd -r kvm; chgrp kvm /dev/kvm; chmod 660 /dev/kvm`) or use --accel tcg",
+                ));
+            }
             (vec![kvm], vec![gid])
         }
         Accel::Tcg => (Vec::new(), Vec::new()),
@@ -422,8 +476,9 @@ pub(super) fn jail_for(
         groups,
         root,
         read_only,
-        writable: vec![paths.dir.clone()],
+        writable: vec![files.paths.dir.clone()],
         devices,
+        own_net,
     })
 }
 
