@@ -217,20 +217,25 @@ If you meant to do this, open this site directly and try again from its own page
     }
 }
 
+/// A hidden form field, or nothing without a value.
+fn hidden(name: &str, value: Option<&str>) -> String {
+    value
+        .map(|v| {
+            format!(
+                "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+                escape(v)
+            )
+        })
+        .unwrap_or_default()
+}
+
 /// The dashboard's login page.
 pub(crate) fn login_page<B: From<Bytes>>(
     ssh_hint: &str,
     email_enabled: bool,
     next: Option<&str>,
 ) -> Response<B> {
-    let next_field = next
-        .map(|n| {
-            format!(
-                "<input type=\"hidden\" name=\"next\" value=\"{}\">",
-                escape(n)
-            )
-        })
-        .unwrap_or_default();
+    let next_field = hidden("next", next);
     let email = if email_enabled {
         format!(
             "<h2>Email</h2><form method=\"post\" action=\"/__nook/email\">{next_field}\
@@ -255,16 +260,6 @@ pub(crate) fn login_confirm_page<B: From<Bytes>>(
     next: Option<&str>,
     state: Option<&str>,
 ) -> Response<B> {
-    let hidden = |name: &str, value: Option<&str>| {
-        value
-            .map(|v| {
-                format!(
-                    "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
-                    escape(v)
-                )
-            })
-            .unwrap_or_default()
-    };
     let body = format!(
         "<h1>Sign in to nook</h1><p>Continue only if you asked for this sign-in link yourself. \
 If someone sent it to you, close this page: it would sign you in to their account.</p>\
@@ -285,21 +280,14 @@ pub(crate) fn handoff_confirm_page<B: From<Bytes>>(
     next: &str,
     state: Option<&str>,
 ) -> Response<B> {
-    let state = state
-        .map(|s| {
-            format!(
-                "<input type=\"hidden\" name=\"state\" value=\"{}\">",
-                escape(s)
-            )
-        })
-        .unwrap_or_default();
     let body = format!(
         "<h1>Continue to {site}?</h1><p>You are signed in to nook as {email}. \
 You have no role on <b>{site}</b>: another account runs it, and nook tells it who you are \
 only once its owner shares it with you. Continue only if you meant to open it.</p>\
-<form method=\"post\" action=\"/__nook/continue\"><input type=\"hidden\" name=\"next\" value=\"{}\">{state}\
+<form method=\"post\" action=\"/__nook/continue\">{}{}\
 <button id=\"continue\">Continue to {site}</button></form><p><a href=\"/\">Back to your dashboard</a></p>",
-        escape(next),
+        hidden("next", Some(next)),
+        hidden("state", state),
         site = escape(site),
         email = escape(email),
     );

@@ -55,6 +55,24 @@ async fn read_form(body: Incoming) -> Result<Bytes, Failure> {
     }
 }
 
+/// A POSTed form's body (bounded as [`read_form`]) and the request's head, to read cookies.
+async fn read_posted(req: Request<Incoming>) -> Result<(Request<()>, Form), Failure> {
+    let (parts, body) = req.into_parts();
+    let form = read_form(body).await?;
+    Ok((Request::from_parts(parts, ()), Form(form)))
+}
+
+/// An urlencoded form body.
+struct Form(Bytes);
+
+impl Form {
+    fn field(&self, name: &str) -> Option<String> {
+        form_urlencoded::parse(&self.0)
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
 /// Where to go after signing in, and the sign-in state of the VM host that sent the browser:
 /// from the request if it says, else from the cookie the login page left.
 fn login_next<T>(
@@ -311,35 +329,21 @@ impl<B: EdgeBackend> Inner<B> {
             }
             "/__nook/login" if is_get => self.login(req, host).await,
             "/__nook/login" if method == Method::POST => {
-                let (parts, body) = req.into_parts();
-                let form = read_form(body).await?;
-                let req = Request::from_parts(parts, ());
-                let field = |name: &str| {
-                    form_urlencoded::parse(&form)
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.into_owned())
-                };
-                let Some(token) = field("token") else {
+                let (req, form) = read_posted(req).await?;
+                let Some(token) = form.field("token") else {
                     return Err(Failure::Page(Page::LoginLinkInvalid));
                 };
-                let (next, state) = login_next(&req, field("next"), field("state"));
+                let (next, state) = login_next(&req, form.field("next"), form.field("state"));
                 self.redeem_login(&req, host, &token, next, state).await
             }
             // The click on [`pages::handoff_confirm_page`]: a same-origin POST (checked above).
             "/__nook/continue" if method == Method::POST => {
-                let (parts, body) = req.into_parts();
-                let form = read_form(body).await?;
-                let req = Request::from_parts(parts, ());
-                let field = |name: &str| {
-                    form_urlencoded::parse(&form)
-                        .find(|(k, _)| k == name)
-                        .map(|(_, v)| v.into_owned())
-                };
+                let (req, form) = read_posted(req).await?;
                 let Some(user) = self.session_user(&req, &host.name).await? else {
                     return Ok(redirect("/"));
                 };
-                let state = field("state").filter(|s| auth::is_state(s));
-                Ok(self.hand_over(field("next").as_deref(), state.as_deref(), &user))
+                let state = form.field("state").filter(|s| auth::is_state(s));
+                Ok(self.hand_over(form.field("next").as_deref(), state.as_deref(), &user))
             }
             "/__nook/email" if method == Method::POST && self.mailer.is_some() => {
                 self.email_login(req, conn).await
