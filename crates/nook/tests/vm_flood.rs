@@ -55,7 +55,8 @@ fn vm_flood_of_console_garbage_frames_and_a_stalled_client_keeps_the_daemon_boun
     let data_before = data_bytes(&d.data_dir);
 
     // 1. The console: 1 MiB at a time, counted, up to 1 GiB. (Under TCG the emulated UART
-    // passes about 0.3 MiB/s, so a minute writes some 18 MiB, nine times the ring.)
+    // passes 0.1-0.3 MiB/s, depending on what else the host runs, so a minute writes 7-18
+    // MiB, several times the 2 MiB a console keeps: its log and one rotated copy.)
     d.exec(
         "loud",
         "(i=0; while [ $i -lt 1024 ]; do head -c 1048576 /dev/zero | tr '\\0' x > /dev/ttyS0; i=$((i+1)); echo $i > /tmp/mib; done) </dev/null >/dev/null 2>&1 &",
@@ -123,8 +124,9 @@ fn vm_flood_of_console_garbage_frames_and_a_stalled_client_keeps_the_daemon_boun
         data_before >> 10,
         data_peak >> 10
     );
+    // Twice what a console keeps is enough to show the rotation, not the disk, takes the flood.
     assert!(
-        console_mib >= 8,
+        console_mib >= 4,
         "the console flood hardly ran ({console_mib} MiB)"
     );
     assert!(
