@@ -24,6 +24,10 @@ pub struct Settings {
     /// IPv4 networks VMs may not reach (`A.B.C.D/N` or an address), replacing
     /// `nook_net::DEFAULT_EGRESS_BLOCK`: cloud metadata, private and special ranges.
     pub egress_block: Option<Vec<String>>,
+    /// The first uid (and gid) of the range VMs' QEMUs run as, one per VM
+    /// [default: `nook_vmm::jail::DEFAULT_JAIL_UID_BASE`]. No user, group, subordinate id
+    /// range or process on the host may use the range: startup checks.
+    pub jail_uid_base: Option<u32>,
     /// Who may sign up: `open`, `email`, `invite` or `closed` (see [`SignupPolicy`]);
     /// `email` when SMTP is set up, else `invite`.
     pub signup: Option<String>,
@@ -99,6 +103,7 @@ impl Settings {
             accel: other.accel.or(self.accel),
             net: other.net.or(self.net),
             egress_block: other.egress_block.or(self.egress_block),
+            jail_uid_base: other.jail_uid_base.or(self.jail_uid_base),
             signup: other.signup.or(self.signup),
             ready_timeout_secs: other.ready_timeout_secs.or(self.ready_timeout_secs),
             dns: other.dns.or(self.dns),
@@ -225,6 +230,8 @@ pub struct Config {
     pub net: NetChoice,
     /// What VMs on taps may not reach; see [`Settings::egress_block`].
     pub egress_block: nook_net::EgressBlockList,
+    /// The uids VMs' QEMUs run as when the daemon is root.
+    pub jail_uids: nook_vmm::jail::JailUids,
     pub signup: SignupPolicy,
     pub ready_timeout: Duration,
     pub dns: String,
@@ -332,6 +339,24 @@ impl Config {
             Some(list) => nook_net::EgressBlockList::parse(list)
                 .map_err(|e| ConfigError::Invalid("egress_block", e.to_string()))?,
         };
+        let jail_uids = nook_vmm::jail::JailUids {
+            base: s
+                .jail_uid_base
+                .unwrap_or(nook_vmm::jail::DEFAULT_JAIL_UID_BASE),
+            count: nook_net::MAX_SLOT + 1,
+        };
+        // Above the ids of users, `nobody` and the 16-bit world; below systemd's foreign range
+        // (0x7ffe0000) and the sign bit some tools mishandle.
+        let highest = 0x7ffe_0000 - u64::from(jail_uids.count);
+        if !(65_536..=highest).contains(&u64::from(jail_uids.base)) {
+            return Err(ConfigError::Invalid(
+                "jail_uid_base",
+                format!(
+                    "{}: use a free range of {} ids between 65536 and {highest}",
+                    jail_uids.base, jail_uids.count
+                ),
+            ));
+        }
         let ready = s.ready_timeout_secs.unwrap_or(120);
         if ready == 0 || ready > 3600 {
             return Err(ConfigError::Invalid(
@@ -584,6 +609,7 @@ impl Config {
             accel,
             net,
             egress_block,
+            jail_uids,
             signup,
             ready_timeout: Duration::from_secs(ready),
             dns,
@@ -681,6 +707,25 @@ mod tests {
             toml::from_str::<Settings>("colour = 1").is_err(),
             "unknown fields are refused"
         );
+    }
+
+    #[test]
+    fn jail_uids_default_and_stay_clear_of_users_and_systemds_foreign_range() {
+        let cfg = Config::validate(Settings::default()).expect("defaults");
+        assert_eq!(cfg.jail_uids.base, nook_vmm::jail::DEFAULT_JAIL_UID_BASE);
+        assert_eq!(cfg.jail_uids.count, nook_net::MAX_SLOT + 1);
+        for bad in [1000, 0x7ffe_0000 - 100, 3_000_000_000] {
+            let err = Config::validate(Settings {
+                jail_uid_base: Some(bad),
+                ..Settings::default()
+            })
+            .expect_err("out of range")
+            .to_string();
+            assert!(
+                err.contains("jail_uid_base") && err.contains("65536"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -52,6 +52,14 @@ pub fn from_storage(context: &str, err: StorageError) -> ApiError {
         StorageError::AgentUnusable { .. } => {
             ApiError::new(ErrorCode::HostMisconfigured, err.to_string())
         }
+        // Which file a forged header names is for the operator's log, not the VM's owner.
+        StorageError::UntrustedChain { .. } => {
+            tracing::error!(error = %err, "refused to {context}: a disk names a file nook did not make");
+            ApiError::new(
+                ErrorCode::Internal,
+                "This VM's disk names a backing file nook did not make, so nook will not use it; the daemon log has details",
+            )
+        }
         other => internal(context, &other),
     }
 }

@@ -215,6 +215,12 @@ impl Manager {
         let store = Store::open(&cfg.database())
             .await
             .map_err(|e| errors::from_store("open the database", e))?;
+        if nix::unistd::geteuid().is_root() {
+            let uids = cfg.jail_uids;
+            let checked = tokio::task::spawn_blocking(move || uids.check_unused()).await;
+            map_join(checked, "check the jails' uids")?
+                .map_err(|e| ApiError::new(ErrorCode::HostMisconfigured, e.to_string()))?;
+        }
         let mode = match cfg.net {
             NetChoice::Tap => NetMode::Tap,
             NetChoice::User => NetMode::User,
@@ -734,6 +740,19 @@ impl Manager {
         Ok(())
     }
 
+    /// The VM's disk chain, checked before root opens it: see
+    /// [`nook_storage::layers::trusted_chain`].
+    async fn trusted_chain(&self, vm: &VmRecord) -> Result<Vec<std::path::PathBuf>, ApiError> {
+        let base = self.image_of(vm)?.rootfs;
+        let (top, layers) = (self.paths(&vm.id).disk(), self.layers.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            nook_storage::layers::trusted_chain(&top, &layers, &base)
+        })
+        .await;
+        map_join(checked, "read the disk's chain")?
+            .map_err(|e| errors::from_storage("read the disk's chain", e))
+    }
+
     fn image_of(&self, vm: &VmRecord) -> Result<Image, ApiError> {
         let kind = ImageKind::from_str(&vm.image)
             .map_err(|e| errors::from_storage("open the VM's image", e))?;
@@ -882,6 +901,8 @@ impl Manager {
                 }
             }
             None => {
+                // qemu-img runs as root: it would grow whatever a forged header names.
+                self.trusted_chain(vm).await?;
                 let disk = self.paths(&vm.id).disk();
                 let out = tokio::process::Command::new("qemu-img")
                     .arg("resize")

@@ -110,6 +110,10 @@ pub struct ServeArgs {
     /// Host name users reach this machine by, shown in instructions
     #[arg(long, env = "NOOK_PUBLIC_HOST")]
     pub public_host: Option<String>,
+    /// First uid of the range VMs' QEMUs run as (one per VM); no user, group, subordinate
+    /// id range or process may use the range
+    #[arg(long, env = "NOOK_JAIL_UID_BASE")]
+    pub jail_uid_base: Option<u32>,
     /// The dashboard's domain (https://DOMAIN/); VMs are served under it too unless
     /// --vm-domain is set
     #[arg(long, env = "NOOK_DOMAIN")]

@@ -91,6 +91,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         public_host: args.public_host,
         domain: args.domain,
         vm_domain: args.vm_domain,
+        jail_uid_base: args.jail_uid_base,
         idle_after_secs: args.idle_after,
         metrics_addr: args.metrics_addr,
         https_addr: args.https_addr,

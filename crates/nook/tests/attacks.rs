@@ -379,6 +379,131 @@ fn attack_qemu_escape_runs_as_its_own_uid_and_sees_no_other_vm() {
     );
 }
 
+/// A clone reads the layer its source's old top became. An escaped QEMU of the source must
+/// not write it afterwards: QEMU holds it read-only, and the file is root's.
+#[test]
+fn attack_source_of_a_clone_cannot_write_the_layer_they_share() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start();
+    d.create_tiny("origin");
+    d.ok(&["vm", "cp", "origin", "copy"]);
+    // Files are matched by inode: the source opened its layer under its old top's name.
+    let layers: Vec<(u64, u64)> = std::fs::read_dir(d.data_dir.join("layers"))
+        .expect("layers")
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
+    let mut checked = 0;
+    for name in ["origin", "copy"] {
+        let vm = d.vm(name);
+        let dir = d.data_dir.join("vms").join(vm["id"].as_str().expect("id"));
+        let pids = common::qemu_pids_under(&dir);
+        assert_eq!(pids.len(), 1, "QEMUs of {name}: {pids:?}");
+        for fd in std::fs::read_dir(format!("/proc/{}/fd", pids[0]))
+            .expect("fds")
+            .flatten()
+        {
+            let Ok(meta) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            if !layers.contains(&(meta.dev(), meta.ino())) {
+                continue;
+            }
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            let info = std::fs::read_to_string(format!(
+                "/proc/{}/fdinfo/{}",
+                pids[0],
+                fd.file_name().to_string_lossy()
+            ))
+            .expect("fdinfo");
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .expect("flags");
+            assert_eq!(
+                flags & 0o3,
+                0,
+                "{name}'s QEMU holds layer {} open for writing",
+                target.display()
+            );
+            assert_eq!(
+                (meta.uid(), meta.mode() & 0o777),
+                (0, 0o644),
+                "layer {} is not root's and read-only",
+                target.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "no QEMU has the shared layer open ({checked})"
+    );
+}
+
+/// The same forgery aimed at root's `qemu-img`: a stopped VM's top names an external data
+/// file (a host file), which `resize` would grow and a flatten would write through. Nook
+/// refuses the disk, and the named file keeps its size.
+#[test]
+fn attack_disk_header_naming_a_data_file_is_not_grown_by_resize() {
+    let d = Daemon::start();
+    let owner = Key::new("forger");
+    d.signup(&owner, "forger@example.com");
+    d.lobby_ok(&owner, &["new", "--name", "forged", "--image", "tiny"]);
+    d.lobby_ok(&owner, &["stop", "forged"]);
+    let id = d
+        .list()
+        .into_iter()
+        .find(|vm| vm["name"] == "forged")
+        .and_then(|vm| vm["id"].as_str().map(str::to_string))
+        .expect("forged's id");
+    let disk = d.data_dir.join("vms").join(id).join("disk.qcow2");
+    let bait = tempfile::NamedTempFile::new().expect("bait");
+    std::fs::write(bait.path(), b"host secret").expect("bait");
+    // What an escaped QEMU can do to the top it owns: make it a qcow2 whose data lives in a
+    // file elsewhere (made on a decoy, then renamed to the bait in the header).
+    let decoy = tempfile::NamedTempFile::new().expect("decoy");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("data_file={}", decoy.path().display()))
+        .arg(&disk)
+        .arg("1G")
+        .output()
+        .expect("qemu-img");
+    assert!(made.status.success(), "{}", stderr(&made));
+    let amended = std::process::Command::new("qemu-img")
+        .args(["amend", "-f", "qcow2", "-o"])
+        .arg(format!("data_file={}", bait.path().display()))
+        .arg(&disk)
+        .output()
+        .expect("qemu-img");
+    assert!(amended.status.success(), "{}", stderr(&amended));
+
+    let out = d.ssh(&owner, "lobby", &["resize", "forged", "--disk", "3G"]);
+    assert!(
+        !out.status.success(),
+        "resize of a forged disk went through"
+    );
+    assert!(
+        stderr(&out).contains("backing file nook did not make"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::metadata(bait.path()).expect("bait").len(),
+        11,
+        "root's qemu-img grew the named host file"
+    );
+    let out = d.ssh(&owner, "lobby", &["start", "forged"]);
+    assert!(!out.status.success(), "a forged disk started");
+    assert!(
+        d.qemu_pids().is_empty(),
+        "a QEMU started on the forged disk"
+    );
+}
+
 /// An escaped QEMU owns its disk top and can write any backing-file name into its header, for
 /// the root daemon to follow at the next start (another VM's disk through `/proc`, a host
 /// file). Such a VM is not started, and the named file is left as it was.

@@ -52,6 +52,10 @@ pub enum StorageError {
         path.display()
     )]
     AgentUnusable { path: PathBuf, why: String },
+    /// A qcow2 header, which the VM's QEMU can write, names a file nook did not make for
+    /// this disk: root must not open it.
+    #[error("Disk {} names {what}, which nook did not make for it", disk.display())]
+    UntrustedChain { disk: PathBuf, what: String },
 }
 
 /// Maps an I/O error on `path` to [`StorageError`], turning a full disk into `NoSpace`.

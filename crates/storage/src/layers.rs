@@ -134,6 +134,56 @@ pub fn chain(top: &Path) -> Result<Vec<PathBuf>, StorageError> {
     Ok(files)
 }
 
+/// The chain from `top` down, checked before root (the daemon, `qemu-img`) opens any of it.
+///
+/// Every qcow2 header in a VM's chain is writable by that VM's QEMU at some point, so the
+/// names in them are trusted only when each file below the top is a regular file among
+/// `layers`, or is `base`, and no file uses an external data file (a second name qcow2 can
+/// point anywhere, which `qemu-img resize` would grow and `rebase` would write through).
+pub fn trusted_chain(
+    top: &Path,
+    layers: &Layers,
+    base: &Path,
+) -> Result<Vec<PathBuf>, StorageError> {
+    let untrusted = |what: String| StorageError::UntrustedChain {
+        disk: top.to_path_buf(),
+        what,
+    };
+    let mut files = vec![top.to_path_buf()];
+    loop {
+        // Each name is checked before the file is opened, so a forged one is never read.
+        let file = files.last().map(PathBuf::as_path).unwrap_or(top);
+        if has_external_data_file(file)? {
+            return Err(untrusted(format!(
+                "an external data file (in {})",
+                file.display()
+            )));
+        }
+        let Some(next) = backing_file(file)? else {
+            return Ok(files);
+        };
+        let regular = fs::symlink_metadata(&next).is_ok_and(|m| m.file_type().is_file());
+        if !regular || !(layers.contains(&next) || next == base) {
+            return Err(untrusted(format!("the backing file {}", next.display())));
+        }
+        if files.len() >= MAX_CHAIN || files.contains(&next) {
+            return Err(untrusted(format!("a loop through {}", next.display())));
+        }
+        files.push(next);
+    }
+}
+
+/// Whether a qcow2 v3 header sets the "external data file" incompatible feature (bit 2).
+fn has_external_data_file(path: &Path) -> Result<bool, StorageError> {
+    let file = fs::File::open(path).map_err(io_err("read", path))?;
+    let mut header = [0u8; 80];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)
+        .map_err(io_err("read", path))?;
+    let version = u32::from_be_bytes(header[4..8].try_into().unwrap_or_default());
+    let incompatible = u64::from_be_bytes(header[72..80].try_into().unwrap_or_default());
+    Ok(version >= 3 && incompatible & (1 << 2) != 0)
+}
+
 /// How many frozen layers sit between `top` and its image base.
 pub fn depth(layers: &Layers, top: &Path) -> Result<usize, StorageError> {
     Ok(chain(top)?.iter().filter(|f| layers.contains(f)).count())
@@ -201,5 +251,38 @@ mod tests {
         let junk = dir.path().join("junk");
         fs::write(&junk, b"hello world, not an image").unwrap();
         assert!(backing_file(&junk).is_err());
+    }
+
+    #[test]
+    fn a_chain_naming_a_host_file_or_a_data_file_is_untrusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let layers = Layers::new(dir.path().join("layers"));
+        let base = dir.path().join("base.qcow2");
+        qcow2(&base, None);
+        let layer = layers.freeze(&base).unwrap();
+        let top = dir.path().join("top.qcow2");
+        qcow2(&top, Some(&layer));
+        assert_eq!(
+            trusted_chain(&top, &layers, &base).unwrap(),
+            vec![top.clone(), layer.clone()]
+        );
+        // A header rewritten to name a file outside the layers.
+        let stranger = dir.path().join("stranger.qcow2");
+        qcow2(&stranger, None);
+        qcow2(&top, Some(&stranger));
+        let err = trusted_chain(&top, &layers, &base).unwrap_err();
+        assert!(err.to_string().contains("stranger.qcow2"), "{err}");
+        // A top with an external data file.
+        let data = dir.path().join("top.data");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={}", data.display()))
+            .arg(&top)
+            .arg("64M")
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = trusted_chain(&top, &layers, &base).unwrap_err();
+        assert!(err.to_string().contains("external data file"), "{err}");
     }
 }

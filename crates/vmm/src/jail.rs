@@ -2,7 +2,7 @@
 //! VM's own unprivileged uid.
 //!
 //! A device-emulation bug in QEMU then hands an attacker a process that:
-//! - runs as a uid no other process or file on the host uses (`JAIL_UID_BASE + slot`);
+//! - runs as a uid no other process or file on the host uses ([`JailUids::for_slot`]);
 //! - sees a read-only tmpfs root holding `/usr` (read-only), a few device nodes, and this VM's
 //!   own files at their host paths: its disk top read-write, the layers, base image, kernel
 //!   and initrd below it read-only. No other VM's disk, no database, no key exists there;
@@ -22,13 +22,132 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// First uid (and gid) of the range VMs' QEMUs run as: `0x6e6b0000` ("nk"), far above the
-/// ranges distributions hand to users and subordinate ids. The VM's network slot is added.
-pub const JAIL_UID_BASE: u32 = 0x6e6b_0000;
+/// The default first uid (and gid) of the range VMs' QEMUs run as: `0x6e6b0000` ("nk"), far
+/// above the ranges distributions hand to users and subordinate ids. It lies in the range
+/// systemd may hand to containers (`systemd-nspawn -U`), so [`JailUids::check_unused`] looks
+/// for a clash at startup, and `jail_uid_base` moves the range.
+pub const DEFAULT_JAIL_UID_BASE: u32 = 0x6e6b_0000;
 
-/// The uid (and gid) the QEMU of the VM in network `slot` runs as.
-pub fn uid_for_slot(slot: u32) -> u32 {
-    JAIL_UID_BASE + slot
+/// The uids (and gids) VMs' QEMUs run as: `base + slot`, one per network slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailUids {
+    pub base: u32,
+    /// How many slots there are, so the range is `base .. base + count`.
+    pub count: u32,
+}
+
+/// A uid of the jails' range that something else on the host uses.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "uids {first}-{last}, which VMs' QEMUs run as, are in use here: {user}. Give nook a free range with jail_uid_base (--jail-uid-base, NOOK_JAIL_UID_BASE)"
+)]
+pub struct JailUidsInUse {
+    pub first: u32,
+    pub last: u32,
+    /// What uses them, e.g. `user alice (uid 1852506113) in /etc/passwd`.
+    pub user: String,
+}
+
+impl JailUids {
+    /// The uid (and gid) the QEMU of the VM in network `slot` runs as.
+    pub fn for_slot(&self, slot: u32) -> u32 {
+        self.base + slot
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        (u64::from(self.base)..u64::from(self.base) + u64::from(self.count)).contains(&id)
+    }
+
+    fn overlaps(&self, first: u64, count: u64) -> bool {
+        first < u64::from(self.base) + u64::from(self.count)
+            && u64::from(self.base) < first.saturating_add(count)
+    }
+
+    /// Looks for anything else on this host that uses the range: users and groups in
+    /// `/etc/passwd` and `/etc/group`, subordinate ranges in `/etc/subuid` and `/etc/subgid`,
+    /// and running processes other than nook's own QEMUs (a container `systemd-nspawn` gave
+    /// these ids to, say). Sharing a uid with any of them would let an escaped QEMU act as it.
+    pub fn check_unused(&self) -> Result<(), JailUidsInUse> {
+        self.check_files(Path::new("/etc"))?;
+        self.check_processes(Path::new("/proc"))
+    }
+
+    fn clash(&self, user: String) -> JailUidsInUse {
+        JailUidsInUse {
+            first: self.base,
+            last: self.base + self.count.saturating_sub(1),
+            user,
+        }
+    }
+
+    fn check_files(&self, etc: &Path) -> Result<(), JailUidsInUse> {
+        for (file, id_field) in [("passwd", 2), ("group", 2)] {
+            let text = std::fs::read_to_string(etc.join(file)).unwrap_or_default();
+            for line in text.lines() {
+                let fields: Vec<&str> = line.split(':').collect();
+                let id = fields.get(id_field).and_then(|f| f.parse::<u64>().ok());
+                if let Some(id) = id.filter(|id| self.contains(*id)) {
+                    let kind = if file == "passwd" { "user" } else { "group" };
+                    return Err(
+                        self.clash(format!("{kind} {} (id {id}) in /etc/{file}", fields[0]))
+                    );
+                }
+            }
+        }
+        for file in ["subuid", "subgid"] {
+            let text = std::fs::read_to_string(etc.join(file)).unwrap_or_default();
+            for line in text.lines() {
+                let mut fields = line.split(':');
+                let (Some(who), Some(first), Some(count)) =
+                    (fields.next(), fields.next(), fields.next())
+                else {
+                    continue;
+                };
+                let (Ok(first), Ok(count)) = (first.parse::<u64>(), count.parse::<u64>()) else {
+                    continue;
+                };
+                if self.overlaps(first, count) {
+                    return Err(self.clash(format!(
+                        "the subordinate ids of {who} ({first}+{count}) in /etc/{file}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_processes(&self, proc: &Path) -> Result<(), JailUidsInUse> {
+        let Ok(entries) = std::fs::read_dir(proc) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let pid = entry.file_name();
+            if !pid.as_bytes().iter().all(u8::is_ascii_digit) {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+                continue;
+            };
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                .and_then(|id| id.parse::<u64>().ok());
+            let Some(uid) = uid.filter(|uid| self.contains(*uid)) else {
+                continue;
+            };
+            // A QEMU this daemon started before a restart runs as its VM's uid: that one is ours.
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let ours = cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg.starts_with(b"nook-") && arg.len() > 5)
+                && cmdline.windows(6).any(|w| w == b"-name\0");
+            if !ours {
+                return Err(self.clash(format!("process {} (uid {uid})", pid.to_string_lossy())));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What one VM's QEMU may see, and who it runs as.
@@ -327,7 +446,7 @@ mod tests {
     #[test]
     fn every_file_gets_its_parents_once_and_a_bind_at_its_own_path() {
         let jail = Jail {
-            uid: uid_for_slot(3),
+            uid: DEFAULT_JAIL_UID_BASE + 3,
             groups: vec![],
             root: "/j".into(),
             read_only: vec!["/d/img/kernel".into(), "/d/img/base.qcow2".into()],
@@ -374,7 +493,7 @@ mod tests {
         )));
         assert!(binds.contains(&("/d/img/kernel".into(), "/j/d/img/kernel".into(), true)));
         assert!(binds.contains(&("/dev/null".into(), "/j/dev/null".into(), false)));
-        assert_eq!(p.uid, JAIL_UID_BASE + 3);
+        assert_eq!(p.uid, DEFAULT_JAIL_UID_BASE + 3);
         // A failure names its step.
         let err = std::io::Error::from_raw_os_error(STEP_CODE + 1000 + libc::EPERM);
         assert!(
@@ -382,5 +501,59 @@ mod tests {
             "{}",
             p.explain(&err)
         );
+    }
+
+    #[test]
+    fn jail_uids_clash_with_users_groups_subordinate_ids_and_foreign_processes() {
+        let uids = JailUids {
+            base: 200_000,
+            count: 100,
+        };
+        assert_eq!(uids.for_slot(7), 200_007);
+        let etc = tempfile::tempdir().expect("tempdir");
+        let write = |file: &str, text: &str| {
+            std::fs::write(etc.path().join(file), text).expect("write");
+        };
+        write(
+            "passwd",
+            "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+        );
+        write("group", "root:x:0:\n");
+        write("subuid", "alice:100000:65536\n");
+        write("subgid", "alice:100000:65536\n");
+        uids.check_files(etc.path()).expect("nothing clashes");
+
+        write("subuid", "alice:100000:65536\nbob:199990:20\n");
+        let err = uids
+            .check_files(etc.path())
+            .expect_err("bob's range reaches in");
+        assert!(err.to_string().contains("subordinate ids of bob"), "{err}");
+        assert!(err.to_string().contains("jail_uid_base"), "{err}");
+
+        write("subuid", "");
+        write("group", "qemu:x:200099:\n");
+        let err = uids.check_files(etc.path()).expect_err("a group in range");
+        assert!(err.to_string().contains("group qemu (id 200099)"), "{err}");
+
+        // Processes: a QEMU of ours is fine, anything else in the range is not.
+        let proc = tempfile::tempdir().expect("tempdir");
+        let process = |pid: &str, uid: u32, cmdline: &[u8]| {
+            let dir = proc.path().join(pid);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(
+                dir.join("status"),
+                format!("Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+            )
+            .expect("status");
+            std::fs::write(dir.join("cmdline"), cmdline).expect("cmdline");
+        };
+        process("1", 0, b"/sbin/init\0");
+        process("40", 200_003, b"qemu-system-x86_64\0-name\0nook-abc\0");
+        uids.check_processes(proc.path()).expect("only our QEMU");
+        process("41", 200_004, b"/usr/lib/systemd/systemd\0");
+        let err = uids
+            .check_processes(proc.path())
+            .expect_err("a container's init");
+        assert!(err.to_string().contains("process 41 (uid 200004)"), "{err}");
     }
 }

@@ -285,7 +285,7 @@ impl Manager {
         // The source's QEMU runs jailed as its own uid, and must be able to write its new top.
         let src_uid = nix::unistd::geteuid()
             .is_root()
-            .then(|| nook_vmm::jail::uid_for_slot(src.slot));
+            .then(|| self.cfg.jail_uids.for_slot(src.slot));
         let made = tokio::task::spawn_blocking(move || {
             let layer = layer_store.freeze(&src_disk)?;
             faults::point("clone:frozen");
@@ -465,7 +465,15 @@ impl Manager {
         };
         match outcome {
             Ok(()) if keep => {
-                tracing::info!(vm = %vm.name, "the VM's disk now sits on a new layer")
+                tracing::info!(vm = %vm.name, "the VM's disk now sits on a new layer");
+                // The old top is a layer now, which the clone reads: the uid that wrote it
+                // owns it no more (QEMU itself reopened it read-only when it moved on).
+                if nix::unistd::geteuid().is_root()
+                    && let Ok(Some(layer)) = layers::backing_file(&disk)
+                    && let Err(err) = freeze_ownership(&layer)
+                {
+                    tracing::error!(vm = %vm.name, layer = %layer.display(), %err, "could not make the new layer root's");
+                }
             }
             Ok(()) => tracing::info!(vm = %vm.name, "dropped an unused new disk top"),
             Err(err) => {
@@ -513,14 +521,8 @@ impl Manager {
             return Ok(());
         };
         let disk = self.paths(id).disk();
-        let chain = {
-            let disk = disk.clone();
-            map_join(
-                tokio::task::spawn_blocking(move || layers::chain(&disk)).await,
-                "read a disk chain",
-            )?
-            .map_err(|e| errors::from_storage("read a disk chain", e))?
-        };
+        // Root's qemu-img rebase below follows the chain, so it must be one nook made.
+        let chain = self.trusted_chain(&vm).await?;
         let depth = chain.iter().filter(|f| self.layers.contains(f)).count();
         let Some(base) = chain.last().filter(|_| depth > MAX_LAYERS).cloned() else {
             return Ok(());
@@ -545,6 +547,13 @@ impl Manager {
         self.collect_layers().await;
         Ok(())
     }
+}
+
+/// Makes a frozen layer root's and read-only to everyone.
+fn freeze_ownership(layer: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(layer, Some(0), Some(0))?;
+    std::fs::set_permissions(layer, std::fs::Permissions::from_mode(0o644))
 }
 
 /// Whether `next`'s backing file is the same file as `disk`: the new top was made for it.

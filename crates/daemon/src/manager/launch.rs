@@ -143,10 +143,11 @@ impl Manager {
                 base: image.rootfs.clone(),
                 layers: self.layers.clone(),
             };
-            let (root, slot) = (self.cfg.data_dir.join(JAIL_ROOT), vm.slot);
+            let root = self.cfg.data_dir.join(JAIL_ROOT);
+            let uid = self.cfg.jail_uids.for_slot(vm.slot);
             let own_net = matches!(net, NetBackend::Tap { .. });
             let made =
-                tokio::task::spawn_blocking(move || jail_for(slot, &files, root, accel, own_net))
+                tokio::task::spawn_blocking(move || jail_for(uid, &files, root, accel, own_net))
                     .await;
             Some(map_join(made, "prepare QEMU's jail")??)
         } else {
@@ -388,19 +389,17 @@ pub(super) struct JailFiles {
 /// and only traversable, its disk top belongs to the VM's uid alone, and what lies below the
 /// top (layers, base, kernel, initrd) is readable, never writable, by it.
 ///
-/// The chain's names come from qcow2 headers the VM's QEMU can write, so they are trusted only
-/// when each names a regular file among the layers, or the image's base: otherwise an escaped
-/// QEMU could name any host file (another VM's disk through `/proc`, say) and have root open
-/// it up to its next start.
+/// The chain's names come from qcow2 headers the VM's QEMU can write, so they go through
+/// [`nook_storage::layers::trusted_chain`]: otherwise an escaped QEMU could name any host file
+/// (another VM's disk through `/proc`, say) and have root chown it at its next start.
 pub(super) fn jail_for(
-    slot: u32,
+    uid: u32,
     files: &JailFiles,
     root: PathBuf,
     accel: Accel,
     own_net: bool,
 ) -> Result<nook_vmm::Jail, ApiError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let uid = nook_vmm::jail::uid_for_slot(slot);
     let fail = |what: &str, path: &std::path::Path, e: std::io::Error| {
         io_error(
             &format!("prepare QEMU's jail ({what} {})", path.display()),
@@ -417,21 +416,12 @@ pub(super) fn jail_for(
     std::fs::create_dir_all(&root).map_err(|e| fail("make", &root, e))?;
     own(&files.paths.dir, 0)?;
     mode(&files.paths.dir, 0o711)?;
-    let chain = nook_storage::layers::chain(&files.paths.disk())
-        .map_err(|e| errors::from_storage("read the disk's chain", e))?;
+    let chain =
+        nook_storage::layers::trusted_chain(&files.paths.disk(), &files.layers, &files.base)
+            .map_err(|e| errors::from_storage("start the VM", e))?;
     let (top, below) = chain
         .split_first()
         .ok_or_else(|| io_error("read the disk's chain", std::io::ErrorKind::NotFound.into()))?;
-    for file in below {
-        let regular = std::fs::symlink_metadata(file).is_ok_and(|m| m.file_type().is_file());
-        if !regular || !(files.layers.contains(file) || *file == files.base) {
-            tracing::error!(disk = %top.display(), backing = %file.display(), "a disk names a backing file that is neither a layer nor its image");
-            return Err(ApiError::new(
-                ErrorCode::Internal,
-                "This VM's disk names a backing file nook did not make, so it will not be started; the daemon log has details",
-            ));
-        }
-    }
     own(top, uid)?;
     mode(top, 0o600)?;
     let mut read_only: Vec<PathBuf> = below.to_vec();
