@@ -75,7 +75,16 @@ pub enum LobbyCommand {
         disk: Option<String>,
     },
     /// A VM's CPU, memory, disk, network and uptime; without a name, your whole envelope
+    /// and LLM credit
     Stat { name: Option<String> },
+    /// LLM tokens and cost through the gateway, per VM and model
+    Usage {
+        /// Only this VM
+        vm: Option<String>,
+        /// How far back: a number with s, m, h or d, e.g. 24h or 7d
+        #[arg(long, default_value = "30d")]
+        since: String,
+    },
     /// Manage the SSH keys of your account
     #[command(subcommand, name = "ssh-key")]
     SshKey(SshKeyCommand),
@@ -188,7 +197,7 @@ pub enum SshKeyCommand {
 /// The command names, for help and completion.
 pub const COMMANDS: &[&str] = &[
     "signup", "invite", "whoami", "new", "ls", "rm", "start", "stop", "restart", "rename", "cp",
-    "resize", "stat", "ssh-key", "browser", "share", "token", "help", "exit",
+    "resize", "stat", "usage", "ssh-key", "browser", "share", "token", "help", "exit",
 ];
 
 #[cfg(test)]

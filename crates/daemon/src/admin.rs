@@ -31,6 +31,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/accounts/{email}/verify", post(verify_account))
         .route("/v1/accounts/{email}/invite", post(invite_account))
         .route("/v1/accounts/{email}/plan", get(get_plan).put(set_plan))
+        .route(
+            "/v1/accounts/{email}/credit",
+            get(get_credit).post(change_credit),
+        )
         .with_state(manager)
 }
 
@@ -341,6 +345,75 @@ async fn invite_account(
         "expires_in_secs": nook_store::INVITE_TTL_SECS,
         "signup": format!("{} signup {email} --invite {code}", m.config().ssh_command(None)),
     })))
+}
+
+fn credit_json(email: &str, micros: i64) -> serde_json::Value {
+    serde_json::json!({
+        "email": email,
+        "balance_micros": micros,
+        "balance": nook_gateway::dollars(micros),
+    })
+}
+
+async fn get_credit(
+    State(m): State<Arc<Manager>>,
+    Path(email): Path<String>,
+) -> Reply<impl IntoResponse> {
+    let account = account(&m, &email).await?;
+    let micros = m
+        .store()
+        .credit(&account.id, m.config().llm_initial_credit_micros)
+        .await
+        .map_err(|e| Failure(crate::errors::from_store("read the credit", e)))?;
+    Ok(axum::Json(credit_json(&account.email, micros)))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreditChange {
+    add: Option<f64>,
+    set: Option<f64>,
+}
+
+/// `nook account credit EMAIL --add|--set DOLLARS`.
+async fn change_credit(
+    State(m): State<Arc<Manager>>,
+    Path(email): Path<String>,
+    body: Bytes,
+) -> Reply<impl IntoResponse> {
+    let change: CreditChange = parse_json(&body)?;
+    let account = account(&m, &email).await?;
+    let micros = |dollars: f64, what: &str| -> Result<i64, Failure> {
+        if !dollars.is_finite() || dollars.abs() > 1e9 {
+            return Err(Failure(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("Invalid --{what} {dollars}: give dollars, e.g. 10 or 2.50"),
+            )));
+        }
+        Ok((dollars * 1e6).round() as i64)
+    };
+    let (delta, set) = match (change.add, change.set) {
+        (Some(add), None) => (micros(add, "add")?, false),
+        (None, Some(set)) => (micros(set, "set")?, true),
+        _ => {
+            return Err(Failure(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "Give one of --add or --set",
+            )));
+        }
+    };
+    let balance = m
+        .store()
+        .change_credit(
+            &account.id,
+            m.config().llm_initial_credit_micros,
+            delta,
+            set,
+        )
+        .await
+        .map_err(|e| Failure(crate::errors::from_store("change the credit", e)))?;
+    tracing::info!(account = %account.id, delta, set, balance, "LLM credit changed");
+    Ok(axum::Json(credit_json(&account.email, balance)))
 }
 
 fn plan_json(email: &str, plan: &nook_store::Plan) -> serde_json::Value {

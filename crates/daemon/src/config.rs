@@ -90,6 +90,32 @@ pub struct Settings {
     pub smtp_from: Option<String>,
     pub smtp_user: Option<String>,
     pub smtp_password: Option<String>,
+    /// Anthropic's API for the LLM gateway [default: https://api.anthropic.com].
+    pub llm_anthropic_base_url: Option<String>,
+    /// The host's Anthropic key; without it the gateway refuses Anthropic requests.
+    pub llm_anthropic_key: Option<String>,
+    /// OpenAI's API for the LLM gateway [default: https://api.openai.com].
+    pub llm_openai_base_url: Option<String>,
+    pub llm_openai_key: Option<String>,
+    /// More providers, each with an OpenAI- or Anthropic-style API (file only).
+    pub llm_providers: Option<Vec<crate::gateway::ProviderSettings>>,
+    /// Prices per provider and model in dollars per million tokens, replacing the built-in
+    /// table of that provider (file only). Only priced models may be used.
+    pub llm_prices: Option<
+        std::collections::BTreeMap<
+            String,
+            std::collections::BTreeMap<String, crate::gateway::PriceSettings>,
+        >,
+    >,
+    /// LLM credit a new account starts with, in dollars [default: 0].
+    pub llm_initial_credit: Option<f64>,
+    /// Gateway requests per minute per account, per VM, and tokens per minute per account
+    /// (0: no limit).
+    pub llm_account_rpm: Option<u32>,
+    pub llm_vm_rpm: Option<u32>,
+    pub llm_account_tpm: Option<u64>,
+    /// The largest request body the gateway passes on [default: 16M].
+    pub llm_max_body: Option<String>,
 }
 
 impl Settings {
@@ -133,6 +159,17 @@ impl Settings {
             smtp_host: other.smtp_host.or(self.smtp_host),
             smtp_port: other.smtp_port.or(self.smtp_port),
             smtp_security: other.smtp_security.or(self.smtp_security),
+            llm_anthropic_base_url: other.llm_anthropic_base_url.or(self.llm_anthropic_base_url),
+            llm_anthropic_key: other.llm_anthropic_key.or(self.llm_anthropic_key),
+            llm_openai_base_url: other.llm_openai_base_url.or(self.llm_openai_base_url),
+            llm_openai_key: other.llm_openai_key.or(self.llm_openai_key),
+            llm_providers: other.llm_providers.or(self.llm_providers),
+            llm_prices: other.llm_prices.or(self.llm_prices),
+            llm_initial_credit: other.llm_initial_credit.or(self.llm_initial_credit),
+            llm_account_rpm: other.llm_account_rpm.or(self.llm_account_rpm),
+            llm_vm_rpm: other.llm_vm_rpm.or(self.llm_vm_rpm),
+            llm_account_tpm: other.llm_account_tpm.or(self.llm_account_tpm),
+            llm_max_body: other.llm_max_body.or(self.llm_max_body),
             smtp_from: other.smtp_from.or(self.smtp_from),
             smtp_user: other.smtp_user.or(self.smtp_user),
             smtp_password: other.smtp_password.or(self.smtp_password),
@@ -250,6 +287,10 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub reclaim: bool,
     pub web: WebConfig,
+    /// The LLM gateway's providers, prices and limits.
+    pub gateway: nook_gateway::GatewayConfig,
+    /// LLM credit a new account starts with, in micro-dollars.
+    pub llm_initial_credit_micros: i64,
 }
 
 /// The HTTPS edge, its DNS server and certificates.
@@ -293,7 +334,8 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 impl Config {
-    pub fn validate(s: Settings) -> Result<Config, ConfigError> {
+    pub fn validate(mut s: Settings) -> Result<Config, ConfigError> {
+        let (gateway, llm_initial_credit_micros) = crate::gateway::config_from(&mut s)?;
         let data_dir = s.data_dir.unwrap_or_else(default_data_dir);
         if data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir", "must not be empty".into()));
@@ -592,6 +634,8 @@ impl Config {
         };
         Ok(Config {
             web,
+            gateway,
+            llm_initial_credit_micros,
             reclaim: s.reclaim.unwrap_or(true),
             metrics_addr,
             idle_after,

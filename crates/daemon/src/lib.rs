@@ -9,6 +9,7 @@ pub mod config;
 pub mod errors;
 mod faults;
 pub mod frontdoor;
+pub mod gateway;
 pub mod idle;
 pub mod limits;
 pub mod lobby;

@@ -355,6 +355,9 @@ async fn execute(
             }
             Ok(())
         }
+        LobbyCommand::Usage { vm, since } => {
+            llm_usage(m, &account.id, vm.as_deref(), &since, io, json).await
+        }
         LobbyCommand::SshKey(cmd) => ssh_keys(m, account, caller, cmd, io, json).await,
         LobbyCommand::Browser => {
             let token = m
@@ -834,6 +837,95 @@ async fn new_vm(
     }
 }
 
+/// `usage [VM] [--since 7d]`: the gateway's usage table, summed per VM and model.
+async fn llm_usage(
+    m: &Arc<Manager>,
+    account_id: &str,
+    vm: Option<&str>,
+    since: &str,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    let secs = parse_age(since).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("Invalid --since {since:?}: use a number with s, m, h or d, e.g. 24h or 7d"),
+        )
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let rows = m
+        .store()
+        .usage(account_id, now.saturating_sub(secs), vm)
+        .await
+        .map_err(|e| crate::errors::from_store("read the usage", e))?;
+    let credit = m
+        .store()
+        .credit(account_id, m.config().llm_initial_credit_micros)
+        .await
+        .map_err(|e| crate::errors::from_store("read the credit", e))?;
+    let dollars = |micros: u64| nook_gateway::dollars(i64::try_from(micros).unwrap_or(i64::MAX));
+    if json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "vm": r.vm_name, "provider": r.provider, "model": r.model, "requests": r.requests,
+                    "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+                    "cache_read_tokens": r.cache_read_tokens, "cache_write_tokens": r.cache_write_tokens,
+                    "cost": dollars(r.cost_micros), "cost_micros": r.cost_micros,
+                })
+            })
+            .collect();
+        print_json(
+            io,
+            &json!({ "since_secs": secs, "usage": rows, "credit": nook_gateway::dollars(credit), "credit_micros": credit }),
+        );
+        return Ok(());
+    }
+    let mut text = format!(
+        "{:<20} {:<28} {:>8} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
+        "VM", "MODEL", "REQUESTS", "INPUT", "OUTPUT", "CACHE RD", "CACHE WR", "COST"
+    );
+    for r in &rows {
+        text.push_str(&format!(
+            "{:<20} {:<28} {:>8} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
+            r.vm_name,
+            format!("{}/{}", r.provider, r.model),
+            r.requests,
+            r.input_tokens,
+            r.output_tokens,
+            r.cache_read_tokens,
+            r.cache_write_tokens,
+            dollars(r.cost_micros)
+        ));
+    }
+    if rows.is_empty() {
+        text.push_str("(no gateway requests in that time)\n");
+    }
+    text.push_str(&format!(
+        "LLM credit left: {}",
+        nook_gateway::dollars(credit)
+    ));
+    println(io, &text);
+    Ok(())
+}
+
+/// Seconds in `30d`, `12h`, `15m` or `90s`.
+fn parse_age(text: &str) -> Option<i64> {
+    let (n, unit) = text.trim().split_at(text.trim().len().checked_sub(1)?);
+    let n: i64 = n.parse().ok().filter(|n| *n > 0)?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(unit)
+}
+
 /// The account's plan against what its VMs use.
 async fn envelope(m: &Arc<Manager>, account_id: &str) -> Result<serde_json::Value, ApiError> {
     let plan = m.plan_for(account_id).await?;
@@ -843,6 +935,11 @@ async fn envelope(m: &Arc<Manager>, account_id: &str) -> Result<serde_json::Valu
         .filter(|vm| vm.state == VmState::Running)
         .collect();
     let usage = m.account_usage(account_id);
+    let credit = m
+        .store()
+        .credit(account_id, m.config().llm_initial_credit_micros)
+        .await
+        .map_err(|e| crate::errors::from_store("read the credit", e))?;
     Ok(json!({
         "plan": { "cpu": plan.cpu, "memory_mib": plan.memory_mib, "disk_bytes": plan.disk_bytes, "max_vms": plan.max_vms },
         "vms": vms.len(),
@@ -851,6 +948,8 @@ async fn envelope(m: &Arc<Manager>, account_id: &str) -> Result<serde_json::Valu
         "disk_bytes": vms.iter().map(|vm| vm.disk_bytes).sum::<u64>(),
         "memory_used_bytes": usage.map(|u| u.memory_bytes),
         "cpu_used_ns": usage.map(|u| u.cpu_usage_ns),
+        "llm_credit": nook_gateway::dollars(credit),
+        "llm_credit_micros": credit,
     }))
 }
 
@@ -862,7 +961,7 @@ fn format_envelope(env: &serde_json::Value) -> String {
         None => String::new(),
     };
     format!(
-        "  envelope {} vCPU, {} memory, {} disk, up to {} VMs\n  VMs      {} ({} running)\n  memory   {} nominal in running VMs{real}\n  disk     {} of {}",
+        "  envelope {} vCPU, {} memory, {} disk, up to {} VMs\n  VMs      {} ({} running)\n  memory   {} nominal in running VMs{real}\n  disk     {} of {}\n  LLM      {} of credit (see `usage`)",
         plan["cpu"],
         format_size(n(&plan["memory_mib"]) << 20),
         format_size(n(&plan["disk_bytes"])),
@@ -872,6 +971,7 @@ fn format_envelope(env: &serde_json::Value) -> String {
         format_size(n(&env["running_memory_mib"]) << 20),
         format_size(n(&env["disk_bytes"])),
         format_size(n(&plan["disk_bytes"])),
+        env["llm_credit"].as_str().unwrap_or("?"),
     )
 }
 

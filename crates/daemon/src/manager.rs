@@ -144,6 +144,8 @@ pub struct Manager {
     /// layers are collected, so a layer is never collected between the two.
     layers_lock: tokio::sync::Mutex<()>,
     op_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The LLM gateway VMs reach on the metadata address.
+    gateway: Arc<nook_gateway::Gateway>,
     /// Held for the daemon's life when it owns the host's VM network (see `take_host_lock`).
     _host_lock: Option<std::fs::File>,
 }
@@ -285,7 +287,19 @@ impl Manager {
             }
         };
         let layers = nook_storage::layers::Layers::new(cfg.layers_dir());
+        let backend = crate::gateway::StoreBackend {
+            store: store.clone(),
+            initial_micros: cfg.llm_initial_credit_micros,
+        };
+        let gateway =
+            nook_gateway::Gateway::new(cfg.gateway.clone(), Arc::new(backend)).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::HostMisconfigured,
+                    format!("{e}: apt-get install ca-certificates"),
+                )
+            })?;
         Ok(Arc::new(Manager {
+            gateway: Arc::new(gateway),
             limits: Default::default(),
             host_admission: Default::default(),
             idle: Default::default(),
@@ -301,6 +315,10 @@ impl Manager {
             op_locks: Default::default(),
             _host_lock: host_lock,
         }))
+    }
+
+    pub fn gateway(&self) -> &nook_gateway::Gateway {
+        &self.gateway
     }
 
     pub fn config(&self) -> &Config {

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{any, get};
 
 use crate::manager::Manager;
 
@@ -16,6 +16,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/", get(metadata))
         .route("/metadata", get(metadata))
+        .route("/gateway/llm/{*rest}", any(crate::gateway::llm))
         .with_state(manager)
 }
 
@@ -27,13 +28,35 @@ async fn metadata(
         return (StatusCode::FORBIDDEN, "IPv4 only\n").into_response();
     };
     match m.by_guest_ip(ip).await {
-        Some(vm) => axum::Json(serde_json::json!({
-            "name": vm.name,
-            "id": vm.id,
-            "owner": vm.owner,
-            "image": vm.image,
-        }))
-        .into_response(),
+        Some(vm) => {
+            let models = m.gateway().models();
+            let providers: Vec<serde_json::Value> = m
+                .config()
+                .gateway
+                .providers
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "name": p.name,
+                        "base_url": format!("http://{}{}{}", nook_net::METADATA_ADDR, nook_gateway::PREFIX, p.name),
+                        "configured": p.key.is_some(),
+                    })
+                })
+                .collect();
+            axum::Json(serde_json::json!({
+                "name": vm.name,
+                "id": vm.id,
+                "owner": vm.owner,
+                "image": vm.image,
+                "url": m.config().web_origin(Some(&vm.name)),
+                "llm": {
+                    "providers": providers,
+                    "models": format!("http://{}{}models", nook_net::METADATA_ADDR, nook_gateway::PREFIX),
+                    "model_ids": models["data"].as_array().map(|d| d.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect::<Vec<_>>()).unwrap_or_default(),
+                },
+            }))
+            .into_response()
+        }
         None => (StatusCode::FORBIDDEN, "Unknown VM\n").into_response(),
     }
 }

@@ -132,5 +132,6 @@ pub async fn render(m: &Manager) -> String {
         );
         let _ = writeln!(out, "nook_ksm_pages_sharing {pages}");
     }
+    out.push_str(&m.gateway().metrics().render());
     out
 }

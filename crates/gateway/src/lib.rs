@@ -508,8 +508,8 @@ impl Gateway {
 #[derive(Clone, Copy)]
 struct Added(std::time::Duration);
 
-/// `-0.000012` dollars from micro-dollars, with cents at least.
-fn dollars(micros: i64) -> String {
+/// `$12.345678` (or `-$0.000012`): dollars from micro-dollars, to the micro-dollar.
+pub fn dollars(micros: i64) -> String {
     let sign = if micros < 0 { "-" } else { "" };
     let m = micros.unsigned_abs();
     format!("{sign}${}.{:06}", m / 1_000_000, m % 1_000_000)

@@ -79,6 +79,19 @@ pub enum AccountCommand {
     Verify { email: String },
     /// Make a one-time signup code for an email (valid 7 days)
     Invite { email: String },
+    /// Show or change an account's LLM credit (dollars), which the gateway spends
+    #[command(group = clap::ArgGroup::new("change").args(["add", "set", "show"]).required(true))]
+    Credit {
+        email: String,
+        /// Dollars to add (negative to take away), e.g. 10 or 2.50
+        #[arg(long, allow_negative_numbers = true)]
+        add: Option<f64>,
+        /// Dollars to set the balance to
+        #[arg(long)]
+        set: Option<f64>,
+        #[arg(long)]
+        show: bool,
+    },
 }
 
 #[derive(Args)]
@@ -110,6 +123,21 @@ pub struct ServeArgs {
     /// Host name users reach this machine by, shown in instructions
     #[arg(long, env = "NOOK_PUBLIC_HOST")]
     pub public_host: Option<String>,
+    /// Anthropic's API for the LLM gateway [default: https://api.anthropic.com]
+    #[arg(long, env = "NOOK_LLM_ANTHROPIC_BASE_URL")]
+    pub llm_anthropic_base_url: Option<String>,
+    /// The host's Anthropic key (VMs never see it)
+    #[arg(long, env = "NOOK_LLM_ANTHROPIC_KEY", hide_env_values = true)]
+    pub llm_anthropic_key: Option<String>,
+    /// OpenAI's API for the LLM gateway [default: https://api.openai.com]
+    #[arg(long, env = "NOOK_LLM_OPENAI_BASE_URL")]
+    pub llm_openai_base_url: Option<String>,
+    /// The host's OpenAI key (VMs never see it)
+    #[arg(long, env = "NOOK_LLM_OPENAI_KEY", hide_env_values = true)]
+    pub llm_openai_key: Option<String>,
+    /// LLM credit a new account starts with, in dollars [default: 0]
+    #[arg(long, env = "NOOK_LLM_INITIAL_CREDIT")]
+    pub llm_initial_credit: Option<f64>,
     /// First uid of the range VMs' QEMUs run as (one per VM); no user, group, subordinate
     /// id range or process may use the range
     #[arg(long, env = "NOOK_JAIL_UID_BASE")]

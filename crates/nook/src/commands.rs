@@ -92,6 +92,11 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         domain: args.domain,
         vm_domain: args.vm_domain,
         jail_uid_base: args.jail_uid_base,
+        llm_anthropic_base_url: args.llm_anthropic_base_url,
+        llm_anthropic_key: args.llm_anthropic_key,
+        llm_openai_base_url: args.llm_openai_base_url,
+        llm_openai_key: args.llm_openai_key,
+        llm_initial_credit: args.llm_initial_credit,
         idle_after_secs: args.idle_after,
         metrics_addr: args.metrics_addr,
         https_addr: args.https_addr,
@@ -464,6 +469,12 @@ async fn account(client: &Client, cmd: AccountCommand) -> anyhow::Result<i32> {
             let path = format!("/v1/accounts/{}/invite", path_segment(&email));
             return account_action(client, Method::POST, path, None).await;
         }
+        AccountCommand::Credit {
+            email,
+            add,
+            set,
+            show: _,
+        } => return credit(client, &email, add, set).await,
         AccountCommand::SetPlan {
             email,
             cpu,
@@ -533,6 +544,34 @@ async fn list_accounts(client: &Client) -> anyhow::Result<i32> {
 }
 
 /// Runs an account command and prints what it answered.
+async fn credit(
+    client: &Client,
+    email: &str,
+    add: Option<f64>,
+    set: Option<f64>,
+) -> anyhow::Result<i32> {
+    let path = format!("/v1/accounts/{}/credit", path_segment(email));
+    let reply = match (add, set) {
+        (None, None) => client.send(Method::GET, &path, None).await?,
+        _ => {
+            let body = serde_json::json!({ "add": add, "set": set });
+            client.send(Method::POST, &path, Some(body)).await?
+        }
+    };
+    match reply {
+        Reply::Ok(resp) => {
+            let answer: serde_json::Value = serde_json::from_slice(&body_bytes(resp).await?)?;
+            println!(
+                "{}: {} of LLM credit",
+                answer["email"].as_str().unwrap_or(email),
+                answer["balance"].as_str().unwrap_or("?")
+            );
+            Ok(0)
+        }
+        Reply::Err(err) => Ok(fail(err, false)),
+    }
+}
+
 async fn account_action(
     client: &Client,
     method: Method,

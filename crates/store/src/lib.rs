@@ -4,9 +4,11 @@
 //! This crate knows SQL and nothing about QEMU, networks or users' wording of errors beyond
 //! the typed [`StoreError`].
 
+mod credits;
 mod edge;
 mod identity;
 
+pub use credits::{LlmUse, UsageRow};
 pub use edge::{ApiToken, Role, Share, WebSettings, hash_secret, new_secret};
 pub use identity::{Admission, CLAIM_TTL_SECS, INVITE_TTL_SECS};
 

@@ -1,0 +1,292 @@
+//! The daemon's side of the LLM gateway: its settings, its backend over the store (credit and
+//! usage), and its route on the metadata address, where the caller is the VM its pinned
+//! address proves.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use nook_gateway::backend::BoxFuture;
+use nook_gateway::{
+    ApiKind, BackendError, Caller, GatewayBackend, GatewayConfig, Price, Provider, RateLimits,
+    Reservation, UsageRecord,
+};
+use nook_store::{LlmUse, Store};
+use serde::Deserialize;
+
+use crate::config::{ConfigError, Settings};
+use crate::manager::Manager;
+
+/// One more provider, as the config file gives it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    pub name: String,
+    /// `openai` or `anthropic`: the wire format it speaks.
+    pub kind: String,
+    pub base_url: String,
+    pub key: Option<String>,
+    #[serde(default)]
+    pub models: BTreeMap<String, PriceSettings>,
+}
+
+/// Dollars per million tokens.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSettings {
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: Option<f64>,
+    pub cache_write: Option<f64>,
+}
+
+/// The built-in price table (dollars per million tokens: input, output, cache read, cache
+/// write), as the providers published it. A host replaces a provider's table with
+/// `llm_prices.PROVIDER` in its config file.
+const ANTHROPIC_PRICES: [(&str, [f64; 4]); 6] = [
+    ("claude-opus-4-5", [5.0, 25.0, 0.5, 6.25]),
+    ("claude-opus-4-1", [15.0, 75.0, 1.5, 18.75]),
+    ("claude-sonnet-4-5", [3.0, 15.0, 0.3, 3.75]),
+    ("claude-sonnet-4-0", [3.0, 15.0, 0.3, 3.75]),
+    ("claude-haiku-4-5", [1.0, 5.0, 0.1, 1.25]),
+    ("claude-3-5-haiku-latest", [0.8, 4.0, 0.08, 1.0]),
+];
+const OPENAI_PRICES: [(&str, [f64; 4]); 7] = [
+    ("gpt-5", [1.25, 10.0, 0.125, 0.0]),
+    ("gpt-5-codex", [1.25, 10.0, 0.125, 0.0]),
+    ("gpt-5-mini", [0.25, 2.0, 0.025, 0.0]),
+    ("gpt-5-nano", [0.05, 0.4, 0.005, 0.0]),
+    ("gpt-4.1", [2.0, 8.0, 0.5, 0.0]),
+    ("gpt-4.1-mini", [0.4, 1.6, 0.1, 0.0]),
+    ("gpt-4o-mini", [0.15, 0.6, 0.075, 0.0]),
+];
+
+fn table(rows: &[(&str, [f64; 4])]) -> BTreeMap<String, Price> {
+    rows.iter()
+        .map(|(m, [i, o, r, w])| {
+            (
+                m.to_string(),
+                Price {
+                    input: *i,
+                    output: *o,
+                    cache_read: *r,
+                    cache_write: *w,
+                },
+            )
+        })
+        .collect()
+}
+
+fn prices(
+    provider: &str,
+    given: &BTreeMap<String, PriceSettings>,
+) -> Result<BTreeMap<String, Price>, ConfigError> {
+    given
+        .iter()
+        .map(|(model, p)| {
+            let price = Price {
+                input: p.input,
+                output: p.output,
+                cache_read: p.cache_read.unwrap_or(p.input),
+                cache_write: p.cache_write.unwrap_or(p.input),
+            };
+            let all = [price.input, price.output, price.cache_read, price.cache_write];
+            if all.iter().any(|v| !v.is_finite() || *v < 0.0 || *v > 100_000.0) {
+                return Err(ConfigError::Invalid(
+                    "llm_prices",
+                    format!("{provider}.{model}: prices are dollars per million tokens, from 0 to 100000"),
+                ));
+            }
+            Ok((model.clone(), price))
+        })
+        .collect()
+}
+
+/// Takes the gateway's settings out of `s` and checks them.
+pub fn config_from(s: &mut Settings) -> Result<(GatewayConfig, i64), ConfigError> {
+    let mut given_prices = s.llm_prices.take().unwrap_or_default();
+    let mut providers = Vec::new();
+    for (name, kind, base, key, builtin) in [
+        (
+            "anthropic",
+            ApiKind::Anthropic,
+            s.llm_anthropic_base_url.take(),
+            s.llm_anthropic_key.take(),
+            &ANTHROPIC_PRICES[..],
+        ),
+        (
+            "openai",
+            ApiKind::OpenAi,
+            s.llm_openai_base_url.take(),
+            s.llm_openai_key.take(),
+            &OPENAI_PRICES[..],
+        ),
+    ] {
+        let models = match given_prices.remove(name) {
+            Some(table) => prices(name, &table)?,
+            None => table(builtin),
+        };
+        providers.push(Provider {
+            name: name.into(),
+            kind,
+            base_url: base.unwrap_or_else(|| match kind {
+                ApiKind::Anthropic => "https://api.anthropic.com".into(),
+                ApiKind::OpenAi => "https://api.openai.com".into(),
+            }),
+            key: key.filter(|k| !k.is_empty()),
+            models,
+        });
+    }
+    for p in s.llm_providers.take().unwrap_or_default() {
+        let kind = match p.kind.as_str() {
+            "openai" => ApiKind::OpenAi,
+            "anthropic" => ApiKind::Anthropic,
+            other => {
+                return Err(ConfigError::Invalid(
+                    "llm_providers",
+                    format!("{}: kind {other:?}: use openai or anthropic", p.name),
+                ));
+            }
+        };
+        let valid_name = !p.name.is_empty()
+            && p.name.len() <= 32
+            && p.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && p.name != "models";
+        if !valid_name || providers.iter().any(|q: &Provider| q.name == p.name) {
+            return Err(ConfigError::Invalid(
+                "llm_providers",
+                format!(
+                    "{:?}: a provider needs a new name of lowercase letters, digits and '-'",
+                    p.name
+                ),
+            ));
+        }
+        let mut models = prices(&p.name, &p.models)?;
+        if let Some(more) = given_prices.remove(&p.name) {
+            models.extend(prices(&p.name, &more)?);
+        }
+        providers.push(Provider {
+            name: p.name,
+            kind,
+            base_url: p.base_url,
+            key: p.key,
+            models,
+        });
+    }
+    if let Some(unknown) = given_prices.keys().next() {
+        return Err(ConfigError::Invalid(
+            "llm_prices",
+            format!(
+                "{unknown:?} is no provider: use anthropic, openai or a name from llm_providers"
+            ),
+        ));
+    }
+    for p in &providers {
+        nook_gateway::BaseUrl::parse(&p.base_url)
+            .map_err(|why| ConfigError::Invalid("llm_*_base_url", format!("{}: {why}", p.name)))?;
+    }
+    let max_body = match s.llm_max_body.take() {
+        Some(text) => nook_api::parse_size(&text)
+            .map_err(|e| ConfigError::Invalid("llm_max_body", e.message))?,
+        None => 16 << 20,
+    };
+    if !(1024..=256 << 20).contains(&max_body) {
+        return Err(ConfigError::Invalid(
+            "llm_max_body",
+            "use 1K to 256M".into(),
+        ));
+    }
+    let credit = s.llm_initial_credit.take().unwrap_or(0.0);
+    if !credit.is_finite() || !(0.0..=1_000_000.0).contains(&credit) {
+        return Err(ConfigError::Invalid(
+            "llm_initial_credit",
+            "dollars, from 0 to 1000000".into(),
+        ));
+    }
+    let cfg = GatewayConfig {
+        providers,
+        limits: RateLimits {
+            account_rpm: s.llm_account_rpm.take().unwrap_or(1200),
+            vm_rpm: s.llm_vm_rpm.take().unwrap_or(600),
+            account_tpm: s.llm_account_tpm.take().unwrap_or(0),
+        },
+        max_body: max_body as usize,
+        ..GatewayConfig::default()
+    };
+    Ok((cfg, (credit * 1e6).round() as i64))
+}
+
+/// Credit and usage in the store.
+pub struct StoreBackend {
+    pub store: Store,
+    pub initial_micros: i64,
+}
+
+impl GatewayBackend for StoreBackend {
+    fn reserve<'a>(
+        &'a self,
+        caller: &'a Caller,
+        micros: u64,
+    ) -> BoxFuture<'a, Result<Reservation, BackendError>> {
+        Box::pin(async move {
+            match self
+                .store
+                .reserve_credit(&caller.account_id, self.initial_micros, micros)
+                .await
+                .map_err(BackendError::new)?
+            {
+                Ok(_) => Ok(Reservation::Taken),
+                Err(balance_micros) => Ok(Reservation::Exhausted { balance_micros }),
+            }
+        })
+    }
+
+    fn settle(&self, r: UsageRecord) -> BoxFuture<'static, Result<(), BackendError>> {
+        let store = self.store.clone();
+        Box::pin(async move {
+            let used = LlmUse {
+                account_id: r.caller.account_id,
+                vm_id: r.caller.vm_id,
+                vm_name: r.caller.vm_name,
+                provider: r.provider,
+                model: r.model,
+                input_tokens: r.usage.input,
+                output_tokens: r.usage.output,
+                cache_read_tokens: r.usage.cache_read,
+                cache_write_tokens: r.usage.cache_write,
+                cost_micros: r.cost_micros,
+                status: r.status,
+            };
+            store
+                .settle_credit(&used, r.reserved_micros)
+                .await
+                .map_err(BackendError::new)
+        })
+    }
+}
+
+/// `/gateway/llm/...` on the metadata address.
+pub async fn llm(
+    State(m): State<Arc<Manager>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let std::net::IpAddr::V4(ip) = peer.ip() else {
+        return (StatusCode::FORBIDDEN, "IPv4 only\n").into_response();
+    };
+    let Some(vm) = m.by_guest_ip(ip).await else {
+        return (StatusCode::FORBIDDEN, "Unknown VM\n").into_response();
+    };
+    let caller = Caller {
+        account_id: vm.owner,
+        vm_id: vm.id,
+        vm_name: vm.name,
+    };
+    m.gateway().handle(caller, req).await.map(Body::new)
+}

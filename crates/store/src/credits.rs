@@ -1,0 +1,233 @@
+//! LLM credit and usage: what the gateway reserves, settles and records.
+
+use sqlx::Row;
+
+use crate::edge::unix_now;
+use crate::{Store, StoreError};
+
+/// One request, as the gateway settled it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LlmUse {
+    pub account_id: String,
+    pub vm_id: String,
+    pub vm_name: String,
+    pub provider: String,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub cost_micros: u64,
+    pub status: u16,
+}
+
+/// Usage summed over one VM and model.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageRow {
+    pub vm_name: String,
+    pub provider: String,
+    pub model: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub cost_micros: u64,
+}
+
+impl Store {
+    /// The account's balance in micro-dollars; an account never credited has `initial`.
+    pub async fn credit(&self, account_id: &str, initial: i64) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT balance_micros FROM credits WHERE account_id = ?")
+            .bind(account_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => r.try_get("balance_micros")?,
+            None => initial,
+        })
+    }
+
+    /// Adds `delta` (or sets the balance to it with `set`); returns the new balance.
+    pub async fn change_credit(
+        &self,
+        account_id: &str,
+        initial: i64,
+        delta: i64,
+        set: bool,
+    ) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO credits (account_id, balance_micros) VALUES (?1, CASE WHEN ?3 THEN ?2 ELSE ?4 + ?2 END) \
+             ON CONFLICT(account_id) DO UPDATE SET balance_micros = CASE WHEN ?3 THEN ?2 ELSE balance_micros + ?2 END \
+             RETURNING balance_micros",
+        )
+        .bind(account_id)
+        .bind(delta)
+        .bind(set)
+        .bind(initial)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("balance_micros")?)
+    }
+
+    /// Takes `micros` if the balance is above zero, in one statement, so concurrent callers
+    /// overdraw by at most one reservation. `Err(balance)` when nothing is left.
+    pub async fn reserve_credit(
+        &self,
+        account_id: &str,
+        initial: i64,
+        micros: u64,
+    ) -> Result<Result<i64, i64>, StoreError> {
+        let micros = i64::try_from(micros).unwrap_or(i64::MAX);
+        sqlx::query("INSERT OR IGNORE INTO credits (account_id, balance_micros) VALUES (?, ?)")
+            .bind(account_id)
+            .bind(initial)
+            .execute(&self.pool)
+            .await?;
+        let taken = sqlx::query(
+            "UPDATE credits SET balance_micros = balance_micros - ?1 \
+             WHERE account_id = ?2 AND balance_micros > 0 RETURNING balance_micros",
+        )
+        .bind(micros)
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match taken {
+            Some(row) => Ok(Ok(row.try_get("balance_micros")?)),
+            None => Ok(Err(self.credit(account_id, initial).await?)),
+        }
+    }
+
+    /// Records a request and returns `reserved - cost` to the balance, together.
+    pub async fn settle_credit(&self, u: &LlmUse, reserved: u64) -> Result<(), StoreError> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE credits SET balance_micros = balance_micros + ? - ? WHERE account_id = ?",
+        )
+        .bind(n(reserved))
+        .bind(n(u.cost_micros))
+        .bind(&u.account_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO llm_usage (at, account_id, vm_id, vm_name, provider, model, input_tokens, output_tokens, \
+             cache_read_tokens, cache_write_tokens, cost_micros, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(unix_now())
+        .bind(&u.account_id)
+        .bind(&u.vm_id)
+        .bind(&u.vm_name)
+        .bind(&u.provider)
+        .bind(&u.model)
+        .bind(n(u.input_tokens))
+        .bind(n(u.output_tokens))
+        .bind(n(u.cache_read_tokens))
+        .bind(n(u.cache_write_tokens))
+        .bind(n(u.cost_micros))
+        .bind(i64::from(u.status))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The account's usage since `since` (unix seconds), per VM and model, optionally of one
+    /// VM only (by name).
+    pub async fn usage(
+        &self,
+        account_id: &str,
+        since: i64,
+        vm_name: Option<&str>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT vm_name, provider, model, COUNT(*) AS requests, SUM(input_tokens) AS i, SUM(output_tokens) AS o, \
+             SUM(cache_read_tokens) AS cr, SUM(cache_write_tokens) AS cw, SUM(cost_micros) AS cost \
+             FROM llm_usage WHERE account_id = ?1 AND at >= ?2 AND (?3 IS NULL OR vm_name = ?3) \
+             GROUP BY vm_name, provider, model ORDER BY vm_name, provider, model",
+        )
+        .bind(account_id)
+        .bind(since)
+        .bind(vm_name)
+        .fetch_all(&self.pool)
+        .await?;
+        let u = |r: &sqlx::sqlite::SqliteRow, k: &str| -> Result<u64, StoreError> {
+            Ok(r.try_get::<i64, _>(k)?.max(0) as u64)
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    vm_name: r.try_get("vm_name")?,
+                    provider: r.try_get("provider")?,
+                    model: r.try_get("model")?,
+                    requests: u(r, "requests")?,
+                    input_tokens: u(r, "i")?,
+                    output_tokens: u(r, "o")?,
+                    cache_read_tokens: u(r, "cr")?,
+                    cache_write_tokens: u(r, "cw")?,
+                    cost_micros: u(r, "cost")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Store;
+
+    async fn store_with_account() -> (tempfile::TempDir, Store, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db.sqlite"))
+            .await
+            .expect("open");
+        let id = "acct1".to_string();
+        sqlx::query(
+            "INSERT INTO accounts (id, email, created_at) VALUES (?, 'a@example.com', 'now')",
+        )
+        .bind(&id)
+        .execute(&store.pool)
+        .await
+        .expect("account");
+        (dir, store, id)
+    }
+
+    #[tokio::test]
+    async fn reservations_stop_at_zero_and_settle_to_the_true_cost() {
+        let (_dir, store, id) = store_with_account().await;
+        assert_eq!(store.credit(&id, 0).await.expect("credit"), 0);
+        assert_eq!(store.reserve_credit(&id, 0, 5).await.expect("r"), Err(0));
+        assert_eq!(
+            store.change_credit(&id, 0, 100, false).await.expect("add"),
+            100
+        );
+        assert_eq!(store.reserve_credit(&id, 0, 60).await.expect("r"), Ok(40));
+        assert_eq!(store.reserve_credit(&id, 0, 60).await.expect("r"), Ok(-20));
+        assert_eq!(store.reserve_credit(&id, 0, 1).await.expect("r"), Err(-20));
+        let used = super::LlmUse {
+            account_id: id.clone(),
+            vm_name: "web".into(),
+            model: "m".into(),
+            input_tokens: 3,
+            cost_micros: 10,
+            ..Default::default()
+        };
+        store.settle_credit(&used, 60).await.expect("settle");
+        store.settle_credit(&used, 60).await.expect("settle");
+        assert_eq!(store.credit(&id, 0).await.expect("credit"), 80);
+        let rows = store.usage(&id, 0, None).await.expect("usage");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].requests, rows[0].input_tokens, rows[0].cost_micros),
+            (2, 6, 20)
+        );
+        assert!(
+            store
+                .usage(&id, 0, Some("other"))
+                .await
+                .expect("usage")
+                .is_empty()
+        );
+        assert_eq!(store.change_credit(&id, 0, 7, true).await.expect("set"), 7);
+    }
+}
