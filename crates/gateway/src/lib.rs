@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Body;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -234,13 +234,9 @@ impl Gateway {
             return resp;
         }
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, self.cfg.max_body).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(err)
-                if err
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
+        let body = match read_bounded(body, self.cfg.max_body).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
                 return self.refuse(
                     shape,
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -502,6 +498,34 @@ impl Gateway {
         self.metrics.refused();
         reply::error(shape, status, kind, &message)
     }
+}
+
+/// Reads a request body of at most `max` bytes; `None` when it is longer. The rest of a long
+/// body is read and dropped (up to three times `max`), so the client is reading when the
+/// refusal comes instead of having its connection reset under it.
+async fn read_bounded<B>(
+    body: B,
+    max: usize,
+) -> Result<Option<Bytes>, Box<dyn std::error::Error + Send + Sync>>
+where
+    B: Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut kept = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(Into::into)?.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= max {
+            kept.extend_from_slice(&data);
+        } else if seen > max.saturating_mul(4) {
+            break;
+        }
+    }
+    Ok((seen <= max).then(|| kept.freeze()))
 }
 
 /// The time the gateway itself spent on a request that went upstream.
