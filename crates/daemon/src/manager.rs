@@ -413,7 +413,7 @@ impl Manager {
     /// Looks a VM up by the guest address a request came from (the metadata service).
     pub async fn by_guest_ip(&self, ip: std::net::Ipv4Addr) -> Option<VmInfo> {
         let slot = VmLink::slot_for_guest_ip(ip)?;
-        let vms = self.store.list().await.ok()?;
+        let vms = self.store.by_slot(slot).await.ok()?;
         vms.iter()
             .find(|vm| vm.slot == slot && matches!(vm.state, VmState::Running | VmState::Starting))
             .map(|vm| self.info(vm))

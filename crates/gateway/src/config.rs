@@ -36,6 +36,20 @@ pub struct Provider {
     pub models: BTreeMap<String, Price>,
 }
 
+impl Provider {
+    /// The price of `model`, which may carry a release date (`claude-sonnet-4-5-20250929`,
+    /// as Claude Code sends) after a name the table has.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        if let Some(p) = self.models.get(model) {
+            return Some(*p);
+        }
+        let (name, date) = model.rsplit_once('-')?;
+        (date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| self.models.get(name).copied())
+            .flatten()
+    }
+}
+
 impl std::fmt::Debug for Provider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Provider")
@@ -136,5 +150,30 @@ mod tests {
         );
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("http://user@x").is_err());
+    }
+
+    #[test]
+    fn a_dated_model_id_takes_its_names_price() {
+        let p = Provider {
+            name: "anthropic".into(),
+            kind: ApiKind::Anthropic,
+            base_url: "https://api.anthropic.com".into(),
+            key: None,
+            models: [(
+                "claude-sonnet-4-5".to_string(),
+                Price {
+                    input: 3.0,
+                    ..Price::default()
+                },
+            )]
+            .into(),
+        };
+        assert_eq!(p.price("claude-sonnet-4-5").map(|p| p.input), Some(3.0));
+        assert_eq!(
+            p.price("claude-sonnet-4-5-20250929").map(|p| p.input),
+            Some(3.0)
+        );
+        assert_eq!(p.price("claude-sonnet-4-5-2025"), None);
+        assert_eq!(p.price("claude-opus-4-5-20250929"), None);
     }
 }

@@ -285,7 +285,7 @@ impl Gateway {
                     "The request names no model".into(),
                 );
             };
-            if !provider.models.contains_key(&model) {
+            if provider.price(&model).is_none() {
                 return self.refuse(
                     shape,
                     StatusCode::NOT_FOUND,
@@ -326,8 +326,7 @@ impl Gateway {
 
         let price = ask
             .as_ref()
-            .and_then(|a| provider.models.get(&a.model))
-            .copied()
+            .and_then(|a| provider.price(&a.model))
             .unwrap_or_default();
         let mut settlement = None;
         if billable && let Some(ask) = &ask {

@@ -274,6 +274,15 @@ impl Store {
         rows.iter().map(decode).collect()
     }
 
+    /// The VMs holding network slot `slot` (one, but a row left from a crash may share it).
+    pub async fn by_slot(&self, slot: u32) -> Result<Vec<VmRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM vms WHERE slot = ?")
+            .bind(i64::from(slot))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode).collect()
+    }
+
     pub async fn set_state(
         &self,
         id: &str,
