@@ -605,3 +605,80 @@ fn vm_gateway_bad_input_and_broken_upstreams_get_clear_errors_and_exact_accounti
         .sum();
     assert_eq!(u["credit_micros"].as_i64(), Some(1_000_000 - cost), "{u}");
 }
+
+/// Claude Code and Codex, from npm, each complete a turn through the gateway, set up as
+/// docs/gateway.md says (run on the host, through a relay in the guest that carries the VM's
+/// address).
+#[test]
+fn vm_gateway_claude_code_and_codex_complete_a_turn() {
+    let bin = std::env::var("NOOK_TEST_AGENTS").unwrap_or_else(|_| {
+        panic!("NOOK_TEST_AGENTS is unset: scripts/test installs Claude Code and Codex from npm and points it at their bin directory")
+    });
+    let fake = Fake::start();
+    let d = daemon(&fake, "");
+    let key = account_with_vm(&d, "agents", "agentvm", "1");
+    let base = relay(&d, "agentvm");
+    let home = tempfile::tempdir().expect("home");
+
+    let claude = Command::new(Path::new(&bin).join("claude"))
+        .args(["-p", "say hi"])
+        .env("HOME", home.path())
+        .env(
+            "ANTHROPIC_BASE_URL",
+            format!("{base}/gateway/llm/anthropic"),
+        )
+        .env("ANTHROPIC_API_KEY", "nook")
+        .env("ANTHROPIC_MODEL", "fake-claude")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run claude");
+    let said = String::from_utf8_lossy(&claude.stdout);
+    assert!(
+        claude.status.success() && said.contains("ok ok"),
+        "claude: {said}\n{}",
+        String::from_utf8_lossy(&claude.stderr)
+    );
+
+    std::fs::create_dir_all(home.path().join(".codex")).expect(".codex");
+    std::fs::write(
+        home.path().join(".codex/config.toml"),
+        format!(
+            "model = \"fake-gpt\"\nmodel_provider = \"nook\"\n\n[model_providers.nook]\nname = \"nook gateway\"\nbase_url = \"{base}/gateway/llm/openai/v1\"\nwire_api = \"responses\"\nenv_key = \"NOOK_GATEWAY_KEY\"\n"
+        ),
+    )
+    .expect("config.toml");
+    let codex = Command::new(Path::new(&bin).join("codex"))
+        .args(["exec", "--skip-git-repo-check", "say hi"])
+        .current_dir(home.path())
+        .env("HOME", home.path())
+        .env("NOOK_GATEWAY_KEY", "nook")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run codex");
+    let said = String::from_utf8_lossy(&codex.stdout);
+    assert!(
+        codex.status.success() && said.contains("ok ok"),
+        "codex: {said}\n{}",
+        String::from_utf8_lossy(&codex.stderr)
+    );
+
+    // Both were billed to the VM's owner, and the provider saw only the host's keys.
+    let u = usage(&d, &key);
+    let rows = u["usage"].as_array().expect("rows");
+    for model in ["fake-claude", "fake-gpt"] {
+        assert!(
+            rows.iter().any(|r| r["model"] == model
+                && r["vm"] == "agentvm"
+                && r["output_tokens"].as_u64() > Some(0)),
+            "no usage of {model}: {u}"
+        );
+    }
+    for r in fake.requests() {
+        let h = &r["headers"];
+        assert!(
+            h["x-api-key"] == ANTHROPIC_KEY || h["authorization"] == format!("Bearer {OPENAI_KEY}"),
+            "{r}"
+        );
+    }
+}
