@@ -17,6 +17,7 @@ pub mod manager;
 pub mod metadata;
 pub mod metrics;
 mod names;
+pub mod secrets;
 pub mod web;
 
 use std::os::unix::fs::PermissionsExt;

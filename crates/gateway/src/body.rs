@@ -25,6 +25,8 @@ const MAX_JSON_COPY: usize = 16 << 20;
 pub enum GatewayBody {
     Full(Full<Bytes>),
     Metered(Box<Metered>),
+    /// An integration's answer, passed on as it comes.
+    Passthrough(Incoming),
 }
 
 impl From<Bytes> for GatewayBody {
@@ -141,6 +143,11 @@ impl Body for GatewayBody {
                 return Pin::new(b).poll_frame(cx).map_err(|never| match never {});
             }
             GatewayBody::Metered(m) => m,
+            GatewayBody::Passthrough(b) => {
+                return Pin::new(b)
+                    .poll_frame(cx)
+                    .map_err(|e| Box::new(e) as BodyError);
+            }
         };
         if let Some(tail) = m.tail.take() {
             return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail))));
@@ -199,12 +206,14 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full(b) => b.is_end_stream(),
             GatewayBody::Metered(_) => false,
+            GatewayBody::Passthrough(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             GatewayBody::Full(b) => b.size_hint(),
+            GatewayBody::Passthrough(b) => b.size_hint(),
             GatewayBody::Metered(m) => match m.watch {
                 // Dropping a chunk changes the length.
                 Watch::Stream(_) => SizeHint::default(),

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod body;
 pub mod config;
+pub mod integrations;
 pub mod limit;
 pub mod meter;
 pub mod metrics;
@@ -37,6 +38,7 @@ use serde_json::Value;
 pub use backend::{BackendError, Caller, GatewayBackend, Reservation, UsageRecord};
 pub use body::GatewayBody;
 pub use config::{ApiKind, BaseUrl, GatewayConfig, Price, Provider, RateLimits};
+pub use integrations::{PEER_HEADER, Route};
 pub use meter::Usage;
 pub use metrics::Metrics;
 
@@ -59,11 +61,17 @@ pub enum GatewayError {
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// For integrations, whose request bodies (a git push) are streamed, not read first.
+type StreamClient = Client<
+    hyper_rustls::HttpsConnector<HttpConnector>,
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>,
+>;
 
 pub struct Gateway {
     cfg: GatewayConfig,
     bases: HashMap<String, BaseUrl>,
     client: HttpsClient,
+    stream_client: StreamClient,
     backend: Arc<dyn GatewayBackend>,
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
@@ -97,12 +105,16 @@ impl Gateway {
             .build();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build(https.clone());
+        let stream_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build(https);
         Ok(Gateway {
             limiter: Arc::new(Limiter::new(cfg.limits)),
             cfg,
             bases,
             client,
+            stream_client,
             backend,
             metrics: Arc::default(),
         })
@@ -569,7 +581,7 @@ fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-fn strip_response_headers(h: &mut HeaderMap, length_changes: bool) {
+pub(crate) fn strip_response_headers(h: &mut HeaderMap, length_changes: bool) {
     for name in [
         "connection",
         "keep-alive",

@@ -7,10 +7,12 @@
 mod credits;
 mod edge;
 mod identity;
+mod integrations;
 
 pub use credits::{LlmUse, UsageRow};
 pub use edge::{ApiToken, Role, Share, WebSettings, hash_secret, new_secret};
 pub use identity::{Admission, CLAIM_TTL_SECS, INVITE_TTL_SECS};
+pub use integrations::{Grant, IntegrationRow};
 
 use std::path::Path;
 use std::str::FromStr;
@@ -145,7 +147,7 @@ impl Drop for Changed<'_> {
     }
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -306,10 +308,17 @@ impl Store {
 
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         let _changed = self.change();
+        let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM vms WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        // A VM's grants go with it: no later VM inherits them.
+        sqlx::query("DELETE FROM integration_grants WHERE vm_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -1,0 +1,119 @@
+//! Secrets at rest: integration tokens are sealed with XChaCha20-Poly1305 under a key that
+//! lives only in `DATA_DIR/secrets.key` (mode 0600), bound to the row they belong to, so a
+//! copied database alone reveals nothing and a sealed value moved to another row does not open.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+const KEY_FILE: &str = "secrets.key";
+const NONCE_LEN: usize = 24;
+
+pub struct Sealer {
+    cipher: XChaCha20Poly1305,
+}
+
+impl Sealer {
+    /// Loads the data dir's key, making it on first use.
+    pub fn open(data_dir: &Path) -> std::io::Result<Sealer> {
+        let path = data_dir.join(KEY_FILE);
+        let key = match std::fs::read(&path) {
+            Ok(key) => key,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = XChaCha20Poly1305::generate_key(&mut OsRng);
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)?;
+                file.write_all(&key)?;
+                file.sync_all()?;
+                key.to_vec()
+            }
+            Err(e) => return Err(e),
+        };
+        let cipher = XChaCha20Poly1305::new_from_slice(&key).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a 32-byte key", path.display()),
+            )
+        })?;
+        Ok(Sealer { cipher })
+    }
+
+    /// `nonce ++ ciphertext` of `plain`, bound to `row`.
+    pub fn seal(&self, row: &str, plain: &[u8]) -> Vec<u8> {
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let sealed = self
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plain,
+                    aad: row.as_bytes(),
+                },
+            )
+            .unwrap_or_default();
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// The plain text, if `sealed` was sealed for `row` under this key.
+    pub fn unseal(&self, row: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
+        self.cipher
+            .decrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: body,
+                    aad: row.as_bytes(),
+                },
+            )
+            .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn sealed_secrets_open_only_for_their_row_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Sealer::open(dir.path()).expect("open");
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let sealed = s.seal("row1", b"ghp_secret");
+        assert!(!sealed.windows(10).any(|w| w == b"ghp_secret"));
+        assert_eq!(
+            s.unseal("row1", &sealed).as_deref(),
+            Some(&b"ghp_secret"[..])
+        );
+        assert_eq!(s.unseal("row2", &sealed), None);
+        // The same key file opens it again; another key does not.
+        let again = Sealer::open(dir.path()).expect("reopen");
+        assert_eq!(
+            again.unseal("row1", &sealed).as_deref(),
+            Some(&b"ghp_secret"[..])
+        );
+        let other = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            Sealer::open(other.path())
+                .expect("other")
+                .unseal("row1", &sealed),
+            None
+        );
+    }
+}
