@@ -311,6 +311,8 @@ error_codes! {
     EmailUnconfirmed = "email_unconfirmed", 403;
     Forbidden = "forbidden", 403;
     TokenNotFound = "token_not_found", 404;
+    IntegrationNotFound = "integration_not_found", 404;
+    IntegrationExists = "integration_exists", 409;
     RateLimited = "rate_limited", 429;
     Internal = "internal", 500;
 }

@@ -96,6 +96,66 @@ pub enum LobbyCommand {
     /// Machine tokens for a VM's web ports (Bearer, or the basic-auth password)
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Services your VMs reach at http://NAME.int.VM_DOMAIN/ with a credential they never see
+    #[command(subcommand)]
+    Integrations(IntegrationsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IntegrationsCommand {
+    /// Add an integration (its secret is never shown again)
+    #[command(subcommand)]
+    Add(IntegrationKind),
+    /// List your integrations and the VMs they are attached to
+    List,
+    /// Remove an integration: every VM loses it at once
+    Remove { name: String },
+    /// Let a VM use an integration, for good or for a while
+    Attach {
+        name: String,
+        vm: String,
+        /// How long, e.g. 2h or 7d (a number with m, h or d)
+        #[arg(long = "for", value_name = "DURATION")]
+        for_: Option<String>,
+    },
+    /// Take an integration away from a VM
+    Detach { name: String, vm: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IntegrationKind {
+    /// Any HTTP API: the target gets these headers or this bearer token; or, with --peer,
+    /// another of your VMs, which learns the caller from X-Nook-Peer-VM
+    HttpProxy {
+        #[arg(long)]
+        name: String,
+        /// e.g. https://api.example.com/v1
+        #[arg(long, required_unless_present = "peer", conflicts_with = "peer")]
+        target: Option<String>,
+        /// KEY:VALUE added to every request (repeatable)
+        #[arg(long = "header", value_name = "KEY:VALUE")]
+        headers: Vec<String>,
+        /// Sent as Authorization: Bearer TOKEN
+        #[arg(long)]
+        bearer: Option<String>,
+        /// Another of your VMs
+        #[arg(long, value_name = "VM")]
+        peer: Option<String>,
+        /// The peer VM's port
+        #[arg(long, default_value_t = 80, requires = "peer")]
+        port: u16,
+    },
+    /// GitHub: git clone/fetch/push at /OWNER/REPO.git and the REST API at /api/...
+    Github {
+        #[arg(long)]
+        name: String,
+        /// A personal access or installation token
+        #[arg(long)]
+        token: String,
+        /// owner/repo to limit it to (repeatable); all the token reaches when absent
+        #[arg(long = "repository", value_name = "OWNER/REPO")]
+        repositories: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,8 +256,27 @@ pub enum SshKeyCommand {
 
 /// The command names, for help and completion.
 pub const COMMANDS: &[&str] = &[
-    "signup", "invite", "whoami", "new", "ls", "rm", "start", "stop", "restart", "rename", "cp",
-    "resize", "stat", "usage", "ssh-key", "browser", "share", "token", "help", "exit",
+    "signup",
+    "invite",
+    "whoami",
+    "new",
+    "ls",
+    "rm",
+    "start",
+    "stop",
+    "restart",
+    "rename",
+    "cp",
+    "resize",
+    "stat",
+    "usage",
+    "ssh-key",
+    "browser",
+    "share",
+    "token",
+    "integrations",
+    "help",
+    "exit",
 ];
 
 #[cfg(test)]

@@ -116,6 +116,10 @@ pub struct Settings {
     pub llm_account_tpm: Option<u64>,
     /// The largest request body the gateway passes on [default: 16M].
     pub llm_max_body: Option<String>,
+    /// Where GitHub integrations send git [default: https://github.com] and REST calls
+    /// [default: https://api.github.com]; a GitHub Enterprise host, or a test's.
+    pub github_url: Option<String>,
+    pub github_api_url: Option<String>,
 }
 
 impl Settings {
@@ -170,6 +174,8 @@ impl Settings {
             llm_vm_rpm: other.llm_vm_rpm.or(self.llm_vm_rpm),
             llm_account_tpm: other.llm_account_tpm.or(self.llm_account_tpm),
             llm_max_body: other.llm_max_body.or(self.llm_max_body),
+            github_url: other.github_url.or(self.github_url),
+            github_api_url: other.github_api_url.or(self.github_api_url),
             smtp_from: other.smtp_from.or(self.smtp_from),
             smtp_user: other.smtp_user.or(self.smtp_user),
             smtp_password: other.smtp_password.or(self.smtp_password),
@@ -291,6 +297,8 @@ pub struct Config {
     pub gateway: nook_gateway::GatewayConfig,
     /// LLM credit a new account starts with, in micro-dollars.
     pub llm_initial_credit_micros: i64,
+    pub github_url: String,
+    pub github_api_url: String,
 }
 
 /// The HTTPS edge, its DNS server and certificates.
@@ -632,8 +640,18 @@ impl Config {
             acme,
             smtp,
         };
+        let github = |setting: &'static str, v: Option<String>, default: &str| {
+            let url = v.unwrap_or_else(|| default.into());
+            nook_gateway::BaseUrl::parse(&url)
+                .map(|_| url)
+                .map_err(|why| ConfigError::Invalid(setting, why))
+        };
+        let github_url = github("github_url", s.github_url, "https://github.com")?;
+        let github_api_url = github("github_api_url", s.github_api_url, "https://api.github.com")?;
         Ok(Config {
             web,
+            github_url,
+            github_api_url,
             gateway,
             llm_initial_credit_micros,
             reclaim: s.reclaim.unwrap_or(true),

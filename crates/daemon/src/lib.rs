@@ -11,6 +11,7 @@ mod faults;
 pub mod frontdoor;
 pub mod gateway;
 pub mod idle;
+pub mod integrations;
 pub mod limits;
 pub mod lobby;
 pub mod manager;

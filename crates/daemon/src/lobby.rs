@@ -114,13 +114,13 @@ fn report(io: &dyn LobbyOutput, json: bool, err: &ApiError) {
     }
 }
 
-fn print_json(io: &dyn LobbyOutput, value: &serde_json::Value) {
+pub(crate) fn print_json(io: &dyn LobbyOutput, value: &serde_json::Value) {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
     text.push('\n');
     io.out(text.as_bytes());
 }
 
-fn println(io: &dyn LobbyOutput, text: &str) {
+pub(crate) fn println(io: &dyn LobbyOutput, text: &str) {
     io.out(format!("{text}\n").as_bytes());
 }
 
@@ -359,6 +359,9 @@ async fn execute(
             llm_usage(m, &account.id, vm.as_deref(), &since, io, json).await
         }
         LobbyCommand::SshKey(cmd) => ssh_keys(m, account, caller, cmd, io, json).await,
+        LobbyCommand::Integrations(cmd) => {
+            crate::integrations::command(m, account, cmd, io, json).await
+        }
         LobbyCommand::Browser => {
             let token = m
                 .store()
@@ -913,7 +916,7 @@ async fn llm_usage(
 }
 
 /// Seconds in `30d`, `12h`, `15m` or `90s`.
-fn parse_age(text: &str) -> Option<i64> {
+pub(crate) fn parse_age(text: &str) -> Option<i64> {
     let (n, unit) = text.trim().split_at(text.trim().len().checked_sub(1)?);
     let n: i64 = n.parse().ok().filter(|n| *n > 0)?;
     let unit = match unit {

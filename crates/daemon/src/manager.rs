@@ -146,6 +146,8 @@ pub struct Manager {
     op_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The LLM gateway VMs reach on the metadata address.
     gateway: Arc<nook_gateway::Gateway>,
+    /// Seals integrations' secrets at rest.
+    sealer: crate::secrets::Sealer,
     /// Held for the daemon's life when it owns the host's VM network (see `take_host_lock`).
     _host_lock: Option<std::fs::File>,
 }
@@ -298,8 +300,11 @@ impl Manager {
                     format!("{e}: apt-get install ca-certificates"),
                 )
             })?;
+        let sealer = crate::secrets::Sealer::open(&cfg.data_dir)
+            .map_err(|e| errors::internal("open the secrets key", &e))?;
         Ok(Arc::new(Manager {
             gateway: Arc::new(gateway),
+            sealer,
             limits: Default::default(),
             host_admission: Default::default(),
             idle: Default::default(),
@@ -315,6 +320,10 @@ impl Manager {
             op_locks: Default::default(),
             _host_lock: host_lock,
         }))
+    }
+
+    pub fn sealer(&self) -> &crate::secrets::Sealer {
+        &self.sealer
     }
 
     pub fn gateway(&self) -> &nook_gateway::Gateway {
@@ -380,7 +389,7 @@ impl Manager {
         }
     }
 
-    async fn record(&self, name: &str, scope: Scope<'_>) -> Result<VmRecord, ApiError> {
+    pub(crate) async fn record(&self, name: &str, scope: Scope<'_>) -> Result<VmRecord, ApiError> {
         let vm = self
             .store
             .get(name)

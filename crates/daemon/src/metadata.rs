@@ -17,6 +17,11 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/", get(metadata))
         .route("/metadata", get(metadata))
         .route("/gateway/llm/{*rest}", any(crate::gateway::llm))
+        .route("/gateway/int/{*rest}", any(crate::integrations::by_path))
+        .layer(axum::middleware::from_fn_with_state(
+            manager.clone(),
+            crate::integrations::by_host,
+        ))
         .with_state(manager)
 }
 
@@ -43,7 +48,9 @@ async fn metadata(
                     })
                 })
                 .collect();
+            let integrations = crate::integrations::of_vm(&m, &vm.id, &vm.owner).await;
             axum::Json(serde_json::json!({
+                "integrations": integrations,
                 "name": vm.name,
                 "id": vm.id,
                 "owner": vm.owner,

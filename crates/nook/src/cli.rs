@@ -135,6 +135,12 @@ pub struct ServeArgs {
     /// The host's OpenAI key (VMs never see it)
     #[arg(long, env = "NOOK_LLM_OPENAI_KEY", hide_env_values = true)]
     pub llm_openai_key: Option<String>,
+    /// Where GitHub integrations send git [default: https://github.com]
+    #[arg(long, env = "NOOK_GITHUB_URL")]
+    pub github_url: Option<String>,
+    /// Where GitHub integrations send REST calls [default: https://api.github.com]
+    #[arg(long, env = "NOOK_GITHUB_API_URL")]
+    pub github_api_url: Option<String>,
     /// LLM credit a new account starts with, in dollars [default: 0]
     #[arg(long, env = "NOOK_LLM_INITIAL_CREDIT")]
     pub llm_initial_credit: Option<f64>,

@@ -3,10 +3,27 @@
 
 use super::*;
 
+/// How long a short script nook runs in a guest (e.g. to update /etc/hosts) may take.
+const GUEST_SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Manager {
     pub async fn console(&self, name: &str, scope: Scope<'_>) -> Result<String, ApiError> {
         let vm = self.record(name, scope).await?;
         Ok(self.paths(&vm.id).console_tail(usize::MAX).await)
+    }
+
+    /// Runs `script` with `sh -c` as root in a running guest, to its end (bounded by
+    /// `GUEST_SCRIPT_TIMEOUT`); its exit status.
+    pub(crate) async fn guest_sh(&self, vm: &VmRecord, script: &str) -> Result<i32, ApiError> {
+        let agent = self.agent(vm).await?;
+        let run = run_to_end(&agent, vec!["sh".into(), "-c".into(), script.into()]);
+        match tokio::time::timeout(GUEST_SCRIPT_TIMEOUT, run).await {
+            Ok(done) => done.map_err(|e| errors::from_vmm("run a command in the guest", e)),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::AgentUnavailable,
+                format!("VM '{}' did not finish a command in time", vm.name),
+            )),
+        }
     }
 
     /// The live agent connection of a running VM, reconnecting if it dropped.

@@ -77,6 +77,9 @@ impl Manager {
             .set_state(&vm.id, VmState::Running, None, Some(pid))
             .await
             .map_err(|e| errors::from_store("record the VM as running", e))?;
+        if let Ok(running) = self.store.get_by_id(&vm.id).await {
+            crate::integrations::sync_hosts(self, &running).await;
+        }
         progress(&format!("ready in {:.1}s", started.elapsed().as_secs_f64()));
         tracing::info!(vm = %vm.name, secs = started.elapsed().as_secs_f64(), "running");
         Ok(())
