@@ -114,7 +114,7 @@ pub enum IntegrationsCommand {
     Attach {
         name: String,
         vm: String,
-        /// How long, e.g. 2h or 7d (a number with m, h or d)
+        /// How long, e.g. 2h or 7d (a number with s, m, h or d)
         #[arg(long = "for", value_name = "DURATION")]
         for_: Option<String>,
     },

@@ -172,13 +172,11 @@ pub async fn command(
             let expires_at = match for_.as_deref() {
                 None => None,
                 Some(text) => {
-                    let secs = crate::lobby::parse_age(text)
-                        .filter(|s| *s >= 60)
-                        .ok_or_else(|| {
-                            invalid(format!(
-                                "Invalid --for {text:?}: use a number with m, h or d, e.g. 2h"
-                            ))
-                        })?;
+                    let secs = crate::lobby::parse_age(text).ok_or_else(|| {
+                        invalid(format!(
+                            "Invalid --for {text:?}: use a number with s, m, h or d, e.g. 2h"
+                        ))
+                    })?;
                     Some(unix_now() + secs)
                 }
             };

@@ -1,0 +1,348 @@
+//! Integrations, end to end: a VM reaches GitHub (git and REST), any HTTP API and its owner's
+//! other VMs through the gateway, with the credential added on the way out. The GitHub is
+//! tests/fake-github/fake_github.py (git-http-backend behind a token, and a REST slice);
+//! git runs on the host through a relay inside the guest, so the gateway sees the VM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Key};
+
+const TOKEN: &str = "ghp_nooktest_5b0c7e1d";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn git(dir: &Path, args: &[&str]) -> Output {
+    Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .expect("git")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The fake GitHub, with bare repositories acme/app (one commit) and acme/other.
+struct FakeGithub {
+    child: Child,
+    port: u16,
+    repos: tempfile::TempDir,
+}
+
+impl FakeGithub {
+    fn start() -> FakeGithub {
+        let repos = tempfile::tempdir().expect("repos");
+        for name in ["app", "other"] {
+            let bare = repos.path().join(format!("acme/{name}.git"));
+            std::fs::create_dir_all(&bare).expect("mkdir");
+            ok(&git(&bare, &["init", "-q", "--bare", "-b", "main"]));
+            let work = tempfile::tempdir().expect("work");
+            ok(&git(work.path(), &["init", "-q", "-b", "main"]));
+            std::fs::write(work.path().join("README"), format!("{name}\n")).expect("write");
+            ok(&git(work.path(), &["add", "README"]));
+            ok(&git(work.path(), &["commit", "-q", "-m", "first"]));
+            ok(&git(
+                work.path(),
+                &["push", "-q", bare.to_str().expect("path"), "main"],
+            ));
+        }
+        let mut child = Command::new("python3")
+            .arg(repo().join("tests/fake-github/fake_github.py"))
+            .args(["--port", "0", "--token", TOKEN, "--repos"])
+            .arg(repos.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("fake github");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("first line");
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("fake github said {line:?}"));
+        FakeGithub { child, port, repos }
+    }
+}
+
+impl Drop for FakeGithub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn daemon(gh: &FakeGithub) -> Daemon {
+    let tmp = tempfile::Builder::new()
+        .prefix("nook-sys")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let data_dir = tmp.path().join("data");
+    std::fs::create_dir_all(&data_dir).expect("data dir");
+    let url = format!("http://127.0.0.1:{}", gh.port);
+    std::fs::write(
+        data_dir.join("nook.toml"),
+        format!("github_url = \"{url}\"\ngithub_api_url = \"{url}\"\n"),
+    )
+    .expect("nook.toml");
+    Daemon::start_in(data_dir, Some(tmp), &[])
+}
+
+fn account(d: &Daemon, who: &str, vms: &[&str]) -> Key {
+    let key = Key::new(who);
+    d.signup(&key, &format!("{who}@example.com"));
+    for vm in vms {
+        d.lobby_ok(&key, &["new", "--name", vm, "--image", "tiny"]);
+    }
+    key
+}
+
+/// A relay inside `vm` from its port 8080 to the gateway; the host's address for it.
+fn relay(d: &Daemon, vm: &str) -> String {
+    d.exec(
+        vm,
+        "(nc -ll -p 8080 -e nc 169.254.169.254 80 </dev/null >/dev/null 2>&1 &) ; sleep 0.2",
+    );
+    let ip = d.vm(vm)["guest_ip"].as_str().expect("guest ip").to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(format!("{ip}:8080")).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay in {vm} never listened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    format!("http://{ip}:8080")
+}
+
+/// `wget` in the guest: the body, or the error wget printed.
+fn wget(d: &Daemon, vm: &str, args: &str) -> String {
+    d.exec(vm, &format!("wget -q -O - {args} 2>&1 || true"))
+}
+
+fn disk_holds(d: &Daemon, key: &Key, vm: &str, secret: &str) -> bool {
+    let id = d.vm(vm)["id"].as_str().expect("id").to_string();
+    d.lobby_ok(key, &["stop", vm]);
+    let disk = std::fs::read(d.data_dir.join("vms").join(id).join("disk.qcow2")).expect("disk");
+    disk.windows(secret.len()).any(|w| w == secret.as_bytes())
+}
+
+#[test]
+fn vm_integrations_github_clone_push_and_rest_with_no_token_in_the_vm() {
+    let gh = FakeGithub::start();
+    let d = daemon(&gh);
+    let alice = account(&d, "alice", &["dev"]);
+    let added = d.lobby_ok(
+        &alice,
+        &[
+            "integrations",
+            "add",
+            "github",
+            "--name",
+            "gh",
+            "--token",
+            TOKEN,
+            "--repository",
+            "acme/app",
+        ],
+    );
+    assert!(
+        added.contains("http://gh.int.nook-vm.localhost/"),
+        "{added}"
+    );
+    assert!(!added.contains(TOKEN), "the token was shown again: {added}");
+    let listed = d.lobby_ok(&alice, &["integrations", "list", "--json"]);
+    assert!(!listed.contains(TOKEN), "{listed}");
+    // Not attached yet: 404, as for one that does not exist.
+    let out = wget(
+        &d,
+        "dev",
+        "http://169.254.169.254/gateway/int/gh/api/repos/acme/app",
+    );
+    assert!(out.contains("404"), "{out}");
+    d.lobby_ok(&alice, &["integrations", "attach", "gh", "dev"]);
+
+    // REST, by the integration's host name (the guest's /etc/hosts points it at the gateway).
+    let out = wget(
+        &d,
+        "dev",
+        "http://gh.int.nook-vm.localhost/api/repos/acme/app",
+    );
+    assert!(out.contains("\"full_name\": \"acme/app\""), "{out}");
+    let out = wget(
+        &d,
+        "dev",
+        "http://gh.int.nook-vm.localhost/api/repos/acme/other",
+    );
+    assert!(
+        out.contains("403"),
+        "a repository outside the integration: {out}"
+    );
+
+    // git clone and push, from the host through the VM.
+    let base = relay(&d, "dev");
+    let work = tempfile::tempdir().expect("work");
+    ok(&git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            &format!("{base}/gateway/int/gh/acme/app.git"),
+            "app",
+        ],
+    ));
+    let app = work.path().join("app");
+    std::fs::write(app.join("NEW"), "pushed through nook\n").expect("write");
+    ok(&git(&app, &["add", "NEW"]));
+    ok(&git(&app, &["commit", "-q", "-m", "through the gateway"]));
+    ok(&git(&app, &["push", "-q", "origin", "main"]));
+    let log = ok(&git(
+        &gh.repos.path().join("acme/app.git"),
+        &["log", "--format=%s", "main"],
+    ));
+    assert!(log.contains("through the gateway"), "{log}");
+    let refused = git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            &format!("{base}/gateway/int/gh/acme/other.git"),
+            "other",
+        ],
+    );
+    assert!(
+        !refused.status.success(),
+        "cloned a repository outside the integration"
+    );
+
+    // Another account's VM cannot use alice's integration, whatever it asks for.
+    let _mallory = account(&d, "mallory", &["snoop"]);
+    let out = wget(
+        &d,
+        "snoop",
+        "http://169.254.169.254/gateway/int/gh/api/repos/acme/app",
+    );
+    assert!(out.contains("404"), "{out}");
+
+    // A grant for a while ends on time; detaching ends it at once.
+    d.lobby_ok(&alice, &["integrations", "detach", "gh", "dev"]);
+    let out = wget(
+        &d,
+        "dev",
+        "http://169.254.169.254/gateway/int/gh/api/repos/acme/app",
+    );
+    assert!(out.contains("404"), "detached: {out}");
+    d.lobby_ok(
+        &alice,
+        &["integrations", "attach", "gh", "dev", "--for", "3s"],
+    );
+    let out = wget(
+        &d,
+        "dev",
+        "http://169.254.169.254/gateway/int/gh/api/repos/acme/app",
+    );
+    assert!(out.contains("acme/app"), "{out}");
+    std::thread::sleep(Duration::from_secs(4));
+    let out = wget(
+        &d,
+        "dev",
+        "http://169.254.169.254/gateway/int/gh/api/repos/acme/app",
+    );
+    assert!(out.contains("404"), "expired: {out}");
+
+    // The token is sealed in the database and never reached the guest's disk.
+    let db = std::fs::read(d.data_dir.join("nook.sqlite")).expect("db");
+    assert!(
+        !db.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+        "the token is in the database in the clear"
+    );
+    assert!(
+        !disk_holds(&d, &alice, "dev", TOKEN),
+        "the token is on the guest's disk"
+    );
+}
+
+#[test]
+fn vm_integrations_http_proxy_adds_its_header_and_a_peer_learns_the_caller() {
+    let gh = FakeGithub::start();
+    let d = daemon(&gh);
+    let bob = account(&d, "bob", &["front", "back"]);
+    // Any HTTP API: the fake GitHub's /user wants the bearer token.
+    let target = format!("http://127.0.0.1:{}", gh.port);
+    d.lobby_ok(
+        &bob,
+        &[
+            "integrations",
+            "add",
+            "http-proxy",
+            "--name",
+            "api",
+            "--target",
+            &target,
+            "--bearer",
+            TOKEN,
+        ],
+    );
+    d.lobby_ok(&bob, &["integrations", "attach", "api", "front"]);
+    let out = wget(&d, "front", "http://api.int.nook-vm.localhost/user");
+    assert!(out.contains("nook-test"), "{out}");
+    let out = wget(&d, "back", "http://169.254.169.254/gateway/int/api/user");
+    assert!(out.contains("404"), "a VM without the attachment: {out}");
+
+    // A peer: `back` answers with the request head it got.
+    d.exec(
+        "back",
+        "printf '#!/bin/sh\\nwhile read -r l; do l=${l%%\\r}; [ -z \"$l\" ] && break; echo \"$l\"; done > /tmp/head\\nprintf \"HTTP/1.0 200 OK\\\\r\\\\nContent-Type: text/plain\\\\r\\\\n\\\\r\\\\n\"\\ncat /tmp/head\\n' > /tmp/echo.sh; chmod +x /tmp/echo.sh; (nc -ll -p 80 -e /tmp/echo.sh </dev/null >/dev/null 2>&1 &); sleep 0.2",
+    );
+    d.lobby_ok(
+        &bob,
+        &[
+            "integrations",
+            "add",
+            "http-proxy",
+            "--name",
+            "back",
+            "--peer",
+            "back",
+        ],
+    );
+    d.lobby_ok(&bob, &["integrations", "attach", "back", "front"]);
+    let out = wget(
+        &d,
+        "front",
+        "--header 'X-Nook-Peer-VM: forged' --header 'X_Nook_Peer_VM: forged' http://back.int.nook-vm.localhost/hello",
+    );
+    let lower = out.to_ascii_lowercase();
+    assert!(lower.contains("x-nook-peer-vm: front"), "{out}");
+    assert!(
+        !lower.contains("forged"),
+        "a forged caller header reached the peer: {out}"
+    );
+    assert!(
+        !disk_holds(&d, &bob, "front", TOKEN),
+        "the token is on the guest's disk"
+    );
+}
