@@ -145,6 +145,16 @@ pub enum IntegrationKind {
         #[arg(long, default_value_t = 80, requires = "peer")]
         port: u16,
     },
+    /// Your own LLM provider key: the gateway's /gateway/llm/PROVIDER uses it for the VMs it
+    /// is attached to, instead of the host's key and your credit
+    Llm {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["anthropic", "openai"])]
+        provider: String,
+        #[arg(long)]
+        key: String,
+    },
     /// GitHub: git clone/fetch/push at /OWNER/REPO.git and the REST API at /api/...
     Github {
         #[arg(long)]

@@ -313,9 +313,13 @@ fn run_gateway(port: u16, mock_port: u16, db: &Path) -> Result<(), BoxError> {
             },
             ..GatewayConfig::default()
         };
+        // The VM has no `llm` integration of its own: every request uses the host's key and is
+        // billed (the per-request lookup of an own key still runs).
+        let sealer = nook_daemon::secrets::Sealer::open(db.parent().unwrap_or(Path::new(".")))?;
         let backend = StoreBackend {
             store,
             initial_micros: 0,
+            sealer: Arc::new(sealer),
         };
         let gateway = Arc::new(Gateway::new(cfg, Arc::new(backend))?);
         let caller = Caller {

@@ -226,6 +226,8 @@ pub fn config_from(s: &mut Settings) -> Result<(GatewayConfig, i64), ConfigError
 pub struct StoreBackend {
     pub store: Store,
     pub initial_micros: i64,
+    /// Opens the keys of `llm` integrations.
+    pub sealer: Arc<crate::secrets::Sealer>,
 }
 
 impl GatewayBackend for StoreBackend {
@@ -244,6 +246,40 @@ impl GatewayBackend for StoreBackend {
                 Ok(_) => Ok(Reservation::Taken),
                 Err(balance_micros) => Ok(Reservation::Exhausted { balance_micros }),
             }
+        })
+    }
+
+    fn own_key<'a>(
+        &'a self,
+        caller: &'a Caller,
+        provider: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BackendError>> {
+        Box::pin(async move {
+            let rows = self
+                .store
+                .attached_of_kind(&caller.vm_id, &caller.account_id, "llm")
+                .await
+                .map_err(BackendError::new)?;
+            for row in rows {
+                let config: serde_json::Value =
+                    serde_json::from_str(&row.config).unwrap_or_default();
+                if config["provider"].as_str() != Some(provider) {
+                    continue;
+                }
+                let Some(plain) = row
+                    .secret
+                    .as_deref()
+                    .and_then(|s| self.sealer.unseal(&row.id, s))
+                else {
+                    tracing::error!(integration = %row.name, "an llm integration's key does not open");
+                    continue;
+                };
+                let secret: serde_json::Value = serde_json::from_slice(&plain).unwrap_or_default();
+                if let Some(key) = secret["key"].as_str() {
+                    return Ok(Some(key.to_string()));
+                }
+            }
+            Ok(None)
         })
     }
 

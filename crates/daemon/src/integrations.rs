@@ -77,13 +77,19 @@ pub async fn command(
                 ));
             }
             tracing::info!(account = %account.id, integration = %name, kind = %row.kind, "integration added");
+            let reach = if row.kind == "llm" {
+                let config: serde_json::Value =
+                    serde_json::from_str(&row.config).unwrap_or_default();
+                config["target"].as_str().unwrap_or_default().to_string()
+            } else {
+                url(m, &name)
+            };
             say(
                 format!(
-                    "Added {name} ({}). Attach it to a VM with `integrations attach {name} VM`; the VM then reaches it at {}",
-                    row.kind,
-                    url(m, &name)
+                    "Added {name} ({}). Attach it to a VM with `integrations attach {name} VM`; the VM then reaches it at {reach}",
+                    row.kind
                 ),
-                json!({ "name": name, "kind": row.kind, "url": url(m, &name) }),
+                json!({ "name": name, "kind": row.kind, "url": reach }),
             );
             Ok(())
         }
@@ -304,6 +310,26 @@ async fn new_integration(
                     Some(json!({ "headers": pairs })),
                 )
             }
+        }
+        IntegrationKind::Llm {
+            name,
+            provider,
+            key,
+        } => {
+            if key.trim().is_empty() || key.contains(char::is_whitespace) {
+                return Err(invalid("Invalid --key: give the key itself".into()));
+            }
+            let url = format!(
+                "http://{}{}{provider}",
+                nook_net::METADATA_ADDR,
+                nook_gateway::PREFIX
+            );
+            (
+                name,
+                "llm",
+                json!({ "provider": provider, "target": url }),
+                Some(json!({ "key": key })),
+            )
         }
         IntegrationKind::Github {
             name,

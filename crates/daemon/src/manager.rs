@@ -147,7 +147,7 @@ pub struct Manager {
     /// The LLM gateway VMs reach on the metadata address.
     gateway: Arc<nook_gateway::Gateway>,
     /// Seals integrations' secrets at rest.
-    sealer: crate::secrets::Sealer,
+    sealer: Arc<crate::secrets::Sealer>,
     /// Held for the daemon's life when it owns the host's VM network (see `take_host_lock`).
     _host_lock: Option<std::fs::File>,
 }
@@ -289,9 +289,14 @@ impl Manager {
             }
         };
         let layers = nook_storage::layers::Layers::new(cfg.layers_dir());
+        let sealer = Arc::new(
+            crate::secrets::Sealer::open(&cfg.data_dir)
+                .map_err(|e| errors::internal("open the secrets key", &e))?,
+        );
         let backend = crate::gateway::StoreBackend {
             store: store.clone(),
             initial_micros: cfg.llm_initial_credit_micros,
+            sealer: sealer.clone(),
         };
         let gateway =
             nook_gateway::Gateway::new(cfg.gateway.clone(), Arc::new(backend)).map_err(|e| {
@@ -300,8 +305,6 @@ impl Manager {
                     format!("{e}: apt-get install ca-certificates"),
                 )
             })?;
-        let sealer = crate::secrets::Sealer::open(&cfg.data_dir)
-            .map_err(|e| errors::internal("open the secrets key", &e))?;
         Ok(Arc::new(Manager {
             gateway: Arc::new(gateway),
             sealer,

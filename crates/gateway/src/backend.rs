@@ -60,6 +60,14 @@ pub trait GatewayBackend: Send + Sync + 'static {
         micros: u64,
     ) -> BoxFuture<'a, Result<Reservation, BackendError>>;
 
+    /// The account's own key for `provider`, when it attached one to the caller's VM (an
+    /// `llm` integration): then the gateway uses it instead of the host's, and bills nothing.
+    fn own_key<'a>(
+        &'a self,
+        caller: &'a Caller,
+        provider: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BackendError>>;
+
     /// Records the usage and returns `reserved - cost` to the balance. Called exactly once per
     /// taken reservation, even when the client went away mid-stream.
     fn settle(&self, record: UsageRecord) -> BoxFuture<'static, Result<(), BackendError>>;

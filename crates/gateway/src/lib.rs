@@ -209,13 +209,27 @@ impl Gateway {
             );
         };
         let shape = Shape::of(provider.kind);
-        let Some(key) = provider.key.clone() else {
+        let own_key = match self.backend.own_key(&caller, name).await {
+            Ok(k) => k,
+            Err(err) => {
+                tracing::error!(error = %err, "gateway could not look up an own key");
+                return self.refuse(
+                    shape,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "api_error",
+                    "The gateway cannot reach its accounts right now; try again".into(),
+                );
+            }
+        };
+        // With the account's own key the provider bills the account: nook counts, not charges.
+        let own = own_key.is_some();
+        let Some(key) = own_key.or_else(|| provider.key.clone()) else {
             return self.refuse(
                 shape,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "provider_not_configured",
                 format!(
-                    "The host has no key for {name}: its admin sets one (NOOK_LLM_{}_KEY)",
+                    "The host has no key for {name}: its admin sets one (NOOK_LLM_{}_KEY), or attach your own (integrations add llm)",
                     name.to_ascii_uppercase()
                 ),
             );
@@ -339,6 +353,7 @@ impl Gateway {
         let price = ask
             .as_ref()
             .and_then(|a| provider.price(&a.model))
+            .filter(|_| !own)
             .unwrap_or_default();
         let mut settlement = None;
         if billable && let Some(ask) = &ask {
@@ -346,7 +361,12 @@ impl Gateway {
             // dearer of the input and cache-write prices, plus every output token allowed.
             let input_bound = body.len() as f64 * price.input.max(price.cache_write);
             let reserve = (input_bound + ask.max_output as f64 * price.output).ceil() as u64;
-            match self.backend.reserve(&caller, reserve).await {
+            let reserved = if own {
+                Ok(Reservation::Taken)
+            } else {
+                self.backend.reserve(&caller, reserve).await
+            };
+            match reserved {
                 Ok(Reservation::Taken) => {}
                 Ok(Reservation::Exhausted { balance_micros }) => {
                     return self.refuse(

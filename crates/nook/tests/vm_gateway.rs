@@ -48,6 +48,11 @@ struct Fake {
 
 impl Fake {
     fn start() -> Fake {
+        Self::start_with(ANTHROPIC_KEY)
+    }
+
+    /// A provider that takes `anthropic_key` (and the usual OpenAI key).
+    fn start_with(anthropic_key: &str) -> Fake {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("requests.jsonl");
         let mut child = Command::new("python3")
@@ -56,7 +61,7 @@ impl Fake {
                 "--port",
                 "0",
                 "--anthropic-key",
-                ANTHROPIC_KEY,
+                anthropic_key,
                 "--openai-key",
                 OPENAI_KEY,
                 "--log",
@@ -681,4 +686,56 @@ fn vm_gateway_claude_code_and_codex_complete_a_turn() {
             "{r}"
         );
     }
+}
+
+/// An `llm` integration: the account's own key goes upstream instead of the host's, and the
+/// account's credit is not charged. The key never reaches the VM.
+#[test]
+fn vm_gateway_an_llm_integration_uses_the_accounts_own_key_and_no_credit() {
+    const OWN: &str = "sk-ant-own-key-0d9a21";
+    let fake = Fake::start_with(OWN);
+    let d = daemon(&fake, "");
+    let key = account_with_vm(&d, "own", "ownvm", "1");
+    let ask =
+        r#"{"model":"fake-claude","max_tokens":2,"messages":[{"role":"user","content":"mine"}]}"#;
+    // The host's key is not what this provider takes.
+    let out = d.exec(
+        "ownvm",
+        &format!("wget -q -O - --header 'content-type: application/json' --post-data '{ask}' http://169.254.169.254/gateway/llm/anthropic/v1/messages 2>&1 || true"),
+    );
+    assert!(out.contains("401"), "{out}");
+    d.lobby_ok(
+        &key,
+        &[
+            "integrations",
+            "add",
+            "llm",
+            "--name",
+            "mykey",
+            "--provider",
+            "anthropic",
+            "--key",
+            OWN,
+        ],
+    );
+    d.lobby_ok(&key, &["integrations", "attach", "mykey", "ownvm"]);
+    let out = wget_post(&d, "ownvm", "/gateway/llm/anthropic/v1/messages", ask);
+    assert!(out.contains("ok ok"), "{out}");
+    let sent = fake.requests();
+    assert_eq!(
+        sent.last().map(|r| r["headers"]["x-api-key"].clone()),
+        Some(serde_json::json!(OWN))
+    );
+    let u = usage(&d, &key);
+    assert_eq!(
+        u["credit_micros"], 1_000_000,
+        "the own key's call was charged: {u}"
+    );
+    let id = d.vm("ownvm")["id"].as_str().expect("id").to_string();
+    d.lobby_ok(&key, &["stop", "ownvm"]);
+    let disk = std::fs::read(d.data_dir.join("vms").join(id).join("disk.qcow2")).expect("disk");
+    assert!(
+        !disk.windows(OWN.len()).any(|w| w == OWN.as_bytes()),
+        "the own key is on the guest's disk"
+    );
 }

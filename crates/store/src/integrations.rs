@@ -161,6 +161,26 @@ impl Store {
         row.as_ref().map(decode).transpose()
     }
 
+    /// The integrations of `kind` attached to `vm_id` and not expired.
+    pub async fn attached_of_kind(
+        &self,
+        vm_id: &str,
+        owner: &str,
+        kind: &str,
+    ) -> Result<Vec<IntegrationRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT i.* FROM integrations i JOIN integration_grants g ON g.integration_id = i.id \
+             WHERE g.vm_id = ? AND i.account_id = ? AND i.kind = ? AND (g.expires_at IS NULL OR g.expires_at > ?) ORDER BY i.name",
+        )
+        .bind(vm_id)
+        .bind(owner)
+        .bind(kind)
+        .bind(unix_now())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode).collect()
+    }
+
     /// The names of the integrations attached to `vm_id` and not expired.
     pub async fn integrations_of_vm(
         &self,
