@@ -52,6 +52,7 @@ pub(crate) struct Settlement {
     pub metrics: Arc<Metrics>,
     pub record: UsageRecord,
     pub price: Price,
+    pub started: std::time::Instant,
 }
 
 impl Settlement {
@@ -61,7 +62,8 @@ impl Settlement {
         self.record.cost_micros = usage.cost_micros(&self.price);
         self.limiter
             .add_tokens(&self.record.caller.account_id, usage.total());
-        self.metrics.finished(&self.record, broken);
+        self.metrics
+            .finished(&self.record, broken, self.started.elapsed());
         let (backend, record) = (self.backend, self.record);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::error!(account = %record.caller.account_id, "no runtime to settle a gateway request on");

@@ -404,6 +404,7 @@ impl Gateway {
                     status: 0,
                 },
                 price,
+                started,
             });
         }
 

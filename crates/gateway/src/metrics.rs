@@ -16,6 +16,8 @@ struct ModelStats {
     cache_read: u64,
     cache_write: u64,
     cost_micros: u64,
+    /// From the request's arrival to its response's end.
+    latency_micros: u64,
 }
 
 #[derive(Debug, Default)]
@@ -24,7 +26,8 @@ pub struct Metrics {
     refused: AtomicU64,
     overhead_micros: AtomicU64,
     overhead_count: AtomicU64,
-    models: Mutex<BTreeMap<(String, String), ModelStats>>,
+    /// Per account, provider and model.
+    models: Mutex<BTreeMap<(String, String, String), ModelStats>>,
 }
 
 impl Metrics {
@@ -42,12 +45,17 @@ impl Metrics {
         self.overhead_count.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn finished(&self, r: &UsageRecord, broken: bool) {
+    pub(crate) fn finished(&self, r: &UsageRecord, broken: bool, took: std::time::Duration) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
         let s = models
-            .entry((r.provider.clone(), r.model.clone()))
+            .entry((
+                r.caller.account_id.clone(),
+                r.provider.clone(),
+                r.model.clone(),
+            ))
             .or_default();
+        s.latency_micros += took.as_micros() as u64;
         s.requests += 1;
         s.errors += u64::from(broken || r.status >= 400);
         s.input += r.usage.input;
@@ -77,7 +85,7 @@ impl Metrics {
             self.overhead_count.load(Ordering::Relaxed)
         );
         let models = self.models.lock().unwrap_or_else(|p| p.into_inner());
-        let series: [Series; 7] = [
+        let series: [Series; 8] = [
             ("nook_gateway_requests_total", "", |s| s.requests),
             ("nook_gateway_errors_total", "", |s| s.errors),
             ("nook_gateway_tokens_total", "input", |s| s.input),
@@ -89,13 +97,16 @@ impl Metrics {
             ("nook_gateway_cost_micro_dollars_total", "", |s| {
                 s.cost_micros
             }),
+            ("nook_gateway_latency_micros_total", "", |s| {
+                s.latency_micros
+            }),
         ];
         let mut typed = std::collections::HashSet::new();
         for (name, kind, get) in series {
             if typed.insert(name) {
                 let _ = writeln!(out, "# TYPE {name} counter");
             }
-            for ((provider, model), s) in models.iter() {
+            for ((account, provider, model), s) in models.iter() {
                 let kind = if kind.is_empty() {
                     String::new()
                 } else {
@@ -103,7 +114,8 @@ impl Metrics {
                 };
                 let _ = writeln!(
                     out,
-                    "{name}{{provider=\"{}\",model=\"{}\"{kind}}} {}",
+                    "{name}{{account=\"{}\",provider=\"{}\",model=\"{}\"{kind}}} {}",
+                    label(account),
                     label(provider),
                     label(model),
                     get(s)

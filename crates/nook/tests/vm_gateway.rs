@@ -328,6 +328,15 @@ fn vm_gateway_wget_from_a_tiny_guest_is_metered_exactly_and_holds_no_key() {
     );
     assert!(!meta.contains(ANTHROPIC_KEY) && !models.contains(OPENAI_KEY));
 
+    // Metrics: tokens, cost and latency per account and model.
+    let metrics = d.ok(&["metrics"]);
+    assert!(
+        metrics.contains("model=\"fake-claude\",kind=\"output\"} 7")
+            && metrics.contains("nook_gateway_latency_micros_total{account=")
+            && metrics.contains("nook_gateway_in_flight 0"),
+        "{metrics}"
+    );
+
     // No key ever reached the guest: search its disk.
     let id = d.vm("caller")["id"].as_str().expect("id").to_string();
     d.lobby_ok(&key, &["stop", "caller"]);
