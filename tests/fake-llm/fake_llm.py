@@ -32,6 +32,7 @@ Special words in the request text:
   RESETMID   in a stream, drop the connection after the first content event
   TOOLUSE    answer with a tool call (get_weather-style, input {"city":"Paris"})
   BIGSTREAM  in a stream, send 2000 "x " deltas (output tokens = 2000)
+  HUGESTREAM in a stream, send 50000 deltas of 4 KiB each (200 MiB), as fast as the client reads
 """
 
 import argparse
@@ -117,7 +118,8 @@ class Plan:
         self.slow_stream = "SLOWSTREAM" in joined
         self.reset_mid = "RESETMID" in joined
         self.tool_use = "TOOLUSE" in joined
-        self.big_stream = "BIGSTREAM" in joined and self.stream
+        self.huge_stream = "HUGESTREAM" in joined and self.stream
+        self.big_stream = ("BIGSTREAM" in joined and self.stream) or self.huge_stream
 
         self.cache_creation = 0
         self.cache_read = 0
@@ -127,7 +129,9 @@ class Plan:
             else:
                 self.cache_creation = CACHE_TOKENS
 
-        if self.big_stream:
+        if self.huge_stream:
+            self.deltas = ["x" * 4096] * 50000
+        elif self.big_stream:
             self.deltas = ["x "] * BIG_STREAM_DELTAS
         else:
             self.deltas = ["ok "] * self.n

@@ -748,3 +748,52 @@ fn vm_gateway_an_llm_integration_uses_the_accounts_own_key_and_no_credit() {
         "the own key is on the guest's disk"
     );
 }
+
+/// A client that asks for a 200 MiB stream and stops reading: the gateway reads upstream only
+/// as fast as the client takes, so the daemon's memory stays flat.
+#[test]
+fn vm_gateway_a_stalled_stream_reader_keeps_the_daemon_bounded() {
+    let fake = Fake::start();
+    let d = daemon(&fake, "");
+    let _key = account_with_vm(&d, "stall", "stallvm", "1");
+    let base = relay(&d, "stallvm");
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| {
+                v.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+            >> 10
+    };
+    let before = rss();
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+    let body = br#"{"model":"fake-claude","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"HUGESTREAM now"}]}"#;
+    let head = format!(
+        "POST /gateway/llm/anthropic/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body).expect("write");
+    // Take the first bytes, then stop reading for a while.
+    let mut first = [0u8; 4096];
+    assert!(s.read(&mut first).expect("first bytes") > 0);
+    let mut peak = before;
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_secs(1));
+        peak = peak.max(rss());
+    }
+    eprintln!(
+        "daemon RSS {before} MiB -> peak {peak} MiB while a reader stalls on a 200 MiB stream"
+    );
+    assert!(
+        peak < before + 32,
+        "the daemon grew from {before} to {peak} MiB"
+    );
+    drop(s);
+}
