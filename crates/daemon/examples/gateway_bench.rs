@@ -18,7 +18,8 @@
 //!   a multi-threaded tokio runtime with mimalloc, as the `nook` binary; every request is
 //!   one fixed `Caller` (the daemon takes it from the VM's pinned source address);
 //! - LiteLLM's proxy (`litellm --config`, installed with pip into
-//!   /var/cache/nook-test/litellm-venv if missing), no database, no master key, one uvicorn
+//!   /var/cache/nook-test/litellm-venv if missing), a master key (it refuses to start without
+//!   one) sent as `Authorization: Bearer`, no database, one uvicorn
 //!   worker per core, `LITELLM_LOG=ERROR` (no access log), `LITELLM_LOCAL_MODEL_COST_MAP=True`
 //!   (no fetch of the price table at start), `LITELLM_TELEMETRY=False`.
 //!
@@ -39,7 +40,9 @@
 //!
 //! Everything shares the machine's cores (the load generator is one thread): on a small machine
 //! the absolute numbers include that contention for both gateways alike.
-//! Other knobs: BENCH_LITELLM_WORKERS (default: cores), BENCH_LITELLM_VENV.
+//! Other knobs: BENCH_LITELLM_WORKERS (default: cores), BENCH_LITELLM_VENV, and for diagnosis
+//! only BENCH_NOOK_BACKEND=memory (a backend that does nothing in place of the store, to tell
+//! the gateway's own cost from the store's).
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::unwrap_used)]
 
 use std::collections::{HashMap, VecDeque};
@@ -59,12 +62,16 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use nook_daemon::gateway::StoreBackend;
-use nook_gateway::{ApiKind, Caller, Gateway, GatewayConfig, Price, Provider, RateLimits};
+use nook_gateway::backend::BoxFuture;
+use nook_gateway::{
+    ApiKind, BackendError, Caller, Gateway, GatewayBackend, GatewayConfig, Price, Provider,
+    RateLimits, Reservation, UsageRecord,
+};
 use nook_store::{Admission, SshKey, Store};
 use serde_json::{Value, json};
 
@@ -278,7 +285,31 @@ fn run_mock(port: u16) -> Result<(), BoxError> {
 // ---------------------------------------------------------------------------------------------
 // nook's gateway, in a process of its own so that its RSS is its own.
 
-fn run_gateway(port: u16, mock_port: u16, db: &Path) -> Result<(), BoxError> {
+/// For diagnosis only (BENCH_NOOK_BACKEND=memory): a backend that does nothing, to tell the
+/// gateway's own cost from the store's. Not what the daemon runs.
+struct MemoryBackend;
+
+impl GatewayBackend for MemoryBackend {
+    fn reserve<'a>(
+        &'a self,
+        _: &'a Caller,
+        _: u64,
+    ) -> BoxFuture<'a, Result<Reservation, BackendError>> {
+        Box::pin(async { Ok(Reservation::Taken) })
+    }
+    fn own_key<'a>(
+        &'a self,
+        _: &'a Caller,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BackendError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn settle(&self, _: UsageRecord) -> BoxFuture<'static, Result<(), BackendError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn run_gateway(port: u16, mock_port: u16, db: &Path, memory: bool) -> Result<(), BoxError> {
     exit_with_parent();
     // As the daemon: tokio's multi-threaded runtime, one worker per core.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -316,12 +347,16 @@ fn run_gateway(port: u16, mock_port: u16, db: &Path) -> Result<(), BoxError> {
         // The VM has no `llm` integration of its own: every request uses the host's key and is
         // billed (the per-request lookup of an own key still runs).
         let sealer = nook_daemon::secrets::Sealer::open(db.parent().unwrap_or(Path::new(".")))?;
-        let backend = StoreBackend {
-            store,
-            initial_micros: 0,
-            sealer: Arc::new(sealer),
+        let backend: Arc<dyn GatewayBackend> = if memory {
+            Arc::new(MemoryBackend)
+        } else {
+            Arc::new(StoreBackend {
+                store,
+                initial_micros: 0,
+                sealer: Arc::new(sealer),
+            })
         };
-        let gateway = Arc::new(Gateway::new(cfg, Arc::new(backend))?);
+        let gateway = Arc::new(Gateway::new(cfg, backend)?);
         let caller = Caller {
             account_id: account.id,
             vm_id: "vm-bench".into(),
@@ -499,7 +534,16 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// LiteLLM's proxy in front of the mock, installed first if need be. `Err` says why not.
-fn start_litellm(dir: &Path, mock_port: u16, workers: usize) -> Result<(Kid, u16, String), String> {
+/// LiteLLM's proxy, running.
+struct LiteLlm {
+    kid: Kid,
+    port: u16,
+    version: String,
+    /// Its master key: LiteLLM refuses to start without one.
+    key: String,
+}
+
+fn start_litellm(dir: &Path, mock_port: u16, workers: usize) -> Result<LiteLlm, String> {
     let venv =
         PathBuf::from(std::env::var("BENCH_LITELLM_VENV").unwrap_or_else(|_| DEFAULT_VENV.into()));
     let bin = venv.join("bin/litellm");
@@ -553,6 +597,11 @@ fn start_litellm(dir: &Path, mock_port: u16, workers: usize) -> Result<(Kid, u16
     let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let port = free_port();
+    let key = format!(
+        "sk-{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
     let child = Command::new(&bin)
         .arg("--config")
         .arg(&config_path)
@@ -561,6 +610,7 @@ fn start_litellm(dir: &Path, mock_port: u16, workers: usize) -> Result<(Kid, u16
         .env("LITELLM_LOG", "ERROR")
         .env("LITELLM_TELEMETRY", "False")
         .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        .env("LITELLM_MASTER_KEY", &key)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -595,7 +645,12 @@ fn start_litellm(dir: &Path, mock_port: u16, workers: usize) -> Result<(Kid, u16
         "LiteLLM: ready after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    Ok((kid, port, version))
+    Ok(LiteLlm {
+        kid,
+        port,
+        version,
+        key,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -607,6 +662,8 @@ struct Target {
     port: u16,
     path: &'static str,
     host: HeaderValue,
+    /// `authorization`, for LiteLLM's master key.
+    auth: Option<HeaderValue>,
     /// Requests answered 200, over the whole run.
     ok: Arc<AtomicU64>,
 }
@@ -618,6 +675,7 @@ impl Target {
             port,
             path,
             host: HeaderValue::from_str(&format!("127.0.0.1:{port}")).unwrap(),
+            auth: None,
             ok: Arc::default(),
         }
     }
@@ -629,6 +687,9 @@ impl Target {
         req.headers_mut().insert(HOST, self.host.clone());
         req.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(auth) = &self.auth {
+            req.headers_mut().insert(AUTHORIZATION, auth.clone());
+        }
         req
     }
 }
@@ -980,15 +1041,14 @@ async fn soak(t: &Target, pid: u32, rate: f64, secs: f64) -> Soak {
 // ---------------------------------------------------------------------------------------------
 // The report.
 
-/// One row of the table: a value for direct, nook and LiteLLM (None: not measured).
-struct Row {
-    what: String,
-    direct: Option<f64>,
-    nook: Option<f64>,
-    litellm: Option<f64>,
-    decimals: usize,
-    /// Why LiteLLM has no value.
-    litellm_note: &'static str,
+/// The first three fields of /proc/loadavg.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn fmt(v: Option<f64>, decimals: usize) -> String {
@@ -1004,7 +1064,13 @@ fn main() -> Result<(), BoxError> {
     match args.get(1).map(String::as_str) {
         Some("mock") => return run_mock(args[2].parse()?),
         Some("gateway") => {
-            return run_gateway(args[2].parse()?, args[3].parse()?, Path::new(&args[4]));
+            let memory = args.get(5).is_some_and(|b| b == "memory");
+            return run_gateway(
+                args[2].parse()?,
+                args[3].parse()?,
+                Path::new(&args[4]),
+                memory,
+            );
         }
         _ => {}
     }
@@ -1035,7 +1101,9 @@ fn main() -> Result<(), BoxError> {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let want_litellm = std::env::var("BENCH_LITELLM").map_or(true, |v| v != "0");
+    let memory_backend = std::env::var("BENCH_NOOK_BACKEND").is_ok_and(|v| v == "memory");
 
+    let load_before = loadavg();
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("nook.sqlite");
     let mock_port = free_port();
@@ -1046,6 +1114,7 @@ fn main() -> Result<(), BoxError> {
         &gw_port.to_string(),
         &mock_port.to_string(),
         &db.display().to_string(),
+        if memory_backend { "memory" } else { "store" },
     ])?;
     if !wait_port(mock_port, Duration::from_secs(10))
         || !wait_port(gw_port, Duration::from_secs(30))
@@ -1054,7 +1123,7 @@ fn main() -> Result<(), BoxError> {
     }
     let nook_idle_mb = tree_rss_mb(gateway.pid());
 
-    let mut litellm: Option<(Kid, u16, String)> = None;
+    let mut litellm: Option<LiteLlm> = None;
     let mut litellm_why = String::from("skipped (BENCH_LITELLM=0)");
     if want_litellm {
         match start_litellm(dir.path(), mock_port, ll_workers) {
@@ -1065,45 +1134,59 @@ fn main() -> Result<(), BoxError> {
             }
         }
     }
-    let litellm_idle_mb = litellm.as_ref().map(|(k, _, _)| tree_rss_mb(k.pid()));
+    let litellm_idle_mb = litellm.as_ref().map(|l| tree_rss_mb(l.kid.pid()));
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let direct = Target::new("direct", mock_port, OPENAI_PATH);
     let nook = Target::new("nook", gw_port, NOOK_PATH);
-    let ll = litellm
-        .as_ref()
-        .map(|(_, port, _)| Target::new("LiteLLM", *port, OPENAI_PATH));
+    let mut ll = litellm.as_ref().map(|l| {
+        let mut t = Target::new("LiteLLM", l.port, OPENAI_PATH);
+        t.auth = Some(HeaderValue::from_str(&format!("Bearer {}", l.key)).unwrap());
+        t
+    });
 
-    // A request that fails through a gateway fails the bench for that gateway, loudly.
-    rt.block_on(async {
-        for t in [Some(&direct), Some(&nook), ll.as_ref()]
-            .into_iter()
-            .flatten()
-        {
+    // Every target must answer a plain and a streamed request before it is measured.
+    let probe = |t: &Target| {
+        rt.block_on(async {
             for stream in [false, true] {
-                let r = Lane::new(t).call(chat_body(MODEL, stream)).await;
-                match r {
-                    Ok(r) if r.status == 200 && (r.done() || !stream) => {}
-                    Ok(r) => println!(
-                        "{}: probe (stream {stream}) answered {}: {}",
-                        t.name,
+                let why = match Lane::new(t).call(chat_body(MODEL, stream)).await {
+                    Ok(r) if r.status == 200 && (r.done() || !stream) => continue,
+                    Ok(r) => format!(
+                        "answered {}: {}",
                         r.status,
                         String::from_utf8_lossy(&r.body)
                     ),
-                    Err(e) => println!("{}: probe (stream {stream}) failed: {e}", t.name),
-                }
+                    Err(e) => format!("failed: {e}"),
+                };
+                return Err(format!("a probe (stream: {stream}) {why}"));
             }
+            Ok(())
+        })
+    };
+    for t in [&direct, &nook] {
+        if let Err(why) = probe(t) {
+            return Err(format!("{}: {why}", t.name).into());
         }
-    });
+    }
+    if let Some(t) = &ll
+        && let Err(why) = probe(t)
+    {
+        println!("LiteLLM unavailable: {why}");
+        litellm_why = why;
+        ll = None;
+        if let Some(mut l) = litellm.take() {
+            l.kid.stop();
+        }
+    }
 
     let mut targets = vec![direct.clone(), nook.clone()];
     targets.extend(ll.clone());
     let pids: Vec<Option<u32>> = vec![
         Some(mock.pid()),
         Some(gateway.pid()),
-        litellm.as_ref().map(|(k, _, _)| k.pid()),
+        litellm.as_ref().map(|l| l.kid.pid()),
     ];
 
     let results = rt.block_on(async {
@@ -1126,7 +1209,10 @@ fn main() -> Result<(), BoxError> {
         }
 
         let sn = (n / 4).max(100);
-        println!("stream TTFB at concurrency 1: {} warm-up + {sn} streams per target", warm / 4);
+        println!(
+            "stream TTFB at concurrency 1: {} warm-up + {sn} streams per target",
+            warm / 4
+        );
         let ttfb = sequential(&targets, &chat_body(MODEL, true), warm / 4, sn).await;
         for (t, s) in targets.iter().zip(&ttfb) {
             println!(
@@ -1175,36 +1261,7 @@ fn main() -> Result<(), BoxError> {
             maxes.push(l);
         }
 
-        println!(
-            "concurrent slow streams ({SLOW_CHUNKS} chunks, one per {} ms; stall: a gap over {} s)",
-            SLOW_EVERY.as_millis(),
-            STALL.as_secs()
-        );
-        let mut held = Vec::new();
-        for t in &targets {
-            let mut best = Some(0usize);
-            for &sn in &stream_ns {
-                let started = Instant::now();
-                let h = hold_streams(t, sn).await;
-                println!(
-                    "  {:<8} N={sn:<5} failed {:<4} stalled {:<4} max gap {:>6.0} ms  slowest first chunk {:>6.0} ms  ({:.1} s)",
-                    t.name,
-                    h.failed,
-                    h.stalled,
-                    h.max_gap.as_secs_f64() * 1000.0,
-                    h.first_max.as_secs_f64() * 1000.0,
-                    started.elapsed().as_secs_f64()
-                );
-                // Let the proxies' connections close before the next size.
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if h.failed + h.stalled > 0 {
-                    break;
-                }
-                best = Some(sn);
-            }
-            held.push(best);
-        }
-
+        // Before the stream test, so that its connections do not count in the soak's start.
         println!("soak: {soak_rate} requests/s for {soak_secs} s (one in ten a stream)");
         let mut soaks = Vec::new();
         for (i, t) in targets.iter().enumerate().skip(1) {
@@ -1222,6 +1279,38 @@ fn main() -> Result<(), BoxError> {
             );
             soaks.push(s);
         }
+
+        println!(
+            "concurrent slow streams ({SLOW_CHUNKS} chunks, one per {} ms; stall: a gap over {} s)",
+            SLOW_EVERY.as_millis(),
+            STALL.as_secs()
+        );
+        let mut held = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let mut best = 0usize;
+            let mut rss_after = 0f64;
+            for &sn in &stream_ns {
+                let started = Instant::now();
+                let h = hold_streams(t, sn).await;
+                rss_after = rss_after.max(pids[i].map_or(0.0, tree_rss_mb));
+                println!(
+                    "  {:<8} N={sn:<5} failed {:<4} stalled {:<4} max gap {:>6.0} ms  slowest first chunk {:>6.0} ms  ({:.1} s)",
+                    t.name,
+                    h.failed,
+                    h.stalled,
+                    h.max_gap.as_secs_f64() * 1000.0,
+                    h.first_max.as_secs_f64() * 1000.0,
+                    started.elapsed().as_secs_f64()
+                );
+                // Let the proxies' connections close before the next size.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if h.failed + h.stalled > 0 {
+                    break;
+                }
+                best = sn;
+            }
+            held.push((best, rss_after));
+        }
         (seq, ttfb, loads, maxes, held, soaks)
     });
     let (seq, ttfb, loads, maxes, held, soaks) = results;
@@ -1234,192 +1323,125 @@ fn main() -> Result<(), BoxError> {
         let rows = store.usage(ACCOUNT, 0, None).await.ok()?;
         Some(rows.iter().map(|r| r.requests).sum::<u64>())
     });
-    if let Some((kid, _, _)) = litellm.as_mut() {
-        kid.stop();
+    if let Some(l) = litellm.as_mut() {
+        l.kid.stop();
     }
     mock.stop();
 
-    // ---- the table
-    let l = ll.is_some();
-    let pick = |v: &[f64], i: usize| -> Option<f64> { v.get(i).copied() };
-    let p = |s: &[Seq], q: f64, first: bool| -> Vec<f64> {
-        s.iter()
-            .map(|x| pct_us(if first { &x.first } else { &x.total }, q))
+    // ---- the table: one row per measure; columns direct, nook, LiteLLM.
+    let p = |s: &[Seq], q: f64, first: bool| -> Vec<Option<f64>> {
+        (0..3)
+            .map(|i| {
+                s.get(i)
+                    .map(|x| pct_us(if first { &x.first } else { &x.total }, q))
+            })
+            .collect()
+    };
+    let added = |v: &[Option<f64>]| -> Vec<Option<f64>> {
+        v.iter()
+            .enumerate()
+            .map(|(i, x)| {
+                if i == 0 {
+                    None
+                } else {
+                    x.zip(v[0]).map(|(x, d)| x - d)
+                }
+            })
             .collect()
     };
     let (p50, p99) = (p(&seq, 0.5, false), p(&seq, 0.99, false));
     let (t50, t99) = (p(&ttfb, 0.5, true), p(&ttfb, 0.99, true));
-    let added = |v: &[f64], i: usize| v.get(i).map(|x| x - v[0]);
-    let mut overhead: Vec<f64> = seq
-        .iter()
-        .map(|s| median(&mut s.overhead_ms.clone()) * 1000.0)
+    let overhead: Vec<Option<f64>> = (0..3)
+        .map(|i| {
+            seq.get(i)
+                .filter(|_| i > 0)
+                .map(|s| median(&mut s.overhead_ms.clone()) * 1000.0)
+        })
         .collect();
-    overhead[0] = f64::NAN;
-    let mut rows: Vec<Row> = Vec::new();
-    let mut row = |what: &str, d: Option<f64>, n: Option<f64>, li: Option<f64>, dec: usize| {
-        rows.push(Row {
-            what: what.into(),
-            direct: d,
-            nook: n,
-            litellm: if l { li } else { None },
-            decimals: dec,
-            litellm_note: if l { "" } else { "unavailable" },
-        });
+    let of_load = |f: &dyn Fn(&(Load, f64)) -> f64| -> Vec<Option<f64>> {
+        (0..3).map(|i| loads.get(i).map(f)).collect()
     };
-    row(
-        "latency p50, concurrency 1 (µs)",
-        pick(&p50, 0),
-        pick(&p50, 1),
-        pick(&p50, 2),
-        0,
-    );
-    row(
-        "latency p99, concurrency 1 (µs)",
-        pick(&p99, 0),
-        pick(&p99, 1),
-        pick(&p99, 2),
-        0,
-    );
-    row(
-        "**added p50**, concurrency 1 (µs)",
-        None,
-        added(&p50, 1),
-        added(&p50, 2),
-        0,
-    );
-    row(
-        "**added p99**, concurrency 1 (µs; goal ≤ 150)",
-        None,
-        added(&p99, 1),
-        added(&p99, 2),
-        0,
-    );
-    row(
-        "own overhead header, median (µs)",
-        None,
-        overhead.get(1).copied(),
-        overhead.get(2).copied(),
-        0,
-    );
-    row(
-        "stream TTFB p50, concurrency 1 (µs)",
-        pick(&t50, 0),
-        pick(&t50, 1),
-        pick(&t50, 2),
-        0,
-    );
-    row(
-        "**added TTFB p50** (µs)",
-        None,
-        added(&t50, 1),
-        added(&t50, 2),
-        0,
-    );
-    row(
-        "**added TTFB p99** (µs)",
-        None,
-        added(&t99, 1),
-        added(&t99, 2),
-        0,
-    );
-    let lo = |i: usize, f: &dyn Fn(&(Load, f64)) -> f64| loads.get(i).map(f);
-    row(
-        &format!("achieved req/s, target {rate:.0}/s"),
-        lo(0, &|x| x.0.rps()),
-        lo(1, &|x| x.0.rps()),
-        lo(2, &|x| x.0.rps()),
-        0,
-    );
-    row(
-        &format!("p99 at target {rate:.0}/s (ms, from send)"),
-        lo(0, &|x| pct_us(&x.0.lat, 0.99) / 1000.0),
-        lo(1, &|x| pct_us(&x.0.lat, 0.99) / 1000.0),
-        lo(2, &|x| pct_us(&x.0.lat, 0.99) / 1000.0),
-        2,
-    );
-    row(
-        &format!("errors at target {rate:.0}/s"),
-        lo(0, &|x| x.0.errors as f64),
-        lo(1, &|x| x.0.errors as f64),
-        lo(2, &|x| x.0.errors as f64),
-        0,
-    );
-    row(
-        "CPU per request under that load (µs)",
-        lo(0, &|x| x.1),
-        lo(1, &|x| x.1),
-        lo(2, &|x| x.1),
-        0,
-    );
-    let mx = |i: usize, f: &dyn Fn(&Load) -> f64| maxes.get(i).map(f);
-    row(
-        "most req/s, closed loop of 64 connections",
-        mx(0, &|x| x.rps()),
-        mx(1, &|x| x.rps()),
-        mx(2, &|x| x.rps()),
-        0,
-    );
-    row(
-        "p99 in that closed loop (ms)",
-        mx(0, &|x| pct_us(&x.lat, 0.99) / 1000.0),
-        mx(1, &|x| pct_us(&x.lat, 0.99) / 1000.0),
-        mx(2, &|x| pct_us(&x.lat, 0.99) / 1000.0),
-        2,
-    );
-    let hs = |i: usize| held.get(i).copied().flatten().map(|v| v as f64);
-    row(
-        &format!(
-            "concurrent streams held, no stall (of {}; goal ≥ 512)",
-            stream_ns.iter().max().copied().unwrap_or(0)
+    let of_max = |f: &dyn Fn(&Load) -> f64| -> Vec<Option<f64>> {
+        (0..3).map(|i| maxes.get(i).map(f)).collect()
+    };
+    // The soak and RSS rows have no direct column.
+    let of_soak = |f: &dyn Fn(&Soak) -> f64| -> Vec<Option<f64>> {
+        vec![None, soaks.first().map(f), soaks.get(1).map(f)]
+    };
+    let p99_ms = |l: &Load| pct_us(&l.lat, 0.99) / 1000.0;
+    let max_n = stream_ns.iter().max().copied().unwrap_or(0);
+    let rows: Vec<(String, Vec<Option<f64>>, usize)> = vec![
+        ("latency p50, concurrency 1 (µs)".into(), p50.clone(), 0),
+        ("latency p99, concurrency 1 (µs)".into(), p99.clone(), 0),
+        ("**added p50**, concurrency 1 (µs)".into(), added(&p50), 0),
+        (
+            "**added p99**, concurrency 1 (µs; goal ≤ 150)".into(),
+            added(&p99),
+            0,
         ),
-        hs(0),
-        hs(1),
-        hs(2),
-        0,
-    );
-    let so = |i: usize, f: &dyn Fn(&Soak) -> f64| soaks.get(i).map(f);
-    row(
-        "RSS idle, before any request (MB)",
-        None,
-        Some(nook_idle_mb),
-        litellm_idle_mb,
-        1,
-    );
-    row(
-        &format!("RSS at soak start (MB; {soak_secs:.0} s at {soak_rate:.0}/s)"),
-        None,
-        so(0, &|s| s.start_mb),
-        so(1, &|s| s.start_mb),
-        1,
-    );
-    row(
-        "RSS at soak end (MB; goal flat, < 50)",
-        None,
-        so(0, &|s| s.end_mb),
-        so(1, &|s| s.end_mb),
-        1,
-    );
-    row(
-        "RSS peak during soak (MB)",
-        None,
-        so(0, &|s| s.peak_mb),
-        so(1, &|s| s.peak_mb),
-        1,
-    );
-    row(
-        "soak achieved req/s",
-        None,
-        so(0, &|s| s.load.rps()),
-        so(1, &|s| s.load.rps()),
-        0,
-    );
-    row(
-        "soak p99 (ms)",
-        None,
-        so(0, &|s| pct_us(&s.load.lat, 0.99) / 1000.0),
-        so(1, &|s| pct_us(&s.load.lat, 0.99) / 1000.0),
-        2,
-    );
+        ("own overhead header, median (µs)".into(), overhead, 0),
+        ("stream TTFB p50, concurrency 1 (µs)".into(), t50.clone(), 0),
+        ("**added TTFB p50** (µs)".into(), added(&t50), 0),
+        ("**added TTFB p99** (µs)".into(), added(&t99), 0),
+        (
+            format!("achieved req/s, target {rate:.0}/s"),
+            of_load(&|x| x.0.rps()),
+            0,
+        ),
+        (
+            format!("p99 at target {rate:.0}/s (ms, from send)"),
+            of_load(&|x| p99_ms(&x.0)),
+            2,
+        ),
+        (
+            format!("errors at target {rate:.0}/s"),
+            of_load(&|x| x.0.errors as f64),
+            0,
+        ),
+        (
+            "CPU per request at that load (µs)".into(),
+            of_load(&|x| x.1),
+            0,
+        ),
+        (
+            "most req/s, closed loop of 64 connections".into(),
+            of_max(&|x| x.rps()),
+            0,
+        ),
+        ("p99 in that closed loop (ms)".into(), of_max(&p99_ms), 2),
+        (
+            format!("concurrent streams held, no stall (of {max_n}; goal ≥ 512)"),
+            (0..3).map(|i| held.get(i).map(|h| h.0 as f64)).collect(),
+            0,
+        ),
+        (
+            "RSS idle, before any request (MB)".into(),
+            vec![None, Some(nook_idle_mb), litellm_idle_mb],
+            1,
+        ),
+        (
+            format!("RSS at soak start (MB; soak {soak_secs:.0} s at {soak_rate:.0}/s)"),
+            of_soak(&|s| s.start_mb),
+            1,
+        ),
+        (
+            "RSS at soak end (MB; goal flat, < 50)".into(),
+            of_soak(&|s| s.end_mb),
+            1,
+        ),
+        (
+            "RSS peak during soak (MB)".into(),
+            of_soak(&|s| s.peak_mb),
+            1,
+        ),
+        ("soak achieved req/s".into(), of_soak(&|s| s.load.rps()), 0),
+        ("soak p99 (ms)".into(), of_soak(&|s| p99_ms(&s.load)), 2),
+        (
+            "RSS right after the stream test (MB)".into(),
+            vec![None, held.get(1).map(|h| h.1), held.get(2).map(|h| h.1)],
+            1,
+        ),
+    ];
 
     let kernel = Command::new("uname")
         .arg("-r")
@@ -1437,15 +1459,27 @@ fn main() -> Result<(), BoxError> {
         .unwrap_or_default();
     println!();
     println!(
-        "Machine: {cores} cores ({cpu}), Linux {kernel}. Mock, gateways and load generator share them."
+        "Machine: {cores} cores ({cpu}), Linux {kernel}; mock, gateways and load generator share them."
     );
     println!(
-        "nook: nook_gateway + the daemon's StoreBackend (SQLite, WAL, synchronous=FULL, in {}), hyper http1, tokio {cores} workers, mimalloc.",
-        dir.path().display()
+        "Load average (1, 5, 15 min) before the run: {load_before}; after: {}. Anything else running disturbs the numbers.",
+        loadavg()
+    );
+    let backend_note = if memory_backend {
+        "BENCH_NOOK_BACKEND=memory: a backend that does nothing, for diagnosis only (not the daemon's path)".to_string()
+    } else {
+        format!(
+            "the daemon's StoreBackend (SQLite in {}, WAL, synchronous=FULL)",
+            dir.path().display()
+        )
+    };
+    println!(
+        "nook: nook_gateway over {backend_note}; hyper http1, tokio with {cores} workers, mimalloc."
     );
     match &litellm {
-        Some((_, _, v)) => println!(
-            "LiteLLM {v}: `litellm --config` (uvicorn + uvloop, {ll_workers} workers), no database, no master key, LITELLM_LOG=ERROR."
+        Some(l) => println!(
+            "LiteLLM {}: `litellm --config` (uvicorn + uvloop, {ll_workers} workers), master key, no database, LITELLM_LOG=ERROR.",
+            l.version
         ),
         None => println!(
             "LiteLLM: unavailable: {}",
@@ -1455,34 +1489,33 @@ fn main() -> Result<(), BoxError> {
     println!();
     println!("| | direct | nook | LiteLLM | LiteLLM / nook |");
     println!("|---|---:|---:|---:|---:|");
-    for r in &rows {
-        let ratio = match (r.nook, r.litellm) {
-            (Some(n), Some(li)) if n.is_finite() && li.is_finite() && n > 0.0 => {
-                format!("{:.1}×", li / n)
+    let has_litellm = ll.is_some();
+    for (what, v, decimals) in &rows {
+        let ratio = match (v[1], v[2]) {
+            (Some(n), Some(l)) if n.is_finite() && l.is_finite() && n > 0.0 && has_litellm => {
+                format!("{:.1}×", l / n)
             }
-            (_, Some(_)) => "n/a".into(),
+            (_, Some(_)) if has_litellm => "n/a".into(),
             _ => "–".into(),
         };
-        let litellm = if r.litellm.is_none() && !r.litellm_note.is_empty() {
-            r.litellm_note.to_string()
+        let litellm = if has_litellm {
+            fmt(v[2], *decimals)
         } else {
-            fmt(r.litellm, r.decimals)
+            "unavailable".into()
         };
         println!(
-            "| {} | {} | {} | {} | {} |",
-            r.what,
-            fmt(r.direct, r.decimals),
-            fmt(r.nook, r.decimals),
-            litellm,
-            ratio
+            "| {what} | {} | {} | {litellm} | {ratio} |",
+            fmt(v[0], *decimals),
+            fmt(v[1], *decimals),
         );
     }
     println!();
     let through_nook = nook.ok.load(Ordering::Relaxed);
     match settled {
-        Some(usage_rows) => println!(
+        Some(usage_rows) if !memory_backend => println!(
             "nook's store holds {usage_rows} usage rows for {through_nook} requests answered 200 through it."
         ),
+        Some(_) => {}
         None => println!("could not read nook's usage rows back"),
     }
     Ok(())

@@ -120,6 +120,9 @@ pub struct Settings {
     /// [default: https://api.github.com]; a GitHub Enterprise host, or a test's.
     pub github_url: Option<String>,
     pub github_api_url: Option<String>,
+    /// IPv4 networks an http-proxy integration's target may be at although `egress_block`
+    /// (or loopback) covers them, e.g. an API on the host's own network (file only).
+    pub integrations_allow: Option<Vec<String>>,
 }
 
 impl Settings {
@@ -176,6 +179,7 @@ impl Settings {
             llm_max_body: other.llm_max_body.or(self.llm_max_body),
             github_url: other.github_url.or(self.github_url),
             github_api_url: other.github_api_url.or(self.github_api_url),
+            integrations_allow: other.integrations_allow.or(self.integrations_allow),
             smtp_from: other.smtp_from.or(self.smtp_from),
             smtp_user: other.smtp_user.or(self.smtp_user),
             smtp_password: other.smtp_password.or(self.smtp_password),
@@ -407,6 +411,21 @@ impl Config {
                 ),
             ));
         }
+        let allow = match &s.integrations_allow {
+            None => nook_net::EgressBlockList::parse::<&str>(&[]),
+            Some(list) => nook_net::EgressBlockList::parse(list),
+        }
+        .map_err(|e| ConfigError::Invalid("integrations_allow", e.to_string()))?;
+        let mut gateway = gateway;
+        let block = egress_block.clone();
+        // What VMs may not reach by their own network, plus the host itself and the VMs'
+        // network, whatever egress_block says: an integration must not be a way around it.
+        gateway.target_policy = nook_gateway::resolve::public_only(move |ip| {
+            let vm_net = u32::from(ip) >> (32 - u32::from(nook_net::VM_NET_PREFIX))
+                == u32::from(nook_net::VM_NET) >> (32 - u32::from(nook_net::VM_NET_PREFIX));
+            (block.blocks(ip) || ip.is_loopback() || ip.is_unspecified() || vm_net)
+                && !allow.blocks(ip)
+        });
         let ready = s.ready_timeout_secs.unwrap_or(120);
         if ready == 0 || ready > 3600 {
             return Err(ConfigError::Invalid(

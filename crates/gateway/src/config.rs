@@ -70,8 +70,11 @@ pub struct RateLimits {
     pub account_tpm: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayConfig {
+    /// Which addresses an http-proxy integration's target (named by a VM's owner) may
+    /// resolve to and be reached at.
+    pub target_policy: crate::resolve::AddressPolicy,
     pub providers: Vec<Provider>,
     pub limits: RateLimits,
     /// The largest request body passed on.
@@ -82,9 +85,27 @@ pub struct GatewayConfig {
     pub upstream_timeout: std::time::Duration,
 }
 
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("providers", &self.providers)
+            .field("limits", &self.limits)
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
+            target_policy: crate::resolve::public_only(|ip| {
+                ip.is_private()
+                    || ip.is_loopback()
+                    || ip.is_link_local()
+                    || ip.is_unspecified()
+                    || ip.is_broadcast()
+                    || ip.is_multicast()
+            }),
             providers: Vec::new(),
             limits: RateLimits::default(),
             max_body: 8 << 20,

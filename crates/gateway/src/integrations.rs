@@ -223,12 +223,38 @@ impl Gateway {
                 "Cannot pass this request on".into(),
             );
         };
-        let answer = tokio::time::timeout(
-            self.cfg.upstream_timeout,
-            self.stream_client.request(upstream),
-        )
-        .await;
-        match answer {
+        // A target the owner named goes through the guarded client (names resolve only to
+        // allowed addresses); a literal address skips name resolution, so it is checked here.
+        let owner_named = match &route {
+            Route::HttpProxy { target, .. } => Some(target),
+            _ => None,
+        };
+        let forbidden = || {
+            self.refuse(
+                Shape::Generic,
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("The integration {name} targets an address VMs may not reach (the host, a private network or another VM)"),
+            )
+        };
+        if let Some(target) = owner_named {
+            let host = match target.authority.rsplit_once(':') {
+                Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => target.authority.as_str(),
+            };
+            let literal = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>();
+            if literal.is_ok_and(|ip| !(self.cfg.target_policy)(ip)) {
+                return forbidden();
+            }
+        }
+        let request = match owner_named {
+            Some(_) => self.guarded_client.request(upstream),
+            None => self.stream_client.request(upstream),
+        };
+        match tokio::time::timeout(self.cfg.upstream_timeout, request).await {
             Ok(Ok(resp)) => {
                 let (mut head, incoming) = resp.into_parts();
                 crate::strip_response_headers(&mut head.headers, false);
@@ -236,6 +262,9 @@ impl Gateway {
             }
             Ok(Err(err)) => {
                 tracing::warn!(integration = %name, error = %err, "integration target unreachable");
+                if format!("{err:?}").contains("addresses VMs may not reach") {
+                    return forbidden();
+                }
                 self.refuse(
                     Shape::Generic,
                     StatusCode::BAD_GATEWAY,

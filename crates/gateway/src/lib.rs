@@ -20,6 +20,7 @@ pub mod limit;
 pub mod meter;
 pub mod metrics;
 mod reply;
+pub mod resolve;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,17 +62,20 @@ pub enum GatewayError {
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type StreamBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// For integrations, whose request bodies (a git push) are streamed, not read first.
-type StreamClient = Client<
-    hyper_rustls::HttpsConnector<HttpConnector>,
-    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>,
->;
+type StreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, StreamBody>;
+/// For targets a VM's owner names: only addresses the policy allows are ever connected to.
+type GuardedClient =
+    Client<hyper_rustls::HttpsConnector<HttpConnector<resolve::PublicOnly>>, StreamBody>;
 
 pub struct Gateway {
     cfg: GatewayConfig,
     bases: HashMap<String, BaseUrl>,
     client: HttpsClient,
     stream_client: StreamClient,
+    guarded_client: GuardedClient,
     backend: Arc<dyn GatewayBackend>,
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
@@ -109,12 +113,26 @@ impl Gateway {
         let stream_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build(https);
+        let mut guarded = HttpConnector::new_with_resolver(resolve::PublicOnly {
+            allowed: cfg.target_policy.clone(),
+        });
+        guarded.enforce_http(false);
+        let guarded = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(GatewayError::Roots)?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(guarded);
+        let guarded_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build(guarded);
         Ok(Gateway {
             limiter: Arc::new(Limiter::new(cfg.limits)),
             cfg,
             bases,
             client,
             stream_client,
+            guarded_client,
             backend,
             metrics: Arc::default(),
         })

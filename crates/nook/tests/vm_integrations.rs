@@ -69,7 +69,7 @@ impl FakeGithub {
         }
         let mut child = Command::new("python3")
             .arg(repo().join("tests/fake-github/fake_github.py"))
-            .args(["--port", "0", "--token", TOKEN, "--repos"])
+            .args(["--host", "127.0.0.3", "--port", "0", "--token", TOKEN, "--repos"])
             .arg(repos.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -102,10 +102,11 @@ fn daemon(gh: &FakeGithub) -> Daemon {
         .expect("tempdir");
     let data_dir = tmp.path().join("data");
     std::fs::create_dir_all(&data_dir).expect("data dir");
-    let url = format!("http://127.0.0.1:{}", gh.port);
+    let url = format!("http://127.0.0.3:{}", gh.port);
     std::fs::write(
         data_dir.join("nook.toml"),
-        format!("github_url = \"{url}\"\ngithub_api_url = \"{url}\"\n"),
+        // The fake runs on the host's loopback, which integrations may not reach unless allowed.
+        format!("github_url = \"{url}\"\ngithub_api_url = \"{url}\"\nintegrations_allow = [\"127.0.0.3/32\"]\n"),
     )
     .expect("nook.toml");
     Daemon::start_in(data_dir, Some(tmp), &[])
@@ -291,7 +292,7 @@ fn vm_integrations_http_proxy_adds_its_header_and_a_peer_learns_the_caller() {
     let d = daemon(&gh);
     let bob = account(&d, "bob", &["front", "back"]);
     // Any HTTP API: the fake GitHub's /user wants the bearer token.
-    let target = format!("http://127.0.0.1:{}", gh.port);
+    let target = format!("http://127.0.0.3:{}", gh.port);
     d.lobby_ok(
         &bob,
         &[
@@ -311,6 +312,39 @@ fn vm_integrations_http_proxy_adds_its_header_and_a_peer_learns_the_caller() {
     assert!(out.contains("nook-test"), "{out}");
     let out = wget(&d, "back", "http://169.254.169.254/gateway/int/api/user");
     assert!(out.contains("404"), "a VM without the attachment: {out}");
+    // An owner cannot aim an integration at the host or another VM, by address or by name.
+    let back_ip = d.vm("back")["guest_ip"].as_str().expect("ip").to_string();
+    for (i, target) in [
+        format!("http://127.0.0.2:{}", gh.port),
+        format!("http://localhost:{}", gh.port),
+        format!("http://{back_ip}"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("sneak{i}");
+        d.lobby_ok(
+            &bob,
+            &[
+                "integrations",
+                "add",
+                "http-proxy",
+                "--name",
+                &name,
+                "--target",
+                target,
+                "--bearer",
+                "x",
+            ],
+        );
+        d.lobby_ok(&bob, &["integrations", "attach", &name, "front"]);
+        let out = wget(
+            &d,
+            "front",
+            &format!("http://169.254.169.254/gateway/int/{name}/user"),
+        );
+        assert!(out.contains("403"), "{target}: {out}");
+    }
 
     // A peer: `back` answers with the request head it got.
     d.exec(
