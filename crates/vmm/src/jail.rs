@@ -136,12 +136,29 @@ impl JailUids {
             let Some(uid) = uid.filter(|uid| self.contains(*uid)) else {
                 continue;
             };
-            // A QEMU this daemon started before a restart runs as its VM's uid: that one is ours.
+            // A zombie, or a process on its way out, has no command line and holds nothing.
+            let state = status
+                .lines()
+                .find_map(|l| l.strip_prefix("State:"))
+                .map(str::trim)
+                .unwrap_or("");
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let ours = cmdline
+            if cmdline.is_empty() || state.starts_with('Z') || state.starts_with('X') {
+                continue;
+            }
+            // A QEMU this daemon started before a restart runs as its VM's uid: that one is
+            // ours; so is a daemon's child between taking the uid and exec'ing QEMU.
+            let qemu = cmdline
                 .split(|b| *b == 0)
                 .any(|arg| arg.starts_with(b"nook-") && arg.len() > 5)
                 && cmdline.windows(6).any(|w| w == b"-name\0");
+            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            let ours = qemu
+                || Path::new(std::ffi::OsStr::from_bytes(argv0)).file_name()
+                    == std::env::current_exe()
+                        .ok()
+                        .as_deref()
+                        .and_then(Path::file_name);
             if !ours {
                 return Err(self.clash(format!("process {} (uid {uid})", pid.to_string_lossy())));
             }
@@ -548,6 +565,8 @@ mod tests {
             std::fs::write(dir.join("cmdline"), cmdline).expect("cmdline");
         };
         process("1", 0, b"/sbin/init\0");
+        // A zombie of a QEMU that died with its daemon: no command line.
+        process("39", 200_002, b"");
         process("40", 200_003, b"qemu-system-x86_64\0-name\0nook-abc\0");
         uids.check_processes(proc.path()).expect("only our QEMU");
         process("41", 200_004, b"/usr/lib/systemd/systemd\0");
