@@ -26,7 +26,8 @@
 //! The method is GetBusbar/benchmarking's: added latency = a percentile through the gateway
 //! minus the same percentile direct to the mock, at concurrency 1 on one keep-alive
 //! connection. Measured, for direct, nook and LiteLLM:
-//! - latency at concurrency 1 (BENCH_N requests after BENCH_WARMUP, in interleaved blocks);
+//! - latency at concurrency 1 (BENCH_N requests after BENCH_WARMUP, in 5 interleaved rounds;
+//!   a percentile is the median of the rounds' percentiles, as in proxy_bench);
 //! - time to first byte of a stream at concurrency 1;
 //! - a paced load of BENCH_RATE requests/s over 128 connections for BENCH_LOAD_SECS (achieved
 //!   rate, latency from send, CPU per request of the serving processes), and the most a
@@ -845,16 +846,38 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Rounds of the concurrency-1 measures: each round measures every target in turn.
+const ROUNDS: usize = 5;
+
 #[derive(Default)]
 struct Seq {
-    total: Vec<u64>,
-    first: Vec<u64>,
+    /// Nanoseconds to the end of the answer, per round, sorted.
+    total: Vec<Vec<u64>>,
+    /// Nanoseconds to its first byte, per round, sorted.
+    first: Vec<Vec<u64>>,
     overhead_ms: Vec<f64>,
     errors: u64,
 }
 
-/// `n` requests one after another on one connection per target, after `warm` unmeasured ones,
-/// in interleaved blocks so that a disturbance hits all targets alike.
+impl Seq {
+    /// A percentile (µs) as the median over the rounds of each round's percentile: a round
+    /// that something else on the machine disturbed does not decide the result.
+    fn pct(&self, q: f64, first: bool) -> f64 {
+        let rounds = if first { &self.first } else { &self.total };
+        median(&mut rounds.iter().map(|r| pct_us(r, q)).collect::<Vec<_>>())
+    }
+
+    /// A percentile (µs) over all rounds pooled.
+    fn pooled(&self, q: f64, first: bool) -> f64 {
+        let rounds = if first { &self.first } else { &self.total };
+        let mut all: Vec<u64> = rounds.concat();
+        all.sort_unstable();
+        pct_us(&all, q)
+    }
+}
+
+/// `n` requests one after another on one connection per target, after `warm` unmeasured
+/// ones, in [`ROUNDS`] interleaved rounds so that a disturbance hits all targets alike.
 async fn sequential(targets: &[Target], body: &Bytes, warm: usize, n: usize) -> Vec<Seq> {
     let mut lanes: Vec<Lane> = targets.iter().map(Lane::new).collect();
     let mut out: Vec<Seq> = targets.iter().map(|_| Seq::default()).collect();
@@ -863,10 +886,10 @@ async fn sequential(targets: &[Target], body: &Bytes, warm: usize, n: usize) -> 
             let _ = lane.call(body.clone()).await;
         }
     }
-    const BLOCKS: usize = 4;
-    for b in 0..BLOCKS {
-        let count = n / BLOCKS + usize::from(b < n % BLOCKS);
+    for round in 0..ROUNDS {
+        let count = n / ROUNDS + usize::from(round < n % ROUNDS);
         for (lane, seq) in lanes.iter_mut().zip(&mut out) {
+            let (mut total, mut first) = (Vec::with_capacity(count), Vec::with_capacity(count));
             for _ in 0..count {
                 if lane.open().await.is_err() {
                     seq.errors += 1;
@@ -874,18 +897,18 @@ async fn sequential(targets: &[Target], body: &Bytes, warm: usize, n: usize) -> 
                 }
                 match lane.call(body.clone()).await {
                     Ok(r) if r.status == 200 => {
-                        seq.total.push(r.total.as_nanos() as u64);
-                        seq.first.push(r.first.as_nanos() as u64);
+                        total.push(r.total.as_nanos() as u64);
+                        first.push(r.first.as_nanos() as u64);
                         seq.overhead_ms.extend(r.overhead_ms);
                     }
                     _ => seq.errors += 1,
                 }
             }
+            total.sort_unstable();
+            first.sort_unstable();
+            seq.total.push(total);
+            seq.first.push(first);
         }
-    }
-    for s in &mut out {
-        s.total.sort_unstable();
-        s.first.sort_unstable();
     }
     out
 }
@@ -1195,15 +1218,18 @@ fn main() -> Result<(), BoxError> {
             let _ = paced(t, &[chat_body(MODEL, false)], f64::INFINITY, 2.0, 16).await;
         }
 
-        println!("latency at concurrency 1: {warm} warm-up + {n} requests per target");
+        println!(
+            "latency at concurrency 1: {warm} warm-up + {n} requests per target in {ROUNDS} rounds (median of the rounds' percentiles)"
+        );
         let seq = sequential(&targets, &chat_body(MODEL, false), warm, n).await;
         for (t, s) in targets.iter().zip(&seq) {
             println!(
-                "  {:<8} p50 {:>8.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us  errors {}",
+                "  {:<8} p50 {:>8.1} us  p99 {:>8.1} us  (pooled: p99 {:>8.1} us, p99.9 {:>8.1} us)  errors {}",
                 t.name,
-                pct_us(&s.total, 0.5),
-                pct_us(&s.total, 0.99),
-                pct_us(&s.total, 0.999),
+                s.pct(0.5, false),
+                s.pct(0.99, false),
+                s.pooled(0.99, false),
+                s.pooled(0.999, false),
                 s.errors
             );
         }
@@ -1218,9 +1244,9 @@ fn main() -> Result<(), BoxError> {
             println!(
                 "  {:<8} TTFB p50 {:>8.1} us  p99 {:>8.1} us  whole stream p50 {:>8.1} us  errors {}",
                 t.name,
-                pct_us(&s.first, 0.5),
-                pct_us(&s.first, 0.99),
-                pct_us(&s.total, 0.5),
+                s.pct(0.5, true),
+                s.pct(0.99, true),
+                s.pct(0.5, false),
                 s.errors
             );
         }
@@ -1330,12 +1356,7 @@ fn main() -> Result<(), BoxError> {
 
     // ---- the table: one row per measure; columns direct, nook, LiteLLM.
     let p = |s: &[Seq], q: f64, first: bool| -> Vec<Option<f64>> {
-        (0..3)
-            .map(|i| {
-                s.get(i)
-                    .map(|x| pct_us(if first { &x.first } else { &x.total }, q))
-            })
-            .collect()
+        (0..3).map(|i| s.get(i).map(|x| x.pct(q, first))).collect()
     };
     let added = |v: &[Option<f64>]| -> Vec<Option<f64>> {
         v.iter()

@@ -69,7 +69,15 @@ impl FakeGithub {
         }
         let mut child = Command::new("python3")
             .arg(repo().join("tests/fake-github/fake_github.py"))
-            .args(["--host", "127.0.0.3", "--port", "0", "--token", TOKEN, "--repos"])
+            .args([
+                "--host",
+                "127.0.0.3",
+                "--port",
+                "0",
+                "--token",
+                TOKEN,
+                "--repos",
+            ])
             .arg(repos.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
