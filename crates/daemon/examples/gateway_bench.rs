@@ -351,11 +351,8 @@ fn run_gateway(port: u16, mock_port: u16, db: &Path, memory: bool) -> Result<(),
         let backend: Arc<dyn GatewayBackend> = if memory {
             Arc::new(MemoryBackend)
         } else {
-            Arc::new(StoreBackend {
-                store,
-                initial_micros: 0,
-                sealer: Arc::new(sealer),
-            })
+            let ledger = nook_daemon::gateway::Ledger::new(store.clone(), 0);
+            Arc::new(StoreBackend::new(ledger, store, Arc::new(sealer)))
         };
         let gateway = Arc::new(Gateway::new(cfg, backend)?);
         let caller = Caller {

@@ -361,8 +361,8 @@ async fn get_credit(
 ) -> Reply<impl IntoResponse> {
     let account = account(&m, &email).await?;
     let micros = m
-        .store()
-        .credit(&account.id, m.config().llm_initial_credit_micros)
+        .ledger()
+        .balance(&account.id)
         .await
         .map_err(|e| Failure(crate::errors::from_store("read the credit", e)))?;
     Ok(axum::Json(credit_json(&account.email, micros)))
@@ -403,13 +403,8 @@ async fn change_credit(
         }
     };
     let balance = m
-        .store()
-        .change_credit(
-            &account.id,
-            m.config().llm_initial_credit_micros,
-            delta,
-            set,
-        )
+        .ledger()
+        .change(&account.id, delta, set)
         .await
         .map_err(|e| Failure(crate::errors::from_store("change the credit", e)))?;
     tracing::info!(account = %account.id, delta, set, balance, "LLM credit changed");

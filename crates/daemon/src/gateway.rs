@@ -2,7 +2,7 @@
 //! usage), and its route on the metadata address, where the caller is the VM its pinned
 //! address proves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -222,12 +222,232 @@ pub fn config_from(s: &mut Settings) -> Result<(GatewayConfig, i64), ConfigError
     Ok((cfg, (credit * 1e6).round() as i64))
 }
 
-/// Credit and usage in the store.
+/// Every account's LLM credit, kept in memory so a request's reservation and settlement cost
+/// no database write; settled requests reach the store in batches (usage rows and balance
+/// together, one transaction every [`FLUSH_EVERY`] at most).
+///
+/// What an account may spend is `stored − held − unflushed`: its balance as last written, less
+/// what requests in flight reserved, less what settled requests cost that is not written yet.
+/// A crash loses at most the last batch of settled usage (it is then not charged) and never
+/// charges for a request that did not settle.
+pub struct Ledger {
+    store: Store,
+    initial_micros: i64,
+    accounts: std::sync::Mutex<HashMap<String, Entry>>,
+    queue: std::sync::Mutex<Vec<LlmUse>>,
+    wake: tokio::sync::Notify,
+    /// Held while balances are written (a flush, an admin's change), so the stored balance an
+    /// entry learns is never older than one it already has.
+    writing: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    stored: i64,
+    held: i64,
+    unflushed: i64,
+}
+
+/// How long settled usage may wait before it is written.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Ledger {
+    pub fn new(store: Store, initial_micros: i64) -> Arc<Ledger> {
+        let ledger = Arc::new(Ledger {
+            store,
+            initial_micros,
+            accounts: Default::default(),
+            queue: Default::default(),
+            wake: Default::default(),
+            writing: Default::default(),
+        });
+        // One writer: it wakes when a request settles (a wake-up before it waits is kept),
+        // lets more gather for a moment, and writes them all in one transaction.
+        let flusher = ledger.clone();
+        tokio::spawn(async move {
+            loop {
+                flusher.wake.notified().await;
+                tokio::time::sleep(FLUSH_EVERY).await;
+                if let Err(err) = flusher.flush().await {
+                    tracing::error!(error = %err, "could not write LLM usage; retrying");
+                    tokio::time::sleep(FLUSH_EVERY * 10).await;
+                    flusher.wake.notify_one();
+                }
+            }
+        });
+        ledger
+    }
+
+    async fn loaded(&self, account: &str) -> Result<(), nook_store::StoreError> {
+        if self
+            .accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(account)
+        {
+            return Ok(());
+        }
+        let _writing = self.writing.lock().await;
+        let stored = self.store.credit(account, self.initial_micros).await?;
+        self.accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(account.to_string())
+            .or_insert(Entry {
+                stored,
+                ..Entry::default()
+            });
+        Ok(())
+    }
+
+    /// Takes `micros` if anything is left; else the balance.
+    pub async fn reserve(
+        &self,
+        account: &str,
+        micros: u64,
+    ) -> Result<Result<(), i64>, nook_store::StoreError> {
+        self.loaded(account).await?;
+        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let e = accounts.entry(account.to_string()).or_default();
+        let left = e.stored - e.held - e.unflushed;
+        if left <= 0 {
+            return Ok(Err(left));
+        }
+        e.held = e
+            .held
+            .saturating_add(i64::try_from(micros).unwrap_or(i64::MAX));
+        Ok(Ok(()))
+    }
+
+    /// Releases a reservation and queues the request's usage and cost.
+    pub fn settle(&self, used: LlmUse, reserved: u64) {
+        {
+            let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+            let e = accounts.entry(used.account_id.clone()).or_default();
+            e.held -= i64::try_from(reserved).unwrap_or(i64::MAX);
+            e.unflushed += i64::try_from(used.cost_micros).unwrap_or(i64::MAX);
+        }
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(used);
+        self.wake.notify_one();
+    }
+
+    /// Writes every settled request now.
+    pub async fn flush(&self) -> Result<(), nook_store::StoreError> {
+        let _writing = self.writing.lock().await;
+        self.flush_locked().await
+    }
+
+    async fn flush_locked(&self) -> Result<(), nook_store::StoreError> {
+        let rows = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let balances = match self.store.record_usage(&rows, self.initial_micros).await {
+            Ok(b) => b,
+            Err(err) => {
+                // Put them back, first, for the next try.
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let later = std::mem::replace(&mut *queue, rows);
+                queue.extend(later);
+                return Err(err);
+            }
+        };
+        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        for u in &rows {
+            if let Some(e) = accounts.get_mut(&u.account_id) {
+                e.unflushed -= i64::try_from(u.cost_micros).unwrap_or(i64::MAX);
+            }
+        }
+        for (account, stored) in balances {
+            accounts.entry(account).or_default().stored = stored;
+        }
+        Ok(())
+    }
+
+    /// The balance, with everything settled counted (reservations in flight are not).
+    pub async fn balance(&self, account: &str) -> Result<i64, nook_store::StoreError> {
+        self.loaded(account).await?;
+        let accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(accounts.get(account).map_or(0, |e| e.stored - e.unflushed))
+    }
+
+    /// An admin's `--add` (or `--set`, when `set`): written at once, after every settled
+    /// request, so `--set` means what it says.
+    pub async fn change(
+        &self,
+        account: &str,
+        micros: i64,
+        set: bool,
+    ) -> Result<i64, nook_store::StoreError> {
+        let _writing = self.writing.lock().await;
+        self.flush_locked().await?;
+        let stored = self
+            .store
+            .change_credit(account, self.initial_micros, micros, set)
+            .await?;
+        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let e = accounts.entry(account.to_string()).or_default();
+        e.stored = stored;
+        Ok(stored - e.unflushed)
+    }
+}
+
+/// Own keys by (VM, provider), and the store generation they were read in.
+type OwnKeys = (u64, HashMap<(String, String), Option<String>>);
+
+/// The backend over the ledger and the store.
 pub struct StoreBackend {
+    pub ledger: Arc<Ledger>,
     pub store: Store,
-    pub initial_micros: i64,
     /// Opens the keys of `llm` integrations.
     pub sealer: Arc<crate::secrets::Sealer>,
+    /// `own_key` answers by (VM, provider), good while the store's generation holds.
+    own_keys: std::sync::Mutex<OwnKeys>,
+}
+
+impl StoreBackend {
+    pub fn new(ledger: Arc<Ledger>, store: Store, sealer: Arc<crate::secrets::Sealer>) -> Self {
+        Self {
+            ledger,
+            store,
+            sealer,
+            own_keys: std::sync::Mutex::new((u64::MAX, HashMap::new())),
+        }
+    }
+
+    async fn look_up_own_key(
+        &self,
+        caller: &Caller,
+        provider: &str,
+    ) -> Result<Option<String>, BackendError> {
+        let rows = self
+            .store
+            .attached_of_kind(&caller.vm_id, &caller.account_id, "llm")
+            .await
+            .map_err(BackendError::new)?;
+        for row in rows {
+            let config: serde_json::Value = serde_json::from_str(&row.config).unwrap_or_default();
+            if config["provider"].as_str() != Some(provider) {
+                continue;
+            }
+            let Some(plain) = row
+                .secret
+                .as_deref()
+                .and_then(|s| self.sealer.unseal(&row.id, s))
+            else {
+                tracing::error!(integration = %row.name, "an llm integration's key does not open");
+                continue;
+            };
+            let secret: serde_json::Value = serde_json::from_slice(&plain).unwrap_or_default();
+            if let Some(key) = secret["key"].as_str() {
+                return Ok(Some(key.to_string()));
+            }
+        }
+        Ok(None)
+    }
 }
 
 impl GatewayBackend for StoreBackend {
@@ -238,12 +458,12 @@ impl GatewayBackend for StoreBackend {
     ) -> BoxFuture<'a, Result<Reservation, BackendError>> {
         Box::pin(async move {
             match self
-                .store
-                .reserve_credit(&caller.account_id, self.initial_micros, micros)
+                .ledger
+                .reserve(&caller.account_id, micros)
                 .await
                 .map_err(BackendError::new)?
             {
-                Ok(_) => Ok(Reservation::Taken),
+                Ok(()) => Ok(Reservation::Taken),
                 Err(balance_micros) => Ok(Reservation::Exhausted { balance_micros }),
             }
         })
@@ -255,55 +475,45 @@ impl GatewayBackend for StoreBackend {
         provider: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, BackendError>> {
         Box::pin(async move {
-            let rows = self
-                .store
-                .attached_of_kind(&caller.vm_id, &caller.account_id, "llm")
-                .await
-                .map_err(BackendError::new)?;
-            for row in rows {
-                let config: serde_json::Value =
-                    serde_json::from_str(&row.config).unwrap_or_default();
-                if config["provider"].as_str() != Some(provider) {
-                    continue;
-                }
-                let Some(plain) = row
-                    .secret
-                    .as_deref()
-                    .and_then(|s| self.sealer.unseal(&row.id, s))
-                else {
-                    tracing::error!(integration = %row.name, "an llm integration's key does not open");
-                    continue;
-                };
-                let secret: serde_json::Value = serde_json::from_slice(&plain).unwrap_or_default();
-                if let Some(key) = secret["key"].as_str() {
-                    return Ok(Some(key.to_string()));
+            // The generation moves with every commit, so a grant, detach or expiry written
+            // since is seen; an expiry passing by itself is seen once anything commits, and
+            // usage commits every few milliseconds while the gateway is busy.
+            let generation = self.store.generation();
+            let cache_key = (caller.vm_id.clone(), provider.to_string());
+            {
+                let cache = self.own_keys.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.0 == generation
+                    && let Some(known) = cache.1.get(&cache_key)
+                {
+                    return Ok(known.clone());
                 }
             }
-            Ok(None)
+            let found = self.look_up_own_key(caller, provider).await?;
+            let mut cache = self.own_keys.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.0 != generation {
+                *cache = (generation, HashMap::new());
+            }
+            cache.1.insert(cache_key, found.clone());
+            Ok(found)
         })
     }
 
     fn settle(&self, r: UsageRecord) -> BoxFuture<'static, Result<(), BackendError>> {
-        let store = self.store.clone();
-        Box::pin(async move {
-            let used = LlmUse {
-                account_id: r.caller.account_id,
-                vm_id: r.caller.vm_id,
-                vm_name: r.caller.vm_name,
-                provider: r.provider,
-                model: r.model,
-                input_tokens: r.usage.input,
-                output_tokens: r.usage.output,
-                cache_read_tokens: r.usage.cache_read,
-                cache_write_tokens: r.usage.cache_write,
-                cost_micros: r.cost_micros,
-                status: r.status,
-            };
-            store
-                .settle_credit(&used, r.reserved_micros)
-                .await
-                .map_err(BackendError::new)
-        })
+        let used = LlmUse {
+            account_id: r.caller.account_id,
+            vm_id: r.caller.vm_id,
+            vm_name: r.caller.vm_name,
+            provider: r.provider,
+            model: r.model,
+            input_tokens: r.usage.input,
+            output_tokens: r.usage.output,
+            cache_read_tokens: r.usage.cache_read,
+            cache_write_tokens: r.usage.cache_write,
+            cost_micros: r.cost_micros,
+            status: r.status,
+        };
+        self.ledger.settle(used, r.reserved_micros);
+        Box::pin(async { Ok(()) })
     }
 }
 

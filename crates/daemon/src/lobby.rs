@@ -858,14 +858,19 @@ async fn llm_usage(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
+    // What settled a moment ago is in the table too.
+    m.ledger()
+        .flush()
+        .await
+        .map_err(|e| crate::errors::from_store("read the usage", e))?;
     let rows = m
         .store()
         .usage(account_id, now.saturating_sub(secs), vm)
         .await
         .map_err(|e| crate::errors::from_store("read the usage", e))?;
     let credit = m
-        .store()
-        .credit(account_id, m.config().llm_initial_credit_micros)
+        .ledger()
+        .balance(account_id)
         .await
         .map_err(|e| crate::errors::from_store("read the credit", e))?;
     let dollars = |micros: u64| nook_gateway::dollars(i64::try_from(micros).unwrap_or(i64::MAX));
@@ -939,8 +944,8 @@ async fn envelope(m: &Arc<Manager>, account_id: &str) -> Result<serde_json::Valu
         .collect();
     let usage = m.account_usage(account_id);
     let credit = m
-        .store()
-        .credit(account_id, m.config().llm_initial_credit_micros)
+        .ledger()
+        .balance(account_id)
         .await
         .map_err(|e| crate::errors::from_store("read the credit", e))?;
     Ok(json!({

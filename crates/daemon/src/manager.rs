@@ -146,6 +146,10 @@ pub struct Manager {
     op_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The LLM gateway VMs reach on the metadata address.
     gateway: Arc<nook_gateway::Gateway>,
+    /// Accounts' LLM credit, as the gateway spends it.
+    ledger: Arc<crate::gateway::Ledger>,
+    /// `by_guest_ip`'s answers, and the store generation they hold for.
+    by_ip: std::sync::Mutex<(u64, HashMap<std::net::Ipv4Addr, Option<VmInfo>>)>,
     /// Seals integrations' secrets at rest.
     sealer: Arc<crate::secrets::Sealer>,
     /// Held for the daemon's life when it owns the host's VM network (see `take_host_lock`).
@@ -293,11 +297,9 @@ impl Manager {
             crate::secrets::Sealer::open(&cfg.data_dir)
                 .map_err(|e| errors::internal("open the secrets key", &e))?,
         );
-        let backend = crate::gateway::StoreBackend {
-            store: store.clone(),
-            initial_micros: cfg.llm_initial_credit_micros,
-            sealer: sealer.clone(),
-        };
+        let ledger = crate::gateway::Ledger::new(store.clone(), cfg.llm_initial_credit_micros);
+        let backend =
+            crate::gateway::StoreBackend::new(ledger.clone(), store.clone(), sealer.clone());
         let gateway =
             nook_gateway::Gateway::new(cfg.gateway.clone(), Arc::new(backend)).map_err(|e| {
                 ApiError::new(
@@ -306,6 +308,8 @@ impl Manager {
                 )
             })?;
         Ok(Arc::new(Manager {
+            ledger,
+            by_ip: std::sync::Mutex::new((u64::MAX, HashMap::new())),
             gateway: Arc::new(gateway),
             sealer,
             limits: Default::default(),
@@ -323,6 +327,10 @@ impl Manager {
             op_locks: Default::default(),
             _host_lock: host_lock,
         }))
+    }
+
+    pub fn ledger(&self) -> &crate::gateway::Ledger {
+        &self.ledger
     }
 
     pub fn sealer(&self) -> &crate::secrets::Sealer {
@@ -424,11 +432,29 @@ impl Manager {
 
     /// Looks a VM up by the guest address a request came from (the metadata service).
     pub async fn by_guest_ip(&self, ip: std::net::Ipv4Addr) -> Option<VmInfo> {
+        // Every gateway request asks this; answers hold while the store's generation does
+        // (any write moves it, so a stopped, removed or renamed VM is seen at once).
+        let generation = self.store.generation();
+        {
+            let cache = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.0 == generation
+                && let Some(known) = cache.1.get(&ip)
+            {
+                return known.clone();
+            }
+        }
         let slot = VmLink::slot_for_guest_ip(ip)?;
         let vms = self.store.by_slot(slot).await.ok()?;
-        vms.iter()
+        let found = vms
+            .iter()
             .find(|vm| vm.slot == slot && matches!(vm.state, VmState::Running | VmState::Starting))
-            .map(|vm| self.info(vm))
+            .map(|vm| self.info(vm));
+        let mut cache = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != generation {
+            *cache = (generation, HashMap::new());
+        }
+        cache.1.insert(ip, found.clone());
+        found
     }
 
     /// Creates a VM owned by `owner`. With `wait`, returns once it is ready (or fails and is

@@ -109,9 +109,11 @@ impl Gateway {
             .build();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .pool_max_idle_per_host(32)
             .build(https.clone());
         let stream_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .pool_max_idle_per_host(32)
             .build(https);
         let mut guarded = HttpConnector::new_with_resolver(resolve::PublicOnly {
             allowed: cfg.target_policy.clone(),
@@ -125,6 +127,7 @@ impl Gateway {
             .wrap_connector(guarded);
         let guarded_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .pool_max_idle_per_host(32)
             .build(guarded);
         Ok(Gateway {
             limiter: Arc::new(Limiter::new(cfg.limits)),

@@ -70,66 +70,55 @@ impl Store {
         Ok(row.try_get("balance_micros")?)
     }
 
-    /// Takes `micros` if the balance is above zero, in one statement, so concurrent callers
-    /// overdraw by at most one reservation. `Err(balance)` when nothing is left.
-    pub async fn reserve_credit(
+    /// Writes settled requests in one transaction: their usage rows, and each account's
+    /// balance lowered by the sum of its costs. Returns every touched account's new balance.
+    pub async fn record_usage(
         &self,
-        account_id: &str,
+        rows: &[LlmUse],
         initial: i64,
-        micros: u64,
-    ) -> Result<Result<i64, i64>, StoreError> {
-        let micros = i64::try_from(micros).unwrap_or(i64::MAX);
-        sqlx::query("INSERT OR IGNORE INTO credits (account_id, balance_micros) VALUES (?, ?)")
-            .bind(account_id)
-            .bind(initial)
-            .execute(&self.pool)
-            .await?;
-        let taken = sqlx::query(
-            "UPDATE credits SET balance_micros = balance_micros - ?1 \
-             WHERE account_id = ?2 AND balance_micros > 0 RETURNING balance_micros",
-        )
-        .bind(micros)
-        .bind(account_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        match taken {
-            Some(row) => Ok(Ok(row.try_get("balance_micros")?)),
-            None => Ok(Err(self.credit(account_id, initial).await?)),
-        }
-    }
-
-    /// Records a request and returns `reserved - cost` to the balance, together.
-    pub async fn settle_credit(&self, u: &LlmUse, reserved: u64) -> Result<(), StoreError> {
+    ) -> Result<Vec<(String, i64)>, StoreError> {
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut debits: std::collections::BTreeMap<&str, i64> = Default::default();
+        for u in rows {
+            *debits.entry(u.account_id.as_str()).or_default() += n(u.cost_micros);
+        }
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE credits SET balance_micros = balance_micros + ? - ? WHERE account_id = ?",
-        )
-        .bind(n(reserved))
-        .bind(n(u.cost_micros))
-        .bind(&u.account_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO llm_usage (at, account_id, vm_id, vm_name, provider, model, input_tokens, output_tokens, \
-             cache_read_tokens, cache_write_tokens, cost_micros, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(unix_now())
-        .bind(&u.account_id)
-        .bind(&u.vm_id)
-        .bind(&u.vm_name)
-        .bind(&u.provider)
-        .bind(&u.model)
-        .bind(n(u.input_tokens))
-        .bind(n(u.output_tokens))
-        .bind(n(u.cache_read_tokens))
-        .bind(n(u.cache_write_tokens))
-        .bind(n(u.cost_micros))
-        .bind(i64::from(u.status))
-        .execute(&mut *tx)
-        .await?;
+        for u in rows {
+            sqlx::query(
+                "INSERT INTO llm_usage (at, account_id, vm_id, vm_name, provider, model, input_tokens, output_tokens, \
+                 cache_read_tokens, cache_write_tokens, cost_micros, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(unix_now())
+            .bind(&u.account_id)
+            .bind(&u.vm_id)
+            .bind(&u.vm_name)
+            .bind(&u.provider)
+            .bind(&u.model)
+            .bind(n(u.input_tokens))
+            .bind(n(u.output_tokens))
+            .bind(n(u.cache_read_tokens))
+            .bind(n(u.cache_write_tokens))
+            .bind(n(u.cost_micros))
+            .bind(i64::from(u.status))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut balances = Vec::with_capacity(debits.len());
+        for (account, cost) in debits {
+            let row = sqlx::query(
+                "INSERT INTO credits (account_id, balance_micros) VALUES (?1, ?3 - ?2) \
+                 ON CONFLICT(account_id) DO UPDATE SET balance_micros = balance_micros - ?2 \
+                 RETURNING balance_micros",
+            )
+            .bind(account)
+            .bind(cost)
+            .bind(initial)
+            .fetch_one(&mut *tx)
+            .await?;
+            balances.push((account.to_string(), row.try_get("balance_micros")?));
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(balances)
     }
 
     /// The account's usage since `since` (unix seconds), per VM and model, optionally of one
@@ -193,17 +182,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reservations_stop_at_zero_and_settle_to_the_true_cost() {
+    async fn usage_is_recorded_and_charged_in_one_write() {
         let (_dir, store, id) = store_with_account().await;
-        assert_eq!(store.credit(&id, 0).await.expect("credit"), 0);
-        assert_eq!(store.reserve_credit(&id, 0, 5).await.expect("r"), Err(0));
-        assert_eq!(
-            store.change_credit(&id, 0, 100, false).await.expect("add"),
-            100
-        );
-        assert_eq!(store.reserve_credit(&id, 0, 60).await.expect("r"), Ok(40));
-        assert_eq!(store.reserve_credit(&id, 0, 60).await.expect("r"), Ok(-20));
-        assert_eq!(store.reserve_credit(&id, 0, 1).await.expect("r"), Err(-20));
+        assert_eq!(store.credit(&id, 100).await.expect("credit"), 100);
         let used = super::LlmUse {
             account_id: id.clone(),
             vm_name: "web".into(),
@@ -212,9 +193,12 @@ mod tests {
             cost_micros: 10,
             ..Default::default()
         };
-        store.settle_credit(&used, 60).await.expect("settle");
-        store.settle_credit(&used, 60).await.expect("settle");
-        assert_eq!(store.credit(&id, 0).await.expect("credit"), 80);
+        let balances = store
+            .record_usage(&[used.clone(), used.clone()], 100)
+            .await
+            .expect("record");
+        assert_eq!(balances, vec![(id.clone(), 80)]);
+        assert_eq!(store.credit(&id, 100).await.expect("credit"), 80);
         let rows = store.usage(&id, 0, None).await.expect("usage");
         assert_eq!(rows.len(), 1);
         assert_eq!(
@@ -229,5 +213,9 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(store.change_credit(&id, 0, 7, true).await.expect("set"), 7);
+        assert_eq!(
+            store.change_credit(&id, 0, -10, false).await.expect("add"),
+            -3
+        );
     }
 }
