@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use nook_gateway::backend::BoxFuture;
 use nook_gateway::{
     ApiKind, BackendError, Caller, GatewayBackend, GatewayConfig, Price, Provider, RateLimits,
@@ -523,11 +522,9 @@ pub async fn llm(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    let std::net::IpAddr::V4(ip) = peer.ip() else {
-        return (StatusCode::FORBIDDEN, "IPv4 only\n").into_response();
-    };
-    let Some(vm) = m.by_guest_ip(ip).await else {
-        return (StatusCode::FORBIDDEN, "Unknown VM\n").into_response();
+    let vm = match crate::metadata::calling_vm(m.as_ref(), peer).await {
+        Ok(vm) => vm,
+        Err(refused) => return refused,
     };
     let caller = Caller {
         account_id: vm.owner,

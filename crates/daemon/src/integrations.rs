@@ -443,11 +443,9 @@ async fn serve(
     path: &str,
     req: Request,
 ) -> Response {
-    let std::net::IpAddr::V4(ip) = peer.ip() else {
-        return (StatusCode::FORBIDDEN, "IPv4 only\n").into_response();
-    };
-    let Some(vm) = m.by_guest_ip(ip).await else {
-        return (StatusCode::FORBIDDEN, "Unknown VM\n").into_response();
+    let vm = match crate::metadata::calling_vm(m.as_ref(), peer).await {
+        Ok(vm) => vm,
+        Err(refused) => return refused,
     };
     let row = match m.store().integration_for_vm(&vm.id, &vm.owner, name).await {
         Ok(row) => row,

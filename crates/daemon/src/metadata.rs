@@ -25,15 +25,26 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .with_state(manager)
 }
 
+/// The running VM a request on the metadata address comes from, as its source address proves;
+/// else the 403 to answer.
+pub(crate) async fn calling_vm(
+    m: &Manager,
+    peer: SocketAddr,
+) -> Result<nook_api::VmInfo, axum::response::Response> {
+    let std::net::IpAddr::V4(ip) = peer.ip() else {
+        return Err((StatusCode::FORBIDDEN, "IPv4 only\n").into_response());
+    };
+    m.by_guest_ip(ip)
+        .await
+        .ok_or_else(|| (StatusCode::FORBIDDEN, "Unknown VM\n").into_response())
+}
+
 async fn metadata(
     State(m): State<Arc<Manager>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> impl IntoResponse {
-    let std::net::IpAddr::V4(ip) = peer.ip() else {
-        return (StatusCode::FORBIDDEN, "IPv4 only\n").into_response();
-    };
-    match m.by_guest_ip(ip).await {
-        Some(vm) => {
+    match calling_vm(&m, peer).await {
+        Ok(vm) => {
             let models = m.gateway().models();
             let providers: Vec<serde_json::Value> = m
                 .config()
@@ -64,6 +75,6 @@ async fn metadata(
             }))
             .into_response()
         }
-        None => (StatusCode::FORBIDDEN, "Unknown VM\n").into_response(),
+        Err(refused) => refused,
     }
 }

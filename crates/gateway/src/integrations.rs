@@ -138,17 +138,8 @@ impl Gateway {
                 format!("No integration {name:?} is attached to this VM: its owner runs `integrations attach {name} VM`"),
             );
         };
-        if let Err(limited) = self.limiter.admit(&caller.account_id, &caller.vm_id) {
-            return self.refuse(
-                Shape::Generic,
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                format!(
-                    "Too many {}: try again in {} s",
-                    limited.what,
-                    limited.retry_after.as_secs().max(1)
-                ),
-            );
+        if let Some(refused) = self.over_limit(Shape::Generic, caller) {
+            return refused;
         }
         let path = if path.starts_with('/') {
             path.to_string()

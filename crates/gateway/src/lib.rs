@@ -263,22 +263,8 @@ impl Gateway {
                 "The gateway passes on GET and POST only".into(),
             );
         }
-        if let Err(limited) = self.limiter.admit(&caller.account_id, &caller.vm_id) {
-            let mut resp = self.refuse(
-                shape,
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                format!(
-                    "Too many {}: try again in {} s",
-                    limited.what,
-                    limited.retry_after.as_secs().max(1)
-                ),
-            );
-            if let Ok(v) = HeaderValue::from_str(&limited.retry_after.as_secs().max(1).to_string())
-            {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return resp;
+        if let Some(refused) = self.over_limit(shape, &caller) {
+            return refused;
         }
         let (parts, body) = req.into_parts();
         let body = match read_bounded(body, self.cfg.max_body).await {
@@ -539,6 +525,25 @@ impl Gateway {
         resp.extensions_mut()
             .insert(Added(before_upstream + head_at.elapsed()));
         resp
+    }
+
+    /// Counts a request against the caller's rate limits; the 429 (with `Retry-After`) to
+    /// answer when one is reached.
+    fn over_limit(&self, shape: Shape, caller: &Caller) -> Option<Response<GatewayBody>> {
+        let Err(limited) = self.limiter.admit(&caller.account_id, &caller.vm_id) else {
+            return None;
+        };
+        let secs = limited.retry_after.as_secs().max(1);
+        let mut resp = self.refuse(
+            shape,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("Too many {}: try again in {secs} s", limited.what),
+        );
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        Some(resp)
     }
 
     fn refuse(
