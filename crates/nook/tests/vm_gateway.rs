@@ -34,10 +34,6 @@ input = 0.0
 output = 1000.0
 "#;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// The fake provider, on a free port, logging what it was sent.
 struct Fake {
     child: Child,
@@ -56,7 +52,7 @@ impl Fake {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("requests.jsonl");
         let mut child = Command::new("python3")
-            .arg(repo().join("tests/fake-llm/fake_llm.py"))
+            .arg(common::repo_root().join("tests/fake-llm/fake_llm.py"))
             .args([
                 "--port",
                 "0",
@@ -139,26 +135,6 @@ fn usage(d: &Daemon, key: &Key) -> serde_json::Value {
 
 fn credit_micros(d: &Daemon, key: &Key) -> i64 {
     usage(d, key)["credit_micros"].as_i64().expect("credit")
-}
-
-/// A relay inside `vm`: each connection to its port 8080 is a connection from the guest to
-/// the gateway. Returns the address the host reaches it at.
-fn relay(d: &Daemon, vm: &str) -> String {
-    d.exec(
-        vm,
-        "(nc -ll -p 8080 -e nc 169.254.169.254 80 </dev/null >/dev/null 2>&1 &) ; sleep 0.2",
-    );
-    let ip = d.vm(vm)["guest_ip"].as_str().expect("guest ip").to_string();
-    let base = format!("http://{ip}:8080");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(format!("{ip}:8080")).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the relay in {vm} never listened"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    base
 }
 
 /// One HTTP/1.1 request over a plain socket: (status, headers, body).
@@ -357,9 +333,9 @@ fn vm_gateway_real_sdks_stream_and_count_through_a_guest() {
     let fake = Fake::start();
     let d = daemon(&fake, "");
     let key = account_with_vm(&d, "sdk", "sdkvm", "1");
-    let base = relay(&d, "sdkvm");
+    let base = d.gateway_relay("sdkvm");
     let out = Command::new(&python)
-        .arg(repo().join("tests/gateway/sdk_calls.py"))
+        .arg(common::repo_root().join("tests/gateway/sdk_calls.py"))
         .arg(&base)
         .output()
         .expect("run the SDK script");
@@ -512,7 +488,7 @@ fn vm_gateway_bad_input_and_broken_upstreams_get_clear_errors_and_exact_accounti
         ),
     );
     let key = account_with_vm(&d, "bad", "badvm", "1");
-    let base = relay(&d, "badvm");
+    let base = d.gateway_relay("badvm");
     let post = |path: &str, body: &[u8]| {
         let (status, _, body) = http(&base, "POST", path, body);
         (status, String::from_utf8_lossy(&body).to_string())
@@ -631,7 +607,7 @@ fn vm_gateway_claude_code_and_codex_complete_a_turn() {
     let fake = Fake::start();
     let d = daemon(&fake, "");
     let key = account_with_vm(&d, "agents", "agentvm", "1");
-    let base = relay(&d, "agentvm");
+    let base = d.gateway_relay("agentvm");
     let home = tempfile::tempdir().expect("home");
 
     let claude = Command::new(Path::new(&bin).join("claude"))
@@ -756,7 +732,7 @@ fn vm_gateway_a_stalled_stream_reader_keeps_the_daemon_bounded() {
     let fake = Fake::start();
     let d = daemon(&fake, "");
     let _key = account_with_vm(&d, "stall", "stallvm", "1");
-    let base = relay(&d, "stallvm");
+    let base = d.gateway_relay("stallvm");
     let rss = || -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
             .unwrap_or_default()

@@ -6,17 +6,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Daemon, Key};
 
 const TOKEN: &str = "ghp_nooktest_5b0c7e1d";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn git(dir: &Path, args: &[&str]) -> Output {
     Command::new("git")
@@ -68,7 +64,7 @@ impl FakeGithub {
             ));
         }
         let mut child = Command::new("python3")
-            .arg(repo().join("tests/fake-github/fake_github.py"))
+            .arg(common::repo_root().join("tests/fake-github/fake_github.py"))
             .args([
                 "--host",
                 "127.0.0.3",
@@ -127,24 +123,6 @@ fn account(d: &Daemon, who: &str, vms: &[&str]) -> Key {
         d.lobby_ok(&key, &["new", "--name", vm, "--image", "tiny"]);
     }
     key
-}
-
-/// A relay inside `vm` from its port 8080 to the gateway; the host's address for it.
-fn relay(d: &Daemon, vm: &str) -> String {
-    d.exec(
-        vm,
-        "(nc -ll -p 8080 -e nc 169.254.169.254 80 </dev/null >/dev/null 2>&1 &) ; sleep 0.2",
-    );
-    let ip = d.vm(vm)["guest_ip"].as_str().expect("guest ip").to_string();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(format!("{ip}:8080")).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the relay in {vm} never listened"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    format!("http://{ip}:8080")
 }
 
 /// `wget` in the guest: the body, or the error wget printed.
@@ -212,7 +190,7 @@ fn vm_integrations_github_clone_push_and_rest_with_no_token_in_the_vm() {
     );
 
     // git clone and push, from the host through the VM.
-    let base = relay(&d, "dev");
+    let base = d.gateway_relay("dev");
     let work = tempfile::tempdir().expect("work");
     ok(&git(
         work.path(),

@@ -70,6 +70,38 @@ fn host_turn() -> std::fs::File {
     file
 }
 
+/// The repository's root, for the test fakes under `tests/`.
+#[allow(dead_code)]
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+impl Daemon {
+    /// Starts a relay inside `vm`: each connection to its port 8080 becomes a connection
+    /// from the guest to the metadata address (so the gateway sees the VM). Returns the
+    /// address the host reaches it at, once it listens.
+    #[allow(dead_code)]
+    pub fn gateway_relay(&self, vm: &str) -> String {
+        self.exec(
+            vm,
+            "(nc -ll -p 8080 -e nc 169.254.169.254 80 </dev/null >/dev/null 2>&1 &) ; sleep 0.2",
+        );
+        let ip = self.vm(vm)["guest_ip"]
+            .as_str()
+            .expect("guest ip")
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(format!("{ip}:8080")).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the relay in {vm} never listened"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        format!("http://{ip}:8080")
+    }
+}
+
 impl Daemon {
     pub fn start() -> Daemon {
         Self::start_with(&[])
