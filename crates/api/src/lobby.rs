@@ -191,6 +191,21 @@ pub enum ShareCommand {
     RemoveLink { vm: String, token: String },
     /// The VM port https://VM.DOMAIN/ goes to (`default`: 80, or 8000 if 80 is closed)
     Port { vm: String, port: String },
+    /// Let the VM itself call the API at http://169.254.169.254/api/exec, as you, with no
+    /// token inside it, for these commands only (`--off` takes it back)
+    Api {
+        vm: String,
+        /// Comma-separated, e.g. ls,cp (`all` for every one)
+        #[arg(
+            long,
+            value_name = "CMD,...",
+            required_unless_present = "off",
+            conflicts_with = "off"
+        )]
+        cmds: Option<String>,
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 impl ShareCommand {
@@ -204,20 +219,31 @@ impl ShareCommand {
             | Self::Remove { vm, .. }
             | Self::AddLink { vm }
             | Self::RemoveLink { vm, .. }
-            | Self::Port { vm, .. } => vm,
+            | Self::Port { vm, .. }
+            | Self::Api { vm, .. } => vm,
         }
     }
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Make a token for one VM (shown once)
+    /// Make a token (shown once): for one VM's web ports, or with --api for the HTTPS API
     Create {
-        #[arg(long)]
-        vm: String,
+        /// The VM whose web ports it opens; with --api, the only VM it may act on
+        #[arg(long, required_unless_present = "api")]
+        vm: Option<String>,
         /// Days until it stops working (1 to 3650)
-        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=3650))]
-        days: u32,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650), conflicts_with = "expires")]
+        days: Option<u32>,
+        /// A token for `POST https://DOMAIN/api/exec` instead of for a VM's web ports
+        #[arg(long, requires = "cmds")]
+        api: bool,
+        /// With --api: the commands it may run, comma-separated (e.g. ls,new,cp; `all` for every one)
+        #[arg(long, requires = "api", value_name = "CMD,...")]
+        cmds: Option<String>,
+        /// How long it works, e.g. 12h or 30d (a number with s, m, h or d; default 90d)
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
     },
     /// List your tokens (ids, VMs, expiry; never the secrets)
     List,
@@ -264,6 +290,126 @@ pub enum SshKeyCommand {
     Remove { fingerprint: String },
 }
 
+impl LobbyCommand {
+    /// The command's name as typed (`share`, `ssh-key`, ...): what API tokens and VM grants
+    /// allow or refuse.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Signup { .. } => "signup",
+            Self::Invite { .. } => "invite",
+            Self::Whoami => "whoami",
+            Self::New(_) => "new",
+            Self::Ls { .. } => "ls",
+            Self::Rm { .. } => "rm",
+            Self::Start { .. } => "start",
+            Self::Stop { .. } => "stop",
+            Self::Restart { .. } => "restart",
+            Self::Rename { .. } => "rename",
+            Self::Cp { .. } => "cp",
+            Self::Resize { .. } => "resize",
+            Self::Stat { .. } => "stat",
+            Self::Usage { .. } => "usage",
+            Self::SshKey(_) => "ssh-key",
+            Self::Browser => "browser",
+            Self::Share(_) => "share",
+            Self::Token(_) => "token",
+            Self::Integrations(_) => "integrations",
+        }
+    }
+
+    /// The existing VMs the command acts on or reads (for `cp`, the source; for `rename`,
+    /// the old name). `None` for commands about the account as a whole (`whoami`,
+    /// `ssh-key`, `token list`, ...), which a token limited to some VMs may not run unless
+    /// they read only what it may see (`ls` is filtered instead).
+    pub fn vms(&self) -> Option<Vec<&str>> {
+        match self {
+            Self::Rm { names } => Some(names.iter().map(String::as_str).collect()),
+            Self::Start { name }
+            | Self::Stop { name }
+            | Self::Restart { name }
+            | Self::Resize { name, .. }
+            | Self::Stat { name: Some(name) } => Some(vec![name]),
+            Self::Rename { old, .. } => Some(vec![old]),
+            Self::Cp { source, .. } => Some(vec![source]),
+            Self::Usage { vm: Some(vm), .. } => Some(vec![vm]),
+            Self::Share(cmd) => Some(vec![cmd.vm()]),
+            Self::Ls { .. } => Some(Vec::new()),
+            _ => None,
+        }
+    }
+}
+
+/// What an API token or a VM's grant allows: every command, or some by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandSet {
+    All,
+    Only(Vec<String>),
+}
+
+impl CommandSet {
+    /// Parses `ls,new,cp` or `all`; every name must be a lobby command that may be granted.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let names: Vec<String> = list
+            .split(',')
+            .map(|n| n.trim().to_ascii_lowercase())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if names.is_empty() {
+            return Err("--cmds needs at least one command, e.g. --cmds ls,cp (or all)".into());
+        }
+        if names.iter().any(|n| n == "all") {
+            return Ok(Self::All);
+        }
+        for n in &names {
+            if !GRANTABLE.contains(&n.as_str()) {
+                return Err(format!(
+                    "`{n}` is not a command a token may be given; choose from: {}",
+                    GRANTABLE.join(", ")
+                ));
+            }
+        }
+        let mut names = names;
+        names.sort();
+        names.dedup();
+        Ok(Self::Only(names))
+    }
+
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            Self::All => GRANTABLE.contains(&name),
+            Self::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+
+    /// `all`, or the names joined by commas: how it is stored and shown.
+    pub fn to_list(&self) -> String {
+        match self {
+            Self::All => "all".to_string(),
+            Self::Only(names) => names.join(","),
+        }
+    }
+}
+
+/// The commands an API token or a VM grant may carry. Not `signup` (a token already has an
+/// account), not `ssh-key`, `token`, `invite` or `browser`: those would let a token mint
+/// more credentials than it was given.
+pub const GRANTABLE: &[&str] = &[
+    "whoami",
+    "new",
+    "ls",
+    "rm",
+    "start",
+    "stop",
+    "restart",
+    "rename",
+    "cp",
+    "resize",
+    "stat",
+    "usage",
+    "share",
+    "integrations",
+];
+
 /// The command names, for help and completion.
 pub const COMMANDS: &[&str] = &[
     "signup",
@@ -294,6 +440,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn command_sets_name_only_grantable_commands() {
+        assert_eq!(CommandSet::parse("all"), Ok(CommandSet::All));
+        let set = CommandSet::parse(" cp,LS,cp ").expect("set");
+        assert_eq!(set.to_list(), "cp,ls");
+        assert!(set.allows("ls") && !set.allows("rm"));
+        assert!(CommandSet::parse("ls,token").is_err());
+        assert!(CommandSet::parse(",").is_err());
+        assert!(!CommandSet::All.allows("token"));
+    }
+
+    #[test]
     fn every_command_parses_with_json() {
         // The SSH front door splits lines into words; here they are split on spaces.
         let parse = |line: &str| LobbyLine::try_parse_from(line.split_whitespace());
@@ -311,6 +468,13 @@ mod tests {
             parse("ssh-key list --json").expect("keys").command,
             LobbyCommand::SshKey(SshKeyCommand::List)
         ));
+        assert_eq!(parse("cp a b").expect("cp").command.vms(), Some(vec!["a"]));
+        assert_eq!(parse("whoami").expect("whoami").command.vms(), None);
+        assert!(parse("token create --api --cmds ls").is_ok());
+        assert!(parse("token create --cmds ls --vm a").is_err());
+        assert!(parse("token create").is_err());
+        assert!(parse("share api a --cmds ls,cp").is_ok());
+        assert!(parse("share api a").is_err());
         assert!(parse("rm").is_err());
         assert!(parse("frobnicate").is_err());
         assert!(parse("new --bogus").is_err());

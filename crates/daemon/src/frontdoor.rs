@@ -78,28 +78,9 @@ impl Backend for FrontDoor {
         if nook_api::validate_name(&caller.user).is_err() {
             return Route::Lobby;
         }
-        // Collaborators a VM is shared with may SSH in like its owner.
-        let store = self.manager.store();
-        let collaborator = match store.get(&caller.user).await {
-            Ok(vm) => {
-                vm.owner != account.id
-                    && store.shared_role(&vm.id, &account).await.ok().flatten()
-                        == Some(nook_store::Role::Collaborator)
-            }
-            Err(_) => false,
-        };
-        let scope = if collaborator {
-            Scope::Admin
-        } else {
-            Scope::Account(&account.id)
-        };
-        match self.manager.ssh_target(&caller.user, scope).await {
-            Ok(t) => Route::Vm(VmEndpoint {
-                shell: Some(Arc::new(AgentShell {
-                    manager: self.manager.clone(),
-                    vm: t.name.clone(),
-                    account: (!collaborator).then(|| account.id.clone()),
-                })),
+        match vm_shell(&self.manager, &account, &caller.user).await {
+            Ok((t, shell)) => Route::Vm(VmEndpoint {
+                shell: Some(Arc::new(shell)),
                 name: t.name,
                 sshd: t.sshd,
             }),
@@ -115,6 +96,7 @@ impl Backend for FrontDoor {
             key_openssh: caller.key_openssh.clone(),
             fingerprint: caller.fingerprint.clone(),
             peer: Some(caller.peer),
+            limits: None,
         };
         let stdin = if wants_stdin(&argv) {
             Some(
@@ -145,8 +127,38 @@ const SESSION_WINDOW: u32 = 1 << 20;
 /// Chunks (of at most 64 KiB) queued between the agent and the SSH channel.
 const SESSION_QUEUE: usize = 16;
 
+/// Where `account` may open a shell in `vm`: its own VM, or one shared with it as a
+/// collaborator. Any other VM is `NotFound`, exactly like one that does not exist.
+pub(crate) async fn vm_shell(
+    manager: &Arc<Manager>,
+    account: &nook_store::Account,
+    vm: &str,
+) -> Result<(crate::manager::SshTarget, AgentShell), nook_api::ApiError> {
+    let store = manager.store();
+    let collaborator = match store.get(vm).await {
+        Ok(row) => {
+            row.owner != account.id
+                && store.shared_role(&row.id, account).await.ok().flatten()
+                    == Some(nook_store::Role::Collaborator)
+        }
+        Err(_) => false,
+    };
+    let scope = if collaborator {
+        Scope::Admin
+    } else {
+        Scope::Account(&account.id)
+    };
+    let target = manager.ssh_target(vm, scope).await?;
+    let shell = AgentShell {
+        manager: manager.clone(),
+        vm: target.name.clone(),
+        account: (!collaborator).then(|| account.id.clone()),
+    };
+    Ok((target, shell))
+}
+
 /// `ssh VM@HOST [CMD]` through the guest agent: shells and commands need no sshd in the guest.
-struct AgentShell {
+pub(crate) struct AgentShell {
     manager: Arc<Manager>,
     vm: String,
     /// The owner's account; `None` for a collaborator, whose access the route checked.

@@ -20,6 +20,7 @@ pub mod metrics;
 mod names;
 pub mod secrets;
 pub mod web;
+pub mod webapp;
 
 use std::os::unix::fs::PermissionsExt;
 

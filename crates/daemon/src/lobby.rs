@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use clap::Parser;
-use nook_api::lobby::{LobbyCommand, LobbyLine, NewArgs, SshKeyCommand};
+use nook_api::lobby::{CommandSet, LobbyCommand, LobbyLine, NewArgs, SshKeyCommand};
 use nook_api::{ApiError, CreateVm, ErrorCode, VmInfo, VmState, format_size};
 use nook_proto::{GuestMsg, Stream};
 use nook_store::SshKey;
@@ -28,6 +28,65 @@ pub trait LobbyOutput: Send + Sync {
     /// command relaying a stream from a guest awaits it before each write, so a client that
     /// stops reading stops the stream (and the guest) instead of growing the daemon.
     fn writable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+    /// A step of a long command (`new`, `cp`, `start`): dimmed on a terminal, and not shown
+    /// to a program that asked for JSON. The HTTPS API streams every step as an event.
+    fn step(&self, step: &str, json: bool) {
+        if self.tty() && !json {
+            self.err(format!("\x1b[2m==> {step}\x1b[0m\r\n").as_bytes());
+        }
+    }
+}
+
+/// What a caller that came with a token (or a VM allowed to call the API) may do. A caller
+/// with none may do whatever its account may.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub cmds: CommandSet,
+    /// The only VMs it may name, when limited to some.
+    pub vms: Option<Vec<String>>,
+    /// Shown in refusals: "this token", "this VM".
+    pub what: &'static str,
+}
+
+impl Limits {
+    /// Refuses a command these limits do not allow, saying why.
+    fn check(&self, command: &LobbyCommand) -> Result<(), ApiError> {
+        let name = command.name();
+        if !self.cmds.allows(name) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} may not run `{name}`; it may run: {}",
+                    self.what,
+                    self.cmds.to_list()
+                ),
+            ));
+        }
+        let Some(allowed) = &self.vms else {
+            return Ok(());
+        };
+        match command.vms() {
+            None => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} may act only on {}, and `{name}` is about the whole account",
+                    self.what,
+                    allowed.join(", ")
+                ),
+            )),
+            Some(names) => match names.iter().find(|n| !allowed.iter().any(|a| a == *n)) {
+                Some(other) => Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "{} may act only on {}, not on {other}",
+                        self.what,
+                        allowed.join(", ")
+                    ),
+                )),
+                None => Ok(()),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +97,8 @@ pub struct Caller {
     pub fingerprint: String,
     /// The client's address, when it came over the network.
     pub peer: Option<std::net::IpAddr>,
+    /// Set for callers with a token: what it allows.
+    pub limits: Option<Limits>,
 }
 
 /// The most `new --setup-script -` reads from stdin. A setup script is a page or two of shell;
@@ -97,6 +158,12 @@ pub async fn run(
         }
     };
     let json = line.json;
+    if let Some(limits) = &caller.limits
+        && let Err(err) = limits.check(&line.command)
+    {
+        report(io, json, &err);
+        return 1;
+    }
     match execute(m, caller, line.command, stdin, io, json).await {
         Ok(()) => 0,
         Err(err) => {
@@ -200,6 +267,10 @@ async fn execute(
                 .await?
                 .into_iter()
                 .filter(|vm| pattern.as_deref().is_none_or(|p| matches(p, &vm.name)))
+                .filter(|vm| {
+                    let only = caller.limits.as_ref().and_then(|l| l.vms.as_ref());
+                    only.is_none_or(|names| names.contains(&vm.name))
+                })
                 .collect();
             if json {
                 print_json(io, &serde_json::to_value(&vms).unwrap_or_default());
@@ -399,10 +470,50 @@ async fn tokens(
     use nook_api::lobby::TokenCommand as C;
     let store = m.store();
     match cmd {
-        C::Create { vm, days } => {
+        C::Create {
+            vm,
+            days,
+            api,
+            cmds,
+            expires,
+        } => {
+            let ttl = match (days, expires.as_deref()) {
+                (Some(days), _) => i64::from(days) * 86400,
+                (None, Some(e)) => parse_age(e)
+                    .filter(|s| (60..=3650 * 86400).contains(s))
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            ErrorCode::InvalidArgument,
+                            format!(
+                                "Invalid --expires {e:?}: use a number with s, m, h or d between 1m and 3650d, e.g. 12h or 30d"
+                            ),
+                        )
+                    })?,
+                (None, None) => 90 * 86400,
+            };
+            let days = ttl / 86400;
+            if api {
+                return create_api_token(
+                    m,
+                    account,
+                    scope,
+                    vm.as_deref(),
+                    cmds.as_deref(),
+                    ttl,
+                    io,
+                    json,
+                )
+                .await;
+            }
+            let Some(vm) = vm else {
+                return Err(ApiError::new(
+                    ErrorCode::Usage,
+                    "token create needs --vm VM (a token for that VM's web ports) or --api --cmds ...",
+                ));
+            };
             let vm = m.get(&vm, scope).await?;
             let (id, token) = store
-                .create_api_token(&vm.id, &account.id, i64::from(days) * 86400)
+                .create_api_token(&vm.id, &account.id, ttl)
                 .await
                 .map_err(|e| errors::from_store("make a token", e))?;
             let url = m.config().web_origin(Some(&vm.name));
@@ -435,13 +546,18 @@ async fn tokens(
                 .api_tokens(&account.id)
                 .await
                 .map_err(|e| errors::from_store("list tokens", e))?;
+            let api = store
+                .exec_tokens(&account.id)
+                .await
+                .map_err(|e| errors::from_store("list tokens", e))?;
             if json {
-                let list: Vec<_> = list
+                let mut rows: Vec<_> = list
                     .iter()
-                    .map(|t| json!({ "id": t.id, "vm": t.vm, "created_at": t.created_at, "expires_at": t.expires_at }))
+                    .map(|t| json!({ "id": t.id, "kind": "web", "vm": t.vm, "created_at": t.created_at, "expires_at": t.expires_at }))
                     .collect();
-                print_json(io, &json!(list));
-            } else if list.is_empty() {
+                rows.extend(api.iter().map(|t| json!({ "id": t.id, "kind": "api", "vm": t.vm, "cmds": t.cmds, "created_at": t.created_at, "expires_at": t.expires_at })));
+                print_json(io, &json!(rows));
+            } else if list.is_empty() && api.is_empty() {
                 println(io, "No tokens");
             } else {
                 let now = std::time::SystemTime::now()
@@ -452,8 +568,19 @@ async fn tokens(
                     println(
                         io,
                         &format!(
-                            "{}  {}  made {}  expires in {days} days",
+                            "{}  web  {}  made {}  expires in {days} days",
                             t.id, t.vm, t.created_at
+                        ),
+                    );
+                }
+                for t in api {
+                    let days = (t.expires_at - now).max(0) / 86400;
+                    let vm = t.vm.as_deref().unwrap_or("any VM");
+                    println(
+                        io,
+                        &format!(
+                            "{}  api  {}  {vm}  made {}  expires in {days} days",
+                            t.id, t.cmds, t.created_at
                         ),
                     );
                 }
@@ -464,7 +591,11 @@ async fn tokens(
             let revoked = store
                 .revoke_api_token(&account.id, &id)
                 .await
-                .map_err(|e| errors::from_store("revoke the token", e))?;
+                .map_err(|e| errors::from_store("revoke the token", e))?
+                || store
+                    .revoke_exec_token(&account.id, &id)
+                    .await
+                    .map_err(|e| errors::from_store("revoke the token", e))?;
             if !revoked {
                 return Err(ApiError::new(
                     ErrorCode::TokenNotFound,
@@ -479,6 +610,60 @@ async fn tokens(
             Ok(())
         }
     }
+}
+
+/// `token create --api --cmds ... [--vm VM]`: an opaque token for the HTTPS API.
+#[allow(clippy::too_many_arguments)]
+async fn create_api_token(
+    m: &Arc<Manager>,
+    account: &nook_store::Account,
+    scope: Scope<'_>,
+    vm: Option<&str>,
+    cmds: Option<&str>,
+    ttl: i64,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    let cmds = CommandSet::parse(cmds.unwrap_or_default())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e))?;
+    let vm = match vm {
+        Some(name) => Some(m.get(name, scope).await?),
+        None => None,
+    };
+    let (id, token) = m
+        .store()
+        .create_exec_token(
+            &account.id,
+            &cmds.to_list(),
+            vm.as_ref().map(|v| v.id.as_str()),
+            ttl,
+        )
+        .await
+        .map_err(|e| errors::from_store("make a token", e))?;
+    let days = ttl / 86400;
+    let url = format!("{}/api/exec", m.config().web_origin(None));
+    let vm_name = vm.map(|v| v.name);
+    if json {
+        print_json(
+            io,
+            &json!({ "id": id, "kind": "api", "token": token, "cmds": cmds.to_list(), "vm": vm_name, "url": url, "expires_in_secs": ttl }),
+        );
+    } else {
+        let only = vm_name.map_or(String::new(), |v| format!(" on {v} only"));
+        println(
+            io,
+            &format!(
+                "API token {id} for {}{only} (shown once; keep it secret; expires in {days} days; `token revoke {id}` ends it):",
+                cmds.to_list()
+            ),
+        );
+        println(io, &token);
+        println(
+            io,
+            &format!("  curl -H 'Authorization: Bearer {token}' --data 'ls --json' {url}"),
+        );
+    }
+    Ok(())
 }
 
 async fn share(
@@ -567,6 +752,21 @@ async fn share(
                 ));
             }
         }
+        C::Api { cmds, off, .. } => {
+            let cmds = match (cmds, off) {
+                (_, true) => None,
+                (Some(list), false) => Some(
+                    CommandSet::parse(&list)
+                        .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e))?
+                        .to_list(),
+                ),
+                (None, false) => None,
+            };
+            store
+                .set_vm_api_grant(&vm.id, cmds.as_deref())
+                .await
+                .map_err(store_err("change the VM's API access"))?;
+        }
         C::Port { port, .. } => {
             let port = match port.as_str() {
                 "default" => None,
@@ -595,6 +795,10 @@ async fn share(
         .share_link_count(&vm.id)
         .await
         .map_err(store_err("read sharing"))?;
+    let api = store
+        .vm_api_grant(&vm.id)
+        .await
+        .map_err(store_err("read sharing"))?;
     let port = web
         .http_port
         .map_or("default (80, or 8000)".to_string(), |p| p.to_string());
@@ -605,7 +809,7 @@ async fn share(
             .collect();
         print_json(
             io,
-            &json!({ "vm": vm.name, "url": url, "public": web.public, "port": web.http_port, "people": people, "links": links }),
+            &json!({ "vm": vm.name, "url": url, "public": web.public, "port": web.http_port, "people": people, "links": links, "api": api }),
         );
     } else {
         println(io, &format!("{}: {url}", vm.name));
@@ -627,17 +831,18 @@ async fn share(
         if links > 0 {
             println(io, &format!("  {links} share link(s)"));
         }
+        if let Some(cmds) = &api {
+            println(
+                io,
+                &format!("  api:    the VM may run {cmds} at http://169.254.169.254/api/exec"),
+            );
+        }
     }
     Ok(())
 }
 
 fn progress(io: &dyn LobbyOutput, json: bool) -> impl Fn(&str) + Send + Sync + '_ {
-    let show = io.tty() && !json;
-    move |step: &str| {
-        if show {
-            io.err(format!("\x1b[2m==> {step}\x1b[0m\r\n").as_bytes());
-        }
-    }
+    move |step: &str| io.step(step, json)
 }
 
 fn show_vm(m: &Manager, io: &dyn LobbyOutput, vm: &VmInfo, json: bool) {

@@ -18,6 +18,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/metadata", get(metadata))
         .route("/gateway/llm/{*rest}", any(crate::gateway::llm))
         .route("/gateway/int/{*rest}", any(crate::integrations::by_path))
+        .route("/api/exec", axum::routing::post(crate::webapp::from_vm))
         .layer(axum::middleware::from_fn_with_state(
             manager.clone(),
             crate::integrations::by_host,

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nook_api::VmState;
-use nook_edge::{Access, BackendError, BackendResult, DashboardVm, EdgeBackend, User, VmTarget};
+use nook_edge::{
+    Access, AppBody, AppRequest, BackendError, BackendResult, EdgeBackend, User, VmTarget,
+};
 use nook_net::VmLink;
 use nook_store::{Account, Role, StoreError};
 
@@ -120,11 +122,19 @@ pub struct WebBackend {
     sessions: Memo<(String, String), Option<User>>,
     access: Memo<(String, String), Access>,
     tokens: Memo<(String, String), Option<User>>,
+    /// The dashboard, API and terminal: everything on the dashboard host but signing in.
+    app: nook_web::Web<crate::webapp::DaemonWeb>,
 }
 
 impl WebBackend {
     pub fn new(manager: Arc<Manager>) -> Self {
+        let app = nook_web::Web::new(
+            Arc::new(crate::webapp::DaemonWeb::new(manager.clone())),
+            manager.config().ssh_command(None),
+            format!("{}/", manager.config().web_origin(Some("{}"))),
+        );
         Self {
+            app,
             manager,
             probed: Default::default(),
             vms: Memo::new(),
@@ -348,35 +358,23 @@ impl EdgeBackend for WebBackend {
         Ok(Some(token))
     }
 
-    async fn dashboard_vms(&self, user_id: &str) -> BackendResult<Vec<DashboardVm>> {
-        let store = self.manager.store();
-        let Some(account) = store.account_by_id(user_id).await.map_err(backend_err)? else {
-            return Ok(Vec::new());
+    async fn app(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        ctx: AppRequest,
+    ) -> hyper::Response<AppBody> {
+        let user = ctx.user.map(|u| nook_web::Principal {
+            account_id: u.id,
+            email: u.email,
+            limits: None,
+        });
+        let visitor = nook_web::Visitor {
+            user,
+            same_origin: ctx.same_origin,
+            peer: ctx.peer,
+            origin: ctx.origin,
         };
-        let mut out = Vec::new();
-        for vm in store.list().await.map_err(backend_err)? {
-            let mine = vm.owner == account.id;
-            if !mine
-                && store
-                    .shared_role(&vm.id, &account)
-                    .await
-                    .map_err(backend_err)?
-                    .is_none()
-            {
-                continue;
-            }
-            let web = store.web_settings(&vm.id).await.map_err(backend_err)?;
-            out.push(DashboardVm {
-                name: vm.name,
-                state: if mine {
-                    vm.state.as_str().to_string()
-                } else {
-                    format!("{} (shared with you)", vm.state.as_str())
-                },
-                public: web.public,
-            });
-        }
-        Ok(out)
+        self.app.handle(req, visitor).await
     }
 }
 

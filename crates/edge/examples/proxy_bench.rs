@@ -24,8 +24,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use nook_edge::{
-    Access, BackendResult, DashboardVm, Edge, EdgeBackend, EdgeConfig, ListenerRole, LocalCa, User,
-    VmTarget,
+    Access, AppBody, AppRequest, BackendResult, Edge, EdgeBackend, EdgeConfig, ListenerRole,
+    LocalCa, User, VmTarget,
 };
 
 /// The same allocator as the `nook` binary that runs the edge.
@@ -75,8 +75,16 @@ impl EdgeBackend for BenchBackend {
     async fn start_email_login(&self, _: &str) -> BackendResult<Option<String>> {
         Ok(None)
     }
-    async fn dashboard_vms(&self, _: &str) -> BackendResult<Vec<DashboardVm>> {
-        Ok(Vec::new())
+    async fn app(
+        &self,
+        _: hyper::Request<hyper::body::Incoming>,
+        _: AppRequest,
+    ) -> hyper::Response<AppBody> {
+        use http_body_util::BodyExt;
+        let mut resp =
+            hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()).boxed_unsync());
+        *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+        resp
     }
 }
 

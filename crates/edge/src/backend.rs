@@ -40,13 +40,22 @@ pub enum Access {
     Owner,
 }
 
-/// One row of the dashboard's VM list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DashboardVm {
-    pub name: String,
-    /// Free text such as `running` or `stopped`.
-    pub state: String,
-    pub public: bool,
+/// The body of an answer from the dashboard's app: any body, streamed as it comes (SSE).
+pub type AppBody =
+    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// What the edge knows of a request it hands to the dashboard's app.
+#[derive(Debug, Clone)]
+pub struct AppRequest {
+    /// Signed in on the dashboard host by the session cookie.
+    pub user: Option<User>,
+    /// The browser says the request comes from the dashboard's own pages (`Origin` or
+    /// `Sec-Fetch-Site`). A request that rides the session cookie and changes anything, or
+    /// opens a WebSocket, must have this; a request with a bearer token needs no such proof.
+    pub same_origin: bool,
+    pub peer: IpAddr,
+    /// `https://DOMAIN[:PORT]`, for links.
+    pub origin: String,
 }
 
 /// The daemon's side of the edge. All methods are called per request; none may be cached.
@@ -117,9 +126,11 @@ pub trait EdgeBackend: Send + Sync + 'static {
         email: &str,
     ) -> impl Future<Output = BackendResult<Option<String>>> + Send;
 
-    /// The VMs the dashboard lists for `user_id` (own and shared).
-    fn dashboard_vms(
+    /// Everything on the dashboard host except signing in and out (`/__nook/...`): the
+    /// dashboard itself, the HTTPS API and the web terminal. `/` reaches it only when signed in.
+    fn app(
         &self,
-        user_id: &str,
-    ) -> impl Future<Output = BackendResult<Vec<DashboardVm>>> + Send;
+        req: hyper::Request<hyper::body::Incoming>,
+        ctx: AppRequest,
+    ) -> impl Future<Output = hyper::Response<AppBody>> + Send;
 }

@@ -12,6 +12,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 pub enum EdgeBody {
     Full(Full<Bytes>),
     Upstream(Incoming),
+    App(crate::backend::AppBody),
 }
 
 impl From<Bytes> for EdgeBody {
@@ -31,6 +32,7 @@ impl Body for EdgeBody {
         match self.get_mut() {
             EdgeBody::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             EdgeBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            EdgeBody::App(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         }
     }
 
@@ -38,6 +40,7 @@ impl Body for EdgeBody {
         match self {
             EdgeBody::Full(b) => b.is_end_stream(),
             EdgeBody::Upstream(b) => b.is_end_stream(),
+            EdgeBody::App(b) => b.is_end_stream(),
         }
     }
 
@@ -45,6 +48,7 @@ impl Body for EdgeBody {
         match self {
             EdgeBody::Full(b) => b.size_hint(),
             EdgeBody::Upstream(b) => b.size_hint(),
+            EdgeBody::App(b) => b.size_hint(),
         }
     }
 }

@@ -5,8 +5,6 @@ use bytes::Bytes;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use crate::backend::DashboardVm;
-
 /// Escapes text for HTML element content and attribute values.
 pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -300,38 +298,6 @@ pub(crate) fn email_sent_page<B: From<Bytes>>() -> Response<B> {
         "Check your email",
         "<h1>Check your email</h1><p>If an account uses that address, a sign-in link is on its way. It works once, for a few minutes.</p>",
     )
-}
-
-/// The dashboard for a signed-in user: their VMs, with links.
-pub(crate) fn dashboard_page<B: From<Bytes>>(
-    email: &str,
-    vms: &[DashboardVm],
-    url_of: impl Fn(&str) -> String,
-) -> Response<B> {
-    let mut rows = String::new();
-    for vm in vms {
-        let url = url_of(&vm.name);
-        rows.push_str(&format!(
-            "<tr><td>{n}</td><td>{s}</td><td>{p}</td><td><a href=\"{u}\">{u}</a></td></tr>",
-            n = escape(&vm.name),
-            s = escape(&vm.state),
-            p = if vm.public { "public" } else { "private" },
-            u = escape(&url),
-        ));
-    }
-    let table = if vms.is_empty() {
-        "<p class=\"muted\">No VMs yet. Create one with <code>ssh HOST new</code>.</p>".to_string()
-    } else {
-        format!(
-            "<table><tr><th>VM</th><th>State</th><th>Sharing</th><th>URL</th></tr>{rows}</table>"
-        )
-    };
-    let body = format!(
-        "<h1>Your VMs</h1><p class=\"muted\">Signed in as {}. \
-<form method=\"post\" action=\"/__nook/logout\" style=\"display:inline\"><button>Log out</button></form></p>{table}",
-        escape(email)
-    );
-    html(StatusCode::OK, "nook", &body)
 }
 
 /// The email body of a magic link.

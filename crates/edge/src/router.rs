@@ -182,7 +182,8 @@ fn dashboard_headers(h: &mut hyper::HeaderMap) {
         header::STRICT_TRANSPORT_SECURITY,
         HeaderValue::from_static("max-age=31536000"),
     );
-    h.insert(
+    // Appended: a page of the dashboard's app keeps its own policy too (both apply).
+    h.append(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("frame-ancestors 'none'"),
     );
@@ -310,23 +311,32 @@ impl<B: EdgeBackend> Inner<B> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let is_get = method == Method::GET || method == Method::HEAD;
-        // Every POST here signs someone in or out, or sends mail: only the dashboard's own
-        // pages may make a browser send one (another site's form would be login CSRF).
-        if method == Method::POST && !from_same_origin(&req, host) {
+        let on_nook = path == "/" || path.starts_with("/__nook/");
+        // Every POST to /__nook/ signs someone in or out, or sends mail: only the dashboard's
+        // own pages may make a browser send one (another site's form would be login CSRF).
+        // The app checks its own requests, since API clients with a token send no Origin.
+        if on_nook && method == Method::POST && !from_same_origin(&req, host) {
             return Err(Failure::Page(Page::CrossSite));
         }
-        match path.as_str() {
-            "/" if is_get => {
-                let Some(user) = self.session_user(&req, &host.name).await? else {
-                    return Ok(pages::login_page(
-                        &self.config.ssh_login_hint,
-                        self.mailer.is_some(),
-                        None,
-                    ));
-                };
-                let vms = self.backend.dashboard_vms(&user.id).await?;
-                Ok(pages::dashboard_page(&user.email, &vms, |n| self.vm_url(n)))
+        if !path.starts_with("/__nook/") {
+            let user = self.session_user(&req, &host.name).await?;
+            if path == "/" && is_get && user.is_none() {
+                return Ok(pages::login_page(
+                    &self.config.ssh_login_hint,
+                    self.mailer.is_some(),
+                    None,
+                ));
             }
+            let ctx = crate::backend::AppRequest {
+                user,
+                same_origin: from_same_origin(&req, host),
+                peer: conn.peer.ip(),
+                origin: self.dashboard_origin(),
+            };
+            let resp = self.backend.app(req, ctx).await;
+            return Ok(resp.map(EdgeBody::App));
+        }
+        match path.as_str() {
             "/__nook/login" if is_get => self.login(req, host).await,
             "/__nook/login" if method == Method::POST => {
                 let (req, form) = read_posted(req).await?;
@@ -354,7 +364,7 @@ impl<B: EdgeBackend> Inner<B> {
                 }
                 Ok(self.with_cookie(redirect("/"), auth::clear_cookie(SESSION_COOKIE)))
             }
-            "/" | "/__nook/login" | "/__nook/logout" | "/__nook/continue" => {
+            "/__nook/login" | "/__nook/logout" | "/__nook/continue" => {
                 Err(Failure::Page(Page::MethodNotAllowed))
             }
             _ => Err(Failure::Page(Page::NotFound)),

@@ -17,8 +17,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use nook_edge::{
-    Access, BackendResult, DashboardVm, Edge, EdgeBackend, EdgeConfig, ListenerRole, LocalCa, User,
-    VmTarget,
+    Access, AppBody, AppRequest, BackendResult, Edge, EdgeBackend, EdgeConfig, ListenerRole,
+    LocalCa, User, VmTarget,
 };
 use tokio::net::TcpListener;
 
@@ -184,24 +184,34 @@ impl EdgeBackend for MemBackend {
         s.login_tokens.insert(t.clone(), user.id);
         Ok(Some(t))
     }
-    async fn dashboard_vms(&self, user_id: &str) -> BackendResult<Vec<DashboardVm>> {
+    /// The dashboard's app as nook-web would answer `/`: the signed-in user's VMs.
+    async fn app(&self, req: Request<Incoming>, ctx: AppRequest) -> Response<AppBody> {
+        let Some(user) = ctx.user else {
+            let mut resp = Response::new(Full::new(Bytes::from("sign in")).boxed_unsync());
+            *resp.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+            return resp;
+        };
+        let port = req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.rsplit_once(':'))
+            .map(|(_, p)| p.to_string())
+            .unwrap_or_default();
         let s = self.0.lock().unwrap();
-        let mut out: Vec<DashboardVm> = s
+        let mut names: Vec<String> = s
             .vms
             .values()
             .filter(|v| {
                 s.access
-                    .get(&(user_id.to_string(), v.id.clone()))
+                    .get(&(user.id.clone(), v.id.clone()))
                     .is_some_and(|a| *a >= Access::Viewer)
             })
-            .map(|v| DashboardVm {
-                name: v.name.clone(),
-                state: "running".into(),
-                public: v.public,
-            })
+            .map(|v| format!("https://{}.nook.localhost:{port}/", v.name))
             .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        names.sort();
+        let body = format!("<h1>Your VMs</h1>{} {}", user.email, names.join(" "));
+        Response::new(Full::new(Bytes::from(body)).boxed_unsync())
     }
 }
 
