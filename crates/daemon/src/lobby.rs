@@ -28,6 +28,8 @@ pub trait LobbyOutput: Send + Sync {
     /// command relaying a stream from a guest awaits it before each write, so a client that
     /// stops reading stops the stream (and the guest) instead of growing the daemon.
     fn writable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+    /// The command failed with `err` (already printed): the HTTPS API answers with its status.
+    fn failed(&self, _err: &ApiError) {}
     /// A step of a long command (`new`, `cp`, `start`): dimmed on a terminal, and not shown
     /// to a program that asked for JSON. The HTTPS API streams every step as an event.
     fn step(&self, step: &str, json: bool) {
@@ -174,6 +176,7 @@ pub async fn run(
 }
 
 fn report(io: &dyn LobbyOutput, json: bool, err: &ApiError) {
+    io.failed(err);
     if json {
         io.err(format!("{}\n", json!({ "error": err })).as_bytes());
     } else {

@@ -61,6 +61,9 @@ impl LobbyOutput for ApiIo {
     fn step(&self, step: &str, _json: bool) {
         let _ = self.tx.send(ExecEvent::Step(step.to_string()));
     }
+    fn failed(&self, err: &ApiError) {
+        let _ = self.tx.send(ExecEvent::Failed(err.code.status()));
+    }
 }
 
 fn backend_err(e: nook_store::StoreError) -> BackendError {
@@ -81,6 +84,7 @@ fn needs_ssh(argv: &[String]) -> bool {
 }
 
 fn refuse(io: &ApiIo, argv: &[String], err: &ApiError) -> u32 {
+    io.failed(err);
     if argv.iter().any(|a| a == "--json") {
         io.err(format!("{}\n", serde_json::json!({ "error": err })).as_bytes());
     } else {
@@ -147,11 +151,6 @@ impl nook_web::WebBackend for DaemonWeb {
             limits,
         };
         lobby::run(&self.manager, &caller, argv, stdin.map(Ok), &io).await
-    }
-
-    fn status_of(&self, code: &str) -> u16 {
-        serde_json::from_value::<ErrorCode>(serde_json::Value::String(code.to_string()))
-            .map_or(500, ErrorCode::status)
     }
 
     async fn account_for_key(&self, fingerprint: &str) -> Result<Option<Principal>, BackendError> {

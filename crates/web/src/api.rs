@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Body, Frame};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, header};
 use serde_json::json;
@@ -42,24 +42,25 @@ pub(crate) async fn handle<B: WebBackend>(
     rest: &str,
 ) -> Response<WebBody> {
     let method = req.method().clone();
-    let who = match authenticate(web, req.headers(), &method, visitor).await {
+    let sse = wants_events(req.headers());
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let headers = req.headers().clone();
+    // The body is read (bounded) before anything is answered: an HTTP/2 client still sending
+    // it when the answer comes gets a reset stream, which curl reports as a framing error.
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let who = match authenticate(web, &headers, &method, visitor).await {
         Ok(who) => who,
         Err(resp) => return resp,
     };
     match (rest, method) {
-        ("exec", Method::POST) => {
-            let sse = wants_events(req.headers());
-            let is_json = req
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.starts_with("application/json"));
-            let body = match read_body(req.into_body()).await {
-                Ok(b) => b,
-                Err(resp) => return resp,
-            };
-            exec_response(web.backend(), &who, &body, is_json, sse).await
-        }
+        ("exec", Method::POST) => exec_response(web.backend(), &who, &body, is_json, sse).await,
         ("vms", Method::GET) => {
             exec_response(web.backend(), &who, b"ls --json", false, false).await
         }
@@ -83,28 +84,48 @@ fn wants_events(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.contains("text/event-stream"))
 }
 
+/// Past [`MAX_BODY`], how much more is read and dropped so the client hears the 413 instead
+/// of a reset connection; a client sending more than this is cut off.
+const DRAIN_LIMIT: usize = 16 << 20;
+
 /// Reads a request body of at most [`MAX_BODY`] bytes.
 pub async fn read_body<T>(body: T) -> Result<Bytes, Response<WebBody>>
 where
     T: Body<Data = Bytes> + Send,
     T::Error: std::error::Error + Send + Sync + 'static,
 {
-    match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+    let mut body = std::pin::pin!(body);
+    let mut kept = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "The request body could not be read",
+            ));
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= MAX_BODY {
+            kept.extend_from_slice(&data);
+        } else if seen > MAX_BODY + DRAIN_LIMIT {
+            break;
+        }
+    }
+    if seen > MAX_BODY {
+        return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             &format!(
                 "The request body is over {} KiB: send one command line (and at most that much stdin)",
                 MAX_BODY >> 10
             ),
-        )),
-        Err(_) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "The request body could not be read",
-        )),
+        ));
     }
+    Ok(kept.freeze())
 }
 
 /// Who is calling: a bearer token, or the dashboard's session (same origin only for anything
@@ -323,17 +344,14 @@ pub async fn exec_response<B: WebBackend>(
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let exit = backend.exec(who, argv, stdin, tx).await;
-    let (stdout, stderr) = collect(rx);
-    let status = if exit == 0 {
-        StatusCode::OK
-    } else {
-        let code = serde_json::from_slice::<serde_json::Value>(&stderr)
-            .ok()
-            .and_then(|v| v["error"]["code"].as_str().map(str::to_string));
-        StatusCode::from_u16(
-            code.map_or(if exit == 2 { 400 } else { 500 }, |c| backend.status_of(&c)),
-        )
-        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    let (stdout, stderr, failed) = collect(rx);
+    let status = match (exit, failed) {
+        (0, _) => StatusCode::OK,
+        (_, Some(status)) => {
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+        (2, None) => StatusCode::BAD_REQUEST,
+        (_, None) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let mut body = stdout;
     if exit != 0 {
@@ -370,22 +388,25 @@ async fn pump_events(
             ExecEvent::Step(step) => sse("step", &json!({ "step": step })),
             ExecEvent::Stdout(b) => sse("stdout", &json!({ "text": String::from_utf8_lossy(&b) })),
             ExecEvent::Stderr(b) => sse("stderr", &json!({ "text": String::from_utf8_lossy(&b) })),
+            ExecEvent::Failed(status) => sse("failed", &json!({ "status": status })),
         };
         connected = frames.send(frame).await.is_ok();
     }
 }
 
-/// Everything a finished command printed, stdout and stderr apart.
-fn collect(mut rx: mpsc::UnboundedReceiver<ExecEvent>) -> (Vec<u8>, Vec<u8>) {
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+/// Everything a finished command printed, stdout and stderr apart, and the HTTP status of
+/// its (last) error.
+fn collect(mut rx: mpsc::UnboundedReceiver<ExecEvent>) -> (Vec<u8>, Vec<u8>, Option<u16>) {
+    let (mut stdout, mut stderr, mut failed) = (Vec::new(), Vec::new(), None);
     while let Ok(event) = rx.try_recv() {
         match event {
             ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
             ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
             ExecEvent::Step(_) => {}
+            ExecEvent::Failed(status) => failed = Some(status),
         }
     }
-    (stdout, stderr)
+    (stdout, stderr, failed)
 }
 
 #[cfg(test)]

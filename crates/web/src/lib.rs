@@ -56,6 +56,8 @@ pub enum ExecEvent {
     Stderr(Bytes),
     /// A step of a long command (`new`, `cp`): "booting", "waiting for the guest agent".
     Step(String),
+    /// The command failed with an error of this HTTP status (`vm_not_found` is 404).
+    Failed(u16),
 }
 
 /// Where a running command writes. Bounded by [`EXEC_OUTPUT_LIMIT`] in total.
@@ -104,9 +106,6 @@ pub trait WebBackend: Send + Sync + 'static {
         stdin: Option<Vec<u8>>,
         out: ExecSink,
     ) -> impl Future<Output = u32> + Send;
-
-    /// The HTTP status of a lobby error code (`vm_not_found` is 404).
-    fn status_of(&self, code: &str) -> u16;
 
     /// The account holding the SSH key with this `SHA256:...` fingerprint.
     fn account_for_key(
@@ -233,7 +232,7 @@ impl<B: WebBackend> Web<B> {
             match event {
                 ExecEvent::Stdout(b) => c.stdout.extend_from_slice(&b),
                 ExecEvent::Stderr(b) => c.stderr.extend_from_slice(&b),
-                ExecEvent::Step(_) => {}
+                ExecEvent::Step(_) | ExecEvent::Failed(_) => {}
             }
         }
         c
