@@ -346,7 +346,9 @@ pub async fn from_vm(
         }),
     };
     let backend = Arc::new(DaemonWeb::new(m.clone()));
-    nook_web::api::exec_response(&backend, &who, &body, is_json, events)
+    // A VM's own calls need no resuming (no network of theirs changes under them).
+    let ops = nook_web::ops::Ops::default();
+    nook_web::api::exec_response(&backend, &ops, &who, &body, is_json, events)
         .await
         .map(axum::body::Body::new)
 }

@@ -19,36 +19,59 @@ function fill(template, form) {
 }
 
 // Runs argv; calls onStep for each step of a long command; resolves to {exit, stdout, stderr}.
+// The command is an operation on the server: if the connection drops (a phone changing
+// networks, or Chromium dropping requests when the machine's network changes), this picks
+// the stream up again where it stopped, from GET /api/ops/ID.
 async function exec(argv, onStep) {
-  const resp = await fetch("/api/exec", {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "Accept": "text/event-stream" },
-    body: JSON.stringify({ argv }),
-  });
-  if (!resp.ok || !resp.body) {
-    const text = await resp.text();
-    return { exit: 1, stdout: "", stderr: text };
-  }
-  const reader = resp.body.getReader();
-  const decoder = new TextDecoder();
-  let buf = "", stdout = "", stderr = "", exit = 1;
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buf += decoder.decode(value, { stream: true });
-    let at;
-    while ((at = buf.indexOf("\n\n")) >= 0) {
-      const block = buf.slice(0, at);
-      buf = buf.slice(at + 2);
-      const event = (block.match(/^event: (.*)$/m) || [])[1];
-      const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
-      if (event === "step") onStep(data.step);
-      else if (event === "stdout") stdout += data.text;
-      else if (event === "stderr") stderr += data.text;
-      else if (event === "exit") exit = data.exit;
+  const result = { exit: null, stdout: "", stderr: "" };
+  let op = null, last = 0;
+  const read = async (resp) => {
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += decoder.decode(value, { stream: true });
+      let at;
+      while ((at = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, at);
+        buf = buf.slice(at + 2);
+        const event = (block.match(/^event: (.*)$/m) || [])[1];
+        const id = (block.match(/^id: (\d+)$/m) || [])[1];
+        const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
+        if (id) last = Number(id);
+        if (event === "op") op = data.id;
+        else if (event === "step") onStep(data.step);
+        else if (event === "stdout") result.stdout += data.text;
+        else if (event === "stderr") result.stderr += data.text;
+        else if (event === "exit") result.exit = data.exit;
+      }
     }
+  };
+  let resp;
+  try {
+    resp = await fetch("/api/exec", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "Accept": "text/event-stream" },
+      body: JSON.stringify({ argv }),
+    });
+    if (!resp.ok || !resp.body) return { exit: 1, stdout: "", stderr: await resp.text() };
+    await read(resp);
+  } catch (err) {
+    if (!op) return { exit: 1, stdout: "", stderr: "The connection failed: " + err };
   }
-  return { exit, stdout, stderr };
+  for (let tries = 0; result.exit === null && op && tries < 30; tries++) {
+    onStep("reconnecting");
+    await new Promise((r) => setTimeout(r, Math.min(250 * 2 ** tries, 3000)));
+    try {
+      resp = await fetch("/api/ops/" + op, { headers: { "Accept": "text/event-stream", "Last-Event-ID": String(last) } });
+      if (resp.status === 404) break;
+      if (resp.ok && resp.body) await read(resp);
+    } catch (_) { /* try again */ }
+  }
+  if (result.exit === null) return { exit: 1, stdout: result.stdout, stderr: result.stderr + "\nLost track of the command; reload to see where it got." };
+  return result;
 }
 
 function errorOf(stderr) {

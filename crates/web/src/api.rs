@@ -8,11 +8,10 @@
 //! from the dashboard itself (`Origin`), or a VM its owner allowed (`share api`), through the
 //! metadata address, which the daemon serves with [`exec_response`].
 
-use std::convert::Infallible;
-
 use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Body, Frame};
+
+use http_body_util::BodyExt;
+use hyper::body::Body;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, header};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -60,9 +59,28 @@ pub(crate) async fn handle<B: WebBackend>(
         Err(resp) => return resp,
     };
     match (rest, method) {
-        ("exec", Method::POST) => exec_response(web.backend(), &who, &body, is_json, sse).await,
+        ("exec", Method::POST) => {
+            exec_response(web.backend(), &web.ops, &who, &body, is_json, sse).await
+        }
         ("vms", Method::GET) => {
-            exec_response(web.backend(), &who, b"ls --json", false, false).await
+            exec_response(web.backend(), &web.ops, &who, b"ls --json", false, false).await
+        }
+        (op, Method::GET) if op.starts_with("ops/") => {
+            let id = &op["ops/".len()..];
+            let after = headers
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            web.ops
+                .stream(id, &who.account_id, after)
+                .unwrap_or_else(|| {
+                    error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "No such operation: it ended more than 5 minutes ago, or is not yours",
+                    )
+                })
         }
         ("exec" | "vms", _) => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -305,6 +323,7 @@ pub fn split_words(line: &str) -> Result<Vec<String>, String> {
 /// stream of `step`, `stdout`, `stderr` and a final `exit` event.
 pub async fn exec_response<B: WebBackend>(
     backend: &std::sync::Arc<B>,
+    ops: &crate::ops::Ops,
     who: &Principal,
     body: &[u8],
     is_json: bool,
@@ -315,32 +334,32 @@ pub async fn exec_response<B: WebBackend>(
         Err(message) => return error(StatusCode::BAD_REQUEST, "usage", &message),
     };
     if events {
-        let (frames_tx, frames_rx) = mpsc::channel::<Frame<Bytes>>(64);
+        let Some((id, writer)) = ops.start(&who.account_id) else {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many commands running at once: wait for some to finish",
+            );
+        };
         let backend = backend.clone();
-        let who = who.clone();
+        let who_owned = who.clone();
         // The command runs to its end even if the client goes (a `new` stopped half way
         // would leave more behind than a finished one), so it runs in a task of its own.
         tokio::spawn(async move {
             let (tx, rx) = mpsc::unbounded_channel();
             let (exit, ()) = futures::join!(
-                backend.exec(&who, argv, stdin, tx),
-                pump_events(rx, &frames_tx)
+                backend.exec(&who_owned, argv, stdin, tx),
+                pump_events(rx, &writer)
             );
-            let _ = frames_tx.send(sse("exit", &json!({ "exit": exit }))).await;
+            writer.push("exit", &json!({ "exit": exit }));
         });
-        let stream = futures::stream::unfold(frames_rx, |mut rx| async move {
-            rx.recv().await.map(|f| (Ok::<_, Infallible>(f), rx))
+        return ops.stream(&id, &who.account_id, 0).unwrap_or_else(|| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+            )
         });
-        let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/event-stream"),
-        );
-        resp.headers_mut().insert(
-            header::CACHE_CONTROL,
-            header::HeaderValue::from_static("no-store"),
-        );
-        return resp;
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let exit = backend.exec(who, argv, stdin, tx).await;
@@ -368,29 +387,19 @@ pub async fn exec_response<B: WebBackend>(
     resp
 }
 
-/// One server-sent event.
-fn sse(event: &str, data: &serde_json::Value) -> Frame<Bytes> {
-    Frame::data(Bytes::from(format!("event: {event}\ndata: {data}\n\n")))
-}
-
-/// Turns a command's output into events until it ends. A client that went away stops
-/// receiving, not the command: its output is then read and dropped.
-async fn pump_events(
-    mut rx: mpsc::UnboundedReceiver<ExecEvent>,
-    frames: &mpsc::Sender<Frame<Bytes>>,
-) {
-    let mut connected = true;
+/// Turns a command's output into an operation's events until it ends.
+async fn pump_events(mut rx: mpsc::UnboundedReceiver<ExecEvent>, op: &crate::ops::OpWriter) {
     while let Some(event) = rx.recv().await {
-        if !connected {
-            continue;
+        match event {
+            ExecEvent::Step(step) => op.push("step", &json!({ "step": step })),
+            ExecEvent::Stdout(b) => {
+                op.push("stdout", &json!({ "text": String::from_utf8_lossy(&b) }))
+            }
+            ExecEvent::Stderr(b) => {
+                op.push("stderr", &json!({ "text": String::from_utf8_lossy(&b) }))
+            }
+            ExecEvent::Failed(status) => op.push("failed", &json!({ "status": status })),
         }
-        let frame = match event {
-            ExecEvent::Step(step) => sse("step", &json!({ "step": step })),
-            ExecEvent::Stdout(b) => sse("stdout", &json!({ "text": String::from_utf8_lossy(&b) })),
-            ExecEvent::Stderr(b) => sse("stderr", &json!({ "text": String::from_utf8_lossy(&b) })),
-            ExecEvent::Failed(status) => sse("failed", &json!({ "status": status })),
-        };
-        connected = frames.send(frame).await.is_ok();
     }
 }
 

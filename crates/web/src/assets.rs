@@ -25,6 +25,7 @@ const FILES: &[(&str, &str, &[u8])] = &[
     ("app.js", "text/javascript", own!("app.js")),
     ("term.js", "text/javascript", own!("term.js")),
     ("app.css", "text/css", own!("app.css")),
+    ("favicon.svg", "image/svg+xml", own!("favicon.svg")),
     (
         "xterm.js",
         "text/javascript",

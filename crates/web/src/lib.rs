@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 pub mod api;
 mod assets;
+pub mod ops;
 mod pages;
 pub mod signed;
 pub mod terminal;
@@ -150,6 +151,7 @@ pub struct Visitor {
 pub struct Web<B> {
     backend: Arc<B>,
     terminals: terminal::Sessions,
+    pub(crate) ops: ops::Ops,
     /// How the lobby is reached by SSH (`ssh -p 2222 HOST`), shown on pages.
     ssh_command: String,
     /// A VM's URL with `{}` for its name: `https://{}.nook-vm.localhost:8443/`.
@@ -163,6 +165,7 @@ impl<B: WebBackend> Web<B> {
         Self {
             backend,
             terminals: terminal::Sessions::default(),
+            ops: ops::Ops::default(),
             ssh_command,
             vm_url,
         }
@@ -185,6 +188,9 @@ impl<B: WebBackend> Web<B> {
         }
         if let Some(asset) = path.strip_prefix("/static/") {
             return assets::serve(asset);
+        }
+        if path == "/favicon.ico" {
+            return assets::serve("favicon.svg");
         }
         // Every page below is for a signed-in browser.
         let Some(user) = visitor.user.clone() else {

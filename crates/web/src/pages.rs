@@ -23,7 +23,7 @@ pub(crate) fn esc(s: &str) -> String {
     out
 }
 
-const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
+const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; \
                    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 fn page(title: &str, email: &str, body: &str, scripts: &[&str]) -> Response<WebBody> {
@@ -34,7 +34,7 @@ fn page(title: &str, email: &str, body: &str, scripts: &[&str]) -> Response<WebB
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-<title>{title} · nook</title><link rel=\"stylesheet\" href=\"/static/app.css\">{scripts}</head>\
+<title>{title} · nook</title><link rel=\"icon\" href=\"/static/favicon.svg\"><link rel=\"stylesheet\" href=\"/static/app.css\">{scripts}</head>\
 <body><header><a class=\"brand\" href=\"/\">nook</a><nav><a href=\"/\">VMs</a>\
 <a href=\"/account\">Account</a><form method=\"post\" action=\"/__nook/logout\">\
 <button class=\"link\">Log out</button></form></nav></header>\
@@ -173,8 +173,8 @@ pub(crate) async fn vm_list<B: WebBackend>(
         action(
             r#"["new","--name={name}","--image={image}","--cpu={cpu}","--memory={memory}","--disk={disk}","--json"]"#,
             "Create",
-            "<label>Name <input name=\"name\" placeholder=\"made up if empty\" pattern=\"[a-z][a-z0-9-]*\" autocapitalize=\"off\"></label>\
-<label>Image <select name=\"image\"><option value=\"\">default (Debian)</option><option>default</option><option>tiny</option></select></label>\
+            "<label>Name <input name=\"name\" placeholder=\"made up if empty\" pattern=\"[a-z][a-z0-9\\-]*\" autocapitalize=\"off\"></label>\
+<label>Image <select name=\"image\"><option value=\"default\">default (Debian, systemd, dev tools)</option><option value=\"tiny\">tiny (busybox, boots in seconds)</option></select></label>\
 <label>vCPU <input name=\"cpu\" inputmode=\"numeric\" size=\"3\"></label>\
 <label>Memory <input name=\"memory\" placeholder=\"1G\" size=\"6\"></label>\
 <label>Disk <input name=\"disk\" placeholder=\"10G\" size=\"6\"></label>",
@@ -279,7 +279,13 @@ pub(crate) async fn vm_page<B: WebBackend>(
     }
     body.push_str("</table><section><h2>Power</h2><div class=\"row\">");
     let argv = |cmd: &str| format!(r#"["{cmd}","{name}","--json"]"#);
-    for (cmd, label) in [("start", "Start"), ("stop", "Stop"), ("restart", "Restart")] {
+    let running = state == "running";
+    let power: &[(&str, &str)] = if running {
+        &[("stop", "Stop"), ("restart", "Restart")]
+    } else {
+        &[("start", "Start")]
+    };
+    for &(cmd, label) in power {
         body.push_str(&action(
             &argv(cmd),
             label,
