@@ -1,5 +1,5 @@
-//! Wire types shared by the daemon's admin API and its clients (the `nook` CLI now, the SSH
-//! lobby and the HTTP API later), plus the single table of user-facing error codes.
+//! Wire types shared by the daemon's admin API and its clients (the `nook` CLI, the SSH
+//! lobby, the HTTPS API and the dashboard), plus the single table of user-facing error codes.
 //!
 //! Nothing here does I/O. What a client sees of an error is an [`ApiError`]: a stable
 //! [`ErrorCode`] and a message written for a person, never the `Display` of an internal error.

@@ -1,5 +1,6 @@
-//! The lobby's command grammar: one clap parser for `ssh HOST CMD`, the interactive REPL and
-//! (later) the HTTP API, so the three can never disagree about what a command means.
+//! The lobby's command grammar: one clap parser for `ssh HOST CMD`, the interactive REPL, the
+//! HTTPS API (`POST /api/exec`) and the dashboard's actions, so they can never disagree about
+//! what a command means.
 
 use clap::{Args, Parser, Subcommand};
 
@@ -90,10 +91,12 @@ pub enum LobbyCommand {
     SshKey(SshKeyCommand),
     /// Print a one-time link that logs your browser in (valid 15 minutes)
     Browser,
-    /// Who may open a VM's web ports at https://VM.DOMAIN/ (private by default)
+    /// Who may open a VM's web ports at https://VM.DOMAIN/ (private by default), and whether
+    /// the VM may call the API itself
     #[command(subcommand)]
     Share(ShareCommand),
-    /// Machine tokens for a VM's web ports (Bearer, or the basic-auth password)
+    /// Tokens: for a VM's web ports (Bearer, or the basic-auth password), or with --api for
+    /// the HTTPS API
     #[command(subcommand)]
     Token(TokenCommand),
     /// Services your VMs reach at http://NAME.int.VM_DOMAIN/ with a credential they never see
@@ -355,7 +358,7 @@ impl CommandSet {
             .filter(|n| !n.is_empty())
             .collect();
         if names.is_empty() {
-            return Err("--cmds needs at least one command, e.g. --cmds ls,cp (or all)".into());
+            return Err("no commands given: name at least one, e.g. ls,cp (or all)".into());
         }
         if names.iter().any(|n| n == "all") {
             return Ok(Self::All);

@@ -1,5 +1,5 @@
-//! The lobby: runs one command line for a caller of the SSH front door (and, later, the HTTP
-//! API), using the grammar in `nook_api::lobby`. Output is text, or JSON with `--json`;
+//! The lobby: runs one command line for a caller of the SSH front door, the HTTPS API or the
+//! dashboard (`crate::webapp`), using the grammar in `nook_api::lobby`. Output is text, or JSON with `--json`;
 //! errors go to stderr with a non-zero status, as JSON `{"error": {code, message}}` with
 //! `--json`.
 
@@ -54,6 +54,20 @@ impl Limits {
     /// Refuses a command these limits do not allow, saying why.
     fn check(&self, command: &LobbyCommand) -> Result<(), ApiError> {
         let name = command.name();
+        // Granting API access is how limits are made: a limited caller making one could widen
+        // itself (a VM's grant is not held to the token's VMs).
+        if matches!(
+            command,
+            LobbyCommand::Share(nook_api::lobby::ShareCommand::Api { .. })
+        ) {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} may not change what VMs may do through the API: run share api over SSH or on the dashboard",
+                    self.what
+                ),
+            ));
+        }
         if !self.cmds.allows(name) {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,
@@ -495,6 +509,7 @@ async fn tokens(
                 (None, None) => 90 * 86400,
             };
             let days = ttl / 86400;
+            let lasts = lifetime(ttl);
             if api {
                 return create_api_token(
                     m,
@@ -523,13 +538,13 @@ async fn tokens(
             if json {
                 print_json(
                     io,
-                    &json!({ "id": id, "vm": vm.name, "token": token, "url": url, "expires_in_days": days }),
+                    &json!({ "id": id, "vm": vm.name, "token": token, "url": url, "expires_in_days": days, "expires_in_secs": ttl }),
                 );
             } else {
                 println(
                     io,
                     &format!(
-                        "Token {id} for {} (shown once; keep it secret; expires in {days} days; `token revoke {id}` ends it):",
+                        "Token {id} for {} (shown once; keep it secret; expires in {lasts}; `token revoke {id}` ends it):",
                         vm.name
                     ),
                 );
@@ -615,6 +630,15 @@ async fn tokens(
     }
 }
 
+/// `90 days`, `12 hours`, `30 minutes`: how long a token lasts, for people.
+fn lifetime(secs: i64) -> String {
+    match secs {
+        s if s >= 86400 => format!("{} days", s / 86400),
+        s if s >= 3600 => format!("{} hours", s / 3600),
+        s => format!("{} minutes", (s / 60).max(1)),
+    }
+}
+
 /// `token create --api --cmds ... [--vm VM]`: an opaque token for the HTTPS API.
 #[allow(clippy::too_many_arguments)]
 async fn create_api_token(
@@ -643,7 +667,7 @@ async fn create_api_token(
         )
         .await
         .map_err(|e| errors::from_store("make a token", e))?;
-    let days = ttl / 86400;
+    let lasts = lifetime(ttl);
     let url = format!("{}/api/exec", m.config().web_origin(None));
     let vm_name = vm.map(|v| v.name);
     if json {
@@ -656,7 +680,7 @@ async fn create_api_token(
         println(
             io,
             &format!(
-                "API token {id} for {}{only} (shown once; keep it secret; expires in {days} days; `token revoke {id}` ends it):",
+                "API token {id} for {}{only} (shown once; keep it secret; expires in {lasts}; `token revoke {id}` ends it):",
                 cmds.to_list()
             ),
         );

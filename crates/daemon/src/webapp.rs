@@ -41,6 +41,13 @@ impl ApiIo {
         let before = self.sent.fetch_add(bytes.len(), Ordering::Relaxed);
         if before + bytes.len() <= EXEC_OUTPUT_LIMIT {
             let _ = self.tx.send(event(Bytes::copy_from_slice(bytes)));
+        } else if before <= EXEC_OUTPUT_LIMIT {
+            // Said once, so a cut answer is never mistaken for a whole one.
+            let note = format!(
+                "nook: the output was cut at {} MiB\n",
+                EXEC_OUTPUT_LIMIT >> 20
+            );
+            let _ = self.tx.send(ExecEvent::Stderr(Bytes::from(note)));
         }
     }
 }

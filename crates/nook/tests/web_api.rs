@@ -291,6 +291,15 @@ fn web_api_tokens_allow_what_they_say_and_nothing_else() {
     let a = api.with_token(&token, "ls --json");
     assert_eq!(a.status, 401, "{a:?}");
     assert!(a.body.contains("revoked"), "{a:?}");
+    // A token may not widen itself by granting a VM API access.
+    let sharer = signed_token(
+        &alice,
+        &format!("{{\"exp\": {exp}, \"cmds\": [\"share\"], \"vms\": [\"box\"]}}"),
+    );
+    let a = api.with_token(&sharer, "share api box --cmds all --json");
+    assert_eq!(a.status, 403, "{a:?}");
+    assert!(a.body.contains("over SSH or on the dashboard"), "{a:?}");
+    assert_eq!(api.with_token(&sharer, "share show box --json").status, 200);
     // A token may not mint tokens, keys or logins.
     let a = d.ssh(
         &alice,

@@ -46,7 +46,7 @@ pub struct Limits {
     pub cmds: String,
     /// The only VMs it may name.
     pub vms: Option<Vec<String>>,
-    /// How refusals name it: "this token", "this VM".
+    /// How refusals name it: "This token", "This VM".
     pub what: &'static str,
 }
 

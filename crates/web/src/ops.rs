@@ -27,7 +27,7 @@ const KEEP_AFTER: Duration = Duration::from_secs(300);
 const MAX_EVENTS: usize = 2000;
 /// Bytes of event data one operation keeps.
 const MAX_BYTES: usize = 4 << 20;
-/// Operations one account may have open.
+/// Operations one account may have running at once.
 const MAX_PER_ACCOUNT: usize = 64;
 
 struct Op {

@@ -191,11 +191,10 @@ impl EdgeBackend for MemBackend {
             *resp.status_mut() = hyper::StatusCode::UNAUTHORIZED;
             return resp;
         };
-        let port = req
-            .headers()
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.rsplit_once(':'))
+        let _ = req;
+        let port = ctx
+            .origin
+            .rsplit_once(':')
             .map(|(_, p)| p.to_string())
             .unwrap_or_default();
         let s = self.0.lock().unwrap();
