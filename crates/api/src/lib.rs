@@ -81,7 +81,7 @@ impl VmState {
     }
 }
 
-/// `POST /v1/vms/{name}/clone`: clone a VM.
+/// What `cp` asks for: the clone's name, and whether to clone only the disk.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CloneVm {
     /// The clone's name; a friendly one is made up when absent.
@@ -159,25 +159,6 @@ pub struct VmInfo {
     pub disk_bytes: u64,
     pub guest_ip: Option<String>,
     pub created_at: String,
-}
-
-/// One line of the NDJSON stream answering a long request (create, start, image build).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum ProgressEvent {
-    Progress {
-        step: String,
-    },
-    Done {
-        vm: Box<VmInfo>,
-    },
-    /// The end of a clone.
-    Cloned {
-        cloned: Box<Cloned>,
-    },
-    Error {
-        error: ApiError,
-    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -34,8 +34,10 @@ pub enum LobbyCommand {
     /// Show your account
     Whoami,
     /// Create a VM and wait until it is ready
+    #[command(alias = "create")]
     New(NewArgs),
     /// List your VMs
+    #[command(alias = "list")]
     Ls {
         /// Only names matching this (`*` is a wildcard; otherwise a substring)
         pattern: Option<String>,

@@ -1,5 +1,7 @@
 //! The local admin API: HTTP/1.1 over a unix socket in the data dir (mode 0600), serving the
-//! `nook` subcommands. Long operations answer with NDJSON streams of events.
+//! `nook` subcommands. VMs are managed with the lobby's own commands (`POST /v1/lobby`, the
+//! host's admin acting on every VM); besides those, exec and the console, accounts, plans and
+//! credit. Long operations answer with NDJSON streams.
 
 use std::sync::Arc;
 
@@ -10,21 +12,17 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use nook_api::{ApiError, CreateVm, ErrorCode, ExecEvent, ExecRequest, ProgressEvent};
+use nook_api::{ApiError, ErrorCode, ExecEvent, ExecRequest};
 use nook_proto::{GuestMsg, Stream};
 use tokio::sync::mpsc;
 
-use crate::manager::{ADMIN_OWNER, Manager, Scope};
+use crate::manager::{Manager, Scope};
 
 pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/v1/info", get(info))
         .route("/metrics", get(metrics))
-        .route("/v1/vms", get(list).post(create))
-        .route("/v1/vms/{name}", get(show).delete(remove))
-        .route("/v1/vms/{name}/start", post(start))
-        .route("/v1/vms/{name}/stop", post(stop))
-        .route("/v1/vms/{name}/clone", post(clone))
+        .route("/v1/lobby", post(lobby_command))
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/accounts", get(list_accounts).post(add_account))
@@ -88,14 +86,6 @@ async fn metrics(State(m): State<Arc<Manager>>) -> impl IntoResponse {
     )
 }
 
-async fn list(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
-    Ok(axum::Json(m.list(Scope::Admin).await?))
-}
-
-async fn show(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<impl IntoResponse> {
-    Ok(axum::Json(m.get(&name, Scope::Admin).await?))
-}
-
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Failure> {
     serde_json::from_slice(body).map_err(|e| {
         Failure(ApiError::new(
@@ -105,85 +95,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Failure
     })
 }
 
-/// What reports progress to a streaming client.
-type Reporter = Arc<dyn Fn(&str) + Send + Sync>;
-
-/// Streams `work`'s progress as NDJSON, then the event it ends with. The work runs in its own
-/// task, so a client that hangs up mid-way cannot leave a half-made VM behind.
-fn progress_stream<F, Fut>(work: F) -> Response
-where
-    F: FnOnce(Reporter) -> Fut,
-    Fut: std::future::Future<Output = ProgressEvent> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(32);
-    let progress_tx = tx.clone();
-    let report: Reporter = Arc::new(move |step: &str| {
-        let _ = progress_tx.try_send(line(&ProgressEvent::Progress {
-            step: step.to_string(),
-        }));
-    });
-    let work = work(report);
-    tokio::spawn(async move {
-        let event = work.await;
-        let _ = tx.send(line(&event)).await;
-    });
-    ndjson(rx)
-}
-
-fn done(result: Result<nook_api::VmInfo, ApiError>) -> ProgressEvent {
-    match result {
-        Ok(vm) => ProgressEvent::Done { vm: Box::new(vm) },
-        Err(error) => ProgressEvent::Error { error },
-    }
-}
-
-/// Creation streams progress, then `done` or `error`.
-async fn create(State(m): State<Arc<Manager>>, body: Bytes) -> Reply<Response> {
-    let req: CreateVm = parse_json(&body)?;
-    Ok(progress_stream(move |report| async move {
-        done(m.create(req, ADMIN_OWNER, true, &*report).await)
-    }))
-}
-
-async fn start(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<Response> {
-    Ok(progress_stream(move |report| async move {
-        done(m.start(&name, Scope::Admin, &*report).await)
-    }))
-}
-
-/// Cloning streams progress, then `cloned` (with timings) or `error`.
-async fn clone(
-    State(m): State<Arc<Manager>>,
-    Path(name): Path<String>,
-    body: Bytes,
-) -> Reply<Response> {
-    let req: nook_api::CloneVm = if body.is_empty() {
-        Default::default()
-    } else {
-        parse_json(&body)?
-    };
-    Ok(progress_stream(move |report| async move {
-        match m.clone_vm(&name, req, Scope::Admin, &*report).await {
-            Ok(cloned) => ProgressEvent::Cloned {
-                cloned: Box::new(cloned),
-            },
-            Err(error) => ProgressEvent::Error { error },
-        }
-    }))
-}
-
-async fn stop(State(m): State<Arc<Manager>>, Path(name): Path<String>) -> Reply<impl IntoResponse> {
-    Ok(axum::Json(m.stop(&name, Scope::Admin).await?))
-}
-
-async fn remove(
-    State(m): State<Arc<Manager>>,
-    Path(name): Path<String>,
-) -> Reply<impl IntoResponse> {
-    m.remove(&name, Scope::Admin).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
+/// A VM's serial console log.
 async fn console(
     State(m): State<Arc<Manager>>,
     Path(name): Path<String>,
@@ -468,4 +380,86 @@ async fn set_plan(
     m.apply_plan(&account.id).await;
     tracing::info!(account = %account.id, ?plan, "plan set");
     Ok(axum::Json(plan_json(&account.email, &plan)))
+}
+
+/// `POST /v1/lobby` `{"argv": [...], "tty": bool, "stdin": "..."}`: the admin runs a lobby
+/// command about VMs (`nook vm new|ls|rm|start|stop|restart|rename|cp|resize|stat|share`), the
+/// same grammar and the same output as `ssh HOST CMD`, on every VM. The answer streams NDJSON
+/// lines `{"out": TEXT}`, `{"err": TEXT}` as the command writes, then `{"exit": STATUS}`.
+async fn lobby_command(State(m): State<Arc<Manager>>, body: Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        argv: Vec<String>,
+        #[serde(default)]
+        tty: bool,
+        #[serde(default)]
+        stdin: Option<String>,
+    }
+    let req: Req = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Failure(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("Invalid request: {e}"),
+            ))
+            .into_response();
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let io = AdminIo {
+            tx: tx.clone(),
+            tty: req.tty,
+        };
+        let caller = crate::lobby::Caller {
+            account: None,
+            key_openssh: String::new(),
+            fingerprint: String::new(),
+            peer: None,
+            limits: None,
+            admin: true,
+        };
+        let stdin = req.stdin.map(|s| Ok(s.into_bytes()));
+        let status = crate::lobby::run(&m, &caller, req.argv, stdin, &io).await;
+        let _ = tx.send(format!("{}\n", serde_json::json!({ "exit": status })));
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|line| (Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    let mut resp = Response::new(axum::body::Body::from_stream(stream));
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
+/// A lobby command's output as NDJSON lines for `nook vm`. The admin's own client reads it
+/// as it comes, on a local socket: nothing a tenant can fill.
+struct AdminIo {
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+    tty: bool,
+}
+
+impl crate::lobby::LobbyOutput for AdminIo {
+    fn out(&self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let _ = self
+            .tx
+            .send(format!("{}\n", serde_json::json!({ "out": text })));
+    }
+    fn err(&self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let _ = self
+            .tx
+            .send(format!("{}\n", serde_json::json!({ "err": text })));
+    }
+    fn tty(&self) -> bool {
+        self.tty
+    }
+    fn writable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::ready(()))
+    }
 }

@@ -97,6 +97,7 @@ impl Backend for FrontDoor {
             fingerprint: caller.fingerprint.clone(),
             peer: Some(caller.peer),
             limits: None,
+            admin: false,
         };
         let stdin = if wants_stdin(&argv) {
             Some(

@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::errors;
 
 mod identity;
-use crate::manager::{Manager, Scope, VmStat};
+use crate::manager::{ADMIN_OWNER, Manager, Scope, VmStat};
 pub(crate) use identity::make_invite;
 
 /// Where a command's output goes. The SSH front door implements it over a channel.
@@ -54,16 +54,26 @@ impl Limits {
     /// Refuses a command these limits do not allow, saying why.
     fn check(&self, command: &LobbyCommand) -> Result<(), ApiError> {
         let name = command.name();
-        // Granting API access is how limits are made: a limited caller making one could widen
-        // itself (a VM's grant is not held to the token's VMs).
-        if matches!(
-            command,
-            LobbyCommand::Share(nook_api::lobby::ShareCommand::Api { .. })
-        ) {
+        // A limited caller may not make access that outlives its limits: granting a VM the
+        // API (how limits are made; a grant is not held to the token's VMs), sharing a VM with
+        // someone (a collaborator gets a shell), links, making it public, or handing a VM an
+        // integration's credential. Taking access away is fine.
+        use nook_api::lobby::{IntegrationsCommand as I, ShareCommand as S};
+        let grants = match command {
+            LobbyCommand::Share(S::Api { .. }) => Some("change what VMs may do through the API"),
+            LobbyCommand::Share(S::Add { .. } | S::AddLink { .. } | S::SetPublic { .. }) => {
+                Some("give anyone access to a VM")
+            }
+            LobbyCommand::Integrations(I::Add(_) | I::Attach { .. }) => {
+                Some("add integrations or attach them to VMs")
+            }
+            _ => None,
+        };
+        if let Some(what) = grants {
             return Err(ApiError::new(
                 ErrorCode::Forbidden,
                 format!(
-                    "{} may not change what VMs may do through the API: run share api over SSH or on the dashboard",
+                    "{} may not {what}: do that over SSH or on the dashboard",
                     self.what
                 ),
             ));
@@ -115,6 +125,9 @@ pub struct Caller {
     pub peer: Option<std::net::IpAddr>,
     /// Set for callers with a token: what it allows.
     pub limits: Option<Limits>,
+    /// The host's admin (`nook vm ...` on the daemon's unix socket): acts on every VM and is
+    /// no account, so only the commands about VMs are open to it.
+    pub admin: bool,
 }
 
 /// The most `new --setup-script -` reads from stdin. A setup script is a page or two of shell;
@@ -228,6 +241,19 @@ async fn execute(
     io: &dyn LobbyOutput,
     json: bool,
 ) -> Result<(), ApiError> {
+    if caller.admin {
+        return vm_command(
+            m,
+            caller,
+            ADMIN_OWNER,
+            Scope::Admin,
+            command,
+            stdin,
+            io,
+            json,
+        )
+        .await;
+    }
     match &command {
         LobbyCommand::Signup { email, invite } => {
             return identity::signup(m, caller, email, invite.as_deref(), io, json).await;
@@ -277,7 +303,63 @@ async fn execute(
             }
             Ok(())
         }
-        LobbyCommand::New(args) => new_vm(m, account, args, stdin, io, json).await,
+        LobbyCommand::Stat { name: None } => {
+            let env = envelope(m, &account.id).await?;
+            if json {
+                print_json(io, &env);
+            } else {
+                println(io, &format_envelope(&env));
+            }
+            Ok(())
+        }
+        LobbyCommand::Usage { vm, since } => {
+            llm_usage(m, &account.id, vm.as_deref(), &since, io, json).await
+        }
+        LobbyCommand::SshKey(cmd) => ssh_keys(m, account, caller, cmd, io, json).await,
+        LobbyCommand::Integrations(cmd) => {
+            crate::integrations::command(m, account, cmd, io, json).await
+        }
+        LobbyCommand::Browser => {
+            let token = m
+                .store()
+                .create_login_token(Some(&account.id), None, crate::web::LOGIN_TTL_SECS)
+                .await
+                .map_err(|e| crate::errors::from_store("make a login link", e))?;
+            let url = format!("{}/__nook/login?token={token}", m.config().web_origin(None));
+            if json {
+                print_json(
+                    io,
+                    &json!({ "url": url, "expires_in_secs": crate::web::LOGIN_TTL_SECS }),
+                );
+            } else {
+                println(
+                    io,
+                    "Open this link in your browser and press Sign in (once, within 15 minutes):",
+                );
+                println(io, &url);
+            }
+            Ok(())
+        }
+        LobbyCommand::Token(cmd) => tokens(m, account, scope, cmd, io, json).await,
+        command => vm_command(m, caller, &account.id, scope, command, stdin, io, json).await,
+    }
+}
+
+/// The commands about VMs, which the host's admin runs too (on every VM, as owner
+/// [`ADMIN_OWNER`] for the VMs it makes); anything else is about an account.
+#[allow(clippy::too_many_arguments)]
+async fn vm_command(
+    m: &Arc<Manager>,
+    caller: &Caller,
+    owner: &str,
+    scope: Scope<'_>,
+    command: LobbyCommand,
+    stdin: CommandStdin,
+    io: &dyn LobbyOutput,
+    json: bool,
+) -> Result<(), ApiError> {
+    match command {
+        LobbyCommand::New(args) => new_vm(m, owner, args, stdin, io, json).await,
         LobbyCommand::Ls { pattern, long } => {
             let vms: Vec<VmInfo> = m
                 .list(scope)
@@ -425,15 +507,6 @@ async fn execute(
             }
             Ok(())
         }
-        LobbyCommand::Stat { name: None } => {
-            let env = envelope(m, &account.id).await?;
-            if json {
-                print_json(io, &env);
-            } else {
-                println(io, &format_envelope(&env));
-            }
-            Ok(())
-        }
         LobbyCommand::Stat { name: Some(name) } => {
             let stat = m.stat(&name, scope).await?;
             if json {
@@ -443,36 +516,14 @@ async fn execute(
             }
             Ok(())
         }
-        LobbyCommand::Usage { vm, since } => {
-            llm_usage(m, &account.id, vm.as_deref(), &since, io, json).await
-        }
-        LobbyCommand::SshKey(cmd) => ssh_keys(m, account, caller, cmd, io, json).await,
-        LobbyCommand::Integrations(cmd) => {
-            crate::integrations::command(m, account, cmd, io, json).await
-        }
-        LobbyCommand::Browser => {
-            let token = m
-                .store()
-                .create_login_token(Some(&account.id), None, crate::web::LOGIN_TTL_SECS)
-                .await
-                .map_err(|e| crate::errors::from_store("make a login link", e))?;
-            let url = format!("{}/__nook/login?token={token}", m.config().web_origin(None));
-            if json {
-                print_json(
-                    io,
-                    &json!({ "url": url, "expires_in_secs": crate::web::LOGIN_TTL_SECS }),
-                );
-            } else {
-                println(
-                    io,
-                    "Open this link in your browser and press Sign in (once, within 15 minutes):",
-                );
-                println(io, &url);
-            }
-            Ok(())
-        }
         LobbyCommand::Share(cmd) => share(m, scope, cmd, io, json).await,
-        LobbyCommand::Token(cmd) => tokens(m, account, scope, cmd, io, json).await,
+        other => Err(ApiError::new(
+            ErrorCode::Usage,
+            format!(
+                "`{}` is about an account, and the host's admin is none: run it as the account, over SSH or the HTTPS API",
+                other.name()
+            ),
+        )),
     }
 }
 
@@ -923,7 +974,7 @@ pub(crate) fn valid_email(email: &str) -> bool {
 
 async fn new_vm(
     m: &Arc<Manager>,
-    account: &nook_store::Account,
+    owner: &str,
     args: NewArgs,
     stdin: CommandStdin,
     io: &dyn LobbyOutput,
@@ -980,9 +1031,13 @@ async fn new_vm(
         disk: args.disk,
     };
     let vm = m
-        .create(req, &account.id, !args.no_wait, &progress(io, json))
+        .create(req, owner, !args.no_wait, &progress(io, json))
         .await?;
-    let scope = Scope::Account(&account.id);
+    let scope = if owner == ADMIN_OWNER {
+        Scope::Admin
+    } else {
+        Scope::Account(owner)
+    };
     if !env_lines.is_empty() {
         let mut p = m
             .run_in(

@@ -156,6 +156,7 @@ impl nook_web::WebBackend for DaemonWeb {
             fingerprint: String::new(),
             peer: None,
             limits,
+            admin: false,
         };
         lobby::run(&self.manager, &caller, argv, stdin.map(Ok), &io).await
     }
@@ -210,6 +211,15 @@ impl nook_web::WebBackend for DaemonWeb {
         out
     }
 
+    async fn may_enter(&self, who: &Principal, vm: &str) -> bool {
+        let Ok(Some(account)) = self.manager.store().account_by_id(&who.account_id).await else {
+            return false;
+        };
+        crate::frontdoor::vm_shell(&self.manager, &account, vm)
+            .await
+            .is_ok()
+    }
+
     async fn terminal(
         &self,
         who: &Principal,
@@ -249,8 +259,16 @@ impl nook_web::WebBackend for DaemonWeb {
         let (input, mut input_rx) = mpsc::channel::<PtyInput>(16);
         let (output_tx, output) = mpsc::channel::<PtyOutput>(16);
         let to_guest = session.input;
+        // Set once the web side is gone (it dropped the output's receiver), so neither task
+        // waits on a guest that stopped reading or writing.
+        let (gone_tx, mut gone) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            while let Some(i) = input_rx.recv().await {
+            loop {
+                let i = tokio::select! {
+                    i = input_rx.recv() => i,
+                    _ = gone.wait_for(|g| *g) => None,
+                };
+                let Some(i) = i else { break };
                 let msg = match i {
                     PtyInput::Data(d) => GuestInput::Data(d),
                     PtyInput::Resize { cols, rows } => GuestInput::Resize {
@@ -259,15 +277,28 @@ impl nook_web::WebBackend for DaemonWeb {
                     },
                     PtyInput::Hangup => GuestInput::Hangup,
                 };
-                if to_guest.send(msg).await.is_err() {
-                    return;
+                let sent = tokio::select! {
+                    r = to_guest.send(msg) => r.is_ok(),
+                    _ = gone.wait_for(|g| *g) => false,
+                };
+                if !sent {
+                    break;
                 }
             }
-            let _ = to_guest.send(GuestInput::Hangup).await;
+            let _ = to_guest.try_send(GuestInput::Hangup);
         });
         let mut from_guest = session.output;
         tokio::spawn(async move {
-            while let Some(o) = from_guest.recv().await {
+            loop {
+                // Ends as soon as the web side stops listening, even if the guest says nothing.
+                let o = tokio::select! {
+                    o = from_guest.recv() => o,
+                    () = output_tx.closed() => None,
+                };
+                let Some(o) = o else {
+                    let _ = gone_tx.send(true);
+                    return;
+                };
                 let msg = match o {
                     GuestOutput::Stdout(d) | GuestOutput::Stderr(d) => PtyOutput::Data(d),
                     GuestOutput::Exit { code, signal } => {
@@ -275,6 +306,7 @@ impl nook_web::WebBackend for DaemonWeb {
                     }
                 };
                 if output_tx.send(msg).await.is_err() {
+                    let _ = gone_tx.send(true);
                     return;
                 }
             }
@@ -353,9 +385,11 @@ pub async fn from_vm(
         }),
     };
     let backend = Arc::new(DaemonWeb::new(m.clone()));
-    // A VM's own calls need no resuming (no network of theirs changes under them).
-    let ops = nook_web::ops::Ops::default();
-    nook_web::api::exec_response(&backend, &ops, &who, &body, is_json, events)
+    // One registry for every VM's calls, so the per-account bound on commands running at once
+    // holds for calls from inside VMs too.
+    static VM_OPS: std::sync::OnceLock<nook_web::ops::Ops> = std::sync::OnceLock::new();
+    let ops = VM_OPS.get_or_init(nook_web::ops::Ops::default);
+    nook_web::api::exec_response(&backend, ops, &who, &body, is_json, events)
         .await
         .map(axum::body::Body::new)
 }

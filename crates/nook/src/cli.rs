@@ -224,31 +224,13 @@ pub enum ImageCommand {
 }
 
 #[derive(Subcommand)]
+#[command(
+    after_help = "Every lobby command about VMs works here too, with the same grammar and \
+output as `ssh HOST CMD`, on every VM of the host: new (or create), ls (or list), rm, start, \
+stop, restart, rename, cp, resize, stat NAME, share ...; each takes --json. \
+See `nook vm new --help`."
+)]
 pub enum VmCommand {
-    /// Create and boot a VM
-    Create {
-        #[arg(long)]
-        name: Option<String>,
-        /// tiny or default
-        #[arg(long)]
-        image: Option<String>,
-        #[arg(long)]
-        cpu: Option<u32>,
-        /// e.g. 512M or 2G
-        #[arg(long)]
-        memory: Option<String>,
-        /// e.g. 10G; at least the image's size
-        #[arg(long)]
-        disk: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// List VMs
-    #[command(alias = "ls")]
-    List {
-        #[arg(long)]
-        json: bool,
-    },
     /// Run a command in a VM; its exit status becomes ours
     Exec {
         name: String,
@@ -258,31 +240,10 @@ pub enum VmCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Power a VM off cleanly
-    Stop {
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Boot a stopped VM
-    Start {
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Clone a VM: its disk, and when it is running its memory and processes too
-    Cp {
-        source: String,
-        /// The clone's name (a friendly one is made up when absent)
-        new: Option<String>,
-        /// Clone only the disk and boot the clone afresh, even when the source is running
-        #[arg(long)]
-        stopped_only: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Delete a VM and its disk
-    Rm { name: String },
     /// Print a VM's serial console log
     Console { name: String },
+    /// A lobby command about VMs (new, ls, rm, start, stop, restart, rename, cp, resize,
+    /// stat, share), parsed and run by the daemon exactly as the lobby runs it
+    #[command(external_subcommand)]
+    Lobby(Vec<String>),
 }

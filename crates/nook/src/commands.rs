@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use hyper::Method;
-use nook_api::{ApiError, ExecEvent, ProgressEvent, VmInfo, format_size};
+use nook_api::{ApiError, ExecEvent, format_size};
 use nook_daemon::{Config, Settings};
 
 use crate::cli::{AccountCommand, Cli, Command, ImageCommand, ServeArgs, VmCommand};
@@ -218,172 +218,63 @@ fn fail(err: ApiError, json: bool) -> i32 {
     1
 }
 
-/// Follows a progress stream to its end; returns the VM or the error.
-async fn follow(reply: Reply, json: bool) -> anyhow::Result<Result<VmInfo, ApiError>> {
-    Ok(match follow_to_end(reply, json).await? {
-        Ok(ProgressEvent::Done { vm }) => Ok(*vm),
-        Ok(ProgressEvent::Cloned { cloned }) => Ok(cloned.vm),
-        Ok(other) => anyhow::bail!("unexpected end of the daemon's stream: {other:?}"),
-        Err(err) => Err(err),
-    })
-}
-
-/// Shows the progress of a long request (on stderr, unless `json`) and returns its last event.
-async fn follow_to_end(
-    reply: Reply,
-    json: bool,
-) -> anyhow::Result<Result<ProgressEvent, ApiError>> {
-    let resp = match reply {
-        Reply::Ok(resp) => resp,
-        Reply::Err(err) => return Ok(Err(err)),
+/// `nook vm CMD ...`: a lobby command about VMs, run by the daemon as the host's admin. What
+/// it prints arrives as it is written (NDJSON lines of stdout and stderr, then the status).
+async fn lobby(client: &Client, argv: Vec<String>) -> anyhow::Result<i32> {
+    use std::io::IsTerminal;
+    // `--setup-script -` reads the script from our stdin, as over SSH.
+    let wants_stdin = argv
+        .windows(2)
+        .any(|w| w[0] == "--setup-script" && w[1] == "-")
+        || argv.iter().any(|a| a == "--setup-script=-");
+    let stdin = if wants_stdin {
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(std::io::stdin(), 1 << 20),
+            &mut text,
+        )
+        .context("read the setup script from stdin")?;
+        Some(text)
+    } else {
+        None
     };
-    let mut outcome = None;
-    each_line(resp, |event: ProgressEvent| {
-        match event {
-            ProgressEvent::Progress { step } if !json => eprintln!("==> {step}"),
-            ProgressEvent::Progress { .. } => {}
-            ProgressEvent::Error { error } => outcome = Some(Err(error)),
-            done => outcome = Some(Ok(done)),
+    let body = serde_json::json!({
+        "argv": argv,
+        "tty": std::io::stderr().is_terminal(),
+        "stdin": stdin,
+    });
+    let resp = match client.send(Method::POST, "/v1/lobby", Some(body)).await? {
+        Reply::Ok(resp) => resp,
+        Reply::Err(err) => return Ok(fail(err, false)),
+    };
+    #[derive(serde::Deserialize)]
+    struct Line {
+        out: Option<String>,
+        err: Option<String>,
+        exit: Option<i32>,
+    }
+    let mut status = None;
+    each_line(resp, |line: Line| {
+        if let Some(text) = line.out {
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+        }
+        if let Some(text) = line.err {
+            std::io::stderr().write_all(text.as_bytes())?;
+        }
+        if line.exit.is_some() {
+            status = line.exit;
         }
         Ok(())
     })
     .await?;
-    outcome.context("the daemon closed the stream without a result")
-}
-
-fn print_vm(vm: &VmInfo, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(vm)?);
-    } else {
-        let ip = vm.guest_ip.as_deref().unwrap_or("-");
-        println!(
-            "{} is {} ({}, {} vCPU, {} RAM, {} disk, ip {ip})",
-            vm.name,
-            vm.state.as_str(),
-            vm.image,
-            vm.cpu,
-            format_size(u64::from(vm.memory_mib) << 20),
-            format_size(vm.disk_bytes)
-        );
-        println!("  run a command: nook vm exec {} -- uname -a", vm.name);
-    }
-    Ok(())
+    status.context("the daemon closed the stream without an exit status")
 }
 
 async fn vm(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
-        VmCommand::Create {
-            name,
-            image,
-            cpu,
-            memory,
-            disk,
-            json,
-        } => {
-            let req = nook_api::CreateVm {
-                name,
-                image,
-                cpu,
-                memory,
-                disk,
-            };
-            let reply = client
-                .send(Method::POST, "/v1/vms", Some(serde_json::to_value(req)?))
-                .await?;
-            match follow(reply, json).await? {
-                Ok(vm) => print_vm(&vm, json).map(|()| 0),
-                Err(err) => Ok(fail(err, json)),
-            }
-        }
-        VmCommand::Start { name, json } => {
-            let reply = client
-                .send(
-                    Method::POST,
-                    &format!("/v1/vms/{}/start", path_segment(&name)),
-                    None,
-                )
-                .await?;
-            match follow(reply, json).await? {
-                Ok(vm) => print_vm(&vm, json).map(|()| 0),
-                Err(err) => Ok(fail(err, json)),
-            }
-        }
-        VmCommand::Cp {
-            source,
-            new,
-            stopped_only,
-            json,
-        } => {
-            let req = nook_api::CloneVm {
-                name: new,
-                stopped_only,
-            };
-            let reply = client
-                .send(
-                    Method::POST,
-                    &format!("/v1/vms/{}/clone", path_segment(&source)),
-                    Some(serde_json::to_value(req)?),
-                )
-                .await?;
-            match follow_to_end(reply, json).await? {
-                Ok(ProgressEvent::Cloned { cloned }) if json => {
-                    println!("{}", serde_json::to_string_pretty(&cloned)?);
-                    Ok(0)
-                }
-                Ok(ProgressEvent::Cloned { cloned }) => {
-                    println!("{}", nook_api::clone_summary(&cloned));
-                    Ok(0)
-                }
-                Ok(other) => anyhow::bail!("unexpected end of the daemon's stream: {other:?}"),
-                Err(err) => Ok(fail(err, json)),
-            }
-        }
-        VmCommand::Stop { name, json } => match client
-            .send(
-                Method::POST,
-                &format!("/v1/vms/{}/stop", path_segment(&name)),
-                None,
-            )
-            .await?
-        {
-            Reply::Ok(resp) => {
-                let vm: VmInfo = serde_json::from_slice(&body_bytes(resp).await?)?;
-                print_vm(&vm, json).map(|()| 0)
-            }
-            Reply::Err(err) => Ok(fail(err, json)),
-        },
-        VmCommand::Rm { name } => match client
-            .send(
-                Method::DELETE,
-                &format!("/v1/vms/{}", path_segment(&name)),
-                None,
-            )
-            .await?
-        {
-            Reply::Ok(_) => {
-                eprintln!("Removed {name}");
-                Ok(0)
-            }
-            Reply::Err(err) => Ok(fail(err, false)),
-        },
-        VmCommand::List { json } => match client.send(Method::GET, "/v1/vms", None).await? {
-            Reply::Ok(resp) => {
-                let vms: Vec<VmInfo> = serde_json::from_slice(&body_bytes(resp).await?)?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&vms)?);
-                } else {
-                    println!("{}", nook_api::vm_table_header("REASON"));
-                    for vm in vms {
-                        println!(
-                            "{}",
-                            nook_api::vm_table_row(&vm, vm.state_reason.as_deref().unwrap_or(""))
-                        );
-                    }
-                }
-                Ok(0)
-            }
-            Reply::Err(err) => Ok(fail(err, json)),
-        },
+        VmCommand::Lobby(argv) => lobby(client, argv).await,
         VmCommand::Console { name } => match client
             .send(
                 Method::GET,

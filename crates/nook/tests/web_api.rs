@@ -299,6 +299,12 @@ fn web_api_tokens_allow_what_they_say_and_nothing_else() {
     let a = api.with_token(&sharer, "share api box --cmds all --json");
     assert_eq!(a.status, 403, "{a:?}");
     assert!(a.body.contains("over SSH or on the dashboard"), "{a:?}");
+    let a = api.with_token(
+        &sharer,
+        "share add box mallory@example.com --role collaborator",
+    );
+    assert_eq!(a.status, 403, "{a:?}");
+    assert_eq!(api.with_token(&sharer, "share add-link box").status, 403);
     assert_eq!(api.with_token(&sharer, "share show box --json").status, 200);
     // A token may not mint tokens, keys or logins.
     let a = d.ssh(

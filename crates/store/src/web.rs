@@ -107,6 +107,12 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         let Some(r) = row else { return Ok(None) };
+        // A token bound to a VM whose row is gone must not become a token for any VM.
+        let vm_id: Option<String> = r.try_get("grant_vm_id")?;
+        let vm_name: Option<String> = r.try_get("grant_vm")?;
+        if vm_id.is_some() && vm_name.is_none() {
+            return Ok(None);
+        }
         Ok(Some(ExecGrant {
             account: decode_account(&r)?,
             cmds: r.try_get("grant_cmds")?,

@@ -48,14 +48,18 @@ pub(crate) async fn handle<B: WebBackend>(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     let headers = req.headers().clone();
-    // The body is read (bounded) before anything is answered: an HTTP/2 client still sending
-    // it when the answer comes gets a reset stream, which curl reports as a framing error.
-    let body = match read_body(req.into_body()).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
+    // Who it is comes from the headers, before the body is read in full. Either way the body
+    // is read (bounded) before the answer: an HTTP/2 client still sending it when the answer
+    // comes gets a reset stream, which curl reports as a framing error instead of the answer.
     let who = match authenticate(web, &headers, &method, visitor).await {
         Ok(who) => who,
+        Err(resp) => {
+            let _ = drain(req.into_body(), REFUSED_DRAIN).await;
+            return resp;
+        }
+    };
+    let body = match read_body(req.into_body()).await {
+        Ok(b) => b,
         Err(resp) => return resp,
     };
     match (rest, method) {
@@ -106,8 +110,46 @@ fn wants_events(headers: &HeaderMap) -> bool {
 /// of a reset connection; a client sending more than this is cut off.
 const DRAIN_LIMIT: usize = 16 << 20;
 
-/// Reads a request body of at most [`MAX_BODY`] bytes.
+/// What is read and dropped of a refused (unauthenticated) request's body.
+const REFUSED_DRAIN: usize = 64 * 1024;
+/// How long a client has to send its request body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads and drops at most `limit` bytes of a body, for at most a second.
+async fn drain<T>(body: T, limit: usize)
+where
+    T: Body<Data = Bytes> + Send,
+{
+    let mut body = std::pin::pin!(body);
+    let mut seen = 0;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > limit {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Reads a request body of at most [`MAX_BODY`] bytes, within [`BODY_TIMEOUT`].
 pub async fn read_body<T>(body: T) -> Result<Bytes, Response<WebBody>>
+where
+    T: Body<Data = Bytes> + Send,
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(BODY_TIMEOUT, read_body_now(body)).await {
+        Ok(result) => result,
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "bad_request",
+            "The request body did not arrive in time",
+        )),
+    }
+}
+
+async fn read_body_now<T>(body: T) -> Result<Bytes, Response<WebBody>>
 where
     T: Body<Data = Bytes> + Send,
     T::Error: std::error::Error + Send + Sync + 'static,
@@ -335,11 +377,7 @@ pub async fn exec_response<B: WebBackend>(
     };
     if events {
         let Some((id, writer)) = ops.start(&who.account_id) else {
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "Too many commands running at once: wait for some to finish",
-            );
+            return too_many();
         };
         let backend = backend.clone();
         let who_owned = who.clone();
@@ -361,8 +399,22 @@ pub async fn exec_response<B: WebBackend>(
             )
         });
     }
+    // A slot like a streamed command's, so one account runs a bounded number at once; and
+    // its own task, so a client that goes away does not stop `new` or `cp` half way.
+    let Some((_, slot)) = ops.start(&who.account_id) else {
+        return too_many();
+    };
     let (tx, rx) = mpsc::unbounded_channel();
-    let exit = backend.exec(who, argv, stdin, tx).await;
+    let task = {
+        let backend = backend.clone();
+        let who = who.clone();
+        tokio::spawn(async move {
+            let exit = backend.exec(&who, argv, stdin, tx).await;
+            slot.push("exit", &json!({ "exit": exit }));
+            exit
+        })
+    };
+    let exit = task.await.unwrap_or(1);
     let (stdout, stderr, failed) = collect(rx);
     let status = match (exit, failed) {
         (0, _) => StatusCode::OK,
@@ -385,6 +437,14 @@ pub async fn exec_response<B: WebBackend>(
     resp.headers_mut()
         .insert("x-nook-exit", header::HeaderValue::from(exit));
     resp
+}
+
+fn too_many() -> Response<WebBody> {
+    error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "Too many commands running at once: wait for some to finish",
+    )
 }
 
 /// Turns a command's output into an operation's events until it ends.

@@ -124,6 +124,10 @@ pub trait WebBackend: Send + Sync + 'static {
     /// VMs others shared with `who`: (name, role), role being `viewer` or `collaborator`.
     fn shared_vms(&self, who: &Principal) -> impl Future<Output = Vec<(String, String)>> + Send;
 
+    /// Whether `who` may (still) open a terminal in `vm`: checked again when a page resumes a
+    /// session, so access taken away ends it.
+    fn may_enter(&self, who: &Principal, vm: &str) -> impl Future<Output = bool> + Send;
+
     /// Starts a login shell with a pty in `vm`, for its owner or a collaborator. The error is
     /// a message for the user, and the same for a VM `who` may not enter as for none at all.
     fn terminal(

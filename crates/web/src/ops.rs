@@ -25,8 +25,8 @@ use crate::WebBody;
 const KEEP_AFTER: Duration = Duration::from_secs(300);
 /// Events one operation keeps; past it, output events are dropped (the `exit` always stays).
 const MAX_EVENTS: usize = 2000;
-/// Bytes of event data one operation keeps.
-const MAX_BYTES: usize = 4 << 20;
+/// Bytes of event data one operation keeps (lobby commands print kilobytes).
+const MAX_BYTES: usize = 1 << 20;
 /// Operations one account may have running at once.
 const MAX_PER_ACCOUNT: usize = 64;
 
@@ -63,15 +63,14 @@ pub struct OpWriter {
 }
 
 impl Ops {
-    /// Starts an operation for `account_id`; `None` when it has too many open.
+    /// Starts an operation for `account_id`; `None` when it has too many running.
     pub fn start(&self, account_id: &str) -> Option<(String, OpWriter)> {
         let mut by_id = lock(&self.by_id);
-        if by_id
+        let running = by_id
             .values()
-            .filter(|o| o.account_id == account_id)
-            .count()
-            >= MAX_PER_ACCOUNT
-        {
+            .filter(|o| o.account_id == account_id && !lock(&o.state).done)
+            .count();
+        if running >= MAX_PER_ACCOUNT {
             return None;
         }
         let id = hex::encode(rand::random::<[u8; 12]>());

@@ -16,7 +16,9 @@ pub const NAMESPACE: &str = "nook-api";
 pub const PREFIX: &str = "nooksig.";
 /// The longest token accepted; a real one is well under 2 KiB (RSA-4096 keys included).
 const MAX_TOKEN: usize = 16 * 1024;
-/// The longest a token may be valid: a leaked token cannot outlive this.
+/// How far ahead of its use (or of its `nbf`) a token's `exp` may be. Nothing records when a
+/// token was signed, so this bounds what is accepted now: a token signed with a far `exp` is
+/// refused until that `exp` is within reach.
 const MAX_LIFETIME_SECS: i64 = 366 * 86400;
 
 /// What the signer allows.

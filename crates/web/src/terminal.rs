@@ -51,6 +51,8 @@ struct Session {
     vm: String,
     input: mpsc::Sender<PtyInput>,
     state: Mutex<State>,
+    /// The task copying the pty's output; aborted if the shell outlives its hangup.
+    pump: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 #[derive(Default)]
@@ -59,7 +61,13 @@ struct State {
     attached: Option<Attached>,
     generation: u64,
     exited: bool,
+    /// Hung up after its grace period: it can no longer be resumed.
+    ended: bool,
 }
+
+/// How long a shell may take to end after its hangup before nook stops copying its output
+/// and forgets it (a guest can ignore SIGHUP; its output then goes nowhere).
+const HANGUP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The live terminal sessions, by id.
 #[derive(Default, Clone)]
@@ -91,14 +99,16 @@ impl Sessions {
             vm: vm.to_string(),
             input: pty.input,
             state: Mutex::new(State::default()),
+            pump: Mutex::new(None),
         });
         lock(&self.by_id).insert(id.clone(), session.clone());
-        tokio::spawn(pump_output(
+        let pump = tokio::spawn(pump_output(
             self.clone(),
             id.clone(),
             session.clone(),
             pty.output,
         ));
+        *lock(&session.pump) = Some(pump.abort_handle());
         (id, session)
     }
 
@@ -183,16 +193,37 @@ pub(crate) async fn upgrade<B: WebBackend>(
             .unwrap_or(d)
     };
     let (cols, rows) = (size("cols", 80), size("rows", 24));
+    let h2 = req.method() == Method::CONNECT;
+    // The handshake is checked before a shell starts, so a broken one leaves nothing behind.
+    let accept = if h2 {
+        None
+    } else {
+        let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "A WebSocket upgrade needs Sec-WebSocket-Key",
+            );
+        };
+        Some(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+    };
     let sessions = &web.terminals;
-    // A page coming back: the session must be this account's, on this VM, and alive. Any
+    // A page coming back: the session must be this account's, on this VM, alive, and the
+    // account must still be allowed in (a collaborator whose share was removed is not). Any
     // other id is treated as no id at all (a new shell), so ids reveal nothing.
     let resumed = q
         .get("session")
         .and_then(|id| sessions.get(id).map(|s| (id.clone(), s)))
-        .filter(|(_, s)| s.account_id == who.account_id && s.vm == vm && !lock(&s.state).exited);
+        .filter(|(_, s)| {
+            let st = lock(&s.state);
+            s.account_id == who.account_id && s.vm == vm && !st.exited && !st.ended
+        });
+    let resumed = match resumed {
+        Some(r) if web.backend().may_enter(&who, vm).await => Some(r),
+        _ => None,
+    };
     let (id, session, fresh) = match resumed {
         Some((id, s)) => {
-            let _ = s.input.send(PtyInput::Resize { cols, rows }).await;
+            let _ = s.input.try_send(PtyInput::Resize { cols, rows });
             (id, s, false)
         }
         None => {
@@ -211,22 +242,13 @@ pub(crate) async fn upgrade<B: WebBackend>(
             }
         }
     };
-    let h2 = req.method() == Method::CONNECT;
-    let accept = if h2 {
-        None
-    } else {
-        let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-            return text(
-                StatusCode::BAD_REQUEST,
-                "A WebSocket upgrade needs Sec-WebSocket-Key",
-            );
-        };
-        Some(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
-    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let sessions = sessions.clone();
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
+            // The connection never became a WebSocket: the shell gets its grace period.
+            let generation = lock(&session.state).generation;
+            detach(sessions, id, session, generation);
             return;
         };
         let mut config = WebSocketConfig::default();
@@ -278,9 +300,9 @@ async fn serve<S>(
     ws: WebSocketStream<S>,
     fresh: bool,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, stream) = ws.split();
     let (tx, mut rx) = mpsc::channel::<Out>(16);
     // Attach: a page already attached (another tab, or a connection not yet seen to drop)
     // is replaced, and gets nothing more.
@@ -294,14 +316,17 @@ async fn serve<S>(
         (st.generation, Vec::from(st.replay.clone()))
     };
     let hello = serde_json::json!({ "session": id, "resumed": !fresh }).to_string();
-    if sink.send(Message::Text(hello.into())).await.is_err() {
+    // The replay goes to a new page too: it holds what the shell printed (its prompt) before
+    // the page was attached.
+    if sink.send(Message::Text(hello.into())).await.is_err()
+        || (!replay.is_empty() && sink.send(Message::Binary(replay.into())).await.is_err())
+    {
         detach(sessions, id, session, generation);
         return;
     }
-    if !fresh && !replay.is_empty() && sink.send(Message::Binary(replay.into())).await.is_err() {
-        detach(sessions, id, session, generation);
-        return;
-    }
+    // Input runs in a task of its own: a shell that stops reading its input (or a big paste)
+    // then holds up only the input, while output and the page's going away are still seen.
+    let mut input = tokio::spawn(feed_input(stream, session.input.clone()));
     loop {
         tokio::select! {
             out = rx.recv() => match out {
@@ -314,47 +339,70 @@ async fn serve<S>(
                     let bye = serde_json::json!({ "exit": code }).to_string();
                     let _ = sink.send(Message::Text(bye.into())).await;
                     let _ = sink.close().await;
+                    input.abort();
                     return;
                 }
                 // Another page took the session over.
                 None => {
                     let _ = sink.close().await;
+                    input.abort();
                     return;
                 }
             },
-            msg = stream.next() => match msg {
-                Some(Ok(Message::Text(t))) => {
-                    let Ok(m) = serde_json::from_str::<FromPage>(t.as_str()) else {
-                        continue;
-                    };
-                    if let Some((cols, rows)) = m.r {
-                        let _ = session.input.send(PtyInput::Resize {
-                            cols: cols.clamp(1, 1000),
-                            rows: rows.clamp(1, 1000),
-                        }).await;
-                    }
-                    if let Some(d) = m.d {
-                        let bytes = Bytes::from(d.into_bytes());
-                        for chunk in bytes.chunks(INPUT_CHUNK) {
-                            if session.input.send(PtyInput::Data(bytes.slice_ref(chunk))).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                Some(Ok(Message::Binary(b))) => {
-                    for chunk in b.chunks(INPUT_CHUNK) {
-                        if session.input.send(PtyInput::Data(b.slice_ref(chunk))).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            },
+            _ = &mut input => break,
         }
     }
+    input.abort();
     detach(sessions, id, session, generation);
+}
+
+/// The page's frames to the shell, until the page closes the socket.
+async fn feed_input<S>(
+    mut stream: futures::stream::SplitStream<WebSocketStream<S>>,
+    input: mpsc::Sender<PtyInput>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let send = |b: Bytes| {
+        let input = input.clone();
+        async move {
+            for chunk in b.chunks(INPUT_CHUNK) {
+                if input
+                    .send(PtyInput::Data(b.slice_ref(chunk)))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    while let Some(msg) = stream.next().await {
+        let ok = match msg {
+            Ok(Message::Text(t)) => {
+                let Ok(m) = serde_json::from_str::<FromPage>(t.as_str()) else {
+                    continue;
+                };
+                if let Some((cols, rows)) = m.r {
+                    let _ = input.try_send(PtyInput::Resize {
+                        cols: cols.clamp(1, 1000),
+                        rows: rows.clamp(1, 1000),
+                    });
+                }
+                match m.d {
+                    Some(d) => send(Bytes::from(d.into_bytes())).await,
+                    None => true,
+                }
+            }
+            Ok(Message::Binary(b)) => send(b).await,
+            Ok(Message::Close(_)) | Err(_) => false,
+            Ok(_) => true,
+        };
+        if !ok {
+            return;
+        }
+    }
 }
 
 /// The page went away: keep the shell for [`GRACE`], then hang it up unless a page came back.
@@ -375,9 +423,17 @@ fn detach(sessions: Sessions, id: String, session: Arc<Session>, generation: u64
             let st = lock(&session.state);
             st.generation == generation && st.attached.is_none() && !st.exited
         };
-        if abandoned {
-            let _ = session.input.send(PtyInput::Hangup).await;
-            sessions.remove(&id);
+        if !abandoned {
+            return;
         }
+        lock(&session.state).ended = true;
+        // Never waits on the guest: a shell that stopped reading its input still hears this
+        // once the queue moves, and is forgotten at the deadline below either way.
+        let _ = session.input.try_send(PtyInput::Hangup);
+        tokio::time::sleep(HANGUP_DEADLINE).await;
+        if let Some(pump) = lock(&session.pump).take() {
+            pump.abort();
+        }
+        sessions.remove(&id);
     });
 }
