@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::lobby::LobbyOutput;
+use crate::lobby::Reply;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
@@ -46,20 +46,13 @@ pub fn url(m: &Manager, name: &str) -> String {
     format!("http://{name}.int.{}/", m.config().vm_domain)
 }
 
-pub async fn command(
+pub(crate) async fn command(
     m: &Arc<Manager>,
     account: &Account,
     cmd: IntegrationsCommand,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
-    let say = |text: String, value: serde_json::Value| {
-        if json {
-            crate::lobby::print_json(io, &value);
-        } else {
-            crate::lobby::println(io, &text);
-        }
-    };
+) -> Result<Reply, ApiError> {
+    // Each answer is one value, printed by the lobby as text or as JSON.
+    let say = |text: String, value: serde_json::Value| Ok(Reply::new(value, text));
     match cmd {
         IntegrationsCommand::Add(kind) => {
             let (name, row) = new_integration(m, account, kind).await?;
@@ -90,8 +83,7 @@ pub async fn command(
                     row.kind
                 ),
                 json!({ "name": name, "kind": row.kind, "url": reach }),
-            );
-            Ok(())
+            )
         }
         IntegrationsCommand::List => {
             let rows = m
@@ -135,8 +127,7 @@ pub async fn command(
             if rows.is_empty() {
                 text.push_str("No integrations yet: `integrations add http-proxy|github ...`\n");
             }
-            say(text.trim_end().to_string(), json!(out));
-            Ok(())
+            say(text.trim_end().to_string(), json!(out))
         }
         IntegrationsCommand::Remove { name } => {
             let Some(row) = m
@@ -164,8 +155,7 @@ pub async fn command(
             say(
                 format!("Removed {name}"),
                 json!({ "name": name, "removed": true }),
-            );
-            Ok(())
+            )
         }
         IntegrationsCommand::Attach { name, vm, for_ } => {
             let row = m
@@ -199,8 +189,7 @@ pub async fn command(
                     for_.map(|f| format!(" for {f}")).unwrap_or_default()
                 ),
                 json!({ "name": name, "vm": vm.name, "url": url(m, &name), "expires_at": expires_at }),
-            );
-            Ok(())
+            )
         }
         IntegrationsCommand::Detach { name, vm } => {
             let row = m
@@ -222,8 +211,7 @@ pub async fn command(
             say(
                 format!("{} no longer reaches {name}", vm.name),
                 json!({ "name": name, "vm": vm.name, "detached": true }),
-            );
-            Ok(())
+            )
         }
     }
 }

@@ -194,7 +194,10 @@ pub async fn run(
         return 1;
     }
     match execute(m, caller, line.command, stdin, io, json).await {
-        Ok(()) => 0,
+        Ok(reply) => {
+            reply.print(io, json);
+            0
+        }
         Err(err) => {
             report(io, json, &err);
             1
@@ -221,6 +224,42 @@ pub(crate) fn println(io: &dyn LobbyOutput, text: &str) {
     io.out(format!("{text}\n").as_bytes());
 }
 
+/// What a command answers: one value that prints itself as JSON (with `--json`) or as text
+/// for people. Every front end (SSH, the HTTPS API, the dashboard, `nook vm`) prints it the
+/// same way, in [`run`].
+pub(crate) struct Reply {
+    json: serde_json::Value,
+    text: Option<String>,
+}
+
+impl Reply {
+    pub(crate) fn new(json: serde_json::Value, text: impl Into<String>) -> Self {
+        Self {
+            json,
+            text: Some(text.into()),
+        }
+    }
+
+    /// Nothing to print: `rm` that removed nothing (its errors are already said), and the
+    /// branches that run before an account exists.
+    pub(crate) fn printed() -> Self {
+        Self {
+            json: serde_json::Value::Null,
+            text: None,
+        }
+    }
+
+    fn print(&self, io: &dyn LobbyOutput, json: bool) {
+        if json {
+            if !self.json.is_null() {
+                print_json(io, &self.json);
+            }
+        } else if let Some(text) = &self.text {
+            println(io, text);
+        }
+    }
+}
+
 fn signed_up<'a>(m: &Manager, caller: &'a Caller) -> Result<&'a nook_store::Account, ApiError> {
     caller.account.as_ref().ok_or_else(|| {
         ApiError::new(
@@ -240,7 +279,7 @@ async fn execute(
     stdin: CommandStdin,
     io: &dyn LobbyOutput,
     json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     if caller.admin {
         return vm_command(
             m,
@@ -256,10 +295,10 @@ async fn execute(
     }
     match &command {
         LobbyCommand::Signup { email, invite } => {
-            return identity::signup(m, caller, email, invite.as_deref(), io, json).await;
+            return identity::signup(m, caller, email, invite.as_deref()).await;
         }
         LobbyCommand::SshKey(SshKeyCommand::Confirm { code }) => {
-            return identity::confirm_key(m, caller, code, io, json).await;
+            return identity::confirm_key(m, caller, code).await;
         }
         _ => {}
     }
@@ -275,50 +314,39 @@ async fn execute(
     }
     let scope = Scope::Account(&account.id);
     match command {
-        LobbyCommand::Signup { .. } => Ok(()),
-        LobbyCommand::Invite { email } => identity::invite(m, account, &email, io, json).await,
+        LobbyCommand::Signup { .. } => Ok(Reply::printed()),
+        LobbyCommand::Invite { email } => identity::invite(m, account, &email).await,
         LobbyCommand::Whoami => {
             let env = envelope(m, &account.id).await?;
-            if json {
-                print_json(
-                    io,
-                    &json!({ "id": account.id, "email": account.email, "email_verified": account.email_verified, "owner": account.owner, "key": caller.fingerprint, "envelope": env }),
-                );
+            let email = if account.email_verified {
+                account.email.clone()
             } else {
-                let email = if account.email_verified {
-                    account.email.clone()
-                } else {
-                    format!("{} (unconfirmed)", account.email)
-                };
-                let owner = if account.owner {
-                    " (owns this host)"
-                } else {
-                    ""
-                };
-                let head = format!(
-                    "{email}{owner}\n  account  {}\n  key      {}",
-                    account.id, caller.fingerprint
-                );
-                println(io, &format!("{head}\n{}", format_envelope(&env)));
-            }
-            Ok(())
+                format!("{} (unconfirmed)", account.email)
+            };
+            let owner = if account.owner {
+                " (owns this host)"
+            } else {
+                ""
+            };
+            let text = format!(
+                "{email}{owner}\n  account  {}\n  key      {}\n{}",
+                account.id,
+                caller.fingerprint,
+                format_envelope(&env)
+            );
+            Ok(Reply::new(
+                json!({ "id": account.id, "email": account.email, "email_verified": account.email_verified, "owner": account.owner, "key": caller.fingerprint, "envelope": env }),
+                text,
+            ))
         }
         LobbyCommand::Stat { name: None } => {
             let env = envelope(m, &account.id).await?;
-            if json {
-                print_json(io, &env);
-            } else {
-                println(io, &format_envelope(&env));
-            }
-            Ok(())
+            let text = format_envelope(&env);
+            Ok(Reply::new(env, text))
         }
-        LobbyCommand::Usage { vm, since } => {
-            llm_usage(m, &account.id, vm.as_deref(), &since, io, json).await
-        }
-        LobbyCommand::SshKey(cmd) => ssh_keys(m, account, caller, cmd, io, json).await,
-        LobbyCommand::Integrations(cmd) => {
-            crate::integrations::command(m, account, cmd, io, json).await
-        }
+        LobbyCommand::Usage { vm, since } => llm_usage(m, &account.id, vm.as_deref(), &since).await,
+        LobbyCommand::SshKey(cmd) => ssh_keys(m, account, caller, cmd).await,
+        LobbyCommand::Integrations(cmd) => crate::integrations::command(m, account, cmd).await,
         LobbyCommand::Browser => {
             let token = m
                 .store()
@@ -326,21 +354,14 @@ async fn execute(
                 .await
                 .map_err(|e| crate::errors::from_store("make a login link", e))?;
             let url = format!("{}/__nook/login?token={token}", m.config().web_origin(None));
-            if json {
-                print_json(
-                    io,
-                    &json!({ "url": url, "expires_in_secs": crate::web::LOGIN_TTL_SECS }),
-                );
-            } else {
-                println(
-                    io,
-                    "Open this link in your browser and press Sign in (once, within 15 minutes):",
-                );
-                println(io, &url);
-            }
-            Ok(())
+            Ok(Reply::new(
+                json!({ "url": url, "expires_in_secs": crate::web::LOGIN_TTL_SECS }),
+                format!(
+                    "Open this link in your browser and press Sign in (once, within 15 minutes):\n{url}"
+                ),
+            ))
         }
-        LobbyCommand::Token(cmd) => tokens(m, account, scope, cmd, io, json).await,
+        LobbyCommand::Token(cmd) => tokens(m, account, scope, cmd).await,
         command => vm_command(m, caller, &account.id, scope, command, stdin, io, json).await,
     }
 }
@@ -357,7 +378,7 @@ async fn vm_command(
     stdin: CommandStdin,
     io: &dyn LobbyOutput,
     json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     match command {
         LobbyCommand::New(args) => new_vm(m, owner, args, stdin, io, json).await,
         LobbyCommand::Ls { pattern, long } => {
@@ -371,28 +392,30 @@ async fn vm_command(
                     only.is_none_or(|names| names.contains(&vm.name))
                 })
                 .collect();
-            if json {
-                print_json(io, &serde_json::to_value(&vms).unwrap_or_default());
-            } else if vms.is_empty() {
-                println(
-                    io,
-                    if pattern.is_some() {
-                        "No VMs match."
-                    } else {
-                        "No VMs yet. Make one with: new"
-                    },
-                );
+            let text = if vms.is_empty() {
+                if pattern.is_some() {
+                    "No VMs match.".to_string()
+                } else {
+                    "No VMs yet. Make one with: new".to_string()
+                }
             } else if long {
-                println(io, &nook_api::vm_table_header("CREATED"));
-                for vm in vms {
-                    println(io, &nook_api::vm_table_row(&vm, &vm.created_at));
-                }
+                std::iter::once(nook_api::vm_table_header("CREATED"))
+                    .chain(
+                        vms.iter()
+                            .map(|vm| nook_api::vm_table_row(vm, &vm.created_at)),
+                    )
+                    .collect::<Vec<_>>()
+                    .join("\n")
             } else {
-                for vm in vms {
-                    println(io, &format!("{:<24} {}", vm.name, vm.state.as_str()));
-                }
-            }
-            Ok(())
+                vms.iter()
+                    .map(|vm| format!("{:<24} {}", vm.name, vm.state.as_str()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            Ok(Reply::new(
+                serde_json::to_value(&vms).unwrap_or_default(),
+                text,
+            ))
         }
         LobbyCommand::Rm { names } => {
             let mut failed = None;
@@ -406,45 +429,48 @@ async fn vm_command(
                     }
                 }
             }
-            if json {
-                print_json(io, &json!({ "removed": removed }));
+            let text = removed
+                .iter()
+                .map(|name| format!("Removed {name}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let reply = if removed.is_empty() && !json {
+                Reply::printed()
             } else {
-                for name in &removed {
-                    println(io, &format!("Removed {name}"));
-                }
-            }
+                Reply::new(json!({ "removed": removed }), text)
+            };
             match failed {
-                // Already reported, per name; the status still says something failed.
-                Some(e) => Err(ApiError::new(
-                    e.code,
-                    format!(
-                        "{} of {} VMs could not be removed",
-                        names.len() - removed.len(),
-                        names.len()
-                    ),
-                )),
-                None => Ok(()),
+                // Already reported, per name; what was removed is still said, and the status
+                // still says something failed.
+                Some(e) => {
+                    reply.print(io, json);
+                    Err(ApiError::new(
+                        e.code,
+                        format!(
+                            "{} of {} VMs could not be removed",
+                            names.len() - removed.len(),
+                            names.len()
+                        ),
+                    ))
+                }
+                None => Ok(reply),
             }
         }
         LobbyCommand::Start { name } => {
             let vm = m.start(&name, scope, &progress(io, json)).await?;
-            show_vm(m, io, &vm, json);
-            Ok(())
+            Ok(vm_reply(m, &vm))
         }
         LobbyCommand::Stop { name } => {
             let vm = m.stop(&name, scope).await?;
-            show_vm(m, io, &vm, json);
-            Ok(())
+            Ok(vm_reply(m, &vm))
         }
         LobbyCommand::Restart { name } => {
             let vm = m.restart(&name, scope, &progress(io, json)).await?;
-            show_vm(m, io, &vm, json);
-            Ok(())
+            Ok(vm_reply(m, &vm))
         }
         LobbyCommand::Rename { old, new } => {
             let vm = m.rename(&old, &new, scope).await?;
-            show_vm(m, io, &vm, json);
-            Ok(())
+            Ok(vm_reply(m, &vm))
         }
         LobbyCommand::Cp {
             source,
@@ -456,20 +482,14 @@ async fn vm_command(
                 stopped_only,
             };
             let cloned = m.clone_vm(&source, req, scope, &progress(io, json)).await?;
-            if json {
-                let mut v = serde_json::to_value(&cloned).unwrap_or_default();
-                v["vm"]["ssh"] = json!(m.config().ssh_command(Some(&cloned.vm.name)));
-                print_json(io, &v);
-            } else {
-                println(io, &nook_api::clone_summary(&cloned));
-                if cloned.vm.state == VmState::Running {
-                    println(
-                        io,
-                        &format!("  ssh: {}", m.config().ssh_command(Some(&cloned.vm.name))),
-                    );
-                }
+            let ssh = m.config().ssh_command(Some(&cloned.vm.name));
+            let mut v = serde_json::to_value(&cloned).unwrap_or_default();
+            v["vm"]["ssh"] = json!(ssh);
+            let mut text = nook_api::clone_summary(&cloned);
+            if cloned.vm.state == VmState::Running {
+                text.push_str(&format!("\n  ssh: {ssh}"));
             }
-            Ok(())
+            Ok(Reply::new(v, text))
         }
         LobbyCommand::Resize {
             name,
@@ -486,37 +506,31 @@ async fn vm_command(
             let vm = m
                 .resize(&name, scope, cpu, memory.as_deref(), disk.as_deref())
                 .await?;
-            if json {
-                print_json(io, &serde_json::to_value(&vm).unwrap_or_default());
+            let note = if vm.state == VmState::Running && (cpu.is_some() || memory.is_some()) {
+                " (CPU and memory apply at the next restart)"
             } else {
-                let note = if vm.state == VmState::Running && (cpu.is_some() || memory.is_some()) {
-                    " (CPU and memory apply at the next restart)"
-                } else {
-                    ""
-                };
-                println(
-                    io,
-                    &format!(
-                        "{}: {} vCPU, {} RAM, {} disk{note}",
-                        vm.name,
-                        vm.cpu,
-                        format_size(u64::from(vm.memory_mib) << 20),
-                        format_size(vm.disk_bytes)
-                    ),
-                );
-            }
-            Ok(())
+                ""
+            };
+            let text = format!(
+                "{}: {} vCPU, {} RAM, {} disk{note}",
+                vm.name,
+                vm.cpu,
+                format_size(u64::from(vm.memory_mib) << 20),
+                format_size(vm.disk_bytes)
+            );
+            Ok(Reply::new(
+                serde_json::to_value(&vm).unwrap_or_default(),
+                text,
+            ))
         }
         LobbyCommand::Stat { name: Some(name) } => {
             let stat = m.stat(&name, scope).await?;
-            if json {
-                print_json(io, &serde_json::to_value(&stat).unwrap_or_default());
-            } else {
-                println(io, &format_stat(&stat));
-            }
-            Ok(())
+            Ok(Reply::new(
+                serde_json::to_value(&stat).unwrap_or_default(),
+                format_stat(&stat),
+            ))
         }
-        LobbyCommand::Share(cmd) => share(m, scope, cmd, io, json).await,
+        LobbyCommand::Share(cmd) => share(m, scope, cmd).await,
         other => Err(ApiError::new(
             ErrorCode::Usage,
             format!(
@@ -532,9 +546,7 @@ async fn tokens(
     account: &nook_store::Account,
     scope: Scope<'_>,
     cmd: nook_api::lobby::TokenCommand,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     use nook_api::lobby::TokenCommand as C;
     let store = m.store();
     match cmd {
@@ -562,17 +574,8 @@ async fn tokens(
             let days = ttl / 86400;
             let lasts = lifetime(ttl);
             if api {
-                return create_api_token(
-                    m,
-                    account,
-                    scope,
-                    vm.as_deref(),
-                    cmds.as_deref(),
-                    ttl,
-                    io,
-                    json,
-                )
-                .await;
+                return create_api_token(m, account, scope, vm.as_deref(), cmds.as_deref(), ttl)
+                    .await;
             }
             let Some(vm) = vm else {
                 return Err(ApiError::new(
@@ -586,29 +589,16 @@ async fn tokens(
                 .await
                 .map_err(|e| errors::from_store("make a token", e))?;
             let url = m.config().web_origin(Some(&vm.name));
-            if json {
-                print_json(
-                    io,
-                    &json!({ "id": id, "vm": vm.name, "token": token, "url": url, "expires_in_days": days, "expires_in_secs": ttl }),
-                );
-            } else {
-                println(
-                    io,
-                    &format!(
-                        "Token {id} for {} (shown once; keep it secret; expires in {lasts}; `token revoke {id}` ends it):",
-                        vm.name
-                    ),
-                );
-                println(io, &token);
-                println(
-                    io,
-                    &format!(
-                        "  curl -H 'Authorization: Bearer {token}' {url}/   or   git clone https://x:{token}@{}/REPO",
-                        url.trim_start_matches("https://")
-                    ),
-                );
-            }
-            Ok(())
+            let text = format!(
+                "Token {id} for {} (shown once; keep it secret; expires in {lasts}; `token revoke {id}` ends it):\n{token}\n  \
+                 curl -H 'Authorization: Bearer {token}' {url}/   or   git clone https://x:{token}@{}/REPO",
+                vm.name,
+                url.trim_start_matches("https://")
+            );
+            Ok(Reply::new(
+                json!({ "id": id, "vm": vm.name, "token": token, "url": url, "expires_in_days": days, "expires_in_secs": ttl }),
+                text,
+            ))
         }
         C::List => {
             let list = store
@@ -619,42 +609,40 @@ async fn tokens(
                 .exec_tokens(&account.id)
                 .await
                 .map_err(|e| errors::from_store("list tokens", e))?;
-            if json {
-                let mut rows: Vec<_> = list
-                    .iter()
-                    .map(|t| json!({ "id": t.id, "kind": "web", "vm": t.vm, "created_at": t.created_at, "expires_at": t.expires_at }))
-                    .collect();
-                rows.extend(api.iter().map(|t| json!({ "id": t.id, "kind": "api", "vm": t.vm, "cmds": t.cmds, "created_at": t.created_at, "expires_at": t.expires_at })));
-                print_json(io, &json!(rows));
-            } else if list.is_empty() && api.is_empty() {
-                println(io, "No tokens");
-            } else {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                for t in list {
-                    let days = (t.expires_at - now).max(0) / 86400;
-                    println(
-                        io,
-                        &format!(
-                            "{}  web  {}  made {}  expires in {days} days",
-                            t.id, t.vm, t.created_at
-                        ),
-                    );
-                }
-                for t in api {
-                    let days = (t.expires_at - now).max(0) / 86400;
-                    let vm = t.vm.as_deref().unwrap_or("any VM");
-                    println(
-                        io,
-                        &format!(
-                            "{}  api  {}  {vm}  made {}  expires in {days} days",
-                            t.id, t.cmds, t.created_at
-                        ),
-                    );
-                }
+            let mut rows: Vec<_> = list
+                .iter()
+                .map(|t| json!({ "id": t.id, "kind": "web", "vm": t.vm, "created_at": t.created_at, "expires_at": t.expires_at }))
+                .collect();
+            rows.extend(api.iter().map(|t| json!({ "id": t.id, "kind": "api", "vm": t.vm, "cmds": t.cmds, "created_at": t.created_at, "expires_at": t.expires_at })));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let mut lines: Vec<String> = list
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{}  web  {}  made {}  expires in {}",
+                        t.id,
+                        t.vm,
+                        t.created_at,
+                        lifetime((t.expires_at - now).max(0))
+                    )
+                })
+                .collect();
+            lines.extend(api.iter().map(|t| {
+                format!(
+                    "{}  api  {}  {}  made {}  expires in {}",
+                    t.id,
+                    t.cmds,
+                    t.vm.as_deref().unwrap_or("any VM"),
+                    t.created_at,
+                    lifetime((t.expires_at - now).max(0))
+                )
+            }));
+            if lines.is_empty() {
+                lines.push("No tokens".into());
             }
-            Ok(())
+            Ok(Reply::new(json!(rows), lines.join("\n")))
         }
         C::Revoke { id } => {
             let revoked = store
@@ -671,12 +659,10 @@ async fn tokens(
                     format!("You have no token {id}: see token list"),
                 ));
             }
-            if json {
-                print_json(io, &json!({ "revoked": id }));
-            } else {
-                println(io, &format!("Revoked token {id}"));
-            }
-            Ok(())
+            Ok(Reply::new(
+                json!({ "revoked": id }),
+                format!("Revoked token {id}"),
+            ))
         }
     }
 }
@@ -699,9 +685,7 @@ async fn create_api_token(
     vm: Option<&str>,
     cmds: Option<&str>,
     ttl: i64,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     let cmds = CommandSet::parse(cmds.unwrap_or_default())
         .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, e))?;
     let vm = match vm {
@@ -721,36 +705,25 @@ async fn create_api_token(
     let lasts = lifetime(ttl);
     let url = format!("{}/api/exec", m.config().web_origin(None));
     let vm_name = vm.map(|v| v.name);
-    if json {
-        print_json(
-            io,
-            &json!({ "id": id, "kind": "api", "token": token, "cmds": cmds.to_list(), "vm": vm_name, "url": url, "expires_in_secs": ttl }),
-        );
-    } else {
-        let only = vm_name.map_or(String::new(), |v| format!(" on {v} only"));
-        println(
-            io,
-            &format!(
-                "API token {id} for {}{only} (shown once; keep it secret; expires in {lasts}; `token revoke {id}` ends it):",
-                cmds.to_list()
-            ),
-        );
-        println(io, &token);
-        println(
-            io,
-            &format!("  curl -H 'Authorization: Bearer {token}' --data 'ls --json' {url}"),
-        );
-    }
-    Ok(())
+    let only = vm_name
+        .as_ref()
+        .map_or(String::new(), |v| format!(" on {v} only"));
+    let text = format!(
+        "API token {id} for {}{only} (shown once; keep it secret; expires in {lasts}; `token revoke {id}` ends it):\n{token}\n  \
+         curl -H 'Authorization: Bearer {token}' --data 'ls --json' {url}",
+        cmds.to_list()
+    );
+    Ok(Reply::new(
+        json!({ "id": id, "kind": "api", "token": token, "cmds": cmds.to_list(), "vm": vm_name, "url": url, "expires_in_secs": ttl }),
+        text,
+    ))
 }
 
 async fn share(
     m: &Arc<Manager>,
     scope: Scope<'_>,
     cmd: nook_api::lobby::ShareCommand,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     use nook_api::lobby::ShareCommand as C;
     let store_err = |what: &'static str| move |e| crate::errors::from_store(what, e);
     // Only the owner manages sharing: someone else's VM looks like no VM.
@@ -800,23 +773,15 @@ async fn share(
                 .await
                 .map_err(store_err("make a share link"))?;
             let link = format!("{url}/?{}={token}", nook_edge::SHARE_PARAM);
-            if json {
-                print_json(io, &json!({ "vm": vm.name, "url": link, "token": token }));
-            } else {
-                println(
-                    io,
-                    &format!(
-                        "Anyone who opens this link and logs in can see {}:",
-                        vm.name
-                    ),
-                );
-                println(io, &link);
-                println(
-                    io,
-                    &format!("Revoke it with: share remove-link {} {token}", vm.name),
-                );
-            }
-            return Ok(());
+            let text = format!(
+                "Anyone who opens this link and logs in can see {name}:\n{link}\n\
+                 Revoke it with: share remove-link {name} {token}",
+                name = vm.name
+            );
+            return Ok(Reply::new(
+                json!({ "vm": vm.name, "url": link, "token": token }),
+                text,
+            ));
         }
         C::RemoveLink { token, .. } => {
             if !store
@@ -880,58 +845,51 @@ async fn share(
     let port = web
         .http_port
         .map_or("default (80, or 8000)".to_string(), |p| p.to_string());
-    if json {
-        let people: Vec<_> = people
+    let mut lines = vec![
+        format!("{}: {url}", vm.name),
+        format!(
+            "  access: {}",
+            if web.public {
+                "public (anyone with the URL)"
+            } else {
+                "private (you and the people below)"
+            }
+        ),
+        format!("  port:   {port}"),
+    ];
+    lines.extend(
+        people
             .iter()
-            .map(|s| json!({ "email": s.email, "role": s.role.as_str() }))
-            .collect();
-        print_json(
-            io,
-            &json!({ "vm": vm.name, "url": url, "public": web.public, "port": web.http_port, "people": people, "links": links, "api": api }),
-        );
-    } else {
-        println(io, &format!("{}: {url}", vm.name));
-        println(
-            io,
-            &format!(
-                "  access: {}",
-                if web.public {
-                    "public (anyone with the URL)"
-                } else {
-                    "private (you and the people below)"
-                }
-            ),
-        );
-        println(io, &format!("  port:   {port}"));
-        for s in &people {
-            println(io, &format!("  {} ({})", s.email, s.role.as_str()));
-        }
-        if links > 0 {
-            println(io, &format!("  {links} share link(s)"));
-        }
-        if let Some(cmds) = &api {
-            println(
-                io,
-                &format!("  api:    the VM may run {cmds} at http://169.254.169.254/api/exec"),
-            );
-        }
+            .map(|s| format!("  {} ({})", s.email, s.role.as_str())),
+    );
+    if links > 0 {
+        lines.push(format!("  {links} share link(s)"));
     }
-    Ok(())
+    if let Some(cmds) = &api {
+        lines.push(format!(
+            "  api:    the VM may run {cmds} at http://169.254.169.254/api/exec"
+        ));
+    }
+    let people: Vec<_> = people
+        .iter()
+        .map(|s| json!({ "email": s.email, "role": s.role.as_str() }))
+        .collect();
+    Ok(Reply::new(
+        json!({ "vm": vm.name, "url": url, "public": web.public, "port": web.http_port, "people": people, "links": links, "api": api }),
+        lines.join("\n"),
+    ))
 }
 
 fn progress(io: &dyn LobbyOutput, json: bool) -> impl Fn(&str) + Send + Sync + '_ {
     move |step: &str| io.step(step, json)
 }
 
-fn show_vm(m: &Manager, io: &dyn LobbyOutput, vm: &VmInfo, json: bool) {
-    if json {
-        let mut v = serde_json::to_value(vm).unwrap_or_default();
-        v["ssh"] = json!(m.config().ssh_command(Some(&vm.name)));
-        v["url"] = json!(format!("{}/", m.config().web_origin(Some(&vm.name))));
-        print_json(io, &v);
-    } else {
-        println(io, &format!("{} is {}", vm.name, vm.state.as_str()));
-    }
+/// A VM as `start`, `stop`, `restart`, `rename` and `new` answer it.
+fn vm_reply(m: &Manager, vm: &VmInfo) -> Reply {
+    let mut v = serde_json::to_value(vm).unwrap_or_default();
+    v["ssh"] = json!(m.config().ssh_command(Some(&vm.name)));
+    v["url"] = json!(format!("{}/", m.config().web_origin(Some(&vm.name))));
+    Reply::new(v, format!("{} is {}", vm.name, vm.state.as_str()))
 }
 
 /// `*` matches any run of characters; without one, the pattern is a substring.
@@ -979,7 +937,7 @@ async fn new_vm(
     stdin: CommandStdin,
     io: &dyn LobbyOutput,
     json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     let mut env_lines = String::new();
     let mut env_pairs = Vec::new();
     for pair in &args.env {
@@ -1089,41 +1047,41 @@ async fn new_vm(
     }
     let ssh = m.config().ssh_command(Some(&vm.name));
     let url = format!("{}/", m.config().web_origin(Some(&vm.name)));
-    if json {
-        let mut v = serde_json::to_value(&vm).unwrap_or_default();
-        v["ssh"] = json!(ssh);
-        v["url"] = json!(url);
-        if let Some(status) = setup_status {
-            v["setup_script_status"] = json!(status);
-        }
-        print_json(io, &v);
-    } else {
-        let state = if vm.state == VmState::Running {
-            "is ready"
-        } else {
-            "is being created"
-        };
-        println(
-            io,
-            &format!(
-                "{} {state} ({}, {} vCPU, {} RAM, {} disk)\n  shell: {ssh}\n  web:   {url}",
-                vm.name,
-                vm.image,
-                vm.cpu,
-                format_size(u64::from(vm.memory_mib) << 20),
-                format_size(vm.disk_bytes)
-            ),
-        );
+    let mut v = serde_json::to_value(&vm).unwrap_or_default();
+    v["ssh"] = json!(ssh);
+    v["url"] = json!(url);
+    if let Some(status) = setup_status {
+        v["setup_script_status"] = json!(status);
     }
+    let state = if vm.state == VmState::Running {
+        "is ready"
+    } else {
+        "is being created"
+    };
+    let reply = Reply::new(
+        v,
+        format!(
+            "{} {state} ({}, {} vCPU, {} RAM, {} disk)\n  shell: {ssh}\n  web:   {url}",
+            vm.name,
+            vm.image,
+            vm.cpu,
+            format_size(u64::from(vm.memory_mib) << 20),
+            format_size(vm.disk_bytes)
+        ),
+    );
     match setup_status {
-        Some(status) if status != 0 => Err(ApiError::new(
-            ErrorCode::GuestError,
-            format!(
-                "The setup script exited with status {status}; the VM '{}' is kept",
-                vm.name
-            ),
-        )),
-        _ => Ok(()),
+        // The VM is made and kept: say so, then fail.
+        Some(status) if status != 0 => {
+            reply.print(io, json);
+            Err(ApiError::new(
+                ErrorCode::GuestError,
+                format!(
+                    "The setup script exited with status {status}; the VM '{}' is kept",
+                    vm.name
+                ),
+            ))
+        }
+        _ => Ok(reply),
     }
 }
 
@@ -1133,9 +1091,7 @@ async fn llm_usage(
     account_id: &str,
     vm: Option<&str>,
     since: &str,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     let secs = parse_age(since).ok_or_else(|| {
         ApiError::new(
             ErrorCode::InvalidArgument,
@@ -1161,7 +1117,7 @@ async fn llm_usage(
         .await
         .map_err(|e| crate::errors::from_store("read the credit", e))?;
     let dollars = |micros: u64| nook_gateway::dollars(i64::try_from(micros).unwrap_or(i64::MAX));
-    if json {
+    let value = {
         let rows: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| {
@@ -1173,12 +1129,8 @@ async fn llm_usage(
                 })
             })
             .collect();
-        print_json(
-            io,
-            &json!({ "since_secs": secs, "usage": rows, "credit": nook_gateway::dollars(credit), "credit_micros": credit }),
-        );
-        return Ok(());
-    }
+        json!({ "since_secs": secs, "usage": rows, "credit": nook_gateway::dollars(credit), "credit_micros": credit })
+    };
     let mut text = format!(
         "{:<20} {:<28} {:>8} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
         "VM", "MODEL", "REQUESTS", "INPUT", "OUTPUT", "CACHE RD", "CACHE WR", "COST"
@@ -1203,8 +1155,7 @@ async fn llm_usage(
         "LLM credit left: {}",
         nook_gateway::dollars(credit)
     ));
-    println(io, &text);
-    Ok(())
+    Ok(Reply::new(value, text))
 }
 
 /// Seconds in `30d`, `12h`, `15m` or `90s`.
@@ -1373,9 +1324,7 @@ async fn ssh_keys(
     account: &nook_store::Account,
     caller: &Caller,
     cmd: SshKeyCommand,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     let store = m.store();
     match cmd {
         SshKeyCommand::List => {
@@ -1383,30 +1332,30 @@ async fn ssh_keys(
                 .keys(&account.id)
                 .await
                 .map_err(|e| errors::from_store("list keys", e))?;
-            if json {
-                let keys: Vec<_> = keys
-                    .iter()
-                    .map(|k| json!({ "fingerprint": k.fingerprint, "key": k.public_key, "comment": k.comment, "current": k.fingerprint == caller.fingerprint }))
-                    .collect();
-                print_json(io, &json!(keys));
-            } else {
-                for k in keys {
+            let text = keys
+                .iter()
+                .map(|k| {
                     let current = if k.fingerprint == caller.fingerprint {
                         " (this session)"
                     } else {
                         ""
                     };
-                    println(io, &format!("{} {}{current}", k.fingerprint, k.comment));
-                }
-            }
-            Ok(())
+                    format!("{} {}{current}", k.fingerprint, k.comment)
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let keys: Vec<_> = keys
+                .iter()
+                .map(|k| json!({ "fingerprint": k.fingerprint, "key": k.public_key, "comment": k.comment, "current": k.fingerprint == caller.fingerprint }))
+                .collect();
+            Ok(Reply::new(json!(keys), text))
         }
         SshKeyCommand::Add { key } => {
             let key = parse_public_key(&key.join(" "))?;
-            identity::claim_key(m, account, &key, io, json).await
+            identity::claim_key(m, account, &key).await
         }
         // Handled before an account is needed: the new key runs it.
-        SshKeyCommand::Confirm { .. } => Ok(()),
+        SshKeyCommand::Confirm { .. } => Ok(Reply::printed()),
         SshKeyCommand::Remove { fingerprint } => {
             store
                 .remove_key(&account.id, &fingerprint)
@@ -1422,12 +1371,10 @@ async fn ssh_keys(
                     ),
                     other => errors::from_store("remove the key", other),
                 })?;
-            if json {
-                print_json(io, &json!({ "removed": fingerprint }));
-            } else {
-                println(io, &format!("Removed {fingerprint}"));
-            }
-            Ok(())
+            Ok(Reply::new(
+                json!({ "removed": fingerprint }),
+                format!("Removed {fingerprint}"),
+            ))
         }
     }
 }

@@ -9,7 +9,7 @@ use nook_api::{ApiError, ErrorCode};
 use nook_store::{Account, Admission, SshKey, StoreError};
 use serde_json::json;
 
-use super::{Caller, LobbyOutput, parse_public_key, print_json, println, valid_email};
+use super::{Caller, Reply, parse_public_key, valid_email};
 use crate::config::SignupPolicy;
 use crate::errors;
 use crate::manager::Manager;
@@ -25,15 +25,13 @@ pub(super) async fn signup(
     caller: &Caller,
     email: &str,
     invite: Option<&str>,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     let email = email.trim().to_ascii_lowercase();
     if let Some(account) = &caller.account {
         // Signing up again with the address an unconfirmed account gave mails its link again.
         if account.email == email && !account.email_verified && m.config().web.smtp.is_some() {
             mail_confirmation(m, account, &caller.fingerprint).await?;
-            return report_unconfirmed(m, account, io, json);
+            return Ok(report_unconfirmed(m, account));
         }
         return Err(ApiError::new(
             ErrorCode::KeyTaken,
@@ -87,38 +85,27 @@ pub(super) async fn signup(
         })?;
     tracing::info!(account = %account.id, owner = account.owner, verified = account.email_verified, "signed up");
     if account.email_verified {
-        if json {
-            print_json(
-                io,
-                &json!({ "id": account.id, "email": account.email, "email_verified": true, "owner": account.owner, "key": key.fingerprint }),
-            );
-        } else {
-            println(
-                io,
-                &format!(
-                    "Welcome to nook, {}! Create your first VM with: {} new",
-                    account.email,
-                    m.config().ssh_command(None)
-                ),
-            );
-            if account.owner {
-                println(
-                    io,
-                    &format!(
-                        "You own this host. Others sign up with an invite: {} invite EMAIL",
-                        m.config().ssh_command(None)
-                    ),
-                );
-            }
+        let ssh = m.config().ssh_command(None);
+        let mut text = format!(
+            "Welcome to nook, {}! Create your first VM with: {ssh} new",
+            account.email
+        );
+        if account.owner {
+            text.push_str(&format!(
+                "\nYou own this host. Others sign up with an invite: {ssh} invite EMAIL"
+            ));
         }
-        return Ok(());
+        return Ok(Reply::new(
+            json!({ "id": account.id, "email": account.email, "email_verified": true, "owner": account.owner, "key": key.fingerprint }),
+            text,
+        ));
     }
     if m.config().web.smtp.is_some()
         && let Err(e) = mail_confirmation(m, &account, &key.fingerprint).await
     {
         tracing::warn!(account = %account.id, error = %e.message, "confirmation email not sent");
     }
-    report_unconfirmed(m, &account, io, json)
+    Ok(report_unconfirmed(m, &account))
 }
 
 /// What limits per source count against: the client's address, else its key.
@@ -141,20 +128,8 @@ fn closed(m: &Manager, policy: SignupPolicy, email: &str) -> ApiError {
     ApiError::new(ErrorCode::SignupClosed, message)
 }
 
-fn report_unconfirmed(
-    m: &Manager,
-    account: &Account,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+fn report_unconfirmed(m: &Manager, account: &Account) -> Reply {
     let mailed = m.config().web.smtp.is_some();
-    if json {
-        print_json(
-            io,
-            &json!({ "id": account.id, "email": account.email, "email_verified": false, "owner": false, "confirmation_mailed": mailed }),
-        );
-        return Ok(());
-    }
     let how = if mailed {
         format!(
             "open the link mailed to {} (run this signup again for another)",
@@ -179,8 +154,10 @@ fn report_unconfirmed(
             m.config().ssh_command(None)
         )
     };
-    println(io, &text);
-    Ok(())
+    Reply::new(
+        json!({ "id": account.id, "email": account.email, "email_verified": false, "owner": false, "confirmation_mailed": mailed }),
+        text,
+    )
 }
 
 /// Under the `email` policy an account can do nothing until its email is confirmed.
@@ -251,13 +228,7 @@ async fn mail_confirmation(
 }
 
 /// `invite EMAIL`: the host's owner makes a one-time signup code.
-pub(super) async fn invite(
-    m: &Manager,
-    account: &Account,
-    email: &str,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+pub(super) async fn invite(m: &Manager, account: &Account, email: &str) -> Result<Reply, ApiError> {
     if !account.owner {
         return Err(ApiError::new(
             ErrorCode::Forbidden,
@@ -265,8 +236,7 @@ pub(super) async fn invite(
         ));
     }
     let (email, code) = make_invite(m, email).await?;
-    report_invite(m, &email, &code, io, json);
-    Ok(())
+    Ok(invite_reply(m, &email, &code))
 }
 
 /// Makes an invite for `email`; returns the normalized address and the code.
@@ -299,22 +269,15 @@ pub(crate) async fn make_invite(m: &Manager, email: &str) -> Result<(String, Str
     Ok((email, code))
 }
 
-fn report_invite(m: &Manager, email: &str, code: &str, io: &dyn LobbyOutput, json: bool) {
+fn invite_reply(m: &Manager, email: &str, code: &str) -> Reply {
     let command = format!(
         "{} signup {email} --invite {code}",
         m.config().ssh_command(None)
     );
-    if json {
-        print_json(
-            io,
-            &json!({ "email": email, "code": code, "expires_in_secs": nook_store::INVITE_TTL_SECS, "signup": command }),
-        );
-    } else {
-        println(
-            io,
-            &format!("Invite for {email} (once, within 7 days). They sign up with:\n  {command}"),
-        );
-    }
+    Reply::new(
+        json!({ "email": email, "code": code, "expires_in_secs": nook_store::INVITE_TTL_SECS, "signup": command }),
+        format!("Invite for {email} (once, within 7 days). They sign up with:\n  {command}"),
+    )
 }
 
 /// `ssh-key add KEY`: records the wish; the key joins only when its holder confirms.
@@ -322,9 +285,7 @@ pub(super) async fn claim_key(
     m: &Manager,
     account: &Account,
     key: &SshKey,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     let code = m
         .store()
         .create_key_claim(&account.id, key)
@@ -337,21 +298,13 @@ pub(super) async fn claim_key(
             other => errors::from_store("add the key", other),
         })?;
     let command = format!("{} ssh-key confirm {code}", m.config().ssh_command(None));
-    if json {
-        print_json(
-            io,
-            &json!({ "fingerprint": key.fingerprint, "code": code, "expires_in_secs": nook_store::CLAIM_TTL_SECS, "confirm": command }),
-        );
-    } else {
-        println(
-            io,
-            &format!(
-                "To add {}, run this once from a client holding that key, within 15 minutes:\n  {command}",
-                key.fingerprint
-            ),
-        );
-    }
-    Ok(())
+    Ok(Reply::new(
+        json!({ "fingerprint": key.fingerprint, "code": code, "expires_in_secs": nook_store::CLAIM_TTL_SECS, "confirm": command }),
+        format!(
+            "To add {}, run this once from a client holding that key, within 15 minutes:\n  {command}",
+            key.fingerprint
+        ),
+    ))
 }
 
 /// `ssh-key confirm CODE`, run with the new key: the key the caller proved it holds joins the
@@ -360,9 +313,7 @@ pub(super) async fn confirm_key(
     m: &Manager,
     caller: &Caller,
     code: &str,
-    io: &dyn LobbyOutput,
-    json: bool,
-) -> Result<(), ApiError> {
+) -> Result<Reply, ApiError> {
     if let Some(account) = &caller.account {
         return Err(ApiError::new(
             ErrorCode::KeyTaken,
@@ -392,16 +343,8 @@ pub(super) async fn confirm_key(
             other => errors::from_store("add the key", other),
         })?;
     tracing::info!(account = %account.id, "key added with proof of possession");
-    if json {
-        print_json(
-            io,
-            &json!({ "added": caller.fingerprint, "email": account.email }),
-        );
-    } else {
-        println(
-            io,
-            &format!("Added {} to {}", caller.fingerprint, account.email),
-        );
-    }
-    Ok(())
+    Ok(Reply::new(
+        json!({ "added": caller.fingerprint, "email": account.email }),
+        format!("Added {} to {}", caller.fingerprint, account.email),
+    ))
 }
