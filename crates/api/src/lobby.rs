@@ -208,6 +208,9 @@ pub enum ShareCommand {
             conflicts_with = "off"
         )]
         cmds: Option<String>,
+        /// Let it act on every VM of yours, not only on itself (and the clones it makes)
+        #[arg(long, conflicts_with = "off")]
+        any_vm: bool,
         #[arg(long)]
         off: bool,
     },

@@ -795,7 +795,9 @@ async fn share(
                 ));
             }
         }
-        C::Api { cmds, off, .. } => {
+        C::Api {
+            cmds, off, any_vm, ..
+        } => {
             let cmds = match (cmds, off) {
                 (_, true) => None,
                 (Some(list), false) => Some(
@@ -806,7 +808,7 @@ async fn share(
                 (None, false) => None,
             };
             store
-                .set_vm_api_grant(&vm.id, cmds.as_deref())
+                .set_vm_api_grant(&vm.id, cmds.as_deref(), any_vm)
                 .await
                 .map_err(store_err("change the VM's API access"))?;
         }
@@ -865,9 +867,15 @@ async fn share(
     if links > 0 {
         lines.push(format!("  {links} share link(s)"));
     }
-    if let Some(cmds) = &api {
+    if let Some(grant) = &api {
+        let on = if grant.any_vm {
+            "on any of your VMs"
+        } else {
+            "on itself"
+        };
         lines.push(format!(
-            "  api:    the VM may run {cmds} at http://169.254.169.254/api/exec"
+            "  api:    the VM may run {} {on} at http://169.254.169.254/api/exec",
+            grant.cmds
         ));
     }
     let people: Vec<_> = people
@@ -875,7 +883,7 @@ async fn share(
         .map(|s| json!({ "email": s.email, "role": s.role.as_str() }))
         .collect();
     Ok(Reply::new(
-        json!({ "vm": vm.name, "url": url, "public": web.public, "port": web.http_port, "people": people, "links": links, "api": api }),
+        json!({ "vm": vm.name, "url": url, "public": web.public, "port": web.http_port, "people": people, "links": links, "api": api.as_ref().map(|g| g.cmds.clone()), "api_any_vm": api.as_ref().is_some_and(|g| g.any_vm) }),
         lines.join("\n"),
     ))
 }

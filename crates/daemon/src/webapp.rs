@@ -342,7 +342,7 @@ pub async fn from_vm(
             );
         }
     };
-    let Some(cmds) = grant else {
+    let Some(grant) = grant else {
         return refuse(
             hyper::StatusCode::FORBIDDEN,
             "forbidden",
@@ -379,8 +379,10 @@ pub async fn from_vm(
         account_id: owner.id,
         email: owner.email,
         limits: Some(nook_web::Limits {
-            cmds,
-            vms: None,
+            cmds: grant.cmds,
+            // Only itself (by its name now) unless its owner said --any-vm: a clone it makes
+            // is then out of its reach.
+            vms: (!grant.any_vm).then(|| vec![vm.name.clone()]),
             what: "This VM",
         }),
     };

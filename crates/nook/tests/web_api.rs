@@ -358,6 +358,15 @@ fn web_api_a_vm_allowed_by_its_owner_clones_itself_from_inside() {
     assert!(d.lobby_ok(&alice, &["ls"]).contains("box-try"));
     let out = call("rm box-try");
     assert!(out.contains("403") && out.contains("status=1"), "{out}");
+    // By default the grant reaches the VM itself only: not the clone it just made.
+    let out = call("ls --json");
+    assert!(!out.contains("box-try"), "{out}");
+    let out = call("cp box-try other --json");
+    assert!(out.contains("403"), "{out}");
+    // With --any-vm, every VM of its owner.
+    d.lobby_ok(&alice, &["share", "api", "box", "--cmds", "ls", "--any-vm"]);
+    let out = call("ls --json");
+    assert!(out.contains("box-try") && out.contains("status=0"), "{out}");
     // The grant taken back: refused again.
     d.lobby_ok(&alice, &["share", "api", "box", "--off"]);
     let out = call("ls --json");

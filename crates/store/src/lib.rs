@@ -14,7 +14,7 @@ pub use credits::{LlmUse, UsageRow};
 pub use edge::{ApiToken, Role, Share, WebSettings, hash_secret, new_secret};
 pub use identity::{Admission, CLAIM_TTL_SECS, INVITE_TTL_SECS};
 pub use integrations::{Grant, IntegrationRow};
-pub use web::{ExecGrant, ExecToken};
+pub use web::{ExecGrant, ExecToken, VmApiGrant};
 
 use std::path::Path;
 use std::str::FromStr;

@@ -18,6 +18,15 @@ pub struct ExecToken {
     pub expires_at: i64,
 }
 
+/// What a VM may do through the API from inside (`share api`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmApiGrant {
+    /// `all` or `ls,cp,...`.
+    pub cmds: String,
+    /// Every VM of its owner; otherwise only itself (and clones it makes, which are new).
+    pub any_vm: bool,
+}
+
 /// Who an API token acts as, and what it may do.
 #[derive(Debug, Clone)]
 pub struct ExecGrant {
@@ -120,21 +129,24 @@ impl Store {
         }))
     }
 
-    /// Lets `vm_id` call the API from inside as its owner, for `cmds`; `None` takes it back.
+    /// Lets `vm_id` call the API from inside as its owner, for `cmds`, on itself only or on
+    /// every VM of its owner (`any_vm`); `None` takes it back.
     pub async fn set_vm_api_grant(
         &self,
         vm_id: &str,
         cmds: Option<&str>,
+        any_vm: bool,
     ) -> Result<(), StoreError> {
         let _changed = self.change();
         match cmds {
             Some(cmds) => {
                 sqlx::query(
-                    "INSERT INTO vm_api_grants (vm_id, cmds) VALUES (?, ?) \
-                     ON CONFLICT(vm_id) DO UPDATE SET cmds = excluded.cmds",
+                    "INSERT INTO vm_api_grants (vm_id, cmds, any_vm) VALUES (?, ?, ?) \
+                     ON CONFLICT(vm_id) DO UPDATE SET cmds = excluded.cmds, any_vm = excluded.any_vm",
                 )
                 .bind(vm_id)
                 .bind(cmds)
+                .bind(any_vm)
                 .execute(&self.pool)
                 .await?;
             }
@@ -148,14 +160,19 @@ impl Store {
         Ok(())
     }
 
-    /// The commands `vm_id` may run through the API from inside, if its owner allowed any.
-    pub async fn vm_api_grant(&self, vm_id: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT cmds FROM vm_api_grants WHERE vm_id = ?")
+    /// What `vm_id` may do through the API from inside, if its owner allowed anything.
+    pub async fn vm_api_grant(&self, vm_id: &str) -> Result<Option<VmApiGrant>, StoreError> {
+        let row = sqlx::query("SELECT cmds, any_vm FROM vm_api_grants WHERE vm_id = ?")
             .bind(vm_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| r.try_get("cmds").map_err(StoreError::from))
-            .transpose()
+        row.map(|r| {
+            Ok(VmApiGrant {
+                cmds: r.try_get("cmds")?,
+                any_vm: r.try_get("any_vm")?,
+            })
+        })
+        .transpose()
     }
 }
 
