@@ -205,7 +205,7 @@ pub async fn run(
     }
 }
 
-fn report(io: &dyn LobbyOutput, json: bool, err: &ApiError) {
+pub(crate) fn report(io: &dyn LobbyOutput, json: bool, err: &ApiError) {
     io.failed(err);
     if json {
         io.err(format!("{}\n", json!({ "error": err })).as_bytes());

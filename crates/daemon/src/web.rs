@@ -371,8 +371,6 @@ impl EdgeBackend for WebBackend {
         let visitor = nook_web::Visitor {
             user,
             same_origin: ctx.same_origin,
-            peer: ctx.peer,
-            origin: ctx.origin,
         };
         self.app.handle(req, visitor).await
     }

@@ -91,12 +91,7 @@ fn needs_ssh(argv: &[String]) -> bool {
 }
 
 fn refuse(io: &ApiIo, argv: &[String], err: &ApiError) -> u32 {
-    io.failed(err);
-    if argv.iter().any(|a| a == "--json") {
-        io.err(format!("{}\n", serde_json::json!({ "error": err })).as_bytes());
-    } else {
-        io.err(format!("error: {}\n", err.message).as_bytes());
-    }
+    lobby::report(io, argv.iter().any(|a| a == "--json"), err);
     1
 }
 
@@ -362,15 +357,7 @@ pub async fn from_vm(
             );
         }
     };
-    let headers = req.headers();
-    let is_json = headers
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    let events = headers
-        .get(hyper::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
+    let (is_json, events) = nook_web::api::body_kind(req.headers());
     let body = match nook_web::api::read_body(req.into_body()).await {
         Ok(b) => b,
         Err(resp) => return resp.map(axum::body::Body::new),

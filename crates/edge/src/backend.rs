@@ -53,9 +53,6 @@ pub struct AppRequest {
     /// `Sec-Fetch-Site`). A request that rides the session cookie and changes anything, or
     /// opens a WebSocket, must have this; a request with a bearer token needs no such proof.
     pub same_origin: bool,
-    pub peer: IpAddr,
-    /// `https://DOMAIN[:PORT]`, for links.
-    pub origin: String,
 }
 
 /// The daemon's side of the edge. All methods are called per request; none may be cached.

@@ -330,8 +330,6 @@ impl<B: EdgeBackend> Inner<B> {
             let ctx = crate::backend::AppRequest {
                 user,
                 same_origin: from_same_origin(&req, host),
-                peer: conn.peer.ip(),
-                origin: self.dashboard_origin(),
             };
             let resp = self.backend.app(req, ctx).await;
             return Ok(resp.map(EdgeBody::App));

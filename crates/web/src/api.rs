@@ -41,12 +41,7 @@ pub(crate) async fn handle<B: WebBackend>(
     rest: &str,
 ) -> Response<WebBody> {
     let method = req.method().clone();
-    let sse = wants_events(req.headers());
-    let is_json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+    let (is_json, sse) = body_kind(req.headers());
     let headers = req.headers().clone();
     // Who it is comes from the headers, before the body is read in full. Either way the body
     // is read (bounded) before the answer: an HTTP/2 client still sending it when the answer
@@ -99,11 +94,19 @@ pub(crate) async fn handle<B: WebBackend>(
     }
 }
 
-fn wants_events(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"))
+/// What a request to `/api/exec` asks for: whether its body is JSON (else a command line),
+/// and whether it wants the answer as server-sent events.
+pub fn body_kind(headers: &HeaderMap) -> (bool, bool) {
+    let has = |name, what: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains(what))
+    };
+    (
+        has(header::CONTENT_TYPE, "application/json"),
+        has(header::ACCEPT, "text/event-stream"),
+    )
 }
 
 /// Past [`MAX_BODY`], how much more is read and dropped so the client hears the 413 instead
@@ -465,7 +468,9 @@ async fn pump_events(mut rx: mpsc::UnboundedReceiver<ExecEvent>, op: &crate::ops
 
 /// Everything a finished command printed, stdout and stderr apart, and the HTTP status of
 /// its (last) error.
-fn collect(mut rx: mpsc::UnboundedReceiver<ExecEvent>) -> (Vec<u8>, Vec<u8>, Option<u16>) {
+pub(crate) fn collect(
+    mut rx: mpsc::UnboundedReceiver<ExecEvent>,
+) -> (Vec<u8>, Vec<u8>, Option<u16>) {
     let (mut stdout, mut stderr, mut failed) = (Vec::new(), Vec::new(), None);
     while let Ok(event) = rx.try_recv() {
         match event {

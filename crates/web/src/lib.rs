@@ -8,7 +8,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -146,9 +145,6 @@ pub struct Visitor {
     pub user: Option<Principal>,
     /// The browser vouches that the request comes from the dashboard's own pages.
     pub same_origin: bool,
-    pub peer: IpAddr,
-    /// `https://DOMAIN[:PORT]`.
-    pub origin: String,
 }
 
 /// The web app: routes requests for the dashboard host.
@@ -204,9 +200,9 @@ impl<B: WebBackend> Web<B> {
         let is_get = method == Method::GET || method == Method::HEAD;
         let websocket = terminal::is_websocket(&req);
         match (segments.as_slice(), is_get || websocket) {
-            ([""], true) => pages::vm_list(self, &user, &visitor).await,
-            (["account"], true) => pages::account(self, &user, &visitor).await,
-            (["vm", name], true) => pages::vm_page(self, &user, &visitor, name).await,
+            ([""], true) => pages::vm_list(self, &user).await,
+            (["account"], true) => pages::account(self, &user).await,
+            (["vm", name], true) => pages::vm_page(self, &user, name).await,
             (["vm", name, "terminal"], true) if websocket => {
                 if !visitor.same_origin {
                     return text(
@@ -216,7 +212,7 @@ impl<B: WebBackend> Web<B> {
                 }
                 terminal::upgrade(self, req, user, name).await
             }
-            (["vm", name, "terminal"], true) => pages::terminal(self, &user, name).await,
+            (["vm", name, "terminal"], true) => pages::terminal(&user, name),
             (_, false) => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "The dashboard changes things through POST /api/exec.",
@@ -231,25 +227,19 @@ impl<B: WebBackend> Web<B> {
 
     /// Runs a command line and collects what it printed (for pages).
     pub(crate) async fn run(&self, who: &Principal, argv: &[&str]) -> Collected {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let argv = argv.iter().map(|s| (*s).to_string()).collect();
         let status = self.backend.exec(who, argv, None, tx).await;
-        let mut c = Collected {
+        let (stdout, stderr, _) = api::collect(rx);
+        Collected {
             status,
-            ..Default::default()
-        };
-        while let Ok(event) = rx.try_recv() {
-            match event {
-                ExecEvent::Stdout(b) => c.stdout.extend_from_slice(&b),
-                ExecEvent::Stderr(b) => c.stderr.extend_from_slice(&b),
-                ExecEvent::Step(_) | ExecEvent::Failed(_) => {}
-            }
+            stdout,
+            stderr,
         }
-        c
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Collected {
     pub status: u32,
     pub stdout: Vec<u8>,
@@ -292,6 +282,12 @@ pub(crate) fn full(
 
 pub(crate) fn text(status: StatusCode, body: &str) -> Response<WebBody> {
     full(status, "text/plain; charset=utf-8", format!("{body}\n"))
+}
+
+/// A lock that a panic elsewhere does not poison: the state it guards stays consistent
+/// between statements.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Unix seconds now.

@@ -19,7 +19,7 @@ use hyper::{Response, header};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use crate::WebBody;
+use crate::{WebBody, lock};
 
 /// How long a finished operation's events stay for a client to collect.
 const KEEP_AFTER: Duration = Duration::from_secs(300);
@@ -43,10 +43,6 @@ struct OpState {
     bytes: usize,
     dropped: bool,
     done: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The operations of this web app, by id.

@@ -5,7 +5,7 @@
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 
-use crate::{Principal, Visitor, Web, WebBackend, WebBody, full};
+use crate::{Principal, Web, WebBackend, WebBody, full};
 
 /// Escapes text for HTML (element content and quoted attributes).
 pub(crate) fn esc(s: &str) -> String {
@@ -111,11 +111,7 @@ fn action(argv: &str, label: &str, fields: &str, extra: &str) -> String {
     )
 }
 
-pub(crate) async fn vm_list<B: WebBackend>(
-    web: &Web<B>,
-    user: &Principal,
-    _visitor: &Visitor,
-) -> Response<WebBody> {
+pub(crate) async fn vm_list<B: WebBackend>(web: &Web<B>, user: &Principal) -> Response<WebBody> {
     let ls = web.run(user, &["ls", "--json"]).await;
     let stat = web.run(user, &["stat", "--json"]).await;
     let mut body = String::from("<h1>Your VMs</h1>");
@@ -243,7 +239,6 @@ fn envelope_html(env: &Value) -> String {
 pub(crate) async fn vm_page<B: WebBackend>(
     web: &Web<B>,
     user: &Principal,
-    _visitor: &Visitor,
     name: &str,
 ) -> Response<WebBody> {
     let stat = web.run(user, &["stat", name, "--json"]).await;
@@ -411,11 +406,7 @@ fn sharing_html(name: &str, share: Option<&Value>, err: &str) -> String {
     out
 }
 
-pub(crate) async fn account<B: WebBackend>(
-    web: &Web<B>,
-    user: &Principal,
-    _visitor: &Visitor,
-) -> Response<WebBody> {
+pub(crate) async fn account<B: WebBackend>(web: &Web<B>, user: &Principal) -> Response<WebBody> {
     let keys = web.run(user, &["ssh-key", "list", "--json"]).await;
     let tokens = web.run(user, &["token", "list", "--json"]).await;
     let stat = web.run(user, &["stat", "--json"]).await;
@@ -492,12 +483,7 @@ pub(crate) async fn account<B: WebBackend>(
     page("Account", &user.email, &body, &["app.js"])
 }
 
-pub(crate) async fn terminal<B: WebBackend>(
-    web: &Web<B>,
-    user: &Principal,
-    name: &str,
-) -> Response<WebBody> {
-    let _ = web;
+pub(crate) fn terminal(user: &Principal, name: &str) -> Response<WebBody> {
     let body = format!(
         "<div class=\"term-head\"><a href=\"/vm/{n}\">{n}</a> <span id=\"term-status\" class=\"muted\">connecting…</span></div>\
 <div id=\"terminal\" data-vm=\"{n}\"></div>\
@@ -507,17 +493,12 @@ pub(crate) async fn terminal<B: WebBackend>(
 <button data-key=\"\\u001b[D\">←</button><button data-key=\"\\u001b[C\">→</button></div>",
         n = esc(name)
     );
-    let mut resp = page(
+    page(
         &format!("{name} terminal"),
         &user.email,
         &format!("<link rel=\"stylesheet\" href=\"/static/xterm.css\">{body}"),
         &["xterm.js", "addon-fit.js", "term.js"],
-    );
-    if let Ok(v) = hyper::header::HeaderValue::from_str(CSP) {
-        resp.headers_mut()
-            .insert(hyper::header::CONTENT_SECURITY_POLICY, v);
-    }
-    resp
+    )
 }
 
 #[cfg(test)]

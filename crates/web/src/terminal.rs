@@ -23,7 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::{Principal, PtyInput, PtyOutput, Web, WebBackend, WebBody, full, text};
+use crate::{Principal, PtyInput, PtyOutput, Web, WebBackend, WebBody, full, lock, text};
 
 /// How long a shell outlives its dropped connection, waiting for the page to reconnect.
 pub const GRACE: Duration = Duration::from_secs(60);
@@ -73,10 +73,6 @@ const HANGUP_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Default, Clone)]
 pub struct Sessions {
     by_id: Arc<Mutex<HashMap<String, Arc<Session>>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Sessions {

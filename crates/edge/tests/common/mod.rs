@@ -191,11 +191,18 @@ impl EdgeBackend for MemBackend {
             *resp.status_mut() = hyper::StatusCode::UNAUTHORIZED;
             return resp;
         };
-        let _ = req;
-        let port = ctx
-            .origin
-            .rsplit_once(':')
-            .map(|(_, p)| p.to_string())
+        // HTTP/2 carries the port in :authority, HTTP/1.1 in Host.
+        let port = req
+            .uri()
+            .port_u16()
+            .or_else(|| {
+                req.headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse().ok())
+            })
+            .map(|p| p.to_string())
             .unwrap_or_default();
         let s = self.0.lock().unwrap();
         let mut names: Vec<String> = s
