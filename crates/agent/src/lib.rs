@@ -28,7 +28,7 @@ mod tools;
 mod turn;
 
 pub use model::{Api, ModelReply};
-pub use runtime::{AgentError, Agents, Started};
+pub use runtime::{AgentError, Agents, PROMPT_LIMIT, Started};
 pub use tools::TOOL_NAMES;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -104,6 +104,49 @@ pub enum LobbyCommand {
     /// Services your VMs reach at http://NAME.int.VM_DOMAIN/ with a credential they never see
     #[command(subcommand)]
     Integrations(IntegrationsCommand),
+    /// The coding agent: it works in a VM from what you ask, with its shell, files and a browser
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// A VM's conversations with the agent
+    Ls { vm: String },
+    /// Ask the agent to do something in a VM and follow its answer (it goes on if you leave)
+    Prompt {
+        vm: String,
+        /// Go on with this conversation (a new one when absent)
+        #[arg(long, value_name = "ID")]
+        conversation: Option<String>,
+        /// Start the turn and return at once with the conversation's id and chat link
+        #[arg(long)]
+        no_wait: bool,
+        /// What to do; `-` reads it from stdin
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true, allow_hyphen_values = true)]
+        text: Vec<String>,
+    },
+    /// A conversation's events: the chat as text, or one JSON object per line with --json
+    Log {
+        vm: String,
+        id: String,
+        /// Only events after this number
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Stop the turn running in a conversation
+    Stop { vm: String, id: String },
+}
+
+impl AgentCommand {
+    pub fn vm(&self) -> &str {
+        match self {
+            Self::Ls { vm }
+            | Self::Prompt { vm, .. }
+            | Self::Log { vm, .. }
+            | Self::Stop { vm, .. } => vm,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,8 +324,12 @@ pub struct NewArgs {
     #[arg(long, value_name = "SCRIPT|-")]
     pub setup_script: Option<String>,
     /// Return as soon as the VM is created, without waiting for it to boot
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prompt")]
     pub no_wait: bool,
+    /// Once it is ready, have the coding agent build this in it (`-` reads it from stdin);
+    /// prints the chat's link
+    #[arg(long, value_name = "TEXT|-")]
+    pub prompt: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,6 +369,7 @@ impl LobbyCommand {
             Self::Share(_) => "share",
             Self::Token(_) => "token",
             Self::Integrations(_) => "integrations",
+            Self::Agent(_) => "agent",
         }
     }
 
@@ -341,6 +389,7 @@ impl LobbyCommand {
             Self::Cp { source, .. } => Some(vec![source]),
             Self::Usage { vm: Some(vm), .. } => Some(vec![vm]),
             Self::Share(cmd) => Some(vec![cmd.vm()]),
+            Self::Agent(cmd) => Some(vec![cmd.vm()]),
             Self::Ls { .. } => Some(Vec::new()),
             _ => None,
         }
@@ -416,6 +465,7 @@ pub const GRANTABLE: &[&str] = &[
     "usage",
     "share",
     "integrations",
+    "agent",
 ];
 
 /// The command names, for help and completion.
@@ -439,6 +489,7 @@ pub const COMMANDS: &[&str] = &[
     "share",
     "token",
     "integrations",
+    "agent",
     "help",
     "exit",
 ];
@@ -484,6 +535,15 @@ mod tests {
         assert!(parse("share api a --cmds ls,cp").is_ok());
         assert!(parse("share api a").is_err());
         assert!(parse("rm").is_err());
+        let LobbyCommand::Agent(AgentCommand::Prompt { text, .. }) =
+            parse("agent prompt box --conversation c1 make -a site")
+                .expect("prompt")
+                .command
+        else {
+            panic!("not agent prompt")
+        };
+        assert_eq!(text, ["make", "-a", "site"]);
+        assert!(parse("new --prompt hi --no-wait").is_err());
         assert!(parse("frobnicate").is_err());
         assert!(parse("new --bogus").is_err());
     }

@@ -123,6 +123,11 @@ pub struct Settings {
     /// IPv4 networks an http-proxy integration's target may be at although `egress_block`
     /// (or loopback) covers them, e.g. an API on the host's own network (file only).
     pub integrations_allow: Option<Vec<String>>,
+    /// The coding agent's model, `PROVIDER/MODEL` through the gateway
+    /// [default: anthropic/claude-sonnet-4-5].
+    pub agent_model: Option<String>,
+    /// The headless browser the agent's `browser` tool drives [default: /usr/bin/chromium].
+    pub browser: Option<PathBuf>,
 }
 
 impl Settings {
@@ -180,6 +185,8 @@ impl Settings {
             github_url: other.github_url.or(self.github_url),
             github_api_url: other.github_api_url.or(self.github_api_url),
             integrations_allow: other.integrations_allow.or(self.integrations_allow),
+            agent_model: other.agent_model.or(self.agent_model),
+            browser: other.browser.or(self.browser),
             smtp_from: other.smtp_from.or(self.smtp_from),
             smtp_user: other.smtp_user.or(self.smtp_user),
             smtp_password: other.smtp_password.or(self.smtp_password),
@@ -303,6 +310,17 @@ pub struct Config {
     pub llm_initial_credit_micros: i64,
     pub github_url: String,
     pub github_api_url: String,
+    pub coding_agent: CodingAgentConfig,
+}
+
+/// The coding agent: the model it talks to through the gateway, and its browser.
+#[derive(Debug, Clone)]
+pub struct CodingAgentConfig {
+    /// A provider of the gateway's.
+    pub provider: String,
+    pub model: String,
+    pub api: nook_agent::Api,
+    pub browser: PathBuf,
 }
 
 /// The HTTPS edge, its DNS server and certificates.
@@ -332,6 +350,46 @@ pub enum ConfigError {
     Parse(PathBuf, String),
     #[error("Invalid setting {0}: {1}")]
     Invalid(&'static str, String),
+}
+
+/// The default model of the coding agent.
+pub const DEFAULT_AGENT_MODEL: &str = "anthropic/claude-sonnet-4-5";
+
+fn coding_agent_from(
+    gateway: &nook_gateway::GatewayConfig,
+    model: Option<String>,
+    browser: Option<PathBuf>,
+) -> Result<CodingAgentConfig, ConfigError> {
+    let setting = model.unwrap_or_else(|| DEFAULT_AGENT_MODEL.into());
+    let Some((provider, model)) = setting
+        .split_once('/')
+        .filter(|(p, m)| !p.is_empty() && !m.is_empty())
+    else {
+        return Err(ConfigError::Invalid(
+            "agent_model",
+            format!("{setting:?}: write PROVIDER/MODEL, e.g. {DEFAULT_AGENT_MODEL}"),
+        ));
+    };
+    let Some(p) = gateway.provider(provider) else {
+        let known: Vec<&str> = gateway.providers.iter().map(|p| p.name.as_str()).collect();
+        return Err(ConfigError::Invalid(
+            "agent_model",
+            format!(
+                "{setting:?}: the gateway has no provider {provider:?} (it has: {})",
+                known.join(", ")
+            ),
+        ));
+    };
+    let api = match p.kind {
+        nook_gateway::ApiKind::Anthropic => nook_agent::Api::Anthropic,
+        nook_gateway::ApiKind::OpenAi => nook_agent::Api::OpenAi,
+    };
+    Ok(CodingAgentConfig {
+        provider: provider.to_string(),
+        model: model.to_string(),
+        api,
+        browser: browser.unwrap_or_else(|| PathBuf::from("/usr/bin/chromium")),
+    })
 }
 
 /// `/var/lib/nook` for root, else `~/.local/share/nook`.
@@ -667,7 +725,9 @@ impl Config {
         };
         let github_url = github("github_url", s.github_url, "https://github.com")?;
         let github_api_url = github("github_api_url", s.github_api_url, "https://api.github.com")?;
+        let coding_agent = coding_agent_from(&gateway, s.agent_model, s.browser)?;
         Ok(Config {
+            coding_agent,
             web,
             github_url,
             github_api_url,

@@ -54,11 +54,13 @@ impl LobbyOutput for Io {
     }
 }
 
-/// Only `new --setup-script -` reads stdin; nothing else may block waiting for it.
+/// Only `new --setup-script -`, `--prompt -` and `agent prompt VM -` read stdin; nothing else
+/// may block waiting for it.
 fn wants_stdin(argv: &[String]) -> bool {
     argv.windows(2)
         .any(|w| w[0] == "--setup-script" && w[1] == "-")
         || argv.iter().any(|a| a == "--setup-script=-")
+        || lobby::agent_wants_stdin(argv)
 }
 
 impl Backend for FrontDoor {

@@ -5,6 +5,7 @@
 //! `nook-store` and `nook-net`.
 
 pub mod admin;
+pub mod agent;
 pub mod config;
 pub mod errors;
 mod faults;
@@ -63,6 +64,18 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     nook_storage::check_agent(&cfg.agent).map_err(ServeError::Agent)?;
     let manager = Manager::open(cfg).await.map_err(ServeError::Manager)?;
     manager.recover().await.map_err(ServeError::Manager)?;
+    // Agent turns a stopped daemon cut short go on, now that their VMs are back.
+    manager.agent_host().resume_all(&manager).await;
+    {
+        let m = manager.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                m.agent_host().reap_browsers(&m).await;
+            }
+        });
+    }
 
     // The admin socket appears last, so its presence means every listener is up.
     web::start(&manager).await?;

@@ -15,8 +15,10 @@ use serde_json::json;
 
 use crate::errors;
 
+mod agent;
 mod identity;
 use crate::manager::{ADMIN_OWNER, Manager, Scope, VmStat};
+pub use agent::wants_stdin as agent_wants_stdin;
 pub(crate) use identity::make_invite;
 
 /// Where a command's output goes. The SSH front door implements it over a channel.
@@ -362,6 +364,7 @@ async fn execute(
             ))
         }
         LobbyCommand::Token(cmd) => tokens(m, account, scope, cmd).await,
+        LobbyCommand::Agent(cmd) => agent::command(m, account, cmd, stdin, io, json).await,
         command => vm_command(m, caller, &account.id, scope, command, stdin, io, json).await,
     }
 }
@@ -969,6 +972,40 @@ async fn new_vm(
         env_lines.push_str(&format!("{key}=\"{value}\"\n"));
         env_pairs.push((key.to_string(), value.to_string()));
     }
+    if args.setup_script.as_deref() == Some("-") && args.prompt.as_deref() == Some("-") {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            "Only one of --setup-script and --prompt can read stdin (`-`): give the other as text",
+        ));
+    }
+    let (stdin, prompt) = match args.prompt.as_deref() {
+        Some("-") => match stdin {
+            Some(Ok(bytes)) if !bytes.is_empty() => (
+                None,
+                Some(String::from_utf8(bytes).map_err(|_| {
+                    ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        "The prompt on stdin is not UTF-8 text",
+                    )
+                })?),
+            ),
+            Some(Err(err)) => return Err(err),
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    "--prompt - reads the prompt from stdin, but stdin was empty",
+                ));
+            }
+        },
+        Some(text) if text.trim().is_empty() => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "--prompt is empty: say what the agent should build",
+            ));
+        }
+        Some(text) => (stdin, Some(text.to_string())),
+        None => (stdin, None),
+    };
     let script = match args.setup_script.as_deref() {
         Some("-") => match stdin {
             Some(Ok(bytes)) if !bytes.is_empty() => Some(bytes),
@@ -1061,6 +1098,16 @@ async fn new_vm(
     if let Some(status) = setup_status {
         v["setup_script_status"] = json!(status);
     }
+    let mut agent_line = String::new();
+    if let Some(prompt) = prompt.filter(|_| setup_status.is_none_or(|s| s == 0)) {
+        let started = agent::after_new(m, owner, &vm.name, &prompt).await?;
+        agent_line = format!(
+            "\n  agent: {} (conversation {})",
+            started["url"].as_str().unwrap_or_default(),
+            started["conversation"].as_str().unwrap_or_default()
+        );
+        v["agent"] = started;
+    }
     let state = if vm.state == VmState::Running {
         "is ready"
     } else {
@@ -1069,7 +1116,7 @@ async fn new_vm(
     let reply = Reply::new(
         v,
         format!(
-            "{} {state} ({}, {} vCPU, {} RAM, {} disk)\n  shell: {ssh}\n  web:   {url}",
+            "{} {state} ({}, {} vCPU, {} RAM, {} disk)\n  shell: {ssh}\n  web:   {url}{agent_line}",
             vm.name,
             vm.image,
             vm.cpu,

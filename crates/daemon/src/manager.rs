@@ -152,6 +152,8 @@ pub struct Manager {
     by_ip: std::sync::Mutex<(u64, HashMap<std::net::Ipv4Addr, Option<VmInfo>>)>,
     /// Seals integrations' secrets at rest.
     sealer: Arc<crate::secrets::Sealer>,
+    /// The coding agent's conversations and running turns.
+    agent_host: Arc<crate::agent::AgentHost>,
     /// Held for the daemon's life when it owns the host's VM network (see `take_host_lock`).
     _host_lock: Option<std::fs::File>,
 }
@@ -312,6 +314,7 @@ impl Manager {
             by_ip: std::sync::Mutex::new((u64::MAX, HashMap::new())),
             gateway: Arc::new(gateway),
             sealer,
+            agent_host: crate::agent::AgentHost::new(store.clone()),
             limits: Default::default(),
             host_admission: Default::default(),
             idle: Default::default(),
@@ -335,6 +338,10 @@ impl Manager {
 
     pub fn sealer(&self) -> &crate::secrets::Sealer {
         &self.sealer
+    }
+
+    pub fn agent_host(&self) -> &Arc<crate::agent::AgentHost> {
+        &self.agent_host
     }
 
     pub fn gateway(&self) -> &nook_gateway::Gateway {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use nook_api::lobby::CommandSet;
 use nook_api::{ApiError, ErrorCode};
 use nook_sshd::{GuestCommand, GuestInput, GuestOutput, GuestPty, GuestShell};
@@ -213,6 +214,59 @@ impl nook_web::WebBackend for DaemonWeb {
         crate::frontdoor::vm_shell(&self.manager, &account, vm)
             .await
             .is_ok()
+    }
+
+    async fn agent_events(
+        &self,
+        who: &Principal,
+        vm: &str,
+        conversation: &str,
+        after: u64,
+    ) -> Result<nook_web::AgentEvents, String> {
+        let not_found = || format!("There is no conversation {conversation} in a VM {vm} of yours");
+        let store = self.manager.store();
+        let account = store
+            .account_by_id(&who.account_id)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(not_found)?;
+        let record = store.get(vm).await.map_err(|_| not_found())?;
+        if !crate::agent::may_drive(store, &record, &account).await {
+            return Err(not_found());
+        }
+        let agents = self.manager.agent_host().agents.clone();
+        let c = agents
+            .journal()
+            .get(conversation)
+            .await
+            .ok()
+            .flatten()
+            .filter(|c| c.vm_id == record.id)
+            .ok_or_else(not_found)?;
+        let events = agents
+            .events(&c, after, true)
+            .filter_map(|item| async move {
+                match item {
+                    Ok((seq, event)) => serde_json::to_string(&*event).ok().map(|j| (seq, j)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent events could not be read");
+                        None
+                    }
+                }
+            });
+        Ok(Box::pin(events))
+    }
+
+    async fn may_use_agent(&self, who: &Principal, vm: &str) -> bool {
+        let store = self.manager.store();
+        let (Ok(Some(account)), Ok(record)) = (
+            store.account_by_id(&who.account_id).await,
+            store.get(vm).await,
+        ) else {
+            return false;
+        };
+        crate::agent::may_drive(store, &record, &account).await
     }
 
     async fn terminal(

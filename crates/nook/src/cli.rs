@@ -141,6 +141,12 @@ pub struct ServeArgs {
     /// Where GitHub integrations send REST calls [default: https://api.github.com]
     #[arg(long, env = "NOOK_GITHUB_API_URL")]
     pub github_api_url: Option<String>,
+    /// The coding agent's model, PROVIDER/MODEL [default: anthropic/claude-sonnet-4-5]
+    #[arg(long, env = "NOOK_AGENT_MODEL")]
+    pub agent_model: Option<String>,
+    /// The headless browser the coding agent drives [default: /usr/bin/chromium]
+    #[arg(long, env = "NOOK_BROWSER")]
+    pub browser: Option<std::path::PathBuf>,
     /// LLM credit a new account starts with, in dollars [default: 0]
     #[arg(long, env = "NOOK_LLM_INITIAL_CREDIT")]
     pub llm_initial_credit: Option<f64>,

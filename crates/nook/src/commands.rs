@@ -97,6 +97,8 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         llm_openai_base_url: args.llm_openai_base_url,
         llm_openai_key: args.llm_openai_key,
         llm_initial_credit: args.llm_initial_credit,
+        agent_model: args.agent_model,
+        browser: args.browser,
         github_url: args.github_url,
         github_api_url: args.github_api_url,
         idle_after_secs: args.idle_after,

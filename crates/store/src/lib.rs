@@ -4,12 +4,14 @@
 //! This crate knows SQL and nothing about QEMU, networks or users' wording of errors beyond
 //! the typed [`StoreError`].
 
+mod agent;
 mod credits;
 mod edge;
 mod identity;
 mod integrations;
 mod web;
 
+pub use agent::AgentConversation;
 pub use credits::{LlmUse, UsageRow};
 pub use edge::{ApiToken, Role, Share, WebSettings, hash_secret, new_secret};
 pub use identity::{Admission, CLAIM_TTL_SECS, INVITE_TTL_SECS};

@@ -133,7 +133,10 @@ document.addEventListener("submit", async (e) => {
   }
   let value = null;
   try { value = JSON.parse(result.stdout); } catch (_) { /* text */ }
-  if (form.dataset.go) {
+  if (value && value.agent && value.agent.url) {
+    // `new --prompt`: the agent is at work; its chat is where to look.
+    window.location.assign(new URL(value.agent.url).pathname + new URL(value.agent.url).search);
+  } else if (form.dataset.go) {
     const go = form.dataset.go.replace(/\{(\w+)\}/g, (_, name) => {
       const el = form.elements[name];
       return encodeURIComponent((el && el.value.trim()) || (value && (value.name || (value.vm && value.vm.name))) || "");

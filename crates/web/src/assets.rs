@@ -24,6 +24,7 @@ macro_rules! own {
 const FILES: &[(&str, &str, &[u8])] = &[
     ("app.js", "text/javascript", own!("app.js")),
     ("term.js", "text/javascript", own!("term.js")),
+    ("agent.js", "text/javascript", own!("agent.js")),
     ("app.css", "text/css", own!("app.css")),
     ("favicon.svg", "image/svg+xml", own!("favicon.svg")),
     (

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use tokio::sync::mpsc;
 
+mod agent;
 pub mod api;
 mod assets;
 pub mod ops;
@@ -90,6 +91,9 @@ pub enum PtyOutput {
     Exit(Option<i32>),
 }
 
+/// A conversation's events: each one's number and JSON.
+pub type AgentEvents = std::pin::Pin<Box<dyn futures::Stream<Item = (u64, String)> + Send>>;
+
 /// A failure of the backend itself (the store is down): logged, shown as "internal error".
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -126,6 +130,20 @@ pub trait WebBackend: Send + Sync + 'static {
     /// Whether `who` may (still) open a terminal in `vm`: checked again when a page resumes a
     /// session, so access taken away ends it.
     fn may_enter(&self, who: &Principal, vm: &str) -> impl Future<Output = bool> + Send;
+
+    /// A conversation's events after `after` and then as they happen, as `(number, JSON)`,
+    /// for its VM's owner or a collaborator. The error is a message for the user, and the
+    /// same for a VM `who` may not see as for none at all.
+    fn agent_events(
+        &self,
+        who: &Principal,
+        vm: &str,
+        conversation: &str,
+        after: u64,
+    ) -> impl Future<Output = Result<AgentEvents, String>> + Send;
+
+    /// Whether `who` may (still) use the agent in `vm`: re-checked while a chat is open.
+    fn may_use_agent(&self, who: &Principal, vm: &str) -> impl Future<Output = bool> + Send;
 
     /// Starts a login shell with a pty in `vm`, for its owner or a collaborator. The error is
     /// a message for the user, and the same for a VM `who` may not enter as for none at all.
@@ -213,6 +231,12 @@ impl<B: WebBackend> Web<B> {
                 terminal::upgrade(self, req, user, name).await
             }
             (["vm", name, "terminal"], true) => pages::terminal(&user, name),
+            (["vm", name, "agent"], true) => {
+                agent::page(self, &user, name, req.uri().query()).await
+            }
+            (["vm", name, "agent", conversation, "events"], true) => {
+                agent::events(self, req, user, name, conversation).await
+            }
             (_, false) => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "The dashboard changes things through POST /api/exec.",

@@ -26,7 +26,7 @@ pub(crate) fn esc(s: &str) -> String {
 const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; \
                    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-fn page(title: &str, email: &str, body: &str, scripts: &[&str]) -> Response<WebBody> {
+pub(crate) fn page(title: &str, email: &str, body: &str, scripts: &[&str]) -> Response<WebBody> {
     let scripts: String = scripts
         .iter()
         .map(|s| format!("<script src=\"/static/{s}\" defer></script>"))
@@ -127,7 +127,7 @@ pub(crate) async fn vm_list<B: WebBackend>(web: &Web<B>, user: &Principal) -> Re
                     "<li class=\"vm\" data-vm=\"{n}\"><a class=\"name\" href=\"/vm/{n}\">{n}</a> \
 <span class=\"state {st}\">{st}</span><a class=\"url\" href=\"{u}\">{u}</a>\
 <span class=\"actions\"><button type=\"button\" data-copy=\"{ssh}\" title=\"{ssh}\">Copy SSH</button>\
-<a class=\"button\" href=\"/vm/{n}/terminal\">Terminal</a></span></li>",
+<a class=\"button\" href=\"/vm/{n}/terminal\">Terminal</a> <a class=\"button\" href=\"/vm/{n}/agent\">Agent</a></span></li>",
                     n = esc(name),
                     st = esc(state),
                     u = esc(&url),
@@ -167,13 +167,14 @@ pub(crate) async fn vm_list<B: WebBackend>(web: &Web<B>, user: &Principal) -> Re
     body.push_str(&format!(
         "<section><h2>New VM</h2>{}</section>",
         action(
-            r#"["new","--name={name}","--image={image}","--cpu={cpu}","--memory={memory}","--disk={disk}","--json"]"#,
+            r#"["new","--name={name}","--image={image}","--cpu={cpu}","--memory={memory}","--disk={disk}","--prompt={prompt}","--json"]"#,
             "Create",
             "<label>Name <input name=\"name\" placeholder=\"made up if empty\" pattern=\"[a-z][a-z0-9\\-]*\" autocapitalize=\"off\"></label>\
 <label>Image <select name=\"image\"><option value=\"default\">default (Debian, systemd, dev tools)</option><option value=\"tiny\">tiny (busybox, boots in seconds)</option></select></label>\
 <label>vCPU <input name=\"cpu\" inputmode=\"numeric\" size=\"3\"></label>\
 <label>Memory <input name=\"memory\" placeholder=\"1G\" size=\"6\"></label>\
-<label>Disk <input name=\"disk\" placeholder=\"10G\" size=\"6\"></label>",
+<label>Disk <input name=\"disk\" placeholder=\"10G\" size=\"6\"></label>\
+<label class=\"wide\">Build it for me <textarea name=\"prompt\" rows=\"2\" placeholder=\"optional: what the coding agent should build in it\"></textarea></label>",
             "id=\"new-vm\" data-events data-go=\"/vm/{name}\""
         )
     ));
@@ -255,6 +256,7 @@ pub(crate) async fn vm_page<B: WebBackend>(
     let mut body = format!(
         "<h1>{n} <span class=\"state {st}\" id=\"vm-state\">{st}</span></h1>\
 <p><a class=\"button\" href=\"/vm/{n}/terminal\" id=\"open-terminal\">Terminal</a> \
+<a class=\"button\" href=\"/vm/{n}/agent\" id=\"open-agent\">Agent</a> \
 <button type=\"button\" data-copy=\"{ssh}\">Copy SSH command</button> <code>{ssh}</code></p>",
         st = esc(state),
         ssh = esc(&ssh),

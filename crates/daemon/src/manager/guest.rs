@@ -67,6 +67,27 @@ impl Manager {
         Ok(agent)
     }
 
+    /// Starts a process in a running VM that the caller has already checked access to.
+    pub(crate) async fn spawn_in(
+        &self,
+        vm: &VmRecord,
+        spawn: SpawnRequest,
+    ) -> Result<Process, ApiError> {
+        let agent = self.agent(vm).await?;
+        agent
+            .spawn(spawn)
+            .await
+            .map_err(|e| errors::from_vmm("start the command", e))
+    }
+
+    /// The VM's address on its tap link; `None` with user-mode networking.
+    pub(crate) fn guest_ip(&self, vm: &VmRecord) -> Option<std::net::Ipv4Addr> {
+        match &self.net {
+            Net::Tap(_) => VmLink::for_slot(vm.slot).ok().map(|l| l.guest_ip),
+            Net::User => None,
+        }
+    }
+
     pub async fn exec(
         &self,
         name: &str,
