@@ -67,7 +67,9 @@ impl AgentHost {
         let cfg = ChromiumConfig {
             binary: m.config().coding_agent.browser.clone(),
             vm_ip,
-            scratch: m.config().data_dir.join("browsers"),
+            // Not under the data dir: that is closed to every user but root, and chromium
+            // runs as nobody.
+            scratch: std::env::temp_dir(),
         };
         let b = Chromium::launch(&cfg).await?;
         browsers.insert(vm.id.clone(), (b.clone(), Instant::now()));
