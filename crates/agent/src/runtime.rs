@@ -267,8 +267,8 @@ impl Agents {
             .count()
     }
 
-    /// The events after `after`, then every later one as it happens: a stream that ends only
-    /// when `follow` is false and the conversation has no running turn and nothing unread.
+    /// The events after `after`; with `follow`, then every later one as it happens (the
+    /// stream never ends), else only those there are now.
     pub fn events(
         self: &Arc<Self>,
         c: &Conversation,
@@ -296,7 +296,7 @@ impl Agents {
                         let notified = hub.notify.notified();
                         tokio::pin!(notified);
                         notified.as_mut().enable();
-                        let (published, from_tail, running) = {
+                        let (published, from_tail) = {
                             let h = hub.lock();
                             let covered = h.tail.front().is_some_and(|(s, _)| *s <= after + 1);
                             let from_tail: Vec<_> = if covered {
@@ -304,7 +304,7 @@ impl Agents {
                             } else {
                                 Vec::new()
                             };
-                            (h.published, from_tail, h.running.is_some())
+                            (h.published, from_tail)
                         };
                         if !from_tail.is_empty() {
                             ready.extend(from_tail);
@@ -320,7 +320,7 @@ impl Agents {
                                 Err(e) => return Some((Err(e.0), (after, ready, true))),
                             }
                         }
-                        if !follow && !running {
+                        if !follow {
                             return None;
                         }
                         notified.await;

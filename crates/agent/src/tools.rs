@@ -232,7 +232,7 @@ async fn shell(ws: &dyn Workspace, input: &Value) -> Result<Outcome, String> {
     let script = format!(
         r#"dir="$HOME/.nook-agent/logs"; mkdir -p "$dir"
 log="$dir/$(date +%Y%m%d-%H%M%S)-$$.log"
-setsid bash -lc {cmd} >"$log" 2>&1 </dev/null &
+setsid sh -c 'if command -v bash >/dev/null 2>&1; then exec bash -lc "$0"; else exec sh -lc "$0"; fi' {cmd} >"$log" 2>&1 </dev/null &
 pid=$!
 i=0; while [ $i -lt {ticks} ] && kill -0 $pid 2>/dev/null; do sleep 0.2; i=$((i+1)); done
 if kill -0 $pid 2>/dev/null; then echo "running: pid $pid"; else wait $pid; echo "exited with status $? (pid $pid)"; fi

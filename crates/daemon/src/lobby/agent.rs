@@ -232,7 +232,7 @@ async fn follow(
     io: &dyn LobbyOutput,
     json: bool,
 ) -> Result<Option<String>, ApiError> {
-    let events = agents.events(c, after, false);
+    let events = agents.events(c, after, to_turn_end);
     tokio::pin!(events);
     let mut ended = None;
     while let Some(item) = events.next().await {
