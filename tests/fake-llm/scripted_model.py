@@ -42,7 +42,9 @@ Control API (unauthenticated, test-only)
            "images": [{"media_type": ..., "bytes": N, "png": bool,
                        "width": W, "height": H}, ...],
            "tool_results": [{"id": ..., "text": "...", "is_error": bool}, ...],
-           "last_user_text": "...", "at": <unix time, float>}
+           "last_user_text": "...", "at": <unix time, float>,
+           "deltas": [[<unix time>, "text"], ...]  (streamed text deltas, as sent),
+           "replied_at": <unix time>  (a streamed answer's last byte sent)}
       images: every image anywhere in the request -- Anthropic
         {"type":"image","source":{"type":"base64",...}} blocks (also inside
         tool_result content) and OpenAI {"type":"input_image","image_url":
@@ -448,6 +450,17 @@ def text_pieces(text):
     return ["".join(tokens[i:i + WORDS_PER_DELTA]) for i in range(0, len(tokens), WORDS_PER_DELTA)]
 
 
+def delta_text(data):
+    """The text a stream event adds to the answer (Anthropic or OpenAI), else None."""
+    if not isinstance(data, dict):
+        return None
+    if data.get("type") == "content_block_delta" and data.get("delta", {}).get("type") == "text_delta":
+        return data["delta"].get("text")
+    if data.get("type") == "response.output_text.delta":
+        return data.get("delta")
+    return None
+
+
 def json_pieces(data):
     """Split a JSON string into 2-4 partial pieces, like a model streaming arguments."""
     n = max(2, min(4, len(data) // 8))
@@ -550,6 +563,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         first_delta = True
+        # When each text delta left, and when the answer ended: for benchmarks of what the
+        # client adds (bench/agent.py reads them from /__log).
+        record = getattr(self, "current_record", None)
+        sent = record.setdefault("deltas", []) if record is not None else []
         try:
             for name, data, is_delta in events:
                 if is_delta:
@@ -559,8 +576,13 @@ class Handler(BaseHTTPRequestHandler):
                 frame = ("event: %s\ndata: %s\n\n" % (name, json.dumps(data, separators=(",", ":")))).encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
                 self.wfile.flush()
+                text = delta_text(data)
+                if text is not None:
+                    sent.append([time.time(), text])
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
+            if record is not None:
+                record["replied_at"] = time.time()
         except OSError as e:
             raise Abort() from e
 
@@ -695,6 +717,7 @@ class Handler(BaseHTTPRequestHandler):
             "last_user_text": last_user,
             "at": time.time(),
         }
+        self.current_record = record
         number, step = script.take(record)
         if number is None:
             return self.send_error_json(api, 400, "invalid_request_error", "script expectation failed: " + step)

@@ -371,3 +371,307 @@ impl Emitter {
         Ok(seq)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop without a daemon: a journal in memory, a model that plays Anthropic streams,
+    //! and a VM whose commands sleep or echo.
+    use super::*;
+    use crate::{
+        Api, BoxFuture, Browser, Exec, ExecOutput, JournalError, Message, ModelReply,
+        WorkspaceError,
+    };
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use std::time::Duration;
+
+    #[derive(Default)]
+    struct MemJournal {
+        convs: Mutex<HashMap<String, Conversation>>,
+        events: Mutex<HashMap<String, Vec<(u64, Event)>>>,
+        context: Mutex<HashMap<String, Vec<Message>>>,
+    }
+
+    fn ok<T: Send + 'static>(v: T) -> BoxFuture<'static, Result<T, JournalError>> {
+        Box::pin(async move { Ok(v) })
+    }
+
+    impl Journal for MemJournal {
+        fn create(&self, c: &Conversation) -> BoxFuture<'_, Result<(), JournalError>> {
+            self.convs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(c.id.clone(), c.clone());
+            ok(())
+        }
+        fn get(&self, id: &str) -> BoxFuture<'_, Result<Option<Conversation>, JournalError>> {
+            ok(self
+                .convs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned())
+        }
+        fn list(&self, _vm: &str) -> BoxFuture<'_, Result<Vec<Conversation>, JournalError>> {
+            ok(self
+                .convs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect())
+        }
+        fn running(&self) -> BoxFuture<'_, Result<Vec<Conversation>, JournalError>> {
+            ok(Vec::new())
+        }
+        fn set_state(&self, id: &str, state: State) -> BoxFuture<'_, Result<(), JournalError>> {
+            if let Some(c) = self
+                .convs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(id)
+            {
+                c.state = state;
+            }
+            ok(())
+        }
+        fn append(&self, id: &str, seq: u64, e: &Event) -> BoxFuture<'_, Result<(), JournalError>> {
+            let mut all = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            let list = all.entry(id.to_string()).or_default();
+            assert_eq!(
+                list.last().map_or(0, |(s, _)| *s) + 1,
+                seq,
+                "numbers in order"
+            );
+            list.push((seq, e.clone()));
+            ok(())
+        }
+        fn events(
+            &self,
+            id: &str,
+            after: u64,
+            limit: usize,
+        ) -> BoxFuture<'_, Result<Vec<(u64, Event)>, JournalError>> {
+            let all = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            let list = all.get(id).cloned().unwrap_or_default();
+            ok(list
+                .into_iter()
+                .filter(|(s, _)| *s > after)
+                .take(limit)
+                .collect())
+        }
+        fn context(&self, id: &str) -> BoxFuture<'_, Result<Vec<Message>, JournalError>> {
+            ok(self
+                .context
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned()
+                .unwrap_or_default())
+        }
+        fn save_context(&self, id: &str, m: &[Message]) -> BoxFuture<'_, Result<(), JournalError>> {
+            self.context
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_string(), m.to_vec());
+            ok(())
+        }
+    }
+
+    /// Plays one Anthropic stream per request: a tool call while `tools` lasts, then text.
+    struct Scripted {
+        tools: Mutex<Vec<&'static str>>,
+    }
+
+    fn sse(events: &[serde_json::Value]) -> String {
+        events
+            .iter()
+            .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("")))
+            .collect()
+    }
+
+    impl Model for Scripted {
+        fn api(&self) -> Api {
+            Api::Anthropic
+        }
+        fn model(&self) -> &str {
+            "m"
+        }
+        fn post(&self, _body: Vec<u8>) -> BoxFuture<'_, Result<ModelReply, String>> {
+            let next = self.tools.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let block = match next {
+                Some(cmd) => {
+                    serde_json::json!({"type": "tool_use", "id": format!("t-{cmd}"), "name": "bash", "input": {}})
+                }
+                None => serde_json::json!({"type": "text", "text": ""}),
+            };
+            let mut events = vec![
+                serde_json::json!({"type": "message_start", "message": {"usage": {"input_tokens": 3}}}),
+                serde_json::json!({"type": "content_block_start", "index": 0, "content_block": block}),
+            ];
+            match next {
+                Some(cmd) => events.push(serde_json::json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": format!("{{\"command\":\"{cmd}\"}}")}})),
+                None => events.push(serde_json::json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": "all done"}})),
+            }
+            events.push(serde_json::json!({"type": "content_block_stop", "index": 0}));
+            events
+                .push(serde_json::json!({"type": "message_delta", "usage": {"output_tokens": 2}}));
+            events.push(serde_json::json!({"type": "message_stop"}));
+            let body = sse(&events);
+            Box::pin(async move {
+                let chunks: Vec<Result<Bytes, String>> = body
+                    .as_bytes()
+                    .chunks(7)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
+                Ok(ModelReply {
+                    status: 200,
+                    body: Box::pin(futures::stream::iter(chunks)),
+                })
+            })
+        }
+    }
+
+    /// `sleep` takes a minute; anything else echoes itself.
+    struct Vm;
+
+    impl Workspace for Vm {
+        fn exec(&self, e: Exec) -> BoxFuture<'_, Result<ExecOutput, WorkspaceError>> {
+            Box::pin(async move {
+                if e.script == "sleep" {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                Ok(ExecOutput {
+                    status: Some(0),
+                    head: e.script.into_bytes(),
+                    ..Default::default()
+                })
+            })
+        }
+        fn check(&self) -> BoxFuture<'_, Result<(), WorkspaceError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn browser(&self) -> BoxFuture<'_, Result<Arc<dyn Browser>, WorkspaceError>> {
+            Box::pin(async { Err(WorkspaceError("no browser here".into())) })
+        }
+    }
+
+    async fn collect(agents: &Arc<Agents>, c: &Conversation, after: u64) -> Vec<(u64, Event)> {
+        agents
+            .events(c, after, false)
+            .map(|e| {
+                let (s, e) = e.expect("event");
+                (s, (*e).clone())
+            })
+            .collect()
+            .await
+    }
+
+    async fn wait_idle(agents: &Agents, id: &str) {
+        for _ in 0..500 {
+            if !agents.is_running(id) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the turn never ended");
+    }
+
+    #[tokio::test]
+    async fn a_turn_runs_tools_then_answers_and_its_events_resume_by_number() {
+        let journal = Arc::new(MemJournal::default());
+        let agents = Agents::new(journal.clone());
+        let c = agents
+            .create("vm1", "acct", "m", "hello", 0)
+            .await
+            .expect("create");
+        let model = Arc::new(Scripted {
+            tools: Mutex::new(vec!["echo two", "echo one"]),
+        });
+        let started = agents
+            .prompt(&c, "hello", "a@example.com", Arc::new(Vm), model)
+            .await
+            .expect("prompt");
+        assert_eq!(started.first_seq, 1);
+        wait_idle(&agents, &c.id).await;
+        let all = collect(&agents, &c, 0).await;
+        let kinds: Vec<&str> = all
+            .iter()
+            .map(|(_, e)| match e {
+                Event::User { .. } => "user",
+                Event::ToolCall { .. } => "call",
+                Event::ToolResult { .. } => "result",
+                Event::Text { .. } => "text",
+                Event::Usage { .. } => "usage",
+                Event::TurnEnd { .. } => "end",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "user", "call", "usage", "result", "call", "usage", "result", "text", "usage",
+                "end"
+            ]
+        );
+        assert!(all.iter().enumerate().all(|(i, (s, _))| *s == i as u64 + 1));
+        // A reader that saw up to 4 gets the rest, once each.
+        let rest = collect(&agents, &c, 4).await;
+        assert_eq!(rest.first().map(|(s, _)| *s), Some(5));
+        assert_eq!(rest.len(), all.len() - 4);
+        // The context pairs each call with its result.
+        let ctx = journal.context.lock().unwrap_or_else(|p| p.into_inner())[&c.id].clone();
+        assert_eq!(ctx.len(), 6);
+        assert!(
+            matches!(&ctx[2].blocks[0], crate::Block::ToolResult { text, .. } if text == "echo one")
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_ends_a_running_tool_and_a_busy_conversation_refuses_a_second_turn() {
+        let journal = Arc::new(MemJournal::default());
+        let agents = Agents::new(journal.clone());
+        let c = agents
+            .create("vm1", "acct", "m", "wait", 0)
+            .await
+            .expect("create");
+        let model = Arc::new(Scripted {
+            tools: Mutex::new(vec!["sleep"]),
+        });
+        agents
+            .prompt(&c, "wait", "a@example.com", Arc::new(Vm), model.clone())
+            .await
+            .expect("prompt");
+        // Until the call starts.
+        for _ in 0..500 {
+            if collect(&agents, &c, 0)
+                .await
+                .iter()
+                .any(|(_, e)| matches!(e, Event::ToolCall { .. }))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let again = agents
+            .prompt(&c, "more", "a@example.com", Arc::new(Vm), model.clone())
+            .await;
+        assert!(matches!(again, Err(AgentError::Busy(_))));
+        assert!(agents.stop(&c.id));
+        wait_idle(&agents, &c.id).await;
+        let all = collect(&agents, &c, 0).await;
+        assert!(matches!(all.last(), Some((_, Event::TurnEnd { reason })) if reason == "stopped"));
+        let ctx = journal.context.lock().unwrap_or_else(|p| p.into_inner())[&c.id].clone();
+        assert!(matches!(ctx.last().and_then(|m| m.blocks.last()),
+            Some(crate::Block::ToolResult { is_error: true, text, .. }) if text.contains("stopped")));
+        // The conversation goes on.
+        agents
+            .prompt(&c, "go on", "a@example.com", Arc::new(Vm), model)
+            .await
+            .expect("again");
+        wait_idle(&agents, &c.id).await;
+        assert!(!agents.stop(&c.id), "nothing runs");
+    }
+}

@@ -412,7 +412,8 @@ fn vm_agent_through_openai_responses_and_every_failure_leaves_it_usable() {
     d.lobby_ok(&alice, &["new", "--name", "tiny", "--image", "tiny"]);
     let no_retry = json!({"x-should-retry": "false"});
     model.script(json!([
-        {"expect": {"api": "openai", "tools_include": ["apply_patch", "shell", "browser", "todo"]},
+        {"expect": {"api": "openai", "tools_include": ["apply_patch", "shell", "browser", "todo"],
+                    "system_contains": "Answer in haiku"},
          "reply": [{"tool": "apply_patch", "input": {"patch": "*** Begin Patch\n*** Add File: www/index.html\n+<title>Tiny App</title><h1>tiny app works</h1>\n*** End Patch\n"}}]},
         {"expect": {"tool_result_contains": "wrote www/index.html"},
          "reply": [{"tool": "shell", "input": {"command": "exec busybox httpd -f -p 8000 -h $HOME/www", "wait_secs": 2}}]},
@@ -435,6 +436,9 @@ fn vm_agent_through_openai_responses_and_every_failure_leaves_it_usable() {
         // Bob, a collaborator, then not.
         {"reply": [{"tool": "bash", "input": {"command": "sleep 3; echo bob-was-here"}}]},
     ]));
+    // The VM user's ~/AGENTS.md goes into the system prompt.
+    let wrote = d.ssh(&alice, "tiny", &["echo 'Answer in haiku.' > ~/AGENTS.md"]);
+    assert!(wrote.status.success(), "{wrote:?}");
     let conv = prompt_no_wait(&d, &alice, "tiny", None, "serve a page");
     let ev = wait_for(&d, &alice, "tiny", &conv, "the first turn's end", |e| {
         turn_ends(e) >= 1
