@@ -43,6 +43,50 @@ pub struct ChromiumConfig {
     pub vm_ip: Ipv4Addr,
     /// Where chromium's profile goes (a fresh directory under it, removed at the end).
     pub scratch: PathBuf,
+    /// Names this daemon's profiles, so [`sweep`] after a crash touches only its own.
+    pub tag: String,
+}
+
+fn profile_prefix(scratch: &std::path::Path, tag: &str) -> String {
+    format!("{}/nook-browser-{tag}-", scratch.display())
+}
+
+/// Ends the browsers a daemon that died left behind (found by their profile directory) and
+/// removes their profiles. Returns how many it ended.
+pub fn sweep(scratch: &std::path::Path, tag: &str) -> usize {
+    let prefix = profile_prefix(scratch, tag);
+    let flag = format!("--user-data-dir={prefix}");
+    let mut ended = 0;
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            let found = cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg.starts_with(flag.as_bytes()));
+            if found
+                && nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+            {
+                ended += 1;
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(scratch) {
+        for e in entries.flatten() {
+            if e.path().display().to_string().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    ended
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, String>>>>>;
@@ -72,8 +116,9 @@ impl Chromium {
                 cfg.binary.display()
             )));
         }
-        let profile = cfg.scratch.join(format!(
-            "browser-{}",
+        let profile = PathBuf::from(format!(
+            "{}{}",
+            profile_prefix(&cfg.scratch, &cfg.tag),
             hex::encode(rand::random::<[u8; 6]>())
         ));
         std::fs::create_dir_all(&profile)

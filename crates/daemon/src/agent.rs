@@ -70,6 +70,7 @@ impl AgentHost {
             // Not under the data dir: that is closed to every user but root, and chromium
             // runs as nobody.
             scratch: std::env::temp_dir(),
+            tag: browser_tag(m),
         };
         let b = Chromium::launch(&cfg).await?;
         browsers.insert(vm.id.clone(), (b.clone(), Instant::now()));
@@ -118,6 +119,14 @@ impl AgentHost {
         (ws, model)
     }
 
+    /// Ends the browsers of this daemon's last life (a crash leaves them running).
+    pub fn sweep_browsers(&self, m: &Manager) {
+        let ended = nook_agent::chromium::sweep(&std::env::temp_dir(), &browser_tag(m));
+        if ended > 0 {
+            tracing::info!(ended, "ended browsers a previous daemon left running");
+        }
+    }
+
     /// Goes on with the turns a stopped daemon left running; a conversation whose VM or
     /// person is gone is marked interrupted with an event that says why.
     pub async fn resume_all(self: &Arc<Self>, m: &Arc<Manager>) {
@@ -151,6 +160,14 @@ impl AgentHost {
             }
         }
     }
+}
+
+/// Names this daemon's browser profiles: a hash of its data dir, so daemons with different
+/// data dirs (tests) never sweep each other's.
+fn browser_tag(m: &Manager) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(m.config().data_dir.display().to_string().as_bytes());
+    hex::encode(&digest[..4])
 }
 
 /// Can `account` drive the agent in `vm`: its owner, or a collaborator it is shared with.

@@ -65,6 +65,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let manager = Manager::open(cfg).await.map_err(ServeError::Manager)?;
     manager.recover().await.map_err(ServeError::Manager)?;
     // Agent turns a stopped daemon cut short go on, now that their VMs are back.
+    manager.agent_host().sweep_browsers(&manager);
     manager.agent_host().resume_all(&manager).await;
     {
         let m = manager.clone();

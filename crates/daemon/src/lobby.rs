@@ -90,6 +90,19 @@ impl Limits {
                 ),
             ));
         }
+        // `new --prompt` starts the agent, which spends LLM credit: that takes `agent` too.
+        if matches!(command, LobbyCommand::New(args) if args.prompt.is_some())
+            && !self.cmds.allows("agent")
+        {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} may not start the agent (`new --prompt` needs `agent` too); it may run: {}",
+                    self.what,
+                    self.cmds.to_list()
+                ),
+            ));
+        }
         let Some(allowed) = &self.vms else {
             return Ok(());
         };
