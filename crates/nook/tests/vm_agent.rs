@@ -421,8 +421,14 @@ fn vm_agent_through_openai_responses_and_every_failure_leaves_it_usable() {
          "reply": [{"tool": "browser", "input": {"action": "navigate", "url": "localhost:8000"}}]},
         {"expect": {"tool_result_contains": "Tiny App"},
          "reply": [{"tool": "browser", "input": {"action": "screenshot"}}]},
+        // The browser cannot reach the host: not its metadata address (the LLM gateway's
+        // model list is there), not the host's end of the VM's link.
         {"expect": {"has_image": true},
-         "reply": [{"tool": "apply_patch", "input": {"patch": "*** Begin Patch\n*** Update File: www/index.html\n@@\n-<h1>no such line</h1>\n+<h1>x</h1>\n*** End Patch\n"}}]},
+         "reply": [{"tool": "browser", "input": {"action": "navigate", "url": "http://169.254.169.254/gateway/llm/models"}}]},
+        {"reply": [{"tool": "browser", "input": {"action": "eval", "js": "document.documentElement.innerText"}}]},
+        {"reply": [{"tool": "browser", "input": {"action": "navigate", "url": "http://10.200.0.1:8080/"}}]},
+        {"reply": [{"tool": "browser", "input": {"action": "eval", "js": "document.documentElement.innerText"}}]},
+        {"reply": [{"tool": "apply_patch", "input": {"patch": "*** Begin Patch\n*** Update File: www/index.html\n@@\n-<h1>no such line</h1>\n+<h1>x</h1>\n*** End Patch\n"}}]},
         {"expect": {"tool_result_contains": "not in the file"},
          "reply": [{"text": "Served on port 8000."}]},
         // The model fails: said in the chat, and the next turn works.
@@ -461,6 +467,21 @@ fn vm_agent_through_openai_responses_and_every_failure_leaves_it_usable() {
             .iter()
             .any(|i| i["png"] == true && i["width"] == 1280),
         "{images:?}"
+    );
+    let seen: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["type"] == "tool_result" && e["name"] == "browser")
+        .filter_map(|e| e["output"].as_str())
+        .collect();
+    let host = &seen[seen.len() - 4..];
+    assert!(
+        host.iter()
+            .all(|o| !o.contains("fake-gpt") && !o.contains("SSH-2.0")),
+        "the browser reached the host: {host:#?}"
+    );
+    assert!(
+        host[1].contains("private address") && host[3].contains("private address"),
+        "{host:#?}"
     );
 
     // The model errors.

@@ -30,6 +30,9 @@ const DONE: &str = "It is up on port 8000. The page says hello in large letters;
 const WAIT: &str = "Now wait a minute";
 const GO_ON: &str = "Go on";
 const CONTINUING: &str = "Continuing. The long command was stopped before it finished, and the page is still served on port 8000.";
+/// The model waits this long between the pieces of its last words in a turn, so the page shows
+/// them arriving.
+const DELTA_DELAY_MS: u64 = 150;
 
 /// The scripted model server.
 struct ScriptedModel {
@@ -149,15 +152,14 @@ fn one_run() -> Vec<Value> {
                "reply": [{"tool": "browser", "input": {"action": "navigate", "url": "http://localhost:8000/"}}]}),
         json!({"expect": {"tool_result_contains": PAGE_TITLE},
                "reply": [{"tool": "browser", "input": {"action": "screenshot"}}]}),
-        // Slow words, so the page shows them arriving.
         json!({"expect": {"has_image": true},
-               "reply": [{"text": DONE}], "delta_delay_ms": 150}),
+               "reply": [{"text": DONE}], "delta_delay_ms": DELTA_DELAY_MS}),
         // A command long enough to be stopped from the page.
         json!({"expect": {"last_user_contains": WAIT},
                "reply": [{"tool": "bash", "input": {"command": "sleep 60"}}]}),
         // The next turn tells the model the stopped call never finished.
         json!({"expect": {"last_user_contains": GO_ON, "tool_result_contains": "stopped"},
-               "reply": [{"text": CONTINUING}], "delta_delay_ms": 150}),
+               "reply": [{"text": CONTINUING}], "delta_delay_ms": DELTA_DELAY_MS}),
     ]
 }
 
@@ -182,7 +184,7 @@ fn web_agent_chat_in_a_real_browser_at_desktop_and_phone_sizes() {
     std::fs::create_dir_all(&shots).expect("docs/screenshots");
     let chat = json!({
         "build": BUILD, "firstWords": FIRST_WORDS, "done": DONE,
-        "wait": WAIT, "goOn": GO_ON, "continuing": CONTINUING,
+        "wait": WAIT, "goOn": GO_ON, "continuing": CONTINUING, "deltaDelayMs": DELTA_DELAY_MS,
     });
     let out = Command::new("node")
         .arg(repo_root().join("tests/web/agent.mjs"))

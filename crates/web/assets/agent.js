@@ -26,6 +26,7 @@
     send.disabled = running;
     status.textContent = running ? "working…" : "";
     status.className = running ? "progress" : "";
+    document.querySelectorAll(".convs a.current .state").forEach((b) => { b.textContent = root.dataset.state; b.className = "state " + root.dataset.state; });
   }
 
   function item(cls) {
@@ -40,7 +41,7 @@
   }
 
   function summary(name, input) {
-    for (const k of ["command", "path", "url", "action", "pattern", "unit", "selector"]) {
+    for (const k of ["command", "path", "action", "url", "pattern", "unit", "selector"]) {
       if (input && typeof input[k] === "string") {
         const extra = k === "action" && input.url ? " " + input.url : "";
         return input[k].split("\n")[0].slice(0, 140) + extra;
@@ -141,6 +142,8 @@
         break;
       case "turn_end":
         answer = null;
+        // A call the turn ended during (Stop) gets no result; it is not running any more.
+        for (const li of log.querySelectorAll("li.tool.running")) li.classList.replace("running", "failed");
         if (e.reason === "stopped") item("note").textContent = "Stopped.";
         setRunning(false);
         break;
