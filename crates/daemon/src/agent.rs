@@ -23,6 +23,9 @@ use crate::manager::{GUEST_USER, Manager};
 
 /// A browser nobody used for this long is closed.
 const BROWSER_IDLE: Duration = Duration::from_secs(600);
+/// Browsers open on the host at once (each is a few hundred MiB); past it, the one used least
+/// recently is closed to make room.
+const MAX_BROWSERS: usize = 8;
 /// Output a command may send ahead of the agent.
 const EXEC_WINDOW: u32 = 1 << 20;
 /// Stdin is written in pieces of this size.
@@ -72,6 +75,21 @@ impl AgentHost {
             scratch: std::env::temp_dir(),
             tag: browser_tag(m),
         };
+        if let Some((b, _)) = browsers.remove(&vm.id) {
+            b.close().await;
+        }
+        while browsers.len() >= MAX_BROWSERS {
+            let Some(oldest) = browsers
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(id, _)| id.clone())
+            else {
+                break;
+            };
+            if let Some((b, _)) = browsers.remove(&oldest) {
+                b.close().await;
+            }
+        }
         let b = Chromium::launch(&cfg).await?;
         browsers.insert(vm.id.clone(), (b.clone(), Instant::now()));
         Ok(b)
