@@ -5,7 +5,8 @@
 //   NOOK_URL            https://nook.localhost:PORT
 //   NOOK_LOGIN_DESKTOP  a one-time login link for alice (NOOK_LOGIN_PHONE for the phone run)
 //   NOOK_CHAT           JSON: what the user types and the model answers, as scripted there
-//                       ({build, firstWords, done, wait, goOn, continuing})
+//                       ({build, firstWords, done, wait, goOn, continuing}), and the
+//                       model's pause between the pieces of its last words (deltaDelayMs)
 //   NOOK_SHOTS          where to write screenshots (docs/screenshots)
 //   NOOK_PLAYWRIGHT     a node_modules holding playwright-core
 // Exits non-zero, naming the step, on the first thing that does not work.
@@ -17,8 +18,6 @@ const { chromium } = require("playwright-core");
 
 const CHAT = JSON.parse(process.env.NOOK_CHAT);
 const SHOTS = process.env.NOOK_SHOTS;
-// The model waits this long between the words of its scripted replies.
-const DELTA_DELAY_MS = 150;
 // Every page opened, to show what each showed when something fails.
 const pages = [];
 const log = (...a) => console.log(new Date().toISOString().slice(11, 23), ...a);
@@ -93,11 +92,23 @@ async function checkStreamed(page, text, what) {
   const seen = await page.evaluate(() => window.nookTexts);
   const parts = seen.filter((s) => text.startsWith(s.text));
   const whole = parts.find((s) => s.text === text);
+  const ms = whole ? Math.round(whole.at - parts[0].at) : 0;
   check(
-    whole && parts.length >= 3 && whole.at - parts[0].at >= 3 * DELTA_DELAY_MS,
+    whole && parts.length >= 3 && ms >= 3 * CHAT.deltaDelayMs,
     `${what}: the reply did not stream in; the page showed ` +
       JSON.stringify(parts.map((s) => [Math.round(s.at), s.text.length])),
   );
+  return `${parts.length} parts over ${ms} ms`;
+}
+
+// The whole chat, as in a window tall enough to hold it: a plain full-page capture keeps the
+// sticky prompt box where it sits in the real window, over the middle of the chat.
+async function screenshotWhole(page, file) {
+  const size = page.viewportSize();
+  const height = await page.evaluate(() => document.documentElement.scrollHeight);
+  await page.setViewportSize({ width: size.width, height });
+  await page.screenshot({ path: path.join(SHOTS, file), fullPage: true });
+  await page.setViewportSize(size);
 }
 
 // The agent's screenshot, inline in the chat: the whole 1280-wide PNG, fitted to the chat.
@@ -143,7 +154,10 @@ async function run(browser, { label, vm, device, login }) {
   check((await user.locator(".who").textContent()).includes("@"), "the user's message does not say who sent it");
   await page.locator("#chat-log li.msg.assistant", { hasText: CHAT.firstWords }).waitFor();
   await waitTurnEnd(page, CHAT.done, "the first turn's end");
-  await checkStreamed(page, CHAT.done, "the first turn's last words");
+  log(label, "its last words:", await checkStreamed(page, CHAT.done, "the first turn's last words"));
+
+  const badge = (await page.textContent("#agent .convs a.current .state")).trim();
+  check(badge === "idle", `the conversation list says the finished conversation is ${badge}`);
 
   log(label, "tool calls, collapsed, with what they did");
   const items = await chatItems(page);
@@ -174,7 +188,7 @@ async function run(browser, { label, vm, device, login }) {
   }
   check((await todo.locator("li.done").count()) === 1, "the checklist does not show the one item done");
   await checkFits(page, "after the first turn");
-  await page.screenshot({ path: path.join(SHOTS, `${label}-agent.png`), fullPage: true });
+  await screenshotWhole(page, `${label}-agent.png`);
 
   log(label, "a reload replays the conversation");
   await page.reload();
@@ -185,6 +199,7 @@ async function run(browser, { label, vm, device, login }) {
     `after a reload the chat holds\n${JSON.stringify(replayed)}\nnot\n${JSON.stringify(items)}`);
   await checkScreenshot(page, "after a reload");
   check(await page.locator("#todo").isVisible(), "the checklist is hidden after a reload");
+  check(await page.locator("#chat-stop").isHidden(), "Stop shows while the agent is idle");
 
   log(label, "Stop during a long command");
   await page.fill("#chat-prompt", CHAT.wait);
@@ -205,7 +220,7 @@ async function run(browser, { label, vm, device, login }) {
   await page.fill("#chat-prompt", CHAT.goOn);
   await page.click("#chat-send");
   await waitTurnEnd(page, CHAT.continuing, "the turn after the stop");
-  await checkStreamed(page, CHAT.continuing, "the reply after the stop");
+  log(label, "the reply:", await checkStreamed(page, CHAT.continuing, "the reply after the stop"));
   const errors = await page.locator("#chat-log li.error").allTextContents();
   check(errors.length === 0, `the chat shows errors: ${errors.join(" | ")}`);
   await checkFits(page, "at the end");
