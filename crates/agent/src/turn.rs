@@ -310,13 +310,38 @@ impl Turn {
         let mut results = Vec::new();
         for (id, name, input) in calls {
             let started = Instant::now();
-            let outcome = tokio::select! {
-                _ = self.cancel.cancelled() => None,
-                o = tools::run(self.ws.as_ref(), &name, &input) => Some(o),
+            let outcome = if stopped {
+                None
+            } else {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => None,
+                    o = tools::run(self.ws.as_ref(), &name, &input) => Some(o),
+                }
             };
             let Some(outcome) = outcome else {
+                // The chat and the log show the call ended; the model hears the same.
+                let why = if stopped {
+                    "not run: the user stopped the turn"
+                } else {
+                    "stopped by the user while it ran"
+                };
                 stopped = true;
-                break;
+                self.say(Event::ToolResult {
+                    id: id.clone(),
+                    name: name.clone(),
+                    ok: false,
+                    output: why.to_string(),
+                    png: None,
+                    ms: started.elapsed().as_millis() as u64,
+                })
+                .await;
+                results.push(Block::ToolResult {
+                    id,
+                    text: why.to_string(),
+                    png: None,
+                    is_error: true,
+                });
+                continue;
             };
             if let Some(items) = outcome.todo.clone() {
                 self.say(Event::Todo { items }).await;

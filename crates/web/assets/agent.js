@@ -189,7 +189,26 @@
     if (!conversation) {
       conversation = v.conversation;
       root.dataset.conversation = conversation;
-      history.replaceState(null, "", "/vm/" + encodeURIComponent(vm) + "/agent?c=" + encodeURIComponent(conversation));
+      const url = "/vm/" + encodeURIComponent(vm) + "/agent?c=" + encodeURIComponent(conversation);
+      history.replaceState(null, "", url);
+      // The new conversation joins the list, as the current one.
+      const list = document.querySelector(".convs ul");
+      if (list) {
+        for (const a of list.querySelectorAll("a.current")) a.classList.remove("current");
+        const li = document.createElement("li");
+        const a = document.createElement("a");
+        a.href = url;
+        a.className = "current";
+        const title = document.createElement("span");
+        title.className = "title";
+        title.textContent = text.split("\n")[0].slice(0, 80);
+        const badge = document.createElement("span");
+        badge.className = "state running";
+        badge.textContent = "running";
+        a.append(title, " ", badge);
+        li.appendChild(a);
+        list.appendChild(li);
+      }
     }
     setRunning(true);
     listen();
