@@ -68,6 +68,13 @@ impl Default for VmKnobs {
     }
 }
 
+/// Where a VM's memory is: in RAM, or moved out to swap (a compressed tier or a disk).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmMemory {
+    pub resident_bytes: u64,
+    pub swapped_bytes: u64,
+}
+
 /// What a group has consumed: CPU time since it was made, memory now.
 /// `cpu_usage_ns` is 0 on v1 hosts without a `cpuacct` hierarchy.
 #[derive(Clone, Copy, Debug, Default)]
@@ -267,6 +274,30 @@ impl Cgroups {
         let rel = vm_rel(account, vm)?;
         self.require(&rel, "call set_vm first")?;
         self.usage(&rel)
+    }
+
+    /// Where the VM's memory is now.
+    pub fn vm_memory(&self, account: &str, vm: &str) -> Result<VmMemory, CgroupError> {
+        let rel = vm_rel(account, vm)?;
+        self.require(&rel, "call set_vm first")?;
+        match &self.backend {
+            Backend::V1(v) => v.memory(&rel),
+            Backend::V2(v) => v.memory(&rel),
+        }
+    }
+
+    /// Moves the VM's memory out to swap until about `keep` bytes stay in RAM: the kernel
+    /// reclaims the least recently used pages first, and the VM faults them back in when it
+    /// touches them. Needs swap on the host; without it only clean cache goes. Slow (it is
+    /// the kernel's reclaim, at a few hundred MiB/s): call it off the async runtime.
+    pub fn squeeze_vm(&self, account: &str, vm: &str, keep: u64) -> Result<VmMemory, CgroupError> {
+        let rel = vm_rel(account, vm)?;
+        self.require(&rel, "call set_vm first")?;
+        match &self.backend {
+            Backend::V1(v) => v.squeeze(&rel, keep)?,
+            Backend::V2(v) => v.squeeze(&rel, keep)?,
+        }
+        self.vm_memory(account, vm)
     }
 
     pub fn account_usage(&self, account: &str) -> Result<Usage, CgroupError> {

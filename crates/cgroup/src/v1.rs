@@ -73,6 +73,48 @@ impl V1 {
         )
     }
 
+    pub fn memory(&self, rel: &Path) -> Result<crate::VmMemory, CgroupError> {
+        let dir = self.memory.join(rel);
+        let resident = files::read_u64(&dir.join("memory.usage_in_bytes"))?;
+        // With swap accounting, memsw is RAM plus swap; without it nothing tells swap apart.
+        let swapped = match files::read_u64(&dir.join("memory.memsw.usage_in_bytes")) {
+            Ok(both) => both.saturating_sub(resident),
+            Err(_) => 0,
+        };
+        Ok(crate::VmMemory {
+            resident_bytes: resident,
+            swapped_bytes: swapped,
+        })
+    }
+
+    /// v1 has no proactive reclaim file: the group's limit is lowered to `keep` for a moment,
+    /// which makes the kernel reclaim (to swap, as `memory.swappiness` 100 prefers) down to
+    /// it, then lifted again. A limit the kernel cannot reach (`EBUSY`) is tried halfway up.
+    pub fn squeeze(&self, rel: &Path, keep: u64) -> Result<(), CgroupError> {
+        let dir = self.memory.join(rel);
+        files::write(&dir.join("memory.swappiness"), "100")?;
+        let limit = dir.join("memory.limit_in_bytes");
+        let usage = files::read_u64(&dir.join("memory.usage_in_bytes"))?;
+        let mut target = keep.max(1 << 20);
+        while target < usage {
+            match files::try_write(&limit, &target.to_string()) {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    target += (usage - target) / 2 + 1;
+                }
+                Err(source) => {
+                    let _ = files::try_write(&limit, "-1");
+                    return Err(CgroupError::Write {
+                        path: limit,
+                        value: target.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        files::write(&limit, "-1")
+    }
+
     pub fn usage(&self, rel: &Path) -> Result<Usage, CgroupError> {
         let cpu_usage_ns = match &self.cpuacct {
             Some(h) => files::read_u64(&h.join(rel).join("cpuacct.usage"))?,

@@ -56,6 +56,34 @@ impl V2 {
         )
     }
 
+    pub fn memory(&self, rel: &Path) -> Result<crate::VmMemory, CgroupError> {
+        let dir = self.root.join(rel);
+        Ok(crate::VmMemory {
+            resident_bytes: files::read_u64(&dir.join("memory.current"))?,
+            swapped_bytes: files::read_u64(&dir.join("memory.swap.current")).unwrap_or(0),
+        })
+    }
+
+    /// `memory.reclaim` (Linux 5.19+) asks for the difference; `EAGAIN` means the kernel
+    /// reclaimed less, which is as far as it goes.
+    pub fn squeeze(&self, rel: &Path, keep: u64) -> Result<(), CgroupError> {
+        let dir = self.root.join(rel);
+        let current = files::read_u64(&dir.join("memory.current"))?;
+        if current <= keep {
+            return Ok(());
+        }
+        let path = dir.join("memory.reclaim");
+        match files::try_write(&path, &(current - keep).to_string()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(()),
+            Err(source) => Err(CgroupError::Write {
+                path,
+                value: (current - keep).to_string(),
+                source,
+            }),
+        }
+    }
+
     pub fn usage(&self, rel: &Path) -> Result<Usage, CgroupError> {
         let dir = self.root.join(rel);
         let usec = files::read_keyed(&dir.join("cpu.stat"), "usage_usec")?;

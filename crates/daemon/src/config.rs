@@ -128,6 +128,8 @@ pub struct Settings {
     pub agent_model: Option<String>,
     /// The headless browser the agent's `browser` tool drives [default: /usr/bin/chromium].
     pub browser: Option<PathBuf>,
+    /// How hard idle VMs' memory is packed: `off`, `balanced` or `dense` [default: off].
+    pub pack: Option<String>,
 }
 
 impl Settings {
@@ -187,6 +189,7 @@ impl Settings {
             integrations_allow: other.integrations_allow.or(self.integrations_allow),
             agent_model: other.agent_model.or(self.agent_model),
             browser: other.browser.or(self.browser),
+            pack: other.pack.or(self.pack),
             smtp_from: other.smtp_from.or(self.smtp_from),
             smtp_user: other.smtp_user.or(self.smtp_user),
             smtp_password: other.smtp_password.or(self.smtp_password),
@@ -311,6 +314,8 @@ pub struct Config {
     pub github_url: String,
     pub github_api_url: String,
     pub coding_agent: CodingAgentConfig,
+    /// How hard idle VMs' memory is packed into the tiers below RAM.
+    pub pack: nook_memory::Pack,
 }
 
 /// The coding agent: the model it talks to through the gateway, and its browser.
@@ -726,7 +731,10 @@ impl Config {
         let github_url = github("github_url", s.github_url, "https://github.com")?;
         let github_api_url = github("github_api_url", s.github_api_url, "https://api.github.com")?;
         let coding_agent = coding_agent_from(&gateway, s.agent_model, s.browser)?;
+        let pack = nook_memory::Pack::parse(s.pack.as_deref().unwrap_or("off"))
+            .map_err(|why| ConfigError::Invalid("pack", why))?;
         Ok(Config {
+            pack,
             coding_agent,
             web,
             github_url,

@@ -13,12 +13,15 @@ use crate::manager::Manager;
 const QUIET_CPU: f64 = 0.05;
 const QUIET_NET_BYTES: u64 = 64 * 1024;
 const SAMPLE: Duration = Duration::from_secs(2);
+/// An idle VM's timers touch pages back in: with `--pack`, it is packed again this often.
+const REPACK: Duration = Duration::from_secs(60);
 
 struct Sample {
     at: Instant,
     cpu_ns: u64,
     net_bytes: u64,
     quiet_since: Option<Instant>,
+    packed_at: Option<Instant>,
 }
 
 /// Runs for the daemon's lifetime.
@@ -42,6 +45,7 @@ pub fn spawn(manager: Arc<Manager>, idle_after: Duration) {
                         cpu_ns,
                         net_bytes,
                         quiet_since: None,
+                        packed_at: None,
                     },
                 );
                 let Some(prev) = previous else { continue };
@@ -54,11 +58,21 @@ pub fn spawn(manager: Arc<Manager>, idle_after: Duration) {
                 } else {
                     None
                 };
+                let idle = quiet_since.is_some_and(|since| now.duration_since(since) >= idle_after);
+                let was_idle = manager.is_idle(&vm.id);
+                manager.set_idle(&vm, idle).await;
+                // set_idle packs it as it turns idle; while it stays idle, again every REPACK.
+                let mut packed_at = prev.packed_at.filter(|_| idle);
+                if idle && !was_idle {
+                    packed_at = Some(now);
+                } else if idle && packed_at.is_none_or(|t| now.duration_since(t) >= REPACK) {
+                    manager.pack_idle(&vm).await;
+                    packed_at = Some(now);
+                }
                 if let Some(s) = samples.get_mut(&vm.id) {
                     s.quiet_since = quiet_since;
+                    s.packed_at = packed_at;
                 }
-                let idle = quiet_since.is_some_and(|since| now.duration_since(since) >= idle_after);
-                manager.set_idle(&vm, idle).await;
             }
         }
     });

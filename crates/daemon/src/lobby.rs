@@ -1307,7 +1307,7 @@ fn format_stat(s: &VmStat) -> String {
         .map(|u| humanize_secs(u as u64))
         .unwrap_or_else(|| "-".into());
     format!(
-        "{} ({}, {})\n  cpu      {} vCPU, load {}\n  memory   {} (plan {})\n  disk     {} (plan {}; {} on the host)\n  network  rx {} tx {}\n  uptime   {uptime}\n  procs    {}\n  idle     {}",
+        "{} ({}, {})\n  cpu      {} vCPU, load {}\n  memory   {} (plan {}; on the host {})\n  disk     {} (plan {}; {} on the host)\n  network  rx {} tx {}\n  uptime   {uptime}\n  procs    {}\n  idle     {}",
         s.vm.name,
         s.vm.state.as_str(),
         s.vm.image,
@@ -1315,6 +1315,11 @@ fn format_stat(s: &VmStat) -> String {
         s.load_avg_1m.map(|l| format!("{l:.2}")).unwrap_or_else(|| "-".into()),
         used(s.mem_total_kib, s.mem_available_kib),
         format_size(u64::from(s.vm.memory_mib) << 20),
+        match (s.memory_resident_bytes, s.memory_swapped_bytes) {
+            (Some(r), Some(w)) if w > 0 => format!("{} in RAM, {} swapped out", format_size(r), format_size(w)),
+            (Some(r), _) => format!("{} in RAM", format_size(r)),
+            _ => "-".into(),
+        },
         used(s.disk_total_kib, s.disk_available_kib),
         format_size(s.vm.disk_bytes),
         format_size(s.disk_host_bytes),

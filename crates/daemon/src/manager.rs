@@ -92,6 +92,9 @@ pub struct VmStat {
     pub processes: Option<u32>,
     /// Whether the idle knobs (low CPU weight, soft memory limit) are on.
     pub idle: bool,
+    /// The VM's memory on the host: in RAM, and moved out to swap (`--pack`).
+    pub memory_resident_bytes: Option<u64>,
+    pub memory_swapped_bytes: Option<u64>,
 }
 
 /// Where `ssh VM@HOST` leads: the running VM, and its own sshd when the image has one.
@@ -154,8 +157,62 @@ pub struct Manager {
     sealer: Arc<crate::secrets::Sealer>,
     /// The coding agent's conversations and running turns.
     agent_host: Arc<crate::agent::AgentHost>,
+    /// The memory tiers idle VMs are packed into (`--pack`).
+    tiers: nook_memory::Tiers,
     /// Held for the daemon's life when it owns the host's VM network (see `take_host_lock`).
     _host_lock: Option<std::fs::File>,
+}
+
+/// Sets up the tiers `--pack` asks for, as far as this kernel and host allow, and says what
+/// is on. Packing needs root (sysfs, swapon); a tier that cannot be set up is left off.
+fn memory_tiers(cfg: &Config) -> nook_memory::Tiers {
+    let probe = nook_memory::probe();
+    let offers = format!(
+        "zram {}, zswap {}, DAMON {}, swap areas {}",
+        if probe.zram { "yes" } else { "no" },
+        match probe.zswap {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "absent",
+        },
+        if probe.damon { "yes" } else { "no" },
+        probe.swaps.len()
+    );
+    let off = nook_memory::Tiers {
+        pack: nook_memory::Pack::Off,
+        zram: None,
+        swap_file: None,
+    };
+    if cfg.pack == nook_memory::Pack::Off {
+        tracing::info!(kernel = %offers, "memory packing off (--pack balanced|dense packs idle VMs)");
+        return off;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        tracing::warn!("--pack needs root (it sets up swap): idle VMs keep their memory");
+        return off;
+    }
+    let host_ram = host_ram_bytes();
+    match nook_memory::Tiers::setup(cfg.pack, host_ram, &cfg.data_dir) {
+        Ok(t) => {
+            tracing::info!(kernel = %offers, "memory tiers: {}", t.describe());
+            t
+        }
+        Err(err) => {
+            tracing::warn!(%err, kernel = %offers, "memory tiers could not be set up: idle VMs keep their memory");
+            off
+        }
+    }
+}
+
+fn host_ram_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib << 10)
 }
 
 /// One daemon per host owns the VM network: the `nk*` taps, the nftables table and the metadata
@@ -283,6 +340,7 @@ impl Manager {
             Ok(false) => tracing::info!("this kernel has no KSM"),
             Err(err) => tracing::warn!(%err, "could not turn KSM on"),
         }
+        let tiers = memory_tiers(&cfg);
         let cgroups = match nook_cgroup::Cgroups::probe() {
             Ok(cg) => {
                 tracing::info!(flavor = ?cg.flavor(), "cgroups in use: accounts' VMs are held to their envelopes");
@@ -315,6 +373,7 @@ impl Manager {
             gateway: Arc::new(gateway),
             sealer,
             agent_host: crate::agent::AgentHost::new(store.clone()),
+            tiers,
             limits: Default::default(),
             host_admission: Default::default(),
             idle: Default::default(),
@@ -338,6 +397,10 @@ impl Manager {
 
     pub fn sealer(&self) -> &crate::secrets::Sealer {
         &self.sealer
+    }
+
+    pub fn tiers(&self) -> &nook_memory::Tiers {
+        &self.tiers
     }
 
     pub fn agent_host(&self) -> &Arc<crate::agent::AgentHost> {

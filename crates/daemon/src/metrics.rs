@@ -132,6 +132,43 @@ pub async fn render(m: &Manager) -> String {
         );
         let _ = writeln!(out, "nook_ksm_pages_sharing {pages}");
     }
+    let tiers = m.tiers().clone();
+    if tiers.pack != nook_memory::Pack::Off
+        && let Ok(t) = tokio::task::spawn_blocking(move || tiers.stats()).await
+    {
+        for (name, help, value) in [
+            (
+                "nook_tier_compressed_original_bytes",
+                "Memory in the compressed tier, uncompressed.",
+                t.compressed_original_bytes,
+            ),
+            (
+                "nook_tier_compressed_stored_bytes",
+                "Memory in the compressed tier, compressed.",
+                t.compressed_stored_bytes,
+            ),
+            (
+                "nook_tier_compressed_ram_bytes",
+                "Host RAM the compressed tier takes.",
+                t.compressed_ram_bytes,
+            ),
+            (
+                "nook_tier_compressed_capacity_bytes",
+                "What the compressed tier can hold, uncompressed.",
+                t.compressed_capacity_bytes,
+            ),
+            (
+                "nook_tier_disk_swap_used_bytes",
+                "Swap used on disk (the swap file, the host's own swap).",
+                t.disk_swap_used_bytes,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+    }
     out.push_str(&m.gateway().metrics().render());
     out
 }

@@ -141,6 +141,11 @@ pub struct ServeArgs {
     /// Where GitHub integrations send REST calls [default: https://api.github.com]
     #[arg(long, env = "NOOK_GITHUB_API_URL")]
     pub github_api_url: Option<String>,
+    /// How hard idle VMs' memory is packed: off, balanced (a quarter stays in RAM, the rest
+    /// goes to compressed swap) or dense (only what they touch stays; compressed swap, then a
+    /// swap file) [default: off]
+    #[arg(long, env = "NOOK_PACK")]
+    pub pack: Option<String>,
     /// The coding agent's model, PROVIDER/MODEL [default: anthropic/claude-sonnet-4-5]
     #[arg(long, env = "NOOK_AGENT_MODEL")]
     pub agent_model: Option<String>,

@@ -98,6 +98,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         llm_openai_key: args.llm_openai_key,
         llm_initial_credit: args.llm_initial_credit,
         agent_model: args.agent_model,
+        pack: args.pack,
         browser: args.browser,
         github_url: args.github_url,
         github_api_url: args.github_api_url,

@@ -91,12 +91,40 @@ impl Manager {
                 memory_high: None,
             }
         };
+        if idle {
+            self.pack_idle(vm).await;
+        }
         let (owner, id, name) = (vm.owner.clone(), vm.id.clone(), vm.name.clone());
         match tokio::task::spawn_blocking(move || cg.set_vm(&owner, &id, knobs)).await {
             Ok(Ok(())) => {
                 tracing::info!(vm = %name, idle, "idle knobs {}", if idle { "on" } else { "off" })
             }
             Ok(Err(err)) => tracing::warn!(vm = %name, %err, "could not change idle knobs"),
+            Err(_) => {}
+        }
+    }
+
+    /// Moves an idle VM's memory down the tiers (`--pack`), keeping what the level says in
+    /// RAM. The idle loop calls it when the VM turns idle and again while it stays idle, as
+    /// its timers touch pages back in.
+    pub async fn pack_idle(&self, vm: &VmRecord) {
+        let Some(keep) = self.tiers.pack.idle_keep(u64::from(vm.memory_mib) << 20) else {
+            return;
+        };
+        let Some(cg) = self.cgroups.clone() else {
+            return;
+        };
+        let (owner, id, name) = (vm.owner.clone(), vm.id.clone(), vm.name.clone());
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || cg.squeeze_vm(&owner, &id, keep)).await {
+            Ok(Ok(m)) => tracing::debug!(
+                vm = %name,
+                resident_mib = m.resident_bytes >> 20,
+                swapped_mib = m.swapped_bytes >> 20,
+                ms = started.elapsed().as_millis() as u64,
+                "packed idle VM"
+            ),
+            Ok(Err(err)) => tracing::warn!(vm = %name, %err, "could not pack idle VM"),
             Err(_) => {}
         }
     }
@@ -130,7 +158,19 @@ impl Manager {
         };
         let counter = |which: &str| tap_counter(vm.slot, which);
         let running = vm.state == VmState::Running;
+        let memory = match (&self.cgroups, running) {
+            (Some(cg), true) => {
+                let (cg, owner, id) = (cg.clone(), vm.owner.clone(), vm.id.clone());
+                tokio::task::spawn_blocking(move || cg.vm_memory(&owner, &id).ok())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
         Ok(VmStat {
+            memory_resident_bytes: memory.map(|m| m.resident_bytes),
+            memory_swapped_bytes: memory.map(|m| m.swapped_bytes),
             vm: self.info(&vm),
             uptime_secs: metrics.as_ref().map(|m| m.uptime_secs),
             load_avg_1m: metrics.as_ref().map(|m| m.load_avg_1m),

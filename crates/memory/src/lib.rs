@@ -1,0 +1,395 @@
+//! Memory tiers for idle VMs. Memory an idle VM has not touched lately moves down from RAM
+//! to a compressed tier (zram used as swap, which nook sets up) and, with `dense`, on to a
+//! swap file on disk; it comes back when the VM touches it. The daemon decides which VM
+//! and how much (through its cgroup); this crate finds what the kernel offers, sets up the
+//! tiers, and reports their sizes.
+//!
+//! It changes host-wide settings only when asked to pack (`--pack balanced|dense`): the
+//! host's own swap and zswap settings are left as they are with `--pack off`. It writes
+//! sysfs files and runs `mkswap`/`swapon`, so it needs root; its calls are synchronous.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// How hard idle VMs are packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pack {
+    /// Idle VMs keep their memory (a soft limit only, as without tiers).
+    Off,
+    /// Idle VMs keep a quarter of their memory in RAM; the rest goes to compressed swap.
+    Balanced,
+    /// Idle VMs keep only what they touch; compressed swap first, then a swap file.
+    Dense,
+}
+
+impl Pack {
+    pub fn parse(s: &str) -> Result<Pack, String> {
+        match s {
+            "off" => Ok(Pack::Off),
+            "balanced" => Ok(Pack::Balanced),
+            "dense" => Ok(Pack::Dense),
+            other => Err(format!("{other:?}: use off, balanced or dense")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pack::Off => "off",
+            Pack::Balanced => "balanced",
+            Pack::Dense => "dense",
+        }
+    }
+
+    /// What an idle VM of `memory` bytes keeps in RAM.
+    pub fn idle_keep(self, memory: u64) -> Option<u64> {
+        match self {
+            Pack::Off => None,
+            Pack::Balanced => Some(memory / 4),
+            // The guest kernel's hot pages and QEMU's own: what it touches comes back anyway.
+            Pack::Dense => Some(8 << 20),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("This kernel has no zram (no /sys/class/zram-control, and `modprobe zram` failed)")]
+    NoZram,
+    #[error("Cannot set up {what}: {why}")]
+    Setup { what: String, why: String },
+}
+
+/// One swap area, as `/proc/swaps` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SwapArea {
+    pub path: String,
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub priority: i32,
+}
+
+/// What this kernel offers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Probe {
+    pub zram: bool,
+    /// Compression algorithms zram offers here.
+    pub zram_algorithms: Vec<String>,
+    /// `Some(on)` when zswap is built in or loaded.
+    pub zswap: Option<bool>,
+    pub damon: bool,
+    pub swaps: Vec<SwapArea>,
+}
+
+/// Reads what the kernel offers, changing nothing.
+pub fn probe() -> Probe {
+    probe_in(Path::new("/"))
+}
+
+fn probe_in(root: &Path) -> Probe {
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).ok();
+    let zram =
+        root.join("sys/class/zram-control").exists() || root.join("sys/block/zram0").exists();
+    let zram_algorithms = read("sys/block/zram0/comp_algorithm")
+        .map(|s| {
+            s.split_whitespace()
+                .map(|a| a.trim_matches(|c| c == '[' || c == ']').to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let zswap = read("sys/module/zswap/parameters/enabled").map(|s| s.trim() == "Y");
+    Probe {
+        zram,
+        zram_algorithms,
+        zswap,
+        damon: root.join("sys/kernel/mm/damon/admin").exists(),
+        swaps: read("proc/swaps")
+            .map(|s| parse_swaps(&s))
+            .unwrap_or_default(),
+    }
+}
+
+/// `/proc/swaps`: sizes are KiB.
+pub fn parse_swaps(text: &str) -> Vec<SwapArea> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 5 {
+                return None;
+            }
+            Some(SwapArea {
+                path: f[0].to_string(),
+                size_bytes: f[2].parse::<u64>().ok()? << 10,
+                used_bytes: f[3].parse::<u64>().ok()? << 10,
+                priority: f[4].parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The tiers a daemon set up (or found from its last run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tiers {
+    pub pack: Pack,
+    /// `/dev/zramN`, nook's compressed swap.
+    pub zram: Option<u32>,
+    pub swap_file: Option<PathBuf>,
+}
+
+/// The host's tiers now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HostTiers {
+    pub pack: &'static str,
+    /// What the compressed tier holds, before and after compression, and the RAM it takes.
+    pub compressed_original_bytes: u64,
+    pub compressed_stored_bytes: u64,
+    pub compressed_ram_bytes: u64,
+    pub compressed_capacity_bytes: u64,
+    /// Swap used outside the compressed tier (the swap file, the host's own swap).
+    pub disk_swap_used_bytes: u64,
+    pub disk_swap_size_bytes: u64,
+}
+
+impl HostTiers {
+    /// Original size over stored size; 0 when the tier is empty.
+    pub fn ratio(&self) -> f64 {
+        if self.compressed_stored_bytes == 0 {
+            0.0
+        } else {
+            self.compressed_original_bytes as f64 / self.compressed_stored_bytes as f64
+        }
+    }
+}
+
+/// The file where a daemon remembers its zram device, so a restart reuses it (VMs' pages may
+/// be in it).
+const ZRAM_NOTE: &str = "zram-device";
+/// Compressed swap is tried before anything else (the host's own swap, the swap file).
+const ZRAM_PRIORITY: i32 = 100;
+const SWAP_FILE_PRIORITY: i32 = 10;
+
+fn setup_err(what: &str, why: impl std::fmt::Display) -> MemoryError {
+    MemoryError::Setup {
+        what: what.to_string(),
+        why: why.to_string(),
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), MemoryError> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| setup_err(cmd, e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(setup_err(
+            &format!("{cmd} {}", args.join(" ")),
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ))
+    }
+}
+
+impl Tiers {
+    /// Sets up the tiers `pack` asks for: nothing with `off`; a zram swap device of
+    /// `host_ram / 2` (`balanced`) or `host_ram` (`dense`) of uncompressed capacity; and with
+    /// `dense` a swap file of `host_ram / 4` in `state_dir`. What a previous daemon set up
+    /// (noted in `state_dir`) is reused.
+    pub fn setup(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<Tiers, MemoryError> {
+        if pack == Pack::Off {
+            return Ok(Tiers {
+                pack,
+                zram: None,
+                swap_file: None,
+            });
+        }
+        let zram = Some(setup_zram(pack, host_ram, state_dir)?);
+        let swap_file = if pack == Pack::Dense {
+            // A quarter of RAM, at most 4 GiB of the disk.
+            Some(setup_swap_file((host_ram / 4).min(4 << 30), state_dir)?)
+        } else {
+            None
+        };
+        Ok(Tiers {
+            pack,
+            zram,
+            swap_file,
+        })
+    }
+
+    /// One line for the daemon's log.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![format!("pack {}", self.pack.as_str())];
+        if let Some(n) = self.zram {
+            let alg = std::fs::read_to_string(format!("/sys/block/zram{n}/comp_algorithm"))
+                .ok()
+                .and_then(|s| {
+                    s.split_whitespace()
+                        .find(|a| a.starts_with('['))
+                        .map(|a| a.trim_matches(|c| c == '[' || c == ']').to_string())
+                })
+                .unwrap_or_default();
+            let size = std::fs::read_to_string(format!("/sys/block/zram{n}/disksize"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            parts.push(format!(
+                "compressed swap /dev/zram{n} ({alg}, {} MiB)",
+                size >> 20
+            ));
+        }
+        if let Some(f) = &self.swap_file {
+            parts.push(format!("swap file {}", f.display()));
+        }
+        parts.join(", ")
+    }
+
+    /// The tiers' sizes now.
+    pub fn stats(&self) -> HostTiers {
+        let mut t = HostTiers {
+            pack: self.pack.as_str(),
+            ..Default::default()
+        };
+        if let Some(n) = self.zram {
+            // mm_stat: orig_data_size compr_data_size mem_used_total ...
+            if let Ok(s) = std::fs::read_to_string(format!("/sys/block/zram{n}/mm_stat")) {
+                let f: Vec<u64> = s
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                if f.len() >= 3 {
+                    t.compressed_original_bytes = f[0];
+                    t.compressed_stored_bytes = f[1];
+                    t.compressed_ram_bytes = f[2];
+                }
+            }
+            t.compressed_capacity_bytes =
+                std::fs::read_to_string(format!("/sys/block/zram{n}/disksize"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+        }
+        let zram_path = self.zram.map(|n| format!("/dev/zram{n}"));
+        for a in probe().swaps {
+            if Some(&a.path) != zram_path.as_ref() {
+                t.disk_swap_used_bytes += a.used_bytes;
+                t.disk_swap_size_bytes += a.size_bytes;
+            }
+        }
+        t
+    }
+}
+
+fn swapped_on(path: &str) -> bool {
+    probe().swaps.iter().any(|a| a.path == path)
+}
+
+fn setup_zram(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<u32, MemoryError> {
+    let note = state_dir.join(ZRAM_NOTE);
+    if let Some(n) = std::fs::read_to_string(&note)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        && swapped_on(&format!("/dev/zram{n}"))
+    {
+        return Ok(n);
+    }
+    if !Path::new("/sys/class/zram-control").exists() {
+        // Not loaded yet: the module makes zram0 and the control directory.
+        let _ = Command::new("modprobe")
+            .args(["zram", "num_devices=0"])
+            .output();
+    }
+    let n = if Path::new("/sys/class/zram-control/hot_add").exists() {
+        std::fs::read_to_string("/sys/class/zram-control/hot_add")
+            .map_err(|e| setup_err("a zram device (hot_add)", e))?
+            .trim()
+            .parse::<u32>()
+            .map_err(|e| setup_err("a zram device (hot_add)", e))?
+    } else {
+        return Err(MemoryError::NoZram);
+    };
+    let dev = format!("/sys/block/zram{n}");
+    let algorithms = std::fs::read_to_string(format!("{dev}/comp_algorithm")).unwrap_or_default();
+    // Fast to decompress first: waking an idle VM reads its pages back from here.
+    if let Some(alg) = ["lz4", "zstd", "lzo-rle", "lzo"].into_iter().find(|a| {
+        algorithms
+            .split_whitespace()
+            .any(|x| x.trim_matches(|c| c == '[' || c == ']') == *a)
+    }) {
+        std::fs::write(format!("{dev}/comp_algorithm"), alg)
+            .map_err(|e| setup_err("zram's compression algorithm", e))?;
+    }
+    let capacity = match pack {
+        Pack::Dense => host_ram,
+        _ => host_ram / 2,
+    };
+    std::fs::write(format!("{dev}/disksize"), capacity.to_string())
+        .map_err(|e| setup_err("zram's size", e))?;
+    let path = format!("/dev/zram{n}");
+    run("mkswap", &[&path])?;
+    run("swapon", &["-p", &ZRAM_PRIORITY.to_string(), &path])?;
+    std::fs::write(&note, n.to_string()).map_err(|e| setup_err("the zram note", e))?;
+    Ok(n)
+}
+
+fn setup_swap_file(size: u64, state_dir: &Path) -> Result<PathBuf, MemoryError> {
+    let path = state_dir.join("swapfile");
+    let p = path.display().to_string();
+    if swapped_on(&p) {
+        return Ok(path);
+    }
+    let _ = std::fs::remove_file(&path);
+    run("fallocate", &["-l", &size.to_string(), &p])?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| setup_err("the swap file's mode", e))?;
+    run("mkswap", &[&p])?;
+    run("swapon", &["-p", &SWAP_FILE_PRIORITY.to_string(), &p])?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_swaps_is_read_in_bytes() {
+        let text = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n/dev/zram1                              partition\t1048572\t\t2048\t\t100\n/var/lib/nook/swapfile file 262140 0 10\n";
+        let a = parse_swaps(text);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].path, "/dev/zram1");
+        assert_eq!(a[0].size_bytes, 1048572 << 10);
+        assert_eq!(a[0].used_bytes, 2048 << 10);
+        assert_eq!(a[1].priority, 10);
+    }
+
+    #[test]
+    fn pack_levels_parse_and_keep_less_as_they_go() {
+        assert_eq!(Pack::parse("dense"), Ok(Pack::Dense));
+        assert!(Pack::parse("tight").is_err());
+        let g = 1 << 30;
+        assert_eq!(Pack::Off.idle_keep(g), None);
+        assert!(Pack::Dense.idle_keep(g) < Pack::Balanced.idle_keep(g));
+    }
+
+    #[test]
+    fn a_probe_reads_a_fake_sysfs() {
+        let root = tempfile::tempdir().expect("tmp");
+        let r = root.path();
+        std::fs::create_dir_all(r.join("sys/block/zram0")).expect("dir");
+        std::fs::write(
+            r.join("sys/block/zram0/comp_algorithm"),
+            "[lzo-rle] lzo lz4\n",
+        )
+        .expect("w");
+        std::fs::create_dir_all(r.join("sys/module/zswap/parameters")).expect("dir");
+        std::fs::write(r.join("sys/module/zswap/parameters/enabled"), "N\n").expect("w");
+        std::fs::create_dir_all(r.join("proc")).expect("dir");
+        std::fs::write(r.join("proc/swaps"), "Filename Type Size Used Priority\n").expect("w");
+        let p = probe_in(r);
+        assert!(p.zram && !p.damon);
+        assert_eq!(p.zram_algorithms, ["lzo-rle", "lzo", "lz4"]);
+        assert_eq!(p.zswap, Some(false));
+        assert!(p.swaps.is_empty());
+    }
+}
