@@ -36,26 +36,38 @@ const CONSOLE_LINES: usize = 200;
 const MAX_MESSAGE: usize = 32 << 20;
 const MAX_REQUEST_HEAD: usize = 32 << 10;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ChromiumConfig {
     pub binary: PathBuf,
     /// The VM's address: `localhost` in the browser means this.
     pub vm_ip: Ipv4Addr,
-    /// Where chromium's profile goes (a fresh directory under it, removed at the end).
-    pub scratch: PathBuf,
-    /// Names this daemon's profiles, so [`sweep`] after a crash touches only its own.
+    /// Names this daemon's browsers, so [`sweep`] after a crash touches only its own.
     pub tag: String,
+    /// The host's egress policy for an address outside the VM (the daemon's block list):
+    /// the browser reaches no more than the VM itself could.
+    pub allow: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
 }
 
-fn profile_prefix(scratch: &std::path::Path, tag: &str) -> String {
-    format!("{}/nook-browser-{tag}-", scratch.display())
+impl std::fmt::Debug for ChromiumConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChromiumConfig")
+            .field("binary", &self.binary)
+            .field("vm_ip", &self.vm_ip)
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
 }
 
-/// Ends the browsers a daemon that died left behind (found by their profile directory) and
-/// removes their profiles. Returns how many it ended.
-pub fn sweep(scratch: &std::path::Path, tag: &str) -> usize {
-    let prefix = profile_prefix(scratch, tag);
-    let flag = format!("--user-data-dir={prefix}");
+/// The profile lives in the browser's own /tmp (a tmpfs in its mount namespace), so it is
+/// gone with the browser and no other browser can see it.
+fn profile_prefix(tag: &str) -> String {
+    format!("/tmp/nook-browser-{tag}-")
+}
+
+/// Ends the browsers a daemon that died left behind (found by their profile's name on their
+/// command line). Returns how many it ended.
+pub fn sweep(tag: &str) -> usize {
+    let flag = format!("--user-data-dir={}", profile_prefix(tag));
     let mut ended = 0;
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for p in procs.flatten() {
@@ -79,13 +91,6 @@ pub fn sweep(scratch: &std::path::Path, tag: &str) -> usize {
             }
         }
     }
-    if let Ok(entries) = std::fs::read_dir(scratch) {
-        for e in entries.flatten() {
-            if e.path().display().to_string().starts_with(&prefix) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
     ended
 }
 
@@ -99,8 +104,9 @@ pub struct Chromium {
     session: String,
     console: Arc<Mutex<VecDeque<String>>>,
     loaded: Arc<Notify>,
-    profile: PathBuf,
     proxy: tokio::task::JoinHandle<()>,
+    /// Set when the DevTools stream ended: the browser is of no more use.
+    dead: Arc<std::sync::atomic::AtomicBool>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -116,18 +122,22 @@ impl Chromium {
                 cfg.binary.display()
             )));
         }
-        let profile = PathBuf::from(format!(
+        let profile = format!(
             "{}{}",
-            profile_prefix(&cfg.scratch, &cfg.tag),
+            profile_prefix(&cfg.tag),
             hex::encode(rand::random::<[u8; 6]>())
-        ));
-        std::fs::create_dir_all(&profile)
-            .and_then(|()| std::os::unix::fs::chown(&profile, Some(NOBODY), Some(NOBODY)))
-            .map_err(|e| err(format!("could not make the browser's profile: {e}")))?;
-        // The shell brings loopback up, learns the proxy's port from its first line of input,
-        // and becomes chromium with the rest of its input on fd 3 and its output on fd 4.
+        );
+        // In namespaces of its own (network, mount, PID): the shell brings loopback up,
+        // covers every place on the host's disk that holds users' or nook's files with an
+        // empty tmpfs, makes the profile in its private /tmp, learns the proxy's port from its
+        // first line of input, and becomes chromium as nobody, with the rest of its input on
+        // fd 3 and its output on fd 4. /proc is its own (--mount-proc): no host process shows.
         let script = format!(
             r#"ip link set lo up || exit 1
+for d in /tmp /var/tmp /dev/shm /home /run /mnt /media /srv /var/lib /var/log /var/cache /opt /root; do
+  [ -d "$d" ] && {{ mount -t tmpfs -o mode=1777,size=512m,nosuid,nodev tmpfs "$d" || exit 1; }}
+done
+mkdir -m 700 "$1" && chown {NOBODY}:{NOBODY} "$1" || exit 1
 read port || exit 1
 exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
   env HOME="$1" "$0" --headless=new --remote-debugging-pipe --user-data-dir="$1" \
@@ -140,7 +150,15 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
             h = VIEWPORT.1,
         );
         let mut child = Command::new("unshare")
-            .args(["--net", "--", "sh", "-c", &script])
+            .args([
+                "--net",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+            ])
+            .args(["--", "sh", "-c", &script])
             .arg(&cfg.binary)
             .arg(&profile)
             .stdin(Stdio::piped())
@@ -168,7 +186,6 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
             Ok(l) => l,
             Err(e) => {
                 let _ = child.kill().await;
-                let _ = std::fs::remove_dir_all(&profile);
                 return Err(e);
             }
         };
@@ -176,7 +193,12 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
             .local_addr()
             .map_err(|e| err(format!("proxy address: {e}")))?
             .port();
-        let proxy = tokio::spawn(serve_proxy(listener, cfg.vm_ip));
+        let policy = Policy {
+            vm: cfg.vm_ip,
+            allow: cfg.allow.clone(),
+            local: local_addresses(),
+        };
+        let proxy = tokio::spawn(serve_proxy(listener, Arc::new(policy)));
         stdin
             .write_all(format!("{port}\n").as_bytes())
             .await
@@ -185,11 +207,13 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
         let pending: Pending = Arc::default();
         let console = Arc::new(Mutex::new(VecDeque::new()));
         let loaded = Arc::new(Notify::new());
+        let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(read_messages(
             stdout,
             pending.clone(),
             console.clone(),
             loaded.clone(),
+            dead.clone(),
         ));
         let mut c = Chromium {
             child: tokio::sync::Mutex::new(child),
@@ -199,8 +223,8 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
             session: String::new(),
             console,
             loaded,
-            profile,
             proxy,
+            dead,
             stderr,
         };
         let target = c
@@ -316,6 +340,16 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
         } else {
             format!("http://{url}")
         };
+        let scheme = url
+            .split("://")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            return Err(format!(
+                "the browser opens http:// and https:// pages only, not {scheme}:"
+            ));
+        }
         let loaded = self.loaded.notified();
         tokio::pin!(loaded);
         loaded.as_mut().enable();
@@ -399,23 +433,23 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
         }
     }
 
-    /// Ends chromium and its profile.
+    /// Ends chromium (its profile goes with its private /tmp) and its proxy's connections.
     pub async fn close(&self) {
         let _ = self.child.lock().await.kill().await;
         self.proxy.abort();
-        let _ = std::fs::remove_dir_all(&self.profile);
     }
 
-    /// True once chromium has exited.
+    /// True once chromium has exited, or can no longer be driven.
     pub async fn exited(&self) -> bool {
-        matches!(self.child.lock().await.try_wait(), Ok(Some(_)))
+        self.dead.load(Ordering::Relaxed)
+            || matches!(self.child.lock().await.try_wait(), Ok(Some(_)))
     }
 }
 
 impl Drop for Chromium {
     fn drop(&mut self) {
+        // The child is killed on drop (kill_on_drop); the proxy's tasks go with its JoinSet.
         self.proxy.abort();
-        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
@@ -447,6 +481,7 @@ async fn read_messages(
     pending: Pending,
     console: Arc<Mutex<VecDeque<String>>>,
     loaded: Arc<Notify>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut r = BufReader::new(stdout);
     let mut buf = Vec::new();
@@ -532,7 +567,9 @@ async fn read_messages(
             }
         }
     }
-    // Chromium has gone: every caller waiting hears so.
+    // Chromium has gone, or sent what cannot be followed: every caller waiting hears so, and
+    // the next use starts a new one.
+    dead.store(true, Ordering::Relaxed);
     pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
@@ -571,24 +608,70 @@ async fn listen_in_netns_of(pid: u32) -> Result<TcpListener, WorkspaceError> {
     TcpListener::from_std(std_listener).map_err(|e| err(format!("proxy listener: {e}")))
 }
 
-async fn serve_proxy(listener: TcpListener, vm: Ipv4Addr) {
-    loop {
-        let Ok((conn, _)) = listener.accept().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            if let Err(e) = proxy_one(conn, vm).await {
-                tracing::debug!(error = %e, "browser proxy connection ended");
-            }
-        });
+/// Connections one browser's proxy holds at once.
+const MAX_CONNECTIONS: usize = 256;
+/// A connection with no byte either way for this long is closed.
+const CONNECTION_IDLE: Duration = Duration::from_secs(120);
+
+/// Where the browser may go.
+pub(crate) struct Policy {
+    vm: Ipv4Addr,
+    allow: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+    /// The host's own addresses (every interface): never, whatever else allows them.
+    local: Vec<IpAddr>,
+}
+
+impl Policy {
+    fn permits(&self, ip: IpAddr) -> bool {
+        ip == IpAddr::V4(self.vm)
+            || (is_public(ip) && !self.local.contains(&ip) && (self.allow)(ip))
     }
 }
 
-/// Where the browser may go: the VM (which `localhost` means), and public addresses.
-async fn resolve(host: &str, port: u16, vm: Ipv4Addr) -> Result<SocketAddr, String> {
+fn local_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            if let Some(sa) = a.address {
+                if let Some(v4) = sa.as_sockaddr_in() {
+                    out.push(IpAddr::V4(v4.ip()));
+                } else if let Some(v6) = sa.as_sockaddr_in6() {
+                    out.push(IpAddr::V6(v6.ip()));
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn serve_proxy(listener: TcpListener, policy: Arc<Policy>) {
+    // The connections live in this set: aborting the proxy's task drops it, which ends them.
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((conn, _)) = accepted else { return };
+                if conns.len() >= MAX_CONNECTIONS {
+                    continue;
+                }
+                let policy = policy.clone();
+                conns.spawn(async move {
+                    if let Err(e) = proxy_one(conn, &policy).await {
+                        tracing::debug!(error = %e, "browser proxy connection ended");
+                    }
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Where the browser may go: the VM (which `localhost` means), and public addresses the
+/// host's egress policy allows; never the host itself.
+async fn resolve(host: &str, port: u16, policy: &Policy) -> Result<SocketAddr, String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.eq_ignore_ascii_case("localhost") || host == "127.0.0.1" || host == "::1" {
-        return Ok(SocketAddr::new(IpAddr::V4(vm), port));
+        return Ok(SocketAddr::new(IpAddr::V4(policy.vm), port));
     }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
@@ -599,13 +682,54 @@ async fn resolve(host: &str, port: u16, vm: Ipv4Addr) -> Result<SocketAddr, Stri
         .copied()
         .ok_or(format!("{host} has no address"))?;
     for a in &addrs {
-        if a.ip() != IpAddr::V4(vm) && !is_public(a.ip()) {
+        if !policy.permits(a.ip()) {
             return Err(format!(
                 "{host} is a private address: the browser reaches only this VM and the internet"
             ));
         }
     }
     Ok(first)
+}
+
+/// Copies both ways until both ends are done, or nothing moves for [`CONNECTION_IDLE`].
+async fn relay(a: &mut TcpStream, b: &mut TcpStream) -> Result<(), String> {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let mut abuf = vec![0u8; 16 << 10];
+    let mut bbuf = vec![0u8; 16 << 10];
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        let step = tokio::time::timeout(CONNECTION_IDLE, async {
+            tokio::select! {
+                n = ar.read(&mut abuf), if a_open => {
+                    let n = n.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        a_open = false;
+                        let _ = bw.shutdown().await;
+                    } else {
+                        bw.write_all(&abuf[..n]).await.map_err(|e| e.to_string())?;
+                    }
+                    Ok::<(), String>(())
+                }
+                n = br.read(&mut bbuf), if b_open => {
+                    let n = n.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        b_open = false;
+                        let _ = aw.shutdown().await;
+                    } else {
+                        aw.write_all(&bbuf[..n]).await.map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        match step {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
 }
 
 pub fn is_public(ip: IpAddr) -> bool {
@@ -625,18 +749,17 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (o[0] == 198 && (o[1] & 0xfe) == 18))
         }
         IpAddr::V6(v6) => {
+            // Global unicast only, and not the ranges that tunnel to IPv4 (6to4, Teredo) or
+            // are for documentation; NAT64 (64:ff9b::/96) is outside 2000::/3.
             let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some())
+            (s[0] & 0xe000) == 0x2000
+                && s[0] != 0x2002
+                && !(s[0] == 0x2001 && (s[1] == 0 || s[1] == 0x0db8))
         }
     }
 }
 
-async fn proxy_one(mut conn: TcpStream, vm: Ipv4Addr) -> Result<(), String> {
+async fn proxy_one(mut conn: TcpStream, policy: &Policy) -> Result<(), String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -660,7 +783,7 @@ async fn proxy_one(mut conn: TcpStream, vm: Ipv4Addr) -> Result<(), String> {
     );
     if method.eq_ignore_ascii_case("CONNECT") {
         let (host, port) = split_host_port(&target, 443);
-        let upstream = match resolve(&host, port, vm).await {
+        let upstream = match resolve(&host, port, policy).await {
             Ok(a) => TcpStream::connect(a).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
@@ -682,10 +805,7 @@ async fn proxy_one(mut conn: TcpStream, vm: Ipv4Addr) -> Result<(), String> {
         conn.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await
             .map_err(|e| e.to_string())?;
-        tokio::io::copy_bidirectional(&mut conn, &mut upstream)
-            .await
-            .map_err(|e| e.to_string())?;
-        return Ok(());
+        return relay(&mut conn, &mut upstream).await;
     }
     let Some(rest) = target.strip_prefix("http://") else {
         let _ = conn
@@ -698,7 +818,7 @@ async fn proxy_one(mut conn: TcpStream, vm: Ipv4Addr) -> Result<(), String> {
         None => (rest, "/"),
     };
     let (host, port) = split_host_port(authority, 80);
-    let upstream = match resolve(&host, port, vm).await {
+    let upstream = match resolve(&host, port, policy).await {
         Ok(a) => TcpStream::connect(a).await.map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
@@ -711,20 +831,27 @@ async fn proxy_one(mut conn: TcpStream, vm: Ipv4Addr) -> Result<(), String> {
             return Err(e);
         }
     };
-    // One request per connection: the browser may send the next one for another host.
+    // One request per connection: the browser may send its next one on this connection for
+    // another host, so only this request's body goes up (by its Content-Length), never more.
     let mut out = format!("{method} {path} {version}\r\n");
+    let mut body_len: u64 = 0;
     for line in lines {
         if line.is_empty() {
             continue;
         }
-        let name = line
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+        let name = name.trim().to_ascii_lowercase();
         if name == "connection" || name == "proxy-connection" || name == "keep-alive" {
             continue;
+        }
+        if name == "content-length" {
+            body_len = value.trim().parse().unwrap_or(0);
+        }
+        if name == "transfer-encoding" {
+            let _ = conn
+                .write_all(b"HTTP/1.1 411 Length Required\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+            return Err("a chunked request body through the browser's proxy".into());
         }
         out.push_str(line);
         out.push_str("\r\n");
@@ -734,17 +861,22 @@ async fn proxy_one(mut conn: TcpStream, vm: Ipv4Addr) -> Result<(), String> {
         .write_all(out.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
-    let (mut cr, mut cw) = conn.split();
+    let (cr, mut cw) = conn.split();
     let (mut ur, mut uw) = upstream.split();
-    let up = tokio::io::copy(&mut cr, &mut uw);
+    let mut body = cr.take(body_len);
+    let up = tokio::io::copy(&mut body, &mut uw);
     let down = async {
         let r = tokio::io::copy(&mut ur, &mut cw).await;
         let _ = cw.shutdown().await;
         r
     };
-    tokio::select! {
-        r = down => r.map(|_| ()).map_err(|e| e.to_string()),
-        _ = up => Ok(()),
+    let both = async {
+        let (_, down) = tokio::join!(up, down);
+        down
+    };
+    match tokio::time::timeout(CONNECTION_IDLE * 5, both).await {
+        Ok(r) => r.map(|_| ()).map_err(|e| e.to_string()),
+        Err(_) => Ok(()),
     }
 }
 
@@ -768,6 +900,9 @@ mod tests {
     #[test]
     fn only_public_addresses_pass() {
         for private in [
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "2001::1",
             "10.1.2.3",
             "127.0.0.1",
             "169.254.169.254",
@@ -787,12 +922,22 @@ mod tests {
     #[tokio::test]
     async fn localhost_is_the_vm_and_the_host_is_out_of_reach() {
         let vm = Ipv4Addr::new(10, 200, 0, 6);
+        let policy = Policy {
+            vm,
+            allow: Arc::new(|ip| ip != IpAddr::from([9, 9, 9, 9])),
+            local: vec![IpAddr::from([1, 2, 3, 4])],
+        };
         assert_eq!(
-            resolve("localhost", 8000, vm).await,
+            resolve("localhost", 8000, &policy).await,
             Ok(SocketAddr::from((vm, 8000)))
         );
-        assert!(resolve("10.200.0.5", 80, vm).await.is_err());
-        assert!(resolve("169.254.169.254", 80, vm).await.is_err());
+        assert!(resolve("10.200.0.6", 80, &policy).await.is_ok());
+        assert!(resolve("10.200.0.5", 80, &policy).await.is_err());
+        assert!(resolve("169.254.169.254", 80, &policy).await.is_err());
+        // The host's own public address, and what the host's egress policy blocks.
+        assert!(resolve("1.2.3.4", 80, &policy).await.is_err());
+        assert!(resolve("9.9.9.9", 80, &policy).await.is_err());
+        assert!(resolve("8.8.8.8", 80, &policy).await.is_ok());
         assert_eq!(split_host_port("[::1]:8080", 80), ("::1".into(), 8080));
         assert_eq!(
             split_host_port("example.com", 443),

@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use crate::turn::{self, Turn};
 use crate::{Conversation, Event, Journal, Model, State, Workspace};
 
-/// Events kept in memory per conversation for readers that are nearly caught up; older ones
-/// come from the journal.
+/// Events kept in memory per conversation for readers that are nearly caught up, by count
+/// and by size (screenshots are large); older ones come from the journal.
 const TAIL: usize = 4096;
+const TAIL_BYTES: usize = 8 << 20;
 /// Events read from the journal at a time.
 const PAGE: usize = 256;
 
@@ -57,7 +58,20 @@ struct HubInner {
     /// The last event published (persisted and in `tail`).
     published: u64,
     tail: VecDeque<(u64, Arc<Event>)>,
+    tail_bytes: usize,
     running: Option<CancellationToken>,
+}
+
+/// About what an event takes in memory.
+fn weight(e: &Event) -> usize {
+    match e {
+        Event::ToolResult { output, png, .. } => {
+            256 + output.len() + png.as_ref().map_or(0, String::len)
+        }
+        Event::User { text, .. } => 256 + text.len(),
+        Event::Text { delta } => 64 + delta.len(),
+        _ => 256,
+    }
 }
 
 impl Hub {
@@ -104,6 +118,7 @@ impl Agents {
                     inner: Mutex::new(HubInner {
                         published: c.last_seq,
                         tail: VecDeque::new(),
+                        tail_bytes: 0,
                         running: None,
                     }),
                     notify: Notify::new(),
@@ -156,14 +171,64 @@ impl Agents {
             .await
     }
 
-    /// Goes on with a turn the daemon's restart cut short.
+    /// Goes on with a turn the daemon's restart cut short. A turn that had ended (the daemon
+    /// stopped between its last event and marking it idle) is only marked idle.
     pub async fn resume(
         self: &Arc<Self>,
         c: &Conversation,
         ws: Arc<dyn Workspace>,
         model: Arc<dyn Model>,
-    ) -> Result<Started, AgentError> {
-        self.start(c, None, ws, model).await
+    ) -> Result<Option<Started>, AgentError> {
+        let last = self
+            .journal
+            .events(&c.id, c.last_seq.saturating_sub(1), 1)
+            .await?;
+        if matches!(last.last(), Some((_, Event::TurnEnd { .. }))) {
+            self.journal.set_state(&c.id, State::Idle).await?;
+            return Ok(None);
+        }
+        self.start(c, None, ws, model).await.map(Some)
+    }
+
+    /// Ends a turn that cannot go on after a restart, saying why; the conversation stays,
+    /// and a new prompt continues it.
+    pub async fn interrupt(&self, c: &Conversation, why: &str) -> Result<(), AgentError> {
+        let emit = Emitter {
+            id: c.id.clone(),
+            journal: self.journal.clone(),
+            hub: self.hub(c),
+        };
+        emit.emit(Event::Error {
+            message: format!("This turn could not go on after nook restarted: {why}"),
+        })
+        .await
+        .map_err(AgentError::Journal)?;
+        emit.emit(Event::TurnEnd {
+            reason: "interrupted".into(),
+        })
+        .await
+        .map_err(AgentError::Journal)?;
+        self.journal.set_state(&c.id, State::Interrupted).await?;
+        Ok(())
+    }
+
+    /// Who sent the last prompt in a conversation (the `by` of its last `user` event): whom a
+    /// resumed turn acts for.
+    pub async fn last_prompter(&self, c: &Conversation) -> Result<Option<String>, AgentError> {
+        let mut after = 0;
+        let mut by = None;
+        loop {
+            let page = self.journal.events(&c.id, after, PAGE).await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(by);
+            };
+            after = *last;
+            for (_, e) in &page {
+                if let Event::User { by: who, .. } = e {
+                    by = Some(who.clone());
+                }
+            }
+        }
     }
 
     async fn start(
@@ -222,8 +287,28 @@ impl Agents {
         let text = user.map(|(t, _)| t);
         let journal = self.journal.clone();
         let id = c.id.clone();
+        let last_words = Emitter {
+            id: c.id.clone(),
+            journal: self.journal.clone(),
+            hub: hub.clone(),
+        };
         tokio::spawn(async move {
-            t.run(text).await;
+            // A bug in the turn must not leave the conversation busy for good.
+            let ran =
+                futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(t.run(text))).await;
+            if ran.is_err() {
+                tracing::error!(conversation = %id, "an agent turn panicked");
+                let _ = last_words
+                    .emit(Event::Error {
+                        message: "The agent failed unexpectedly; the conversation goes on".into(),
+                    })
+                    .await;
+                let _ = last_words
+                    .emit(Event::TurnEnd {
+                        reason: "error".into(),
+                    })
+                    .await;
+            }
             if let Err(e) = journal.set_state(&id, State::Idle).await {
                 tracing::warn!(conversation = %id, error = %e, "could not mark the turn done");
             }
@@ -255,16 +340,6 @@ impl Agents {
     pub fn is_running(&self, id: &str) -> bool {
         let hubs = self.hubs.lock().unwrap_or_else(|p| p.into_inner());
         hubs.get(id).is_some_and(|h| h.lock().running.is_some())
-    }
-
-    /// Stops every running turn (the daemon is shutting down); they stay `running` in the
-    /// journal, so the next start resumes them.
-    pub fn abandon_all(&self) -> usize {
-        let hubs = self.hubs.lock().unwrap_or_else(|p| p.into_inner());
-        hubs.values()
-            .filter_map(|h| h.lock().running.clone())
-            .map(|c| c.cancel())
-            .count()
     }
 
     /// The events after `after`; with `follow`, then every later one as it happens (the
@@ -362,9 +437,12 @@ impl Emitter {
         {
             let mut h = self.hub.lock();
             h.published = seq;
+            h.tail_bytes += weight(&event);
             h.tail.push_back((seq, Arc::new(event)));
-            while h.tail.len() > TAIL {
-                h.tail.pop_front();
+            while h.tail.len() > TAIL || (h.tail_bytes > TAIL_BYTES && h.tail.len() > 1) {
+                if let Some((_, old)) = h.tail.pop_front() {
+                    h.tail_bytes = h.tail_bytes.saturating_sub(weight(&old));
+                }
             }
         }
         self.hub.notify.notify_waiters();

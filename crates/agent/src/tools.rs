@@ -145,6 +145,18 @@ pub fn shq(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// A path for the shell: quoted, with a leading `~` meaning the home directory as the model
+/// means it.
+fn path_word(p: &str) -> String {
+    if p == "~" {
+        "\"$HOME\"".to_string()
+    } else if let Some(rest) = p.strip_prefix("~/") {
+        format!("\"$HOME\"/{}", shq(rest))
+    } else {
+        shq(p)
+    }
+}
+
 fn text_arg<'a>(input: &'a Value, key: &str) -> Result<&'a str, String> {
     input
         .get(key)
@@ -262,7 +274,7 @@ async fn read(ws: &dyn Workspace, input: &Value) -> Result<Outcome, String> {
 n=$(wc -l < "$f")
 sed -n '{offset},{end}p' "$f" | head -c {cap}
 if [ "$n" -gt {end} ] || [ {offset} -gt 1 ]; then echo; echo "[lines {offset}-{end} of $n]"; fi"#,
-        p = shq(path),
+        p = path_word(path),
         cap = READ_LIMIT,
     );
     let out = exec(ws, user(script, 30, READ_LIMIT)).await?;
@@ -276,7 +288,7 @@ if [ "$n" -gt {end} ] || [ {offset} -gt 1 ]; then echo; echo "[lines {offset}-{e
 async fn write_file(ws: &dyn Workspace, path: &str, content: &[u8]) -> Result<(), String> {
     let script = format!(
         r#"f={p}; mkdir -p -- "$(dirname -- "$f")" && cat > "$f""#,
-        p = shq(path)
+        p = path_word(path)
     );
     let mut e = user(script, 60, 4096);
     e.stdin = Some(content.to_vec());
@@ -291,7 +303,7 @@ async fn write_file(ws: &dyn Workspace, path: &str, content: &[u8]) -> Result<()
 async fn read_whole(ws: &dyn Workspace, path: &str) -> Result<String, String> {
     let script = format!(
         r#"f={p}; [ -f "$f" ] || {{ echo "no such file: $f" >&2; exit 2; }}; cat -- "$f""#,
-        p = shq(path)
+        p = path_word(path)
     );
     let out = exec(ws, user(script, 30, PATCH_LIMIT)).await?;
     if out.status != Some(0) {
@@ -366,7 +378,8 @@ async fn apply_patch(ws: &dyn Workspace, input: &Value) -> Result<Outcome, Strin
                 done.push(format!("wrote {path}"));
             }
             None => {
-                let out = exec(ws, user(format!("rm -f -- {}", shq(&path)), 30, 4096)).await?;
+                let out =
+                    exec(ws, user(format!("rm -f -- {}", path_word(&path)), 30, 4096)).await?;
                 if out.status != Some(0) {
                     return Err(format!("could not delete {path}: {}", out.text().trim()));
                 }
@@ -406,7 +419,7 @@ async fn search(ws: &dyn Workspace, input: &Value) -> Result<Outcome, String> {
                 .map(|g| format!("--glob {}", shq(g)))
                 .unwrap_or_default(),
             p = shq(pattern),
-            d = shq(path),
+            d = path_word(path),
         )
     } else {
         format!(
@@ -415,7 +428,7 @@ async fn search(ws: &dyn Workspace, input: &Value) -> Result<Outcome, String> {
                 .map(|g| format!("--include={}", shq(g)))
                 .unwrap_or_default(),
             p = shq(pattern),
-            d = shq(path),
+            d = path_word(path),
         )
     };
     let out = exec(ws, user(script, 60, BASH_KEEP)).await?;
@@ -505,6 +518,8 @@ mod tests {
     fn words_are_quoted_for_the_shell() {
         assert_eq!(shq("a b"), "'a b'");
         assert_eq!(shq("it's"), "'it'\\''s'");
+        assert_eq!(path_word("~/app/x y.py"), "\"$HOME\"/'app/x y.py'");
+        assert_eq!(path_word("/etc/~x"), "'/etc/~x'");
     }
 
     #[test]

@@ -346,7 +346,12 @@ impl Turn {
             if let Some(items) = outcome.todo.clone() {
                 self.say(Event::Todo { items }).await;
             }
-            let text = cap(&outcome.text, RESULT_LIMIT);
+            // Both APIs refuse an empty text block, and a command often prints nothing.
+            let text = if outcome.text.trim().is_empty() {
+                "(no output)".to_string()
+            } else {
+                cap(&outcome.text, RESULT_LIMIT)
+            };
             let png = outcome.png.as_ref().map(|p| B64.encode(p));
             self.say(Event::ToolResult {
                 id: id.clone(),

@@ -70,10 +70,14 @@ impl AgentHost {
         let cfg = ChromiumConfig {
             binary: m.config().coding_agent.browser.clone(),
             vm_ip,
-            // Not under the data dir: that is closed to every user but root, and chromium
-            // runs as nobody.
-            scratch: std::env::temp_dir(),
             tag: browser_tag(m),
+            allow: {
+                let block = m.config().egress_block.clone();
+                Arc::new(move |ip| match ip {
+                    std::net::IpAddr::V4(v4) => !block.blocks(v4),
+                    std::net::IpAddr::V6(_) => true,
+                })
+            },
         };
         if let Some((b, _)) = browsers.remove(&vm.id) {
             b.close().await;
@@ -113,12 +117,14 @@ impl AgentHost {
         }
     }
 
-    /// The VM and model a turn in `c` works with, acting for `account`.
+    /// The VM and model a turn works with, acting for `account`: the conversation's own model
+    /// (`model`), through the provider the host's `agent_model` names.
     pub fn tools_for(
         self: &Arc<Self>,
         m: &Arc<Manager>,
         vm: &nook_store::VmRecord,
         account: Account,
+        model: &str,
     ) -> (Arc<dyn Workspace>, Arc<dyn Model>) {
         let ca = &m.config().coding_agent;
         let ws = Arc::new(VmWorkspace {
@@ -131,7 +137,7 @@ impl AgentHost {
             manager: m.clone(),
             vm_id: vm.id.clone(),
             provider: ca.provider.clone(),
-            model: ca.model.clone(),
+            model: model.to_string(),
             api: ca.api,
         });
         (ws, model)
@@ -139,7 +145,7 @@ impl AgentHost {
 
     /// Ends the browsers of this daemon's last life (a crash leaves them running).
     pub fn sweep_browsers(&self, m: &Manager) {
-        let ended = nook_agent::chromium::sweep(&std::env::temp_dir(), &browser_tag(m));
+        let ended = nook_agent::chromium::sweep(&browser_tag(m));
         if ended > 0 {
             tracing::info!(ended, "ended browsers a previous daemon left running");
         }
@@ -157,23 +163,28 @@ impl AgentHost {
         };
         for c in running {
             let vm = m.store().get_by_id(&c.vm_id).await.ok();
-            let account = m.store().account_by_id(&c.account_id).await.ok().flatten();
-            let resumed = match (vm, account) {
-                (Some(vm), Some(account)) => {
-                    let (ws, model) = self.tools_for(m, &vm, account);
-                    self.agents.resume(&c, ws, model).await.map(|_| ())
-                }
-                _ => Err(nook_agent::AgentError::NoConversation(c.id.clone())),
+            // The turn acts for whoever sent its prompt, as it did before the restart.
+            let by = self.agents.last_prompter(&c).await.ok().flatten();
+            let account = match by {
+                Some(email) => m.store().account_by_email(&email).await.ok().flatten(),
+                None => m.store().account_by_id(&c.account_id).await.ok().flatten(),
             };
-            match resumed {
-                Ok(()) => tracing::info!(conversation = %c.id, "agent turn resumed after restart"),
+            let (Some(vm), Some(account)) = (vm, account) else {
+                let why = "the VM or the account that started it is gone";
+                if let Err(e) = self.agents.interrupt(&c, why).await {
+                    tracing::warn!(conversation = %c.id, error = %e, "could not mark the turn interrupted");
+                }
+                continue;
+            };
+            let (ws, model) = self.tools_for(m, &vm, account, &c.model);
+            match self.agents.resume(&c, ws, model).await {
+                Ok(Some(_)) => {
+                    tracing::info!(conversation = %c.id, "agent turn resumed after restart")
+                }
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(conversation = %c.id, error = %e, "agent turn not resumed");
-                    let _ = self
-                        .agents
-                        .journal()
-                        .set_state(&c.id, State::Interrupted)
-                        .await;
+                    let _ = self.agents.interrupt(&c, &e.to_string()).await;
                 }
             }
         }

@@ -428,6 +428,8 @@ fn vm_agent_through_openai_responses_and_every_failure_leaves_it_usable() {
         {"reply": [{"tool": "browser", "input": {"action": "eval", "js": "document.documentElement.innerText"}}]},
         {"reply": [{"tool": "browser", "input": {"action": "navigate", "url": "http://10.200.0.1:8080/"}}]},
         {"reply": [{"tool": "browser", "input": {"action": "eval", "js": "document.documentElement.innerText"}}]},
+        // Nor the host's files.
+        {"reply": [{"tool": "browser", "input": {"action": "navigate", "url": "file:///etc/hostname"}}]},
         {"reply": [{"tool": "apply_patch", "input": {"patch": "*** Begin Patch\n*** Update File: www/index.html\n@@\n-<h1>no such line</h1>\n+<h1>x</h1>\n*** End Patch\n"}}]},
         {"expect": {"tool_result_contains": "not in the file"},
          "reply": [{"text": "Served on port 8000."}]},
@@ -473,14 +475,16 @@ fn vm_agent_through_openai_responses_and_every_failure_leaves_it_usable() {
         .filter(|e| e["type"] == "tool_result" && e["name"] == "browser")
         .filter_map(|e| e["output"].as_str())
         .collect();
-    let host = &seen[seen.len() - 4..];
+    let host = &seen[seen.len() - 5..];
     assert!(
         host.iter()
             .all(|o| !o.contains("fake-gpt") && !o.contains("SSH-2.0")),
         "the browser reached the host: {host:#?}"
     );
     assert!(
-        host[1].contains("private address") && host[3].contains("private address"),
+        host[1].contains("private address")
+            && host[3].contains("private address")
+            && host[4].contains("http:// and https:// pages only"),
         "{host:#?}"
     );
 

@@ -18,8 +18,8 @@ use serde_json::Value;
 use crate::pages::{self, esc};
 use crate::{Principal, Web, WebBackend, WebBody, text};
 
-/// A comment line this often keeps proxies from closing a quiet stream, and re-checks that
-/// the viewer may still see the VM.
+/// How often the stream re-checks that the viewer may still use the agent in the VM (and
+/// sends a comment line, which keeps proxies from closing a quiet stream).
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
 pub(crate) async fn page<B: WebBackend>(
@@ -132,12 +132,17 @@ pub(crate) async fn events<B: WebBackend>(
     tokio::spawn(async move {
         let mut stream = stream;
         let _ = tx.send(Bytes::from_static(b"retry: 1000\n\n")).await;
+        // Access is checked again on a clock, not only when the stream is quiet: a share taken
+        // away ends a stream that is busy too.
+        let mut recheck = tokio::time::interval(HEARTBEAT);
+        recheck.tick().await;
         loop {
-            let next = tokio::time::timeout(HEARTBEAT, stream.next()).await;
-            let frame = match next {
-                Ok(Some((seq, json))) => format!("id: {seq}\ndata: {json}\n\n"),
-                Ok(None) => return,
-                Err(_) => {
+            let frame = tokio::select! {
+                next = stream.next() => match next {
+                    Some((seq, json)) => format!("id: {seq}\ndata: {json}\n\n"),
+                    None => return,
+                },
+                _ = recheck.tick() => {
                     if !backend.may_use_agent(&user, &vm).await {
                         let _ = tx
                             .send(Bytes::from_static(

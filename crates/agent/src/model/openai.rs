@@ -83,7 +83,7 @@ impl StreamParser for Parser {
         let Ok(v) = serde_json::from_str::<Value>(data) else {
             return vec![ModelEvent::Error(format!(
                 "the model sent an event that is not JSON: {}",
-                &data[..data.len().min(120)]
+                data.chars().take(120).collect::<String>()
             ))];
         };
         let kind = v.get("type").and_then(Value::as_str).unwrap_or(name);

@@ -92,8 +92,14 @@ pub(super) async fn start(
             .filter(|c| c.vm_id == vm.id)
             .ok_or_else(|| api_error(nook_agent::AgentError::NoConversation(id.to_string())))?,
         None => {
+            // Checked before the conversation is made, so a refused prompt leaves none behind.
             if text.trim().is_empty() {
                 return Err(api_error(nook_agent::AgentError::EmptyPrompt));
+            }
+            if text.trim().len() > nook_agent::PROMPT_LIMIT {
+                return Err(api_error(nook_agent::AgentError::PromptTooLong(
+                    nook_agent::PROMPT_LIMIT >> 10,
+                )));
             }
             agents
                 .create(
@@ -107,7 +113,7 @@ pub(super) async fn start(
                 .map_err(api_error)?
         }
     };
-    let (ws, model) = host.tools_for(m, vm, account.clone());
+    let (ws, model) = host.tools_for(m, vm, account.clone(), &conversation.model);
     let started = agents
         .prompt(&conversation, text, &account.email, ws, model)
         .await
@@ -262,8 +268,20 @@ fn print_line_json(io: &dyn LobbyOutput, v: &serde_json::Value) {
     io.out(line.as_bytes());
 }
 
+/// Text from the model, the VM or another person, made safe for a terminal: no escape
+/// sequences (a clipboard write, a retitled window), only newlines and tabs kept.
+fn printable(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
+        .collect()
+}
+
 /// An event as the terminal shows it.
 fn render(e: &Event) -> String {
+    printable(&render_raw(e))
+}
+
+fn render_raw(e: &Event) -> String {
     fn short(s: &str, n: usize) -> String {
         let line = s.lines().next().unwrap_or_default();
         let t: String = line.chars().take(n).collect();
