@@ -45,9 +45,11 @@ pub struct AccountLimits {
     /// CFS quota in CPUs (2.0 = two full CPUs), at least 0.01;
     /// `f64::INFINITY` means no quota.
     pub cpus: f64,
-    /// Hard cap on the sum of its QEMUs' memory (swap cannot extend it);
-    /// `u64::MAX` means no cap.
+    /// Hard cap on the sum of its QEMUs' memory in RAM; `u64::MAX` means no cap.
     pub memory_bytes: u64,
+    /// What its VMs may have in swap on top of that (the tiers idle VMs are packed into);
+    /// 0: swap cannot extend the cap at all.
+    pub swap_bytes: u64,
 }
 
 /// A VM's share within its account.
@@ -230,8 +232,8 @@ impl Cgroups {
         };
         tracing::debug!(account, ?limits, "set account cgroup");
         match &self.backend {
-            Backend::V1(v) => v.set_account(Path::new(TOP), &rel, quota, memory),
-            Backend::V2(v) => v.set_account(Path::new(TOP), &rel, quota, memory),
+            Backend::V1(v) => v.set_account(Path::new(TOP), &rel, quota, memory, limits.swap_bytes),
+            Backend::V2(v) => v.set_account(Path::new(TOP), &rel, quota, memory, limits.swap_bytes),
         }
     }
 

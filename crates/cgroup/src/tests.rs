@@ -146,6 +146,7 @@ fn v2_files_on_a_fake_tree() {
     let limits = AccountLimits {
         cpus: 1.5,
         memory_bytes: 1 << 30,
+        swap_bytes: 0,
     };
     cg.set_account("a1", limits).expect("set_account");
     assert_eq!(t.read("cgroup.subtree_control"), "+cpu +memory");
@@ -154,6 +155,13 @@ fn v2_files_on_a_fake_tree() {
     assert_eq!(t.read("nook/a1/cpu.max"), "150000 100000");
     assert_eq!(t.read("nook/a1/memory.max"), "1073741824");
     assert_eq!(t.read("nook/a1/memory.swap.max"), "0");
+    // With packing, swap may extend the cap by what the account is allowed.
+    let packed = AccountLimits {
+        swap_bytes: 3 << 30,
+        ..limits
+    };
+    cg.set_account("a1", packed).expect("set_account");
+    assert_eq!(t.read("nook/a1/memory.swap.max"), "3221225472");
 
     let knobs = VmKnobs {
         cpu_weight: 250,
@@ -167,6 +175,7 @@ fn v2_files_on_a_fake_tree() {
     let unlimited = AccountLimits {
         cpus: f64::INFINITY,
         memory_bytes: u64::MAX,
+        swap_bytes: 0,
     };
     cg.set_account("a1", unlimited).expect("set_account");
     assert_eq!(t.read("nook/a1/cpu.max"), "max 100000");
@@ -215,6 +224,7 @@ fn v1_files_on_a_fake_tree() {
     let limits = AccountLimits {
         cpus: 0.2,
         memory_bytes: 64 << 20,
+        swap_bytes: 0,
     };
     cg.set_account("a1", limits).expect("set_account");
     assert_eq!(t.read("cpu/nook/a1/cpu.cfs_period_us"), "100000");
@@ -242,7 +252,8 @@ fn v1_files_on_a_fake_tree() {
             "a1",
             AccountLimits {
                 cpus: 1.0,
-                memory_bytes: 0
+                memory_bytes: 0,
+                swap_bytes: 0,
             }
         ),
         Err(CgroupError::InvalidLimit(_))

@@ -43,6 +43,7 @@ impl V1 {
         account: &Path,
         quota_us: Option<u64>,
         memory: Option<u64>,
+        swap: u64,
     ) -> Result<(), CgroupError> {
         for h in self.hierarchies() {
             for rel in [top, account] {
@@ -59,7 +60,7 @@ impl V1 {
             &cpu.join("cpu.cfs_quota_us"),
             &quota_us.map_or("-1".to_owned(), |q| q.to_string()),
         )?;
-        set_memory_limit(&self.memory.join(account), memory)
+        set_memory_limit(&self.memory.join(account), memory, swap)
     }
 
     pub fn set_vm(&self, vm: &Path, shares: u64, soft: Option<u64>) -> Result<(), CgroupError> {
@@ -141,20 +142,21 @@ fn use_hierarchy(dir: &Path) {
 }
 
 /// Sets `memory.limit_in_bytes` and, when swap accounting exists,
-/// `memory.memsw.limit_in_bytes` to the same value so swap cannot extend the
-/// cap. The kernel wants memory <= memsw at every step: lowering writes
-/// memory first, raising writes memsw first.
-fn set_memory_limit(dir: &Path, limit: Option<u64>) -> Result<(), CgroupError> {
+/// `memory.memsw.limit_in_bytes` to it plus `swap`, so swap extends the cap by
+/// no more than that (not at all with 0). The kernel wants memory <= memsw at
+/// every step: lowering writes memory first, raising writes memsw first.
+fn set_memory_limit(dir: &Path, limit: Option<u64>, swap: u64) -> Result<(), CgroupError> {
     let value = limit.map_or("-1".to_owned(), |l| l.to_string());
+    let both = limit.map_or("-1".to_owned(), |l| l.saturating_add(swap).to_string());
     let mem = dir.join("memory.limit_in_bytes");
     let memsw = dir.join("memory.memsw.limit_in_bytes");
     if !memsw.exists() {
         return files::write(&mem, &value);
     }
     match files::try_write(&mem, &value) {
-        Ok(()) => files::write(&memsw, &value),
+        Ok(()) => files::write(&memsw, &both),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            files::write(&memsw, &value)?;
+            files::write(&memsw, &both)?;
             files::write(&mem, &value)
         }
         Err(source) => Err(CgroupError::Write {

@@ -18,6 +18,7 @@ impl V2 {
         account: &Path,
         quota_us: Option<u64>,
         memory: Option<u64>,
+        swap: u64,
     ) -> Result<(), CgroupError> {
         enable_controllers(&self.root)?;
         files::mkdir(&self.root.join(top))?;
@@ -30,10 +31,10 @@ impl V2 {
             &dir.join("memory.max"),
             &memory.map_or("max".to_owned(), |m| m.to_string()),
         )?;
-        // memory.max counts RAM only: keep swap from extending the cap.
-        let swap = dir.join("memory.swap.max");
-        if swap.exists() {
-            files::write(&swap, "0")?;
+        // memory.max counts RAM only: swap extends the cap by `swap` (0: not at all).
+        let swap_max = dir.join("memory.swap.max");
+        if swap_max.exists() {
+            files::write(&swap_max, &swap.to_string())?;
         }
         enable_controllers(&dir)
     }

@@ -195,7 +195,11 @@ fn measure(pids: &[u32], secs: f64) -> Vec<f64> {
 }
 
 fn limits(cpus: f64, memory_bytes: u64) -> AccountLimits {
-    AccountLimits { cpus, memory_bytes }
+    AccountLimits {
+        cpus,
+        memory_bytes,
+        swap_bytes: 0,
+    }
 }
 
 /// The first of the group's directories holding `file`.

@@ -41,6 +41,26 @@ impl Pack {
         }
     }
 
+    /// What an account whose envelope holds `memory` bytes of RAM may have in swap besides:
+    /// what its idle VMs are packed into. Without packing, swap does not extend the envelope.
+    pub fn swap_allowance(self, memory: u64) -> u64 {
+        match self {
+            Pack::Off => 0,
+            Pack::Balanced => memory,
+            Pack::Dense => memory.saturating_mul(3),
+        }
+    }
+
+    /// How far the VMs an account runs may add up past its envelope's memory: the
+    /// configured overcommit, times this.
+    pub fn overcommit_factor(self) -> f64 {
+        match self {
+            Pack::Off => 1.0,
+            Pack::Balanced => 2.0,
+            Pack::Dense => 4.0,
+        }
+    }
+
     /// What an idle VM of `memory` bytes keeps in RAM.
     pub fn idle_keep(self, memory: u64) -> Option<u64> {
         match self {

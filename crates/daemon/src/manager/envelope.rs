@@ -13,6 +13,10 @@ impl Manager {
         let limits = nook_cgroup::AccountLimits {
             cpus: plan.cpu,
             memory_bytes: u64::from(plan.memory_mib) << 20,
+            swap_bytes: self
+                .tiers()
+                .pack
+                .swap_allowance(u64::from(plan.memory_mib) << 20),
         };
         let (cg, id) = (cg.clone(), account_id.to_string());
         if let Ok(Err(err)) = tokio::task::spawn_blocking(move || cg.set_account(&id, limits)).await
@@ -224,7 +228,9 @@ impl Manager {
             memory_mib,
             disk_bytes,
         };
-        account_room(&plan, self.cfg.memory_overcommit, &all, owner, ask, wants)?;
+        // Packing idle VMs lets the running ones add up further past the envelope.
+        let overcommit = self.cfg.memory_overcommit * self.tiers().pack.overcommit_factor();
+        account_room(&plan, overcommit, &all, owner, ask, wants)?;
         Ok(admitted)
     }
 }

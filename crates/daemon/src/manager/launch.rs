@@ -352,6 +352,10 @@ impl Manager {
         let limits = nook_cgroup::AccountLimits {
             cpus: plan.cpu,
             memory_bytes: u64::from(plan.memory_mib) << 20,
+            swap_bytes: self
+                .tiers()
+                .pack
+                .swap_allowance(u64::from(plan.memory_mib) << 20),
         };
         let (cg, owner, id) = (cg.clone(), vm.owner.clone(), vm.id.clone());
         let done = tokio::task::spawn_blocking(move || {
