@@ -1,59 +1,101 @@
 #!/usr/bin/env bash
-# Density benchmark: how many idle tiny-image VMs fit an account's 2 GiB envelope on this
-# machine, and what each costs the host, with memory reclaim (balloon free page reporting,
-# KSM, a 64 MiB TCG cache) and without. Firecracker's published VMM overhead is <= 5 MiB.
-# Run as root after `scripts/build release`:  bench/density.sh [MAX_VMS]
+# Density benchmark: how many idle tiny-image VMs fit an account's envelope on this machine
+# at each packing level (`--pack off|balanced|dense`), what each idle VM costs the host
+# (its RAM plus its share of the compressed tier), how long an idle VM takes to answer
+# `ssh VM@HOST true` (p50/p99: the first touch after its memory was packed), and the CPU an
+# idle VM costs. Firecracker's published VMM overhead (<= 5 MiB, guest memory excluded) is
+# the baseline for "an extra VM costs nothing".
+# Run as root after `scripts/build release`:
+#   bench/density.sh [MAX_VMS] [LEVEL...]     (default: 100 off balanced dense)
+# ENVELOPE sets the account's memory (default 8G); VM_MEMORY each VM's (default 128M).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-max=${1:-40}
+max=${1:-100}
+shift || true
+if [ $# -gt 0 ]; then levels=("$@"); else levels=(off balanced dense); fi
+envelope=${ENVELOPE:-8G}
+vm_memory=${VM_MEMORY:-128M}
 nook=$PWD/target/release/nook
 images=${NOOK_IMAGES_DIR:-/var/cache/nook-test/images}
 agent=$PWD/target/x86_64-unknown-linux-gnu/release/nook-guest-agent
-ksm_before=$(cat /sys/kernel/mm/ksm/run 2>/dev/null || echo 0)
 
-run() { # $1 = true|false (reclaim)
-  local reclaim=$1 tmp port pid n=0
+pct() { # $1 = percentile; numbers on stdin
+  sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(p/100*(NR-1)+0.5)+1; if (i>NR) i=NR; printf "%.1f", a[i]}'
+}
+
+run() { # $1 = pack level
+  local pack=$1 tmp port pid n=0
   tmp=$(mktemp -d /tmp/nook-density.XXXX)
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   mkdir -p "$tmp/data"
   cat > "$tmp/data/nook.toml" <<CFG
 plan_cpu = 2.0
-plan_memory = "2G"
+plan_memory = "$envelope"
 plan_disk = "1T"
 plan_max_vms = 500
+host_max_vms = 500
 memory_overcommit = 100.0
-reclaim = $reclaim
+idle_after_secs = 20
 CFG
-  [ "$reclaim" = false ] && echo 0 > /sys/kernel/mm/ksm/run 2>/dev/null || true
   ssh-keygen -q -t ed25519 -N '' -f "$tmp/key"
   local opts=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR -i "$tmp/key" -p "$port")
+  local avail_before
+  avail_before=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
   NOOK_DATA_DIR=$tmp/data NOOK_IMAGES_DIR=$images NOOK_AGENT=$agent NOOK_SSH_ADDR=127.0.0.1:$port NOOK_NET=user \
-    "$nook" serve >"$tmp/log" 2>&1 &
+    NOOK_PACK=$pack "$nook" serve >"$tmp/log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do ssh "${opts[@]}" lobby@127.0.0.1 signup density@example.com >/dev/null 2>&1 && break; sleep 0.1; done
+  local cpu_before
+  cpu_before=$(awk '/^cpu / {print $2+$3+$4+$6+$7+$8}' /proc/stat)
   while [ "$n" -lt "$max" ]; do
-    if ! ssh "${opts[@]}" lobby@127.0.0.1 new --image tiny --memory 128M --name "d$n" >/dev/null 2>"$tmp/err"; then
+    if ! ssh "${opts[@]}" lobby@127.0.0.1 new --image tiny --memory "$vm_memory" --name "d$n" >/dev/null 2>"$tmp/err"; then
       echo "  VM $((n+1)) did not fit: $(head -c 300 "$tmp/err")"
       break
     fi
     n=$((n+1))
-    # The envelope's cgroup OOM-kills a QEMU when real memory runs out.
     if NOOK_DATA_DIR=$tmp/data "$nook" vm list --json | grep -q '"failed"'; then
       echo "  a VM was killed at $n VMs: the envelope's memory is full"; n=$((n-1)); break
     fi
   done
-  sleep 60 # let free page reporting, KSM and the idle knobs settle
-  local mem ksm
+  # Idle for a while: the idle knobs, KSM, and with packing the squeeze, settle.
+  local t0 cpu0
+  sleep 90
+  t0=$(date +%s.%N); cpu0=$(awk '/^cpu / {print $2+$3+$4+$6+$7+$8}' /proc/stat)
+  sleep 30
+  local cpu1 t1 hz idle_cpu
+  cpu1=$(awk '/^cpu / {print $2+$3+$4+$6+$7+$8}' /proc/stat); t1=$(date +%s.%N)
+  hz=$(getconf CLK_TCK)
+  idle_cpu=$(python3 -c "print(f'{($cpu1-$cpu0)/$hz/($t1-$t0)/max($n,1)*100:.2f}')")
+  local mem zram avail_after
   mem=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics | awk '/^nook_account_memory_bytes/ {print $2}')
-  ksm=$(cat /sys/kernel/mm/ksm/pages_sharing 2>/dev/null || echo 0)
-  echo "reclaim=$reclaim: $n idle tiny VMs (128 MiB each) in a 2 GiB envelope;" \
-    "account memory $((mem / 1048576)) MiB, $((mem / 1048576 / (n > 0 ? n : 1))) MiB per VM; KSM pages shared: $ksm"
+  zram=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics | awk '/^nook_tier_compressed_ram_bytes/ {print $2}')
+  zram=${zram:-0}
+  avail_after=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+  local per_vm=$(( (mem + zram) / 1048576 / (n > 0 ? n : 1) ))
+  local host_per_vm=$(( (avail_before - avail_after) / 1024 / (n > 0 ? n : 1) ))
+  # Waking: the first touch of VMs idle (and packed) for two minutes.
+  local wakes=() v s e
+  for v in $(seq 0 $(( n > 20 ? 19 : n - 1 ))); do
+    s=$(date +%s%N)
+    ssh "${opts[@]}" "d$v@127.0.0.1" true >/dev/null 2>&1 || true
+    e=$(date +%s%N)
+    wakes+=("$(( (e - s) / 1000000 ))")
+  done
+  echo "pack=$pack: $n idle tiny VMs ($vm_memory each) in a $envelope envelope;" \
+    "RAM + compressed tier $(( (mem + zram) / 1048576 )) MiB = $per_vm MiB per VM" \
+    "(host MemAvailable fell $host_per_vm MiB per VM); CPU per idle VM $idle_cpu% of one core;" \
+    "wake (ssh VM true) p50 $(printf '%s\n' "${wakes[@]}" | pct 50) ms p99 $(printf '%s\n' "${wakes[@]}" | pct 99) ms"
   for v in $(seq 0 $((n - 1))); do NOOK_DATA_DIR=$tmp/data "$nook" vm rm "d$v" >/dev/null 2>&1 || true; done
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  # What packing set up is taken down again, so the next level starts from a bare host.
+  if [ -f "$tmp/data/zram-device" ]; then
+    dev=$(cat "$tmp/data/zram-device")
+    swapoff "/dev/zram$dev" 2>/dev/null || true
+    echo "$dev" > /sys/class/zram-control/hot_remove 2>/dev/null || true
+  fi
+  [ -f "$tmp/data/swapfile" ] && swapoff "$tmp/data/swapfile" 2>/dev/null || true
   rm -rf "$tmp"
 }
 
-run true
-run false
-echo "$ksm_before" > /sys/kernel/mm/ksm/run 2>/dev/null || true
+for level in "${levels[@]}"; do run "$level"; done
 echo "Firecracker's published VMM overhead: <= 5 MiB per microVM (excluding guest memory)."
