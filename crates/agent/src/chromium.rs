@@ -893,6 +893,74 @@ fn split_host_port(authority: &str, default: u16) -> (String, u16) {
     }
 }
 
+/// A browser nobody used for this long is closed.
+const BROWSER_IDLE: Duration = Duration::from_secs(600);
+/// Browsers open on a host at once (each is a few hundred MiB); past it, the one used least
+/// recently is closed to make room.
+const MAX_BROWSERS: usize = 8;
+
+/// The host's browsers, one per VM (by key), started on first use.
+#[derive(Default)]
+pub struct Pool {
+    browsers: tokio::sync::Mutex<HashMap<String, (Arc<Chromium>, std::time::Instant)>>,
+}
+
+impl Pool {
+    /// The browser for `key`, started with `cfg` if there is none or it died.
+    pub async fn get(
+        &self,
+        key: &str,
+        cfg: impl FnOnce() -> Result<ChromiumConfig, WorkspaceError>,
+    ) -> Result<Arc<Chromium>, WorkspaceError> {
+        let mut browsers = self.browsers.lock().await;
+        if let Some((b, used)) = browsers.get_mut(key)
+            && !b.exited().await
+        {
+            *used = std::time::Instant::now();
+            return Ok(b.clone());
+        }
+        let cfg = cfg()?;
+        if let Some((b, _)) = browsers.remove(key) {
+            b.close().await;
+        }
+        while browsers.len() >= MAX_BROWSERS {
+            let Some(oldest) = browsers
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((b, _)) = browsers.remove(&oldest) {
+                b.close().await;
+            }
+        }
+        let b = Chromium::launch(&cfg).await?;
+        browsers.insert(key.to_string(), (b.clone(), std::time::Instant::now()));
+        Ok(b)
+    }
+
+    /// The keys that have a browser.
+    pub async fn keys(&self) -> Vec<String> {
+        self.browsers.lock().await.keys().cloned().collect()
+    }
+
+    /// Closes the browsers nobody used lately, and those whose key `keep` refuses.
+    pub async fn reap(&self, keep: &[String]) {
+        let mut browsers = self.browsers.lock().await;
+        let gone: Vec<String> = browsers
+            .iter()
+            .filter(|(k, (_, used))| !keep.contains(k) || used.elapsed() > BROWSER_IDLE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            if let Some((b, _)) = browsers.remove(&k) {
+                b.close().await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

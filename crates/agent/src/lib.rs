@@ -24,6 +24,7 @@ pub mod chromium;
 pub mod model;
 mod patch;
 mod runtime;
+mod text;
 mod tools;
 mod turn;
 

@@ -3,14 +3,12 @@
 //! gateway (so every token is metered against the VM owner's credit, and no key is ever in
 //! the VM), and one sandboxed chromium per VM for the `browser` tool.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
-use nook_agent::chromium::{Chromium, ChromiumConfig};
+use nook_agent::chromium::ChromiumConfig;
 use nook_agent::{
     Agents, Api, BoxFuture, Browser, Conversation, Event, Exec, ExecOutput, Journal, JournalError,
     Message, Model, ModelReply, State, Workspace, WorkspaceError,
@@ -21,11 +19,6 @@ use nook_store::{Account, AgentConversation, Role, Store};
 
 use crate::manager::{GUEST_USER, Manager};
 
-/// A browser nobody used for this long is closed.
-const BROWSER_IDLE: Duration = Duration::from_secs(600);
-/// Browsers open on the host at once (each is a few hundred MiB); past it, the one used least
-/// recently is closed to make room.
-const MAX_BROWSERS: usize = 8;
 /// Output a command may send ahead of the agent.
 const EXEC_WINDOW: u32 = 1 << 20;
 /// Stdin is written in pieces of this size.
@@ -38,14 +31,14 @@ fn now() -> i64 {
 /// The agent runtime and what it needs from the host: the daemon holds one.
 pub struct AgentHost {
     pub agents: Arc<Agents>,
-    browsers: tokio::sync::Mutex<HashMap<String, (Arc<Chromium>, Instant)>>,
+    browsers: nook_agent::chromium::Pool,
 }
 
 impl AgentHost {
     pub fn new(store: Store) -> Arc<AgentHost> {
         Arc::new(AgentHost {
             agents: Agents::new(Arc::new(StoreJournal(store))),
-            browsers: tokio::sync::Mutex::default(),
+            browsers: nook_agent::chromium::Pool::default(),
         })
     }
 
@@ -55,66 +48,36 @@ impl AgentHost {
         m: &Manager,
         vm: &nook_store::VmRecord,
     ) -> Result<Arc<dyn Browser>, WorkspaceError> {
-        let mut browsers = self.browsers.lock().await;
-        if let Some((b, used)) = browsers.get_mut(&vm.id)
-            && !b.exited().await
-        {
-            *used = Instant::now();
-            return Ok(b.clone());
-        }
-        let Some(vm_ip) = m.guest_ip(vm) else {
-            return Err(WorkspaceError(
-                "The browser needs the host's VM network (tap mode); this host runs VMs with user-mode networking".into(),
-            ));
-        };
-        let cfg = ChromiumConfig {
-            binary: m.config().coding_agent.browser.clone(),
-            vm_ip,
-            tag: browser_tag(m),
-            allow: {
-                let block = m.config().egress_block.clone();
-                Arc::new(move |ip| match ip {
+        let cfg = || {
+            let Some(vm_ip) = m.guest_ip(vm) else {
+                return Err(WorkspaceError(
+                    "The browser needs the host's VM network (tap mode); this host runs VMs with user-mode networking".into(),
+                ));
+            };
+            let block = m.config().egress_block.clone();
+            Ok(ChromiumConfig {
+                binary: m.config().coding_agent.browser.clone(),
+                vm_ip,
+                tag: browser_tag(m),
+                allow: Arc::new(move |ip| match ip {
                     std::net::IpAddr::V4(v4) => !block.blocks(v4),
                     std::net::IpAddr::V6(_) => true,
-                })
-            },
+                }),
+            })
         };
-        if let Some((b, _)) = browsers.remove(&vm.id) {
-            b.close().await;
-        }
-        while browsers.len() >= MAX_BROWSERS {
-            let Some(oldest) = browsers
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(id, _)| id.clone())
-            else {
-                break;
-            };
-            if let Some((b, _)) = browsers.remove(&oldest) {
-                b.close().await;
-            }
-        }
-        let b = Chromium::launch(&cfg).await?;
-        browsers.insert(vm.id.clone(), (b.clone(), Instant::now()));
+        let b: Arc<dyn Browser> = self.browsers.get(&vm.id, cfg).await?;
         Ok(b)
     }
 
     /// Closes the browsers nobody used lately, and those of VMs that are gone or stopped.
     pub async fn reap_browsers(&self, m: &Manager) {
-        let mut browsers = self.browsers.lock().await;
-        let mut gone = Vec::new();
-        for (vm_id, (_, used)) in browsers.iter() {
-            let running =
-                matches!(m.store().get_by_id(vm_id).await, Ok(vm) if vm.state == VmState::Running);
-            if !running || used.elapsed() > BROWSER_IDLE {
-                gone.push(vm_id.clone());
+        let mut running = Vec::new();
+        for id in self.browsers.keys().await {
+            if matches!(m.store().get_by_id(&id).await, Ok(vm) if vm.state == VmState::Running) {
+                running.push(id);
             }
         }
-        for id in gone {
-            if let Some((b, _)) = browsers.remove(&id) {
-                b.close().await;
-            }
-        }
+        self.browsers.reap(&running).await;
     }
 
     /// The VM and model a turn works with, acting for `account`: the conversation's own model

@@ -8,18 +8,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
+use common::scripted::{ScriptedModel, daemon};
 use common::{Daemon, Key, repo_root};
 use serde_json::{Value, json};
-
-const ANTHROPIC_KEY: &str = "sk-ant-web-agent-5d2f";
-const PRICES: &str = r#"
-[llm_prices.anthropic.fake-claude]
-input = 1.0
-output = 2.0
-"#;
 
 /// What the user types and what the model says back, shared with agent.mjs (as NOOK_CHAT) so
 /// the script and the browser's checks cannot drift apart.
@@ -33,90 +26,6 @@ const CONTINUING: &str = "Continuing. The long command was stopped before it fin
 /// The model waits this long between the pieces of its last words in a turn, so the page shows
 /// them arriving.
 const DELTA_DELAY_MS: u64 = 150;
-
-/// The scripted model server.
-struct ScriptedModel {
-    child: Child,
-    port: u16,
-}
-
-impl ScriptedModel {
-    fn start() -> ScriptedModel {
-        let mut child = Command::new("python3")
-            .arg(repo_root().join("tests/fake-llm/scripted_model.py"))
-            .args(["--port", "0", "--anthropic-key", ANTHROPIC_KEY])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 scripted_model.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("first line");
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("scripted model said {line:?}"));
-        ScriptedModel { child, port }
-    }
-
-    fn curl(&self, args: &[&str]) -> Value {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "10"])
-            .args(args)
-            .output()
-            .expect("curl");
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "scripted model answered {:?}: {e}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
-    }
-
-    fn script(&self, steps: Value) {
-        let v = self.curl(&[
-            "-X",
-            "POST",
-            "--data-binary",
-            &json!({ "steps": steps }).to_string(),
-            &format!("http://127.0.0.1:{}/__script", self.port),
-        ]);
-        assert_eq!(v["ok"], true, "script refused: {v}");
-    }
-
-    fn log(&self) -> Value {
-        self.curl(&[&format!("http://127.0.0.1:{}/__log", self.port)])
-    }
-}
-
-impl Drop for ScriptedModel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A daemon whose agent talks to `model` as `agent_model`.
-fn daemon(model: &ScriptedModel, agent_model: &str) -> Daemon {
-    let tmp = tempfile::Builder::new()
-        .prefix("nook-sys")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let data_dir = tmp.path().join("data");
-    std::fs::create_dir_all(&data_dir).expect("data dir");
-    let url = format!("http://127.0.0.1:{}", model.port);
-    std::fs::write(
-        data_dir.join("nook.toml"),
-        format!(
-            "llm_anthropic_base_url = \"{url}\"\nllm_anthropic_key = \"{ANTHROPIC_KEY}\"\n\
-             agent_model = \"{agent_model}\"\n{PRICES}"
-        ),
-    )
-    .expect("nook.toml");
-    Daemon::start_in(data_dir, Some(tmp), &[])
-}
 
 fn login_link(d: &Daemon, key: &Key) -> String {
     d.lobby_ok(key, &["browser"])
