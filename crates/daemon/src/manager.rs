@@ -182,6 +182,7 @@ fn memory_tiers(cfg: &Config) -> nook_memory::Tiers {
         pack: nook_memory::Pack::Off,
         zram: None,
         swap_file: None,
+        missing: Vec::new(),
     };
     if cfg.pack == nook_memory::Pack::Off {
         tracing::info!(kernel = %offers, "memory packing off (--pack balanced|dense packs idle VMs)");
@@ -195,6 +196,9 @@ fn memory_tiers(cfg: &Config) -> nook_memory::Tiers {
     match nook_memory::Tiers::setup(cfg.pack, host_ram, &cfg.data_dir) {
         Ok(t) => {
             tracing::info!(kernel = %offers, "memory tiers: {}", t.describe());
+            for why in &t.missing {
+                tracing::warn!("memory tier left out: {why}");
+            }
             t
         }
         Err(err) => {

@@ -155,6 +155,9 @@ pub struct Tiers {
     /// `/dev/zramN`, nook's compressed swap.
     pub zram: Option<u32>,
     pub swap_file: Option<PathBuf>,
+    /// Tiers that `pack` asks for but could not be set up here, each with the reason (for the
+    /// daemon's log): the rest still packs.
+    pub missing: Vec<String>,
 }
 
 /// The host's tiers now.
@@ -217,25 +220,32 @@ impl Tiers {
     /// `dense` a swap file of `host_ram / 4` in `state_dir`. What a previous daemon set up
     /// (noted in `state_dir`) is reused.
     pub fn setup(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<Tiers, MemoryError> {
-        if pack == Pack::Off {
-            return Ok(Tiers {
-                pack,
-                zram: None,
-                swap_file: None,
-            });
-        }
-        let zram = Some(setup_zram(pack, host_ram, state_dir)?);
-        let swap_file = if pack == Pack::Dense {
-            // A quarter of RAM, at most 4 GiB of the disk.
-            Some(setup_swap_file((host_ram / 4).min(4 << 30), state_dir)?)
-        } else {
-            None
-        };
-        Ok(Tiers {
+        let mut tiers = Tiers {
             pack,
-            zram,
-            swap_file,
-        })
+            zram: None,
+            swap_file: None,
+            missing: Vec::new(),
+        };
+        if pack == Pack::Off {
+            return Ok(tiers);
+        }
+        // Each tier stands alone: a kernel without zram still has the swap file, and a data
+        // directory on a filesystem that cannot hold swap (tmpfs, overlayfs) still has zram.
+        match setup_zram(pack, host_ram, state_dir) {
+            Ok(n) => tiers.zram = Some(n),
+            Err(e) => tiers.missing.push(e.to_string()),
+        }
+        if pack == Pack::Dense {
+            // A quarter of RAM, at most 4 GiB of the disk.
+            match setup_swap_file((host_ram / 4).min(4 << 30), state_dir) {
+                Ok(p) => tiers.swap_file = Some(p),
+                Err(e) => tiers.missing.push(e.to_string()),
+            }
+        }
+        if tiers.zram.is_none() && tiers.swap_file.is_none() {
+            return Err(setup_err("any memory tier", tiers.missing.join("; ")));
+        }
+        Ok(tiers)
     }
 
     /// One line for the daemon's log.
@@ -363,8 +373,14 @@ fn setup_swap_file(size: u64, state_dir: &Path) -> Result<PathBuf, MemoryError> 
     run("fallocate", &["-l", &size.to_string(), &p])?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .map_err(|e| setup_err("the swap file's mode", e))?;
-    run("mkswap", &[&p])?;
-    run("swapon", &["-p", &SWAP_FILE_PRIORITY.to_string(), &p])?;
+    let made = run("mkswap", &[&p])
+        .and_then(|()| run("swapon", &["-p", &SWAP_FILE_PRIORITY.to_string(), &p]));
+    if let Err(e) = made {
+        // Not left behind to fill the disk: swapon refuses files on tmpfs, overlayfs and
+        // other filesystems without swap support.
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     Ok(path)
 }
 

@@ -10,6 +10,20 @@ use nook_daemon::{Config, Settings};
 use crate::cli::{AccountCommand, Cli, Command, ImageCommand, ServeArgs, VmCommand};
 use crate::client::{Client, Reply, body_bytes, each_line};
 
+/// `println!` for results: a reader that stopped reading (`nook image list | grep -q`) ends
+/// the command quietly, as SIGPIPE would, instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        if let Err(err) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if err.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write the result: {err}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 pub async fn run(cli: Cli) -> i32 {
     match dispatch(cli).await {
         Ok(code) => code,
@@ -46,7 +60,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     path.display()
                 );
             }
-            println!("{}", path.display());
+            out!("{}", path.display());
             Ok(0)
         }
         Command::Metrics => {
@@ -183,14 +197,14 @@ async fn image(base: Settings, cmd: ImageCommand) -> anyhow::Result<i32> {
                 })
                 .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&images)?);
+                out!("{}", serde_json::to_string_pretty(&images)?);
             } else if images.is_empty() {
                 eprintln!(
                     "No images built yet: run `nook image build tiny` or `nook image build default`"
                 );
             } else {
                 for i in images {
-                    println!("{:<10} {:<24} {}", i.name, i.kernel_version, i.path);
+                    out!("{:<10} {:<24} {}", i.name, i.kernel_version, i.path);
                 }
             }
             Ok(0)
@@ -396,7 +410,7 @@ async fn account(client: &Client, cmd: AccountCommand) -> anyhow::Result<i32> {
     {
         Reply::Ok(resp) => {
             let plan: serde_json::Value = serde_json::from_slice(&body_bytes(resp).await?)?;
-            println!(
+            out!(
                 "{}: {} vCPU, {} memory, {} disk, up to {} VMs",
                 plan["email"].as_str().unwrap_or(""),
                 plan["cpu"]
@@ -431,7 +445,7 @@ async fn list_accounts(client: &Client) -> anyhow::Result<i32> {
                 } else {
                     format!(" ({})", notes.join(", "))
                 };
-                println!("{}{notes}", a["email"].as_str().unwrap_or(""));
+                out!("{}{notes}", a["email"].as_str().unwrap_or(""));
             }
             Ok(0)
         }
@@ -457,7 +471,7 @@ async fn credit(
     match reply {
         Reply::Ok(resp) => {
             let answer: serde_json::Value = serde_json::from_slice(&body_bytes(resp).await?)?;
-            println!(
+            out!(
                 "{}: {} of LLM credit",
                 answer["email"].as_str().unwrap_or(email),
                 answer["balance"].as_str().unwrap_or("?")
@@ -479,11 +493,9 @@ async fn account_action(
             let answer: serde_json::Value = serde_json::from_slice(&body_bytes(resp).await?)?;
             let email = answer["email"].as_str().unwrap_or("");
             if let Some(signup) = answer["signup"].as_str() {
-                println!(
-                    "Invite for {email} (once, within 7 days). They sign up with:\n  {signup}"
-                );
+                out!("Invite for {email} (once, within 7 days). They sign up with:\n  {signup}");
             } else {
-                println!("{email}: email confirmed");
+                out!("{email}: email confirmed");
             }
             Ok(0)
         }
