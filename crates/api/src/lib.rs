@@ -287,6 +287,7 @@ error_codes! {
     KeyNotFound = "key_not_found", 404;
     Usage = "usage", 400;
     OverEnvelope = "over_envelope", 409;
+    HostShortOfMemory = "host_short_of_memory", 503;
     SignupClosed = "signup_closed", 403;
     InvalidCode = "invalid_code", 403;
     EmailUnconfirmed = "email_unconfirmed", 403;

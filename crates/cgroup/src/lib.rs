@@ -302,6 +302,16 @@ impl Cgroups {
         self.vm_memory(account, vm)
     }
 
+    /// What all of an account's VMs hold, in RAM and in swap.
+    pub fn account_memory(&self, account: &str) -> Result<VmMemory, CgroupError> {
+        let rel = account_rel(account)?;
+        self.require(&rel, "call set_account first")?;
+        match &self.backend {
+            Backend::V1(v) => v.memory(&rel),
+            Backend::V2(v) => v.memory(&rel),
+        }
+    }
+
     pub fn account_usage(&self, account: &str) -> Result<Usage, CgroupError> {
         let rel = account_rel(account)?;
         self.require(&rel, "call set_account first")?;

@@ -59,6 +59,10 @@ pub struct Settings {
     /// The most disk all VMs of all accounts may be given together (disks are thin, so this
     /// may pass the filesystem's size) [default: 4 times the data dir's filesystem].
     pub host_disk: Option<String>,
+    /// Memory kept free on the host: a VM is not started when what it would touch, beside
+    /// what the host really has left in RAM and swap, would eat into this, e.g. `1G`
+    /// [default: 1/32 of RAM, at least 256M].
+    pub host_memory_reserve: Option<String>,
     /// The most VMs on the host, all accounts together [default: 1000].
     pub host_max_vms: Option<u32>,
     /// Seconds of near-zero CPU and network before a VM's idle knobs turn on.
@@ -159,6 +163,7 @@ impl Settings {
             memory_overcommit: other.memory_overcommit.or(self.memory_overcommit),
             host_memory: other.host_memory.or(self.host_memory),
             host_disk: other.host_disk.or(self.host_disk),
+            host_memory_reserve: other.host_memory_reserve.or(self.host_memory_reserve),
             host_max_vms: other.host_max_vms.or(self.host_max_vms),
             idle_after_secs: other.idle_after_secs.or(self.idle_after_secs),
             metrics_addr: other.metrics_addr.or(self.metrics_addr),
@@ -212,6 +217,8 @@ pub struct HostLimits {
     /// All VMs' disks, all accounts together.
     pub disk_bytes: u64,
     pub max_vms: u32,
+    /// Memory the host keeps free from new VMs, measured against what it really has left.
+    pub memory_reserve_bytes: u64,
 }
 
 /// The host's RAM in MiB, from `/proc/meminfo`.
@@ -602,6 +609,10 @@ impl Config {
                     .saturating_mul(4),
             },
             max_vms: s.host_max_vms.unwrap_or(1000),
+            memory_reserve_bytes: match size("host_memory_reserve", &s.host_memory_reserve)? {
+                Some(bytes) => bytes,
+                None => nook_memory::default_reserve(host_ram_mib().unwrap_or(8192) << 20),
+            },
         };
         if host_limits.memory_mib < 128 || host_limits.max_vms == 0 {
             return Err(ConfigError::Invalid(

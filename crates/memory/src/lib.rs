@@ -11,6 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod pressure;
+pub use pressure::{HostMemory, Pressure, boot_footprint, default_reserve};
+
 /// How hard idle VMs are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

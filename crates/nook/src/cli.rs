@@ -195,6 +195,10 @@ pub struct ServeArgs {
     /// The most disk all VMs may have together, e.g. 2T [default: 4 times the data dir's filesystem]
     #[arg(long, env = "NOOK_HOST_DISK")]
     pub host_disk: Option<String>,
+    /// Memory kept free on the host: new VMs are refused rather than eat into it, e.g. 1G
+    /// [default: 1/32 of RAM, at least 256M]
+    #[arg(long, env = "NOOK_HOST_MEMORY_RESERVE")]
+    pub host_memory_reserve: Option<String>,
     /// The most VMs on this host, all accounts together [default: 1000]
     #[arg(long, env = "NOOK_HOST_MAX_VMS")]
     pub host_max_vms: Option<u32>,

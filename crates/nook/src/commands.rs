@@ -128,6 +128,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         signup: args.signup,
         host_memory: args.host_memory,
         host_disk: args.host_disk,
+        host_memory_reserve: args.host_memory_reserve,
         host_max_vms: args.host_max_vms,
         smtp_host: args.smtp_host,
         smtp_port: args.smtp_port,

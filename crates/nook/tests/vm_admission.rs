@@ -171,3 +171,122 @@ fn vm_admission_host_limits_hold_across_accounts() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("host_memory"), "{}", stderr(&out));
 }
+
+/// What the daemon counts as the host's room: RAM it can hand out plus half the free swap.
+fn host_room_bytes() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .expect(name)
+            << 10
+    };
+    field("MemAvailable:") + field("SwapFree:") / 2
+}
+
+#[test]
+fn vm_admission_a_host_short_of_real_memory_refuses_new_vms_and_kills_none() {
+    // The reserve is set so that the host has room for one more VM now, with 350 MiB to
+    // spare; a VM filling 700 MiB then takes that room for real.
+    const NEED: u64 = 256 << 20; // what a 1 GiB VM is counted to touch as it boots
+    let reserve = host_room_bytes() - NEED - (350 << 20);
+    let reserve_arg = format!("{}M", reserve >> 20);
+    let d = Daemon::start_with(&["--host-memory-reserve", &reserve_arg]);
+    let alice = Key::new("alice");
+    d.signup(&alice, "alice@example.com");
+    d.ok(&["account", "set-plan", "alice@example.com", "--memory", "4G"]);
+    d.lobby_ok(
+        &alice,
+        &["new", "--image", "tiny", "--name", "hog", "--memory", "1G"],
+    );
+    let sum = d.exec(
+        "hog",
+        "mkdir -p /mnt/ram && mount -t tmpfs -o size=800m tmpfs /mnt/ram && \
+         head -c 734003200 /dev/urandom > /mnt/ram/data && sha256sum /mnt/ram/data",
+    );
+
+    let out = d.ssh(
+        &alice,
+        "lobby",
+        &["new", "--image", "tiny", "--name", "late", "--memory", "1G"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("This host is short of memory") && err.contains("kept free"),
+        "{err}"
+    );
+    // Refused whole: nothing half-made, and the running VM untouched, its data intact.
+    let ls = d.lobby_ok(&alice, &["ls"]);
+    assert!(ls.contains("hog") && !ls.contains("late"), "{ls}");
+    let vm_dirs = std::fs::read_dir(d.data_dir.join("vms"))
+        .expect("vms")
+        .count();
+    assert_eq!(vm_dirs, 1, "a refused VM left a directory behind");
+    assert_eq!(d.exec("hog", "sha256sum /mnt/ram/data"), sum);
+    let json = d.ssh(
+        &alice,
+        "lobby",
+        &["new", "--image", "tiny", "--name", "late", "--json"],
+    );
+    let err: serde_json::Value =
+        serde_json::from_str(stderr(&json).lines().next().unwrap_or("")).expect("json error");
+    assert_eq!(err["error"]["code"], "host_short_of_memory");
+
+    // The room comes back with the memory: once the hog is gone, the same VM is admitted.
+    d.lobby_ok(&alice, &["rm", "hog"]);
+    d.lobby_ok(
+        &alice,
+        &["new", "--image", "tiny", "--name", "late", "--memory", "1G"],
+    );
+}
+
+#[test]
+fn vm_admission_an_envelope_full_in_real_use_refuses_another_vm_instead_of_an_oom_kill() {
+    let d = Daemon::start();
+    let alice = Key::new("alice");
+    d.signup(&alice, "alice@example.com");
+    // Nominally 3 x 512M fits a 1G envelope (running VMs may add up to 4 times it), but
+    // two VMs really filling 330 MiB each (about 440 MiB with the guest kernel and QEMU)
+    // leave no room for a third to boot.
+    d.ok(&["account", "set-plan", "alice@example.com", "--memory", "1G"]);
+    let mut sums = Vec::new();
+    for name in ["one", "two"] {
+        d.lobby_ok(
+            &alice,
+            &["new", "--image", "tiny", "--name", name, "--memory", "512M"],
+        );
+        sums.push(d.exec(
+            name,
+            "mkdir -p /mnt/ram && mount -t tmpfs -o size=380m tmpfs /mnt/ram && \
+             head -c 346030080 /dev/urandom > /mnt/ram/data && sha256sum /mnt/ram/data",
+        ));
+    }
+    let out = d.ssh(
+        &alice,
+        "lobby",
+        &[
+            "new", "--image", "tiny", "--name", "three", "--memory", "512M",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("Your running VMs already use") && err.contains("stop one"),
+        "{err}"
+    );
+    // Neither running VM was killed to make room, and their data is intact.
+    for (name, sum) in ["one", "two"].into_iter().zip(&sums) {
+        assert_eq!(&d.exec(name, "sha256sum /mnt/ram/data"), sum, "{name}");
+    }
+    assert!(!d.lobby_ok(&alice, &["ls"]).contains("three"));
+    // Stopping one gives the room back.
+    d.lobby_ok(&alice, &["stop", "two"]);
+    d.lobby_ok(
+        &alice,
+        &[
+            "new", "--image", "tiny", "--name", "three", "--memory", "512M",
+        ],
+    );
+}

@@ -213,6 +213,16 @@ impl Manager {
         disk_bytes: u64,
     ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
         let admitted = self.host_admission.lock().await;
+        let starts = !matches!(ask, Ask::Resize { .. });
+        let need = nook_memory::boot_footprint(u64::from(memory_mib) << 20);
+        if starts {
+            // Every VM, the admin's too: what is at stake is the VMs already running.
+            host_memory_room(
+                &nook_memory::HostMemory::read(),
+                need,
+                self.cfg.host_limits.memory_reserve_bytes,
+            )?;
+        }
         if owner == ADMIN_OWNER {
             return Ok(admitted);
         }
@@ -231,8 +241,77 @@ impl Manager {
         // Packing idle VMs lets the running ones add up further past the envelope.
         let overcommit = self.cfg.memory_overcommit * self.tiers().pack.overcommit_factor();
         account_room(&plan, overcommit, &all, owner, ask, wants)?;
+        if starts && let Some(cg) = &self.cgroups {
+            let cap = (u64::from(plan.memory_mib) << 20)
+                + self
+                    .tiers()
+                    .pack
+                    .swap_allowance(u64::from(plan.memory_mib) << 20);
+            if let Ok(used) = cg.account_memory(owner) {
+                envelope_in_use(&all, owner, used, cap, need)?;
+            }
+        }
         Ok(admitted)
     }
+}
+
+/// Whether the host, by what it really has left, can take a VM that will soon touch `need`
+/// bytes. The refusal says it is the host, not the account, and that waiting may help.
+pub(super) fn host_memory_room(
+    host: &nook_memory::HostMemory,
+    need: u64,
+    reserve: u64,
+) -> Result<(), ApiError> {
+    let msg = match host.admit(need, reserve) {
+        Ok(()) => return Ok(()),
+        Err(nook_memory::Pressure::Short {
+            room_bytes,
+            need_bytes,
+            reserve_bytes,
+        }) => format!(
+            "This host is short of memory: {} left in RAM and swap, and a new VM needs about {} beside the {} kept free so that no running VM is killed. Try again later, or stop a VM",
+            format_size(room_bytes),
+            format_size(need_bytes),
+            format_size(reserve_bytes)
+        ),
+        Err(nook_memory::Pressure::Thrashing { stalled_pct }) => format!(
+            "This host is short of memory: it spent {stalled_pct:.0}% of the last 10 s waiting for memory. Try again later, or stop a VM"
+        ),
+    };
+    Err(ApiError::new(ErrorCode::HostShortOfMemory, msg))
+}
+
+/// Whether `owner`'s envelope, by what its VMs really use in RAM and swap (`used`, of `cap`),
+/// has room for a VM that will soon touch `need` bytes. Nominal sizes may pass the envelope
+/// (idle VMs give memory back); this is what keeps the envelope's OOM killer from picking a
+/// running VM when they all wake at once.
+pub(super) fn envelope_in_use(
+    all: &[VmRecord],
+    owner: &str,
+    used: nook_cgroup::VmMemory,
+    cap: u64,
+    need: u64,
+) -> Result<(), ApiError> {
+    let in_use = used.resident_bytes + used.swapped_bytes;
+    if in_use.saturating_add(need) <= cap {
+        return Ok(());
+    }
+    let mut running: Vec<&VmRecord> = all
+        .iter()
+        .filter(|vm| vm.owner == owner && vm.state == VmState::Running)
+        .collect();
+    running.sort_by_key(|vm| std::cmp::Reverse(vm.memory_mib));
+    let biggest: Vec<&str> = running.iter().take(3).map(|vm| vm.name.as_str()).collect();
+    Err(ApiError::new(
+        ErrorCode::OverEnvelope,
+        format!(
+            "Your running VMs already use {} of the {} your envelope holds in RAM and swap, and a new VM needs about {}: stop one ({})",
+            format_size(in_use),
+            format_size(cap),
+            format_size(need),
+            biggest.join(", ")
+        ),
+    ))
 }
 
 /// What an operation asks of an envelope.
@@ -447,11 +526,51 @@ mod tests {
     }
 
     #[test]
+    fn real_use_refuses_on_a_short_host_or_a_full_envelope() {
+        let host = nook_memory::HostMemory {
+            total_bytes: 8 << 30,
+            available_bytes: 300 << 20,
+            swap_total_bytes: 0,
+            swap_free_bytes: 0,
+            stalled_pct: None,
+        };
+        let err = host_memory_room(&host, 256 << 20, 256 << 20).expect_err("short");
+        assert_eq!(err.code, ErrorCode::HostShortOfMemory);
+        assert!(
+            err.message.contains("300 MiB left") && err.message.contains("256 MiB"),
+            "{}",
+            err.message
+        );
+        assert!(host_memory_room(&host, 64 << 20, 128 << 20).is_ok());
+
+        let mut all = [
+            vm("big", VmState::Running, 1024, 1),
+            vm("small", VmState::Running, 256, 1),
+        ];
+        for v in &mut all {
+            v.owner = "alice".into();
+        }
+        let used = nook_cgroup::VmMemory {
+            resident_bytes: 1800 << 20,
+            swapped_bytes: 200 << 20,
+        };
+        let err = envelope_in_use(&all, "alice", used, 2 << 30, 64 << 20).expect_err("full");
+        assert_eq!(err.code, ErrorCode::OverEnvelope);
+        assert!(
+            err.message.contains("stop one (big, small)"),
+            "{}",
+            err.message
+        );
+        assert!(envelope_in_use(&all, "alice", used, 3 << 30, 64 << 20).is_ok());
+    }
+
+    #[test]
     fn the_host_limits_every_account_together() {
         let limits = crate::config::HostLimits {
             memory_mib: 1024,
             disk_bytes: 10 << 30,
             max_vms: 3,
+            memory_reserve_bytes: 256 << 20,
         };
         let all = [
             vm("a", VmState::Running, 512, 4),
