@@ -241,6 +241,46 @@ fn vm_clone_running_carries_memory_and_processes_and_gets_its_own_identity() {
 }
 
 #[test]
+fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_own() {
+    let d = Daemon::start();
+    d.create_tiny("src");
+    // 64 MiB in the guest's RAM (tmpfs), forked while the source keeps it.
+    let base = d.exec(
+        "src",
+        "mkdir -p /mnt/ram && mount -t tmpfs -o size=100m tmpfs /mnt/ram && \
+         head -c 67108864 /dev/urandom > /mnt/ram/data && sha256sum < /mnt/ram/data",
+    );
+    cp(&d, &["src", "twin"]);
+    assert_eq!(d.exec("twin", "sha256sum < /mnt/ram/data"), base);
+    // Both overwrite the same pages in place, each with its own bytes.
+    let overwrite = |vm: &str, byte: &str| {
+        d.exec(
+            vm,
+            &format!(
+                "head -c 67108864 /dev/zero | tr '\\0' '\\{byte}' | \
+                 dd of=/mnt/ram/data conv=notrunc bs=1M 2>/dev/null; sha256sum < /mnt/ram/data"
+            ),
+        )
+    };
+    let (s, t) = (overwrite("src", "101"), overwrite("twin", "164"));
+    assert_ne!(s, t);
+    assert_ne!(s, base);
+    // Each still reads its own, after the other wrote.
+    assert_eq!(d.exec("src", "sha256sum < /mnt/ram/data"), s);
+    assert_eq!(d.exec("twin", "sha256sum < /mnt/ram/data"), t);
+    assert_eq!(
+        d.exec("twin", "head -c 1 /mnt/ram/data"),
+        "t",
+        "the clone reads its own bytes (octal 164)"
+    );
+    assert_eq!(d.exec("src", "head -c 1 /mnt/ram/data"), "A");
+    d.ok(&["vm", "rm", "src"]);
+    assert_eq!(d.exec("twin", "sha256sum < /mnt/ram/data"), t);
+    d.ok(&["vm", "rm", "twin"]);
+    assert!(d.qemu_pids().is_empty());
+}
+
+#[test]
 fn vm_clone_stopped_and_chains_ten_deep_stay_readable_and_leak_nothing() {
     let d = Daemon::start();
     d.create_tiny("gen0");
