@@ -4,7 +4,10 @@
 #     data): nook's `cp` time should not depend on the size (ratio ~1);
 #  2. `cp` of the same disk as one full raw image file (what a copying clone costs);
 #  3. running clone (fork) of 256 MiB and 1 GiB guests with half their memory in use:
-#     total time and how long the source was paused.
+#     `cp` until the clone answers (the command returns once it has taken its identity),
+#     how long the source was paused, and the host memory the two QEMUs share right after
+#     the fork and 60 s later (their RSS counted twice minus their PSS: what KSM or shared
+#     mappings give back; QEMU's own shared libraries are a few MiB of it).
 # Run as root after `cargo build --release -p nook` and `scripts/build-agent`:
 #   bench/clone.sh [ROUNDS]
 set -euo pipefail
@@ -50,8 +53,20 @@ full_copy() { # $1 = disk size: cp of the disk as one full raw image, as a copyi
   ms_of "$t0" "$t1"
 }
 
+qemu_pid() { # $1 = VM name
+  local id
+  id=$("$nook" vm list --json | python3 -c "import json,sys; print([v['id'] for v in json.load(sys.stdin) if v['name']=='$1'][0])")
+  for p in /proc/[0-9]*; do
+    if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "qemu-system.*$id"; then basename "$p"; return; fi
+  done
+}
+shared_mib() { # $1 $2 = pids: RSS counted twice minus PSS, in MiB
+  awk '/^Rss:/ {r += $2} /^Pss:/ {p += $2} END {printf "%.0f", (r - p) / 1024}' \
+    "/proc/$1/smaps_rollup" "/proc/$2/smaps_rollup"
+}
+
 running_clone() { # $1 = memory size, $2 = MiB of it to fill
-  local name totals=() pauses=() out
+  local name totals=() pauses=() out sp cp
   name=r$(echo "$1" | tr A-Z a-z)
   "$nook" vm create --image tiny --name "$name" --memory "$1" >/dev/null 2>&1
   # Half the guest's memory in use (tmpfs), so the fork has real pages to carry.
@@ -60,23 +75,32 @@ running_clone() { # $1 = memory size, $2 = MiB of it to fill
     out=$("$nook" vm cp "$name" "$name-c$i" --json)
     totals+=("$(echo "$out" | field '["timings"]["total_ms"]')")
     pauses+=("$(echo "$out" | field '["timings"]["source_paused_ms"]')")
-    "$nook" vm rm "$name-c$i" >/dev/null 2>&1
+    if [ "$i" -lt "$rounds" ]; then "$nook" vm rm "$name-c$i" >/dev/null 2>&1; fi
   done
-  echo "$(printf '%s\n' "${totals[@]}" | median) $(printf '%s\n' "${pauses[@]}" | median)"
+  # The last clone is kept a minute: what the two share right away, and once KSM has looked.
+  sp=$(qemu_pid "$name"); cp=$(qemu_pid "$name-c$rounds")
+  local shared0 shared60
+  shared0=$(shared_mib "$sp" "$cp")
+  sleep 60
+  shared60=$(shared_mib "$sp" "$cp")
+  "$nook" vm rm "$name-c$rounds" >/dev/null 2>&1
+  echo "$(printf '%s\n' "${totals[@]}" | median) $(printf '%s\n' "${pauses[@]}" | median) $shared0 $shared60"
 }
 
 echo "accel: $("$nook" vm create --image tiny --name probe --json >/dev/null 2>&1; curl -s --unix-socket "$NOOK_DATA_DIR/nook.sock" http://nook/v1/info | field '["accel"]')"
 "$nook" vm rm probe >/dev/null
 s1=$(stopped_clone 1G); s20=$(stopped_clone 20G)
 c1=$(full_copy 1G); c20=$(full_copy 20G)
-read -r r256 p256 < <(running_clone 256M 128)
-read -r r1g p1g < <(running_clone 1G 512)
-python3 - "$s1" "$s20" "$c1" "$c20" "$r256" "$p256" "$r1g" "$p1g" <<'PY'
+read -r r256 p256 sh256 sl256 < <(running_clone 256M 128)
+read -r r1g p1g sh1g sl1g < <(running_clone 1G 512)
+python3 - "$s1" "$s20" "$c1" "$c20" "$r256" "$p256" "$r1g" "$p1g" "$sh256" "$sl256" "$sh1g" "$sl1g" <<'PY'
 import sys
-s1, s20, c1, c20, r256, p256, r1g, p1g = map(float, sys.argv[1:])
+s1, s20, c1, c20, r256, p256, r1g, p1g, sh256, sl256, sh1g, sl1g = map(float, sys.argv[1:])
 print(f"stopped clone, 1 GiB disk:   {s1:8.1f} ms   (cp of the full image: {c1:8.1f} ms, {c1/s1:6.0f}x faster)")
 print(f"stopped clone, 20 GiB disk:  {s20:8.1f} ms   (cp of the full image: {c20:8.1f} ms, {c20/s20:6.0f}x faster)")
 print(f"20 GiB / 1 GiB clone time:   {s20/s1:8.2f}")
-print(f"running clone, 256 MiB guest: {r256:8.1f} ms total, source paused {p256:5.1f} ms")
-print(f"running clone, 1 GiB guest:   {r1g:8.1f} ms total, source paused {p1g:5.1f} ms")
+print(f"running clone, 256 MiB guest (128 MiB in use): {r256:8.1f} ms to the clone answering, source paused {p256:5.1f} ms;"
+      f" shared {sh256:.0f} MiB right after, {sl256:.0f} MiB 60 s later")
+print(f"running clone, 1 GiB guest (512 MiB in use):   {r1g:8.1f} ms to the clone answering, source paused {p1g:5.1f} ms;"
+      f" shared {sh1g:.0f} MiB right after, {sl1g:.0f} MiB 60 s later")
 PY

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Density benchmark: how many idle tiny-image VMs fit an account's envelope on this machine
 # at each packing level (`--pack off|balanced|dense`), what each idle VM costs the host
-# (its RAM plus its share of the compressed tier), how long an idle VM takes to answer
-# `ssh VM@HOST true` (p50/p99: the first touch after its memory was packed), and the CPU an
-# idle VM costs. Firecracker's published VMM overhead (<= 5 MiB, guest memory excluded) is
-# the baseline for "an extra VM costs nothing".
+# (its RAM plus its share of the compressed tier), how long an idle VM takes to answer the
+# first HTTPS request through the edge (p50/p99: the first touch after its memory was
+# packed, next to the same request once it is awake), and the CPU an idle VM costs.
+# Firecracker's published VMM overhead (<= 5 MiB, guest memory excluded) is the baseline for
+# "an extra VM costs nothing".
 # Run as root after `scripts/build release`:
 #   bench/density.sh [MAX_VMS] [LEVEL...]     (default: 100 off balanced dense)
-# ENVELOPE sets the account's memory (default 8G); VM_MEMORY each VM's (default 128M).
+# ENVELOPE sets the account's memory (default 8G); VM_MEMORY each VM's (default 128M);
+# IMAGE the image (default tiny); IDLE_SECS how long the VMs idle before waking (default 300).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 max=${1:-100}
@@ -15,6 +17,8 @@ shift || true
 if [ $# -gt 0 ]; then levels=("$@"); else levels=(off balanced dense); fi
 envelope=${ENVELOPE:-8G}
 vm_memory=${VM_MEMORY:-128M}
+image=${IMAGE:-tiny}
+idle_secs=${IDLE_SECS:-300}
 nook=$PWD/target/release/nook
 images=${NOOK_IMAGES_DIR:-/var/cache/nook-test/images}
 agent=$PWD/target/x86_64-unknown-linux-gnu/release/nook-guest-agent
@@ -24,9 +28,10 @@ pct() { # $1 = percentile; numbers on stdin
 }
 
 run() { # $1 = pack level
-  local pack=$1 tmp port pid n=0
+  local pack=$1 tmp port https pid n=0
   tmp=$(mktemp -d /tmp/nook-density.XXXX)
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  https=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   mkdir -p "$tmp/data"
   cat > "$tmp/data/nook.toml" <<CFG
 plan_cpu = 2.0
@@ -41,17 +46,22 @@ CFG
   local opts=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes -o BatchMode=yes -o LogLevel=ERROR -i "$tmp/key" -p "$port")
   local avail_before
   avail_before=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
-  NOOK_DATA_DIR=$tmp/data NOOK_IMAGES_DIR=$images NOOK_AGENT=$agent NOOK_SSH_ADDR=127.0.0.1:$port NOOK_NET=user \
-    NOOK_PACK=$pack "$nook" serve >"$tmp/log" 2>&1 &
+  # Taps, so the edge reaches each VM's web server the way it does in production.
+  NOOK_DATA_DIR=$tmp/data NOOK_IMAGES_DIR=$images NOOK_AGENT=$agent NOOK_SSH_ADDR=127.0.0.1:$port \
+    NOOK_HTTPS_ADDR=127.0.0.1:$https NOOK_VM_PORTS=off NOOK_PACK=$pack "$nook" serve >"$tmp/log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do ssh "${opts[@]}" lobby@127.0.0.1 signup density@example.com >/dev/null 2>&1 && break; sleep 0.1; done
   local cpu_before
   cpu_before=$(awk '/^cpu / {print $2+$3+$4+$6+$7+$8}' /proc/stat)
   while [ "$n" -lt "$max" ]; do
-    if ! ssh "${opts[@]}" lobby@127.0.0.1 new --image tiny --memory "$vm_memory" --name "d$n" >/dev/null 2>"$tmp/err"; then
+    if ! ssh "${opts[@]}" lobby@127.0.0.1 new --image "$image" --memory "$vm_memory" --name "d$n" >/dev/null 2>"$tmp/err"; then
       echo "  VM $((n+1)) did not fit: $(head -c 300 "$tmp/err")"
       break
     fi
+    # A web server for the wake-up request, open to anyone so no login is timed.
+    NOOK_DATA_DIR=$tmp/data "$nook" vm exec "d$n" -- sh -c \
+      'mkdir -p /tmp/www && echo awake > /tmp/www/index.html && if command -v httpd >/dev/null; then httpd -p 80 -h /tmp/www; else setsid python3 -m http.server 80 -d /tmp/www </dev/null >/dev/null 2>&1 & fi' >/dev/null
+    ssh "${opts[@]}" lobby@127.0.0.1 share set-public "d$n" >/dev/null
     n=$((n+1))
     if NOOK_DATA_DIR=$tmp/data "$nook" vm list --json | grep -q '"failed"'; then
       echo "  a VM was killed at $n VMs: the envelope's memory is full"; n=$((n-1)); break
@@ -59,7 +69,7 @@ CFG
   done
   # Idle for a while: the idle knobs, KSM, and with packing the squeeze, settle.
   local t0 cpu0
-  sleep 90
+  sleep $(( idle_secs > 30 ? idle_secs - 30 : 0 ))
   t0=$(date +%s.%N); cpu0=$(awk '/^cpu / {print $2+$3+$4+$6+$7+$8}' /proc/stat)
   sleep 30
   local cpu1 t1 hz idle_cpu
@@ -73,18 +83,24 @@ CFG
   avail_after=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
   local per_vm=$(( (mem + zram) / 1048576 / (n > 0 ? n : 1) ))
   local host_per_vm=$(( (avail_before - avail_after) / 1024 / (n > 0 ? n : 1) ))
-  # Waking: the first touch of VMs idle (and packed) for two minutes.
-  local wakes=() v s e
+  # Waking: the first HTTPS request through the edge to VMs idle (and packed) all along,
+  # then the same request again now that the VM is awake (a new TLS connection each time).
+  local wakes=() awake=() v ca
+  ca=$(NOOK_DATA_DIR=$tmp/data "$nook" ca path)
+  get() { # $1 = VM; prints ms, or fails
+    curl -sf -o /dev/null -m 30 --cacert "$ca" --resolve "$1.nook-vm.localhost:$https:127.0.0.1" \
+      -w '%{time_total}' "https://$1.nook-vm.localhost:$https/" | awk '{printf "%.1f", $1 * 1000}'
+  }
   for v in $(seq 0 $(( n > 20 ? 19 : n - 1 ))); do
-    s=$(date +%s%N)
-    ssh "${opts[@]}" "d$v@127.0.0.1" true >/dev/null 2>&1 || true
-    e=$(date +%s%N)
-    wakes+=("$(( (e - s) / 1000000 ))")
+    wakes+=("$(get "d$v" || echo 30000)")
+    awake+=("$(get "d$v" || echo 30000)")
   done
-  echo "pack=$pack: $n idle tiny VMs ($vm_memory each) in a $envelope envelope;" \
+  echo "pack=$pack: $n idle $image VMs ($vm_memory each) in a $envelope envelope;" \
     "RAM + compressed tier $(( (mem + zram) / 1048576 )) MiB = $per_vm MiB per VM" \
     "(host MemAvailable fell $host_per_vm MiB per VM); CPU per idle VM $idle_cpu% of one core;" \
-    "wake (ssh VM true) p50 $(printf '%s\n' "${wakes[@]}" | pct 50) ms p99 $(printf '%s\n' "${wakes[@]}" | pct 99) ms"
+    "first HTTPS request after ${idle_secs} s idle p50 $(printf '%s\n' "${wakes[@]}" | pct 50) ms" \
+    "p99 $(printf '%s\n' "${wakes[@]}" | pct 99) ms, awake p50 $(printf '%s\n' "${awake[@]}" | pct 50) ms" \
+    "p99 $(printf '%s\n' "${awake[@]}" | pct 99) ms"
   for v in $(seq 0 $((n - 1))); do NOOK_DATA_DIR=$tmp/data "$nook" vm rm "d$v" >/dev/null 2>&1 || true; done
   kill "$pid"; wait "$pid" 2>/dev/null || true
   # What packing set up is taken down again, so the next level starts from a bare host.

@@ -219,6 +219,9 @@ pub struct HostLimits {
     pub max_vms: u32,
     /// Memory the host keeps free from new VMs, measured against what it really has left.
     pub memory_reserve_bytes: u64,
+    /// `memory_mib` was worked out from the host's RAM (no `host_memory`), so packing idle
+    /// VMs stretches it as it stretches each envelope.
+    pub memory_from_ram: bool,
 }
 
 /// The host's RAM in MiB, from `/proc/meminfo`.
@@ -609,6 +612,7 @@ impl Config {
                     .saturating_mul(4),
             },
             max_vms: s.host_max_vms.unwrap_or(1000),
+            memory_from_ram: s.host_memory.is_none(),
             memory_reserve_bytes: match size("host_memory_reserve", &s.host_memory_reserve)? {
                 Some(bytes) => bytes,
                 None => nook_memory::default_reserve(host_ram_mib().unwrap_or(8192) << 20),

@@ -231,7 +231,12 @@ impl Manager {
             .list()
             .await
             .map_err(|e| errors::from_store("list VMs", e))?;
-        host_room(&self.cfg.host_limits, &all, ask, memory_mib, disk_bytes)?;
+        let factor = self.tiers().pack.overcommit_factor();
+        let mut limits = self.cfg.host_limits;
+        if limits.memory_from_ram {
+            limits.memory_mib = (limits.memory_mib as f64 * factor) as u64;
+        }
+        host_room(&limits, &all, ask, memory_mib, disk_bytes)?;
         let plan = self.plan_for(owner).await?;
         let wants = Wants {
             cpu,
@@ -239,7 +244,7 @@ impl Manager {
             disk_bytes,
         };
         // Packing idle VMs lets the running ones add up further past the envelope.
-        let overcommit = self.cfg.memory_overcommit * self.tiers().pack.overcommit_factor();
+        let overcommit = self.cfg.memory_overcommit * factor;
         account_room(&plan, overcommit, &all, owner, ask, wants)?;
         if starts && let Some(cg) = &self.cgroups {
             let cap = (u64::from(plan.memory_mib) << 20)
@@ -571,6 +576,7 @@ mod tests {
             disk_bytes: 10 << 30,
             max_vms: 3,
             memory_reserve_bytes: 256 << 20,
+            memory_from_ram: false,
         };
         let all = [
             vm("a", VmState::Running, 512, 4),
