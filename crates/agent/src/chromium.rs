@@ -34,6 +34,8 @@ const LOAD_TIMEOUT: Duration = Duration::from_secs(20);
 const CONSOLE_LINES: usize = 200;
 /// The largest DevTools message taken (a screenshot is a few hundred KiB).
 const MAX_MESSAGE: usize = 32 << 20;
+/// The biggest screenshot handed to the model: 3.5 MiB is under 5 MB once in base64.
+const MAX_SCREENSHOT: usize = 3584 << 10;
 const MAX_REQUEST_HEAD: usize = 32 << 10;
 
 #[derive(Clone)]
@@ -374,14 +376,34 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
         ))
     }
 
-    async fn screenshot(&self) -> Result<BrowserOutcome, String> {
-        let r = self
-            .call("Page.captureScreenshot", json!({"format": "png"}), true)
-            .await?;
+    async fn capture(&self, params: Value) -> Result<Vec<u8>, String> {
+        let r = self.call("Page.captureScreenshot", params, true).await?;
         let data = r["data"].as_str().ok_or("no screenshot data")?;
-        let png = B64
-            .decode(data)
-            .map_err(|e| format!("the screenshot was not base64: {e}"))?;
+        B64.decode(data)
+            .map_err(|e| format!("the screenshot was not base64: {e}"))
+    }
+
+    async fn screenshot(&self) -> Result<BrowserOutcome, String> {
+        let mut png = self.capture(json!({"format": "png"})).await?;
+        let mut size = VIEWPORT;
+        // A page of noise makes a PNG too big for the model's image limit (5 MB of base64
+        // with Anthropic): such a page is taken again at half the size.
+        if png.len() > MAX_SCREENSHOT {
+            size = (VIEWPORT.0 / 2, VIEWPORT.1 / 2);
+            png = self
+                .capture(json!({
+                    "format": "png",
+                    "clip": {"x": 0, "y": 0, "width": VIEWPORT.0, "height": VIEWPORT.1, "scale": 0.5},
+                }))
+                .await?;
+            if png.len() > MAX_SCREENSHOT {
+                return Err(format!(
+                    "the screenshot is {} KiB even at half size, over the {} KiB a model takes",
+                    png.len() >> 10,
+                    MAX_SCREENSHOT >> 10
+                ));
+            }
+        }
         let url = self
             .eval("location.href")
             .await
@@ -391,8 +413,8 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
         Ok(BrowserOutcome {
             text: format!(
                 "screenshot of {url} ({}x{}, {} KiB)",
-                VIEWPORT.0,
-                VIEWPORT.1,
+                size.0,
+                size.1,
                 png.len() >> 10
             ),
             png: Some(png),

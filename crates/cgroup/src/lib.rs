@@ -70,7 +70,8 @@ impl Default for VmKnobs {
     }
 }
 
-/// Where a VM's memory is: in RAM, or moved out to swap (a compressed tier or a disk).
+/// Where a VM's memory is: in RAM (its working set: file cache not touched lately is left
+/// out, since the kernel drops it first), or moved out to swap (a compressed tier or a disk).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VmMemory {
     pub resident_bytes: u64,

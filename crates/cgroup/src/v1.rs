@@ -76,14 +76,17 @@ impl V1 {
 
     pub fn memory(&self, rel: &Path) -> Result<crate::VmMemory, CgroupError> {
         let dir = self.memory.join(rel);
-        let resident = files::read_u64(&dir.join("memory.usage_in_bytes"))?;
+        let usage = files::read_u64(&dir.join("memory.usage_in_bytes"))?;
         // With swap accounting, memsw is RAM plus swap; without it nothing tells swap apart.
         let swapped = match files::read_u64(&dir.join("memory.memsw.usage_in_bytes")) {
-            Ok(both) => both.saturating_sub(resident),
+            Ok(both) => both.saturating_sub(usage),
             Err(_) => 0,
         };
+        // The working set: file cache nobody touched lately goes as soon as it is needed.
+        let cold_cache =
+            files::read_keyed(&dir.join("memory.stat"), "total_inactive_file").unwrap_or(0);
         Ok(crate::VmMemory {
-            resident_bytes: resident,
+            resident_bytes: usage.saturating_sub(cold_cache),
             swapped_bytes: swapped,
         })
     }

@@ -59,8 +59,11 @@ impl V2 {
 
     pub fn memory(&self, rel: &Path) -> Result<crate::VmMemory, CgroupError> {
         let dir = self.root.join(rel);
+        // The working set: file cache nobody touched lately goes as soon as it is needed.
+        let cold_cache = files::read_keyed(&dir.join("memory.stat"), "inactive_file").unwrap_or(0);
         Ok(crate::VmMemory {
-            resident_bytes: files::read_u64(&dir.join("memory.current"))?,
+            resident_bytes: files::read_u64(&dir.join("memory.current"))?
+                .saturating_sub(cold_cache),
             swapped_bytes: files::read_u64(&dir.join("memory.swap.current")).unwrap_or(0),
         })
     }
