@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,31 +51,21 @@ impl Fake {
     fn start_with(anthropic_key: &str) -> Fake {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("requests.jsonl");
-        let mut child = Command::new("python3")
-            .arg(common::repo_root().join("tests/fake-llm/fake_llm.py"))
-            .args([
-                "--port",
-                "0",
-                "--anthropic-key",
-                anthropic_key,
-                "--openai-key",
-                OPENAI_KEY,
-                "--log",
-            ])
-            .arg(&log)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 fake_llm.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("fake provider's first line");
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("fake provider said {line:?}"));
+        let (child, port) = common::spawn_listening(
+            Command::new("python3")
+                .arg(common::repo_root().join("tests/fake-llm/fake_llm.py"))
+                .args([
+                    "--port",
+                    "0",
+                    "--anthropic-key",
+                    anthropic_key,
+                    "--openai-key",
+                    OPENAI_KEY,
+                    "--log",
+                ])
+                .arg(&log),
+            "fake provider",
+        );
         Fake {
             child,
             port,

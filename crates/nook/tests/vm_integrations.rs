@@ -5,9 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 use common::{Daemon, Key};
@@ -63,31 +62,21 @@ impl FakeGithub {
                 &["push", "-q", bare.to_str().expect("path"), "main"],
             ));
         }
-        let mut child = Command::new("python3")
-            .arg(common::repo_root().join("tests/fake-github/fake_github.py"))
-            .args([
-                "--host",
-                "127.0.0.3",
-                "--port",
-                "0",
-                "--token",
-                TOKEN,
-                "--repos",
-            ])
-            .arg(repos.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("fake github");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("first line");
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("fake github said {line:?}"));
+        let (child, port) = common::spawn_listening(
+            Command::new("python3")
+                .arg(common::repo_root().join("tests/fake-github/fake_github.py"))
+                .args([
+                    "--host",
+                    "127.0.0.3",
+                    "--port",
+                    "0",
+                    "--token",
+                    TOKEN,
+                    "--repos",
+                ])
+                .arg(repos.path()),
+            "fake github",
+        );
         FakeGithub { child, port, repos }
     }
 }

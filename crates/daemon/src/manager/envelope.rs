@@ -10,18 +10,21 @@ impl Manager {
         let Ok(plan) = self.plan_for(account_id).await else {
             return;
         };
-        let limits = nook_cgroup::AccountLimits {
-            cpus: plan.cpu,
-            memory_bytes: u64::from(plan.memory_mib) << 20,
-            swap_bytes: self
-                .tiers()
-                .pack
-                .swap_allowance(u64::from(plan.memory_mib) << 20),
-        };
+        let limits = self.account_limits(&plan);
         let (cg, id) = (cg.clone(), account_id.to_string());
         if let Ok(Err(err)) = tokio::task::spawn_blocking(move || cg.set_account(&id, limits)).await
         {
             tracing::warn!(%err, account = account_id, "could not apply the plan to the cgroup");
+        }
+    }
+
+    /// What an account's cgroup is held to: its plan, and the swap the pack level allows.
+    pub(super) fn account_limits(&self, plan: &nook_store::Plan) -> nook_cgroup::AccountLimits {
+        let memory_bytes = u64::from(plan.memory_mib) << 20;
+        nook_cgroup::AccountLimits {
+            cpus: plan.cpu,
+            memory_bytes,
+            swap_bytes: self.tiers().pack.swap_allowance(memory_bytes),
         }
     }
 
@@ -247,11 +250,8 @@ impl Manager {
         let overcommit = self.cfg.memory_overcommit * factor;
         account_room(&plan, overcommit, &all, owner, ask, wants)?;
         if starts && let Some(cg) = &self.cgroups {
-            let cap = (u64::from(plan.memory_mib) << 20)
-                + self
-                    .tiers()
-                    .pack
-                    .swap_allowance(u64::from(plan.memory_mib) << 20);
+            let limits = self.account_limits(&plan);
+            let cap = limits.memory_bytes + limits.swap_bytes;
             if let Ok(used) = cg.account_memory(owner) {
                 envelope_in_use(&all, owner, used, cap, need)?;
             }

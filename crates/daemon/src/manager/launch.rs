@@ -349,14 +349,7 @@ impl Manager {
             return Ok(());
         }
         let plan = self.plan_for(&vm.owner).await?;
-        let limits = nook_cgroup::AccountLimits {
-            cpus: plan.cpu,
-            memory_bytes: u64::from(plan.memory_mib) << 20,
-            swap_bytes: self
-                .tiers()
-                .pack
-                .swap_allowance(u64::from(plan.memory_mib) << 20),
-        };
+        let limits = self.account_limits(&plan);
         let (cg, owner, id) = (cg.clone(), vm.owner.clone(), vm.id.clone());
         let done = tokio::task::spawn_blocking(move || {
             cg.set_account(&owner, limits)?;

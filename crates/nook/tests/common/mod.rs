@@ -527,3 +527,24 @@ impl Drop for LoopMount {
         let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
     }
 }
+
+/// Starts one of the fake servers under `tests/` (`cmd` with its stdout piped), which print
+/// `listening PORT` first, and returns it with that port; `what` names it in a failure.
+pub fn spawn_listening(cmd: &mut Command, what: &str) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{what}'s first line: {e}"));
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{what} said {line:?}"));
+    (child, port)
+}

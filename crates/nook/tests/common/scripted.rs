@@ -1,7 +1,6 @@
 //! The scripted model server (tests/fake-llm/scripted_model.py) and a daemon whose coding
 //! agent talks to it through the gateway: shared by the agent's system tests.
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use serde_json::{Value, json};
 
@@ -27,23 +26,13 @@ pub struct ScriptedModel {
 
 impl ScriptedModel {
     pub fn start() -> ScriptedModel {
-        let mut child = Command::new("python3")
-            .arg(super::repo_root().join("tests/fake-llm/scripted_model.py"))
-            .args(["--port", "0", "--anthropic-key", ANTHROPIC_KEY])
-            .args(["--openai-key", OPENAI_KEY])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 scripted_model.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("first line");
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("scripted model said {line:?}"));
+        let (child, port) = super::spawn_listening(
+            Command::new("python3")
+                .arg(super::repo_root().join("tests/fake-llm/scripted_model.py"))
+                .args(["--port", "0", "--anthropic-key", ANTHROPIC_KEY])
+                .args(["--openai-key", OPENAI_KEY]),
+            "scripted model",
+        );
         ScriptedModel { child, port }
     }
 
