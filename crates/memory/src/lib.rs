@@ -220,7 +220,7 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), MemoryError> {
 impl Tiers {
     /// Sets up the tiers `pack` asks for: nothing with `off`; a zram swap device of
     /// `host_ram / 2` (`balanced`) or `host_ram` (`dense`) of uncompressed capacity; and with
-    /// `dense` a swap file of `host_ram / 4` in `state_dir`. What a previous daemon set up
+    /// `dense` a swap file in `state_dir` where its disk has room ([`swap_file_size`]). What a previous daemon set up
     /// (noted in `state_dir`) is reused.
     pub fn setup(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<Tiers, MemoryError> {
         let mut tiers = Tiers {
@@ -239,8 +239,10 @@ impl Tiers {
             Err(e) => tiers.missing.push(e.to_string()),
         }
         if pack == Pack::Dense {
-            // A quarter of RAM, at most 4 GiB of the disk.
-            match setup_swap_file((host_ram / 4).min(4 << 30), state_dir) {
+            // A quarter of RAM, at most 4 GiB, and never the disk VMs need to grow into.
+            match swap_file_size(host_ram, state_dir)
+                .and_then(|size| setup_swap_file(size, state_dir))
+            {
                 Ok(p) => tiers.swap_file = Some(p),
                 Err(e) => tiers.missing.push(e.to_string()),
             }
@@ -366,6 +368,48 @@ fn setup_zram(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<u32, Memory
     Ok(n)
 }
 
+/// The smallest swap file worth making.
+const MIN_SWAP_FILE: u64 = 256 << 20;
+
+/// How big the swap file may be: a quarter of RAM, at most 4 GiB, and at most what leaves
+/// [`disk_to_keep`] free on `state_dir`'s filesystem (VMs' disks and clones grow there; a
+/// guest whose write finds the disk full stops).
+fn swap_file_size(host_ram: u64, state_dir: &Path) -> Result<u64, MemoryError> {
+    let wanted = (host_ram / 4).min(4 << 30);
+    if swapped_on(&state_dir.join("swapfile").display().to_string()) {
+        return Ok(wanted);
+    }
+    let fs = nix::sys::statvfs::statvfs(state_dir)
+        .map_err(|e| setup_err("the data directory's free space", e))?;
+    let (free, total) = (
+        fs.blocks_available() * fs.fragment_size(),
+        fs.blocks() * fs.fragment_size(),
+    );
+    let room = free.saturating_sub(disk_to_keep(total));
+    sized_to_fit(wanted, room).ok_or_else(|| {
+        setup_err(
+            "a swap file",
+            format!(
+                "{} has {} MiB free of {} MiB, and {} MiB stays free for VMs' disks",
+                state_dir.display(),
+                free >> 20,
+                total >> 20,
+                disk_to_keep(total) >> 20
+            ),
+        )
+    })
+}
+
+/// The disk a swap file must leave free: a tenth of the filesystem, at least 4 GiB.
+fn disk_to_keep(total: u64) -> u64 {
+    (total / 10).max(4 << 30)
+}
+
+fn sized_to_fit(wanted: u64, room: u64) -> Option<u64> {
+    let size = wanted.min(room) & !((1 << 20) - 1);
+    (size >= MIN_SWAP_FILE).then_some(size)
+}
+
 fn setup_swap_file(size: u64, state_dir: &Path) -> Result<PathBuf, MemoryError> {
     let path = state_dir.join("swapfile");
     let p = path.display().to_string();
@@ -373,14 +417,17 @@ fn setup_swap_file(size: u64, state_dir: &Path) -> Result<PathBuf, MemoryError> 
         return Ok(path);
     }
     let _ = std::fs::remove_file(&path);
-    run("fallocate", &["-l", &size.to_string(), &p])?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(|e| setup_err("the swap file's mode", e))?;
-    let made = run("mkswap", &[&p])
+    let made = run("fallocate", &["-l", &size.to_string(), &p])
+        .and_then(|()| {
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| setup_err("the swap file's mode", e))
+        })
+        .and_then(|()| run("mkswap", &[&p]))
         .and_then(|()| run("swapon", &["-p", &SWAP_FILE_PRIORITY.to_string(), &p]));
     if let Err(e) = made {
-        // Not left behind to fill the disk: swapon refuses files on tmpfs, overlayfs and
-        // other filesystems without swap support.
+        // Never left behind to fill the disk: a fallocate that ran out of space keeps what it
+        // got, and swapon refuses files on tmpfs, overlayfs and other filesystems without
+        // swap support.
         let _ = std::fs::remove_file(&path);
         return Err(e);
     }
@@ -390,6 +437,17 @@ fn setup_swap_file(size: u64, state_dir: &Path) -> Result<PathBuf, MemoryError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_swap_file_never_takes_the_disk_vms_need() {
+        let gib = 1u64 << 30;
+        assert_eq!(disk_to_keep(20 * gib), 4 * gib);
+        assert_eq!(disk_to_keep(250 * gib), 25 * gib);
+        assert_eq!(sized_to_fit(4 * gib, 10 * gib), Some(4 * gib));
+        assert_eq!(sized_to_fit(4 * gib, gib + 12345), Some(gib));
+        assert_eq!(sized_to_fit(4 * gib, 100 << 20), None);
+        assert_eq!(sized_to_fit(4 * gib, 0), None);
+    }
 
     #[test]
     fn proc_swaps_is_read_in_bytes() {

@@ -35,10 +35,16 @@ fn stat(d: &Daemon, key: &Key, vm: &str) -> serde_json::Value {
 
 #[test]
 fn vm_memory_tiers_move_an_idle_vms_memory_to_compressed_swap_and_back_intact() {
-    let d = Daemon::start_with(&["--pack", "dense", "--idle-after", "4"]);
+    // The swap is taken down even when the daemon fails to start after setting it up.
+    let tmp = tempfile::Builder::new()
+        .prefix("nook-sys")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let data_dir = tmp.path().join("data");
     let _cleanup = SwapCleanup {
-        data_dir: d.data_dir.clone(),
+        data_dir: data_dir.clone(),
     };
+    let d = Daemon::start_in(data_dir, None, &["--pack", "dense", "--idle-after", "4"]);
     let log = d.log_text();
     assert!(
         log.contains("memory tiers: pack dense, "),
