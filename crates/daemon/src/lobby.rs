@@ -424,7 +424,11 @@ async fn vm_command(
                     .join("\n")
             } else {
                 vms.iter()
-                    .map(|vm| format!("{:<24} {}", vm.name, vm.state.as_str()))
+                    .map(|vm| match &vm.state_reason {
+                        // Why it failed, stopped by itself, or is paused.
+                        Some(why) => format!("{:<24} {} ({why})", vm.name, vm.state.as_str()),
+                        None => format!("{:<24} {}", vm.name, vm.state.as_str()),
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             };

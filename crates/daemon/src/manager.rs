@@ -137,6 +137,9 @@ pub struct Manager {
     cgroups: Option<Arc<nook_cgroup::Cgroups>>,
     /// VMs whose idle knobs are on.
     idle: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Running VMs that QEMU stopped because a disk write found the host's disk full, with
+    /// what `ls` and `stat` say about it (see `Manager::watch_for_a_full_disk`).
+    disk_full: std::sync::Mutex<HashMap<String, String>>,
     store: Store,
     images: ImageStore,
     net: Net,
@@ -381,6 +384,7 @@ impl Manager {
             limits: Default::default(),
             host_admission: Default::default(),
             idle: Default::default(),
+            disk_full: Default::default(),
             cgroups,
             cfg,
             store,
@@ -465,7 +469,14 @@ impl Manager {
             owner: vm.owner.clone(),
             image: vm.image.clone(),
             state: vm.state,
-            state_reason: vm.state_reason.clone(),
+            state_reason: self
+                .disk_full
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&vm.id)
+                .filter(|_| vm.state == VmState::Running)
+                .cloned()
+                .or_else(|| vm.state_reason.clone()),
             cpu: vm.cpu,
             memory_mib: vm.memory_mib,
             disk_bytes: vm.disk_bytes,

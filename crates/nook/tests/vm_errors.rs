@@ -136,3 +136,66 @@ fn vm_serve_refuses_a_dynamically_linked_agent() {
         "{err}"
     );
 }
+
+/// A guest write that finds the host's disk full stops the guest instead of failing (nothing
+/// it wrote is lost); `vm list` says why, and once space is freed the guest goes on by itself
+/// and the write lands intact.
+#[test]
+fn vm_write_to_a_full_host_disk_pauses_says_why_and_goes_on_once_freed() {
+    use std::time::{Duration, Instant};
+    let mount = LoopMount::new("400M");
+    let d = Daemon::start_in(mount.mnt().join("data"), None, &[]);
+    d.create_tiny("writer");
+    // 48 MiB that does not compress, in the guest's RAM, and its checksum.
+    let sum = d.exec(
+        "writer",
+        "mkdir -p /mnt/ram && mount -t tmpfs -o size=64m tmpfs /mnt/ram && \
+         head -c 50331648 /dev/urandom > /mnt/ram/data && sha256sum < /mnt/ram/data",
+    );
+    mount.fill();
+    // In the background: the exec answers before the write reaches the disk and stops the VM.
+    d.exec(
+        "writer",
+        "(sleep 1; cp /mnt/ram/data /root/data && sync && echo done > /root/done && sync) \
+         >/dev/null 2>&1 &",
+    );
+    let wait_for = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let vm = d.vm("writer");
+            if ok(&vm) {
+                return vm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} never happened: {vm}\n--- daemon log ---\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let paused = wait_for("the pause on a full disk", &|vm| {
+        vm["state_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("disk is full"))
+    });
+    assert_eq!(paused["state"], "running", "{paused}");
+    assert!(
+        d.log_text().contains("found the host's disk full"),
+        "{}",
+        d.log_text()
+    );
+    // Still paused while the disk stays full; nothing died.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(d.vm("writer")["state_reason"].is_string());
+    assert_eq!(d.qemu_pids().len(), 1);
+
+    mount.unfill();
+    wait_for("going on once freed", &|vm| vm["state_reason"].is_null());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.exec("writer", "cat /root/done 2>/dev/null || true") != "done\n" {
+        assert!(Instant::now() < deadline, "the write never finished");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(d.exec("writer", "sha256sum < /root/data"), sum);
+}

@@ -125,11 +125,12 @@ pub(crate) async fn vm_list<B: WebBackend>(web: &Web<B>, user: &Principal) -> Re
                 let ssh = ssh_to(web.ssh_command(), name);
                 body.push_str(&format!(
                     "<li class=\"vm\" data-vm=\"{n}\"><a class=\"name\" href=\"/vm/{n}\">{n}</a> \
-<span class=\"state {st}\">{st}</span><a class=\"url\" href=\"{u}\">{u}</a>\
+<span class=\"state {st}\" title=\"{why}\">{st}</span><a class=\"url\" href=\"{u}\">{u}</a>\
 <span class=\"actions\"><button type=\"button\" data-copy=\"{ssh}\" title=\"{ssh}\">Copy SSH</button>\
 <a class=\"button\" href=\"/vm/{n}/terminal\">Terminal</a> <a class=\"button\" href=\"/vm/{n}/agent\">Agent</a></span></li>",
                     n = esc(name),
                     st = esc(state),
+                    why = esc(s(vm, "state_reason")),
                     u = esc(&url),
                     ssh = esc(&ssh),
                 ));
@@ -261,6 +262,13 @@ pub(crate) async fn vm_page<B: WebBackend>(
         st = esc(state),
         ssh = esc(&ssh),
     );
+    let why = s(&vm, "state_reason");
+    if !why.is_empty() {
+        body.push_str(&format!(
+            "<p class=\"reason\" id=\"vm-reason\">{}</p>",
+            esc(why)
+        ));
+    }
     let facts = [
         ("vCPU", vm["cpu"].to_string()),
         ("Memory", size(vm["memory_mib"].as_u64().unwrap_or(0) << 20)),

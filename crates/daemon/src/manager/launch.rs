@@ -309,6 +309,11 @@ impl Manager {
             vm.slot,
             vm.owner.clone(),
         );
+        tokio::spawn(self.clone().watch_for_a_full_disk(
+            vm.id.clone(),
+            vm.name.clone(),
+            qmp.clone(),
+        ));
         tokio::spawn(async move {
             qmp.closed().await;
             if intended_exit.load(Ordering::SeqCst) {
@@ -336,6 +341,75 @@ impl Manager {
             this.record_state_or_log(&name, &id, reason.0, Some(&reason.1), None, "its exit")
                 .await;
         });
+    }
+
+    /// A guest write that finds the host's disk full stops the guest (QEMU's `werror=enospc`)
+    /// rather than fail, so nothing it wrote is lost, but a stopped guest looks hung. This
+    /// says why in `ls` and `stat` and in the log, and lets the guest go on (`cont` retries
+    /// the write) once the disk has room again. Runs until QEMU exits.
+    async fn watch_for_a_full_disk(self: Arc<Self>, id: String, name: String, qmp: Qmp) {
+        let mut events = qmp.events();
+        // A VM adopted after a daemon restart may already be stopped: its event came and went.
+        let mut stopped = stopped_for_io(&qmp).await;
+        loop {
+            if !stopped {
+                let event = tokio::select! {
+                    () = qmp.closed() => return,
+                    event = events.recv() => event,
+                };
+                stopped = match event {
+                    Ok(e) => {
+                        e.event == "BLOCK_IO_ERROR"
+                            && e.data.get("nospace").and_then(serde_json::Value::as_bool)
+                                == Some(true)
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        stopped_for_io(&qmp).await
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                continue;
+            }
+            let dir = self.cfg.vms_dir();
+            tracing::warn!(
+                vm = %name,
+                free_mib = free_bytes(&dir) >> 20,
+                "VM paused: its disk write found the host's disk full; it goes on once {} MiB are free",
+                RESUME_ROOM >> 20
+            );
+            self.disk_full
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), FULL_DISK_REASON.to_string());
+            loop {
+                tokio::select! {
+                    () = qmp.closed() => {
+                        self.disk_full.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        return;
+                    }
+                    () = tokio::time::sleep(FULL_DISK_RETRY) => {}
+                }
+                if !stopped_for_io(&qmp).await {
+                    // Going on already (an admin's `cont`), or QEMU is gone.
+                    break;
+                }
+                if free_bytes(&dir) < RESUME_ROOM {
+                    continue;
+                }
+                match qmp.execute("cont", None).await {
+                    Ok(_) => {
+                        tracing::info!(vm = %name, "VM goes on: the host's disk has room again");
+                        break;
+                    }
+                    Err(err) => tracing::warn!(vm = %name, %err, "could not resume the VM"),
+                }
+            }
+            self.disk_full
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            stopped = false;
+        }
     }
 
     /// Removes the tap and runtime sockets of a VM whose QEMU is gone. Idempotent.
@@ -493,4 +567,23 @@ pub(super) async fn silent_console(paths: &VmPaths, after: Duration) {
     if printed {
         std::future::pending::<()>().await;
     }
+}
+
+/// What `ls` and `stat` say of a VM stopped by a full disk.
+const FULL_DISK_REASON: &str =
+    "paused: the host's disk is full; it goes on by itself once the host's admin frees space";
+/// Free space on the VMs' filesystem before a paused VM is let go on: enough that its next
+/// writes do not stop it again at once.
+const RESUME_ROOM: u64 = 128 << 20;
+const FULL_DISK_RETRY: Duration = Duration::from_secs(3);
+
+/// QEMU's run state is `io-error`: a disk error (here, a full disk) stopped the guest.
+async fn stopped_for_io(qmp: &Qmp) -> bool {
+    qmp.execute("query-status", None)
+        .await
+        .is_ok_and(|s| s.get("status").and_then(serde_json::Value::as_str) == Some("io-error"))
+}
+
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir).map_or(0, |fs| fs.blocks_available() * fs.fragment_size())
 }
