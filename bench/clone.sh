@@ -80,6 +80,8 @@ running_clone() { # $1 = memory size, $2 = MiB of it to fill
     out=$("$nook" vm cp "$name" "$name-c$i" --json)
     totals+=("$(echo "$out" | field '["timings"]["total_ms"]')")
     pauses+=("$(echo "$out" | field '["timings"]["source_paused_ms"]')")
+    # Where the time went, per round: the disk layers, the memory stream, the clone's identity.
+    echo "  $1 round $i: $(echo "$out" | field '["timings"]')" >&2
     if [ "$i" -lt "$rounds" ]; then "$nook" vm rm "$name-c$i" >/dev/null 2>&1; fi
   done
   # The last clone is kept a minute: what the two share right away, and once KSM has looked.
