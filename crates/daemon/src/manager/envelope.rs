@@ -99,7 +99,7 @@ impl Manager {
             }
         };
         if idle {
-            self.pack_idle(vm, 0).await;
+            self.pack_idle(vm).await;
         }
         let (owner, id, name) = (vm.owner.clone(), vm.id.clone(), vm.name.clone());
         match tokio::task::spawn_blocking(move || cg.set_vm(&owner, &id, knobs)).await {
@@ -112,13 +112,12 @@ impl Manager {
     }
 
     /// Moves an idle VM's memory down the tiers (`--pack`), keeping what the level says in
-    /// RAM, or `keep_at_least` if more. The idle loop calls it when the VM turns idle and
-    /// again while it stays idle, as its timers touch pages back in.
-    pub async fn pack_idle(&self, vm: &VmRecord, keep_at_least: u64) {
+    /// RAM. The idle loop calls it when the VM turns idle and again while it stays idle, as
+    /// its timers touch pages back in.
+    pub async fn pack_idle(&self, vm: &VmRecord) {
         let Some(keep) = self.tiers.pack.idle_keep(u64::from(vm.memory_mib) << 20) else {
             return;
         };
-        let keep = keep.max(keep_at_least);
         let Some(cg) = self.cgroups.clone() else {
             return;
         };
@@ -135,20 +134,6 @@ impl Manager {
             Ok(Err(err)) => tracing::warn!(vm = %name, %err, "could not pack idle VM"),
             Err(_) => {}
         }
-    }
-
-    /// What a confined VM holds in RAM now (its working set).
-    pub fn vm_resident(&self, vm: &VmRecord) -> Option<u64> {
-        self.cgroups
-            .as_ref()?
-            .vm_memory(&vm.owner, &vm.id)
-            .ok()
-            .map(|m| m.resident_bytes)
-    }
-
-    /// Whether `--pack` moves idle VMs' memory down the tiers.
-    pub fn packs(&self) -> bool {
-        self.tiers.pack != nook_memory::Pack::Off
     }
 
     pub fn is_idle(&self, id: &str) -> bool {
@@ -269,65 +254,11 @@ impl Manager {
             let cap = limits.memory_bytes + limits.swap_bytes;
             if let Ok(used) = cg.account_memory(owner) {
                 envelope_in_use(&all, owner, used, cap, need)?;
-                self.make_room_in_ram(owner, &all, limits.memory_bytes, used.resident_bytes, need)
-                    .await;
             }
         }
         Ok(admitted)
     }
-
-    /// With `--pack`, packs `owner`'s idle VMs (the biggest first) until the account's RAM cap
-    /// has `need` bytes free for a VM about to boot. Reclaim at the cap cannot keep up with a
-    /// booting guest: without this, a new VM's boot in a nearly full envelope got one of its
-    /// neighbours OOM-killed while swap still had room (`bench/density.sh`, `balanced`).
-    async fn make_room_in_ram(
-        &self,
-        owner: &str,
-        all: &[VmRecord],
-        ram_cap: u64,
-        resident: u64,
-        need: u64,
-    ) {
-        let wanted = need.saturating_add(ROOM_MARGIN);
-        if !self.packs() || ram_cap.saturating_sub(resident) >= wanted {
-            return;
-        }
-        let Some(cg) = self.cgroups.clone() else {
-            return;
-        };
-        let mut idle: Vec<(u64, &VmRecord)> = all
-            .iter()
-            .filter(|vm| vm.owner == owner && vm.state == VmState::Running && self.is_idle(&vm.id))
-            .filter_map(|vm| Some((self.vm_resident(vm)?, vm)))
-            .collect();
-        idle.sort_by_key(|(resident, _)| std::cmp::Reverse(*resident));
-        let started = std::time::Instant::now();
-        let mut packed = 0;
-        for (_, vm) in idle {
-            self.pack_idle(vm, 0).await;
-            packed += 1;
-            let owner = owner.to_string();
-            let cg = cg.clone();
-            let now = tokio::task::spawn_blocking(move || cg.account_memory(&owner))
-                .await
-                .ok()
-                .and_then(Result::ok);
-            if now.is_none_or(|m| ram_cap.saturating_sub(m.resident_bytes) >= wanted) {
-                break;
-            }
-        }
-        tracing::debug!(
-            owner,
-            packed,
-            ms = started.elapsed().as_millis() as u64,
-            "made room in the envelope's RAM for a booting VM"
-        );
-    }
 }
-
-/// Room kept in an envelope's RAM beyond a booting VM's footprint, for the other VMs' own
-/// growth while it boots.
-const ROOM_MARGIN: u64 = 64 << 20;
 
 /// Whether the host, by what it really has left, can take a VM that will soon touch `need`
 /// bytes. The refusal says it is the host, not the account, and that waiting may help.
