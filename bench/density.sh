@@ -101,8 +101,15 @@ CFG
     "first HTTPS request after ${idle_secs} s idle p50 $(printf '%s\n' "${wakes[@]}" | pct 50) ms" \
     "p99 $(printf '%s\n' "${wakes[@]}" | pct 99) ms, awake p50 $(printf '%s\n' "${awake[@]}" | pct 50) ms" \
     "p99 $(printf '%s\n' "${awake[@]}" | pct 99) ms"
-  for v in $(seq 0 $((n - 1))); do NOOK_DATA_DIR=$tmp/data "$nook" vm rm "d$v" >/dev/null 2>&1 || true; done
+  # Every VM the daemon has, the one whose boot was refused or killed included: QEMU outlives
+  # the daemon, and a VM left behind would spin on in the next level's CPU measurement.
+  for v in $(NOOK_DATA_DIR=$tmp/data "$nook" vm list --json | python3 -c "import json,sys; [print(v['name']) for v in json.load(sys.stdin)]"); do
+    NOOK_DATA_DIR=$tmp/data "$nook" vm rm "$v" >/dev/null 2>&1 || true
+  done
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  if pkill -KILL -f -- "-name nook-.*$tmp/data" 2>/dev/null; then
+    echo "  (killed QEMUs this level left behind)"
+  fi
   # What packing set up is taken down again, so the next level starts from a bare host.
   if [ -f "$tmp/data/zram-device" ]; then
     dev=$(cat "$tmp/data/zram-device")

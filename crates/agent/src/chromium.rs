@@ -48,7 +48,13 @@ pub struct ChromiumConfig {
     /// The host's egress policy for an address outside the VM (the daemon's block list):
     /// the browser reaches no more than the VM itself could.
     pub allow: Arc<dyn Fn(IpAddr) -> bool + Send + Sync>,
+    /// Puts one of the browser's processes where its VM's account is held (the account's
+    /// cgroup), so the envelope bounds the browser as it bounds the VM. None runs it
+    /// unconfined (a VM outside any envelope). A failure stops the launch.
+    pub confine: Option<Confine>,
 }
+
+pub type Confine = Arc<dyn Fn(u32) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for ChromiumConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,6 +100,47 @@ pub fn sweep(tag: &str) -> usize {
         }
     }
     ended
+}
+
+/// Confines `unshare` (`pid`) and the shell it forked, before the shell becomes chromium:
+/// every browser process comes after them and inherits the group. Waits for the shell:
+/// `unshare` forks it right after making the namespaces.
+async fn confine_sandbox(pid: u32, confine: &Confine) -> Result<(), WorkspaceError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let shell = loop {
+        if let Some(child) = child_of(pid) {
+            break child;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(err("the browser's sandbox did not start"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    for p in [pid, shell] {
+        confine(p).map_err(|e| {
+            err(format!(
+                "could not hold the browser to the VM's envelope: {e}"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// A child of `pid`, found by its parent in `/proc/*/stat`.
+fn child_of(pid: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let child: u32 = p.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
+        // After the command name, which may hold spaces and parentheses: state, then ppid.
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == pid).then_some(child)
+    })
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, String>>>>>;
@@ -183,6 +230,14 @@ exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --reset-env -- \
             .ok_or_else(|| err("no browser stderr"))?;
         let stderr = Arc::new(Mutex::new(String::new()));
         tokio::spawn(keep_tail(stderr_pipe, stderr.clone()));
+        // Until the shell reads its first line (the proxy's port, below), nothing has become
+        // chromium yet.
+        if let Some(confine) = &cfg.confine
+            && let Err(e) = confine_sandbox(pid, confine).await
+        {
+            let _ = child.kill().await;
+            return Err(e);
+        }
 
         let listener = match listen_in_netns_of(pid).await {
             Ok(l) => l,

@@ -4,6 +4,7 @@
 //! each cgroup hierarchy it uses: `nook/<account>` carries the account's CPU
 //! quota and memory hard limit, and `nook/<account>/<vm>` (a leaf, the only
 //! place processes live) carries the VM's CPU weight and memory soft limit.
+//! (The daemon gives a VM's agent browser a leaf of its own the same way.)
 //! Both cgroup v2 (unified) and v1 (per-controller hierarchies) are handled;
 //! [`Cgroups::probe`] finds out which one can be used.
 //!

@@ -63,6 +63,7 @@ impl AgentHost {
                     std::net::IpAddr::V4(v4) => !block.blocks(v4),
                     std::net::IpAddr::V6(_) => true,
                 }),
+                confine: m.browser_confinement(vm),
             })
         };
         let b: Arc<dyn Browser> = self.browsers.get(&vm.id, cfg).await?;
@@ -78,6 +79,7 @@ impl AgentHost {
             }
         }
         self.browsers.reap(&running).await;
+        m.remove_browser_groups(&self.browsers.keys().await);
     }
 
     /// The VM and model a turn works with, acting for `account`: the conversation's own model

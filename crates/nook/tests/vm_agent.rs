@@ -182,6 +182,7 @@ fn vm_agent_builds_runs_and_screenshots_an_app_through_anthropic() {
         .expect("a screenshot event");
     let png = b64(shot);
     assert_eq!(png_size(&png), (1280, 800));
+    assert_browser_held_to_the_envelope();
     let images = log["requests"]
         .as_array()
         .expect("requests")
@@ -588,4 +589,33 @@ fn vm_agent_turn_goes_on_after_a_daemon_restart_and_its_stream_resumes_by_number
     let jar2 = tempfile::NamedTempFile::new().expect("jar");
     let other = dashboard_session(&d, &stranger, jar2.path());
     assert!(sse_ids(&other, &path, None, 2).is_empty());
+}
+
+/// Every process of the agent's browser runs in its VM's account's cgroup (a `browser-<vm>`
+/// group beside the account's VMs), so the envelope bounds it as it bounds the VM.
+fn assert_browser_held_to_the_envelope() {
+    let mut found = 0;
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if !cmdline
+            .split(|b| *b == 0)
+            .any(|a| a.starts_with(b"--user-data-dir=/tmp/nook-browser-"))
+        {
+            continue;
+        }
+        let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+            continue; // exited meanwhile
+        };
+        assert!(
+            cgroups
+                .lines()
+                .any(|l| l.contains("/nook/") && l.contains("/browser-")),
+            "a browser process outside its account's cgroup ({}):\n{cgroups}",
+            String::from_utf8_lossy(&cmdline).replace('\0', " ")
+        );
+        found += 1;
+    }
+    assert!(found > 0, "no browser process found");
 }

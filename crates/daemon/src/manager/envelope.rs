@@ -136,6 +136,45 @@ impl Manager {
         }
     }
 
+    /// How a VM's agent browser is held to the VM's account: each of its processes joins a
+    /// group of its own beside the account's VMs (`browser-<vm id>`), so the envelope's CPU and
+    /// memory caps bound it too. None for VMs outside any envelope.
+    pub fn browser_confinement(&self, vm: &VmRecord) -> Option<nook_agent::chromium::Confine> {
+        if vm.owner == ADMIN_OWNER {
+            return None;
+        }
+        let cg = self.cgroups.clone()?;
+        let (owner, group) = (vm.owner.clone(), browser_group(&vm.id));
+        Some(Arc::new(move |pid| {
+            cg.set_vm(
+                &owner,
+                &group,
+                nook_cgroup::VmKnobs {
+                    cpu_weight: 100,
+                    memory_high: None,
+                },
+            )
+            .and_then(|()| cg.attach(&owner, &group, pid))
+            .map_err(|e| e.to_string())
+        }))
+    }
+
+    /// Removes the browser groups of VMs whose browser is gone (`live`: the VMs that have one).
+    /// A group whose processes are still exiting is left for the next call.
+    pub fn remove_browser_groups(&self, live: &[String]) {
+        let Some(cg) = &self.cgroups else { return };
+        for account in cg.list_accounts().unwrap_or_default() {
+            for group in cg.list_vms(&account).unwrap_or_default() {
+                let Some(vm) = group.strip_prefix(BROWSER_GROUP) else {
+                    continue;
+                };
+                if !live.iter().any(|id| id == vm) {
+                    let _ = cg.remove_vm(&account, &group);
+                }
+            }
+        }
+    }
+
     pub fn is_idle(&self, id: &str) -> bool {
         self.idle
             .lock()
@@ -506,6 +545,13 @@ impl Ask<'_> {
             Ask::Start(id) | Ask::Resize { id, .. } => Some(id),
         }
     }
+}
+
+/// What a VM's browser group is named after (`browser-<vm id>`); no VM id starts so.
+const BROWSER_GROUP: &str = "browser-";
+
+fn browser_group(vm_id: &str) -> String {
+    format!("{BROWSER_GROUP}{vm_id}")
 }
 
 #[cfg(test)]
