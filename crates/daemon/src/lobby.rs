@@ -424,10 +424,15 @@ async fn vm_command(
                     .join("\n")
             } else {
                 vms.iter()
-                    .map(|vm| match &vm.state_reason {
+                    .map(|vm| {
                         // Why it failed, stopped by itself, or is paused.
-                        Some(why) => format!("{:<24} {} ({why})", vm.name, vm.state.as_str()),
-                        None => format!("{:<24} {}", vm.name, vm.state.as_str()),
+                        let why = vm.state_reason.as_deref().map(|w| format!(" ({w})"));
+                        format!(
+                            "{:<24} {}{}",
+                            vm.name,
+                            vm.state.as_str(),
+                            why.unwrap_or_default()
+                        )
                     })
                     .collect::<Vec<_>>()
                     .join("\n")

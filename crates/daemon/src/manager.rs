@@ -1064,6 +1064,14 @@ impl Manager {
     }
 }
 
+/// What an unprivileged writer (QEMU, jailed) may still put on `dir`'s filesystem; None when
+/// it cannot be told.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    nix::sys::statvfs::statvfs(dir)
+        .ok()
+        .map(|fs| fs.blocks_available() * fs.fragment_size())
+}
+
 fn io_error(context: &str, err: std::io::Error) -> ApiError {
     if err.kind() == std::io::ErrorKind::StorageFull {
         errors::no_space("the data dir")

@@ -36,10 +36,7 @@ fn stat(d: &Daemon, key: &Key, vm: &str) -> serde_json::Value {
 #[test]
 fn vm_memory_tiers_move_an_idle_vms_memory_to_compressed_swap_and_back_intact() {
     // The swap is taken down even when the daemon fails to start after setting it up.
-    let tmp = tempfile::Builder::new()
-        .prefix("nook-sys")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
+    let tmp = common::sys_tempdir();
     let data_dir = tmp.path().join("data");
     let _cleanup = SwapCleanup {
         data_dir: data_dir.clone(),

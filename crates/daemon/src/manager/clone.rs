@@ -248,13 +248,11 @@ impl Manager {
     /// would push its source, which shares the filesystem, to a stop too).
     fn check_room_for_clone(&self) -> Result<(), ApiError> {
         let dir = &self.cfg.data_dir;
-        match nix::sys::statvfs::statvfs(dir.as_path()) {
-            Ok(fs) if fs.blocks_available() * fs.fragment_size() < MIN_FREE_BYTES => {
-                Err(errors::no_space("the data dir"))
-            }
-            Ok(_) => Ok(()),
-            Err(err) => {
-                tracing::warn!(%err, dir = %dir.display(), "cannot tell the data dir's free space");
+        match free_bytes(dir) {
+            Some(free) if free < MIN_FREE_BYTES => Err(errors::no_space("the data dir")),
+            Some(_) => Ok(()),
+            None => {
+                tracing::warn!(dir = %dir.display(), "cannot tell the data dir's free space");
                 Ok(())
             }
         }

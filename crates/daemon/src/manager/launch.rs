@@ -370,45 +370,54 @@ impl Manager {
                 };
                 continue;
             }
-            let dir = self.cfg.vms_dir();
-            tracing::warn!(
-                vm = %name,
-                free_mib = free_bytes(&dir) >> 20,
-                "VM paused: its disk write found the host's disk full; it goes on once {} MiB are free",
-                RESUME_ROOM >> 20
-            );
-            self.disk_full
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone(), FULL_DISK_REASON.to_string());
-            loop {
-                tokio::select! {
-                    () = qmp.closed() => {
-                        self.disk_full.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        return;
-                    }
-                    () = tokio::time::sleep(FULL_DISK_RETRY) => {}
-                }
-                if !stopped_for_io(&qmp).await {
-                    // Going on already (an admin's `cont`), or QEMU is gone.
-                    break;
-                }
-                if free_bytes(&dir) < RESUME_ROOM {
-                    continue;
-                }
-                match qmp.execute("cont", None).await {
-                    Ok(_) => {
-                        tracing::info!(vm = %name, "VM goes on: the host's disk has room again");
-                        break;
-                    }
-                    Err(err) => tracing::warn!(vm = %name, %err, "could not resume the VM"),
-                }
+            self.set_disk_full(&id, true);
+            let gone = self.resume_once_room(&name, &qmp).await;
+            self.set_disk_full(&id, false);
+            if gone {
+                return;
             }
-            self.disk_full
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
             stopped = false;
+        }
+    }
+
+    /// Waits until the disk has room, then lets the stopped VM go on. True when QEMU went
+    /// away meanwhile.
+    async fn resume_once_room(&self, name: &str, qmp: &Qmp) -> bool {
+        let dir = self.cfg.vms_dir();
+        tracing::warn!(
+            vm = %name,
+            free_mib = free_bytes(&dir).unwrap_or(0) >> 20,
+            "VM paused: its disk write found the host's disk full; it goes on once {} MiB are free",
+            RESUME_ROOM >> 20
+        );
+        loop {
+            tokio::select! {
+                () = qmp.closed() => return true,
+                () = tokio::time::sleep(FULL_DISK_RETRY) => {}
+            }
+            if !stopped_for_io(qmp).await {
+                // Going on already (an admin's `cont`), or QEMU is gone.
+                return qmp.is_closed();
+            }
+            if free_bytes(&dir).unwrap_or(0) < RESUME_ROOM {
+                continue;
+            }
+            match qmp.execute("cont", None).await {
+                Ok(_) => {
+                    tracing::info!(vm = %name, "VM goes on: the host's disk has room again");
+                    return false;
+                }
+                Err(err) => tracing::warn!(vm = %name, %err, "could not resume the VM"),
+            }
+        }
+    }
+
+    fn set_disk_full(&self, id: &str, full: bool) {
+        let mut paused = self.disk_full.lock().unwrap_or_else(|p| p.into_inner());
+        if full {
+            paused.insert(id.to_string(), FULL_DISK_REASON.to_string());
+        } else {
+            paused.remove(id);
         }
     }
 
@@ -582,8 +591,4 @@ async fn stopped_for_io(qmp: &Qmp) -> bool {
     qmp.execute("query-status", None)
         .await
         .is_ok_and(|s| s.get("status").and_then(serde_json::Value::as_str) == Some("io-error"))
-}
-
-fn free_bytes(dir: &std::path::Path) -> u64 {
-    nix::sys::statvfs::statvfs(dir).map_or(0, |fs| fs.blocks_available() * fs.fragment_size())
 }

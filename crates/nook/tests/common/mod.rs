@@ -110,10 +110,7 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
-        let tmp = tempfile::Builder::new()
-            .prefix("nook-sys")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
+        let tmp = sys_tempdir();
         let data_dir = tmp.path().join("data");
         Self::start_in(data_dir, Some(tmp), extra)
     }
@@ -348,6 +345,14 @@ impl Drop for Daemon {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
     }
+}
+
+/// A directory for one test's daemon (its data dir and log), removed with it.
+pub fn sys_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("nook-sys")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
