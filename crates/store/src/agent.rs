@@ -26,7 +26,7 @@ macro_rules! columns {
     };
 }
 
-fn decode(r: &sqlx::sqlite::SqliteRow) -> Result<AgentConversation, sqlx::Error> {
+fn decode(r: &sqlx::any::AnyRow) -> Result<AgentConversation, sqlx::Error> {
     Ok(AgentConversation {
         id: r.try_get("id")?,
         vm_id: r.try_get("vm_id")?,
@@ -42,9 +42,10 @@ fn decode(r: &sqlx::sqlite::SqliteRow) -> Result<AgentConversation, sqlx::Error>
 
 impl Store {
     pub async fn agent_create(&self, c: &AgentConversation) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query(
             "INSERT INTO agent_conversations (id, vm_id, account_id, title, model, state, last_seq, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&c.id)
         .bind(&c.vm_id)
@@ -64,7 +65,7 @@ impl Store {
         let row = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM agent_conversations WHERE id = ?"
+            " FROM agent_conversations WHERE id = $1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
@@ -77,7 +78,7 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM agent_conversations WHERE vm_id = ? ORDER BY updated_at DESC, id"
+            " FROM agent_conversations WHERE vm_id = $1 ORDER BY updated_at DESC, id"
         ))
         .bind(vm_id)
         .fetch_all(&self.pool)
@@ -89,7 +90,7 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM agent_conversations WHERE state = ? ORDER BY id"
+            " FROM agent_conversations WHERE state = $1 ORDER BY id"
         ))
         .bind(state)
         .fetch_all(&self.pool)
@@ -98,7 +99,8 @@ impl Store {
     }
 
     pub async fn agent_set_state(&self, id: &str, state: &str, now: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agent_conversations SET state = ?, updated_at = ? WHERE id = ?")
+        let _changed = self.change();
+        sqlx::query("UPDATE agent_conversations SET state = $1, updated_at = $2 WHERE id = $3")
             .bind(state)
             .bind(now)
             .bind(id)
@@ -115,14 +117,15 @@ impl Store {
         body: &str,
         now: i64,
     ) -> Result<(), StoreError> {
+        let _changed = self.change();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO agent_events (conversation_id, seq, body) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO agent_events (conversation_id, seq, body) VALUES ($1, $2, $3)")
             .bind(id)
             .bind(seq)
             .bind(body)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE agent_conversations SET last_seq = ?, updated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE agent_conversations SET last_seq = $1, updated_at = $2 WHERE id = $3")
             .bind(seq)
             .bind(now)
             .bind(id)
@@ -140,7 +143,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<(i64, String)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, body FROM agent_events WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, body FROM agent_events WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(id)
         .bind(after)
@@ -154,7 +157,7 @@ impl Store {
     }
 
     pub async fn agent_context(&self, id: &str) -> Result<String, StoreError> {
-        let row = sqlx::query("SELECT context FROM agent_conversations WHERE id = ?")
+        let row = sqlx::query("SELECT context FROM agent_conversations WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -165,7 +168,8 @@ impl Store {
     }
 
     pub async fn agent_save_context(&self, id: &str, context: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agent_conversations SET context = ? WHERE id = ?")
+        let _changed = self.change();
+        sqlx::query("UPDATE agent_conversations SET context = $1 WHERE id = $2")
             .bind(context)
             .bind(id)
             .execute(&self.pool)

@@ -38,7 +38,7 @@ pub struct UsageRow {
 impl Store {
     /// The account's balance in micro-dollars; an account never credited has `initial`.
     pub async fn credit(&self, account_id: &str, initial: i64) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT balance_micros FROM credits WHERE account_id = ?")
+        let row = sqlx::query("SELECT balance_micros FROM credits WHERE account_id = $1")
             .bind(account_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -56,9 +56,10 @@ impl Store {
         delta: i64,
         set: bool,
     ) -> Result<i64, StoreError> {
+        let _changed = self.change();
         let row = sqlx::query(
-            "INSERT INTO credits (account_id, balance_micros) VALUES (?1, CASE WHEN ?3 THEN ?2 ELSE ?4 + ?2 END) \
-             ON CONFLICT(account_id) DO UPDATE SET balance_micros = CASE WHEN ?3 THEN ?2 ELSE balance_micros + ?2 END \
+            "INSERT INTO credits (account_id, balance_micros) VALUES ($1, CASE WHEN $3 THEN $2 ELSE $4 + $2 END) \
+             ON CONFLICT(account_id) DO UPDATE SET balance_micros = CASE WHEN $3 THEN $2 ELSE credits.balance_micros + $2 END \
              RETURNING balance_micros",
         )
         .bind(account_id)
@@ -77,6 +78,7 @@ impl Store {
         rows: &[LlmUse],
         initial: i64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
+        let _changed = self.change();
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let mut debits: std::collections::BTreeMap<&str, i64> = Default::default();
         for u in rows {
@@ -86,7 +88,7 @@ impl Store {
         for u in rows {
             sqlx::query(
                 "INSERT INTO llm_usage (at, account_id, vm_id, vm_name, provider, model, input_tokens, output_tokens, \
-                 cache_read_tokens, cache_write_tokens, cost_micros, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 cache_read_tokens, cache_write_tokens, cost_micros, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             )
             .bind(unix_now())
             .bind(&u.account_id)
@@ -106,8 +108,8 @@ impl Store {
         let mut balances = Vec::with_capacity(debits.len());
         for (account, cost) in debits {
             let row = sqlx::query(
-                "INSERT INTO credits (account_id, balance_micros) VALUES (?1, ?3 - ?2) \
-                 ON CONFLICT(account_id) DO UPDATE SET balance_micros = balance_micros - ?2 \
+                "INSERT INTO credits (account_id, balance_micros) VALUES ($1, $3 - $2) \
+                 ON CONFLICT(account_id) DO UPDATE SET balance_micros = credits.balance_micros - $2 \
                  RETURNING balance_micros",
             )
             .bind(account)
@@ -130,9 +132,11 @@ impl Store {
         vm_name: Option<&str>,
     ) -> Result<Vec<UsageRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT vm_name, provider, model, COUNT(*) AS requests, SUM(input_tokens) AS i, SUM(output_tokens) AS o, \
-             SUM(cache_read_tokens) AS cr, SUM(cache_write_tokens) AS cw, SUM(cost_micros) AS cost \
-             FROM llm_usage WHERE account_id = ?1 AND at >= ?2 AND (?3 IS NULL OR vm_name = ?3) \
+            "SELECT vm_name, provider, model, COUNT(*) AS requests, \
+             CAST(SUM(input_tokens) AS BIGINT) AS i, CAST(SUM(output_tokens) AS BIGINT) AS o, \
+             CAST(SUM(cache_read_tokens) AS BIGINT) AS cr, CAST(SUM(cache_write_tokens) AS BIGINT) AS cw, \
+             CAST(SUM(cost_micros) AS BIGINT) AS cost \
+             FROM llm_usage WHERE account_id = $1 AND at >= $2 AND ($3 IS NULL OR vm_name = $3) \
              GROUP BY vm_name, provider, model ORDER BY vm_name, provider, model",
         )
         .bind(account_id)
@@ -140,7 +144,7 @@ impl Store {
         .bind(vm_name)
         .fetch_all(&self.pool)
         .await?;
-        let u = |r: &sqlx::sqlite::SqliteRow, k: &str| -> Result<u64, StoreError> {
+        let u = |r: &sqlx::any::AnyRow, k: &str| -> Result<u64, StoreError> {
             Ok(r.try_get::<i64, _>(k)?.max(0) as u64)
         };
         rows.iter()
@@ -164,28 +168,25 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use crate::Store;
+    use crate::testing::on_both_stores;
 
-    async fn store_with_account() -> (tempfile::TempDir, Store, String) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db.sqlite"))
-            .await
-            .expect("open");
+    async fn with_account(store: &Store) -> String {
         let id = "acct1".to_string();
         sqlx::query(
-            "INSERT INTO accounts (id, email, created_at) VALUES (?, 'a@example.com', 'now')",
+            "INSERT INTO accounts (id, email, created_at) VALUES ($1, 'a@example.com', 'now')",
         )
         .bind(&id)
         .execute(&store.pool)
         .await
         .expect("account");
-        (dir, store, id)
+        id
     }
 
-    #[tokio::test]
-    async fn usage_is_recorded_and_charged_in_one_write() {
-        let (_dir, store, id) = store_with_account().await;
+    on_both_stores! {
+    async fn usage_is_recorded_and_charged_in_one_write(store) {
+        let id = with_account(&store).await;
         assert_eq!(store.credit(&id, 100).await.expect("credit"), 100);
-        let used = super::LlmUse {
+        let used = crate::LlmUse {
             account_id: id.clone(),
             vm_name: "web".into(),
             model: "m".into(),
@@ -218,4 +219,5 @@ mod tests {
             -3
         );
     }
+}
 }

@@ -70,7 +70,7 @@ pub struct ApiToken {
 
 impl Store {
     pub async fn web_settings(&self, vm_id: &str) -> Result<WebSettings, StoreError> {
-        let row = sqlx::query("SELECT public, http_port FROM vms WHERE id = ?")
+        let row = sqlx::query("SELECT public, http_port FROM vms WHERE id = $1")
             .bind(vm_id)
             .fetch_optional(&self.pool)
             .await?
@@ -85,7 +85,7 @@ impl Store {
 
     pub async fn set_public(&self, vm_id: &str, public: bool) -> Result<(), StoreError> {
         let _changed = self.change();
-        sqlx::query("UPDATE vms SET public = ? WHERE id = ?")
+        sqlx::query("UPDATE vms SET public = $1 WHERE id = $2")
             .bind(public as i64)
             .bind(vm_id)
             .execute(&self.pool)
@@ -95,7 +95,7 @@ impl Store {
 
     pub async fn set_http_port(&self, vm_id: &str, port: Option<u16>) -> Result<(), StoreError> {
         let _changed = self.change();
-        sqlx::query("UPDATE vms SET http_port = ? WHERE id = ?")
+        sqlx::query("UPDATE vms SET http_port = $1 WHERE id = $2")
             .bind(port.map(i64::from))
             .bind(vm_id)
             .execute(&self.pool)
@@ -104,7 +104,7 @@ impl Store {
     }
 
     pub async fn shares(&self, vm_id: &str) -> Result<Vec<Share>, StoreError> {
-        let rows = sqlx::query("SELECT email, role FROM shares WHERE vm_id = ? ORDER BY email")
+        let rows = sqlx::query("SELECT email, role FROM shares WHERE vm_id = $1 ORDER BY email")
             .bind(vm_id)
             .fetch_all(&self.pool)
             .await?;
@@ -123,7 +123,7 @@ impl Store {
     pub async fn add_share(&self, vm_id: &str, email: &str, role: Role) -> Result<(), StoreError> {
         let _changed = self.change();
         sqlx::query(
-            "INSERT INTO shares (vm_id, email, role, created_at) VALUES (?, ?, ?, ?) \
+            "INSERT INTO shares (vm_id, email, role, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT(vm_id, email) DO UPDATE SET role = excluded.role",
         )
         .bind(vm_id)
@@ -137,7 +137,7 @@ impl Store {
 
     /// Whether any VM is shared with `email`.
     pub async fn is_shared_with(&self, email: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT 1 FROM shares WHERE email = ? LIMIT 1")
+        let row = sqlx::query("SELECT 1 FROM shares WHERE email = $1 LIMIT 1")
             .bind(email)
             .fetch_optional(&self.pool)
             .await?;
@@ -147,7 +147,7 @@ impl Store {
     /// False when the VM was not shared with `email`.
     pub async fn remove_share(&self, vm_id: &str, email: &str) -> Result<bool, StoreError> {
         let _changed = self.change();
-        let done = sqlx::query("DELETE FROM shares WHERE vm_id = ? AND email = ?")
+        let done = sqlx::query("DELETE FROM shares WHERE vm_id = $1 AND email = $2")
             .bind(vm_id)
             .bind(email)
             .execute(&self.pool)
@@ -164,7 +164,7 @@ impl Store {
     ) -> Result<Option<Role>, StoreError> {
         // A share names an email, so it reaches only an account that proved that email.
         let row = if account.email_verified {
-            sqlx::query("SELECT role FROM shares WHERE vm_id = ? AND email = ?")
+            sqlx::query("SELECT role FROM shares WHERE vm_id = $1 AND email = $2")
                 .bind(vm_id)
                 .bind(&account.email)
                 .fetch_optional(&self.pool)
@@ -178,7 +178,7 @@ impl Store {
         }
         let via_link = sqlx::query(
             "SELECT 1 FROM link_grants g JOIN share_links l ON l.id = g.link_id \
-             WHERE l.vm_id = ? AND g.account_id = ?",
+             WHERE l.vm_id = $1 AND g.account_id = $2",
         )
         .bind(vm_id)
         .bind(&account.id)
@@ -192,7 +192,7 @@ impl Store {
         let _changed = self.change();
         let token = new_secret();
         sqlx::query(
-            "INSERT INTO share_links (id, vm_id, token_hash, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO share_links (id, vm_id, token_hash, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(hex::encode(rand::random::<[u8; 8]>()))
         .bind(vm_id)
@@ -206,7 +206,7 @@ impl Store {
     /// Revokes a link and the access it gave; false when no such link exists for the VM.
     pub async fn remove_share_link(&self, vm_id: &str, token: &str) -> Result<bool, StoreError> {
         let _changed = self.change();
-        let done = sqlx::query("DELETE FROM share_links WHERE vm_id = ? AND token_hash = ?")
+        let done = sqlx::query("DELETE FROM share_links WHERE vm_id = $1 AND token_hash = $2")
             .bind(vm_id)
             .bind(hash_secret(token))
             .execute(&self.pool)
@@ -215,7 +215,7 @@ impl Store {
     }
 
     pub async fn share_link_count(&self, vm_id: &str) -> Result<u32, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM share_links WHERE vm_id = ?")
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM share_links WHERE vm_id = $1")
             .bind(vm_id)
             .fetch_one(&self.pool)
             .await?;
@@ -232,7 +232,7 @@ impl Store {
         // A wrong token writes nothing, so it does not move the generation (see
         // `redeem_login_token`).
         let Some(row) =
-            sqlx::query("SELECT id FROM share_links WHERE vm_id = ? AND token_hash = ?")
+            sqlx::query("SELECT id FROM share_links WHERE vm_id = $1 AND token_hash = $2")
                 .bind(vm_id)
                 .bind(hash_secret(token))
                 .fetch_optional(&self.pool)
@@ -242,7 +242,7 @@ impl Store {
         };
         let _changed = self.change();
         let link_id: String = row.try_get("id")?;
-        sqlx::query("INSERT OR IGNORE INTO link_grants (link_id, account_id) VALUES (?, ?)")
+        sqlx::query("INSERT INTO link_grants (link_id, account_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(link_id)
             .bind(account_id)
             .execute(&self.pool)
@@ -259,13 +259,13 @@ impl Store {
         ttl_secs: i64,
     ) -> Result<String, StoreError> {
         let _changed = self.change();
-        sqlx::query("DELETE FROM login_tokens WHERE expires_at < ?")
+        sqlx::query("DELETE FROM login_tokens WHERE expires_at < $1")
             .bind(unix_now())
             .execute(&self.pool)
             .await?;
         let token = new_secret();
         sqlx::query(
-            "INSERT INTO login_tokens (token_hash, account_id, email, expires_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO login_tokens (token_hash, account_id, email, expires_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(hash_secret(&token))
         .bind(account_id)
@@ -281,10 +281,10 @@ impl Store {
     ///
     /// An unknown token writes nothing: anyone may send one, and every write moves the store's
     /// generation, which empties the edge's remembered answers (a flood of junk tokens would
-    /// otherwise make every request go to SQLite). Even a DELETE that matches no row fires
-    /// the commit hook, hence the look first.
+    /// otherwise make every request go to SQLite). Any DELETE moves the generation, even
+    /// one that matches no row, hence the look first.
     pub async fn redeem_login_token(&self, token: &str) -> Result<Option<Account>, StoreError> {
-        let known = sqlx::query("SELECT 1 FROM login_tokens WHERE token_hash = ?")
+        let known = sqlx::query("SELECT 1 FROM login_tokens WHERE token_hash = $1")
             .bind(hash_secret(token))
             .fetch_optional(&self.pool)
             .await?;
@@ -294,7 +294,7 @@ impl Store {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "DELETE FROM login_tokens WHERE token_hash = ? RETURNING account_id, email, expires_at",
+            "DELETE FROM login_tokens WHERE token_hash = $1 RETURNING account_id, email, expires_at",
         )
         .bind(hash_secret(token))
         .fetch_optional(&mut *tx)
@@ -313,8 +313,8 @@ impl Store {
                 // A link that went by mail proves the address it went to.
                 if let Some(email) = &mailed {
                     sqlx::query(
-                        "UPDATE accounts SET email_verified_at = COALESCE(email_verified_at, ?) \
-                         WHERE id = ? AND email = ?",
+                        "UPDATE accounts SET email_verified_at = COALESCE(email_verified_at, $1) \
+                         WHERE id = $2 AND email = $3",
                     )
                     .bind(now())
                     .bind(&id)
@@ -322,7 +322,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                sqlx::query("SELECT * FROM accounts WHERE id = ?")
+                sqlx::query("SELECT * FROM accounts WHERE id = $1")
                     .bind(id)
                     .fetch_optional(&mut *tx)
                     .await?
@@ -330,7 +330,7 @@ impl Store {
                     .transpose()?
             }
             (None, Some(email)) => {
-                let existing = sqlx::query("SELECT * FROM accounts WHERE email = ?")
+                let existing = sqlx::query("SELECT * FROM accounts WHERE email = $1")
                     .bind(&email)
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -348,7 +348,7 @@ impl Store {
                             owner: false,
                         };
                         sqlx::query(
-                            "INSERT INTO accounts (id, email, created_at, email_verified_at) VALUES (?, ?, ?, ?)",
+                            "INSERT INTO accounts (id, email, created_at, email_verified_at) VALUES ($1, $2, $3, $4)",
                         )
                         .bind(&account.id)
                         .bind(&account.email)
@@ -375,13 +375,13 @@ impl Store {
         ttl_secs: i64,
     ) -> Result<String, StoreError> {
         let _changed = self.change();
-        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?")
+        sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
             .bind(unix_now())
             .execute(&self.pool)
             .await?;
         let secret = new_secret();
         sqlx::query(
-            "INSERT INTO sessions (secret_hash, account_id, host, expires_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO sessions (secret_hash, account_id, host, expires_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(hash_secret(&secret))
         .bind(account_id)
@@ -396,7 +396,7 @@ impl Store {
     pub async fn session(&self, host: &str, secret: &str) -> Result<Option<Account>, StoreError> {
         let row = sqlx::query(
             "SELECT a.* FROM sessions s JOIN accounts a ON a.id = s.account_id \
-             WHERE s.secret_hash = ? AND s.host = ? AND s.expires_at > ?",
+             WHERE s.secret_hash = $1 AND s.host = $2 AND s.expires_at > $3",
         )
         .bind(hash_secret(secret))
         .bind(host)
@@ -412,7 +412,7 @@ impl Store {
     /// believes signed out. Ending one that does not exist (anyone can send a made-up cookie
     /// to the logout page) writes nothing, so it does not move the generation.
     pub async fn end_all_sessions(&self, secret: &str) -> Result<(), StoreError> {
-        let Some(row) = sqlx::query("SELECT account_id FROM sessions WHERE secret_hash = ?")
+        let Some(row) = sqlx::query("SELECT account_id FROM sessions WHERE secret_hash = $1")
             .bind(hash_secret(secret))
             .fetch_optional(&self.pool)
             .await?
@@ -421,7 +421,7 @@ impl Store {
         };
         let account_id: String = row.try_get("account_id")?;
         let _changed = self.change();
-        sqlx::query("DELETE FROM sessions WHERE account_id = ?")
+        sqlx::query("DELETE FROM sessions WHERE account_id = $1")
             .bind(account_id)
             .execute(&self.pool)
             .await?;
@@ -439,14 +439,14 @@ impl Store {
         ttl_secs: i64,
     ) -> Result<(String, String), StoreError> {
         let _changed = self.change();
-        sqlx::query("DELETE FROM api_tokens WHERE expires_at <= ?")
+        sqlx::query("DELETE FROM api_tokens WHERE expires_at <= $1")
             .bind(unix_now())
             .execute(&self.pool)
             .await?;
         let token = format!("nook_{}", new_secret());
         let id = hex::encode(rand::random::<[u8; 4]>());
         sqlx::query(
-            "INSERT INTO api_tokens (id, token_hash, vm_id, account_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_tokens (id, token_hash, vm_id, account_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&id)
         .bind(hash_secret(&token))
@@ -463,7 +463,7 @@ impl Store {
     pub async fn api_tokens(&self, account_id: &str) -> Result<Vec<ApiToken>, StoreError> {
         let rows = sqlx::query(
             "SELECT t.id, v.name, t.created_at, t.expires_at FROM api_tokens t \
-             JOIN vms v ON v.id = t.vm_id WHERE t.account_id = ? AND t.expires_at > ? \
+             JOIN vms v ON v.id = t.vm_id WHERE t.account_id = $1 AND t.expires_at > $2 \
              ORDER BY t.created_at",
         )
         .bind(account_id)
@@ -485,7 +485,7 @@ impl Store {
     /// Revokes `account_id`'s token `id`; false when it has none by that id.
     pub async fn revoke_api_token(&self, account_id: &str, id: &str) -> Result<bool, StoreError> {
         let _changed = self.change();
-        let done = sqlx::query("DELETE FROM api_tokens WHERE id = ? AND account_id = ?")
+        let done = sqlx::query("DELETE FROM api_tokens WHERE id = $1 AND account_id = $2")
             .bind(id)
             .bind(account_id)
             .execute(&self.pool)
@@ -501,7 +501,7 @@ impl Store {
     ) -> Result<Option<Account>, StoreError> {
         let row = sqlx::query(
             "SELECT a.* FROM api_tokens t JOIN accounts a ON a.id = t.account_id \
-             WHERE t.token_hash = ? AND t.vm_id = ? AND t.expires_at > ?",
+             WHERE t.token_hash = $1 AND t.vm_id = $2 AND t.expires_at > $3",
         )
         .bind(hash_secret(token))
         .bind(vm_id)
@@ -512,7 +512,7 @@ impl Store {
     }
 
     pub async fn account_by_id(&self, id: &str) -> Result<Option<Account>, StoreError> {
-        let row = sqlx::query("SELECT * FROM accounts WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM accounts WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -523,14 +523,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db.sqlite"))
-            .await
-            .expect("open");
-        (dir, store)
-    }
+    use crate::testing::on_both_stores;
 
     async fn count(store: &Store, table: &'static str) -> i64 {
         let sql = match table {
@@ -547,7 +540,7 @@ mod tests {
     }
 
     async fn account(store: &Store, id: &str) {
-        sqlx::query("INSERT INTO accounts (id, email, created_at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO accounts (id, email, created_at) VALUES ($1, $2, $3)")
             .bind(id)
             .bind(format!("{id}@example.com"))
             .bind(now())
@@ -556,11 +549,10 @@ mod tests {
             .expect("account");
     }
 
+    on_both_stores! {
     /// Anyone can send a junk login token, session cookie or share token; if that moved the
     /// generation, a stream of them would flush every answer the edge remembers.
-    #[tokio::test]
-    async fn failed_anonymous_attempts_do_not_move_the_generation() {
-        let (_dir, store) = store().await;
+    async fn failed_anonymous_attempts_do_not_move_the_generation(store) {
         account(&store, "a1").await;
         let vm_id = "vm1";
         let g = store.generation();
@@ -599,11 +591,11 @@ mod tests {
         assert!(store.generation() > g);
         assert!(store.session("h", &secret).await.expect("gone").is_none());
     }
+    }
 
+    on_both_stores! {
     /// Signing out on one host signs the account out on every host, and no one else.
-    #[tokio::test]
-    async fn logout_ends_every_session_of_the_account() {
-        let (_dir, store) = store().await;
+    async fn logout_ends_every_session_of_the_account(store) {
         account(&store, "a1").await;
         account(&store, "a2").await;
         let dash = store
@@ -641,10 +633,10 @@ mod tests {
                 .is_some()
         );
     }
+    }
 
-    #[tokio::test]
-    async fn expired_rows_are_swept() {
-        let (_dir, store) = store().await;
+    on_both_stores! {
+    async fn expired_rows_are_swept(store) {
         account(&store, "a1").await;
         for _ in 0..3 {
             store
@@ -668,5 +660,6 @@ mod tests {
                 .expect("live")
                 .is_some()
         );
+    }
     }
 }

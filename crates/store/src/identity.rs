@@ -1,7 +1,7 @@
 //! Proving who someone is: verified emails, signup invites, and SSH keys that join an account
 //! only when their holder redeems a one-time code with them.
 
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Any, Row, Transaction};
 
 use crate::edge::{hash_secret, unix_now};
 use crate::{Account, SshKey, Store, StoreError, decode_account, insert_key, now};
@@ -48,12 +48,12 @@ fn code_hash(code: &str) -> String {
 
 /// Consumes the invite `code` made for `email`.
 pub(crate) async fn take_invite(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     code: &str,
     email: &str,
 ) -> Result<(), StoreError> {
     let row =
-        sqlx::query("DELETE FROM invites WHERE code_hash = ? AND email = ? RETURNING expires_at")
+        sqlx::query("DELETE FROM invites WHERE code_hash = $1 AND email = $2 RETURNING expires_at")
             .bind(code_hash(code))
             .bind(email)
             .fetch_optional(&mut **tx)
@@ -69,7 +69,7 @@ impl Store {
     pub async fn verify_email(&self, account_id: &str) -> Result<bool, StoreError> {
         let _changed = self.change();
         let done = sqlx::query(
-            "UPDATE accounts SET email_verified_at = COALESCE(email_verified_at, ?) WHERE id = ?",
+            "UPDATE accounts SET email_verified_at = COALESCE(email_verified_at, $1) WHERE id = $2",
         )
         .bind(now())
         .bind(account_id)
@@ -82,11 +82,11 @@ impl Store {
     pub async fn create_invite(&self, email: &str) -> Result<String, StoreError> {
         let _changed = self.change();
         let code = new_code();
-        sqlx::query("DELETE FROM invites WHERE expires_at < ?")
+        sqlx::query("DELETE FROM invites WHERE expires_at < $1")
             .bind(unix_now())
             .execute(&self.pool)
             .await?;
-        sqlx::query("INSERT INTO invites (code_hash, email, expires_at) VALUES (?, ?, ?)")
+        sqlx::query("INSERT INTO invites (code_hash, email, expires_at) VALUES ($1, $2, $3)")
             .bind(code_hash(&code))
             .bind(email)
             .bind(unix_now() + INVITE_TTL_SECS)
@@ -105,14 +105,14 @@ impl Store {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         crate::ensure_key_free(&mut tx, &key.fingerprint).await?;
-        sqlx::query("DELETE FROM key_claims WHERE expires_at < ?")
+        sqlx::query("DELETE FROM key_claims WHERE expires_at < $1")
             .bind(unix_now())
             .execute(&mut *tx)
             .await?;
         let code = new_code();
         sqlx::query(
             "INSERT INTO key_claims (code_hash, account_id, fingerprint, public_key, comment, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(code_hash(&code))
         .bind(account_id)
@@ -137,7 +137,7 @@ impl Store {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "DELETE FROM key_claims WHERE code_hash = ? \
+            "DELETE FROM key_claims WHERE code_hash = $1 \
              RETURNING account_id, fingerprint, public_key, comment, expires_at",
         )
         .bind(code_hash(code))
@@ -163,7 +163,7 @@ impl Store {
             return Err(e);
         }
         insert_key(&mut tx, &account_id, &key, &now()).await?;
-        let account = sqlx::query("SELECT * FROM accounts WHERE id = ?")
+        let account = sqlx::query("SELECT * FROM accounts WHERE id = $1")
             .bind(&account_id)
             .fetch_one(&mut *tx)
             .await?;
@@ -177,6 +177,7 @@ impl Store {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::on_both_stores;
 
     fn key(n: &str) -> SshKey {
         SshKey {
@@ -186,15 +187,8 @@ mod tests {
         }
     }
 
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
-        (dir, store)
-    }
-
-    #[tokio::test]
-    async fn the_first_account_is_the_verified_owner_and_later_ones_need_admission() {
-        let (_dir, store) = store().await;
+    on_both_stores! {
+    async fn the_first_account_is_the_verified_owner_and_later_ones_need_admission(store) {
         let first = store
             .create_account("a1", "ann@example.com", &key("k1"), Admission::FirstOnly)
             .await
@@ -220,10 +214,10 @@ mod tests {
             .unwrap();
         assert!(read.email_verified);
     }
+    }
 
-    #[tokio::test]
-    async fn an_invite_admits_its_email_once() {
-        let (_dir, store) = store().await;
+    on_both_stores! {
+    async fn an_invite_admits_its_email_once(store) {
         store
             .create_account("a1", "ann@example.com", &key("k1"), Admission::FirstOnly)
             .await
@@ -261,10 +255,10 @@ mod tests {
             .await;
         assert!(matches!(again, Err(StoreError::InvalidCode)), "{again:?}");
     }
+    }
 
-    #[tokio::test]
-    async fn a_key_claim_needs_the_key_and_is_spent_by_any_try() {
-        let (_dir, store) = store().await;
+    on_both_stores! {
+    async fn a_key_claim_needs_the_key_and_is_spent_by_any_try(store) {
         store
             .create_account("a1", "ann@example.com", &key("k1"), Admission::FirstOnly)
             .await
@@ -290,5 +284,6 @@ mod tests {
         );
         let taken = store.create_key_claim("a1", &key("k2")).await;
         assert!(matches!(taken, Err(StoreError::KeyTaken)), "{taken:?}");
+    }
     }
 }

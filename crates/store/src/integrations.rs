@@ -25,7 +25,7 @@ pub struct Grant {
     pub expires_at: Option<i64>,
 }
 
-fn decode(r: &sqlx::sqlite::SqliteRow) -> Result<IntegrationRow, StoreError> {
+fn decode(r: &sqlx::any::AnyRow) -> Result<IntegrationRow, StoreError> {
     Ok(IntegrationRow {
         id: r.try_get("id")?,
         account_id: r.try_get("account_id")?,
@@ -40,9 +40,10 @@ fn decode(r: &sqlx::sqlite::SqliteRow) -> Result<IntegrationRow, StoreError> {
 impl Store {
     /// Adds an integration; `Ok(false)` when the account already has one of that name.
     pub async fn add_integration(&self, row: &IntegrationRow) -> Result<bool, StoreError> {
+        let _changed = self.change();
         let done = sqlx::query(
             "INSERT INTO integrations (id, account_id, name, kind, config, secret, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, name) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (account_id, name) DO NOTHING",
         )
         .bind(&row.id)
         .bind(&row.account_id)
@@ -57,7 +58,7 @@ impl Store {
     }
 
     pub async fn integrations(&self, account_id: &str) -> Result<Vec<IntegrationRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM integrations WHERE account_id = ? ORDER BY name")
+        let rows = sqlx::query("SELECT * FROM integrations WHERE account_id = $1 ORDER BY name")
             .bind(account_id)
             .fetch_all(&self.pool)
             .await?;
@@ -69,7 +70,7 @@ impl Store {
         account_id: &str,
         name: &str,
     ) -> Result<Option<IntegrationRow>, StoreError> {
-        let row = sqlx::query("SELECT * FROM integrations WHERE account_id = ? AND name = ?")
+        let row = sqlx::query("SELECT * FROM integrations WHERE account_id = $1 AND name = $2")
             .bind(account_id)
             .bind(name)
             .fetch_optional(&self.pool)
@@ -83,7 +84,8 @@ impl Store {
         account_id: &str,
         name: &str,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM integrations WHERE account_id = ? AND name = ?")
+        let _changed = self.change();
+        let done = sqlx::query("DELETE FROM integrations WHERE account_id = $1 AND name = $2")
             .bind(account_id)
             .bind(name)
             .execute(&self.pool)
@@ -98,8 +100,9 @@ impl Store {
         vm_id: &str,
         expires_at: Option<i64>,
     ) -> Result<(), StoreError> {
+        let _changed = self.change();
         sqlx::query(
-            "INSERT INTO integration_grants (integration_id, vm_id, expires_at) VALUES (?, ?, ?) \
+            "INSERT INTO integration_grants (integration_id, vm_id, expires_at) VALUES ($1, $2, $3) \
              ON CONFLICT (integration_id, vm_id) DO UPDATE SET expires_at = excluded.expires_at",
         )
         .bind(integration_id)
@@ -115,8 +118,9 @@ impl Store {
         integration_id: &str,
         vm_id: &str,
     ) -> Result<bool, StoreError> {
+        let _changed = self.change();
         let done =
-            sqlx::query("DELETE FROM integration_grants WHERE integration_id = ? AND vm_id = ?")
+            sqlx::query("DELETE FROM integration_grants WHERE integration_id = $1 AND vm_id = $2")
                 .bind(integration_id)
                 .bind(vm_id)
                 .execute(&self.pool)
@@ -125,7 +129,7 @@ impl Store {
     }
 
     pub async fn grants(&self, integration_id: &str) -> Result<Vec<Grant>, StoreError> {
-        let rows = sqlx::query("SELECT vm_id, expires_at FROM integration_grants WHERE integration_id = ? ORDER BY vm_id")
+        let rows = sqlx::query("SELECT vm_id, expires_at FROM integration_grants WHERE integration_id = $1 ORDER BY vm_id")
             .bind(integration_id)
             .fetch_all(&self.pool)
             .await?;
@@ -150,7 +154,7 @@ impl Store {
     ) -> Result<Option<IntegrationRow>, StoreError> {
         let row = sqlx::query(
             "SELECT i.* FROM integrations i JOIN integration_grants g ON g.integration_id = i.id \
-             WHERE g.vm_id = ? AND i.account_id = ? AND i.name = ? AND (g.expires_at IS NULL OR g.expires_at > ?)",
+             WHERE g.vm_id = $1 AND i.account_id = $2 AND i.name = $3 AND (g.expires_at IS NULL OR g.expires_at > $4)",
         )
         .bind(vm_id)
         .bind(owner)
@@ -170,7 +174,7 @@ impl Store {
     ) -> Result<Vec<IntegrationRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT i.* FROM integrations i JOIN integration_grants g ON g.integration_id = i.id \
-             WHERE g.vm_id = ? AND i.account_id = ? AND i.kind = ? AND (g.expires_at IS NULL OR g.expires_at > ?) ORDER BY i.name",
+             WHERE g.vm_id = $1 AND i.account_id = $2 AND i.kind = $3 AND (g.expires_at IS NULL OR g.expires_at > $4) ORDER BY i.name",
         )
         .bind(vm_id)
         .bind(owner)
@@ -189,7 +193,7 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         let rows = sqlx::query(
             "SELECT i.name FROM integrations i JOIN integration_grants g ON g.integration_id = i.id \
-             WHERE g.vm_id = ? AND i.account_id = ? AND (g.expires_at IS NULL OR g.expires_at > ?) ORDER BY i.name",
+             WHERE g.vm_id = $1 AND i.account_id = $2 AND (g.expires_at IS NULL OR g.expires_at > $3) ORDER BY i.name",
         )
         .bind(vm_id)
         .bind(owner)

@@ -9,6 +9,8 @@ mod credits;
 mod edge;
 mod identity;
 mod integrations;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod web;
 
 pub use agent::AgentConversation;
@@ -18,17 +20,15 @@ pub use identity::{Admission, CLAIM_TTL_SECS, INVITE_TTL_SECS};
 pub use integrations::{Grant, IntegrationRow};
 pub use web::{ExecGrant, ExecToken, VmApiGrant};
 
-use std::path::Path;
-use std::str::FromStr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nook_api::VmState;
 use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -63,8 +63,9 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &err {
-            // SQLITE_FULL (13) and friends: the disk under the data dir is full.
-            if db.code().as_deref() == Some("13")
+            // SQLITE_FULL (13) and friends, or PostgreSQL's disk_full (53100): the disk under
+            // the database is full.
+            if matches!(db.code().as_deref(), Some("13" | "53100"))
                 || db.message().contains("database or disk is full")
             {
                 return Self::NoSpace;
@@ -73,6 +74,9 @@ impl From<sqlx::Error> for StoreError {
         Self::Db(err)
     }
 }
+
+/// What a file path must not carry raw in a `sqlite://` URL.
+const PATH_UNSAFE: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'?').add(b'#');
 
 /// Highest slot; matches the /16 the network crate carves /30 links from.
 pub const MAX_SLOT: i64 = 16383;
@@ -136,14 +140,22 @@ pub struct NewVm {
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
     /// Changes whenever the data may have changed (see [`Store::generation`]).
     generation: Arc<AtomicU64>,
 }
 
-/// Bumps the store's generation when dropped, so at the end of a writing method whatever its
-/// outcome, after its commit.
+/// Bumps the store's generation when made, before a writing method starts, and again when
+/// dropped, at its end whatever its outcome and after its commit. The first bump stales every
+/// answer remembered before the write could be seen; the second every answer read while it ran.
 struct Changed<'a>(&'a AtomicU64);
+
+impl<'a> Changed<'a> {
+    fn new(generation: &'a AtomicU64) -> Self {
+        generation.fetch_add(1, Ordering::AcqRel);
+        Self(generation)
+    }
+}
 
 impl Drop for Changed<'_> {
     fn drop(&mut self) {
@@ -157,33 +169,76 @@ pub(crate) fn now() -> String {
         .unwrap_or_default()
 }
 
+/// Where a host keeps its state: the embedded SQLite file (the default), or a PostgreSQL
+/// database that several hosts can share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    /// A `postgres://` URL.
+    Postgres(String),
+}
+
+impl Location {
+    /// The kind of database, for logs and `stat`; never the URL, which may hold a password.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+}
+
 impl Store {
+    /// Opens (creating if need be) the embedded SQLite database at `path`.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let generation = Arc::new(AtomicU64::new(0));
-        let hooked = generation.clone();
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .after_connect(move |conn, _| {
-                let generation = hooked.clone();
-                Box::pin(async move {
-                    // Also bump on every commit, even one a writing method forgot to mark.
-                    conn.lock_handle().await?.set_commit_hook(move || {
-                        generation.fetch_add(1, Ordering::AcqRel);
-                        true
-                    });
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool, generation })
+        Self::connect(&Location::Sqlite(path.to_path_buf())).await
+    }
+
+    /// Connects to the store at `location` and brings its schema up to date. One schema, in
+    /// two dialects: `migrations/sqlite` and `migrations/postgres` hold the same versions.
+    pub async fn connect(location: &Location) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let pool = match location {
+            Location::Sqlite(path) => {
+                // `mode=rwc` creates the file; the path is percent-encoded so that a `?` or `#`
+                // in it stays part of the name.
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    utf8_percent_encode(&path.to_string_lossy(), PATH_UNSAFE)
+                );
+                let pool = AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // WAL lets readers go on during a write; FULL makes a commit
+                            // survive a power cut. The busy timeout (5 s) is sqlx's default.
+                            sqlx::raw_sql("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+                                .execute(conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?;
+                sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+                pool
+            }
+            Location::Postgres(url) => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .connect(url)
+                    .await?;
+                // sqlx's migrator takes an advisory lock, so hosts starting together run each
+                // migration once.
+                sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+                pool
+            }
+        };
+        Ok(Self {
+            pool,
+            generation: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// A number that changes whenever the stored data may have changed: after every writing
@@ -196,14 +251,14 @@ impl Store {
     }
 
     fn change(&self) -> Changed<'_> {
-        Changed(&self.generation)
+        Changed::new(&self.generation)
     }
 
     /// Inserts a VM in state `creating`, giving it the lowest free network slot.
     pub async fn insert_vm(&self, vm: NewVm) -> Result<VmRecord, StoreError> {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
-        let taken = sqlx::query("SELECT 1 FROM vms WHERE name = ?")
+        let taken = sqlx::query("SELECT 1 FROM vms WHERE name = $1")
             .bind(&vm.name)
             .fetch_optional(&mut *tx)
             .await?;
@@ -213,12 +268,12 @@ impl Store {
         let slot: i64 = sqlx::query(
             "SELECT COALESCE((SELECT MIN(v.slot + 1) FROM vms v WHERE NOT EXISTS \
              (SELECT 1 FROM vms w WHERE w.slot = v.slot + 1)), 0) AS free, \
-             EXISTS(SELECT 1 FROM vms WHERE slot = 0) AS zero_taken",
+             CASE WHEN EXISTS(SELECT 1 FROM vms WHERE slot = 0) THEN 1 ELSE 0 END AS zero_taken",
         )
         .fetch_one(&mut *tx)
         .await
         .map(|row| {
-            if row.get::<bool, _>("zero_taken") {
+            if row.get::<i64, _>("zero_taken") != 0 {
                 row.get("free")
             } else {
                 0
@@ -230,7 +285,7 @@ impl Store {
         let at = now();
         let inserted = sqlx::query(
             "INSERT INTO vms (id, name, owner, image, image_dir, cpu, memory_mib, disk_bytes, slot, state, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'creating', ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, $11)",
         )
         .bind(&vm.id)
         .bind(&vm.name)
@@ -256,7 +311,7 @@ impl Store {
     }
 
     pub async fn get(&self, name: &str) -> Result<VmRecord, StoreError> {
-        let row = sqlx::query("SELECT * FROM vms WHERE name = ?")
+        let row = sqlx::query("SELECT * FROM vms WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
@@ -265,7 +320,7 @@ impl Store {
     }
 
     pub async fn get_by_id(&self, id: &str) -> Result<VmRecord, StoreError> {
-        let row = sqlx::query("SELECT * FROM vms WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM vms WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -282,7 +337,7 @@ impl Store {
 
     /// The VMs holding network slot `slot` (one, but a row left from a crash may share it).
     pub async fn by_slot(&self, slot: u32) -> Result<Vec<VmRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM vms WHERE slot = ?")
+        let rows = sqlx::query("SELECT * FROM vms WHERE slot = $1")
             .bind(i64::from(slot))
             .fetch_all(&self.pool)
             .await?;
@@ -298,7 +353,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _changed = self.change();
         sqlx::query(
-            "UPDATE vms SET state = ?, state_reason = ?, pid = ?, updated_at = ? WHERE id = ?",
+            "UPDATE vms SET state = $1, state_reason = $2, pid = $3, updated_at = $4 WHERE id = $5",
         )
         .bind(state.as_str())
         .bind(reason)
@@ -313,12 +368,12 @@ impl Store {
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM vms WHERE id = ?")
+        sqlx::query("DELETE FROM vms WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
         // A VM's grants go with it: no later VM inherits them.
-        sqlx::query("DELETE FROM integration_grants WHERE vm_id = ?")
+        sqlx::query("DELETE FROM integration_grants WHERE vm_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
@@ -328,7 +383,7 @@ impl Store {
 
     pub async fn rename(&self, id: &str, new_name: &str) -> Result<(), StoreError> {
         let _changed = self.change();
-        let done = sqlx::query("UPDATE vms SET name = ?, updated_at = ? WHERE id = ?")
+        let done = sqlx::query("UPDATE vms SET name = $1, updated_at = $2 WHERE id = $3")
             .bind(new_name)
             .bind(now())
             .bind(id)
@@ -351,7 +406,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _changed = self.change();
         sqlx::query(
-            "UPDATE vms SET cpu = ?, memory_mib = ?, disk_bytes = ?, updated_at = ? WHERE id = ?",
+            "UPDATE vms SET cpu = $1, memory_mib = $2, disk_bytes = $3, updated_at = $4 WHERE id = $5",
         )
         .bind(cpu as i64)
         .bind(memory_mib as i64)
@@ -398,13 +453,13 @@ impl Store {
         };
         let at = now();
         let inserted = sqlx::query(
-            "INSERT INTO accounts (id, email, created_at, email_verified_at, owner) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO accounts (id, email, created_at, email_verified_at, owner) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id)
         .bind(email)
         .bind(&at)
         .bind(verified.then_some(&at))
-        .bind(first)
+        .bind(i64::from(first))
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(db)) = &inserted
@@ -426,7 +481,7 @@ impl Store {
     }
 
     pub async fn account_for_key(&self, fingerprint: &str) -> Result<Option<Account>, StoreError> {
-        let row = sqlx::query("SELECT a.* FROM accounts a JOIN ssh_keys k ON k.account_id = a.id WHERE k.fingerprint = ?")
+        let row = sqlx::query("SELECT a.* FROM accounts a JOIN ssh_keys k ON k.account_id = a.id WHERE k.fingerprint = $1")
             .bind(fingerprint)
             .fetch_optional(&self.pool)
             .await?;
@@ -441,7 +496,7 @@ impl Store {
     }
 
     pub async fn account_by_email(&self, email: &str) -> Result<Option<Account>, StoreError> {
-        let row = sqlx::query("SELECT * FROM accounts WHERE email = ?")
+        let row = sqlx::query("SELECT * FROM accounts WHERE email = $1")
             .bind(email)
             .fetch_optional(&self.pool)
             .await?;
@@ -458,7 +513,7 @@ impl Store {
     }
 
     pub async fn keys(&self, account_id: &str) -> Result<Vec<SshKey>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM ssh_keys WHERE account_id = ? ORDER BY created_at")
+        let rows = sqlx::query("SELECT * FROM ssh_keys WHERE account_id = $1 ORDER BY created_at")
             .bind(account_id)
             .fetch_all(&self.pool)
             .await?;
@@ -478,12 +533,12 @@ impl Store {
     pub async fn remove_key(&self, account_id: &str, fingerprint: &str) -> Result<(), StoreError> {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
-        let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ssh_keys WHERE account_id = ?")
+        let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ssh_keys WHERE account_id = $1")
             .bind(account_id)
             .fetch_one(&mut *tx)
             .await?
             .try_get("n")?;
-        let found = sqlx::query("SELECT 1 FROM ssh_keys WHERE account_id = ? AND fingerprint = ?")
+        let found = sqlx::query("SELECT 1 FROM ssh_keys WHERE account_id = $1 AND fingerprint = $2")
             .bind(account_id)
             .bind(fingerprint)
             .fetch_optional(&mut *tx)
@@ -494,7 +549,7 @@ impl Store {
         if count <= 1 {
             return Err(StoreError::LastKey);
         }
-        sqlx::query("DELETE FROM ssh_keys WHERE account_id = ? AND fingerprint = ?")
+        sqlx::query("DELETE FROM ssh_keys WHERE account_id = $1 AND fingerprint = $2")
             .bind(account_id)
             .bind(fingerprint)
             .execute(&mut *tx)
@@ -505,7 +560,7 @@ impl Store {
 
     /// The account's own plan, if one was set (else the caller applies the default).
     pub async fn plan(&self, account_id: &str) -> Result<Option<Plan>, StoreError> {
-        let row = sqlx::query("SELECT * FROM plans WHERE account_id = ?")
+        let row = sqlx::query("SELECT * FROM plans WHERE account_id = $1")
             .bind(account_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -523,7 +578,7 @@ impl Store {
     pub async fn set_plan(&self, account_id: &str, plan: &Plan) -> Result<(), StoreError> {
         let _changed = self.change();
         sqlx::query(
-            "INSERT INTO plans (account_id, cpu, memory_mib, disk_bytes, max_vms, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+            "INSERT INTO plans (account_id, cpu, memory_mib, disk_bytes, max_vms, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT(account_id) DO UPDATE SET cpu = excluded.cpu, memory_mib = excluded.memory_mib, \
              disk_bytes = excluded.disk_bytes, max_vms = excluded.max_vms, updated_at = excluded.updated_at",
         )
@@ -544,10 +599,10 @@ impl Store {
 }
 
 async fn ensure_key_free(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut AnyConnection,
     fingerprint: &str,
 ) -> Result<(), StoreError> {
-    let taken = sqlx::query("SELECT 1 FROM ssh_keys WHERE fingerprint = ?")
+    let taken = sqlx::query("SELECT 1 FROM ssh_keys WHERE fingerprint = $1")
         .bind(fingerprint)
         .fetch_optional(tx)
         .await?;
@@ -559,12 +614,12 @@ async fn ensure_key_free(
 }
 
 async fn insert_key(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut AnyConnection,
     account_id: &str,
     key: &SshKey,
     at: &str,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO ssh_keys (fingerprint, account_id, public_key, comment, created_at) VALUES (?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO ssh_keys (fingerprint, account_id, public_key, comment, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(&key.fingerprint)
         .bind(account_id)
         .bind(&key.public_key)
@@ -575,7 +630,7 @@ async fn insert_key(
     Ok(())
 }
 
-fn decode_account(row: &SqliteRow) -> Result<Account, StoreError> {
+fn decode_account(row: &AnyRow) -> Result<Account, StoreError> {
     Ok(Account {
         id: row.try_get("id")?,
         email: row.try_get("email")?,
@@ -583,11 +638,11 @@ fn decode_account(row: &SqliteRow) -> Result<Account, StoreError> {
         email_verified: row
             .try_get::<Option<String>, _>("email_verified_at")?
             .is_some(),
-        owner: row.try_get("owner")?,
+        owner: row.try_get::<i64, _>("owner")? != 0,
     })
 }
 
-fn decode(row: &SqliteRow) -> Result<VmRecord, StoreError> {
+fn decode(row: &AnyRow) -> Result<VmRecord, StoreError> {
     let name: String = row.try_get("name")?;
     let state: String = row.try_get("state")?;
     let state = VmState::parse(&state)
@@ -612,6 +667,7 @@ fn decode(row: &SqliteRow) -> Result<VmRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::on_both_stores;
 
     fn vm(name: &str) -> NewVm {
         NewVm {
@@ -626,19 +682,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn every_write_moves_the_generation_and_reads_do_not() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db.sqlite"))
-            .await
-            .expect("open");
+    on_both_stores! {
+    async fn every_write_moves_the_generation_and_reads_do_not(store) {
         let a = store.insert_vm(vm("aa")).await.expect("aa");
         let g = store.generation();
         store.get("aa").await.expect("get");
         store.web_settings(&a.id).await.expect("web");
         assert_eq!(store.generation(), g, "a read moved the generation");
-        // Two steps each: the commit hook (before the commit is visible) and the method's own
-        // guard (after it). The hook alone would leave a reader a window to remember old rows.
+        // Two steps each: before the write starts and after it ends. The first alone would
+        // leave a reader a window to remember rows read while the write ran.
         store.set_public(&a.id, true).await.expect("public");
         let g2 = store.generation();
         assert!(
@@ -658,13 +710,10 @@ mod tests {
         assert!(store.insert_vm(vm("aa")).await.is_err());
         assert!(store.generation() > g3);
     }
+    }
 
-    #[tokio::test]
-    async fn slots_are_lowest_free_and_names_unique() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db.sqlite"))
-            .await
-            .expect("open");
+    on_both_stores! {
+    async fn slots_are_lowest_free_and_names_unique(store) {
         let a = store.insert_vm(vm("aa")).await.expect("aa");
         let b = store.insert_vm(vm("bb")).await.expect("bb");
         let c = store.insert_vm(vm("cc")).await.expect("cc");
@@ -696,13 +745,10 @@ mod tests {
             .collect();
         assert_eq!(names, ["cc", "dd", "ee"]);
     }
+    }
 
-    #[tokio::test]
-    async fn accounts_own_keys_and_keep_at_least_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db.sqlite"))
-            .await
-            .expect("open");
+    on_both_stores! {
+    async fn accounts_own_keys_and_keep_at_least_one(store) {
         let key = |n: &str| SshKey {
             fingerprint: format!("SHA256:{n}"),
             public_key: format!("ssh-ed25519 {n}"),
@@ -760,5 +806,6 @@ mod tests {
             store.plan("a1").await.expect("plan"),
             Some(Plan { cpu: 1.5, ..plan })
         );
+    }
     }
 }

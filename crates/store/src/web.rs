@@ -46,7 +46,7 @@ impl Store {
         ttl_secs: i64,
     ) -> Result<(String, String), StoreError> {
         let _changed = self.change();
-        sqlx::query("DELETE FROM exec_tokens WHERE expires_at <= ?")
+        sqlx::query("DELETE FROM exec_tokens WHERE expires_at <= $1")
             .bind(unix_now())
             .execute(&self.pool)
             .await?;
@@ -54,7 +54,7 @@ impl Store {
         let id = hex::encode(rand::random::<[u8; 4]>());
         sqlx::query(
             "INSERT INTO exec_tokens (id, token_hash, account_id, cmds, vm_id, created_at, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&id)
         .bind(hash_secret(&token))
@@ -72,7 +72,7 @@ impl Store {
     pub async fn exec_tokens(&self, account_id: &str) -> Result<Vec<ExecToken>, StoreError> {
         let rows = sqlx::query(
             "SELECT t.id, t.cmds, v.name, t.created_at, t.expires_at FROM exec_tokens t \
-             LEFT JOIN vms v ON v.id = t.vm_id WHERE t.account_id = ? AND t.expires_at > ? \
+             LEFT JOIN vms v ON v.id = t.vm_id WHERE t.account_id = $1 AND t.expires_at > $2 \
              ORDER BY t.created_at, t.id",
         )
         .bind(account_id)
@@ -95,7 +95,7 @@ impl Store {
     /// Revokes `account_id`'s API token `id`; false when it has none by that id.
     pub async fn revoke_exec_token(&self, account_id: &str, id: &str) -> Result<bool, StoreError> {
         let _changed = self.change();
-        let done = sqlx::query("DELETE FROM exec_tokens WHERE id = ? AND account_id = ?")
+        let done = sqlx::query("DELETE FROM exec_tokens WHERE id = $1 AND account_id = $2")
             .bind(id)
             .bind(account_id)
             .execute(&self.pool)
@@ -109,7 +109,7 @@ impl Store {
             "SELECT a.*, t.cmds AS grant_cmds, v.name AS grant_vm, t.vm_id AS grant_vm_id \
              FROM exec_tokens t JOIN accounts a ON a.id = t.account_id \
              LEFT JOIN vms v ON v.id = t.vm_id \
-             WHERE t.token_hash = ? AND t.expires_at > ?",
+             WHERE t.token_hash = $1 AND t.expires_at > $2",
         )
         .bind(hash_secret(token))
         .bind(unix_now())
@@ -141,17 +141,17 @@ impl Store {
         match cmds {
             Some(cmds) => {
                 sqlx::query(
-                    "INSERT INTO vm_api_grants (vm_id, cmds, any_vm) VALUES (?, ?, ?) \
+                    "INSERT INTO vm_api_grants (vm_id, cmds, any_vm) VALUES ($1, $2, $3) \
                      ON CONFLICT(vm_id) DO UPDATE SET cmds = excluded.cmds, any_vm = excluded.any_vm",
                 )
                 .bind(vm_id)
                 .bind(cmds)
-                .bind(any_vm)
+                .bind(i64::from(any_vm))
                 .execute(&self.pool)
                 .await?;
             }
             None => {
-                sqlx::query("DELETE FROM vm_api_grants WHERE vm_id = ?")
+                sqlx::query("DELETE FROM vm_api_grants WHERE vm_id = $1")
                     .bind(vm_id)
                     .execute(&self.pool)
                     .await?;
@@ -162,14 +162,14 @@ impl Store {
 
     /// What `vm_id` may do through the API from inside, if its owner allowed anything.
     pub async fn vm_api_grant(&self, vm_id: &str) -> Result<Option<VmApiGrant>, StoreError> {
-        let row = sqlx::query("SELECT cmds, any_vm FROM vm_api_grants WHERE vm_id = ?")
+        let row = sqlx::query("SELECT cmds, any_vm FROM vm_api_grants WHERE vm_id = $1")
             .bind(vm_id)
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| {
             Ok(VmApiGrant {
                 cmds: r.try_get("cmds")?,
-                any_vm: r.try_get("any_vm")?,
+                any_vm: r.try_get::<i64, _>("any_vm")? != 0,
             })
         })
         .transpose()
@@ -178,14 +178,10 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::testing::on_both_stores;
 
-    #[tokio::test]
-    async fn exec_tokens_work_until_revoked_or_expired() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db.sqlite"))
-            .await
-            .expect("open");
+    on_both_stores! {
+    async fn exec_tokens_work_until_revoked_or_expired(store) {
         let account = store
             .create_account(
                 "a1",
@@ -226,5 +222,6 @@ mod tests {
             .await
             .expect("token");
         assert!(store.exec_token(&old).await.expect("q").is_none());
+    }
     }
 }

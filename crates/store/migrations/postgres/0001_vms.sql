@@ -1,0 +1,19 @@
+CREATE TABLE vms (
+    id           TEXT PRIMARY KEY NOT NULL,
+    name         TEXT NOT NULL UNIQUE,
+    owner        TEXT NOT NULL,
+    image        TEXT NOT NULL,
+    -- Absolute path of the read-only base the disk overlay points at; kept so an image rebuild
+    -- never changes what an existing VM boots.
+    image_dir    TEXT NOT NULL,
+    cpu          BIGINT NOT NULL,
+    memory_mib   BIGINT NOT NULL,
+    disk_bytes   BIGINT NOT NULL,
+    -- The network slot: the VM's point-to-point link and tap. Unique among live VMs.
+    slot         BIGINT NOT NULL UNIQUE,
+    state        TEXT NOT NULL,
+    state_reason TEXT,
+    pid          BIGINT,
+    created_at   TEXT NOT NULL,
+    updated_at   TEXT NOT NULL
+);

@@ -1,0 +1,4 @@
+-- Machine tokens expire (unix seconds). Tokens made before expiry existed last 90 days from
+-- this migration.
+ALTER TABLE api_tokens ADD COLUMN expires_at BIGINT NOT NULL DEFAULT 0;
+UPDATE api_tokens SET expires_at = CAST(EXTRACT(EPOCH FROM now()) AS BIGINT) + 90 * 86400;
