@@ -296,6 +296,7 @@ error_codes! {
     IntegrationNotFound = "integration_not_found", 404;
     IntegrationExists = "integration_exists", 409;
     RateLimited = "rate_limited", 429;
+    StoreUnavailable = "store_unavailable", 503;
     Internal = "internal", 500;
 }
 

@@ -134,6 +134,9 @@ pub struct Settings {
     pub browser: Option<PathBuf>,
     /// How hard idle VMs' memory is packed: `off`, `balanced` or `dense` [default: off].
     pub pack: Option<String>,
+    /// Where the host's state lives: `sqlite` (the embedded file in the data dir, the
+    /// default) or a `postgres://` URL, a database several hosts can share.
+    pub store: Option<String>,
 }
 
 impl Settings {
@@ -195,6 +198,7 @@ impl Settings {
             agent_model: other.agent_model.or(self.agent_model),
             browser: other.browser.or(self.browser),
             pack: other.pack.or(self.pack),
+            store: other.store.or(self.store),
             smtp_from: other.smtp_from.or(self.smtp_from),
             smtp_user: other.smtp_user.or(self.smtp_user),
             smtp_password: other.smtp_password.or(self.smtp_password),
@@ -326,6 +330,7 @@ pub struct Config {
     pub coding_agent: CodingAgentConfig,
     /// How hard idle VMs' memory is packed into the tiers below RAM.
     pub pack: nook_memory::Pack,
+    pub store: nook_store::Location,
 }
 
 /// The coding agent: the model it talks to through the gateway, and its browser.
@@ -408,6 +413,30 @@ fn coding_agent_from(
 }
 
 /// `/var/lib/nook` for root, else `~/.local/share/nook`.
+/// The embedded SQLite file for `sqlite` or no setting, else a checked `postgres://` URL.
+fn store_location(
+    setting: Option<&str>,
+    data_dir: &Path,
+) -> Result<nook_store::Location, ConfigError> {
+    let Some(url) = setting.filter(|s| *s != "sqlite") else {
+        return Ok(nook_store::Location::Sqlite(data_dir.join("nook.sqlite")));
+    };
+    let scheme_ok = ["postgres://", "postgresql://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme));
+    if !scheme_ok {
+        // The URL may hold a password: the message names the scheme only.
+        let scheme = url.split_once("://").map_or("(none)", |(scheme, _)| scheme);
+        return Err(ConfigError::Invalid(
+            "store",
+            format!(
+                "expected `sqlite` or a postgres://USER:PASSWORD@HOST/DB URL, got scheme {scheme}"
+            ),
+        ));
+    }
+    Ok(nook_store::Location::Postgres(url.to_string()))
+}
+
 pub fn default_data_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/var/lib/nook");
@@ -748,7 +777,9 @@ impl Config {
         let coding_agent = coding_agent_from(&gateway, s.agent_model, s.browser)?;
         let pack = nook_memory::Pack::parse(s.pack.as_deref().unwrap_or("off"))
             .map_err(|why| ConfigError::Invalid("pack", why))?;
+        let store = store_location(s.store.as_deref(), &data_dir)?;
         Ok(Config {
+            store,
             pack,
             coding_agent,
             web,
@@ -785,9 +816,6 @@ impl Config {
         self.data_dir.join("nook.sock")
     }
 
-    pub fn database(&self) -> PathBuf {
-        self.data_dir.join("nook.sqlite")
-    }
 
     /// Frozen disk layers that clones share (see `nook_storage::layers`).
     pub fn layers_dir(&self) -> PathBuf {

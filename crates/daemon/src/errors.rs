@@ -30,6 +30,17 @@ pub fn from_store(context: &str, err: StoreError) -> ApiError {
         ),
         StoreError::NotFound(name) => not_found(&name),
         StoreError::NoSpace => no_space("the data dir"),
+        StoreError::Connect { .. } => ApiError::new(
+            ErrorCode::HostMisconfigured,
+            format!("{err}: check --store (NOOK_STORE) and that the database is up"),
+        ),
+        StoreError::Unavailable(e) => {
+            tracing::error!(error = %e, "{context}: the store is unavailable");
+            ApiError::new(
+                ErrorCode::StoreUnavailable,
+                "This host cannot reach its database right now: try again in a minute",
+            )
+        }
         StoreError::SlotsExhausted => ApiError::new(
             ErrorCode::InvalidArgument,
             "This host has no free network slot: remove a VM first",

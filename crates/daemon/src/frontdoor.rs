@@ -27,13 +27,22 @@ impl FrontDoor {
     }
 
     async fn account(&self, key_openssh: &str) -> Option<nook_store::Account> {
-        let key = lobby::parse_public_key(key_openssh).ok()?;
+        self.try_account(key_openssh).await.ok().flatten()
+    }
+
+    /// The key's account; `Err` when the store could not say (it is down), which must not be
+    /// taken for "no account": that would tell a user to sign up again.
+    async fn try_account(
+        &self,
+        key_openssh: &str,
+    ) -> Result<Option<nook_store::Account>, nook_store::StoreError> {
+        let Ok(key) = lobby::parse_public_key(key_openssh) else {
+            return Ok(None);
+        };
         self.manager
             .store()
             .account_for_key(&key.fingerprint)
             .await
-            .ok()
-            .flatten()
     }
 }
 
@@ -74,8 +83,13 @@ impl Backend for FrontDoor {
     /// A user name that is one of the caller's VMs leads into it; anything else (including
     /// someone else's VM) leads to the lobby, so the two cannot be told apart.
     async fn route(&self, caller: &Caller) -> Route {
-        let Some(account) = self.account(&caller.key_openssh).await else {
-            return Route::Lobby;
+        let account = match self.try_account(&caller.key_openssh).await {
+            Ok(Some(account)) => account,
+            Ok(None) => return Route::Lobby,
+            Err(e) => {
+                let e = crate::errors::from_store("look up an SSH key's account", e);
+                return Route::Unavailable(format!("{}\r\n", e.message));
+            }
         };
         if nook_api::validate_name(&caller.user).is_err() {
             return Route::Lobby;

@@ -62,7 +62,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     // Before anything boots: a wrong agent would leave every new VM waiting out its ready
     // timeout with nothing but a loop on its console. (Running VMs are re-adopted once fixed.)
     nook_storage::check_agent(&cfg.agent).map_err(ServeError::Agent)?;
+    let store_kind = cfg.store.kind();
     let manager = Manager::open(cfg).await.map_err(ServeError::Manager)?;
+    tracing::info!(store = store_kind, "state store open");
     manager.recover().await.map_err(ServeError::Manager)?;
     // Agent turns a stopped daemon cut short go on, now that their VMs are back.
     manager.agent_host().sweep_browsers(&manager);

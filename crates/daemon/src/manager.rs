@@ -286,7 +286,7 @@ impl Manager {
             std::fs::create_dir_all(dir)
                 .map_err(|e| errors::internal("create the data dir", &e))?;
         }
-        let store = Store::open(&cfg.database())
+        let store = Store::connect(&cfg.store)
             .await
             .map_err(|e| errors::from_store("open the database", e))?;
         if nix::unistd::geteuid().is_root() {

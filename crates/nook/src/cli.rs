@@ -146,6 +146,10 @@ pub struct ServeArgs {
     /// swap file) [default: off]
     #[arg(long, env = "NOOK_PACK")]
     pub pack: Option<String>,
+    /// Where the host's state lives: sqlite (a file in the data dir) or a postgres:// URL
+    /// that several hosts can share [default: sqlite]
+    #[arg(long, env = "NOOK_STORE", hide_env_values = true)]
+    pub store: Option<String>,
     /// The coding agent's model, PROVIDER/MODEL [default: anthropic/claude-sonnet-4-5]
     #[arg(long, env = "NOOK_AGENT_MODEL")]
     pub agent_model: Option<String>,

@@ -113,6 +113,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         llm_initial_credit: args.llm_initial_credit,
         agent_model: args.agent_model,
         pack: args.pack,
+        store: args.store,
         browser: args.browser,
         github_url: args.github_url,
         github_api_url: args.github_api_url,

@@ -42,6 +42,13 @@ pub enum StoreError {
     NoSpace,
     #[error("Database error")]
     Db(#[source] sqlx::Error),
+    /// The database could not be reached or refused us; the text is safe to show the host's
+    /// operator (it never holds the URL's password).
+    #[error("Cannot reach the {kind} store: {why}")]
+    Connect { kind: &'static str, why: String },
+    /// The database stopped answering (down, restarting, unreachable) after the host started.
+    #[error("The database is unavailable")]
+    Unavailable(#[source] sqlx::Error),
     #[error("Database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("An account for {0} already exists")]
@@ -70,6 +77,12 @@ impl From<sqlx::Error> for StoreError {
             {
                 return Self::NoSpace;
             }
+        }
+        if matches!(
+            err,
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+        ) {
+            return Self::Unavailable(err);
         }
         Self::Db(err)
     }
@@ -224,11 +237,17 @@ impl Store {
                 pool
             }
             Location::Postgres(url) => {
+                // A request needs a few queries: with the database down, each waits this long
+                // before failing, so keep it short enough for a person at a prompt.
                 let pool = AnyPoolOptions::new()
                     .max_connections(8)
-                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .acquire_timeout(std::time::Duration::from_secs(3))
                     .connect(url)
-                    .await?;
+                    .await
+                    .map_err(|e| StoreError::Connect {
+                        kind: location.kind(),
+                        why: e.to_string(),
+                    })?;
                 // sqlx's migrator takes an advisory lock, so hosts starting together run each
                 // migration once.
                 sqlx::migrate!("./migrations/postgres").run(&pool).await?;

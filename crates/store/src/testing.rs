@@ -85,18 +85,7 @@ impl TempPostgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let server = as_db_user(&bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-k")
-            .arg(dir.path())
-            .args(["-c", "listen_addresses=", "-c", "fsync=off"])
-            .args(["-c", "max_connections=50"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("log")).expect("log file"))
-            .spawn()
-            .expect("start postgres");
+        let server = spawn_server(&bin, dir.path());
         let pg = Self { dir, server };
         pg.wait_ready(&bin);
         let out = as_db_user(&bin.join("createdb"))
@@ -151,11 +140,52 @@ impl TempPostgres {
         Location::Postgres(self.url("nook"))
     }
 
-    /// Stops the server the way a crash or a power cut would (SIGKILL), leaving its files.
+    /// Stops the server the way a crash would (SIGKILL), leaving its files.
     pub fn kill(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
+
+    /// Starts the server again on the same files and socket, after [`Self::kill`].
+    pub fn start_again(&mut self) {
+        let bin = bin_dir();
+        // A killed postmaster's backends exit on their own once they notice; until then the
+        // old shared memory is in use and a new postmaster refuses to start.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.server = spawn_server(&bin, self.dir.path());
+            std::thread::sleep(Duration::from_millis(300));
+            match self.server.try_wait() {
+                Ok(None) => break,
+                _ if Instant::now() < deadline => continue,
+                _ => panic!(
+                    "postgres did not start again: {}",
+                    std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+                ),
+            }
+        }
+        self.wait_ready(&bin);
+    }
+}
+
+fn spawn_server(bin: &Path, dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log"))
+        .expect("log file");
+    as_db_user(&bin.join("postgres"))
+        .arg("-D")
+        .arg(dir.join("data"))
+        .arg("-k")
+        .arg(dir)
+        .args(["-c", "listen_addresses=", "-c", "fsync=off"])
+        .args(["-c", "max_connections=50"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start postgres")
 }
 
 impl Drop for TempPostgres {

@@ -55,6 +55,18 @@ pub struct Daemon {
     log: PathBuf,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// The daemon's store when the run asks for PostgreSQL (`NOOK_TEST_STORE=postgres`);
+    /// otherwise it is the SQLite file in the data dir. Outlives restarts, as that file does.
+    postgres: Option<nook_store::testing::TempPostgres>,
+}
+
+/// Whether this run's daemons keep their state in PostgreSQL rather than SQLite.
+pub fn store_is_postgres() -> bool {
+    match std::env::var("NOOK_TEST_STORE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Err(_) => false,
+        Ok(other) => panic!("NOOK_TEST_STORE={other}: expected sqlite or postgres"),
+    }
 }
 
 /// A daemon owns the host's VM network, and a second one refuses to start. nextest runs this
@@ -116,6 +128,29 @@ impl Daemon {
     }
 
     pub fn start_in(data_dir: PathBuf, tmp: Option<tempfile::TempDir>, extra: &[&str]) -> Daemon {
+        let postgres = store_is_postgres().then(nook_store::testing::TempPostgres::start);
+        Self::start_on(data_dir, tmp, extra, postgres)
+    }
+
+    /// A daemon whose store is a fresh PostgreSQL, whatever the run's `NOOK_TEST_STORE`.
+    pub fn start_on_postgres() -> Daemon {
+        let tmp = sys_tempdir();
+        let data_dir = tmp.path().join("data");
+        let postgres = nook_store::testing::TempPostgres::start();
+        Self::start_on(data_dir, Some(tmp), &[], Some(postgres))
+    }
+
+    /// The daemon's PostgreSQL, when it has one.
+    pub fn postgres(&mut self) -> Option<&mut nook_store::testing::TempPostgres> {
+        self.postgres.as_mut()
+    }
+
+    fn start_on(
+        data_dir: PathBuf,
+        tmp: Option<tempfile::TempDir>,
+        extra: &[&str],
+        postgres: Option<nook_store::testing::TempPostgres>,
+    ) -> Daemon {
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let log = data_dir
             .parent()
@@ -139,6 +174,7 @@ impl Daemon {
             log,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            postgres,
         };
         d.spawn();
         d
@@ -163,6 +199,7 @@ impl Daemon {
             .env("NOOK_SSH_ADDR", format!("127.0.0.1:{}", self.ssh_port))
             .env("NOOK_HTTPS_ADDR", format!("127.0.0.1:{}", self.https_port))
             .env("NOOK_VM_PORTS", "off")
+            .envs(self.postgres.as_ref().map(|pg| ("NOOK_STORE", pg.url("nook"))))
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

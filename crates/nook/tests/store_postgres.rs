@@ -1,0 +1,156 @@
+//! System tests (root, real QEMU guests, the real OpenSSH client, a real PostgreSQL started
+//! from Debian's binaries): a host whose state lives in PostgreSQL (`--store postgres://`)
+//! keeps it there, rides out a database restart, and refuses a store it cannot use with an
+//! error that says what to fix and never shows the URL's password.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Daemon, Key, wait_until};
+
+fn psql(d: &mut Daemon, sql: &str) -> String {
+    let socket = d
+        .postgres()
+        .expect("on postgres")
+        .socket_dir()
+        .to_path_buf();
+    let out = Command::new("psql")
+        .arg("-h")
+        .arg(&socket)
+        .args(["-U", "nook", "-d", "nook", "-tAc", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn vm_store_on_postgres_holds_the_state_and_rides_out_a_database_restart() {
+    let mut d = Daemon::start_on_postgres();
+    assert!(
+        d.log_text()
+            .lines()
+            .any(|l| l.contains("state store open") && l.contains("postgres")),
+        "the log does not say which store:\n{}",
+        d.log_text()
+    );
+    let alice = Key::new("alice");
+    d.signup(&alice, "alice@example.com");
+    d.lobby_ok(&alice, &["new", "--name", "web", "--image", "tiny"]);
+    d.lobby_ok(&alice, &["share", "add", "web", "bob@example.com"]);
+
+    // The state is in PostgreSQL, and no SQLite file was made beside it.
+    assert!(!d.data_dir.join("nook.sqlite").exists());
+    assert_eq!(psql(&mut d, "SELECT name || ' ' || state FROM vms"), "web running");
+    assert_eq!(psql(&mut d, "SELECT email FROM accounts"), "alice@example.com");
+    assert_eq!(psql(&mut d, "SELECT email FROM shares"), "bob@example.com");
+
+    // The database dies. The VM goes on; a request gets an error, not a hang.
+    let qemu = d.qemu_pids();
+    assert_eq!(qemu.len(), 1);
+    d.postgres().expect("postgres").kill();
+    let started = std::time::Instant::now();
+    let out = d.ssh(&alice, "lobby", &["ls"]);
+    assert!(!out.status.success(), "ls worked with the database down");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("cannot reach its database") && !said.contains("Sign up"),
+        "with the database down, ls said: {said}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "ls took {:?} to fail",
+        started.elapsed()
+    );
+    assert_eq!(d.qemu_pids(), qemu, "the VM stopped with the database");
+
+    // Back again: the same daemon, with no restart, serves as before, and nothing was lost.
+    d.postgres().expect("postgres").start_again();
+    wait_until(
+        "the lobby works again after the database restart",
+        Duration::from_secs(30),
+        || d.ssh(&alice, "lobby", &["ls"]).status.success(),
+    );
+    assert!(d.lobby_ok(&alice, &["ls"]).contains("web"));
+    assert!(
+        d.lobby_ok(&alice, &["share", "show", "web"])
+            .contains("bob@example.com")
+    );
+    d.lobby_ok(&alice, &["new", "--name", "api", "--image", "tiny"]);
+    assert_eq!(d.exec("api", "echo hi"), "hi\n");
+
+    // A daemon restart finds its VMs in PostgreSQL and adopts them, still running.
+    d.restart();
+    let names: Vec<String> = d
+        .list()
+        .iter()
+        .map(|vm| format!("{} {}", vm["name"].as_str().unwrap_or(""), vm["state"]))
+        .collect();
+    assert_eq!(names, ["api \"running\"", "web \"running\""]);
+    assert_eq!(d.exec("web", "echo still"), "still\n");
+}
+
+/// `nook serve` with STORE in the environment, in a fresh data dir; its exit status and
+/// output once it stops (it must not start).
+fn serve_with_store(store: &str) -> (std::process::ExitStatus, String) {
+    let tmp = common::sys_tempdir();
+    let mut child = Command::new(common::nook_bin())
+        .arg("serve")
+        .env("NOOK_DATA_DIR", tmp.path().join("data"))
+        .env("NOOK_IMAGES_DIR", common::images_dir())
+        .env("NOOK_AGENT", common::agent_bin())
+        .env("NOOK_SSH_ADDR", "off")
+        .env("NOOK_HTTPS_ADDR", "off")
+        .env("NOOK_STORE", store)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nook serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("nook serve with store {store:?} did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+#[test]
+fn vm_store_that_cannot_be_used_stops_serve_with_what_to_fix_and_no_password() {
+    let (status, text) = serve_with_store("mysql://nook:hunter2@db.example/nook");
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("store") && text.contains("postgres://"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "the password leaked: {text}");
+
+    // A PostgreSQL that is not there: no socket in an empty dir.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let url = format!(
+        "postgres://nook:hunter2@localhost/nook?host={}",
+        empty.path().display()
+    );
+    let (status, text) = serve_with_store(&url);
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("Cannot reach the postgres store") && text.contains("--store"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "the password leaked: {text}");
+}
