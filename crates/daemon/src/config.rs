@@ -816,7 +816,6 @@ impl Config {
         self.data_dir.join("nook.sock")
     }
 
-
     /// Frozen disk layers that clones share (see `nook_storage::layers`).
     pub fn layers_dir(&self) -> PathBuf {
         self.data_dir.join("layers")

@@ -39,10 +39,7 @@ impl FrontDoor {
         let Ok(key) = lobby::parse_public_key(key_openssh) else {
             return Ok(None);
         };
-        self.manager
-            .store()
-            .account_for_key(&key.fingerprint)
-            .await
+        self.manager.store().account_for_key(&key.fingerprint).await
     }
 }
 

@@ -47,8 +47,14 @@ fn vm_store_on_postgres_holds_the_state_and_rides_out_a_database_restart() {
 
     // The state is in PostgreSQL, and no SQLite file was made beside it.
     assert!(!d.data_dir.join("nook.sqlite").exists());
-    assert_eq!(psql(&mut d, "SELECT name || ' ' || state FROM vms"), "web running");
-    assert_eq!(psql(&mut d, "SELECT email FROM accounts"), "alice@example.com");
+    assert_eq!(
+        psql(&mut d, "SELECT name || ' ' || state FROM vms"),
+        "web running"
+    );
+    assert_eq!(
+        psql(&mut d, "SELECT email FROM accounts"),
+        "alice@example.com"
+    );
     assert_eq!(psql(&mut d, "SELECT email FROM shares"), "bob@example.com");
 
     // The database dies. The VM goes on; a request gets an error, not a hang.

@@ -183,41 +183,41 @@ mod tests {
     }
 
     on_both_stores! {
-    async fn usage_is_recorded_and_charged_in_one_write(store) {
-        let id = with_account(&store).await;
-        assert_eq!(store.credit(&id, 100).await.expect("credit"), 100);
-        let used = crate::LlmUse {
-            account_id: id.clone(),
-            vm_name: "web".into(),
-            model: "m".into(),
-            input_tokens: 3,
-            cost_micros: 10,
-            ..Default::default()
-        };
-        let balances = store
-            .record_usage(&[used.clone(), used.clone()], 100)
-            .await
-            .expect("record");
-        assert_eq!(balances, vec![(id.clone(), 80)]);
-        assert_eq!(store.credit(&id, 100).await.expect("credit"), 80);
-        let rows = store.usage(&id, 0, None).await.expect("usage");
-        assert_eq!(rows.len(), 1);
-        assert_eq!(
-            (rows[0].requests, rows[0].input_tokens, rows[0].cost_micros),
-            (2, 6, 20)
-        );
-        assert!(
-            store
-                .usage(&id, 0, Some("other"))
+        async fn usage_is_recorded_and_charged_in_one_write(store) {
+            let id = with_account(&store).await;
+            assert_eq!(store.credit(&id, 100).await.expect("credit"), 100);
+            let used = crate::LlmUse {
+                account_id: id.clone(),
+                vm_name: "web".into(),
+                model: "m".into(),
+                input_tokens: 3,
+                cost_micros: 10,
+                ..Default::default()
+            };
+            let balances = store
+                .record_usage(&[used.clone(), used.clone()], 100)
                 .await
-                .expect("usage")
-                .is_empty()
-        );
-        assert_eq!(store.change_credit(&id, 0, 7, true).await.expect("set"), 7);
-        assert_eq!(
-            store.change_credit(&id, 0, -10, false).await.expect("add"),
-            -3
-        );
+                .expect("record");
+            assert_eq!(balances, vec![(id.clone(), 80)]);
+            assert_eq!(store.credit(&id, 100).await.expect("credit"), 80);
+            let rows = store.usage(&id, 0, None).await.expect("usage");
+            assert_eq!(rows.len(), 1);
+            assert_eq!(
+                (rows[0].requests, rows[0].input_tokens, rows[0].cost_micros),
+                (2, 6, 20)
+            );
+            assert!(
+                store
+                    .usage(&id, 0, Some("other"))
+                    .await
+                    .expect("usage")
+                    .is_empty()
+            );
+            assert_eq!(store.change_credit(&id, 0, 7, true).await.expect("set"), 7);
+            assert_eq!(
+                store.change_credit(&id, 0, -10, false).await.expect("add"),
+                -3
+            );
+        }
     }
-}
 }

@@ -242,11 +242,13 @@ impl Store {
         };
         let _changed = self.change();
         let link_id: String = row.try_get("id")?;
-        sqlx::query("INSERT INTO link_grants (link_id, account_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(link_id)
-            .bind(account_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO link_grants (link_id, account_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(link_id)
+        .bind(account_id)
+        .execute(&self.pool)
+        .await?;
         Ok(true)
     }
 

@@ -5,6 +5,7 @@
 //! the typed [`StoreError`].
 
 mod agent;
+mod changes;
 mod credits;
 mod edge;
 mod identity;
@@ -25,8 +26,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nook_api::VmState;
-use sqlx::Row;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use sqlx::Row;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool};
 
@@ -155,7 +156,9 @@ pub struct NewVm {
 pub struct Store {
     pool: AnyPool,
     /// Changes whenever the data may have changed (see [`Store::generation`]).
-    generation: Arc<AtomicU64>,
+    changes: changes::Changes,
+    /// Hears other hosts' writes (PostgreSQL); stopped by [`Store::close`].
+    listener: Option<Arc<tokio::task::JoinHandle<()>>>,
 }
 
 /// Bumps the store's generation when made, before a writing method starts, and again when
@@ -211,7 +214,7 @@ impl Store {
     /// two dialects: `migrations/sqlite` and `migrations/postgres` hold the same versions.
     pub async fn connect(location: &Location) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
-        let pool = match location {
+        let (pool, changes, listener) = match location {
             Location::Sqlite(path) => {
                 // `mode=rwc` creates the file; the path is percent-encoded so that a `?` or `#`
                 // in it stays part of the name.
@@ -234,43 +237,68 @@ impl Store {
                     .connect(&url)
                     .await?;
                 sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-                pool
+                (pool, changes::Changes::local(), None)
             }
             Location::Postgres(url) => {
+                let (changes, listener) = changes::Changes::shared(url);
+                let writer = changes.writer();
                 // A request needs a few queries: with the database down, each waits this long
                 // before failing, so keep it short enough for a person at a prompt.
                 let pool = AnyPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(std::time::Duration::from_secs(3))
+                    .after_connect(move |conn, _| {
+                        let writer = writer.clone();
+                        Box::pin(async move {
+                            // Named in this connection's change notifications (see changes.rs).
+                            sqlx::query("SELECT set_config('nook.writer', $1, false)")
+                                .bind(&*writer)
+                                .execute(conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
                     .connect(url)
                     .await
-                    .map_err(|e| StoreError::Connect {
-                        kind: location.kind(),
-                        why: e.to_string(),
+                    .map_err(|e| {
+                        listener.abort();
+                        StoreError::Connect {
+                            kind: location.kind(),
+                            why: e.to_string(),
+                        }
                     })?;
-                // sqlx's migrator takes an advisory lock, so hosts starting together run each
-                // migration once.
-                sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-                pool
+                if let Err(e) = sqlx::migrate!("./migrations/postgres").run(&pool).await {
+                    listener.abort();
+                    return Err(e.into());
+                }
+                (pool, changes, Some(Arc::new(listener)))
             }
         };
         Ok(Self {
             pool,
-            generation: Arc::new(AtomicU64::new(0)),
+            changes,
+            listener,
         })
     }
 
-    /// A number that changes whenever the stored data may have changed: after every writing
-    /// method returns, and at every commit. A value read before a lookup and still current
-    /// after it vouches that the lookup's answer is current, which is what lets the edge keep
-    /// answers in memory and still see a revocation on the very next request. Valid within
-    /// this process, the only writer of its database.
+    /// A number that changes whenever the stored data may have changed: before and after
+    /// every writing method of this process, and, on a shared PostgreSQL, at every commit of
+    /// any host's (as its notification arrives, see `changes.rs`). A value read before a
+    /// lookup and still current after it vouches that the lookup's answer is current, which
+    /// is what lets the edge keep answers in memory and still see a revocation on the very
+    /// next request.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.changes.generation()
+    }
+
+    /// Whether this host hears other hosts' writes now: always with SQLite (there are none),
+    /// and with PostgreSQL while its notification connection is up.
+    pub fn hears_other_hosts(&self) -> bool {
+        self.changes.hears_other_hosts()
     }
 
     fn change(&self) -> Changed<'_> {
-        Changed::new(&self.generation)
+        Changed::new(self.changes.counter())
     }
 
     /// Inserts a VM in state `creating`, giving it the lowest free network slot.
@@ -557,11 +585,12 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get("n")?;
-        let found = sqlx::query("SELECT 1 FROM ssh_keys WHERE account_id = $1 AND fingerprint = $2")
-            .bind(account_id)
-            .bind(fingerprint)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let found =
+            sqlx::query("SELECT 1 FROM ssh_keys WHERE account_id = $1 AND fingerprint = $2")
+                .bind(account_id)
+                .bind(fingerprint)
+                .fetch_optional(&mut *tx)
+                .await?;
         if found.is_none() {
             return Err(StoreError::KeyNotFound);
         }
@@ -613,14 +642,14 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(listener) = &self.listener {
+            listener.abort();
+        }
         self.pool.close().await;
     }
 }
 
-async fn ensure_key_free(
-    tx: &mut AnyConnection,
-    fingerprint: &str,
-) -> Result<(), StoreError> {
+async fn ensure_key_free(tx: &mut AnyConnection, fingerprint: &str) -> Result<(), StoreError> {
     let taken = sqlx::query("SELECT 1 FROM ssh_keys WHERE fingerprint = $1")
         .bind(fingerprint)
         .fetch_optional(tx)

@@ -76,7 +76,15 @@ impl TempPostgres {
         let out = as_db_user(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["--auth=trust", "-U", "nook", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "--auth=trust",
+                "-U",
+                "nook",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .stdin(Stdio::null())
             .output()
             .expect("run initdb");
@@ -219,6 +227,15 @@ impl TestStore {
         let store = crate::Store::connect(&pg.location())
             .await
             .expect("connect to postgres");
+        // Until it hears other writers, a store's generation moves on every read.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !store.hears_other_hosts() {
+            assert!(
+                Instant::now() < deadline,
+                "the store never heard its notifications"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Self {
             store,
             _dir: None,

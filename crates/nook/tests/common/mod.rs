@@ -199,7 +199,11 @@ impl Daemon {
             .env("NOOK_SSH_ADDR", format!("127.0.0.1:{}", self.ssh_port))
             .env("NOOK_HTTPS_ADDR", format!("127.0.0.1:{}", self.https_port))
             .env("NOOK_VM_PORTS", "off")
-            .envs(self.postgres.as_ref().map(|pg| ("NOOK_STORE", pg.url("nook"))))
+            .envs(
+                self.postgres
+                    .as_ref()
+                    .map(|pg| ("NOOK_STORE", pg.url("nook"))),
+            )
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
