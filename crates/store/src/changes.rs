@@ -212,12 +212,13 @@ mod tests {
     }
 
     #[tokio::test]
+    /// Except the fleet's own bookkeeping, written every few seconds and remembered by no one.
     async fn every_table_notifies_its_writes() {
         let pg = TempPostgres::start();
         let store = Store::connect(&pg.location()).await.expect("connect");
         let rows = sqlx::query(
             "SELECT t.tablename FROM pg_tables t WHERE t.schemaname = current_schema() \
-             AND t.tablename <> '_sqlx_migrations' AND NOT EXISTS (SELECT 1 FROM pg_trigger g \
+             AND t.tablename NOT IN ('_sqlx_migrations', 'hosts', 'vm_leases') AND NOT EXISTS (SELECT 1 FROM pg_trigger g \
              JOIN pg_class c ON c.oid = g.tgrelid WHERE c.relname = t.tablename \
              AND g.tgname = 'nook_changed')",
         )

@@ -8,6 +8,7 @@ mod agent;
 mod changes;
 mod credits;
 mod edge;
+mod fleet;
 mod identity;
 mod integrations;
 #[cfg(any(test, feature = "testing"))]
@@ -17,6 +18,7 @@ mod web;
 pub use agent::AgentConversation;
 pub use credits::{LlmUse, UsageRow};
 pub use edge::{ApiToken, Role, Share, WebSettings, hash_secret, new_secret};
+pub use fleet::{HostRow, HostStatus, Lease, LeaseHeld};
 pub use identity::{Admission, CLAIM_TTL_SECS, INVITE_TTL_SECS};
 pub use integrations::{Grant, IntegrationRow};
 pub use web::{ExecGrant, ExecToken, VmApiGrant};
@@ -152,9 +154,17 @@ pub struct NewVm {
     pub disk_bytes: u64,
 }
 
+/// Which SQL a store speaks, where the two differ (the clock, in `fleet.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    dialect: Dialect,
     /// Changes whenever the data may have changed (see [`Store::generation`]).
     changes: changes::Changes,
     /// Hears other hosts' writes (PostgreSQL); stopped by [`Store::close`].
@@ -274,8 +284,13 @@ impl Store {
                 (pool, changes, Some(Arc::new(listener)))
             }
         };
+        let dialect = match location {
+            Location::Sqlite(_) => Dialect::Sqlite,
+            Location::Postgres(_) => Dialect::Postgres,
+        };
         Ok(Self {
             pool,
+            dialect,
             changes,
             listener,
         })
@@ -289,6 +304,11 @@ impl Store {
     /// next request.
     pub fn generation(&self) -> u64 {
         self.changes.generation()
+    }
+
+    /// Whether other hosts may share this store (PostgreSQL), so VMs need leases.
+    pub fn is_shared(&self) -> bool {
+        self.dialect == Dialect::Postgres
     }
 
     /// Whether this host hears other hosts' writes now: always with SQLite (there are none),

@@ -144,6 +144,22 @@ impl TempPostgres {
         )
     }
 
+    /// Everything in database `nook`, as `pg_dump` prints it (bytea in hex).
+    pub fn dump(&self) -> String {
+        let out = as_db_user(&bin_dir().join("pg_dump"))
+            .arg("-h")
+            .arg(self.dir.path())
+            .args(["-U", "nook", "--data-only", "nook"])
+            .output()
+            .expect("run pg_dump");
+        assert!(
+            out.status.success(),
+            "pg_dump failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn location(&self) -> Location {
         Location::Postgres(self.url("nook"))
     }

@@ -140,6 +140,20 @@ impl Daemon {
         Self::start_on(data_dir, Some(tmp), &[], Some(postgres))
     }
 
+    /// Whether `needle` is anywhere in the daemon's store, in the clear: the SQLite file and
+    /// its WAL, or everything PostgreSQL holds (text as is, bytea as hex).
+    pub fn store_holds(&self, needle: &str) -> bool {
+        if let Some(pg) = &self.postgres {
+            let dump = pg.dump();
+            let hex: String = needle.bytes().map(|b| format!("{b:02x}")).collect();
+            return dump.contains(needle) || dump.contains(&hex);
+        }
+        ["nook.sqlite", "nook.sqlite-wal"].iter().any(|file| {
+            std::fs::read(self.data_dir.join(file))
+                .is_ok_and(|db| db.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+    }
+
     /// The daemon's PostgreSQL, when it has one.
     pub fn postgres(&mut self) -> Option<&mut nook_store::testing::TempPostgres> {
         self.postgres.as_mut()

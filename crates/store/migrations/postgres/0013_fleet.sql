@@ -1,0 +1,27 @@
+-- The fleet: hosts sharing one database, and which host runs each VM. Times are unix
+-- milliseconds by the database's clock, so hosts' clocks need not agree.
+CREATE TABLE hosts (
+    name            TEXT PRIMARY KEY NOT NULL,
+    addr            TEXT NOT NULL,
+    version         TEXT NOT NULL,
+    started_at      BIGINT NOT NULL,
+    heartbeat_at    BIGINT NOT NULL,
+    cpus            BIGINT NOT NULL,
+    memory_mib      BIGINT NOT NULL,
+    running_vms     BIGINT NOT NULL,
+    memory_used_mib BIGINT NOT NULL
+);
+
+-- A VM runs only on the host holding its lease, until `expires_at`. Each new holder gets the
+-- next `epoch`: a renewal names its epoch, so a host whose lease was taken over learns it at
+-- its next renewal and stops the VM (see ARCHITECTURE.md, "Leases and fencing").
+CREATE TABLE vm_leases (
+    vm_id      TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    host       TEXT NOT NULL,
+    epoch      BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX vm_leases_host ON vm_leases(host);
+
+-- Heartbeats and renewals write every few seconds and nothing remembers these rows, so they
+-- notify no one (0012): other hosts' remembered answers stay good.

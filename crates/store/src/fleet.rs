@@ -1,0 +1,327 @@
+//! Hosts and VM leases (migration 0013). Every time here is the database's clock in unix
+//! milliseconds, so a host with a wrong clock can neither keep nor take a lease early.
+
+use sqlx::Row;
+
+use crate::{Dialect, Store, StoreError};
+
+/// The database's clock, in unix milliseconds, as SQL.
+macro_rules! now_ms {
+    (postgres) => {
+        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    };
+    (sqlite) => {
+        "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+    };
+}
+
+/// The same statement for each dialect, differing only in how it reads the clock.
+macro_rules! by_dialect {
+    ($dialect:expr, $($part:tt),+) => {
+        match $dialect {
+            Dialect::Postgres => concat!($(by_dialect!(@postgres $part)),+),
+            Dialect::Sqlite => concat!($(by_dialect!(@sqlite $part)),+),
+        }
+    };
+    (@postgres NOW) => { now_ms!(postgres) };
+    (@sqlite NOW) => { now_ms!(sqlite) };
+    (@$d:ident $s:literal) => { $s };
+}
+
+/// A host of the fleet, as its last heartbeat described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRow {
+    pub name: String,
+    pub addr: String,
+    pub version: String,
+    pub started_at_ms: i64,
+    pub heartbeat_at_ms: i64,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub running_vms: u32,
+    pub memory_used_mib: u64,
+}
+
+/// A host's listing: its row, how long ago (by the database's clock) it last beat, and the
+/// leases it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostStatus {
+    pub host: HostRow,
+    pub since_heartbeat_ms: i64,
+    pub leases: u32,
+}
+
+/// A lease held: the VM runs on `host` until the database's clock passes `expires_at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub vm_id: String,
+    pub host: String,
+    pub epoch: i64,
+    pub expires_at_ms: i64,
+}
+
+/// Why a lease was not granted: another host holds it, for this much longer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHeld {
+    pub host: String,
+    pub remaining_ms: i64,
+}
+
+impl Store {
+    /// Records this host's heartbeat (and registers it the first time).
+    pub async fn heartbeat(&self, h: &HostRow) -> Result<(), StoreError> {
+        let sql = by_dialect!(
+            self.dialect,
+            "INSERT INTO hosts (name, addr, version, started_at, heartbeat_at, cpus, memory_mib, \
+             running_vms, memory_used_mib) VALUES ($1, $2, $3, $4, ",
+            NOW,
+            ", $5, $6, $7, $8) ON CONFLICT (name) DO UPDATE SET addr = excluded.addr, \
+             version = excluded.version, started_at = excluded.started_at, \
+             heartbeat_at = excluded.heartbeat_at, cpus = excluded.cpus, \
+             memory_mib = excluded.memory_mib, running_vms = excluded.running_vms, \
+             memory_used_mib = excluded.memory_used_mib"
+        );
+        sqlx::query(sql)
+            .bind(&h.name)
+            .bind(&h.addr)
+            .bind(&h.version)
+            .bind(h.started_at_ms)
+            .bind(i64::from(h.cpus))
+            .bind(h.memory_mib as i64)
+            .bind(i64::from(h.running_vms))
+            .bind(h.memory_used_mib as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every host, by name, with the time since its heartbeat and its leases' count.
+    pub async fn hosts(&self) -> Result<Vec<HostStatus>, StoreError> {
+        let sql = by_dialect!(
+            self.dialect,
+            "SELECT h.*, ",
+            NOW,
+            " - h.heartbeat_at AS since, (SELECT COUNT(*) FROM vm_leases l WHERE l.host = h.name \
+             AND l.expires_at > ",
+            NOW,
+            ") AS leases FROM hosts h ORDER BY h.name"
+        );
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(HostStatus {
+                    host: HostRow {
+                        name: r.try_get("name")?,
+                        addr: r.try_get("addr")?,
+                        version: r.try_get("version")?,
+                        started_at_ms: r.try_get("started_at")?,
+                        heartbeat_at_ms: r.try_get("heartbeat_at")?,
+                        cpus: r.try_get::<i64, _>("cpus")? as u32,
+                        memory_mib: r.try_get::<i64, _>("memory_mib")? as u64,
+                        running_vms: r.try_get::<i64, _>("running_vms")? as u32,
+                        memory_used_mib: r.try_get::<i64, _>("memory_used_mib")? as u64,
+                    },
+                    since_heartbeat_ms: r.try_get("since")?,
+                    leases: r.try_get::<i64, _>("leases")? as u32,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the VM's lease for `host` for `ttl_ms`: granted when no one holds it, when it has
+    /// expired, or when `host` holds it already. Each grant has the next epoch.
+    pub async fn acquire_lease(
+        &self,
+        vm_id: &str,
+        host: &str,
+        ttl_ms: i64,
+    ) -> Result<Result<Lease, LeaseHeld>, StoreError> {
+        let sql = by_dialect!(
+            self.dialect,
+            "INSERT INTO vm_leases (vm_id, host, epoch, expires_at) VALUES ($1, $2, 1, ",
+            NOW,
+            " + $3) ON CONFLICT (vm_id) DO UPDATE SET host = excluded.host, \
+             epoch = vm_leases.epoch + 1, expires_at = excluded.expires_at \
+             WHERE vm_leases.host = excluded.host OR vm_leases.expires_at <= ",
+            NOW,
+            " RETURNING epoch, expires_at"
+        );
+        let granted = sqlx::query(sql)
+            .bind(vm_id)
+            .bind(host)
+            .bind(ttl_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = granted {
+            return Ok(Ok(Lease {
+                vm_id: vm_id.to_string(),
+                host: host.to_string(),
+                epoch: row.try_get("epoch")?,
+                expires_at_ms: row.try_get("expires_at")?,
+            }));
+        }
+        let sql = by_dialect!(
+            self.dialect,
+            "SELECT host, expires_at - ",
+            NOW,
+            " AS remaining FROM vm_leases WHERE vm_id = $1"
+        );
+        let row = sqlx::query(sql)
+            .bind(vm_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => Ok(Err(LeaseHeld {
+                host: row.try_get("host")?,
+                remaining_ms: row.try_get("remaining")?,
+            })),
+            // Released between the two statements: ask again.
+            None => Box::pin(self.acquire_lease(vm_id, host, ttl_ms)).await,
+        }
+    }
+
+    /// Extends a lease `host` holds at `epoch` by `ttl_ms` from now. False when the lease is
+    /// no longer this host's at this epoch: another host took it over (or it was released).
+    pub async fn renew_lease(
+        &self,
+        vm_id: &str,
+        host: &str,
+        epoch: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let sql = by_dialect!(
+            self.dialect,
+            "UPDATE vm_leases SET expires_at = ",
+            NOW,
+            " + $4 WHERE vm_id = $1 AND host = $2 AND epoch = $3"
+        );
+        let done = sqlx::query(sql)
+            .bind(vm_id)
+            .bind(host)
+            .bind(epoch)
+            .bind(ttl_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives a lease up (the VM stopped), if it is still `host`'s at `epoch`.
+    pub async fn release_lease(
+        &self,
+        vm_id: &str,
+        host: &str,
+        epoch: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM vm_leases WHERE vm_id = $1 AND host = $2 AND epoch = $3")
+            .bind(vm_id)
+            .bind(host)
+            .bind(epoch)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The VM's lease, expired or not.
+    pub async fn lease(&self, vm_id: &str) -> Result<Option<Lease>, StoreError> {
+        let row = sqlx::query("SELECT * FROM vm_leases WHERE vm_id = $1")
+            .bind(vm_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(Lease {
+                vm_id: r.try_get("vm_id")?,
+                host: r.try_get("host")?,
+                epoch: r.try_get("epoch")?,
+                expires_at_ms: r.try_get("expires_at")?,
+            })
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NewVm;
+    use crate::testing::on_both_stores;
+
+    async fn vm(store: &Store, name: &str) -> String {
+        store
+            .insert_vm(NewVm {
+                id: format!("id-{name}"),
+                name: name.into(),
+                owner: "admin".into(),
+                image: "tiny".into(),
+                image_dir: "/img".into(),
+                cpu: 1,
+                memory_mib: 256,
+                disk_bytes: 1 << 30,
+            })
+            .await
+            .expect("vm")
+            .id
+    }
+
+    on_both_stores! {
+    async fn a_lease_has_one_holder_until_it_expires_and_each_holder_a_new_epoch(store) {
+        let id = vm(&store, "web").await;
+        let a = store.acquire_lease(&id, "h1", 60_000).await.expect("q").expect("free");
+        assert_eq!((a.host.as_str(), a.epoch), ("h1", 1));
+        // The holder may take it again (a restart); the epoch moves on.
+        let again = store.acquire_lease(&id, "h1", 60_000).await.expect("q").expect("own");
+        assert_eq!(again.epoch, 2);
+        // Another host is refused while it lasts, and told who holds it.
+        let held = store.acquire_lease(&id, "h2", 60_000).await.expect("q").expect_err("held");
+        assert_eq!(held.host, "h1");
+        assert!(held.remaining_ms > 50_000 && held.remaining_ms <= 60_000, "{held:?}");
+        // Renewal needs the current epoch.
+        assert!(store.renew_lease(&id, "h1", 2, 60_000).await.expect("renew"));
+        assert!(!store.renew_lease(&id, "h1", 1, 60_000).await.expect("stale epoch"));
+        assert!(!store.renew_lease(&id, "h2", 2, 60_000).await.expect("not h2's"));
+
+        // Expired: another host takes it over, and the old holder's renewal fails.
+        assert!(store.renew_lease(&id, "h1", 2, -1).await.expect("expire"));
+        let b = store.acquire_lease(&id, "h2", 60_000).await.expect("q").expect("expired");
+        assert_eq!((b.host.as_str(), b.epoch), ("h2", 3));
+        assert!(!store.renew_lease(&id, "h1", 2, 60_000).await.expect("taken over"));
+        // A release by the old holder does nothing; the holder's own does.
+        store.release_lease(&id, "h1", 2).await.expect("release");
+        assert_eq!(store.lease(&id).await.expect("q").map(|l| l.host), Some("h2".into()));
+        store.release_lease(&id, "h2", 3).await.expect("release");
+        assert_eq!(store.lease(&id).await.expect("q"), None);
+        // A removed VM takes its lease with it.
+        store.acquire_lease(&id, "h1", 60_000).await.expect("q").expect("free");
+        store.delete(&id).await.expect("rm");
+        assert_eq!(store.lease(&id).await.expect("q"), None);
+    }
+    }
+
+    on_both_stores! {
+    async fn hosts_register_beat_and_count_their_live_leases(store) {
+        let row = |name: &str, vms: u32| HostRow {
+            name: name.into(),
+            addr: format!("{name}.example:7000"),
+            version: "0.1.0".into(),
+            started_at_ms: 1,
+            heartbeat_at_ms: 0,
+            cpus: 2,
+            memory_mib: 8192,
+            running_vms: vms,
+            memory_used_mib: 512,
+        };
+        store.heartbeat(&row("h2", 0)).await.expect("beat");
+        store.heartbeat(&row("h1", 0)).await.expect("beat");
+        store.heartbeat(&row("h1", 1)).await.expect("beat again");
+        let a = vm(&store, "a").await;
+        let b = vm(&store, "b").await;
+        store.acquire_lease(&a, "h1", 60_000).await.expect("q").expect("a");
+        store.acquire_lease(&b, "h1", -1).await.expect("q").expect("b, expired at once");
+        let hosts = store.hosts().await.expect("hosts");
+        let names: Vec<_> = hosts.iter().map(|h| h.host.name.as_str()).collect();
+        assert_eq!(names, ["h1", "h2"]);
+        assert_eq!((hosts[0].host.running_vms, hosts[0].leases), (1, 1));
+        assert!(hosts[0].since_heartbeat_ms >= 0 && hosts[0].since_heartbeat_ms < 10_000, "{hosts:?}");
+        assert!(hosts[0].host.heartbeat_at_ms > 1_700_000_000_000, "{hosts:?}");
+    }
+    }
+}
