@@ -25,6 +25,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/lobby", post(lobby_command))
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/hosts", get(list_hosts))
         .route("/v1/accounts", get(list_accounts).post(add_account))
         .route("/v1/accounts/{email}/verify", post(verify_account))
         .route("/v1/accounts/{email}/invite", post(invite_account))
@@ -177,6 +178,32 @@ fn account_json(a: &nook_store::Account) -> serde_json::Value {
         "owner": a.owner,
         "created_at": a.created_at,
     })
+}
+
+/// The hosts sharing this host's store: each one's last heartbeat, whether it counts as up,
+/// its load and the leases it holds. With SQLite: this host alone, from its own view.
+async fn list_hosts(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    let hosts = m.hosts().await?;
+    Ok(axum::Json(
+        hosts
+            .iter()
+            .map(|h| {
+                serde_json::json!({
+                    "name": h.host.name,
+                    "addr": h.host.addr,
+                    "version": h.host.version,
+                    "up": m.host_is_up(h),
+                    "since_heartbeat_ms": h.since_heartbeat_ms,
+                    "started_at_ms": h.host.started_at_ms,
+                    "cpus": h.host.cpus,
+                    "memory_mib": h.host.memory_mib,
+                    "running_vms": h.host.running_vms,
+                    "memory_used_mib": h.host.memory_used_mib,
+                    "leases": h.leases,
+                })
+            })
+            .collect::<Vec<_>>(),
+    ))
 }
 
 async fn list_accounts(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {

@@ -137,6 +137,10 @@ pub struct Settings {
     /// Where the host's state lives: `sqlite` (the embedded file in the data dir, the
     /// default) or a `postgres://` URL, a database several hosts can share.
     pub store: Option<String>,
+    /// This host's name in the fleet [default: the machine's host name].
+    pub host_name: Option<String>,
+    /// Where other hosts reach this one, HOST:PORT [default: the host name].
+    pub host_addr: Option<String>,
 }
 
 impl Settings {
@@ -199,6 +203,8 @@ impl Settings {
             browser: other.browser.or(self.browser),
             pack: other.pack.or(self.pack),
             store: other.store.or(self.store),
+            host_name: other.host_name.or(self.host_name),
+            host_addr: other.host_addr.or(self.host_addr),
             smtp_from: other.smtp_from.or(self.smtp_from),
             smtp_user: other.smtp_user.or(self.smtp_user),
             smtp_password: other.smtp_password.or(self.smtp_password),
@@ -331,6 +337,9 @@ pub struct Config {
     /// How hard idle VMs' memory is packed into the tiers below RAM.
     pub pack: nook_memory::Pack,
     pub store: nook_store::Location,
+    /// This host's name among the hosts sharing the store.
+    pub host_name: String,
+    pub host_addr: String,
 }
 
 /// The coding agent: the model it talks to through the gateway, and its browser.
@@ -778,8 +787,29 @@ impl Config {
         let pack = nook_memory::Pack::parse(s.pack.as_deref().unwrap_or("off"))
             .map_err(|why| ConfigError::Invalid("pack", why))?;
         let store = store_location(s.store.as_deref(), &data_dir)?;
+        let host_name = match s.host_name {
+            Some(name) => name,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
+        };
+        if host_name.is_empty()
+            || host_name.len() > 63
+            || !host_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(ConfigError::Invalid(
+                "host_name",
+                format!("{host_name:?}: use 1 to 63 letters, digits, '-' and '.'"),
+            ));
+        }
+        let host_addr = s.host_addr.unwrap_or_else(|| host_name.clone());
         Ok(Config {
             store,
+            host_name,
+            host_addr,
             pack,
             coding_agent,
             web,

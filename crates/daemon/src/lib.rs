@@ -66,6 +66,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let manager = Manager::open(cfg).await.map_err(ServeError::Manager)?;
     tracing::info!(store = store_kind, "state store open");
     manager.recover().await.map_err(ServeError::Manager)?;
+    manager.start_fleet();
     // Agent turns a stopped daemon cut short go on, now that their VMs are back.
     manager.agent_host().sweep_browsers(&manager);
     manager.agent_host().resume_all(&manager).await;

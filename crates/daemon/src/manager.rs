@@ -7,7 +7,7 @@
 //! - QEMU outlives the daemon. On start the daemon re-adopts running VMs instead of
 //!   restarting them, and settles VMs left half-made by a crash.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -30,6 +30,7 @@ use crate::faults::{self, Fault};
 
 mod clone;
 mod envelope;
+mod fleet;
 mod guest;
 mod launch;
 mod recovery;
@@ -164,6 +165,8 @@ pub struct Manager {
     tiers: nook_memory::Tiers,
     /// Held for the daemon's life when it owns the host's VM network (see `take_host_lock`).
     _host_lock: Option<std::fs::File>,
+    /// This host's leases and heartbeat, when it shares its store with other hosts.
+    fleet: Option<fleet::Fleet>,
 }
 
 /// Sets up the tiers `--pack` asks for, as far as this kernel and host allow, and says what
@@ -374,7 +377,11 @@ impl Manager {
                     format!("{e}: apt-get install ca-certificates"),
                 )
             })?;
+        let fleet = store
+            .is_shared()
+            .then(|| fleet::Fleet::new(&cfg.host_name, &cfg.host_addr));
         Ok(Arc::new(Manager {
+            fleet,
             ledger,
             by_ip: std::sync::Mutex::new((u64::MAX, HashMap::new())),
             gateway: Arc::new(gateway),
@@ -476,6 +483,12 @@ impl Manager {
                 .get(&vm.id)
                 .filter(|_| vm.state == VmState::Running)
                 .cloned()
+                .or_else(|| {
+                    self.fleet
+                        .as_ref()
+                        .filter(|f| vm.state == VmState::Running && f.is_fenced(&vm.id))
+                        .map(|_| fleet::FENCED_REASON.to_string())
+                })
                 .or_else(|| vm.state_reason.clone()),
             cpu: vm.cpu,
             memory_mib: vm.memory_mib,
@@ -617,6 +630,7 @@ impl Manager {
             cpu,
             memory_mib,
             disk_bytes,
+            host: self.cfg.host_name.clone(),
         };
         let record = self.insert_vm(template, req.name.as_deref()).await?;
         drop(admitted);
@@ -710,6 +724,7 @@ impl Manager {
     }
 
     async fn release_runtime(&self, id: &str, slot: u32, owner: &str) {
+        self.drop_lease(id).await;
         if let Some(cg) = &self.cgroups
             && owner != ADMIN_OWNER
         {

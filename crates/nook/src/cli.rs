@@ -34,11 +34,23 @@ pub enum Command {
     /// Manage accounts' envelopes
     #[command(subcommand)]
     Account(AccountCommand),
+    /// The hosts sharing this host's store
+    #[command(subcommand)]
+    Host(HostCommand),
     /// Print the daemon's Prometheus metrics (per account and per VM)
     Metrics,
     /// nook's local certificate authority for https://VM.DOMAIN/
     #[command(subcommand)]
     Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+pub enum HostCommand {
+    /// List hosts: up or down, address, version, load and leases
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -150,6 +162,13 @@ pub struct ServeArgs {
     /// that several hosts can share [default: sqlite]
     #[arg(long, env = "NOOK_STORE", hide_env_values = true)]
     pub store: Option<String>,
+    /// This host's name among the hosts sharing a PostgreSQL store [default: the machine's
+    /// host name]
+    #[arg(long, env = "NOOK_HOST_NAME")]
+    pub host_name: Option<String>,
+    /// Where other hosts reach this one, HOST:PORT [default: the host name]
+    #[arg(long, env = "NOOK_HOST_ADDR")]
+    pub host_addr: Option<String>,
     /// The coding agent's model, PROVIDER/MODEL [default: anthropic/claude-sonnet-4-5]
     #[arg(long, env = "NOOK_AGENT_MODEL")]
     pub agent_model: Option<String>,

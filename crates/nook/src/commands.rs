@@ -7,7 +7,7 @@ use hyper::Method;
 use nook_api::{ApiError, ExecEvent, format_size};
 use nook_daemon::{Config, Settings};
 
-use crate::cli::{AccountCommand, Cli, Command, ImageCommand, ServeArgs, VmCommand};
+use crate::cli::{AccountCommand, Cli, Command, HostCommand, ImageCommand, ServeArgs, VmCommand};
 use crate::client::{Client, Reply, body_bytes, each_line};
 
 /// `println!` for results: a reader that stopped reading (`nook image list | grep -q`) ends
@@ -80,6 +80,55 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let cfg = Config::validate(base)?;
             account(&Client::new(&cfg.admin_socket()), cmd).await
         }
+        Command::Host(HostCommand::Ls { json }) => {
+            let cfg = Config::validate(base)?;
+            list_hosts(&Client::new(&cfg.admin_socket()), json).await
+        }
+    }
+}
+
+async fn list_hosts(client: &Client, json: bool) -> anyhow::Result<i32> {
+    match client.send(Method::GET, "/v1/hosts", None).await? {
+        Reply::Ok(resp) => {
+            let body = body_bytes(resp).await?;
+            if json {
+                std::io::stdout().write_all(&body)?;
+                out!("");
+                return Ok(0);
+            }
+            let hosts: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
+            out!(
+                "{:<20} {:<5} {:<24} {:<8} {:>4} {:>6} {:>14} {:>6}",
+                "HOST",
+                "STATE",
+                "ADDR",
+                "VERSION",
+                "VMS",
+                "LEASES",
+                "MEMORY",
+                "BEAT"
+            );
+            for h in hosts {
+                let mib = |k: &str| h[k].as_u64().unwrap_or(0);
+                out!(
+                    "{:<20} {:<5} {:<24} {:<8} {:>4} {:>6} {:>14} {:>5}s",
+                    h["name"].as_str().unwrap_or(""),
+                    if h["up"].as_bool() == Some(true) {
+                        "up"
+                    } else {
+                        "down"
+                    },
+                    h["addr"].as_str().unwrap_or(""),
+                    h["version"].as_str().unwrap_or(""),
+                    h["running_vms"].as_u64().unwrap_or(0),
+                    h["leases"].as_u64().unwrap_or(0),
+                    format!("{}/{} MiB", mib("memory_used_mib"), mib("memory_mib")),
+                    h["since_heartbeat_ms"].as_i64().unwrap_or(0) / 1000
+                );
+            }
+            Ok(0)
+        }
+        Reply::Err(err) => Ok(fail(err, false)),
     }
 }
 
@@ -114,6 +163,8 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         agent_model: args.agent_model,
         pack: args.pack,
         store: args.store,
+        host_name: args.host_name,
+        host_addr: args.host_addr,
         browser: args.browser,
         github_url: args.github_url,
         github_api_url: args.github_api_url,

@@ -38,7 +38,10 @@ fn vm_create_exec_persist_stop_start_rm_leaves_nothing() {
     let vm_dir = d.data_dir.join("vms").join(vm["id"].as_str().expect("id"));
     let files = [d.data_dir.join("nook.sqlite"), vm_dir.join("disk.qcow2")];
     // On PostgreSQL there is no database file in the data dir.
-    for file in files.iter().filter(|f| f.exists() || !common::store_is_postgres()) {
+    for file in files
+        .iter()
+        .filter(|f| f.exists() || !common::store_is_postgres())
+    {
         assert_eq!(
             mode(file) & 0o077,
             0,
@@ -49,6 +52,16 @@ fn vm_create_exec_persist_stop_start_rm_leaves_nothing() {
 
     let uname = d.ok(&["vm", "exec", "life", "--", "uname", "-a"]);
     assert!(uname.starts_with("Linux life "), "{uname}");
+
+    // The host lists itself with its running VM (on SQLite, as it is now; no leases).
+    let hosts: serde_json::Value =
+        serde_json::from_str(&d.ok(&["host", "ls", "--json"])).expect("host ls");
+    assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
+    assert_eq!(
+        (&hosts[0]["up"], &hosts[0]["running_vms"]),
+        (&serde_json::json!(true), &serde_json::json!(1)),
+        "{hosts}"
+    );
 
     // Exit status and stderr come back as they are.
     let out = d.nook(&[

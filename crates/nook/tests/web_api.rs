@@ -275,10 +275,7 @@ fn web_api_tokens_allow_what_they_say_and_nothing_else() {
     let id = made["id"].as_str().expect("id").to_string();
     assert_eq!(api.with_token(&token, "ls --json").body, lobby);
     assert_eq!(api.with_token(&token, "rm box").status, 403);
-    assert!(
-        !d.store_holds(&token),
-        "the token is stored in the clear"
-    );
+    assert!(!d.store_holds(&token), "the token is stored in the clear");
     let listed = d.lobby_ok(&alice, &["token", "list"]);
     assert!(
         listed.contains(&id) && listed.contains("ls,stat"),

@@ -50,6 +50,7 @@ async fn per_request(location: Location) -> Duration {
             cpu: 1,
             memory_mib: 256,
             disk_bytes: 1 << 30,
+            host: "h1".into(),
         })
         .await
         .unwrap();

@@ -174,6 +174,7 @@ mod tests {
             cpu: 1,
             memory_mib: 256,
             disk_bytes: 1 << 30,
+            host: "h1".into(),
         }
     }
 

@@ -112,6 +112,8 @@ pub struct VmRecord {
     pub state_reason: Option<String>,
     pub pid: Option<u32>,
     pub created_at: String,
+    /// The host it lives on (empty: made before hosts had names).
+    pub host: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -152,6 +154,8 @@ pub struct NewVm {
     pub cpu: u32,
     pub memory_mib: u32,
     pub disk_bytes: u64,
+    /// The host it is made on.
+    pub host: String,
 }
 
 /// Which SQL a store speaks, where the two differ (the clock, in `fleet.rs`).
@@ -351,8 +355,8 @@ impl Store {
         }
         let at = now();
         let inserted = sqlx::query(
-            "INSERT INTO vms (id, name, owner, image, image_dir, cpu, memory_mib, disk_bytes, slot, state, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, $11)",
+            "INSERT INTO vms (id, name, owner, image, image_dir, cpu, memory_mib, disk_bytes, slot, state, created_at, updated_at, host) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'creating', $10, $11, $12)",
         )
         .bind(&vm.id)
         .bind(&vm.name)
@@ -365,6 +369,7 @@ impl Store {
         .bind(slot)
         .bind(&at)
         .bind(&at)
+        .bind(&vm.host)
         .execute(&mut *tx)
         .await;
         if let Err(sqlx::Error::Database(db)) = &inserted
@@ -397,6 +402,15 @@ impl Store {
 
     pub async fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
         let rows = sqlx::query("SELECT * FROM vms ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode).collect()
+    }
+
+    /// The VMs that live on `host`, and those made before hosts had names.
+    pub async fn list_on_host(&self, host: &str) -> Result<Vec<VmRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM vms WHERE host = $1 OR host = '' ORDER BY name")
+            .bind(host)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(decode).collect()
@@ -728,6 +742,7 @@ fn decode(row: &AnyRow) -> Result<VmRecord, StoreError> {
         state_reason: row.try_get("state_reason")?,
         pid: row.try_get::<Option<i64>, _>("pid")?.map(|p| p as u32),
         created_at: row.try_get("created_at")?,
+        host: row.try_get("host")?,
         name,
     })
 }
@@ -747,6 +762,7 @@ mod tests {
             cpu: 1,
             memory_mib: 256,
             disk_bytes: 1 << 30,
+            host: "h1".into(),
         }
     }
 

@@ -163,6 +163,7 @@ impl Manager {
                     cpu: src.cpu,
                     memory_mib: src.memory_mib,
                     disk_bytes: src.disk_bytes,
+                    host: self.cfg.host_name.clone(),
                 };
                 self.insert_vm(template, name.as_deref()).await?
             };

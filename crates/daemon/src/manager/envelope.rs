@@ -573,6 +573,7 @@ mod tests {
             state_reason: None,
             pid: None,
             created_at: String::new(),
+            host: String::new(),
         }
     }
 

@@ -94,6 +94,8 @@ impl Manager {
         incoming: bool,
         progress: Progress<'_>,
     ) -> Result<(u32, Qmp), ApiError> {
+        // Before anything of the VM's starts: another host may be running it.
+        self.take_lease(vm).await?;
         let paths = self.paths(&vm.id);
         let qemu =
             Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;

@@ -7,11 +7,13 @@ impl Manager {
     /// Settles every VM after a daemon start: re-adopts live QEMUs, finishes or undoes
     /// operations a crash interrupted, and removes leftovers no row owns.
     pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
-        let vms = self
-            .store
-            .list()
-            .await
-            .map_err(|e| errors::from_store("list VMs", e))?;
+        // With a shared store, other hosts' VMs are in it too: settle only this host's.
+        let vms = if self.store.is_shared() {
+            self.store.list_on_host(&self.cfg.host_name).await
+        } else {
+            self.store.list().await
+        }
+        .map_err(|e| errors::from_store("list VMs", e))?;
         let qemu = Qemu {
             binary: PathBuf::new(),
         };
@@ -26,6 +28,21 @@ impl Manager {
                     self.destroy(vm).await;
                 }
                 (VmState::Running | VmState::Starting | VmState::Stopping, Some(pid)) => {
+                    // Another host may have taken the VM over while this daemon was down.
+                    if let Err(err) = self.take_lease(vm).await {
+                        tracing::error!(vm = %vm.name, error = %err.message, "not re-adopting a VM this host no longer holds; stopping it");
+                        self.halt(vm, false).await;
+                        self.record_state_or_log(
+                            &vm.name,
+                            &vm.id,
+                            VmState::Stopped,
+                            Some(&format!("stopped here: {}", err.message)),
+                            None,
+                            "its lease's loss",
+                        )
+                        .await;
+                        continue;
+                    }
                     match Qmp::connect(&paths.qmp_socket()).await {
                         Ok(qmp) => {
                             tracing::info!(vm = %vm.name, pid, "re-adopted running VM");

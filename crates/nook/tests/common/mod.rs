@@ -133,11 +133,11 @@ impl Daemon {
     }
 
     /// A daemon whose store is a fresh PostgreSQL, whatever the run's `NOOK_TEST_STORE`.
-    pub fn start_on_postgres() -> Daemon {
+    pub fn start_on_postgres(extra: &[&str]) -> Daemon {
         let tmp = sys_tempdir();
         let data_dir = tmp.path().join("data");
         let postgres = nook_store::testing::TempPostgres::start();
-        Self::start_on(data_dir, Some(tmp), &[], Some(postgres))
+        Self::start_on(data_dir, Some(tmp), extra, Some(postgres))
     }
 
     /// Whether `needle` is anywhere in the daemon's store, in the clear: the SQLite file and

@@ -1,0 +1,375 @@
+//! Hosts sharing one PostgreSQL store: this host's heartbeat, and the leases that let it run
+//! its VMs (ARCHITECTURE.md, "Leases and fencing").
+//!
+//! A VM's QEMU starts only under a lease this host took (`take_lease`, in `launch`). Every
+//! `RENEW_EVERY` the host renews its leases at their epochs. A renewal the database refuses
+//! means another host took the VM over: the VM is killed at once. A renewal that cannot be
+//! made (the database is unreachable) lets the lease run down; before it can lapse
+//! (`FENCE_AFTER`, counted from when the last good renewal was *sent*) the VM is paused, so
+//! it never runs once another host may start it, and it goes on at the next good renewal.
+//! With SQLite there is one host and no leases.
+
+use super::*;
+
+/// How long a lease lasts past its last renewal.
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(15);
+/// How often leases are renewed and the heartbeat written.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How long after its last good renewal was sent a VM is paused: well inside `LEASE_TTL`, so
+/// it is paused before another host may take the lease, with room for this host's clock to
+/// run slow and for a pause that takes a while.
+const FENCE_AFTER: Duration = Duration::from_secs(10);
+/// A renewal round that takes longer than this counts as failed.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(4);
+/// What `ls` and `stat` say about a VM paused for want of its lease.
+pub(crate) const FENCED_REASON: &str = "paused: this host cannot reach the fleet's database, so it cannot prove it still owns the VM; it goes on once it can";
+
+/// A lease this host holds.
+struct Held {
+    epoch: i64,
+    /// When the last renewal the database granted was sent.
+    renewed: Instant,
+}
+
+/// This host's part of the fleet.
+pub(crate) struct Fleet {
+    name: String,
+    addr: String,
+    started_at_ms: i64,
+    held: std::sync::Mutex<HashMap<String, Held>>,
+    /// VMs paused because their lease is running down.
+    fenced: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Fleet {
+    pub(crate) fn new(name: &str, addr: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            addr: addr.to_string(),
+            started_at_ms: time::OffsetDateTime::now_utc().unix_timestamp() * 1000,
+            held: Default::default(),
+            fenced: Default::default(),
+        }
+    }
+
+    pub(crate) fn is_fenced(&self, vm_id: &str) -> bool {
+        self.fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(vm_id)
+    }
+
+    fn set_fenced(&self, vm_id: &str, fenced: bool) -> bool {
+        let mut set = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
+        if fenced {
+            set.insert(vm_id.to_string())
+        } else {
+            set.remove(vm_id)
+        }
+    }
+
+    /// The leases to renew: VM id and epoch.
+    fn held(&self) -> Vec<(String, i64)> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, h)| (id.clone(), h.epoch))
+            .collect()
+    }
+
+    /// The VMs whose last good renewal was sent longer than `FENCE_AFTER` ago.
+    fn overdue(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, h)| h.renewed.elapsed() > FENCE_AFTER)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn renewed(&self, vm_id: &str, epoch: i64, sent: Instant) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = held.get_mut(vm_id).filter(|h| h.epoch == epoch) {
+            h.renewed = sent;
+        }
+    }
+
+    fn forget(&self, vm_id: &str, epoch: i64) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(vm_id).is_some_and(|h| h.epoch == epoch) {
+            held.remove(vm_id);
+            return true;
+        }
+        false
+    }
+}
+
+impl Manager {
+    /// Takes the VM's lease for this host before its QEMU starts; refuses, saying where it
+    /// runs, while another host holds it.
+    pub(super) async fn take_lease(&self, vm: &VmRecord) -> Result<(), ApiError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        let sent = Instant::now();
+        let ttl = LEASE_TTL.as_millis() as i64;
+        match self.store.acquire_lease(&vm.id, &fleet.name, ttl).await {
+            Ok(Ok(lease)) => {
+                fleet.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    vm.id.clone(),
+                    Held {
+                        epoch: lease.epoch,
+                        renewed: sent,
+                    },
+                );
+                fleet.set_fenced(&vm.id, false);
+                Ok(())
+            }
+            Ok(Err(held)) => Err(ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "VM '{}' is running on host '{}' (its lease there has {} s to run); it can start here once that host stops it or its lease lapses",
+                    vm.name,
+                    held.host,
+                    (held.remaining_ms.max(0) as u64).div_ceil(1000)
+                ),
+            )),
+            Err(e) => Err(errors::from_store("take the VM's lease", e)),
+        }
+    }
+
+    /// Gives up the lease of a VM whose QEMU is gone.
+    pub(super) async fn drop_lease(&self, vm_id: &str) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        let epoch = fleet
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm_id)
+            .map(|h| h.epoch);
+        fleet.set_fenced(vm_id, false);
+        if let Some(epoch) = epoch
+            && let Err(err) = self.store.release_lease(vm_id, &fleet.name, epoch).await
+        {
+            // It lapses by itself within LEASE_TTL.
+            tracing::warn!(%err, vm = vm_id, "could not release a VM's lease");
+        }
+    }
+
+    /// Runs the fleet's duties for the daemon's life: heartbeats, renewals, fencing.
+    pub fn start_fleet(self: &Arc<Self>) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                this.fence_overdue().await;
+            }
+        });
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RENEW_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if tokio::time::timeout(RENEW_TIMEOUT, this.renew_round())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("renewing the VMs' leases timed out; they run down");
+                }
+            }
+        });
+    }
+
+    /// Pauses every VM whose lease may lapse before the next renewal could land.
+    async fn fence_overdue(&self) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        for id in fleet.overdue() {
+            if fleet.is_fenced(&id) {
+                continue;
+            }
+            let qmp = self.live_qmp_by_id(&id);
+            if let Some(qmp) = qmp {
+                match qmp.execute("stop", None).await {
+                    Ok(_) => {
+                        fleet.set_fenced(&id, true);
+                        tracing::warn!(vm = %id, "VM paused: its lease cannot be renewed (the fleet's database is unreachable)");
+                    }
+                    Err(err) => {
+                        // Pausing failed: the only safe way left is to stop it.
+                        tracing::error!(vm = %id, %err, "could not pause a VM whose lease runs down; killing it");
+                        self.kill_for_lease(&id, "stopped: its lease could not be renewed")
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round: the heartbeat, then every lease renewed at its epoch.
+    async fn renew_round(&self) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        if let Err(err) = self.store.heartbeat(&self.host_row(fleet).await).await {
+            tracing::warn!(%err, "heartbeat failed");
+        }
+        let ttl = LEASE_TTL.as_millis() as i64;
+        for (id, epoch) in fleet.held() {
+            let sent = Instant::now();
+            match self.store.renew_lease(&id, &fleet.name, epoch, ttl).await {
+                Ok(true) => {
+                    fleet.renewed(&id, epoch, sent);
+                    if fleet.is_fenced(&id) {
+                        self.unfence(&id).await;
+                    }
+                }
+                Ok(false) => {
+                    if !fleet.forget(&id, epoch) {
+                        continue; // Taken again meanwhile (a restart): a new epoch.
+                    }
+                    let holder = match self.store.lease(&id).await {
+                        Ok(Some(lease)) => format!("host '{}'", lease.host),
+                        _ => "another host".to_string(),
+                    };
+                    tracing::error!(vm = %id, %holder, "VM's lease was taken over; stopping it here");
+                    self.kill_for_lease(&id, &format!("stopped: {holder} took it over"))
+                        .await;
+                }
+                Err(err) => {
+                    tracing::warn!(vm = %id, %err, "could not renew a VM's lease");
+                }
+            }
+        }
+    }
+
+    async fn unfence(&self, id: &str) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        if let Some(qmp) = self.live_qmp_by_id(id) {
+            match qmp.execute("cont", None).await {
+                Ok(_) => {
+                    fleet.set_fenced(id, false);
+                    tracing::info!(vm = %id, "VM goes on: its lease is renewed");
+                }
+                Err(err) => tracing::warn!(vm = %id, %err, "could not resume a VM"),
+            }
+        } else {
+            fleet.set_fenced(id, false);
+        }
+    }
+
+    /// Kills a VM this host may no longer run, and records why.
+    async fn kill_for_lease(&self, id: &str, reason: &str) {
+        if let Some(fleet) = &self.fleet {
+            fleet
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+            fleet.set_fenced(id, false);
+        }
+        match self.store.get_by_id(id).await {
+            Ok(vm) => {
+                self.halt(&vm, false).await;
+                self.record_state_or_log(
+                    &vm.name,
+                    &vm.id,
+                    VmState::Stopped,
+                    Some(reason),
+                    None,
+                    "its lease's loss",
+                )
+                .await;
+            }
+            Err(err) => {
+                // The row is out of reach: kill the process all the same.
+                tracing::warn!(%err, vm = %id, "killing a VM whose row cannot be read");
+                let paths = self.paths(id);
+                if let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) {
+                    let qemu = Qemu {
+                        binary: PathBuf::new(),
+                    };
+                    nook_vmm::qemu::kill(&qemu, pid, &paths);
+                }
+                self.live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+            }
+        }
+    }
+
+    fn live_qmp_by_id(&self, id: &str) -> Option<Qmp> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|l| l.qmp.clone())
+    }
+
+    /// This host as its heartbeat reports it: capacity, and the VMs running here.
+    async fn host_row(&self, fleet: &Fleet) -> nook_store::HostRow {
+        let running: Vec<VmRecord> = self
+            .store
+            .list_on_host(&fleet.name)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|vm| vm.state == VmState::Running)
+            .collect();
+        let running_vms = running.len() as u32;
+        let memory_used_mib = running.iter().map(|vm| u64::from(vm.memory_mib)).sum();
+        nook_store::HostRow {
+            name: fleet.name.clone(),
+            addr: fleet.addr.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at_ms: fleet.started_at_ms,
+            heartbeat_at_ms: 0,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_mib: self.cfg.host_limits.memory_mib,
+            running_vms,
+            memory_used_mib,
+        }
+    }
+
+    /// The fleet's hosts, for `nook host ls`. A host on SQLite writes no heartbeat (there is
+    /// no one to tell), so it lists itself as it is now.
+    pub async fn hosts(&self) -> Result<Vec<nook_store::HostStatus>, ApiError> {
+        match &self.fleet {
+            Some(_) => self
+                .store
+                .hosts()
+                .await
+                .map_err(|e| errors::from_store("list the hosts", e)),
+            None => {
+                let me = fleet::Fleet::new(&self.cfg.host_name, &self.cfg.host_addr);
+                let host = self.host_row(&me).await;
+                // One host needs no leases.
+                Ok(vec![nook_store::HostStatus {
+                    leases: 0,
+                    host,
+                    since_heartbeat_ms: 0,
+                }])
+            }
+        }
+    }
+
+    /// A host counts as up while its heartbeats come: missing two renewal rounds and more
+    /// (well before its leases could lapse) marks it down.
+    pub fn host_is_up(&self, h: &nook_store::HostStatus) -> bool {
+        h.since_heartbeat_ms < (3 * RENEW_EVERY).as_millis() as i64
+    }
+}
