@@ -292,6 +292,13 @@ impl Manager {
         let store = Store::connect(&cfg.store)
             .await
             .map_err(|e| errors::from_store("open the database", e))?;
+        // Before anything on the host changes: a key that cannot open the store's secrets
+        // stops the start here.
+        let sealer = Arc::new(
+            crate::secrets::Sealer::open(&cfg.data_dir)
+                .map_err(|e| errors::internal("open the secrets key", &e))?,
+        );
+        crate::secrets::check_key(&sealer, &store, &cfg.data_dir).await?;
         if nix::unistd::geteuid().is_root() {
             let uids = cfg.jail_uids;
             let checked = tokio::task::spawn_blocking(move || uids.check_unused()).await;
@@ -307,9 +314,12 @@ impl Manager {
         let net = match mode {
             NetMode::Tap => {
                 host_lock = Some(take_host_lock(&cfg.data_dir)?);
-                let running: Vec<VmLink> = store
-                    .list()
-                    .await
+                let mine = if store.is_shared() {
+                    store.list_on_host(&cfg.host_name).await
+                } else {
+                    store.list().await
+                };
+                let running: Vec<VmLink> = mine
                     .map_err(|e| errors::from_store("list VMs", e))?
                     .iter()
                     .filter(|vm| {
@@ -363,10 +373,6 @@ impl Manager {
             }
         };
         let layers = nook_storage::layers::Layers::new(cfg.layers_dir());
-        let sealer = Arc::new(
-            crate::secrets::Sealer::open(&cfg.data_dir)
-                .map_err(|e| errors::internal("open the secrets key", &e))?,
-        );
         let ledger = crate::gateway::Ledger::new(store.clone(), cfg.llm_initial_credit_micros);
         let backend =
             crate::gateway::StoreBackend::new(ledger.clone(), store.clone(), sealer.clone());

@@ -169,6 +169,54 @@ pub async fn render(m: &Manager) -> String {
             );
         }
     }
+    fleet(m, &mut out).await;
     out.push_str(&m.gateway().metrics().render());
     out
+}
+
+/// The hosts sharing the store as their heartbeats describe them (with SQLite, this host),
+/// and whether this host hears the others' writes.
+async fn fleet(m: &Manager, out: &mut String) {
+    let hosts = m.hosts().await.unwrap_or_default();
+    let gauges: [(&str, &str, fn(&Manager, &nook_store::HostStatus) -> f64); 5] = [
+        (
+            "nook_host_up",
+            "1 while the host's heartbeats come.",
+            |m, h| f64::from(u8::from(m.host_is_up(h))),
+        ),
+        (
+            "nook_host_heartbeat_age_seconds",
+            "Time since the host's last heartbeat, by the store's clock.",
+            |_, h| h.since_heartbeat_ms as f64 / 1000.0,
+        ),
+        (
+            "nook_host_running_vms",
+            "VMs running on the host.",
+            |_, h| f64::from(h.host.running_vms),
+        ),
+        ("nook_host_leases", "VM leases the host holds.", |_, h| {
+            f64::from(h.leases)
+        }),
+        (
+            "nook_host_memory_used_bytes",
+            "Memory of the VMs running on the host.",
+            |_, h| (h.host.memory_used_mib << 20) as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for h in &hosts {
+            let _ = writeln!(
+                out,
+                "{name}{{host=\"{}\"}} {}",
+                label(&h.host.name),
+                value(m, h)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP nook_store_hears_other_hosts 1 while this host hears other hosts' writes (always with SQLite).\n# TYPE nook_store_hears_other_hosts gauge\nnook_store_hears_other_hosts {}",
+        u8::from(m.store().hears_other_hosts())
+    );
 }

@@ -10,7 +10,37 @@ use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 const KEY_FILE: &str = "secrets.key";
+/// What the store's key check seals, and the row it is bound to.
+const KEY_CHECK: (&str, &[u8]) = ("nook:secrets-key-check", b"nook secrets key check");
 const NONCE_LEN: usize = 24;
+
+/// Refuses a secrets key that does not open what the store holds: the first host to use a
+/// store leaves a value sealed with its key there, and a host with another key (a fleet's new
+/// host given none, or a replaced key file) would seal secrets no other host can open and
+/// fail to open every secret already stored.
+pub async fn check_key(
+    sealer: &Sealer,
+    store: &nook_store::Store,
+    data_dir: &Path,
+) -> Result<(), nook_api::ApiError> {
+    let (row, plain) = KEY_CHECK;
+    let stored = store
+        .setting_or_insert("secrets_key_check", &sealer.seal(row, plain))
+        .await
+        .map_err(|e| crate::errors::from_store("check the secrets key", e))?;
+    if sealer.unseal(row, &stored).as_deref() == Some(plain) {
+        return Ok(());
+    }
+    Err(nook_api::ApiError::new(
+        nook_api::ErrorCode::HostMisconfigured,
+        format!(
+            "{} does not open the secrets this store holds. Hosts sharing a store must share \
+             its key: copy secrets.key (mode 0600) from a host already using this store into \
+             the data dir, or restore this host's own if it was replaced, then start again",
+            data_dir.join(KEY_FILE).display()
+        ),
+    ))
+}
 
 pub struct Sealer {
     cipher: XChaCha20Poly1305,

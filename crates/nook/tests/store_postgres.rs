@@ -220,6 +220,18 @@ fn vm_fleet_lease_fences_a_vm_that_cannot_renew_and_stops_one_taken_over() {
     );
     let text = d.ok(&["host", "ls"]);
     assert!(text.contains("h1") && text.contains(" up "), "{text}");
+    let metrics = d.ok(&["metrics"]);
+    for line in [
+        "nook_host_up{host=\"h1\"} 1",
+        "nook_host_leases{host=\"h1\"} 1",
+        "nook_host_running_vms{host=\"h1\"} 1",
+        "nook_store_hears_other_hosts 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
 
     // The database goes away: the VM is paused well before its lease (15 s past the last
     // renewal, which came at most 5 s before this) could lapse, and goes on when it is back.
@@ -293,4 +305,22 @@ fn vm_fleet_lease_fences_a_vm_that_cannot_renew_and_stops_one_taken_over() {
         "h1 3"
     );
     assert_eq!(d.exec("web", "echo back"), "back\n");
+}
+
+/// Hosts sharing a store must share its secrets key: a host with another key (here, a new
+/// data dir that made its own) refuses to start and says which file to copy.
+#[test]
+fn vm_store_refuses_a_host_whose_secrets_key_does_not_open_its_secrets() {
+    let mut d = Daemon::start_on_postgres(&[]);
+    let url = d.postgres().expect("postgres").url("nook");
+    let (status, text) = serve_with_store(&url);
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("does not open the secrets this store holds") && text.contains("secrets.key"),
+        "{text}"
+    );
+    // The first host is unaffected.
+    let hosts: serde_json::Value =
+        serde_json::from_str(&d.ok(&["host", "ls", "--json"])).expect("host ls");
+    assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
 }

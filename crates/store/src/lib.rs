@@ -407,6 +407,24 @@ impl Store {
         rows.iter().map(decode).collect()
     }
 
+    /// The store-wide setting `name`: the stored value, which is `value` if no one set it
+    /// before (the first writer wins, also when hosts start together).
+    pub async fn setting_or_insert(&self, name: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let _changed = self.change();
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+
     /// The VMs that live on `host`, and those made before hosts had names.
     pub async fn list_on_host(&self, host: &str) -> Result<Vec<VmRecord>, StoreError> {
         let rows = sqlx::query("SELECT * FROM vms WHERE host = $1 OR host = '' ORDER BY name")
