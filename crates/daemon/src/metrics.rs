@@ -178,7 +178,8 @@ pub async fn render(m: &Manager) -> String {
 /// and whether this host hears the others' writes.
 async fn fleet(m: &Manager, out: &mut String) {
     let hosts = m.hosts().await.unwrap_or_default();
-    let gauges: [(&str, &str, fn(&Manager, &nook_store::HostStatus) -> f64); 5] = [
+    type Reading = fn(&Manager, &nook_store::HostStatus) -> f64;
+    let gauges: [(&str, &str, Reading); 5] = [
         (
             "nook_host_up",
             "1 while the host's heartbeats come.",
