@@ -65,8 +65,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let store_kind = cfg.store.kind();
     let manager = Manager::open(cfg).await.map_err(ServeError::Manager)?;
     tracing::info!(store = store_kind, "state store open");
+    // Renewal and fencing first: recovery takes the leases of the VMs it re-adopts.
+    manager.start_fleet().await.map_err(ServeError::Manager)?;
     manager.recover().await.map_err(ServeError::Manager)?;
-    manager.start_fleet();
     // Agent turns a stopped daemon cut short go on, now that their VMs are back.
     manager.agent_host().sweep_browsers(&manager);
     manager.agent_host().resume_all(&manager).await;

@@ -383,9 +383,13 @@ impl Manager {
                     format!("{e}: apt-get install ca-certificates"),
                 )
             })?;
-        let fleet = store
-            .is_shared()
-            .then(|| fleet::Fleet::new(&cfg.host_name, &cfg.host_addr));
+        let fleet = if store.is_shared() {
+            let id = fleet::host_id(&cfg.data_dir)
+                .map_err(|e| errors::internal("read this host's id", &e))?;
+            Some(fleet::Fleet::new(&cfg.host_name, &cfg.host_addr, id))
+        } else {
+            None
+        };
         Ok(Arc::new(Manager {
             fleet,
             ledger,
@@ -813,11 +817,27 @@ impl Manager {
             .remove(&vm.id);
     }
 
+    /// Refuses to act on a VM that lives on another host of the fleet: its disk and QEMU are
+    /// there. (Routing such requests to that host is not built yet.)
+    pub(crate) fn ensure_here(&self, vm: &VmRecord) -> Result<(), ApiError> {
+        if vm.host.is_empty() || vm.host == self.cfg.host_name || !self.store.is_shared() {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorCode::Busy,
+            format!(
+                "VM '{}' lives on host '{}': run this there (this host cannot yet pass it on)",
+                vm.name, vm.host
+            ),
+        ))
+    }
+
     /// Looks a VM up for `scope`, takes its op lock, and re-reads it by id under the lock:
     /// the operation then sees a state no concurrent one can change, and a rename or removal
     /// in between can never hand it another VM of the same name.
     async fn lock_vm(&self, name: &str, scope: Scope<'_>) -> Result<LockedVm, ApiError> {
         let vm = self.record(name, scope).await?;
+        self.ensure_here(&vm)?;
         let guard = self.op_lock(&vm.id).lock_owned().await;
         let record = self.store.get_by_id(&vm.id).await.map_err(|e| match e {
             nook_store::StoreError::NotFound(_) => errors::not_found(name),

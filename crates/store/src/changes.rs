@@ -136,10 +136,19 @@ impl Changes {
                 Err(_) => {
                     // Quiet for a while: prove the connection still carries notifications by
                     // sending one to ourselves over it.
-                    sqlx::query("SELECT pg_notify($1, '')")
+                    // Bounded too: a partition can hold a send as long as TCP retries.
+                    let ping = sqlx::query("SELECT pg_notify($1, '')")
                         .bind(ping_channel)
-                        .execute(&mut listener)
-                        .await?;
+                        .execute(&mut listener);
+                    match tokio::time::timeout(PING_TIMEOUT, ping).await {
+                        Ok(sent) => sent?,
+                        Err(_) => {
+                            return Err(sqlx::Error::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "a ping on the notification connection could not be sent",
+                            )));
+                        }
+                    };
                     pinged = true;
                 }
             }

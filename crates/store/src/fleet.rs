@@ -25,6 +25,9 @@ macro_rules! by_dialect {
     };
     (@postgres NOW) => { now_ms!(postgres) };
     (@sqlite NOW) => { now_ms!(sqlite) };
+    // `vm_id` is one of the comma-separated ids in $2 (VM ids are hex: no commas).
+    (@postgres IN_IDS) => { "vm_id = ANY(string_to_array($2, ','))" };
+    (@sqlite IN_IDS) => { "instr(',' || $2 || ',', ',' || vm_id || ',') > 0" };
     (@$d:ident $s:literal) => { $s };
 }
 
@@ -32,6 +35,8 @@ macro_rules! by_dialect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRow {
     pub name: String,
+    /// The host's id (kept in its data dir): the same across restarts.
+    pub instance: String,
     pub addr: String,
     pub version: String,
     pub started_at_ms: i64,
@@ -73,9 +78,10 @@ impl Store {
         let sql = by_dialect!(
             self.dialect,
             "INSERT INTO hosts (name, addr, version, started_at, heartbeat_at, cpus, memory_mib, \
-             running_vms, memory_used_mib) VALUES ($1, $2, $3, $4, ",
+             running_vms, memory_used_mib, instance) VALUES ($1, $2, $3, $4, ",
             NOW,
-            ", $5, $6, $7, $8) ON CONFLICT (name) DO UPDATE SET addr = excluded.addr, \
+            ", $5, $6, $7, $8, $9) ON CONFLICT (name) DO UPDATE SET addr = excluded.addr, \
+             instance = excluded.instance, \
              version = excluded.version, started_at = excluded.started_at, \
              heartbeat_at = excluded.heartbeat_at, cpus = excluded.cpus, \
              memory_mib = excluded.memory_mib, running_vms = excluded.running_vms, \
@@ -90,9 +96,39 @@ impl Store {
             .bind(h.memory_mib as i64)
             .bind(i64::from(h.running_vms))
             .bind(h.memory_used_mib as i64)
+            .bind(&h.instance)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Registers `h` as a live host, unless a host with another id beat under that name
+    /// within `fresh_ms`: then `Err` with how long ago (two live hosts under one name would
+    /// both take that name's leases, and could run one VM twice).
+    pub async fn claim_host(
+        &self,
+        h: &HostRow,
+        fresh_ms: i64,
+    ) -> Result<Result<(), i64>, StoreError> {
+        let sql = by_dialect!(
+            self.dialect,
+            "SELECT instance, ",
+            NOW,
+            " - heartbeat_at AS since FROM hosts WHERE name = $1"
+        );
+        let row = sqlx::query(sql)
+            .bind(&h.name)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            let instance: String = row.try_get("instance")?;
+            let since: i64 = row.try_get("since")?;
+            if instance != h.instance && since < fresh_ms {
+                return Ok(Err(since));
+            }
+        }
+        self.heartbeat(h).await?;
+        Ok(Ok(()))
     }
 
     /// Every host, by name, with the time since its heartbeat and its leases' count.
@@ -112,6 +148,7 @@ impl Store {
                 Ok(HostStatus {
                     host: HostRow {
                         name: r.try_get("name")?,
+                        instance: r.try_get("instance")?,
                         addr: r.try_get("addr")?,
                         version: r.try_get("version")?,
                         started_at_ms: r.try_get("started_at")?,
@@ -180,44 +217,54 @@ impl Store {
         }
     }
 
-    /// Extends a lease `host` holds at `epoch` by `ttl_ms` from now. False when the lease is
-    /// no longer this host's at this epoch: another host took it over (or it was released).
-    pub async fn renew_lease(
+    /// Extends, by `ttl_ms` from now, the leases `host` holds for `vm_ids`, in one statement;
+    /// returns each renewed one's VM id and epoch. A lease missing from the answer is no
+    /// longer `host`'s: another host took it over, or it was released.
+    pub async fn renew_leases(
         &self,
-        vm_id: &str,
         host: &str,
-        epoch: i64,
+        vm_ids: &[String],
         ttl_ms: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        if vm_ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let sql = by_dialect!(
             self.dialect,
             "UPDATE vm_leases SET expires_at = ",
             NOW,
-            " + $4 WHERE vm_id = $1 AND host = $2 AND epoch = $3"
+            " + $3 WHERE host = $1 AND expires_at > 0 AND ",
+            IN_IDS,
+            " RETURNING vm_id, epoch"
         );
-        let done = sqlx::query(sql)
-            .bind(vm_id)
+        let rows = sqlx::query(sql)
             .bind(host)
-            .bind(epoch)
+            .bind(vm_ids.join(","))
             .bind(ttl_ms)
-            .execute(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(done.rows_affected() == 1)
+        rows.iter()
+            .map(|r| Ok((r.try_get("vm_id")?, r.try_get("epoch")?)))
+            .collect()
     }
 
-    /// Gives a lease up (the VM stopped), if it is still `host`'s at `epoch`.
+    /// Gives a lease up (the VM stopped), if it is still `host`'s at `epoch`. The row stays,
+    /// expired, so the next holder's epoch is still higher than every earlier one's: a late
+    /// renewal of an old epoch can never match a new lease.
     pub async fn release_lease(
         &self,
         vm_id: &str,
         host: &str,
         epoch: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM vm_leases WHERE vm_id = $1 AND host = $2 AND epoch = $3")
-            .bind(vm_id)
-            .bind(host)
-            .bind(epoch)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE vm_leases SET expires_at = 0 WHERE vm_id = $1 AND host = $2 AND epoch = $3",
+        )
+        .bind(vm_id)
+        .bind(host)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -275,23 +322,32 @@ mod tests {
         let held = store.acquire_lease(&id, "h2", 60_000).await.expect("q").expect_err("held");
         assert_eq!(held.host, "h1");
         assert!(held.remaining_ms > 50_000 && held.remaining_ms <= 60_000, "{held:?}");
-        // Renewal needs the current epoch.
-        assert!(store.renew_lease(&id, "h1", 2, 60_000).await.expect("renew"));
-        assert!(!store.renew_lease(&id, "h1", 1, 60_000).await.expect("stale epoch"));
-        assert!(!store.renew_lease(&id, "h2", 2, 60_000).await.expect("not h2's"));
+        // Renewal is the holder's, for the VMs it names, and says at which epoch.
+        let ids = [id.clone(), "id-other".to_string()];
+        let renew = |host: &'static str, ttl: i64| {
+            let (store, ids) = (store.clone(), ids.clone());
+            async move { store.renew_leases(host, &ids, ttl).await.expect("renew") }
+        };
+        assert_eq!(renew("h1", 60_000).await, [(id.clone(), 2)]);
+        assert!(renew("h2", 60_000).await.is_empty(), "renewed another host's lease");
+        assert!(store.renew_leases("h1", &[], 60_000).await.expect("none").is_empty());
 
-        // Expired: another host takes it over, and the old holder's renewal fails.
-        assert!(store.renew_lease(&id, "h1", 2, -1).await.expect("expire"));
+        // Expired: another host takes it over, and the old holder's renewal finds nothing.
+        assert_eq!(renew("h1", -1).await.len(), 1);
         let b = store.acquire_lease(&id, "h2", 60_000).await.expect("q").expect("expired");
         assert_eq!((b.host.as_str(), b.epoch), ("h2", 3));
-        assert!(!store.renew_lease(&id, "h1", 2, 60_000).await.expect("taken over"));
-        // A release by the old holder does nothing; the holder's own does.
+        assert!(renew("h1", 60_000).await.is_empty(), "renewed a lease taken over");
+        // A release by the old holder does nothing; the holder's own ends it, and a renewal
+        // cannot bring it back.
         store.release_lease(&id, "h1", 2).await.expect("release");
-        assert_eq!(store.lease(&id).await.expect("q").map(|l| l.host), Some("h2".into()));
+        assert_eq!(store.lease(&id).await.expect("q").map(|l| l.expires_at_ms > 0), Some(true));
         store.release_lease(&id, "h2", 3).await.expect("release");
-        assert_eq!(store.lease(&id).await.expect("q"), None);
+        assert_eq!(store.lease(&id).await.expect("q").map(|l| l.expires_at_ms), Some(0));
+        assert!(renew("h2", 60_000).await.is_empty(), "renewed a released lease");
+        // The next holder's epoch is higher than every earlier one's.
+        let c = store.acquire_lease(&id, "h1", 60_000).await.expect("q").expect("released");
+        assert_eq!(c.epoch, 4);
         // A removed VM takes its lease with it.
-        store.acquire_lease(&id, "h1", 60_000).await.expect("q").expect("free");
         store.delete(&id).await.expect("rm");
         assert_eq!(store.lease(&id).await.expect("q"), None);
     }
@@ -301,6 +357,7 @@ mod tests {
     async fn hosts_register_beat_and_count_their_live_leases(store) {
         let row = |name: &str, vms: u32| HostRow {
             name: name.into(),
+            instance: "i1".into(),
             addr: format!("{name}.example:7000"),
             version: "0.1.0".into(),
             started_at_ms: 1,
@@ -323,6 +380,13 @@ mod tests {
         assert_eq!((hosts[0].host.running_vms, hosts[0].leases), (1, 1));
         assert!(hosts[0].since_heartbeat_ms >= 0 && hosts[0].since_heartbeat_ms < 10_000, "{hosts:?}");
         assert!(hosts[0].host.heartbeat_at_ms > 1_700_000_000_000, "{hosts:?}");
+
+        // A second daemon under a live host's name is refused; the same daemon, or one
+        // after the name went quiet, is not.
+        let other = HostRow { instance: "i2".into(), ..row("h1", 0) };
+        assert!(store.claim_host(&other, 15_000).await.expect("q").is_err());
+        assert!(store.claim_host(&row("h1", 1), 15_000).await.expect("q").is_ok());
+        assert!(store.claim_host(&other, 0).await.expect("q").is_ok());
     }
     }
 }

@@ -321,6 +321,20 @@ impl Store {
         self.changes.hears_other_hosts()
     }
 
+    /// Serialises the transactions that read before they write on `what` (the lowest free
+    /// slot, the first account, an account's last key). SQLite needs nothing: one writer at a
+    /// time, and a write after a stale read fails. PostgreSQL's default isolation would let
+    /// two such transactions both act on what they read, so they take a lock first.
+    async fn serialise(&self, tx: &mut AnyConnection, what: &str) -> Result<(), StoreError> {
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(what)
+                .execute(tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     fn change(&self) -> Changed<'_> {
         Changed::new(self.changes.counter())
     }
@@ -329,6 +343,7 @@ impl Store {
     pub async fn insert_vm(&self, vm: NewVm) -> Result<VmRecord, StoreError> {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
+        self.serialise(&mut tx, "vms").await?;
         let taken = sqlx::query("SELECT 1 FROM vms WHERE name = $1")
             .bind(&vm.name)
             .fetch_optional(&mut *tx)
@@ -529,6 +544,7 @@ impl Store {
     ) -> Result<Account, StoreError> {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
+        self.serialise(&mut tx, "accounts").await?;
         ensure_key_free(&mut tx, &key.fingerprint).await?;
         let first = sqlx::query("SELECT 1 FROM accounts LIMIT 1")
             .fetch_optional(&mut *tx)
@@ -632,6 +648,8 @@ impl Store {
     pub async fn remove_key(&self, account_id: &str, fingerprint: &str) -> Result<(), StoreError> {
         let _changed = self.change();
         let mut tx = self.pool.begin().await?;
+        self.serialise(&mut tx, &format!("keys:{account_id}"))
+            .await?;
         let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ssh_keys WHERE account_id = $1")
             .bind(account_id)
             .fetch_one(&mut *tx)

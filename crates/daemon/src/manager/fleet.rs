@@ -19,8 +19,10 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// it is paused before another host may take the lease, with room for this host's clock to
 /// run slow and for a pause that takes a while.
 const FENCE_AFTER: Duration = Duration::from_secs(10);
-/// A renewal round that takes longer than this counts as failed.
-const RENEW_TIMEOUT: Duration = Duration::from_secs(4);
+/// A renewal (or heartbeat) that takes longer than this counts as failed.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(3);
+/// A VM whose pause does not answer within this is killed instead.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What `ls` and `stat` say about a VM paused for want of its lease.
 pub(crate) const FENCED_REASON: &str = "paused: this host cannot reach the fleet's database, so it cannot prove it still owns the VM; it goes on once it can";
 
@@ -34,6 +36,9 @@ struct Held {
 /// This host's part of the fleet.
 pub(crate) struct Fleet {
     name: String,
+    /// This host's id: random, kept in `DATA_DIR/host-id`, so a restart is the same host and
+    /// another machine under the same name is not (see `Store::claim_host`).
+    instance: String,
     addr: String,
     started_at_ms: i64,
     held: std::sync::Mutex<HashMap<String, Held>>,
@@ -42,9 +47,10 @@ pub(crate) struct Fleet {
 }
 
 impl Fleet {
-    pub(crate) fn new(name: &str, addr: &str) -> Self {
+    pub(crate) fn new(name: &str, addr: &str, instance: String) -> Self {
         Self {
             name: name.to_string(),
+            instance,
             addr: addr.to_string(),
             started_at_ms: time::OffsetDateTime::now_utc().unix_timestamp() * 1000,
             held: Default::default(),
@@ -53,6 +59,7 @@ impl Fleet {
     }
 
     pub(crate) fn is_fenced(&self, vm_id: &str) -> bool {
+        // (Also asked before any other `cont`: a fenced VM runs no instruction.)
         self.fenced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -103,6 +110,24 @@ impl Fleet {
             return true;
         }
         false
+    }
+}
+
+/// This host's id, made on first use and kept in the data dir.
+pub(crate) fn host_id(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join("host-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is empty", path.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = hex::encode(rand::random::<[u8; 8]>());
+            std::fs::write(&path, format!("{id}\n"))?;
+            Ok(id)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -160,10 +185,27 @@ impl Manager {
         }
     }
 
-    /// Runs the fleet's duties for the daemon's life: heartbeats, renewals, fencing.
-    pub fn start_fleet(self: &Arc<Self>) {
-        if self.fleet.is_none() {
-            return;
+    /// Registers this host, refusing a name another live daemon holds, and runs the fleet's
+    /// duties for the daemon's life: heartbeats, renewals, fencing.
+    pub async fn start_fleet(self: &Arc<Self>) -> Result<(), ApiError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        let row = self.host_row(fleet).await;
+        let fresh = (3 * RENEW_EVERY).as_millis() as i64;
+        match self.store.claim_host(&row, fresh).await {
+            Ok(Ok(())) => {}
+            Ok(Err(since_ms)) => {
+                return Err(ApiError::new(
+                    ErrorCode::HostMisconfigured,
+                    format!(
+                        "Another nook host named '{}' is up (it beat {} s ago): give this one its own --host-name",
+                        fleet.name,
+                        since_ms.max(0) / 1000
+                    ),
+                ));
+            }
+            Err(e) => return Err(errors::from_store("register this host", e)),
         }
         let this = self.clone();
         tokio::spawn(async move {
@@ -180,84 +222,119 @@ impl Manager {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if tokio::time::timeout(RENEW_TIMEOUT, this.renew_round())
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!("renewing the VMs' leases timed out; they run down");
-                }
+                this.renew_round().await;
             }
         });
+        Ok(())
     }
 
-    /// Pauses every VM whose lease may lapse before the next renewal could land.
+    /// Pauses every VM whose lease may lapse before the next renewal could land, all at
+    /// once: a pause that does not answer within `PAUSE_TIMEOUT` is a kill.
     async fn fence_overdue(&self) {
         let Some(fleet) = &self.fleet else {
             return;
         };
-        for id in fleet.overdue() {
-            if fleet.is_fenced(&id) {
-                continue;
+        let overdue: Vec<String> = fleet
+            .overdue()
+            .into_iter()
+            .filter(|id| !fleet.is_fenced(id))
+            .collect();
+        futures::future::join_all(overdue.iter().map(|id| self.fence(fleet, id))).await;
+    }
+
+    async fn fence(&self, fleet: &Fleet, id: &str) {
+        let Some(qmp) = self.live_qmp_by_id(id) else {
+            return;
+        };
+        match tokio::time::timeout(PAUSE_TIMEOUT, qmp.execute("stop", None)).await {
+            Ok(Ok(_)) => {
+                fleet.set_fenced(id, true);
+                tracing::warn!(vm = %id, "VM paused: its lease cannot be renewed (the fleet's database is unreachable)");
             }
-            let qmp = self.live_qmp_by_id(&id);
-            if let Some(qmp) = qmp {
-                match qmp.execute("stop", None).await {
-                    Ok(_) => {
-                        fleet.set_fenced(&id, true);
-                        tracing::warn!(vm = %id, "VM paused: its lease cannot be renewed (the fleet's database is unreachable)");
-                    }
-                    Err(err) => {
-                        // Pausing failed: the only safe way left is to stop it.
-                        tracing::error!(vm = %id, %err, "could not pause a VM whose lease runs down; killing it");
-                        self.kill_for_lease(&id, "stopped: its lease could not be renewed")
-                            .await;
-                    }
-                }
+            Ok(Err(err)) => {
+                tracing::error!(vm = %id, %err, "could not pause a VM whose lease runs down; killing it");
+                self.kill_for_lease(id, "stopped: its lease could not be renewed")
+                    .await;
+            }
+            Err(_) => {
+                tracing::error!(vm = %id, "pausing a VM whose lease runs down took too long; killing it");
+                self.kill_for_lease(id, "stopped: its lease could not be renewed")
+                    .await;
             }
         }
     }
 
-    /// One round: the heartbeat, then every lease renewed at its epoch.
+    /// One round: the heartbeat, then every lease renewed at once. The heartbeat has its own
+    /// time limit, so a slow one never eats into the renewal's.
     async fn renew_round(&self) {
         let Some(fleet) = &self.fleet else {
             return;
         };
-        if let Err(err) = self.store.heartbeat(&self.host_row(fleet).await).await {
-            tracing::warn!(%err, "heartbeat failed");
-        }
         let ttl = LEASE_TTL.as_millis() as i64;
-        for (id, epoch) in fleet.held() {
-            let sent = Instant::now();
-            match self.store.renew_lease(&id, &fleet.name, epoch, ttl).await {
-                Ok(true) => {
-                    fleet.renewed(&id, epoch, sent);
-                    if fleet.is_fenced(&id) {
-                        self.unfence(&id).await;
+        let held = fleet.held();
+        let ids: Vec<String> = held.iter().map(|(id, _)| id.clone()).collect();
+        let sent = Instant::now();
+        let renewal = tokio::time::timeout(
+            RENEW_TIMEOUT,
+            self.store.renew_leases(&fleet.name, &ids, ttl),
+        )
+        .await;
+        match renewal {
+            Ok(Ok(renewed)) => {
+                let renewed: HashMap<String, i64> = renewed.into_iter().collect();
+                for (id, epoch) in held {
+                    if renewed.get(&id).is_some_and(|e| *e >= epoch) {
+                        fleet.renewed(&id, epoch, sent);
+                        if fleet.is_fenced(&id) {
+                            self.unfence(&id).await;
+                        }
+                    } else {
+                        self.lost(fleet, &id, epoch).await;
                     }
-                }
-                Ok(false) => {
-                    if !fleet.forget(&id, epoch) {
-                        continue; // Taken again meanwhile (a restart): a new epoch.
-                    }
-                    let holder = match self.store.lease(&id).await {
-                        Ok(Some(lease)) => format!("host '{}'", lease.host),
-                        _ => "another host".to_string(),
-                    };
-                    tracing::error!(vm = %id, %holder, "VM's lease was taken over; stopping it here");
-                    self.kill_for_lease(&id, &format!("stopped: {holder} took it over"))
-                        .await;
-                }
-                Err(err) => {
-                    tracing::warn!(vm = %id, %err, "could not renew a VM's lease");
                 }
             }
+            Ok(Err(err)) => tracing::warn!(%err, "could not renew the VMs' leases"),
+            Err(_) => tracing::warn!("renewing the VMs' leases timed out; they run down"),
         }
+        let row = self.host_row(fleet).await;
+        match tokio::time::timeout(RENEW_TIMEOUT, self.store.heartbeat(&row)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "heartbeat failed"),
+            Err(_) => tracing::warn!("heartbeat timed out"),
+        }
+    }
+
+    /// A renewal did not find the lease at this epoch. Unless it was taken again here
+    /// meanwhile (a restart racing the renewal), another host has the VM: it dies here.
+    async fn lost(&self, fleet: &Fleet, id: &str, epoch: i64) {
+        let holder = match self.store.lease(id).await {
+            Ok(Some(lease))
+                if lease.host == fleet.name && lease.epoch >= epoch && lease.expires_at_ms > 0 =>
+            {
+                return;
+            }
+            Ok(Some(lease)) if lease.host != fleet.name => format!("host '{}'", lease.host),
+            Ok(_) => "another host".to_string(),
+            // Unknown: the next round asks again; fencing covers the meantime.
+            Err(_) => return,
+        };
+        if !fleet.forget(id, epoch) {
+            return; // Taken again meanwhile: a new epoch.
+        }
+        tracing::error!(vm = %id, %holder, "VM's lease was taken over; stopping it here");
+        self.kill_for_lease(id, &format!("stopped: {holder} took it over"))
+            .await;
     }
 
     async fn unfence(&self, id: &str) {
         let Some(fleet) = &self.fleet else {
             return;
         };
+        if self.is_disk_full(id) {
+            // Paused for the disk too: the disk watcher lets it go on once there is room.
+            fleet.set_fenced(id, false);
+            return;
+        }
         if let Some(qmp) = self.live_qmp_by_id(id) {
             match qmp.execute("cont", None).await {
                 Ok(_) => {
@@ -334,6 +411,7 @@ impl Manager {
         let memory_used_mib = running.iter().map(|vm| u64::from(vm.memory_mib)).sum();
         nook_store::HostRow {
             name: fleet.name.clone(),
+            instance: fleet.instance.clone(),
             addr: fleet.addr.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at_ms: fleet.started_at_ms,
@@ -355,7 +433,11 @@ impl Manager {
                 .await
                 .map_err(|e| errors::from_store("list the hosts", e)),
             None => {
-                let me = fleet::Fleet::new(&self.cfg.host_name, &self.cfg.host_addr);
+                let me = fleet::Fleet::new(
+                    &self.cfg.host_name,
+                    &self.cfg.host_addr,
+                    "local".to_string(),
+                );
                 let host = self.host_row(&me).await;
                 // One host needs no leases.
                 Ok(vec![nook_store::HostStatus {

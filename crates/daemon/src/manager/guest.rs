@@ -9,6 +9,7 @@ const GUEST_SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
 impl Manager {
     pub async fn console(&self, name: &str, scope: Scope<'_>) -> Result<String, ApiError> {
         let vm = self.record(name, scope).await?;
+        self.ensure_here(&vm)?;
         Ok(self.paths(&vm.id).console_tail(usize::MAX).await)
     }
 
@@ -101,6 +102,7 @@ impl Manager {
             ));
         }
         let vm = self.record(name, scope).await?;
+        self.ensure_here(&vm)?;
         let agent = self.agent(&vm).await?;
         let spawn = SpawnRequest {
             argv: req.argv,
@@ -121,6 +123,7 @@ impl Manager {
     /// [`GUEST_USER`]) when the image has one.
     pub async fn ssh_target(&self, name: &str, scope: Scope<'_>) -> Result<SshTarget, ApiError> {
         let vm = self.record(name, scope).await?;
+        self.ensure_here(&vm)?;
         if vm.state != VmState::Running {
             return Err(ApiError::new(
                 ErrorCode::NotRunning,
@@ -161,6 +164,7 @@ impl Manager {
         spawn: SpawnRequest,
     ) -> Result<Process, ApiError> {
         let vm = self.record(name, scope).await?;
+        self.ensure_here(&vm)?;
         let agent = self.agent(&vm).await?;
         agent
             .spawn(SpawnRequest {
@@ -258,6 +262,7 @@ impl Manager {
         input: Option<Vec<u8>>,
     ) -> Result<Process, ApiError> {
         let vm = self.record(name, scope).await?;
+        self.ensure_here(&vm)?;
         let agent = self.agent(&vm).await?;
         let spawn = SpawnRequest {
             argv,

@@ -373,7 +373,7 @@ impl Manager {
                 continue;
             }
             self.set_disk_full(&id, true);
-            let gone = self.resume_once_room(&name, &qmp).await;
+            let gone = self.resume_once_room(&id, &name, &qmp).await;
             self.set_disk_full(&id, false);
             if gone {
                 return;
@@ -384,7 +384,7 @@ impl Manager {
 
     /// Waits until the disk has room, then lets the stopped VM go on. True when QEMU went
     /// away meanwhile.
-    async fn resume_once_room(&self, name: &str, qmp: &Qmp) -> bool {
+    async fn resume_once_room(&self, id: &str, name: &str, qmp: &Qmp) -> bool {
         let dir = self.cfg.vms_dir();
         tracing::warn!(
             vm = %name,
@@ -404,6 +404,10 @@ impl Manager {
             if free_bytes(&dir).unwrap_or(0) < RESUME_ROOM {
                 continue;
             }
+            if self.fleet.as_ref().is_some_and(|f| f.is_fenced(id)) {
+                // Paused for its lease too: it goes on with its next renewal.
+                continue;
+            }
             match qmp.execute("cont", None).await {
                 Ok(_) => {
                     tracing::info!(vm = %name, "VM goes on: the host's disk has room again");
@@ -412,6 +416,13 @@ impl Manager {
                 Err(err) => tracing::warn!(vm = %name, %err, "could not resume the VM"),
             }
         }
+    }
+
+    pub(super) fn is_disk_full(&self, id: &str) -> bool {
+        self.disk_full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
     }
 
     fn set_disk_full(&self, id: &str, full: bool) {

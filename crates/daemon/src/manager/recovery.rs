@@ -30,6 +30,11 @@ impl Manager {
                 (VmState::Running | VmState::Starting | VmState::Stopping, Some(pid)) => {
                     // Another host may have taken the VM over while this daemon was down.
                     if let Err(err) = self.take_lease(vm).await {
+                        if err.code != ErrorCode::Busy {
+                            // The store could not say: the VM keeps running, unadopted, and the
+                            // daemon does not start (a restart retries).
+                            return Err(err);
+                        }
                         tracing::error!(vm = %vm.name, error = %err.message, "not re-adopting a VM this host no longer holds; stopping it");
                         self.halt(vm, false).await;
                         self.record_state_or_log(
@@ -126,6 +131,25 @@ impl Manager {
             let id = entry.file_name().to_string_lossy().to_string();
             if known.iter().any(|vm| vm.id == id) {
                 continue;
+            }
+            // Only a directory whose row is gone is an orphan. A row that names another host
+            // (this host was renamed, or two hosts share a name) keeps its disk: deleting it
+            // would lose the VM. An unreadable store proves nothing either.
+            match self.store.get_by_id(&id).await {
+                Err(nook_store::StoreError::NotFound(_)) => {}
+                Ok(vm) => {
+                    tracing::error!(
+                        vm = %vm.name,
+                        recorded_host = %vm.host,
+                        host = %self.cfg.host_name,
+                        "a VM's disk is on this host but its row names another host; leaving it alone (was --host-name changed?)"
+                    );
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, dir = %id, "cannot tell whether a VM directory is an orphan; leaving it");
+                    continue;
+                }
             }
             let paths = self.paths(&id);
             if let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) {

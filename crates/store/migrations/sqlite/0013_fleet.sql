@@ -2,6 +2,8 @@
 -- milliseconds by the database's clock, so hosts' clocks need not agree.
 CREATE TABLE hosts (
     name            TEXT PRIMARY KEY NOT NULL,
+    -- The host's id, kept in its data dir: a name a live host with another id holds is taken.
+    instance        TEXT NOT NULL,
     addr            TEXT NOT NULL,
     version         TEXT NOT NULL,
     started_at      INTEGER NOT NULL,
