@@ -162,28 +162,14 @@ mod tests {
 
     use sqlx::Row;
 
-    use crate::testing::TempPostgres;
-    use crate::{NewVm, Store};
+    use crate::Store;
+    use crate::testing::{TempPostgres, new_vm};
 
     async fn until(what: &str, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !check() {
             assert!(Instant::now() < deadline, "timed out waiting: {what}");
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn vm(name: &str) -> NewVm {
-        NewVm {
-            id: format!("id-{name}"),
-            name: name.into(),
-            owner: "admin".into(),
-            image: "tiny".into(),
-            image_dir: "/img".into(),
-            cpu: 1,
-            memory_mib: 256,
-            disk_bytes: 1 << 30,
-            host: "h1".into(),
         }
     }
 
@@ -196,7 +182,7 @@ mod tests {
         until("a hears", || a.hears_other_hosts()).await;
 
         let g = b.generation();
-        let made = a.insert_vm(vm("web")).await.expect("insert");
+        let made = a.insert_vm(new_vm("web")).await.expect("insert");
         let started = Instant::now();
         until("b sees a's insert", || b.generation() != g).await;
         let latency = started.elapsed();
@@ -215,7 +201,7 @@ mod tests {
         );
 
         // A failed write notifies nothing either (it rolled back), a later one does.
-        assert!(a.insert_vm(vm("web")).await.is_err());
+        assert!(a.insert_vm(new_vm("web")).await.is_err());
         let g = b.generation();
         a.set_public(&made.id, true).await.expect("public");
         until("b sees a's update", || b.generation() != g).await;

@@ -289,25 +289,10 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NewVm;
-    use crate::testing::on_both_stores;
+    use crate::testing::{new_vm, on_both_stores};
 
     async fn vm(store: &Store, name: &str) -> String {
-        store
-            .insert_vm(NewVm {
-                id: format!("id-{name}"),
-                name: name.into(),
-                owner: "admin".into(),
-                image: "tiny".into(),
-                image_dir: "/img".into(),
-                cpu: 1,
-                memory_mib: 256,
-                disk_bytes: 1 << 30,
-                host: "h1".into(),
-            })
-            .await
-            .expect("vm")
-            .id
+        store.insert_vm(new_vm(name)).await.expect("vm").id
     }
 
     on_both_stores! {

@@ -786,25 +786,11 @@ fn decode(row: &AnyRow) -> Result<VmRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::on_both_stores;
-
-    fn vm(name: &str) -> NewVm {
-        NewVm {
-            id: format!("id-{name}"),
-            name: name.into(),
-            owner: "admin".into(),
-            image: "tiny".into(),
-            image_dir: "/img".into(),
-            cpu: 1,
-            memory_mib: 256,
-            disk_bytes: 1 << 30,
-            host: "h1".into(),
-        }
-    }
+    use crate::testing::{new_vm, on_both_stores};
 
     on_both_stores! {
     async fn every_write_moves_the_generation_and_reads_do_not(store) {
-        let a = store.insert_vm(vm("aa")).await.expect("aa");
+        let a = store.insert_vm(new_vm("aa")).await.expect("aa");
         let g = store.generation();
         store.get("aa").await.expect("get");
         store.web_settings(&a.id).await.expect("web");
@@ -827,25 +813,25 @@ mod tests {
             "{g2} -> {g3}: a writing method without its guard"
         );
         // A write that fails still counts: it may have changed something before failing.
-        assert!(store.insert_vm(vm("aa")).await.is_err());
+        assert!(store.insert_vm(new_vm("aa")).await.is_err());
         assert!(store.generation() > g3);
     }
     }
 
     on_both_stores! {
     async fn slots_are_lowest_free_and_names_unique(store) {
-        let a = store.insert_vm(vm("aa")).await.expect("aa");
-        let b = store.insert_vm(vm("bb")).await.expect("bb");
-        let c = store.insert_vm(vm("cc")).await.expect("cc");
+        let a = store.insert_vm(new_vm("aa")).await.expect("aa");
+        let b = store.insert_vm(new_vm("bb")).await.expect("bb");
+        let c = store.insert_vm(new_vm("cc")).await.expect("cc");
         assert_eq!((a.slot, b.slot, c.slot), (0, 1, 2));
         assert!(matches!(
-            store.insert_vm(vm("bb")).await,
+            store.insert_vm(new_vm("bb")).await,
             Err(StoreError::NameTaken(_))
         ));
         store.delete(&b.id).await.expect("delete");
-        assert_eq!(store.insert_vm(vm("dd")).await.expect("dd").slot, 1);
+        assert_eq!(store.insert_vm(new_vm("dd")).await.expect("dd").slot, 1);
         store.delete(&a.id).await.expect("delete");
-        assert_eq!(store.insert_vm(vm("ee")).await.expect("ee").slot, 0);
+        assert_eq!(store.insert_vm(new_vm("ee")).await.expect("ee").slot, 0);
         store
             .set_state(&c.id, VmState::Running, None, Some(42))
             .await

@@ -288,3 +288,19 @@ macro_rules! on_both_stores {
 }
 #[cfg(test)]
 pub(crate) use on_both_stores;
+
+/// A VM row for tests: `id-NAME`, owned by `admin`, on host `h1`.
+#[cfg(test)]
+pub(crate) fn new_vm(name: &str) -> crate::NewVm {
+    crate::NewVm {
+        id: format!("id-{name}"),
+        name: name.into(),
+        owner: "admin".into(),
+        image: "tiny".into(),
+        image_dir: "/img".into(),
+        cpu: 1,
+        memory_mib: 256,
+        disk_bytes: 1 << 30,
+        host: "h1".into(),
+    }
+}
