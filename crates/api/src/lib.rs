@@ -54,6 +54,10 @@ pub enum VmState {
     Stopped,
     /// QEMU or the guest died without being asked to; `state_reason` says why.
     Failed,
+    /// The VM lives on a host of the fleet that stopped sending heartbeats; `state_reason`
+    /// names the host and what the VM was doing. Never stored: it is how a VM is *shown*
+    /// while its host is down.
+    Unavailable,
 }
 
 impl VmState {
@@ -65,6 +69,7 @@ impl VmState {
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Failed => "failed",
+            Self::Unavailable => "unavailable",
         }
     }
 
@@ -159,6 +164,9 @@ pub struct VmInfo {
     pub disk_bytes: u64,
     pub guest_ip: Option<String>,
     pub created_at: String,
+    /// The fleet host the VM lives on (absent on a one-host install).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -297,6 +305,7 @@ error_codes! {
     IntegrationExists = "integration_exists", 409;
     RateLimited = "rate_limited", 429;
     StoreUnavailable = "store_unavailable", 503;
+    HostDown = "host_down", 503;
     Internal = "internal", 500;
 }
 

@@ -1,6 +1,7 @@
 //! Per-account and per-VM resource control with Linux cgroups.
 //!
-//! Every group nook makes lives under one top group, [`TOP`], at the root of
+//! Every group nook makes lives under one top group ([`TOP`] unless the daemon names its
+//! own with [`Cgroups::under`], so several daemons can share a machine) at the root of
 //! each cgroup hierarchy it uses: `nook/<account>` carries the account's CPU
 //! quota and memory hard limit, and `nook/<account>/<vm>` (a leaf, the only
 //! place processes live) carries the VM's CPU weight and memory soft limit.
@@ -9,7 +10,7 @@
 //! [`Cgroups::probe`] finds out which one can be used.
 //!
 //! This is the privileged corner of nook for cgroups: it writes plain files
-//! under `/sys/fs/cgroup` and must not touch anything outside [`TOP`], kill
+//! under `/sys/fs/cgroup` and must not touch anything outside its top group, kill
 //! processes, or move processes anywhere but into VM groups. Removal is
 //! idempotent and refuses (rather than evicting) while processes remain.
 //! The API is synchronous: the daemon calls it from `spawn_blocking`.
@@ -26,7 +27,8 @@ use std::path::{Path, PathBuf};
 pub use error::CgroupError;
 pub use ksm::{enable_ksm, ksm_pages_sharing};
 
-/// The top group under which all of nook's groups live.
+/// The top group under which all of nook's groups live, unless [`Cgroups::under`] names
+/// another.
 pub const TOP: &str = "nook";
 /// The longest account or VM name accepted.
 pub const MAX_NAME_LEN: usize = 64;
@@ -91,6 +93,8 @@ pub struct Usage {
 #[derive(Clone, Debug)]
 pub struct Cgroups {
     backend: Backend,
+    /// The top group: [`TOP`], or the daemon's own.
+    top: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -138,6 +142,7 @@ impl Cgroups {
                     backend: Backend::V2(v2::V2 {
                         root: m.point.clone(),
                     }),
+                    top: PathBuf::from(TOP),
                 });
             }
         }
@@ -161,6 +166,7 @@ impl Cgroups {
                     cpuacct: find("cpuacct").0,
                     pids: find("pids").0,
                 }),
+                top: PathBuf::from(TOP),
             });
         }
         if cpu_ro || memory_ro {
@@ -175,6 +181,21 @@ impl Cgroups {
             msg.push_str(&n);
         }
         Err(CgroupError::NotAvailable(msg))
+    }
+
+    /// The same hierarchies, with every group under `top` instead of [`TOP`]: one top group
+    /// per daemon when several share a machine. `top` is a plain group name.
+    pub fn under(self, top: &str) -> Result<Cgroups, CgroupError> {
+        check_name(top)?;
+        Ok(Cgroups {
+            top: PathBuf::from(top),
+            ..self
+        })
+    }
+
+    /// The top group's name.
+    pub fn top(&self) -> &Path {
+        &self.top
     }
 
     pub fn flavor(&self) -> Flavor {
@@ -196,10 +217,20 @@ impl Cgroups {
     /// per hierarchy in use, whether or not they exist. For diagnostics and tests.
     pub fn group_dirs(&self, account: &str, vm: Option<&str>) -> Result<Vec<PathBuf>, CgroupError> {
         let rel = match vm {
-            Some(vm) => vm_rel(account, vm)?,
-            None => account_rel(account)?,
+            Some(vm) => self.vm_rel(account, vm)?,
+            None => self.account_rel(account)?,
         };
         Ok(self.dirs(&rel))
+    }
+
+    fn account_rel(&self, account: &str) -> Result<PathBuf, CgroupError> {
+        check_name(account)?;
+        Ok(self.top.join(account))
+    }
+
+    fn vm_rel(&self, account: &str, vm: &str) -> Result<PathBuf, CgroupError> {
+        check_name(vm)?;
+        Ok(self.account_rel(account)?.join(vm))
     }
 
     fn dirs(&self, rel: &Path) -> Vec<PathBuf> {
@@ -221,7 +252,7 @@ impl Cgroups {
     /// Creates or updates `nook/<account>`: CPU quota (period 100 ms) and
     /// memory hard limit. Idempotent.
     pub fn set_account(&self, account: &str, limits: AccountLimits) -> Result<(), CgroupError> {
-        let rel = account_rel(account)?;
+        let rel = self.account_rel(account)?;
         let quota = quota_us(limits.cpus)?;
         let memory = match limits.memory_bytes {
             0 => {
@@ -234,16 +265,16 @@ impl Cgroups {
         };
         tracing::debug!(account, ?limits, "set account cgroup");
         match &self.backend {
-            Backend::V1(v) => v.set_account(Path::new(TOP), &rel, quota, memory, limits.swap_bytes),
-            Backend::V2(v) => v.set_account(Path::new(TOP), &rel, quota, memory, limits.swap_bytes),
+            Backend::V1(v) => v.set_account(&self.top, &rel, quota, memory, limits.swap_bytes),
+            Backend::V2(v) => v.set_account(&self.top, &rel, quota, memory, limits.swap_bytes),
         }
     }
 
     /// Creates or updates `nook/<account>/<vm>` with the knobs. Idempotent.
     /// The account group must exist ([`Cgroups::set_account`]).
     pub fn set_vm(&self, account: &str, vm: &str, knobs: VmKnobs) -> Result<(), CgroupError> {
-        let acct = account_rel(account)?;
-        let rel = vm_rel(account, vm)?;
+        let acct = self.account_rel(account)?;
+        let rel = self.vm_rel(account, vm)?;
         if !(1..=10_000).contains(&knobs.cpu_weight) {
             return Err(CgroupError::InvalidLimit(format!(
                 "cpu_weight {} is outside 1..=10000",
@@ -265,7 +296,7 @@ impl Cgroups {
     /// v1, in every hierarchy in use). Attach before the process allocates
     /// its memory: v1 leaves earlier charges with the old group.
     pub fn attach(&self, account: &str, vm: &str, pid: u32) -> Result<(), CgroupError> {
-        let rel = vm_rel(account, vm)?;
+        let rel = self.vm_rel(account, vm)?;
         let dirs = self.require(&rel, "call set_vm first")?;
         for dir in dirs {
             files::attach(&dir, pid)?;
@@ -275,14 +306,14 @@ impl Cgroups {
     }
 
     pub fn vm_usage(&self, account: &str, vm: &str) -> Result<Usage, CgroupError> {
-        let rel = vm_rel(account, vm)?;
+        let rel = self.vm_rel(account, vm)?;
         self.require(&rel, "call set_vm first")?;
         self.usage(&rel)
     }
 
     /// Where the VM's memory is now.
     pub fn vm_memory(&self, account: &str, vm: &str) -> Result<VmMemory, CgroupError> {
-        let rel = vm_rel(account, vm)?;
+        let rel = self.vm_rel(account, vm)?;
         self.require(&rel, "call set_vm first")?;
         match &self.backend {
             Backend::V1(v) => v.memory(&rel),
@@ -295,7 +326,7 @@ impl Cgroups {
     /// touches them. Needs swap on the host; without it only clean cache goes. Slow (it is
     /// the kernel's reclaim, at a few hundred MiB/s): call it off the async runtime.
     pub fn squeeze_vm(&self, account: &str, vm: &str, keep: u64) -> Result<VmMemory, CgroupError> {
-        let rel = vm_rel(account, vm)?;
+        let rel = self.vm_rel(account, vm)?;
         self.require(&rel, "call set_vm first")?;
         match &self.backend {
             Backend::V1(v) => v.squeeze(&rel, keep)?,
@@ -306,7 +337,7 @@ impl Cgroups {
 
     /// What all of an account's VMs hold, in RAM and in swap.
     pub fn account_memory(&self, account: &str) -> Result<VmMemory, CgroupError> {
-        let rel = account_rel(account)?;
+        let rel = self.account_rel(account)?;
         self.require(&rel, "call set_account first")?;
         match &self.backend {
             Backend::V1(v) => v.memory(&rel),
@@ -315,7 +346,7 @@ impl Cgroups {
     }
 
     pub fn account_usage(&self, account: &str) -> Result<Usage, CgroupError> {
-        let rel = account_rel(account)?;
+        let rel = self.account_rel(account)?;
         self.require(&rel, "call set_account first")?;
         self.usage(&rel)
     }
@@ -330,14 +361,14 @@ impl Cgroups {
     /// Removes `nook/<account>/<vm>` once it holds no process; fails with
     /// [`CgroupError::Busy`] otherwise. Absent is fine.
     pub fn remove_vm(&self, account: &str, vm: &str) -> Result<(), CgroupError> {
-        let rel = vm_rel(account, vm)?;
+        let rel = self.vm_rel(account, vm)?;
         self.remove(&rel, false)
     }
 
     /// Removes `nook/<account>` once it has no VM group left; fails with
     /// [`CgroupError::Busy`] otherwise. Absent is fine.
     pub fn remove_account(&self, account: &str) -> Result<(), CgroupError> {
-        let rel = account_rel(account)?;
+        let rel = self.account_rel(account)?;
         self.remove(&rel, true)
     }
 
@@ -366,7 +397,7 @@ impl Cgroups {
 
     /// Whether the process is in `nook/<account>/<vm>` (in every hierarchy in use).
     pub fn contains(&self, account: &str, vm: &str, pid: u32) -> bool {
-        let Ok(rel) = vm_rel(account, vm) else {
+        let Ok(rel) = self.vm_rel(account, vm) else {
             return false;
         };
         self.dirs(&rel)
@@ -376,12 +407,12 @@ impl Cgroups {
 
     /// The account groups that exist, for sweeping stale ones at start-up.
     pub fn list_accounts(&self) -> Result<Vec<String>, CgroupError> {
-        self.list(Path::new(TOP))
+        self.list(&self.top)
     }
 
     /// The VM groups of an account that exist.
     pub fn list_vms(&self, account: &str) -> Result<Vec<String>, CgroupError> {
-        self.list(&account_rel(account)?)
+        self.list(&self.account_rel(account)?)
     }
 
     fn list(&self, rel: &Path) -> Result<Vec<String>, CgroupError> {
@@ -430,16 +461,6 @@ fn check_name(name: &str) -> Result<(), CgroupError> {
     } else {
         Err(CgroupError::InvalidName(name.to_owned()))
     }
-}
-
-fn account_rel(account: &str) -> Result<PathBuf, CgroupError> {
-    check_name(account)?;
-    Ok(Path::new(TOP).join(account))
-}
-
-fn vm_rel(account: &str, vm: &str) -> Result<PathBuf, CgroupError> {
-    check_name(vm)?;
-    Ok(account_rel(account)?.join(vm))
 }
 
 #[cfg(test)]

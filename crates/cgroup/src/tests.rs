@@ -142,6 +142,7 @@ fn v2_files_on_a_fake_tree() {
     t.file("nook/a1/v1/memory.current", "4096\n");
     let cg = Cgroups {
         backend: Backend::V2(v2::V2 { root: t.0.clone() }),
+        top: PathBuf::from(TOP),
     };
     let limits = AccountLimits {
         cpus: 1.5,
@@ -220,6 +221,7 @@ fn v1_files_on_a_fake_tree() {
             cpuacct: None,
             pids: None,
         }),
+        top: PathBuf::from(TOP),
     };
     let limits = AccountLimits {
         cpus: 0.2,
@@ -258,4 +260,27 @@ fn v1_files_on_a_fake_tree() {
         ),
         Err(CgroupError::InvalidLimit(_))
     ));
+}
+
+#[test]
+fn a_daemon_of_its_own_keeps_its_groups_under_its_own_top() {
+    let cg = Cgroups {
+        backend: Backend::V2(v2::V2 {
+            root: PathBuf::from("/sys/fs/cgroup"),
+        }),
+        top: PathBuf::from(TOP),
+    };
+    let own = cg.clone().under("nook-h2").expect("a plain name");
+    assert_eq!(own.top(), Path::new("nook-h2"));
+    assert_eq!(
+        own.group_dirs("a1", Some("v1")).expect("dirs"),
+        vec![PathBuf::from("/sys/fs/cgroup/nook-h2/a1/v1")]
+    );
+    assert_eq!(
+        cg.group_dirs("a1", None).expect("dirs"),
+        vec![PathBuf::from("/sys/fs/cgroup/nook/a1")]
+    );
+    for bad in ["", "../etc", "a/b", "Nook"] {
+        assert!(cg.clone().under(bad).is_err(), "{bad:?} was taken");
+    }
 }

@@ -141,6 +141,9 @@ pub struct Settings {
     pub host_name: Option<String>,
     /// Where other hosts reach this one, HOST:PORT [default: the host name].
     pub host_addr: Option<String>,
+    /// The top cgroup this daemon's groups live under: another name lets several daemons
+    /// share a machine, each in its own network namespace [default: nook].
+    pub cgroup_top: Option<String>,
 }
 
 impl Settings {
@@ -205,6 +208,7 @@ impl Settings {
             store: other.store.or(self.store),
             host_name: other.host_name.or(self.host_name),
             host_addr: other.host_addr.or(self.host_addr),
+            cgroup_top: other.cgroup_top.or(self.cgroup_top),
             smtp_from: other.smtp_from.or(self.smtp_from),
             smtp_user: other.smtp_user.or(self.smtp_user),
             smtp_password: other.smtp_password.or(self.smtp_password),
@@ -340,6 +344,8 @@ pub struct Config {
     /// This host's name among the hosts sharing the store.
     pub host_name: String,
     pub host_addr: String,
+    /// The top cgroup of this daemon's groups.
+    pub cgroup_top: String,
 }
 
 /// The coding agent: the model it talks to through the gateway, and its browser.
@@ -806,7 +812,20 @@ impl Config {
             ));
         }
         let host_addr = s.host_addr.unwrap_or_else(|| host_name.clone());
+        let cgroup_top = s.cgroup_top.unwrap_or_else(|| nook_cgroup::TOP.to_string());
+        if cgroup_top.is_empty()
+            || cgroup_top.len() > 32
+            || !cgroup_top
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ConfigError::Invalid(
+                "cgroup_top",
+                format!("{cgroup_top:?}: use 1 to 32 lowercase letters, digits and '-'"),
+            ));
+        }
         Ok(Config {
+            cgroup_top,
             store,
             host_name,
             host_addr,

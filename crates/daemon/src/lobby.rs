@@ -427,10 +427,13 @@ async fn vm_command(
                     .map(|vm| {
                         // Why it failed, stopped by itself, or is paused.
                         let why = vm.state_reason.as_deref().map(|w| format!(" ({w})"));
+                        // On a fleet, where each VM lives.
+                        let host = vm.host.as_deref().map(|h| format!(" on {h}"));
                         format!(
-                            "{:<24} {}{}",
+                            "{:<24} {}{}{}",
                             vm.name,
                             vm.state.as_str(),
+                            host.unwrap_or_default(),
                             why.unwrap_or_default()
                         )
                     })

@@ -225,15 +225,25 @@ fn host_ram_bytes() -> u64 {
         .map_or(0, |kib| kib << 10)
 }
 
-/// One daemon per host owns the VM network: the `nk*` taps, the nftables table and the metadata
-/// address are host-wide, and a second daemon's start-up sweep would delete the first one's
-/// taps from under its running VMs.
-const HOST_LOCK: &str = "/run/nook/host.lock";
+/// One daemon per network namespace owns its VM network: the `nk*` taps, the nftables table
+/// and the metadata address live in the namespace, and a second daemon's start-up sweep would
+/// delete the first one's taps from under its running VMs. So the lock is named after the
+/// namespace (its inode), and several hosts can share a machine, each in a namespace of its
+/// own. (Which namespace is the machine's own cannot be told from a container.)
+fn host_lock_path() -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/self/ns/net") {
+        Ok(ns) => format!("/run/nook/host-netns-{}.lock", ns.ino()).into(),
+        Err(_) => "/run/nook/host.lock".into(),
+    }
+}
 
-/// Takes [`HOST_LOCK`] (released when the process ends, however it ends), or says who holds it.
+/// Takes the network namespace's lock (released when the process ends, however it ends), or
+/// says who holds it.
 fn take_host_lock(data_dir: &std::path::Path) -> Result<std::fs::File, ApiError> {
     use std::io::{Read, Seek, Write};
-    let path = std::path::Path::new(HOST_LOCK);
+    let path = host_lock_path();
+    let path = path.as_path();
     let open = || {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -255,7 +265,7 @@ fn take_host_lock(data_dir: &std::path::Path) -> Result<std::fs::File, ApiError>
             return Err(ApiError::new(
                 ErrorCode::HostMisconfigured,
                 format!(
-                    "Another nook daemon ({}) is running on this host and owns its VM network (taps, nftables, {}). One host runs one nook daemon: stop that one first.",
+                    "Another nook daemon ({}) is running on this host and owns its VM network (taps, nftables, {}). One network namespace runs one nook daemon: stop that one first, or run this one in a network namespace of its own with its own --cgroup-top.",
                     if holder.is_empty() {
                         "pid unknown"
                     } else {
@@ -361,7 +371,7 @@ impl Manager {
             Err(err) => tracing::warn!(%err, "could not turn KSM on"),
         }
         let tiers = memory_tiers(&cfg);
-        let cgroups = match nook_cgroup::Cgroups::probe() {
+        let cgroups = match nook_cgroup::Cgroups::probe().and_then(|cg| cg.under(&cfg.cgroup_top)) {
             Ok(cg) => {
                 tracing::info!(flavor = ?cg.flavor(), "cgroups in use: accounts' VMs are held to their envelopes");
                 sweep_cgroups(&cg);
@@ -474,12 +484,29 @@ impl Manager {
             vm.state,
             VmState::Running | VmState::Starting | VmState::Stopping
         );
-        let guest_ip = match (&self.net, running) {
+        let here = vm.host.is_empty() || vm.host == self.cfg.host_name;
+        let guest_ip = match (&self.net, running && here) {
             (Net::Tap(_), true) => VmLink::for_slot(vm.slot)
                 .ok()
                 .map(|l| l.guest_ip.to_string()),
             _ => None,
         };
+        if let Some(down) = self.host_down(&vm.host) {
+            return VmInfo {
+                state: VmState::Unavailable,
+                state_reason: Some(format!("{down}; it was {} there", vm.state.as_str())),
+                guest_ip: None,
+                ..self.recorded_info(vm)
+            };
+        }
+        VmInfo {
+            guest_ip,
+            ..self.recorded_info(vm)
+        }
+    }
+
+    /// The VM as its row and this host's own knowledge say.
+    fn recorded_info(&self, vm: &VmRecord) -> VmInfo {
         VmInfo {
             id: vm.id.clone(),
             name: vm.name.clone(),
@@ -503,8 +530,9 @@ impl Manager {
             cpu: vm.cpu,
             memory_mib: vm.memory_mib,
             disk_bytes: vm.disk_bytes,
-            guest_ip,
+            guest_ip: None,
             created_at: vm.created_at.clone(),
+            host: (self.fleet.is_some() && !vm.host.is_empty()).then(|| vm.host.clone()),
         }
     }
 
@@ -822,6 +850,15 @@ impl Manager {
     pub(crate) fn ensure_here(&self, vm: &VmRecord) -> Result<(), ApiError> {
         if vm.host.is_empty() || vm.host == self.cfg.host_name || !self.store.is_shared() {
             return Ok(());
+        }
+        if let Some(down) = self.host_down(&vm.host) {
+            return Err(ApiError::new(
+                ErrorCode::HostDown,
+                format!(
+                    "VM '{}' is unavailable: {down}. Its disk is there, so it comes back when that host does",
+                    vm.name
+                ),
+            ));
         }
         Err(ApiError::new(
             ErrorCode::Busy,

@@ -169,6 +169,10 @@ pub struct ServeArgs {
     /// Where other hosts reach this one, HOST:PORT [default: the host name]
     #[arg(long, env = "NOOK_HOST_ADDR")]
     pub host_addr: Option<String>,
+    /// The top cgroup this daemon's groups live under; another name lets several daemons
+    /// share a machine, each in its own network namespace [default: nook]
+    #[arg(long, env = "NOOK_CGROUP_TOP")]
+    pub cgroup_top: Option<String>,
     /// The coding agent's model, PROVIDER/MODEL [default: anthropic/claude-sonnet-4-5]
     #[arg(long, env = "NOOK_AGENT_MODEL")]
     pub agent_model: Option<String>,

@@ -165,6 +165,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         store: args.store,
         host_name: args.host_name,
         host_addr: args.host_addr,
+        cgroup_top: args.cgroup_top,
         browser: args.browser,
         github_url: args.github_url,
         github_api_url: args.github_api_url,

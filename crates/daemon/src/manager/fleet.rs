@@ -44,6 +44,9 @@ pub(crate) struct Fleet {
     held: std::sync::Mutex<HashMap<String, Held>>,
     /// VMs paused because their lease is running down.
     fenced: std::sync::Mutex<HashSet<String>>,
+    /// Other hosts that missed their heartbeats, as of the last renewal round: how long
+    /// since each last beat, and when that was learnt.
+    down: std::sync::Mutex<HashMap<String, (Duration, Instant)>>,
 }
 
 impl Fleet {
@@ -55,7 +58,22 @@ impl Fleet {
             started_at_ms: time::OffsetDateTime::now_utc().unix_timestamp() * 1000,
             held: Default::default(),
             fenced: Default::default(),
+            down: Default::default(),
         }
+    }
+
+    /// Takes in the fleet's hosts as the store lists them.
+    fn saw_hosts(&self, hosts: &[nook_store::HostStatus]) {
+        let now = Instant::now();
+        let down = hosts
+            .iter()
+            .filter(|h| h.host.name != self.name && !host_is_up(h))
+            .map(|h| {
+                let age = Duration::from_millis(h.since_heartbeat_ms.max(0) as u64);
+                (h.host.name.clone(), (age, now))
+            })
+            .collect();
+        *self.down.lock().unwrap_or_else(|p| p.into_inner()) = down;
     }
 
     pub(crate) fn is_fenced(&self, vm_id: &str) -> bool {
@@ -101,6 +119,15 @@ impl Fleet {
         if let Some(h) = held.get_mut(vm_id).filter(|h| h.epoch == epoch) {
             h.renewed = sent;
         }
+    }
+
+    fn down_names(&self) -> HashSet<String> {
+        self.down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn forget(&self, vm_id: &str, epoch: i64) -> bool {
@@ -207,6 +234,7 @@ impl Manager {
             }
             Err(e) => return Err(errors::from_store("register this host", e)),
         }
+        self.look_at_hosts(fleet).await;
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -302,6 +330,38 @@ impl Manager {
             Ok(Err(err)) => tracing::warn!(%err, "heartbeat failed"),
             Err(_) => tracing::warn!("heartbeat timed out"),
         }
+        self.look_at_hosts(fleet).await;
+    }
+
+    /// Learns which other hosts are down. Without an answer the last one stands: a host
+    /// that cannot reach the database cannot tell, and says nothing new.
+    async fn look_at_hosts(&self, fleet: &Fleet) {
+        match tokio::time::timeout(RENEW_TIMEOUT, self.store.hosts()).await {
+            Ok(Ok(hosts)) => {
+                let was: HashSet<String> = fleet.down_names();
+                fleet.saw_hosts(&hosts);
+                let now = fleet.down_names();
+                for name in now.difference(&was) {
+                    tracing::warn!(host = %name, "host missed its heartbeats: its VMs are unavailable");
+                }
+                for name in was.difference(&now) {
+                    tracing::info!(host = %name, "host is back");
+                }
+            }
+            Ok(Err(err)) => tracing::debug!(%err, "could not list the hosts"),
+            Err(_) => tracing::debug!("listing the hosts timed out"),
+        }
+    }
+
+    /// Why a VM on `host` cannot be reached, when that host is down.
+    pub(crate) fn host_down(&self, host: &str) -> Option<String> {
+        let fleet = self.fleet.as_ref()?;
+        let down = fleet.down.lock().unwrap_or_else(|p| p.into_inner());
+        let (age, learnt) = down.get(host)?;
+        Some(format!(
+            "its host '{host}' is down (no heartbeat for {} s)",
+            (*age + learnt.elapsed()).as_secs()
+        ))
     }
 
     /// A renewal did not find the lease at this epoch. Unless it was taken again here
@@ -449,9 +509,14 @@ impl Manager {
         }
     }
 
-    /// A host counts as up while its heartbeats come: missing two renewal rounds and more
-    /// (well before its leases could lapse) marks it down.
+    /// See [`host_is_up`].
     pub fn host_is_up(&self, h: &nook_store::HostStatus) -> bool {
-        h.since_heartbeat_ms < (3 * RENEW_EVERY).as_millis() as i64
+        host_is_up(h)
     }
+}
+
+/// A host counts as up while its heartbeats come: missing two renewal rounds and more
+/// (well before its leases could lapse) marks it down.
+fn host_is_up(h: &nook_store::HostStatus) -> bool {
+    h.since_heartbeat_ms < (3 * RENEW_EVERY).as_millis() as i64
 }

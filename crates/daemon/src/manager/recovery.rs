@@ -107,7 +107,8 @@ impl Manager {
                     )
                     .await;
                 }
-                (VmState::Stopped | VmState::Failed, _) => {
+                // (Only ever shown, never stored.)
+                (VmState::Stopped | VmState::Failed | VmState::Unavailable, _) => {
                     if pid.is_some() {
                         self.halt(vm, false).await;
                     }

@@ -50,8 +50,13 @@ pub struct Daemon {
     pub https_port: u16,
     _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
-    /// Test runs wait their turn for the host (see `host_turn`).
-    _host_turn: std::fs::File,
+    /// Test runs wait their turn for the host (see `host_turn`); a fleet test holds it once
+    /// for all its hosts.
+    _host_turn: Option<std::fs::File>,
+    /// Where the daemon's front doors listen and clients reach them.
+    pub addr: String,
+    /// The network namespace (under /run/netns) the daemon runs in, if not the machine's.
+    netns: Option<String>,
     log: PathBuf,
     extra: Vec<String>,
     env: Vec<(String, String)>,
@@ -72,7 +77,7 @@ pub fn store_is_postgres() -> bool {
 /// A daemon owns the host's VM network, and a second one refuses to start. nextest runs this
 /// crate's system tests one at a time; this lock also queues them behind those of another run
 /// on the same host (a second checkout's suite, say) instead of failing both.
-fn host_turn() -> std::fs::File {
+pub fn host_turn() -> std::fs::File {
     std::fs::create_dir_all("/run/nook").expect("/run/nook");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -179,7 +184,9 @@ impl Daemon {
         let (ssh_port, https_port) = (free_port(), free_port());
         let host_turn = host_turn();
         let mut d = Daemon {
-            _host_turn: host_turn,
+            _host_turn: Some(host_turn),
+            addr: "127.0.0.1".into(),
+            netns: None,
             data_dir,
             ssh_port,
             https_port,
@@ -194,13 +201,66 @@ impl Daemon {
         d
     }
 
+    /// One host of a fleet test: `nook serve` in the network namespace `netns`, reached at
+    /// `addr`, on the shared PostgreSQL at `store`, with its own cgroup top (`nook-NAME`). The caller holds
+    /// [`host_turn`] for all of them.
+    /// `secrets_key`: the fleet's key, copied in from the first host (see `secrets.rs`).
+    pub fn start_fleet_host(
+        netns: &str,
+        addr: &str,
+        name: &str,
+        store: &str,
+        secrets_key: Option<&Path>,
+    ) -> Daemon {
+        let tmp = sys_tempdir();
+        let data_dir = tmp.path().join("data");
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        if let Some(key) = secrets_key {
+            std::fs::copy(key, data_dir.join("secrets.key")).expect("copy the secrets key");
+        }
+        let log = tmp.path().join(format!("daemon-{name}.log"));
+        let mut d = Daemon {
+            _host_turn: None,
+            addr: addr.into(),
+            netns: Some(netns.into()),
+            data_dir,
+            ssh_port: 2222,
+            https_port: 8443,
+            _tmp: Some(tmp),
+            child: None,
+            log,
+            extra: [
+                "--host-name",
+                name,
+                "--cgroup-top",
+                &format!("nook-{name}"),
+                "--host-addr",
+                addr,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            env: vec![("NOOK_STORE".into(), store.into())],
+            postgres: None,
+        };
+        d.spawn();
+        d
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log");
-        let mut cmd = Command::new(nook_bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{ns}")).arg(nook_bin());
+                cmd
+            }
+            None => Command::new(nook_bin()),
+        };
         cmd.arg("serve")
             .env("NOOK_DATA_DIR", &self.data_dir)
             .env("NOOK_IMAGES_DIR", images_dir())
@@ -210,8 +270,11 @@ impl Daemon {
                 std::env::var("NOOK_TEST_ACCEL").unwrap_or_else(|_| "tcg".into()),
             )
             .env("NOOK_LOG", "info,nook_daemon=debug")
-            .env("NOOK_SSH_ADDR", format!("127.0.0.1:{}", self.ssh_port))
-            .env("NOOK_HTTPS_ADDR", format!("127.0.0.1:{}", self.https_port))
+            .env("NOOK_SSH_ADDR", format!("{}:{}", self.addr, self.ssh_port))
+            .env(
+                "NOOK_HTTPS_ADDR",
+                format!("{}:{}", self.addr, self.https_port),
+            )
             .env("NOOK_VM_PORTS", "off")
             .envs(
                 self.postgres
@@ -490,7 +553,7 @@ impl Daemon {
             .args([
                 "-p",
                 &self.ssh_port.to_string(),
-                &format!("{user}@127.0.0.1"),
+                &format!("{user}@{}", self.addr),
             ])
             .args(args)
             .stdin(Stdio::null())

@@ -1,0 +1,341 @@
+//! System test (root, real QEMU guests, a real PostgreSQL): three hosts of one fleet on this
+//! machine, each `nook serve` in a network namespace of its own with its own address and its
+//! own cgroup top (`--cgroup-top`), all on one PostgreSQL the test starts.
+//!
+//! It shows what the fleet does today: VMs on every host, listed with their host by every
+//! front door; a share revoked through one host refused by another's edge at the next
+//! request; PostgreSQL restarted under the hosts with nothing lost; and a host killed (daemon
+//! and QEMUs): its VMs show as `unavailable`, with the reason, on the other hosts, requests
+//! for them get a clean error, and the VMs come back with the host.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Daemon, Key, wait_until};
+use nook_store::testing::TempPostgres;
+use serde_json::Value;
+
+const VM_DOMAIN: &str = "nook-vm.localhost";
+const BRIDGE: &str = "nfleet0";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The hosts' network: a bridge on this machine (10.252.0.1) and, per host, a namespace whose
+/// `eth0` (10.252.0.1N) is a veth into it. Removed on drop. (No name starts with `nk`: nook's
+/// rules take such links for VM taps.)
+struct FleetNet {
+    hosts: usize,
+}
+
+impl FleetNet {
+    fn new(hosts: usize) -> FleetNet {
+        let net = FleetNet { hosts };
+        net.remove(); // What a crashed run left.
+        ip(&["link", "add", BRIDGE, "type", "bridge"]);
+        ip(&["addr", "add", "10.252.0.1/24", "dev", BRIDGE]);
+        ip(&["link", "set", BRIDGE, "up"]);
+        for i in 1..=hosts {
+            let ns = Self::ns(i);
+            let veth = format!("nfleetv{i}");
+            let addr = format!("{}/24", Self::addr(i));
+            ip(&["netns", "add", &ns]);
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            ip(&["link", "set", &veth, "master", BRIDGE, "up"]);
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "route", "add", "default", "via", "10.252.0.1"]);
+        }
+        net
+    }
+
+    fn ns(i: usize) -> String {
+        format!("nook-fleet-h{i}")
+    }
+
+    fn addr(i: usize) -> String {
+        format!("10.252.0.1{i}")
+    }
+
+    fn remove(&self) {
+        for i in 1..=self.hosts {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &Self::ns(i)])
+                .output();
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("nfleetv{i}")])
+                .output();
+        }
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+    }
+}
+
+impl Drop for FleetNet {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+fn ls(h: &Daemon, key: &Key) -> Vec<Value> {
+    serde_json::from_str(&h.lobby_ok(key, &["ls", "--json"])).expect("ls --json")
+}
+
+fn find<'a>(vms: &'a [Value], name: &str) -> &'a Value {
+    vms.iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {vms:?}"))
+}
+
+/// `curl https://VM.VM_DOMAIN/` through host `h`'s edge, trusting its CA: the status code.
+fn get_through(h: &Daemon, vm: &str) -> String {
+    let ca = PathBuf::from(h.ok(&["ca", "path"]).trim());
+    let host = format!("{vm}.{VM_DOMAIN}");
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "20", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg("--cacert")
+        .arg(&ca)
+        .args([
+            "--resolve",
+            &format!("{host}:{}:{}", h.https_port, h.addr),
+            &format!("https://{host}:{}/", h.https_port),
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
+    let _turn = common::host_turn();
+    let net = FleetNet::new(3);
+    let mut pg = TempPostgres::start();
+    let store = pg.url("nook");
+
+    let h1 = Daemon::start_fleet_host(&FleetNet::ns(1), &FleetNet::addr(1), "h1", &store, None);
+    let key = h1.data_dir.join("secrets.key");
+    wait_until("h1's secrets key", Duration::from_secs(30), || {
+        key.is_file()
+    });
+    let h2 = Daemon::start_fleet_host(
+        &FleetNet::ns(2),
+        &FleetNet::addr(2),
+        "h2",
+        &store,
+        Some(&key),
+    );
+    let mut h3 = Daemon::start_fleet_host(
+        &FleetNet::ns(3),
+        &FleetNet::addr(3),
+        "h3",
+        &store,
+        Some(&key),
+    );
+    let hosts = [&h1, &h2];
+
+    // One account, known to every host: it signs up through h1 and uses all three.
+    let alice = Key::new("alice");
+    h1.signup(&alice, "alice@example.com");
+    for (i, h) in [&h1, &h2, &h3].iter().enumerate() {
+        let name = format!("vm{}", i + 1);
+        h.lobby_ok(&alice, &["new", "--name", &name, "--image", "tiny"]);
+    }
+
+    // Every front door lists every VM, with the host it lives on; each is running there, and
+    // each host's cgroups are its own.
+    for h in [&h1, &h2, &h3] {
+        let vms = ls(h, &alice);
+        assert_eq!(vms.len(), 3, "{vms:?}");
+        for i in 1..=3 {
+            let vm = find(&vms, &format!("vm{i}"));
+            assert_eq!(vm["host"], format!("h{i}"), "{vm}");
+            assert_eq!(vm["state"], "running", "{vm}");
+        }
+    }
+    for i in 1..=3 {
+        let top = PathBuf::from(format!("/sys/fs/cgroup/nook-h{i}"));
+        let own = std::fs::read_dir(&top)
+            .map(|d| d.count())
+            .unwrap_or_default();
+        let v1 = PathBuf::from(format!("/sys/fs/cgroup/memory/nook-h{i}"));
+        assert!(
+            own > 0 || v1.is_dir(),
+            "h{i} has no cgroup top of its own ({} or {})",
+            top.display(),
+            v1.display()
+        );
+    }
+    let text = h2.lobby_ok(&alice, &["ls"]);
+    assert!(text.contains("running on h3"), "{text}");
+
+    // `host ls` on any host shows the three, up, each with its VM (after a heartbeat).
+    wait_until(
+        "every host's heartbeat to count its VM",
+        Duration::from_secs(20),
+        || {
+            let listed: Vec<Value> =
+                serde_json::from_str(&h1.ok(&["host", "ls", "--json"])).expect("host ls --json");
+            listed.len() == 3
+                && listed
+                    .iter()
+                    .all(|h| h["up"] == true && h["running_vms"] == 1)
+        },
+    );
+
+    // Into each VM through its own host, and a clean refusal through another.
+    for (i, h) in [&h1, &h2, &h3].iter().enumerate() {
+        let vm = format!("vm{}", i + 1);
+        let out = h.ssh(
+            &alice,
+            &vm,
+            &[
+                "sh",
+                "-c",
+                &format!("'echo kept-on-{vm} > ~/mark && sync && cat ~/mark'"),
+            ],
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("kept-on-{vm}")),
+            "ssh {vm}@h{}: {}",
+            i + 1,
+            stderr_of(&out)
+        );
+    }
+    let out = h1.ssh(&alice, "vm2", &["true"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("lives on host 'h2'"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // A share changed through one host is obeyed by another host's edge at the next request.
+    h2.exec(
+        "vm2",
+        "mkdir -p /www && echo hi > /www/index.html && httpd -p 80 -h /www",
+    );
+    assert_eq!(get_through(&h2, "vm2"), "401");
+    h1.lobby_ok(&alice, &["share", "set-public", "vm2"]);
+    assert_eq!(get_through(&h2, "vm2"), "200");
+    h3.lobby_ok(&alice, &["share", "set-private", "vm2"]);
+    assert_eq!(get_through(&h2, "vm2"), "401");
+
+    // PostgreSQL restarted under the hosts: requests fail cleanly meanwhile, the VMs run on,
+    // and afterwards every host serves again with nothing lost.
+    pg.kill();
+    let out = h1.ssh(&alice, "lobby", &["ls"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("cannot reach its database"),
+        "{}",
+        stderr_of(&out)
+    );
+    pg.start_again();
+    for h in [&h1, &h2, &h3] {
+        wait_until(
+            "the host to use the database again",
+            Duration::from_secs(30),
+            || h.ssh(&alice, "lobby", &["ls"]).status.success(),
+        );
+        assert_eq!(ls(h, &alice).len(), 3);
+    }
+    let out = h1.ssh(&alice, "vm1", &["sh", "-c", "'cat ~/mark'"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept-on-vm1");
+
+    // h3 dies with its QEMUs. The others mark it down, show its VM as unavailable with the
+    // reason, and refuse to act on it with a clean error.
+    let h3_qemus = h3.qemu_pids();
+    assert_eq!(h3_qemus.len(), 1, "{h3_qemus:?}");
+    h3.kill9();
+    for pid in h3_qemus {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    for h in hosts {
+        wait_until(
+            "vm3 to show as unavailable",
+            Duration::from_secs(40),
+            || find(&ls(h, &alice), "vm3")["state"] == "unavailable",
+        );
+        let vm3 = find(&ls(h, &alice), "vm3").clone();
+        let why = vm3["state_reason"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("'h3' is down") && why.contains("it was running"),
+            "{vm3}"
+        );
+        assert_eq!(find(&ls(h, &alice), "vm1")["state"], "running");
+    }
+    let listed: Vec<Value> =
+        serde_json::from_str(&h1.ok(&["host", "ls", "--json"])).expect("host ls --json");
+    let h3_row = listed
+        .iter()
+        .find(|h| h["name"] == "h3")
+        .expect("h3 listed");
+    assert_eq!(h3_row["up"], false, "{h3_row}");
+    for args in [["start", "vm3"], ["stop", "vm3"]] {
+        let out = h1.ssh(&alice, "lobby", &args);
+        assert!(!out.status.success());
+        let err = stderr_of(&out);
+        assert!(
+            err.contains("vm3") && err.contains("unavailable") && err.contains("'h3' is down"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = h2.ssh(&alice, "vm3", &["true"]);
+    assert!(
+        stderr_of(&out).contains("'h3' is down"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // h3 comes back: its VM is its own again (stopped by the crash), and starts there.
+    h3.restart();
+    wait_until("h3 to be up again", Duration::from_secs(40), || {
+        find(&ls(&h1, &alice), "vm3")["state"] != "unavailable"
+    });
+    let vm3 = find(&ls(&h1, &alice), "vm3").clone();
+    assert_eq!(vm3["state"], "failed", "{vm3}");
+    h3.lobby_ok(&alice, &["start", "vm3"]);
+    let out = h3.ssh(&alice, "vm3", &["sh", "-c", "'cat ~/mark'"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept-on-vm3");
+
+    drop((h1, h2, h3));
+    drop(net);
+    for i in 1..=3 {
+        remove_cgroup_top(&format!("nook-h{i}"));
+    }
+}
+
+/// Removes a host's (empty) cgroup top from every hierarchy, deepest groups first.
+fn remove_cgroup_top(top: &str) {
+    fn rmdir_tree(dir: &std::path::Path) {
+        for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if sub.file_type().is_ok_and(|t| t.is_dir()) {
+                rmdir_tree(&sub.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    rmdir_tree(&PathBuf::from("/sys/fs/cgroup").join(top));
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        rmdir_tree(&hierarchy.path().join(top));
+    }
+}
