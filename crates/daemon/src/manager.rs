@@ -28,6 +28,7 @@ use crate::config::{AccelChoice, Config, NetChoice};
 use crate::errors;
 use crate::faults::{self, Fault};
 
+mod channel;
 mod clone;
 mod envelope;
 mod fleet;

@@ -108,6 +108,8 @@ impl<K: Eq + Hash, V: Clone> Memo<K, V> {
 struct VmFacts {
     id: String,
     name: String,
+    /// The fleet host it lives on ("" before hosts had names).
+    host: String,
     slot: u32,
     running: bool,
     http_port: Option<u16>,
@@ -158,6 +160,7 @@ impl WebBackend {
                 slot: vm.slot,
                 id: vm.id,
                 name: vm.name,
+                host: vm.host,
                 http_port: web.http_port,
                 public: web.public,
             }))
@@ -243,9 +246,12 @@ impl EdgeBackend for WebBackend {
             return Ok(None);
         };
         let upstream = IpAddr::V4(link.guest_ip);
+        // Another host runs it: reached through the host channel. (Its default port is not
+        // probed from here.)
+        let via = self.manager.via(&vm.id, &vm.host);
         let default_port = match vm.http_port {
             Some(p) => p,
-            None if vm.running => self.probed_port(&vm.id, upstream).await,
+            None if vm.running && via.is_none() => self.probed_port(&vm.id, upstream).await,
             None => 80,
         };
         Ok(Some(VmTarget {
@@ -254,6 +260,7 @@ impl EdgeBackend for WebBackend {
             upstream,
             default_port,
             public: vm.public,
+            via,
         }))
     }
 

@@ -49,6 +49,7 @@ impl EdgeBackend for BenchBackend {
             upstream: IpAddr::V4(Ipv4Addr::LOCALHOST),
             default_port: self.upstream_port,
             public: true,
+            via: None,
         }))
     }
     async fn access(&self, _: &str, _: &str) -> BackendResult<Access> {

@@ -4,6 +4,8 @@
 
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::error::BackendError;
 
@@ -29,7 +31,41 @@ pub struct VmTarget {
     pub default_port: u16,
     /// Anyone may open the default port, signed in or not.
     pub public: bool,
+    /// For a VM another host runs: how to reach it (the host channel). `None`: it runs here,
+    /// at `upstream`.
+    pub via: Option<Via>,
 }
+
+/// A byte stream to a VM, however it is reached.
+pub trait UpstreamIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> UpstreamIo for T {}
+
+/// A dialled connection to a port of a VM on another host.
+pub type Dialed = Pin<Box<dyn Future<Output = std::io::Result<Box<dyn UpstreamIo>>> + Send>>;
+
+/// How the edge reaches one VM that another host runs.
+pub trait Dial: Send + Sync {
+    /// A connection to `port` of the VM.
+    fn dial(&self, port: u16) -> Dialed;
+}
+
+/// A VM's way in through another host (see [`VmTarget::via`]).
+#[derive(Clone)]
+pub struct Via(pub Arc<dyn Dial>);
+
+impl std::fmt::Debug for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Via(..)")
+    }
+}
+
+impl PartialEq for Via {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Via {}
 
 /// A viewer's role on one VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -32,7 +32,10 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-pub use backend::{Access, AppBody, AppRequest, BackendResult, EdgeBackend, User, VmTarget};
+pub use backend::{
+    Access, AppBody, AppRequest, BackendResult, Dial, Dialed, EdgeBackend, UpstreamIo, User, Via,
+    VmTarget,
+};
 pub use ca::LocalCa;
 pub use error::{BackendError, EdgeError};
 pub use host::{ListenerRole, VM_PORTS};

@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use crate::auth;
-use crate::backend::User;
+use crate::backend::{UpstreamIo, User, Via};
 use crate::body::EdgeBody;
 use crate::error::UpstreamError;
 
@@ -297,14 +297,21 @@ impl Upstream {
     async fn connect(
         &self,
         target: SocketAddr,
+        via: Option<&Via>,
     ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-        let tcp = match tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(target),
-        )
-        .await
-        {
-            Ok(Ok(tcp)) => tcp,
+        let dial = async {
+            match via {
+                // Another host runs the VM: through the host channel.
+                Some(via) => via.0.dial(target.port()).await,
+                None => {
+                    let tcp = tokio::net::TcpStream::connect(target).await?;
+                    let _ = tcp.set_nodelay(true);
+                    Ok(Box::new(tcp) as Box<dyn UpstreamIo>)
+                }
+            }
+        };
+        let io = match tokio::time::timeout(self.connect_timeout, dial).await {
+            Ok(Ok(io)) => io,
             Ok(Err(e)) => return Err(UpstreamError::Unreachable(e.into())),
             Err(_) => {
                 return Err(UpstreamError::Unreachable(
@@ -312,9 +319,8 @@ impl Upstream {
                 ));
             }
         };
-        let _ = tcp.set_nodelay(true);
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Unreachable(e.into()))?;
         tokio::spawn(async move {
@@ -330,13 +336,15 @@ impl Upstream {
     async fn send(
         &self,
         target: SocketAddr,
+        via: Option<&Via>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // (A VM's address is unique in the fleet, so it keys the pool however it is reached.)
         let key = (self.id, target);
         loop {
             let (mut sender, pooled) = match checkout(key) {
                 Some(s) => (s, true),
-                None => (self.connect(target).await?, false),
+                None => (self.connect(target, via).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -357,6 +365,7 @@ impl Upstream {
         &self,
         mut req: Request<Incoming>,
         target: SocketAddr,
+        via: Option<&Via>,
         fwd: Forward<'_>,
     ) -> Result<Response<EdgeBody>, UpstreamError> {
         let websocket_connect = is_websocket_connect(&req);
@@ -407,15 +416,13 @@ impl Upstream {
         parts.version = Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body);
 
-        let mut resp = match tokio::time::timeout(
-            self.response_timeout,
-            self.send(target, upstream_req),
-        )
-        .await
-        {
-            Err(_) => return Err(UpstreamError::Timeout),
-            Ok(result) => result?,
-        };
+        let mut resp =
+            match tokio::time::timeout(self.response_timeout, self.send(target, via, upstream_req))
+                .await
+            {
+                Err(_) => return Err(UpstreamError::Timeout),
+                Ok(result) => result?,
+            };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {

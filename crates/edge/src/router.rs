@@ -734,7 +734,11 @@ impl<B: EdgeBackend> Inner<B> {
             recheck,
         };
         let vm_port = target.port();
-        match self.upstream.forward(req, target, fwd).await {
+        match self
+            .upstream
+            .forward(req, target, vm.via.as_ref(), fwd)
+            .await
+        {
             Ok(resp) => Ok(resp),
             Err(UpstreamError::Timeout) => Err(Failure::Page(Page::VmTimeout {
                 name: vm.name,

@@ -470,6 +470,7 @@ async fn attack_renamed_vm_name_harvests_tokens() {
                 upstream: VM_IP,
                 default_port: up,
                 public: true,
+                via: None,
             },
         );
         st.access

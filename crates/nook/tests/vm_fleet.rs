@@ -98,12 +98,13 @@ fn find<'a>(vms: &'a [Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {name} in {vms:?}"))
 }
 
-/// `curl https://VM.VM_DOMAIN/` through host `h`'s edge, trusting its CA: the status code.
-fn get_through(h: &Daemon, vm: &str) -> String {
+/// `curl https://VM.VM_DOMAIN/` through host `h`'s edge, trusting its CA: the status code
+/// and the body.
+fn get_through(h: &Daemon, vm: &str) -> (String, String) {
     let ca = PathBuf::from(h.ok(&["ca", "path"]).trim());
     let host = format!("{vm}.{VM_DOMAIN}");
     let out = Command::new("curl")
-        .args(["-sS", "-m", "20", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-sS", "-m", "20", "-w", "\n%{http_code}"])
         .arg("--cacert")
         .arg(&ca)
         .args([
@@ -113,7 +114,9 @@ fn get_through(h: &Daemon, vm: &str) -> String {
         ])
         .output()
         .expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.trim().to_string())
 }
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -224,16 +227,35 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         stderr_of(&out)
     );
 
-    // A share changed through one host is obeyed by another host's edge at the next request.
-    h2.exec(
-        "vm2",
-        "mkdir -p /www && echo hi > /www/index.html && httpd -p 80 -h /www",
-    );
-    assert_eq!(get_through(&h2, "vm2"), "401");
-    h1.lobby_ok(&alice, &["share", "set-public", "vm2"]);
-    assert_eq!(get_through(&h2, "vm2"), "200");
+    // HTTPS to every VM through every front door: a VM another host runs is reached through
+    // the host channel (mutual TLS). A share changed through one host is obeyed by every
+    // host's edge at the next request.
+    for (i, h) in [&h1, &h2, &h3].iter().enumerate() {
+        let vm = format!("vm{}", i + 1);
+        h.exec(
+            &vm,
+            &format!(
+                "mkdir -p /www && echo hello-from-{vm} > /www/index.html && httpd -p 80 -h /www"
+            ),
+        );
+        assert_eq!(get_through(&h2, &vm).0, "401", "{vm} before it is shared");
+        h1.lobby_ok(&alice, &["share", "set-public", &vm]);
+    }
+    for h in [&h1, &h2, &h3] {
+        for i in 1..=3 {
+            let vm = format!("vm{i}");
+            assert_eq!(
+                get_through(h, &vm),
+                ("200".to_string(), format!("hello-from-{vm}")),
+                "{vm} through {}",
+                h.addr
+            );
+        }
+    }
     h3.lobby_ok(&alice, &["share", "set-private", "vm2"]);
-    assert_eq!(get_through(&h2, "vm2"), "401");
+    for h in [&h1, &h2, &h3] {
+        assert_eq!(get_through(h, "vm2").0, "401", "through {}", h.addr);
+    }
 
     // PostgreSQL restarted under the hosts: requests fail cleanly meanwhile, the VMs run on,
     // and afterwards every host serves again with nothing lost.

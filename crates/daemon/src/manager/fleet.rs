@@ -47,6 +47,10 @@ pub(crate) struct Fleet {
     /// Other hosts that missed their heartbeats, as of the last renewal round: how long
     /// since each last beat, and when that was learnt.
     down: std::sync::Mutex<HashMap<String, (Duration, Instant)>>,
+    /// Where each host of the fleet takes channel connections, as of the last round.
+    addrs: std::sync::Mutex<HashMap<String, String>>,
+    /// This host's certificate for the host channel, once it listens.
+    pub(super) channel: std::sync::OnceLock<nook_channel::HostIdentity>,
 }
 
 impl Fleet {
@@ -59,7 +63,18 @@ impl Fleet {
             held: Default::default(),
             fenced: Default::default(),
             down: Default::default(),
+            addrs: Default::default(),
+            channel: Default::default(),
         }
+    }
+
+    /// Where `host` takes channel connections.
+    pub(super) fn addr_of(&self, host: &str) -> Option<String> {
+        self.addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .map(|a| nook_channel::with_port(a))
     }
 
     /// Takes in the fleet's hosts as the store lists them.
@@ -74,6 +89,10 @@ impl Fleet {
             })
             .collect();
         *self.down.lock().unwrap_or_else(|p| p.into_inner()) = down;
+        *self.addrs.lock().unwrap_or_else(|p| p.into_inner()) = hosts
+            .iter()
+            .map(|h| (h.host.name.clone(), h.host.addr.clone()))
+            .collect();
     }
 
     pub(crate) fn is_fenced(&self, vm_id: &str) -> bool {
@@ -234,6 +253,8 @@ impl Manager {
             }
             Err(e) => return Err(errors::from_store("register this host", e)),
         }
+        let identity = self.start_channel().await?;
+        let _ = fleet.channel.set(identity);
         self.look_at_hosts(fleet).await;
         let this = self.clone();
         tokio::spawn(async move {

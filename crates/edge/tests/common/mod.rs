@@ -63,6 +63,7 @@ impl MemBackend {
                 upstream: VM_IP,
                 default_port: port,
                 public,
+                via: None,
             },
         );
     }

@@ -1,0 +1,393 @@
+//! The host channel: how the hosts of a fleet reach each other's VMs.
+//!
+//! Every connection is TLS with a certificate on both ends, issued by the fleet's CA
+//! ([`FleetCa`]): a host accepts only hosts of its fleet and dials only them, checking the
+//! name it meant to reach. The daemon keeps the CA in the shared store, sealed with the
+//! fleet's secrets key, and issues itself a certificate for its host name at each start.
+//!
+//! One connection carries one request ([`Request`], a JSON line of at most
+//! [`MAX_REQUEST`] bytes), one answer ([`Reply`], a JSON line), and then, for `Connect`, the
+//! bytes of a TCP connection the answering host opened to one of its VMs. So the edge of any
+//! host proxies to a VM on another host just as it does to its own, once it has dialled.
+//!
+//! The channel only carries; deciding who may reach a VM stays with the front door that
+//! authenticated the user.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The longest request line a host reads from a peer.
+pub const MAX_REQUEST: usize = 4096;
+/// How long a peer has to finish the handshake and send its request, and a dialled host to
+/// answer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections a host serves at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// The channel's port when `--host-addr` names none.
+pub const DEFAULT_PORT: u16 = 2280;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("the fleet CA is not valid PEM: {0}")]
+    Pem(String),
+    #[error("{0:?} is not a host name a certificate can carry")]
+    BadName(String),
+    #[error("cannot reach host {host} at {addr}: {source}")]
+    Unreachable {
+        host: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("host {host} did not answer in time")]
+    Timeout { host: String },
+    #[error("host {host} refused: {why}")]
+    Refused { host: String, why: String },
+    #[error("host {host} answered with something that is not the channel's: {why}")]
+    Protocol { host: String, why: String },
+}
+
+/// The fleet's certificate authority: a key and a self-signed certificate.
+pub struct FleetCa {
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for FleetCa {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetCa").finish_non_exhaustive()
+    }
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "nook");
+    dn.push(DnType::CommonName, "nook fleet CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
+    params
+}
+
+impl FleetCa {
+    /// A new CA, for the first host of a fleet.
+    pub fn generate() -> Result<FleetCa, ChannelError> {
+        let key = KeyPair::generate()?;
+        let cert = ca_params().self_signed(&key)?;
+        Ok(FleetCa {
+            cert_pem: cert.pem(),
+            key,
+        })
+    }
+
+    /// The CA as the store keeps it: its certificate, then its key, PEM.
+    pub fn to_pem(&self) -> String {
+        format!("{}{}", self.cert_pem, self.key.serialize_pem())
+    }
+
+    /// The CA from [`FleetCa::to_pem`]'s text.
+    pub fn from_pem(pem: &str) -> Result<FleetCa, ChannelError> {
+        let split = pem
+            .find("-----BEGIN PRIVATE KEY-----")
+            .ok_or_else(|| ChannelError::Pem("no private key".into()))?;
+        let (cert_pem, key_pem) = pem.split_at(split);
+        CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| ChannelError::Pem(e.to_string()))?;
+        Ok(FleetCa {
+            cert_pem: cert_pem.to_string(),
+            key: KeyPair::from_pem(key_pem)?,
+        })
+    }
+
+    /// A certificate for host `name`, good for both ends of the channel.
+    pub fn issue(&self, name: &str) -> Result<HostIdentity, ChannelError> {
+        let key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        leaf.distinguished_name = dn;
+        leaf.subject_alt_names = vec![SanType::DnsName(
+            name.to_string()
+                .try_into()
+                .map_err(|_| ChannelError::BadName(name.to_string()))?,
+        )];
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        leaf.use_authority_key_identifier_extension = true;
+        leaf.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        leaf.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+        let issuer = Issuer::new(ca_params(), &self.key);
+        let cert = leaf.signed_by(&key, &issuer)?;
+        let ca = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| ChannelError::Pem(e.to_string()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca)?;
+        let roots = Arc::new(roots);
+        let chain = vec![cert.der().clone()];
+        let private = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| ChannelError::Pem(e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| ChannelError::Pem(e.to_string()))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), private.clone_key())?;
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, private)?;
+        Ok(HostIdentity {
+            name: name.to_string(),
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+}
+
+/// A host's side of the channel: its certificate, and the fleet's CA to check peers by.
+#[derive(Clone)]
+pub struct HostIdentity {
+    name: String,
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for HostIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostIdentity")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one host asks of another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// A TCP connection to `port` of the VM `vm_id`, which runs on the answering host.
+    Connect { vm_id: String, port: u16 },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    /// Done: from here on the connection carries the VM's bytes.
+    Ok,
+    /// Not done, and why, in words for the user.
+    Refused { why: String },
+}
+
+/// What a host does for its peers.
+pub trait Handler: Send + Sync + 'static {
+    /// Opens a connection to `port` of a VM running here, or says why not.
+    fn connect(
+        &self,
+        vm_id: &str,
+        port: u16,
+    ) -> impl Future<Output = Result<TcpStream, String>> + Send;
+}
+
+/// A connection to a VM through another host.
+pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// `ADDR` with the channel's default port added when it names none.
+pub fn with_port(addr: &str) -> String {
+    let has_port = match addr.rsplit_once(':') {
+        Some((host, port)) => port.parse::<u16>().is_ok() && !host.ends_with(':'),
+        None => false,
+    };
+    if has_port || addr.starts_with('[') && addr.contains("]:") {
+        addr.to_string()
+    } else {
+        format!("{addr}:{DEFAULT_PORT}")
+    }
+}
+
+/// Serves peers on `listener` for the daemon's life.
+pub async fn serve<H: Handler>(listener: TcpListener, identity: HostIdentity, handler: Arc<H>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server.clone());
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(%err, "host channel: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(why) = serve_one(tcp, peer, acceptor, &*handler).await {
+                tracing::debug!(%peer, why, "host channel: connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_one<H: Handler>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handler: &H,
+) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    // The handshake and the request line share one limit: a peer that trickles bytes holds a
+    // connection slot for 10 s at most.
+    let (mut tls, request) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let request = read_line(&mut tls).await?;
+        Ok::<_, String>((tls, request))
+    })
+    .await
+    .map_err(|_| "no request in time".to_string())??;
+    let request: Request =
+        serde_json::from_slice(&request).map_err(|e| format!("bad request: {e}"))?;
+    match request {
+        Request::Connect { vm_id, port } => match handler.connect(&vm_id, port).await {
+            Ok(mut vm) => {
+                let _ = vm.set_nodelay(true);
+                write_reply(&mut tls, &Reply::Ok).await?;
+                tracing::debug!(%peer, vm = %vm_id, port, "host channel: connected a peer to a VM");
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut vm).await;
+                Ok(())
+            }
+            Err(why) => write_reply(&mut tls, &Reply::Refused { why }).await,
+        },
+    }
+}
+
+async fn write_reply<W: AsyncWriteExt + Unpin>(w: &mut W, reply: &Reply) -> Result<(), String> {
+    let mut line = serde_json::to_vec(reply).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    w.write_all(&line).await.map_err(|e| e.to_string())?;
+    w.flush().await.map_err(|e| e.to_string())
+}
+
+/// One line, without its newline, of at most [`MAX_REQUEST`] bytes. Reads byte by byte from a
+/// buffer that never runs past the line, so what follows stays in the stream.
+async fn read_line<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, String> {
+    let mut line = Vec::new();
+    let mut limited = BufReader::with_capacity(1, r.take(MAX_REQUEST as u64 + 1));
+    let n = limited
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| e.to_string())?;
+    if line.last() != Some(&b'\n') {
+        return Err(if n > MAX_REQUEST {
+            format!("a line over {MAX_REQUEST} bytes")
+        } else {
+            "the connection closed mid-line".to_string()
+        });
+    }
+    line.pop();
+    Ok(line)
+}
+
+/// Opens a connection to `port` of VM `vm_id` on `host`, reached at `addr` (HOST:PORT).
+pub async fn connect(
+    identity: &HostIdentity,
+    host: &str,
+    addr: &str,
+    vm_id: &str,
+    port: u16,
+) -> Result<Stream, ChannelError> {
+    let timeout = || ChannelError::Timeout {
+        host: host.to_string(),
+    };
+    let name =
+        ServerName::try_from(host.to_string()).map_err(|_| ChannelError::BadName(host.into()))?;
+    let connector = tokio_rustls::TlsConnector::from(identity.client.clone());
+    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ChannelError::Unreachable {
+                host: host.to_string(),
+                addr: addr.to_string(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        connector
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ChannelError::Unreachable {
+                host: host.to_string(),
+                addr: addr.to_string(),
+                source,
+            })
+    })
+    .await
+    .map_err(|_| timeout())??;
+    let mut line = serde_json::to_vec(&Request::Connect {
+        vm_id: vm_id.to_string(),
+        port,
+    })
+    .map_err(|e| ChannelError::Protocol {
+        host: host.to_string(),
+        why: e.to_string(),
+    })?;
+    line.push(b'\n');
+    let protocol = |why: String| ChannelError::Protocol {
+        host: host.to_string(),
+        why,
+    };
+    let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        tls.write_all(&line)
+            .await
+            .map_err(|e| protocol(e.to_string()))?;
+        tls.flush().await.map_err(|e| protocol(e.to_string()))?;
+        read_line(&mut tls).await.map_err(protocol)
+    })
+    .await
+    .map_err(|_| timeout())??;
+    match serde_json::from_slice::<Reply>(&reply).map_err(|e| protocol(e.to_string()))? {
+        Reply::Ok => Ok(tls),
+        Reply::Refused { why } => Err(ChannelError::Refused {
+            host: host.to_string(),
+            why,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,156 @@
+use super::*;
+
+/// A handler whose only VM is an echo server on this machine, named "vm1".
+struct Echo {
+    addr: SocketAddr,
+}
+
+impl Handler for Echo {
+    async fn connect(&self, vm_id: &str, port: u16) -> Result<TcpStream, String> {
+        if vm_id != "vm1" {
+            return Err(format!("VM {vm_id} does not run here"));
+        }
+        assert_eq!(port, self.addr.port());
+        TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = conn.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Host "h2" serving on a fresh port; returns its channel address and the echo VM's port.
+async fn host_h2(ca: &FleetCa) -> (String, u16) {
+    let vm = echo_server().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let identity = ca.issue("h2").expect("issue");
+    tokio::spawn(serve(listener, identity, Arc::new(Echo { addr: vm })));
+    (addr, vm.port())
+}
+
+#[tokio::test]
+async fn a_host_reaches_a_vm_through_another_and_bytes_flow_both_ways() {
+    let ca = FleetCa::generate().expect("ca");
+    let (addr, port) = host_h2(&ca).await;
+    // The CA as the store keeps it works the same.
+    let ca = FleetCa::from_pem(&ca.to_pem()).expect("from pem");
+    let h1 = ca.issue("h1").expect("issue");
+    let mut stream = connect(&h1, "h2", &addr, "vm1", port)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"hello through h2\n")
+        .await
+        .expect("write");
+    let mut back = vec![0; 17];
+    stream.read_exact(&mut back).await.expect("read");
+    assert_eq!(back, b"hello through h2\n");
+
+    match connect(&h1, "h2", &addr, "vm9", port).await {
+        Err(ChannelError::Refused { host, why }) => {
+            assert_eq!(host, "h2");
+            assert!(why.contains("vm9"), "{why}");
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn only_hosts_of_the_fleet_get_in_and_only_the_named_host_is_trusted() {
+    let ca = FleetCa::generate().expect("ca");
+    let (addr, port) = host_h2(&ca).await;
+
+    // A certificate from another CA: the handshake fails, and nothing reaches the VM.
+    let stranger = FleetCa::generate().expect("ca").issue("h1").expect("issue");
+    assert!(matches!(
+        connect(&stranger, "h2", &addr, "vm1", port).await,
+        Err(ChannelError::Unreachable { .. } | ChannelError::Protocol { .. })
+    ));
+
+    // A fleet host dialling "h3" gets h2's certificate: refused.
+    let h1 = ca.issue("h1").expect("issue");
+    assert!(matches!(
+        connect(&h1, "h3", &addr, "vm1", port).await,
+        Err(ChannelError::Unreachable { .. })
+    ));
+
+    // No client certificate at all: TLS alone is not enough.
+    let roots = {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).expect("pem"))
+            .expect("root");
+        roots
+    };
+    let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(&addr).await.expect("tcp");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(anonymous));
+    let outcome = async {
+        let mut tls = connector
+            .connect(ServerName::try_from("h2").expect("name"), tcp)
+            .await?;
+        tls.write_all(b"{\"connect\":{\"vm_id\":\"vm1\",\"port\":1}}\n")
+            .await?;
+        let mut buf = [0u8; 1];
+        let n = tls.read(&mut buf).await?;
+        Ok::<usize, std::io::Error>(n)
+    }
+    .await;
+    assert!(
+        !matches!(outcome, Ok(n) if n > 0),
+        "an anonymous client got an answer"
+    );
+}
+
+#[tokio::test]
+async fn an_endless_request_line_is_cut_off() {
+    let ca = FleetCa::generate().expect("ca");
+    let (addr, _) = host_h2(&ca).await;
+    let h1 = ca.issue("h1").expect("issue");
+    let tcp = TcpStream::connect(&addr).await.expect("tcp");
+    let connector = tokio_rustls::TlsConnector::from(h1.client.clone());
+    let mut tls = connector
+        .connect(ServerName::try_from("h2").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    let junk = vec![b'x'; MAX_REQUEST * 4];
+    let _ = tls.write_all(&junk).await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the host kept reading an endless line");
+    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
+}
+
+#[test]
+fn addresses_get_the_default_port_only_when_they_name_none() {
+    assert_eq!(with_port("10.0.0.1"), format!("10.0.0.1:{DEFAULT_PORT}"));
+    assert_eq!(with_port("h1.example.com:9000"), "h1.example.com:9000");
+    assert_eq!(with_port("h1"), format!("h1:{DEFAULT_PORT}"));
+    assert_eq!(with_port("[::1]:9000"), "[::1]:9000");
+}
+
+#[test]
+fn a_ca_without_its_key_is_refused() {
+    let ca = FleetCa::generate().expect("ca");
+    assert!(FleetCa::from_pem(&ca.cert_pem).is_err());
+    assert!(FleetCa::from_pem("nonsense").is_err());
+}

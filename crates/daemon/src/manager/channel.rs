@@ -1,0 +1,170 @@
+//! This host's end of the host channel (`nook-channel`): the fleet's CA, kept in the shared
+//! store sealed with the fleet's secrets key; this host's certificate, issued at each start;
+//! the listener other hosts reach this host's VMs through; and the way this host's front doors
+//! reach VMs other hosts run.
+
+use super::*;
+
+use nook_channel::{FleetCa, HostIdentity};
+
+/// The row the CA is sealed to (see `secrets.rs`).
+const CA_ROW: &str = "nook:fleet-ca";
+/// How long a peer's connection to a VM's port may take to open.
+const VM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Manager {
+    /// Loads the fleet's CA (the first host makes it), issues this host its certificate, and
+    /// listens for the other hosts at `--host-addr`.
+    pub(super) async fn start_channel(self: &Arc<Self>) -> Result<HostIdentity, ApiError> {
+        let made = FleetCa::generate()
+            .map_err(|e| errors::internal("make the fleet's CA", &e))?
+            .to_pem();
+        let stored = self
+            .store
+            .setting_or_insert("fleet_ca", &self.sealer.seal(CA_ROW, made.as_bytes()))
+            .await
+            .map_err(|e| errors::from_store("load the fleet's CA", e))?;
+        let pem = self
+            .sealer
+            .unseal(CA_ROW, &stored)
+            .and_then(|p| String::from_utf8(p).ok())
+            // check_key ran first, so a key that opens nothing here was already refused.
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::HostMisconfigured,
+                    "The fleet's CA in the store does not open with this host's secrets key: copy secrets.key from a host of the fleet",
+                )
+            })?;
+        let identity = FleetCa::from_pem(&pem)
+            .and_then(|ca| ca.issue(&self.cfg.host_name))
+            .map_err(|e| errors::internal("issue this host's certificate", &e))?;
+        let addr = listen_addr(&self.cfg.host_addr);
+        let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::HostMisconfigured,
+                format!("Cannot listen for the fleet's hosts on {addr} ({e}): check --host-addr"),
+            )
+        })?;
+        tracing::info!(%addr, "host channel listening (mutual TLS, the fleet's CA)");
+        tokio::spawn(nook_channel::serve(
+            listener,
+            identity.clone(),
+            Arc::new(Peers(self.clone())),
+        ));
+        Ok(identity)
+    }
+
+    /// How this host's front doors reach `vm` when another host runs it; `None` when it runs
+    /// here (or there is no fleet).
+    pub(crate) fn via(&self, vm_id: &str, vm_host: &str) -> Option<nook_edge::Via> {
+        let fleet = self.fleet.as_ref()?;
+        if vm_host.is_empty() || vm_host == self.cfg.host_name {
+            return None;
+        }
+        let route = match (self.host_down(vm_host), fleet.addr_of(vm_host)) {
+            (Some(down), _) => Err(down),
+            (None, None) => Err(format!("host '{vm_host}' is not known yet")),
+            (None, Some(addr)) => match fleet.channel.get() {
+                Some(identity) => Ok((identity.clone(), addr)),
+                None => Err("this host has not joined the channel yet".to_string()),
+            },
+        };
+        Some(nook_edge::Via(Arc::new(ThroughHost {
+            host: vm_host.to_string(),
+            vm_id: vm_id.to_string(),
+            route,
+        })))
+    }
+}
+
+/// Where the channel listens: the address other hosts are told, with the default port added.
+fn listen_addr(host_addr: &str) -> String {
+    let addr = nook_channel::with_port(host_addr);
+    // A name rather than an address: every interface, on its port.
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(_) => addr,
+        Err(_) => {
+            let port = addr
+                .rsplit_once(':')
+                .map_or(nook_channel::DEFAULT_PORT.to_string(), |(_, p)| {
+                    p.to_string()
+                });
+            format!("0.0.0.0:{port}")
+        }
+    }
+}
+
+/// One VM another host runs, as the edge dials it.
+struct ThroughHost {
+    host: String,
+    vm_id: String,
+    /// This host's identity and the other host's address, or why it cannot be reached.
+    route: Result<(HostIdentity, String), String>,
+}
+
+impl nook_edge::Dial for ThroughHost {
+    fn dial(&self, port: u16) -> nook_edge::Dialed {
+        let (host, vm_id, route) = (self.host.clone(), self.vm_id.clone(), self.route.clone());
+        Box::pin(async move {
+            let (identity, addr) = route.map_err(std::io::Error::other)?;
+            let stream = nook_channel::connect(&identity, &host, &addr, &vm_id, port)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(Box::new(stream) as Box<dyn nook_edge::UpstreamIo>)
+        })
+    }
+}
+
+/// What this host does for the other hosts: connects them to its running VMs.
+struct Peers(Arc<Manager>);
+
+impl nook_channel::Handler for Peers {
+    async fn connect(&self, vm_id: &str, port: u16) -> Result<tokio::net::TcpStream, String> {
+        let m = &self.0;
+        let vm = match m.store.get_by_id(vm_id).await {
+            Ok(vm) => vm,
+            Err(nook_store::StoreError::NotFound(_)) => return Err("no such VM".into()),
+            Err(_) => return Err("this host cannot reach its database right now".into()),
+        };
+        if m.ensure_here(&vm).is_err() {
+            return Err(format!(
+                "VM '{}' does not run on host '{}'",
+                vm.name, m.cfg.host_name
+            ));
+        }
+        let running = vm.state == VmState::Running
+            && m.live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&vm.id);
+        if !running {
+            return Err(format!("VM '{}' is not running", vm.name));
+        }
+        let link = VmLink::for_slot(vm.slot).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(
+            VM_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((link.guest_ip, port)),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => Ok(tcp),
+            Ok(Err(e)) => Err(format!("VM '{}' port {port}: {e}", vm.name)),
+            Err(_) => Err(format!("VM '{}' port {port}: no answer", vm.name)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_channel_listens_where_other_hosts_are_told_to_go() {
+        let port = nook_channel::DEFAULT_PORT;
+        assert_eq!(super::listen_addr("10.0.0.5"), format!("10.0.0.5:{port}"));
+        assert_eq!(super::listen_addr("10.0.0.5:9000"), "10.0.0.5:9000");
+        assert_eq!(
+            super::listen_addr("h1.example.com"),
+            format!("0.0.0.0:{port}")
+        );
+        assert_eq!(super::listen_addr("h1.example.com:9000"), "0.0.0.0:9000");
+    }
+}
