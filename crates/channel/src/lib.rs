@@ -6,9 +6,12 @@
 //! fleet's secrets key, and issues itself a certificate for its host name at each start.
 //!
 //! One connection carries one request ([`Request`], a JSON line of at most
-//! [`MAX_REQUEST`] bytes), one answer ([`Reply`], a JSON line), and then, for `Connect`, the
-//! bytes of a TCP connection the answering host opened to one of its VMs. So the edge of any
-//! host proxies to a VM on another host just as it does to its own, once it has dialled.
+//! [`MAX_REQUEST`] bytes), one answer ([`Reply`], a JSON line), and then:
+//! - for `Connect`, the bytes of a TCP connection the answering host opened to one of its
+//!   VMs, so the edge of any host proxies to a VM on another host just as to its own;
+//! - for `Shell`, a process the answering host started in one of its VMs through the guest
+//!   agent: [`ShellIn`] lines one way and [`ShellOut`] lines the other (at most
+//!   [`MAX_FRAME`] bytes each), so the SSH front door of any host opens shells anywhere.
 //!
 //! The channel only carries; deciding who may reach a VM stays with the front door that
 //! authenticated the user.
@@ -37,6 +40,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 4096;
 /// The channel's port when `--host-addr` names none.
 pub const DEFAULT_PORT: u16 = 2280;
+/// The most bytes one [`ShellIn::Data`] or [`ShellOut`] frame may carry; senders split.
+pub const CHUNK: usize = 64 << 10;
+/// The longest shell frame line: a [`CHUNK`] in base64, and room to spare. A longer line
+/// ends the session.
+pub const MAX_FRAME: usize = 128 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -197,6 +205,61 @@ impl std::fmt::Debug for HostIdentity {
 pub enum Request {
     /// A TCP connection to `port` of the VM `vm_id`, which runs on the answering host.
     Connect { vm_id: String, port: u16 },
+    /// A shell or command in the VM `vm_id`, as its SSH front door would start it there.
+    Shell { vm_id: String, shell: ShellRequest },
+}
+
+/// What to start for [`Request::Shell`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellRequest {
+    /// `None`: the login shell; otherwise `SHELL -c COMMAND`.
+    pub command: Option<String>,
+    pub env: Vec<(String, String)>,
+    pub pty: Option<ShellPty>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellPty {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+}
+
+/// From the host with the user to the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ShellIn {
+    /// At most [`CHUNK`] bytes.
+    Data(#[serde(with = "nook_proto::b64")] Vec<u8>),
+    Eof,
+    Resize {
+        cols: u32,
+        rows: u32,
+    },
+    Signal(i32),
+    Hangup,
+}
+
+/// From the process to the host with the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ShellOut {
+    /// At most [`CHUNK`] bytes, as is `Stderr`.
+    Stdout(#[serde(with = "nook_proto::b64")] Vec<u8>),
+    Stderr(#[serde(with = "nook_proto::b64")] Vec<u8>),
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+/// A process started for a peer: what goes in, what comes out. Both channels are bounded,
+/// so a slow end slows the other instead of growing a buffer.
+pub struct ShellSession {
+    pub input: tokio::sync::mpsc::Sender<ShellIn>,
+    pub output: tokio::sync::mpsc::Receiver<ShellOut>,
 }
 
 /// The answer to a [`Request`].
@@ -217,6 +280,13 @@ pub trait Handler: Send + Sync + 'static {
         vm_id: &str,
         port: u16,
     ) -> impl Future<Output = Result<TcpStream, String>> + Send;
+
+    /// Starts a shell or command in a VM running here, or says why not.
+    fn shell(
+        &self,
+        vm_id: &str,
+        shell: ShellRequest,
+    ) -> impl Future<Output = Result<ShellSession, String>> + Send;
 }
 
 /// A connection to a VM through another host.
@@ -294,7 +364,87 @@ async fn serve_one<H: Handler>(
             }
             Err(why) => write_reply(&mut tls, &Reply::Refused { why }).await,
         },
+        Request::Shell { vm_id, shell } => match handler.shell(&vm_id, shell).await {
+            Ok(session) => {
+                write_reply(&mut tls, &Reply::Ok).await?;
+                tracing::debug!(%peer, vm = %vm_id, "host channel: a shell for a peer");
+                pump(tls, session.output, session.input).await;
+                Ok(())
+            }
+            Err(why) => write_reply(&mut tls, &Reply::Refused { why }).await,
+        },
     }
+}
+
+/// Carries frames both ways until either side ends: lines from `stream` go to `to_local`,
+/// and what `from_local` yields goes out as lines.
+async fn pump<S, Out, In>(
+    stream: S,
+    mut from_local: tokio::sync::mpsc::Receiver<Out>,
+    to_local: tokio::sync::mpsc::Sender<In>,
+) where
+    S: AsyncRead + tokio::io::AsyncWrite + Send + Unpin,
+    Out: Serialize,
+    In: serde::de::DeserializeOwned,
+{
+    let (read, mut write) = tokio::io::split(stream);
+    let inbound = async move {
+        let mut lines = BufReader::new(read);
+        loop {
+            match read_frame::<_, In>(&mut lines).await {
+                Ok(Some(frame)) => {
+                    if to_local.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(why) => {
+                    tracing::debug!(why, "host channel: bad frame");
+                    return;
+                }
+            }
+        }
+    };
+    let outbound = async move {
+        while let Some(frame) = from_local.recv().await {
+            let Ok(mut line) = serde_json::to_vec(&frame) else {
+                return;
+            };
+            line.push(b'\n');
+            if write.write_all(&line).await.is_err() || write.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = write.shutdown().await;
+    };
+    // Either end finishing ends the session: the other side then sees its channel close.
+    tokio::select! {
+        () = inbound => {}
+        () = outbound => {}
+    }
+}
+
+/// The next frame line, `None` at a clean end; at most [`MAX_FRAME`] bytes.
+async fn read_frame<R, T>(r: &mut BufReader<R>) -> Result<Option<T>, String>
+where
+    R: AsyncRead + Unpin,
+    T: serde::de::DeserializeOwned,
+{
+    let mut line = Vec::new();
+    let n = (&mut *r)
+        .take(MAX_FRAME as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.pop() != Some(b'\n') {
+        return Err(format!("a frame over {MAX_FRAME} bytes, or cut short"));
+    }
+    serde_json::from_slice(&line)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 async fn write_reply<W: AsyncWriteExt + Unpin>(w: &mut W, reply: &Reply) -> Result<(), String> {
@@ -332,6 +482,43 @@ pub async fn connect(
     vm_id: &str,
     port: u16,
 ) -> Result<Stream, ChannelError> {
+    let request = Request::Connect {
+        vm_id: vm_id.to_string(),
+        port,
+    };
+    open(identity, host, addr, &request).await
+}
+
+/// Starts a shell in VM `vm_id` on `host`, reached at `addr`; the session ends when either
+/// side drops its end.
+pub async fn shell(
+    identity: &HostIdentity,
+    host: &str,
+    addr: &str,
+    vm_id: &str,
+    shell: ShellRequest,
+) -> Result<ShellSession, ChannelError> {
+    let request = Request::Shell {
+        vm_id: vm_id.to_string(),
+        shell,
+    };
+    let stream = open(identity, host, addr, &request).await?;
+    let (input, from_local) = tokio::sync::mpsc::channel(SHELL_QUEUE);
+    let (to_local, output) = tokio::sync::mpsc::channel(SHELL_QUEUE);
+    tokio::spawn(pump::<_, ShellIn, ShellOut>(stream, from_local, to_local));
+    Ok(ShellSession { input, output })
+}
+
+/// Frames queued between a shell's stream and its session, each way.
+const SHELL_QUEUE: usize = 16;
+
+/// Sends `request` to `host` and returns the stream once it said yes.
+async fn open(
+    identity: &HostIdentity,
+    host: &str,
+    addr: &str,
+    request: &Request,
+) -> Result<Stream, ChannelError> {
     let timeout = || ChannelError::Timeout {
         host: host.to_string(),
     };
@@ -358,11 +545,7 @@ pub async fn connect(
     })
     .await
     .map_err(|_| timeout())??;
-    let mut line = serde_json::to_vec(&Request::Connect {
-        vm_id: vm_id.to_string(),
-        port,
-    })
-    .map_err(|e| ChannelError::Protocol {
+    let mut line = serde_json::to_vec(request).map_err(|e| ChannelError::Protocol {
         host: host.to_string(),
         why: e.to_string(),
     })?;

@@ -15,6 +15,37 @@ impl Handler for Echo {
             .await
             .map_err(|e| e.to_string())
     }
+
+    /// A "process" that upper-cases its input and exits 7 at end of input.
+    async fn shell(&self, vm_id: &str, shell: ShellRequest) -> Result<ShellSession, String> {
+        if vm_id != "vm1" {
+            return Err(format!("VM {vm_id} does not run here"));
+        }
+        let (input, mut input_rx) = tokio::sync::mpsc::channel(4);
+        let (output_tx, output) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let banner = format!("{:?} {:?}\n", shell.command, shell.pty.map(|p| p.cols));
+            let _ = output_tx.send(ShellOut::Stderr(banner.into_bytes())).await;
+            while let Some(msg) = input_rx.recv().await {
+                match msg {
+                    ShellIn::Data(data) => {
+                        let _ = output_tx
+                            .send(ShellOut::Stdout(data.to_ascii_uppercase()))
+                            .await;
+                    }
+                    ShellIn::Eof => break,
+                    _ => {}
+                }
+            }
+            let _ = output_tx
+                .send(ShellOut::Exit {
+                    code: Some(7),
+                    signal: None,
+                })
+                .await;
+        });
+        Ok(ShellSession { input, output })
+    }
 }
 
 async fn echo_server() -> SocketAddr {
@@ -66,6 +97,60 @@ async fn a_host_reaches_a_vm_through_another_and_bytes_flow_both_ways() {
         }
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
+}
+
+#[tokio::test]
+async fn a_shell_on_another_host_takes_input_and_gives_output_and_its_exit() {
+    let ca = FleetCa::generate().expect("ca");
+    let (addr, _) = host_h2(&ca).await;
+    let h1 = ca.issue("h1").expect("issue");
+    let request = ShellRequest {
+        command: Some("tr a-z A-Z".into()),
+        env: vec![("LANG".into(), "C".into())],
+        pty: Some(ShellPty {
+            term: "xterm".into(),
+            cols: 120,
+            rows: 40,
+        }),
+    };
+    let mut session = shell(&h1, "h2", &addr, "vm1", request.clone())
+        .await
+        .expect("shell");
+    let big = vec![b'x'; 200 << 10];
+    session
+        .input
+        .send(ShellIn::Data(b"hi\n".to_vec()))
+        .await
+        .expect("send");
+    for chunk in big.chunks(CHUNK) {
+        session
+            .input
+            .send(ShellIn::Data(chunk.to_vec()))
+            .await
+            .expect("send");
+    }
+    session.input.send(ShellIn::Eof).await.expect("send");
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let exit = loop {
+        match session.output.recv().await.expect("output before exit") {
+            ShellOut::Stdout(d) => stdout.extend(d),
+            ShellOut::Stderr(d) => stderr.extend(d),
+            ShellOut::Exit { code, .. } => break code,
+        }
+    };
+    assert_eq!(exit, Some(7));
+    assert_eq!(
+        String::from_utf8_lossy(&stderr),
+        "Some(\"tr a-z A-Z\") Some(120)\n"
+    );
+    assert_eq!(&stdout[..3], b"HI\n");
+    assert_eq!(stdout.len(), 3 + big.len());
+
+    assert!(matches!(
+        shell(&h1, "h2", &addr, "vm9", request).await,
+        Err(ChannelError::Refused { .. })
+    ));
 }
 
 #[tokio::test]

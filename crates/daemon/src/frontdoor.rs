@@ -93,7 +93,7 @@ impl Backend for FrontDoor {
         }
         match vm_shell(&self.manager, &account, &caller.user).await {
             Ok((t, shell)) => Route::Vm(VmEndpoint {
-                shell: Some(Arc::new(shell)),
+                shell: Some(shell),
                 name: t.name,
                 sshd: t.sshd,
             }),
@@ -142,12 +142,13 @@ const SESSION_WINDOW: u32 = 1 << 20;
 const SESSION_QUEUE: usize = 16;
 
 /// Where `account` may open a shell in `vm`: its own VM, or one shared with it as a
-/// collaborator. Any other VM is `NotFound`, exactly like one that does not exist.
+/// collaborator. Any other VM is `NotFound`, exactly like one that does not exist. A VM
+/// another host of the fleet runs is reached through the host channel.
 pub(crate) async fn vm_shell(
     manager: &Arc<Manager>,
     account: &nook_store::Account,
     vm: &str,
-) -> Result<(crate::manager::SshTarget, AgentShell), nook_api::ApiError> {
+) -> Result<(crate::manager::SshTarget, Arc<dyn GuestShell>), nook_api::ApiError> {
     let store = manager.store();
     let collaborator = match store.get(vm).await {
         Ok(row) => {
@@ -162,13 +163,180 @@ pub(crate) async fn vm_shell(
     } else {
         Scope::Account(&account.id)
     };
+    let record = manager.record(vm, scope).await?;
+    if let Some(host) = manager.lives_elsewhere(&record)? {
+        if record.state != nook_api::VmState::Running {
+            return Err(nook_api::ApiError::new(
+                ErrorCode::NotRunning,
+                format!(
+                    "VM '{}' is {}: start it first",
+                    record.name,
+                    record.state.as_str()
+                ),
+            ));
+        }
+        // Through another host the guest agent serves every session (no relay to the
+        // guest's sshd): shells and commands, not port forwarding.
+        let target = crate::manager::SshTarget {
+            name: record.name,
+            sshd: None,
+        };
+        let shell = RemoteShell {
+            manager: manager.clone(),
+            host,
+            vm_id: record.id,
+        };
+        return Ok((target, Arc::new(shell)));
+    }
     let target = manager.ssh_target(vm, scope).await?;
     let shell = AgentShell {
         manager: manager.clone(),
         vm: target.name.clone(),
         account: (!collaborator).then(|| account.id.clone()),
     };
-    Ok((target, shell))
+    Ok((target, Arc::new(shell)))
+}
+
+/// `ssh VM@HOST` for a VM another host runs: that host starts the process through its agent
+/// (`shell_for_peer`), and the host channel carries the session.
+struct RemoteShell {
+    manager: Arc<Manager>,
+    host: String,
+    vm_id: String,
+}
+
+impl GuestShell for RemoteShell {
+    fn start(
+        &self,
+        cmd: GuestCommand,
+    ) -> Pin<Box<dyn Future<Output = Result<GuestSession, String>> + Send + '_>> {
+        Box::pin(async move {
+            let (identity, addr) = self
+                .manager
+                .channel_route(&self.host)
+                .map_err(|why| format!("nook: {why}"))?;
+            let request = nook_channel::ShellRequest {
+                command: cmd.command,
+                env: cmd.env,
+                pty: cmd.pty.map(|p| nook_channel::ShellPty {
+                    term: p.term,
+                    cols: p.cols,
+                    rows: p.rows,
+                }),
+            };
+            let mut remote =
+                nook_channel::shell(&identity, &self.host, &addr, &self.vm_id, request)
+                    .await
+                    .map_err(|e| format!("nook: {e}"))?;
+            let (input, mut from_client) = mpsc::channel(SESSION_QUEUE);
+            let (to_client, output) = mpsc::channel(SESSION_QUEUE);
+            let to_remote = remote.input;
+            tokio::spawn(async move {
+                while let Some(input) = from_client.recv().await {
+                    let frames = match input {
+                        GuestInput::Data(data) => data
+                            .chunks(nook_channel::CHUNK)
+                            .map(|c| nook_channel::ShellIn::Data(c.to_vec()))
+                            .collect(),
+                        GuestInput::Eof => vec![nook_channel::ShellIn::Eof],
+                        GuestInput::Resize { cols, rows } => {
+                            vec![nook_channel::ShellIn::Resize { cols, rows }]
+                        }
+                        GuestInput::Signal(n) => vec![nook_channel::ShellIn::Signal(n)],
+                        GuestInput::Hangup => vec![nook_channel::ShellIn::Hangup],
+                    };
+                    for frame in frames {
+                        if to_remote.send(frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = to_remote.send(nook_channel::ShellIn::Hangup).await;
+            });
+            tokio::spawn(async move {
+                while let Some(out) = remote.output.recv().await {
+                    let out = match out {
+                        nook_channel::ShellOut::Stdout(d) => GuestOutput::Stdout(d.into()),
+                        nook_channel::ShellOut::Stderr(d) => GuestOutput::Stderr(d.into()),
+                        nook_channel::ShellOut::Exit { code, signal } => {
+                            GuestOutput::Exit { code, signal }
+                        }
+                    };
+                    if to_client.send(out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(GuestSession { input, output })
+        })
+    }
+}
+
+/// Starts a session in `vm`, which runs here, for another host of the fleet whose front door
+/// let the user in (the channel proved it is one): the other end of a [`RemoteShell`].
+pub(crate) async fn shell_for_peer(
+    manager: &Arc<Manager>,
+    vm: &str,
+    request: nook_channel::ShellRequest,
+) -> Result<nook_channel::ShellSession, String> {
+    let shell = AgentShell {
+        manager: manager.clone(),
+        vm: vm.to_string(),
+        account: None,
+    };
+    let mut session = shell
+        .start(GuestCommand {
+            command: request.command,
+            env: request.env,
+            pty: request.pty.map(|p| nook_sshd::GuestPty {
+                term: p.term,
+                cols: p.cols,
+                rows: p.rows,
+            }),
+        })
+        .await?;
+    let (input, mut from_peer) = mpsc::channel(SESSION_QUEUE);
+    let (to_peer, output) = mpsc::channel(SESSION_QUEUE);
+    let to_process = session.input;
+    tokio::spawn(async move {
+        while let Some(frame) = from_peer.recv().await {
+            let input = match frame {
+                nook_channel::ShellIn::Data(d) => GuestInput::Data(d.into()),
+                nook_channel::ShellIn::Eof => GuestInput::Eof,
+                nook_channel::ShellIn::Resize { cols, rows } => GuestInput::Resize { cols, rows },
+                nook_channel::ShellIn::Signal(n) => GuestInput::Signal(n),
+                nook_channel::ShellIn::Hangup => GuestInput::Hangup,
+            };
+            if to_process.send(input).await.is_err() {
+                return;
+            }
+        }
+        // The peer went away: as when an SSH client does.
+        let _ = to_process.send(GuestInput::Hangup).await;
+    });
+    tokio::spawn(async move {
+        while let Some(out) = session.output.recv().await {
+            let frames = match out {
+                GuestOutput::Stdout(d) => d
+                    .chunks(nook_channel::CHUNK)
+                    .map(|c| nook_channel::ShellOut::Stdout(c.to_vec()))
+                    .collect(),
+                GuestOutput::Stderr(d) => d
+                    .chunks(nook_channel::CHUNK)
+                    .map(|c| nook_channel::ShellOut::Stderr(c.to_vec()))
+                    .collect(),
+                GuestOutput::Exit { code, signal } => {
+                    vec![nook_channel::ShellOut::Exit { code, signal }]
+                }
+            };
+            for frame in frames {
+                if to_peer.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(nook_channel::ShellSession { input, output })
 }
 
 /// `ssh VM@HOST [CMD]` through the guest agent: shells and commands need no sshd in the guest.

@@ -852,15 +852,7 @@ impl Manager {
         if vm.host.is_empty() || vm.host == self.cfg.host_name || !self.store.is_shared() {
             return Ok(());
         }
-        if let Some(down) = self.host_down(&vm.host) {
-            return Err(ApiError::new(
-                ErrorCode::HostDown,
-                format!(
-                    "VM '{}' is unavailable: {down}. Its disk is there, so it comes back when that host does",
-                    vm.name
-                ),
-            ));
-        }
+        self.lives_elsewhere(vm)?;
         Err(ApiError::new(
             ErrorCode::Busy,
             format!(

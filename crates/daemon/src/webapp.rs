@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use nook_api::lobby::CommandSet;
 use nook_api::{ApiError, ErrorCode};
-use nook_sshd::{GuestCommand, GuestInput, GuestOutput, GuestPty, GuestShell};
+use nook_sshd::{GuestCommand, GuestInput, GuestOutput, GuestPty};
 use nook_web::{
     BackendError, EXEC_OUTPUT_LIMIT, ExecEvent, ExecSink, Principal, Pty, PtyInput, PtyOutput,
 };

@@ -3,8 +3,8 @@
 //! own cgroup top (`--cgroup-top`), all on one PostgreSQL the test starts.
 //!
 //! It shows what the fleet does today: VMs on every host, listed with their host by every
-//! front door; a share revoked through one host refused by another's edge at the next
-//! request; PostgreSQL restarted under the hosts with nothing lost; and a host killed (daemon
+//! front door; SSH and HTTPS to every VM through every front door (the host channel); a
+//! share revoked through one host refused by every host's edge at the next request; PostgreSQL restarted under the hosts with nothing lost; and a host killed (daemon
 //! and QEMUs): its VMs show as `unavailable`, with the reason, on the other hosts, requests
 //! for them get a clean error, and the VMs come back with the host.
 
@@ -200,7 +200,8 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         },
     );
 
-    // Into each VM through its own host, and a clean refusal through another.
+    // Into every VM through every front door: a VM another host runs is reached through the
+    // host channel (mutual TLS), with its exit status, stdin and output intact.
     for (i, h) in [&h1, &h2, &h3].iter().enumerate() {
         let vm = format!("vm{}", i + 1);
         let out = h.ssh(
@@ -219,13 +220,36 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
             stderr_of(&out)
         );
     }
-    let out = h1.ssh(&alice, "vm2", &["true"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("lives on host 'h2'"),
-        "{}",
-        stderr_of(&out)
-    );
+    for (i, h) in [&h1, &h2, &h3].iter().enumerate() {
+        for j in 1..=3 {
+            let vm = format!("vm{j}");
+            let out = h.ssh(&alice, &vm, &["sh", "-c", "'cat ~/mark; exit 3'"]);
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                format!("kept-on-{vm}"),
+                "ssh {vm}@h{}: {}",
+                i + 1,
+                stderr_of(&out)
+            );
+            assert_eq!(out.status.code(), Some(3), "ssh {vm}@h{}", i + 1);
+        }
+    }
+    // Input crosses too: 1 MiB through h1 into vm3 on h3, counted there.
+    let mut piped = Command::new("ssh")
+        .args(h1.ssh_opts(&alice))
+        .args(["-p", &h1.ssh_port.to_string(), &format!("vm3@{}", h1.addr)])
+        .arg("wc -c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    {
+        use std::io::Write;
+        let mut stdin = piped.stdin.take().expect("stdin");
+        stdin.write_all(&vec![b'z'; 1 << 20]).expect("write");
+    }
+    let out = piped.wait_with_output().expect("ssh");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
 
     // HTTPS to every VM through every front door: a VM another host runs is reached through
     // the host channel (mutual TLS). A share changed through one host is obeyed by every

@@ -57,23 +57,47 @@ impl Manager {
     /// How this host's front doors reach `vm` when another host runs it; `None` when it runs
     /// here (or there is no fleet).
     pub(crate) fn via(&self, vm_id: &str, vm_host: &str) -> Option<nook_edge::Via> {
-        let fleet = self.fleet.as_ref()?;
+        self.fleet.as_ref()?;
         if vm_host.is_empty() || vm_host == self.cfg.host_name {
             return None;
         }
-        let route = match (self.host_down(vm_host), fleet.addr_of(vm_host)) {
-            (Some(down), _) => Err(down),
-            (None, None) => Err(format!("host '{vm_host}' is not known yet")),
-            (None, Some(addr)) => match fleet.channel.get() {
-                Some(identity) => Ok((identity.clone(), addr)),
-                None => Err("this host has not joined the channel yet".to_string()),
-            },
-        };
         Some(nook_edge::Via(Arc::new(ThroughHost {
             host: vm_host.to_string(),
             vm_id: vm_id.to_string(),
-            route,
+            route: self.channel_route(vm_host),
         })))
+    }
+
+    /// This host's channel identity and where `host` listens, or why it cannot be reached.
+    pub(crate) fn channel_route(&self, host: &str) -> Result<(HostIdentity, String), String> {
+        let Some(fleet) = &self.fleet else {
+            return Err("this host is not part of a fleet".into());
+        };
+        match (self.host_down(host), fleet.addr_of(host)) {
+            (Some(down), _) => Err(down),
+            (None, None) => Err(format!("host '{host}' is not known yet")),
+            (None, Some(addr)) => match fleet.channel.get() {
+                Some(identity) => Ok((identity.clone(), addr)),
+                None => Err("this host has not joined the host channel yet".to_string()),
+            },
+        }
+    }
+
+    /// The host `vm` lives on when that is not this one; refused while that host is down.
+    pub(crate) fn lives_elsewhere(&self, vm: &VmRecord) -> Result<Option<String>, ApiError> {
+        if self.fleet.is_none() || vm.host.is_empty() || vm.host == self.cfg.host_name {
+            return Ok(None);
+        }
+        if let Some(down) = self.host_down(&vm.host) {
+            return Err(ApiError::new(
+                ErrorCode::HostDown,
+                format!(
+                    "VM '{}' is unavailable: {down}. Its disk is there, so it comes back when that host does",
+                    vm.name
+                ),
+            ));
+        }
+        Ok(Some(vm.host.clone()))
     }
 }
 
@@ -121,17 +145,7 @@ struct Peers(Arc<Manager>);
 impl nook_channel::Handler for Peers {
     async fn connect(&self, vm_id: &str, port: u16) -> Result<tokio::net::TcpStream, String> {
         let m = &self.0;
-        let vm = match m.store.get_by_id(vm_id).await {
-            Ok(vm) => vm,
-            Err(nook_store::StoreError::NotFound(_)) => return Err("no such VM".into()),
-            Err(_) => return Err("this host cannot reach its database right now".into()),
-        };
-        if m.ensure_here(&vm).is_err() {
-            return Err(format!(
-                "VM '{}' does not run on host '{}'",
-                vm.name, m.cfg.host_name
-            ));
-        }
+        let vm = m.vm_for_peer(vm_id).await?;
         let running = vm.state == VmState::Running
             && m.live
                 .lock()
@@ -151,6 +165,33 @@ impl nook_channel::Handler for Peers {
             Ok(Err(e)) => Err(format!("VM '{}' port {port}: {e}", vm.name)),
             Err(_) => Err(format!("VM '{}' port {port}: no answer", vm.name)),
         }
+    }
+
+    async fn shell(
+        &self,
+        vm_id: &str,
+        shell: nook_channel::ShellRequest,
+    ) -> Result<nook_channel::ShellSession, String> {
+        let vm = self.0.vm_for_peer(vm_id).await?;
+        crate::frontdoor::shell_for_peer(&self.0, &vm.name, shell).await
+    }
+}
+
+impl Manager {
+    /// A VM a peer asks for: it must live here.
+    async fn vm_for_peer(&self, vm_id: &str) -> Result<VmRecord, String> {
+        let vm = match self.store.get_by_id(vm_id).await {
+            Ok(vm) => vm,
+            Err(nook_store::StoreError::NotFound(_)) => return Err("no such VM".into()),
+            Err(_) => return Err("this host cannot reach its database right now".into()),
+        };
+        if self.ensure_here(&vm).is_err() {
+            return Err(format!(
+                "VM '{}' does not live on host '{}'",
+                vm.name, self.cfg.host_name
+            ));
+        }
+        Ok(vm)
     }
 }
 
