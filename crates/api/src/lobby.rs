@@ -330,6 +330,9 @@ pub struct NewArgs {
     /// prints the chat's link
     #[arg(long, value_name = "TEXT|-")]
     pub prompt: Option<String>,
+    /// On a fleet: the host to put it on [default: the one with the most memory free]
+    #[arg(long, value_name = "HOST")]
+    pub on: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

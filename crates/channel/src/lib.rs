@@ -11,7 +11,9 @@
 //!   VMs, so the edge of any host proxies to a VM on another host just as to its own;
 //! - for `Shell`, a process the answering host started in one of its VMs through the guest
 //!   agent: [`ShellIn`] lines one way and [`ShellOut`] lines the other (at most
-//!   [`MAX_FRAME`] bytes each), so the SSH front door of any host opens shells anywhere.
+//!   [`MAX_FRAME`] bytes each), so the SSH front door of any host opens shells anywhere;
+//! - for `Lobby`, a lobby command about one of the answering host's VMs (or one placed
+//!   there), run for the user the asking host authenticated: [`LobbyOut`] lines back.
 //!
 //! The channel only carries; deciding who may reach a VM stays with the front door that
 //! authenticated the user.
@@ -31,8 +33,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The longest request line a host reads from a peer.
-pub const MAX_REQUEST: usize = 4096;
+/// The longest request line a host reads from a peer: a lobby command with a setup script
+/// on stdin (1 MiB) in base64, and room to spare. Only a peer that proved itself a host of
+/// the fleet gets to send one.
+pub const MAX_REQUEST: usize = 2 << 20;
 /// How long a peer has to finish the handshake and send its request, and a dialled host to
 /// answer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -207,6 +211,63 @@ pub enum Request {
     Connect { vm_id: String, port: u16 },
     /// A shell or command in the VM `vm_id`, as its SSH front door would start it there.
     Shell { vm_id: String, shell: ShellRequest },
+    /// A lobby command, run here for a caller the asking host authenticated and whose
+    /// limits it checked.
+    Lobby(LobbyRequest),
+}
+
+/// A lobby command passed on to the host that holds its VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LobbyRequest {
+    /// The caller's account (`None`: the host's admin, when `admin`).
+    pub account_id: Option<String>,
+    pub admin: bool,
+    pub key_openssh: String,
+    pub fingerprint: String,
+    pub peer: Option<std::net::IpAddr>,
+    /// Whether the caller's output is a terminal.
+    pub tty: bool,
+    pub argv: Vec<String>,
+    /// What the command reads from stdin, read by the asking host.
+    #[serde(default, with = "opt_b64")]
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// What a passed-on lobby command writes, in order, ending with `Exit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LobbyOut {
+    /// At most [`CHUNK`] bytes, as is `Err`.
+    Out(#[serde(with = "nook_proto::b64")] Vec<u8>),
+    Err(#[serde(with = "nook_proto::b64")] Vec<u8>),
+    /// A step of a long command.
+    Step {
+        step: String,
+        json: bool,
+    },
+    /// The command failed with this error (already written).
+    Failed {
+        error: serde_json::Value,
+    },
+    Exit(u32),
+}
+
+mod opt_b64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match data {
+            Some(d) => nook_proto::b64::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "nook_proto::b64")] Vec<u8>);
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+    }
 }
 
 /// What to start for [`Request::Shell`].
@@ -287,6 +348,14 @@ pub trait Handler: Send + Sync + 'static {
         vm_id: &str,
         shell: ShellRequest,
     ) -> impl Future<Output = Result<ShellSession, String>> + Send;
+
+    /// Runs a lobby command, writing what it prints to `out` (bounded: a slow peer slows the
+    /// command), ending with [`LobbyOut::Exit`].
+    fn lobby(
+        &self,
+        request: LobbyRequest,
+        out: tokio::sync::mpsc::Sender<LobbyOut>,
+    ) -> impl Future<Output = ()> + Send;
 }
 
 /// A connection to a VM through another host.
@@ -373,7 +442,35 @@ async fn serve_one<H: Handler>(
             }
             Err(why) => write_reply(&mut tls, &Reply::Refused { why }).await,
         },
+        Request::Lobby(request) => {
+            write_reply(&mut tls, &Reply::Ok).await?;
+            tracing::debug!(%peer, argv = ?request.argv.first(), "host channel: a lobby command for a peer");
+            let (out, output) = tokio::sync::mpsc::channel(SHELL_QUEUE);
+            // Nothing comes the other way; the peer closing ends the command's output.
+            let (ignored, _) = tokio::sync::mpsc::channel::<ShellIn>(1);
+            tokio::join!(handler.lobby(request, out), pump(tls, output, ignored));
+            Ok(())
+        }
     }
+}
+
+/// Runs a lobby command on `host`; what it prints arrives on the receiver, ending with
+/// [`LobbyOut::Exit`] (or the channel closing, if the host went away).
+pub async fn lobby(
+    identity: &HostIdentity,
+    host: &str,
+    addr: &str,
+    request: LobbyRequest,
+) -> Result<tokio::sync::mpsc::Receiver<LobbyOut>, ChannelError> {
+    let stream = open(identity, host, addr, &Request::Lobby(request)).await?;
+    let (_keep, from_local) = tokio::sync::mpsc::channel::<ShellIn>(1);
+    let (to_local, output) = tokio::sync::mpsc::channel(SHELL_QUEUE);
+    tokio::spawn(async move {
+        // `_keep` lives as long as the pump, so the outbound side waits instead of closing.
+        let _keep = _keep;
+        pump::<_, ShellIn, LobbyOut>(stream, from_local, to_local).await;
+    });
+    Ok(output)
 }
 
 /// Carries frames both ways until either side ends: lines from `stream` go to `to_local`,

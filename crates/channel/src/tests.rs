@@ -46,6 +46,19 @@ impl Handler for Echo {
         });
         Ok(ShellSession { input, output })
     }
+
+    /// Prints its argv and stdin's length, then fails with exit 1.
+    async fn lobby(&self, request: LobbyRequest, out: tokio::sync::mpsc::Sender<LobbyOut>) {
+        let said = format!("{:?} {:?}\n", request.argv, request.stdin.map(|s| s.len()));
+        let _ = out.send(LobbyOut::Out(said.into_bytes())).await;
+        let _ = out
+            .send(LobbyOut::Step {
+                step: "thinking".into(),
+                json: false,
+            })
+            .await;
+        let _ = out.send(LobbyOut::Exit(1)).await;
+    }
 }
 
 async fn echo_server() -> SocketAddr {
@@ -151,6 +164,39 @@ async fn a_shell_on_another_host_takes_input_and_gives_output_and_its_exit() {
         shell(&h1, "h2", &addr, "vm9", request).await,
         Err(ChannelError::Refused { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_lobby_command_runs_on_the_other_host_and_its_output_comes_back() {
+    let ca = FleetCa::generate().expect("ca");
+    let (addr, _) = host_h2(&ca).await;
+    let h1 = ca.issue("h1").expect("issue");
+    let request = LobbyRequest {
+        account_id: Some("a1".into()),
+        admin: false,
+        key_openssh: "ssh-ed25519 AAAA".into(),
+        fingerprint: "SHA256:x".into(),
+        peer: None,
+        tty: false,
+        argv: vec!["start".into(), "vm1".into()],
+        stdin: Some(vec![7; 1 << 20]),
+    };
+    let mut output = lobby(&h1, "h2", &addr, request).await.expect("lobby");
+    let mut seen = Vec::new();
+    while let Some(out) = output.recv().await {
+        seen.push(out);
+    }
+    assert_eq!(
+        seen,
+        vec![
+            LobbyOut::Out(b"[\"start\", \"vm1\"] Some(1048576)\n".to_vec()),
+            LobbyOut::Step {
+                step: "thinking".into(),
+                json: false
+            },
+            LobbyOut::Exit(1),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -16,9 +16,12 @@ use serde_json::json;
 use crate::errors;
 
 mod agent;
+mod forward;
 mod identity;
+
 use crate::manager::{ADMIN_OWNER, Manager, Scope, VmStat};
 pub use agent::wants_stdin as agent_wants_stdin;
+pub use forward::run_for_peer;
 pub(crate) use identity::make_invite;
 
 /// Where a command's output goes. The SSH front door implements it over a channel.
@@ -163,13 +166,36 @@ pub fn script_too_long() -> ApiError {
 /// The stdin a command was given: `None` when it reads none, else all of it or why not.
 pub type CommandStdin = Option<Result<Vec<u8>, ApiError>>;
 
-/// Runs one command; returns the exit status (0 ok, 1 failed, 2 usage).
+/// Runs one command; returns the exit status (0 ok, 1 failed, 2 usage). On a fleet, a
+/// command about a VM another host holds (or a new VM placed there) runs on that host.
 pub async fn run(
     m: &Arc<Manager>,
     caller: &Caller,
     argv: Vec<String>,
     stdin: CommandStdin,
     io: &dyn LobbyOutput,
+) -> u32 {
+    run_where(m, caller, argv, stdin, io, true).await
+}
+
+/// Runs one command here, whatever host its VM is on (one passed on by another host).
+async fn run_here(
+    m: &Arc<Manager>,
+    caller: &Caller,
+    argv: Vec<String>,
+    stdin: CommandStdin,
+    io: &dyn LobbyOutput,
+) -> u32 {
+    run_where(m, caller, argv, stdin, io, false).await
+}
+
+async fn run_where(
+    m: &Arc<Manager>,
+    caller: &Caller,
+    argv: Vec<String>,
+    stdin: CommandStdin,
+    io: &dyn LobbyOutput,
+    may_pass_on: bool,
 ) -> u32 {
     let wants_json = argv.iter().any(|a| a == "--json");
     let line = match LobbyLine::try_parse_from(&argv) {
@@ -207,6 +233,16 @@ pub async fn run(
     {
         report(io, json, &err);
         return 1;
+    }
+    if may_pass_on {
+        match forward::host_for(m, caller, &line.command).await {
+            Ok(Some(host)) => return forward::run_on(m, caller, &host, argv, stdin, io).await,
+            Ok(None) => {}
+            Err(err) => {
+                report(io, json, &err);
+                return 1;
+            }
+        }
     }
     match execute(m, caller, line.command, stdin, io, json).await {
         Ok(reply) => {

@@ -151,12 +151,18 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     );
     let hosts = [&h1, &h2];
 
-    // One account, known to every host: it signs up through h1 and uses all three.
+    // One account, known to every host: it signs up through h1, and h1 places its VMs
+    // across the fleet, each where the most memory is free (h1 itself on a tie).
     let alice = Key::new("alice");
     h1.signup(&alice, "alice@example.com");
-    for (i, h) in [&h1, &h2, &h3].iter().enumerate() {
-        let name = format!("vm{}", i + 1);
-        h.lobby_ok(&alice, &["new", "--name", &name, "--image", "tiny"]);
+    for i in 1..=3 {
+        let name = format!("vm{i}");
+        let out = h1.lobby_ok(
+            &alice,
+            &["new", "--name", &name, "--image", "tiny", "--json"],
+        );
+        let made: Value = serde_json::from_str(&out).expect("new --json");
+        assert_eq!(made["host"], format!("h{i}"), "{made}");
     }
 
     // Every front door lists every VM, with the host it lives on; each is running there, and
@@ -185,6 +191,41 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     }
     let text = h2.lobby_ok(&alice, &["ls"]);
     assert!(text.contains("running on h3"), "{text}");
+
+    // Every command about a VM works through any front door: it runs on the VM's host.
+    // `--on` picks the host; a clone stays with its source's layers.
+    let out = h2.lobby_ok(
+        &alice,
+        &[
+            "new", "--name", "pinned", "--image", "tiny", "--on", "h1", "--json",
+        ],
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).expect("json")["host"],
+        "h1"
+    );
+    h3.lobby_ok(&alice, &["stop", "pinned"]);
+    assert_eq!(find(&ls(&h1, &alice), "pinned")["state"], "stopped");
+    h2.lobby_ok(&alice, &["start", "pinned"]);
+    let out = h3.lobby_ok(&alice, &["cp", "pinned", "pinned-copy", "--json"]);
+    let copy: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(copy["vm"]["host"], "h1", "{out}");
+    let out = h2.lobby_ok(&alice, &["stat", "pinned-copy", "--json"]);
+    assert!(out.contains("pinned-copy"), "{out}");
+    h3.lobby_ok(&alice, &["rm", "pinned", "pinned-copy"]);
+    assert_eq!(ls(&h2, &alice).len(), 3);
+    for (args, says) in [
+        (vec!["new", "--image", "tiny", "--on", "h9"], "no such host"),
+        (vec!["rm", "vm1", "vm2"], "live on different hosts"),
+    ] {
+        let out = h2.ssh(&alice, "lobby", &args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr_of(&out).contains(says),
+            "{args:?}: {}",
+            stderr_of(&out)
+        );
+    }
 
     // `host ls` on any host shows the three, up, each with its VM (after a heartbeat).
     wait_until(

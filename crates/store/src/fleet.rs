@@ -286,6 +286,59 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The memory (MiB) the VMs placed on each host may use: those running, starting or being
+    /// made. Read from the VMs themselves rather than the heartbeats, which lag by seconds, so
+    /// placements made one after another see each other.
+    pub async fn memory_placed(
+        &self,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT host, CAST(SUM(memory_mib) AS BIGINT) AS placed FROM vms \
+             WHERE state IN ('running', 'starting', 'creating') GROUP BY host",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>("host")?,
+                    r.try_get::<i64, _>("placed")?.max(0) as u64,
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Where a new VM that needs `need_mib` goes: among the hosts that are up (a heartbeat under
+/// `fresh_ms` old) and have that much memory free, the one with the most free; `me` wins a
+/// tie (no hop). `None` when no host has room: the caller then tries its own host, whose
+/// admission says what is short.
+pub fn place(
+    hosts: &[HostStatus],
+    placed_mib: &std::collections::HashMap<String, u64>,
+    me: &str,
+    need_mib: u64,
+    fresh_ms: i64,
+) -> Option<String> {
+    hosts
+        .iter()
+        .filter(|h| h.since_heartbeat_ms < fresh_ms)
+        .map(|h| {
+            let placed = placed_mib.get(&h.host.name).copied().unwrap_or(0);
+            (h, h.host.memory_mib.saturating_sub(placed))
+        })
+        .filter(|(_, free)| *free >= need_mib)
+        .max_by(|(a, a_free), (b, b_free)| {
+            a_free
+                .cmp(b_free)
+                .then_with(|| (a.host.name == me).cmp(&(b.host.name == me)))
+                .then_with(|| b.host.running_vms.cmp(&a.host.running_vms))
+                .then_with(|| b.host.name.cmp(&a.host.name))
+        })
+        .map(|(h, _)| h.host.name.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,6 +388,62 @@ mod tests {
         // A removed VM takes its lease with it.
         store.delete(&id).await.expect("rm");
         assert_eq!(store.lease(&id).await.expect("q"), None);
+    }
+    }
+
+    on_both_stores! {
+    async fn placement_counts_what_each_host_was_given_and_picks_the_roomiest(store) {
+        use nook_api::VmState;
+        for (name, host, mib, state) in [
+            ("a", "h1", 1024, VmState::Running),
+            ("b", "h1", 512, VmState::Creating),
+            ("c", "h2", 2048, VmState::Starting),
+            ("d", "h2", 4096, VmState::Stopped),
+            ("e", "h3", 256, VmState::Failed),
+        ] {
+            let id = store
+                .insert_vm(crate::NewVm {
+                    host: host.into(),
+                    memory_mib: mib,
+                    ..new_vm(name)
+                })
+                .await
+                .expect("vm")
+                .id;
+            store.set_state(&id, state, None, None).await.expect("state");
+        }
+        let placed = store.memory_placed().await.expect("placed");
+        assert_eq!(placed.get("h1"), Some(&1536));
+        assert_eq!(placed.get("h2"), Some(&2048));
+        assert_eq!(placed.get("h3"), None);
+
+        let host = |name: &str, mib: u64, since: i64| HostStatus {
+            host: HostRow {
+                name: name.into(),
+                instance: "i".into(),
+                addr: String::new(),
+                version: String::new(),
+                started_at_ms: 0,
+                heartbeat_at_ms: 0,
+                cpus: 2,
+                memory_mib: mib,
+                running_vms: 0,
+                memory_used_mib: 0,
+            },
+            since_heartbeat_ms: since,
+            leases: 0,
+        };
+        let hosts = [host("h1", 4096, 0), host("h2", 4096, 0), host("h3", 1024, 0)];
+        // Free: h1 2560, h2 2048, h3 1024.
+        assert_eq!(place(&hosts, &placed, "h2", 256, 15_000).as_deref(), Some("h1"));
+        assert_eq!(place(&hosts, &placed, "h2", 2048, 15_000).as_deref(), Some("h1"));
+        assert_eq!(place(&hosts, &placed, "h1", 3000, 15_000), None);
+        // A tie goes to the asking host; a down host gets nothing.
+        let even = [host("h1", 2048, 0), host("h3", 2048, 0)];
+        let none = std::collections::HashMap::new();
+        assert_eq!(place(&even, &none, "h3", 256, 15_000).as_deref(), Some("h3"));
+        let down = [host("h1", 8192, 20_000), host("h3", 2048, 0)];
+        assert_eq!(place(&down, &none, "h2", 256, 15_000).as_deref(), Some("h3"));
     }
     }
 

@@ -83,6 +83,86 @@ impl Manager {
         }
     }
 
+    /// Whether this host is one of a fleet (a shared store).
+    pub(crate) fn in_fleet(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// Where a new VM goes: `on` when given, else the host with the most memory free for it
+    /// (this one on a tie). `None`: here.
+    pub(crate) async fn place(
+        &self,
+        image: Option<&str>,
+        memory: Option<&str>,
+        on: Option<&str>,
+    ) -> Result<Option<String>, ApiError> {
+        let me = self.cfg.host_name.as_str();
+        if self.fleet.is_none() {
+            return match on {
+                Some(on) if on != me => Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "--on {on}: this host ('{me}') is not part of a fleet, so every VM lives here"
+                    ),
+                )),
+                _ => Ok(None),
+            };
+        }
+        let hosts = self
+            .store
+            .hosts()
+            .await
+            .map_err(|e| errors::from_store("list the fleet's hosts", e))?;
+        if let Some(on) = on {
+            if on == me {
+                return Ok(None);
+            }
+            let Some(host) = hosts.iter().find(|h| h.host.name == on) else {
+                let names: Vec<&str> = hosts.iter().map(|h| h.host.name.as_str()).collect();
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "--on {on}: there is no such host in the fleet (its hosts: {})",
+                        names.join(", ")
+                    ),
+                ));
+            };
+            if !self.host_is_up(host) {
+                return Err(ApiError::new(
+                    ErrorCode::HostDown,
+                    format!(
+                        "--on {on}: that host is down (no heartbeat for {} s); pick another, or leave --on out",
+                        host.since_heartbeat_ms.max(0) / 1000
+                    ),
+                ));
+            }
+            return Ok(Some(on.to_string()));
+        }
+        // An image or size this host cannot make sense of is its own error to give.
+        let need_mib = match memory {
+            Some(m) => match nook_api::parse_size(m) {
+                Ok(bytes) => bytes >> 20,
+                Err(_) => return Ok(None),
+            },
+            None => match ImageKind::from_str(image.unwrap_or("default"))
+                .ok()
+                .and_then(|kind| self.images.image(kind).ok())
+            {
+                Some(image) => u64::from(image.default_memory_mib),
+                None => return Ok(None),
+            },
+        };
+        let placed = self
+            .store
+            .memory_placed()
+            .await
+            .map_err(|e| errors::from_store("count the fleet's memory", e))?;
+        Ok(
+            nook_store::place(&hosts, &placed, me, need_mib, fleet::HOST_FRESH_MS)
+                .filter(|h| h != me),
+        )
+    }
+
     /// The host `vm` lives on when that is not this one; refused while that host is down.
     pub(crate) fn lives_elsewhere(&self, vm: &VmRecord) -> Result<Option<String>, ApiError> {
         if self.fleet.is_none() || vm.host.is_empty() || vm.host == self.cfg.host_name {
@@ -174,6 +254,14 @@ impl nook_channel::Handler for Peers {
     ) -> Result<nook_channel::ShellSession, String> {
         let vm = self.0.vm_for_peer(vm_id).await?;
         crate::frontdoor::shell_for_peer(&self.0, &vm.name, shell).await
+    }
+
+    async fn lobby(
+        &self,
+        request: nook_channel::LobbyRequest,
+        out: tokio::sync::mpsc::Sender<nook_channel::LobbyOut>,
+    ) {
+        crate::lobby::run_for_peer(&self.0, request, out).await;
     }
 }
 

@@ -538,6 +538,8 @@ impl Manager {
 
 /// A host counts as up while its heartbeats come: missing two renewal rounds and more
 /// (well before its leases could lapse) marks it down.
+pub(super) const HOST_FRESH_MS: i64 = 3 * RENEW_EVERY.as_millis() as i64;
+
 fn host_is_up(h: &nook_store::HostStatus) -> bool {
-    h.since_heartbeat_ms < (3 * RENEW_EVERY).as_millis() as i64
+    h.since_heartbeat_ms < HOST_FRESH_MS
 }
