@@ -37,11 +37,18 @@ use tokio::net::{TcpListener, TcpStream};
 /// on stdin (1 MiB) in base64, and room to spare. Only a peer that proved itself a host of
 /// the fleet gets to send one.
 pub const MAX_REQUEST: usize = 2 << 20;
-/// How long a peer has to finish the handshake and send its request, and a dialled host to
-/// answer.
+/// How long a dialled host has to take the connection and answer the request.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections a host serves at once; more wait in the kernel's backlog.
+/// How long a connecting peer has to prove itself (the TLS handshake with its certificate).
+pub const PROVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections still proving themselves at once: anyone who can reach the port can open
+/// these, so they are few and short, and kept apart from the sessions of proven hosts.
+pub const MAX_UNPROVEN: usize = 256;
+/// Sessions of proven hosts served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// A connection whose other end stops answering (a host that lost power, a cut link) is
+/// given up after about this long, so no session waits on it for ever.
+const DEAD_PEER: Duration = Duration::from_secs(30);
 /// The channel's port when `--host-addr` names none.
 pub const DEFAULT_PORT: u16 = 2280;
 /// The most bytes one [`ShellIn::Data`] or [`ShellOut`] frame may carry; senders split.
@@ -363,6 +370,9 @@ pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// `ADDR` with the channel's default port added when it names none.
 pub fn with_port(addr: &str) -> String {
+    if let Ok(ip) = addr.parse::<std::net::IpAddr>() {
+        return SocketAddr::new(ip, DEFAULT_PORT).to_string();
+    }
     let has_port = match addr.rsplit_once(':') {
         Some((host, port)) => port.parse::<u16>().is_ok() && !host.ends_with(':'),
         None => false,
@@ -377,9 +387,10 @@ pub fn with_port(addr: &str) -> String {
 /// Serves peers on `listener` for the daemon's life.
 pub async fn serve<H: Handler>(listener: TcpListener, identity: HostIdentity, handler: Arc<H>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server.clone());
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let unproven = Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN));
+    let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        let Ok(proving) = unproven.clone().acquire_owned().await else {
             return;
         };
         let (tcp, peer) = match listener.accept().await {
@@ -392,34 +403,50 @@ pub async fn serve<H: Handler>(listener: TcpListener, identity: HostIdentity, ha
         };
         let acceptor = acceptor.clone();
         let handler = handler.clone();
+        let sessions = sessions.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(why) = serve_one(tcp, peer, acceptor, &*handler).await {
+            if let Err(why) = serve_one(tcp, peer, acceptor, proving, sessions, &*handler).await {
                 tracing::debug!(%peer, why, "host channel: connection ended");
             }
         });
     }
 }
 
+/// TCP keepalive that notices a dead peer within [`DEAD_PEER`], and a limit on unacknowledged
+/// data for the same, so neither an idle nor a busy session waits on one for ever.
+fn watch_for_a_dead_peer(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(DEAD_PEER / 2)
+        .with_interval(DEAD_PEER / 6)
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = sock.set_tcp_user_timeout(Some(DEAD_PEER));
+}
+
 async fn serve_one<H: Handler>(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
+    proving: tokio::sync::OwnedSemaphorePermit,
+    sessions: Arc<tokio::sync::Semaphore>,
     handler: &H,
 ) -> Result<(), String> {
-    let _ = tcp.set_nodelay(true);
-    // The handshake and the request line share one limit: a peer that trickles bytes holds a
-    // connection slot for 10 s at most.
-    let (mut tls, request) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let mut tls = acceptor
-            .accept(tcp)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let request = read_line(&mut tls).await?;
-        Ok::<_, String>((tls, request))
-    })
-    .await
-    .map_err(|_| "no request in time".to_string())??;
+    watch_for_a_dead_peer(&tcp);
+    // Unproven, a connection holds one of few slots for a few seconds at most.
+    let mut tls = tokio::time::timeout(PROVE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| "no handshake in time".to_string())?
+        .map_err(|e| format!("handshake: {e}"))?;
+    drop(proving);
+    let _session = sessions
+        .acquire_owned()
+        .await
+        .map_err(|_| "shutting down".to_string())?;
+    let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line(&mut tls))
+        .await
+        .map_err(|_| "no request in time".to_string())??;
     let request: Request =
         serde_json::from_slice(&request).map_err(|e| format!("bad request: {e}"))?;
     match request {
@@ -487,11 +514,15 @@ async fn pump<S, Out, In>(
     let (read, mut write) = tokio::io::split(stream);
     let inbound = async move {
         let mut lines = BufReader::new(read);
+        // Once the local side stops taking frames (a process that exited stops reading its
+        // input), the rest is read and dropped: ending here would cut off what is still on
+        // its way out, such as the exit status.
+        let mut taken = true;
         loop {
             match read_frame::<_, In>(&mut lines).await {
                 Ok(Some(frame)) => {
-                    if to_local.send(frame).await.is_err() {
-                        return;
+                    if taken && to_local.send(frame).await.is_err() {
+                        taken = false;
                     }
                 }
                 Ok(None) => return,
@@ -514,7 +545,8 @@ async fn pump<S, Out, In>(
         }
         let _ = write.shutdown().await;
     };
-    // Either end finishing ends the session: the other side then sees its channel close.
+    // The session ends when what goes out is done, or the other end has closed (or failed):
+    // the other side then sees its channel close.
     tokio::select! {
         () = inbound => {}
         () = outbound => {}
@@ -630,7 +662,7 @@ async fn open(
                 addr: addr.to_string(),
                 source,
             })?;
-        let _ = tcp.set_nodelay(true);
+        watch_for_a_dead_peer(&tcp);
         connector
             .connect(name, tcp)
             .await

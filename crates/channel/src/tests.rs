@@ -16,8 +16,24 @@ impl Handler for Echo {
             .map_err(|e| e.to_string())
     }
 
-    /// A "process" that upper-cases its input and exits 7 at end of input.
+    /// A "process" that upper-cases its input and exits 7 at end of input ("vm1"), or that
+    /// exits 3 at once without reading any ("quick").
     async fn shell(&self, vm_id: &str, shell: ShellRequest) -> Result<ShellSession, String> {
+        if vm_id == "quick" {
+            let (input, input_rx) = tokio::sync::mpsc::channel(1);
+            let (output_tx, output) = tokio::sync::mpsc::channel(4);
+            drop(input_rx);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = output_tx
+                    .send(ShellOut::Exit {
+                        code: Some(3),
+                        signal: None,
+                    })
+                    .await;
+            });
+            return Ok(ShellSession { input, output });
+        }
         if vm_id != "vm1" {
             return Err(format!("VM {vm_id} does not run here"));
         }
@@ -200,6 +216,40 @@ async fn a_lobby_command_runs_on_the_other_host_and_its_output_comes_back() {
 }
 
 #[tokio::test]
+async fn the_exit_status_comes_back_even_when_the_process_took_no_input() {
+    let ca = FleetCa::generate().expect("ca");
+    let (addr, _) = host_h2(&ca).await;
+    let h1 = ca.issue("h1").expect("issue");
+    let request = ShellRequest {
+        command: Some("exit 3".into()),
+        env: Vec::new(),
+        pty: None,
+    };
+    let mut session = shell(&h1, "h2", &addr, "quick", request)
+        .await
+        .expect("shell");
+    let input = session.input.clone();
+    tokio::spawn(async move {
+        for _ in 0..64 {
+            if input.send(ShellIn::Data(vec![b'y'; CHUNK])).await.is_err() {
+                return;
+            }
+        }
+    });
+    let exit = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(out) = session.output.recv().await {
+            if let ShellOut::Exit { code, .. } = out {
+                return code;
+            }
+        }
+        None
+    })
+    .await
+    .expect("an answer in time");
+    assert_eq!(exit, Some(3));
+}
+
+#[tokio::test]
 async fn only_hosts_of_the_fleet_get_in_and_only_the_named_host_is_trusted() {
     let ca = FleetCa::generate().expect("ca");
     let (addr, port) = host_h2(&ca).await;
@@ -277,6 +327,11 @@ fn addresses_get_the_default_port_only_when_they_name_none() {
     assert_eq!(with_port("h1.example.com:9000"), "h1.example.com:9000");
     assert_eq!(with_port("h1"), format!("h1:{DEFAULT_PORT}"));
     assert_eq!(with_port("[::1]:9000"), "[::1]:9000");
+    assert_eq!(with_port("fe80::1"), format!("[fe80::1]:{DEFAULT_PORT}"));
+    assert_eq!(
+        with_port("2001:db8:0:0:0:0:0:1"),
+        format!("[2001:db8::1]:{DEFAULT_PORT}")
+    );
 }
 
 #[test]

@@ -287,15 +287,15 @@ impl Store {
 }
 
 impl Store {
-    /// The memory (MiB) the VMs placed on each host may use: those running, starting or being
-    /// made. Read from the VMs themselves rather than the heartbeats, which lag by seconds, so
+    /// The memory (MiB) the VMs placed on each host may use: those running, starting,
+    /// stopping or being made. Read from the VMs themselves rather than the heartbeats, which lag by seconds, so
     /// placements made one after another see each other.
     pub async fn memory_placed(
         &self,
     ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
         let rows = sqlx::query(
             "SELECT host, CAST(SUM(memory_mib) AS BIGINT) AS placed FROM vms \
-             WHERE state IN ('running', 'starting', 'creating') GROUP BY host",
+             WHERE state IN ('running', 'starting', 'stopping', 'creating') GROUP BY host",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -52,7 +52,14 @@ pub(super) async fn host_for(
         // A clone goes where its source's layers are.
         LobbyCommand::Cp { source, .. } => vec![source],
         LobbyCommand::Rm { names } => names.iter().map(String::as_str).collect(),
-        LobbyCommand::Agent(cmd) => vec![cmd.vm()],
+        LobbyCommand::Agent(cmd) => {
+            // Collaborators may drive the agent too: the VM's host decides who may, so the
+            // command goes there whoever asks (it answers a stranger as for a missing VM).
+            return match m.store().get(cmd.vm()).await {
+                Ok(vm) => m.lives_elsewhere(&vm),
+                Err(_) => Ok(None),
+            };
+        }
         // (It also rewrites the guest's /etc/hosts.)
         LobbyCommand::Integrations(
             nook_api::lobby::IntegrationsCommand::Attach { vm, .. }
@@ -139,13 +146,21 @@ pub(super) async fn run_on(
         }
     };
     while let Some(out) = output.recv().await {
+        // Each frame waits for the client to take what came before: a client that stops
+        // reading stops the command's output at the other host, not in this one's memory.
         match out {
             LobbyOut::Out(bytes) => {
                 io.writable().await;
                 io.out(&bytes);
             }
-            LobbyOut::Err(bytes) => io.err(&bytes),
-            LobbyOut::Step { step, json } => io.step(&step, json),
+            LobbyOut::Err(bytes) => {
+                io.writable().await;
+                io.err(&bytes);
+            }
+            LobbyOut::Step { step, json } => {
+                io.writable().await;
+                io.step(&step, json);
+            }
             LobbyOut::Failed { error } => {
                 if let Ok(err) = serde_json::from_value::<ApiError>(error) {
                     io.failed(&err);
@@ -288,12 +303,15 @@ impl LobbyOutput for PeerIo {
     }
 
     fn step(&self, step: &str, json: bool) {
+        // Counted like output: a command makes a handful of steps, but nothing here may grow
+        // without the client taking it.
+        self.backlog.bytes.fetch_add(step.len(), Ordering::Relaxed);
         let _ = self.tx.send((
             LobbyOut::Step {
                 step: step.to_string(),
                 json,
             },
-            0,
+            step.len(),
         ));
     }
 }

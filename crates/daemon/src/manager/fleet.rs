@@ -274,6 +274,18 @@ impl Manager {
                 this.renew_round().await;
             }
         });
+        // Apart from the renewals, so a slow listing never delays one.
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RENEW_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Some(fleet) = &this.fleet {
+                    this.look_at_hosts(fleet).await;
+                }
+            }
+        });
         Ok(())
     }
 
@@ -351,7 +363,6 @@ impl Manager {
             Ok(Err(err)) => tracing::warn!(%err, "heartbeat failed"),
             Err(_) => tracing::warn!("heartbeat timed out"),
         }
-        self.look_at_hosts(fleet).await;
     }
 
     /// Learns which other hosts are down. Without an answer the last one stands: a host
