@@ -91,10 +91,13 @@ ssh_ms() { # host address
 https_ms() { # host number
   local ca host=bench.nook-vm.localhost urls=()
   ca=$(NOOK_DATA_DIR=$tmp/h$1 "$nook" ca path)
-  for _ in $(seq "$rounds"); do urls+=("https://$host:8443/"); done
-  curl -sS --cacert "$ca" --resolve "$host:8443:10.253.0.1$1" -o /dev/null \
-    -w '%{time_total}\n' "https://$host:8443/" "${urls[@]}" |
-    tail -n +2 | awk '{print $1*1000}' | median_ms
+  for _ in $(seq "$rounds"); do urls+=(-o /dev/null "https://$host:8443/"); done
+  curl -sS --cacert "$ca" --resolve "$host:8443:10.253.0.1$1" \
+    -w '%{http_code} %{time_total}\n' -o /dev/null "https://$host:8443/" "${urls[@]}" >"$tmp/curl$1"
+  if grep -qv '^200 ' "$tmp/curl$1"; then
+    echo "HTTPS through h$1 failed:" >&2; sort "$tmp/curl$1" | uniq -c >&2; exit 1
+  fi
+  tail -n +2 "$tmp/curl$1" | awk '{print $2*1000}' | median_ms
 }
 
 # Warm both paths (the channel's pooled connection, the guest's page cache).

@@ -214,6 +214,7 @@ impl GuestShell for RemoteShell {
             let (identity, addr) = self
                 .manager
                 .channel_route(&self.host)
+                .await
                 .map_err(|why| format!("nook: {why}"))?;
             let request = nook_channel::ShellRequest {
                 command: cmd.command,

@@ -114,7 +114,7 @@ pub(super) async fn run_on(
         Some(Ok(bytes)) => Some(bytes),
         None => None,
     };
-    let (identity, addr) = match m.channel_route(host) {
+    let (identity, addr) = match m.channel_route(host).await {
         Ok(route) => route,
         Err(why) => {
             return failed(

@@ -56,26 +56,30 @@ impl Manager {
 
     /// How this host's front doors reach `vm` when another host runs it; `None` when it runs
     /// here (or there is no fleet).
-    pub(crate) fn via(&self, vm_id: &str, vm_host: &str) -> Option<nook_edge::Via> {
+    pub(crate) fn via(self: &Arc<Self>, vm_id: &str, vm_host: &str) -> Option<nook_edge::Via> {
         self.fleet.as_ref()?;
         if vm_host.is_empty() || vm_host == self.cfg.host_name {
             return None;
         }
         Some(nook_edge::Via(Arc::new(ThroughHost {
+            manager: self.clone(),
             host: vm_host.to_string(),
             vm_id: vm_id.to_string(),
-            route: self.channel_route(vm_host),
         })))
     }
 
-    /// This host's channel identity and where `host` listens, or why it cannot be reached.
-    pub(crate) fn channel_route(&self, host: &str) -> Result<(HostIdentity, String), String> {
+    /// This host's channel identity and where `host` listens, or why it cannot be reached. A
+    /// host not heard of yet (one that joined since the last look) is looked up at once.
+    pub(crate) async fn channel_route(&self, host: &str) -> Result<(HostIdentity, String), String> {
         let Some(fleet) = &self.fleet else {
             return Err("this host is not part of a fleet".into());
         };
+        if self.host_down(host).is_none() && fleet.addr_of(host).is_none() {
+            self.look_at_hosts(fleet).await;
+        }
         match (self.host_down(host), fleet.addr_of(host)) {
             (Some(down), _) => Err(down),
-            (None, None) => Err(format!("host '{host}' is not known yet")),
+            (None, None) => Err(format!("host '{host}' is not in the fleet's list of hosts")),
             (None, Some(addr)) => match fleet.channel.get() {
                 Some(identity) => Ok((identity.clone(), addr)),
                 None => Err("this host has not joined the host channel yet".to_string()),
@@ -200,17 +204,19 @@ fn listen_addr(host_addr: &str) -> String {
 
 /// One VM another host runs, as the edge dials it.
 struct ThroughHost {
+    manager: Arc<Manager>,
     host: String,
     vm_id: String,
-    /// This host's identity and the other host's address, or why it cannot be reached.
-    route: Result<(HostIdentity, String), String>,
 }
 
 impl nook_edge::Dial for ThroughHost {
     fn dial(&self, port: u16) -> nook_edge::Dialed {
-        let (host, vm_id, route) = (self.host.clone(), self.vm_id.clone(), self.route.clone());
+        let (manager, host, vm_id) = (self.manager.clone(), self.host.clone(), self.vm_id.clone());
         Box::pin(async move {
-            let (identity, addr) = route.map_err(std::io::Error::other)?;
+            let (identity, addr) = manager
+                .channel_route(&host)
+                .await
+                .map_err(std::io::Error::other)?;
             let stream = nook_channel::connect(&identity, &host, &addr, &vm_id, port)
                 .await
                 .map_err(std::io::Error::other)?;

@@ -367,7 +367,7 @@ impl Manager {
 
     /// Learns which other hosts are down. Without an answer the last one stands: a host
     /// that cannot reach the database cannot tell, and says nothing new.
-    async fn look_at_hosts(&self, fleet: &Fleet) {
+    pub(super) async fn look_at_hosts(&self, fleet: &Fleet) {
         match tokio::time::timeout(RENEW_TIMEOUT, self.store.hosts()).await {
             Ok(Ok(hosts)) => {
                 let was: HashSet<String> = fleet.down_names();
