@@ -225,49 +225,18 @@ impl GuestShell for RemoteShell {
                     rows: p.rows,
                 }),
             };
-            let mut remote =
-                nook_channel::shell(&identity, &self.host, &addr, &self.vm_id, request)
-                    .await
-                    .map_err(|e| format!("nook: {e}"))?;
-            let (input, mut from_client) = mpsc::channel(SESSION_QUEUE);
+            let remote = nook_channel::shell(&identity, &self.host, &addr, &self.vm_id, request)
+                .await
+                .map_err(|e| format!("nook: {e}"))?;
+            let (input, from_client) = mpsc::channel(SESSION_QUEUE);
             let (to_client, output) = mpsc::channel(SESSION_QUEUE);
-            let to_remote = remote.input;
-            tokio::spawn(async move {
-                while let Some(input) = from_client.recv().await {
-                    let frames = match input {
-                        GuestInput::Data(data) => data
-                            .chunks(nook_channel::CHUNK)
-                            .map(|c| nook_channel::ShellIn::Data(c.to_vec()))
-                            .collect(),
-                        GuestInput::Eof => vec![nook_channel::ShellIn::Eof],
-                        GuestInput::Resize { cols, rows } => {
-                            vec![nook_channel::ShellIn::Resize { cols, rows }]
-                        }
-                        GuestInput::Signal(n) => vec![nook_channel::ShellIn::Signal(n)],
-                        GuestInput::Hangup => vec![nook_channel::ShellIn::Hangup],
-                    };
-                    for frame in frames {
-                        if to_remote.send(frame).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                let _ = to_remote.send(nook_channel::ShellIn::Hangup).await;
-            });
-            tokio::spawn(async move {
-                while let Some(out) = remote.output.recv().await {
-                    let out = match out {
-                        nook_channel::ShellOut::Stdout(d) => GuestOutput::Stdout(d.into()),
-                        nook_channel::ShellOut::Stderr(d) => GuestOutput::Stderr(d.into()),
-                        nook_channel::ShellOut::Exit { code, signal } => {
-                            GuestOutput::Exit { code, signal }
-                        }
-                    };
-                    if to_client.send(out).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            relay(
+                from_client,
+                remote.input,
+                input_frames,
+                Some(nook_channel::ShellIn::Hangup),
+            );
+            relay(remote.output, to_client, |out| vec![output_of(out)], None);
             Ok(GuestSession { input, output })
         })
     }
@@ -285,7 +254,7 @@ pub(crate) async fn shell_for_peer(
         vm: vm.to_string(),
         account: None,
     };
-    let mut session = shell
+    let session = shell
         .start(GuestCommand {
             command: request.command,
             env: request.env,
@@ -296,48 +265,89 @@ pub(crate) async fn shell_for_peer(
             }),
         })
         .await?;
-    let (input, mut from_peer) = mpsc::channel(SESSION_QUEUE);
+    let (input, from_peer) = mpsc::channel(SESSION_QUEUE);
     let (to_peer, output) = mpsc::channel(SESSION_QUEUE);
-    let to_process = session.input;
+    // The peer going away hangs up, as an SSH client going away does.
+    relay(
+        from_peer,
+        session.input,
+        |frame| vec![input_of(frame)],
+        Some(GuestInput::Hangup),
+    );
+    relay(session.output, to_peer, output_frames, None);
+    Ok(nook_channel::ShellSession { input, output })
+}
+
+/// Moves what `from` yields to `to`, each item as the frames `map` makes of it, until either
+/// side closes; `last` follows when `from` closes first.
+fn relay<A, B>(
+    mut from: mpsc::Receiver<A>,
+    to: mpsc::Sender<B>,
+    map: fn(A) -> Vec<B>,
+    last: Option<B>,
+) where
+    A: Send + 'static,
+    B: Send + 'static,
+{
     tokio::spawn(async move {
-        while let Some(frame) = from_peer.recv().await {
-            let input = match frame {
-                nook_channel::ShellIn::Data(d) => GuestInput::Data(d.into()),
-                nook_channel::ShellIn::Eof => GuestInput::Eof,
-                nook_channel::ShellIn::Resize { cols, rows } => GuestInput::Resize { cols, rows },
-                nook_channel::ShellIn::Signal(n) => GuestInput::Signal(n),
-                nook_channel::ShellIn::Hangup => GuestInput::Hangup,
-            };
-            if to_process.send(input).await.is_err() {
-                return;
-            }
-        }
-        // The peer went away: as when an SSH client does.
-        let _ = to_process.send(GuestInput::Hangup).await;
-    });
-    tokio::spawn(async move {
-        while let Some(out) = session.output.recv().await {
-            let frames = match out {
-                GuestOutput::Stdout(d) => d
-                    .chunks(nook_channel::CHUNK)
-                    .map(|c| nook_channel::ShellOut::Stdout(c.to_vec()))
-                    .collect(),
-                GuestOutput::Stderr(d) => d
-                    .chunks(nook_channel::CHUNK)
-                    .map(|c| nook_channel::ShellOut::Stderr(c.to_vec()))
-                    .collect(),
-                GuestOutput::Exit { code, signal } => {
-                    vec![nook_channel::ShellOut::Exit { code, signal }]
-                }
-            };
-            for frame in frames {
-                if to_peer.send(frame).await.is_err() {
+        while let Some(item) = from.recv().await {
+            for frame in map(item) {
+                if to.send(frame).await.is_err() {
                     return;
                 }
             }
         }
+        if let Some(last) = last {
+            let _ = to.send(last).await;
+        }
     });
-    Ok(nook_channel::ShellSession { input, output })
+}
+
+/// Bytes as channel frames of at most [`nook_channel::CHUNK`].
+fn chunked<T>(data: &[u8], frame: fn(Vec<u8>) -> T) -> Vec<T> {
+    data.chunks(nook_channel::CHUNK)
+        .map(|c| frame(c.to_vec()))
+        .collect()
+}
+
+fn input_frames(input: GuestInput) -> Vec<nook_channel::ShellIn> {
+    use nook_channel::ShellIn;
+    match input {
+        GuestInput::Data(data) => chunked(&data, ShellIn::Data),
+        GuestInput::Eof => vec![ShellIn::Eof],
+        GuestInput::Resize { cols, rows } => vec![ShellIn::Resize { cols, rows }],
+        GuestInput::Signal(n) => vec![ShellIn::Signal(n)],
+        GuestInput::Hangup => vec![ShellIn::Hangup],
+    }
+}
+
+fn input_of(frame: nook_channel::ShellIn) -> GuestInput {
+    use nook_channel::ShellIn;
+    match frame {
+        ShellIn::Data(d) => GuestInput::Data(d.into()),
+        ShellIn::Eof => GuestInput::Eof,
+        ShellIn::Resize { cols, rows } => GuestInput::Resize { cols, rows },
+        ShellIn::Signal(n) => GuestInput::Signal(n),
+        ShellIn::Hangup => GuestInput::Hangup,
+    }
+}
+
+fn output_frames(out: GuestOutput) -> Vec<nook_channel::ShellOut> {
+    use nook_channel::ShellOut;
+    match out {
+        GuestOutput::Stdout(d) => chunked(&d, ShellOut::Stdout),
+        GuestOutput::Stderr(d) => chunked(&d, ShellOut::Stderr),
+        GuestOutput::Exit { code, signal } => vec![ShellOut::Exit { code, signal }],
+    }
+}
+
+fn output_of(out: nook_channel::ShellOut) -> GuestOutput {
+    use nook_channel::ShellOut;
+    match out {
+        ShellOut::Stdout(d) => GuestOutput::Stdout(d.into()),
+        ShellOut::Stderr(d) => GuestOutput::Stderr(d.into()),
+        ShellOut::Exit { code, signal } => GuestOutput::Exit { code, signal },
+    }
 }
 
 /// `ssh VM@HOST [CMD]` through the guest agent: shells and commands need no sshd in the guest.

@@ -256,34 +256,14 @@ impl Manager {
         let identity = self.start_channel().await?;
         let _ = fleet.channel.set(identity);
         self.look_at_hosts(fleet).await;
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                this.fence_overdue().await;
-            }
+        every(self, Duration::from_secs(1), |m| async move {
+            m.fence_overdue().await
         });
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RENEW_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                this.renew_round().await;
-            }
-        });
+        every(self, RENEW_EVERY, |m| async move { m.renew_round().await });
         // Apart from the renewals, so a slow listing never delays one.
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RENEW_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Some(fleet) = &this.fleet {
-                    this.look_at_hosts(fleet).await;
-                }
+        every(self, RENEW_EVERY, |m| async move {
+            if let Some(fleet) = &m.fleet {
+                m.look_at_hosts(fleet).await;
             }
         });
         Ok(())
@@ -545,6 +525,23 @@ impl Manager {
     pub fn host_is_up(&self, h: &nook_store::HostStatus) -> bool {
         host_is_up(h)
     }
+}
+
+/// Runs `duty` every `period` for the daemon's life; a round that overruns delays the next.
+fn every<F, Fut>(m: &Arc<Manager>, period: Duration, duty: F)
+where
+    F: Fn(Arc<Manager>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let m = m.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            duty(m.clone()).await;
+        }
+    });
 }
 
 /// A host counts as up while its heartbeats come: missing two renewal rounds and more
