@@ -118,7 +118,7 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("INSERT INTO agent_events (conversation_id, seq, body) VALUES ($1, $2, $3)")
             .bind(id)
             .bind(seq)

@@ -84,7 +84,7 @@ impl Store {
         for u in rows {
             *debits.entry(u.account_id.as_str()).or_default() += n(u.cost_micros);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for u in rows {
             sqlx::query(
                 "INSERT INTO llm_usage (at, account_id, vm_id, vm_name, provider, model, input_tokens, output_tokens, \

@@ -294,7 +294,7 @@ impl Store {
             return Ok(None);
         }
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query(
             "DELETE FROM login_tokens WHERE token_hash = $1 RETURNING account_id, email, expires_at",
         )

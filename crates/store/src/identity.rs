@@ -103,7 +103,7 @@ impl Store {
         key: &SshKey,
     ) -> Result<String, StoreError> {
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         crate::ensure_key_free(&mut tx, &key.fingerprint).await?;
         sqlx::query("DELETE FROM key_claims WHERE expires_at < $1")
             .bind(unix_now())
@@ -135,7 +135,7 @@ impl Store {
         fingerprint: &str,
     ) -> Result<Account, StoreError> {
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query(
             "DELETE FROM key_claims WHERE code_hash = $1 \
              RETURNING account_id, fingerprint, public_key, comment, expires_at",

@@ -339,10 +339,21 @@ impl Store {
         Changed::new(self.changes.counter())
     }
 
+    /// Begins a transaction that will write. On SQLite it takes the write lock at `BEGIN`
+    /// (`IMMEDIATE`): a deferred transaction that read first and then writes while another
+    /// connection holds the lock fails at once with "database is locked", without the busy
+    /// timeout, because waiting could deadlock. Taking the lock up front makes it wait instead.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
+    }
+
     /// Inserts a VM in state `creating`, giving it the lowest free network slot.
     pub async fn insert_vm(&self, vm: NewVm) -> Result<VmRecord, StoreError> {
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         self.serialise(&mut tx, "vms").await?;
         let taken = sqlx::query("SELECT 1 FROM vms WHERE name = $1")
             .bind(&vm.name)
@@ -481,7 +492,7 @@ impl Store {
 
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("DELETE FROM vms WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -543,7 +554,7 @@ impl Store {
         admission: Admission<'_>,
     ) -> Result<Account, StoreError> {
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         self.serialise(&mut tx, "accounts").await?;
         ensure_key_free(&mut tx, &key.fingerprint).await?;
         let first = sqlx::query("SELECT 1 FROM accounts LIMIT 1")
@@ -620,7 +631,7 @@ impl Store {
 
     pub async fn add_key(&self, account_id: &str, key: &SshKey) -> Result<(), StoreError> {
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         ensure_key_free(&mut tx, &key.fingerprint).await?;
         insert_key(&mut tx, account_id, key, &now()).await?;
         tx.commit().await?;
@@ -647,7 +658,7 @@ impl Store {
     /// account out for good).
     pub async fn remove_key(&self, account_id: &str, fingerprint: &str) -> Result<(), StoreError> {
         let _changed = self.change();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         self.serialise(&mut tx, &format!("keys:{account_id}"))
             .await?;
         let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ssh_keys WHERE account_id = $1")
