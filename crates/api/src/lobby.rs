@@ -67,6 +67,13 @@ pub enum LobbyCommand {
         #[arg(long)]
         stopped_only: bool,
     },
+    /// Move a VM to another host of the fleet: live when it runs (its processes go on,
+    /// paused for a moment), else its disk
+    Move {
+        name: String,
+        /// The host to move it to (`nook host ls` lists them)
+        host: String,
+    },
     /// Change a VM's CPUs or memory (applied at the next start) or grow its disk (at once)
     Resize {
         name: String,
@@ -365,6 +372,7 @@ impl LobbyCommand {
             Self::Rename { .. } => "rename",
             Self::Cp { .. } => "cp",
             Self::Resize { .. } => "resize",
+            Self::Move { .. } => "move",
             Self::Stat { .. } => "stat",
             Self::Usage { .. } => "usage",
             Self::SshKey(_) => "ssh-key",
@@ -387,6 +395,7 @@ impl LobbyCommand {
             | Self::Stop { name }
             | Self::Restart { name }
             | Self::Resize { name, .. }
+            | Self::Move { name, .. }
             | Self::Stat { name: Some(name) } => Some(vec![name]),
             Self::Rename { old, .. } => Some(vec![old]),
             Self::Cp { source, .. } => Some(vec![source]),
@@ -464,6 +473,7 @@ pub const GRANTABLE: &[&str] = &[
     "rename",
     "cp",
     "resize",
+    "move",
     "stat",
     "usage",
     "share",
@@ -485,6 +495,7 @@ pub const COMMANDS: &[&str] = &[
     "rename",
     "cp",
     "resize",
+    "move",
     "stat",
     "usage",
     "ssh-key",

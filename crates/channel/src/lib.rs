@@ -13,7 +13,10 @@
 //!   agent: [`ShellIn`] lines one way and [`ShellOut`] lines the other (at most
 //!   [`MAX_FRAME`] bytes each), so the SSH front door of any host opens shells anywhere;
 //! - for `Lobby`, a lobby command about one of the answering host's VMs (or one placed
-//!   there), run for the user the asking host authenticated: [`LobbyOut`] lines back.
+//!   there), run for the user the asking host authenticated: [`LobbyOut`] lines back;
+//! - for `Move`, a VM the asking host hands over: [`MoveIn`] and [`MoveOut`] lines, and the
+//!   disk's files as raw bytes after each `File` line; for `Memory`, the raw migration
+//!   stream of a running VM that moves.
 //!
 //! The channel only carries; deciding who may reach a VM stays with the front door that
 //! authenticated the user.
@@ -221,6 +224,141 @@ pub enum Request {
     /// A lobby command, run here for a caller the asking host authenticated and whose
     /// limits it checked.
     Lobby(LobbyRequest),
+    /// Take over the VM `vm_id` from the asking host, which holds it: its disk comes as
+    /// [`MoveIn`] frames and files, and, when `live`, its memory over a [`Request::Memory`]
+    /// connection.
+    Move { vm_id: String, live: bool },
+    /// The memory stream of the live move that answered [`MoveOut::Listening`] with `token`.
+    Memory { vm_id: String, token: String },
+}
+
+/// What the moving host sends the receiving one, in order: `Offer`; the files asked for,
+/// each a `File` line followed by exactly `size` raw bytes; then `Commit` (a stopped VM), or
+/// `Launch`, the top as a `File` while the source is paused, and `Commit` (a running one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum MoveIn {
+    Offer(MoveOffer),
+    /// `name` is `image/FILE`, `layer/FILE`, `vm/FILE` or `top`.
+    File {
+        name: String,
+        size: u64,
+    },
+    Launch,
+    Commit,
+}
+
+/// What a moving VM's disk is made of, so the receiver can ask only for what it lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveOffer {
+    /// The image build's directory name (e.g. `default-20261201T105847Z`) and its files.
+    pub image: String,
+    pub image_files: Vec<(String, u64)>,
+    /// The frozen layers under the top, nearest first.
+    pub layers: Vec<(String, u64)>,
+    /// The VM's own small files (its SSH keys).
+    pub vm_files: Vec<(String, u64)>,
+    /// The size of the top (for a running VM, as it was when the move began).
+    pub top: u64,
+}
+
+/// What the receiving host answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum MoveOut {
+    /// The files it lacks: the image build (all of it) and these layers.
+    Want {
+        image: bool,
+        layers: Vec<String>,
+    },
+    /// Its QEMU waits for the memory, over a [`Request::Memory`] with this token.
+    Listening {
+        token: String,
+    },
+    /// It holds the top.
+    Took,
+    /// The VM is its now.
+    Done,
+    Failed {
+        why: String,
+    },
+}
+
+/// The longest [`MoveIn`] or [`MoveOut`] line.
+const MAX_MOVE_LINE: usize = 1 << 20;
+
+/// One end of a move: JSON lines, and raw file bytes after a [`MoveIn::File`].
+pub struct MoveLink<S> {
+    stream: S,
+}
+
+impl<S: AsyncRead + tokio::io::AsyncWrite + Unpin> MoveLink<S> {
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), String> {
+        let mut line = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        self.stream
+            .write_all(&line)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.stream.flush().await.map_err(|e| e.to_string())
+    }
+
+    /// The next line; `None` when the other end closed.
+    pub async fn recv<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, String> {
+        let mut line = Vec::new();
+        let mut limited =
+            BufReader::with_capacity(1, (&mut self.stream).take(MAX_MOVE_LINE as u64 + 1));
+        let n = limited
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if line.pop() != Some(b'\n') {
+            return Err(format!("a line over {MAX_MOVE_LINE} bytes, or cut short"));
+        }
+        serde_json::from_slice(&line)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends `file` whole as `name`: `size` is what it holds now, and exactly that much goes.
+    pub async fn send_file(
+        &mut self,
+        name: &str,
+        file: &mut tokio::fs::File,
+        size: u64,
+    ) -> Result<(), String> {
+        self.send(&MoveIn::File {
+            name: name.to_string(),
+            size,
+        })
+        .await?;
+        let copied = tokio::io::copy(&mut file.take(size), &mut self.stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        if copied != size {
+            return Err(format!("{name} shrank while it was sent"));
+        }
+        self.stream.flush().await.map_err(|e| e.to_string())
+    }
+
+    /// Receives the `size` bytes of a file announced by [`MoveIn::File`] into `to`.
+    pub async fn recv_file<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        size: u64,
+        to: &mut W,
+    ) -> Result<(), String> {
+        let copied = tokio::io::copy(&mut (&mut self.stream).take(size), to)
+            .await
+            .map_err(|e| e.to_string())?;
+        if copied != size {
+            return Err("the sending host went away mid-file".into());
+        }
+        to.flush().await.map_err(|e| e.to_string())
+    }
 }
 
 /// A lobby command passed on to the host that holds its VM.
@@ -363,7 +501,26 @@ pub trait Handler: Send + Sync + 'static {
         request: LobbyRequest,
         out: tokio::sync::mpsc::Sender<LobbyOut>,
     ) -> impl Future<Output = ()> + Send;
+
+    /// Takes over a VM the peer moves here, talking over `link` until it is done or failed.
+    fn take_vm(
+        &self,
+        vm_id: &str,
+        live: bool,
+        link: MoveLink<PeerStream>,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Hands the memory stream of a live move to the move waiting for it, or says why not.
+    fn memory(
+        &self,
+        vm_id: &str,
+        token: &str,
+        stream: PeerStream,
+    ) -> impl Future<Output = Result<(), String>> + Send;
 }
+
+/// A proven peer's connection, as a host serves it.
+pub type PeerStream = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// A connection to a VM through another host.
 pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
@@ -478,7 +635,51 @@ async fn serve_one<H: Handler>(
             tokio::join!(handler.lobby(request, out), pump(tls, output, ignored));
             Ok(())
         }
+        Request::Move { vm_id, live } => {
+            write_reply(&mut tls, &Reply::Ok).await?;
+            tracing::info!(%peer, vm = %vm_id, live, "host channel: a VM moves here");
+            handler
+                .take_vm(&vm_id, live, MoveLink { stream: tls })
+                .await;
+            Ok(())
+        }
+        Request::Memory { vm_id, token } => {
+            write_reply(&mut tls, &Reply::Ok).await?;
+            handler.memory(&vm_id, &token, tls).await
+        }
     }
+}
+
+/// Starts moving VM `vm_id` to `host`, which answers over the returned link.
+pub async fn start_move(
+    identity: &HostIdentity,
+    host: &str,
+    addr: &str,
+    vm_id: &str,
+    live: bool,
+) -> Result<MoveLink<Stream>, ChannelError> {
+    let request = Request::Move {
+        vm_id: vm_id.to_string(),
+        live,
+    };
+    Ok(MoveLink {
+        stream: open(identity, host, addr, &request).await?,
+    })
+}
+
+/// Opens the memory stream of a live move to `host`, which answered `token`.
+pub async fn memory(
+    identity: &HostIdentity,
+    host: &str,
+    addr: &str,
+    vm_id: &str,
+    token: &str,
+) -> Result<Stream, ChannelError> {
+    let request = Request::Memory {
+        vm_id: vm_id.to_string(),
+        token: token.to_string(),
+    };
+    open(identity, host, addr, &request).await
 }
 
 /// Runs a lobby command on `host`; what it prints arrives on the receiver, ending with

@@ -75,6 +75,51 @@ impl Handler for Echo {
             .await;
         let _ = out.send(LobbyOut::Exit(1)).await;
     }
+
+    /// Wants layer "b" of the offer, and answers `Done` with a digest of what came: the
+    /// lengths and first bytes of each file, so the test sees every byte arrived in order.
+    async fn take_vm(&self, vm_id: &str, live: bool, mut link: MoveLink<PeerStream>) {
+        let Ok(Some(MoveIn::Offer(offer))) = link.recv::<MoveIn>().await else {
+            return;
+        };
+        let want = MoveOut::Want {
+            image: false,
+            layers: offer
+                .layers
+                .iter()
+                .map(|l| l.0.clone())
+                .filter(|l| l == "b")
+                .collect(),
+        };
+        if link.send(&want).await.is_err() {
+            return;
+        }
+        let mut got = format!("{vm_id} {live}");
+        loop {
+            match link.recv::<MoveIn>().await {
+                Ok(Some(MoveIn::File { name, size })) => {
+                    let mut body = Vec::new();
+                    if link.recv_file(size, &mut body).await.is_err() {
+                        return;
+                    }
+                    got += &format!(
+                        " {name}:{}:{}",
+                        body.len(),
+                        body.first().copied().unwrap_or(0)
+                    );
+                }
+                Ok(Some(MoveIn::Commit)) => {
+                    let _ = link.send(&MoveOut::Failed { why: got }).await;
+                    return;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    async fn memory(&self, vm_id: &str, token: &str, _stream: PeerStream) -> Result<(), String> {
+        Err(format!("no move of {vm_id} waits for {token}"))
+    }
 }
 
 async fn echo_server() -> SocketAddr {
@@ -126,6 +171,56 @@ async fn a_host_reaches_a_vm_through_another_and_bytes_flow_both_ways() {
         }
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
+}
+
+#[tokio::test]
+async fn a_moving_vm_sends_only_the_files_asked_for_and_each_arrives_whole() {
+    let ca = FleetCa::generate().expect("ca");
+    let (addr, _) = host_h2(&ca).await;
+    let h1 = ca.issue("h1").expect("issue");
+    let mut link = start_move(&h1, "h2", &addr, "vm1", false)
+        .await
+        .expect("start");
+    link.send(&MoveIn::Offer(MoveOffer {
+        image: "tiny-1".into(),
+        image_files: vec![],
+        layers: vec![("a".into(), 1), ("b".into(), 300_000)],
+        vm_files: vec![],
+        top: 5,
+    }))
+    .await
+    .expect("offer");
+    let want: MoveOut = link.recv().await.expect("want").expect("an answer");
+    assert_eq!(
+        want,
+        MoveOut::Want {
+            image: false,
+            layers: vec!["b".into()]
+        }
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, size, byte) in [("layer/b", 300_000usize, 7u8), ("top", 5, 9)] {
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![byte; size]).expect("write");
+        let mut file = tokio::fs::File::open(&path).await.expect("open");
+        link.send_file(name, &mut file, size as u64)
+            .await
+            .expect("send");
+    }
+    link.send(&MoveIn::Commit).await.expect("commit");
+    let done: MoveOut = link.recv().await.expect("done").expect("an answer");
+    assert_eq!(
+        done,
+        MoveOut::Failed {
+            why: "vm1 false layer/b:300000:7 top:5:9".into()
+        }
+    );
+
+    let refused = memory(&h1, "h2", &addr, "vm1", "t0k").await;
+    let mut stream = refused.expect("the memory request is taken before the handler decides");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{rest:?}");
 }
 
 #[tokio::test]

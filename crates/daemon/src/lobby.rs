@@ -555,6 +555,14 @@ async fn vm_command(
             }
             Ok(Reply::new(v, text))
         }
+        LobbyCommand::Move { name, host } => {
+            let moved = m.move_vm(&name, &host, scope, &progress(io, json)).await?;
+            let text = moved.summary();
+            Ok(Reply::new(
+                serde_json::to_value(&moved).unwrap_or_default(),
+                text,
+            ))
+        }
         LobbyCommand::Resize {
             name,
             cpu,

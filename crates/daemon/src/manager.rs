@@ -34,10 +34,13 @@ mod envelope;
 mod fleet;
 mod guest;
 mod launch;
+mod migrate;
 mod recovery;
 
 use envelope::*;
 use guest::*;
+use launch::Launch;
+pub use migrate::Moved;
 use recovery::sweep_cgroups;
 
 /// A VM whose op lock this operation holds, read from the store under that lock: while it
@@ -168,6 +171,8 @@ pub struct Manager {
     _host_lock: Option<std::fs::File>,
     /// This host's leases and heartbeat, when it shares its store with other hosts.
     fleet: Option<fleet::Fleet>,
+    /// Live moves to this host waiting for their memory stream.
+    arrivals: migrate::Arrivals,
 }
 
 /// Sets up the tiers `--pack` asks for, as far as this kernel and host allow, and says what
@@ -424,6 +429,7 @@ impl Manager {
             layers_lock: Default::default(),
             op_locks: Default::default(),
             _host_lock: host_lock,
+            arrivals: Default::default(),
         }))
     }
 

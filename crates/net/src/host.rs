@@ -159,6 +159,7 @@ fn ensure_link(link: &VmLink) -> Result<(), NetError> {
     if Path::new(&v6).exists() {
         write_sysctl(&v6)?;
     }
+    ip(&["link", "set", "dev", &link.tap, "address", &link.host_mac])?;
     ip(&["addr", "replace", &link.host_cidr(), "dev", &link.tap])?;
     ip(&["link", "set", "dev", &link.tap, "up"])?;
     Ok(())

@@ -47,6 +47,10 @@ pub struct VmLink {
     /// The guest NIC's MAC: `02:6e:6b` ("nk", locally administered) and the
     /// slot in the last three bytes.
     pub mac: String,
+    /// The tap's own MAC, the gateway's as the guest sees it: `02:6e:6c` and the slot. Fixed
+    /// rather than the kernel's random one, so a VM that moves to another host (or whose tap
+    /// is made again) finds its gateway where its ARP cache says.
+    pub host_mac: String,
 }
 
 impl VmLink {
@@ -63,6 +67,7 @@ impl VmLink {
             guest_ip: Ipv4Addr::from(base + 2),
             prefix_len: 30,
             mac: format!("02:6e:6b:{b1:02x}:{b2:02x}:{b3:02x}"),
+            host_mac: format!("02:6e:6c:{b1:02x}:{b2:02x}:{b3:02x}"),
         })
     }
 
@@ -183,7 +188,8 @@ mod tests {
         for slot in 0..=MAX_SLOT {
             let l = VmLink::for_slot(slot)?;
             assert!(seen.insert(l.mac.clone()));
-            assert!(seen.len() as u32 == slot + 1);
+            assert!(seen.insert(l.host_mac.clone()));
+            assert!(seen.len() as u32 == 2 * (slot + 1));
         }
         // 0x02: locally administered, unicast.
         assert!(seen.iter().all(|m| m.starts_with("02:")));

@@ -322,6 +322,107 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         assert_eq!(get_through(h, "vm2").0, "401", "through {}", h.addr);
     }
 
+    // A running VM moves live to another host, asked through a third: its processes go on
+    // (the same pid, still counting), its files and web server come along, every front door
+    // finds it on its new host, and its old host runs no QEMU for it any more.
+    let pid = h1.exec(
+        "vm1",
+        "echo 'echo $$ > /tmp/counter.pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done' > /tmp/counter.sh \
+         && (setsid sh /tmp/counter.sh </dev/null >/dev/null 2>&1 &) ; sleep 1; cat /tmp/counter.pid",
+    );
+    let pid = pid.trim().to_string();
+    assert!(pid.parse::<u32>().is_ok(), "counter pid: {pid:?}");
+    let out = h3.lobby_ok(&alice, &["move", "vm1", "h2", "--json"]);
+    let moved: Value = serde_json::from_str(&out).expect("move --json");
+    assert_eq!(
+        (
+            moved["from"].as_str(),
+            moved["to"].as_str(),
+            moved["live"].as_bool()
+        ),
+        (Some("h1"), Some("h2"), Some(true)),
+        "{moved}"
+    );
+    assert!(moved["paused_ms"].as_u64().is_some(), "{moved}");
+    assert!(
+        h1.qemu_pids().is_empty(),
+        "h1 still runs a QEMU: {:?}",
+        h1.qemu_pids()
+    );
+    for h in [&h1, &h2, &h3] {
+        let vm1 = find(&ls(h, &alice), "vm1").clone();
+        assert_eq!(
+            (vm1["host"].as_str(), vm1["state"].as_str()),
+            (Some("h2"), Some("running")),
+            "{vm1}"
+        );
+        let probe =
+            "'test -d /proc/$(cat /tmp/counter.pid) && cat /tmp/counter.pid ~/mark /tmp/count'";
+        let out = h.ssh(&alice, "vm1", &["sh", "-c", probe]);
+        let first = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = first.lines().collect();
+        assert_eq!(
+            lines.get(..2),
+            Some(&[pid.as_str(), "kept-on-vm1"][..]),
+            "vm1 through {}: {first} {}",
+            h.addr,
+            stderr_of(&out)
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        let later = h.ssh(&alice, "vm1", &["sh", "-c", "'cat /tmp/count'"]);
+        let (before, after) = (
+            lines
+                .get(2)
+                .and_then(|c| c.parse::<u64>().ok())
+                .unwrap_or(u64::MAX),
+            String::from_utf8_lossy(&later.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0),
+        );
+        assert!(
+            after > before,
+            "the counter stopped after the move: {before} then {after}"
+        );
+        assert_eq!(
+            get_through(h, "vm1"),
+            ("200".to_string(), "hello-from-vm1".to_string()),
+            "vm1 through {}",
+            h.addr
+        );
+    }
+    // A stopped VM moves with its disk, and starts on its new host with its files.
+    h2.lobby_ok(&alice, &["stop", "vm2"]);
+    let out = h3.lobby_ok(&alice, &["move", "vm2", "h1", "--json"]);
+    let moved: Value = serde_json::from_str(&out).expect("move --json");
+    assert_eq!(
+        (moved["to"].as_str(), moved["live"].as_bool()),
+        (Some("h1"), Some(false)),
+        "{moved}"
+    );
+    let vm2 = find(&ls(&h2, &alice), "vm2").clone();
+    assert_eq!(
+        (vm2["host"].as_str(), vm2["state"].as_str()),
+        (Some("h1"), Some("stopped")),
+        "{vm2}"
+    );
+    h2.lobby_ok(&alice, &["start", "vm2"]);
+    let out = h3.ssh(&alice, "vm2", &["sh", "-c", "'cat ~/mark'"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept-on-vm2");
+    assert_eq!(h1.qemu_pids().len(), 1);
+    for (args, says) in [
+        (["move", "vm3", "h9"], "no such host"),
+        (["move", "vm3", "h3"], "already"),
+    ] {
+        let out = h1.ssh(&alice, "lobby", &args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr_of(&out).contains(says),
+            "{args:?}: {}",
+            stderr_of(&out)
+        );
+    }
+
     // PostgreSQL restarted under the hosts: requests fail cleanly meanwhile, the VMs run on,
     // and afterwards every host serves again with nothing lost.
     pg.kill();

@@ -163,6 +163,21 @@ pub fn rebase(top: &Path, base: &Path) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Rewrites the backing file `top`'s header names to `backing` (a qcow2 file), leaving its
+/// data alone (`qemu-img rebase -u`): for a file that arrived from another host, whose header
+/// names that host's paths for the same contents.
+pub fn set_backing(top: &Path, backing: &Path) -> Result<(), StorageError> {
+    cmd::output(
+        Command::new("qemu-img")
+            .args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(backing)
+            .arg(top),
+        QEMU_UTILS,
+        top,
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

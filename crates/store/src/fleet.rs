@@ -3,6 +3,8 @@
 
 use sqlx::Row;
 
+use nook_api::VmState;
+
 use crate::{Dialect, Store, StoreError};
 
 /// The database's clock, in unix milliseconds, as SQL.
@@ -268,6 +270,35 @@ impl Store {
         Ok(())
     }
 
+    /// Hands VM `id` from host `from` to host `to`, which now holds its disk (in the image
+    /// build `image_dir` there) and records it in `state`. False, and nothing changed, when
+    /// the row no longer names `from` (another move or a removal came first).
+    pub async fn move_vm(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        image_dir: &str,
+        state: VmState,
+        pid: Option<u32>,
+    ) -> Result<bool, StoreError> {
+        let _changed = self.change();
+        let done = sqlx::query(
+            "UPDATE vms SET host = $1, image_dir = $2, state = $3, state_reason = NULL, pid = $4, updated_at = $5 \
+             WHERE id = $6 AND host = $7",
+        )
+        .bind(to)
+        .bind(image_dir)
+        .bind(state.as_str())
+        .bind(pid.map(i64::from))
+        .bind(crate::now())
+        .bind(id)
+        .bind(from)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// The VM's lease, expired or not.
     pub async fn lease(&self, vm_id: &str) -> Result<Option<Lease>, StoreError> {
         let row = sqlx::query("SELECT * FROM vm_leases WHERE vm_id = $1")
@@ -392,8 +423,23 @@ mod tests {
     }
 
     on_both_stores! {
+    async fn a_move_names_the_new_host_only_if_the_old_one_still_holds_it(store) {
+        let id = vm(&store, "web").await;
+        let from = store.get_by_id(&id).await.expect("get").host;
+        assert!(store.move_vm(&id, &from, "h2", "/img/b", VmState::Running, Some(7)).await.expect("move"));
+        let moved = store.get_by_id(&id).await.expect("get");
+        assert_eq!(
+            (moved.host.as_str(), moved.image_dir.as_str(), moved.state, moved.pid),
+            ("h2", "/img/b", VmState::Running, Some(7))
+        );
+        // A second move from the old host (a retry, or a race) changes nothing.
+        assert!(!store.move_vm(&id, &from, "h3", "/img/c", VmState::Stopped, None).await.expect("move"));
+        assert_eq!(store.get_by_id(&id).await.expect("get").host, "h2");
+    }
+    }
+
+    on_both_stores! {
     async fn placement_counts_what_each_host_was_given_and_picks_the_roomiest(store) {
-        use nook_api::VmState;
         for (name, host, mib, state) in [
             ("a", "h1", 1024, VmState::Running),
             ("b", "h1", 512, VmState::Creating),

@@ -35,30 +35,56 @@ const STREAM_FD: &str = "nook-fork";
 /// Connects the clone's QEMU (launched with `-incoming defer`), now listening, to the
 /// source's, which [`send`] then streams into.
 pub async fn connect(clone: &Qmp, source: &Qmp) -> Result<(), VmmError> {
+    let (into_clone, from_source) = stream_pair()?;
+    listen(clone, into_clone).await?;
+    attach(source, from_source).await
+}
+
+/// A socket pair for a migration stream: one end for a QEMU, the other for the other QEMU or
+/// for nook to carry elsewhere.
+pub fn stream_pair() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), VmmError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-    let (into_clone, from_source) = socketpair(
+    socketpair(
         AddressFamily::Unix,
         SockType::Stream,
         None,
         SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(|e| VmmError::Qmp(format!("cannot make the fork's stream: {e}")))?;
-    clone.pass_fd(STREAM_FD, into_clone).await?;
+    .map_err(|e| VmmError::Qmp(format!("cannot make the migration stream: {e}")))
+}
+
+/// Has a QEMU launched with `-incoming defer` take its state from `stream`.
+pub async fn listen(clone: &Qmp, stream: std::os::fd::OwnedFd) -> Result<(), VmmError> {
+    clone.pass_fd(STREAM_FD, stream).await?;
     clone
         .execute(
             "migrate-incoming",
             Some(json!({ "uri": format!("fd:{STREAM_FD}") })),
         )
         .await?;
-    source.pass_fd(STREAM_FD, from_source).await?;
     Ok(())
+}
+
+/// Gives the source QEMU the stream [`send`] then writes its state into.
+pub async fn attach(source: &Qmp, stream: std::os::fd::OwnedFd) -> Result<(), VmmError> {
+    source.pass_fd(STREAM_FD, stream).await
+}
+
+/// What the source does once all of its state went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Runs on (a fork: both go on).
+    Resume,
+    /// Stays paused, its disks released, for its QEMU to be ended (a move: the other side
+    /// is the VM now).
+    StayPaused,
 }
 
 /// Streams the running `source` into the clone it was [`connect`]ed to. When the source is
 /// paused, `switch_disk` is called with its QMP to move the disk onto a new overlay; its
 /// error aborts the fork, leaving the source running as before. The source always ends up
 /// running, whatever happens.
-pub async fn send<F, Fut>(source: &Qmp, switch_disk: F) -> Result<ForkTimings, VmmError>
+pub async fn send<F, Fut>(source: &Qmp, switch_disk: F, then: Then) -> Result<ForkTimings, VmmError>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), VmmError>>,
@@ -134,7 +160,9 @@ where
     .unwrap_or(Err(VmmError::Timeout(FORK_TIMEOUT)));
     match outcome {
         Ok(paused_at) => {
-            cont_after_migration(source).await?;
+            if then == Then::Resume {
+                cont_after_migration(source).await?;
+            }
             let paused = paused_at.map(|t| t.elapsed()).unwrap_or_default();
             Ok(ForkTimings {
                 total: started.elapsed(),
@@ -166,6 +194,15 @@ async fn cont_after_migration(source: &Qmp) -> Result<(), VmmError> {
 
 /// Waits for the clone to hold all of the state, then lets it run.
 pub async fn finish(clone: &Qmp) -> Result<(), VmmError> {
+    received(clone).await?;
+    if !is_running(clone).await? {
+        clone.execute("cont", None).await?;
+    }
+    Ok(())
+}
+
+/// Waits for a QEMU with `-incoming` to hold all of the state; it stays paused.
+pub async fn received(clone: &Qmp) -> Result<(), VmmError> {
     tokio::time::timeout(FORK_TIMEOUT, async {
         loop {
             match migration_status(clone).await?.as_str() {
@@ -175,9 +212,6 @@ pub async fn finish(clone: &Qmp) -> Result<(), VmmError> {
                 }
                 _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
-        }
-        if !is_running(clone).await? {
-            clone.execute("cont", None).await?;
         }
         Ok(())
     })

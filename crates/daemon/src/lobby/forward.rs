@@ -47,6 +47,7 @@ pub(super) async fn host_for(
         | LobbyCommand::Stop { name }
         | LobbyCommand::Restart { name }
         | LobbyCommand::Resize { name, .. }
+        | LobbyCommand::Move { name, .. }
         | LobbyCommand::Stat { name: Some(name) } => vec![name],
         LobbyCommand::Rename { old, .. } => vec![old],
         // A clone goes where its source's layers are.

@@ -269,6 +269,24 @@ impl nook_channel::Handler for Peers {
     ) {
         crate::lobby::run_for_peer(&self.0, request, out).await;
     }
+
+    async fn take_vm(
+        &self,
+        vm_id: &str,
+        live: bool,
+        link: nook_channel::MoveLink<nook_channel::PeerStream>,
+    ) {
+        self.0.take_vm(vm_id, live, link).await;
+    }
+
+    async fn memory(
+        &self,
+        vm_id: &str,
+        token: &str,
+        stream: nook_channel::PeerStream,
+    ) -> Result<(), String> {
+        self.0.memory_arrived(vm_id, token, stream)
+    }
 }
 
 impl Manager {

@@ -20,9 +20,9 @@ use nook_vmm::fork;
 /// Chains with more layers than this are flattened in the background after a clone.
 const MAX_LAYERS: usize = 8;
 /// The source's new top while a clone is moving it there.
-const NEXT_DISK: &str = "disk.next.qcow2";
+pub(super) const NEXT_DISK: &str = "disk.next.qcow2";
 /// The `-drive id` of every VM's root disk.
-const DISK_DEVICE: &str = "root";
+pub(super) const DISK_DEVICE: &str = "root";
 /// Free space the data dir must have for a clone to be made.
 const MIN_FREE_BYTES: u64 = 32 << 20;
 /// How long a forked clone's agent has to answer after the restore.
@@ -336,23 +336,27 @@ impl Manager {
 
         timings.disk_ms = ms(disk_started.elapsed());
         progress("starting the clone's QEMU");
-        let (pid, clone_qmp) = self.launch(clone, image, true, progress).await?;
+        let (pid, clone_qmp) = self.launch(clone, image, Launch::Fork, progress).await?;
         self.adopt(clone, clone_qmp.clone(), None);
         let src_qmp = self.live_qmp(src)?;
         let source_pid = src.pid;
         progress("copying memory");
         let sent = async {
             fork::connect(&clone_qmp, &src_qmp).await?;
-            fork::send(&src_qmp, || async {
-                match faults::point("clone:paused") {
-                    Fault::KillSourceQemu => kill_qemu(source_pid),
-                    Fault::KillCloneQemu => kill_qemu(Some(pid)),
-                    Fault::None | Fault::NoAnswer => {}
-                }
-                fork::switch_disk(&src_qmp, DISK_DEVICE, &next).await?;
-                faults::point("clone:switched");
-                Ok(())
-            })
+            fork::send(
+                &src_qmp,
+                || async {
+                    match faults::point("clone:paused") {
+                        Fault::KillSourceQemu => kill_qemu(source_pid),
+                        Fault::KillCloneQemu => kill_qemu(Some(pid)),
+                        Fault::None | Fault::NoAnswer => {}
+                    }
+                    fork::switch_disk(&src_qmp, DISK_DEVICE, &next).await?;
+                    faults::point("clone:switched");
+                    Ok(())
+                },
+                fork::Then::Resume,
+            )
             .await
         }
         .await;
@@ -427,7 +431,7 @@ impl Manager {
     }
 
     /// The QMP connection of a running VM this daemon supervises.
-    fn live_qmp(&self, vm: &VmRecord) -> Result<Qmp, ApiError> {
+    pub(super) fn live_qmp(&self, vm: &VmRecord) -> Result<Qmp, ApiError> {
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -549,7 +553,7 @@ impl Manager {
 }
 
 /// Makes a frozen layer root's and read-only to everyone.
-fn freeze_ownership(layer: &std::path::Path) -> std::io::Result<()> {
+pub(super) fn freeze_ownership(layer: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::chown(layer, Some(0), Some(0))?;
     std::fs::set_permissions(layer, std::fs::Permissions::from_mode(0o644))

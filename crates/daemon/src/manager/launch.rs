@@ -3,6 +3,17 @@
 
 use super::*;
 
+/// Why a QEMU starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Launch {
+    /// A boot from the disk.
+    Boot,
+    /// A clone of a running VM on this host, waiting for its source's state.
+    Fork,
+    /// A running VM moving here from another host, waiting for its state.
+    Arrival,
+}
+
 impl Manager {
     /// Boots `vm`, retrying a boot that hangs before the kernel prints anything: a rare
     /// TCG hang that a fresh QEMU does not repeat.
@@ -45,7 +56,7 @@ impl Manager {
     ) -> Result<(), BootError> {
         let started = Instant::now();
         let paths = self.paths(&vm.id);
-        let (pid, qmp) = self.launch(vm, image, false, progress).await?;
+        let (pid, qmp) = self.launch(vm, image, Launch::Boot, progress).await?;
         let agent = AgentClient::connect(&paths.agent_socket())
             .await
             .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
@@ -85,17 +96,22 @@ impl Manager {
         Ok(())
     }
 
-    /// Starts QEMU for `vm` (paused for an incoming fork with `incoming`), connected to its
-    /// network and confined to its account's cgroup; returns its pid and QMP connection.
+    /// Starts QEMU for `vm` (paused, waiting for its state, unless it boots), connected to
+    /// its network and confined to its account's cgroup; returns its pid and QMP connection.
     pub(super) async fn launch(
         &self,
         vm: &VmRecord,
         image: &Image,
-        incoming: bool,
+        how: Launch,
         progress: Progress<'_>,
     ) -> Result<(u32, Qmp), ApiError> {
-        // Before anything of the VM's starts: another host may be running it.
-        self.take_lease(vm).await?;
+        // Before anything of the VM's starts: another host may be running it. A VM arriving
+        // from another host is that host's until it hands over, and runs no instruction here
+        // before this host takes the lease (see `migrate.rs`).
+        if how != Launch::Arrival {
+            self.take_lease(vm).await?;
+        }
+        let incoming = how != Launch::Boot;
         let paths = self.paths(&vm.id);
         let qemu =
             Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
@@ -179,15 +195,18 @@ impl Manager {
         nook_vmm::console::follow(&paths);
         // A fork's clone stays `creating` until it is complete, so that a crash before then
         // removes it rather than re-adopting half a clone.
-        let state = if incoming {
-            VmState::Creating
-        } else {
-            VmState::Starting
+        let state = match how {
+            Launch::Boot => Some(VmState::Starting),
+            Launch::Fork => Some(VmState::Creating),
+            // The row is the sending host's until the VM is handed over.
+            Launch::Arrival => None,
         };
-        self.store
-            .set_state(&vm.id, state, None, Some(pid))
-            .await
-            .map_err(|e| errors::from_store("record the VM's process", e))?;
+        if let Some(state) = state {
+            self.store
+                .set_state(&vm.id, state, None, Some(pid))
+                .await
+                .map_err(|e| errors::from_store("record the VM's process", e))?;
+        }
         self.confine(vm, pid).await?;
         let qmp = Qmp::connect(&paths.qmp_socket())
             .await

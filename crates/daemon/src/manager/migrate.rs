@@ -1,0 +1,915 @@
+//! Moving a VM to another host of the fleet (`move VM HOST`), over the host channel.
+//!
+//! The VM's host drives it; the receiving host checks and stores what arrives. Layers are
+//! immutable and named once for all hosts, so only those the receiver lacks travel, and
+//! the image build travels only when the receiver has no build of that name. Each file the
+//! receiver takes names its backing file by the receiver's own paths (`qemu-img rebase -u`),
+//! and the chain is checked (`trusted_chain`) before anything opens it.
+//!
+//! - **Stopped VM:** its top and what the receiver lacks go over, then `Commit`: the
+//!   receiver records the VM as its own (`Store::move_vm`, only while the row still names
+//!   the sender), and the sender deletes its copy.
+//! - **Running VM (live):** the sender first freezes the top as a layer (as `cp` does), so
+//!   everything below the VM's new small top is immutable and travels while the VM runs. The
+//!   receiver starts QEMU paused (`-incoming`) on a placeholder top over those layers, and the
+//!   memory streams over a second channel connection while the guest runs on. At the one
+//!   moment the sender is paused, with its disk flushed, the small top goes over and replaces
+//!   the placeholder in place; QEMU re-reads its images when the migration completes. The
+//!   sender's QEMU then ends (its lease released), and only then does the receiver take the
+//!   lease and let the guest run: the VM never runs on two hosts at once.
+//!
+//! What fails before the sender's QEMU ends leaves the VM running where it was, and the
+//! receiver deletes what it took. If the receiver fails after that, the sender still holds
+//! the whole disk (its top is unchanged since the pause) and records the VM stopped there,
+//! with why: its memory is lost, its data is not.
+
+use super::*;
+
+use clone::{DISK_DEVICE, NEXT_DISK};
+use nook_channel::{MoveIn, MoveLink, MoveOffer, MoveOut, PeerStream};
+use nook_vmm::fork;
+use tokio::io::AsyncWriteExt;
+
+/// How long the receiver waits for the memory stream after it said it listens.
+const MEMORY_WAIT: Duration = Duration::from_secs(30);
+/// How long either side waits for the other's next answer (a file may be large, but the
+/// receiver answers only after it is written; a stall beyond this ends the move).
+const ANSWER_WAIT: Duration = Duration::from_secs(600);
+/// The image build's files a receiver takes.
+const IMAGE_FILES: [&str; 4] = ["manifest.json", "rootfs.qcow2", "vmlinux", "initrd.cpio"];
+
+/// Live moves waiting on this host for their memory stream: VM id to token and handoff.
+pub(super) type Arrivals =
+    std::sync::Mutex<HashMap<String, (String, tokio::sync::oneshot::Sender<PeerStream>)>>;
+
+/// What `move` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Moved {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub live: bool,
+    /// Bytes of disk (and image) sent; memory is not counted.
+    pub disk_bytes_sent: u64,
+    /// How long the guest was paused (a live move).
+    pub paused_ms: Option<u64>,
+    pub total_ms: u64,
+}
+
+impl Moved {
+    pub fn summary(&self) -> String {
+        let how = match self.paused_ms {
+            Some(ms) => format!("live, its processes running on; paused {ms} ms"),
+            None => "stopped".to_string(),
+        };
+        format!(
+            "moved {} from {} to {} ({how}; {} of disk sent, {:.1} s in all)",
+            self.vm,
+            self.from,
+            self.to,
+            format_size(self.disk_bytes_sent),
+            self.total_ms as f64 / 1000.0
+        )
+    }
+}
+
+fn failed(to: &str, why: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        format!("The move to host '{to}' failed: {why}"),
+    )
+}
+
+/// A name a peer sent that this host will use as a file name: no path, nothing hidden.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+async fn expect<S, T>(link: &mut MoveLink<S>, what: &str) -> Result<T, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: serde::de::DeserializeOwned,
+{
+    match tokio::time::timeout(ANSWER_WAIT, link.recv::<T>()).await {
+        Ok(Ok(Some(msg))) => Ok(msg),
+        Ok(Ok(None)) => Err(format!("the other host closed the move while {what}")),
+        Ok(Err(why)) => Err(format!("{why} while {what}")),
+        Err(_) => Err(format!(
+            "no answer in {} s while {what}",
+            ANSWER_WAIT.as_secs()
+        )),
+    }
+}
+
+async fn send_path<S>(
+    link: &mut MoveLink<S>,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<u64, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let size = file
+        .metadata()
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    link.send_file(name, &mut file, size).await?;
+    Ok(size)
+}
+
+fn file_size(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn name_of(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+impl Manager {
+    /// Moves `name` to host `to`: live when it runs, else its disk alone.
+    pub async fn move_vm(
+        self: &Arc<Self>,
+        name: &str,
+        to: &str,
+        scope: Scope<'_>,
+        progress: Progress<'_>,
+    ) -> Result<Moved, ApiError> {
+        let started = Instant::now();
+        let me = self.cfg.host_name.clone();
+        if self.fleet.is_none() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "This host is not part of a fleet (its store is SQLite): there is no other host to move to",
+            ));
+        }
+        let vm = self.lock_vm(name, scope).await?;
+        if to == me {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("VM '{}' is on host '{to}' already", vm.name),
+            ));
+        }
+        // The same checks as `new --on`: a known host that is up.
+        self.place(None, None, Some(to)).await?;
+        let live = match vm.state {
+            VmState::Running => true,
+            VmState::Stopped | VmState::Failed => false,
+            other => {
+                return Err(ApiError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "VM '{}' is {}: move it once it is running or stopped",
+                        vm.name,
+                        other.as_str()
+                    ),
+                ));
+            }
+        };
+        if live && self.fleet.as_ref().is_some_and(|f| f.is_fenced(&vm.id)) {
+            return Err(ApiError::new(
+                ErrorCode::StoreUnavailable,
+                format!(
+                    "VM '{}' is paused until this host reaches the fleet's database again; move it then",
+                    vm.name
+                ),
+            ));
+        }
+        let image = self.image_of(&vm)?;
+        let (identity, addr) = self.channel_route(to).await.map_err(|why| {
+            ApiError::new(
+                ErrorCode::HostDown,
+                format!("Cannot reach host '{to}': {why}"),
+            )
+        })?;
+
+        if live {
+            progress("freezing the disk so it can travel while the VM runs");
+            self.freeze_top(&vm).await?;
+        }
+        let chain = self.trusted_chain(&vm).await?;
+        let top = self.paths(&vm.id).disk();
+        let below: Vec<PathBuf> = chain
+            .iter()
+            .skip(1)
+            .filter(|f| self.layers.contains(f))
+            .cloned()
+            .collect();
+        let vm_files = self.vm_files(&vm.id);
+        let offer = MoveOffer {
+            image: name_of(&image.dir),
+            image_files: IMAGE_FILES
+                .iter()
+                .map(|f| (f.to_string(), file_size(&image.dir.join(f))))
+                .collect(),
+            layers: below.iter().map(|l| (name_of(l), file_size(l))).collect(),
+            vm_files: vm_files
+                .iter()
+                .map(|f| (name_of(f), file_size(f)))
+                .collect(),
+            top: file_size(&top),
+        };
+        let mut link = nook_channel::start_move(&identity, to, &addr, &vm.id, live)
+            .await
+            .map_err(|e| failed(to, e))?;
+        link.send(&MoveIn::Offer(offer))
+            .await
+            .map_err(|e| failed(to, e))?;
+        let (want_image, want_layers) = match expect(&mut link, "asking what it lacks")
+            .await
+            .map_err(|e| failed(to, e))?
+        {
+            MoveOut::Want { image, layers } => (image, layers),
+            MoveOut::Failed { why } => return Err(failed(to, why)),
+            other => return Err(failed(to, format!("unexpected answer {other:?}"))),
+        };
+        let mut sent = 0u64;
+        if want_image {
+            for f in IMAGE_FILES {
+                progress(&format!(
+                    "sending the image build {} ({f})",
+                    name_of(&image.dir)
+                ));
+                sent += send_path(&mut link, &format!("image/{f}"), &image.dir.join(f))
+                    .await
+                    .map_err(|e| failed(to, e))?;
+            }
+        }
+        for layer in below.iter().filter(|l| want_layers.contains(&name_of(l))) {
+            progress(&format!(
+                "sending disk layer {} ({})",
+                name_of(layer),
+                format_size(file_size(layer))
+            ));
+            sent += send_path(&mut link, &format!("layer/{}", name_of(layer)), layer)
+                .await
+                .map_err(|e| failed(to, e))?;
+        }
+        for f in &vm_files {
+            sent += send_path(&mut link, &format!("vm/{}", name_of(f)), f)
+                .await
+                .map_err(|e| failed(to, e))?;
+        }
+        let paused_ms = if live {
+            let (paused, top_bytes) = self
+                .send_live(&vm, to, &identity, &addr, &mut link, progress)
+                .await?;
+            sent += top_bytes;
+            Some(paused.as_millis() as u64)
+        } else {
+            progress(&format!(
+                "sending the disk's top ({})",
+                format_size(file_size(&top))
+            ));
+            sent += send_path(&mut link, "top", &top)
+                .await
+                .map_err(|e| failed(to, e))?;
+            None
+        };
+        link.send(&MoveIn::Commit)
+            .await
+            .map_err(|e| failed(to, e))?;
+        let done = expect::<_, MoveOut>(&mut link, "handing the VM over").await;
+        // The row is the truth: whatever the link said, the VM is the other host's once its
+        // row names it.
+        let handed = matches!(self.store.get_by_id(&vm.id).await, Ok(row) if row.host == to);
+        if !handed {
+            let why = match done {
+                Ok(MoveOut::Failed { why }) => why,
+                Ok(other) => format!("unexpected answer {other:?}"),
+                Err(why) => why,
+            };
+            if live {
+                // Its QEMU is gone; its disk is whole here (the top is as it was at the pause).
+                let reason = format!(
+                    "the move to host '{to}' failed after its memory was sent ({why}); its disk is intact here: start it again"
+                );
+                self.record_state_or_log(
+                    &vm.name,
+                    &vm.id,
+                    VmState::Stopped,
+                    Some(&reason),
+                    None,
+                    "a failed move",
+                )
+                .await;
+            }
+            return Err(failed(to, why));
+        }
+        let dir = self.paths(&vm.id).dir;
+        if let Err(err) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(%err, dir = %dir.display(), "could not remove a moved VM's directory");
+        }
+        self.collect_layers().await;
+        let moved = Moved {
+            vm: vm.name.clone(),
+            from: me,
+            to: to.to_string(),
+            live,
+            disk_bytes_sent: sent,
+            paused_ms,
+            total_ms: started.elapsed().as_millis() as u64,
+        };
+        tracing::info!(vm = %vm.name, to, live, sent, ?paused_ms, "moved");
+        Ok(moved)
+    }
+
+    /// Moves a running VM onto a fresh top over its current one, now a frozen layer.
+    async fn freeze_top(&self, vm: &VmRecord) -> Result<(), ApiError> {
+        let qmp = self.live_qmp(vm)?;
+        let _layers = self.layers_lock.lock().await;
+        let next = self.paths(&vm.id).dir.join(NEXT_DISK);
+        let (layer_store, disk, next_disk, size) = (
+            self.layers.clone(),
+            self.paths(&vm.id).disk(),
+            next.clone(),
+            vm.disk_bytes,
+        );
+        let uid = nix::unistd::geteuid()
+            .is_root()
+            .then(|| self.cfg.jail_uids.for_slot(vm.slot));
+        let made = tokio::task::spawn_blocking(move || {
+            let layer = layer_store.freeze(&disk)?;
+            nook_storage::disk::create_overlay_on_qcow2(&layer, &next_disk, size)?;
+            if let Some(uid) = uid {
+                std::os::unix::fs::chown(&next_disk, Some(uid), Some(uid)).map_err(|e| {
+                    nook_storage::StorageError::Io {
+                        action: "give the VM its new disk top",
+                        path: next_disk.clone(),
+                        source: e,
+                    }
+                })?;
+            }
+            Ok::<_, nook_storage::StorageError>(())
+        })
+        .await;
+        if let Err(err) = map_join(made, "freeze the disk")? {
+            let _ = std::fs::remove_file(&next);
+            return Err(errors::from_storage("freeze the disk", err));
+        }
+        let switched = fork::switch_disk(&qmp, DISK_DEVICE, &next).await;
+        self.settle_next_disk(vm, Some(&qmp)).await;
+        switched.map_err(|e| errors::from_vmm("switch the VM's disk", e))
+    }
+
+    /// The VM's own small files that go with it: its SSH keys.
+    fn vm_files(&self, id: &str) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.paths(id).dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .filter(|p| name_of(p).starts_with("ssh_") && plain_name(&name_of(p)))
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// The live part of a move: the receiver starts QEMU, the memory streams, and at the pause
+    /// the top goes over; then this host's QEMU ends. Returns how long the guest was paused
+    /// and the top's size.
+    async fn send_live(
+        &self,
+        vm: &VmRecord,
+        to: &str,
+        identity: &nook_channel::HostIdentity,
+        addr: &str,
+        link: &mut MoveLink<nook_channel::Stream>,
+        progress: Progress<'_>,
+    ) -> Result<(Duration, u64), ApiError> {
+        progress(&format!("starting the VM's QEMU on {to}"));
+        link.send(&MoveIn::Launch)
+            .await
+            .map_err(|e| failed(to, e))?;
+        let token = match expect(link, "starting QEMU there")
+            .await
+            .map_err(|e| failed(to, e))?
+        {
+            MoveOut::Listening { token } => token,
+            MoveOut::Failed { why } => return Err(failed(to, why)),
+            other => return Err(failed(to, format!("unexpected answer {other:?}"))),
+        };
+        let mut stream = nook_channel::memory(identity, to, addr, &vm.id, &token)
+            .await
+            .map_err(|e| failed(to, e))?;
+        let (for_qemu, ours) =
+            fork::stream_pair().map_err(|e| errors::from_vmm("send the memory", e))?;
+        let qmp = self.live_qmp(vm)?;
+        fork::attach(&qmp, for_qemu)
+            .await
+            .map_err(|e| errors::from_vmm("send the memory", e))?;
+        let ours = std::os::unix::net::UnixStream::from(ours);
+        ours.set_nonblocking(true)
+            .map_err(|e| io_error("send the memory", e))?;
+        let mut ours =
+            tokio::net::UnixStream::from_std(ours).map_err(|e| io_error("send the memory", e))?;
+        let carry = tokio::spawn(async move {
+            let copied = tokio::io::copy(&mut ours, &mut stream).await;
+            let _ = stream.shutdown().await;
+            copied
+        });
+        progress("copying memory while the VM runs");
+        let top = self.paths(&vm.id).disk();
+        let mut top_bytes = 0u64;
+        let mut top_error: Option<String> = None;
+        let (bytes_out, error_out, top) = (&mut top_bytes, &mut top_error, &top);
+        let sent = fork::send(
+            &qmp,
+            move || async move {
+                // Paused, its disk flushed: the top is final here.
+                match send_path(link, "top", top).await {
+                    Ok(n) => *bytes_out = n,
+                    Err(why) => {
+                        *error_out = Some(why.clone());
+                        return Err(nook_vmm::VmmError::Qmp(why));
+                    }
+                }
+                match expect::<_, MoveOut>(link, "handing over the disk's top").await {
+                    Ok(MoveOut::Took) => Ok(()),
+                    Ok(MoveOut::Failed { why }) | Err(why) => {
+                        *error_out = Some(why.clone());
+                        Err(nook_vmm::VmmError::Qmp(why))
+                    }
+                    Ok(other) => Err(nook_vmm::VmmError::Qmp(format!(
+                        "unexpected answer {other:?}"
+                    ))),
+                }
+            },
+            fork::Then::StayPaused,
+        )
+        .await;
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(err) => {
+                carry.abort();
+                return Err(match top_error {
+                    Some(why) => failed(to, why),
+                    None => errors::from_vmm("send the VM's memory", err),
+                });
+            }
+        };
+        progress(&format!("handing the VM over to {to}"));
+        // From here the VM's state is all on the other host: this QEMU ends and its lease
+        // goes, and only then may the other host let the guest run.
+        self.halt(vm, false).await;
+        // What QEMU wrote is in the socket even once it has gone; let it all reach the other side.
+        if tokio::time::timeout(MEMORY_WAIT, carry).await.is_err() {
+            tracing::warn!(vm = %vm.name, "the memory stream did not drain in time");
+        }
+        Ok((sent.paused, top_bytes))
+    }
+
+    /// Takes over a VM a peer moves here (the peer's `move_vm`), answering over `link`.
+    pub(crate) async fn take_vm(
+        self: &Arc<Self>,
+        vm_id: &str,
+        live: bool,
+        mut link: MoveLink<PeerStream>,
+    ) {
+        let lock = self.op_lock(vm_id);
+        let _guard = lock.lock().await;
+        let mut arrival = Arrival::default();
+        let outcome = self.receive(vm_id, live, &mut link, &mut arrival).await;
+        if let Err(why) = &outcome {
+            tracing::warn!(
+                vm = vm_id,
+                why,
+                "a VM moving here did not arrive; removing what came"
+            );
+            let _ = link.send(&MoveOut::Failed { why: why.clone() }).await;
+            self.undo_arrival(vm_id, &arrival).await;
+        }
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm_id);
+    }
+
+    async fn receive(
+        self: &Arc<Self>,
+        vm_id: &str,
+        live: bool,
+        link: &mut MoveLink<PeerStream>,
+        arrival: &mut Arrival,
+    ) -> Result<(), String> {
+        let me = self.cfg.host_name.clone();
+        let vm = self
+            .store
+            .get_by_id(vm_id)
+            .await
+            .map_err(|e| format!("cannot read the VM's row here: {e}"))?;
+        if vm.host == me || vm.host.is_empty() {
+            return Err(format!("VM '{}' is on host '{me}' already", vm.name));
+        }
+        if live != (vm.state == VmState::Running) {
+            return Err(format!(
+                "VM '{}' is {} by its row, not what the move says",
+                vm.name,
+                vm.state.as_str()
+            ));
+        }
+        let Ok(MoveIn::Offer(offer)) = expect::<_, MoveIn>(link, "waiting for the offer").await
+        else {
+            return Err("the move did not begin with its offer".into());
+        };
+        if !plain_name(&offer.image)
+            || !offer.layers.iter().all(|l| plain_name(&l.0))
+            || !offer.vm_files.iter().all(|f| plain_name(&f.0))
+        {
+            return Err("the offer names a file this host will not take".into());
+        }
+        let kind = ImageKind::from_str(&vm.image).map_err(|e| e.to_string())?;
+        let image_dir = self.cfg.images_dir.join(&offer.image);
+        let want_image = ImageStore::open_at(kind, &image_dir).is_err();
+        let want_layers: Vec<String> = offer
+            .layers
+            .iter()
+            .map(|l| l.0.clone())
+            .filter(|l| !self.layers.dir().join(l).exists())
+            .collect();
+        let need: u64 = offer.top
+            + offer
+                .layers
+                .iter()
+                .filter(|l| want_layers.contains(&l.0))
+                .map(|l| l.1)
+                .sum::<u64>()
+            + if want_image {
+                offer.image_files.iter().map(|f| f.1).sum()
+            } else {
+                0
+            };
+        if let Some(free) = free_bytes(&self.cfg.data_dir)
+            && free < need + (1 << 30)
+        {
+            return Err(format!(
+                "host '{me}' has {} free and the VM needs {} (and 1 GiB to spare)",
+                format_size(free),
+                format_size(need)
+            ));
+        }
+        let dir = self.paths(vm_id).dir;
+        if self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(vm_id)
+        {
+            return Err(format!(
+                "VM '{}' has a QEMU on host '{me}' already",
+                vm.name
+            ));
+        }
+        // Left by an earlier move that failed: the row names another host, so nothing here uses it.
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in [&dir, &self.layers.dir().to_path_buf()] {
+            std::fs::create_dir_all(d).map_err(|e| format!("cannot make {}: {e}", d.display()))?;
+        }
+        arrival.dir = true;
+        let staging = self
+            .cfg
+            .images_dir
+            .join(format!(".incoming-{}-{vm_id}", offer.image));
+        link.send(&MoveOut::Want {
+            image: want_image,
+            layers: want_layers.clone(),
+        })
+        .await?;
+
+        let mut here = vm.clone();
+        here.host = me.clone();
+        here.image_dir = image_dir.display().to_string();
+        let disk = self.paths(vm_id).disk();
+        let mut qemu: Option<(u32, Qmp)> = None;
+        loop {
+            match expect::<_, MoveIn>(link, "receiving").await? {
+                MoveIn::File { name, size } => {
+                    let path = match name.split_once('/') {
+                        Some(("image", f)) if want_image && IMAGE_FILES.contains(&f) => {
+                            std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+                            arrival.staging = Some(staging.clone());
+                            staging.join(f)
+                        }
+                        Some(("layer", l)) if want_layers.iter().any(|w| w == l) => {
+                            arrival.layers.push(l.to_string());
+                            self.layers.dir().join(format!(".incoming-{l}"))
+                        }
+                        Some(("vm", f)) if offer.vm_files.iter().any(|v| v.0 == f) => dir.join(f),
+                        None if name == "top" => disk.clone(),
+                        _ => {
+                            return Err(format!("the move sent {name:?}, which was not asked for"));
+                        }
+                    };
+                    if name == "top" && qemu.is_some() {
+                        // The sender is paused: the real top replaces the placeholder in
+                        // place (QEMU holds it open and re-reads it when the state is in).
+                        self.write_in_place(link, size, &path).await?;
+                        self.point_at(
+                            &path,
+                            offer.layers.first().map(|l| l.0.as_str()),
+                            &image_dir,
+                        )
+                        .await?;
+                        link.send(&MoveOut::Took).await?;
+                    } else {
+                        let mut file = tokio::fs::File::create(&path)
+                            .await
+                            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                        link.recv_file(size, &mut file).await?;
+                        file.sync_all().await.map_err(|e| e.to_string())?;
+                        if name.starts_with("vm/") {
+                            use std::os::unix::fs::PermissionsExt;
+                            let _ = std::fs::set_permissions(
+                                &path,
+                                std::fs::Permissions::from_mode(0o600),
+                            );
+                        }
+                    }
+                }
+                MoveIn::Launch if live && qemu.is_none() => {
+                    self.settle_arrival(&offer, &staging, &image_dir, arrival)
+                        .await?;
+                    let top_layer = offer
+                        .layers
+                        .first()
+                        .map(|l| self.layers.dir().join(&l.0))
+                        .ok_or("a running VM moves with at least one layer")?;
+                    let (layer, placeholder, size) =
+                        (top_layer.clone(), disk.clone(), vm.disk_bytes);
+                    let made = tokio::task::spawn_blocking(move || {
+                        nook_storage::disk::create_overlay_on_qcow2(&layer, &placeholder, size)
+                    })
+                    .await;
+                    made.map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    let image = self.image_of(&here).map_err(|e| e.message)?;
+                    let quiet = |_: &str| {};
+                    let (pid, qmp) = self
+                        .launch(&here, &image, Launch::Arrival, &quiet)
+                        .await
+                        .map_err(|e| e.message)?;
+                    arrival.qemu = Some(pid);
+                    let token = hex::encode(rand::random::<[u8; 16]>());
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    self.arrivals
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(vm_id.to_string(), (token.clone(), tx));
+                    link.send(&MoveOut::Listening { token }).await?;
+                    let stream = tokio::time::timeout(MEMORY_WAIT, rx)
+                        .await
+                        .map_err(|_| "the memory stream did not come in time".to_string())?
+                        .map_err(|_| "the memory stream did not come".to_string())?;
+                    let (for_qemu, ours) = fork::stream_pair().map_err(|e| e.to_string())?;
+                    fork::listen(&qmp, for_qemu)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let ours = std::os::unix::net::UnixStream::from(ours);
+                    ours.set_nonblocking(true).map_err(|e| e.to_string())?;
+                    let mut ours =
+                        tokio::net::UnixStream::from_std(ours).map_err(|e| e.to_string())?;
+                    tokio::spawn(async move {
+                        let mut stream = stream;
+                        let _ = tokio::io::copy(&mut stream, &mut ours).await;
+                        let _ = ours.shutdown().await;
+                    });
+                    qemu = Some((pid, qmp));
+                }
+                MoveIn::Commit => break,
+                other => return Err(format!("the move sent {other:?} out of turn")),
+            }
+        }
+
+        let state = match &qemu {
+            Some((pid, qmp)) => {
+                fork::received(qmp)
+                    .await
+                    .map_err(|e| format!("the memory did not all arrive: {e}"))?;
+                // The sender's QEMU has ended and given up the lease: the VM is this host's to run.
+                self.take_lease(&here).await.map_err(|e| e.message)?;
+                if !self
+                    .store
+                    .move_vm(
+                        vm_id,
+                        &vm.host,
+                        &me,
+                        &here.image_dir,
+                        VmState::Running,
+                        Some(*pid),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    return Err(format!("VM '{}' was moved or removed meanwhile", vm.name));
+                }
+                arrival.committed = true;
+                self.adopt(&here, qmp.clone(), None);
+                if let Err(err) = qmp.execute("cont", None).await {
+                    tracing::error!(vm = %vm.name, %err, "a VM that moved here would not run");
+                }
+                // Shells and commands go through the agent: have it before saying done.
+                self.reconnect_agent(&here).await;
+                VmState::Running
+            }
+            None => {
+                self.settle_arrival(&offer, &staging, &image_dir, arrival)
+                    .await?;
+                self.point_at(
+                    &disk,
+                    offer.layers.first().map(|l| l.0.as_str()),
+                    &image_dir,
+                )
+                .await?;
+                self.trusted_chain(&here).await.map_err(|e| e.message)?;
+                if !self
+                    .store
+                    .move_vm(vm_id, &vm.host, &me, &here.image_dir, vm.state, None)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    return Err(format!("VM '{}' was moved or removed meanwhile", vm.name));
+                }
+                arrival.committed = true;
+                vm.state
+            }
+        };
+        tracing::info!(vm = %vm.name, from = %vm.host, state = state.as_str(), "a VM moved here");
+        link.send(&MoveOut::Done).await
+    }
+
+    /// Overwrites the placeholder top QEMU holds open with the `size` bytes coming over `link`.
+    async fn write_in_place(
+        &self,
+        link: &mut MoveLink<PeerStream>,
+        size: u64,
+        path: &std::path::Path,
+    ) -> Result<(), String> {
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        link.recv_file(size, &mut file).await?;
+        file.sync_all().await.map_err(|e| e.to_string())
+    }
+
+    /// Makes `file` name its backing file by this host's paths: the layer `layer`, or the
+    /// image's base when there is none.
+    async fn point_at(
+        &self,
+        file: &std::path::Path,
+        layer: Option<&str>,
+        image_dir: &std::path::Path,
+    ) -> Result<(), String> {
+        let backing = match layer {
+            Some(l) => self.layers.dir().join(l),
+            None => image_dir.join("rootfs.qcow2"),
+        };
+        let file = file.to_path_buf();
+        let done =
+            tokio::task::spawn_blocking(move || nook_storage::disk::set_backing(&file, &backing))
+                .await;
+        done.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    }
+
+    /// Puts the files that arrived in their places: the image build under its name, each
+    /// layer (backed by this host's paths) under its own.
+    async fn settle_arrival(
+        &self,
+        offer: &MoveOffer,
+        staging: &std::path::Path,
+        image_dir: &std::path::Path,
+        arrival: &mut Arrival,
+    ) -> Result<(), String> {
+        if let Some(staged) = arrival.staging.take() {
+            match std::fs::rename(&staged, image_dir) {
+                Ok(()) => {}
+                // Another move brought the same build meanwhile.
+                Err(_) if image_dir.join("manifest.json").exists() => {
+                    let _ = std::fs::remove_dir_all(&staged);
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot place the image build {}: {e}",
+                        image_dir.display()
+                    ));
+                }
+            }
+        }
+        let _ = staging;
+        let _layers = self.layers_lock.lock().await;
+        for (i, (name, _)) in offer.layers.iter().enumerate() {
+            if !arrival.layers.contains(name) {
+                continue;
+            }
+            let incoming = self.layers.dir().join(format!(".incoming-{name}"));
+            let next = offer.layers.get(i + 1).map(|l| l.0.as_str());
+            self.point_at(&incoming, next, image_dir).await?;
+            std::fs::rename(&incoming, self.layers.dir().join(name)).map_err(|e| e.to_string())?;
+            if nix::unistd::geteuid().is_root() {
+                let _ = clone::freeze_ownership(&self.layers.dir().join(name));
+            }
+        }
+        arrival.layers.clear();
+        Ok(())
+    }
+
+    /// After a move that did not arrive: the QEMU, the directory and the files that came.
+    async fn undo_arrival(&self, vm_id: &str, arrival: &Arrival) {
+        if arrival.committed {
+            return;
+        }
+        if let Some(pid) = arrival.qemu {
+            let paths = self.paths(vm_id);
+            let qemu = Qemu {
+                binary: PathBuf::new(),
+            };
+            nook_vmm::qemu::kill(&qemu, pid, &paths);
+            for _ in 0..50 {
+                if !qemu.is_running(pid, &paths) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if let Ok(vm) = self.store.get_by_id(vm_id).await {
+                self.release_runtime(vm_id, vm.slot, &vm.owner).await;
+            }
+        }
+        if arrival.dir {
+            let _ = std::fs::remove_dir_all(self.paths(vm_id).dir);
+        }
+        if let Some(staged) = &arrival.staging {
+            let _ = std::fs::remove_dir_all(staged);
+        }
+        for l in &arrival.layers {
+            let _ = std::fs::remove_file(self.layers.dir().join(format!(".incoming-{l}")));
+        }
+        self.collect_layers().await;
+    }
+
+    /// Hands a live move's memory stream to the move waiting for it.
+    pub(crate) fn memory_arrived(
+        &self,
+        vm_id: &str,
+        token: &str,
+        stream: PeerStream,
+    ) -> Result<(), String> {
+        let mut waiting = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+        match waiting.remove(vm_id) {
+            Some((expected, tx)) if expected == token => {
+                tx.send(stream).map_err(|_| "the move gave up".to_string())
+            }
+            Some(other) => {
+                waiting.insert(vm_id.to_string(), other);
+                Err("no move waits for that stream".into())
+            }
+            None => Err("no move waits for that stream".into()),
+        }
+    }
+
+    /// Connects to the agent of a VM that moved here, so shells and commands reach it.
+    async fn reconnect_agent(&self, vm: &VmRecord) {
+        let agent = match AgentClient::connect(&self.paths(&vm.id).agent_socket()).await {
+            Ok(agent) => agent,
+            Err(err) => {
+                tracing::warn!(vm = %vm.name, %err, "cannot reach the agent of a VM that moved here");
+                return;
+            }
+        };
+        if let Err(err) = agent.wait_ready(Duration::from_secs(10)).await {
+            tracing::warn!(vm = %vm.name, %err, "the agent of a VM that moved here does not answer");
+        }
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&vm.id)
+        {
+            live.agent = Some(agent);
+            live.booted = true;
+        }
+    }
+}
+
+/// What a move that is arriving has made here so far, to undo if it fails.
+#[derive(Default)]
+struct Arrival {
+    dir: bool,
+    staging: Option<PathBuf>,
+    /// Layers received and not yet in place.
+    layers: Vec<String>,
+    qemu: Option<u32>,
+    committed: bool,
+}
