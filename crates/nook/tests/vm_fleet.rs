@@ -334,6 +334,7 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     assert!(pid.parse::<u32>().is_ok(), "counter pid: {pid:?}");
     let out = h3.lobby_ok(&alice, &["move", "vm1", "h2", "--json"]);
     let moved: Value = serde_json::from_str(&out).expect("move --json");
+    eprintln!("live move: {moved}");
     assert_eq!(
         (
             moved["from"].as_str(),
