@@ -71,8 +71,9 @@ pub enum LobbyCommand {
     /// paused for a moment), else its disk
     Move {
         name: String,
-        /// The host to move it to (`nook host ls` lists them)
-        host: String,
+        /// The host to move it to (`nook host ls` lists them); without one, the other host
+        /// with the most memory free
+        host: Option<String>,
     },
     /// Change a VM's CPUs or memory (applied at the next start) or grow its disk (at once)
     Resize {

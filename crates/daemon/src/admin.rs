@@ -26,6 +26,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/exec", post(exec))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{name}/vms", get(host_vms))
         .route("/v1/accounts", get(list_accounts).post(add_account))
         .route("/v1/accounts/{email}/verify", post(verify_account))
         .route("/v1/accounts/{email}/invite", post(invite_account))
@@ -178,6 +179,14 @@ fn account_json(a: &nook_store::Account) -> serde_json::Value {
         "owner": a.owner,
         "created_at": a.created_at,
     })
+}
+
+/// The names of the VMs living on one host (what `nook host drain` moves away).
+async fn host_vms(
+    State(m): State<Arc<Manager>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Reply<impl IntoResponse> {
+    Ok(axum::Json(m.vms_on_host(&name).await?))
 }
 
 /// The hosts sharing this host's store: each one's last heartbeat, whether it counts as up,

@@ -556,7 +556,9 @@ async fn vm_command(
             Ok(Reply::new(v, text))
         }
         LobbyCommand::Move { name, host } => {
-            let moved = m.move_vm(&name, &host, scope, &progress(io, json)).await?;
+            let moved = m
+                .move_vm(&name, host.as_deref(), scope, &progress(io, json))
+                .await?;
             let text = moved.summary();
             Ok(Reply::new(
                 serde_json::to_value(&moved).unwrap_or_default(),

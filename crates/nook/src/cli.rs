@@ -51,6 +51,9 @@ pub enum HostCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move every VM off a host, each to the other host with the most memory free (running
+    /// ones live), e.g. before taking it down
+    Drain { host: String },
 }
 
 #[derive(Subcommand)]

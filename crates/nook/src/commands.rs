@@ -84,6 +84,42 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let cfg = Config::validate(base)?;
             list_hosts(&Client::new(&cfg.admin_socket()), json).await
         }
+        Command::Host(HostCommand::Drain { host }) => {
+            let cfg = Config::validate(base)?;
+            drain(&Client::new(&cfg.admin_socket()), &host).await
+        }
+    }
+}
+
+/// Moves each VM off `host` in turn, through this host's admin lobby (each move runs on
+/// `host`, which picks where each goes). Goes on past a VM that cannot move, and says which.
+async fn drain(client: &Client, host: &str) -> anyhow::Result<i32> {
+    let path = format!("/v1/hosts/{}/vms", path_segment(host));
+    let names: Vec<String> = match client.send(Method::GET, &path, None).await? {
+        Reply::Ok(resp) => serde_json::from_slice(&body_bytes(resp).await?)?,
+        Reply::Err(err) => return Ok(fail(err, false)),
+    };
+    if names.is_empty() {
+        out!("host {host} holds no VMs");
+        return Ok(0);
+    }
+    let mut stuck = Vec::new();
+    for name in &names {
+        if lobby(client, vec!["move".into(), name.clone()]).await? != 0 {
+            stuck.push(name.as_str());
+        }
+    }
+    if stuck.is_empty() {
+        out!("host {host} is drained: {} VMs moved", names.len());
+        Ok(0)
+    } else {
+        eprintln!(
+            "error: {} of {} VMs are still on host {host}: {}",
+            stuck.len(),
+            names.len(),
+            stuck.join(", ")
+        );
+        Ok(1)
     }
 }
 

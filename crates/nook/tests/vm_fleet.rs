@@ -424,6 +424,26 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         );
     }
 
+    // Draining h2 (asked on h3) moves its VM live to the roomiest other host (h1 and h3 tie;
+    // the name decides), still counting, and leaves h2 with nothing.
+    let out = h3.ok(&["host", "drain", "h2"]);
+    assert!(out.contains("host h2 is drained: 1 VMs moved"), "{out}");
+    assert!(h2.qemu_pids().is_empty(), "h2 still runs a QEMU");
+    let vm1 = find(&ls(&h2, &alice), "vm1").clone();
+    assert_eq!(
+        (vm1["host"].as_str(), vm1["state"].as_str()),
+        (Some("h1"), Some("running")),
+        "{vm1}"
+    );
+    let out = h2.ssh(&alice, "vm1", &["sh", "-c", "'cat /tmp/counter.pid'"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        pid,
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(h2.ok(&["host", "drain", "h2"]).contains("holds no VMs"));
+
     // PostgreSQL restarted under the hosts: requests fail cleanly meanwhile, the VMs run on,
     // and afterwards every host serves again with nothing lost.
     pg.kill();

@@ -167,6 +167,32 @@ impl Manager {
         )
     }
 
+    /// The host other than this one, up, with the most memory free for `memory_mib` more: where
+    /// a VM moves when no host is named.
+    pub(crate) async fn place_elsewhere(&self, memory_mib: u32) -> Result<String, ApiError> {
+        let me = self.cfg.host_name.as_str();
+        let others: Vec<_> = self
+            .store
+            .hosts()
+            .await
+            .map_err(|e| errors::from_store("list the fleet's hosts", e))?
+            .into_iter()
+            .filter(|h| h.host.name != me)
+            .collect();
+        let placed = self
+            .store
+            .memory_placed()
+            .await
+            .map_err(|e| errors::from_store("count the fleet's memory", e))?;
+        nook_store::place(&others, &placed, me, u64::from(memory_mib), fleet::HOST_FRESH_MS)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::HostDown,
+                    format!("No other host of the fleet is up with {memory_mib} MiB of memory free to take it: name a host (`move VM HOST`), or add one"),
+                )
+            })
+    }
+
     /// The host `vm` lives on when that is not this one; refused while that host is down.
     pub(crate) fn lives_elsewhere(&self, vm: &VmRecord) -> Result<Option<String>, ApiError> {
         if self.fleet.is_none() || vm.host.is_empty() || vm.host == self.cfg.host_name {

@@ -497,6 +497,28 @@ impl Manager {
 
     /// The fleet's hosts, for `nook host ls`. A host on SQLite writes no heartbeat (there is
     /// no one to tell), so it lists itself as it is now.
+    /// The names of the VMs that live on `host`, for draining it; an unknown host is an error
+    /// that lists the fleet's.
+    pub async fn vms_on_host(&self, host: &str) -> Result<Vec<String>, ApiError> {
+        let hosts = self.hosts().await?;
+        if !hosts.iter().any(|h| h.host.name == host) {
+            let names: Vec<&str> = hosts.iter().map(|h| h.host.name.as_str()).collect();
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "There is no host '{host}' in the fleet (its hosts: {})",
+                    names.join(", ")
+                ),
+            ));
+        }
+        let vms = self
+            .store
+            .list_on_host(host)
+            .await
+            .map_err(|e| errors::from_store("list the host's VMs", e))?;
+        Ok(vms.into_iter().map(|v| v.name).collect())
+    }
+
     pub async fn hosts(&self) -> Result<Vec<nook_store::HostStatus>, ApiError> {
         match &self.fleet {
             Some(_) => self

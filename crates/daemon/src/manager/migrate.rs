@@ -137,11 +137,12 @@ fn name_of(path: &std::path::Path) -> String {
 }
 
 impl Manager {
-    /// Moves `name` to host `to`: live when it runs, else its disk alone.
+    /// Moves `name` to host `to` (or the other host with the most memory free): live when it
+    /// runs, else its disk alone.
     pub async fn move_vm(
         self: &Arc<Self>,
         name: &str,
-        to: &str,
+        to: Option<&str>,
         scope: Scope<'_>,
         progress: Progress<'_>,
     ) -> Result<Moved, ApiError> {
@@ -154,6 +155,11 @@ impl Manager {
             ));
         }
         let vm = self.lock_vm(name, scope).await?;
+        let to = match to {
+            Some(to) => to.to_string(),
+            None => self.place_elsewhere(vm.memory_mib).await?,
+        };
+        let to = to.as_str();
         if to == me {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,
