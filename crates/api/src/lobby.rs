@@ -51,7 +51,13 @@ pub enum LobbyCommand {
         names: Vec<String>,
     },
     /// Boot a stopped VM
-    Start { name: String },
+    Start {
+        name: String,
+        /// Bring it back on this host from the replica kept there, while its own host is
+        /// down (as of that replica: what it wrote later is lost)
+        #[arg(long, value_name = "HOST")]
+        on: Option<String>,
+    },
     /// Power a VM off cleanly
     Stop { name: String },
     /// Stop and start a VM
@@ -74,6 +80,17 @@ pub enum LobbyCommand {
         /// The host to move it to (`nook host ls` lists them); without one, the other host
         /// with the most memory free
         host: Option<String>,
+    },
+    /// Keep a replica of a VM's disk on another host, renewed every minute or so, so
+    /// `start VM --on HOST` can bring it back if its host goes down
+    Replicate {
+        name: String,
+        /// The host to keep it on
+        #[arg(required_unless_present = "off", conflicts_with = "off")]
+        host: Option<String>,
+        /// Stop keeping a replica
+        #[arg(long)]
+        off: bool,
     },
     /// Change a VM's CPUs or memory (applied at the next start) or grow its disk (at once)
     Resize {
@@ -374,6 +391,7 @@ impl LobbyCommand {
             Self::Cp { .. } => "cp",
             Self::Resize { .. } => "resize",
             Self::Move { .. } => "move",
+            Self::Replicate { .. } => "replicate",
             Self::Stat { .. } => "stat",
             Self::Usage { .. } => "usage",
             Self::SshKey(_) => "ssh-key",
@@ -392,7 +410,8 @@ impl LobbyCommand {
     pub fn vms(&self) -> Option<Vec<&str>> {
         match self {
             Self::Rm { names } => Some(names.iter().map(String::as_str).collect()),
-            Self::Start { name }
+            Self::Start { name, .. }
+            | Self::Replicate { name, .. }
             | Self::Stop { name }
             | Self::Restart { name }
             | Self::Resize { name, .. }
@@ -475,6 +494,7 @@ pub const GRANTABLE: &[&str] = &[
     "cp",
     "resize",
     "move",
+    "replicate",
     "stat",
     "usage",
     "share",
@@ -497,6 +517,7 @@ pub const COMMANDS: &[&str] = &[
     "cp",
     "resize",
     "move",
+    "replicate",
     "stat",
     "usage",
     "ssh-key",

@@ -230,6 +230,9 @@ pub enum Request {
     Move { vm_id: String, live: bool },
     /// The memory stream of the live move that answered [`MoveOut::Listening`] with `token`.
     Memory { vm_id: String, token: String },
+    /// Keep a replica of the disk of VM `vm_id`, which the asking host holds: its frozen
+    /// layers come as in a move (`Offer`, the files asked for, `Commit`), with no top.
+    Replica { vm_id: String },
 }
 
 /// What the moving host sends the receiving one, in order: `Offer`; the files asked for,
@@ -510,6 +513,13 @@ pub trait Handler: Send + Sync + 'static {
         link: MoveLink<PeerStream>,
     ) -> impl Future<Output = ()> + Send;
 
+    /// Keeps the replica the peer sends over `link`, answering `Done` once it is whole.
+    fn take_replica(
+        &self,
+        vm_id: &str,
+        link: MoveLink<PeerStream>,
+    ) -> impl Future<Output = ()> + Send;
+
     /// Hands the memory stream of a live move to the move waiting for it, or says why not.
     fn memory(
         &self,
@@ -647,6 +657,11 @@ async fn serve_one<H: Handler>(
             write_reply(&mut tls, &Reply::Ok).await?;
             handler.memory(&vm_id, &token, tls).await
         }
+        Request::Replica { vm_id } => {
+            write_reply(&mut tls, &Reply::Ok).await?;
+            handler.take_replica(&vm_id, MoveLink { stream: tls }).await;
+            Ok(())
+        }
     }
 }
 
@@ -661,6 +676,21 @@ pub async fn start_move(
     let request = Request::Move {
         vm_id: vm_id.to_string(),
         live,
+    };
+    Ok(MoveLink {
+        stream: open(identity, host, addr, &request).await?,
+    })
+}
+
+/// Starts sending `host` a replica of VM `vm_id`'s disk, over the returned link.
+pub async fn start_replica(
+    identity: &HostIdentity,
+    host: &str,
+    addr: &str,
+    vm_id: &str,
+) -> Result<MoveLink<Stream>, ChannelError> {
+    let request = Request::Replica {
+        vm_id: vm_id.to_string(),
     };
     Ok(MoveLink {
         stream: open(identity, host, addr, &request).await?,

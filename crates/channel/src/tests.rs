@@ -117,6 +117,10 @@ impl Handler for Echo {
         }
     }
 
+    async fn take_replica(&self, vm_id: &str, link: MoveLink<PeerStream>) {
+        self.take_vm(vm_id, false, link).await;
+    }
+
     async fn memory(&self, vm_id: &str, token: &str, _stream: PeerStream) -> Result<(), String> {
         Err(format!("no move of {vm_id} waits for {token}"))
     }

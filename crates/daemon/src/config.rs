@@ -67,6 +67,8 @@ pub struct Settings {
     pub host_max_vms: Option<u32>,
     /// Seconds of near-zero CPU and network before a VM's idle knobs turn on.
     pub idle_after_secs: Option<u64>,
+    /// Seconds between replicas of a VM that has a replica host [default: 60].
+    pub replicate_every_secs: Option<u64>,
     /// Serve Prometheus metrics over TCP too (they are always on the admin socket).
     pub metrics_addr: Option<String>,
     /// Memory reclaim (balloon free page reporting, KSM). On by default;
@@ -176,6 +178,7 @@ impl Settings {
             host_memory_reserve: other.host_memory_reserve.or(self.host_memory_reserve),
             host_max_vms: other.host_max_vms.or(self.host_max_vms),
             idle_after_secs: other.idle_after_secs.or(self.idle_after_secs),
+            replicate_every_secs: other.replicate_every_secs.or(self.replicate_every_secs),
             metrics_addr: other.metrics_addr.or(self.metrics_addr),
             reclaim: other.reclaim.or(self.reclaim),
             https_addr: other.https_addr.or(self.https_addr),
@@ -328,6 +331,8 @@ pub struct Config {
     /// What all accounts together may use on this host.
     pub host_limits: HostLimits,
     pub idle_after: Duration,
+    /// How often a VM with a replica host is replicated (the recovery point's bound).
+    pub replicate_every: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub reclaim: bool,
     pub web: WebConfig,
@@ -669,6 +674,15 @@ impl Config {
             ));
         }
         let idle_after = Duration::from_secs(s.idle_after_secs.unwrap_or(60).max(1));
+        let replicate_every = match s.replicate_every_secs.unwrap_or(60) {
+            0 => {
+                return Err(ConfigError::Invalid(
+                    "replicate_every_secs",
+                    "0: give the seconds between replicas, at least 1".into(),
+                ));
+            }
+            secs => Duration::from_secs(secs),
+        };
         let metrics_addr = match s.metrics_addr.as_deref() {
             None | Some("off") => None,
             Some(addr) => Some(addr.parse().map_err(|_| {
@@ -839,6 +853,7 @@ impl Config {
             reclaim: s.reclaim.unwrap_or(true),
             metrics_addr,
             idle_after,
+            replicate_every,
             default_plan,
             memory_overcommit,
             host_limits,

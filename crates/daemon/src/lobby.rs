@@ -520,9 +520,51 @@ async fn vm_command(
                 None => Ok(reply),
             }
         }
-        LobbyCommand::Start { name } => {
+        LobbyCommand::Start { name, on: None } => {
             let vm = m.start(&name, scope, &progress(io, json)).await?;
             Ok(vm_reply(m, &vm))
+        }
+        LobbyCommand::Start { name, on: Some(_) } => {
+            let (vm, as_of_ms) = m
+                .start_from_replica(&name, scope, &progress(io, json))
+                .await?;
+            let age = (time::OffsetDateTime::now_utc().unix_timestamp() - as_of_ms / 1000).max(0);
+            let mut v = serde_json::to_value(&vm).unwrap_or_default();
+            v["ssh"] = json!(m.config().ssh_command(Some(&vm.name)));
+            v["restored_from_replica_ms"] = json!(as_of_ms);
+            let text = format!(
+                "{} is {} on {}, restored from its replica of {age} s ago: what it wrote after that is lost",
+                vm.name,
+                vm.state.as_str(),
+                m.config().host_name
+            );
+            Ok(Reply::new(v, text))
+        }
+        LobbyCommand::Replicate { name, host, off: _ } => {
+            match m
+                .set_replica(&name, host.as_deref(), scope, &progress(io, json))
+                .await?
+            {
+                Some(r) => {
+                    let text = format!(
+                        "{} is replicated to {} every {} s (this round sent {}); if its host goes down, `start {} --on {}` brings it back as of its last replica",
+                        r.vm,
+                        r.host,
+                        r.every_secs,
+                        format_size(r.bytes_sent),
+                        r.vm,
+                        r.host
+                    );
+                    Ok(Reply::new(
+                        serde_json::to_value(&r).unwrap_or_default(),
+                        text,
+                    ))
+                }
+                None => Ok(Reply::new(
+                    json!({ "vm": name, "replica_host": null }),
+                    format!("{name} is no longer replicated"),
+                )),
+            }
         }
         LobbyCommand::Stop { name } => {
             let vm = m.stop(&name, scope).await?;

@@ -36,12 +36,14 @@ mod guest;
 mod launch;
 mod migrate;
 mod recovery;
+mod replica;
 
 use envelope::*;
 use guest::*;
 use launch::Launch;
 pub use migrate::Moved;
 use recovery::sweep_cgroups;
+pub use replica::Replicated;
 
 /// A VM whose op lock this operation holds, read from the store under that lock: while it
 /// lives, no other operation can change the VM, and its record cannot go stale.

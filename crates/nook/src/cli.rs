@@ -252,6 +252,10 @@ pub struct ServeArgs {
     /// Seconds of near-zero CPU and network before a VM counts as idle
     #[arg(long, env = "NOOK_IDLE_AFTER")]
     pub idle_after: Option<u64>,
+    /// Seconds between replicas of a VM kept on a second host (`replicate VM HOST`): the most
+    /// a VM restored from its replica can have lost [default: 60]
+    #[arg(long, env = "NOOK_REPLICATE_EVERY_SECS")]
+    pub replicate_every_secs: Option<u64>,
     /// Log filter, e.g. info or nook_daemon=debug
     #[arg(long, env = "NOOK_LOG")]
     pub log: Option<String>,

@@ -127,7 +127,11 @@ fn stderr_of(out: &std::process::Output) -> String {
 fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     let _turn = common::host_turn();
     let net = FleetNet::new(3);
-    let mut pg = TempPostgres::start();
+    // PostgreSQL on the hosts' network, so that a host can be cut off from it by a firewall.
+    let pg_addr = std::net::TcpListener::bind("10.252.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on the bridge");
+    let mut pg = TempPostgres::start_on(Some(pg_addr));
     let store = pg.url("nook");
 
     let h1 = Daemon::start_fleet_host(&FleetNet::ns(1), &FleetNet::addr(1), "h1", &store, None);
@@ -522,11 +526,163 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     let out = h3.ssh(&alice, "vm3", &["sh", "-c", "'cat ~/mark'"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept-on-vm3");
 
+    // vm3 (on h3) gets a replica on h1, asked through h2. What it writes after the replica is
+    // what a restore from it loses.
+    let out = h2.lobby_ok(&alice, &["replicate", "vm3", "h1", "--json"]);
+    let replica: Value = serde_json::from_str(&out).expect("replicate --json");
+    assert_eq!(replica["host"], "h1", "{replica}");
+    assert!(replica["bytes_sent"].as_u64() > Some(0), "{replica}");
+    let out = h3.ssh(
+        &alice,
+        "vm3",
+        &["sh", "-c", "'echo after-the-replica > ~/late && sync'"],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    // h3 is cut off by nftables (everything through its one link dropped). It pauses vm3
+    // before its lease can lapse: from then on the QEMU's vCPU threads run nothing.
+    let h3_qemu = h3.qemu_pids();
+    assert_eq!(h3_qemu.len(), 1, "{h3_qemu:?}");
+    let h3_qemu = h3_qemu[0];
+    let ns3 = FleetNet::ns(3);
+    nft_in(&ns3, "add table inet cut");
+    nft_in(
+        &ns3,
+        "add chain inet cut o { type filter hook output priority 0; policy accept; }",
+    );
+    nft_in(
+        &ns3,
+        "add chain inet cut i { type filter hook input priority 0; policy accept; }",
+    );
+    nft_in(&ns3, "add rule inet cut o oifname eth0 drop");
+    nft_in(&ns3, "add rule inet cut i iifname eth0 drop");
+    for h in hosts {
+        wait_until(
+            "vm3 to show as unavailable",
+            Duration::from_secs(40),
+            || find(&ls(h, &alice), "vm3")["state"] == "unavailable",
+        );
+    }
+    let paused_at = vcpu_ticks(h3_qemu);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        vcpu_ticks(h3_qemu),
+        paused_at,
+        "the cut-off host's vm3 still runs"
+    );
+
+    // While h3's lease may still run, a restore is refused; once it lapsed, h1 brings vm3 back
+    // from the replica: the files of the replica are there, what came after is not.
+    let mut restored = None;
+    wait_until(
+        "a restore from the replica",
+        Duration::from_secs(30),
+        || {
+            let out = h2.ssh(&alice, "lobby", &["start", "vm3", "--on", "h1", "--json"]);
+            if out.status.success() {
+                restored = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+                return true;
+            }
+            let err = stderr_of(&out);
+            assert!(err.contains("lease"), "{err}");
+            false
+        },
+    );
+    let restored: Value =
+        serde_json::from_str(&restored.unwrap_or_default()).expect("start --json");
+    assert!(
+        restored["restored_from_replica_ms"].as_i64() > Some(0),
+        "{restored}"
+    );
+    let vm3 = find(&ls(&h2, &alice), "vm3").clone();
+    assert_eq!(
+        (vm3["host"].as_str(), vm3["state"].as_str()),
+        (Some("h1"), Some("running")),
+        "{vm3}"
+    );
+    let out = h2.ssh(
+        &alice,
+        "vm3",
+        &["sh", "-c", "'cat ~/mark; test -e ~/late && echo late-too'"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "kept-on-vm3",
+        "{}",
+        stderr_of(&out)
+    );
+
+    // The cut heals. h3's renewal is refused (h1 holds the lease at a higher epoch), so it
+    // kills its paused QEMU: it never ran vm3 again. vm3 runs on at h1.
+    let mut watched = 0;
+    nft_in(&ns3, "delete table inet cut");
+    wait_until("h3 to end its old vm3", Duration::from_secs(40), || {
+        let ticks = vcpu_ticks(h3_qemu);
+        if !std::path::Path::new(&format!("/proc/{h3_qemu}")).exists() {
+            return true;
+        }
+        assert_eq!(ticks, paused_at, "the cut-off host ran vm3 again");
+        watched += 1;
+        false
+    });
+    eprintln!("watched h3's old QEMU {watched} times until it ended");
+    let vm3 = find(&ls(&h3, &alice), "vm3").clone();
+    assert_eq!(
+        (vm3["host"].as_str(), vm3["state"].as_str()),
+        (Some("h1"), Some("running")),
+        "{vm3}"
+    );
+    let out = h3.ssh(&alice, "vm3", &["sh", "-c", "'cat ~/mark'"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept-on-vm3");
+
     drop((h1, h2, h3));
     drop(net);
     for i in 1..=3 {
         remove_cgroup_top(&format!("nook-h{i}"));
     }
+}
+
+/// Runs one `nft` command in network namespace `ns`.
+fn nft_in(ns: &str, command: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(command.split(' '))
+        .output()
+        .expect("nft");
+    assert!(
+        out.status.success(),
+        "nft {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// CPU time (clock ticks) spent by QEMU `pid`'s vCPU threads: the only threads that run guest
+/// instructions.
+fn vcpu_ticks(pid: u32) -> u64 {
+    let mut ticks = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("CPU ") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis: utime and stime are 14th and 15th.
+        let rest = stat.rsplit_once(')').map(|r| r.1).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields
+            .get(11)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+        ticks += fields
+            .get(12)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    ticks
 }
 
 /// Removes a host's (empty) cgroup top from every hierarchy, deepest groups first.

@@ -284,7 +284,9 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let _changed = self.change();
         let done = sqlx::query(
-            "UPDATE vms SET host = $1, image_dir = $2, state = $3, state_reason = NULL, pid = $4, updated_at = $5 \
+            "UPDATE vms SET host = $1, image_dir = $2, state = $3, state_reason = NULL, pid = $4, updated_at = $5, \
+             replica_host = CASE WHEN replica_host = $1 THEN '' ELSE replica_host END, \
+             replicated_at_ms = CASE WHEN replica_host = $1 THEN 0 ELSE replicated_at_ms END \
              WHERE id = $6 AND host = $7",
         )
         .bind(to)
@@ -297,6 +299,29 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Names the host that keeps VM `id`'s replica (empty: none); its replicas start over.
+    pub async fn set_replica(&self, id: &str, host: &str) -> Result<(), StoreError> {
+        let _changed = self.change();
+        sqlx::query("UPDATE vms SET replica_host = $1, replicated_at_ms = 0 WHERE id = $2")
+            .bind(host)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a replica of VM `id` complete on `host` as of `at_ms`, if `host` still keeps it.
+    pub async fn replicated(&self, id: &str, host: &str, at_ms: i64) -> Result<(), StoreError> {
+        let _changed = self.change();
+        sqlx::query("UPDATE vms SET replicated_at_ms = $1 WHERE id = $2 AND replica_host = $3")
+            .bind(at_ms)
+            .bind(id)
+            .bind(host)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The VM's lease, expired or not.
@@ -432,9 +457,18 @@ mod tests {
             (moved.host.as_str(), moved.image_dir.as_str(), moved.state, moved.pid),
             ("h2", "/img/b", VmState::Running, Some(7))
         );
+        // A replica kept by the host it moves to is its disk now, no replica.
+        store.set_replica(&id, "h3").await.expect("replica");
+        store.replicated(&id, "h3", 99).await.expect("replicated");
+        store.replicated(&id, "h4", 100).await.expect("not h4's");
+        let kept = store.get_by_id(&id).await.expect("get");
+        assert_eq!((kept.replica_host.as_str(), kept.replicated_at_ms), ("h3", 99));
+        assert!(store.move_vm(&id, "h2", "h3", "/img/b", VmState::Stopped, None).await.expect("move"));
+        let moved = store.get_by_id(&id).await.expect("get");
+        assert_eq!((moved.replica_host.as_str(), moved.replicated_at_ms), ("", 0));
         // A second move from the old host (a retry, or a race) changes nothing.
-        assert!(!store.move_vm(&id, &from, "h3", "/img/c", VmState::Stopped, None).await.expect("move"));
-        assert_eq!(store.get_by_id(&id).await.expect("get").host, "h2");
+        assert!(!store.move_vm(&id, &from, "h4", "/img/c", VmState::Stopped, None).await.expect("move"));
+        assert_eq!(store.get_by_id(&id).await.expect("get").host, "h3");
     }
     }
 

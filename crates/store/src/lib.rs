@@ -114,6 +114,10 @@ pub struct VmRecord {
     pub created_at: String,
     /// The host it lives on (empty: made before hosts had names).
     pub host: String,
+    /// The host that keeps a replica of its disk (empty: none).
+    pub replica_host: String,
+    /// When its last replica was complete, in ms since the epoch (0: not yet).
+    pub replicated_at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -790,6 +794,8 @@ fn decode(row: &AnyRow) -> Result<VmRecord, StoreError> {
         pid: row.try_get::<Option<i64>, _>("pid")?.map(|p| p as u32),
         created_at: row.try_get("created_at")?,
         host: row.try_get("host")?,
+        replica_host: row.try_get("replica_host")?,
+        replicated_at_ms: row.try_get("replicated_at_ms")?,
         name,
     })
 }

@@ -16,6 +16,8 @@ use crate::Location;
 pub struct TempPostgres {
     dir: tempfile::TempDir,
     server: Child,
+    /// Where it also takes TCP connections (any client there is trusted), if anywhere.
+    tcp: Option<std::net::SocketAddr>,
 }
 
 /// The newest `/usr/lib/postgresql/N/bin`, where Debian and Ubuntu put the server's programs.
@@ -62,8 +64,14 @@ fn db_user_ids() -> Option<(u32, u32)> {
 }
 
 impl TempPostgres {
-    /// Starts a fresh server with an empty database `nook`.
+    /// Starts a fresh server with an empty database `nook`, on a Unix socket only.
     pub fn start() -> Self {
+        Self::start_on(None)
+    }
+
+    /// As [`Self::start`], also taking TCP connections at `tcp` from anyone, trusted: for
+    /// tests whose clients sit in other network namespaces (and can be cut off by a firewall).
+    pub fn start_on(tcp: Option<std::net::SocketAddr>) -> Self {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("nook-pg-")
@@ -93,10 +101,17 @@ impl TempPostgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let server = spawn_server(&bin, dir.path());
-        let pg = Self { dir, server };
+        if tcp.is_some() {
+            let hba = data.join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+            rules.push_str("host all all 0.0.0.0/0 trust\n");
+            std::fs::write(&hba, rules).expect("write pg_hba.conf");
+        }
+        let server = spawn_server(&bin, dir.path(), tcp);
+        let pg = Self { dir, server, tcp };
         pg.wait_ready(&bin);
         let out = as_db_user(&bin.join("createdb"))
+            .env("PGPORT", pg.port())
             .arg("-h")
             .arg(pg.dir.path())
             .args(["-U", "nook", "nook"])
@@ -114,6 +129,7 @@ impl TempPostgres {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ready = as_db_user(&bin.join("pg_isready"))
+                .env("PGPORT", self.port())
                 .arg("-h")
                 .arg(self.dir.path())
                 .arg("-q")
@@ -131,22 +147,32 @@ impl TempPostgres {
         }
     }
 
+    /// The server's port (its Unix socket's name carries it too).
+    fn port(&self) -> String {
+        self.tcp.map_or(5432, |a| a.port()).to_string()
+    }
+
     /// The socket directory: `psql -h` takes it.
     pub fn socket_dir(&self) -> &Path {
         self.dir.path()
     }
 
-    /// A URL for database `db` (`nook` exists; make others with [`Self::create_db`]).
+    /// A URL for database `db` (`nook` exists; make others with [`Self::create_db`]): over
+    /// TCP when the server takes it, else its Unix socket.
     pub fn url(&self, db: &str) -> String {
-        format!(
-            "postgres://nook@localhost/{db}?host={}",
-            self.dir.path().display()
-        )
+        match self.tcp {
+            Some(addr) => format!("postgres://nook@{addr}/{db}"),
+            None => format!(
+                "postgres://nook@localhost/{db}?host={}",
+                self.dir.path().display()
+            ),
+        }
     }
 
     /// Everything in database `nook`, as `pg_dump` prints it (bytea in hex).
     pub fn dump(&self) -> String {
         let out = as_db_user(&bin_dir().join("pg_dump"))
+            .env("PGPORT", self.port())
             .arg("-h")
             .arg(self.dir.path())
             .args(["-U", "nook", "--data-only", "nook"])
@@ -177,7 +203,7 @@ impl TempPostgres {
         // old shared memory is in use and a new postmaster refuses to start.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            self.server = spawn_server(&bin, self.dir.path());
+            self.server = spawn_server(&bin, self.dir.path(), self.tcp);
             std::thread::sleep(Duration::from_millis(300));
             match self.server.try_wait() {
                 Ok(None) => break,
@@ -192,7 +218,7 @@ impl TempPostgres {
     }
 }
 
-fn spawn_server(bin: &Path, dir: &Path) -> Child {
+fn spawn_server(bin: &Path, dir: &Path, tcp: Option<std::net::SocketAddr>) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -203,7 +229,13 @@ fn spawn_server(bin: &Path, dir: &Path) -> Child {
         .arg(dir.join("data"))
         .arg("-k")
         .arg(dir)
-        .args(["-c", "listen_addresses=", "-c", "fsync=off"])
+        .args(["-c", "fsync=off"])
+        .arg("-c")
+        .arg(match tcp {
+            Some(addr) => format!("listen_addresses={}", addr.ip()),
+            None => "listen_addresses=".to_string(),
+        })
+        .args(["-p", &tcp.map_or(5432, |a| a.port()).to_string()])
         .args(["-c", "max_connections=50"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

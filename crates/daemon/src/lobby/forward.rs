@@ -43,7 +43,12 @@ pub(super) async fn host_for(
                 )
                 .await;
         }
-        LobbyCommand::Start { name }
+        // Restoring from a replica runs where the replica is.
+        LobbyCommand::Start { on: Some(on), .. } => {
+            return Ok((on != &m.config().host_name).then(|| on.clone()));
+        }
+        LobbyCommand::Start { name, .. }
+        | LobbyCommand::Replicate { name, .. }
         | LobbyCommand::Stop { name }
         | LobbyCommand::Restart { name }
         | LobbyCommand::Resize { name, .. }

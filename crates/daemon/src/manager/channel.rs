@@ -305,6 +305,14 @@ impl nook_channel::Handler for Peers {
         self.0.take_vm(vm_id, live, link).await;
     }
 
+    async fn take_replica(
+        &self,
+        vm_id: &str,
+        link: nook_channel::MoveLink<nook_channel::PeerStream>,
+    ) {
+        self.0.take_replica(vm_id, link).await;
+    }
+
     async fn memory(
         &self,
         vm_id: &str,

@@ -495,6 +495,7 @@ impl Manager {
                 tops.push(entry.path().join(NEXT_DISK));
             }
         }
+        tops.extend(self.replica_tops());
         let layer_store = self.layers.clone();
         match tokio::task::spawn_blocking(move || layer_store.collect(&tops)).await {
             Ok(Ok(removed)) if !removed.is_empty() => {

@@ -574,6 +574,8 @@ mod tests {
             pid: None,
             created_at: String::new(),
             host: String::new(),
+            replica_host: String::new(),
+            replicated_at_ms: 0,
         }
     }
 

@@ -260,6 +260,9 @@ impl Manager {
             m.fence_overdue().await
         });
         every(self, RENEW_EVERY, |m| async move { m.renew_round().await });
+        every(self, self.cfg.replicate_every, |m| async move {
+            m.replicate_round().await
+        });
         // Apart from the renewals, so a slow listing never delays one.
         every(self, RENEW_EVERY, |m| async move {
             if let Some(fleet) = &m.fleet {
@@ -431,6 +434,10 @@ impl Manager {
             fleet.set_fenced(id, false);
         }
         match self.store.get_by_id(id).await {
+            Ok(vm) if !vm.host.is_empty() && vm.host != self.cfg.host_name => {
+                // Another host has taken the VM over, row and all: its QEMU here just goes.
+                self.halt(&vm, false).await;
+            }
             Ok(vm) => {
                 self.halt(&vm, false).await;
                 self.record_state_or_log(

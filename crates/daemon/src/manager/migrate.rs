@@ -90,7 +90,7 @@ fn plain_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-async fn expect<S, T>(link: &mut MoveLink<S>, what: &str) -> Result<T, String>
+pub(super) async fn expect<S, T>(link: &mut MoveLink<S>, what: &str) -> Result<T, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: serde::de::DeserializeOwned,
@@ -203,69 +203,15 @@ impl Manager {
             progress("freezing the disk so it can travel while the VM runs");
             self.freeze_top(&vm).await?;
         }
-        let chain = self.trusted_chain(&vm).await?;
         let top = self.paths(&vm.id).disk();
-        let below: Vec<PathBuf> = chain
-            .iter()
-            .skip(1)
-            .filter(|f| self.layers.contains(f))
-            .cloned()
-            .collect();
-        let vm_files = self.vm_files(&vm.id);
-        let offer = MoveOffer {
-            image: name_of(&image.dir),
-            image_files: IMAGE_FILES
-                .iter()
-                .map(|f| (f.to_string(), file_size(&image.dir.join(f))))
-                .collect(),
-            layers: below.iter().map(|l| (name_of(l), file_size(l))).collect(),
-            vm_files: vm_files
-                .iter()
-                .map(|f| (name_of(f), file_size(f)))
-                .collect(),
-            top: file_size(&top),
-        };
+        let (offer, below) = self.offer(&vm, &image, file_size(&top)).await?;
         let mut link = nook_channel::start_move(&identity, to, &addr, &vm.id, live)
             .await
             .map_err(|e| failed(to, e))?;
-        link.send(&MoveIn::Offer(offer))
+        let mut sent = self
+            .send_what_is_wanted(&mut link, &vm.id, offer, &image, &below, progress)
             .await
-            .map_err(|e| failed(to, e))?;
-        let (want_image, want_layers) = match expect(&mut link, "asking what it lacks")
-            .await
-            .map_err(|e| failed(to, e))?
-        {
-            MoveOut::Want { image, layers } => (image, layers),
-            MoveOut::Failed { why } => return Err(failed(to, why)),
-            other => return Err(failed(to, format!("unexpected answer {other:?}"))),
-        };
-        let mut sent = 0u64;
-        if want_image {
-            for f in IMAGE_FILES {
-                progress(&format!(
-                    "sending the image build {} ({f})",
-                    name_of(&image.dir)
-                ));
-                sent += send_path(&mut link, &format!("image/{f}"), &image.dir.join(f))
-                    .await
-                    .map_err(|e| failed(to, e))?;
-            }
-        }
-        for layer in below.iter().filter(|l| want_layers.contains(&name_of(l))) {
-            progress(&format!(
-                "sending disk layer {} ({})",
-                name_of(layer),
-                format_size(file_size(layer))
-            ));
-            sent += send_path(&mut link, &format!("layer/{}", name_of(layer)), layer)
-                .await
-                .map_err(|e| failed(to, e))?;
-        }
-        for f in &vm_files {
-            sent += send_path(&mut link, &format!("vm/{}", name_of(f)), f)
-                .await
-                .map_err(|e| failed(to, e))?;
-        }
+            .map_err(|e| failed(to, e.message))?;
         let paused_ms = if live {
             let (paused, top_bytes) = self
                 .send_live(&vm, to, &identity, &addr, &mut link, progress)
@@ -330,8 +276,96 @@ impl Manager {
         Ok(moved)
     }
 
+    /// What `vm`'s disk is made of, for a peer to take (`top` bytes of top), and its layers.
+    pub(super) async fn offer(
+        &self,
+        vm: &VmRecord,
+        image: &Image,
+        top: u64,
+    ) -> Result<(MoveOffer, Vec<PathBuf>), ApiError> {
+        let chain = self.trusted_chain(vm).await?;
+        let below: Vec<PathBuf> = chain
+            .iter()
+            .skip(1)
+            .filter(|f| self.layers.contains(f))
+            .cloned()
+            .collect();
+        let vm_files = self.vm_files(&vm.id);
+        let offer = MoveOffer {
+            image: name_of(&image.dir),
+            image_files: IMAGE_FILES
+                .iter()
+                .map(|f| (f.to_string(), file_size(&image.dir.join(f))))
+                .collect(),
+            layers: below.iter().map(|l| (name_of(l), file_size(l))).collect(),
+            vm_files: vm_files
+                .iter()
+                .map(|f| (name_of(f), file_size(f)))
+                .collect(),
+            top,
+        };
+        Ok((offer, below))
+    }
+
+    /// Offers `offer` over `link` and sends what the peer asks for: the image build, layers
+    /// (`below`, nearest first) and the VM's own files. Returns the bytes sent.
+    pub(super) async fn send_what_is_wanted<S>(
+        &self,
+        link: &mut MoveLink<S>,
+        vm_id: &str,
+        offer: MoveOffer,
+        image: &Image,
+        below: &[PathBuf],
+        progress: Progress<'_>,
+    ) -> Result<u64, ApiError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let broke = |why: String| ApiError::new(ErrorCode::Internal, why);
+        let vm_files: Vec<String> = offer.vm_files.iter().map(|f| f.0.clone()).collect();
+        link.send(&MoveIn::Offer(offer)).await.map_err(broke)?;
+        let (want_image, want_layers) =
+            match expect(link, "asking what it lacks").await.map_err(broke)? {
+                MoveOut::Want { image, layers } => (image, layers),
+                MoveOut::Failed { why } => return Err(broke(why)),
+                other => return Err(broke(format!("unexpected answer {other:?}"))),
+            };
+        let mut sent = 0u64;
+        if want_image {
+            for f in IMAGE_FILES {
+                progress(&format!(
+                    "sending the image build {} ({f})",
+                    name_of(&image.dir)
+                ));
+                sent += send_path(link, &format!("image/{f}"), &image.dir.join(f))
+                    .await
+                    .map_err(broke)?;
+            }
+        }
+        for layer in below.iter().filter(|l| want_layers.contains(&name_of(l))) {
+            progress(&format!(
+                "sending disk layer {} ({})",
+                name_of(layer),
+                format_size(file_size(layer))
+            ));
+            sent += send_path(link, &format!("layer/{}", name_of(layer)), layer)
+                .await
+                .map_err(broke)?;
+        }
+        for f in self
+            .vm_files(vm_id)
+            .iter()
+            .filter(|f| vm_files.contains(&name_of(f)))
+        {
+            sent += send_path(link, &format!("vm/{}", name_of(f)), f)
+                .await
+                .map_err(broke)?;
+        }
+        Ok(sent)
+    }
+
     /// Moves a running VM onto a fresh top over its current one, now a frozen layer.
-    async fn freeze_top(&self, vm: &VmRecord) -> Result<(), ApiError> {
+    pub(super) async fn freeze_top(&self, vm: &VmRecord) -> Result<(), ApiError> {
         let qmp = self.live_qmp(vm)?;
         let _layers = self.layers_lock.lock().await;
         let next = self.paths(&vm.id).dir.join(NEXT_DISK);
@@ -529,42 +563,8 @@ impl Manager {
         else {
             return Err("the move did not begin with its offer".into());
         };
-        if !plain_name(&offer.image)
-            || !offer.layers.iter().all(|l| plain_name(&l.0))
-            || !offer.vm_files.iter().all(|f| plain_name(&f.0))
-        {
-            return Err("the offer names a file this host will not take".into());
-        }
-        let kind = ImageKind::from_str(&vm.image).map_err(|e| e.to_string())?;
-        let image_dir = self.cfg.images_dir.join(&offer.image);
-        let want_image = ImageStore::open_at(kind, &image_dir).is_err();
-        let want_layers: Vec<String> = offer
-            .layers
-            .iter()
-            .map(|l| l.0.clone())
-            .filter(|l| !self.layers.dir().join(l).exists())
-            .collect();
-        let need: u64 = offer.top
-            + offer
-                .layers
-                .iter()
-                .filter(|l| want_layers.contains(&l.0))
-                .map(|l| l.1)
-                .sum::<u64>()
-            + if want_image {
-                offer.image_files.iter().map(|f| f.1).sum()
-            } else {
-                0
-            };
-        if let Some(free) = free_bytes(&self.cfg.data_dir)
-            && free < need + (1 << 30)
-        {
-            return Err(format!(
-                "host '{me}' has {} free and the VM needs {} (and 1 GiB to spare)",
-                format_size(free),
-                format_size(need)
-            ));
-        }
+        let wants = self.wants(&vm, &offer)?;
+        let image_dir = wants.image_dir.clone();
         let dir = self.paths(vm_id).dir;
         if self
             .live
@@ -579,17 +579,11 @@ impl Manager {
         }
         // Left by an earlier move that failed: the row names another host, so nothing here uses it.
         let _ = std::fs::remove_dir_all(&dir);
-        for d in [&dir, &self.layers.dir().to_path_buf()] {
-            std::fs::create_dir_all(d).map_err(|e| format!("cannot make {}: {e}", d.display()))?;
-        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
         arrival.dir = true;
-        let staging = self
-            .cfg
-            .images_dir
-            .join(format!(".incoming-{}-{vm_id}", offer.image));
         link.send(&MoveOut::Want {
-            image: want_image,
-            layers: want_layers.clone(),
+            image: wants.image,
+            layers: wants.layers.clone(),
         })
         .await?;
 
@@ -600,52 +594,28 @@ impl Manager {
         let mut qemu: Option<(u32, Qmp)> = None;
         loop {
             match expect::<_, MoveIn>(link, "receiving").await? {
-                MoveIn::File { name, size } => {
-                    let path = match name.split_once('/') {
-                        Some(("image", f)) if want_image && IMAGE_FILES.contains(&f) => {
-                            std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
-                            arrival.staging = Some(staging.clone());
-                            staging.join(f)
-                        }
-                        Some(("layer", l)) if want_layers.iter().any(|w| w == l) => {
-                            arrival.layers.push(l.to_string());
-                            self.layers.dir().join(format!(".incoming-{l}"))
-                        }
-                        Some(("vm", f)) if offer.vm_files.iter().any(|v| v.0 == f) => dir.join(f),
-                        None if name == "top" => disk.clone(),
-                        _ => {
-                            return Err(format!("the move sent {name:?}, which was not asked for"));
-                        }
-                    };
-                    if name == "top" && qemu.is_some() {
+                MoveIn::File { name, size } if name == "top" => {
+                    if qemu.is_some() {
                         // The sender is paused: the real top replaces the placeholder in
                         // place (QEMU holds it open and re-reads it when the state is in).
-                        self.write_in_place(link, size, &path).await?;
+                        self.write_in_place(link, size, &disk).await?;
                         self.point_at(
-                            &path,
+                            &disk,
                             offer.layers.first().map(|l| l.0.as_str()),
                             &image_dir,
                         )
                         .await?;
                         link.send(&MoveOut::Took).await?;
                     } else {
-                        let mut file = tokio::fs::File::create(&path)
-                            .await
-                            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                        link.recv_file(size, &mut file).await?;
-                        file.sync_all().await.map_err(|e| e.to_string())?;
-                        if name.starts_with("vm/") {
-                            use std::os::unix::fs::PermissionsExt;
-                            let _ = std::fs::set_permissions(
-                                &path,
-                                std::fs::Permissions::from_mode(0o600),
-                            );
-                        }
+                        receive_file(link, size, &disk).await?;
                     }
                 }
-                MoveIn::Launch if live && qemu.is_none() => {
-                    self.settle_arrival(&offer, &staging, &image_dir, arrival)
+                MoveIn::File { name, size } => {
+                    self.take_file(link, &name, size, &offer, &wants, &dir, arrival)
                         .await?;
+                }
+                MoveIn::Launch if live && qemu.is_none() => {
+                    self.settle_arrival(&offer, &image_dir, arrival).await?;
                     let top_layer = offer
                         .layers
                         .first()
@@ -729,8 +699,7 @@ impl Manager {
                 VmState::Running
             }
             None => {
-                self.settle_arrival(&offer, &staging, &image_dir, arrival)
-                    .await?;
+                self.settle_arrival(&offer, &image_dir, arrival).await?;
                 self.point_at(
                     &disk,
                     offer.layers.first().map(|l| l.0.as_str()),
@@ -752,6 +721,100 @@ impl Manager {
         };
         tracing::info!(vm = %vm.name, from = %vm.host, state = state.as_str(), "a VM moved here");
         link.send(&MoveOut::Done).await
+    }
+
+    /// What of `offer` this host lacks for `vm`, and whether it has the room to take it.
+    pub(super) fn wants(&self, vm: &VmRecord, offer: &MoveOffer) -> Result<Wants, String> {
+        if !plain_name(&offer.image)
+            || !offer.layers.iter().all(|l| plain_name(&l.0))
+            || !offer.vm_files.iter().all(|f| plain_name(&f.0))
+        {
+            return Err("the offer names a file this host will not take".into());
+        }
+        let kind = ImageKind::from_str(&vm.image).map_err(|e| e.to_string())?;
+        let image_dir = self.cfg.images_dir.join(&offer.image);
+        let image = ImageStore::open_at(kind, &image_dir).is_err();
+        let layers: Vec<String> = offer
+            .layers
+            .iter()
+            .map(|l| l.0.clone())
+            .filter(|l| !self.layers.dir().join(l).exists())
+            .collect();
+        let need: u64 = offer.top
+            + offer
+                .layers
+                .iter()
+                .filter(|l| layers.contains(&l.0))
+                .map(|l| l.1)
+                .sum::<u64>()
+            + if image {
+                offer.image_files.iter().map(|f| f.1).sum()
+            } else {
+                0
+            };
+        if let Some(free) = free_bytes(&self.cfg.data_dir)
+            && free < need + (1 << 30)
+        {
+            return Err(format!(
+                "host '{}' has {} free and the VM needs {} (and 1 GiB to spare)",
+                self.cfg.host_name,
+                format_size(free),
+                format_size(need)
+            ));
+        }
+        std::fs::create_dir_all(self.layers.dir())
+            .map_err(|e| format!("cannot make {}: {e}", self.layers.dir().display()))?;
+        let staging = self
+            .cfg
+            .images_dir
+            .join(format!(".incoming-{}-{}", offer.image, vm.id));
+        Ok(Wants {
+            image,
+            layers,
+            image_dir,
+            staging,
+        })
+    }
+
+    /// Takes one file of the image build, a layer or the VM's own files (into `vm_dir`), each
+    /// only if it was asked for.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn take_file<S>(
+        &self,
+        link: &mut MoveLink<S>,
+        name: &str,
+        size: u64,
+        offer: &MoveOffer,
+        wants: &Wants,
+        vm_dir: &std::path::Path,
+        arrival: &mut Arrival,
+    ) -> Result<(), String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let path = match name.split_once('/') {
+            Some(("image", f)) if wants.image && IMAGE_FILES.contains(&f) => {
+                std::fs::create_dir_all(&wants.staging).map_err(|e| e.to_string())?;
+                arrival.staging = Some(wants.staging.clone());
+                wants.staging.join(f)
+            }
+            Some(("layer", l)) if wants.layers.iter().any(|w| w == l) => {
+                arrival.layers.push(l.to_string());
+                self.layers.dir().join(format!(".incoming-{l}"))
+            }
+            Some(("vm", f)) if offer.vm_files.iter().any(|v| v.0 == f) => vm_dir.join(f),
+            _ => {
+                return Err(format!(
+                    "the sending host sent {name:?}, which was not asked for"
+                ));
+            }
+        };
+        receive_file(link, size, &path).await?;
+        if name.starts_with("vm/") {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+        Ok(())
     }
 
     /// Overwrites the placeholder top QEMU holds open with the `size` bytes coming over `link`.
@@ -792,10 +855,9 @@ impl Manager {
 
     /// Puts the files that arrived in their places: the image build under its name, each
     /// layer (backed by this host's paths) under its own.
-    async fn settle_arrival(
+    pub(super) async fn settle_arrival(
         &self,
         offer: &MoveOffer,
-        staging: &std::path::Path,
         image_dir: &std::path::Path,
         arrival: &mut Arrival,
     ) -> Result<(), String> {
@@ -814,7 +876,6 @@ impl Manager {
                 }
             }
         }
-        let _ = staging;
         let _layers = self.layers_lock.lock().await;
         for (i, (name, _)) in offer.layers.iter().enumerate() {
             if !arrival.layers.contains(name) {
@@ -909,13 +970,39 @@ impl Manager {
     }
 }
 
+/// Receives a file of `size` bytes into a new file at `path`, on disk before this returns.
+async fn receive_file<S>(
+    link: &mut MoveLink<S>,
+    size: u64,
+    path: &std::path::Path,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    link.recv_file(size, &mut file).await?;
+    file.sync_all().await.map_err(|e| e.to_string())
+}
+
+/// What a receiving host lacks of an offer.
+pub(super) struct Wants {
+    pub(super) image: bool,
+    pub(super) layers: Vec<String>,
+    /// Where the image build is (or goes) on this host.
+    pub(super) image_dir: PathBuf,
+    /// Where an image build that comes is put together.
+    pub(super) staging: PathBuf,
+}
+
 /// What a move that is arriving has made here so far, to undo if it fails.
 #[derive(Default)]
-struct Arrival {
-    dir: bool,
-    staging: Option<PathBuf>,
+pub(super) struct Arrival {
+    pub(super) dir: bool,
+    pub(super) staging: Option<PathBuf>,
     /// Layers received and not yet in place.
-    layers: Vec<String>,
-    qemu: Option<u32>,
-    committed: bool,
+    pub(super) layers: Vec<String>,
+    pub(super) qemu: Option<u32>,
+    pub(super) committed: bool,
 }
