@@ -237,7 +237,8 @@ pub enum Request {
 
 /// What the moving host sends the receiving one, in order: `Offer`; the files asked for,
 /// each a `File` line followed by exactly `size` raw bytes; then `Commit` (a stopped VM), or
-/// `Launch`, the top as a `File` while the source is paused, and `Commit` (a running one).
+/// `Launch`, the top as a `File` while the source is paused, `Commit` (answered `Received`)
+/// and `Released` once the sender's QEMU has ended (a running one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum MoveIn {
@@ -249,6 +250,8 @@ pub enum MoveIn {
     },
     Launch,
     Commit,
+    /// The sender's QEMU has ended and its lease is released.
+    Released,
 }
 
 /// What a moving VM's disk is made of, so the receiver can ask only for what it lacks.
@@ -281,11 +284,19 @@ pub enum MoveOut {
     },
     /// It holds the top.
     Took,
+    /// It holds all of a running VM's state, paused: the sender may end its QEMU.
+    Received,
     /// The VM is its now.
     Done,
     Failed {
         why: String,
     },
+}
+
+/// How long a file of `size` bytes may take to cross: a minute, and a second for every
+/// 8 MiB (a link slower than that is given up on rather than holding the VM's lock).
+fn file_time(size: u64) -> Duration {
+    Duration::from_secs(60 + size / (8 << 20))
 }
 
 /// The longest [`MoveIn`] or [`MoveOut`] line.
@@ -339,9 +350,13 @@ impl<S: AsyncRead + tokio::io::AsyncWrite + Unpin> MoveLink<S> {
             size,
         })
         .await?;
-        let copied = tokio::io::copy(&mut file.take(size), &mut self.stream)
-            .await
-            .map_err(|e| e.to_string())?;
+        let copied = tokio::time::timeout(
+            file_time(size),
+            tokio::io::copy(&mut file.take(size), &mut self.stream),
+        )
+        .await
+        .map_err(|_| format!("{name} did not go through in time"))?
+        .map_err(|e| e.to_string())?;
         if copied != size {
             return Err(format!("{name} shrank while it was sent"));
         }
@@ -354,9 +369,13 @@ impl<S: AsyncRead + tokio::io::AsyncWrite + Unpin> MoveLink<S> {
         size: u64,
         to: &mut W,
     ) -> Result<(), String> {
-        let copied = tokio::io::copy(&mut (&mut self.stream).take(size), to)
-            .await
-            .map_err(|e| e.to_string())?;
+        let copied = tokio::time::timeout(
+            file_time(size),
+            tokio::io::copy(&mut (&mut self.stream).take(size), to),
+        )
+        .await
+        .map_err(|_| "a file did not come through in time".to_string())?
+        .map_err(|e| e.to_string())?;
         if copied != size {
             return Err("the sending host went away mid-file".into());
         }
@@ -505,17 +524,19 @@ pub trait Handler: Send + Sync + 'static {
         out: tokio::sync::mpsc::Sender<LobbyOut>,
     ) -> impl Future<Output = ()> + Send;
 
-    /// Takes over a VM the peer moves here, talking over `link` until it is done or failed.
+    /// Takes over a VM `peer` moves here, talking over `link` until it is done or failed.
     fn take_vm(
         &self,
+        peer: Peer,
         vm_id: &str,
         live: bool,
         link: MoveLink<PeerStream>,
     ) -> impl Future<Output = ()> + Send;
 
-    /// Keeps the replica the peer sends over `link`, answering `Done` once it is whole.
+    /// Keeps the replica `peer` sends over `link`, answering `Done` once it is whole.
     fn take_replica(
         &self,
+        peer: Peer,
         vm_id: &str,
         link: MoveLink<PeerStream>,
     ) -> impl Future<Output = ()> + Send;
@@ -531,6 +552,34 @@ pub trait Handler: Send + Sync + 'static {
 
 /// A proven peer's connection, as a host serves it.
 pub type PeerStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The host at the other end of a connection, as its certificate proves.
+pub struct Peer {
+    certificate: Option<CertificateDer<'static>>,
+}
+
+impl Peer {
+    fn of(stream: &PeerStream) -> Peer {
+        Peer {
+            certificate: stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned()),
+        }
+    }
+
+    /// Whether the peer's certificate (from the fleet's CA, checked in the handshake) is
+    /// issued to host `name`.
+    pub fn is(&self, name: &str) -> bool {
+        let (Some(der), Ok(name)) = (&self.certificate, ServerName::try_from(name)) else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(der)
+            .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    }
+}
 
 /// A connection to a VM through another host.
 pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
@@ -648,8 +697,9 @@ async fn serve_one<H: Handler>(
         Request::Move { vm_id, live } => {
             write_reply(&mut tls, &Reply::Ok).await?;
             tracing::info!(%peer, vm = %vm_id, live, "host channel: a VM moves here");
+            let from = Peer::of(&tls);
             handler
-                .take_vm(&vm_id, live, MoveLink { stream: tls })
+                .take_vm(from, &vm_id, live, MoveLink { stream: tls })
                 .await;
             Ok(())
         }
@@ -659,7 +709,10 @@ async fn serve_one<H: Handler>(
         }
         Request::Replica { vm_id } => {
             write_reply(&mut tls, &Reply::Ok).await?;
-            handler.take_replica(&vm_id, MoveLink { stream: tls }).await;
+            let peer = Peer::of(&tls);
+            handler
+                .take_replica(peer, &vm_id, MoveLink { stream: tls })
+                .await;
             Ok(())
         }
     }

@@ -78,7 +78,8 @@ impl Handler for Echo {
 
     /// Wants layer "b" of the offer, and answers `Done` with a digest of what came: the
     /// lengths and first bytes of each file, so the test sees every byte arrived in order.
-    async fn take_vm(&self, vm_id: &str, live: bool, mut link: MoveLink<PeerStream>) {
+    async fn take_vm(&self, peer: Peer, vm_id: &str, live: bool, mut link: MoveLink<PeerStream>) {
+        assert!(peer.is("h1") && !peer.is("h2"), "the peer is h1, proven");
         let Ok(Some(MoveIn::Offer(offer))) = link.recv::<MoveIn>().await else {
             return;
         };
@@ -117,8 +118,8 @@ impl Handler for Echo {
         }
     }
 
-    async fn take_replica(&self, vm_id: &str, link: MoveLink<PeerStream>) {
-        self.take_vm(vm_id, false, link).await;
+    async fn take_replica(&self, peer: Peer, vm_id: &str, link: MoveLink<PeerStream>) {
+        self.take_vm(peer, vm_id, false, link).await;
     }
 
     async fn memory(&self, vm_id: &str, token: &str, _stream: PeerStream) -> Result<(), String> {

@@ -255,6 +255,7 @@ async fn main() -> anyhow_free::Result {
             accel,
             reclaim: true,
             incoming: false,
+            hold: false,
             jail: None,
         };
         // nook hands QEMU its sockets already bound; a plain QEMU makes them itself, and

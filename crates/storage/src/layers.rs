@@ -174,7 +174,7 @@ pub fn trusted_chain(
 }
 
 /// Whether a qcow2 v3 header sets the "external data file" incompatible feature (bit 2).
-fn has_external_data_file(path: &Path) -> Result<bool, StorageError> {
+pub fn has_external_data_file(path: &Path) -> Result<bool, StorageError> {
     let file = fs::File::open(path).map_err(io_err("read", path))?;
     let mut header = [0u8; 80];
     std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)

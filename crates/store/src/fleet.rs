@@ -270,13 +270,15 @@ impl Store {
         Ok(())
     }
 
-    /// Hands VM `id` from host `from` to host `to`, which now holds its disk (in the image
-    /// build `image_dir` there) and records it in `state`. False, and nothing changed, when
-    /// the row no longer names `from` (another move or a removal came first).
+    /// Hands VM `id` from host `from`, where it was `seen`, to host `to`, which now holds its
+    /// disk (in the image build `image_dir` there) and records it in `state`. False, and
+    /// nothing changed, when the row no longer names `from` or is no longer `seen` (another
+    /// move, a start, the sender giving up or a removal came first).
     pub async fn move_vm(
         &self,
         id: &str,
         from: &str,
+        seen: VmState,
         to: &str,
         image_dir: &str,
         state: VmState,
@@ -287,7 +289,7 @@ impl Store {
             "UPDATE vms SET host = $1, image_dir = $2, state = $3, state_reason = NULL, pid = $4, updated_at = $5, \
              replica_host = CASE WHEN replica_host = $1 THEN '' ELSE replica_host END, \
              replicated_at_ms = CASE WHEN replica_host = $1 THEN 0 ELSE replicated_at_ms END \
-             WHERE id = $6 AND host = $7",
+             WHERE id = $6 AND host = $7 AND state = $8",
         )
         .bind(to)
         .bind(image_dir)
@@ -296,6 +298,30 @@ impl Store {
         .bind(crate::now())
         .bind(id)
         .bind(from)
+        .bind(seen.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records VM `id` in `state` only while its row names `host`: a host giving up on a VM
+    /// it was handing over must not overwrite the row once the other host owns it.
+    pub async fn set_state_on(
+        &self,
+        id: &str,
+        host: &str,
+        state: VmState,
+        reason: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let _changed = self.change();
+        let done = sqlx::query(
+            "UPDATE vms SET state = $1, state_reason = $2, pid = NULL, updated_at = $3 WHERE id = $4 AND host = $5",
+        )
+        .bind(state.as_str())
+        .bind(reason)
+        .bind(crate::now())
+        .bind(id)
+        .bind(host)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -451,7 +477,7 @@ mod tests {
     async fn a_move_names_the_new_host_only_if_the_old_one_still_holds_it(store) {
         let id = vm(&store, "web").await;
         let from = store.get_by_id(&id).await.expect("get").host;
-        assert!(store.move_vm(&id, &from, "h2", "/img/b", VmState::Running, Some(7)).await.expect("move"));
+        assert!(store.move_vm(&id, &from, VmState::Creating, "h2", "/img/b", VmState::Running, Some(7)).await.expect("move"));
         let moved = store.get_by_id(&id).await.expect("get");
         assert_eq!(
             (moved.host.as_str(), moved.image_dir.as_str(), moved.state, moved.pid),
@@ -463,12 +489,18 @@ mod tests {
         store.replicated(&id, "h4", 100).await.expect("not h4's");
         let kept = store.get_by_id(&id).await.expect("get");
         assert_eq!((kept.replica_host.as_str(), kept.replicated_at_ms), ("h3", 99));
-        assert!(store.move_vm(&id, "h2", "h3", "/img/b", VmState::Stopped, None).await.expect("move"));
+        assert!(store.move_vm(&id, "h2", VmState::Running, "h3", "/img/b", VmState::Stopped, None).await.expect("move"));
         let moved = store.get_by_id(&id).await.expect("get");
         assert_eq!((moved.replica_host.as_str(), moved.replicated_at_ms), ("", 0));
         // A second move from the old host (a retry, or a race) changes nothing.
-        assert!(!store.move_vm(&id, &from, "h4", "/img/c", VmState::Stopped, None).await.expect("move"));
+        assert!(!store.move_vm(&id, &from, VmState::Running, "h4", "/img/c", VmState::Stopped, None).await.expect("move"));
         assert_eq!(store.get_by_id(&id).await.expect("get").host, "h3");
+        // Nor one from the right host that saw another state (the VM was started meanwhile).
+        assert!(!store.move_vm(&id, "h3", VmState::Running, "h4", "/img/c", VmState::Stopped, None).await.expect("move"));
+        // A host giving up changes the row only while it names that host.
+        assert!(!store.set_state_on(&id, "h2", VmState::Failed, Some("gave up")).await.expect("state"));
+        assert!(store.set_state_on(&id, "h3", VmState::Failed, Some("gave up")).await.expect("state"));
+        assert_eq!(store.get_by_id(&id).await.expect("get").state, VmState::Failed);
     }
     }
 

@@ -79,6 +79,9 @@ pub struct LaunchSpec {
     pub reclaim: bool,
     /// Start paused, waiting for a running VM's state to stream in (a fork's clone).
     pub incoming: bool,
+    /// With `incoming`: stay paused once the state is in, until told to run (`-S`); a VM
+    /// arriving from another host must not run before this host holds its lease.
+    pub hold: bool,
     /// Where and as whom QEMU runs; None only where the daemon is not root and cannot jail.
     pub jail: Option<crate::jail::Jail>,
 }
@@ -202,6 +205,9 @@ impl Qemu {
         }
         if spec.incoming {
             args.extend(["-incoming".into(), "defer".into()]);
+            if spec.hold {
+                args.push("-S".into());
+            }
         }
         args.extend([
             // Not a file chardev, which would grow for as long as the guest prints: the daemon
@@ -440,6 +446,7 @@ mod tests {
             accel: Accel::Tcg,
             reclaim: true,
             incoming: false,
+            hold: false,
             jail: None,
         };
         let line = Qemu::args(&spec).join(" ");

@@ -298,19 +298,21 @@ impl nook_channel::Handler for Peers {
 
     async fn take_vm(
         &self,
+        peer: nook_channel::Peer,
         vm_id: &str,
         live: bool,
         link: nook_channel::MoveLink<nook_channel::PeerStream>,
     ) {
-        self.0.take_vm(vm_id, live, link).await;
+        self.0.take_vm(peer, vm_id, live, link).await;
     }
 
     async fn take_replica(
         &self,
+        peer: nook_channel::Peer,
         vm_id: &str,
         link: nook_channel::MoveLink<nook_channel::PeerStream>,
     ) {
-        self.0.take_replica(vm_id, link).await;
+        self.0.take_replica(peer, vm_id, link).await;
     }
 
     async fn memory(

@@ -186,6 +186,7 @@ impl Manager {
             accel,
             reclaim: self.cfg.reclaim,
             incoming,
+            hold: how == Launch::Arrival,
             jail,
         };
         progress(&format!("starting QEMU ({})", accel.qemu_arg()));

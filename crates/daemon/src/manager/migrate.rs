@@ -37,6 +37,10 @@ const MEMORY_WAIT: Duration = Duration::from_secs(30);
 const ANSWER_WAIT: Duration = Duration::from_secs(600);
 /// The image build's files a receiver takes.
 const IMAGE_FILES: [&str; 4] = ["manifest.json", "rootfs.qcow2", "vmlinux", "initrd.cpio"];
+/// The directory under the layers where arriving layers are written.
+const INCOMING_LAYERS: &str = ".incoming";
+/// Room a qcow2 top may take beyond its disk's size (its own metadata).
+const TOP_OVERHEAD: u64 = 64 << 20;
 
 /// Live moves waiting on this host for their memory stream: VM id to token and handoff.
 pub(super) type Arrivals =
@@ -51,7 +55,8 @@ pub struct Moved {
     pub live: bool,
     /// Bytes of disk (and image) sent; memory is not counted.
     pub disk_bytes_sent: u64,
-    /// How long the guest was paused (a live move).
+    /// How long the guest was paused (a live move), at most: from the pause here until the
+    /// other host said it runs there.
     pub paused_ms: Option<u64>,
     pub total_ms: u64,
 }
@@ -212,12 +217,13 @@ impl Manager {
             .send_what_is_wanted(&mut link, &vm.id, offer, &image, &below, progress)
             .await
             .map_err(|e| failed(to, e.message))?;
-        let paused_ms = if live {
-            let (paused, top_bytes) = self
+        // For a live move: when the guest paused here, to count until it runs there.
+        let paused_at = if live {
+            let (paused_at, top_bytes) = self
                 .send_live(&vm, to, &identity, &addr, &mut link, progress)
                 .await?;
             sent += top_bytes;
-            Some(paused.as_millis() as u64)
+            Some(paused_at)
         } else {
             progress(&format!(
                 "sending the disk's top ({})",
@@ -226,37 +232,22 @@ impl Manager {
             sent += send_path(&mut link, "top", &top)
                 .await
                 .map_err(|e| failed(to, e))?;
+            link.send(&MoveIn::Commit)
+                .await
+                .map_err(|e| failed(to, e))?;
             None
         };
-        link.send(&MoveIn::Commit)
-            .await
-            .map_err(|e| failed(to, e))?;
         let done = expect::<_, MoveOut>(&mut link, "handing the VM over").await;
-        // The row is the truth: whatever the link said, the VM is the other host's once its
-        // row names it.
-        let handed = matches!(self.store.get_by_id(&vm.id).await, Ok(row) if row.host == to);
-        if !handed {
+        // The other host says done once the guest runs there (and its agent answers): the
+        // pause is at most this.
+        let paused_ms = paused_at.map(|t| t.elapsed().as_millis() as u64);
+        if !matches!(done, Ok(MoveOut::Done)) {
             let why = match done {
                 Ok(MoveOut::Failed { why }) => why,
                 Ok(other) => format!("unexpected answer {other:?}"),
                 Err(why) => why,
             };
-            if live {
-                // Its QEMU is gone; its disk is whole here (the top is as it was at the pause).
-                let reason = format!(
-                    "the move to host '{to}' failed after its memory was sent ({why}); its disk is intact here: start it again"
-                );
-                self.record_state_or_log(
-                    &vm.name,
-                    &vm.id,
-                    VmState::Stopped,
-                    Some(&reason),
-                    None,
-                    "a failed move",
-                )
-                .await;
-            }
-            return Err(failed(to, why));
+            self.give_up(&vm, to, live, &why).await?;
         }
         let dir = self.paths(&vm.id).dir;
         if let Err(err) = std::fs::remove_dir_all(&dir) {
@@ -274,6 +265,56 @@ impl Manager {
         };
         tracing::info!(vm = %vm.name, to, live, sent, ?paused_ms, "moved");
         Ok(moved)
+    }
+
+    /// After a hand-over that did not say it was done: the row decides. The other host's
+    /// commit is conditional on the state it saw, so changing the state here (only while the
+    /// row names this host) settles the race either way. `Ok` when the other host has it.
+    async fn give_up(
+        &self,
+        vm: &VmRecord,
+        to: &str,
+        live: bool,
+        why: &str,
+    ) -> Result<(), ApiError> {
+        let (state, reason) = if live {
+            // Its QEMU is gone; its disk is whole here (the top is as it was at the pause).
+            (
+                VmState::Stopped,
+                format!(
+                    "the move to host '{to}' failed after its memory was sent ({why}); its disk is intact here, its memory is lost: start it again"
+                ),
+            )
+        } else {
+            let state = if vm.state == VmState::Stopped {
+                VmState::Failed
+            } else {
+                VmState::Stopped
+            };
+            (
+                state,
+                format!("the move to host '{to}' failed ({why}); its disk is intact here"),
+            )
+        };
+        match self
+            .store
+            .set_state_on(&vm.id, &self.cfg.host_name, state, Some(&reason))
+            .await
+        {
+            Ok(true) => {
+                tracing::warn!(vm = %vm.name, to, why, "a move failed; the VM stays here");
+                Err(failed(to, why))
+            }
+            // The row names the other host: it took the VM after all.
+            Ok(false) => Ok(()),
+            Err(e) => Err(ApiError::new(
+                ErrorCode::StoreUnavailable,
+                format!(
+                    "The move to host '{to}' may not have finished ({why}), and this host cannot reach the database to tell ({e}); `ls` shows where VM '{}' is once it can",
+                    vm.name
+                ),
+            )),
+        }
     }
 
     /// What `vm`'s disk is made of, for a peer to take (`top` bytes of top), and its layers.
@@ -427,7 +468,7 @@ impl Manager {
         addr: &str,
         link: &mut MoveLink<nook_channel::Stream>,
         progress: Progress<'_>,
-    ) -> Result<(Duration, u64), ApiError> {
+    ) -> Result<(Instant, u64), ApiError> {
         progress(&format!("starting the VM's QEMU on {to}"));
         link.send(&MoveIn::Launch)
             .await
@@ -463,19 +504,20 @@ impl Manager {
         let top = self.paths(&vm.id).disk();
         let mut top_bytes = 0u64;
         let mut top_error: Option<String> = None;
-        let (bytes_out, error_out, top) = (&mut top_bytes, &mut top_error, &top);
+        let (bytes_out, error_out, top, top_link) =
+            (&mut top_bytes, &mut top_error, &top, &mut *link);
         let sent = fork::send(
             &qmp,
             move || async move {
                 // Paused, its disk flushed: the top is final here.
-                match send_path(link, "top", top).await {
+                match send_path(top_link, "top", top).await {
                     Ok(n) => *bytes_out = n,
                     Err(why) => {
                         *error_out = Some(why.clone());
                         return Err(nook_vmm::VmmError::Qmp(why));
                     }
                 }
-                match expect::<_, MoveOut>(link, "handing over the disk's top").await {
+                match expect::<_, MoveOut>(top_link, "handing over the disk's top").await {
                     Ok(MoveOut::Took) => Ok(()),
                     Ok(MoveOut::Failed { why }) | Err(why) => {
                         *error_out = Some(why.clone());
@@ -489,8 +531,8 @@ impl Manager {
             fork::Then::StayPaused,
         )
         .await;
-        let sent = match sent {
-            Ok(sent) => sent,
+        let paused_at = match sent {
+            Ok(sent) => Instant::now() - sent.paused,
             Err(err) => {
                 carry.abort();
                 return Err(match top_error {
@@ -499,20 +541,40 @@ impl Manager {
                 });
             }
         };
-        progress(&format!("handing the VM over to {to}"));
-        // From here the VM's state is all on the other host: this QEMU ends and its lease
-        // goes, and only then may the other host let the guest run.
-        self.halt(vm, false).await;
-        // What QEMU wrote is in the socket even once it has gone; let it all reach the other side.
+        // What QEMU wrote must all reach the other side before it can say it holds the state.
         if tokio::time::timeout(MEMORY_WAIT, carry).await.is_err() {
             tracing::warn!(vm = %vm.name, "the memory stream did not drain in time");
         }
-        Ok((sent.paused, top_bytes))
+        progress(&format!("handing the VM over to {to}"));
+        let held = async {
+            link.send(&MoveIn::Commit).await?;
+            match expect::<_, MoveOut>(link, "waiting for the other host to hold the VM's state")
+                .await?
+            {
+                MoveOut::Received => Ok(()),
+                MoveOut::Failed { why } => Err(why),
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        }
+        .await;
+        if let Err(why) = held {
+            // Nothing runs there: the VM goes on here, where it paused.
+            fork::resume(&qmp).await;
+            return Err(failed(to, why));
+        }
+        // The other host holds all of the state, paused: this QEMU ends and its lease goes,
+        // and only then may the other host take the lease and let the guest run.
+        self.halt(vm, false).await;
+        if let Err(why) = link.send(&MoveIn::Released).await {
+            self.give_up(vm, to, true, &why).await?;
+        }
+        Ok((paused_at, top_bytes))
     }
 
     /// Takes over a VM a peer moves here (the peer's `move_vm`), answering over `link`.
     pub(crate) async fn take_vm(
         self: &Arc<Self>,
+        peer: nook_channel::Peer,
         vm_id: &str,
         live: bool,
         mut link: MoveLink<PeerStream>,
@@ -520,7 +582,9 @@ impl Manager {
         let lock = self.op_lock(vm_id);
         let _guard = lock.lock().await;
         let mut arrival = Arrival::default();
-        let outcome = self.receive(vm_id, live, &mut link, &mut arrival).await;
+        let outcome = self
+            .receive(&peer, vm_id, live, &mut link, &mut arrival)
+            .await;
         if let Err(why) = &outcome {
             tracing::warn!(
                 vm = vm_id,
@@ -538,6 +602,7 @@ impl Manager {
 
     async fn receive(
         self: &Arc<Self>,
+        peer: &nook_channel::Peer,
         vm_id: &str,
         live: bool,
         link: &mut MoveLink<PeerStream>,
@@ -551,6 +616,13 @@ impl Manager {
             .map_err(|e| format!("cannot read the VM's row here: {e}"))?;
         if vm.host == me || vm.host.is_empty() {
             return Err(format!("VM '{}' is on host '{me}' already", vm.name));
+        }
+        // Only the host that holds a VM may hand it over.
+        if !peer.is(&vm.host) {
+            return Err(format!(
+                "VM '{}' is not the sending host's to move",
+                vm.name
+            ));
         }
         if live != (vm.state == VmState::Running) {
             return Err(format!(
@@ -595,9 +667,16 @@ impl Manager {
         loop {
             match expect::<_, MoveIn>(link, "receiving").await? {
                 MoveIn::File { name, size } if name == "top" => {
+                    if size > vm.disk_bytes + TOP_OVERHEAD || !arrival.taken.insert(name.clone()) {
+                        return Err(format!(
+                            "the sending host sent a top of {size} bytes, or twice"
+                        ));
+                    }
                     if qemu.is_some() {
                         // The sender is paused: the real top replaces the placeholder in
                         // place (QEMU holds it open and re-reads it when the state is in).
+                        // Until it names this host's layers again, no collection may run.
+                        let _layers = self.layers_lock.lock().await;
                         self.write_in_place(link, size, &disk).await?;
                         self.point_at(
                             &disk,
@@ -615,27 +694,24 @@ impl Manager {
                         .await?;
                 }
                 MoveIn::Launch if live && qemu.is_none() => {
-                    self.settle_arrival(&offer, &image_dir, arrival).await?;
-                    let top_layer = offer
-                        .layers
-                        .first()
-                        .map(|l| self.layers.dir().join(&l.0))
-                        .ok_or("a running VM moves with at least one layer")?;
-                    let (layer, placeholder, size) =
-                        (top_layer.clone(), disk.clone(), vm.disk_bytes);
-                    let made = tokio::task::spawn_blocking(move || {
-                        nook_storage::disk::create_overlay_on_qcow2(&layer, &placeholder, size)
-                    })
-                    .await;
-                    made.map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                    if offer.layers.is_empty() {
+                        return Err("a running VM moves with at least one layer".into());
+                    }
+                    self.settle_arrival(
+                        &offer,
+                        &image_dir,
+                        arrival,
+                        Top::Overlay(&disk, vm.disk_bytes),
+                    )
+                    .await?;
                     let image = self.image_of(&here).map_err(|e| e.message)?;
                     let quiet = |_: &str| {};
+                    // Marked first: a launch that fails midway may leave a QEMU or a tap.
+                    arrival.launched = Some((here.slot, here.owner.clone()));
                     let (pid, qmp) = self
                         .launch(&here, &image, Launch::Arrival, &quiet)
                         .await
                         .map_err(|e| e.message)?;
-                    arrival.qemu = Some(pid);
                     let token = hex::encode(rand::random::<[u8; 16]>());
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     self.arrivals
@@ -672,24 +748,15 @@ impl Manager {
                 fork::received(qmp)
                     .await
                     .map_err(|e| format!("the memory did not all arrive: {e}"))?;
-                // The sender's QEMU has ended and given up the lease: the VM is this host's to run.
-                self.take_lease(&here).await.map_err(|e| e.message)?;
-                if !self
-                    .store
-                    .move_vm(
-                        vm_id,
-                        &vm.host,
-                        &me,
-                        &here.image_dir,
-                        VmState::Running,
-                        Some(*pid),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    return Err(format!("VM '{}' was moved or removed meanwhile", vm.name));
+                // It stays paused (`-S`) until this host holds the lease.
+                link.send(&MoveOut::Received).await?;
+                match expect::<_, MoveIn>(link, "waiting for the sender's QEMU to end").await? {
+                    MoveIn::Released => {}
+                    other => return Err(format!("the move sent {other:?} out of turn")),
                 }
-                arrival.committed = true;
+                self.take_released_lease(&here).await?;
+                self.commit_arrival(&vm, &here, VmState::Running, Some(*pid), arrival)
+                    .await?;
                 self.adopt(&here, qmp.clone(), None);
                 if let Err(err) = qmp.execute("cont", None).await {
                     tracing::error!(vm = %vm.name, %err, "a VM that moved here would not run");
@@ -699,28 +766,70 @@ impl Manager {
                 VmState::Running
             }
             None => {
-                self.settle_arrival(&offer, &image_dir, arrival).await?;
-                self.point_at(
-                    &disk,
-                    offer.layers.first().map(|l| l.0.as_str()),
-                    &image_dir,
-                )
-                .await?;
+                self.settle_arrival(&offer, &image_dir, arrival, Top::Rebase(&disk))
+                    .await?;
                 self.trusted_chain(&here).await.map_err(|e| e.message)?;
-                if !self
-                    .store
-                    .move_vm(vm_id, &vm.host, &me, &here.image_dir, vm.state, None)
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    return Err(format!("VM '{}' was moved or removed meanwhile", vm.name));
-                }
-                arrival.committed = true;
+                self.commit_arrival(&vm, &here, vm.state, None, arrival)
+                    .await?;
                 vm.state
             }
         };
         tracing::info!(vm = %vm.name, from = %vm.host, state = state.as_str(), "a VM moved here");
         link.send(&MoveOut::Done).await
+    }
+
+    /// Takes the lease the sender released; a release the database did not get lapses within
+    /// the lease's life, so keep trying that long.
+    async fn take_released_lease(&self, vm: &VmRecord) -> Result<(), String> {
+        let deadline = Instant::now() + fleet::LEASE_TTL + Duration::from_secs(5);
+        loop {
+            match self.take_lease(vm).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::info!(vm = %vm.name, why = %e.message, "waiting for the moved VM's lease");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.message),
+            }
+        }
+    }
+
+    /// Records the VM as this host's (`here`), in `state`, if the sender still holds it as
+    /// it was (`vm.state`). A commit whose answer was lost is found by reading the row again.
+    async fn commit_arrival(
+        &self,
+        vm: &VmRecord,
+        here: &VmRecord,
+        state: VmState,
+        pid: Option<u32>,
+        arrival: &mut Arrival,
+    ) -> Result<(), String> {
+        let me = &self.cfg.host_name;
+        let moved = self
+            .store
+            .move_vm(&vm.id, &vm.host, vm.state, me, &here.image_dir, state, pid)
+            .await;
+        let committed = match moved {
+            Ok(done) => done,
+            Err(err) => match self.store.get_by_id(&vm.id).await {
+                Ok(row) => &row.host == me,
+                Err(_) => {
+                    // Unknown: keep everything, as the VM may well be ours now.
+                    arrival.committed = true;
+                    return Err(format!(
+                        "cannot tell whether the hand-over was recorded: {err}"
+                    ));
+                }
+            },
+        };
+        if !committed {
+            return Err(format!(
+                "VM '{}' was changed on host '{}' meanwhile (moved, started or given up)",
+                vm.name, vm.host
+            ));
+        }
+        arrival.committed = true;
+        Ok(())
     }
 
     /// What of `offer` this host lacks for `vm`, and whether it has the room to take it.
@@ -762,8 +871,9 @@ impl Manager {
                 format_size(need)
             ));
         }
-        std::fs::create_dir_all(self.layers.dir())
-            .map_err(|e| format!("cannot make {}: {e}", self.layers.dir().display()))?;
+        let incoming = self.layers.dir().join(INCOMING_LAYERS);
+        std::fs::create_dir_all(&incoming)
+            .map_err(|e| format!("cannot make {}: {e}", incoming.display()))?;
         let staging = self
             .cfg
             .images_dir
@@ -792,20 +902,31 @@ impl Manager {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        let offered =
+            |files: &[(String, u64)], f: &str| files.iter().any(|(n, s)| n == f && *s == size);
+        if !arrival.taken.insert(name.to_string()) {
+            return Err(format!("the sending host sent {name:?} twice"));
+        }
         let path = match name.split_once('/') {
-            Some(("image", f)) if wants.image && IMAGE_FILES.contains(&f) => {
+            Some(("image", f))
+                if wants.image && IMAGE_FILES.contains(&f) && offered(&offer.image_files, f) =>
+            {
                 std::fs::create_dir_all(&wants.staging).map_err(|e| e.to_string())?;
                 arrival.staging = Some(wants.staging.clone());
                 wants.staging.join(f)
             }
-            Some(("layer", l)) if wants.layers.iter().any(|w| w == l) => {
+            Some(("layer", l))
+                if wants.layers.iter().any(|w| w == l) && offered(&offer.layers, l) =>
+            {
                 arrival.layers.push(l.to_string());
-                self.layers.dir().join(format!(".incoming-{l}"))
+                self.incoming_layer(l)
             }
-            Some(("vm", f)) if offer.vm_files.iter().any(|v| v.0 == f) => vm_dir.join(f),
+            Some(("vm", f)) if f.starts_with("ssh_") && offered(&offer.vm_files, f) => {
+                vm_dir.join(f)
+            }
             _ => {
                 return Err(format!(
-                    "the sending host sent {name:?}, which was not asked for"
+                    "the sending host sent {name:?} ({size} bytes), which was not asked for"
                 ));
             }
         };
@@ -847,19 +968,30 @@ impl Manager {
             None => image_dir.join("rootfs.qcow2"),
         };
         let file = file.to_path_buf();
-        let done =
-            tokio::task::spawn_blocking(move || nook_storage::disk::set_backing(&file, &backing))
-                .await;
+        let done = tokio::task::spawn_blocking(move || {
+            // A header from another host is not opened with any name of its own in it.
+            if nook_storage::layers::has_external_data_file(&file)? {
+                return Err(nook_storage::StorageError::UntrustedChain {
+                    disk: file.clone(),
+                    what: "an external data file".into(),
+                });
+            }
+            nook_storage::disk::set_backing(&file, &backing)
+        })
+        .await;
         done.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
     }
 
     /// Puts the files that arrived in their places: the image build under its name, each
-    /// layer (backed by this host's paths) under its own.
+    /// layer (backed by this host's paths) under its own; then makes or fixes `top` over the
+    /// newest layer, all under the layers lock, so a collection never finds the layers
+    /// unused in between.
     pub(super) async fn settle_arrival(
         &self,
         offer: &MoveOffer,
         image_dir: &std::path::Path,
         arrival: &mut Arrival,
+        top: Top<'_>,
     ) -> Result<(), String> {
         if let Some(staged) = arrival.staging.take() {
             match std::fs::rename(&staged, image_dir) {
@@ -881,7 +1013,7 @@ impl Manager {
             if !arrival.layers.contains(name) {
                 continue;
             }
-            let incoming = self.layers.dir().join(format!(".incoming-{name}"));
+            let incoming = self.incoming_layer(name);
             let next = offer.layers.get(i + 1).map(|l| l.0.as_str());
             self.point_at(&incoming, next, image_dir).await?;
             std::fs::rename(&incoming, self.layers.dir().join(name)).map_err(|e| e.to_string())?;
@@ -890,7 +1022,29 @@ impl Manager {
             }
         }
         arrival.layers.clear();
+        let newest = offer.layers.first().map(|l| l.0.as_str());
+        match top {
+            Top::Overlay(path, size) => {
+                let layer = newest
+                    .map(|l| self.layers.dir().join(l))
+                    .ok_or("no layer to put a top on")?;
+                let path = path.to_path_buf();
+                let made = tokio::task::spawn_blocking(move || {
+                    nook_storage::disk::create_overlay_on_qcow2(&layer, &path, size)
+                })
+                .await;
+                made.map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+            }
+            Top::Rebase(path) => self.point_at(path, newest, image_dir).await?,
+        }
         Ok(())
+    }
+
+    /// Where a layer that is arriving is written until it is whole: apart from the layers,
+    /// so that no collection takes it for an unused one.
+    pub(super) fn incoming_layer(&self, name: &str) -> PathBuf {
+        self.layers.dir().join(INCOMING_LAYERS).join(name)
     }
 
     /// After a move that did not arrive: the QEMU, the directory and the files that came.
@@ -898,21 +1052,21 @@ impl Manager {
         if arrival.committed {
             return;
         }
-        if let Some(pid) = arrival.qemu {
+        if let Some((slot, owner)) = &arrival.launched {
             let paths = self.paths(vm_id);
-            let qemu = Qemu {
-                binary: PathBuf::new(),
-            };
-            nook_vmm::qemu::kill(&qemu, pid, &paths);
-            for _ in 0..50 {
-                if !qemu.is_running(pid, &paths) {
-                    break;
+            if let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) {
+                let qemu = Qemu {
+                    binary: PathBuf::new(),
+                };
+                nook_vmm::qemu::kill(&qemu, pid, &paths);
+                for _ in 0..50 {
+                    if !qemu.is_running(pid, &paths) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            if let Ok(vm) = self.store.get_by_id(vm_id).await {
-                self.release_runtime(vm_id, vm.slot, &vm.owner).await;
-            }
+            self.release_runtime(vm_id, *slot, owner).await;
         }
         if arrival.dir {
             let _ = std::fs::remove_dir_all(self.paths(vm_id).dir);
@@ -921,7 +1075,7 @@ impl Manager {
             let _ = std::fs::remove_dir_all(staged);
         }
         for l in &arrival.layers {
-            let _ = std::fs::remove_file(self.layers.dir().join(format!(".incoming-{l}")));
+            let _ = std::fs::remove_file(self.incoming_layer(l));
         }
         self.collect_layers().await;
     }
@@ -986,6 +1140,14 @@ where
     file.sync_all().await.map_err(|e| e.to_string())
 }
 
+/// How the top of a disk that arrived is made once its layers are in place.
+pub(super) enum Top<'a> {
+    /// A new empty top of this size over the newest layer.
+    Overlay(&'a std::path::Path, u64),
+    /// A top that came, renamed to back onto the newest layer (or the base) here.
+    Rebase(&'a std::path::Path),
+}
+
 /// What a receiving host lacks of an offer.
 pub(super) struct Wants {
     pub(super) image: bool,
@@ -1003,6 +1165,9 @@ pub(super) struct Arrival {
     pub(super) staging: Option<PathBuf>,
     /// Layers received and not yet in place.
     pub(super) layers: Vec<String>,
-    pub(super) qemu: Option<u32>,
+    /// Files taken so far, each at most once.
+    pub(super) taken: HashSet<String>,
+    /// The slot and owner of a QEMU launched (or tried) for it.
+    pub(super) launched: Option<(u32, String)>,
     pub(super) committed: bool,
 }

@@ -265,11 +265,18 @@ impl Manager {
     }
 
     /// Keeps the replica a peer sends (the peer's `replicate_once`), answering over `link`.
-    pub(crate) async fn take_replica(&self, vm_id: &str, mut link: MoveLink<PeerStream>) {
+    pub(crate) async fn take_replica(
+        &self,
+        peer: nook_channel::Peer,
+        vm_id: &str,
+        mut link: MoveLink<PeerStream>,
+    ) {
         let lock = self.op_lock(vm_id);
         let _guard = lock.lock().await;
         let mut arrival = Arrival::default();
-        let outcome = self.receive_replica(vm_id, &mut link, &mut arrival).await;
+        let outcome = self
+            .receive_replica(&peer, vm_id, &mut link, &mut arrival)
+            .await;
         if let Err(why) = &outcome {
             tracing::warn!(vm = vm_id, why, "a replica sent here did not arrive whole");
             let _ = link.send(&MoveOut::Failed { why: why.clone() }).await;
@@ -277,7 +284,7 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(staged);
             }
             for l in &arrival.layers {
-                let _ = std::fs::remove_file(self.layers.dir().join(format!(".incoming-{l}")));
+                let _ = std::fs::remove_file(self.incoming_layer(l));
             }
         }
         let _ = std::fs::remove_dir_all(self.replicas_dir().join(format!(".{vm_id}.new")));
@@ -285,6 +292,7 @@ impl Manager {
 
     async fn receive_replica(
         &self,
+        peer: &nook_channel::Peer,
         vm_id: &str,
         link: &mut MoveLink<PeerStream>,
         arrival: &mut Arrival,
@@ -295,7 +303,7 @@ impl Manager {
             .get_by_id(vm_id)
             .await
             .map_err(|e| format!("cannot read the VM's row here: {e}"))?;
-        if &vm.replica_host != me || &vm.host == me {
+        if &vm.replica_host != me || &vm.host == me || !peer.is(&vm.host) {
             return Err(format!(
                 "host '{me}' is not VM '{}''s replica host",
                 vm.name
@@ -306,11 +314,9 @@ impl Manager {
         else {
             return Err("the replica did not begin with its offer".into());
         };
-        let newest = offer
-            .layers
-            .first()
-            .map(|l| l.0.clone())
-            .ok_or("a replica has at least one layer")?;
+        if offer.layers.is_empty() {
+            return Err("a replica has at least one layer".into());
+        }
         let wants = self.wants(&vm, &offer)?;
         let new = self.replicas_dir().join(format!(".{vm_id}.new"));
         let _ = std::fs::remove_dir_all(&new);
@@ -330,19 +336,13 @@ impl Manager {
                 other => return Err(format!("the replica sent {other:?} out of turn")),
             }
         }
-        self.settle_arrival(&offer, &wants.image_dir, arrival)
-            .await?;
-        let (layer, top, size) = (
-            self.layers.dir().join(&newest),
-            new.join("disk.qcow2"),
-            vm.disk_bytes,
-        );
-        let made = tokio::task::spawn_blocking(move || {
-            nook_storage::disk::create_overlay_on_qcow2(&layer, &top, size)
-        })
-        .await;
-        made.map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        self.settle_arrival(
+            &offer,
+            &wants.image_dir,
+            arrival,
+            migrate::Top::Overlay(&new.join("disk.qcow2"), vm.disk_bytes),
+        )
+        .await?;
         std::fs::write(new.join(IMAGE_NAME_FILE), &offer.image).map_err(|e| e.to_string())?;
         // The new replica takes the old one's place whole, or not at all.
         let dir = self.replica_dir(vm_id);
@@ -416,6 +416,7 @@ impl Manager {
                 .move_vm(
                     &vm.id,
                     &vm.host,
+                    vm.state,
                     &me,
                     &image_dir.display().to_string(),
                     VmState::Stopped,
