@@ -270,20 +270,10 @@ impl Store {
         Ok(())
     }
 
-    /// Hands VM `id` from host `from`, where it was `seen`, to host `to`, which now holds its
-    /// disk (in the image build `image_dir` there) and records it in `state`. False, and
-    /// nothing changed, when the row no longer names `from` or is no longer `seen` (another
-    /// move, a start, the sender giving up or a removal came first).
-    pub async fn move_vm(
-        &self,
-        id: &str,
-        from: &str,
-        seen: VmState,
-        to: &str,
-        image_dir: &str,
-        state: VmState,
-        pid: Option<u32>,
-    ) -> Result<bool, StoreError> {
+    /// Hands VM `id` over as `h` says. False, and nothing changed, when the row no longer
+    /// names `h.from` or is no longer `h.seen` (another move, a start, the sender giving up
+    /// or a removal came first).
+    pub async fn move_vm(&self, id: &str, h: &Handover<'_>) -> Result<bool, StoreError> {
         let _changed = self.change();
         let done = sqlx::query(
             "UPDATE vms SET host = $1, image_dir = $2, state = $3, state_reason = NULL, pid = $4, updated_at = $5, \
@@ -291,14 +281,14 @@ impl Store {
              replicated_at_ms = CASE WHEN replica_host = $1 THEN 0 ELSE replicated_at_ms END \
              WHERE id = $6 AND host = $7 AND state = $8",
         )
-        .bind(to)
-        .bind(image_dir)
-        .bind(state.as_str())
-        .bind(pid.map(i64::from))
+        .bind(h.to)
+        .bind(h.image_dir)
+        .bind(h.state.as_str())
+        .bind(h.pid.map(i64::from))
         .bind(crate::now())
         .bind(id)
-        .bind(from)
-        .bind(seen.as_str())
+        .bind(h.from)
+        .bind(h.seen.as_str())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -421,6 +411,20 @@ pub fn place(
         .map(|(h, _)| h.host.name.clone())
 }
 
+/// A VM passing from one host to another ([`Store::move_vm`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Handover<'a> {
+    /// The host that holds it, in the state it was seen in there.
+    pub from: &'a str,
+    pub seen: VmState,
+    /// The host that holds its disk now (in the image build `image_dir` there), and the
+    /// state and process it has there.
+    pub to: &'a str,
+    pub image_dir: &'a str,
+    pub state: VmState,
+    pub pid: Option<u32>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,7 +481,7 @@ mod tests {
     async fn a_move_names_the_new_host_only_if_the_old_one_still_holds_it(store) {
         let id = vm(&store, "web").await;
         let from = store.get_by_id(&id).await.expect("get").host;
-        assert!(store.move_vm(&id, &from, VmState::Creating, "h2", "/img/b", VmState::Running, Some(7)).await.expect("move"));
+        assert!(store.move_vm(&id, &Handover { from: &from, seen: VmState::Creating, to: "h2", image_dir: "/img/b", state: VmState::Running, pid: Some(7) }).await.expect("move"));
         let moved = store.get_by_id(&id).await.expect("get");
         assert_eq!(
             (moved.host.as_str(), moved.image_dir.as_str(), moved.state, moved.pid),
@@ -489,14 +493,14 @@ mod tests {
         store.replicated(&id, "h4", 100).await.expect("not h4's");
         let kept = store.get_by_id(&id).await.expect("get");
         assert_eq!((kept.replica_host.as_str(), kept.replicated_at_ms), ("h3", 99));
-        assert!(store.move_vm(&id, "h2", VmState::Running, "h3", "/img/b", VmState::Stopped, None).await.expect("move"));
+        assert!(store.move_vm(&id, &Handover { from: "h2", seen: VmState::Running, to: "h3", image_dir: "/img/b", state: VmState::Stopped, pid: None }).await.expect("move"));
         let moved = store.get_by_id(&id).await.expect("get");
         assert_eq!((moved.replica_host.as_str(), moved.replicated_at_ms), ("", 0));
         // A second move from the old host (a retry, or a race) changes nothing.
-        assert!(!store.move_vm(&id, &from, VmState::Running, "h4", "/img/c", VmState::Stopped, None).await.expect("move"));
+        assert!(!store.move_vm(&id, &Handover { from: &from, seen: VmState::Running, to: "h4", image_dir: "/img/c", state: VmState::Stopped, pid: None }).await.expect("move"));
         assert_eq!(store.get_by_id(&id).await.expect("get").host, "h3");
         // Nor one from the right host that saw another state (the VM was started meanwhile).
-        assert!(!store.move_vm(&id, "h3", VmState::Running, "h4", "/img/c", VmState::Stopped, None).await.expect("move"));
+        assert!(!store.move_vm(&id, &Handover { from: "h3", seen: VmState::Running, to: "h4", image_dir: "/img/c", state: VmState::Stopped, pid: None }).await.expect("move"));
         // A host giving up changes the row only while it names that host.
         assert!(!store.set_state_on(&id, "h2", VmState::Failed, Some("gave up")).await.expect("state"));
         assert!(store.set_state_on(&id, "h3", VmState::Failed, Some("gave up")).await.expect("state"));

@@ -18,7 +18,7 @@ mod web;
 pub use agent::AgentConversation;
 pub use credits::{LlmUse, UsageRow};
 pub use edge::{ApiToken, Role, Share, WebSettings, hash_secret, new_secret};
-pub use fleet::{HostRow, HostStatus, Lease, LeaseHeld, place};
+pub use fleet::{Handover, HostRow, HostStatus, Lease, LeaseHeld, place};
 pub use identity::{Admission, CLAIM_TTL_SECS, INVITE_TTL_SECS};
 pub use integrations::{Grant, IntegrationRow};
 pub use web::{ExecGrant, ExecToken, VmApiGrant};

@@ -807,7 +807,17 @@ impl Manager {
         let me = &self.cfg.host_name;
         let moved = self
             .store
-            .move_vm(&vm.id, &vm.host, vm.state, me, &here.image_dir, state, pid)
+            .move_vm(
+                &vm.id,
+                &nook_store::Handover {
+                    from: &vm.host,
+                    seen: vm.state,
+                    to: me,
+                    image_dir: &here.image_dir,
+                    state,
+                    pid,
+                },
+            )
             .await;
         let committed = match moved {
             Ok(done) => done,

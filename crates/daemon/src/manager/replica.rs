@@ -415,12 +415,14 @@ impl Manager {
                 .store
                 .move_vm(
                     &vm.id,
-                    &vm.host,
-                    vm.state,
-                    &me,
-                    &image_dir.display().to_string(),
-                    VmState::Stopped,
-                    None,
+                    &nook_store::Handover {
+                        from: &vm.host,
+                        seen: vm.state,
+                        to: &me,
+                        image_dir: &image_dir.display().to_string(),
+                        state: VmState::Stopped,
+                        pid: None,
+                    },
                 )
                 .await
                 .map_err(|e| errors::from_store("take the VM over", e))?;
