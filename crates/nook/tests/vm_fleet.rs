@@ -514,6 +514,14 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         "{}",
         stderr_of(&out)
     );
+    // Without a replica there is nothing to bring it back from elsewhere.
+    let out = h2.ssh(&alice, "lobby", &["start", "vm3", "--on", "h1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("it has no replica"),
+        "{}",
+        stderr_of(&out)
+    );
 
     // h3 comes back: its VM is its own again (stopped by the crash), and starts there.
     h3.restart();

@@ -94,6 +94,36 @@ impl Manager {
 
     /// Where a new VM goes: `on` when given, else the host with the most memory free for it
     /// (this one on a tie). `None`: here.
+    /// Refuses a host name that is not one of `hosts`, or one that is down; `what` says what
+    /// asked for it (`--on h2`, `move to h2`).
+    pub(crate) fn check_host(
+        &self,
+        hosts: &[nook_store::HostStatus],
+        name: &str,
+        what: &str,
+    ) -> Result<(), ApiError> {
+        let Some(host) = hosts.iter().find(|h| h.host.name == name) else {
+            let names: Vec<&str> = hosts.iter().map(|h| h.host.name.as_str()).collect();
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{what}: there is no such host in the fleet (its hosts: {})",
+                    names.join(", ")
+                ),
+            ));
+        };
+        if !self.host_is_up(host) {
+            return Err(ApiError::new(
+                ErrorCode::HostDown,
+                format!(
+                    "{what}: that host is down (no heartbeat for {} s); pick another",
+                    host.since_heartbeat_ms.max(0) / 1000
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) async fn place(
         &self,
         image: Option<&str>,
@@ -121,25 +151,7 @@ impl Manager {
             if on == me {
                 return Ok(None);
             }
-            let Some(host) = hosts.iter().find(|h| h.host.name == on) else {
-                let names: Vec<&str> = hosts.iter().map(|h| h.host.name.as_str()).collect();
-                return Err(ApiError::new(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "--on {on}: there is no such host in the fleet (its hosts: {})",
-                        names.join(", ")
-                    ),
-                ));
-            };
-            if !self.host_is_up(host) {
-                return Err(ApiError::new(
-                    ErrorCode::HostDown,
-                    format!(
-                        "--on {on}: that host is down (no heartbeat for {} s); pick another, or leave --on out",
-                        host.since_heartbeat_ms.max(0) / 1000
-                    ),
-                ));
-            }
+            self.check_host(&hosts, on, &format!("--on {on}"))?;
             return Ok(Some(on.to_string()));
         }
         // An image or size this host cannot make sense of is its own error to give.

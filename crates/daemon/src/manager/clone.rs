@@ -507,7 +507,7 @@ impl Manager {
         }
     }
 
-    fn flatten_later(self: &Arc<Self>, id: &str) {
+    pub(super) fn flatten_later(self: &Arc<Self>, id: &str) {
         let (this, id) = (self.clone(), id.to_string());
         tokio::spawn(async move {
             if let Err(err) = this.flatten(&id).await {

@@ -424,7 +424,7 @@ impl Manager {
     }
 
     /// Kills a VM this host may no longer run, and records why.
-    async fn kill_for_lease(&self, id: &str, reason: &str) {
+    pub(super) async fn kill_for_lease(&self, id: &str, reason: &str) {
         if let Some(fleet) = &self.fleet {
             fleet
                 .held

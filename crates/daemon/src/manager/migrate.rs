@@ -37,6 +37,9 @@ const MEMORY_WAIT: Duration = Duration::from_secs(30);
 const ANSWER_WAIT: Duration = Duration::from_secs(600);
 /// The image build's files a receiver takes.
 const IMAGE_FILES: [&str; 4] = ["manifest.json", "rootfs.qcow2", "vmlinux", "initrd.cpio"];
+/// A file in the directory of a VM that is arriving and not yet this host's: a restart
+/// removes such a directory (and its QEMU) instead of keeping it.
+pub(super) const ARRIVING: &str = ".arriving";
 /// The directory under the layers where arriving layers are written.
 const INCOMING_LAYERS: &str = ".incoming";
 /// Room a qcow2 top may take beyond its disk's size (its own metadata).
@@ -171,8 +174,8 @@ impl Manager {
                 format!("VM '{}' is on host '{to}' already", vm.name),
             ));
         }
-        // The same checks as `new --on`: a known host that is up.
-        self.place(None, None, Some(to)).await?;
+        let hosts = self.hosts().await?;
+        self.check_host(&hosts, to, &format!("move to {to}"))?;
         let live = match vm.state {
             VmState::Running => true,
             VmState::Stopped | VmState::Failed => false,
@@ -535,6 +538,8 @@ impl Manager {
             Ok(sent) => Instant::now() - sent.paused,
             Err(err) => {
                 carry.abort();
+                // `fork::send` let the guest go on where it paused.
+                self.keep_fenced_paused(vm, &qmp).await;
                 return Err(match top_error {
                     Some(why) => failed(to, why),
                     None => errors::from_vmm("send the VM's memory", err),
@@ -560,6 +565,7 @@ impl Manager {
         if let Err(why) = held {
             // Nothing runs there: the VM goes on here, where it paused.
             fork::resume(&qmp).await;
+            self.keep_fenced_paused(vm, &qmp).await;
             return Err(failed(to, why));
         }
         // The other host holds all of the state, paused: this QEMU ends and its lease goes,
@@ -569,6 +575,19 @@ impl Manager {
             self.give_up(vm, to, true, &why).await?;
         }
         Ok((paused_at, top_bytes))
+    }
+
+    /// After a failed live move let the guest go on here: if its lease ran down meanwhile
+    /// (the host was fenced off the database while the guest sat paused for the move), it
+    /// pauses again at once, and goes on with the next renewal as any fenced VM does.
+    async fn keep_fenced_paused(&self, vm: &VmRecord, qmp: &Qmp) {
+        if self.fleet.as_ref().is_some_and(|f| f.is_fenced(&vm.id))
+            && let Err(err) = qmp.execute("stop", None).await
+        {
+            tracing::error!(vm = %vm.name, %err, "could not pause a fenced VM after a failed move; killing it");
+            self.kill_for_lease(&vm.id, "stopped: its lease could not be renewed")
+                .await;
+        }
     }
 
     /// Takes over a VM a peer moves here (the peer's `move_vm`), answering over `link`.
@@ -624,6 +643,9 @@ impl Manager {
                 vm.name
             ));
         }
+        if live {
+            self.room_for(&vm).await?;
+        }
         if live != (vm.state == VmState::Running) {
             return Err(format!(
                 "VM '{}' is {} by its row, not what the move says",
@@ -653,6 +675,7 @@ impl Manager {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
         arrival.dir = true;
+        std::fs::write(dir.join(ARRIVING), b"").map_err(|e| e.to_string())?;
         link.send(&MoveOut::Want {
             image: wants.image,
             layers: wants.layers.clone(),
@@ -699,7 +722,7 @@ impl Manager {
                     }
                     self.settle_arrival(
                         &offer,
-                        &image_dir,
+                        &wants,
                         arrival,
                         Top::Overlay(&disk, vm.disk_bytes),
                     )
@@ -766,7 +789,7 @@ impl Manager {
                 VmState::Running
             }
             None => {
-                self.settle_arrival(&offer, &image_dir, arrival, Top::Rebase(&disk))
+                self.settle_arrival(&offer, &wants, arrival, Top::Rebase(&disk))
                     .await?;
                 self.trusted_chain(&here).await.map_err(|e| e.message)?;
                 self.commit_arrival(&vm, &here, vm.state, None, arrival)
@@ -776,6 +799,31 @@ impl Manager {
         };
         tracing::info!(vm = %vm.name, from = %vm.host, state = state.as_str(), "a VM moved here");
         link.send(&MoveOut::Done).await
+    }
+
+    /// Refuses a running VM this host has no memory left for, counted as placement counts it.
+    async fn room_for(&self, vm: &VmRecord) -> Result<(), String> {
+        let me = &self.cfg.host_name;
+        let hosts = self.store.hosts().await.map_err(|e| e.to_string())?;
+        let mine: Vec<_> = hosts.into_iter().filter(|h| &h.host.name == me).collect();
+        let placed = self
+            .store
+            .memory_placed()
+            .await
+            .map_err(|e| e.to_string())?;
+        let need = u64::from(vm.memory_mib);
+        if nook_store::place(&mine, &placed, me, need, i64::MAX).is_none() {
+            let free = mine.first().map_or(0, |h| {
+                h.host
+                    .memory_mib
+                    .saturating_sub(placed.get(me).copied().unwrap_or(0))
+            });
+            return Err(format!(
+                "host '{me}' has {free} MiB of memory left for VMs and VM '{}' needs {need} MiB",
+                vm.name
+            ));
+        }
+        Ok(())
     }
 
     /// Takes the lease the sender released; a release the database did not get lapses within
@@ -821,11 +869,10 @@ impl Manager {
             .await;
         let committed = match moved {
             Ok(done) => done,
-            Err(err) => match self.store.get_by_id(&vm.id).await {
-                Ok(row) => &row.host == me,
-                Err(_) => {
-                    // Unknown: keep everything, as the VM may well be ours now.
-                    arrival.committed = true;
+            Err(err) => match self.row_after_unclear_commit(&vm.id).await {
+                Some(row) => &row.host == me,
+                None => {
+                    arrival.unclear = true;
                     return Err(format!(
                         "cannot tell whether the hand-over was recorded: {err}"
                     ));
@@ -839,7 +886,24 @@ impl Manager {
             ));
         }
         arrival.committed = true;
+        let _ = std::fs::remove_file(self.paths(&vm.id).dir.join(ARRIVING));
         Ok(())
+    }
+
+    /// The VM's row, read again after a commit whose answer was lost, for as long as a lease
+    /// lives (past that this host is fenced off the database anyway).
+    async fn row_after_unclear_commit(&self, id: &str) -> Option<VmRecord> {
+        let deadline = Instant::now() + fleet::LEASE_TTL;
+        loop {
+            match self.store.get_by_id(id).await {
+                Ok(row) => return Some(row),
+                Err(err) if Instant::now() < deadline => {
+                    tracing::warn!(vm = id, %err, "reading a moved VM's row again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(_) => return None,
+            }
+        }
     }
 
     /// What of `offer` this host lacks for `vm`, and whether it has the room to take it.
@@ -889,6 +953,7 @@ impl Manager {
             .images_dir
             .join(format!(".incoming-{}-{}", offer.image, vm.id));
         Ok(Wants {
+            vm_id: vm.id.clone(),
             image,
             layers,
             image_dir,
@@ -929,7 +994,11 @@ impl Manager {
                 if wants.layers.iter().any(|w| w == l) && offered(&offer.layers, l) =>
             {
                 arrival.layers.push(l.to_string());
-                self.incoming_layer(l)
+                let staged = self.incoming_layer(&wants.vm_id, l);
+                if let Some(dir) = staged.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                }
+                staged
             }
             Some(("vm", f)) if f.starts_with("ssh_") && offered(&offer.vm_files, f) => {
                 vm_dir.join(f)
@@ -999,10 +1068,11 @@ impl Manager {
     pub(super) async fn settle_arrival(
         &self,
         offer: &MoveOffer,
-        image_dir: &std::path::Path,
+        wants: &Wants,
         arrival: &mut Arrival,
         top: Top<'_>,
     ) -> Result<(), String> {
+        let image_dir = wants.image_dir.as_path();
         if let Some(staged) = arrival.staging.take() {
             match std::fs::rename(&staged, image_dir) {
                 Ok(()) => {}
@@ -1023,15 +1093,22 @@ impl Manager {
             if !arrival.layers.contains(name) {
                 continue;
             }
-            let incoming = self.incoming_layer(name);
+            let incoming = self.incoming_layer(&wants.vm_id, name);
+            let placed = self.layers.dir().join(name);
+            if placed.exists() {
+                // Another arrival brought the same (immutable) layer meanwhile.
+                let _ = std::fs::remove_file(&incoming);
+                continue;
+            }
             let next = offer.layers.get(i + 1).map(|l| l.0.as_str());
             self.point_at(&incoming, next, image_dir).await?;
-            std::fs::rename(&incoming, self.layers.dir().join(name)).map_err(|e| e.to_string())?;
+            std::fs::rename(&incoming, &placed).map_err(|e| e.to_string())?;
             if nix::unistd::geteuid().is_root() {
                 let _ = clone::freeze_ownership(&self.layers.dir().join(name));
             }
         }
         arrival.layers.clear();
+        let _ = std::fs::remove_dir(self.incoming_layer(&wants.vm_id, "").as_path());
         let newest = offer.layers.first().map(|l| l.0.as_str());
         match top {
             Top::Overlay(path, size) => {
@@ -1053,14 +1130,24 @@ impl Manager {
 
     /// Where a layer that is arriving is written until it is whole: apart from the layers,
     /// so that no collection takes it for an unused one.
-    pub(super) fn incoming_layer(&self, name: &str) -> PathBuf {
-        self.layers.dir().join(INCOMING_LAYERS).join(name)
+    pub(super) fn incoming_layer(&self, vm_id: &str, name: &str) -> PathBuf {
+        self.layers
+            .dir()
+            .join(INCOMING_LAYERS)
+            .join(vm_id)
+            .join(name)
     }
 
     /// After a move that did not arrive: the QEMU, the directory and the files that came.
     async fn undo_arrival(&self, vm_id: &str, arrival: &Arrival) {
         if arrival.committed {
             return;
+        }
+        if arrival.unclear {
+            tracing::error!(
+                vm = vm_id,
+                "keeping a moved VM's files and ending its QEMU: whether it is this host's is unknown until the database answers"
+            );
         }
         if let Some((slot, owner)) = &arrival.launched {
             let paths = self.paths(vm_id);
@@ -1078,6 +1165,9 @@ impl Manager {
             }
             self.release_runtime(vm_id, *slot, owner).await;
         }
+        if arrival.unclear {
+            return;
+        }
         if arrival.dir {
             let _ = std::fs::remove_dir_all(self.paths(vm_id).dir);
         }
@@ -1085,7 +1175,7 @@ impl Manager {
             let _ = std::fs::remove_dir_all(staged);
         }
         for l in &arrival.layers {
-            let _ = std::fs::remove_file(self.incoming_layer(l));
+            let _ = std::fs::remove_file(self.incoming_layer(vm_id, l));
         }
         self.collect_layers().await;
     }
@@ -1160,6 +1250,7 @@ pub(super) enum Top<'a> {
 
 /// What a receiving host lacks of an offer.
 pub(super) struct Wants {
+    pub(super) vm_id: String,
     pub(super) image: bool,
     pub(super) layers: Vec<String>,
     /// Where the image build is (or goes) on this host.
@@ -1180,4 +1271,7 @@ pub(super) struct Arrival {
     /// The slot and owner of a QEMU launched (or tried) for it.
     pub(super) launched: Option<(u32, String)>,
     pub(super) committed: bool,
+    /// Whether the hand-over was recorded could not be told: the files stay (the VM may be
+    /// this host's now), its QEMU does not (nothing may run a VM two hosts might hold).
+    pub(super) unclear: bool,
 }

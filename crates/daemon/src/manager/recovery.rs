@@ -37,15 +37,21 @@ impl Manager {
                         }
                         tracing::error!(vm = %vm.name, error = %err.message, "not re-adopting a VM this host no longer holds; stopping it");
                         self.halt(vm, false).await;
-                        self.record_state_or_log(
-                            &vm.name,
-                            &vm.id,
-                            VmState::Stopped,
-                            Some(&format!("stopped here: {}", err.message)),
-                            None,
-                            "its lease's loss",
-                        )
-                        .await;
+                        // Only while the row still names this host: the host holding the
+                        // lease may have restored the VM and owns the row now.
+                        let reason = format!("stopped here: {}", err.message);
+                        if let Err(e) = self
+                            .store
+                            .set_state_on(
+                                &vm.id,
+                                &self.cfg.host_name,
+                                VmState::Stopped,
+                                Some(&reason),
+                            )
+                            .await
+                        {
+                            tracing::error!(vm = %vm.name, error = %e, "could not record its lease's loss");
+                        }
                         continue;
                     }
                     match Qmp::connect(&paths.qmp_socket()).await {
@@ -131,13 +137,22 @@ impl Manager {
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().to_string();
             if known.iter().any(|vm| vm.id == id) {
+                // Arrived and recorded here; the daemon stopped before the marker went.
+                let _ = std::fs::remove_file(entry.path().join(migrate::ARRIVING));
                 continue;
             }
             // Only a directory whose row is gone is an orphan. A row that names another host
             // (this host was renamed, or two hosts share a name) keeps its disk: deleting it
-            // would lose the VM. An unreadable store proves nothing either.
+            // would lose the VM. An unreadable store proves nothing either. A VM that was
+            // still arriving when this daemon stopped, whose row names another host, never
+            // became this host's (the hand-over names this host in the row before the marker
+            // goes), so what came of it goes.
+            let arriving = entry.path().join(migrate::ARRIVING).exists();
             match self.store.get_by_id(&id).await {
                 Err(nook_store::StoreError::NotFound(_)) => {}
+                Ok(vm) if arriving && vm.host != self.cfg.host_name => {
+                    tracing::warn!(vm = %vm.name, from = %vm.host, "a move here was cut short by a restart; removing what came");
+                }
                 Ok(vm) => {
                     tracing::error!(
                         vm = %vm.name,

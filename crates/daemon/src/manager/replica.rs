@@ -24,6 +24,17 @@ use nook_channel::{MoveIn, MoveLink, MoveOut, PeerStream};
 const REPLICAS_DIR: &str = "replicas";
 /// The file in a replica naming the image build its chain ends in.
 const IMAGE_NAME_FILE: &str = "image";
+/// The file in a VM's directory holding its top's modification time right after the last
+/// freeze for a replica: a top still at that time has nothing new to send.
+const REPLICATED_TOP_FILE: &str = "replicated-top";
+
+/// A replica's content, frozen and ready to send.
+struct Prepared {
+    offer: nook_channel::MoveOffer,
+    below: Vec<PathBuf>,
+    image: Image,
+    started_ms: i64,
+}
 
 /// What one round of replication did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -102,7 +113,8 @@ impl Manager {
                 ),
             ));
         }
-        self.place(None, None, Some(host)).await?;
+        let hosts = self.hosts().await?;
+        self.check_host(&hosts, host, &format!("a replica on {host}"))?;
         self.store
             .set_replica(&vm.id, host)
             .await
@@ -117,32 +129,36 @@ impl Manager {
     }
 
     /// Sends `vm`'s replica host what it lacks of the disk as it is now. The caller holds the
-    /// VM's op lock.
+    /// VM's op lock, and may let it go between [`Self::prepare_replica`] and
+    /// [`Self::send_replica`]: what is sent is frozen layers, which nothing changes.
     async fn replicate_once(&self, vm: &VmRecord) -> Result<Replicated, ApiError> {
-        let to = vm.replica_host.clone();
-        let failed = |why: String| {
-            ApiError::new(
-                ErrorCode::Internal,
-                format!("Replicating VM '{}' to host '{to}' failed: {why}", vm.name),
-            )
-        };
-        let top = self.paths(&vm.id).disk();
-        let written =
-            vm.replicated_at_ms == 0 || modified_ms(&top).is_none_or(|m| m >= vm.replicated_at_ms);
-        let mut replicated = Replicated {
-            vm: vm.name.clone(),
-            host: to.clone(),
-            bytes_sent: 0,
-            replicated_at_ms: vm.replicated_at_ms,
-            every_secs: self.cfg.replicate_every.as_secs(),
-        };
-        if !written {
-            return Ok(replicated);
+        match self.prepare_replica(vm).await? {
+            Some(prepared) => self.send_replica(vm, prepared).await,
+            None => Ok(self.replicated(vm, 0, vm.replicated_at_ms)),
         }
-        let (identity, addr) = self
-            .channel_route(&to)
-            .await
-            .map_err(|why| failed(format!("cannot reach it: {why}")))?;
+    }
+
+    fn replicated(&self, vm: &VmRecord, bytes_sent: u64, at_ms: i64) -> Replicated {
+        Replicated {
+            vm: vm.name.clone(),
+            host: vm.replica_host.clone(),
+            bytes_sent,
+            replicated_at_ms: at_ms,
+            every_secs: self.cfg.replicate_every.as_secs(),
+        }
+    }
+
+    /// Freezes the VM's top if it was written since the last replica (`None`: it was not),
+    /// and says what the replica is made of.
+    async fn prepare_replica(&self, vm: &VmRecord) -> Result<Option<Prepared>, ApiError> {
+        let paths = self.paths(&vm.id);
+        let (top, seen_file) = (paths.disk(), paths.dir.join(REPLICATED_TOP_FILE));
+        // The top as it was right after the last freeze: unchanged since means nothing new.
+        let seen = std::fs::read_to_string(&seen_file).ok();
+        let now = modified_ms(&top).map(|m| m.to_string());
+        if vm.replicated_at_ms > 0 && seen.is_some() && seen == now {
+            return Ok(None);
+        }
         let started_ms = now_ms();
         match vm.state {
             VmState::Running => self.freeze_top(vm).await?,
@@ -158,13 +174,43 @@ impl Manager {
                 ));
             }
         }
+        if let Some(m) = modified_ms(&top) {
+            let _ = std::fs::write(&seen_file, m.to_string());
+        }
         let image = self.image_of(vm)?;
         let (offer, below) = self.offer(vm, &image, 0).await?;
+        Ok(Some(Prepared {
+            offer,
+            below,
+            image,
+            started_ms,
+        }))
+    }
+
+    async fn send_replica(&self, vm: &VmRecord, p: Prepared) -> Result<Replicated, ApiError> {
+        let to = vm.replica_host.clone();
+        let failed = |why: String| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("Replicating VM '{}' to host '{to}' failed: {why}", vm.name),
+            )
+        };
+        let (identity, addr) = self
+            .channel_route(&to)
+            .await
+            .map_err(|why| failed(format!("cannot reach it: {why}")))?;
         let mut link = nook_channel::start_replica(&identity, &to, &addr, &vm.id)
             .await
             .map_err(|e| failed(e.to_string()))?;
-        replicated.bytes_sent = self
-            .send_what_is_wanted(&mut link, &vm.id, offer, &image, &below, &|_: &str| {})
+        let sent = self
+            .send_what_is_wanted(
+                &mut link,
+                &vm.id,
+                p.offer,
+                &p.image,
+                &p.below,
+                &|_: &str| {},
+            )
             .await
             .map_err(|e| failed(e.message))?;
         link.send(&MoveIn::Commit).await.map_err(failed)?;
@@ -175,12 +221,11 @@ impl Manager {
         }
         // The replica is of the instant the top was frozen, which came after `started_ms`.
         self.store
-            .replicated(&vm.id, &to, started_ms)
+            .replicated(&vm.id, &to, p.started_ms)
             .await
             .map_err(|e| errors::from_store("record the replica", e))?;
-        replicated.replicated_at_ms = started_ms;
-        tracing::info!(vm = %vm.name, to, sent = replicated.bytes_sent, "replicated");
-        Ok(replicated)
+        tracing::info!(vm = %vm.name, to, sent, "replicated");
+        Ok(self.replicated(vm, sent, p.started_ms))
     }
 
     /// Freezes a stopped VM's top as a layer under a fresh empty top.
@@ -224,7 +269,7 @@ impl Manager {
             }
             let lock = self.op_lock(&vm.id);
             // A VM busy with something else gets its replica next round.
-            let Ok(_guard) = lock.try_lock() else {
+            let Ok(guard) = lock.try_lock() else {
                 continue;
             };
             let Ok(vm) = self.store.get_by_id(&vm.id).await else {
@@ -233,9 +278,19 @@ impl Manager {
             if vm.host != me || vm.replica_host.is_empty() {
                 continue;
             }
-            if let Err(err) = self.replicate_once(&vm).await {
+            let prepared = self.prepare_replica(&vm).await;
+            // Only frozen layers travel: the VM's own commands need not wait for the network.
+            drop(guard);
+            let sent = match prepared {
+                Ok(Some(prepared)) => self.send_replica(&vm, prepared).await.map(|_| ()),
+                Ok(None) => Ok(()),
+                Err(err) => Err(err),
+            };
+            if let Err(err) = sent {
                 tracing::warn!(vm = %vm.name, error = %err.message, "replication failed; trying again next round");
             }
+            // Each round that froze added a layer: keep the chain short.
+            self.flatten_later(&vm.id);
         }
         let mut swept = false;
         for entry in std::fs::read_dir(self.replicas_dir())
@@ -247,14 +302,15 @@ impl Manager {
             if id.starts_with('.') {
                 continue;
             }
+            let lock = self.op_lock(&id);
+            let _guard = lock.lock().await;
             let stale = match self.store.get_by_id(&id).await {
                 Ok(vm) => vm.replica_host != me,
                 Err(nook_store::StoreError::NotFound(_)) => true,
                 Err(_) => false,
             };
             if stale {
-                let lock = self.op_lock(&id);
-                let _guard = lock.lock().await;
+                let _layers = self.layers_lock.lock().await;
                 let _ = std::fs::remove_dir_all(entry.path());
                 swept = true;
             }
@@ -284,7 +340,7 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(staged);
             }
             for l in &arrival.layers {
-                let _ = std::fs::remove_file(self.incoming_layer(l));
+                let _ = std::fs::remove_file(self.incoming_layer(vm_id, l));
             }
         }
         let _ = std::fs::remove_dir_all(self.replicas_dir().join(format!(".{vm_id}.new")));
@@ -338,7 +394,7 @@ impl Manager {
         }
         self.settle_arrival(
             &offer,
-            &wants.image_dir,
+            &wants,
             arrival,
             migrate::Top::Overlay(&new.join("disk.qcow2"), vm.disk_bytes),
         )
@@ -347,10 +403,14 @@ impl Manager {
         // The new replica takes the old one's place whole, or not at all.
         let dir = self.replica_dir(vm_id);
         let old = self.replicas_dir().join(format!(".{vm_id}.old"));
-        let _ = std::fs::remove_dir_all(&old);
-        let _ = std::fs::rename(&dir, &old);
-        std::fs::rename(&new, &dir).map_err(|e| format!("cannot keep the replica: {e}"))?;
-        let _ = std::fs::remove_dir_all(&old);
+        {
+            // A collection between the renames would see neither replica.
+            let _layers = self.layers_lock.lock().await;
+            let _ = std::fs::remove_dir_all(&old);
+            let _ = std::fs::rename(&dir, &old);
+            std::fs::rename(&new, &dir).map_err(|e| format!("cannot keep the replica: {e}"))?;
+            let _ = std::fs::remove_dir_all(&old);
+        }
         self.collect_layers().await;
         link.send(&MoveOut::Done).await
     }
@@ -409,8 +469,11 @@ impl Manager {
                 // What an earlier move or replica left: the row names another host.
                 let _ = std::fs::remove_dir_all(&dir);
             }
-            std::fs::rename(&replica, &dir).map_err(|e| io_error("take up the replica", e))?;
-            let _ = std::fs::remove_file(dir.join(IMAGE_NAME_FILE));
+            {
+                // A collection must see the replica's top in one place or the other.
+                let _layers = self.layers_lock.lock().await;
+                std::fs::rename(&replica, &dir).map_err(|e| io_error("take up the replica", e))?;
+            }
             let moved = self
                 .store
                 .move_vm(
@@ -424,14 +487,25 @@ impl Manager {
                         pid: None,
                     },
                 )
-                .await
-                .map_err(|e| errors::from_store("take the VM over", e))?;
-            if !moved {
+                .await;
+            let taken = match moved {
+                Ok(moved) => moved,
+                // A commit whose answer was lost: the row says.
+                Err(e) => match self.store.get_by_id(&vm.id).await {
+                    Ok(row) => row.host == me,
+                    Err(_) => return Err(errors::from_store("take the VM over", e)),
+                },
+            };
+            if !taken {
+                // Not this host's: the replica goes back to being one.
+                let _layers = self.layers_lock.lock().await;
+                let _ = std::fs::rename(&dir, &replica);
                 return Err(ApiError::new(
                     ErrorCode::Busy,
-                    format!("VM '{}' was moved or removed meanwhile", vm.name),
+                    format!("VM '{}' was moved, started or removed meanwhile", vm.name),
                 ));
             }
+            let _ = std::fs::remove_file(dir.join(IMAGE_NAME_FILE));
             Ok(())
         }
         .await;
