@@ -36,6 +36,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+mod join;
+pub use join::{
+    JOIN_ALPN, JoinGrant, JoinRequest, JoinToken, MAX_JOIN_LINE, fingerprint, join, secret_digest,
+};
+
 /// The longest request line a host reads from a peer: a lobby command with a setup script
 /// on stdin (1 MiB) in base64, and room to spare. Only a peer that proved itself a host of
 /// the fleet gets to send one.
@@ -169,11 +174,21 @@ impl FleetCa {
         let ca = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
             .map_err(|e| ChannelError::Pem(e.to_string()))?;
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca)?;
+        roots.add(ca.clone())?;
         let roots = Arc::new(roots);
         let chain = vec![cert.der().clone()];
         let private = PrivateKeyDer::try_from(key.serialize_der())
             .map_err(|e| ChannelError::Pem(e.to_string()))?;
+        let ca_sha256 = fingerprint(&ca);
+        // A joining host has no certificate yet: it checks this one by the CA's hash
+        // (`join.rs`), so the CA goes along.
+        let mut join_server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![chain[0].clone(), ca.clone()], private.clone_key())?;
+        join_server.alpn_protocols = vec![JOIN_ALPN.to_vec()];
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
@@ -192,7 +207,9 @@ impl FleetCa {
         Ok(HostIdentity {
             name: name.to_string(),
             server: Arc::new(server),
+            join_server: Arc::new(join_server),
             client: Arc::new(client),
+            ca_sha256,
         })
     }
 }
@@ -202,7 +219,17 @@ impl FleetCa {
 pub struct HostIdentity {
     name: String,
     server: Arc<rustls::ServerConfig>,
+    /// For hosts joining (no client certificate; ALPN [`JOIN_ALPN`]).
+    join_server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    ca_sha256: [u8; 32],
+}
+
+impl HostIdentity {
+    /// The SHA-256 of the fleet CA's certificate, which join tokens carry.
+    pub fn ca_sha256(&self) -> [u8; 32] {
+        self.ca_sha256
+    }
 }
 
 impl std::fmt::Debug for HostIdentity {
@@ -533,6 +560,10 @@ pub trait Handler: Send + Sync + 'static {
         link: MoveLink<PeerStream>,
     ) -> impl Future<Output = ()> + Send;
 
+    /// Lets a new host join the fleet if `request` holds the secret of an invitation this
+    /// host made: the grant, or why not (in words for the joining admin).
+    fn join(&self, request: JoinRequest) -> impl Future<Output = Result<JoinGrant, String>> + Send;
+
     /// Keeps the replica `peer` sends over `link`, answering `Done` once it is whole.
     fn take_replica(
         &self,
@@ -602,7 +633,6 @@ pub fn with_port(addr: &str) -> String {
 
 /// Serves peers on `listener` for the daemon's life.
 pub async fn serve<H: Handler>(listener: TcpListener, identity: HostIdentity, handler: Arc<H>) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server.clone());
     let unproven = Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN));
     let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -617,11 +647,11 @@ pub async fn serve<H: Handler>(listener: TcpListener, identity: HostIdentity, ha
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
+        let identity = identity.clone();
         let handler = handler.clone();
         let sessions = sessions.clone();
         tokio::spawn(async move {
-            if let Err(why) = serve_one(tcp, peer, acceptor, proving, sessions, &*handler).await {
+            if let Err(why) = serve_one(tcp, peer, &identity, proving, sessions, &*handler).await {
                 tracing::debug!(%peer, why, "host channel: connection ended");
             }
         });
@@ -644,23 +674,44 @@ fn watch_for_a_dead_peer(tcp: &TcpStream) {
 async fn serve_one<H: Handler>(
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
+    identity: &HostIdentity,
     proving: tokio::sync::OwnedSemaphorePermit,
     sessions: Arc<tokio::sync::Semaphore>,
     handler: &H,
 ) -> Result<(), String> {
     watch_for_a_dead_peer(&tcp);
     // Unproven, a connection holds one of few slots for a few seconds at most.
-    let mut tls = tokio::time::timeout(PROVE_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| "no handshake in time".to_string())?
-        .map_err(|e| format!("handshake: {e}"))?;
+    let accepted = tokio::time::timeout(PROVE_TIMEOUT, async {
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let joining = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == JOIN_ALPN));
+        let config = if joining {
+            identity.join_server.clone()
+        } else {
+            identity.server.clone()
+        };
+        Ok::<_, std::io::Error>((joining, start.into_stream(config).await?))
+    })
+    .await
+    .map_err(|_| "no handshake in time".to_string())?
+    .map_err(|e| format!("handshake: {e}"))?;
+    let (joining, mut tls) = accepted;
+    if joining {
+        // Still unproven: the join keeps its slot, and its time is bounded (`join.rs`).
+        tracing::info!(%peer, "host channel: a host asks to join");
+        let served = join::serve_join(&mut tls, handler).await;
+        drop(proving);
+        return served;
+    }
     drop(proving);
     let _session = sessions
         .acquire_owned()
         .await
         .map_err(|_| "shutting down".to_string())?;
-    let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line(&mut tls))
+    let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line(&mut tls, MAX_REQUEST))
         .await
         .map_err(|_| "no request in time".to_string())??;
     let request: Request =
@@ -867,18 +918,18 @@ async fn write_reply<W: AsyncWriteExt + Unpin>(w: &mut W, reply: &Reply) -> Resu
     w.flush().await.map_err(|e| e.to_string())
 }
 
-/// One line, without its newline, of at most [`MAX_REQUEST`] bytes. Reads byte by byte from a
-/// buffer that never runs past the line, so what follows stays in the stream.
-async fn read_line<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, String> {
+/// One line, without its newline, of at most `max` bytes. Reads byte by byte from a buffer
+/// that never runs past the line, so what follows stays in the stream.
+async fn read_line<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, String> {
     let mut line = Vec::new();
-    let mut limited = BufReader::with_capacity(1, r.take(MAX_REQUEST as u64 + 1));
+    let mut limited = BufReader::with_capacity(1, r.take(max as u64 + 1));
     let n = limited
         .read_until(b'\n', &mut line)
         .await
         .map_err(|e| e.to_string())?;
     if line.last() != Some(&b'\n') {
-        return Err(if n > MAX_REQUEST {
-            format!("a line over {MAX_REQUEST} bytes")
+        return Err(if n > max {
+            format!("a line over {max} bytes")
         } else {
             "the connection closed mid-line".to_string()
         });
@@ -972,7 +1023,7 @@ async fn open(
             .await
             .map_err(|e| protocol(e.to_string()))?;
         tls.flush().await.map_err(|e| protocol(e.to_string()))?;
-        read_line(&mut tls).await.map_err(protocol)
+        read_line(&mut tls, MAX_REQUEST).await.map_err(protocol)
     })
     .await
     .map_err(|_| timeout())??;

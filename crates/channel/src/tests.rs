@@ -118,6 +118,16 @@ impl Handler for Echo {
         }
     }
 
+    async fn join(&self, request: JoinRequest) -> Result<JoinGrant, String> {
+        if secret_digest(&request.secret) != secret_digest(&[9; 32]) {
+            return Err("no such invitation".into());
+        }
+        Ok(JoinGrant {
+            store: format!("postgres://for-{}", request.host_name),
+            secrets_key: vec![1; 32],
+        })
+    }
+
     async fn take_replica(&self, peer: Peer, vm_id: &str, link: MoveLink<PeerStream>) {
         self.take_vm(peer, vm_id, false, link).await;
     }
@@ -439,4 +449,41 @@ fn a_ca_without_its_key_is_refused() {
     let ca = FleetCa::generate().expect("ca");
     assert!(FleetCa::from_pem(&ca.cert_pem).is_err());
     assert!(FleetCa::from_pem("nonsense").is_err());
+}
+
+/// A new host holding only a token gets the grant from the host it names, and only from it.
+#[tokio::test]
+async fn a_token_joins_through_the_host_it_names_and_nothing_else() {
+    let ca = FleetCa::generate().expect("ca");
+    let (addr, _) = host_h2(&ca).await;
+    let pin = ca.issue("h1").expect("issue").ca_sha256();
+    let token = |host: &str, pin: [u8; 32], secret: [u8; 32]| JoinToken {
+        host: host.into(),
+        addr: addr.clone(),
+        ca_sha256: pin,
+        secret,
+    };
+    let grant = join(&token("h2", pin, [9; 32]), "h4").await.expect("join");
+    assert_eq!(grant.store, "postgres://for-h4");
+    assert_eq!(grant.secrets_key, vec![1; 32]);
+
+    match join(&token("h2", pin, [8; 32]), "h4").await {
+        Err(ChannelError::Refused { why, .. }) => {
+            assert!(why.contains("no such invitation"), "{why}")
+        }
+        other => panic!("a wrong secret joined: {other:?}"),
+    }
+    // Another fleet's CA, or a host other than the one named: the secret never goes.
+    let err = join(&token("h2", [0; 32], [9; 32]), "h4")
+        .await
+        .expect_err("other CA");
+    assert!(err.to_string().contains("CA differs"), "{err}");
+    let err = join(&token("h3", pin, [9; 32]), "h4")
+        .await
+        .expect_err("other host");
+    assert!(matches!(err, ChannelError::Unreachable { .. }), "{err}");
+
+    // A joining connection gets nothing else: it cannot ask for a VM.
+    let stranger = FleetCa::generate().expect("ca").issue("h1").expect("issue");
+    assert!(connect(&stranger, "h2", &addr, "vm1", 1).await.is_err());
 }

@@ -27,6 +27,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}/vms", get(host_vms))
+        .route("/v1/hosts/invites", post(invite_host))
         .route("/v1/accounts", get(list_accounts).post(add_account))
         .route("/v1/accounts/{email}/verify", post(verify_account))
         .route("/v1/accounts/{email}/invite", post(invite_account))
@@ -187,6 +188,28 @@ async fn host_vms(
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Reply<impl IntoResponse> {
     Ok(axum::Json(m.vms_on_host(&name).await?))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostInvite {
+    ttl_secs: Option<u64>,
+    /// The store URL the new host is given, when this host's own would not reach it.
+    store: Option<String>,
+}
+
+/// `nook host invite`: a one-time token for `nook host join` on a new machine.
+async fn invite_host(State(m): State<Arc<Manager>>, body: Bytes) -> Reply<impl IntoResponse> {
+    let invite: HostInvite = parse_json(&body)?;
+    let ttl = invite.ttl_secs.map_or(
+        crate::manager::DEFAULT_INVITE_TTL,
+        std::time::Duration::from_secs,
+    );
+    let token = m.invite_host(ttl, invite.store).await?;
+    Ok(axum::Json(serde_json::json!({
+        "token": token,
+        "expires_in_secs": ttl.as_secs(),
+    })))
 }
 
 /// The hosts sharing this host's store: each one's last heartbeat, whether it counts as up,

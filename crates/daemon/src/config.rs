@@ -303,6 +303,21 @@ pub enum NetChoice {
     User,
 }
 
+/// A host name is what its channel certificate carries and what users see in `ls`.
+pub fn check_host_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        return Err(format!(
+            "{name:?}: use 1 to 63 letters, digits, '-' and '.'"
+        ));
+    }
+    Ok(())
+}
+
 /// The validated runtime config.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -814,17 +829,7 @@ impl Config {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "localhost".into()),
         };
-        if host_name.is_empty()
-            || host_name.len() > 63
-            || !host_name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        {
-            return Err(ConfigError::Invalid(
-                "host_name",
-                format!("{host_name:?}: use 1 to 63 letters, digits, '-' and '.'"),
-            ));
-        }
+        check_host_name(&host_name).map_err(|why| ConfigError::Invalid("host_name", why))?;
         let host_addr = s.host_addr.unwrap_or_else(|| host_name.clone());
         let cgroup_top = s.cgroup_top.unwrap_or_else(|| nook_cgroup::TOP.to_string());
         if cgroup_top.is_empty()

@@ -13,6 +13,7 @@ pub mod frontdoor;
 pub mod gateway;
 pub mod idle;
 pub mod integrations;
+pub mod join;
 pub mod limits;
 pub mod lobby;
 pub mod manager;

@@ -33,6 +33,7 @@ mod clone;
 mod envelope;
 mod fleet;
 mod guest;
+mod join;
 mod launch;
 mod migrate;
 mod recovery;
@@ -40,6 +41,7 @@ mod replica;
 
 use envelope::*;
 use guest::*;
+pub use join::{DEFAULT_INVITE_TTL, MAX_INVITE_TTL};
 use launch::Launch;
 pub use migrate::Moved;
 use recovery::sweep_cgroups;

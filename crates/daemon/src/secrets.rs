@@ -42,6 +42,41 @@ pub async fn check_key(
     ))
 }
 
+/// The fleet's secrets key in `data_dir`, as a joining host is given it.
+pub fn read_key(data_dir: &Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(data_dir.join(KEY_FILE))
+}
+
+/// Keeps the fleet's secrets key given to a joining host in `data_dir` (mode 0600). A key
+/// already there stays if it is the same; another one is an error, as replacing it would
+/// lose every secret it sealed.
+pub fn write_key(data_dir: &Path, key: &[u8]) -> Result<(), String> {
+    let path = data_dir.join(KEY_FILE);
+    if key.len() != 32 {
+        return Err("the fleet's secrets key is not 32 bytes".into());
+    }
+    match std::fs::read(&path) {
+        Ok(held) if held == key => return Ok(()),
+        Ok(_) => {
+            return Err(format!(
+                "{} holds another secrets key: this data dir belongs to another store. Join with an empty --data-dir, or move that file away if nothing it sealed matters",
+                path.display()
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.write_all(key)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
 }

@@ -54,6 +54,28 @@ pub enum HostCommand {
     /// Move every VM off a host, each to the other host with the most memory free (running
     /// ones live), e.g. before taking it down
     Drain { host: String },
+    /// Make a one-time token with which a new machine joins this host's fleet
+    /// (`nook host join TOKEN` there)
+    Invite {
+        /// How long the token works: e.g. 30m, 2h, 7d (at most 7 days)
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The store URL the new host is given, when this host's own (say, on localhost)
+        /// would not reach the database from there
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Join a fleet with a token from `nook host invite`: keeps the store's URL and the
+    /// fleet's secrets key in the data dir, so `nook serve` starts as a host of the fleet
+    Join {
+        token: String,
+        /// This host's name in the fleet [default: the machine's host name]
+        #[arg(long)]
+        host_name: Option<String>,
+        /// Where the other hosts reach this one (ADDR or ADDR:PORT) [default: its name]
+        #[arg(long)]
+        host_addr: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

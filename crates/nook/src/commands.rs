@@ -88,7 +88,72 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let cfg = Config::validate(base)?;
             drain(&Client::new(&cfg.admin_socket()), &host).await
         }
+        Command::Host(HostCommand::Invite { ttl, store }) => {
+            let cfg = Config::validate(base)?;
+            invite_host(&Client::new(&cfg.admin_socket()), &ttl, store).await
+        }
+        Command::Host(HostCommand::Join {
+            token,
+            host_name,
+            host_addr,
+        }) => {
+            let data_dir = Config::validate(base)?.data_dir;
+            let joined = nook_daemon::join::join_fleet(
+                &data_dir,
+                &token,
+                host_name.as_deref(),
+                host_addr.as_deref(),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            out!(
+                "joined the fleet through host {} as host {}; {} now names the store. Start it with `nook serve`",
+                joined.through,
+                joined.host_name,
+                joined.config.display()
+            );
+            Ok(0)
+        }
     }
+}
+
+/// `nook host invite`: prints the token, and what to run with it on the new machine.
+async fn invite_host(client: &Client, ttl: &str, store: Option<String>) -> anyhow::Result<i32> {
+    let ttl_secs = parse_ttl(ttl).ok_or_else(|| {
+        anyhow::anyhow!("--ttl {ttl:?}: give a number and a unit, e.g. 30m, 2h or 7d")
+    })?;
+    let body = serde_json::json!({ "ttl_secs": ttl_secs, "store": store });
+    let reply: serde_json::Value = match client
+        .send(Method::POST, "/v1/hosts/invites", Some(body))
+        .await?
+    {
+        Reply::Ok(resp) => serde_json::from_slice(&body_bytes(resp).await?)?,
+        Reply::Err(err) => return Ok(fail(err, false)),
+    };
+    let token = reply["token"].as_str().unwrap_or_default();
+    out!("{token}");
+    eprintln!(
+        "On the new machine, as root, within {ttl}: nook host join {token} --host-name NAME --host-addr ADDR\n\
+         then `nook serve`. The token works once; it carries no secret of the fleet itself, but \
+         whoever holds it can join, so pass it as you would a password."
+    );
+    Ok(0)
+}
+
+/// `30m`, `2h`, `7d`, `90s` in seconds.
+fn parse_ttl(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(unit)
 }
 
 /// Moves each VM off `host` in turn, through this host's admin lobby (each move runs on

@@ -318,6 +318,63 @@ impl Store {
     }
 
     /// Names the host that keeps VM `id`'s replica (empty: none); its replicas start over.
+    /// Records an invitation for a new host: the SHA-256 `digest` of its secret, lapsing
+    /// `ttl_ms` from now by the database's clock, and the sealed store URL it hands over.
+    /// Lapsed invitations go at the same time.
+    pub async fn add_host_invite(
+        &self,
+        digest: &str,
+        ttl_ms: i64,
+        store_sealed: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(by_dialect!(
+            self.dialect,
+            "DELETE FROM host_invites WHERE expires_at_ms <= ",
+            NOW
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(by_dialect!(
+            self.dialect,
+            "INSERT INTO host_invites (digest, expires_at_ms, store_sealed) VALUES ($1, ",
+            NOW,
+            " + $2, $3)"
+        ))
+        .bind(digest)
+        .bind(ttl_ms)
+        .bind(store_sealed)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Takes the invitation whose secret has SHA-256 `digest`, once: its sealed store URL
+    /// while it has not lapsed, `None` when there is no such invitation (any more).
+    pub async fn take_host_invite(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query(by_dialect!(
+            self.dialect,
+            "SELECT store_sealed, expires_at_ms, ",
+            NOW,
+            " AS now_ms FROM host_invites WHERE digest = $1"
+        ))
+        .bind(digest)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        sqlx::query("DELETE FROM host_invites WHERE digest = $1")
+            .bind(digest)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let live = row.try_get::<i64, _>("expires_at_ms")? > row.try_get::<i64, _>("now_ms")?;
+        Ok(live.then(|| row.try_get("store_sealed")).transpose()?)
+    }
+
     pub async fn set_replica(&self, id: &str, host: &str) -> Result<(), StoreError> {
         let _changed = self.change();
         sqlx::query("UPDATE vms SET replica_host = $1, replicated_at_ms = 0 WHERE id = $2")
@@ -432,6 +489,17 @@ mod tests {
 
     async fn vm(store: &Store, name: &str) -> String {
         store.insert_vm(new_vm(name)).await.expect("vm").id
+    }
+
+    on_both_stores! {
+    async fn a_host_invite_is_taken_once_and_not_after_it_lapses(store) {
+        store.add_host_invite("d1", 60_000, b"sealed").await.expect("add");
+        store.add_host_invite("d2", -1, b"old").await.expect("add lapsed");
+        assert_eq!(store.take_host_invite("d1").await.expect("take").as_deref(), Some(&b"sealed"[..]));
+        assert_eq!(store.take_host_invite("d1").await.expect("again"), None, "taken twice");
+        assert_eq!(store.take_host_invite("d2").await.expect("lapsed"), None, "lapsed yet taken");
+        assert_eq!(store.take_host_invite("nope").await.expect("unknown"), None);
+    }
     }
 
     on_both_stores! {

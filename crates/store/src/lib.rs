@@ -197,6 +197,16 @@ impl Drop for Changed<'_> {
     }
 }
 
+/// Migrations, applied under the database's lock (two hosts starting at once apply each
+/// once). A schema a newer release has moved on is no error: in a rolling upgrade the hosts
+/// not yet upgraded keep running, and restarting, on it. So every migration keeps the release
+/// before it working: it adds tables and columns (with defaults), and never drops or renames
+/// what that release reads.
+fn migrator(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
 pub(crate) fn now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -254,7 +264,9 @@ impl Store {
                     })
                     .connect(&url)
                     .await?;
-                sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+                migrator(sqlx::migrate!("./migrations/sqlite"))
+                    .run(&pool)
+                    .await?;
                 (pool, changes::Changes::local(), None)
             }
             Location::Postgres(url) => {
@@ -285,7 +297,10 @@ impl Store {
                             why: e.to_string(),
                         }
                     })?;
-                if let Err(e) = sqlx::migrate!("./migrations/postgres").run(&pool).await {
+                if let Err(e) = migrator(sqlx::migrate!("./migrations/postgres"))
+                    .run(&pool)
+                    .await
+                {
                     listener.abort();
                     return Err(e.into());
                 }

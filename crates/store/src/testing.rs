@@ -186,6 +186,33 @@ impl TempPostgres {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `sql` in database `nook` as its owner; what `psql` printed (unaligned, no headers).
+    pub fn psql(&self, sql: &str) -> String {
+        let out = as_db_user(&bin_dir().join("psql"))
+            .env("PGPORT", self.port())
+            .arg("-h")
+            .arg(self.dir.path())
+            .args([
+                "-U",
+                "nook",
+                "-d",
+                "nook",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn location(&self) -> Location {
         Location::Postgres(self.url("nook"))
     }

@@ -318,6 +318,13 @@ impl nook_channel::Handler for Peers {
         self.0.take_vm(peer, vm_id, live, link).await;
     }
 
+    async fn join(
+        &self,
+        request: nook_channel::JoinRequest,
+    ) -> Result<nook_channel::JoinGrant, String> {
+        self.0.grant_join(request).await
+    }
+
     async fn take_replica(
         &self,
         peer: nook_channel::Peer,

@@ -202,22 +202,26 @@ impl Daemon {
     }
 
     /// One host of a fleet test: `nook serve` in the network namespace `netns`, reached at
-    /// `addr`, on the shared PostgreSQL at `store`, with its own cgroup top (`nook-NAME`). The caller holds
-    /// [`host_turn`] for all of them.
-    /// `secrets_key`: the fleet's key, copied in from the first host (see `secrets.rs`).
-    pub fn start_fleet_host(
-        netns: &str,
-        addr: &str,
-        name: &str,
-        store: &str,
-        secrets_key: Option<&Path>,
-    ) -> Daemon {
+    /// `addr`, with its own cgroup top (`nook-NAME`). The caller holds [`host_turn`] for all
+    /// of them. The first host is given the shared PostgreSQL (`Store`); the others join
+    /// with a token from `nook host invite` (`Join`), which gives them the store and the
+    /// fleet's secrets key.
+    pub fn start_fleet_host(netns: &str, addr: &str, name: &str, how: FleetEntry) -> Daemon {
         let tmp = sys_tempdir();
         let data_dir = tmp.path().join("data");
         std::fs::create_dir_all(&data_dir).expect("data dir");
-        if let Some(key) = secrets_key {
-            std::fs::copy(key, data_dir.join("secrets.key")).expect("copy the secrets key");
-        }
+        let env = match how {
+            FleetEntry::Store(store) => vec![("NOOK_STORE".to_string(), store.to_string())],
+            FleetEntry::Join(token) => {
+                let out = join_fleet(netns, &data_dir, token, name, addr);
+                assert!(
+                    out.status.success(),
+                    "nook host join as {name} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Vec::new()
+            }
+        };
         let log = tmp.path().join(format!("daemon-{name}.log"));
         let mut d = Daemon {
             _host_turn: None,
@@ -240,7 +244,7 @@ impl Daemon {
             .iter()
             .map(|s| s.to_string())
             .collect(),
-            env: vec![("NOOK_STORE".into(), store.into())],
+            env,
             postgres: None,
         };
         d.spawn();
@@ -466,6 +470,33 @@ impl Drop for Daemon {
 }
 
 /// A directory for one test's daemon (its data dir and log), removed with it.
+/// How a fleet test's host comes into the fleet ([`Daemon::start_fleet_host`]).
+pub enum FleetEntry<'a> {
+    Store(&'a str),
+    Join(&'a str),
+}
+
+/// `nook host join TOKEN --host-name NAME --host-addr ADDR` in network namespace `netns`,
+/// keeping what it is given in `data_dir`.
+pub fn join_fleet(netns: &str, data_dir: &Path, token: &str, name: &str, addr: &str) -> Output {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .arg(nook_bin())
+        .args([
+            "host",
+            "join",
+            token,
+            "--host-name",
+            name,
+            "--host-addr",
+            addr,
+        ])
+        .env("NOOK_DATA_DIR", data_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nook host join")
+}
+
 pub fn sys_tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("nook-sys")
