@@ -62,8 +62,19 @@ store="postgres://nook@localhost/nook?host=$tmp/pg"
 serve() { # host number
   local i=$1
   mkdir -p "$tmp/h$i"
-  [ "$i" = 1 ] || cp "$tmp/h1/secrets.key" "$tmp/h$i/secrets.key"
-  NOOK_DATA_DIR=$tmp/h$i NOOK_IMAGES_DIR=$images NOOK_AGENT=$agent NOOK_STORE=$store \
+  local store_env=(NOOK_STORE="$store")
+  if [ "$i" != 1 ]; then
+    # A further host joins through h1 (the store and the secrets key come with it).
+    local token=
+    for _ in $(seq 100); do
+      token=$(NOOK_DATA_DIR=$tmp/h1 "$nook" host invite 2>/dev/null) && break
+      sleep 0.1
+    done
+    NOOK_DATA_DIR=$tmp/h$i nsenter --net=/run/netns/nook-bench-h$i "$nook" host join "$token" \
+      --host-name "h$i" --host-addr "10.253.0.1$i" >/dev/null
+    store_env=()
+  fi
+  env "${store_env[@]}" NOOK_DATA_DIR=$tmp/h$i NOOK_IMAGES_DIR=$images NOOK_AGENT=$agent \
     NOOK_SSH_ADDR=10.253.0.1$i:2222 NOOK_HTTPS_ADDR=10.253.0.1$i:8443 NOOK_VM_PORTS=off \
     nsenter --net=/run/netns/nook-bench-h$i "$nook" serve --host-name "h$i" \
     --host-addr "10.253.0.1$i" --cgroup-top "nook-bench-h$i" >"$tmp/h$i.log" 2>&1 &
