@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
+
+/// What goes to a VM: the client's body, or none when a request is tried again.
+pub(crate) type UpBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
@@ -36,7 +39,7 @@ const POOL_MAX_PER_TARGET: usize = 64;
 const POOL_SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 struct Pooled {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<UpBody>,
     returned: Instant,
 }
 
@@ -56,7 +59,7 @@ fn usable(c: &Pooled, now: Instant) -> bool {
     !c.sender.is_closed() && now.saturating_duration_since(c.returned) < POOL_IDLE
 }
 
-fn checkout(key: PoolKey) -> Option<http1::SendRequest<Incoming>> {
+fn checkout(key: PoolKey) -> Option<http1::SendRequest<UpBody>> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let conns = pool.get_mut(&key)?;
@@ -68,7 +71,7 @@ fn checkout(key: PoolKey) -> Option<http1::SendRequest<Incoming>> {
     })
 }
 
-fn checkin(key: PoolKey, sender: http1::SendRequest<Incoming>) {
+fn checkin(key: PoolKey, sender: http1::SendRequest<UpBody>) {
     let now = Instant::now();
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
@@ -298,7 +301,7 @@ impl Upstream {
         &self,
         target: SocketAddr,
         via: Option<&Via>,
-    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http1::SendRequest<UpBody>, UpstreamError> {
         let dial = async {
             match via {
                 // Another host runs the VM: through the host channel.
@@ -337,7 +340,7 @@ impl Upstream {
         &self,
         target: SocketAddr,
         via: Option<&Via>,
-        mut req: Request<Incoming>,
+        mut req: Request<UpBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // (A VM's address is unique in the fleet, so it keys the pool however it is reached.)
         let key = (self.id, target);
@@ -363,7 +366,7 @@ impl Upstream {
 
     pub(crate) async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<UpBody>,
         target: SocketAddr,
         via: Option<&Via>,
         fwd: Forward<'_>,

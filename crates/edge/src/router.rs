@@ -21,6 +21,10 @@ use crate::pages::{self, Page};
 use crate::proxy::{Forward, UpgradeAsk};
 use crate::{ConnInfo, Inner, SHARE_PARAM};
 
+/// How long a request the VM never answered waits before it goes again (once): long enough
+/// for a VM that moved to be recorded where it runs now.
+const RETRY_AFTER_CUT: Duration = Duration::from_millis(500);
+
 type Resp = Response<EdgeBody>;
 
 /// Internal outcome of a handler that could not produce a response itself.
@@ -734,11 +738,50 @@ impl<B: EdgeBackend> Inner<B> {
             recheck,
         };
         let vm_port = target.port();
-        match self
+        // A request with nothing to send and nothing to change may go again once if the VM
+        // never answered it: a VM that moved to another host meanwhile (its old path ends with
+        // its old QEMU) is reached where it is now.
+        let again = (is_safe_method(req.method())
+            && upgrade == UpgradeAsk::None
+            && hyper::body::Body::is_end_stream(req.body()))
+        .then(|| {
+            let mut copy = Request::new(());
+            *copy.method_mut() = req.method().clone();
+            *copy.uri_mut() = req.uri().clone();
+            *copy.version_mut() = req.version();
+            *copy.headers_mut() = req.headers().clone();
+            copy
+        });
+        // (Only a request with no WebSocket goes again, so it has nothing to recheck.)
+        let fwd_again = Forward {
+            peer: fwd.peer,
+            host: fwd.host,
+            user: fwd.user,
+            strip_authorization: fwd.strip_authorization,
+            recheck: None,
+        };
+        let req = req.map(|body| body.boxed());
+        let mut sent = self
             .upstream
             .forward(req, target, vm.via.as_ref(), fwd)
-            .await
-        {
+            .await;
+        let cut = matches!(sent, Err(UpstreamError::Unreachable(_)));
+        if let (true, Some(copy)) = (cut, again) {
+            tokio::time::sleep(RETRY_AFTER_CUT).await;
+            if let Some(now) = self.backend.vm(name).await?.filter(|now| now.id == vm.id) {
+                let target = SocketAddr::new(now.upstream, target.port());
+                let req = copy.map(|()| {
+                    http_body_util::Empty::<Bytes>::new()
+                        .map_err(|never| -> hyper::Error { match never {} })
+                        .boxed()
+                });
+                sent = self
+                    .upstream
+                    .forward(req, target, now.via.as_ref(), fwd_again)
+                    .await;
+            }
+        }
+        match sent {
             Ok(resp) => Ok(resp),
             Err(UpstreamError::Timeout) => Err(Failure::Page(Page::VmTimeout {
                 name: vm.name,
