@@ -4,11 +4,15 @@
 //!
 //! It shows what the fleet does today: hosts joining with one-time tokens (`nook host
 //! invite` on h1, `nook host join` on h2 and h3), which give them the store and the fleet's
-//! secrets key, each working once and only for a name no up host has; VMs on every host, listed with their host by every
-//! front door; SSH and HTTPS to every VM through every front door (the host channel); a
-//! share revoked through one host refused by every host's edge at the next request; PostgreSQL restarted under the hosts with nothing lost; and a host killed (daemon
-//! and QEMUs): its VMs show as `unavailable`, with the reason, on the other hosts, requests
-//! for them get a clean error, and the VMs come back with the host.
+//! secrets key, each working once and only for a name no up host has; VMs on every host,
+//! listed with their host by every front door; SSH and HTTPS to every VM through every
+//! front door (the host channel); a share revoked through one host refused by every host's
+//! edge at the next request; moves, live and cold; a drain with the VM answering through
+//! another front door all along, and the drained host restarted on a newer schema;
+//! PostgreSQL restarted under the hosts with nothing lost; replicas and a restore on a
+//! partitioned host's VM; and a host killed (daemon and QEMUs): its VMs show as
+//! `unavailable`, with the reason, on the other hosts, requests for them get a clean error,
+//! and the VMs come back with the host.
 
 mod common;
 
