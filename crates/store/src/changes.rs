@@ -213,7 +213,7 @@ mod tests {
         let pg = TempPostgres::start();
         let store = Store::connect(&pg.location()).await.expect("connect");
         let rows = sqlx::query(
-            "SELECT t.tablename FROM pg_tables t WHERE t.schemaname = current_schema() \
+            "SELECT t.tablename::text AS tablename FROM pg_tables t WHERE t.schemaname = current_schema() \
              AND t.tablename NOT IN ('_sqlx_migrations', 'hosts', 'vm_leases') AND NOT EXISTS (SELECT 1 FROM pg_trigger g \
              JOIN pg_class c ON c.oid = g.tgrelid WHERE c.relname = t.tablename \
              AND g.tgname = 'nook_changed')",

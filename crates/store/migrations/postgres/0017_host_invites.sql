@@ -7,3 +7,6 @@ CREATE TABLE host_invites (
     expires_at_ms BIGINT NOT NULL,
     store_sealed  BYTEA NOT NULL
 );
+
+CREATE TRIGGER nook_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON host_invites
+    FOR EACH STATEMENT EXECUTE FUNCTION nook_notify_changed();
