@@ -1327,7 +1327,7 @@ async fn llm_usage(
 }
 
 /// Seconds in `30d`, `12h`, `15m` or `90s`.
-pub(crate) fn parse_age(text: &str) -> Option<i64> {
+pub fn parse_age(text: &str) -> Option<i64> {
     let (n, unit) = text.trim().split_at(text.trim().len().checked_sub(1)?);
     let n: i64 = n.parse().ok().filter(|n| *n > 0)?;
     let unit = match unit {

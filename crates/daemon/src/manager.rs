@@ -822,18 +822,7 @@ impl Manager {
             }
         }
         // Whatever QMP said, make sure the process is gone.
-        if let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) {
-            let qemu = Qemu {
-                binary: PathBuf::new(),
-            };
-            nook_vmm::qemu::kill(&qemu, pid, &paths);
-            for _ in 0..50 {
-                if !qemu.is_running(pid, &paths) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        kill_qemu_and_wait(&paths).await;
         self.release_runtime(&vm.id, vm.slot, &vm.owner).await;
     }
 
@@ -1158,5 +1147,22 @@ fn io_error(context: &str, err: std::io::Error) -> ApiError {
         errors::no_space("the data dir")
     } else {
         errors::internal(context, &err)
+    }
+}
+
+/// Kills the QEMU whose pidfile is in `paths` (if it runs) and waits up to 5 s for it to go.
+pub(crate) async fn kill_qemu_and_wait(paths: &VmPaths) {
+    let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) else {
+        return;
+    };
+    let qemu = Qemu {
+        binary: PathBuf::new(),
+    };
+    nook_vmm::qemu::kill(&qemu, pid, paths);
+    for _ in 0..50 {
+        if !qemu.is_running(pid, paths) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

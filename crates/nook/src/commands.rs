@@ -119,7 +119,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 
 /// `nook host invite`: prints the token, and what to run with it on the new machine.
 async fn invite_host(client: &Client, ttl: &str, store: Option<String>) -> anyhow::Result<i32> {
-    let ttl_secs = parse_ttl(ttl).ok_or_else(|| {
+    let ttl_secs = nook_daemon::lobby::parse_age(ttl).ok_or_else(|| {
         anyhow::anyhow!("--ttl {ttl:?}: give a number and a unit, e.g. 30m, 2h or 7d")
     })?;
     let body = serde_json::json!({ "ttl_secs": ttl_secs, "store": store });
@@ -138,22 +138,6 @@ async fn invite_host(client: &Client, ttl: &str, store: Option<String>) -> anyho
          whoever holds it can join, so pass it as you would a password."
     );
     Ok(0)
-}
-
-/// `30m`, `2h`, `7d`, `90s` in seconds.
-fn parse_ttl(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let unit = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return None,
-    };
-    n.checked_mul(unit)
 }
 
 /// Moves each VM off `host` in turn, through this host's admin lobby (each move runs on

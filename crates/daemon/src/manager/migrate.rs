@@ -1150,19 +1150,7 @@ impl Manager {
             );
         }
         if let Some((slot, owner)) = &arrival.launched {
-            let paths = self.paths(vm_id);
-            if let Ok(pid) = nook_vmm::qemu::read_pid(&paths.pidfile()) {
-                let qemu = Qemu {
-                    binary: PathBuf::new(),
-                };
-                nook_vmm::qemu::kill(&qemu, pid, &paths);
-                for _ in 0..50 {
-                    if !qemu.is_running(pid, &paths) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+            kill_qemu_and_wait(&self.paths(vm_id)).await;
             self.release_runtime(vm_id, *slot, owner).await;
         }
         if arrival.unclear {
