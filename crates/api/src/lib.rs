@@ -94,6 +94,9 @@ pub struct CloneVm {
     /// Clone only the disk, and boot the clone afresh, even when the source is running.
     #[serde(default)]
     pub stopped_only: bool,
+    /// The host of the fleet the clone goes to; by default the source's, while it has room.
+    #[serde(default)]
+    pub on: Option<String>,
 }
 
 /// How a clone was made.
@@ -115,6 +118,22 @@ pub struct Cloned {
     pub source: String,
     pub mode: CloneMode,
     pub timings: CloneTimings,
+    /// Set when the clone went to another host than its source's: what that cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved: Option<CloneMoved>,
+}
+
+/// A clone made on its source's host (where the layers are) and moved to another.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloneMoved {
+    pub from: String,
+    pub to: String,
+    /// Why it went there: asked for (`--on`), or what its source's host lacked.
+    pub why: String,
+    /// Bytes of disk layers (and image) sent; a running clone's memory is not counted.
+    pub disk_bytes_sent: u64,
+    /// How long the move took, within `timings.total_ms`.
+    pub move_ms: f64,
 }
 
 /// One line saying what `cp` made and how long it took, for the lobby and the CLI.
@@ -129,12 +148,23 @@ pub fn clone_summary(c: &Cloned) -> String {
             t.source_paused_ms.unwrap_or_default()
         ),
     };
-    format!(
+    let mut line = format!(
         "Cloned {} into {} ({what}) in {:.2} s",
         c.source,
         c.vm.name,
         t.total_ms / 1000.0
-    )
+    );
+    if let Some(m) = &c.moved {
+        line.push_str(&format!(
+            "\n  on host {}: made on {}, where its source's layers are, then moved ({}; {} of disk sent, {:.2} s of the total)",
+            m.to,
+            m.from,
+            m.why,
+            format_size(m.disk_bytes_sent),
+            m.move_ms / 1000.0
+        ));
+    }
+    line
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -306,6 +336,7 @@ error_codes! {
     RateLimited = "rate_limited", 429;
     StoreUnavailable = "store_unavailable", 503;
     HostDown = "host_down", 503;
+    HostCordoned = "host_cordoned", 409;
     Internal = "internal", 500;
 }
 

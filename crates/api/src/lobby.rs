@@ -72,6 +72,10 @@ pub enum LobbyCommand {
         /// Clone only the disk and boot the clone afresh, even when the source is running
         #[arg(long)]
         stopped_only: bool,
+        /// The host of the fleet to put the clone on [default: the source's, while it has
+        /// room]; it is made there, then moved with the layers that host lacks
+        #[arg(long, value_name = "HOST")]
+        on: Option<String>,
     },
     /// Move a VM to another host of the fleet: live when it runs (its processes go on,
     /// paused for a moment), else its disk

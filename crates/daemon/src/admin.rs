@@ -27,6 +27,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}/vms", get(host_vms))
+        .route(
+            "/v1/hosts/{name}/cordon",
+            axum::routing::put(cordon_host).delete(uncordon_host),
+        )
         .route("/v1/hosts/invites", post(invite_host))
         .route("/v1/accounts", get(list_accounts).post(add_account))
         .route("/v1/accounts/{email}/verify", post(verify_account))
@@ -190,6 +194,24 @@ async fn host_vms(
     Ok(axum::Json(m.vms_on_host(&name).await?))
 }
 
+/// `nook host cordon HOST` (and `nook host drain`, first): no new VMs go there.
+async fn cordon_host(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+) -> Reply<impl IntoResponse> {
+    m.cordon_host(&name, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `nook host uncordon HOST`: new VMs may go there again.
+async fn uncordon_host(
+    State(m): State<Arc<Manager>>,
+    Path(name): Path<String>,
+) -> Reply<impl IntoResponse> {
+    m.cordon_host(&name, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HostInvite {
@@ -225,6 +247,7 @@ async fn list_hosts(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
                     "addr": h.host.addr,
                     "version": h.host.version,
                     "up": m.host_is_up(h),
+                    "cordoned": h.cordoned,
                     "since_heartbeat_ms": h.since_heartbeat_ms,
                     "started_at_ms": h.host.started_at_ms,
                     "cpus": h.host.cpus,

@@ -582,10 +582,12 @@ async fn vm_command(
             source,
             new,
             stopped_only,
+            on,
         } => {
             let req = nook_api::CloneVm {
                 name: new,
                 stopped_only,
+                on,
             };
             let cloned = m.clone_vm(&source, req, scope, &progress(io, json)).await?;
             let ssh = m.config().ssh_command(Some(&cloned.vm.name));

@@ -51,9 +51,13 @@ pub enum HostCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Move every VM off a host, each to the other host with the most memory free (running
-    /// ones live), e.g. before taking it down
+    /// Cordon a host, then move every VM off it, each to the other host with the most memory
+    /// free (running ones live), e.g. before taking it down. It stays cordoned
     Drain { host: String },
+    /// Place no new VMs on a host (new, cp, move and --on go elsewhere); its VMs stay
+    Cordon { host: String },
+    /// Let a cordoned host take new VMs again
+    Uncordon { host: String },
     /// Make a one-time token with which a new machine joins this host's fleet
     /// (`nook host join TOKEN` there)
     Invite {

@@ -88,6 +88,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let cfg = Config::validate(base)?;
             drain(&Client::new(&cfg.admin_socket()), &host).await
         }
+        Command::Host(HostCommand::Cordon { host }) => {
+            let cfg = Config::validate(base)?;
+            cordon(&Client::new(&cfg.admin_socket()), &host, true).await
+        }
+        Command::Host(HostCommand::Uncordon { host }) => {
+            let cfg = Config::validate(base)?;
+            cordon(&Client::new(&cfg.admin_socket()), &host, false).await
+        }
         Command::Host(HostCommand::Invite { ttl, store }) => {
             let cfg = Config::validate(base)?;
             invite_host(&Client::new(&cfg.admin_socket()), &ttl, store).await
@@ -140,16 +148,40 @@ async fn invite_host(client: &Client, ttl: &str, store: Option<String>) -> anyho
     Ok(0)
 }
 
-/// Moves each VM off `host` in turn, through this host's admin lobby (each move runs on
-/// `host`, which picks where each goes). Goes on past a VM that cannot move, and says which.
+/// `nook host cordon|uncordon HOST`.
+async fn cordon(client: &Client, host: &str, on: bool) -> anyhow::Result<i32> {
+    let path = format!("/v1/hosts/{}/cordon", path_segment(host));
+    let method = if on { Method::PUT } else { Method::DELETE };
+    match client.send(method, &path, None).await? {
+        Reply::Ok(_) if on => {
+            out!(
+                "host {host} is cordoned: new VMs go to other hosts (`nook host uncordon {host}` ends it)"
+            );
+            Ok(0)
+        }
+        Reply::Ok(_) => {
+            out!("host {host} takes new VMs again");
+            Ok(0)
+        }
+        Reply::Err(err) => Ok(fail(err, false)),
+    }
+}
+
+/// Cordons `host`, then moves each VM off it in turn, through this host's admin lobby (each
+/// move runs on `host`, which picks where each goes). Goes on past a VM that cannot move,
+/// and says which. The host stays cordoned, so nothing lands on it after.
 async fn drain(client: &Client, host: &str) -> anyhow::Result<i32> {
+    let cordon_path = format!("/v1/hosts/{}/cordon", path_segment(host));
+    if let Reply::Err(err) = client.send(Method::PUT, &cordon_path, None).await? {
+        return Ok(fail(err, false));
+    }
     let path = format!("/v1/hosts/{}/vms", path_segment(host));
     let names: Vec<String> = match client.send(Method::GET, &path, None).await? {
         Reply::Ok(resp) => serde_json::from_slice(&body_bytes(resp).await?)?,
         Reply::Err(err) => return Ok(fail(err, false)),
     };
     if names.is_empty() {
-        out!("host {host} holds no VMs");
+        out!("host {host} holds no VMs; it stays cordoned (`nook host uncordon {host}` ends it)");
         return Ok(0);
     }
     let mut stuck = Vec::new();
@@ -159,7 +191,10 @@ async fn drain(client: &Client, host: &str) -> anyhow::Result<i32> {
         }
     }
     if stuck.is_empty() {
-        out!("host {host} is drained: {} VMs moved", names.len());
+        out!(
+            "host {host} is drained: {} VMs moved; it stays cordoned (`nook host uncordon {host}` ends it)",
+            names.len()
+        );
         Ok(0)
     } else {
         eprintln!(
@@ -183,7 +218,7 @@ async fn list_hosts(client: &Client, json: bool) -> anyhow::Result<i32> {
             }
             let hosts: Vec<serde_json::Value> = serde_json::from_slice(&body)?;
             out!(
-                "{:<20} {:<5} {:<24} {:<8} {:>4} {:>6} {:>14} {:>6}",
+                "{:<20} {:<13} {:<24} {:<8} {:>4} {:>6} {:>14} {:>6}",
                 "HOST",
                 "STATE",
                 "ADDR",
@@ -196,12 +231,13 @@ async fn list_hosts(client: &Client, json: bool) -> anyhow::Result<i32> {
             for h in hosts {
                 let mib = |k: &str| h[k].as_u64().unwrap_or(0);
                 out!(
-                    "{:<20} {:<5} {:<24} {:<8} {:>4} {:>6} {:>14} {:>5}s",
+                    "{:<20} {:<13} {:<24} {:<8} {:>4} {:>6} {:>14} {:>5}s",
                     h["name"].as_str().unwrap_or(""),
-                    if h["up"].as_bool() == Some(true) {
-                        "up"
-                    } else {
-                        "down"
+                    match (h["up"].as_bool(), h["cordoned"].as_bool()) {
+                        (Some(true), Some(true)) => "up, cordoned",
+                        (Some(true), _) => "up",
+                        (_, Some(true)) => "down, cordoned",
+                        _ => "down",
                     },
                     h["addr"].as_str().unwrap_or(""),
                     h["version"].as_str().unwrap_or(""),

@@ -8,7 +8,8 @@
 //! listed with their host by every front door; SSH and HTTPS to every VM through every
 //! front door (the host channel); a share revoked through one host refused by every host's
 //! edge at the next request; moves, live and cold; a drain with the VM answering through
-//! another front door all along, and the drained host restarted on a newer schema;
+//! another front door all along, the drained host cordoned and restarted on a newer schema;
+//! clones placed on another host than their source's (made beside it, moved, cost told);
 //! PostgreSQL restarted under the hosts with nothing lost; replicas and a restore on a
 //! partitioned host's VM; and a host killed (daemon and QEMUs): its VMs show as
 //! `unavailable`, with the reason, on the other hosts, requests for them get a clean error,
@@ -511,6 +512,20 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         stderr_of(&out)
     );
     assert!(h2.ok(&["host", "drain", "h2"]).contains("holds no VMs"));
+    // The drain left h2 cordoned: nothing is placed there, asked for or not.
+    for args in [
+        vec!["new", "--image", "tiny", "--on", "h2"],
+        vec!["cp", "vm1", "--on", "h2"],
+        vec!["move", "vm2", "h2"],
+    ] {
+        let out = h3.ssh(&alice, "lobby", &args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr_of(&out).contains("host 'h2' is cordoned"),
+            "{args:?}: {}",
+            stderr_of(&out)
+        );
+    }
     // The drained host comes back on a schema a newer release has moved on (a migration it
     // does not know, as when another host was upgraded first): it starts, and serves.
     pg.psql(
@@ -529,6 +544,82 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         "{listed}"
     );
     assert_eq!(get_through(&h2, "vm1").1, "hello-from-vm1");
+    // A restart keeps the cordon (it is the admin's word); uncordoned, h2 takes VMs again.
+    let cordoned = |h: &Daemon| -> Value {
+        let listed: Value = serde_json::from_str(&h.ok(&["host", "ls", "--json"])).expect("json");
+        listed
+            .as_array()
+            .and_then(|hs| hs.iter().find(|h| h["name"] == "h2"))
+            .map(|h| h["cordoned"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(cordoned(&h1), true);
+    assert!(
+        h1.ok(&["host", "uncordon", "h2"])
+            .contains("takes new VMs again")
+    );
+    assert_eq!(cordoned(&h3), false);
+
+    // A clone asked for on another host is made where its source's layers are and moved
+    // there live, saying what that cost: the fork runs on h2 with vm1's processes, and h1 keeps
+    // no QEMU of it.
+    let h1_qemus = h1.qemu_pids().len();
+    let out = h3.lobby_ok(&alice, &["cp", "vm1", "vm1-fork", "--on", "h2", "--json"]);
+    let cloned: Value = serde_json::from_str(&out).expect("cp --json");
+    eprintln!("clone placed on another host: {cloned}");
+    assert_eq!(
+        (
+            cloned["mode"].as_str(),
+            cloned["vm"]["host"].as_str(),
+            cloned["vm"]["state"].as_str(),
+            cloned["moved"]["from"].as_str(),
+            cloned["moved"]["to"].as_str(),
+        ),
+        (
+            Some("fork"),
+            Some("h2"),
+            Some("running"),
+            Some("h1"),
+            Some("h2")
+        ),
+        "{cloned}"
+    );
+    assert!(
+        cloned["moved"]["disk_bytes_sent"].as_u64() > Some(0),
+        "{cloned}"
+    );
+    let text = h1.lobby_ok(&alice, &["cp", "vm2", "vm2-copy", "--on", "h3"]);
+    assert!(
+        text.contains("on host h3: made on h1") && text.contains("of disk sent"),
+        "{text}"
+    );
+    let out = h1.ssh(
+        &alice,
+        "vm1-fork",
+        &[
+            "sh",
+            "-c",
+            "'test -d /proc/$(cat /tmp/counter.pid) && cat /tmp/counter.pid ~/mark'",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [pid.as_str(), "kept-on-vm1"],
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(find(&ls(&h3, &alice), "vm2-copy")["host"], "h3");
+    assert_eq!(
+        h1.qemu_pids().len(),
+        h1_qemus,
+        "h1 kept a QEMU of a clone that left"
+    );
+    assert_eq!(h2.qemu_pids().len(), 1);
+    h2.lobby_ok(&alice, &["rm", "vm1-fork"]);
+    h2.lobby_ok(&alice, &["rm", "vm2-copy"]);
+    assert!(h2.qemu_pids().is_empty(), "h2 still runs a QEMU");
 
     // PostgreSQL restarted under the hosts: requests fail cleanly meanwhile, the VMs run on,
     // and afterwards every host serves again with nothing lost.

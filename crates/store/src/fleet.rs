@@ -56,6 +56,8 @@ pub struct HostStatus {
     pub host: HostRow,
     pub since_heartbeat_ms: i64,
     pub leases: u32,
+    /// The admin cordoned it (`nook host drain`, `nook host cordon`): no new VMs go there.
+    pub cordoned: bool,
 }
 
 /// A lease held: the VM runs on `host` until the database's clock passes `expires_at_ms`.
@@ -162,9 +164,21 @@ impl Store {
                     },
                     since_heartbeat_ms: r.try_get("since")?,
                     leases: r.try_get::<i64, _>("leases")? as u32,
+                    cordoned: r.try_get::<i64, _>("cordoned")? != 0,
                 })
             })
             .collect()
+    }
+
+    /// Cordons the host `name` (or ends its cordon). `false` when there is no such host.
+    pub async fn set_cordoned(&self, name: &str, cordoned: bool) -> Result<bool, StoreError> {
+        let _changed = self.change();
+        let done = sqlx::query("UPDATE hosts SET cordoned = $1 WHERE name = $2")
+            .bind(i64::from(cordoned))
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Takes the VM's lease for `host` for `ttl_ms`: granted when no one holds it, when it has
@@ -440,7 +454,7 @@ impl Store {
 }
 
 /// Where a new VM that needs `need_mib` goes: among the hosts that are up (a heartbeat under
-/// `fresh_ms` old) and have that much memory free, the one with the most free; `me` wins a
+/// `fresh_ms` old), not cordoned, and have that much memory free, the one with the most free; `me` wins a
 /// tie (no hop). `None` when no host has room: the caller then tries its own host, whose
 /// admission says what is short.
 pub fn place(
@@ -452,7 +466,7 @@ pub fn place(
 ) -> Option<String> {
     hosts
         .iter()
-        .filter(|h| h.since_heartbeat_ms < fresh_ms)
+        .filter(|h| h.since_heartbeat_ms < fresh_ms && !h.cordoned)
         .map(|h| {
             let placed = placed_mib.get(&h.host.name).copied().unwrap_or(0);
             (h, h.host.memory_mib.saturating_sub(placed))
@@ -616,6 +630,7 @@ mod tests {
             },
             since_heartbeat_ms: since,
             leases: 0,
+            cordoned: false,
         };
         let hosts = [host("h1", 4096, 0), host("h2", 4096, 0), host("h3", 1024, 0)];
         // Free: h1 2560, h2 2048, h3 1024.
@@ -628,6 +643,12 @@ mod tests {
         assert_eq!(place(&even, &none, "h3", 256, 15_000).as_deref(), Some("h3"));
         let down = [host("h1", 8192, 20_000), host("h3", 2048, 0)];
         assert_eq!(place(&down, &none, "h2", 256, 15_000).as_deref(), Some("h3"));
+        // Nor does a cordoned one, however roomy.
+        let cordoned = [
+            HostStatus { cordoned: true, ..host("h1", 8192, 0) },
+            host("h3", 2048, 0),
+        ];
+        assert_eq!(place(&cordoned, &none, "h1", 256, 15_000).as_deref(), Some("h3"));
     }
     }
 
@@ -665,6 +686,17 @@ mod tests {
         assert!(store.claim_host(&other, 15_000).await.expect("q").is_err());
         assert!(store.claim_host(&row("h1", 1), 15_000).await.expect("q").is_ok());
         assert!(store.claim_host(&other, 0).await.expect("q").is_ok());
+
+        // A cordon is the admin's: heartbeats and restarts leave it until it is lifted.
+        assert!(!store.hosts().await.expect("hosts")[0].cordoned);
+        assert!(store.set_cordoned("h1", true).await.expect("cordon"));
+        store.heartbeat(&row("h1", 2)).await.expect("beat");
+        assert!(store.claim_host(&row("h1", 0), 0).await.expect("q").is_ok());
+        let hosts = store.hosts().await.expect("hosts");
+        assert!(hosts[0].cordoned && !hosts[1].cordoned, "{hosts:?}");
+        assert!(store.set_cordoned("h1", false).await.expect("uncordon"));
+        assert!(!store.hosts().await.expect("hosts")[0].cordoned);
+        assert!(!store.set_cordoned("h9", true).await.expect("no such host"));
     }
     }
 }

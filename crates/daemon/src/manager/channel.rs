@@ -92,8 +92,6 @@ impl Manager {
         self.fleet.is_some()
     }
 
-    /// Where a new VM goes: `on` when given, else the host with the most memory free for it
-    /// (this one on a tie). `None`: here.
     /// Refuses a host name that is not one of `hosts`, or one that is down; `what` says what
     /// asked for it (`--on h2`, `move to h2`).
     pub(crate) fn check_host(
@@ -124,6 +122,22 @@ impl Manager {
         Ok(())
     }
 
+    /// [`Self::check_host`], and refuses a cordoned host too: for what puts a VM there.
+    pub(crate) fn check_takes_vms(
+        &self,
+        hosts: &[nook_store::HostStatus],
+        name: &str,
+        what: &str,
+    ) -> Result<(), ApiError> {
+        self.check_host(hosts, name, what)?;
+        if hosts.iter().any(|h| h.host.name == name && h.cordoned) {
+            return Err(cordoned(name, what));
+        }
+        Ok(())
+    }
+
+    /// Where a new VM goes: `on` when given, else the host with the most memory free for it
+    /// (this one on a tie). `None`: here.
     pub(crate) async fn place(
         &self,
         image: Option<&str>,
@@ -148,11 +162,8 @@ impl Manager {
             .await
             .map_err(|e| errors::from_store("list the fleet's hosts", e))?;
         if let Some(on) = on {
-            if on == me {
-                return Ok(None);
-            }
-            self.check_host(&hosts, on, &format!("--on {on}"))?;
-            return Ok(Some(on.to_string()));
+            self.check_takes_vms(&hosts, on, &format!("--on {on}"))?;
+            return Ok((on != me).then(|| on.to_string()));
         }
         // An image or size this host cannot make sense of is its own error to give.
         let need_mib = match memory {
@@ -173,10 +184,74 @@ impl Manager {
             .memory_placed()
             .await
             .map_err(|e| errors::from_store("count the fleet's memory", e))?;
-        Ok(
-            nook_store::place(&hosts, &placed, me, need_mib, fleet::HOST_FRESH_MS)
-                .filter(|h| h != me),
-        )
+        match nook_store::place(&hosts, &placed, me, need_mib, fleet::HOST_FRESH_MS) {
+            Some(host) => Ok((host != me).then_some(host)),
+            // No host has the room: this one's admission says what is short, unless it takes
+            // no new VMs at all.
+            None if hosts.iter().any(|h| h.host.name == me && h.cordoned) => Err(cordoned(
+                me,
+                &format!("no other host of the fleet has {need_mib} MiB free, and this one"),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Where a clone of `src` goes, needing `need_mib` of memory there: here while this host
+    /// is up, not cordoned and has the room (its layers are here), else the roomiest other
+    /// host. `on` names the host instead. `None`: here.
+    pub(crate) async fn place_clone(
+        &self,
+        src: &VmRecord,
+        need_mib: u64,
+        on: Option<&str>,
+    ) -> Result<Option<Placed>, ApiError> {
+        let me = self.cfg.host_name.as_str();
+        if self.fleet.is_none() {
+            self.place(None, None, on).await?;
+            return Ok(None);
+        }
+        let hosts = self.hosts().await?;
+        if let Some(on) = on {
+            self.check_takes_vms(&hosts, on, &format!("--on {on}"))?;
+            return Ok((on != me).then(|| Placed {
+                host: on.to_string(),
+                why: "asked for".to_string(),
+            }));
+        }
+        let placed = self
+            .store
+            .memory_placed()
+            .await
+            .map_err(|e| errors::from_store("count the fleet's memory", e))?;
+        let mine: Vec<_> = hosts
+            .iter()
+            .filter(|h| h.host.name == me)
+            .cloned()
+            .collect();
+        if nook_store::place(&mine, &placed, me, need_mib, fleet::HOST_FRESH_MS).is_some() {
+            return Ok(None);
+        }
+        let why = match mine.first() {
+            Some(h) if h.cordoned => format!("host '{me}' is cordoned"),
+            Some(h) => format!(
+                "host '{me}' has {} MiB free and the clone needs {need_mib} MiB",
+                h.host
+                    .memory_mib
+                    .saturating_sub(placed.get(me).copied().unwrap_or(0))
+            ),
+            None => format!("host '{me}' is not in the fleet's list yet"),
+        };
+        let others: Vec<_> = hosts.into_iter().filter(|h| h.host.name != me).collect();
+        match nook_store::place(&others, &placed, me, need_mib, fleet::HOST_FRESH_MS) {
+            Some(host) => Ok(Some(Placed { host, why })),
+            None => Err(ApiError::new(
+                ErrorCode::OverEnvelope,
+                format!(
+                    "No host of the fleet has room for a clone of '{}' ({why}, and no other host that is up takes {need_mib} MiB more): stop a VM, or add a host",
+                    src.name
+                ),
+            )),
+        }
     }
 
     /// The host other than this one, up, with the most memory free for `memory_mib` more: where
@@ -221,6 +296,22 @@ impl Manager {
         }
         Ok(Some(vm.host.clone()))
     }
+}
+
+/// A clone placed on another host than its source's, and why.
+pub(crate) struct Placed {
+    pub host: String,
+    pub why: String,
+}
+
+/// `what` cannot go to `host`: it is cordoned.
+fn cordoned(host: &str, what: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::HostCordoned,
+        format!(
+            "{what}: host '{host}' is cordoned and takes no new VMs (`nook host uncordon {host}` lets it again)"
+        ),
+    )
 }
 
 /// Where the channel listens: the address other hosts are told, with the default port added.

@@ -13,7 +13,8 @@
 
 use super::*;
 use crate::faults::{self, Fault};
-use nook_api::{CloneMode, CloneTimings, CloneVm, Cloned};
+use channel::Placed;
+use nook_api::{CloneMode, CloneMoved, CloneTimings, CloneVm, Cloned};
 use nook_storage::layers;
 use nook_vmm::fork;
 
@@ -137,22 +138,43 @@ impl Manager {
         }
         let image = self.image_of(&src)?;
         self.check_room_for_clone()?;
+        let need_mib = if mode == CloneMode::Disk {
+            0
+        } else {
+            src.memory_mib
+        };
+        let away = self
+            .place_clone(&src, u64::from(need_mib), req.on.as_deref())
+            .await?;
+        if let Some(away) = &away {
+            progress(&format!(
+                "the clone goes to host {} ({}): it is made here, where the layers are, then moved there with what that host lacks",
+                away.host, away.why
+            ));
+        }
+        let stays = if away.is_some() {
+            Stays::Passing
+        } else {
+            Stays::Here
+        };
         if mode == CloneMode::Fork {
             self.settle_boot(&src, progress).await;
         }
         let mut name = req.name.clone();
         let mut attempt = 1;
-        loop {
+        let (record, timings) = loop {
             let record = {
                 let account_lock = self.op_lock(&format!("account:{}", src.owner));
                 let _account_guard = account_lock.lock().await;
-                let memory = if mode == CloneMode::Disk {
-                    0
-                } else {
-                    src.memory_mib
-                };
                 let _admitted = self
-                    .admit(&src.owner, Ask::Create, src.cpu, memory, src.disk_bytes)
+                    .admit_on(
+                        &src.owner,
+                        Ask::Create,
+                        src.cpu,
+                        need_mib,
+                        src.disk_bytes,
+                        stays,
+                    )
                     .await?;
                 let template = NewVm {
                     id: String::new(),
@@ -176,16 +198,8 @@ impl Manager {
                 Ok(mut timings) => {
                     timings.total_ms = ms(started.elapsed());
                     tracing::info!(source = %src.name, clone = %record.name, ?timings, "cloned");
-                    for id in [&src.id, &record.id] {
-                        self.flatten_later(id);
-                    }
-                    let vm = self.get(&record.name, Scope::Admin).await?;
-                    return Ok(Cloned {
-                        vm,
-                        source: src.name.clone(),
-                        mode,
-                        timings,
-                    });
+                    self.flatten_later(&src.id);
+                    break (record, timings);
                 }
                 Err(CloneError::Crashed(err)) if attempt < FORK_ATTEMPTS => {
                     tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "the clone crashed on waking; forking again");
@@ -200,6 +214,69 @@ impl Manager {
             tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "clone failed; removing what was made");
             self.destroy(&record).await;
             return Err(err);
+        };
+        let source = src.name.clone();
+        // The source is done with; only the clone goes on.
+        drop(src);
+        let moved = match away {
+            None => {
+                self.flatten_later(&record.id);
+                None
+            }
+            Some(away) => Some(self.send_clone(&record, away, progress).await?),
+        };
+        let mut timings = timings;
+        timings.total_ms = ms(started.elapsed());
+        let vm = self.get(&record.name, Scope::Admin).await?;
+        Ok(Cloned {
+            vm,
+            source,
+            mode,
+            timings,
+            moved,
+        })
+    }
+
+    /// Moves a clone just made here to the host placement chose. A clone that cannot go is
+    /// removed (it was asked for there, and this host may have no room to keep it).
+    async fn send_clone(
+        self: &Arc<Self>,
+        clone: &VmRecord,
+        away: Placed,
+        progress: Progress<'_>,
+    ) -> Result<CloneMoved, ApiError> {
+        match self
+            .move_vm(&clone.name, Some(&away.host), Scope::Admin, progress)
+            .await
+        {
+            Ok(moved) => Ok(CloneMoved {
+                from: moved.from,
+                to: moved.to,
+                why: away.why,
+                disk_bytes_sent: moved.disk_bytes_sent,
+                move_ms: moved.total_ms as f64,
+            }),
+            Err(err) => {
+                tracing::warn!(clone = %clone.name, to = %away.host, error = %err.message, "a clone could not go to its host; removing it");
+                let lock = self.op_lock(&clone.id);
+                let _guard = lock.lock().await;
+                // Only while it is still this host's: a hand-over that went through after all
+                // made it the other host's.
+                match self.store.get_by_id(&clone.id).await {
+                    Ok(row) if row.host == self.cfg.host_name => self.destroy(&row).await,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(clone = %clone.name, error = %e, "cannot read the clone's row to remove it")
+                    }
+                }
+                Err(ApiError::new(
+                    err.code,
+                    format!(
+                        "The clone '{}' was made but could not go to host '{}', so it was removed: {}",
+                        clone.name, away.host, err.message
+                    ),
+                ))
+            }
         }
     }
 

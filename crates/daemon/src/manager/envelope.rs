@@ -254,6 +254,22 @@ impl Manager {
         memory_mib: u32,
         disk_bytes: u64,
     ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+        self.admit_on(owner, ask, cpu, memory_mib, disk_bytes, Stays::Here)
+            .await
+    }
+
+    /// [`Self::admit`], for a VM that may only pass through this host (a clone made here and
+    /// moved to another): then this host's promised totals do not count it, only the memory
+    /// it really has left for the while.
+    pub(super) async fn admit_on(
+        &self,
+        owner: &str,
+        ask: Ask<'_>,
+        cpu: u32,
+        memory_mib: u32,
+        disk_bytes: u64,
+        stays: Stays,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
         let admitted = self.host_admission.lock().await;
         let starts = !matches!(ask, Ask::Resize { .. });
         let need = nook_memory::boot_footprint(u64::from(memory_mib) << 20);
@@ -278,7 +294,16 @@ impl Manager {
         if limits.memory_from_ram {
             limits.memory_mib = (limits.memory_mib as f64 * factor) as u64;
         }
-        host_room(&limits, &all, ask, memory_mib, disk_bytes)?;
+        if stays == Stays::Here {
+            // The host's own limits count its own VMs; the account's envelope spans the fleet.
+            let me = self.cfg.host_name.as_str();
+            let here: Vec<VmRecord> = all
+                .iter()
+                .filter(|vm| vm.host.is_empty() || vm.host == me)
+                .cloned()
+                .collect();
+            host_room(&limits, &here, ask, memory_mib, disk_bytes)?;
+        }
         let plan = self.plan_for(owner).await?;
         let wants = Wants {
             cpu,
@@ -472,6 +497,14 @@ pub(super) fn tap_counter(slot: u32, which: &str) -> Option<u64> {
 }
 
 /// What [`Manager::admit`] is asked to let through.
+/// Whether a VM admitted here stays on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stays {
+    Here,
+    /// It is made here and then moved to another host.
+    Passing,
+}
+
 #[derive(Clone, Copy)]
 pub(super) enum Ask<'a> {
     /// A new VM: one more VM, its disk, and (unless it stays stopped) its memory.

@@ -545,9 +545,38 @@ impl Manager {
                     leases: 0,
                     host,
                     since_heartbeat_ms: 0,
+                    cordoned: false,
                 }])
             }
         }
+    }
+
+    /// `nook host cordon|uncordon HOST`: whether new VMs may be placed on `name`.
+    pub async fn cordon_host(&self, name: &str, cordoned: bool) -> Result<(), ApiError> {
+        if self.fleet.is_none() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                "This host is not part of a fleet (its store is SQLite): there is no other host to place VMs on",
+            ));
+        }
+        let known = self
+            .store
+            .set_cordoned(name, cordoned)
+            .await
+            .map_err(|e| errors::from_store("cordon the host", e))?;
+        if !known {
+            let hosts = self.hosts().await?;
+            let names: Vec<&str> = hosts.iter().map(|h| h.host.name.as_str()).collect();
+            return Err(ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "There is no host '{name}' in the fleet (its hosts: {})",
+                    names.join(", ")
+                ),
+            ));
+        }
+        tracing::info!(host = name, cordoned, "host cordon changed");
+        Ok(())
     }
 
     /// See [`host_is_up`].

@@ -175,7 +175,7 @@ impl Manager {
             ));
         }
         let hosts = self.hosts().await?;
-        self.check_host(&hosts, to, &format!("move to {to}"))?;
+        self.check_takes_vms(&hosts, to, &format!("move to {to}"))?;
         let live = match vm.state {
             VmState::Running => true,
             VmState::Stopped | VmState::Failed => false,
