@@ -9,6 +9,7 @@ pub mod agent;
 pub mod config;
 pub mod errors;
 mod faults;
+pub mod fence_watch;
 pub mod frontdoor;
 pub mod gateway;
 pub mod idle;

@@ -42,6 +42,10 @@ pub enum Command {
     /// nook's local certificate authority for https://VM.DOMAIN/
     #[command(subcommand)]
     Ca(CaCommand),
+    /// (Started by a fleet host's daemon.) Stops the host's leased QEMUs when the daemon
+    /// stops renewing their leases
+    #[command(hide = true)]
+    FenceWatch { data_dir: PathBuf },
 }
 
 #[derive(Subcommand)]

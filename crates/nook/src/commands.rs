@@ -63,6 +63,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             out!("{}", path.display());
             Ok(0)
         }
+        Command::FenceWatch { data_dir } => {
+            tokio::task::spawn_blocking(move || nook_daemon::fence_watch::run(data_dir)).await??;
+            Ok(0)
+        }
         Command::Metrics => {
             let cfg = Config::validate(base)?;
             match Client::new(&cfg.admin_socket())

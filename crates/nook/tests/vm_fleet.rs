@@ -9,7 +9,9 @@
 //! front door (the host channel); a share revoked through one host refused by every host's
 //! edge at the next request; moves, live and cold; a drain with the VM answering through
 //! another front door all along, the drained host cordoned and restarted on a newer schema;
-//! clones placed on another host than their source's (made beside it, moved, cost told);
+//! clones placed on another host than their source's (made beside it, moved, cost told); a
+//! daemon killed alone, its QEMUs stopped by its fence watch before their leases could lapse
+//! and resumed by its restart;
 //! PostgreSQL restarted under the hosts with nothing lost; replicas and a restore on a
 //! partitioned host's VM; and a host killed (daemon and QEMUs): its VMs show as
 //! `unavailable`, with the reason, on the other hosts, requests for them get a clean error,
@@ -143,7 +145,7 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
 
     // h1 starts on the store; h2 and h3 join the fleet through it with one-time tokens,
     // which give them the store and the fleet's secrets key, and nothing else.
-    let h1 = Daemon::start_fleet_host(
+    let mut h1 = Daemon::start_fleet_host(
         &FleetNet::ns(1),
         &FleetNet::addr(1),
         "h1",
@@ -621,6 +623,56 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     h2.lobby_ok(&alice, &["rm", "vm2-copy"]);
     assert!(h2.qemu_pids().is_empty(), "h2 still runs a QEMU");
 
+    // h1's daemon dies alone; its QEMUs run on (as across any restart), but once their leases
+    // could lapse, the fence watch it left has stopped them: their vCPUs run nothing, so no
+    // other host could ever run one of them twice. The restarted daemon takes the leases
+    // back, and they go on where they stood.
+    let mut qemus = h1.qemu_pids();
+    qemus.sort();
+    assert_eq!(qemus.len(), 2, "vm1 and vm2 on h1");
+    h1.kill9();
+    let killed = std::time::Instant::now();
+    wait_until(
+        "the fence watch to stop h1's QEMUs",
+        Duration::from_secs(25),
+        || qemus.iter().all(|pid| process_state(*pid) == Some('T')),
+    );
+    let stopped_after = killed.elapsed();
+    eprintln!("h1's QEMUs stopped {stopped_after:?} after its daemon died");
+    assert!(
+        stopped_after >= Duration::from_secs(5),
+        "stopped while the leases still ran: {stopped_after:?}"
+    );
+    let ticks: Vec<u64> = qemus.iter().map(|pid| vcpu_ticks(*pid)).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        qemus.iter().map(|pid| vcpu_ticks(*pid)).collect::<Vec<_>>(),
+        ticks,
+        "a stopped QEMU's vCPUs ran"
+    );
+    h1.restart();
+    wait_until("h1's QEMUs to go on", Duration::from_secs(60), || {
+        qemus
+            .iter()
+            .all(|pid| process_state(*pid).is_some_and(|s| s != 'T'))
+    });
+    let mut adopted = h1.qemu_pids();
+    adopted.sort();
+    assert_eq!(adopted, qemus, "h1 re-adopted the same QEMUs");
+    let count = |h: &Daemon| {
+        let out = h.ssh(&alice, "vm1", &["sh", "-c", "'cat /tmp/count'"]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    let before = count(&h2);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        count(&h3) > before,
+        "vm1's counter did not go on after the restart"
+    );
+
     // PostgreSQL restarted under the hosts: requests fail cleanly meanwhile, the VMs run on,
     // and afterwards every host serves again with nothing lost.
     pg.kill();
@@ -821,6 +873,12 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     for i in 1..=3 {
         remove_cgroup_top(&format!("nook-h{i}"));
     }
+}
+
+/// A process's state letter (`R`, `S`, `T` for stopped, ...), while it exists.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 /// Runs one `nft` command in network namespace `ns`.

@@ -10,6 +10,7 @@
 //! With SQLite there is one host and no leases.
 
 use super::*;
+use crate::fence_watch;
 
 /// How long a lease lasts past its last renewal.
 pub(crate) const LEASE_TTL: Duration = Duration::from_secs(15);
@@ -122,6 +123,15 @@ impl Fleet {
             .collect()
     }
 
+    /// When the oldest of the last good renewals was sent, and the VMs held.
+    fn oldest_renewal(&self) -> (Option<Instant>, Vec<String>) {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            held.values().map(|h| h.renewed).min(),
+            held.keys().cloned().collect(),
+        )
+    }
+
     /// The VMs whose last good renewal was sent longer than `FENCE_AFTER` ago.
     fn overdue(&self) -> Vec<String> {
         self.held
@@ -196,6 +206,7 @@ impl Manager {
                     },
                 );
                 fleet.set_fenced(&vm.id, false);
+                self.publish_fence();
                 Ok(())
             }
             Ok(Err(held)) => Err(ApiError::new(
@@ -223,11 +234,62 @@ impl Manager {
             .remove(vm_id)
             .map(|h| h.epoch);
         fleet.set_fenced(vm_id, false);
+        self.publish_fence();
         if let Some(epoch) = epoch
             && let Err(err) = self.store.release_lease(vm_id, &fleet.name, epoch).await
         {
             // It lapses by itself within LEASE_TTL.
             tracing::warn!(%err, vm = vm_id, "could not release a VM's lease");
+        }
+    }
+
+    /// Tells the fence watch which QEMUs run under this host's leases, and until when they
+    /// may (see `crate::fence_watch`), starting the watch when there is something to guard.
+    pub(super) fn publish_fence(&self) {
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        let (oldest, ids) = fleet.oldest_renewal();
+        let qemus: Vec<fence_watch::Guarded> = ids
+            .iter()
+            .filter_map(|id| {
+                let pid = nook_vmm::qemu::read_pid(&self.paths(id).pidfile()).ok()?;
+                fence_watch::Guarded::of(id, pid)
+            })
+            .collect();
+        let deadline_ms = oldest.map_or(0, |sent| {
+            let left = fence_watch::WATCH_AFTER.saturating_sub(sent.elapsed());
+            fence_watch::boottime_ms() + left.as_millis() as u64
+        });
+        let guards = !qemus.is_empty();
+        let data_dir = &self.cfg.data_dir;
+        if let Err(err) = fence_watch::publish(data_dir, &fence_watch::Fence { deadline_ms, qemus })
+        {
+            tracing::error!(%err, "cannot write the fence watch's file: if this daemon dies, its VMs run on unfenced");
+            return;
+        }
+        if guards {
+            let started =
+                std::env::current_exe().and_then(|exe| fence_watch::ensure_running(data_dir, &exe));
+            if let Err(err) = started {
+                tracing::error!(%err, "cannot start the fence watch: if this daemon dies, its VMs run on unfenced");
+            }
+        }
+    }
+
+    /// Lets a QEMU the fence watch stopped go on, now that its lease is held again.
+    pub(super) fn resume_from_watch(&self, id: &str) {
+        let Ok(pid) = nook_vmm::qemu::read_pid(&self.paths(id).pidfile()) else {
+            return;
+        };
+        if let Some(guarded) = fence_watch::Guarded::of(id, pid)
+            && fence_watch::resume(&guarded)
+        {
+            tracing::warn!(
+                vm = id,
+                pid,
+                "resumed a QEMU the fence watch had stopped (its lease is held again)"
+            );
         }
     }
 
@@ -326,14 +388,21 @@ impl Manager {
         match renewal {
             Ok(Ok(renewed)) => {
                 let renewed: HashMap<String, i64> = renewed.into_iter().collect();
+                let mut kept = Vec::new();
                 for (id, epoch) in held {
                     if renewed.get(&id).is_some_and(|e| *e >= epoch) {
                         fleet.renewed(&id, epoch, sent);
-                        if fleet.is_fenced(&id) {
-                            self.unfence(&id).await;
-                        }
+                        kept.push(id);
                     } else {
                         self.lost(fleet, &id, epoch).await;
+                    }
+                }
+                // The watch learns of the renewal before any QEMU it stopped goes on.
+                self.publish_fence();
+                for id in kept {
+                    self.resume_from_watch(&id);
+                    if fleet.is_fenced(&id) {
+                        self.unfence(&id).await;
                     }
                 }
             }

@@ -324,6 +324,8 @@ impl Manager {
                 },
             );
         }
+        // Its pid is known now: the fence watch guards it from here on.
+        self.publish_fence();
         let (this, id, name, slot, owner) = (
             self.clone(),
             vm.id.clone(),

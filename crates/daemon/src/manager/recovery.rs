@@ -54,6 +54,9 @@ impl Manager {
                         }
                         continue;
                     }
+                    // The lease is this host's again: if the fence watch stopped the QEMU while
+                    // the daemon was down, it goes on (QMP would not answer before).
+                    self.resume_from_watch(&vm.id);
                     match Qmp::connect(&paths.qmp_socket()).await {
                         Ok(qmp) => {
                             tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
