@@ -303,6 +303,10 @@ async fn issue(cfg: &AcmeConfig, zones: &Zones) -> Result<Certificate, AcmeError
         })?;
         zone.add_acme_challenge(&value)?;
         published.values.push((zone.clone(), value));
+        if !cfg.propagation_wait.is_zero() {
+            tracing::info!(%name, wait_ms = cfg.propagation_wait.as_millis() as u64, "published DNS-01 challenge; giving it time to reach every server of the zone");
+            tokio::time::sleep(cfg.propagation_wait).await;
+        }
         tracing::info!(%name, "published DNS-01 challenge; asking the CA to validate");
         challenge.set_ready().await.map_err(order_err)?;
     }

@@ -35,6 +35,7 @@
 //!     domain: "nook.example.test".into(),
 //!     state_dir: "/var/lib/nook/acme".into(),
 //!     extra_root_ca_pem: None,
+//!     propagation_wait: std::time::Duration::ZERO,
 //! };
 //! // What the TLS listener's `ResolvesServerCert::resolve` reads from.
 //! let current: Arc<RwLock<Option<Arc<CertifiedKey>>>> = Arc::default();
@@ -78,6 +79,10 @@ pub struct AcmeConfig {
     /// talking to the ACME server (Pebble's self-signed listener); when
     /// unset, the system's roots are used.
     pub extra_root_ca_pem: Option<PathBuf>,
+    /// How long a published challenge value is given to reach every server that answers for
+    /// the zone before the CA is asked to look (zero when this process's zone is the only one;
+    /// a fleet's hosts learn each other's values through their store).
+    pub propagation_wait: std::time::Duration,
 }
 
 impl AcmeConfig {

@@ -142,6 +142,7 @@ impl Pebble {
             domain: domain.into(),
             state_dir: state_dir.to_owned(),
             extra_root_ca_pem: Some(self.listener_root.clone()),
+            propagation_wait: Duration::ZERO,
         }
     }
 
@@ -418,6 +419,7 @@ async fn an_unreachable_ca_is_named() {
         domain: DOMAIN.into(),
         state_dir: state.path().to_owned(),
         extra_root_ca_pem: None,
+        propagation_wait: Duration::ZERO,
     };
     let err = nook_acme::obtain(&cfg, &zone()).await.unwrap_err();
     assert!(matches!(err, AcmeError::Unreachable { .. }), "{err:?}");
@@ -434,6 +436,7 @@ async fn a_zone_for_another_domain_is_refused() {
         domain: "other.example.test".into(),
         state_dir: state.path().to_owned(),
         extra_root_ca_pem: None,
+        propagation_wait: Duration::ZERO,
     };
     let err = nook_acme::obtain(&cfg, &zone()).await.unwrap_err();
     assert!(matches!(err, AcmeError::DomainMismatch { .. }), "{err:?}");

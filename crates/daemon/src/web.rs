@@ -472,6 +472,10 @@ pub async fn start(manager: &Arc<Manager>) -> Result<(), crate::ServeError> {
         .map_err(|e| ServeError::Listen(format!("{dns_addr} (tcp)"), e))?;
     tokio::spawn(nook_dns::serve(zone.clone(), udp, tcp));
     tracing::info!(addr = %dns_addr, domain, ip = %web.public_ip, "DNS server listening");
+    let shared = manager.store().is_shared();
+    if shared {
+        tokio::spawn(share_dns_challenges(manager.clone(), zone.clone()));
+    }
     if let Some(acme) = &web.acme {
         let acme_cfg = nook_acme::AcmeConfig {
             directory_url: acme.directory.clone(),
@@ -480,6 +484,12 @@ pub async fn start(manager: &Arc<Manager>) -> Result<(), crate::ServeError> {
             vm_domain: vm_domain.clone(),
             state_dir: cfg.acme_dir(),
             extra_root_ca_pem: acme.root_ca.clone(),
+            // Other hosts learn a new value within a look (`CHALLENGE_LOOK`) of its commit.
+            propagation_wait: if shared {
+                CHALLENGE_PROPAGATION
+            } else {
+                Duration::ZERO
+            },
         };
         let edge = edge.clone();
         tokio::spawn(nook_acme::renew_loop(
@@ -495,6 +505,65 @@ pub async fn start(manager: &Arc<Manager>) -> Result<(), crate::ServeError> {
         ));
     }
     Ok(())
+}
+
+/// How often a fleet host compares its own ACME challenge values with what it published,
+/// and looks for other hosts' (at once, too, when the store says something changed).
+const CHALLENGE_LOOK: Duration = Duration::from_millis(250);
+/// How long a published challenge value is kept by the store without being published again:
+/// longer than any order takes (`nook_acme` gives one 300 s).
+const CHALLENGE_TTL: Duration = Duration::from_secs(600);
+/// How long an ACME order on a fleet host waits after publishing a value before asking the
+/// CA to look: a few looks, so every host's DNS answers it by then.
+const CHALLENGE_PROPAGATION: Duration = Duration::from_secs(2);
+
+/// On a fleet, every host's DNS answers every host's ACME DNS-01 values (a CA may ask any of
+/// them): this host publishes its own through the store when they change, and answers the
+/// others'. Runs for the daemon's life.
+async fn share_dns_challenges(manager: Arc<Manager>, zones: nook_dns::Zones) {
+    let store = manager.store().clone();
+    let me = manager.config().host_name.clone();
+    let mut published: HashMap<String, Vec<String>> = HashMap::new();
+    let mut seen_generation = None;
+    let mut tick = tokio::time::interval(CHALLENGE_LOOK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut since_full_look = 0u32;
+    loop {
+        tick.tick().await;
+        for zone in zones.iter() {
+            let domain = zone.domain();
+            let own = zone.acme_challenges();
+            if published.get(&domain) != Some(&own) {
+                let ttl = CHALLENGE_TTL.as_millis() as i64;
+                match store.publish_dns_challenges(&me, &domain, &own, ttl).await {
+                    Ok(()) => {
+                        published.insert(domain, own);
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "cannot publish this host's ACME challenges to the fleet")
+                    }
+                }
+            }
+        }
+        // Others' values are read when the store changed, and every few seconds besides (a
+        // host deaf to notifications still learns them).
+        since_full_look += 1;
+        let generation = store.generation();
+        if seen_generation == Some(generation) && since_full_look < 20 {
+            continue;
+        }
+        seen_generation = Some(generation);
+        since_full_look = 0;
+        for zone in zones.iter() {
+            match store.dns_challenges(&me, &zone.domain()).await {
+                Ok(values) => zone.set_shared_acme_challenges(&values),
+                Err(err) => {
+                    tracing::debug!(%err, "cannot read the fleet's ACME challenges");
+                    seen_generation = None;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

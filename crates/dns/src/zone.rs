@@ -87,6 +87,9 @@ struct ZoneData {
     /// Per-name overrides of the wildcard, keyed by the lowercased label.
     hosts: BTreeMap<Vec<u8>, Addrs>,
     challenges: BTreeSet<String>,
+    /// Values other hosts of a fleet published (their own orders' challenges): a CA may ask
+    /// any host's server, so each answers all of them.
+    shared_challenges: BTreeSet<String>,
 }
 
 /// The zone's records, shared between the DNS server tasks and whoever
@@ -143,6 +146,7 @@ impl Zone {
                 serial,
                 hosts: BTreeMap::new(),
                 challenges: BTreeSet::new(),
+                shared_challenges: BTreeSet::new(),
             })),
         })
     }
@@ -215,9 +219,24 @@ impl Zone {
         self.write().challenges.remove(value);
     }
 
-    /// The TXT values currently published.
+    /// The TXT values currently published by this host's own orders.
     pub fn acme_challenges(&self) -> Vec<String> {
         self.read().challenges.iter().cloned().collect()
+    }
+
+    /// Replaces the TXT values other hosts of a fleet publish at `_acme-challenge.DOMAIN`
+    /// (answered beside this host's own). Values that could not be TXT strings are skipped,
+    /// and at most [`MAX_TXT_VALUES`] are kept.
+    pub fn set_shared_acme_challenges(&self, values: &[String]) {
+        let shared: BTreeSet<String> = values
+            .iter()
+            .filter(|v| !v.is_empty() && v.len() <= MAX_TXT_LEN)
+            .take(MAX_TXT_VALUES)
+            .cloned()
+            .collect();
+        if self.read().shared_challenges != shared {
+            self.write().shared_challenges = shared;
+        }
     }
 
     /// Answers one DNS message. Over UDP the response is cut to the client's
@@ -347,7 +366,7 @@ impl Zone {
             }
             [label] if label == ACME_CHALLENGE_LABEL.as_bytes() => {
                 if q.qtype == TYPE_TXT {
-                    for value in &data.challenges {
+                    for value in data.challenges.union(&data.shared_challenges) {
                         let mut rdata = Vec::with_capacity(value.len() + 1);
                         rdata.push(value.len() as u8);
                         rdata.extend_from_slice(value.as_bytes());
@@ -610,6 +629,38 @@ mod tests {
         assert!(z.serial() > s);
         assert!(z.add_acme_challenge("").is_err());
         assert!(z.add_acme_challenge(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn other_hosts_challenges_are_answered_beside_this_ones() {
+        let z = zone();
+        let txt = || {
+            let r = z
+                .respond(
+                    &query("_acme-challenge.nook.example.test", TYPE_TXT, false),
+                    Transport::Udp,
+                )
+                .unwrap();
+            ancount(&r)
+        };
+        z.add_acme_challenge("mine").unwrap();
+        z.set_shared_acme_challenges(&["theirs".into(), "mine".into(), String::new()]);
+        assert_eq!(
+            txt(),
+            2,
+            "one answer per distinct value, the empty one skipped"
+        );
+        assert_eq!(
+            z.acme_challenges(),
+            ["mine"],
+            "shared values are not this host's own"
+        );
+        let many: Vec<String> = (0..100).map(|i| format!("v{i}")).collect();
+        z.set_shared_acme_challenges(&many);
+        assert_eq!(txt(), 1 + MAX_TXT_VALUES as u16);
+        z.set_shared_acme_challenges(&[]);
+        z.remove_acme_challenge("mine");
+        assert_eq!(txt(), 0);
     }
 
     #[test]

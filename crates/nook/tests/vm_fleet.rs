@@ -5,17 +5,17 @@
 //! It shows what the fleet does today: hosts joining with one-time tokens (`nook host
 //! invite` on h1, `nook host join` on h2 and h3), which give them the store and the fleet's
 //! secrets key, each working once and only for a name no up host has; VMs on every host,
-//! listed with their host by every front door; SSH and HTTPS to every VM through every
-//! front door (the host channel); a share revoked through one host refused by every host's
-//! edge at the next request; moves, live and cold; a drain with the VM answering through
-//! another front door all along, the drained host cordoned and restarted on a newer schema;
-//! clones placed on another host than their source's (made beside it, moved, cost told); a
-//! daemon killed alone, its QEMUs stopped by its fence watch before their leases could lapse
-//! and resumed by its restart;
-//! PostgreSQL restarted under the hosts with nothing lost; replicas and a restore on a
-//! partitioned host's VM; and a host killed (daemon and QEMUs): its VMs show as
-//! `unavailable`, with the reason, on the other hosts, requests for them get a clean error,
-//! and the VMs come back with the host.
+//! listed with their host by every front door; every host's DNS answering for every VM; SSH
+//! and HTTPS to every VM through every front door (the host channel); a share revoked
+//! through one host refused by every host's edge at the next request; moves, live and cold;
+//! a drain with the VM answering through another front door all along, the drained host
+//! cordoned and restarted on a newer schema; clones placed on another host than their
+//! source's (made beside it, moved, cost told); a daemon killed alone, its QEMUs stopped by
+//! its fence watch before their leases could lapse and resumed by its restart; PostgreSQL
+//! restarted under the hosts with nothing lost; replicas and a restore on a partitioned
+//! host's VM; and a host killed (daemon and QEMUs): its VMs show as `unavailable`, with the
+//! reason, on the other hosts, requests for them get a clean error, and the VMs come back
+//! with the host.
 
 mod common;
 
@@ -232,6 +232,27 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     }
     let text = h2.lobby_ok(&alice, &["ls"]);
     assert!(text.contains("running on h3"), "{text}");
+    // Every host's DNS answers for the whole zone: any VM's name, wherever the VM runs,
+    // points at that host, whose front doors reach it.
+    for h in [&h1, &h2, &h3] {
+        for i in 1..=3 {
+            let out = Command::new("dig")
+                .args([
+                    &format!("@{}", h.addr),
+                    "-p",
+                    &common::FLEET_DNS_PORT.to_string(),
+                ])
+                .args(["+short", "+norecurse", &format!("vm{i}.{VM_DOMAIN}"), "A"])
+                .output()
+                .expect("dig (apt-get install dnsutils)");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                h.addr,
+                "vm{i} through the DNS of {}",
+                h.addr
+            );
+        }
+    }
 
     // Every command about a VM works through any front door: it runs on the VM's host.
     // `--on` picks the host; a clone stays with its source's layers.

@@ -173,3 +173,85 @@ fn vm_web_acme_wildcard_certificate_through_nooks_own_dns() {
     assert_eq!(txt.trim(), "", "challenge TXT records left behind");
     assert!(d.log_text().contains("serving the ACME certificate"));
 }
+
+/// Two hosts of one fleet (one PostgreSQL), each with its own DNS server, and a CA that asks
+/// only the first host's: the second host's order is still proven, because every host
+/// answers every host's challenge values (shared through the store).
+#[test]
+fn vm_web_acme_fleet_any_hosts_dns_proves_any_hosts_order() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (dns_a, dns_b) = (free_port(), free_port());
+    let pebble = start_pebble(tmp.path(), dns_a);
+    let port_a = free_port().to_string();
+    let ha = Daemon::start_on_postgres(&[
+        "--host-name",
+        "ha",
+        "--host-addr",
+        &format!("127.0.0.1:{port_a}"),
+        "--net",
+        "user",
+        "--domain",
+        DOMAIN,
+        "--public-ip",
+        "127.0.0.1",
+        "--dns-addr",
+        &format!("127.0.0.1:{dns_a}"),
+    ]);
+    let root_ca = tmp.path().join("listener-ca.pem").display().to_string();
+    let hb = ha.join_here(
+        "hb",
+        free_port(),
+        &[
+            "--net",
+            "user",
+            "--domain",
+            DOMAIN,
+            "--public-ip",
+            "127.0.0.1",
+            "--dns-addr",
+            &format!("127.0.0.1:{dns_b}"),
+            "--acme-directory",
+            &pebble.directory,
+            "--acme-email",
+            "admin@example.test",
+            "--acme-root-ca",
+            &root_ca,
+        ],
+    );
+
+    let root = tmp.path().join("pebble-root.pem");
+    sh(&format!(
+        "curl -sSf --cacert {root_ca} https://127.0.0.1:{}/roots/0 -o {}",
+        pebble.mgmt_port,
+        root.display()
+    ));
+    let port = hb.https_port;
+    let fetch = || {
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--cacert"])
+            .arg(&root)
+            .args(["--resolve", &format!("{DOMAIN}:{port}:127.0.0.1")])
+            .arg(format!("https://{DOMAIN}:{port}/"))
+            .output()
+            .expect("curl")
+    };
+    wait_until(
+        "hb's edge to serve the certificate proven through ha's DNS",
+        Duration::from_secs(90),
+        || fetch().status.success(),
+    );
+    assert!(hb.log_text().contains("serving the ACME certificate"));
+    // Once the order is over, hb withdraws its values, and ha stops answering them.
+    wait_until(
+        "the challenge values to leave ha's DNS",
+        Duration::from_secs(10),
+        || {
+            dig(
+                dns_a,
+                &["+short", &format!("_acme-challenge.{DOMAIN}"), "TXT"],
+            )
+            .trim()
+            .is_empty()
+        },
+    );
+}

@@ -364,6 +364,65 @@ impl Store {
         Ok(())
     }
 
+    /// Publishes this host's ACME DNS-01 `values` for `domain`, replacing the ones it published
+    /// before; they lapse `ttl_ms` from now unless published again.
+    pub async fn publish_dns_challenges(
+        &self,
+        host: &str,
+        domain: &str,
+        values: &[String],
+        ttl_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(by_dialect!(
+            self.dialect,
+            "DELETE FROM dns_challenges WHERE (host = $1 AND domain = $2) OR expires_at_ms <= ",
+            NOW
+        ))
+        .bind(host)
+        .bind(domain)
+        .execute(&mut *tx)
+        .await?;
+        for value in values {
+            sqlx::query(by_dialect!(
+                self.dialect,
+                "INSERT INTO dns_challenges (host, domain, value, expires_at_ms) VALUES ($1, $2, $3, ",
+                NOW,
+                " + $4)"
+            ))
+            .bind(host)
+            .bind(domain)
+            .bind(value)
+            .bind(ttl_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The ACME DNS-01 values hosts other than `host` publish for `domain`, while they last.
+    pub async fn dns_challenges(
+        &self,
+        host: &str,
+        domain: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(by_dialect!(
+            self.dialect,
+            "SELECT DISTINCT value FROM dns_challenges WHERE host <> $1 AND domain = $2 \
+             AND expires_at_ms > ",
+            NOW,
+            " ORDER BY value"
+        ))
+        .bind(host)
+        .bind(domain)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String, _>("value")?))
+            .collect()
+    }
+
     /// Takes the invitation whose secret has SHA-256 `digest`, once: its sealed store URL
     /// while it has not lapsed, `None` when there is no such invitation (any more).
     pub async fn take_host_invite(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -649,6 +708,26 @@ mod tests {
             host("h3", 2048, 0),
         ];
         assert_eq!(place(&cordoned, &none, "h1", 256, 15_000).as_deref(), Some("h3"));
+    }
+    }
+
+    on_both_stores! {
+    async fn each_host_sees_the_others_dns_challenges_until_they_lapse(store) {
+        let (d, vm_d) = ("nook.example.test", "vm.example.test");
+        store.publish_dns_challenges("h1", d, &["a".into(), "b".into()], 60_000).await.expect("h1");
+        store.publish_dns_challenges("h2", d, &["c".into()], 60_000).await.expect("h2");
+        store.publish_dns_challenges("h2", vm_d, &["v".into()], 60_000).await.expect("h2 vm");
+        assert_eq!(store.dns_challenges("h3", d).await.expect("q"), ["a", "b", "c"]);
+        assert_eq!(store.dns_challenges("h1", d).await.expect("q"), ["c"]);
+        assert_eq!(store.dns_challenges("h1", vm_d).await.expect("q"), ["v"]);
+        // A host's new values replace its old ones; an empty list withdraws them.
+        store.publish_dns_challenges("h1", d, &["b2".into()], 60_000).await.expect("h1 again");
+        assert_eq!(store.dns_challenges("h2", d).await.expect("q"), ["b2"]);
+        store.publish_dns_challenges("h1", d, &[], 60_000).await.expect("withdrawn");
+        assert!(store.dns_challenges("h2", d).await.expect("q").is_empty());
+        // Lapsed values are not answered.
+        store.publish_dns_challenges("h1", d, &["old".into()], -1).await.expect("lapsed");
+        assert!(store.dns_challenges("h2", d).await.expect("q").is_empty());
     }
     }
 

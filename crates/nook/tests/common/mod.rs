@@ -121,6 +121,9 @@ impl Daemon {
     }
 }
 
+/// Where each host of a fleet test answers DNS, on its own address.
+pub const FLEET_DNS_PORT: u16 = 5353;
+
 impl Daemon {
     pub fn start() -> Daemon {
         Self::start_with(&[])
@@ -201,7 +204,52 @@ impl Daemon {
         d
     }
 
-    /// One host of a fleet test: `nook serve` in the network namespace `netns`, reached at
+    /// A second host of this daemon's fleet on this machine's own network (this daemon must
+    /// have a `--host-name` and a `--host-addr` on 127.0.0.1): joined with a token from
+    /// `nook host invite`, with its own ports, cgroup top and `extra` flags. VMs on both would
+    /// need taps of their own, so `extra` should hold `--net user`.
+    pub fn join_here(&self, name: &str, channel_port: u16, extra: &[&str]) -> Daemon {
+        let token = self.ok(&["host", "invite"]).trim().to_string();
+        let tmp = sys_tempdir();
+        let data_dir = tmp.path().join("data");
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        let addr = format!("127.0.0.1:{channel_port}");
+        let out = join_with(Command::new(nook_bin()), &data_dir, &token, name, &addr);
+        assert!(
+            out.status.success(),
+            "nook host join as {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("free port")
+        };
+        let mut args: Vec<String> = ["--host-name", name, "--cgroup-top", &format!("nook-{name}")]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut d = Daemon {
+            _host_turn: None,
+            addr: "127.0.0.1".into(),
+            netns: None,
+            data_dir,
+            ssh_port: free_port(),
+            https_port: free_port(),
+            log: tmp.path().join(format!("daemon-{name}.log")),
+            _tmp: Some(tmp),
+            child: None,
+            extra: args,
+            env: Vec::new(),
+            postgres: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// One host of a fleet test (its DNS server on its address, port [`FLEET_DNS_PORT`]): `nook serve` in the network namespace `netns`, reached at
     /// `addr`, with its own cgroup top (`nook-NAME`). The caller holds [`host_turn`] for all
     /// of them. The first host is given the shared PostgreSQL (`Store`); the others join
     /// with a token from `nook host invite` (`Join`), which gives them the store and the
@@ -240,6 +288,8 @@ impl Daemon {
                 &format!("nook-{name}"),
                 "--host-addr",
                 addr,
+                "--dns-addr",
+                &format!("{addr}:{FLEET_DNS_PORT}"),
             ]
             .iter()
             .map(|s| s.to_string())
@@ -479,22 +529,25 @@ pub enum FleetEntry<'a> {
 /// `nook host join TOKEN --host-name NAME --host-addr ADDR` in network namespace `netns`,
 /// keeping what it is given in `data_dir`.
 pub fn join_fleet(netns: &str, data_dir: &Path, token: &str, name: &str, addr: &str) -> Output {
-    Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{netns}"))
-        .arg(nook_bin())
-        .args([
-            "host",
-            "join",
-            token,
-            "--host-name",
-            name,
-            "--host-addr",
-            addr,
-        ])
-        .env("NOOK_DATA_DIR", data_dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run nook host join")
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{netns}")).arg(nook_bin());
+    join_with(cmd, data_dir, token, name, addr)
+}
+
+fn join_with(mut cmd: Command, data_dir: &Path, token: &str, name: &str, addr: &str) -> Output {
+    cmd.args([
+        "host",
+        "join",
+        token,
+        "--host-name",
+        name,
+        "--host-addr",
+        addr,
+    ])
+    .env("NOOK_DATA_DIR", data_dir)
+    .stdin(Stdio::null())
+    .output()
+    .expect("run nook host join")
 }
 
 pub fn sys_tempdir() -> tempfile::TempDir {
