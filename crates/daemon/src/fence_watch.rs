@@ -5,10 +5,13 @@
 //! daemon is what fences a VM whose lease runs down (ARCHITECTURE.md, "Leases and fencing").
 //! A daemon that died or hangs fences nothing, so once the leases lapse another host could
 //! start a VM that still runs here (from a replica). The watch closes that: the daemon
-//! writes, after every lease it takes or renews, `DATA_DIR/fence.json` with the QEMUs under
-//! lease and a deadline (the oldest good renewal's send time plus [`WATCH_AFTER`], inside the
-//! lease's life). Past the deadline, the watch stops each of them: a stopped process runs
+//! writes, after every lease it takes, renews or drops, `DATA_DIR/fence.json` with each QEMU
+//! under lease and its deadline (its last good renewal's send time plus [`WATCH_AFTER`],
+//! inside the lease's life). Past its deadline, the watch stops a QEMU: a stopped process runs
 //! no guest instruction. Only the daemon resumes one (SIGCONT), once it holds the lease again.
+//! A QEMU once listed stays listed, with the deadline it last had, for as long as it lives,
+//! until the daemon renews its lease: a restarted daemon that has not yet taken a lease back
+//! (or cannot) leaves that QEMU guarded.
 //!
 //! The watch runs in a process group of its own (a signal to the daemon's group misses it),
 //! one per data dir (an advisory lock), and ends when no QEMU it guards is left, or the data
@@ -28,7 +31,7 @@ pub const FENCE_FILE: &str = "fence.json";
 const LOCK_FILE: &str = "fence-watch.lock";
 /// Where the watch says what it did.
 const LOG_FILE: &str = "fence-watch.log";
-/// How long after the oldest good renewal was sent the watch stops the QEMUs: after the
+/// How long after a lease's last good renewal was sent the watch stops its QEMU: after the
 /// daemon's own pause (10 s), before the lease can lapse (15 s from a grant that came after
 /// the send).
 pub const WATCH_AFTER: Duration = Duration::from_secs(12);
@@ -39,27 +42,28 @@ const TICK: Duration = Duration::from_millis(200);
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fence {
-    /// `CLOCK_BOOTTIME` in milliseconds past which every QEMU listed is stopped.
-    pub deadline_ms: u64,
     pub qemus: Vec<Guarded>,
 }
 
-/// One QEMU under lease: its pid, and its start time (so a reused pid is never signalled).
+/// One QEMU: its pid and start time (so a reused pid is never signalled), and the
+/// `CLOCK_BOOTTIME` millisecond past which it must not run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Guarded {
     pub vm_id: String,
     pub pid: u32,
     pub start_time: u64,
+    pub deadline_ms: u64,
 }
 
 impl Guarded {
-    /// The QEMU `pid` of `vm_id`, while it runs.
-    pub fn of(vm_id: &str, pid: u32) -> Option<Guarded> {
+    /// The process `pid` of `vm_id`, while it runs, allowed to run until `deadline_ms`.
+    pub fn of(vm_id: &str, pid: u32, deadline_ms: u64) -> Option<Guarded> {
         Some(Guarded {
             vm_id: vm_id.to_string(),
             pid,
             start_time: start_time(pid)?,
+            deadline_ms,
         })
     }
 
@@ -96,8 +100,21 @@ fn proc_stat_field(pid: u32, n: usize) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Writes the fence for the watch, whole or not at all (a rename).
-pub fn publish(data_dir: &Path, fence: &Fence) -> std::io::Result<()> {
+/// Lists `held` (the QEMUs under lease now, with their new deadlines) for the watch, beside
+/// every QEMU listed before that still runs and is not among them, which keeps its old
+/// deadline. Written whole or not at all (a rename), one writer at a time.
+pub fn publish(data_dir: &Path, held: Vec<Guarded>) -> std::io::Result<()> {
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+    let mut qemus = held;
+    if let Some(before) = read(data_dir) {
+        let kept: Vec<Guarded> = before
+            .qemus
+            .into_iter()
+            .filter(|old| old.alive() && !qemus.iter().any(|q| q.pid == old.pid))
+            .collect();
+        qemus.extend(kept);
+    }
     let path = data_dir.join(FENCE_FILE);
     let tmp = data_dir.join(format!("{FENCE_FILE}.tmp"));
     let mut file = std::fs::OpenOptions::new()
@@ -106,7 +123,7 @@ pub fn publish(data_dir: &Path, fence: &Fence) -> std::io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    file.write_all(&serde_json::to_vec(fence).map_err(std::io::Error::other)?)?;
+    file.write_all(&serde_json::to_vec(&Fence { qemus }).map_err(std::io::Error::other)?)?;
     drop(file);
     std::fs::rename(&tmp, &path)
 }
@@ -116,7 +133,7 @@ fn read(data_dir: &Path) -> Option<Fence> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Resumes `pid` if a fence watch stopped it. For the daemon, once it holds the VM's lease.
+/// Resumes the QEMU if a fence watch stopped it. For the daemon, once it holds the VM's lease.
 pub fn resume(guarded: &Guarded) -> bool {
     if guarded.alive() && is_stopped(guarded.pid) {
         return kill(Pid::from_raw(guarded.pid as i32), Signal::SIGCONT).is_ok();
@@ -137,7 +154,7 @@ pub fn ensure_running(data_dir: &Path, exe: &Path) -> std::io::Result<()> {
         .create(true)
         .mode(0o600)
         .open(data_dir.join(LOG_FILE))?;
-    std::process::Command::new(exe)
+    let mut watch = std::process::Command::new(exe)
         .arg("fence-watch")
         .arg(data_dir)
         .stdin(std::process::Stdio::null())
@@ -145,6 +162,8 @@ pub fn ensure_running(data_dir: &Path, exe: &Path) -> std::io::Result<()> {
         .stderr(log)
         .process_group(0)
         .spawn()?;
+    // Reaped when it ends while this daemon lives (after, init reaps it).
+    std::thread::spawn(move || watch.wait());
     Ok(())
 }
 
@@ -170,31 +189,35 @@ pub fn run(data_dir: PathBuf) -> std::io::Result<()> {
     };
     let say = |what: &str| eprintln!("{} fence watch: {what}", boottime_ms());
     say(&format!("guarding {}", data_dir.display()));
+    // A file that cannot be read (a full disk, a hand edit) changes nothing: the last good
+    // one stands.
+    let mut fence = Fence::default();
     loop {
         if !data_dir.is_dir() {
             say("the data dir is gone; ending");
             return Ok(());
         }
-        let fence = read(&data_dir).unwrap_or_default();
+        if let Some(now) = read(&data_dir) {
+            fence = now;
+        }
         let live: Vec<&Guarded> = fence.qemus.iter().filter(|q| q.alive()).collect();
-        let overdue = boottime_ms() >= fence.deadline_ms;
-        if live.is_empty() && (overdue || fence.qemus.is_empty()) {
+        if live.is_empty() {
             say("no QEMU under lease is left to guard; ending");
             return Ok(());
         }
-        if overdue {
-            for q in live.into_iter().filter(|q| !is_stopped(q.pid)) {
-                match kill(Pid::from_raw(q.pid as i32), Signal::SIGSTOP) {
-                    Ok(()) => say(&format!(
-                        "stopped QEMU {} of VM {}: its lease was not renewed in time (is the daemon down?)",
-                        q.pid, q.vm_id
-                    )),
-                    Err(e) => say(&format!(
-                        "cannot stop QEMU {} of VM {}: {e}",
-                        q.pid, q.vm_id
-                    )),
-                }
-            }
+        let now = boottime_ms();
+        for q in live
+            .into_iter()
+            .filter(|q| now >= q.deadline_ms && !is_stopped(q.pid))
+        {
+            let said = match kill(Pid::from_raw(q.pid as i32), Signal::SIGSTOP) {
+                Ok(()) => format!(
+                    "stopped QEMU {} of VM {}: its lease was not renewed in time (is the daemon down?)",
+                    q.pid, q.vm_id
+                ),
+                Err(e) => format!("cannot stop QEMU {} of VM {}: {e}", q.pid, q.vm_id),
+            };
+            say(&said);
         }
         std::thread::sleep(TICK);
     }
@@ -207,7 +230,7 @@ mod tests {
     #[test]
     fn a_process_is_known_by_its_pid_and_start_time() {
         let me = std::process::id();
-        let g = Guarded::of("vm", me).expect("this process");
+        let g = Guarded::of("vm", me, 0).expect("this process");
         assert!(g.alive());
         assert!(!is_stopped(me));
         let reused = Guarded {
@@ -222,18 +245,18 @@ mod tests {
     }
 
     #[test]
-    fn the_watch_stops_what_is_overdue_and_ends_when_nothing_is_left() {
+    fn the_watch_stops_each_qemu_past_its_deadline_and_ends_when_none_is_left() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("sleep");
-        let guarded = Guarded::of("vm", child.id()).expect("child");
-        let fence = Fence {
-            deadline_ms: boottime_ms() + 300,
-            qemus: vec![guarded.clone()],
+        let sleeper = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("sleep")
         };
-        publish(dir.path(), &fence).expect("publish");
+        let (mut child, mut other) = (sleeper(), sleeper());
+        let guarded = Guarded::of("vm", child.id(), boottime_ms() + 300).expect("child");
+        let renewed = Guarded::of("vm2", other.id(), boottime_ms() + 60_000).expect("other");
+        publish(dir.path(), vec![guarded.clone(), renewed]).expect("publish");
         let data_dir = dir.path().to_path_buf();
         let watch = std::thread::spawn(move || run(data_dir));
         std::thread::sleep(Duration::from_millis(100));
@@ -243,24 +266,34 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never stopped");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // Each QEMU has its own deadline: the one renewed later runs on.
+        assert!(!is_stopped(other.id()));
         // A second watch for the same data dir leaves at once.
         assert!(run(dir.path().to_path_buf()).is_ok());
+        // A publish that leaves a live QEMU out (a restarted daemon that holds no lease yet)
+        // keeps it, with its old deadline.
+        publish(dir.path(), Vec::new()).expect("publish");
+        let listed = read(dir.path()).expect("fence").qemus;
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert!(listed.contains(&guarded), "{listed:?}");
         // Renewed, then resumed (in the daemon's order): the watch leaves it running.
-        publish(
-            dir.path(),
-            &Fence {
-                deadline_ms: boottime_ms() + 60_000,
-                qemus: vec![guarded.clone()],
-            },
-        )
-        .expect("publish");
+        let again = Guarded {
+            deadline_ms: boottime_ms() + 60_000,
+            ..guarded
+        };
+        publish(dir.path(), vec![again.clone()]).expect("publish");
         std::thread::sleep(Duration::from_millis(300));
-        assert!(resume(&guarded));
+        assert!(resume(&again));
         std::thread::sleep(Duration::from_millis(500));
         assert!(!is_stopped(child.id()));
-        child.kill().expect("kill");
-        child.wait().expect("wait");
-        publish(dir.path(), &Fence::default()).expect("publish");
+        // An unreadable file changes nothing; once no listed QEMU lives, the watch ends.
+        std::fs::write(dir.path().join(FENCE_FILE), b"{not json").expect("garble");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!watch.is_finished(), "the watch left while its QEMUs ran");
+        for c in [&mut child, &mut other] {
+            c.kill().expect("kill");
+            c.wait().expect("wait");
+        }
         watch.join().expect("watch").expect("ends cleanly");
     }
 }

@@ -528,6 +528,8 @@ async fn share_dns_challenges(manager: Arc<Manager>, zones: nook_dns::Zones) {
     let mut tick = tokio::time::interval(CHALLENGE_LOOK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut since_full_look = 0u32;
+    // Said once per outage, not at every look.
+    let mut failing = false;
     loop {
         tick.tick().await;
         for zone in zones.iter() {
@@ -538,18 +540,22 @@ async fn share_dns_challenges(manager: Arc<Manager>, zones: nook_dns::Zones) {
                 match store.publish_dns_challenges(&me, &domain, &own, ttl).await {
                     Ok(()) => {
                         published.insert(domain, own);
+                        failing = false;
                     }
                     Err(err) => {
-                        tracing::warn!(%err, "cannot publish this host's ACME challenges to the fleet")
+                        if !failing {
+                            tracing::warn!(%err, "cannot publish this host's ACME challenges to the fleet; trying again");
+                        }
+                        failing = true;
                     }
                 }
             }
         }
-        // Others' values are read when the store changed, and every few seconds besides (a
-        // host deaf to notifications still learns them).
+        // Others' values are read when the store changed, and every second besides (a host
+        // deaf to notifications still learns them within an order's wait).
         since_full_look += 1;
         let generation = store.generation();
-        if seen_generation == Some(generation) && since_full_look < 20 {
+        if seen_generation == Some(generation) && since_full_look < 4 {
             continue;
         }
         seen_generation = Some(generation);

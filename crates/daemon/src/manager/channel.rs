@@ -136,6 +136,19 @@ impl Manager {
         Ok(())
     }
 
+    /// Checks the host an `--on` names: this one needs only not be cordoned (its own heartbeat
+    /// may lag a busy database); another must be up too.
+    fn check_on(&self, hosts: &[nook_store::HostStatus], on: &str) -> Result<(), ApiError> {
+        let what = format!("--on {on}");
+        if on == self.cfg.host_name {
+            if hosts.iter().any(|h| h.host.name == on && h.cordoned) {
+                return Err(cordoned(on, &what));
+            }
+            return Ok(());
+        }
+        self.check_takes_vms(hosts, on, &what)
+    }
+
     /// Where a new VM goes: `on` when given, else the host with the most memory free for it
     /// (this one on a tie). `None`: here.
     pub(crate) async fn place(
@@ -162,7 +175,7 @@ impl Manager {
             .await
             .map_err(|e| errors::from_store("list the fleet's hosts", e))?;
         if let Some(on) = on {
-            self.check_takes_vms(&hosts, on, &format!("--on {on}"))?;
+            self.check_on(&hosts, on)?;
             return Ok((on != me).then(|| on.to_string()));
         }
         // An image or size this host cannot make sense of is its own error to give.
@@ -212,7 +225,7 @@ impl Manager {
         }
         let hosts = self.hosts().await?;
         if let Some(on) = on {
-            self.check_takes_vms(&hosts, on, &format!("--on {on}"))?;
+            self.check_on(&hosts, on)?;
             return Ok((on != me).then(|| Placed {
                 host: on.to_string(),
                 why: "asked for".to_string(),
@@ -245,7 +258,7 @@ impl Manager {
         match nook_store::place(&others, &placed, me, need_mib, fleet::HOST_FRESH_MS) {
             Some(host) => Ok(Some(Placed { host, why })),
             None => Err(ApiError::new(
-                ErrorCode::OverEnvelope,
+                ErrorCode::HostShortOfMemory,
                 format!(
                     "No host of the fleet has room for a clone of '{}' ({why}, and no other host that is up takes {need_mib} MiB more): stop a VM, or add a host",
                     src.name

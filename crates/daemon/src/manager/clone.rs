@@ -162,7 +162,7 @@ impl Manager {
         }
         let mut name = req.name.clone();
         let mut attempt = 1;
-        let (record, timings) = loop {
+        let (record, timings, clone_guard) = loop {
             let record = {
                 let account_lock = self.op_lock(&format!("account:{}", src.owner));
                 let _account_guard = account_lock.lock().await;
@@ -189,8 +189,7 @@ impl Manager {
                 };
                 self.insert_vm(template, name.as_deref()).await?
             };
-            let clone_lock = self.op_lock(&record.id);
-            let _clone_guard = clone_lock.lock().await;
+            let clone_guard = self.op_lock(&record.id).lock_owned().await;
             faults::point("clone:recorded");
             tracing::info!(source = %src.name, clone = %record.name, ?mode, attempt, "cloning");
             progress(&format!("cloning {} into {}", src.name, record.name));
@@ -199,7 +198,7 @@ impl Manager {
                     timings.total_ms = ms(started.elapsed());
                     tracing::info!(source = %src.name, clone = %record.name, ?timings, "cloned");
                     self.flatten_later(&src.id);
-                    break (record, timings);
+                    break (record, timings, clone_guard);
                 }
                 Err(CloneError::Crashed(err)) if attempt < FORK_ATTEMPTS => {
                     tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "the clone crashed on waking; forking again");
@@ -220,10 +219,23 @@ impl Manager {
         drop(src);
         let moved = match away {
             None => {
+                drop(clone_guard);
                 self.flatten_later(&record.id);
                 None
             }
-            Some(away) => Some(self.send_clone(&record, away, progress).await?),
+            Some(away) => {
+                // Moved before its lock is let go: nothing can rename, stop or remove it first.
+                let row = self
+                    .store
+                    .get_by_id(&record.id)
+                    .await
+                    .map_err(|e| errors::from_store("read the clone", e))?;
+                let locked = LockedVm {
+                    record: row,
+                    _guard: clone_guard,
+                };
+                Some(self.send_clone(locked, away, progress).await?)
+            }
         };
         let mut timings = timings;
         timings.total_ms = ms(started.elapsed());
@@ -237,47 +249,55 @@ impl Manager {
         })
     }
 
-    /// Moves a clone just made here to the host placement chose. A clone that cannot go is
-    /// removed (it was asked for there, and this host may have no room to keep it).
+    /// Moves a clone just made here (its lock held) to the host placement chose. A clone that
+    /// cannot go is removed (it was asked for there, and this host may have no room to keep
+    /// it).
     async fn send_clone(
         self: &Arc<Self>,
-        clone: &VmRecord,
+        locked: LockedVm,
         away: Placed,
         progress: Progress<'_>,
     ) -> Result<CloneMoved, ApiError> {
-        match self
-            .move_vm(&clone.name, Some(&away.host), Scope::Admin, progress)
-            .await
-        {
-            Ok(moved) => Ok(CloneMoved {
-                from: moved.from,
-                to: moved.to,
-                why: away.why,
-                disk_bytes_sent: moved.disk_bytes_sent,
-                move_ms: moved.total_ms as f64,
-            }),
-            Err(err) => {
-                tracing::warn!(clone = %clone.name, to = %away.host, error = %err.message, "a clone could not go to its host; removing it");
-                let lock = self.op_lock(&clone.id);
-                let _guard = lock.lock().await;
-                // Only while it is still this host's: a hand-over that went through after all
-                // made it the other host's.
-                match self.store.get_by_id(&clone.id).await {
-                    Ok(row) if row.host == self.cfg.host_name => self.destroy(&row).await,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(clone = %clone.name, error = %e, "cannot read the clone's row to remove it")
-                    }
-                }
-                Err(ApiError::new(
-                    err.code,
-                    format!(
-                        "The clone '{}' was made but could not go to host '{}', so it was removed: {}",
-                        clone.name, away.host, err.message
-                    ),
-                ))
+        let clone = locked.record.clone();
+        let me = self.cfg.host_name.clone();
+        let err = match self.move_locked(locked, Some(&away.host), progress).await {
+            Ok(moved) => {
+                return Ok(CloneMoved {
+                    from: moved.from,
+                    to: moved.to,
+                    why: away.why,
+                    disk_bytes_sent: moved.disk_bytes_sent,
+                    move_ms: moved.total_ms as f64,
+                });
             }
-        }
+            Err(err) => err,
+        };
+        tracing::warn!(clone = %clone.name, to = %away.host, error = %err.message, "a clone could not go to its host; removing it");
+        let lock = self.op_lock(&clone.id);
+        let _guard = lock.lock().await;
+        // Only while it is still this host's: a hand-over that went through after all made it
+        // the other host's.
+        let what = match self.store.get_by_id(&clone.id).await {
+            Ok(row) if row.host == me => {
+                self.destroy(&row).await;
+                format!(
+                    "The clone '{}' was made on host '{me}' but could not go to host '{}', so it was removed: {}",
+                    clone.name, away.host, err.message
+                )
+            }
+            Ok(row) => format!(
+                "The move of the clone '{}' to host '{}' ended with an error ({}), but it is recorded on host '{}': `ls` shows it",
+                clone.name, away.host, err.message, row.host
+            ),
+            Err(e) => {
+                tracing::warn!(clone = %clone.name, error = %e, "cannot read the clone's row to remove it");
+                format!(
+                    "The clone '{}' was made on host '{me}' but could not go to host '{}' ({}); it stays on '{me}' for now (`rm {}` removes it)",
+                    clone.name, away.host, err.message, clone.name
+                )
+            }
+        };
+        Err(ApiError::new(err.code, what))
     }
 
     /// Waits, within [`BOOT_SETTLE`], for the init system of a running `vm` to finish booting.

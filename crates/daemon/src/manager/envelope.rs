@@ -290,19 +290,14 @@ impl Manager {
             .await
             .map_err(|e| errors::from_store("list VMs", e))?;
         let factor = self.tiers().pack.overcommit_factor();
-        let mut limits = self.cfg.host_limits;
-        if limits.memory_from_ram {
-            limits.memory_mib = (limits.memory_mib as f64 * factor) as u64;
-        }
         if stays == Stays::Here {
-            // The host's own limits count its own VMs; the account's envelope spans the fleet.
-            let me = self.cfg.host_name.as_str();
-            let here: Vec<VmRecord> = all
-                .iter()
-                .filter(|vm| vm.host.is_empty() || vm.host == me)
-                .cloned()
-                .collect();
-            host_room(&limits, &here, ask, memory_mib, disk_bytes)?;
+            host_room(
+                &self.host_limits(),
+                &self.vms_here(&all),
+                ask,
+                memory_mib,
+                disk_bytes,
+            )?;
         }
         let plan = self.plan_for(owner).await?;
         let wants = Wants {
@@ -321,6 +316,51 @@ impl Manager {
             }
         }
         Ok(admitted)
+    }
+}
+
+impl Manager {
+    /// This host's limits, its memory stretched as far as packing allows.
+    fn host_limits(&self) -> crate::config::HostLimits {
+        let mut limits = self.cfg.host_limits;
+        if limits.memory_from_ram {
+            let factor = self.tiers().pack.overcommit_factor();
+            limits.memory_mib = (limits.memory_mib as f64 * factor) as u64;
+        }
+        limits
+    }
+
+    /// The VMs of `all` this host holds: its own limits count these (an account's envelope
+    /// spans the fleet). With one host, all of them, whatever host name they were made under.
+    fn vms_here(&self, all: &[VmRecord]) -> Vec<VmRecord> {
+        let me = self.cfg.host_name.as_str();
+        all.iter()
+            .filter(|vm| !self.store.is_shared() || vm.host.is_empty() || vm.host == me)
+            .cloned()
+            .collect()
+    }
+
+    /// Whether this host's own limits take `vm`, arriving from another host (running when
+    /// `runs`): one more VM, its disk, and its memory if it runs.
+    pub(super) async fn host_takes(&self, vm: &VmRecord, runs: bool) -> Result<(), ApiError> {
+        let all = self
+            .store
+            .list()
+            .await
+            .map_err(|e| errors::from_store("list VMs", e))?;
+        let here: Vec<VmRecord> = self
+            .vms_here(&all)
+            .into_iter()
+            .filter(|v| v.id != vm.id)
+            .collect();
+        let memory = if runs { vm.memory_mib } else { 0 };
+        host_room(
+            &self.host_limits(),
+            &here,
+            Ask::Create,
+            memory,
+            vm.disk_bytes,
+        )
     }
 }
 
@@ -496,7 +536,6 @@ pub(super) fn tap_counter(slot: u32, which: &str) -> Option<u64> {
         .ok()
 }
 
-/// What [`Manager::admit`] is asked to let through.
 /// Whether a VM admitted here stays on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stays {
@@ -505,6 +544,7 @@ pub(super) enum Stays {
     Passing,
 }
 
+/// What [`Manager::admit`] is asked to let through.
 #[derive(Clone, Copy)]
 pub(super) enum Ask<'a> {
     /// A new VM: one more VM, its disk, and (unless it stays stopped) its memory.

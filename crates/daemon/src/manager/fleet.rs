@@ -123,13 +123,14 @@ impl Fleet {
             .collect()
     }
 
-    /// When the oldest of the last good renewals was sent, and the VMs held.
-    fn oldest_renewal(&self) -> (Option<Instant>, Vec<String>) {
-        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        (
-            held.values().map(|h| h.renewed).min(),
-            held.keys().cloned().collect(),
-        )
+    /// Each VM held, and when its last good renewal was sent.
+    fn renewals(&self) -> Vec<(String, Instant)> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, h)| (id.clone(), h.renewed))
+            .collect()
     }
 
     /// The VMs whose last good renewal was sent longer than `FENCE_AFTER` ago.
@@ -249,22 +250,19 @@ impl Manager {
         let Some(fleet) = &self.fleet else {
             return;
         };
-        let (oldest, ids) = fleet.oldest_renewal();
-        let qemus: Vec<fence_watch::Guarded> = ids
-            .iter()
-            .filter_map(|id| {
-                let pid = nook_vmm::qemu::read_pid(&self.paths(id).pidfile()).ok()?;
-                fence_watch::Guarded::of(id, pid)
+        let now = fence_watch::boottime_ms();
+        let qemus: Vec<fence_watch::Guarded> = fleet
+            .renewals()
+            .into_iter()
+            .filter_map(|(id, sent)| {
+                let pid = self.qemu_pid(&id)?;
+                let left = fence_watch::WATCH_AFTER.saturating_sub(sent.elapsed());
+                fence_watch::Guarded::of(&id, pid, now + left.as_millis() as u64)
             })
             .collect();
-        let deadline_ms = oldest.map_or(0, |sent| {
-            let left = fence_watch::WATCH_AFTER.saturating_sub(sent.elapsed());
-            fence_watch::boottime_ms() + left.as_millis() as u64
-        });
         let guards = !qemus.is_empty();
         let data_dir = &self.cfg.data_dir;
-        if let Err(err) = fence_watch::publish(data_dir, &fence_watch::Fence { deadline_ms, qemus })
-        {
+        if let Err(err) = fence_watch::publish(data_dir, qemus) {
             tracing::error!(%err, "cannot write the fence watch's file: if this daemon dies, its VMs run on unfenced");
             return;
         }
@@ -277,12 +275,22 @@ impl Manager {
         }
     }
 
+    /// The pid of VM `id`'s QEMU, while one runs (its pidfile alone is not trusted).
+    fn qemu_pid(&self, id: &str) -> Option<u32> {
+        let paths = self.paths(id);
+        let pid = nook_vmm::qemu::read_pid(&paths.pidfile()).ok()?;
+        let qemu = Qemu {
+            binary: PathBuf::new(),
+        };
+        qemu.is_running(pid, &paths).then_some(pid)
+    }
+
     /// Lets a QEMU the fence watch stopped go on, now that its lease is held again.
     pub(super) fn resume_from_watch(&self, id: &str) {
-        let Ok(pid) = nook_vmm::qemu::read_pid(&self.paths(id).pidfile()) else {
+        let Some(pid) = self.qemu_pid(id) else {
             return;
         };
-        if let Some(guarded) = fence_watch::Guarded::of(id, pid)
+        if let Some(guarded) = fence_watch::Guarded::of(id, pid, 0)
             && fence_watch::resume(&guarded)
         {
             tracing::warn!(
@@ -352,6 +360,13 @@ impl Manager {
         let Some(qmp) = self.live_qmp_by_id(id) else {
             return;
         };
+        // The fence watch got there first (this daemon was stalled): the QEMU runs nothing,
+        // and would not answer QMP; the next good renewal lets it go on.
+        if self.qemu_pid(id).is_some_and(fence_watch::is_stopped) {
+            fleet.set_fenced(id, true);
+            tracing::warn!(vm = %id, "VM stopped by the fence watch: its lease could not be renewed in time");
+            return;
+        }
         match tokio::time::timeout(PAUSE_TIMEOUT, qmp.execute("stop", None)).await {
             Ok(Ok(_)) => {
                 fleet.set_fenced(id, true);
@@ -480,12 +495,16 @@ impl Manager {
             return;
         }
         if let Some(qmp) = self.live_qmp_by_id(id) {
-            match qmp.execute("cont", None).await {
-                Ok(_) => {
+            // Bounded, so one QEMU that does not answer cannot hold back the next renewal.
+            match tokio::time::timeout(PAUSE_TIMEOUT, qmp.execute("cont", None)).await {
+                Ok(Ok(_)) => {
                     fleet.set_fenced(id, false);
                     tracing::info!(vm = %id, "VM goes on: its lease is renewed");
                 }
-                Err(err) => tracing::warn!(vm = %id, %err, "could not resume a VM"),
+                Ok(Err(err)) => tracing::warn!(vm = %id, %err, "could not resume a VM"),
+                Err(_) => {
+                    tracing::warn!(vm = %id, "resuming a VM took too long; trying again at the next renewal")
+                }
             }
         } else {
             fleet.set_fenced(id, false);

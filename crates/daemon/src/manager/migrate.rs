@@ -154,8 +154,6 @@ impl Manager {
         scope: Scope<'_>,
         progress: Progress<'_>,
     ) -> Result<Moved, ApiError> {
-        let started = Instant::now();
-        let me = self.cfg.host_name.clone();
         if self.fleet.is_none() {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,
@@ -163,6 +161,18 @@ impl Manager {
             ));
         }
         let vm = self.lock_vm(name, scope).await?;
+        self.move_locked(vm, to, progress).await
+    }
+
+    /// [`Self::move_vm`] of a VM whose op lock the caller took (and read under it).
+    pub(super) async fn move_locked(
+        self: &Arc<Self>,
+        vm: LockedVm,
+        to: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<Moved, ApiError> {
+        let started = Instant::now();
+        let me = self.cfg.host_name.clone();
         let to = match to {
             Some(to) => to.to_string(),
             None => self.place_elsewhere(vm.memory_mib).await?,
@@ -646,6 +656,8 @@ impl Manager {
         if live {
             self.room_for(&vm).await?;
         }
+        // The host's own limits (VM count, promised disk and memory) hold for arrivals too.
+        self.host_takes(&vm, live).await.map_err(|e| e.message)?;
         if live != (vm.state == VmState::Running) {
             return Err(format!(
                 "VM '{}' is {} by its row, not what the move says",
