@@ -880,13 +880,24 @@ async fn pump<S, Out, In>(
         }
         let _ = write.shutdown().await;
     };
-    // The session ends when what goes out is done, or the other end has closed (or failed):
-    // the other side then sees its channel close.
+    // The session ends when the other end has closed (or failed), or when what goes out is
+    // done: the other side then sees its channel close. In the second case the other end may
+    // still be sending (input a process that exited never read). Closing with its bytes
+    // unread would reset the connection, and a reset can destroy what was sent last before
+    // the other end read it (the exit status), so the rest is read and dropped until the
+    // other end closes, for a while.
+    tokio::pin!(inbound, outbound);
     tokio::select! {
-        () = inbound => {}
-        () = outbound => {}
+        () = &mut inbound => {}
+        () = &mut outbound => {
+            let _ = tokio::time::timeout(LINGER, inbound).await;
+        }
     }
 }
+
+/// How long a session whose own side is done keeps reading what the other end still sends,
+/// waiting for it to close.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// The next frame line, `None` at a clean end; at most [`MAX_FRAME`] bytes.
 async fn read_frame<R, T>(r: &mut BufReader<R>) -> Result<Option<T>, String>
