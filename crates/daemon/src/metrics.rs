@@ -179,11 +179,16 @@ pub async fn render(m: &Manager) -> String {
 async fn fleet(m: &Manager, out: &mut String) {
     let hosts = m.hosts().await.unwrap_or_default();
     type Reading = fn(&Manager, &nook_store::HostStatus) -> f64;
-    let gauges: [(&str, &str, Reading); 5] = [
+    let gauges: [(&str, &str, Reading); 6] = [
         (
             "nook_host_up",
             "1 while the host's heartbeats come.",
             |m, h| f64::from(u8::from(m.host_is_up(h))),
+        ),
+        (
+            "nook_host_cordoned",
+            "1 while the host is cordoned: no new VMs are placed on it.",
+            |_, h| f64::from(u8::from(h.cordoned)),
         ),
         (
             "nook_host_heartbeat_age_seconds",

@@ -577,6 +577,12 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
             .unwrap_or_default()
     };
     assert_eq!(cordoned(&h1), true);
+    let metrics = h3.ok(&["metrics"]);
+    assert!(
+        metrics.contains("nook_host_cordoned{host=\"h2\"} 1")
+            && metrics.contains("nook_host_cordoned{host=\"h1\"} 0"),
+        "{metrics}"
+    );
     assert!(
         h1.ok(&["host", "uncordon", "h2"])
             .contains("takes new VMs again")
