@@ -9,7 +9,6 @@ pub mod agent;
 pub mod config;
 pub mod errors;
 mod faults;
-pub mod fence_watch;
 pub mod frontdoor;
 pub mod gateway;
 pub mod idle;
@@ -29,6 +28,8 @@ use std::os::unix::fs::PermissionsExt;
 
 pub use config::{Config, Settings};
 pub use manager::Manager;
+/// Run by `nook fence-watch`: the watch a fleet daemon leaves beside its QEMUs.
+pub use nook_vmm::fence_watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -91,6 +91,29 @@ fn start_pebble(dir: &Path, dns_port: u16) -> Pebble {
     }
 }
 
+/// Pebble's root (new at every Pebble start), from its management API, saved in `dir`.
+fn pebble_root(dir: &Path, pebble: &Pebble) -> std::path::PathBuf {
+    let root = dir.join("pebble-root.pem");
+    sh(&format!(
+        "curl -sSf --cacert {} https://127.0.0.1:{}/roots/0 -o {}",
+        dir.join("listener-ca.pem").display(),
+        pebble.mgmt_port,
+        root.display()
+    ));
+    root
+}
+
+/// `curl https://HOST:PORT/` on this machine, trusting only `root`.
+fn fetch_trusting(root: &Path, host: &str, port: u16) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(root)
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .expect("curl")
+}
+
 fn dig(dns_port: u16, args: &[&str]) -> String {
     let out = Command::new("dig")
         .args(["@127.0.0.1", "-p", &dns_port.to_string(), "+norecurse"])
@@ -134,25 +157,9 @@ fn vm_web_acme_wildcard_certificate_through_nooks_own_dns() {
     let outside = dig(dns_port, &["example.com", "A"]);
     assert!(outside.contains("status: REFUSED"), "{outside}");
 
-    // Pebble's root (new at every Pebble start), from its management API.
-    let root = tmp.path().join("pebble-root.pem");
-    sh(&format!(
-        "curl -sSf --cacert {} https://127.0.0.1:{}/roots/0 -o {}",
-        tmp.path().join("listener-ca.pem").display(),
-        pebble.mgmt_port,
-        root.display()
-    ));
+    let root = pebble_root(tmp.path(), &pebble);
     // The edge switches from nook's local CA to the issued wildcard certificate.
-    let port = d.https_port;
-    let fetch = |host: &str| {
-        Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-            .arg(&root)
-            .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
-            .arg(format!("https://{host}:{port}/"))
-            .output()
-            .expect("curl")
-    };
+    let fetch = |host: &str| fetch_trusting(&root, host, d.https_port);
     wait_until(
         "the edge to serve Pebble's certificate",
         Duration::from_secs(60),
@@ -219,26 +226,15 @@ fn vm_web_acme_fleet_any_hosts_dns_proves_any_hosts_order() {
         ],
     );
 
-    let root = tmp.path().join("pebble-root.pem");
-    sh(&format!(
-        "curl -sSf --cacert {root_ca} https://127.0.0.1:{}/roots/0 -o {}",
-        pebble.mgmt_port,
-        root.display()
-    ));
-    let port = hb.https_port;
-    let fetch = || {
-        Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "--cacert"])
-            .arg(&root)
-            .args(["--resolve", &format!("{DOMAIN}:{port}:127.0.0.1")])
-            .arg(format!("https://{DOMAIN}:{port}/"))
-            .output()
-            .expect("curl")
-    };
+    let root = pebble_root(tmp.path(), &pebble);
     wait_until(
         "hb's edge to serve the certificate proven through ha's DNS",
         Duration::from_secs(90),
-        || fetch().status.success(),
+        || {
+            fetch_trusting(&root, DOMAIN, hb.https_port)
+                .status
+                .success()
+        },
     );
     assert!(hb.log_text().contains("serving the ACME certificate"));
     // Once the order is over, hb withdraws its values, and ha stops answering them.

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod console;
 mod error;
+pub mod fence_watch;
 pub mod fork;
 pub mod jail;
 pub mod probe;

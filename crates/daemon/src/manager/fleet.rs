@@ -10,7 +10,7 @@
 //! With SQLite there is one host and no leases.
 
 use super::*;
-use crate::fence_watch;
+use nook_vmm::fence_watch;
 
 /// How long a lease lasts past its last renewal.
 pub(crate) const LEASE_TTL: Duration = Duration::from_secs(15);
