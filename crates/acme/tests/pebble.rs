@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is the failure report.
 
-use std::net::{Ipv4Addr, TcpListener as StdTcpListener};
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,13 +33,9 @@ fn init_tracing() {
         .try_init();
 }
 
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../../nook/tests/common/free_port.rs"]
+mod free_port;
+use free_port::free_port;
 
 struct Pebble {
     child: Child,

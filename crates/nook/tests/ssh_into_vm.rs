@@ -102,10 +102,7 @@ fn vm_ssh_into_a_vm_shell_scp_and_forwarding() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let local = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
+    let local = common::free_port();
     let mut forward = Command::new("ssh")
         .args(d.ssh_opts(&alice))
         .args([

@@ -6,7 +6,10 @@
 
 #![allow(dead_code)]
 
+mod free_port;
 pub mod scripted;
+
+pub use free_port::free_port;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -178,12 +181,6 @@ impl Daemon {
             .parent()
             .unwrap_or(&data_dir)
             .join(format!("daemon-{}.log", std::process::id()));
-        let free_port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("free port")
-        };
         let (ssh_port, https_port) = (free_port(), free_port());
         let host_turn = host_turn();
         let mut d = Daemon {
@@ -220,12 +217,6 @@ impl Daemon {
             "nook host join as {name} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let free_port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("free port")
-        };
         let mut args: Vec<String> = ["--host-name", name, "--cgroup-top", &format!("nook-{name}")]
             .iter()
             .map(|s| s.to_string())

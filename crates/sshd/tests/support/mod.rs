@@ -19,10 +19,9 @@ use tokio::process::{Child, Command};
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
+#[path = "../../../nook/tests/common/free_port.rs"]
+mod free_port;
+pub use free_port::free_port;
 
 pub async fn wait_for_port(port: u16) {
     for _ in 0..200 {
