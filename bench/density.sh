@@ -27,6 +27,9 @@ pct() { # $1 = percentile; numbers on stdin
   sort -n | awk -v p="$1" '{a[NR]=$1} END {i=int(p/100*(NR-1)+0.5)+1; if (i>NR) i=NR; printf "%.1f", a[i]}'
 }
 
+zswap=/sys/module/zswap/parameters
+zswap_before=$(cd "$zswap" 2>/dev/null && grep -H . enabled compressor max_pool_percent shrinker_enabled 2>/dev/null || true)
+
 run() { # $1 = pack level
   local pack=$1 tmp port https pid n=0
   tmp=$(mktemp -d /tmp/nook-density.XXXX)
@@ -90,6 +93,9 @@ CFG
   mem=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics | awk '/^nook_account_memory_bytes/ {print $2}')
   zram=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics | awk '/^nook_tier_compressed_ram_bytes/ {print $2}')
   zram=${zram:-0}
+  local disk
+  disk=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics | awk '/^nook_tier_disk_swap_used_bytes/ {print $2}')
+  disk=${disk:-0}
   avail_after=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
   local per_vm=$(( (mem + zram) / 1048576 / (n > 0 ? n : 1) ))
   local host_per_vm=$(( (avail_before - avail_after) / 1024 / (n > 0 ? n : 1) ))
@@ -107,7 +113,7 @@ CFG
   done
   echo "pack=$pack: $n idle $image VMs ($vm_memory each) in a $envelope envelope;" \
     "RAM + compressed tier $(( (mem + zram) / 1048576 )) MiB = $per_vm MiB per VM" \
-    "(host MemAvailable fell $host_per_vm MiB per VM); CPU per idle VM $idle_cpu% of one core ($qemu_cpu% in its QEMU);" \
+    "(host MemAvailable fell $host_per_vm MiB per VM), $(( disk / 1048576 / (n > 0 ? n : 1) )) MiB per VM on disk; CPU per idle VM $idle_cpu% of one core ($qemu_cpu% in its QEMU);" \
     "first HTTPS request after ${idle_secs} s idle p50 $(printf '%s\n' "${wakes[@]}" | pct 50) ms" \
     "p99 $(printf '%s\n' "${wakes[@]}" | pct 99) ms, awake p50 $(printf '%s\n' "${awake[@]}" | pct 50) ms" \
     "p99 $(printf '%s\n' "${awake[@]}" | pct 99) ms"
@@ -126,6 +132,11 @@ CFG
     swapoff "/dev/zram$dev" 2>/dev/null || true
     echo "$dev" > /sys/class/zram-control/hot_remove 2>/dev/null || true
   fi
+  # zswap as it was (its pool keeps what it holds until the swapoff below takes it back).
+  local line
+  while IFS=: read -r line value; do
+    [ -n "$line" ] && echo "$value" > "$zswap/$line" 2>/dev/null || true
+  done <<< "$zswap_before"
   [ -f "$tmp/data/swapfile" ] && swapoff "$tmp/data/swapfile" 2>/dev/null || true
   rm -rf "$tmp"
 }

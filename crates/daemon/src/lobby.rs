@@ -391,8 +391,16 @@ async fn execute(
             ))
         }
         LobbyCommand::Stat { name: None } => {
-            let env = envelope(m, &account.id).await?;
-            let text = format_envelope(&env);
+            let mut env = envelope(m, &account.id).await?;
+            let mut text = format_envelope(&env);
+            // The host's memory tiers are the host owner's business only.
+            if account.owner
+                && let Some(tiers) = host_tiers(m).await
+            {
+                text.push('\n');
+                text.push_str(&format_tiers(&tiers));
+                env["host_memory_tiers"] = json!(tiers);
+            }
             Ok(Reply::new(env, text))
         }
         LobbyCommand::Usage { vm, since } => llm_usage(m, &account.id, vm.as_deref(), &since).await,
@@ -1367,6 +1375,32 @@ async fn envelope(m: &Arc<Manager>, account_id: &str) -> Result<serde_json::Valu
         "llm_credit": nook_gateway::dollars(credit),
         "llm_credit_micros": credit,
     }))
+}
+
+async fn host_tiers(m: &Arc<Manager>) -> Option<nook_memory::HostTiers> {
+    let tiers = m.tiers().clone();
+    if tiers.pack == nook_memory::Pack::Off {
+        return None;
+    }
+    tokio::task::spawn_blocking(move || tiers.stats())
+        .await
+        .ok()
+}
+
+fn format_tiers(t: &nook_memory::HostTiers) -> String {
+    let ratio = if t.compressed_stored_bytes == 0 {
+        String::new()
+    } else {
+        format!(", {:.1}:1", t.ratio())
+    };
+    format!(
+        "  host     packing {}: compressed {} in {} of RAM{ratio}; on disk {} of {}",
+        t.pack,
+        format_size(t.compressed_original_bytes),
+        format_size(t.compressed_ram_bytes),
+        format_size(t.disk_swap_used_bytes),
+        format_size(t.disk_swap_size_bytes),
+    )
 }
 
 fn format_envelope(env: &serde_json::Value) -> String {

@@ -197,6 +197,7 @@ fn memory_tiers(cfg: &Config) -> nook_memory::Tiers {
     let off = nook_memory::Tiers {
         pack: nook_memory::Pack::Off,
         zram: None,
+        zswap_pool_percent: None,
         swap_file: None,
         missing: Vec::new(),
     };

@@ -154,7 +154,7 @@ pub async fn render(m: &Manager) -> String {
             ),
             (
                 "nook_tier_compressed_capacity_bytes",
-                "What the compressed tier can hold, uncompressed.",
+                "The compressed tier's capacity: what zram holds uncompressed, or the RAM zswap's pool may take.",
                 t.compressed_capacity_bytes,
             ),
             (

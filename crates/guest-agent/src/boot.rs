@@ -54,11 +54,36 @@ pub fn apply(cfg: &BootConfig) {
         );
     }
     ensure_devpts();
+    report_free_memory_finely();
     if let Err(e) = std::thread::Builder::new()
         .name("grow-root".into())
         .spawn(grow_root)
     {
         log!("cannot start growing the root filesystem: {e}");
+    }
+}
+
+/// The guest's free page reporting (virtio-balloon) hands free memory back to the host only in
+/// blocks of 2^order pages; the kernel's default order is 9 (2 MiB). After a boot most of a
+/// small guest's free memory lies in 256 KiB–1 MiB blocks, so about 28 of a tiny 128 MiB
+/// guest's 45 MiB free stayed on the host, to be swapped and compressed when it idles
+/// (measured here). Order 5 (128 KiB) returns nearly all of it, in reports still 32 pages long.
+const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+const REPORTING_ORDER: u32 = 5;
+
+fn report_free_memory_finely() {
+    let Ok(now) = fs::read_to_string(PAGE_REPORTING_ORDER) else {
+        return; // a kernel without free page reporting
+    };
+    if now
+        .trim()
+        .parse::<u32>()
+        .is_ok_and(|o| o <= REPORTING_ORDER)
+    {
+        return;
+    }
+    if let Err(e) = fs::write(PAGE_REPORTING_ORDER, REPORTING_ORDER.to_string()) {
+        log!("cannot set {PAGE_REPORTING_ORDER}: {e}");
     }
 }
 

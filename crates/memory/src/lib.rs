@@ -1,8 +1,10 @@
 //! Memory tiers for idle VMs. Memory an idle VM has not touched lately moves down from RAM
-//! to a compressed tier (zram used as swap, which nook sets up) and, with `dense`, on to a
-//! swap file on disk; it comes back when the VM touches it. The daemon decides which VM
-//! and how much (through its cgroup); this crate finds what the kernel offers, sets up the
-//! tiers, and reports their sizes.
+//! to a compressed tier and, with `dense`, on to a swap file on disk; it comes back when the
+//! VM touches it. `balanced` compresses only (zram used as swap, which nook sets up): waking
+//! never waits on the disk. `dense` puts zswap in front of a swap file: the compressed pool is
+//! capped, and what overflows it (the coldest pages, written back in LRU order) lies on disk.
+//! The daemon decides which VM and how much (through its cgroup); this crate finds what the
+//! kernel offers, sets up the tiers, and reports their sizes.
 //!
 //! It changes host-wide settings only when asked to pack (`--pack balanced|dense`): the
 //! host's own swap and zswap settings are left as they are with `--pack off`. It writes
@@ -22,7 +24,8 @@ pub enum Pack {
     Off,
     /// Idle VMs keep a quarter of their memory in RAM; the rest goes to compressed swap.
     Balanced,
-    /// Idle VMs keep only what they touch; compressed swap first, then a swap file.
+    /// Idle VMs keep only what they touch; a capped compressed pool (zswap) in front of a swap
+    /// file, which takes what overflows the pool.
     Dense,
 }
 
@@ -157,6 +160,8 @@ pub struct Tiers {
     pub pack: Pack,
     /// `/dev/zramN`, nook's compressed swap.
     pub zram: Option<u32>,
+    /// zswap turned on in front of `swap_file`, its pool capped at this percent of RAM.
+    pub zswap_pool_percent: Option<u8>,
     pub swap_file: Option<PathBuf>,
     /// Tiers that `pack` asks for but could not be set up here, each with the reason (for the
     /// daemon's log): the rest still packs.
@@ -218,32 +223,45 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), MemoryError> {
 }
 
 impl Tiers {
-    /// Sets up the tiers `pack` asks for: nothing with `off`; a zram swap device of
-    /// `host_ram / 2` (`balanced`) or `host_ram` (`dense`) of uncompressed capacity; and with
-    /// `dense` a swap file in `state_dir` where its disk has room ([`swap_file_size`]). What a previous daemon set up
+    /// Sets up the tiers `pack` asks for: nothing with `off`; with `balanced` a zram swap
+    /// device of `host_ram / 2` of uncompressed capacity; with `dense` a swap file in
+    /// `state_dir` where its disk has room ([`swap_file_size`]) with zswap in front of it, or
+    /// a zram device of `host_ram` where either is missing. What a previous daemon set up
     /// (noted in `state_dir`) is reused.
     pub fn setup(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<Tiers, MemoryError> {
         let mut tiers = Tiers {
             pack,
             zram: None,
+            zswap_pool_percent: None,
             swap_file: None,
             missing: Vec::new(),
         };
         if pack == Pack::Off {
             return Ok(tiers);
         }
-        // Each tier stands alone: a kernel without zram still has the swap file, and a data
-        // directory on a filesystem that cannot hold swap (tmpfs, overlayfs) still has zram.
-        match setup_zram(pack, host_ram, state_dir) {
-            Ok(n) => tiers.zram = Some(n),
-            Err(e) => tiers.missing.push(e.to_string()),
-        }
+        // Each tier stands alone: a kernel without zswap or zram still has the swap file, and
+        // a data directory on a filesystem that cannot hold swap (tmpfs, overlayfs) still has
+        // zram.
         if pack == Pack::Dense {
-            // A quarter of RAM, at most 4 GiB, and never the disk VMs need to grow into.
             match swap_file_size(host_ram, state_dir)
                 .and_then(|size| setup_swap_file(size, state_dir))
             {
                 Ok(p) => tiers.swap_file = Some(p),
+                Err(e) => tiers.missing.push(e.to_string()),
+            }
+        }
+        // zswap fronts every swap area, so it is not turned on over a zram device (pages
+        // would be compressed twice): a dense host whose last daemon made zram keeps it.
+        let reused_zram = noted_zram(state_dir);
+        if pack == Pack::Dense && tiers.swap_file.is_some() && reused_zram.is_none() {
+            match setup_zswap(DENSE_POOL_PERCENT) {
+                Ok(()) => tiers.zswap_pool_percent = Some(DENSE_POOL_PERCENT),
+                Err(e) => tiers.missing.push(e.to_string()),
+            }
+        }
+        if tiers.zswap_pool_percent.is_none() {
+            match setup_zram(pack, host_ram, state_dir) {
+                Ok(n) => tiers.zram = Some(n),
                 Err(e) => tiers.missing.push(e.to_string()),
             }
         }
@@ -274,8 +292,20 @@ impl Tiers {
                 size >> 20
             ));
         }
+        if let Some(pct) = self.zswap_pool_percent {
+            let alg = std::fs::read_to_string(format!("{ZSWAP}/compressor")).unwrap_or_default();
+            parts.push(format!(
+                "compressed pool zswap ({}, at most {pct}% of RAM)",
+                alg.trim()
+            ));
+        }
         if let Some(f) = &self.swap_file {
-            parts.push(format!("swap file {}", f.display()));
+            let size = probe()
+                .swaps
+                .iter()
+                .find(|a| Path::new(&a.path) == f)
+                .map_or(0, |a| a.size_bytes);
+            parts.push(format!("swap file {} ({} MiB)", f.display(), size >> 20));
         }
         parts.join(", ")
     }
@@ -305,6 +335,19 @@ impl Tiers {
                     .and_then(|s| s.trim().parse().ok())
                     .unwrap_or(0);
         }
+        // zswap's pages keep their slot in the swap area behind it, so /proc/swaps counts them
+        // as used there too: what is really on disk is the rest.
+        let mut in_pool = 0;
+        if let Some(pct) = self.zswap_pool_percent
+            && let Ok(m) = std::fs::read_to_string("/proc/meminfo")
+        {
+            let kib = |key: &str| meminfo_kib(&m, key).unwrap_or(0) << 10;
+            t.compressed_original_bytes = kib("Zswapped:");
+            t.compressed_stored_bytes = kib("Zswap:");
+            t.compressed_ram_bytes = kib("Zswap:");
+            t.compressed_capacity_bytes = kib("MemTotal:") / 100 * u64::from(pct);
+            in_pool = t.compressed_original_bytes;
+        }
         let zram_path = self.zram.map(|n| format!("/dev/zram{n}"));
         for a in probe().swaps {
             if Some(&a.path) != zram_path.as_ref() {
@@ -312,6 +355,7 @@ impl Tiers {
                 t.disk_swap_size_bytes += a.size_bytes;
             }
         }
+        t.disk_swap_used_bytes = t.disk_swap_used_bytes.saturating_sub(in_pool);
         t
     }
 }
@@ -320,13 +364,58 @@ fn swapped_on(path: &str) -> bool {
     probe().swaps.iter().any(|a| a.path == path)
 }
 
-fn setup_zram(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<u32, MemoryError> {
-    let note = state_dir.join(ZRAM_NOTE);
-    if let Some(n) = std::fs::read_to_string(&note)
+fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The zram device a previous daemon set up here, if it is still swapped on.
+fn noted_zram(state_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(state_dir.join(ZRAM_NOTE))
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
-        && swapped_on(&format!("/dev/zram{n}"))
-    {
+        .filter(|n| swapped_on(&format!("/dev/zram{n}")))
+}
+
+const ZSWAP: &str = "/sys/module/zswap/parameters";
+
+/// How much of the host's RAM `dense`'s compressed pool may take. Past it, zswap writes the
+/// pool's least recently used pages to the swap file. An idle VM's swapped memory is mostly
+/// what it touched once, at boot (the TCG translations of its boot code, its boot-time
+/// allocations), and will not touch again: on disk it costs no RAM.
+const DENSE_POOL_PERCENT: u8 = 5;
+
+/// Turns zswap on: lz4 where the kernel has it (waking decompresses), the pool capped at
+/// `pool_percent` of RAM, and its shrinker on, so the pages a memory cgroup's reclaim finds
+/// coldest in the pool go on to disk as well.
+fn setup_zswap(pool_percent: u8) -> Result<(), MemoryError> {
+    if !Path::new(ZSWAP).join("enabled").exists() {
+        return Err(setup_err("zswap", "this kernel has no zswap"));
+    }
+    let set = |name: &str, value: &str| {
+        std::fs::write(Path::new(ZSWAP).join(name), value)
+            .map_err(|e| setup_err(&format!("zswap's {name} ({value})"), e))
+    };
+    // The fastest to decompress the kernel's crypto API has (it may lack lz4); a compressor
+    // it lacks is refused, and zswap then keeps its own.
+    for alg in ["lz4", "lzo-rle"] {
+        if set("compressor", alg).is_ok() {
+            break;
+        }
+    }
+    set("max_pool_percent", &pool_percent.to_string())?;
+    // Kernels before 6.8 have no shrinker: the pool's cap alone sends pages to disk.
+    if Path::new(ZSWAP).join("shrinker_enabled").exists() {
+        set("shrinker_enabled", "Y")?;
+    }
+    set("enabled", "Y")
+}
+
+fn setup_zram(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<u32, MemoryError> {
+    let note = state_dir.join(ZRAM_NOTE);
+    if let Some(n) = noted_zram(state_dir) {
         return Ok(n);
     }
     if !Path::new("/sys/class/zram-control").exists() {
@@ -371,11 +460,12 @@ fn setup_zram(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<u32, Memory
 /// The smallest swap file worth making.
 const MIN_SWAP_FILE: u64 = 256 << 20;
 
-/// How big the swap file may be: a quarter of RAM, at most 4 GiB, and at most what leaves
-/// [`disk_to_keep`] free on `state_dir`'s filesystem (VMs' disks and clones grow there; a
-/// guest whose write finds the disk full stops).
+/// How big the swap file may be: as big as RAM (with `dense` it holds what idle VMs are
+/// packed into past the compressed pool), and at most what leaves [`disk_to_keep`] free on
+/// `state_dir`'s filesystem (VMs' disks and clones grow there; a guest whose write finds the
+/// disk full stops).
 fn swap_file_size(host_ram: u64, state_dir: &Path) -> Result<u64, MemoryError> {
-    let wanted = (host_ram / 4).min(4 << 30);
+    let wanted = host_ram;
     if swapped_on(&state_dir.join("swapfile").display().to_string()) {
         return Ok(wanted);
     }
@@ -447,6 +537,14 @@ mod tests {
         assert_eq!(sized_to_fit(4 * gib, gib + 12345), Some(gib));
         assert_eq!(sized_to_fit(4 * gib, 100 << 20), None);
         assert_eq!(sized_to_fit(4 * gib, 0), None);
+    }
+
+    #[test]
+    fn meminfo_fields_are_read_by_name() {
+        let m = "MemTotal:       24573952 kB\nZswap:            1009080 kB\nZswapped:         2418236 kB\n";
+        assert_eq!(meminfo_kib(m, "Zswap:"), Some(1009080));
+        assert_eq!(meminfo_kib(m, "Zswapped:"), Some(2418236));
+        assert_eq!(meminfo_kib(m, "SwapFree:"), None);
     }
 
     #[test]

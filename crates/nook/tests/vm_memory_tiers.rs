@@ -1,6 +1,7 @@
 //! System test (root, real QEMU guests): memory tiers. With `--pack dense`, an idle VM's
-//! memory moves out of RAM into nook's compressed swap (zram), and comes back intact when the
-//! VM touches it again.
+//! memory moves out of RAM into the tiers nook set up (zswap's compressed pool in front of a
+//! swap file where the kernel has zswap, zram otherwise), and comes back intact when the VM
+//! touches it again.
 
 mod common;
 
@@ -8,13 +9,42 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Key};
 
-/// Takes down the swap a daemon of this test set up, so the host is as it was.
+const ZSWAP: &str = "/sys/module/zswap/parameters";
+const ZSWAP_KNOBS: [&str; 4] = [
+    "enabled",
+    "compressor",
+    "max_pool_percent",
+    "shrinker_enabled",
+];
+
+/// Takes down the swap a daemon of this test set up, and puts zswap's settings back, so the
+/// host is as it was.
 struct SwapCleanup {
     data_dir: std::path::PathBuf,
+    zswap_before: Vec<(&'static str, String)>,
+}
+
+impl SwapCleanup {
+    fn new(data_dir: std::path::PathBuf) -> SwapCleanup {
+        let zswap_before = ZSWAP_KNOBS
+            .iter()
+            .filter_map(|k| {
+                let v = std::fs::read_to_string(format!("{ZSWAP}/{k}")).ok()?;
+                Some((*k, v.trim().to_string()))
+            })
+            .collect();
+        SwapCleanup {
+            data_dir,
+            zswap_before,
+        }
+    }
 }
 
 impl Drop for SwapCleanup {
     fn drop(&mut self) {
+        for (k, v) in &self.zswap_before {
+            let _ = std::fs::write(format!("{ZSWAP}/{k}"), v);
+        }
         if let Ok(n) = std::fs::read_to_string(self.data_dir.join("zram-device")) {
             let n = n.trim();
             let _ = std::process::Command::new("swapoff")
@@ -34,13 +64,11 @@ fn stat(d: &Daemon, key: &Key, vm: &str) -> serde_json::Value {
 }
 
 #[test]
-fn vm_memory_tiers_move_an_idle_vms_memory_to_compressed_swap_and_back_intact() {
+fn vm_memory_tiers_move_an_idle_vms_memory_down_the_tiers_and_back_intact() {
     // The swap is taken down even when the daemon fails to start after setting it up.
     let tmp = common::sys_tempdir();
     let data_dir = tmp.path().join("data");
-    let _cleanup = SwapCleanup {
-        data_dir: data_dir.clone(),
-    };
+    let _cleanup = SwapCleanup::new(data_dir.clone());
     let d = Daemon::start_in(data_dir, None, &["--pack", "dense", "--idle-after", "4"]);
     let log = d.log_text();
     assert!(
@@ -92,6 +120,22 @@ fn vm_memory_tiers_move_an_idle_vms_memory_to_compressed_swap_and_back_intact() 
     assert!(
         metrics.contains("nook_tier_compressed_original_bytes"),
         "{metrics}"
+    );
+    // The host's owner sees the tiers, and what they hold, in `stat`.
+    let host: serde_json::Value =
+        serde_json::from_str(&d.lobby_ok(&alice, &["stat", "--json"])).expect("stat --json");
+    let tiers = &host["host_memory_tiers"];
+    assert_eq!(tiers["pack"], "dense", "{host}");
+    let held = tiers["compressed_original_bytes"].as_u64().unwrap_or(0)
+        + tiers["disk_swap_used_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        held > 250 << 20,
+        "the tiers do not hold the VM's pages: {tiers}"
+    );
+    assert!(
+        d.lobby_ok(&alice, &["stat"])
+            .contains("packing dense: compressed"),
+        "{host}"
     );
 
     println!(

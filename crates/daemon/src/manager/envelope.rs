@@ -272,7 +272,9 @@ impl Manager {
     ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
         let admitted = self.host_admission.lock().await;
         let starts = !matches!(ask, Ask::Resize { .. });
-        let need = nook_memory::boot_footprint(u64::from(memory_mib) << 20);
+        // Until a VM has booted nook does not know its accelerator: TCG's larger cost then.
+        let tcg = self.accel() != Some(Accel::Kvm);
+        let need = nook_memory::boot_footprint(u64::from(memory_mib) << 20, tcg);
         if starts {
             // Every VM, the admin's too: what is at stake is the VMs already running.
             host_memory_room(
