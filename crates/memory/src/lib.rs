@@ -390,8 +390,9 @@ const ZSWAP: &str = "/sys/module/zswap/parameters";
 const DENSE_POOL_PERCENT: u8 = 2;
 
 /// Turns zswap on: lz4 where the kernel has it (waking decompresses), the pool capped at
-/// `pool_percent` of RAM, and its shrinker on, so the pages a memory cgroup's reclaim finds
-/// coldest in the pool go on to disk as well.
+/// `pool_percent` of RAM, and its shrinker on, so that on cgroup v2 the pages a group's
+/// reclaim finds coldest in the pool go on to disk as well (v1 keeps no per-group zswap
+/// counts, so there only the cap moves pages).
 fn setup_zswap(pool_percent: u8) -> Result<(), MemoryError> {
     if !Path::new(ZSWAP).join("enabled").exists() {
         return Err(setup_err("zswap", "this kernel has no zswap"));
