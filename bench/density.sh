@@ -90,11 +90,13 @@ CFG
   idle_cpu=$(python3 -c "print(f'{($cpu1-$cpu0)/$hz/($t1-$t0)/max($n,1)*100:.2f}')")
   qemu_cpu=$(python3 -c "print(f'{($qemu1-$qemu0)/$hz/($t1-$t0)/max($n,1)*100:.2f}')")
   local mem zram avail_after
-  mem=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics | awk '/^nook_account_memory_bytes/ {print $2}')
-  zram=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics | awk '/^nook_tier_compressed_ram_bytes/ {print $2}')
+  local metrics disk
+  metrics=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics)
+  metric() { awk -v m="$1" '$1 == m || index($1, m "{") == 1 {print $2}' <<< "$metrics"; }
+  mem=$(metric nook_account_memory_bytes)
+  zram=$(metric nook_tier_compressed_ram_bytes)
   zram=${zram:-0}
-  local disk
-  disk=$(NOOK_DATA_DIR=$tmp/data "$nook" metrics | awk '/^nook_tier_disk_swap_used_bytes/ {print $2}')
+  disk=$(metric nook_tier_disk_swap_used_bytes)
   disk=${disk:-0}
   avail_after=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
   local per_vm=$(( (mem + zram) / 1048576 / (n > 0 ? n : 1) ))

@@ -243,16 +243,8 @@ pub struct HostLimits {
 
 /// The host's RAM in MiB, from `/proc/meminfo`.
 fn host_ram_mib() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024)
+    let total = nook_memory::HostMemory::read().total_bytes;
+    (total > 0).then_some(total >> 20)
 }
 
 /// The size of the filesystem that holds `dir` (or its nearest existing parent).

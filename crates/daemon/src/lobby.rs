@@ -395,7 +395,7 @@ async fn execute(
             let mut text = format_envelope(&env);
             // The host's memory tiers are the host owner's business only.
             if account.owner
-                && let Some(tiers) = host_tiers(m).await
+                && let Some(tiers) = m.tier_stats().await
             {
                 text.push('\n');
                 text.push_str(&format_tiers(&tiers));
@@ -1375,16 +1375,6 @@ async fn envelope(m: &Arc<Manager>, account_id: &str) -> Result<serde_json::Valu
         "llm_credit": nook_gateway::dollars(credit),
         "llm_credit_micros": credit,
     }))
-}
-
-async fn host_tiers(m: &Arc<Manager>) -> Option<nook_memory::HostTiers> {
-    let tiers = m.tiers().clone();
-    if tiers.pack == nook_memory::Pack::Off {
-        return None;
-    }
-    tokio::task::spawn_blocking(move || tiers.stats())
-        .await
-        .ok()
 }
 
 fn format_tiers(t: &nook_memory::HostTiers) -> String {

@@ -194,13 +194,7 @@ fn memory_tiers(cfg: &Config) -> nook_memory::Tiers {
         if probe.damon { "yes" } else { "no" },
         probe.swaps.len()
     );
-    let off = nook_memory::Tiers {
-        pack: nook_memory::Pack::Off,
-        zram: None,
-        zswap_pool_percent: None,
-        swap_file: None,
-        missing: Vec::new(),
-    };
+    let off = nook_memory::Tiers::off();
     if cfg.pack == nook_memory::Pack::Off {
         tracing::info!(kernel = %offers, "memory packing off (--pack balanced|dense packs idle VMs)");
         return off;
@@ -209,7 +203,7 @@ fn memory_tiers(cfg: &Config) -> nook_memory::Tiers {
         tracing::warn!("--pack needs root (it sets up swap): idle VMs keep their memory");
         return off;
     }
-    let host_ram = host_ram_bytes();
+    let host_ram = nook_memory::HostMemory::read().total_bytes;
     match nook_memory::Tiers::setup(cfg.pack, host_ram, &cfg.data_dir) {
         Ok(t) => {
             tracing::info!(kernel = %offers, "memory tiers: {}", t.describe());
@@ -223,17 +217,6 @@ fn memory_tiers(cfg: &Config) -> nook_memory::Tiers {
             off
         }
     }
-}
-
-fn host_ram_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib << 10)
 }
 
 /// One daemon per network namespace owns its VM network: the `nk*` taps, the nftables table
@@ -448,6 +431,18 @@ impl Manager {
 
     pub fn tiers(&self) -> &nook_memory::Tiers {
         &self.tiers
+    }
+
+    /// The memory tiers' sizes now, or `None` when nothing is packed (they are read from
+    /// sysfs and procfs, on a blocking thread).
+    pub async fn tier_stats(&self) -> Option<nook_memory::HostTiers> {
+        if self.tiers.pack == nook_memory::Pack::Off {
+            return None;
+        }
+        let tiers = self.tiers.clone();
+        tokio::task::spawn_blocking(move || tiers.stats())
+            .await
+            .ok()
     }
 
     pub fn agent_host(&self) -> &Arc<crate::agent::AgentHost> {

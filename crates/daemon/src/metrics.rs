@@ -132,10 +132,7 @@ pub async fn render(m: &Manager) -> String {
         );
         let _ = writeln!(out, "nook_ksm_pages_sharing {pages}");
     }
-    let tiers = m.tiers().clone();
-    if tiers.pack != nook_memory::Pack::Off
-        && let Ok(t) = tokio::task::spawn_blocking(move || tiers.stats()).await
-    {
+    if let Some(t) = m.tier_stats().await {
         for (name, help, value) in [
             (
                 "nook_tier_compressed_original_bytes",

@@ -223,6 +223,17 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), MemoryError> {
 }
 
 impl Tiers {
+    /// No tiers: idle VMs keep their memory.
+    pub fn off() -> Tiers {
+        Tiers {
+            pack: Pack::Off,
+            zram: None,
+            zswap_pool_percent: None,
+            swap_file: None,
+            missing: Vec::new(),
+        }
+    }
+
     /// Sets up the tiers `pack` asks for: nothing with `off`; with `balanced` a zram swap
     /// device of `host_ram / 2` of uncompressed capacity; with `dense` a swap file in
     /// `state_dir` where its disk has room ([`swap_file_size`]) with zswap in front of it, or
@@ -231,10 +242,7 @@ impl Tiers {
     pub fn setup(pack: Pack, host_ram: u64, state_dir: &Path) -> Result<Tiers, MemoryError> {
         let mut tiers = Tiers {
             pack,
-            zram: None,
-            zswap_pool_percent: None,
-            swap_file: None,
-            missing: Vec::new(),
+            ..Tiers::off()
         };
         if pack == Pack::Off {
             return Ok(tiers);
@@ -339,14 +347,14 @@ impl Tiers {
         // as used there too: what is really on disk is the rest.
         let mut in_pool = 0;
         if let Some(pct) = self.zswap_pool_percent
-            && let Ok(m) = std::fs::read_to_string("/proc/meminfo")
+            && let Ok(text) = std::fs::read_to_string("/proc/meminfo")
         {
-            let kib = |key: &str| meminfo_kib(&m, key).unwrap_or(0) << 10;
-            t.compressed_original_bytes = kib("Zswapped:");
-            t.compressed_stored_bytes = kib("Zswap:");
-            t.compressed_ram_bytes = kib("Zswap:");
-            t.compressed_capacity_bytes = kib("MemTotal:") / 100 * u64::from(pct);
-            in_pool = t.compressed_original_bytes;
+            let m = pressure::parse_meminfo(&text);
+            t.compressed_original_bytes = m.zswapped_bytes;
+            t.compressed_stored_bytes = m.zswap_bytes;
+            t.compressed_ram_bytes = m.zswap_bytes;
+            t.compressed_capacity_bytes = m.total_bytes / 100 * u64::from(pct);
+            in_pool = m.zswapped_bytes;
         }
         let zram_path = self.zram.map(|n| format!("/dev/zram{n}"));
         for a in probe().swaps {
@@ -362,13 +370,6 @@ impl Tiers {
 
 fn swapped_on(path: &str) -> bool {
     probe().swaps.iter().any(|a| a.path == path)
-}
-
-fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// The zram device a previous daemon set up here, if it is still swapped on.
@@ -544,10 +545,12 @@ mod tests {
 
     #[test]
     fn meminfo_fields_are_read_by_name() {
-        let m = "MemTotal:       24573952 kB\nZswap:            1009080 kB\nZswapped:         2418236 kB\n";
-        assert_eq!(meminfo_kib(m, "Zswap:"), Some(1009080));
-        assert_eq!(meminfo_kib(m, "Zswapped:"), Some(2418236));
-        assert_eq!(meminfo_kib(m, "SwapFree:"), None);
+        let m = pressure::parse_meminfo(
+            "MemTotal:       24573952 kB\nZswap:            1009080 kB\nZswapped:         2418236 kB\n",
+        );
+        assert_eq!(m.zswap_bytes, 1009080 << 10);
+        assert_eq!(m.zswapped_bytes, 2418236 << 10);
+        assert_eq!(m.swap_free_bytes, 0);
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub struct HostMemory {
     pub available_bytes: u64,
     pub swap_total_bytes: u64,
     pub swap_free_bytes: u64,
+    /// zswap's pool: the RAM it takes, and what it holds uncompressed.
+    pub zswap_bytes: u64,
+    pub zswapped_bytes: u64,
     /// Percent of the last 10 s in which every task waited for memory (PSI "full"); `None`
     /// on kernels without PSI.
     pub stalled_pct: Option<f64>,
@@ -93,7 +96,7 @@ pub fn boot_footprint(memory: u64, tcg: bool) -> u64 {
     (memory / 2).min(256 << 20) + qemu
 }
 
-fn parse_meminfo(text: &str) -> HostMemory {
+pub(crate) fn parse_meminfo(text: &str) -> HostMemory {
     let mut m = HostMemory::default();
     for line in text.lines() {
         let mut f = line.split_whitespace();
@@ -107,6 +110,8 @@ fn parse_meminfo(text: &str) -> HostMemory {
             "MemAvailable:" => m.available_bytes = bytes,
             "SwapTotal:" => m.swap_total_bytes = bytes,
             "SwapFree:" => m.swap_free_bytes = bytes,
+            "Zswap:" => m.zswap_bytes = bytes,
+            "Zswapped:" => m.zswapped_bytes = bytes,
             _ => {}
         }
     }
@@ -156,6 +161,7 @@ mod tests {
             swap_total_bytes: 1 << 30,
             swap_free_bytes: 200 << 20,
             stalled_pct: Some(0.0),
+            ..HostMemory::default()
         };
         // 600 MiB + 100 MiB of room: a 256 MiB boot fits over a 256 MiB reserve...
         assert_eq!(m.admit(256 << 20, 256 << 20), Ok(()));

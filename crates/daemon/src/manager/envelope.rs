@@ -662,6 +662,7 @@ mod tests {
             swap_total_bytes: 0,
             swap_free_bytes: 0,
             stalled_pct: None,
+            ..Default::default()
         };
         let err = host_memory_room(&host, 256 << 20, 256 << 20).expect_err("short");
         assert_eq!(err.code, ErrorCode::HostShortOfMemory);
