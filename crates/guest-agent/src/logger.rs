@@ -43,11 +43,13 @@ impl Logger {
         Ok(Logger { tx, dropped })
     }
 
-    /// Queues `text`, or drops and counts it when the queue is full.
-    pub fn line(&self, text: String) {
-        if self.tx.try_send(text).is_err() {
+    /// Queues `text`, or drops and counts it when the queue is full; says which.
+    pub fn line(&self, text: String) -> bool {
+        let queued = self.tx.try_send(text).is_ok();
+        if !queued {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        queued
     }
 }
 
@@ -67,7 +69,9 @@ pub fn start() {
 /// Logs one line without waiting for the log's reader.
 pub fn line(text: String) {
     match LOGGER.get() {
-        Some(logger) => logger.line(text),
+        Some(logger) => {
+            logger.line(text);
+        }
         None => eprintln!("nook-agent: {text}"),
     }
 }
@@ -85,16 +89,22 @@ mod tests {
         let (read_end, write_end) = std::io::pipe().unwrap();
         let logger = Logger::start(write_end).unwrap();
         let started = Instant::now();
-        // Far more than the pipe (64 KiB) and the queue can hold.
-        for i in 0..20_000 {
-            logger.line(format!("line {i} {}", "x".repeat(100)));
-        }
+        // Far more than the pipe (64 KiB, about 500 of these lines) and the queue can hold.
+        // The drops are counted here, not from the logger's counter: the writer zeroes that
+        // when it next writes, and a writer starved of CPU while this loop runs may write its
+        // first lines only after the loop ends.
+        let dropped = (0..20_000)
+            .filter(|i| !logger.line(format!("line {i} {}", "x".repeat(100))))
+            .count();
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "logging blocked for {:?}",
             started.elapsed()
         );
-        assert!(logger.dropped.load(Ordering::Relaxed) > 0);
+        assert!(
+            dropped > 15_000,
+            "only {dropped} of 20000 lines were dropped"
+        );
         drop(read_end);
     }
 }
