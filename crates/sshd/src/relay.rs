@@ -28,6 +28,8 @@ use crate::server::{Ctx, Prelude, Start};
 use crate::{Backend, SshdEndpoint, lobby};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a refused connection to a guest's sshd is tried again.
+const REFUSED_RETRY: Duration = Duration::from_millis(25);
 
 /// One SSH connection to a guest, shared by all channels of one client connection.
 pub(crate) struct Upstream {
@@ -55,10 +57,10 @@ pub(crate) async fn connect(
         span,
         host_keys: ep.host_keys.clone(),
     };
-    let mut handle = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        client::connect(config, ep.addr, handler),
-    )
+    let mut handle = match tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let tcp = dial(ep.addr).await?;
+        client::connect_stream(config, tcp, handler).await
+    })
     .await
     {
         Ok(Ok(handle)) => handle,
@@ -89,6 +91,31 @@ pub(crate) async fn connect(
         other => {
             debug!(?other, "upstream login failed");
             Err("nook: the VM refused nook's login".to_string())
+        }
+    }
+}
+
+/// Opens the TCP connection to a guest's sshd. A fork's sshd restarts to take the clone's new
+/// host keys, and `cp` returns without waiting for it: until it listens again its port refuses,
+/// and the connection is tried again (the caller bounds the wait).
+async fn dial(addr: std::net::SocketAddr) -> Result<tokio::net::TcpStream, russh::Error> {
+    let mut refused = 0u32;
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                if refused > 0 {
+                    debug!(%addr, refused, "the guest's sshd listens again");
+                }
+                if let Err(e) = tcp.set_nodelay(true) {
+                    debug!(error = %e, "cannot set TCP_NODELAY towards the guest");
+                }
+                return Ok(tcp);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused += 1;
+                tokio::time::sleep(REFUSED_RETRY).await;
+            }
+            Err(e) => return Err(russh::Error::IO(e)),
         }
     }
 }

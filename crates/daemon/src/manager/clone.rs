@@ -14,6 +14,7 @@
 use super::*;
 use crate::faults::{self, Fault};
 use channel::Placed;
+use launch::Sshd;
 use nook_api::{CloneMode, CloneMoved, CloneTimings, CloneVm, Cloned};
 use nook_storage::layers;
 use nook_vmm::fork;
@@ -491,7 +492,7 @@ impl Manager {
         // The clone's disk already authorizes the source's nook key: the clone shares that key
         // rather than making another.
         self.share_ssh_key(src, clone);
-        self.identify(clone, &agent).await?;
+        self.identify(clone, &agent, Sshd::Restarting).await?;
         // A fork of a guest still booting has woken able to answer its identity and then
         // unable to run anything (seen in CI once in a few dozen forks): prove it can run a
         // command before handing it over, or fork again.

@@ -14,6 +14,17 @@ pub(super) enum Launch {
     Arrival,
 }
 
+/// Whether "ready" waits for the guest's sshd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sshd {
+    /// A boot: systemd starts sshd late, and "ready" includes SSH.
+    WaitUntilUp,
+    /// A fork: its sshd ran in the source and only restarts for the new host keys, a few
+    /// hundred milliseconds under TCG that `cp` need not spend; the SSH relay tries a refused
+    /// connection again until it listens.
+    Restarting,
+}
+
 impl Manager {
     /// Boots `vm`, retrying a boot that hangs before the kernel prints anything: a rare
     /// TCG hang that a fresh QEMU does not repeat.
@@ -83,7 +94,7 @@ impl Manager {
                 format!("VM '{}' {why}. Last console lines:\n{tail}", vm.name),
             )));
         }
-        self.identify(vm, &agent).await?;
+        self.identify(vm, &agent, Sshd::WaitUntilUp).await?;
         self.store
             .set_state(&vm.id, VmState::Running, None, Some(pid))
             .await
@@ -235,12 +246,14 @@ impl Manager {
         }
     }
 
-    /// Tells the guest who it is, with nook's key for its sshd, and waits for that sshd when the
-    /// image runs one: "ready" includes SSH. True when it was another VM until now (a clone).
+    /// Tells the guest who it is, with nook's key for its sshd, and with [`Sshd::WaitUntilUp`]
+    /// waits for that sshd when the image runs one. True when it was another VM until now (a
+    /// clone).
     pub(super) async fn identify(
         &self,
         vm: &VmRecord,
         agent: &AgentClient,
+        sshd: Sshd,
     ) -> Result<bool, ApiError> {
         let link =
             VmLink::for_slot(vm.slot).map_err(|e| errors::from_net("allocate the network", e))?;
@@ -284,7 +297,9 @@ impl Manager {
             tracing::info!(vm = %vm.name, "the guest took its new identity after a clone");
         }
         if answer.sshd {
-            self.wait_for_sshd(vm).await;
+            if sshd == Sshd::WaitUntilUp {
+                self.wait_for_sshd(vm).await;
+            }
         } else {
             // No sshd to relay to: the relay must not think there is one.
             let dir = self.paths(&vm.id).dir;
