@@ -135,6 +135,9 @@ struct Live {
     intended_exit: Arc<AtomicBool>,
     /// The guest's boot is known to have finished (see `Manager::settle_boot`).
     booted: bool,
+    /// Until then the guest's sshd may be restarting (a fork taking its own host keys), and
+    /// the SSH relay tries a refused connection again.
+    sshd_restarting_until: Option<std::time::Instant>,
 }
 
 pub struct Manager {

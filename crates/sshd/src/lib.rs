@@ -99,6 +99,9 @@ pub struct SshdEndpoint {
     pub private_key_openssh: String,
     /// The guest's host keys (`ALGO BASE64`), which nook made: the guest must present one.
     pub host_keys: Vec<String>,
+    /// How long a refused connection is tried again: nonzero while the guest's sshd is known
+    /// to be restarting (a fork taking its own host keys), zero otherwise.
+    pub refused_patience: std::time::Duration,
 }
 
 impl std::fmt::Debug for SshdEndpoint {

@@ -28,7 +28,8 @@ use crate::server::{Ctx, Prelude, Start};
 use crate::{Backend, SshdEndpoint, lobby};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often a refused connection to a guest's sshd is tried again.
+/// How often a refused connection to a guest's sshd is tried again, while its endpoint says
+/// the sshd is restarting.
 const REFUSED_RETRY: Duration = Duration::from_millis(25);
 
 /// One SSH connection to a guest, shared by all channels of one client connection.
@@ -58,7 +59,7 @@ pub(crate) async fn connect(
         host_keys: ep.host_keys.clone(),
     };
     let mut handle = match tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let tcp = dial(ep.addr).await?;
+        let tcp = dial(ep.addr, ep.refused_patience).await?;
         client::connect_stream(config, tcp, handler).await
     })
     .await
@@ -97,8 +98,13 @@ pub(crate) async fn connect(
 
 /// Opens the TCP connection to a guest's sshd. A fork's sshd restarts to take the clone's new
 /// host keys, and `cp` returns without waiting for it: until it listens again its port refuses,
-/// and the connection is tried again (the caller bounds the wait).
-async fn dial(addr: std::net::SocketAddr) -> Result<tokio::net::TcpStream, russh::Error> {
+/// and the connection is tried again for up to `patience` (zero for a guest whose sshd should
+/// be up: a refusal is then the answer at once).
+async fn dial(
+    addr: std::net::SocketAddr,
+    patience: Duration,
+) -> Result<tokio::net::TcpStream, russh::Error> {
+    let give_up = tokio::time::Instant::now() + patience;
     let mut refused = 0u32;
     loop {
         match tokio::net::TcpStream::connect(addr).await {
@@ -111,7 +117,10 @@ async fn dial(addr: std::net::SocketAddr) -> Result<tokio::net::TcpStream, russh
                 }
                 return Ok(tcp);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < give_up =>
+            {
                 refused += 1;
                 tokio::time::sleep(REFUSED_RETRY).await;
             }
@@ -563,4 +572,46 @@ pub(crate) async fn session<B: Backend>(
     }
     let _ = up_write.close().await;
     let _ = writer.close().await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A port nothing listens on, found by binding and letting go.
+    fn closed_port() -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_port_is_tried_again_until_it_listens() {
+        let addr = closed_port();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            listener.accept().await.unwrap()
+        });
+        let tcp = dial(addr, Duration::from_secs(5)).await.unwrap();
+        let (_, peer) = late.await.unwrap();
+        assert_eq!(peer, tcp.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_port_that_stays_closed_is_refused_once_patience_runs_out() {
+        let started = std::time::Instant::now();
+        let err = dial(closed_port(), Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, russh::Error::IO(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{err:?}"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+    }
 }

@@ -144,6 +144,7 @@ impl Manager {
                         .into_iter()
                         .map(|k| k.public_openssh)
                         .collect(),
+                    refused_patience: self.sshd_restart_patience(&vm.id),
                 })
             }
             // No sshd in the image, or no network path to it (user-mode networking).
@@ -224,6 +225,17 @@ impl Manager {
             .and_then(|()| write_private(&public, key.public_openssh.as_bytes(), 0o644))
             .map_err(|e| io_error("save the VM's SSH key", e))?;
         Ok(key.public_openssh)
+    }
+
+    /// How much longer the VM's sshd may be restarting after a fork (`launch::Sshd::Restarting`).
+    fn sshd_restart_patience(&self, id: &str) -> Duration {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(|live| live.sshd_restarting_until)
+            .map(|until| until.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_default()
     }
 
     /// The agent answers before systemd has started sshd; "ready" includes SSH, when there is

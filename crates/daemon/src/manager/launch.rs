@@ -14,14 +14,18 @@ pub(super) enum Launch {
     Arrival,
 }
 
+/// How long after a fork the SSH relay tries a refused connection to its sshd again: the
+/// restart takes about 0.2 s under TCG.
+const SSHD_RESTART_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Whether "ready" waits for the guest's sshd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Sshd {
     /// A boot: systemd starts sshd late, and "ready" includes SSH.
     WaitUntilUp,
     /// A fork: its sshd ran in the source and only restarts for the new host keys, a few
-    /// hundred milliseconds under TCG that `cp` need not spend; the SSH relay tries a refused
-    /// connection again until it listens.
+    /// hundred milliseconds under TCG that `cp` need not spend; for [`SSHD_RESTART_PATIENCE`]
+    /// the SSH relay tries a refused connection to it again.
     Restarting,
 }
 
@@ -297,8 +301,19 @@ impl Manager {
             tracing::info!(vm = %vm.name, "the guest took its new identity after a clone");
         }
         if answer.sshd {
-            if sshd == Sshd::WaitUntilUp {
-                self.wait_for_sshd(vm).await;
+            match sshd {
+                Sshd::WaitUntilUp => self.wait_for_sshd(vm).await,
+                Sshd::Restarting => {
+                    if let Some(live) = self
+                        .live
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&vm.id)
+                    {
+                        live.sshd_restarting_until =
+                            Some(std::time::Instant::now() + SSHD_RESTART_PATIENCE);
+                    }
+                }
             }
         } else {
             // No sshd to relay to: the relay must not think there is one.
@@ -336,6 +351,7 @@ impl Manager {
                     agent,
                     intended_exit: intended_exit.clone(),
                     booted: false,
+                    sshd_restarting_until: None,
                 },
             );
         }

@@ -335,6 +335,7 @@ impl Fixture {
                     user: "root".into(),
                     private_key_openssh: std::fs::read_to_string(&vm_key).expect("read key"),
                     host_keys: vec![std::fs::read_to_string(&vm.host_key_pub).expect("host key")],
+                    refused_patience: Duration::ZERO,
                 }),
             },
             vm_owner: "acct-owner".into(),
