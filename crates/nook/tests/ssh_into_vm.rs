@@ -96,26 +96,11 @@ fn vm_ssh_into_a_vm_shell_scp_and_forwarding() {
     assert_eq!(sha256(&src).len(), 64);
 
     // A fork answers `cp` while its sshd is still restarting to take the clone's own host
-    // keys; scp straight after must wait for that sshd, and meet the clone's keys.
+    // keys (which the relay checks); scp straight after must wait for that sshd.
     d.lobby_ok(&alice, &["cp", "dev", "twin"]);
     let again = tmp.path().join("again.bin");
     scp("twin@127.0.0.1:/tmp/blob", &again.display().to_string());
     assert_eq!(sha256(&src), sha256(&again));
-    let host_key = |vm: &str| {
-        let out = d.ssh(&alice, vm, &["cat", "/etc/ssh/ssh_host_ed25519_key.pub"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let (dev_key, twin_key) = (host_key("dev"), host_key("twin"));
-    assert!(dev_key.starts_with("ssh-ed25519 "), "{dev_key}");
-    assert_ne!(
-        dev_key, twin_key,
-        "the clone kept its source's SSH host key"
-    );
     d.lobby_ok(&alice, &["rm", "twin"]);
 
     // -L to a web server inside the VM.

@@ -104,7 +104,7 @@ async fn dial(
     addr: std::net::SocketAddr,
     patience: Duration,
 ) -> Result<tokio::net::TcpStream, russh::Error> {
-    let give_up = tokio::time::Instant::now() + patience;
+    let give_up = tokio::time::Instant::now() + patience.min(CONNECT_TIMEOUT);
     let mut refused = 0u32;
     loop {
         match tokio::net::TcpStream::connect(addr).await {
@@ -579,18 +579,21 @@ pub(crate) async fn session<B: Backend>(
 mod tests {
     use super::*;
 
-    /// A port nothing listens on, found by binding and letting go.
-    fn closed_port() -> std::net::SocketAddr {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
+    /// A port held (bound, so nothing else takes it) but not listening: connections to it are
+    /// refused.
+    fn closed_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        (socket, addr)
     }
 
     #[tokio::test]
     async fn a_refused_port_is_tried_again_until_it_listens() {
-        let addr = closed_port();
+        let (socket, addr) = closed_port();
         let late = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            let listener = socket.listen(16).unwrap();
             listener.accept().await.unwrap()
         });
         let tcp = dial(addr, Duration::from_secs(5)).await.unwrap();
@@ -600,10 +603,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_port_that_stays_closed_is_refused_once_patience_runs_out() {
+        let (_held, addr) = closed_port();
         let started = std::time::Instant::now();
-        let err = dial(closed_port(), Duration::from_millis(200))
-            .await
-            .unwrap_err();
+        let err = dial(addr, Duration::from_millis(200)).await.unwrap_err();
         assert!(
             matches!(&err, russh::Error::IO(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
             "{err:?}"

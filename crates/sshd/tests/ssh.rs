@@ -176,6 +176,35 @@ async fn unavailable_and_refused_routes() {
     );
 }
 
+/// A fork's sshd restarts to take the clone's host keys while `cp` has already returned: a
+/// session opened then waits for it instead of failing.
+#[tokio::test]
+async fn a_restarting_sshd_is_waited_for() {
+    let fx = Fixture::new().await;
+    let mut cmd = fx.ssh(&fx.owner_key, "vmlate");
+    cmd.args(["echo", "late"]);
+    let session = tokio::spawn(run_cmd(cmd));
+    // The relay meets a closed port first (it logs in within a few hundred milliseconds) ...
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!session.is_finished(), "{:?}", session.await);
+    // ... and then the sshd listens: a forwarder to the test VM's sshd.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", fx.backend.late_port))
+        .await
+        .unwrap();
+    let sshd = fx.backend.vm.sshd.as_ref().unwrap().addr;
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(sshd).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    let out = session.await.unwrap();
+    assert_eq!(out.status, Some(0), "{out:?}");
+    assert_eq!(out.out(), "late\n");
+}
+
 #[tokio::test]
 async fn lobby_repl_with_pty() {
     let fx = Fixture::new().await;

@@ -14,9 +14,9 @@ pub(super) enum Launch {
     Arrival,
 }
 
-/// How long after a fork the SSH relay tries a refused connection to its sshd again: the
-/// restart takes about 0.2 s under TCG.
-const SSHD_RESTART_PATIENCE: Duration = Duration::from_secs(5);
+/// How long after a fork, at most, the SSH relay tries a refused connection to its sshd again:
+/// the restart takes about 0.2 s under TCG; the watch ends the wait once it listens.
+const SSHD_RESTART_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Whether "ready" waits for the guest's sshd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,7 +254,7 @@ impl Manager {
     /// waits for that sshd when the image runs one. True when it was another VM until now (a
     /// clone).
     pub(super) async fn identify(
-        &self,
+        self: &Arc<Self>,
         vm: &VmRecord,
         agent: &AgentClient,
         sshd: Sshd,
@@ -303,17 +303,7 @@ impl Manager {
         if answer.sshd {
             match sshd {
                 Sshd::WaitUntilUp => self.wait_for_sshd(vm).await,
-                Sshd::Restarting => {
-                    if let Some(live) = self
-                        .live
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_mut(&vm.id)
-                    {
-                        live.sshd_restarting_until =
-                            Some(std::time::Instant::now() + SSHD_RESTART_PATIENCE);
-                    }
-                }
+                Sshd::Restarting => self.watch_sshd_restart(vm),
             }
         } else {
             // No sshd to relay to: the relay must not think there is one.
@@ -337,6 +327,45 @@ impl Manager {
                 accel
             })
             .await
+    }
+
+    /// A fork's sshd restarts to take the clone's host keys: until it accepts connections again
+    /// (at most [`SSHD_RESTART_PATIENCE`]) the relay tries a refused connection again, and
+    /// afterwards a refusal is answered at once.
+    fn watch_sshd_restart(self: &Arc<Self>, vm: &VmRecord) {
+        let (Net::Tap(_), Ok(link)) = (&self.net, VmLink::for_slot(vm.slot)) else {
+            return;
+        };
+        let until = std::time::Instant::now() + SSHD_RESTART_PATIENCE;
+        let restarting = |live: &mut HashMap<String, Live>, id: &str, value| {
+            if let Some(live) = live.get_mut(id) {
+                live.sshd_restarting_until = value;
+            }
+        };
+        restarting(
+            &mut self.live.lock().unwrap_or_else(|p| p.into_inner()),
+            &vm.id,
+            Some(until),
+        );
+        let (this, id) = (self.clone(), vm.id.clone());
+        tokio::spawn(async move {
+            while std::time::Instant::now() < until {
+                let accepts = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    tokio::net::TcpStream::connect((link.guest_ip, 22)),
+                )
+                .await
+                .is_ok_and(|c| c.is_ok());
+                if accepts {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut live = this.live.lock().unwrap_or_else(|p| p.into_inner());
+            if live.get(&id).and_then(|l| l.sshd_restarting_until) == Some(until) {
+                restarting(&mut live, &id, None);
+            }
+        });
     }
 
     /// Registers a running QEMU and watches it until it exits.

@@ -150,6 +150,8 @@ pub struct TestBackend {
     pub vm: VmEndpoint,
     pub vm_owner: String,
     pub down_port: u16,
+    /// Where `vmlate`'s sshd listens once a test opens it: a fork's sshd, restarting.
+    pub late_port: u16,
     /// A host key that is not the test VM's.
     pub other_host_key: String,
 }
@@ -175,6 +177,15 @@ impl Backend for TestBackend {
             "vmdown" => Route::Vm(VmEndpoint {
                 sshd: self.vm.sshd.clone().map(|sshd| SshdEndpoint {
                     addr: SocketAddr::from(([127, 0, 0, 1], self.down_port)),
+                    ..sshd
+                }),
+                ..self.vm.clone()
+            }),
+            // A fork whose sshd is restarting: refused until the test opens `late_port`.
+            "vmlate" => Route::Vm(VmEndpoint {
+                sshd: self.vm.sshd.clone().map(|sshd| SshdEndpoint {
+                    addr: SocketAddr::from(([127, 0, 0, 1], self.late_port)),
+                    refused_patience: Duration::from_secs(10),
                     ..sshd
                 }),
                 ..self.vm.clone()
@@ -340,6 +351,7 @@ impl Fixture {
             },
             vm_owner: "acct-owner".into(),
             down_port: free_port(),
+            late_port: free_port(),
             other_host_key: keygen(&dir.path().join("other_host_key")),
         });
         let port = free_port();
