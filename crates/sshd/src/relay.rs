@@ -49,7 +49,7 @@ pub(crate) async fn connect(
     let config = Arc::new(client::Config {
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 4,
-        nodelay: true,
+        // `dial` sets TCP_NODELAY: `connect_stream` is given a connected socket.
         ..Default::default()
     });
     let handler = UpHandler {

@@ -241,25 +241,10 @@ impl Manager {
     /// The agent answers before systemd has started sshd; "ready" includes SSH, when there is
     /// a network path to it.
     pub(super) async fn wait_for_sshd(&self, vm: &VmRecord) {
-        if let (Net::Tap(_), Ok(link)) = (&self.net, VmLink::for_slot(vm.slot)) {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            // Each try is bounded: a SYN the guest never answers would otherwise wait out the
-            // kernel's retries (over two minutes), far past the deadline.
-            let accepts = || async {
-                tokio::time::timeout(
-                    Duration::from_millis(500),
-                    tokio::net::TcpStream::connect((link.guest_ip, 22)),
-                )
-                .await
-                .is_ok_and(|c| c.is_ok())
-            };
-            while !accepts().await {
-                if tokio::time::Instant::now() >= deadline {
-                    tracing::warn!(vm = %vm.name, "the guest's sshd did not come up within 60s");
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        if let (Net::Tap(_), Ok(link)) = (&self.net, VmLink::for_slot(vm.slot))
+            && !sshd_accepts_within(link.guest_ip, Duration::from_secs(60)).await
+        {
+            tracing::warn!(vm = %vm.name, "the guest's sshd did not come up within 60s");
         }
     }
 
@@ -362,5 +347,28 @@ pub(super) async fn run_to_end(
             Some(_) => continue,
             None => return Err(nook_vmm::VmmError::AgentClosed),
         }
+    }
+}
+
+/// Tries the guest's port 22 until it accepts a connection or `within` has passed; says
+/// whether it did.
+pub(super) async fn sshd_accepts_within(ip: std::net::Ipv4Addr, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        // Each try is bounded: a SYN the guest never answers would otherwise wait out the
+        // kernel's retries (over two minutes), far past the deadline.
+        let accepts = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect((ip, 22)),
+        )
+        .await
+        .is_ok_and(|c| c.is_ok());
+        if accepts {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -336,34 +336,24 @@ impl Manager {
         let (Net::Tap(_), Ok(link)) = (&self.net, VmLink::for_slot(vm.slot)) else {
             return;
         };
-        let until = std::time::Instant::now() + SSHD_RESTART_PATIENCE;
-        let restarting = |live: &mut HashMap<String, Live>, id: &str, value| {
-            if let Some(live) = live.get_mut(id) {
-                live.sshd_restarting_until = value;
-            }
-        };
-        restarting(
-            &mut self.live.lock().unwrap_or_else(|p| p.into_inner()),
-            &vm.id,
-            Some(until),
-        );
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&vm.id)
+        {
+            live.sshd_restarting_until = Some(std::time::Instant::now() + SSHD_RESTART_PATIENCE);
+        }
         let (this, id) = (self.clone(), vm.id.clone());
         tokio::spawn(async move {
-            while std::time::Instant::now() < until {
-                let accepts = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    tokio::net::TcpStream::connect((link.guest_ip, 22)),
-                )
-                .await
-                .is_ok_and(|c| c.is_ok());
-                if accepts {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let mut live = this.live.lock().unwrap_or_else(|p| p.into_inner());
-            if live.get(&id).and_then(|l| l.sshd_restarting_until) == Some(until) {
-                restarting(&mut live, &id, None);
+            guest::sshd_accepts_within(link.guest_ip, SSHD_RESTART_PATIENCE).await;
+            if let Some(live) = this
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&id)
+            {
+                live.sshd_restarting_until = None;
             }
         });
     }
