@@ -12,7 +12,7 @@ nook=${NOOK_BIN:-$PWD/target/release/nook}
 tmp=$(mktemp -d /var/tmp/nook-clonessh.XXXX)
 export NOOK_DATA_DIR=$tmp/data
 cleanup() {
-  for v in $("$nook" vm list --json 2>/dev/null | python3 -c "import json,sys; [print(v['name']) for v in json.load(sys.stdin)]"); do
+  for v in $("$nook" vm list --json 2>/dev/null | python3 -c "import json,sys; [print(v['name']) for v in json.loads(sys.stdin.read() or '[]')]" 2>/dev/null); do
     "$nook" vm rm "$v" >/dev/null 2>&1 || true
   done
   kill "${nook_pid:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"
@@ -32,7 +32,8 @@ NOOK_SSH_ADDR=127.0.0.1:$port NOOK_HTTPS_ADDR=127.0.0.1:$(free_port) NOOK_VM_POR
 nook_pid=$!
 for _ in $(seq 100); do "${ssh_[@]}" lobby@127.0.0.1 signup bench@example.com >/dev/null 2>&1 && break; sleep 0.1; done
 kill -0 "$nook_pid" 2>/dev/null || { echo "nook serve did not start:" >&2; cat "$tmp/nook.log" >&2; exit 1; }
-"${ssh_[@]}" lobby@127.0.0.1 new --name src --memory 1G >/dev/null
+"${ssh_[@]}" lobby@127.0.0.1 new --name src --memory 1G >/dev/null ||
+  { echo "new failed (is NOOK_AGENT a static guest agent?):" >&2; tail -20 "$tmp/nook.log" >&2; exit 1; }
 # Clone a settled VM: a systemd guest is ready well before its boot ends, and a fork made in
 # that window shares its one vCPU with the rest of that boot (see ARCHITECTURE.md).
 "${ssh_[@]}" src@127.0.0.1 'sudo -n systemctl is-system-running --wait' >/dev/null || true

@@ -431,21 +431,20 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
             h.addr,
             stderr_of(&out)
         );
-        std::thread::sleep(Duration::from_millis(1500));
-        let later = h.ssh(&alice, "vm1", &["sh", "-c", "'cat /tmp/count'"]);
-        let (before, after) = (
-            lines
-                .get(2)
-                .and_then(|c| c.parse::<u64>().ok())
-                .unwrap_or(u64::MAX),
-            String::from_utf8_lossy(&later.stdout)
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0),
-        );
-        assert!(
-            after > before,
-            "the counter stopped after the move: {before} then {after}"
+        let before = lines
+            .get(2)
+            .and_then(|c| c.parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        wait_until(
+            &format!("vm1's counter to go on after the move (it read {before})"),
+            Duration::from_secs(30),
+            || {
+                let later = h.ssh(&alice, "vm1", &["sh", "-c", "'cat /tmp/count'"]);
+                String::from_utf8_lossy(&later.stdout)
+                    .trim()
+                    .parse::<u64>()
+                    .is_ok_and(|after| after > before)
+            },
         );
         assert_eq!(
             get_through(h, "vm1"),
@@ -693,11 +692,22 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
             .parse::<u64>()
             .unwrap_or(0)
     };
-    let before = count(&h2);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        count(&h3) > before,
-        "vm1's counter did not go on after the restart"
+    // Polled rather than read once after a fixed sleep: on a loaded host the resumed guest
+    // and the SSH round trips can take longer than the counter's period (CI lost a run to a
+    // single read 1.5 s later).
+    let mut before = 0;
+    wait_until(
+        "vm1's counter through h2 after the restart",
+        Duration::from_secs(30),
+        || {
+            before = count(&h2);
+            before > 0
+        },
+    );
+    wait_until(
+        "vm1's counter to go on after the restart",
+        Duration::from_secs(30),
+        || count(&h3) > before,
     );
 
     // PostgreSQL restarted under the hosts: requests fail cleanly meanwhile, the VMs run on,
