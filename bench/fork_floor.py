@@ -6,10 +6,20 @@ Two ways, each from a guest holding FILL MiB of random data in a tmpfs, median o
   copying  what nook's fork does today: a live precopy migration over a unix socket from the
            source (anonymous RAM) into a fresh QEMU waiting with `-incoming defer`; the source
            runs on. Every page in use is copied into memory the clone allocates.
-  shared   the symmetric fork: the source's RAM is a `share=on` file on tmpfs. It is paused, its
-           device state alone is saved (`x-ignore-shared`), and two QEMUs started beforehand with
-           `-incoming defer` -- the source's successor and the clone -- map the file privately
-           (`share=off`) and load that state. Nothing is copied; pages are copied on write.
+  shared   the symmetric fork: the source's RAM is a memfd it maps `share=on`. At the fork the
+           memfd is sealed against writes (F_SEAL_FUTURE_WRITE: the source's own mapping still
+           writes; no one can write, punch or newly map it shared again), two QEMUs -- the
+           source's successor and the clone -- start with `-incoming defer` and map it
+           privately (`share=off`), the source is paused and its device state alone is saved
+           (`x-ignore-shared`), and both load that state. Nothing is copied; pages are copied on
+           write.
+
+Every guest has a virtio-balloon with free page reporting, as nook's do. Without the seal that
+breaks the shared fork: QEMU 7.2 gives memory a guest reports free back by punching a hole in the
+RAM's file, even in a private mapping, so the clone freeing its copy of the data zeroed it under
+the successor (measured: the successor's checksum changed; FORK_FLOOR_UNSEALED=1 shows it). With
+the seal the punch fails and the base stays whole; each round checks that, after the clone has
+freed its copy of the data and given its own pages back.
 
 For each it reports how long the source's vCPUs were stopped, when the clone ran and when it
 answered on its console, and the memory the two share right after (their RSS counted twice less
@@ -20,6 +30,7 @@ The guest is the tiny image's kernel and initrd with a busybox shell (no disk, n
 Run as root:  bench/fork_floor.py [MEMORY_MIB] [FILL_MIB] [ROUNDS]     (defaults 1024 512 5)
 """
 
+import fcntl
 import json
 import mmap
 import os
@@ -98,7 +109,7 @@ class Bench:
         self.memory = memory_mib
         self.fill = fill_mib
         self.dir = tempfile.mkdtemp(prefix="nook-fork-floor.", dir="/var/tmp")
-        self.ram = f"/dev/shm/{os.path.basename(self.dir)}.ram"
+        self.ram = None  # the shared fork's memfd, a fresh one per round
         self.procs = []
 
     def qemu(self, name, backend, incoming=False):
@@ -110,13 +121,15 @@ class Bench:
             "-serial", f"unix:{self.dir}/{name}.console,server=on,wait=off",
             "-qmp", f"unix:{self.dir}/{name}.qmp,server=on,wait=off",
         ]
+        args += ["-device", "virtio-balloon-pci,free-page-reporting=on"]
         if backend is None:
             args += ["-machine", "q35"]
         else:
+            # The memfd is inherited at the same number; QEMU opens it again by its /proc name.
             args += [
                 "-machine", "q35,memory-backend=ram",
                 "-object", f"memory-backend-file,id=ram,size={self.memory}M,"
-                f"mem-path={self.ram},share={backend}",
+                f"mem-path=/proc/self/fd/{self.ram},share={backend}",
             ]
         if incoming:
             args += ["-incoming", "defer"]
@@ -125,7 +138,9 @@ class Bench:
                 os.unlink(f"{self.dir}/{name}.{suffix}")
             except FileNotFoundError:
                 pass
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        fds = () if backend is None else (self.ram,)
+        log = open(f"{self.dir}/{name}.log", "w")
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, pass_fds=fds)
         self.procs.append(proc)
         for _ in range(500):
             if all(os.path.exists(f"{self.dir}/{name}.{s}") for s in ("qmp", "console")):
@@ -143,6 +158,12 @@ class Bench:
                 break
             except RuntimeError:
                 pass
+        # The balloon's driver, as the tiny image's init loads it, so that the guest reports
+        # the memory it frees.
+        console.run(
+            "for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci"
+            " virtio_balloon; do busybox insmod /lib/modules/$m.ko; done"
+        )
         console.run(
             "busybox mount -t devtmpfs none /dev; busybox mkdir -p /mnt;"
             " busybox mount -t tmpfs -o size=95% none /mnt;"
@@ -178,13 +199,17 @@ class Bench:
         return paused, (running - t0) * 1000, (answered - t0) * 1000, shared, ok
 
     def shared(self):
+        self.ram = os.memfd_create("nook-fork-floor-ram", os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.ram, self.memory << 20)
         src, sq, sc = self.source("on")
         before = checksum(sc)
+        if not os.environ.get("FORK_FLOOR_UNSEALED"):
+            fcntl.fcntl(self.ram, F_ADD_SEALS, F_SEAL_FUTURE_WRITE)
         succ, aq, ac = self.qemu("successor", "off", incoming=True)
         clone, cq, cc = self.qemu("clone", "off", incoming=True)
-        # Both mapped the file: it needs no name any more, and its pages are freed with the
-        # last QEMU that maps them.
-        os.unlink(self.ram)
+        # Each QEMU holds the memfd now: its pages are freed with the last of them.
+        os.close(self.ram)
+        self.ram = None
         state = f"{self.dir}/state"
         for q in (sq, aq, cq):
             q.cmd("migrate-set-capabilities",
@@ -208,9 +233,27 @@ class Bench:
         shared = shared_mib(succ.pid, clone.pid)
         # Each writes its own data over the same pages and reads back its own.
         ac.run("busybox dd if=/dev/urandom of=/mnt/fill bs=1M count=16 conv=notrunc 2>/dev/null")
-        ok = ok and checksum(ac) != checksum(cc) == before
+        mine = checksum(ac)
+        ok = ok and mine != checksum(cc) == before
+        # The clone frees its copy of the data, and its guest reports that memory free (every
+        # 2 s): QEMU then punches the RAM's file, which the seal refuses (QEMU logs each
+        # refusal), so the successor's data must stay whole.
+        held = rss_mib(clone.pid)
+        cc.run("busybox rm /mnt/fill")
+        deadline = time.time() + 20
+        while time.time() < deadline and not refused_punches(f"{self.dir}/clone.log") and \
+                rss_mib(clone.pid) > held - self.fill // 2:
+            time.sleep(0.5)
+        refused = refused_punches(f"{self.dir}/clone.log")
+        intact = checksum(ac) == mine
+        if not intact:
+            print(f"  the successor's data changed when the clone freed its copy "
+                  f"(its QEMU went from {held} to {rss_mib(clone.pid)} MiB)")
         self.end(succ, clone)
-        return (resumed - t0) * 1000, (running - t0) * 1000, (answered - t0) * 1000, shared, ok
+        return (
+            (resumed - t0) * 1000, (running - t0) * 1000, (answered - t0) * 1000, shared,
+            ok and intact, refused,
+        )
 
     def cleanup(self):
         for proc in self.procs:
@@ -218,16 +261,31 @@ class Bench:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
-        try:
-            os.unlink(self.ram)
-        except FileNotFoundError:
-            pass
+        if self.ram is not None:
+            os.close(self.ram)
 
 
 def checksum(console):
     out = console.run("busybox md5sum /mnt/fill")
     return next(line.split()[0] for line in out.splitlines() if "/mnt/fill" in line and
                 len(line.split()[0]) == 32)
+
+
+F_ADD_SEALS = 1033  # fcntl.h; Python's fcntl module names neither
+F_SEAL_FUTURE_WRITE = 0x10
+
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def refused_punches(log):
+    """How many times QEMU could not give memory back by punching its RAM's file."""
+    with open(log, errors="replace") as f:
+        return sum("Failed to fallocate" in line for line in f)
 
 
 def shared_mib(a, b):
@@ -264,12 +322,17 @@ def main():
         for name, run in (("copying", bench.copying), ("shared", bench.shared)):
             results = [run() for _ in range(rounds)]
             if not all(r[4] for r in results):
-                raise SystemExit(f"{name}: a clone's data differed from its source's")
+                raise SystemExit(f"{name}: a fork's data was not its own (see above)")
             med = [statistics.median(r[i] for r in results) for i in range(4)]
             print(f"{name:8} fork of a {memory} MiB guest holding {fill} MiB (median of {rounds}): "
                   f"source paused {med[0]:.0f} ms, clone running at {med[1]:.0f} ms, "
                   f"answering at {med[2]:.0f} ms; shared {med[3]:.0f} MiB once both read the data; "
                   f"each round's answer: {', '.join(f'{r[2]:.0f}' for r in results)} ms")
+            if name == "shared":
+                print(f"         the clone then freed its copy of the data: its QEMU's punches "
+                      f"of the sealed memfd were refused ({min(r[5] for r in results)}-"
+                      f"{max(r[5] for r in results)} times a round), and the successor's data "
+                      f"stayed whole in every round")
     finally:
         bench.cleanup()
 
