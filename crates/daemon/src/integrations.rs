@@ -173,7 +173,7 @@ pub(crate) async fn command(
                             "Invalid --for {text:?}: use a number with s, m, h or d, e.g. 2h"
                         ))
                     })?;
-                    Some(unix_now() + secs)
+                    Some(unix_now_rounded_up() + secs)
                 }
             };
             m.store()
@@ -223,10 +223,13 @@ fn not_found(name: &str) -> ApiError {
     )
 }
 
-fn unix_now() -> i64 {
+/// The time in whole seconds, rounded up: a grant "for 15s" ends 15 to 16 s later, never
+/// sooner (grants are checked against the time rounded down, and rounding the start down too
+/// ended them up to a second early).
+fn unix_now_rounded_up() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0, |d| d.as_secs() as i64 + i64::from(d.subsec_nanos() > 0))
 }
 
 /// Checks an `add` and seals its secret.

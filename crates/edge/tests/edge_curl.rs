@@ -694,9 +694,12 @@ async fn upstream_down_gives_a_502_page_naming_the_vm() {
     }
 }
 
+/// The timeout the tests of the edge's timeouts set (the harness's are longer).
+const SHORT_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_upstream_gives_a_504_page() {
-    let h = Harness::start().await;
+    let h = Harness::start_with(|c| c.upstream_response_timeout = SHORT_TIMEOUT).await;
     let port = start_hanging_upstream().await;
     h.backend.add_vm("hang", port, true);
     let t = Instant::now();
@@ -761,7 +764,11 @@ async fn oversized_headers_get_a_clean_error() {
 /// Bytes trickled slower than the header timeout: the edge closes the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off() {
-    let h = Harness::start().await; // header_read_timeout and handshake_timeout: 2 s
+    let h = Harness::start_with(|c| {
+        c.header_read_timeout = SHORT_TIMEOUT;
+        c.handshake_timeout = SHORT_TIMEOUT;
+    })
+    .await;
     let up = start_upstream().await;
     h.backend.add_vm("pub", up, true);
 
@@ -847,11 +854,12 @@ async fn sse_arrives_event_by_event() {
         for (i, (ev, _)) in seen.iter().enumerate() {
             assert_eq!(ev, &format!("data: event{i}"));
         }
-        // The upstream waits 400 ms between events; buffering would bunch them up.
+        // The upstream waits a second between events; buffering would bunch them up. (Half of
+        // it is left for a loaded host to be late reading one event.)
         for w in seen.windows(2) {
             let gap = w[1].1 - w[0].1;
             assert!(
-                gap >= Duration::from_millis(250),
+                gap >= SSE_EVENT_GAP / 2,
                 "{proto}: events bunched: {seen:?}"
             );
         }
@@ -1194,17 +1202,19 @@ async fn a_handoff_link_signs_in_only_the_browser_that_asked() {
 async fn idle_connections_are_closed() {
     // The header timeout (which also closes idle HTTP/1.1 connections) is set out of the way,
     // so only the idle timeout can close them here.
+    // Requests come 400 ms apart, for well over the idle timeout; the timeout leaves 1.6 s for
+    // a loaded host to stall between two of them (a 1 s timeout left 0.6 s).
     let h = Harness::start_with(|c| {
-        c.idle_timeout = Duration::from_secs(1);
+        c.idle_timeout = Duration::from_secs(2);
         c.header_read_timeout = Duration::from_secs(60);
     })
     .await;
     let up = start_upstream().await;
     h.backend.add_vm("pub", up, true);
 
-    // HTTP/1.1: requests every 400 ms for 3 s on one connection, then silence.
+    // HTTP/1.1: requests every 400 ms for 4.8 s on one connection, then silence.
     let mut tls = h.tls_connect("pub.nook.localhost").await;
-    for _ in 0..8 {
+    for _ in 0..12 {
         tls.write_all(b"GET / HTTP/1.1\r\nHost: pub.nook.localhost\r\n\r\n")
             .await
             .unwrap();

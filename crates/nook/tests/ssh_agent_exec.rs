@@ -148,12 +148,14 @@ def setsize(rows, cols):
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 setsize(24, 80)
 buf = b""
-def expect(token, timeout=30):
+def expect(token, timeout=30, fail=True):
     global buf
     end = time.time() + timeout
     while token not in buf:
         left = end - time.time()
         if left <= 0:
+            if not fail:
+                return False
             sys.stdout.write(buf.decode(errors="replace"))
             sys.exit("timed out waiting for %r" % token)
         r, _, _ = select.select([fd], [], [], left)
@@ -167,15 +169,23 @@ def expect(token, timeout=30):
                 sys.exit("EOF waiting for %r" % token)
             buf += data
     buf = buf[buf.index(token) + len(token):]
+    return True
 os.write(fd, b"stty size | sed 's/^/size=/'\n")
 expect(b"size=24 80")
 setsize(40, 132)
 os.kill(pid, signal.SIGWINCH)
-time.sleep(1)
-os.write(fd, b"stty size | sed 's/^/size=/'\n")
-expect(b"size=40 132")
-os.write(fd, b"sleep 100; echo slept\n")
-time.sleep(2)
+# The resize travels to the guest's pty on its own; ask until it has arrived (30 s at most).
+for _ in range(15):
+    os.write(fd, b"stty size | sed 's/^/size=/'\n")
+    if expect(b"size=40 132", timeout=2, fail=False):
+        break
+else:
+    expect(b"size=40 132")
+# ^C only once the command runs: sent earlier, it would flush the line before the shell read
+# it. The command is one process that prints, then becomes sleep, so ^C ends it with 130
+# whichever it is by then. (The quotes keep the echoed command line from matching.)
+os.write(fd, b"sh -c 'echo sl\"\"eeping; exec sleep 100'\n")
+expect(b"sleeping")
 os.write(fd, b"\x03")
 os.write(fd, b"echo status=$?\n")
 expect(b"status=130")

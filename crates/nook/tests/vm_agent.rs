@@ -345,7 +345,9 @@ fn vm_agent_through_openai_responses_and_every_failure_leaves_it_usable() {
         // A long command during which the VM is stopped.
         {"reply": [{"tool": "bash", "input": {"command": "sleep 60"}}]},
         // Bob, a collaborator, then not.
-        {"reply": [{"tool": "bash", "input": {"command": "sleep 3; echo bob-was-here"}}]},
+        // Its command ends only once the test has taken the share away (a fixed sleep could
+        // end first on a loaded host), and at most after 2 minutes.
+        {"reply": [{"tool": "bash", "input": {"command": "for i in $(seq 600); do [ -e /tmp/release ] && break; sleep 0.2; done; echo bob-was-here"}}]},
     ]));
     // The VM user's ~/AGENTS.md goes into the system prompt.
     let wrote = d.ssh(&alice, "tiny", &["echo 'Answer in haiku.' > ~/AGENTS.md"]);
@@ -467,6 +469,7 @@ fn vm_agent_through_openai_responses_and_every_failure_leaves_it_usable() {
     let bobs = prompt_no_wait(&d, &bob, "tiny", None, "hello from bob");
     wait_for(&d, &bob, "tiny", &bobs, "bob's command", calling);
     d.lobby_ok(&alice, &["share", "remove", "tiny", "bob@example.com"]);
+    d.exec("tiny", "touch /tmp/release");
     let ev = wait_for(&d, &alice, "tiny", &bobs, "the end of bob's turn", |e| {
         turn_ends(e) >= 1
     });
@@ -539,7 +542,7 @@ fn vm_agent_turn_goes_on_after_a_daemon_restart_and_its_stream_resumes_by_number
     d.lobby_ok(&alice, &["new", "--name", "box", "--image", "tiny"]);
     model.script(json!([
         {"expect": {"last_user_contains": "count"},
-         "reply": [{"text": "Counting."}, {"tool": "bash", "input": {"command": "sleep 8; echo slept"}}]},
+         "reply": [{"text": "Counting."}, {"tool": "bash", "input": {"command": "sleep 600; echo slept"}}]},
         {"expect": {"tool_result_contains": "interrupted"},
          "reply": [{"text": "Resumed after the restart."}]},
     ]));

@@ -69,6 +69,11 @@ fn assert_no_leaked_layer(d: &Daemon) {
     }
 }
 
+/// How long a counter that ticks every second may take to tick once, read through `vm exec`:
+/// a fixed wait of a tick and a half failed on a loaded host, where one turn of the guest's
+/// loop (a fork, an exec and a rename under TCG) can take longer.
+const COUNTER_PATIENCE: Duration = Duration::from_secs(30);
+
 fn counter(d: &Daemon, vm: &str) -> u64 {
     d.exec(vm, "cat /root/counter")
         .trim()
@@ -95,7 +100,7 @@ fn start_workload(d: &Daemon, vm: &str) {
 
 fn http_get(ip: &str) -> Option<String> {
     let out = Command::new("curl")
-        .args(["-sf", "-m", "5", &format!("http://{ip}:8080/")])
+        .args(["-sf", "-m", "30", &format!("http://{ip}:8080/")])
         .output()
         .ok()?;
     out.status
@@ -159,11 +164,10 @@ fn vm_clone_running_carries_memory_and_processes_and_gets_its_own_identity() {
     // Memory and processes came along: the file, the counter and the web server.
     assert_eq!(d.exec("twin", "cat /root/before"), "before\n");
     let (a0, b0) = (counter(&d, "src"), counter(&d, "twin"));
-    std::thread::sleep(Duration::from_millis(2500));
-    let (a1, b1) = (counter(&d, "src"), counter(&d, "twin"));
-    assert!(
-        a1 > a0 && b1 > b0,
-        "counters: src {a0}->{a1}, twin {b0}->{b1}"
+    wait_until(
+        &format!("both counters to go on (src from {a0}, twin from {b0})"),
+        COUNTER_PATIENCE,
+        || counter(&d, "src") > a0 && counter(&d, "twin") > b0,
     );
     let twin_ip = d.vm("twin")["guest_ip"].as_str().expect("ip").to_string();
     assert_ne!(twin_ip, src_ip);
@@ -440,8 +444,11 @@ fn assert_source_intact(d: &Daemon, running: bool) {
         assert_eq!(vms[0]["state"], "running", "{vms:?}");
         assert_eq!(d.qemu_pids().len(), 1);
         let c0 = counter(d, "src");
-        std::thread::sleep(Duration::from_millis(1500));
-        assert!(counter(d, "src") > c0, "the source is not running on");
+        wait_until(
+            &format!("the source's counter to go on from {c0}"),
+            COUNTER_PATIENCE,
+            || counter(d, "src") > c0,
+        );
     }
     assert_eq!(d.exec("src", "cat /root/before"), "before\n");
 }

@@ -111,11 +111,16 @@ fn host_address() -> String {
     addr
 }
 
+/// Seconds a fetch that must succeed may take, and one that must be dropped is given.
+const ANSWERS: u32 = 30;
+const DROPPED: u32 = 4;
+
 /// Fetches `url` from inside `vm`: `Some(body)` if it answered, `None` if the connection was
 /// refused, dropped or timed out. Anything else (a crashed tool) fails the test, so a `None`
-/// always means the network said no.
-fn fetch(d: &Daemon, vm: &str, url: &str) -> Option<String> {
-    let script = format!("timeout 4 wget -q -O - {url}; echo \"rc=$?\" >&2");
+/// always means the network said no. `secs` bounds the fetch: long where it must answer (a
+/// TCG guest's wget on a loaded host can take seconds), short where a drop is expected.
+fn fetch(d: &Daemon, vm: &str, url: &str, secs: u32) -> Option<String> {
+    let script = format!("timeout {secs} wget -q -O - {url}; echo \"rc=$?\" >&2");
     let out = d.nook(&["vm", "exec", vm, "--", "sh", "-c", &script]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let rc = stderr
@@ -142,13 +147,13 @@ fn vm_network_isolation_egress_and_metadata() {
     let a_ip = a["guest_ip"].as_str().expect("a ip").to_string();
 
     // Metadata: the VM learns who it is.
-    let md = fetch(&d, "neta", "http://169.254.169.254/").expect("metadata reachable");
+    let md = fetch(&d, "neta", "http://169.254.169.254/", ANSWERS).expect("metadata reachable");
     let md: serde_json::Value = serde_json::from_str(&md).expect("metadata JSON");
     assert_eq!(md["name"], "neta");
     assert_eq!(md["owner"], "admin");
 
     // Egress to the "internet", masqueraded.
-    let page = fetch(&d, "neta", "http://203.0.113.10/");
+    let page = fetch(&d, "neta", "http://203.0.113.10/", ANSWERS);
     assert_eq!(page.as_deref(), Some("hello from the internet\n"));
 
     // B serves HTTP; the host can reach it (so the server is really up) but A cannot.
@@ -163,7 +168,7 @@ fn vm_network_isolation_egress_and_metadata() {
         "host cannot reach VM B"
     );
     assert_eq!(
-        fetch(&d, "neta", &format!("http://{b_ip}:8080/")),
+        fetch(&d, "neta", &format!("http://{b_ip}:8080/"), DROPPED),
         None,
         "VM A reached VM B"
     );
@@ -187,7 +192,7 @@ fn vm_network_isolation_egress_and_metadata() {
     ] {
         let url = format!("http://{target}:{port}/");
         assert_eq!(
-            fetch(&d, "neta", &url),
+            fetch(&d, "neta", &url, DROPPED),
             None,
             "VM reached host service at {url}"
         );

@@ -235,7 +235,7 @@ pub mod cdp;
 
 // ---- upstream servers ----
 
-/// An HTTP/1.1 server on VM_IP: `/sse` streams four events 400 ms apart; everything else
+/// An HTTP/1.1 server on VM_IP: `/sse` streams four events `SSE_EVENT_GAP` apart; everything else
 /// answers a JSON dump of the request (method, path, headers).
 pub async fn start_upstream() -> u16 {
     start_upstream_on(0).await.unwrap()
@@ -265,6 +265,9 @@ pub async fn start_upstream_on(port: u16) -> Option<u16> {
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
+/// How long the upstream's `/sse` waits between its events.
+pub const SSE_EVENT_GAP: Duration = Duration::from_secs(1);
+
 async fn upstream_reply(req: Request<Incoming>, port: u16) -> Response<UpBody> {
     if req.uri().path() == "/sse" {
         let events = futures::stream::unfold(0u32, |i| async move {
@@ -272,7 +275,7 @@ async fn upstream_reply(req: Request<Incoming>, port: u16) -> Response<UpBody> {
                 return None;
             }
             if i > 0 {
-                tokio::time::sleep(Duration::from_millis(400)).await;
+                tokio::time::sleep(SSE_EVENT_GAP).await;
             }
             Some((
                 Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: event{i}\n\n")))),
@@ -385,9 +388,11 @@ impl Harness {
         let mut config = EdgeConfig {
             domain: DOMAIN.into(),
             public_port: port,
-            header_read_timeout: Duration::from_secs(2),
-            handshake_timeout: Duration::from_secs(2),
-            upstream_response_timeout: Duration::from_secs(2),
+            // Roomy, so that a loaded host's slow curl never trips them; the tests of these
+            // timeouts set short ones (`SHORT_TIMEOUT`).
+            header_read_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            upstream_response_timeout: Duration::from_secs(10),
             ..Default::default()
         };
         tweak(&mut config);
