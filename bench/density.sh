@@ -99,6 +99,10 @@ CFG
   disk=$(metric nook_tier_disk_swap_used_bytes)
   disk=${disk:-0}
   avail_after=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+  # What KSM saves: each page it shares beyond the first is memory not spent (QEMU is the only
+  # process here that offers pages to KSM). RAM in a shared file would not get this.
+  local ksm_per_vm
+  ksm_per_vm=$(( $(cat /sys/kernel/mm/ksm/pages_sharing 2>/dev/null || echo 0) * $(getconf PAGESIZE) / 1048576 / (n > 0 ? n : 1) ))
   local per_vm=$(( (mem + zram) / 1048576 / (n > 0 ? n : 1) ))
   local host_per_vm=$(( (avail_before - avail_after) / 1024 / (n > 0 ? n : 1) ))
   # Waking: the first HTTPS request through the edge to VMs idle (and packed) all along,
@@ -115,7 +119,7 @@ CFG
   done
   echo "pack=$pack: $n idle $image VMs ($vm_memory each) in a $envelope envelope;" \
     "RAM + compressed tier $(( (mem + zram) / 1048576 )) MiB = $per_vm MiB per VM" \
-    "(host MemAvailable fell $host_per_vm MiB per VM), $(( disk / 1048576 / (n > 0 ? n : 1) )) MiB per VM on disk; CPU per idle VM $idle_cpu% of one core ($qemu_cpu% in its QEMU);" \
+    "(host MemAvailable fell $host_per_vm MiB per VM), $(( disk / 1048576 / (n > 0 ? n : 1) )) MiB per VM on disk, KSM saving $ksm_per_vm MiB per VM; CPU per idle VM $idle_cpu% of one core ($qemu_cpu% in its QEMU);" \
     "first HTTPS request after ${idle_secs} s idle p50 $(printf '%s\n' "${wakes[@]}" | pct 50) ms" \
     "p99 $(printf '%s\n' "${wakes[@]}" | pct 99) ms, awake p50 $(printf '%s\n' "${awake[@]}" | pct 50) ms" \
     "p99 $(printf '%s\n' "${awake[@]}" | pct 99) ms"
