@@ -18,8 +18,9 @@ Every guest has a virtio-balloon with free page reporting, as nook's do. Without
 breaks the shared fork: QEMU 7.2 gives memory a guest reports free back by punching a hole in the
 RAM's file, even in a private mapping, so the clone freeing its copy of the data zeroed it under
 the successor (measured: the successor's checksum changed; FORK_FLOOR_UNSEALED=1 shows it). With
-the seal the punch fails and the base stays whole; each round checks that, after the clone has
-freed its copy of the data and given its own pages back.
+the seal the punch fails and the base stays whole (so a fork's guest gives back nothing through
+its balloon: QEMU 7.2 gives up on a refused punch); each round checks that, after the clone has
+freed its copy of the data.
 
 For each it reports how long the source's vCPUs were stopped, when the clone ran and when it
 answered on its console, and the memory the two share right after (their RSS counted twice less
@@ -139,8 +140,8 @@ class Bench:
             except FileNotFoundError:
                 pass
         fds = () if backend is None else (self.ram,)
-        log = open(f"{self.dir}/{name}.log", "w")
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, pass_fds=fds)
+        with open(f"{self.dir}/{name}.log", "w") as log:
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, pass_fds=fds)
         self.procs.append(proc)
         for _ in range(500):
             if all(os.path.exists(f"{self.dir}/{name}.{s}") for s in ("qmp", "console")):

@@ -14,21 +14,27 @@
 ///   a file named for it until the process that took it exits, so a test never gets a port
 ///   another test has taken but not bound yet.
 pub fn free_port() -> u16 {
-    use std::sync::Mutex;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Mutex, OnceLock};
     const LOW: u32 = 20_000;
     const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    static LOCKS: OnceLock<std::path::PathBuf> = OnceLock::new();
     static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
-    let start = std::process::id().wrapping_mul(7919)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-    let _ = NEXT.compare_exchange(u32::MAX, start % SPAN, Ordering::Relaxed, Ordering::Relaxed);
-    let locks = std::env::temp_dir().join("nook-test-ports");
-    std::fs::create_dir_all(&locks).expect("a directory for port locks");
+    let next = NEXT.get_or_init(|| {
+        let start = std::process::id().wrapping_mul(7919)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        AtomicU32::new(start % SPAN)
+    });
+    let locks = LOCKS.get_or_init(|| {
+        let dir = std::env::temp_dir().join("nook-test-ports");
+        std::fs::create_dir_all(&dir).expect("a directory for port locks");
+        dir
+    });
     for _ in 0..SPAN {
-        let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = LOW + next.fetch_add(1, Ordering::Relaxed) % SPAN;
         let port = u16::try_from(port).expect("below 32768");
         let Ok(lock) = std::fs::File::options()
             .create(true)
