@@ -245,6 +245,10 @@ async fn main() -> anyhow_free::Result {
             paths: paths.clone(),
             cpus: 1,
             memory_mib: image.default_memory_mib,
+            // Raw QEMU's own anonymous RAM: the baseline nook's memfd RAM is measured against.
+            ram: None,
+            disk: paths.disk(),
+            successor: false,
             kernel: image.kernel.clone(),
             initrd: initrd.clone(),
             cmdline,

@@ -20,7 +20,8 @@ use nook_proto::{BootConfig, SpawnRequest};
 use nook_storage::{Image, ImageKind, ImageStore};
 use nook_store::{NewVm, Store, VmRecord};
 use nook_vmm::{
-    Accel, AgentClient, Hypervisor, LaunchSpec, NetBackend, Process, Qemu, Qmp, VmPaths,
+    Accel, AgentClient, GuestRam, Hypervisor, LaunchSpec, NetBackend, Process, Qemu, Qmp,
+    RamMapping, VmPaths,
 };
 use tokio::sync::OnceCell;
 
@@ -42,7 +43,7 @@ mod replica;
 use envelope::*;
 use guest::*;
 pub use join::{DEFAULT_INVITE_TTL, MAX_INVITE_TTL};
-use launch::Launch;
+use launch::{Launch, Launched};
 pub use migrate::Moved;
 use recovery::sweep_cgroups;
 pub use replica::Replicated;
@@ -138,6 +139,9 @@ struct Live {
     /// Until then the guest's sshd may be restarting (a fork taking its own host keys), and
     /// the SSH relay tries a refused connection again.
     sshd_restarting_until: Option<std::time::Instant>,
+    /// Its RAM, when its QEMU maps a memfd of its own shared and a fork may share it (see
+    /// `clone.rs`); None for a fork's successor or clone until it restarts.
+    ram: Option<GuestRam>,
 }
 
 pub struct Manager {

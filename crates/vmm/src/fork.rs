@@ -96,6 +96,8 @@ where
             Some(json!({ "capabilities": [
                 { "capability": "pause-before-switchover", "state": true },
                 { "capability": "events", "state": true },
+                // Set by an instant fork that failed: this stream must carry all of the RAM.
+                { "capability": "x-ignore-shared", "state": false },
             ]})),
         )
         .await?;
@@ -174,6 +176,122 @@ where
             Err(err)
         }
     }
+}
+
+/// The most device state a shared fork carries (its RAM is not in it): a VM's devices hold a
+/// few hundred KB, so only a source whose RAM was not shared after all comes near it.
+const DEVICE_STATE_MAX: u64 = 64 << 20;
+
+/// Forks the running `source`, whose RAM is a memfd it maps shared, into `successor` and
+/// `clone`: two QEMUs started with `-incoming defer` that map that memfd copy-on-write
+/// ([`crate::RamMapping::Fork`]). The source is stopped and `on_paused` runs (it seals the
+/// memfd: from then on the source's writes would reach both); then the source's device state
+/// alone is saved (`x-ignore-shared`) and both load it, nook copying the one stream into two.
+/// The source stays stopped with its disk released, for its successor to take over; on an
+/// error it runs on. Returns when both hold the state; `paused` is unset (the source's pause
+/// ends when its successor runs).
+pub async fn send_shared<F, Fut>(
+    source: &Qmp,
+    successor: &Qmp,
+    clone: &Qmp,
+    on_paused: F,
+) -> Result<ForkTimings, VmmError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), VmmError>>,
+{
+    let started = Instant::now();
+    let ignore_shared = json!({ "capabilities": [
+        { "capability": "x-ignore-shared", "state": true },
+    ]});
+    for qmp in [source, successor, clone] {
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared.clone()))
+            .await?;
+    }
+    source
+        .execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [
+                { "capability": "pause-before-switchover", "state": false },
+            ]})),
+        )
+        .await?;
+    let (from_source, into_tee) = stream_pair()?;
+    let (into_successor, from_tee_1) = stream_pair()?;
+    let (into_clone, from_tee_2) = stream_pair()?;
+    listen(successor, into_successor).await?;
+    listen(clone, into_clone).await?;
+    attach(source, from_source).await?;
+    source.execute("stop", None).await?;
+    let outcome = tokio::time::timeout(FORK_TIMEOUT, async {
+        on_paused().await?;
+        let tee = tokio::spawn(tee(into_tee, [from_tee_1, from_tee_2]));
+        source
+            .execute("migrate", Some(json!({ "uri": format!("fd:{STREAM_FD}") })))
+            .await?;
+        loop {
+            match migration_status(source).await?.as_str() {
+                "completed" => break,
+                s @ ("failed" | "cancelled") => {
+                    return Err(VmmError::Qmp(format!("saving the device state {s}")));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+        tee.await
+            .map_err(|e| VmmError::Qmp(format!("the fork's stream failed: {e}")))??;
+        tokio::try_join!(received(successor), received(clone))?;
+        Ok(())
+    })
+    .await
+    .unwrap_or(Err(VmmError::Timeout(FORK_TIMEOUT)));
+    match outcome {
+        Ok(()) => Ok(ForkTimings {
+            total: started.elapsed(),
+            paused: Duration::ZERO,
+        }),
+        Err(err) => {
+            resume(source).await;
+            Err(err)
+        }
+    }
+}
+
+/// Copies the source's state stream into both destinations until it ends.
+async fn tee(from: std::os::fd::OwnedFd, into: [std::os::fd::OwnedFd; 2]) -> Result<(), VmmError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = |fd: std::os::fd::OwnedFd| {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(std))
+            .map_err(|e| VmmError::Qmp(format!("cannot carry the fork's stream: {e}")))
+    };
+    let mut from = stream(from)?;
+    let [a, b] = into;
+    let (mut a, mut b) = (stream(a)?, stream(b)?);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = from
+            .read(&mut buf)
+            .await
+            .map_err(|e| VmmError::Qmp(format!("reading the source's state: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > DEVICE_STATE_MAX {
+            return Err(VmmError::Qmp(format!(
+                "the source's device state passed {} MiB: its memory was not shared",
+                DEVICE_STATE_MAX >> 20
+            )));
+        }
+        let (ra, rb) = tokio::join!(a.write_all(&buf[..n]), b.write_all(&buf[..n]));
+        ra.and(rb)
+            .map_err(|e| VmmError::Qmp(format!("handing over the source's state: {e}")))?;
+    }
+    let _ = tokio::join!(a.shutdown(), b.shutdown());
+    Ok(())
 }
 
 /// `cont` on a source whose migration just completed: QEMU refuses it until its migration

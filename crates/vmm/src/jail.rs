@@ -188,6 +188,10 @@ pub struct Jail {
     /// (it then reaches no host address, loopback or abstract socket), wrong for user-mode
     /// networking, which needs the host's.
     pub own_net: bool,
+    /// A `/proc` of its own, showing only processes of its uid and nothing but them
+    /// (`hidepid=invisible,subset=pid`): QEMU opens the VM's RAM, a memfd it is handed, by
+    /// `/proc/self/fd/N`, and a memfd cannot be bind-mounted.
+    pub proc: bool,
 }
 
 /// Host directories QEMU loads code and firmware from, bound read-only (or recreated as the
@@ -212,6 +216,7 @@ enum Step {
         dst: CString,
         read_only: bool,
     },
+    Proc(CString),
 }
 
 /// A jail turned into system calls, ready for [`Prepared::enter`] in the child.
@@ -292,6 +297,11 @@ impl Jail {
                 read_only,
             });
         }
+        if self.proc {
+            let proc = Path::new("/proc");
+            mkdirs(proc, &mut steps)?;
+            steps.push(Step::Proc(inside(proc)?));
+        }
         Ok(Prepared {
             root: cstring(&self.root)?,
             namespaces: libc::CLONE_NEWNS | if self.own_net { libc::CLONE_NEWNET } else { 0 },
@@ -366,6 +376,15 @@ impl Prepared {
                     }
                     Step::Symlink { target, link } => {
                         libc::symlink(target.as_ptr(), link.as_ptr()) == 0
+                    }
+                    Step::Proc(dst) => {
+                        libc::mount(
+                            c"proc".as_ptr(),
+                            dst.as_ptr(),
+                            c"proc".as_ptr(),
+                            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                            c"hidepid=invisible,subset=pid".as_ptr().cast(),
+                        ) == 0
                     }
                     Step::Bind {
                         src,
@@ -446,6 +465,7 @@ impl Prepared {
                 Step::Touch(f) => format!("make {}", f.to_string_lossy()),
                 Step::Symlink { link, .. } => format!("link {}", link.to_string_lossy()),
                 Step::Bind { src, .. } => format!("bind {}", src.to_string_lossy()),
+                Step::Proc(dst) => format!("mount a procfs on {}", dst.to_string_lossy()),
             },
             s if s == last => "make the jail's root read-only".into(),
             s if s == last + 1 => "enter the jail's root".into(),
@@ -470,6 +490,7 @@ mod tests {
             writable: vec!["/d/vms/a/disk.qcow2".into()],
             devices: vec![],
             own_net: true,
+            proc: false,
         };
         let p = jail.prepare().expect("prepare");
         let dirs: Vec<_> = p

@@ -14,6 +14,7 @@ pub mod jail;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
+pub mod ram;
 mod sys;
 mod throttle;
 
@@ -23,3 +24,4 @@ pub use jail::Jail;
 pub use probe::{Accel, probe_accel};
 pub use qemu::{Hypervisor, LaunchSpec, NetBackend, Qemu, VmPaths};
 pub use qmp::Qmp;
+pub use ram::{GuestRam, RamMapping};

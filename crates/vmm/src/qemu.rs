@@ -41,6 +41,48 @@ impl VmPaths {
         self.dir.join("qemu.pid")
     }
 
+    /// The files a QEMU serves the VM through (QMP, agent and console sockets, then the
+    /// pidfile), each with the name a successor QEMU keeps it under until it takes over: a
+    /// fork starts the source's successor beside the source's QEMU, and the pidfile, renamed
+    /// last, says which of the two is the VM.
+    pub fn runtime_files(&self) -> [(PathBuf, PathBuf); 4] {
+        [
+            self.qmp_socket(),
+            self.agent_socket(),
+            self.console_socket(),
+            self.pidfile(),
+        ]
+        .map(|live| {
+            let name = live.file_name().unwrap_or_default().to_string_lossy();
+            let staged = match name.split_once('.') {
+                Some((stem, ext)) => format!("{stem}.next.{ext}"),
+                None => format!("{name}.next"),
+            };
+            (live.with_file_name(staged), live)
+        })
+    }
+
+    /// Where the successor's pidfile waits until [`VmPaths::promote_successor`].
+    pub fn successor_pidfile(&self) -> PathBuf {
+        self.runtime_files()[3].0.clone()
+    }
+
+    /// Makes the successor's files the VM's: from now on QMP, the agent, the console and the
+    /// pidfile reach the successor (connections to the old QEMU stay open).
+    pub fn promote_successor(&self) -> std::io::Result<()> {
+        for (staged, live) in self.runtime_files() {
+            std::fs::rename(staged, live)?;
+        }
+        Ok(())
+    }
+
+    /// Removes what a successor that never took over left.
+    pub fn discard_successor(&self) {
+        for (staged, _) in self.runtime_files() {
+            let _ = std::fs::remove_file(staged);
+        }
+    }
+
     /// The last `max_lines` lines of the serial console (of its current file, which holds at
     /// most [`crate::console::CONSOLE_LOG_MAX`]), read from its end on a blocking thread.
     pub async fn console_tail(&self, max_lines: usize) -> String {
@@ -59,6 +101,12 @@ impl VmPaths {
 pub enum NetBackend {
     /// A host tap made by the network crate; the host tells VMs apart by tap.
     Tap { ifname: String, mac: String },
+    /// The tap another QEMU of the same VM holds, taken from it ([`Qemu::take_tap`]): a
+    /// fork's successor (a tap that is open cannot be opened again).
+    TakenTap {
+        fd: std::sync::Arc<OwnedFd>,
+        mac: String,
+    },
     /// A user-mode `-netdev` argument (rootless fallback).
     User { netdev: String, mac: String },
 }
@@ -70,6 +118,14 @@ pub struct LaunchSpec {
     pub paths: VmPaths,
     pub cpus: u32,
     pub memory_mib: u32,
+    /// The guest's RAM; None only to measure anonymous memory against it.
+    pub ram: Option<crate::ram::RamMapping>,
+    /// The root disk's top: the VM's `disk.qcow2`, except for a fork's successor, which opens
+    /// the source's new top before it becomes `disk.qcow2`.
+    pub disk: PathBuf,
+    /// A fork's successor: its runtime files keep their staged names until it takes over
+    /// ([`VmPaths::runtime_files`]).
+    pub successor: bool,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
@@ -121,13 +177,16 @@ impl Qemu {
     }
 
     pub fn args(spec: &LaunchSpec) -> Vec<String> {
-        let p = &spec.paths;
         let s = |path: PathBuf| path.display().to_string();
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("nook-{}", spec.id),
             "-M".into(),
-            "pc".into(),
+            if spec.ram.is_some() {
+                "pc,memory-backend=ram".into()
+            } else {
+                "pc".into()
+            },
             "-accel".into(),
             // TCG keeps its default translation cache (up to 1 GiB, resident only as it fills).
             // A 64 MiB cache saved memory but flushed again and again while a guest booted, and
@@ -163,7 +222,7 @@ impl Qemu {
             "-drive".into(),
             format!(
                 "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap,file.locking=off",
-                s(p.disk())
+                s(spec.disk.clone())
             ),
             "-device".into(),
             "virtio-blk-pci,drive=root".into(),
@@ -171,7 +230,9 @@ impl Qemu {
         let (netdev, mac) = match &spec.net {
             // The tap is opened by nook and handed over (see `launch`): QEMU needs neither
             // /dev/net/tun nor the right to attach to a tap.
-            NetBackend::Tap { mac, .. } => (format!("tap,id=net0,fd={TAP_FD}"), mac),
+            NetBackend::Tap { mac, .. } | NetBackend::TakenTap { mac, .. } => {
+                (format!("tap,id=net0,fd={TAP_FD}"), mac)
+            }
             NetBackend::User { netdev, mac } => (netdev.clone(), mac),
         };
         args.extend([
@@ -201,6 +262,19 @@ impl Qemu {
             args.extend([
                 "-device".into(),
                 "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on".into(),
+            ]);
+        }
+        if let Some(ram) = &spec.ram {
+            // QEMU opens the memfd again by its /proc name (the jail mounts a /proc of its own
+            // for it).
+            args.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id=ram,size={}M,mem-path=/proc/self/fd/{},share={}",
+                    spec.memory_mib,
+                    ram_fd(spec),
+                    if ram.shared() { "on" } else { "off" }
+                ),
             ]);
         }
         if spec.incoming {
@@ -238,6 +312,14 @@ const AGENT_FD: i32 = 4;
 const CONSOLE_FD: i32 = 5;
 const TAP_FD: i32 = 6;
 
+/// The RAM's memfd comes right after the tap, or in its place without one.
+fn ram_fd(spec: &LaunchSpec) -> i32 {
+    match spec.net {
+        NetBackend::Tap { .. } | NetBackend::TakenTap { .. } => TAP_FD + 1,
+        NetBackend::User { .. } => TAP_FD,
+    }
+}
+
 /// QEMU's seccomp filter, all of it.
 const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// How long QEMU may take to come up (its QMP greeting) before the launch is abandoned.
@@ -249,16 +331,18 @@ const STDERR_KEEP: usize = 64 * 1024;
 impl Hypervisor for Qemu {
     fn launch(&self, spec: &LaunchSpec) -> Result<u32, VmmError> {
         let p = &spec.paths;
-        for stale in [
-            p.qmp_socket(),
-            p.agent_socket(),
-            p.console_socket(),
-            p.pidfile(),
-        ] {
+        // QMP, agent and console sockets and the pidfile, under the names this QEMU uses.
+        let [qmp_socket, agent_socket, console_socket, pidfile] = p
+            .runtime_files()
+            .map(|(staged, live)| if spec.successor { staged } else { live });
+        for stale in [&qmp_socket, &agent_socket, &console_socket, &pidfile] {
             let _ = std::fs::remove_file(stale);
         }
-        // Keep the previous boot's console for post-mortems, and start this boot's afresh.
-        let _ = std::fs::rename(p.console_log(), p.dir.join("console.log.1"));
+        // Keep the previous boot's console for post-mortems, and start this boot's afresh (a
+        // successor goes on with its VM's console).
+        if !spec.successor {
+            let _ = std::fs::rename(p.console_log(), p.dir.join("console.log.1"));
+        }
         let listen = |path: PathBuf| {
             std::os::unix::net::UnixListener::bind(&path)
                 .map(OwnedFd::from)
@@ -266,12 +350,23 @@ impl Hypervisor for Qemu {
         };
         // Ordered as the fd numbers in `args`.
         let mut handed = vec![
-            listen(p.qmp_socket())?,
-            listen(p.agent_socket())?,
-            listen(p.console_socket())?,
+            listen(qmp_socket.clone())?,
+            listen(agent_socket)?,
+            listen(console_socket)?,
         ];
-        if let NetBackend::Tap { ifname, .. } = &spec.net {
-            handed.push(crate::sys::open_tap(ifname)?);
+        match &spec.net {
+            NetBackend::Tap { ifname, .. } => handed.push(crate::sys::open_tap(ifname)?),
+            NetBackend::TakenTap { fd, .. } => {
+                handed.push(fd.try_clone().map_err(|e| {
+                    VmmError::LaunchFailed(format!("cannot hand over the tap: {e}"))
+                })?)
+            }
+            NetBackend::User { .. } => {}
+        }
+        if let Some(ram) = &spec.ram {
+            handed.push(ram.ram().handed().map_err(|e| {
+                VmmError::LaunchFailed(format!("cannot hand over the VM's memory: {e}"))
+            })?);
         }
         let jail = spec
             .jail
@@ -298,10 +393,10 @@ impl Hypervisor for Qemu {
         drop(handed);
         let pid = child.id();
         // nook writes the pidfile, not QEMU: a jailed QEMU cannot write into the VM's directory.
-        if let Err(e) = std::fs::write(p.pidfile(), format!("{pid}\n")) {
+        if let Err(e) = std::fs::write(&pidfile, format!("{pid}\n")) {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(VmmError::io(&p.pidfile())(e));
+            return Err(VmmError::io(&pidfile)(e));
         }
         let early = keep_stderr(&mut child, p.dir.join("qemu.log"));
         // QEMU is up once its monitor greets: then every device, the tap included, is set up,
@@ -321,7 +416,7 @@ impl Hypervisor for Qemu {
                     said
                 };
             }
-            if greets(&p.qmp_socket()) {
+            if greets(&qmp_socket) {
                 // Reaped when it ends, so a VM that stops leaves no zombie behind.
                 let _ = std::thread::Builder::new()
                     .name(format!("qemu-{pid}"))
@@ -335,25 +430,69 @@ impl Hypervisor for Qemu {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let _ = std::fs::remove_file(p.pidfile());
+        let _ = std::fs::remove_file(&pidfile);
         Err(VmmError::LaunchFailed(failure))
     }
 
     fn is_running(&self, pid: u32, paths: &VmPaths) -> bool {
-        // The pid may have been reused: only a process whose command line carries this VM's
-        // `-name` is ours.
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            return false;
-        };
-        let Some(id) = paths.dir.file_name() else {
-            return false;
-        };
-        let mut needle = b"\0nook-".to_vec();
-        needle.extend_from_slice(id.as_encoded_bytes());
-        needle.push(0);
-        cmdline
-            .windows(needle.len())
-            .any(|w| w == needle.as_slice())
+        runs_vm(pid, paths)
+    }
+}
+
+/// Whether process `pid` is a QEMU of the VM at `paths`. The pid may have been reused: only a
+/// process whose command line carries this VM's `-name` is ours.
+fn runs_vm(pid: u32, paths: &VmPaths) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let Some(id) = paths.dir.file_name() else {
+        return false;
+    };
+    let mut needle = b"\0nook-".to_vec();
+    needle.extend_from_slice(id.as_encoded_bytes());
+    needle.push(0);
+    cmdline
+        .windows(needle.len())
+        .any(|w| w == needle.as_slice())
+}
+
+/// Every running QEMU of the VM at `paths`: one, except while a fork's successor and the
+/// QEMU it replaces both run (or after a crash cut such a fork short).
+pub fn pids_of(paths: &VmPaths) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| runs_vm(*pid, paths))
+        .collect()
+}
+
+/// Whether process `pid` has the file at `path` open (None when its descriptors cannot be
+/// read).
+pub fn holds_file(pid: u32, path: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let wanted = std::fs::metadata(path).ok()?;
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(entries.flatten().any(|fd| {
+        std::fs::metadata(fd.path())
+            .is_ok_and(|m| m.dev() == wanted.dev() && m.ino() == wanted.ino())
+    }))
+}
+
+impl Qemu {
+    /// A copy of the tap the running QEMU `pid` was handed, for its successor: an open tap
+    /// cannot be opened a second time.
+    pub fn take_tap(pid: u32) -> Result<OwnedFd, VmmError> {
+        let held = std::fs::read_link(format!("/proc/{pid}/fd/{TAP_FD}"));
+        if !held.as_ref().is_ok_and(|t| t == Path::new("/dev/net/tun")) {
+            return Err(VmmError::LaunchFailed(format!(
+                "QEMU {pid} holds no tap at descriptor {TAP_FD} ({held:?})"
+            )));
+        }
+        crate::sys::take_fd(pid, TAP_FD)
+            .map_err(|e| VmmError::LaunchFailed(format!("cannot take QEMU {pid}'s tap: {e}")))
     }
 }
 
@@ -436,6 +575,9 @@ mod tests {
             paths: VmPaths::new("/d/vms/abc123"),
             cpus: 2,
             memory_mib: 256,
+            ram: None,
+            disk: "/d/vms/abc123/disk.qcow2".into(),
+            successor: false,
             kernel: "/img/vmlinux".into(),
             initrd: "/img/initrd".into(),
             cmdline: "console=ttyS0".into(),

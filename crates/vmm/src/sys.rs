@@ -92,3 +92,59 @@ pub(crate) fn open_tap(ifname: &str) -> Result<OwnedFd, VmmError> {
     }
     Ok(OwnedFd::from(tun))
 }
+
+/// A new memfd of `size` bytes named `name`, which may be sealed later (for a VM's RAM; see
+/// [`crate::ram`]).
+pub(crate) fn memfd(name: &std::ffi::CStr, size: u64) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create takes a NUL-terminated name and returns a new descriptor or -1.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned to this process and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::unistd::ftruncate(&fd, size as libc::off_t).map_err(std::io::Error::from)?;
+    Ok(fd)
+}
+
+/// The seals on `fd` (`F_GET_SEALS`).
+pub(crate) fn seals(fd: &OwnedFd) -> std::io::Result<i32> {
+    // SAFETY: fcntl on a descriptor this process owns.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(seals)
+}
+
+/// Adds `F_SEAL_FUTURE_WRITE` to `fd`: mappings already shared and writable still write, but
+/// no new one can be made, and `write(2)` and `fallocate` (hole punches) fail.
+pub(crate) fn seal_future_write(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor this process owns.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A copy of descriptor `fd` of process `pid` (`pidfd_getfd`), which needs the right to
+/// ptrace it (root has it over QEMU).
+pub(crate) fn take_fd(pid: u32, fd: i32) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `pidfd` was just returned to this process and nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that process and flags.
+    let taken = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if taken < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above; pidfd_getfd returns a new descriptor (close-on-exec) of this process.
+    Ok(unsafe { OwnedFd::from_raw_fd(taken as i32) })
+}

@@ -433,39 +433,40 @@ impl Manager {
         }
 
         timings.disk_ms = ms(disk_started.elapsed());
-        progress("starting the clone's QEMU");
-        let (pid, clone_qmp) = self.launch(clone, image, Launch::Fork, progress).await?;
-        self.adopt(clone, clone_qmp.clone(), None);
-        let src_qmp = self.live_qmp(src)?;
-        let source_pid = src.pid;
-        progress("copying memory");
-        let sent = async {
-            fork::connect(&clone_qmp, &src_qmp).await?;
-            fork::send(
-                &src_qmp,
-                || async {
-                    match faults::point("clone:paused") {
-                        Fault::KillSourceQemu => kill_qemu(source_pid),
-                        Fault::KillCloneQemu => kill_qemu(Some(pid)),
-                        Fault::None | Fault::NoAnswer => {}
-                    }
-                    fork::switch_disk(&src_qmp, DISK_DEVICE, &next).await?;
-                    faults::point("clone:switched");
-                    Ok(())
-                },
-                fork::Then::Resume,
-            )
-            .await
-        }
-        .await;
-        self.settle_next_disk(src, Some(&src_qmp)).await;
-        drop(layers_guard);
-        let sent = sent.map_err(|e| errors::from_vmm("copy the VM's memory", e))?;
-        timings.source_paused_ms = Some(ms(sent.paused));
-        fork::finish(&clone_qmp)
-            .await
-            .map_err(|e| errors::from_vmm("restore the clone", e))?;
-        timings.memory_ms = Some(ms(sent.total));
+        let shared = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&src.id)
+            .and_then(|l| l.ram.clone())
+            .filter(|ram| !ram.is_sealed());
+        let (pid, clone_qmp) = match shared {
+            Some(ram) => {
+                self.fork_shared(
+                    src,
+                    clone,
+                    image,
+                    &next,
+                    ram,
+                    layers_guard,
+                    &mut timings,
+                    progress,
+                )
+                .await?
+            }
+            None => {
+                self.fork_copying(
+                    src,
+                    clone,
+                    image,
+                    &next,
+                    layers_guard,
+                    &mut timings,
+                    progress,
+                )
+                .await?
+            }
+        };
         faults::point("clone:restored");
 
         let ready_started = Instant::now();
@@ -515,6 +516,229 @@ impl Manager {
         Ok(timings)
     }
 
+    /// A fork that copies the source's memory into the clone (a live precopy): for a source
+    /// whose RAM cannot be shared (a fork's successor or clone, until it restarts).
+    #[allow(clippy::too_many_arguments)]
+    async fn fork_copying(
+        self: &Arc<Self>,
+        src: &VmRecord,
+        clone: &VmRecord,
+        image: &Image,
+        next: &std::path::Path,
+        layers_guard: tokio::sync::MutexGuard<'_, ()>,
+        timings: &mut CloneTimings,
+        progress: Progress<'_>,
+    ) -> Result<(u32, Qmp), CloneError> {
+        progress("starting the clone's QEMU");
+        let Launched {
+            pid,
+            qmp: clone_qmp,
+            ram,
+        } = self
+            .launch(clone, image, Launch::Fork { shared: None }, progress)
+            .await?;
+        self.adopt(clone, clone_qmp.clone(), None, ram);
+        let src_qmp = self.live_qmp(src)?;
+        let source_pid = src.pid;
+        progress("copying memory");
+        let sent = async {
+            fork::connect(&clone_qmp, &src_qmp).await?;
+            fork::send(
+                &src_qmp,
+                || async {
+                    match faults::point("clone:paused") {
+                        Fault::KillSourceQemu => kill_qemu(source_pid),
+                        Fault::KillCloneQemu => kill_qemu(Some(pid)),
+                        Fault::None | Fault::NoAnswer => {}
+                    }
+                    fork::switch_disk(&src_qmp, DISK_DEVICE, next).await?;
+                    faults::point("clone:switched");
+                    Ok(())
+                },
+                fork::Then::Resume,
+            )
+            .await
+        }
+        .await;
+        self.settle_next_disk(src, Some(&src_qmp)).await;
+        drop(layers_guard);
+        let sent = sent.map_err(|e| errors::from_vmm("copy the VM's memory", e))?;
+        timings.source_paused_ms = Some(ms(sent.paused));
+        fork::finish(&clone_qmp)
+            .await
+            .map_err(|e| errors::from_vmm("restore the clone", e))?;
+        timings.memory_ms = Some(ms(sent.total));
+        Ok((pid, clone_qmp))
+    }
+
+    /// An instant fork: nothing of the source's memory is copied. The source's RAM, a memfd
+    /// its QEMU maps shared, is sealed while the source is stopped, and two new QEMUs map it
+    /// copy-on-write: the clone, and the source's successor, which takes over the source's
+    /// tap, sockets, pid and cgroup and becomes the VM (see `nook_vmm::ram`). Only the device
+    /// state (a few hundred KB) goes over a stream.
+    ///
+    /// Crash safety: the successor's runtime files keep staged names, and its pidfile is
+    /// renamed over the VM's last; until then the old QEMU is the VM, after it the successor
+    /// (a restarted daemon resumes whichever the pidfile names and ends every other QEMU of
+    /// the VM). The old QEMU, stopped, is ended only once the successor runs; it can never
+    /// run again, as both would write the same disk.
+    #[allow(clippy::too_many_arguments)]
+    async fn fork_shared(
+        self: &Arc<Self>,
+        src: &VmRecord,
+        clone: &VmRecord,
+        image: &Image,
+        next: &std::path::Path,
+        ram: GuestRam,
+        layers_guard: tokio::sync::MutexGuard<'_, ()>,
+        timings: &mut CloneTimings,
+        progress: Progress<'_>,
+    ) -> Result<(u32, Qmp), CloneError> {
+        let src_paths = self.paths(&src.id);
+        let src_qmp = self.live_qmp(src)?;
+        let source_pid = self.qemu_pid(&src.id).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotRunning,
+                format!("VM '{}' is not running", src.name),
+            )
+        })?;
+        let tap = match &self.net {
+            Net::Tap(_) => Some(Arc::new(
+                Qemu::take_tap(source_pid).map_err(|e| errors::from_vmm("fork the VM", e))?,
+            )),
+            Net::User => None,
+        };
+        progress("starting the clone's QEMU and the source's next one");
+        let quiet = |_: &str| {};
+        let successor = Launch::Successor {
+            ram: ram.clone(),
+            tap,
+            disk: next.to_path_buf(),
+        };
+        let for_clone = Launch::Fork {
+            shared: Some(ram.clone()),
+        };
+        let (successor, launched) = tokio::join!(
+            self.launch(src, image, successor, &quiet),
+            self.launch(clone, image, for_clone, progress)
+        );
+        if let Ok(l) = &launched {
+            self.adopt(clone, l.qmp.clone(), None, None);
+        }
+        let (successor, launched) = match (successor, launched) {
+            (Ok(s), Ok(l)) => (s, l),
+            (successor, launched) => {
+                if let Ok(s) = successor {
+                    end_successor(&src_paths, s.pid);
+                }
+                self.settle_next_disk(src, Some(&src_qmp)).await;
+                let err = launched.err().unwrap_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::Internal,
+                        format!("could not start the next QEMU of VM '{}'", src.name),
+                    )
+                });
+                return Err(err.into());
+            }
+        };
+        let (clone_pid, clone_qmp) = (launched.pid, launched.qmp);
+        progress("forking the memory");
+        let paused_at = std::sync::OnceLock::new();
+        let sent = fork::send_shared(&src_qmp, &successor.qmp, &clone_qmp, || async {
+            let _ = paused_at.set(Instant::now());
+            ram.seal()?;
+            match faults::point("clone:paused") {
+                Fault::KillSourceQemu => kill_qemu(Some(source_pid)),
+                Fault::KillCloneQemu => kill_qemu(Some(clone_pid)),
+                Fault::None | Fault::NoAnswer => {}
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(err) = sent {
+            // The source runs on in its own QEMU (`send_shared` let it go); its RAM may be
+            // sealed now, so its next fork copies.
+            end_successor(&src_paths, successor.pid);
+            self.settle_next_disk(src, Some(&src_qmp)).await;
+            drop(layers_guard);
+            self.forget_sealed_ram(&src.id);
+            return Err(errors::from_vmm("fork the VM's memory", err).into());
+        }
+        let sent = sent.unwrap_or_default();
+
+        // The successor becomes the VM: its files take the VM's names (the pidfile last), the
+        // store records its pid, it runs, and the old QEMU ends.
+        let old = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&src.id)
+            .map(|l| (l.intended_exit.clone(), l.booted));
+        if let Some((intended_exit, _)) = &old {
+            intended_exit.store(true, Ordering::SeqCst);
+        }
+        if let Err(e) = src_paths.promote_successor() {
+            end_successor(&src_paths, successor.pid);
+            if let Some((intended_exit, _)) = &old {
+                intended_exit.store(false, Ordering::SeqCst);
+            }
+            fork::resume(&src_qmp).await;
+            self.settle_next_disk(src, Some(&src_qmp)).await;
+            drop(layers_guard);
+            self.forget_sealed_ram(&src.id);
+            return Err(io_error("hand the VM to its next QEMU", e).into());
+        }
+        let resumed = successor.qmp.execute("cont", None).await;
+        let paused = paused_at.get().map(Instant::elapsed).unwrap_or_default();
+        kill_qemu(Some(source_pid));
+        faults::point("clone:switched");
+        if let Err(e) = self
+            .store
+            .set_state(&src.id, VmState::Running, None, Some(successor.pid))
+            .await
+        {
+            tracing::error!(vm = %src.name, error = %e, "could not record the VM's next QEMU; a restart finds it by its pidfile");
+        }
+        self.settle_next_disk(src, Some(&successor.qmp)).await;
+        drop(layers_guard);
+        nook_vmm::console::follow(&src_paths);
+        self.adopt(src, successor.qmp.clone(), None, None);
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&src.id)
+        {
+            live.booted = old.is_some_and(|(_, booted)| booted);
+        }
+        if let Err(err) = resumed {
+            tracing::error!(vm = %src.name, %err, "the VM's next QEMU would not run");
+        }
+        {
+            let (this, src) = (self.clone(), src.clone());
+            tokio::spawn(async move { this.reconnect_agent(&src).await });
+        }
+        tracing::info!(vm = %src.name, paused_ms = ms(paused), "the VM runs in its next QEMU, sharing its memory with its clone");
+        timings.source_paused_ms = Some(ms(paused));
+        fork::finish(&clone_qmp)
+            .await
+            .map_err(|e| errors::from_vmm("restore the clone", e))?;
+        timings.memory_ms = Some(ms(sent.total));
+        Ok((clone_pid, clone_qmp))
+    }
+
+    /// After a fork that sealed the VM's RAM and failed: a later fork must copy.
+    fn forget_sealed_ram(&self, id: &str) {
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)
+            && live.ram.as_ref().is_some_and(GuestRam::is_sealed)
+        {
+            live.ram = None;
+        }
+    }
     /// Copies `src`'s nook SSH key to `clone`, when it has one (an image without sshd has
     /// none). The key file keeps its 0600 mode (`fs::copy` copies permissions).
     fn share_ssh_key(&self, src: &VmRecord, clone: &VmRecord) {
@@ -544,16 +768,26 @@ impl Manager {
     }
 
     /// Finishes or undoes moving `vm` onto `disk.next.qcow2`: renamed over `disk.qcow2` when
-    /// QEMU writes to it or (QEMU gone) when it sits on the old top, else removed.
+    /// the VM's QEMU (the one its pidfile names) writes to it or (QEMU gone) when it sits on
+    /// the old top, else removed.
     pub(super) async fn settle_next_disk(&self, vm: &VmRecord, qmp: Option<&Qmp>) {
         let paths = self.paths(&vm.id);
         let (next, disk) = (paths.dir.join(NEXT_DISK), paths.disk());
         if !next.exists() {
             return;
         }
+        // QEMU's name for its top and the files it holds must both say it writes `next`: a
+        // fork's successor opened `next` before it was renamed to `disk.qcow2`, and goes on
+        // calling its top by that name.
         let in_use = match qmp.filter(|q| !q.is_closed()) {
             Some(qmp) => match fork::disk_top(qmp, DISK_DEVICE).await {
-                Ok((_, file)) => Some(file == next.display().to_string()),
+                Ok((_, file)) => {
+                    let named = file == next.display().to_string();
+                    let held = self
+                        .qemu_pid(&vm.id)
+                        .and_then(|pid| nook_vmm::qemu::holds_file(pid, &next));
+                    Some(named && held.unwrap_or(true))
+                }
                 Err(_) => None,
             },
             None => None,
@@ -672,7 +906,13 @@ fn same_file_backs(next: &std::path::Path, disk: &std::path::Path) -> bool {
     }
 }
 
-fn kill_qemu(pid: Option<u32>) {
+/// Ends a successor QEMU that never took over, and what it left.
+fn end_successor(paths: &VmPaths, pid: u32) {
+    kill_qemu(Some(pid));
+    paths.discard_successor();
+}
+
+pub(super) fn kill_qemu(pid: Option<u32>) {
     if let Some(pid) = pid {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),

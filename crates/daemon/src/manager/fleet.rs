@@ -276,7 +276,7 @@ impl Manager {
     }
 
     /// The pid of VM `id`'s QEMU, while one runs (its pidfile alone is not trusted).
-    fn qemu_pid(&self, id: &str) -> Option<u32> {
+    pub(super) fn qemu_pid(&self, id: &str) -> Option<u32> {
         let paths = self.paths(id);
         let pid = nook_vmm::qemu::read_pid(&paths.pidfile()).ok()?;
         let qemu = Qemu {

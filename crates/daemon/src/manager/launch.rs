@@ -4,14 +4,32 @@
 use super::*;
 
 /// Why a QEMU starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(super) enum Launch {
     /// A boot from the disk.
     Boot,
-    /// A clone of a running VM on this host, waiting for its source's state.
-    Fork,
+    /// A clone of a running VM on this host, waiting for its source's state: with `shared`,
+    /// the source's sealed RAM, mapped copy-on-write (an instant fork); without, a RAM of its
+    /// own that the source's memory is copied into.
+    Fork { shared: Option<GuestRam> },
+    /// A running VM's successor in an instant fork: it maps the source's sealed RAM
+    /// copy-on-write, takes over its tap, opens its new disk top `disk`, and waits (with its
+    /// runtime files under their staged names) to take over the VM.
+    Successor {
+        ram: GuestRam,
+        tap: Option<Arc<std::os::fd::OwnedFd>>,
+        disk: PathBuf,
+    },
     /// A running VM moving here from another host, waiting for its state.
     Arrival,
+}
+
+/// A QEMU just started.
+pub(super) struct Launched {
+    pub pid: u32,
+    pub qmp: Qmp,
+    /// Its RAM when it maps a memfd of its own shared: what an instant fork shares.
+    pub ram: Option<GuestRam>,
 }
 
 /// How long after a fork, at most, the SSH relay tries a refused connection to its sshd again:
@@ -71,11 +89,11 @@ impl Manager {
     ) -> Result<(), BootError> {
         let started = Instant::now();
         let paths = self.paths(&vm.id);
-        let (pid, qmp) = self.launch(vm, image, Launch::Boot, progress).await?;
+        let Launched { pid, qmp, ram } = self.launch(vm, image, Launch::Boot, progress).await?;
         let agent = AgentClient::connect(&paths.agent_socket())
             .await
             .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
-        self.adopt(vm, qmp.clone(), Some(agent.clone()));
+        self.adopt(vm, qmp.clone(), Some(agent.clone()), ram);
 
         progress("waiting for the guest to boot");
         let timeout = self.cfg.ready_timeout;
@@ -119,14 +137,16 @@ impl Manager {
         image: &Image,
         how: Launch,
         progress: Progress<'_>,
-    ) -> Result<(u32, Qmp), ApiError> {
+    ) -> Result<Launched, ApiError> {
         // Before anything of the VM's starts: another host may be running it. A VM arriving
         // from another host is that host's until it hands over, and runs no instruction here
-        // before this host takes the lease (see `migrate.rs`).
-        if how != Launch::Arrival {
+        // before this host takes the lease (see `migrate.rs`). A successor runs a VM this
+        // host already holds.
+        if matches!(how, Launch::Boot | Launch::Fork { .. }) {
             self.take_lease(vm).await?;
         }
-        let incoming = how != Launch::Boot;
+        let incoming = !matches!(how, Launch::Boot);
+        let successor = matches!(how, Launch::Successor { .. });
         let paths = self.paths(&vm.id);
         let qemu =
             Qemu::locate(self.cfg.qemu.as_deref()).map_err(|e| errors::from_vmm("find QEMU", e))?;
@@ -145,8 +165,12 @@ impl Manager {
             init: Some(image.init.clone()),
             ..self.guest_config(vm, &link)
         };
-        let net = match &self.net {
-            Net::Tap(host) => {
+        let net = match (&self.net, &how) {
+            (Net::Tap(_), Launch::Successor { tap: Some(fd), .. }) => NetBackend::TakenTap {
+                fd: fd.clone(),
+                mac: link.mac.clone(),
+            },
+            (Net::Tap(host), _) => {
                 progress("connecting the network");
                 let (host, l) = (host.clone(), link.clone());
                 let added = tokio::task::spawn_blocking(move || host.add_vm(&l)).await;
@@ -157,10 +181,21 @@ impl Manager {
                     mac: link.mac.clone(),
                 }
             }
-            Net::User => NetBackend::User {
+            (Net::User, _) => NetBackend::User {
                 netdev: nook_net::user_mode_netdev("net0"),
                 mac: link.mac.clone(),
             },
+        };
+        let (ram, disk) = match &how {
+            Launch::Successor { ram, disk, .. } => (RamMapping::Fork(ram.clone()), disk.clone()),
+            Launch::Fork { shared: Some(ram) } => (RamMapping::Fork(ram.clone()), paths.disk()),
+            Launch::Boot | Launch::Fork { shared: None } | Launch::Arrival => (
+                RamMapping::Own(
+                    GuestRam::new(vm.memory_mib)
+                        .map_err(|e| errors::from_vmm("make the VM's memory", e))?,
+                ),
+                paths.disk(),
+            ),
         };
         // `-M pc` rather than microvm: under TCG here, microvm guests hang or crash early in a
         // fair share of boots, pc boots as fast and did not fail once.
@@ -174,6 +209,7 @@ impl Manager {
             let files = JailFiles {
                 qemu: qemu.binary.clone(),
                 paths: paths.clone(),
+                disk: disk.clone(),
                 kernel: image.kernel.clone(),
                 initrd: initrd.clone(),
                 base: image.rootfs.clone(),
@@ -194,6 +230,9 @@ impl Manager {
             paths: paths.clone(),
             cpus: vm.cpu,
             memory_mib: vm.memory_mib,
+            ram: Some(ram.clone()),
+            disk,
+            successor,
             kernel: image.kernel.clone(),
             initrd,
             cmdline,
@@ -201,21 +240,26 @@ impl Manager {
             accel,
             reclaim: self.cfg.reclaim,
             incoming,
-            hold: how == Launch::Arrival,
+            // A successor waits to be told to run, once the VM is its (see `clone.rs`).
+            hold: matches!(how, Launch::Arrival | Launch::Successor { .. }),
             jail,
         };
         progress(&format!("starting QEMU ({})", accel.qemu_arg()));
         let launched = tokio::task::spawn_blocking(move || qemu.launch(&spec)).await;
         let pid =
             map_join(launched, "start QEMU")?.map_err(|e| errors::from_vmm("start QEMU", e))?;
-        nook_vmm::console::follow(&paths);
+        // A successor's console is followed once it is the VM's.
+        if !successor {
+            nook_vmm::console::follow(&paths);
+        }
         // A fork's clone stays `creating` until it is complete, so that a crash before then
         // removes it rather than re-adopting half a clone.
         let state = match how {
             Launch::Boot => Some(VmState::Starting),
-            Launch::Fork => Some(VmState::Creating),
-            // The row is the sending host's until the VM is handed over.
-            Launch::Arrival => None,
+            Launch::Fork { .. } => Some(VmState::Creating),
+            // The row is the sending host's until the VM is handed over; a successor's pid is
+            // recorded when it takes over.
+            Launch::Arrival | Launch::Successor { .. } => None,
         };
         if let Some(state) = state {
             self.store
@@ -223,11 +267,33 @@ impl Manager {
                 .await
                 .map_err(|e| errors::from_store("record the VM's process", e))?;
         }
-        self.confine(vm, pid).await?;
-        let qmp = Qmp::connect(&paths.qmp_socket())
-            .await
-            .map_err(|e| errors::from_vmm("connect to QMP", e))?;
-        Ok((pid, qmp))
+        let qmp_socket = if successor {
+            paths.runtime_files()[0].0.clone()
+        } else {
+            paths.qmp_socket()
+        };
+        let connected = async {
+            self.confine(vm, pid).await?;
+            Qmp::connect(&qmp_socket)
+                .await
+                .map_err(|e| errors::from_vmm("connect to QMP", e))
+        }
+        .await;
+        let qmp = match connected {
+            Ok(qmp) => qmp,
+            // A successor is no VM's yet: nothing else would ever stop it.
+            Err(err) if successor => {
+                clone::kill_qemu(Some(pid));
+                paths.discard_successor();
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
+        let ram = match ram {
+            RamMapping::Own(ram) => Some(ram),
+            RamMapping::Fork(_) => None,
+        };
+        Ok(Launched { pid, qmp, ram })
     }
 
     /// The name and address the guest gets, at boot on its command line and after a fork
@@ -359,7 +425,13 @@ impl Manager {
     }
 
     /// Registers a running QEMU and watches it until it exits.
-    pub(super) fn adopt(self: &Arc<Self>, vm: &VmRecord, qmp: Qmp, agent: Option<AgentClient>) {
+    pub(super) fn adopt(
+        self: &Arc<Self>,
+        vm: &VmRecord,
+        qmp: Qmp,
+        agent: Option<AgentClient>,
+        ram: Option<GuestRam>,
+    ) {
         let intended_exit = Arc::new(AtomicBool::new(false));
         {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -371,6 +443,7 @@ impl Manager {
                     intended_exit: intended_exit.clone(),
                     booted: false,
                     sshd_restarting_until: None,
+                    ram,
                 },
             );
         }
@@ -546,6 +619,8 @@ pub(super) struct JailFiles {
     /// QEMU itself: its directory is bound too when it is not under `/usr`.
     pub qemu: PathBuf,
     pub paths: VmPaths,
+    /// The disk top QEMU opens (see [`LaunchSpec::disk`]).
+    pub disk: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// The image's base, the one file below the layers a chain may end in.
@@ -584,9 +659,8 @@ pub(super) fn jail_for(
     std::fs::create_dir_all(&root).map_err(|e| fail("make", &root, e))?;
     own(&files.paths.dir, 0)?;
     mode(&files.paths.dir, 0o711)?;
-    let chain =
-        nook_storage::layers::trusted_chain(&files.paths.disk(), &files.layers, &files.base)
-            .map_err(|e| errors::from_storage("start the VM", e))?;
+    let chain = nook_storage::layers::trusted_chain(&files.disk, &files.layers, &files.base)
+        .map_err(|e| errors::from_storage("start the VM", e))?;
     let (top, below) = chain
         .split_first()
         .ok_or_else(|| io_error("read the disk's chain", std::io::ErrorKind::NotFound.into()))?;
@@ -637,6 +711,7 @@ pub(super) fn jail_for(
         writable: vec![files.paths.dir.clone()],
         devices,
         own_net,
+        proc: true,
     })
 }
 

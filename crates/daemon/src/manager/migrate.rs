@@ -698,7 +698,7 @@ impl Manager {
         here.host = me.clone();
         here.image_dir = image_dir.display().to_string();
         let disk = self.paths(vm_id).disk();
-        let mut qemu: Option<(u32, Qmp)> = None;
+        let mut qemu: Option<(u32, Qmp, Option<nook_vmm::GuestRam>)> = None;
         loop {
             match expect::<_, MoveIn>(link, "receiving").await? {
                 MoveIn::File { name, size } if name == "top" => {
@@ -743,7 +743,7 @@ impl Manager {
                     let quiet = |_: &str| {};
                     // Marked first: a launch that fails midway may leave a QEMU or a tap.
                     arrival.launched = Some((here.slot, here.owner.clone()));
-                    let (pid, qmp) = self
+                    let Launched { pid, qmp, ram } = self
                         .launch(&here, &image, Launch::Arrival, &quiet)
                         .await
                         .map_err(|e| e.message)?;
@@ -771,15 +771,15 @@ impl Manager {
                         let _ = tokio::io::copy(&mut stream, &mut ours).await;
                         let _ = ours.shutdown().await;
                     });
-                    qemu = Some((pid, qmp));
+                    qemu = Some((pid, qmp, ram));
                 }
                 MoveIn::Commit => break,
                 other => return Err(format!("the move sent {other:?} out of turn")),
             }
         }
 
-        let state = match &qemu {
-            Some((pid, qmp)) => {
+        let state = match &mut qemu {
+            Some((pid, qmp, ram)) => {
                 fork::received(qmp)
                     .await
                     .map_err(|e| format!("the memory did not all arrive: {e}"))?;
@@ -792,7 +792,7 @@ impl Manager {
                 self.take_released_lease(&here).await?;
                 self.commit_arrival(&vm, &here, VmState::Running, Some(*pid), arrival)
                     .await?;
-                self.adopt(&here, qmp.clone(), None);
+                self.adopt(&here, qmp.clone(), None, ram.take());
                 if let Err(err) = qmp.execute("cont", None).await {
                     tracing::error!(vm = %vm.name, %err, "a VM that moved here would not run");
                 }
@@ -1201,16 +1201,16 @@ impl Manager {
     }
 
     /// Connects to the agent of a VM that moved here, so shells and commands reach it.
-    async fn reconnect_agent(&self, vm: &VmRecord) {
+    pub(super) async fn reconnect_agent(&self, vm: &VmRecord) {
         let agent = match AgentClient::connect(&self.paths(&vm.id).agent_socket()).await {
             Ok(agent) => agent,
             Err(err) => {
-                tracing::warn!(vm = %vm.name, %err, "cannot reach the agent of a VM that moved here");
+                tracing::warn!(vm = %vm.name, %err, "cannot reach the guest agent of a VM in its new QEMU");
                 return;
             }
         };
         if let Err(err) = agent.wait_ready(Duration::from_secs(10)).await {
-            tracing::warn!(vm = %vm.name, %err, "the agent of a VM that moved here does not answer");
+            tracing::warn!(vm = %vm.name, %err, "the guest agent of a VM in its new QEMU does not answer");
         }
         if let Some(live) = self
             .live

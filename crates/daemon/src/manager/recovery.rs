@@ -3,6 +3,20 @@
 
 use super::*;
 
+/// A VM has one QEMU, the one its pidfile names. Another was cut short in an instant fork
+/// (see `clone.rs`): a successor that never took over, or the stopped QEMU a successor
+/// replaced. Either is ended: the successor holds nothing yet, and the old QEMU must never
+/// run again.
+fn end_other_qemus(vm: &VmRecord, paths: &VmPaths, pid: Option<u32>) {
+    for other in nook_vmm::qemu::pids_of(paths) {
+        if Some(other) != pid {
+            tracing::warn!(vm = %vm.name, pid = other, "ending a QEMU of the VM that a fork cut short");
+            clone::kill_qemu(Some(other));
+        }
+    }
+    paths.discard_successor();
+}
+
 impl Manager {
     /// Settles every VM after a daemon start: re-adopts live QEMUs, finishes or undoes
     /// operations a crash interrupted, and removes leftovers no row owns.
@@ -22,6 +36,7 @@ impl Manager {
             let pid = nook_vmm::qemu::read_pid(&paths.pidfile())
                 .ok()
                 .filter(|pid| qemu.is_running(*pid, &paths));
+            end_other_qemus(vm, &paths, pid);
             match (vm.state, pid) {
                 (VmState::Creating, _) => {
                     tracing::warn!(vm = %vm.name, "removing a VM whose creation was interrupted");
@@ -68,7 +83,9 @@ impl Manager {
                                 tracing::warn!(vm = %vm.name, error = %err.message, "could not confine a re-adopted VM");
                             }
                             let agent = AgentClient::connect(&paths.agent_socket()).await.ok();
-                            self.adopt(vm, qmp, agent);
+                            // The VM's own RAM, if a fork may still share it.
+                            let ram = nook_vmm::GuestRam::of_qemu(pid).filter(|r| !r.is_sealed());
+                            self.adopt(vm, qmp, agent, ram);
                             self.record_state_or_log(
                                 &vm.name,
                                 &vm.id,
