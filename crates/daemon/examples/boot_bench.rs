@@ -248,6 +248,7 @@ async fn main() -> anyhow_free::Result {
             // Raw QEMU's own anonymous RAM: the baseline nook's memfd RAM is measured against.
             ram: None,
             disk: paths.disk(),
+            disk_fd: None,
             successor: false,
             kernel: image.kernel.clone(),
             initrd: initrd.clone(),

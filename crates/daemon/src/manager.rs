@@ -39,6 +39,7 @@ mod launch;
 mod migrate;
 mod recovery;
 mod replica;
+mod successor;
 
 use envelope::*;
 use guest::*;

@@ -62,6 +62,8 @@ struct Route {
     /// Stdin the process may still be sent, for spawns with a flow-control window.
     stdin_credit: Option<Arc<Credit>>,
     queue: Arc<QueueBudget>,
+    /// A spawned process's stream, as opposed to one call's reply.
+    process: bool,
 }
 
 /// Frame bytes delivered to one request and not yet taken by its reader. A guest that keeps
@@ -201,6 +203,16 @@ impl AgentClient {
         lock(&self.routes).closed
     }
 
+    /// How many processes started through this connection still stream. A VM that changes
+    /// QEMU (the source of an instant fork) loses the connection, and they their streams.
+    pub fn open_processes(&self) -> usize {
+        lock(&self.routes)
+            .map
+            .values()
+            .filter(|r| r.process)
+            .count()
+    }
+
     /// Queues one frame for the writer, waiting for room until `deadline`. Frames are written
     /// whole by one task, so a sender that gives up never leaves half a frame on the wire.
     async fn send_by(&self, frame: &HostFrame, deadline: Instant) -> Result<(), VmmError> {
@@ -218,13 +230,14 @@ impl AgentClient {
     }
 
     fn open_route(&self) -> Result<(u64, RouteRx), VmmError> {
-        self.open_route_with(None, QueueBudget::reply())
+        self.open_route_with(None, QueueBudget::reply(), false)
     }
 
     fn open_route_with(
         &self,
         stdin_credit: Option<Arc<Credit>>,
         queue: Arc<QueueBudget>,
+        process: bool,
     ) -> Result<(u64, RouteRx), VmmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -236,6 +249,7 @@ impl AgentClient {
             id,
             Route {
                 tx,
+                process,
                 stdin_credit,
                 queue: queue.clone(),
             },
@@ -325,7 +339,8 @@ impl AgentClient {
         let credit = request.window.map(|w| Arc::new(Credit::new(w)));
         let auto_ack = request.window.is_none();
         let window = *request.window.get_or_insert(DEFAULT_WINDOW);
-        let (id, mut rx) = self.open_route_with(credit.clone(), QueueBudget::window(window))?;
+        let (id, mut rx) =
+            self.open_route_with(credit.clone(), QueueBudget::window(window), true)?;
         if let Err(e) = self
             .send_by(
                 &HostFrame {

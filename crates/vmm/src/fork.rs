@@ -89,6 +89,20 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), VmmError>>,
 {
+    send_with(source, switch_disk, then, false).await
+}
+
+/// [`send`], leaving out RAM the source maps shared when `ignore_shared` (an instant fork).
+async fn send_with<F, Fut>(
+    source: &Qmp,
+    switch_disk: F,
+    then: Then,
+    ignore_shared: bool,
+) -> Result<ForkTimings, VmmError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), VmmError>>,
+{
     let started = Instant::now();
     source
         .execute(
@@ -96,8 +110,8 @@ where
             Some(json!({ "capabilities": [
                 { "capability": "pause-before-switchover", "state": true },
                 { "capability": "events", "state": true },
-                // Set by an instant fork that failed: this stream must carry all of the RAM.
-                { "capability": "x-ignore-shared", "state": false },
+                // Left set by an instant fork, a later stream must carry all of the RAM.
+                { "capability": "x-ignore-shared", "state": ignore_shared },
             ]})),
         )
         .await?;
@@ -184,12 +198,11 @@ const DEVICE_STATE_MAX: u64 = 64 << 20;
 
 /// Forks the running `source`, whose RAM is a memfd it maps shared, into `successor` and
 /// `clone`: two QEMUs started with `-incoming defer` that map that memfd copy-on-write
-/// ([`crate::RamMapping::Fork`]). The source is stopped and `on_paused` runs (it seals the
-/// memfd: from then on the source's writes would reach both); then the source's device state
-/// alone is saved (`x-ignore-shared`) and both load it, nook copying the one stream into two.
-/// The source stays stopped with its disk released, for its successor to take over; on an
-/// error it runs on. Returns when both hold the state; `paused` is unset (the source's pause
-/// ends when its successor runs).
+/// ([`crate::RamMapping::Fork`]). The migration leaves the shared RAM out (`x-ignore-shared`),
+/// so it pauses the source almost at once; `on_paused` then runs (it seals the memfd: from
+/// then on the source's writes would reach both), and the device state goes out, nook copying
+/// the one stream into both. The source stays paused with its disk released, for its
+/// successor to take over; on an error it runs on. Returns when both hold the state.
 pub async fn send_shared<F, Fut>(
     source: &Qmp,
     successor: &Qmp,
@@ -200,61 +213,41 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<(), VmmError>>,
 {
-    let started = Instant::now();
+    // The destinations must leave the shared RAM out as the source does. (The source runs on
+    // until the migration pauses it before its switchover: a source stopped beforehand hands
+    // its successor a paused run state, and QEMU 7.2 then cannot release that successor's
+    // disk when it is moved on later.)
     let ignore_shared = json!({ "capabilities": [
         { "capability": "x-ignore-shared", "state": true },
     ]});
-    for qmp in [source, successor, clone] {
+    for qmp in [successor, clone] {
         qmp.execute("migrate-set-capabilities", Some(ignore_shared.clone()))
             .await?;
     }
-    source
-        .execute(
-            "migrate-set-capabilities",
-            Some(json!({ "capabilities": [
-                { "capability": "pause-before-switchover", "state": false },
-            ]})),
-        )
-        .await?;
     let (from_source, into_tee) = stream_pair()?;
     let (into_successor, from_tee_1) = stream_pair()?;
     let (into_clone, from_tee_2) = stream_pair()?;
     listen(successor, into_successor).await?;
     listen(clone, into_clone).await?;
     attach(source, from_source).await?;
-    source.execute("stop", None).await?;
-    let outcome = tokio::time::timeout(FORK_TIMEOUT, async {
-        on_paused().await?;
-        let tee = tokio::spawn(tee(into_tee, [from_tee_1, from_tee_2]));
-        source
-            .execute("migrate", Some(json!({ "uri": format!("fd:{STREAM_FD}") })))
-            .await?;
-        loop {
-            match migration_status(source).await?.as_str() {
-                "completed" => break,
-                s @ ("failed" | "cancelled") => {
-                    return Err(VmmError::Qmp(format!("saving the device state {s}")));
-                }
-                _ => tokio::time::sleep(Duration::from_millis(2)).await,
-            }
-        }
-        tee.await
-            .map_err(|e| VmmError::Qmp(format!("the fork's stream failed: {e}")))??;
-        tokio::try_join!(received(successor), received(clone))?;
-        Ok(())
-    })
-    .await
-    .unwrap_or(Err(VmmError::Timeout(FORK_TIMEOUT)));
-    match outcome {
-        Ok(()) => Ok(ForkTimings {
-            total: started.elapsed(),
-            paused: Duration::ZERO,
-        }),
-        Err(err) => {
-            resume(source).await;
-            Err(err)
-        }
+    let tee = tokio::spawn(tee(into_tee, [from_tee_1, from_tee_2]));
+    let sent = send_with(source, on_paused, Then::StayPaused, true).await;
+    let outcome = async {
+        let sent = sent?;
+        tokio::time::timeout(FORK_TIMEOUT, async {
+            tee.await
+                .map_err(|e| VmmError::Qmp(format!("the fork's stream failed: {e}")))??;
+            tokio::try_join!(received(successor), received(clone))
+        })
+        .await
+        .unwrap_or(Err(VmmError::Timeout(FORK_TIMEOUT)))?;
+        Ok(sent)
     }
+    .await;
+    if outcome.is_err() {
+        resume(source).await;
+    }
+    outcome
 }
 
 /// Copies the source's state stream into both destinations until it ends.

@@ -41,15 +41,21 @@ impl VmPaths {
         self.dir.join("qemu.pid")
     }
 
-    /// The files a QEMU serves the VM through (QMP, agent and console sockets, then the
-    /// pidfile), each with the name a successor QEMU keeps it under until it takes over: a
-    /// fork starts the source's successor beside the source's QEMU, and the pidfile, renamed
+    /// What QEMU says on stderr (its first 64 KiB).
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+
+    /// The files a QEMU serves the VM through (QMP, agent and console sockets, its log, then
+    /// the pidfile), each with the name a successor QEMU keeps it under until it takes over:
+    /// a fork starts the source's successor beside the source's QEMU, and the pidfile, renamed
     /// last, says which of the two is the VM.
-    pub fn runtime_files(&self) -> [(PathBuf, PathBuf); 4] {
+    pub fn runtime_files(&self) -> [(PathBuf, PathBuf); 5] {
         [
             self.qmp_socket(),
             self.agent_socket(),
             self.console_socket(),
+            self.qemu_log(),
             self.pidfile(),
         ]
         .map(|live| {
@@ -62,11 +68,6 @@ impl VmPaths {
         })
     }
 
-    /// Where the successor's pidfile waits until [`VmPaths::promote_successor`].
-    pub fn successor_pidfile(&self) -> PathBuf {
-        self.runtime_files()[3].0.clone()
-    }
-
     /// Makes the successor's files the VM's: from now on QMP, the agent, the console and the
     /// pidfile reach the successor (connections to the old QEMU stay open).
     pub fn promote_successor(&self) -> std::io::Result<()> {
@@ -76,10 +77,13 @@ impl VmPaths {
         Ok(())
     }
 
-    /// Removes what a successor that never took over left.
+    /// Removes what a successor that never took over left, but its log (`qemu.next.log`,
+    /// which says why).
     pub fn discard_successor(&self) {
-        for (staged, _) in self.runtime_files() {
-            let _ = std::fs::remove_file(staged);
+        for (staged, live) in self.runtime_files() {
+            if live != self.qemu_log() {
+                let _ = std::fs::remove_file(staged);
+            }
         }
     }
 
@@ -123,6 +127,9 @@ pub struct LaunchSpec {
     /// The root disk's top: the VM's `disk.qcow2`, except for a fork's successor, which opens
     /// the source's new top before it becomes `disk.qcow2`.
     pub disk: PathBuf,
+    /// The disk top opened by nook, for a top that is renamed while QEMU runs (a fork's
+    /// successor opens the source's new top before it becomes `disk.qcow2`).
+    pub disk_fd: Option<std::sync::Arc<OwnedFd>>,
     /// A fork's successor: its runtime files keep their staged names until it takes over
     /// ([`VmPaths::runtime_files`]).
     pub successor: bool,
@@ -177,7 +184,6 @@ impl Qemu {
     }
 
     pub fn args(spec: &LaunchSpec) -> Vec<String> {
-        let s = |path: PathBuf| path.display().to_string();
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("nook-{}", spec.id),
@@ -222,7 +228,7 @@ impl Qemu {
             "-drive".into(),
             format!(
                 "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap,file.locking=off",
-                s(spec.disk.clone())
+                disk_name(spec)
             ),
             "-device".into(),
             "virtio-blk-pci,drive=root".into(),
@@ -320,6 +326,21 @@ fn ram_fd(spec: &LaunchSpec) -> i32 {
     }
 }
 
+/// A disk top handed as a descriptor comes after the RAM.
+fn disk_fd(spec: &LaunchSpec) -> i32 {
+    ram_fd(spec) + i32::from(spec.ram.is_some())
+}
+
+/// The name QEMU opens the disk top by: its path, or for a top handed as a descriptor, that
+/// descriptor's /proc name, which stays right whatever the file is renamed to (QEMU opens a
+/// top again by its name whenever it changes between read-write and read-only).
+fn disk_name(spec: &LaunchSpec) -> String {
+    match &spec.disk_fd {
+        Some(_) => format!("/proc/self/fd/{}", disk_fd(spec)),
+        None => spec.disk.display().to_string(),
+    }
+}
+
 /// QEMU's seccomp filter, all of it.
 const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 /// How long QEMU may take to come up (its QMP greeting) before the launch is abandoned.
@@ -332,10 +353,10 @@ impl Hypervisor for Qemu {
     fn launch(&self, spec: &LaunchSpec) -> Result<u32, VmmError> {
         let p = &spec.paths;
         // QMP, agent and console sockets and the pidfile, under the names this QEMU uses.
-        let [qmp_socket, agent_socket, console_socket, pidfile] = p
+        let [qmp_socket, agent_socket, console_socket, log, pidfile] = p
             .runtime_files()
             .map(|(staged, live)| if spec.successor { staged } else { live });
-        for stale in [&qmp_socket, &agent_socket, &console_socket, &pidfile] {
+        for stale in [&qmp_socket, &agent_socket, &console_socket, &log, &pidfile] {
             let _ = std::fs::remove_file(stale);
         }
         // Keep the previous boot's console for post-mortems, and start this boot's afresh (a
@@ -368,6 +389,11 @@ impl Hypervisor for Qemu {
                 VmmError::LaunchFailed(format!("cannot hand over the VM's memory: {e}"))
             })?);
         }
+        if let Some(disk) = &spec.disk_fd {
+            handed.push(disk.try_clone().map_err(|e| {
+                VmmError::LaunchFailed(format!("cannot hand over the VM's disk: {e}"))
+            })?);
+        }
         let jail = spec
             .jail
             .as_ref()
@@ -398,7 +424,7 @@ impl Hypervisor for Qemu {
             let _ = child.wait();
             return Err(VmmError::io(&pidfile)(e));
         }
-        let early = keep_stderr(&mut child, p.dir.join("qemu.log"));
+        let early = keep_stderr(&mut child, log);
         // QEMU is up once its monitor greets: then every device, the tap included, is set up,
         // and a bad argument or a missing tap has made it exit with its own words instead.
         let deadline = Instant::now() + LAUNCH_TIMEOUT;
@@ -577,6 +603,7 @@ mod tests {
             memory_mib: 256,
             ram: None,
             disk: "/d/vms/abc123/disk.qcow2".into(),
+            disk_fd: None,
             successor: false,
             kernel: "/img/vmlinux".into(),
             initrd: "/img/initrd".into(),

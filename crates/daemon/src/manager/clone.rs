@@ -18,6 +18,7 @@ use launch::Sshd;
 use nook_api::{CloneMode, CloneMoved, CloneTimings, CloneVm, Cloned};
 use nook_storage::layers;
 use nook_vmm::fork;
+use successor::end_successor;
 
 /// Chains with more layers than this are flattened in the background after a clone.
 const MAX_LAYERS: usize = 8;
@@ -47,6 +48,9 @@ const BOOT_SETTLE_QUIET: Duration = Duration::from_millis(500);
 enum CloneError {
     /// The clone's kernel panicked on waking from the fork: worth forking again.
     Crashed(ApiError),
+    /// A process started in the source while it was being forked instantly: forked again,
+    /// by copying.
+    SourceBusy,
     Failed(ApiError),
 }
 
@@ -199,8 +203,25 @@ impl Manager {
                     timings.total_ms = ms(started.elapsed());
                     tracing::info!(source = %src.name, clone = %record.name, ?timings, "cloned");
                     self.flatten_later(&src.id);
+                    if mode == CloneMode::Fork {
+                        self.rehome_later(&src.id);
+                    }
                     break (record, timings, clone_guard);
                 }
+                Err(CloneError::SourceBusy) if attempt < FORK_ATTEMPTS => {
+                    tracing::info!(source = %src.name, clone = %record.name, "a process started in the source during an instant fork; forking again");
+                    self.destroy(&record).await;
+                    name = Some(record.name.clone());
+                    attempt += 1;
+                    continue;
+                }
+                Err(CloneError::SourceBusy) => ApiError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "processes kept starting in VM '{}' while it was being cloned; try again",
+                        src.name
+                    ),
+                ),
                 Err(CloneError::Crashed(err)) if attempt < FORK_ATTEMPTS => {
                     tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "the clone crashed on waking; forking again");
                     progress("the clone's kernel crashed on waking; forking again");
@@ -222,6 +243,9 @@ impl Manager {
             None => {
                 drop(clone_guard);
                 self.flatten_later(&record.id);
+                if mode == CloneMode::Fork {
+                    self.rehome_later(&record.id);
+                }
                 None
             }
             Some(away) => {
@@ -433,13 +457,16 @@ impl Manager {
         }
 
         timings.disk_ms = ms(disk_started.elapsed());
-        let shared = self
+        // A process streaming through the agent would lose its stream with the source's
+        // QEMU: such a source is copied instead.
+        let busy = self.agent_busy(&src.id);
+        let ram = self
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&src.id)
-            .and_then(|l| l.ram.clone())
-            .filter(|ram| !ram.is_sealed());
+            .and_then(|l| l.ram.clone());
+        let shared = ram.filter(|ram| !busy && !ram.is_sealed());
         let (pid, clone_qmp) = match shared {
             Some(ram) => {
                 self.fork_shared(
@@ -611,7 +638,7 @@ impl Manager {
         progress("starting the clone's QEMU and the source's next one");
         let quiet = |_: &str| {};
         let successor = Launch::Successor {
-            ram: ram.clone(),
+            shares: Some(ram.clone()),
             tap,
             disk: next.to_path_buf(),
         };
@@ -644,8 +671,15 @@ impl Manager {
         let (clone_pid, clone_qmp) = (launched.pid, launched.qmp);
         progress("forking the memory");
         let paused_at = std::sync::OnceLock::new();
+        let busy = std::sync::atomic::AtomicBool::new(false);
         let sent = fork::send_shared(&src_qmp, &successor.qmp, &clone_qmp, || async {
             let _ = paused_at.set(Instant::now());
+            if self.agent_busy(&src.id) {
+                busy.store(true, Ordering::SeqCst);
+                return Err(nook_vmm::VmmError::Qmp(
+                    "a process started in the source during the fork".into(),
+                ));
+            }
             ram.seal()?;
             match faults::point("clone:paused") {
                 Fault::KillSourceQemu => kill_qemu(Some(source_pid)),
@@ -662,62 +696,29 @@ impl Manager {
             self.settle_next_disk(src, Some(&src_qmp)).await;
             drop(layers_guard);
             self.forget_sealed_ram(&src.id);
+            if busy.load(Ordering::SeqCst) {
+                // Forked again, by copying (the source's RAM was not sealed).
+                return Err(CloneError::SourceBusy);
+            }
             return Err(errors::from_vmm("fork the VM's memory", err).into());
         }
         let sent = sent.unwrap_or_default();
 
-        // The successor becomes the VM: its files take the VM's names (the pidfile last), the
-        // store records its pid, it runs, and the old QEMU ends.
-        let old = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&src.id)
-            .map(|l| (l.intended_exit.clone(), l.booted));
-        if let Some((intended_exit, _)) = &old {
-            intended_exit.store(true, Ordering::SeqCst);
-        }
-        if let Err(e) = src_paths.promote_successor() {
-            end_successor(&src_paths, successor.pid);
-            if let Some((intended_exit, _)) = &old {
-                intended_exit.store(false, Ordering::SeqCst);
-            }
-            fork::resume(&src_qmp).await;
-            self.settle_next_disk(src, Some(&src_qmp)).await;
-            drop(layers_guard);
-            self.forget_sealed_ram(&src.id);
-            return Err(io_error("hand the VM to its next QEMU", e).into());
-        }
-        let resumed = successor.qmp.execute("cont", None).await;
-        let paused = paused_at.get().map(Instant::elapsed).unwrap_or_default();
-        kill_qemu(Some(source_pid));
-        faults::point("clone:switched");
-        if let Err(e) = self
-            .store
-            .set_state(&src.id, VmState::Running, None, Some(successor.pid))
+        let successor_qmp = successor.qmp.clone();
+        let paused = match self
+            .take_over(src, &src_qmp, source_pid, successor, "clone:switched")
             .await
         {
-            tracing::error!(vm = %src.name, error = %e, "could not record the VM's next QEMU; a restart finds it by its pidfile");
-        }
-        self.settle_next_disk(src, Some(&successor.qmp)).await;
+            Ok(()) => paused_at.get().map(Instant::elapsed).unwrap_or_default(),
+            Err(err) => {
+                self.settle_next_disk(src, Some(&src_qmp)).await;
+                drop(layers_guard);
+                self.forget_sealed_ram(&src.id);
+                return Err(err.into());
+            }
+        };
+        self.settle_next_disk(src, Some(&successor_qmp)).await;
         drop(layers_guard);
-        nook_vmm::console::follow(&src_paths);
-        self.adopt(src, successor.qmp.clone(), None, None);
-        if let Some(live) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&src.id)
-        {
-            live.booted = old.is_some_and(|(_, booted)| booted);
-        }
-        if let Err(err) = resumed {
-            tracing::error!(vm = %src.name, %err, "the VM's next QEMU would not run");
-        }
-        {
-            let (this, src) = (self.clone(), src.clone());
-            tokio::spawn(async move { this.reconnect_agent(&src).await });
-        }
         tracing::info!(vm = %src.name, paused_ms = ms(paused), "the VM runs in its next QEMU, sharing its memory with its clone");
         timings.source_paused_ms = Some(ms(paused));
         fork::finish(&clone_qmp)
@@ -776,19 +777,19 @@ impl Manager {
         if !next.exists() {
             return;
         }
-        // QEMU's name for its top and the files it holds must both say it writes `next`: a
-        // fork's successor opened `next` before it was renamed to `disk.qcow2`, and goes on
-        // calling its top by that name.
+        // Whether QEMU holds the file open: its name for its top says nothing for a fork's
+        // successor, which opens its top through a descriptor (`/proc/self/fd/N`). QEMU's
+        // name is the answer only where its descriptors cannot be read.
         let in_use = match qmp.filter(|q| !q.is_closed()) {
-            Some(qmp) => match fork::disk_top(qmp, DISK_DEVICE).await {
-                Ok((_, file)) => {
-                    let named = file == next.display().to_string();
-                    let held = self
-                        .qemu_pid(&vm.id)
-                        .and_then(|pid| nook_vmm::qemu::holds_file(pid, &next));
-                    Some(named && held.unwrap_or(true))
-                }
-                Err(_) => None,
+            Some(qmp) => match self
+                .qemu_pid(&vm.id)
+                .and_then(|pid| nook_vmm::qemu::holds_file(pid, &next))
+            {
+                Some(held) => Some(held),
+                None => match fork::disk_top(qmp, DISK_DEVICE).await {
+                    Ok((_, file)) => Some(file == next.display().to_string()),
+                    Err(_) => None,
+                },
             },
             None => None,
         };
@@ -904,12 +905,6 @@ fn same_file_backs(next: &std::path::Path, disk: &std::path::Path) -> bool {
         (Ok(_), Err(_)) => true,
         _ => false,
     }
-}
-
-/// Ends a successor QEMU that never took over, and what it left.
-fn end_successor(paths: &VmPaths, pid: u32) {
-    kill_qemu(Some(pid));
-    paths.discard_successor();
 }
 
 pub(super) fn kill_qemu(pid: Option<u32>) {

@@ -12,11 +12,12 @@ pub(super) enum Launch {
     /// the source's sealed RAM, mapped copy-on-write (an instant fork); without, a RAM of its
     /// own that the source's memory is copied into.
     Fork { shared: Option<GuestRam> },
-    /// A running VM's successor in an instant fork: it maps the source's sealed RAM
-    /// copy-on-write, takes over its tap, opens its new disk top `disk`, and waits (with its
-    /// runtime files under their staged names) to take over the VM.
+    /// A running VM's successor, which takes over its tap and opens the disk top `disk`, and
+    /// waits (with its runtime files under their staged names) to take over the VM (see
+    /// `successor.rs`). In an instant fork it `shares` the VM's sealed RAM copy-on-write;
+    /// otherwise it has RAM of its own, which the VM's memory is copied into.
     Successor {
-        ram: GuestRam,
+        shares: Option<GuestRam>,
         tap: Option<Arc<std::os::fd::OwnedFd>>,
         disk: PathBuf,
     },
@@ -186,15 +187,30 @@ impl Manager {
                 mac: link.mac.clone(),
             },
         };
-        let (ram, disk) = match &how {
-            Launch::Successor { ram, disk, .. } => (RamMapping::Fork(ram.clone()), disk.clone()),
-            Launch::Fork { shared: Some(ram) } => (RamMapping::Fork(ram.clone()), paths.disk()),
-            Launch::Boot | Launch::Fork { shared: None } | Launch::Arrival => (
-                RamMapping::Own(
-                    GuestRam::new(vm.memory_mib)
-                        .map_err(|e| errors::from_vmm("make the VM's memory", e))?,
-                ),
-                paths.disk(),
+        let disk = match &how {
+            Launch::Successor { disk, .. } => disk.clone(),
+            _ => paths.disk(),
+        };
+        // A successor's top is renamed while it runs (to `disk.qcow2` after a fork, over by
+        // the next fork's new top later): it opens it through a descriptor instead of a name.
+        let disk_fd = match &how {
+            Launch::Successor { disk, .. } => Some(Arc::new(std::os::fd::OwnedFd::from(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(disk)
+                    .map_err(|e| io_error("open the VM's disk", e))?,
+            ))),
+            _ => None,
+        };
+        let ram = match &how {
+            Launch::Successor {
+                shares: Some(ram), ..
+            }
+            | Launch::Fork { shared: Some(ram) } => RamMapping::Fork(ram.clone()),
+            _ => RamMapping::Own(
+                GuestRam::new(vm.memory_mib)
+                    .map_err(|e| errors::from_vmm("make the VM's memory", e))?,
             ),
         };
         // `-M pc` rather than microvm: under TCG here, microvm guests hang or crash early in a
@@ -232,6 +248,7 @@ impl Manager {
             memory_mib: vm.memory_mib,
             ram: Some(ram.clone()),
             disk,
+            disk_fd,
             successor,
             kernel: image.kernel.clone(),
             initrd,

@@ -1,0 +1,224 @@
+//! A running VM changing QEMU on this host: a successor QEMU starts beside the VM's, takes its
+//! state, and takes over the VM (its tap, sockets, pidfile, cgroup and row) while the old
+//! QEMU is stopped, which then ends.
+//!
+//! Two things do this: an instant fork (`clone.rs`), whose successor maps the VM's sealed RAM
+//! copy-on-write, and the move of a VM whose RAM is such a mapping into RAM of its own
+//! ([`Manager::rehome`]), so that its next fork can be instant too.
+//!
+//! Crash safety: the successor's runtime files keep staged names, and its pidfile is renamed
+//! over the VM's last. Until then the old QEMU is the VM; after it, the successor. A restarted
+//! daemon resumes whichever the pidfile names and ends every other QEMU of the VM
+//! (`recovery.rs`). The old QEMU, stopped, is ended once the successor runs, and never runs
+//! again: both would write the same disk.
+
+use super::*;
+use crate::faults;
+use clone::kill_qemu;
+use nook_vmm::fork;
+
+/// Ends a successor QEMU that never took over, and what it left.
+pub(super) fn end_successor(paths: &VmPaths, pid: u32) {
+    kill_qemu(Some(pid));
+    paths.discard_successor();
+}
+
+impl Manager {
+    /// Hands `vm` to `successor`, which holds all of its state, paused, while the old QEMU
+    /// (`old_pid`, reached at `old_qmp`) is stopped: the successor's files take the VM's names
+    /// (the pidfile last), it runs, the old QEMU ends, and the store records the successor's
+    /// pid. `fault` names the fault point between the old QEMU's end and that record. On an
+    /// error the successor is ended and the old QEMU goes on.
+    pub(super) async fn take_over(
+        self: &Arc<Self>,
+        vm: &VmRecord,
+        old_qmp: &Qmp,
+        old_pid: u32,
+        successor: Launched,
+        fault: &str,
+    ) -> Result<(), ApiError> {
+        let paths = self.paths(&vm.id);
+        let old = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vm.id)
+            .map(|l| (l.intended_exit.clone(), l.booted));
+        // The old QEMU's end is the daemon's doing, not a crash.
+        if let Some((intended_exit, _)) = &old {
+            intended_exit.store(true, Ordering::SeqCst);
+        }
+        if let Err(e) = paths.promote_successor() {
+            end_successor(&paths, successor.pid);
+            if let Some((intended_exit, _)) = &old {
+                intended_exit.store(false, Ordering::SeqCst);
+            }
+            fork::resume(old_qmp).await;
+            return Err(io_error("hand the VM to its next QEMU", e));
+        }
+        let resumed = successor.qmp.execute("cont", None).await;
+        kill_qemu(Some(old_pid));
+        faults::point(fault);
+        if let Err(e) = self
+            .store
+            .set_state(&vm.id, VmState::Running, None, Some(successor.pid))
+            .await
+        {
+            tracing::error!(vm = %vm.name, error = %e, "could not record the VM's next QEMU; a restart finds it by its pidfile");
+        }
+        nook_vmm::console::follow(&paths);
+        self.adopt(vm, successor.qmp.clone(), None, successor.ram);
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&vm.id)
+        {
+            live.booted = old.is_some_and(|(_, booted)| booted);
+        }
+        if let Err(err) = resumed {
+            tracing::error!(vm = %vm.name, %err, "the VM's next QEMU would not run");
+        }
+        // The agent's connection was the old QEMU's: its sessions end with it (as in a move).
+        let (this, vm) = (self.clone(), vm.clone());
+        tokio::spawn(async move { this.reconnect_agent(&vm).await });
+        Ok(())
+    }
+
+    /// Whether processes run in `id` through its guest agent: they would lose their streams
+    /// if the VM changed QEMU now.
+    pub(super) fn agent_busy(&self, id: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(|l| l.agent.as_ref())
+            .is_some_and(|a| a.open_processes() > 0)
+    }
+
+    /// After an instant fork, moves `id` (the source or the clone) in the background into a
+    /// QEMU with RAM of its own, so that its next fork is instant as well. Only while no
+    /// process runs through its agent (their streams would end), so it waits for such a
+    /// moment, within [`REHOME_PATIENCE`]. Not with `--pack dense`, which keeps the two
+    /// sharing their memory instead (their next forks copy).
+    pub(super) fn rehome_later(self: &Arc<Self>, id: &str) {
+        if self.cfg.pack == nook_memory::Pack::Dense {
+            return;
+        }
+        let (this, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + REHOME_PATIENCE;
+            while Instant::now() < deadline {
+                if !this.agent_busy(&id) {
+                    match this.rehome(&id).await {
+                        Ok(Rehomed::Done | Rehomed::NotNeeded) => return,
+                        Ok(Rehomed::Busy) => {}
+                        Err(err) => {
+                            tracing::warn!(vm = id, error = %err.message, "could not give a forked VM memory of its own; its next fork copies");
+                        }
+                    }
+                }
+                tokio::time::sleep(REHOME_RETRY).await;
+            }
+            tracing::info!(
+                vm = id,
+                "a forked VM kept processes running through its agent; its next fork copies"
+            );
+        });
+    }
+
+    /// Moves the running VM `id`, whose QEMU maps another's sealed RAM, live into a successor
+    /// with RAM of its own: its memory is copied over while it runs (a precopy), and it is
+    /// paused only for the last pages and the hand-over.
+    async fn rehome(self: &Arc<Self>, id: &str) -> Result<Rehomed, ApiError> {
+        let lock = self.op_lock(id);
+        let _guard = lock.lock().await;
+        let Ok(vm) = self.store.get_by_id(id).await else {
+            return Ok(Rehomed::NotNeeded);
+        };
+        let has_ram = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|l| l.ram.is_some());
+        if vm.state != VmState::Running || has_ram != Some(false) {
+            return Ok(Rehomed::NotNeeded);
+        }
+        let started = Instant::now();
+        let image = self.image_of(&vm)?;
+        let paths = self.paths(id);
+        let old_qmp = self.live_qmp(&vm)?;
+        let Some(old_pid) = self.qemu_pid(id) else {
+            return Ok(Rehomed::NotNeeded);
+        };
+        let tap = match &self.net {
+            Net::Tap(_) => Some(Arc::new(
+                Qemu::take_tap(old_pid).map_err(|e| errors::from_vmm("move the VM", e))?,
+            )),
+            Net::User => None,
+        };
+        let quiet = |_: &str| {};
+        let how = Launch::Successor {
+            shares: None,
+            tap,
+            disk: paths.disk(),
+        };
+        let successor = self.launch(&vm, &image, how, &quiet).await?;
+        let busy = AtomicBool::new(false);
+        let sent = async {
+            fork::connect(&successor.qmp, &old_qmp).await?;
+            // Paused for the last pages: a process started through the agent meanwhile
+            // calls the move off.
+            let sent = fork::send(
+                &old_qmp,
+                || async {
+                    if self.agent_busy(id) {
+                        busy.store(true, Ordering::SeqCst);
+                        return Err(nook_vmm::VmmError::Qmp("a process runs in the VM".into()));
+                    }
+                    Ok(())
+                },
+                fork::Then::StayPaused,
+            )
+            .await?;
+            fork::received(&successor.qmp).await?;
+            Ok::<_, nook_vmm::VmmError>(sent)
+        }
+        .await;
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(err) => {
+                end_successor(&paths, successor.pid);
+                fork::resume(&old_qmp).await;
+                if busy.load(Ordering::SeqCst) {
+                    return Ok(Rehomed::Busy);
+                }
+                return Err(errors::from_vmm("copy the VM's memory", err));
+            }
+        };
+        let paused_from = Instant::now() - sent.paused;
+        self.take_over(&vm, &old_qmp, old_pid, successor, "rehome:switched")
+            .await?;
+        tracing::info!(
+            vm = %vm.name,
+            secs = started.elapsed().as_secs_f64(),
+            paused_ms = paused_from.elapsed().as_millis() as u64,
+            "the VM has memory of its own again: its next fork is instant"
+        );
+        Ok(Rehomed::Done)
+    }
+}
+
+/// How long after a fork a VM may wait for a moment without agent processes to get memory
+/// of its own.
+const REHOME_PATIENCE: Duration = Duration::from_secs(600);
+const REHOME_RETRY: Duration = Duration::from_secs(2);
+
+enum Rehomed {
+    Done,
+    /// It has memory of its own, or runs no more.
+    NotNeeded,
+    /// A process started through its agent; try again later.
+    Busy,
+}
