@@ -6,8 +6,10 @@
 #  3. running clone (fork) of 256 MiB and 1 GiB guests with half their memory in use:
 #     `cp` until the clone answers (the command returns once it has taken its identity),
 #     how long the source was paused, and the host memory the two QEMUs share right after
-#     the fork and 60 s later (their RSS counted twice minus their PSS: what KSM or shared
-#     mappings give back; QEMU's own shared libraries are a few MiB of it).
+#     the fork and 60 s later (their RSS counted twice minus their PSS: what shared mappings
+#     give back; QEMU's own shared libraries are a few MiB of it). Each round waits for the
+#     source to have memory of its own again (seconds after the last fork), and the moves
+#     into it are listed from the daemon's log. FORK_MEMORY=shared keeps the two sharing.
 # Run as root after `cargo build --release -p nook` and `scripts/build-agent`:
 #   bench/clone.sh [ROUNDS]
 set -euo pipefail
@@ -18,6 +20,7 @@ images=${NOOK_IMAGES_DIR:-/var/cache/nook-test/images}
 agent=$PWD/target/x86_64-unknown-linux-gnu/release/nook-guest-agent
 tmp=$(mktemp -d /var/tmp/nook-clone-bench.XXXX)
 export NOOK_DATA_DIR=$tmp/data NOOK_IMAGES_DIR=$images NOOK_AGENT=$agent NOOK_SSH_ADDR=off
+export NOOK_FORK_MEMORY=${FORK_MEMORY:-own}
 mkdir -p "$NOOK_DATA_DIR"
 "$nook" serve >"$tmp/log" 2>&1 &
 pid=$!
@@ -65,6 +68,9 @@ qemu_pid() { # $1 = VM name
     if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "qemu-system.*$id"; then basename "$p"; return; fi
   done
 }
+# Whether VM $1's QEMU maps a memfd of its own shared (an instant fork can share it), rather
+# than an instant fork's copy-on-write (it moves into its own within seconds of the fork).
+own_ram() { grep -q 'rw-s .*memfd:nook-ram' "/proc/$(qemu_pid "$1")/maps" 2>/dev/null; }
 shared_mib() { # $1 $2 = pids: RSS counted twice minus PSS, in MiB
   awk '/^Rss:/ {r += $2} /^Pss:/ {p += $2} END {printf "%.0f", (r - p) / 1024}' \
     "/proc/$1/smaps_rollup" "/proc/$2/smaps_rollup"
@@ -73,10 +79,15 @@ shared_mib() { # $1 $2 = pids: RSS counted twice minus PSS, in MiB
 running_clone() { # $1 = memory size, $2 = MiB of it to fill
   local name totals=() pauses=() out sp cp
   name=r$(echo "$1" | tr A-Z a-z)
+  log_from=$(wc -l < "$tmp/log")
   "$nook" vm create --image tiny --name "$name" --memory "$1" >/dev/null 2>&1
   # Half the guest's memory in use (tmpfs), so the fork has real pages to carry.
   "$nook" vm exec "$name" -- sh -c "mount -o remount,size=90% /dev/shm; dd if=/dev/urandom of=/dev/shm/fill bs=1M count=$2 2>/dev/null"
   for i in $(seq "$rounds"); do
+    # After an instant fork the source moves into memory of its own in the background; a cp
+    # meanwhile waits for that move. Each round starts once it is done, as a user's next cp
+    # a few seconds later would.
+    for _ in $(seq 150); do own_ram "$name" && break; sleep 0.2; done
     out=$("$nook" vm cp "$name" "$name-c$i" --json)
     totals+=("$(echo "$out" | field '["timings"]["total_ms"]')")
     pauses+=("$(echo "$out" | field '["timings"]["source_paused_ms"]')")
@@ -91,6 +102,10 @@ running_clone() { # $1 = memory size, $2 = MiB of it to fill
   sleep 60
   shared60=$(shared_mib "$sp" "$cp")
   "$nook" vm rm "$name-c$rounds" >/dev/null 2>&1
+  # The moves into memory of their own (source and clones), from the daemon's log.
+  tail -n +"$((log_from + 1))" "$tmp/log" | grep -a 'memory of its own again' | sed 's/\x1b\[[0-9;]*m//g' |
+    awk '{for (i = 1; i <= NF; i++) if ($i ~ /^(secs|paused_ms)=/) printf "%s ", $i; print ""}' |
+    sed 's/^/  moved: /' >&2
   echo "$(printf '%s\n' "${totals[@]}" | median) $(printf '%s\n' "${pauses[@]}" | median) $shared0 $shared60"
 }
 

@@ -136,6 +136,11 @@ pub struct Settings {
     pub browser: Option<PathBuf>,
     /// How hard idle VMs' memory is packed: `off`, `balanced` or `dense` [default: off].
     pub pack: Option<String>,
+    /// What a running VM and its fork do with the memory they share after `cp`: `own` (each
+    /// moves, in the background, into memory of its own, so its next fork is instant too) or
+    /// `shared` (they go on sharing it; a fork of either copies its memory) [default: shared
+    /// with `pack = dense`, else own].
+    pub fork_memory: Option<String>,
     /// Where the host's state lives: `sqlite` (the embedded file in the data dir, the
     /// default) or a `postgres://` URL, a database several hosts can share.
     pub store: Option<String>,
@@ -208,6 +213,7 @@ impl Settings {
             agent_model: other.agent_model.or(self.agent_model),
             browser: other.browser.or(self.browser),
             pack: other.pack.or(self.pack),
+            fork_memory: other.fork_memory.or(self.fork_memory),
             store: other.store.or(self.store),
             host_name: other.host_name.or(self.host_name),
             host_addr: other.host_addr.or(self.host_addr),
@@ -352,6 +358,8 @@ pub struct Config {
     pub coding_agent: CodingAgentConfig,
     /// How hard idle VMs' memory is packed into the tiers below RAM.
     pub pack: nook_memory::Pack,
+    /// Whether a VM and its fork each move into memory of their own after an instant fork.
+    pub fork_memory: ForkMemory,
     pub store: nook_store::Location,
     /// This host's name among the hosts sharing the store.
     pub host_name: String,
@@ -462,6 +470,15 @@ fn store_location(
         ));
     }
     Ok(nook_store::Location::Postgres(url.to_string()))
+}
+
+/// What an instant fork's two VMs do with the memory they share (see `manager/successor.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForkMemory {
+    /// Each moves into memory of its own, so every fork is instant; they share nothing after.
+    Own,
+    /// They keep sharing it; a fork of either copies.
+    Shared,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -813,6 +830,17 @@ impl Config {
         let coding_agent = coding_agent_from(&gateway, s.agent_model, s.browser)?;
         let pack = nook_memory::Pack::parse(s.pack.as_deref().unwrap_or("off"))
             .map_err(|why| ConfigError::Invalid("pack", why))?;
+        let fork_memory = match s.fork_memory.as_deref() {
+            None if pack == nook_memory::Pack::Dense => ForkMemory::Shared,
+            None | Some("own") => ForkMemory::Own,
+            Some("shared") => ForkMemory::Shared,
+            Some(other) => {
+                return Err(ConfigError::Invalid(
+                    "fork_memory",
+                    format!("{other:?}: use own or shared"),
+                ));
+            }
+        };
         let store = store_location(s.store.as_deref(), &data_dir)?;
         let host_name = match s.host_name {
             Some(name) => name,
@@ -841,6 +869,7 @@ impl Config {
             host_name,
             host_addr,
             pack,
+            fork_memory,
             coding_agent,
             web,
             github_url,

@@ -78,7 +78,7 @@ pub fn from_storage(context: &str, err: StorageError) -> ApiError {
 pub fn from_vmm(context: &str, err: VmmError) -> ApiError {
     match err {
         VmmError::QemuMissing(_) => ApiError::new(ErrorCode::QemuMissing, err.to_string()),
-        VmmError::AgentClosed | VmmError::AgentVersion(..) => ApiError::new(
+        VmmError::AgentClosed | VmmError::AgentMoved | VmmError::AgentVersion(..) => ApiError::new(
             ErrorCode::AgentUnavailable,
             format!("The VM's guest agent is not reachable ({err}); try again, or restart the VM"),
         ),

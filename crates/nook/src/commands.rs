@@ -287,6 +287,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         llm_initial_credit: args.llm_initial_credit,
         agent_model: args.agent_model,
         pack: args.pack,
+        fork_memory: args.fork_memory,
         store: args.store,
         host_name: args.host_name,
         host_addr: args.host_addr,

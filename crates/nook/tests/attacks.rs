@@ -302,7 +302,7 @@ fn attack_qemu_escape_runs_as_its_own_uid_and_sees_no_other_vm() {
     let vm_dir =
         |vm: &serde_json::Value| d.data_dir.join("vms").join(vm["id"].as_str().expect("id"));
     let pid_of = |vm: &serde_json::Value| {
-        let pids = common::qemu_pids_under(&vm_dir(vm));
+        let pids = common::qemu_pids_of_vm(vm["id"].as_str().expect("id"));
         assert_eq!(pids.len(), 1, "QEMUs of {vm}: {pids:?}");
         pids[0]
     };
@@ -384,7 +384,8 @@ fn attack_qemu_escape_runs_as_its_own_uid_and_sees_no_other_vm() {
 #[test]
 fn attack_source_of_a_clone_cannot_write_the_layer_they_share() {
     use std::os::unix::fs::MetadataExt;
-    let d = Daemon::start();
+    // The fork's QEMUs stay as the fork made them (no move into memory of their own).
+    let d = Daemon::start_with(&["--fork-memory", "shared"]);
     d.create_tiny("origin");
     d.ok(&["vm", "cp", "origin", "copy"]);
     // Files are matched by inode: the source opened its layer under its old top's name.
@@ -397,8 +398,7 @@ fn attack_source_of_a_clone_cannot_write_the_layer_they_share() {
     let mut checked = 0;
     for name in ["origin", "copy"] {
         let vm = d.vm(name);
-        let dir = d.data_dir.join("vms").join(vm["id"].as_str().expect("id"));
-        let pids = common::qemu_pids_under(&dir);
+        let pids = common::qemu_pids_of_vm(vm["id"].as_str().expect("id"));
         assert_eq!(pids.len(), 1, "QEMUs of {name}: {pids:?}");
         for fd in std::fs::read_dir(format!("/proc/{}/fd", pids[0]))
             .expect("fds")

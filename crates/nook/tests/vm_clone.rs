@@ -1,5 +1,7 @@
 //! System tests (root, real QEMU guests): `cp`. A running source is forked with its memory and
-//! processes, keeps serving, and the clone takes its own identity; stopped clones share the
+//! processes, keeps serving, and the clone takes its own identity; an instant fork shares the
+//! source's memory, which neither side can change under the other, and each side then gets
+//! memory of its own; stopped clones share the
 //! disk through layers; chains of clones stay readable; `rm` in any order leaks no layer; bad
 //! input and crashes at every step leave the source intact and no half-made clone.
 
@@ -244,9 +246,30 @@ fn vm_clone_running_carries_memory_and_processes_and_gets_its_own_identity() {
     assert!(taps().is_empty(), "{:?}", taps());
 }
 
+/// The QEMU running VM `name`, and how it maps its RAM: `s` for a memfd of its own (shared),
+/// `p` for another's, copy-on-write (an instant fork's).
+fn ram_mapping(d: &Daemon, name: &str) -> (u32, char) {
+    let id = d.vm(name)["id"].as_str().expect("id").to_string();
+    let pidfile = d.data_dir.join("vms").join(&id).join("qemu.pid");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let line = maps
+        .lines()
+        .find(|l| l.contains("/memfd:nook-ram"))
+        .unwrap_or_else(|| panic!("{name}'s QEMU maps no nook-ram memfd:\n{maps}"));
+    let perms = line.split_whitespace().nth(1).expect("perms");
+    (pid, perms.chars().nth(3).expect("s or p"))
+}
+
 #[test]
 fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_own() {
-    let d = Daemon::start();
+    // Shared: the two go on sharing their memory after the fork (no move into memory of
+    // their own), which is what this test looks at.
+    let d = Daemon::start_with(&["--fork-memory", "shared"]);
     d.create_tiny("src");
     // 64 MiB in the guest's RAM (tmpfs), forked while the source keeps it.
     let base = d.exec(
@@ -254,8 +277,34 @@ fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_
         "mkdir -p /mnt/ram && mount -t tmpfs -o size=100m tmpfs /mnt/ram && \
          head -c 67108864 /dev/urandom > /mnt/ram/data && sha256sum < /mnt/ram/data",
     );
+    let (before, own) = ram_mapping(&d, "src");
+    assert_eq!(own, 's', "a booted VM's RAM is a memfd of its own");
     cp(&d, &["src", "twin"]);
+    // An instant fork: the source runs in a successor QEMU, and both map the RAM the source
+    // had copy-on-write.
+    let (after, src_map) = ram_mapping(&d, "src");
+    assert_ne!(after, before, "the source runs in a new QEMU");
+    assert_eq!(src_map, 'p');
+    assert_eq!(ram_mapping(&d, "twin").1, 'p');
+    assert_eq!(d.qemu_pids().len(), 2, "the old QEMU ended");
     assert_eq!(d.exec("twin", "sha256sum < /mnt/ram/data"), base);
+    // The clone frees its copy of the data. Its guest reports the freed pages (free page
+    // reporting) and QEMU punches them out of the RAM's file, which both map: the seal refuses
+    // that, and the source's data stays whole.
+    d.exec("twin", "rm /mnt/ram/data && umount /mnt/ram");
+    let twin_id = d.vm("twin")["id"].as_str().expect("id").to_string();
+    let twin_log = d.data_dir.join("vms").join(&twin_id).join("qemu.log");
+    wait_until(
+        "the clone's QEMU to try to punch the freed pages out of the shared RAM",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&twin_log).is_ok_and(|l| l.contains("fallocate")),
+    );
+    assert_eq!(d.exec("src", "sha256sum < /mnt/ram/data"), base);
+    d.exec(
+        "twin",
+        "mount -t tmpfs -o size=100m tmpfs /mnt/ram && \
+         head -c 67108864 /dev/urandom > /mnt/ram/data",
+    );
     // Both overwrite the same pages in place, each with its own bytes.
     let overwrite = |vm: &str, byte: &str| {
         d.exec(
@@ -282,6 +331,79 @@ fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_
     assert_eq!(d.exec("twin", "sha256sum < /mnt/ram/data"), t);
     d.ok(&["vm", "rm", "twin"]);
     assert!(d.qemu_pids().is_empty());
+}
+
+#[test]
+fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive() {
+    let d = Daemon::start();
+    d.create_tiny("src");
+    let base = d.exec(
+        "src",
+        "mkdir -p /mnt/ram && mount -t tmpfs -o size=100m tmpfs /mnt/ram && \
+         head -c 33554432 /dev/urandom > /mnt/ram/data && sha256sum < /mnt/ram/data",
+    );
+    // After each instant fork both sides move into memory of their own in the background,
+    // so every fork of either is instant (shares, then moves) with the data whole.
+    for clone in ["c1", "c2"] {
+        cp(&d, &["src", clone]);
+        wait_until(
+            &format!("src and {clone} to have memory of their own"),
+            Duration::from_secs(60),
+            || ram_mapping(&d, "src").1 == 's' && ram_mapping(&d, clone).1 == 's',
+        );
+        assert_eq!(d.exec(clone, "sha256sum < /mnt/ram/data"), base);
+        assert_eq!(d.exec("src", "sha256sum < /mnt/ram/data"), base);
+    }
+    cp(&d, &["c1", "c1a"]);
+    assert_eq!(d.exec("c1a", "sha256sum < /mnt/ram/data"), base);
+
+    // A command streaming through the source's agent while it is cloned keeps its stream: a
+    // change of QEMU would cut it, so such a source is copied, and moved only once it ends.
+    let streaming = {
+        let (nook, data_dir) = (common::nook_bin(), d.data_dir.clone());
+        std::thread::spawn(move || {
+            Command::new(nook)
+                .args([
+                    "vm",
+                    "exec",
+                    "src",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo started; sleep 4; echo survived",
+                ])
+                .env("NOOK_DATA_DIR", data_dir)
+                .env("NOOK_IMAGES_DIR", common::images_dir())
+                .output()
+                .expect("exec")
+        })
+    };
+    wait_until(
+        "the streaming command to start",
+        Duration::from_secs(20),
+        || d.exec("src", "ps").contains("sleep 4"),
+    );
+    let (before, _) = ram_mapping(&d, "src");
+    cp(&d, &["src", "c3"]);
+    assert_eq!(ram_mapping(&d, "src").0, before, "the source kept its QEMU");
+    let out = streaming.join().expect("exec thread");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\nsurvived\n");
+    assert_eq!(d.exec("c3", "sha256sum < /mnt/ram/data"), base);
+    // Nothing was left behind: one QEMU per VM, and removing them in any order is clean.
+    wait_until("one QEMU per VM", Duration::from_secs(30), || {
+        d.qemu_pids().len() == 5
+    });
+    for vm in ["c1", "src", "c3", "c2", "c1a"] {
+        d.ok(&["vm", "rm", vm]);
+    }
+    assert!(d.qemu_pids().is_empty());
+    assert!(layers(&d).is_empty(), "layers left: {:?}", layers(&d));
+    assert!(vm_dirs(&d).is_empty());
 }
 
 #[test]
@@ -442,7 +564,11 @@ fn assert_source_intact(d: &Daemon, running: bool) {
     assert_no_leaked_layer(d);
     if running {
         assert_eq!(vms[0]["state"], "running", "{vms:?}");
-        assert_eq!(d.qemu_pids().len(), 1);
+        // (A fork that sealed the source's memory before it failed moves the source into
+        // memory of its own: two QEMUs for a moment.)
+        wait_until("one QEMU", Duration::from_secs(30), || {
+            d.qemu_pids().len() == 1
+        });
         let c0 = counter(d, "src");
         wait_until(
             &format!("the source's counter to go on from {c0}"),
@@ -488,6 +614,38 @@ fn vm_clone_crash_at_any_step_leaves_the_source_intact() {
     d.set_env("NOOK_FAULT", Some("clone:paused=kill-clone"));
     d.restart();
     d.fails(&["vm", "cp", "src", "half"]);
+    assert_source_intact(&d, true);
+
+    // A crash while a forked VM moves into memory of its own (after `cp` returned), between
+    // its old QEMU's end and the store's record of the new one: the pidfile names the new one,
+    // which a restart resumes.
+    d.set_env("NOOK_FAULT", Some("rehome:switched"));
+    d.restart();
+    let _ = d.nook(&["vm", "cp", "src", "half"]);
+    wait_until(
+        "the daemon to die moving a fork",
+        Duration::from_secs(60),
+        || !d.nook(&["vm", "list"]).status.success(),
+    );
+    d.set_env("NOOK_FAULT", None);
+    d.restart();
+    for vm in d.list() {
+        let name = vm["name"].as_str().expect("name").to_string();
+        assert_eq!(vm["state"], "running", "{vm}");
+        assert_eq!(d.exec(&name, "cat /root/before"), "before\n");
+        let c0 = counter(&d, &name);
+        wait_until(
+            &format!("{name}'s counter to go on from {c0}"),
+            COUNTER_PATIENCE,
+            || counter(&d, &name) > c0,
+        );
+    }
+    wait_until("one QEMU per VM", Duration::from_secs(30), || {
+        d.qemu_pids().len() == d.list().len()
+    });
+    if d.list().len() == 2 {
+        d.ok(&["vm", "rm", "half"]);
+    }
     assert_source_intact(&d, true);
 
     // The source's QEMU dies mid-fork: it fails like any crash, with its disk intact.

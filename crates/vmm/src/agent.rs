@@ -162,8 +162,14 @@ pub struct AgentClient {
     routes: SharedRoutes,
     next_id: Arc<AtomicU64>,
     call_timeout: Duration,
+    /// Spawns hold it shared until the guest answers; a VM about to change QEMU holds it
+    /// alone ([`AgentClient::hold_spawns`]), so no spawn is lost in the change.
+    spawns: Arc<tokio::sync::RwLock<()>>,
     _alive: Arc<watch::Sender<()>>,
 }
+
+/// While held, no process starts through the connection (see [`AgentClient::hold_spawns`]).
+pub type SpawnHold = tokio::sync::OwnedRwLockWriteGuard<()>;
 
 /// What the agent said when it answered the readiness probe.
 #[derive(Debug, Clone)]
@@ -189,8 +195,23 @@ impl AgentClient {
             routes,
             next_id: Arc::new(AtomicU64::new(1)),
             call_timeout: CALL_TIMEOUT,
+            spawns: Arc::default(),
             _alive: Arc::new(alive),
         })
+    }
+
+    /// Holds off new processes, for a VM about to change QEMU (whose connection then ends):
+    /// a spawn waiting meanwhile fails with [`VmmError::AgentMoved`] once the connection is
+    /// gone, never having been sent, or goes ahead if the change was called off. None while
+    /// a spawn waits for the guest's answer (the guest may be paused): the change must wait.
+    pub fn hold_spawns(&self) -> Option<SpawnHold> {
+        self.spawns.clone().try_write_owned().ok()
+    }
+
+    /// Ends the connection here, its open requests and streams with it: its VM runs in
+    /// another QEMU now.
+    pub fn close(&self) {
+        close_routes(&self.routes);
     }
 
     /// The same connection, with another deadline for each request.
@@ -336,6 +357,12 @@ impl AgentClient {
     /// acknowledges its output as it hands it out.
     pub async fn spawn(&self, mut request: SpawnRequest) -> Result<Process, VmmError> {
         let deadline = Instant::now() + self.call_timeout;
+        let _spawning = tokio::time::timeout_at(deadline, self.spawns.read())
+            .await
+            .map_err(|_| VmmError::AgentTimeout(self.call_timeout))?;
+        if self.is_closed() {
+            return Err(VmmError::AgentMoved);
+        }
         let credit = request.window.map(|w| Arc::new(Credit::new(w)));
         let auto_ack = request.window.is_none();
         let window = *request.window.get_or_insert(DEFAULT_WINDOW);

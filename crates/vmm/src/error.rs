@@ -15,6 +15,9 @@ pub enum VmmError {
     QmpClosed,
     #[error("Guest agent connection closed")]
     AgentClosed,
+    /// The VM changed QEMU before the request went out: its new agent connection takes it.
+    #[error("The VM moved to a new QEMU before the request was sent")]
+    AgentMoved,
     #[error("Guest agent speaks protocol {0}, this host speaks {1}")]
     AgentVersion(u32, u32),
     #[error("Guest agent: {0}")]

@@ -542,6 +542,32 @@ mod tests {
     }
 
     #[test]
+    fn a_jail_for_ram_in_a_memfd_mounts_a_procfs_of_its_own() {
+        let jail = Jail {
+            uid: DEFAULT_JAIL_UID_BASE + 3,
+            groups: vec![],
+            root: "/j".into(),
+            read_only: vec![],
+            writable: vec![],
+            devices: vec![],
+            own_net: true,
+            proc: true,
+        };
+        let p = jail.prepare().expect("prepare");
+        let at = p
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Proc(d) if d.to_bytes() == b"/j/proc"))
+            .expect("a procfs step");
+        assert!(
+            p.steps[..at]
+                .iter()
+                .any(|s| matches!(s, Step::Mkdir(d) if d.to_bytes() == b"/j/proc")),
+            "its mount point is made first"
+        );
+    }
+
+    #[test]
     fn jail_uids_clash_with_users_groups_subordinate_ids_and_foreign_processes() {
         let uids = JailUids {
             base: 200_000,

@@ -18,7 +18,7 @@ pub mod ram;
 mod sys;
 mod throttle;
 
-pub use agent::{AgentClient, Identified, Process, ProcessHandle};
+pub use agent::{AgentClient, Identified, Process, ProcessHandle, SpawnHold};
 pub use error::VmmError;
 pub use jail::Jail;
 pub use probe::{Accel, probe_accel};

@@ -270,10 +270,14 @@ impl Qemu {
                 "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on".into(),
             ]);
         }
-        if let Some(ram) = &spec.ram {
+        match &spec.ram {
+            Some(crate::RamMapping::Anonymous) => args.extend([
+                "-object".into(),
+                format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
+            ]),
             // QEMU opens the memfd again by its /proc name (the jail mounts a /proc of its own
             // for it).
-            args.extend([
+            Some(ram) => args.extend([
                 "-object".into(),
                 format!(
                     "memory-backend-file,id=ram,size={}M,mem-path=/proc/self/fd/{},share={}",
@@ -281,7 +285,8 @@ impl Qemu {
                     ram_fd(spec),
                     if ram.shared() { "on" } else { "off" }
                 ),
-            ]);
+            ]),
+            None => {}
         }
         if spec.incoming {
             args.extend(["-incoming".into(), "defer".into()]);
@@ -326,9 +331,9 @@ fn ram_fd(spec: &LaunchSpec) -> i32 {
     }
 }
 
-/// A disk top handed as a descriptor comes after the RAM.
+/// A disk top handed as a descriptor comes after the RAM's memfd.
 fn disk_fd(spec: &LaunchSpec) -> i32 {
-    ram_fd(spec) + i32::from(spec.ram.is_some())
+    ram_fd(spec) + i32::from(spec.ram.as_ref().is_some_and(|r| r.ram().is_some()))
 }
 
 /// The name QEMU opens the disk top by: its path, or for a top handed as a descriptor, that
@@ -384,8 +389,8 @@ impl Hypervisor for Qemu {
             }
             NetBackend::User { .. } => {}
         }
-        if let Some(ram) = &spec.ram {
-            handed.push(ram.ram().handed().map_err(|e| {
+        if let Some(ram) = spec.ram.as_ref().and_then(crate::RamMapping::ram) {
+            handed.push(ram.handed().map_err(|e| {
                 VmmError::LaunchFailed(format!("cannot hand over the VM's memory: {e}"))
             })?);
         }
@@ -594,9 +599,9 @@ pub fn kill(hv: &dyn Hypervisor, pid: u32, paths: &VmPaths) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn command_line_has_every_device_and_the_sandbox() {
-        let spec = LaunchSpec {
+    /// A VM with a tap, booting, its RAM anonymous.
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
             id: "abc123".into(),
             paths: VmPaths::new("/d/vms/abc123"),
             cpus: 2,
@@ -617,7 +622,12 @@ mod tests {
             incoming: false,
             hold: false,
             jail: None,
-        };
+        }
+    }
+
+    #[test]
+    fn command_line_has_every_device_and_the_sandbox() {
+        let spec = spec();
         let line = Qemu::args(&spec).join(" ");
         for part in [
             "-name nook-abc123",
@@ -643,5 +653,65 @@ mod tests {
         assert!(!line.contains("-pidfile"), "{line}");
         // A shrunken translation cache broke forks (see `args`).
         assert!(!line.contains("tb-size"), "{line}");
+    }
+
+    #[test]
+    fn ram_and_a_handed_disk_follow_the_tap_and_successors_stage_their_files() {
+        let ram = crate::GuestRam::new(256).expect("memfd");
+        let disk = std::fs::File::open("/dev/null").expect("open");
+        let mut spec = LaunchSpec {
+            ram: Some(crate::RamMapping::Own(ram.clone())),
+            disk: "/d/vms/abc123/disk.next.qcow2".into(),
+            incoming: true,
+            hold: true,
+            ..spec()
+        };
+        let line = Qemu::args(&spec).join(" ");
+        for part in [
+            "-M pc,memory-backend=ram",
+            "memory-backend-file,id=ram,size=256M,mem-path=/proc/self/fd/7,share=on",
+            "file=/d/vms/abc123/disk.next.qcow2,format=qcow2",
+            "-incoming defer -S",
+        ] {
+            assert!(line.contains(part), "missing {part:?} in {line}");
+        }
+        // A fork maps the RAM copy-on-write; a handed top is opened by its descriptor, after
+        // the RAM's; without a tap, the RAM takes the tap's number.
+        spec.ram = Some(crate::RamMapping::Fork(ram));
+        spec.disk_fd = Some(std::sync::Arc::new(OwnedFd::from(disk)));
+        let line = Qemu::args(&spec).join(" ");
+        assert!(
+            line.contains("mem-path=/proc/self/fd/7,share=off"),
+            "{line}"
+        );
+        assert!(line.contains("file=/proc/self/fd/8,format=qcow2"), "{line}");
+        spec.net = NetBackend::User {
+            netdev: "user,id=net0".into(),
+            mac: "02:6e:6b:00:00:03".into(),
+        };
+        let line = Qemu::args(&spec).join(" ");
+        assert!(
+            line.contains("mem-path=/proc/self/fd/6,share=off"),
+            "{line}"
+        );
+        assert!(line.contains("file=/proc/self/fd/7,format=qcow2"), "{line}");
+
+        let names: Vec<(String, String)> = VmPaths::new("/d/vms/abc123")
+            .runtime_files()
+            .iter()
+            .map(|(staged, live)| (staged.display().to_string(), live.display().to_string()))
+            .collect();
+        let expected = [
+            ("qmp.next.sock", "qmp.sock"),
+            ("agent.next.sock", "agent.sock"),
+            ("console.next.sock", "console.sock"),
+            ("qemu.next.log", "qemu.log"),
+            // Renamed last: the pidfile says which QEMU is the VM.
+            ("qemu.next.pid", "qemu.pid"),
+        ];
+        for ((staged, live), (s, l)) in names.iter().zip(expected) {
+            assert_eq!(staged, &format!("/d/vms/abc123/{s}"));
+            assert_eq!(live, &format!("/d/vms/abc123/{l}"));
+        }
     }
 }

@@ -8,9 +8,9 @@
 //!
 //! Why the seal: a guest's balloon reports the memory it frees, and QEMU 7.2 gives such memory
 //! back by punching a hole in the RAM's file even when its own mapping is private; unsealed,
-//! one fork freeing its copy would zero the pages under the other. Sealed, punches, `write(2)`
-//! and new shared writable mappings all fail, so neither fork (nor an escaped QEMU) can change
-//! the other's base. (QEMU then gives back nothing through a fork's balloon; the memory tiers
+//! one fork freeing its copy would zero the pages under the other. Sealed, punches, `write(2)`,
+//! new shared writable mappings and size changes all fail, so neither fork (nor an escaped
+//! QEMU) can change the other's base. (QEMU then gives back nothing through a fork's balloon; the memory tiers
 //! still move its cold pages.)
 
 use std::os::fd::OwnedFd;
@@ -36,12 +36,16 @@ pub enum RamMapping {
     Own(GuestRam),
     /// A sealed memfd of another QEMU, copy-on-write: the successor or the clone of a fork.
     Fork(GuestRam),
+    /// QEMU's own anonymous RAM, under the same name as the others (a migration needs the
+    /// same RAM blocks on both sides): nothing to share.
+    Anonymous,
 }
 
 impl RamMapping {
-    pub fn ram(&self) -> &GuestRam {
+    pub fn ram(&self) -> Option<&GuestRam> {
         match self {
-            RamMapping::Own(ram) | RamMapping::Fork(ram) => ram,
+            RamMapping::Own(ram) | RamMapping::Fork(ram) => Some(ram),
+            RamMapping::Anonymous => None,
         }
     }
     pub(crate) fn shared(&self) -> bool {

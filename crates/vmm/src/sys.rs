@@ -119,11 +119,14 @@ pub(crate) fn seals(fd: &OwnedFd) -> std::io::Result<i32> {
     Ok(seals)
 }
 
-/// Adds `F_SEAL_FUTURE_WRITE` to `fd`: mappings already shared and writable still write, but
-/// no new one can be made, and `write(2)` and `fallocate` (hole punches) fail.
+/// Seals `fd` against change: `F_SEAL_FUTURE_WRITE` (mappings already shared and writable
+/// still write, but no new one can be made, and `write(2)` and `fallocate` hole punches
+/// fail), its size (a shrunk file would fault every mapping past its end), and its seals.
 pub(crate) fn seal_future_write(fd: &OwnedFd) -> std::io::Result<()> {
+    let seals =
+        libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on a descriptor this process owns.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE) } < 0 {
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

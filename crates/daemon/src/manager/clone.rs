@@ -672,14 +672,16 @@ impl Manager {
         progress("forking the memory");
         let paused_at = std::sync::OnceLock::new();
         let busy = std::sync::atomic::AtomicBool::new(false);
+        let held = std::sync::Mutex::new(None);
         let sent = fork::send_shared(&src_qmp, &successor.qmp, &clone_qmp, || async {
             let _ = paused_at.set(Instant::now());
-            if self.agent_busy(&src.id) {
+            let Some(hold) = self.hold_agent(&src.id) else {
                 busy.store(true, Ordering::SeqCst);
                 return Err(nook_vmm::VmmError::Qmp(
                     "a process started in the source during the fork".into(),
                 ));
-            }
+            };
+            *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
             ram.seal()?;
             match faults::point("clone:paused") {
                 Fault::KillSourceQemu => kill_qemu(Some(source_pid)),
@@ -709,7 +711,10 @@ impl Manager {
             .take_over(src, &src_qmp, source_pid, successor, "clone:switched")
             .await
         {
-            Ok(()) => paused_at.get().map(Instant::elapsed).unwrap_or_default(),
+            Ok(running) => paused_at
+                .get()
+                .map(|at| running.duration_since(*at))
+                .unwrap_or_default(),
             Err(err) => {
                 self.settle_next_disk(src, Some(&src_qmp)).await;
                 drop(layers_guard);
@@ -717,6 +722,8 @@ impl Manager {
                 return Err(err.into());
             }
         };
+        let held = held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        held.map(successor::AgentHold::moved);
         self.settle_next_disk(src, Some(&successor_qmp)).await;
         drop(layers_guard);
         tracing::info!(vm = %src.name, paused_ms = ms(paused), "the VM runs in its next QEMU, sharing its memory with its clone");
@@ -728,16 +735,23 @@ impl Manager {
         Ok((clone_pid, clone_qmp))
     }
 
-    /// After a fork that sealed the VM's RAM and failed: a later fork must copy.
-    fn forget_sealed_ram(&self, id: &str) {
-        if let Some(live) = self
+    /// After a fork that sealed the VM's RAM and failed: its RAM cannot be forked again, so
+    /// it moves into RAM of its own (and a fork meanwhile copies).
+    fn forget_sealed_ram(self: &Arc<Self>, id: &str) {
+        let forgot = match self
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(id)
-            && live.ram.as_ref().is_some_and(GuestRam::is_sealed)
         {
-            live.ram = None;
+            Some(live) if live.ram.as_ref().is_some_and(GuestRam::is_sealed) => {
+                live.ram = None;
+                true
+            }
+            _ => false,
+        };
+        if forgot {
+            self.rehome_later(id);
         }
     }
     /// Copies `src`'s nook SSH key to `clone`, when it has one (an image without sshd has

@@ -68,17 +68,23 @@ impl Manager {
         Ok(agent)
     }
 
+    /// Starts a process through the VM's agent. A spawn held off while the VM changed QEMU
+    /// (`successor.rs`) was never sent, and goes to the new QEMU's agent.
+    async fn spawn_on(&self, vm: &VmRecord, spawn: SpawnRequest) -> Result<Process, ApiError> {
+        let started = match self.agent(vm).await?.spawn(spawn.clone()).await {
+            Err(nook_vmm::VmmError::AgentMoved) => self.agent(vm).await?.spawn(spawn).await,
+            other => other,
+        };
+        started.map_err(|e| errors::from_vmm("start the command", e))
+    }
+
     /// Starts a process in a running VM that the caller has already checked access to.
     pub(crate) async fn spawn_in(
         &self,
         vm: &VmRecord,
         spawn: SpawnRequest,
     ) -> Result<Process, ApiError> {
-        let agent = self.agent(vm).await?;
-        agent
-            .spawn(spawn)
-            .await
-            .map_err(|e| errors::from_vmm("start the command", e))
+        self.spawn_on(vm, spawn).await
     }
 
     /// The VM's address on its tap link; `None` with user-mode networking.
@@ -166,14 +172,14 @@ impl Manager {
     ) -> Result<Process, ApiError> {
         let vm = self.record(name, scope).await?;
         self.ensure_here(&vm)?;
-        let agent = self.agent(&vm).await?;
-        agent
-            .spawn(SpawnRequest {
+        self.spawn_on(
+            &vm,
+            SpawnRequest {
                 user: Some(GUEST_USER.to_string()),
                 ..spawn
-            })
-            .await
-            .map_err(|e| errors::from_vmm("start the command", e))
+            },
+        )
+        .await
     }
 
     /// The VM's SSH host keys, made by the host on first need and kept in the VM's directory so

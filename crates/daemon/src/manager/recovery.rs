@@ -83,7 +83,8 @@ impl Manager {
                                 tracing::warn!(vm = %vm.name, error = %err.message, "could not confine a re-adopted VM");
                             }
                             let agent = AgentClient::connect(&paths.agent_socket()).await.ok();
-                            // The VM's own RAM, if a fork may still share it.
+                            // The VM's own RAM, if a fork may still share it (a fork's, which
+                            // it maps copy-on-write, is sealed: its next fork copies).
                             let ram = nook_vmm::GuestRam::of_qemu(pid).filter(|r| !r.is_sealed());
                             self.adopt(vm, qmp, agent, ram);
                             self.record_state_or_log(

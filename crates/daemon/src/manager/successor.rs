@@ -17,6 +17,20 @@ use crate::faults;
 use clone::kill_qemu;
 use nook_vmm::fork;
 
+/// New processes held off through a VM's agent while it changes QEMU. Dropped, they go ahead
+/// (the change was called off); [`AgentHold::moved`] sends them to the new QEMU's agent.
+pub(super) struct AgentHold(Option<(AgentClient, nook_vmm::SpawnHold)>);
+
+impl AgentHold {
+    /// The VM runs in its new QEMU: the old agent connection ends, and the spawns waiting on
+    /// it are retried on the new one.
+    pub(super) fn moved(self) {
+        if let Some((agent, _hold)) = self.0 {
+            agent.close();
+        }
+    }
+}
+
 /// Ends a successor QEMU that never took over, and what it left.
 pub(super) fn end_successor(paths: &VmPaths, pid: u32) {
     kill_qemu(Some(pid));
@@ -27,8 +41,9 @@ impl Manager {
     /// Hands `vm` to `successor`, which holds all of its state, paused, while the old QEMU
     /// (`old_pid`, reached at `old_qmp`) is stopped: the successor's files take the VM's names
     /// (the pidfile last), it runs, the old QEMU ends, and the store records the successor's
-    /// pid. `fault` names the fault point between the old QEMU's end and that record. On an
-    /// error the successor is ended and the old QEMU goes on.
+    /// pid. `fault` names the fault point between the old QEMU's end and that record. Returns
+    /// when the successor was told to run (where the VM's pause ended). On an error the
+    /// successor is ended and the old QEMU goes on.
     pub(super) async fn take_over(
         self: &Arc<Self>,
         vm: &VmRecord,
@@ -36,7 +51,7 @@ impl Manager {
         old_pid: u32,
         successor: Launched,
         fault: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Instant, ApiError> {
         let paths = self.paths(&vm.id);
         let old = self
             .live
@@ -57,6 +72,7 @@ impl Manager {
             return Err(io_error("hand the VM to its next QEMU", e));
         }
         let resumed = successor.qmp.execute("cont", None).await;
+        let running = Instant::now();
         kill_qemu(Some(old_pid));
         faults::point(fault);
         if let Err(e) = self
@@ -82,27 +98,45 @@ impl Manager {
         // The agent's connection was the old QEMU's: its sessions end with it (as in a move).
         let (this, vm) = (self.clone(), vm.clone());
         tokio::spawn(async move { this.reconnect_agent(&vm).await });
-        Ok(())
+        Ok(running)
     }
 
     /// Whether processes run in `id` through its guest agent: they would lose their streams
     /// if the VM changed QEMU now.
     pub(super) fn agent_busy(&self, id: &str) -> bool {
+        self.live_agent(id).is_some_and(|a| a.open_processes() > 0)
+    }
+
+    fn live_agent(&self, id: &str) -> Option<AgentClient> {
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .and_then(|l| l.agent.as_ref())
-            .is_some_and(|a| a.open_processes() > 0)
+            .and_then(|l| l.agent.clone())
+    }
+
+    /// For a change of QEMU, with the VM paused: holds off new processes through its agent
+    /// (a spawn waiting meanwhile goes to the new QEMU's agent, see `guest.rs`). None when a
+    /// process streams through it or is being started: the change must wait.
+    pub(super) fn hold_agent(&self, id: &str) -> Option<AgentHold> {
+        let Some(agent) = self.live_agent(id) else {
+            return Some(AgentHold(None));
+        };
+        let hold = agent.hold_spawns()?;
+        if agent.open_processes() > 0 {
+            return None;
+        }
+        Some(AgentHold(Some((agent, hold))))
     }
 
     /// After an instant fork, moves `id` (the source or the clone) in the background into a
     /// QEMU with RAM of its own, so that its next fork is instant as well. Only while no
     /// process runs through its agent (their streams would end), so it waits for such a
-    /// moment, within [`REHOME_PATIENCE`]. Not with `--pack dense`, which keeps the two
-    /// sharing their memory instead (their next forks copy).
+    /// moment, within [`REHOME_PATIENCE`]. Not with `fork_memory = shared` (the default with
+    /// `--pack dense`), which keeps the two sharing their memory instead (their next forks
+    /// copy).
     pub(super) fn rehome_later(self: &Arc<Self>, id: &str) {
-        if self.cfg.pack == nook_memory::Pack::Dense {
+        if self.cfg.fork_memory == crate::config::ForkMemory::Shared {
             return;
         }
         let (this, id) = (self.clone(), id.to_string());
@@ -145,6 +179,15 @@ impl Manager {
         if vm.state != VmState::Running || has_ram != Some(false) {
             return Ok(Rehomed::NotNeeded);
         }
+        // Only a fork's QEMU (mapping a sealed memfd) moves; one with QEMU's own RAM (a VM
+        // that arrived from another host) stays as it is.
+        let forked = self
+            .qemu_pid(id)
+            .and_then(nook_vmm::GuestRam::of_qemu)
+            .is_some_and(|r| r.is_sealed());
+        if !forked {
+            return Ok(Rehomed::NotNeeded);
+        }
         let started = Instant::now();
         let image = self.image_of(&vm)?;
         let paths = self.paths(id);
@@ -166,6 +209,7 @@ impl Manager {
         };
         let successor = self.launch(&vm, &image, how, &quiet).await?;
         let busy = AtomicBool::new(false);
+        let held = std::sync::Mutex::new(None);
         let sent = async {
             fork::connect(&successor.qmp, &old_qmp).await?;
             // Paused for the last pages: a process started through the agent meanwhile
@@ -173,10 +217,11 @@ impl Manager {
             let sent = fork::send(
                 &old_qmp,
                 || async {
-                    if self.agent_busy(id) {
+                    let Some(hold) = self.hold_agent(id) else {
                         busy.store(true, Ordering::SeqCst);
                         return Err(nook_vmm::VmmError::Qmp("a process runs in the VM".into()));
-                    }
+                    };
+                    *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
                     Ok(())
                 },
                 fork::Then::StayPaused,
@@ -198,12 +243,15 @@ impl Manager {
             }
         };
         let paused_from = Instant::now() - sent.paused;
-        self.take_over(&vm, &old_qmp, old_pid, successor, "rehome:switched")
+        let running = self
+            .take_over(&vm, &old_qmp, old_pid, successor, "rehome:switched")
             .await?;
+        let held = held.lock().unwrap_or_else(|p| p.into_inner()).take();
+        held.map(AgentHold::moved);
         tracing::info!(
             vm = %vm.name,
             secs = started.elapsed().as_secs_f64(),
-            paused_ms = paused_from.elapsed().as_millis() as u64,
+            paused_ms = running.duration_since(paused_from).as_millis() as u64,
             "the VM has memory of its own again: its next fork is instant"
         );
         Ok(Rehomed::Done)
