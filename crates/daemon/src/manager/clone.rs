@@ -722,8 +722,9 @@ impl Manager {
                 return Err(err.into());
             }
         };
-        let held = held.lock().unwrap_or_else(|p| p.into_inner()).take();
-        held.map(successor::AgentHold::moved);
+        if let Some(held) = held.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            held.moved();
+        }
         self.settle_next_disk(src, Some(&successor_qmp)).await;
         drop(layers_guard);
         tracing::info!(vm = %src.name, paused_ms = ms(paused), "the VM runs in its next QEMU, sharing its memory with its clone");

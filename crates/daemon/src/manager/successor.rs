@@ -246,8 +246,9 @@ impl Manager {
         let running = self
             .take_over(&vm, &old_qmp, old_pid, successor, "rehome:switched")
             .await?;
-        let held = held.lock().unwrap_or_else(|p| p.into_inner()).take();
-        held.map(AgentHold::moved);
+        if let Some(held) = held.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            held.moved();
+        }
         tracing::info!(
             vm = %vm.name,
             secs = started.elapsed().as_secs_f64(),
