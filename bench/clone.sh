@@ -65,8 +65,8 @@ qemu_pid() { # $1 = VM name
   local id
   id=$("$nook" vm list --json | python3 -c "import json,sys; print([v['id'] for v in json.load(sys.stdin) if v['name']=='$1'][0])")
   for p in /proc/[0-9]*; do
-    if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "qemu-system.*$id"; then basename "$p"; return; fi
-  done
+    if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "qemu-system.*nook-$id "; then basename "$p"; return; fi
+  done 2>/dev/null
 }
 # Whether VM $1's QEMU maps a memfd of its own shared (an instant fork can share it), rather
 # than an instant fork's copy-on-write (it moves into its own within seconds of the fork).
@@ -95,12 +95,12 @@ running_clone() { # $1 = memory size, $2 = MiB of it to fill
     echo "  $1 round $i: $(echo "$out" | field '["timings"]')" >&2
     if [ "$i" -lt "$rounds" ]; then "$nook" vm rm "$name-c$i" >/dev/null 2>&1; fi
   done
-  # The last clone is kept a minute: what the two share right away, and once KSM has looked.
-  sp=$(qemu_pid "$name"); cp=$(qemu_pid "$name-c$rounds")
+  # The last clone is kept a minute: what the two share right away (before they move into
+  # memory of their own, which starts at once), and a minute later.
   local shared0 shared60
-  shared0=$(shared_mib "$sp" "$cp")
+  shared0=$(shared_mib "$(qemu_pid "$name")" "$(qemu_pid "$name-c$rounds")" 2>/dev/null || echo nan)
   sleep 60
-  shared60=$(shared_mib "$sp" "$cp")
+  shared60=$(shared_mib "$(qemu_pid "$name")" "$(qemu_pid "$name-c$rounds")" 2>/dev/null || echo nan)
   "$nook" vm rm "$name-c$rounds" >/dev/null 2>&1
   # The moves into memory of their own (source and clones), from the daemon's log.
   tail -n +"$((log_from + 1))" "$tmp/log" | grep -a 'memory of its own again' | sed 's/\x1b\[[0-9;]*m//g' |
