@@ -487,17 +487,35 @@ fn runs_vm(pid: u32, paths: &VmPaths) -> bool {
         .any(|w| w == needle.as_slice())
 }
 
-/// Every running QEMU of the VM at `paths`: one, except while a fork's successor and the
-/// QEMU it replaces both run (or after a crash cut such a fork short).
-pub fn pids_of(paths: &VmPaths) -> Vec<u32> {
+/// Every running QEMU of nook's, by the VM id its `-name nook-ID` carries: one per VM, except
+/// while a fork's successor and the QEMU it replaces both run (or after a crash cut such a
+/// fork short). One pass over `/proc`.
+pub fn qemus_by_vm() -> std::collections::HashMap<String, Vec<u32>> {
+    let mut found: std::collections::HashMap<String, Vec<u32>> = Default::default();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+        return found;
     };
-    entries
+    for pid in entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| runs_vm(*pid, paths))
-        .collect()
+    {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|b| *b == 0);
+        while let Some(arg) = args.next() {
+            if arg == b"-name" {
+                if let Some(id) = args.next().and_then(|n| n.strip_prefix(b"nook-")) {
+                    found
+                        .entry(String::from_utf8_lossy(id).into_owned())
+                        .or_default()
+                        .push(pid);
+                }
+                break;
+            }
+        }
+    }
+    found
 }
 
 /// Whether process `pid` has the file at `path` open (None when its descriptors cannot be

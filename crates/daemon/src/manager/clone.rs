@@ -629,12 +629,7 @@ impl Manager {
                 format!("VM '{}' is not running", src.name),
             )
         })?;
-        let tap = match &self.net {
-            Net::Tap(_) => Some(Arc::new(
-                Qemu::take_tap(source_pid).map_err(|e| errors::from_vmm("fork the VM", e))?,
-            )),
-            Net::User => None,
-        };
+        let tap = self.tap_of(source_pid)?;
         progress("starting the clone's QEMU and the source's next one");
         let quiet = |_: &str| {};
         let successor = Launch::Successor {

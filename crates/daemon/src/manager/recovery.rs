@@ -7,8 +7,8 @@ use super::*;
 /// (see `clone.rs`): a successor that never took over, or the stopped QEMU a successor
 /// replaced. Either is ended: the successor holds nothing yet, and the old QEMU must never
 /// run again.
-fn end_other_qemus(vm: &VmRecord, paths: &VmPaths, pid: Option<u32>) {
-    for other in nook_vmm::qemu::pids_of(paths) {
+fn end_other_qemus(vm: &VmRecord, paths: &VmPaths, qemus: &[u32], pid: Option<u32>) {
+    for &other in qemus {
         if Some(other) != pid {
             tracing::warn!(vm = %vm.name, pid = other, "ending a QEMU of the VM that a fork cut short");
             clone::kill_qemu(Some(other));
@@ -31,12 +31,14 @@ impl Manager {
         let qemu = Qemu {
             binary: PathBuf::new(),
         };
+        let qemus = nook_vmm::qemu::qemus_by_vm();
         for vm in &vms {
             let paths = self.paths(&vm.id);
             let pid = nook_vmm::qemu::read_pid(&paths.pidfile())
                 .ok()
                 .filter(|pid| qemu.is_running(*pid, &paths));
-            end_other_qemus(vm, &paths, pid);
+            let of_vm = qemus.get(&vm.id).map(Vec::as_slice).unwrap_or_default();
+            end_other_qemus(vm, &paths, of_vm, pid);
             match (vm.state, pid) {
                 (VmState::Creating, _) => {
                     tracing::warn!(vm = %vm.name, "removing a VM whose creation was interrupted");

@@ -101,6 +101,16 @@ impl Manager {
         Ok(running)
     }
 
+    /// A copy of the tap QEMU `pid` holds, for its successor (None with user networking).
+    pub(super) fn tap_of(&self, pid: u32) -> Result<Option<Arc<std::os::fd::OwnedFd>>, ApiError> {
+        match &self.net {
+            Net::Tap(_) => Qemu::take_tap(pid)
+                .map(|tap| Some(Arc::new(tap)))
+                .map_err(|e| errors::from_vmm("hand the VM's network to its next QEMU", e)),
+            Net::User => Ok(None),
+        }
+    }
+
     /// Whether processes run in `id` through its guest agent: they would lose their streams
     /// if the VM changed QEMU now.
     pub(super) fn agent_busy(&self, id: &str) -> bool {
@@ -195,12 +205,7 @@ impl Manager {
         let Some(old_pid) = self.qemu_pid(id) else {
             return Ok(Rehomed::NotNeeded);
         };
-        let tap = match &self.net {
-            Net::Tap(_) => Some(Arc::new(
-                Qemu::take_tap(old_pid).map_err(|e| errors::from_vmm("move the VM", e))?,
-            )),
-            Net::User => None,
-        };
+        let tap = self.tap_of(old_pid)?;
         let quiet = |_: &str| {};
         let how = Launch::Successor {
             shares: None,

@@ -453,25 +453,14 @@ impl Daemon {
 /// PIDs of the QEMU processes of the VM with this id (each carries `-name nook-ID`; a fork's
 /// successor names no file of the VM's directory on its command line).
 pub fn qemu_pids_of_vm(id: &str) -> Vec<u32> {
-    let needle = format!("\0nook-{id}\0");
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
-            pids.push(pid);
-        }
-    }
-    pids
+    qemu_pids_whose_cmdline_has(&format!("\0nook-{id}\0"))
 }
 
 pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
+    qemu_pids_whose_cmdline_has(&dir.display().to_string())
+}
+
+fn qemu_pids_whose_cmdline_has(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -481,7 +470,7 @@ pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+        if cmdline.contains("qemu-system") && cmdline.contains(needle) {
             pids.push(pid);
         }
     }
