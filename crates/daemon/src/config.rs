@@ -136,10 +136,10 @@ pub struct Settings {
     pub browser: Option<PathBuf>,
     /// How hard idle VMs' memory is packed: `off`, `balanced` or `dense` [default: off].
     pub pack: Option<String>,
-    /// What a running VM and its fork do with the memory they share after `cp`: `own` (each
-    /// moves, in the background, into memory of its own, so its next fork is instant too) or
-    /// `shared` (they go on sharing it; a fork of either copies its memory) [default: shared
-    /// with `pack = dense`, else own].
+    /// How `cp` forks a running VM's memory: `copy` (a live copy), or instantly, sharing it,
+    /// and then `own` (each side moves, in the background, into memory of its own, so its
+    /// next fork is instant too) or `shared` (they go on sharing it; a fork of either copies)
+    /// [default: copy; the instant fork is experimental].
     pub fork_memory: Option<String>,
     /// Where the host's state lives: `sqlite` (the embedded file in the data dir, the
     /// default) or a `postgres://` URL, a database several hosts can share.
@@ -475,6 +475,9 @@ fn store_location(
 /// What an instant fork's two VMs do with the memory they share (see `manager/successor.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForkMemory {
+    /// No instant fork: `cp` copies a running VM's memory. The default, because instant forks
+    /// of the default (systemd) image have woken corrupted (see ARCHITECTURE.md).
+    Copy,
     /// Each moves into memory of its own, so every fork is instant; they share nothing after.
     Own,
     /// They keep sharing it; a fork of either copies.
@@ -831,13 +834,13 @@ impl Config {
         let pack = nook_memory::Pack::parse(s.pack.as_deref().unwrap_or("off"))
             .map_err(|why| ConfigError::Invalid("pack", why))?;
         let fork_memory = match s.fork_memory.as_deref() {
-            None if pack == nook_memory::Pack::Dense => ForkMemory::Shared,
-            None | Some("own") => ForkMemory::Own,
+            None | Some("copy") => ForkMemory::Copy,
+            Some("own") => ForkMemory::Own,
             Some("shared") => ForkMemory::Shared,
             Some(other) => {
                 return Err(ConfigError::Invalid(
                     "fork_memory",
-                    format!("{other:?}: use own or shared"),
+                    format!("{other:?}: use copy, own or shared"),
                 ));
             }
         };

@@ -335,7 +335,7 @@ fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_
 
 #[test]
 fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive() {
-    let d = Daemon::start();
+    let d = Daemon::start_with(&["--fork-memory", "own"]);
     d.create_tiny("src");
     let base = d.exec(
         "src",
@@ -581,7 +581,8 @@ fn assert_source_intact(d: &Daemon, running: bool) {
 
 #[test]
 fn vm_clone_crash_at_any_step_leaves_the_source_intact() {
-    let mut d = Daemon::start();
+    // The instant fork's steps (the copying fork's are the same points, and ran here before).
+    let mut d = Daemon::start_with(&["--fork-memory", "own"]);
     d.create_tiny("src");
     start_workload(&d, "src");
     for point in [

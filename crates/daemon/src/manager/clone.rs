@@ -466,7 +466,8 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner())
             .get(&src.id)
             .and_then(|l| l.ram.clone());
-        let shared = ram.filter(|ram| !busy && !ram.is_sealed());
+        let instant = self.cfg.fork_memory != crate::config::ForkMemory::Copy;
+        let shared = ram.filter(|ram| instant && !busy && !ram.is_sealed());
         let (pid, clone_qmp) = match shared {
             Some(ram) => {
                 self.fork_shared(

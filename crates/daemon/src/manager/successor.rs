@@ -142,11 +142,10 @@ impl Manager {
     /// After an instant fork, moves `id` (the source or the clone) in the background into a
     /// QEMU with RAM of its own, so that its next fork is instant as well. Only while no
     /// process runs through its agent (their streams would end), so it waits for such a
-    /// moment, within [`REHOME_PATIENCE`]. Not with `fork_memory = shared` (the default with
-    /// `--pack dense`), which keeps the two sharing their memory instead (their next forks
-    /// copy).
+    /// moment, within [`REHOME_PATIENCE`]. Only with `fork_memory = own`: `shared` keeps the
+    /// two sharing their memory instead (their next forks copy).
     pub(super) fn rehome_later(self: &Arc<Self>, id: &str) {
-        if self.cfg.fork_memory == crate::config::ForkMemory::Shared {
+        if self.cfg.fork_memory != crate::config::ForkMemory::Own {
             return;
         }
         let (this, id) = (self.clone(), id.to_string());
