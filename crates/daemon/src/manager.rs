@@ -167,6 +167,9 @@ pub struct Manager {
     /// layers are collected, so a layer is never collected between the two.
     layers_lock: tokio::sync::Mutex<()>,
     op_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a VM's agent is connected to: its QEMU serves one connection at a time, so
+    /// a second connector would wait unserved in the socket's backlog and time out.
+    agent_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The LLM gateway VMs reach on the metadata address.
     gateway: Arc<nook_gateway::Gateway>,
     /// Accounts' LLM credit, as the gateway spends it.
@@ -424,6 +427,7 @@ impl Manager {
             layers,
             layers_lock: Default::default(),
             op_locks: Default::default(),
+            agent_locks: Default::default(),
             _host_lock: host_lock,
             arrivals: Default::default(),
         }))
@@ -491,6 +495,11 @@ impl Manager {
 
     fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.op_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
+    fn agent_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.agent_locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.to_string()).or_default().clone()
     }
 
@@ -847,6 +856,10 @@ impl Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&vm.id);
+        self.agent_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm.id);
     }
 
     /// Refuses to act on a VM that lives on another host of the fleet: its disk and QEMU are
@@ -997,13 +1010,11 @@ impl Manager {
             .await
             .map_err(|e| errors::from_store("rename the VM", e))?;
         // The guest learns its new hostname now; the kernel command line carries it from the next boot.
-        if vm.state == VmState::Running
-            && let Ok(agent) = self.agent(&vm).await
-        {
+        if vm.state == VmState::Running {
             let script = format!(
                 "hostname {new} && echo {new} > /etc/hostname && sed -i 's/^127.0.1.1.*/127.0.1.1 {new}/' /etc/hosts"
             );
-            let _ = run_to_end(&agent, vec!["sh".into(), "-c".into(), script]).await;
+            let _ = self.guest_sh(&vm, &script).await;
         }
         tracing::info!(vm = %old, new, "renamed");
         self.get(new, Scope::Admin).await
@@ -1103,17 +1114,9 @@ impl Manager {
                 .await
                 .map_err(|e| errors::from_vmm("grow the disk", e))?;
                 // Grow the filesystem online too; tiny images have no resize2fs and grow at next boot.
-                if let Ok(agent) = self.agent(vm).await {
-                    let _ = run_to_end(
-                        &agent,
-                        vec![
-                            "sh".into(),
-                            "-c".into(),
-                            "command -v resize2fs >/dev/null && resize2fs /dev/vda".into(),
-                        ],
-                    )
+                let _ = self
+                    .guest_sh(vm, "command -v resize2fs >/dev/null && resize2fs /dev/vda")
                     .await;
-                }
             }
             None => {
                 // qemu-img runs as root: it would grow whatever a forged header names.

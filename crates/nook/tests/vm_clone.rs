@@ -249,6 +249,17 @@ fn vm_clone_running_carries_memory_and_processes_and_gets_its_own_identity() {
 /// The QEMU running VM `name`, and how it maps its RAM: `s` for a memfd of its own (shared),
 /// `p` for another's, copy-on-write (an instant fork's).
 fn ram_mapping(d: &Daemon, name: &str) -> (u32, char) {
+    let (pid, maps) = qemu_maps(d, name);
+    let line = maps
+        .lines()
+        .find(|l| l.contains("/memfd:nook-ram"))
+        .unwrap_or_else(|| panic!("{name}'s QEMU maps no nook-ram memfd:\n{maps}"));
+    let perms = line.split_whitespace().nth(1).expect("perms");
+    (pid, perms.chars().nth(3).expect("s or p"))
+}
+
+/// The pid of the QEMU running `name`, and its `/proc/PID/maps`.
+fn qemu_maps(d: &Daemon, name: &str) -> (u32, String) {
     let id = d.vm(name)["id"].as_str().expect("id").to_string();
     let pidfile = d.data_dir.join("vms").join(&id).join("qemu.pid");
     let pid: u32 = std::fs::read_to_string(&pidfile)
@@ -257,12 +268,7 @@ fn ram_mapping(d: &Daemon, name: &str) -> (u32, char) {
         .parse()
         .expect("pid");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
-    let line = maps
-        .lines()
-        .find(|l| l.contains("/memfd:nook-ram"))
-        .unwrap_or_else(|| panic!("{name}'s QEMU maps no nook-ram memfd:\n{maps}"));
-    let perms = line.split_whitespace().nth(1).expect("perms");
-    (pid, perms.chars().nth(3).expect("s or p"))
+    (pid, maps)
 }
 
 #[test]
@@ -411,6 +417,12 @@ fn vm_clone_stopped_and_chains_ten_deep_stay_readable_and_leak_nothing() {
     let d = Daemon::start();
     d.create_tiny("gen0");
     d.exec("gen0", "echo 0 > /root/gen0 && sync");
+    // Without instant forks (the default), guest RAM is QEMU's own anonymous memory: a memfd
+    // would cost huge pages and KSM and buy nothing.
+    assert!(
+        !qemu_maps(&d, "gen0").1.contains("nook-ram"),
+        "a VM booted without --fork-memory maps a RAM memfd"
+    );
 
     // --stopped-only: a fresh boot of a copy of the running source's disk.
     let fresh = cp(&d, &["gen0", "fresh", "--stopped-only"]);

@@ -193,7 +193,11 @@ impl AgentClient {
         Ok(Self {
             outbox,
             routes,
-            next_id: Arc::new(AtomicU64::new(1)),
+            // The guest keys running processes by request id, and processes outlive the
+            // connection that started them: a clone carries its source's, and a restarted
+            // daemon finds its own. Each connection counts from a random start, so its ids
+            // do not collide with theirs (below 2^53: exact in any JSON reader).
+            next_id: Arc::new(AtomicU64::new(rand::random_range(1 << 20..1 << 52))),
             call_timeout: CALL_TIMEOUT,
             spawns: Arc::default(),
             _alive: Arc::new(alive),

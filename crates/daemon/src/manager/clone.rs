@@ -528,6 +528,12 @@ impl Manager {
         let runs =
             tokio::time::timeout(CLONE_HEALTH, run_to_end(&agent, vec!["true".into()])).await;
         if !matches!(runs, Ok(Ok(0))) {
+            let why = match runs {
+                Ok(Ok(code)) => format!("`true` exited with {code}"),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {CLONE_HEALTH:?}"),
+            };
+            tracing::warn!(clone = %clone.name, why, "the clone could not run a command");
             return Err(CloneError::Crashed(ApiError::new(
                 ErrorCode::GuestNotReady,
                 format!(

@@ -16,10 +16,18 @@ impl Manager {
     /// Runs `script` with `sh -c` as root in a running guest, to its end (bounded by
     /// `GUEST_SCRIPT_TIMEOUT`); its exit status.
     pub(crate) async fn guest_sh(&self, vm: &VmRecord, script: &str) -> Result<i32, ApiError> {
-        let agent = self.agent(vm).await?;
-        let run = run_to_end(&agent, vec!["sh".into(), "-c".into(), script.into()]);
+        let run = async {
+            let spawn = SpawnRequest {
+                argv: vec!["sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            };
+            let process = self.spawn_on(vm, spawn).await?;
+            exit_code(process)
+                .await
+                .map_err(|e| errors::from_vmm("run a command in the guest", e))
+        };
         match tokio::time::timeout(GUEST_SCRIPT_TIMEOUT, run).await {
-            Ok(done) => done.map_err(|e| errors::from_vmm("run a command in the guest", e)),
+            Ok(done) => done,
             Err(_) => Err(ApiError::new(
                 ErrorCode::AgentUnavailable,
                 format!("VM '{}' did not finish a command in time", vm.name),
@@ -35,19 +43,13 @@ impl Manager {
                 format!("VM '{}' is not running: start it first", vm.name),
             ));
         }
-        let existing = {
-            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-            match live.get(&vm.id) {
-                Some(l) => l.agent.clone(),
-                None => {
-                    return Err(ApiError::new(
-                        ErrorCode::NotRunning,
-                        format!("VM '{}' is not running", vm.name),
-                    ));
-                }
-            }
-        };
-        if let Some(agent) = existing.filter(|a| !a.is_closed()) {
+        if let Some(agent) = self.open_agent(vm)? {
+            return Ok(agent);
+        }
+        // One connector at a time: whoever waited here finds the connection made.
+        let lock = self.agent_lock(&vm.id);
+        let _connecting = lock.lock().await;
+        if let Some(agent) = self.open_agent(vm)? {
             return Ok(agent);
         }
         let agent = AgentClient::connect(&self.paths(&vm.id).agent_socket())
@@ -66,6 +68,18 @@ impl Manager {
             live.agent = Some(agent.clone());
         }
         Ok(agent)
+    }
+
+    /// The VM's agent connection when it is open.
+    fn open_agent(&self, vm: &VmRecord) -> Result<Option<AgentClient>, ApiError> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        match live.get(&vm.id) {
+            Some(l) => Ok(l.agent.clone().filter(|a| !a.is_closed())),
+            None => Err(ApiError::new(
+                ErrorCode::NotRunning,
+                format!("VM '{}' is not running", vm.name),
+            )),
+        }
     }
 
     /// Starts a process through the VM's agent. A spawn held off while the VM changed QEMU
@@ -109,7 +123,6 @@ impl Manager {
         }
         let vm = self.record(name, scope).await?;
         self.ensure_here(&vm)?;
-        let agent = self.agent(&vm).await?;
         let spawn = SpawnRequest {
             argv: req.argv,
             env: req.env,
@@ -119,10 +132,7 @@ impl Manager {
             stdin: req.stdin,
             ..Default::default()
         };
-        agent
-            .spawn(spawn)
-            .await
-            .map_err(|e| errors::from_vmm("start the command", e))
+        self.spawn_on(&vm, spawn).await
     }
 
     /// Where the SSH front door takes `ssh name@HOST`: the running VM, and its own sshd (as
@@ -266,7 +276,6 @@ impl Manager {
     ) -> Result<Process, ApiError> {
         let vm = self.record(name, scope).await?;
         self.ensure_here(&vm)?;
-        let agent = self.agent(&vm).await?;
         let spawn = SpawnRequest {
             argv,
             env,
@@ -276,10 +285,7 @@ impl Manager {
             stdin: input.is_some(),
             ..Default::default()
         };
-        let process = agent
-            .spawn(spawn)
-            .await
-            .map_err(|e| errors::from_vmm("start the command", e))?;
+        let process = self.spawn_on(&vm, spawn).await?;
         if let Some(input) = input {
             let handle = process.handle();
             handle
@@ -346,7 +352,11 @@ pub(super) async fn run_to_end(
         stdin: false,
         ..Default::default()
     };
-    let mut process = agent.spawn(spawn).await?;
+    exit_code(agent.spawn(spawn).await?).await
+}
+
+/// Waits for `process` to end, dropping its output; its exit status.
+async fn exit_code(mut process: Process) -> Result<i32, nook_vmm::VmmError> {
     loop {
         match process.next().await {
             Some(nook_proto::GuestMsg::Exit { code, .. }) => return Ok(code.unwrap_or(-1)),

@@ -1200,17 +1200,11 @@ impl Manager {
         }
     }
 
-    /// Connects to the agent of a VM that moved here, so shells and commands reach it.
+    /// Connects to the agent of a VM that moved here (or into a new QEMU), so shells and
+    /// commands reach it.
     pub(super) async fn reconnect_agent(&self, vm: &VmRecord) {
-        let agent = match AgentClient::connect(&self.paths(&vm.id).agent_socket()).await {
-            Ok(agent) => agent,
-            Err(err) => {
-                tracing::warn!(vm = %vm.name, %err, "cannot reach the guest agent of a VM in its new QEMU");
-                return;
-            }
-        };
-        if let Err(err) = agent.wait_ready(Duration::from_secs(10)).await {
-            tracing::warn!(vm = %vm.name, %err, "the guest agent of a VM in its new QEMU does not answer");
+        if let Err(err) = self.agent(vm).await {
+            tracing::warn!(vm = %vm.name, error = %err.message, "the guest agent of a VM in its new QEMU does not answer");
         }
         if let Some(live) = self
             .live
@@ -1218,7 +1212,6 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(&vm.id)
         {
-            live.agent = Some(agent);
             live.booted = true;
         }
     }
