@@ -41,7 +41,7 @@ kill -0 "$nook_pid" 2>/dev/null || { echo "nook serve did not start:" >&2; cat "
 "${ssh_[@]}" src@127.0.0.1 'nohup sh -c "while :; do date > /tmp/tick; sleep 0.2; done" >/dev/null 2>&1 &'
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-ends=() mems=() readies=() pauses=()
+ends=() mems=() readies=() pauses=() totals=()
 for i in $(seq "$rounds"); do
   t0=$(date +%s%N)
   out=$("${ssh_[@]}" lobby@127.0.0.1 cp src "c$i" --json) || { echo "cp failed: $out" >&2; tail -20 "$tmp/nook.log" >&2; exit 1; }
@@ -51,6 +51,7 @@ for i in $(seq "$rounds"); do
   mems+=("$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["timings"]["memory_ms"])')")
   readies+=("$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["timings"]["ready_ms"])')")
   pauses+=("$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["timings"]["source_paused_ms"])')")
+  totals+=("$(echo "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["timings"]["total_ms"]))')")
   "${ssh_[@]}" lobby@127.0.0.1 rm "c$i" >/dev/null
 done
 end=$(printf '%s\n' "${ends[@]}" | median)
@@ -58,5 +59,6 @@ mem=$(printf '%s\n' "${mems[@]}" | median)
 echo "cp of a running default VM (1 GiB), command to 'ssh CLONE true': median ${end} ms over $rounds (${ends[*]})"
 echo "  its memory phase alone (the baseline):                          median ${mem} ms (${mems[*]})"
 echo "  identity and readiness after the memory:                        median $(printf '%s\n' "${readies[@]}" | median) ms"
+echo "  the fork itself, as the daemon timed it:                         median $(printf '%s\n' "${totals[@]}" | median) ms (${totals[*]})"
 echo "  source paused:                                                  median $(printf '%s\n' "${pauses[@]}" | median) ms"
 awk -v a="$end" -v b="$mem" 'BEGIN { printf "ratio end-to-end/memory phase: %.2f\n", a/b }'

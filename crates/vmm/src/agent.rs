@@ -162,13 +162,17 @@ pub struct AgentClient {
     routes: SharedRoutes,
     next_id: Arc<AtomicU64>,
     call_timeout: Duration,
-    /// Spawns hold it shared until the guest answers; a VM about to change QEMU holds it
-    /// alone ([`AgentClient::hold_spawns`]), so no spawn is lost in the change.
+    /// Spawns hold it shared until the guest answers, and the writer while it writes a frame;
+    /// a VM about to change QEMU holds it alone ([`AgentClient::hold_spawns`]), so no spawn
+    /// is lost in the change and nothing more reaches the old QEMU.
     spawns: Arc<tokio::sync::RwLock<()>>,
+    /// The connection's socket, to see whether QEMU has read all that was written to it.
+    socket: Arc<std::os::fd::OwnedFd>,
     _alive: Arc<watch::Sender<()>>,
 }
 
-/// While held, no process starts through the connection (see [`AgentClient::hold_spawns`]).
+/// While held, no process starts through the connection and no frame is written to it (see
+/// [`AgentClient::hold_spawns`]).
 pub type SpawnHold = tokio::sync::OwnedRwLockWriteGuard<()>;
 
 /// What the agent said when it answered the readiness probe.
@@ -184,22 +188,37 @@ impl AgentClient {
         let stream = UnixStream::connect(path)
             .await
             .map_err(VmmError::io(path))?;
+        let socket = {
+            use std::os::fd::AsFd;
+            stream
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(VmmError::io(path))?
+        };
         let (read, write) = stream.into_split();
         let (alive, alive_rx) = watch::channel(());
         let (outbox, queued) = mpsc::channel(OUTBOX_FRAMES);
         let routes = SharedRoutes::default();
+        let spawns = Arc::<tokio::sync::RwLock<()>>::default();
         tokio::spawn(read_frames(read, routes.clone(), alive_rx.clone()));
-        tokio::spawn(write_frames(write, queued, routes.clone(), alive_rx));
+        tokio::spawn(write_frames(
+            write,
+            queued,
+            routes.clone(),
+            spawns.clone(),
+            alive_rx,
+        ));
         Ok(Self {
             outbox,
             routes,
+            socket: Arc::new(socket),
             // The guest keys running processes by request id, and processes outlive the
             // connection that started them: a clone carries its source's, and a restarted
             // daemon finds its own. Each connection counts from a random start, so its ids
             // do not collide with theirs (below 2^53: exact in any JSON reader).
             next_id: Arc::new(AtomicU64::new(rand::random_range(1 << 20..1 << 52))),
             call_timeout: CALL_TIMEOUT,
-            spawns: Arc::default(),
+            spawns,
             _alive: Arc::new(alive),
         })
     }
@@ -210,6 +229,27 @@ impl AgentClient {
     /// a spawn waits for the guest's answer (the guest may be paused): the change must wait.
     pub fn hold_spawns(&self) -> Option<SpawnHold> {
         self.spawns.clone().try_write_owned().ok()
+    }
+
+    /// Waits, up to `within`, until QEMU has read everything written to the connection; false
+    /// if it has not. With the writer held ([`AgentClient::hold_spawns`]) and the VM paused,
+    /// nothing more can then reach the guest: a QEMU that is being replaced must not write
+    /// into guest memory after its device state was taken (virtio-serial delivers even to a
+    /// paused guest, and after an instant fork that memory is what both sides start from).
+    pub async fn drained(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let Ok(unread) = crate::sys::unread_by_peer(&self.socket) else {
+                return false;
+            };
+            if unread == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Ends the connection here, its open requests and streams with it: its VM runs in
@@ -565,6 +605,7 @@ async fn write_frames(
     mut write: OwnedWriteHalf,
     mut queued: mpsc::Receiver<Vec<u8>>,
     routes: SharedRoutes,
+    hold: Arc<tokio::sync::RwLock<()>>,
     mut alive: watch::Receiver<()>,
 ) {
     loop {
@@ -575,6 +616,15 @@ async fn write_frames(
             },
             _ = alive.changed() => break,
         };
+        // Held while the VM changes QEMU: the frame waits, and goes to the old QEMU only if
+        // the change is called off (otherwise the connection ends first).
+        let _writing = tokio::select! {
+            g = hold.read() => g,
+            _ = alive.changed() => break,
+        };
+        if lock(&routes).closed {
+            break;
+        }
         let written = tokio::select! {
             w = write.write_all(&frame) => w,
             _ = alive.changed() => break,

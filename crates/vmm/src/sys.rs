@@ -151,3 +151,13 @@ pub(crate) fn take_fd(pid: u32, fd: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: as above; pidfd_getfd returns a new descriptor (close-on-exec) of this process.
     Ok(unsafe { OwnedFd::from_raw_fd(taken as i32) })
 }
+
+/// How many bytes written to the stream socket `fd` its peer has not read yet (`SIOCOUTQ`).
+pub(crate) fn unread_by_peer(fd: &OwnedFd) -> std::io::Result<i32> {
+    let mut unread: libc::c_int = 0;
+    // SAFETY: `fd` is an open descriptor and the ioctl writes one int into `unread`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut unread) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(unread)
+}

@@ -675,9 +675,10 @@ impl Manager {
         let paused_at = std::sync::OnceLock::new();
         let busy = std::sync::atomic::AtomicBool::new(false);
         let held = std::sync::Mutex::new(None);
+        let connecting = self.no_new_agent_connections(&src.id).await;
         let sent = fork::send_shared(&src_qmp, &successor.qmp, &clone_qmp, || async {
             let _ = paused_at.set(Instant::now());
-            let Some(hold) = self.hold_agent(&src.id) else {
+            let Some(hold) = self.hold_agent(&src.id, &connecting).await else {
                 busy.store(true, Ordering::SeqCst);
                 return Err(nook_vmm::VmmError::Qmp(
                     "a process started in the source during the fork".into(),

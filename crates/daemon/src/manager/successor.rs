@@ -19,17 +19,24 @@ use nook_vmm::fork;
 
 /// New processes held off through a VM's agent while it changes QEMU. Dropped, they go ahead
 /// (the change was called off); [`AgentHold::moved`] sends them to the new QEMU's agent.
-pub(super) struct AgentHold(Option<(AgentClient, nook_vmm::SpawnHold)>);
+pub(super) struct AgentHold {
+    held: Option<(AgentClient, nook_vmm::SpawnHold)>,
+    /// No new connection to the agent meanwhile: it would reach the old QEMU.
+    _connecting: tokio::sync::OwnedMutexGuard<()>,
+}
 
 impl AgentHold {
     /// The VM runs in its new QEMU: the old agent connection ends, and the spawns waiting on
     /// it are retried on the new one.
     pub(super) fn moved(self) {
-        if let Some((agent, _hold)) = self.0 {
+        if let Some((agent, _hold)) = self.held {
             agent.close();
         }
     }
 }
+
+/// How long a VM about to change QEMU waits for its QEMU to read what was sent to its agent.
+const AGENT_DRAIN: Duration = Duration::from_millis(500);
 
 /// Ends a successor QEMU that never took over, and what it left.
 pub(super) fn end_successor(paths: &VmPaths, pid: u32) {
@@ -125,18 +132,45 @@ impl Manager {
             .and_then(|l| l.agent.clone())
     }
 
-    /// For a change of QEMU, with the VM paused: holds off new processes through its agent
-    /// (a spawn waiting meanwhile goes to the new QEMU's agent, see `guest.rs`). None when a
-    /// process streams through it or is being started: the change must wait.
-    pub(super) fn hold_agent(&self, id: &str) -> Option<AgentHold> {
+    /// For a change of QEMU, with the VM paused: holds off new processes and every other
+    /// frame through its agent, and new connections to it (a spawn waiting meanwhile goes to
+    /// the new QEMU's agent, see `guest.rs`), once QEMU has read all that was sent. Nothing
+    /// then reaches the guest through the old QEMU after its state is taken. None when a
+    /// process streams through the agent or is being started, or QEMU does not read: the
+    /// change must wait. `connecting` is [`Manager::no_new_agent_connections`]'s, taken
+    /// before the VM paused.
+    pub(super) async fn hold_agent(
+        &self,
+        id: &str,
+        connecting: &std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
+    ) -> Option<AgentHold> {
+        let connecting = connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
         let Some(agent) = self.live_agent(id) else {
-            return Some(AgentHold(None));
+            return Some(AgentHold {
+                held: None,
+                _connecting: connecting,
+            });
         };
         let hold = agent.hold_spawns()?;
-        if agent.open_processes() > 0 {
+        if agent.open_processes() > 0 || !agent.drained(AGENT_DRAIN).await {
             return None;
         }
-        Some(AgentHold(Some((agent, hold))))
+        Some(AgentHold {
+            held: Some((agent, hold)),
+            _connecting: connecting,
+        })
+    }
+
+    /// Waits for a connection being made to `id`'s agent, and keeps new ones off until
+    /// [`Manager::hold_agent`]'s hold ends: for a change of QEMU, taken before the VM pauses.
+    pub(super) async fn no_new_agent_connections(
+        &self,
+        id: &str,
+    ) -> std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>> {
+        std::sync::Mutex::new(Some(self.agent_lock(id).lock_owned().await))
     }
 
     /// After an instant fork, moves `id` (the source or the clone) in the background into a
@@ -214,6 +248,7 @@ impl Manager {
         let successor = self.launch(&vm, &image, how, &quiet).await?;
         let busy = AtomicBool::new(false);
         let held = std::sync::Mutex::new(None);
+        let connecting = self.no_new_agent_connections(id).await;
         let sent = async {
             fork::connect(&successor.qmp, &old_qmp).await?;
             // Paused for the last pages: a process started through the agent meanwhile
@@ -221,7 +256,7 @@ impl Manager {
             let sent = fork::send(
                 &old_qmp,
                 || async {
-                    let Some(hold) = self.hold_agent(id) else {
+                    let Some(hold) = self.hold_agent(id, &connecting).await else {
                         busy.store(true, Ordering::SeqCst);
                         return Err(nook_vmm::VmmError::Qmp("a process runs in the VM".into()));
                     };
