@@ -527,11 +527,17 @@ impl Manager {
         // command before handing it over, or fork again.
         let runs =
             tokio::time::timeout(CLONE_HEALTH, run_to_end(&agent, vec!["true".into()])).await;
-        if !matches!(runs, Ok(Ok(0))) {
-            let why = match runs {
-                Ok(Ok(code)) => format!("`true` exited with {code}"),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {CLONE_HEALTH:?}"),
+        // A clone can also wake with its kernel reporting corrupt state (a warning or an
+        // oops right away, seen in CI once) and answer anyway, then stall: its console is
+        // its own, so anything of the kind there is from this wake.
+        let console = self.paths(&clone.id).console_tail(200).await;
+        let oops = kernel_trouble(&console);
+        if !matches!(runs, Ok(Ok(0))) || oops.is_some() {
+            let why = match (runs, oops) {
+                (_, Some(line)) => format!("its kernel reported: {line}"),
+                (Ok(Ok(code)), None) => format!("`true` exited with {code}"),
+                (Ok(Err(e)), None) => e.to_string(),
+                (Err(_), None) => format!("no answer within {CLONE_HEALTH:?}"),
             };
             tracing::warn!(clone = %clone.name, why, "the clone could not run a command");
             return Err(CloneError::Crashed(ApiError::new(
@@ -925,11 +931,49 @@ fn same_file_backs(next: &std::path::Path, disk: &std::path::Path) -> bool {
     }
 }
 
+/// The first line of `console` in which a Linux kernel reports its own state broken: a
+/// warning's or oops's banner, a BUG, a panic.
+fn kernel_trouble(console: &str) -> Option<&str> {
+    const MARKERS: [&str; 5] = [
+        "------------[ cut here ]------------",
+        "Kernel panic - not syncing",
+        "BUG: ",
+        "general protection fault",
+        "Oops: ",
+    ];
+    console
+        .lines()
+        .find(|line| MARKERS.iter().any(|m| line.contains(m)))
+        .map(str::trim)
+}
+
 pub(super) fn kill_qemu(pid: Option<u32>) {
     if let Some(pid) = pid {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_trouble;
+
+    #[test]
+    fn kernel_trouble_finds_a_warning_banner_and_not_an_ordinary_console() {
+        let woke_broken = "[    5.4] random: crng reseeded due to virtual machine fork\n\
+                           [    5.42] ------------[ cut here ]------------\n\
+                           [    5.42] WARNING: CPU: 0 PID: 0 at kernel/context_tracking.c:128\n";
+        assert_eq!(
+            kernel_trouble(woke_broken),
+            Some("[    5.42] ------------[ cut here ]------------")
+        );
+        let panicked = "[    7.19] Kernel panic - not syncing: Fatal exception in interrupt\n";
+        assert!(kernel_trouble(panicked).is_some());
+        let fine = "[    6.3] random: crng reseeded due to virtual machine fork\n\
+                    nook-agent: eth0 now has MAC 02:6e:6b:00:00:01\n\
+                    nook-agent: this machine was VM a and is now VM b: renewing its identity\n";
+        assert_eq!(kernel_trouble(fine), None);
     }
 }
