@@ -166,10 +166,10 @@ pub struct Manager {
     /// Held while a clone makes a layer and the overlays that name it, and while unused
     /// layers are collected, so a layer is never collected between the two.
     layers_lock: tokio::sync::Mutex<()>,
-    op_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    op_locks: KeyedLocks,
     /// Held while a VM's agent is connected to: its QEMU serves one connection at a time, so
     /// a second connector would wait unserved in the socket's backlog and time out.
-    agent_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    agent_locks: KeyedLocks,
     /// The LLM gateway VMs reach on the metadata address.
     gateway: Arc<nook_gateway::Gateway>,
     /// Accounts' LLM credit, as the gateway spends it.
@@ -494,13 +494,11 @@ impl Manager {
     }
 
     fn op_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.op_locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(id.to_string()).or_default().clone()
+        self.op_locks.get(id)
     }
 
     fn agent_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.agent_locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(id.to_string()).or_default().clone()
+        self.agent_locks.get(id)
     }
 
     fn info(&self, vm: &VmRecord) -> VmInfo {
@@ -852,14 +850,8 @@ impl Manager {
             tracing::error!(%err, vm = %vm.name, "deleting VM row failed; it will be retried at the next start");
         }
         self.collect_layers().await;
-        self.op_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&vm.id);
-        self.agent_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&vm.id);
+        self.op_locks.forget(&vm.id);
+        self.agent_locks.forget(&vm.id);
     }
 
     /// Refuses to act on a VM that lives on another host of the fleet: its disk and QEMU are
@@ -1171,5 +1163,20 @@ pub(crate) async fn kill_qemu_and_wait(paths: &VmPaths) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One async lock per key (a VM's id, an account's), made on first use.
+#[derive(Default)]
+struct KeyedLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    fn get(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    fn forget(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
 }

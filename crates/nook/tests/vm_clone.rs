@@ -258,6 +258,19 @@ fn ram_mapping(d: &Daemon, name: &str) -> (u32, char) {
     (pid, perms.chars().nth(3).expect("s or p"))
 }
 
+/// Writes `mib` MiB of random data into a tmpfs in `vm`'s RAM (`/mnt/ram/data`); its
+/// checksum as `sha256sum` prints it.
+fn fill_ram(d: &Daemon, vm: &str, mib: u32) -> String {
+    d.exec(
+        vm,
+        &format!(
+            "mkdir -p /mnt/ram && mount -t tmpfs -o size=100m tmpfs /mnt/ram && \
+             head -c {} /dev/urandom > /mnt/ram/data && sha256sum < /mnt/ram/data",
+            u64::from(mib) << 20
+        ),
+    )
+}
+
 /// The pid of the QEMU running `name`, and its `/proc/PID/maps`.
 fn qemu_maps(d: &Daemon, name: &str) -> (u32, String) {
     let id = d.vm(name)["id"].as_str().expect("id").to_string();
@@ -278,11 +291,7 @@ fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_
     let d = Daemon::start_with(&["--fork-memory", "shared"]);
     d.create_tiny("src");
     // 64 MiB in the guest's RAM (tmpfs), forked while the source keeps it.
-    let base = d.exec(
-        "src",
-        "mkdir -p /mnt/ram && mount -t tmpfs -o size=100m tmpfs /mnt/ram && \
-         head -c 67108864 /dev/urandom > /mnt/ram/data && sha256sum < /mnt/ram/data",
-    );
+    let base = fill_ram(&d, "src", 64);
     let (before, own) = ram_mapping(&d, "src");
     assert_eq!(own, 's', "a booted VM's RAM is a memfd of its own");
     cp(&d, &["src", "twin"]);
@@ -343,11 +352,7 @@ fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_
 fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive() {
     let d = Daemon::start_with(&["--fork-memory", "own"]);
     d.create_tiny("src");
-    let base = d.exec(
-        "src",
-        "mkdir -p /mnt/ram && mount -t tmpfs -o size=100m tmpfs /mnt/ram && \
-         head -c 33554432 /dev/urandom > /mnt/ram/data && sha256sum < /mnt/ram/data",
-    );
+    let base = fill_ram(&d, "src", 32);
     // After each instant fork both sides move into memory of their own in the background,
     // so every fork of either is instant (shares, then moves) with the data whole.
     for clone in ["c1", "c2"] {
