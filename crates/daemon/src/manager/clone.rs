@@ -232,7 +232,10 @@ impl Manager {
                 }
                 Err(CloneError::Crashed(err) | CloneError::Failed(err)) => err,
             };
-            tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, "clone failed; removing what was made");
+            // What the clone's console last showed is the one clue to a clone that woke broken,
+            // and it goes with the clone: keep it in the daemon's log.
+            let console = self.paths(&record.id).console_tail(30).await;
+            tracing::warn!(source = %src.name, clone = %record.name, error = %err.message, console, "clone failed; removing what was made");
             self.destroy(&record).await;
             return Err(err);
         };
