@@ -60,9 +60,9 @@ impl From<ApiError> for CloneError {
     }
 }
 
-/// Resolves once the VM's console shows the kernel crashing (a fresh clone's console holds only
+/// Resolves once the VM's console shows the kernel in trouble (a fresh clone's console holds only
 /// what it printed since it woke).
-async fn kernel_panic(paths: &VmPaths) {
+async fn kernel_in_trouble(paths: &VmPaths) {
     // Only what the console gained since the last look is read (with a sign's length of
     // overlap, so one split across two reads is still seen).
     let mut seen = 0u64;
@@ -75,7 +75,7 @@ async fn kernel_panic(paths: &VmPaths) {
             .ok()
             .flatten();
         let Some((len, fresh)) = read else { continue };
-        if KERNEL_CRASH
+        if KERNEL_TROUBLE
             .iter()
             .any(|sign| fresh.windows(sign.len()).any(|w| w == sign.as_bytes()))
         {
@@ -97,11 +97,19 @@ fn read_from(path: &std::path::Path, offset: u64) -> Option<(u64, Vec<u8>)> {
     Some((len, fresh))
 }
 
-/// Longer than any of [`KERNEL_CRASH`].
-const CRASH_SIGN_MAX: usize = 32;
+/// Longer than any of [`KERNEL_TROUBLE`].
+const CRASH_SIGN_MAX: usize = 40;
 
-/// What Linux prints when it panics or oopses.
-const KERNEL_CRASH: &[&str] = &["Kernel panic - not syncing", "Oops: ", "BUG: "];
+/// What Linux prints when it finds its own state broken: a warning's or oops's banner, a BUG,
+/// a panic. A clone's console holds only what it printed since it woke, so any of these there
+/// is from a wake that went wrong.
+const KERNEL_TROUBLE: [&str; 5] = [
+    "------------[ cut here ]------------",
+    "Kernel panic - not syncing",
+    "BUG: ",
+    "general protection fault",
+    "Oops: ",
+];
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
@@ -513,23 +521,33 @@ impl Manager {
         {
             live.agent = Some(agent.clone());
         }
-        tokio::select! {
-            r = agent.wait_ready(FORK_READY) => r.map_err(|e| errors::from_vmm("reach the clone's guest agent", e))?,
+        // The kernel is watched from the clone's wake until it is handed over: one that wakes
+        // broken has crashed during its identity as well as before it (seen in a loop of forks
+        // of a busy VM), and is forked again rather than waited on.
+        let woke = async {
+            agent
+                .wait_ready(FORK_READY)
+                .await
+                .map_err(|e| errors::from_vmm("reach the clone's guest agent", e))?;
+            // The clone's disk already authorizes the source's nook key: the clone shares that
+            // key rather than making another.
+            self.share_ssh_key(src, clone);
+            self.identify(clone, &agent, Sshd::Restarting).await?;
+            // A fork of a guest still booting has woken able to answer its identity and then
+            // unable to run anything (seen in CI once in a few dozen forks): prove it can run
+            // a command before handing it over, or fork again.
+            let runs =
+                tokio::time::timeout(CLONE_HEALTH, run_to_end(&agent, vec!["true".into()])).await;
+            Ok::<_, CloneError>(runs)
+        };
+        let runs = tokio::select! {
+            r = woke => r?,
             () = clone_qmp.closed() => return Err(ApiError::new(ErrorCode::GuestNotReady, format!("The clone '{}' stopped right after its restore", clone.name)).into()),
-            () = kernel_panic(&clone_paths) => return Err(CloneError::Crashed(ApiError::new(
+            () = kernel_in_trouble(&clone_paths) => return Err(CloneError::Crashed(ApiError::new(
                 ErrorCode::GuestNotReady,
                 format!("The clone '{}' crashed on waking (its kernel failed right after the copy); try again", clone.name),
             ))),
         };
-        // The clone's disk already authorizes the source's nook key: the clone shares that key
-        // rather than making another.
-        self.share_ssh_key(src, clone);
-        self.identify(clone, &agent, Sshd::Restarting).await?;
-        // A fork of a guest still booting has woken able to answer its identity and then
-        // unable to run anything (seen in CI once in a few dozen forks): prove it can run a
-        // command before handing it over, or fork again.
-        let runs =
-            tokio::time::timeout(CLONE_HEALTH, run_to_end(&agent, vec!["true".into()])).await;
         // A clone can also wake with its kernel reporting corrupt state (a warning or an
         // oops right away, seen in CI once) and answer anyway, then stall: its console is
         // its own, so anything of the kind there is from this wake.
@@ -934,19 +952,11 @@ fn same_file_backs(next: &std::path::Path, disk: &std::path::Path) -> bool {
     }
 }
 
-/// The first line of `console` in which a Linux kernel reports its own state broken: a
-/// warning's or oops's banner, a BUG, a panic.
+/// The first line of `console` with one of [`KERNEL_TROUBLE`].
 fn kernel_trouble(console: &str) -> Option<&str> {
-    const MARKERS: [&str; 5] = [
-        "------------[ cut here ]------------",
-        "Kernel panic - not syncing",
-        "BUG: ",
-        "general protection fault",
-        "Oops: ",
-    ];
     console
         .lines()
-        .find(|line| MARKERS.iter().any(|m| line.contains(m)))
+        .find(|line| KERNEL_TROUBLE.iter().any(|m| line.contains(m)))
         .map(str::trim)
 }
 
