@@ -1,7 +1,7 @@
-//! Forking a running VM: its memory and device state stream into a second QEMU, live while
-//! the source keeps running under KVM (under TCG the source is paused for the copy: see
-//! [`dirty_tracking_sound`]), and at the instant the source is paused its disk moves onto a
-//! fresh overlay, so the clone's disk and memory are of the same moment.
+//! Forking a running VM: its memory and device state stream live into a second QEMU while
+//! the source keeps running (where its writes are tracked soundly: [`dirty_tracking_sound`]),
+//! and at the one instant the source is paused its disk moves onto a fresh overlay, so the
+//! clone's disk and memory are of the same moment.
 //!
 //! The stream goes over a socket pair straight into the clone's QEMU (started with
 //! `-incoming defer`), so loading overlaps saving and no state file is ever left behind. Each
@@ -18,9 +18,8 @@ use crate::{Qmp, VmmError};
 
 /// How long a fork may take before it is abandoned (and the source resumed).
 const FORK_TIMEOUT: Duration = Duration::from_secs(120);
-/// The source's pause is budgeted at this much by QEMU's precopy (under KVM; see
-/// [`dirty_tracking_sound`]): it keeps copying dirty pages until the rest fits. Lower than
-/// QEMU's default (300 ms) since the link is local.
+/// The source's pause is budgeted at this much by QEMU's precopy: it keeps copying dirty
+/// pages until the rest fits. Lower than QEMU's default (300 ms) since the link is local.
 const DOWNTIME_LIMIT_MS: u64 = 20;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -202,14 +201,22 @@ where
 
 /// Whether the source's vCPUs may run while its memory streams out (a live precopy), which is
 /// only as sound as the tracking of the pages they write meanwhile. Under KVM the kernel
-/// tracks them. Under TCG, QEMU 7.2 lost some: a running 2-vCPU default VM writing
-/// /dev/urandom into tmpfs, forked again and again, gave 4 broken clones in 28 (kernel stacks
-/// holding stale data, a return to "expand 32-byte k", ChaCha's constant), against 0 in 40
-/// with the source stopped first. So under TCG the source is paused for the whole copy:
-/// 100-500 ms for a default VM, where the precopy paused it for about 20.
+/// tracks them. Under TCG, QEMU 7.2 loses some unless the RAM block's length takes its
+/// page-by-page path ([`crate::ram::RAM_TAIL`]): forks of a busy 2-vCPU default VM (writing
+/// /dev/urandom into tmpfs) gave 4 broken clones in 28 (kernel stacks holding stale data, one
+/// returning to "expand 3", the start of ChaCha's constant), against 0 in 40 with the source
+/// stopped first and 0 in 24 live with the tail. A VM whose QEMU was started without the
+/// tail (by an older nook) is paused for the whole copy instead.
 async fn dirty_tracking_sound(source: &Qmp) -> Result<bool, VmmError> {
     let kvm = source.execute("query-kvm", None).await?;
-    Ok(kvm.get("enabled").and_then(Value::as_bool).unwrap_or(false))
+    if kvm.get("enabled").and_then(Value::as_bool).unwrap_or(false) {
+        return Ok(true);
+    }
+    let memory = source.execute("query-memory-size-summary", None).await?;
+    Ok(memory
+        .get("base-memory")
+        .and_then(Value::as_u64)
+        .is_some_and(crate::ram::tracked_page_by_page))
 }
 
 /// The most device state a shared fork carries (its RAM is not in it): a VM's devices hold a

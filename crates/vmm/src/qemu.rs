@@ -211,7 +211,7 @@ impl Qemu {
             "-smp".into(),
             spec.cpus.to_string(),
             "-m".into(),
-            format!("{}M", spec.memory_mib),
+            format!("{}K", crate::ram::ram_bytes(spec.memory_mib) >> 10),
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
@@ -273,15 +273,18 @@ impl Qemu {
         match &spec.ram {
             Some(crate::RamMapping::Anonymous) => args.extend([
                 "-object".into(),
-                format!("memory-backend-ram,id=ram,size={}M", spec.memory_mib),
+                format!(
+                    "memory-backend-ram,id=ram,size={}K",
+                    crate::ram::ram_bytes(spec.memory_mib) >> 10
+                ),
             ]),
             // QEMU opens the memfd again by its /proc name (the jail mounts a /proc of its own
             // for it).
             Some(ram) => args.extend([
                 "-object".into(),
                 format!(
-                    "memory-backend-file,id=ram,size={}M,mem-path=/proc/self/fd/{},share={}",
-                    spec.memory_mib,
+                    "memory-backend-file,id=ram,size={}K,mem-path=/proc/self/fd/{},share={}",
+                    crate::ram::ram_bytes(spec.memory_mib) >> 10,
                     ram_fd(spec),
                     if ram.shared() { "on" } else { "off" }
                 ),
@@ -651,7 +654,8 @@ mod tests {
             "-name nook-abc123",
             "-M pc",
             "-accel tcg ",
-            "-smp 2 -m 256M",
+            // Two pages past 256 MiB: QEMU 7.2 tracks TCG's writes soundly only then (`ram.rs`).
+            "-smp 2 -m 262152K",
             "file=/d/vms/abc123/disk.qcow2,format=qcow2",
             "-netdev tap,id=net0,fd=6",
             "mac=02:6e:6b:00:00:03",
@@ -687,7 +691,7 @@ mod tests {
         let line = Qemu::args(&spec).join(" ");
         for part in [
             "-M pc,memory-backend=ram",
-            "memory-backend-file,id=ram,size=256M,mem-path=/proc/self/fd/7,share=on",
+            "memory-backend-file,id=ram,size=262152K,mem-path=/proc/self/fd/7,share=on",
             "file=/d/vms/abc123/disk.next.qcow2,format=qcow2",
             "-incoming defer -S",
         ] {

