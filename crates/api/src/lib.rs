@@ -154,6 +154,12 @@ pub fn clone_summary(c: &Cloned) -> String {
         c.vm.name,
         t.total_ms / 1000.0
     );
+    if t.attempts > 1 {
+        line.push_str(&format!(
+            " (forked {} times: a clone woke broken and was replaced)",
+            t.attempts
+        ));
+    }
     if let Some(m) = &c.moved {
         line.push_str(&format!(
             "\n  on host {}: made on {}, where its source's layers are, then moved ({}; {} of disk sent, {:.2} s of the total)",
@@ -179,6 +185,10 @@ pub struct CloneTimings {
     pub source_paused_ms: Option<f64>,
     /// Booting the clone (boot clones only) or giving it its identity (forks).
     pub ready_ms: Option<f64>,
+    /// How many forks it took: more than one when a clone woke broken (its kernel reported
+    /// trouble, or it could not run a command) and the source was forked again.
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -209,6 +209,7 @@ impl Manager {
             let err = match self.make_clone(&src, &record, &image, mode, progress).await {
                 Ok(mut timings) => {
                     timings.total_ms = ms(started.elapsed());
+                    timings.attempts = attempt;
                     tracing::info!(source = %src.name, clone = %record.name, ?timings, "cloned");
                     self.flatten_later(&src.id);
                     if mode == CloneMode::Fork {
