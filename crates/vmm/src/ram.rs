@@ -70,7 +70,7 @@ pub fn ram_bytes(memory_mib: u32) -> u64 {
 
 /// Whether QEMU 7.2 tracks TCG's writes to a RAM block this long soundly (see [`RAM_TAIL`]).
 pub fn tracked_page_by_page(bytes: u64) -> bool {
-    bytes % (64 * 4096) != 0
+    !bytes.is_multiple_of(64 * 4096)
 }
 
 impl GuestRam {
