@@ -723,8 +723,8 @@ fn vm_clone_of_a_default_vm_gets_new_machine_id_and_ssh_host_keys() {
 
     // Forks of a VM writing memory fast wake whole the first time. Under TCG, QEMU 7.2's
     // precopy lost such writes unless the guest's RAM has its two-page tail
-    // (`nook_vmm::ram::RAM_TAIL`): 4 broken clones in 28 this way, so five forks catch it
-    // more often than not; `cp` forks again when a clone wakes broken, hence `attempts`.
+    // (`nook_vmm::ram::RAM_TAIL`): without it this failed 3 runs of 3 on the first fork.
+    // `cp` forks again when a clone wakes broken, hence `attempts`.
     d.exec(
         "deb",
         "nohup sh -c 'while :; do dd if=/dev/urandom of=/dev/shm/churn bs=1M count=64 2>/dev/null; done' >/dev/null 2>&1 &",

@@ -1,7 +1,7 @@
 //! Forking a running VM: its memory and device state stream live into a second QEMU while
-//! the source keeps running (where its writes are tracked soundly: [`dirty_tracking_sound`]),
-//! and at the one instant the source is paused its disk moves onto a fresh overlay, so the
-//! clone's disk and memory are of the same moment.
+//! the source keeps running (sound under TCG only thanks to the RAM's tail:
+//! [`crate::ram::RAM_TAIL`]), and at the one instant the source is paused its disk moves onto
+//! a fresh overlay, so the clone's disk and memory are of the same moment.
 //!
 //! The stream goes over a socket pair straight into the clone's QEMU (started with
 //! `-incoming defer`), so loading overlaps saving and no state file is ever left behind. Each
@@ -122,19 +122,13 @@ where
             Some(json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": DOWNTIME_LIMIT_MS })),
         )
         .await?;
-    // A RAM-less stream (an instant fork's) has no memory whose writes could go missing.
-    let live = ignore_shared || dirty_tracking_sound(source).await?;
     let mut events = source.events();
+    source
+        .execute("migrate", Some(json!({ "uri": format!("fd:{STREAM_FD}") })))
+        .await?;
     let mut switch_disk = Some(switch_disk);
     let outcome = tokio::time::timeout(FORK_TIMEOUT, async {
         let mut paused_at: Option<Instant> = None;
-        if !live {
-            source.execute("stop", None).await?;
-            paused_at = Some(Instant::now());
-        }
-        source
-            .execute("migrate", Some(json!({ "uri": format!("fd:{STREAM_FD}") })))
-            .await?;
         loop {
             // Events say when to act; the status poll backs them up, since an event can be
             // missed if the broadcast lags.
@@ -197,26 +191,6 @@ where
             Err(err)
         }
     }
-}
-
-/// Whether the source's vCPUs may run while its memory streams out (a live precopy), which is
-/// only as sound as the tracking of the pages they write meanwhile. Under KVM the kernel
-/// tracks them. Under TCG, QEMU 7.2 loses some unless the RAM block's length takes its
-/// page-by-page path ([`crate::ram::RAM_TAIL`]): forks of a busy 2-vCPU default VM (writing
-/// /dev/urandom into tmpfs) gave 4 broken clones in 28 (kernel stacks holding stale data, one
-/// returning to "expand 3", the start of ChaCha's constant), against 0 in 40 with the source
-/// stopped first and 0 in 24 live with the tail. A VM whose QEMU was started without the
-/// tail (by an older nook) is paused for the whole copy instead.
-async fn dirty_tracking_sound(source: &Qmp) -> Result<bool, VmmError> {
-    let kvm = source.execute("query-kvm", None).await?;
-    if kvm.get("enabled").and_then(Value::as_bool).unwrap_or(false) {
-        return Ok(true);
-    }
-    let memory = source.execute("query-memory-size-summary", None).await?;
-    Ok(memory
-        .get("base-memory")
-        .and_then(Value::as_u64)
-        .is_some_and(crate::ram::tracked_page_by_page))
 }
 
 /// The most device state a shared fork carries (its RAM is not in it): a VM's devices hold a

@@ -184,6 +184,7 @@ impl Qemu {
     }
 
     pub fn args(spec: &LaunchSpec) -> Vec<String> {
+        let ram_kib = crate::ram::ram_bytes(spec.memory_mib) >> 10;
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("nook-{}", spec.id),
@@ -211,7 +212,7 @@ impl Qemu {
             "-smp".into(),
             spec.cpus.to_string(),
             "-m".into(),
-            format!("{}K", crate::ram::ram_bytes(spec.memory_mib) >> 10),
+            format!("{ram_kib}K"),
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
@@ -273,18 +274,14 @@ impl Qemu {
         match &spec.ram {
             Some(crate::RamMapping::Anonymous) => args.extend([
                 "-object".into(),
-                format!(
-                    "memory-backend-ram,id=ram,size={}K",
-                    crate::ram::ram_bytes(spec.memory_mib) >> 10
-                ),
+                format!("memory-backend-ram,id=ram,size={ram_kib}K"),
             ]),
             // QEMU opens the memfd again by its /proc name (the jail mounts a /proc of its own
             // for it).
             Some(ram) => args.extend([
                 "-object".into(),
                 format!(
-                    "memory-backend-file,id=ram,size={}K,mem-path=/proc/self/fd/{},share={}",
-                    crate::ram::ram_bytes(spec.memory_mib) >> 10,
+                    "memory-backend-file,id=ram,size={ram_kib}K,mem-path=/proc/self/fd/{},share={}",
                     ram_fd(spec),
                     if ram.shared() { "on" } else { "off" }
                 ),
