@@ -143,7 +143,12 @@ pub fn clone_summary(c: &Cloned) -> String {
         CloneMode::Disk => "a stopped copy of its disk".to_string(),
         CloneMode::Boot => "a fresh boot of a copy of its disk".to_string(),
         CloneMode::Fork => format!(
-            "running, memory and processes included; {} paused {:.0} ms",
+            "running, memory and processes included{}; {} paused {:.0} ms",
+            match t.fork {
+                Some(ForkKind::Instant) => ", shared copy-on-write",
+                Some(ForkKind::Copied) => ", memory copied",
+                None => "",
+            },
             c.source,
             t.source_paused_ms.unwrap_or_default()
         ),
@@ -189,6 +194,20 @@ pub struct CloneTimings {
     /// trouble, or it could not run a command) and the source was forked again.
     #[serde(default)]
     pub attempts: u32,
+    /// How a running source's memory reached the clone (forks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<ForkKind>,
+}
+
+/// How a fork gave the clone its source's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForkKind {
+    /// Shared copy-on-write: nothing was copied.
+    Instant,
+    /// Copied while the source ran (its memory could not be shared: it was forked moments
+    /// before, a process streamed through its agent, or instant forks are off).
+    Copied,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

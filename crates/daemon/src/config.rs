@@ -475,10 +475,11 @@ fn store_location(
 /// What an instant fork's two VMs do with the memory they share (see `manager/successor.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForkMemory {
-    /// No instant fork: `cp` copies a running VM's memory. The default, because instant forks
-    /// of the default (systemd) image have woken corrupted (see ARCHITECTURE.md).
+    /// No instant fork: `cp` copies a running VM's memory, and guest RAM is QEMU's anonymous
+    /// memory (KSM can merge it).
     Copy,
-    /// Each moves into memory of its own, so every fork is instant; they share nothing after.
+    /// The default: each moves into memory of its own, so every fork is instant; they share
+    /// nothing after.
     Own,
     /// They keep sharing it; a fork of either copies.
     Shared,
@@ -834,8 +835,8 @@ impl Config {
         let pack = nook_memory::Pack::parse(s.pack.as_deref().unwrap_or("off"))
             .map_err(|why| ConfigError::Invalid("pack", why))?;
         let fork_memory = match s.fork_memory.as_deref() {
-            None | Some("copy") => ForkMemory::Copy,
-            Some("own") => ForkMemory::Own,
+            Some("copy") => ForkMemory::Copy,
+            None | Some("own") => ForkMemory::Own,
             Some("shared") => ForkMemory::Shared,
             Some(other) => {
                 return Err(ConfigError::Invalid(

@@ -191,10 +191,10 @@ pub struct ServeArgs {
     /// swap file) [default: off]
     #[arg(long, env = "NOOK_PACK")]
     pub pack: Option<String>,
-    /// How `cp` forks a running VM's memory: copy (a live copy), or instantly, sharing it, and
-    /// then own (each side moves into memory of its own in the background, so its next fork
-    /// is instant too) or shared (they go on sharing it; a fork of either copies)
-    /// [default: copy; the instant fork is experimental]
+    /// How `cp` forks a running VM's memory: instantly, sharing it, and then own (each side
+    /// moves into memory of its own in the background, so its next fork is instant too) or
+    /// shared (they go on sharing it; a fork of either copies); or copy (a live copy, with
+    /// guest RAM in QEMU's anonymous memory, which KSM can merge) [default: own]
     #[arg(long, env = "NOOK_FORK_MEMORY")]
     pub fork_memory: Option<String>,
     /// Where the host's state lives: sqlite (a file in the data dir) or a postgres:// URL

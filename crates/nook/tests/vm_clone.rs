@@ -271,6 +271,20 @@ fn fill_ram(d: &Daemon, vm: &str, mib: u32) -> String {
     )
 }
 
+/// The host memory `name`'s RAM memfd holds (its QEMU's `RssShmem`), and the guest's RAM
+/// size, in MiB.
+fn ram_held_mib(d: &Daemon, name: &str) -> (u64, u64) {
+    let (pid, _) = qemu_maps(d, name);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("RssShmem");
+    let size = d.vm(name)["memory_mib"].as_u64().expect("memory_mib");
+    (kib >> 10, size)
+}
+
 /// The pid of the QEMU running `name`, and its `/proc/PID/maps`.
 fn qemu_maps(d: &Daemon, name: &str) -> (u32, String) {
     let id = d.vm(name)["id"].as_str().expect("id").to_string();
@@ -350,17 +364,32 @@ fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_
 
 #[test]
 fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive() {
-    let d = Daemon::start_with(&["--fork-memory", "own"]);
+    // The default (`--fork-memory own`).
+    let d = Daemon::start();
     d.create_tiny("src");
     let base = fill_ram(&d, "src", 32);
     // After each instant fork both sides move into memory of their own in the background,
     // so every fork of either is instant (shares, then moves) with the data whole.
     for clone in ["c1", "c2"] {
-        cp(&d, &["src", clone]);
+        let forked = cp(&d, &["src", clone]);
+        assert_eq!(forked["timings"]["fork"], "instant", "{forked}");
         wait_until(
             &format!("src and {clone} to have memory of their own"),
             Duration::from_secs(60),
             || ram_mapping(&d, "src").1 == 's' && ram_mapping(&d, clone).1 == 's',
+        );
+        // The move is a live copy, which fills in every page the guest never touched; those
+        // are given back, so neither side holds its whole RAM size (a tiny guest touches
+        // well under half of it).
+        wait_until(
+            &format!("src and {clone} to give back the pages their moves filled in"),
+            Duration::from_secs(60),
+            || {
+                ["src", clone].iter().all(|vm| {
+                    let (held, size) = ram_held_mib(&d, vm);
+                    held < size / 2
+                })
+            },
         );
         assert_eq!(d.exec(clone, "sha256sum < /mnt/ram/data"), base);
         assert_eq!(d.exec("src", "sha256sum < /mnt/ram/data"), base);
@@ -395,7 +424,8 @@ fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive()
         || d.exec("src", "ps").contains("sleep 4"),
     );
     let (before, _) = ram_mapping(&d, "src");
-    cp(&d, &["src", "c3"]);
+    let copied = cp(&d, &["src", "c3"]);
+    assert_eq!(copied["timings"]["fork"], "copied", "{copied}");
     assert_eq!(ram_mapping(&d, "src").0, before, "the source kept its QEMU");
     let out = streaming.join().expect("exec thread");
     assert!(
@@ -405,6 +435,19 @@ fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive()
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "started\nsurvived\n");
     assert_eq!(d.exec("c3", "sha256sum < /mnt/ram/data"), base);
+    // A copying fork reads every page of the source's memfd and fills in every page of the
+    // clone's: both give back what holds only zeros.
+    wait_until(
+        "src and c3 to give back the pages the copy filled in",
+        Duration::from_secs(60),
+        || {
+            ["src", "c3"].iter().all(|vm| {
+                let (held, size) = ram_held_mib(&d, vm);
+                held < size / 2
+            })
+        },
+    );
+    assert_eq!(d.exec("src", "sha256sum < /mnt/ram/data"), base);
     // Nothing was left behind: one QEMU per VM, and removing them in any order is clean.
     wait_until("one QEMU per VM", Duration::from_secs(30), || {
         d.qemu_pids().len() == 5
@@ -422,12 +465,8 @@ fn vm_clone_stopped_and_chains_ten_deep_stay_readable_and_leak_nothing() {
     let d = Daemon::start();
     d.create_tiny("gen0");
     d.exec("gen0", "echo 0 > /root/gen0 && sync");
-    // Without instant forks (the default), guest RAM is QEMU's own anonymous memory: a memfd
-    // would cost huge pages and KSM and buy nothing.
-    assert!(
-        !qemu_maps(&d, "gen0").1.contains("nook-ram"),
-        "a VM booted without --fork-memory maps a RAM memfd"
-    );
+    // Instant forks are the default: guest RAM is a memfd of its own, which a fork can share.
+    assert_eq!(ram_mapping(&d, "gen0").1, 's');
 
     // --stopped-only: a fresh boot of a copy of the running source's disk.
     let fresh = cp(&d, &["gen0", "fresh", "--stopped-only"]);

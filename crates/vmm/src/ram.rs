@@ -66,6 +66,18 @@ impl RamMapping {
 /// different lengths, so no VM without it is ever copied live.
 pub const RAM_TAIL: u64 = 8 << 10;
 
+/// The host's page: what a hole punch frees at the least.
+const PAGE: usize = 4096;
+/// How much [`GuestRam::punch_zero_pages`] reads at a time.
+const PUNCH_BLOCK: usize = 1 << 20;
+
+/// Whether `page` holds only zeros. A comparison of byte slices is a `memcmp`, as fast in a
+/// debug build as in a release one.
+fn is_zero(page: &[u8]) -> bool {
+    static ZEROS: [u8; PAGE] = [0; PAGE];
+    page == &ZEROS[..page.len()]
+}
+
 /// The bytes of RAM a guest of `memory_mib` MiB gets: see [`RAM_TAIL`].
 pub fn ram_bytes(memory_mib: u32) -> u64 {
     (u64::from(memory_mib) << 20) + RAM_TAIL
@@ -115,6 +127,98 @@ impl GuestRam {
             .map_err(|e| VmmError::Qmp(format!("cannot seal the VM's memory for the fork: {e}")))
     }
 
+    /// Its size in bytes.
+    pub fn size(&self) -> Result<u64, VmmError> {
+        nix::sys::stat::fstat(&*self.fd)
+            .map(|st| st.st_size as u64)
+            .map_err(|e| VmmError::Qmp(format!("cannot read the size of the VM's memory: {e}")))
+    }
+
+    /// Punches out of `offset..offset + len` the pages that hold only zeros, and returns how
+    /// many bytes it freed. A live copy of a VM's memory into a memfd fills in every page
+    /// the guest never touched: QEMU 7.2 reads each page it receives as zero before leaving
+    /// it alone, and shmem allocates a page on a read. Read here with `pread`, which leaves
+    /// holes alone, and only where the memfd has data.
+    ///
+    /// Call it only while nothing writes this RAM (its QEMU stopped): a page the guest
+    /// writes between the check and the punch would be lost.
+    pub fn punch_zero_pages(&self, offset: u64, len: u64) -> Result<u64, VmmError> {
+        use nix::unistd::{Whence, lseek};
+        let fail = |what: &str, e: nix::Error| {
+            VmmError::Qmp(format!("cannot {what} the VM's memory: {e}"))
+        };
+        let end = offset.saturating_add(len).min(self.size()?);
+        let mut buf = vec![0u8; PUNCH_BLOCK];
+        let mut freed = 0u64;
+        let mut pos = offset;
+        // The zero pages found and not yet punched: one punch per run.
+        let mut run: Option<(u64, u64)> = None;
+        let mut punch = |run: &mut Option<(u64, u64)>| -> Result<(), VmmError> {
+            if let Some((start, stop)) = run.take() {
+                nix::fcntl::fallocate(
+                    &*self.fd,
+                    nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                        | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    start as libc::off_t,
+                    (stop - start) as libc::off_t,
+                )
+                .map_err(|e| fail("give back zero pages of", e))?;
+                freed += stop - start;
+            }
+            Ok(())
+        };
+        while pos < end {
+            let data = match lseek(&*self.fd, pos as libc::off_t, Whence::SeekData) {
+                Ok(at) => at as u64,
+                Err(nix::Error::ENXIO) => break,
+                Err(e) => return Err(fail("read", e)),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = lseek(&*self.fd, data as libc::off_t, Whence::SeekHole)
+                .map_err(|e| fail("read", e))? as u64;
+            let mut at = data;
+            while at < hole.min(end) {
+                let want = (hole.min(end) - at).min(PUNCH_BLOCK as u64) as usize;
+                let got = nix::sys::uio::pread(&*self.fd, &mut buf[..want], at as libc::off_t)
+                    .map_err(|e| fail("read", e))?;
+                if got == 0 {
+                    break;
+                }
+                for (i, page) in buf[..got].chunks(PAGE).enumerate() {
+                    let page_at = at + (i * PAGE) as u64;
+                    if page.len() == PAGE && is_zero(page) {
+                        match &mut run {
+                            Some((_, stop)) if *stop == page_at => *stop += PAGE as u64,
+                            _ => {
+                                punch(&mut run)?;
+                                run = Some((page_at, page_at + PAGE as u64));
+                            }
+                        }
+                    }
+                }
+                at += got as u64;
+            }
+            pos = hole;
+        }
+        punch(&mut run)?;
+        Ok(freed)
+    }
+
+    /// Whether any page of `offset..offset + len` is in memory (or swapped out), rather than
+    /// a hole.
+    pub fn has_data(&self, offset: u64, len: u64) -> bool {
+        match nix::unistd::lseek(
+            &*self.fd,
+            offset as libc::off_t,
+            nix::unistd::Whence::SeekData,
+        ) {
+            Ok(at) => (at as u64) < offset.saturating_add(len),
+            Err(_) => false,
+        }
+    }
+
     /// A descriptor of it to hand to a QEMU.
     pub(crate) fn handed(&self) -> std::io::Result<OwnedFd> {
         self.fd.try_clone()
@@ -123,7 +227,43 @@ impl GuestRam {
 
 #[cfg(test)]
 mod tests {
-    use super::ram_bytes;
+    use super::{GuestRam, ram_bytes};
+
+    #[test]
+    fn zero_pages_are_punched_and_data_and_holes_stay() {
+        use std::os::unix::fs::FileExt;
+        let ram = GuestRam::new(4).expect("memfd");
+        let file = std::fs::File::from(ram.handed().expect("dup"));
+        // Page 0 data, pages 1..=3 written as zeros (what a live copy leaves), page 4 data
+        // at its last byte, the rest never touched (a hole).
+        file.write_all_at(b"x", 0).expect("memfd");
+        file.write_all_at(&[0u8; 3 * 4096], 4096).expect("memfd");
+        file.write_all_at(b"y", 5 * 4096 - 1).expect("memfd");
+        let allocated = |f: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().expect("memfd").blocks() * 512
+        };
+        assert_eq!(allocated(&file), 5 * 4096);
+        assert_eq!(
+            ram.punch_zero_pages(0, ram.size().expect("memfd")).expect("memfd"),
+            3 * 4096
+        );
+        assert_eq!(
+            allocated(&file),
+            2 * 4096,
+            "only the two pages of data remain"
+        );
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, 0).expect("memfd");
+        assert_eq!(&byte, b"x");
+        file.read_exact_at(&mut byte, 5 * 4096 - 1).expect("memfd");
+        assert_eq!(&byte, b"y");
+        assert!(ram.has_data(0, 4096) && ram.has_data(4 * 4096, 1));
+        assert!(!ram.has_data(4096, 3 * 4096) && !ram.has_data(5 * 4096, 1 << 20));
+        // A range covers only itself, and a second pass finds nothing more.
+        assert_eq!(ram.punch_zero_pages(0, 4096).expect("memfd"), 0);
+        assert_eq!(ram.punch_zero_pages(0, ram.size().expect("memfd")).expect("memfd"), 0);
+    }
 
     /// Whether QEMU 7.2 takes its page-by-page dirty sync for a RAM block this long.
     fn tracked_page_by_page(bytes: u64) -> bool {

@@ -15,7 +15,7 @@ use super::*;
 use crate::faults::{self, Fault};
 use channel::Placed;
 use launch::Sshd;
-use nook_api::{CloneMode, CloneMoved, CloneTimings, CloneVm, Cloned};
+use nook_api::{CloneMode, CloneMoved, CloneTimings, CloneVm, Cloned, ForkKind};
 use nook_storage::layers;
 use nook_vmm::fork;
 use successor::end_successor;
@@ -215,6 +215,10 @@ impl Manager {
                     if mode == CloneMode::Fork {
                         self.rehome_later(&src.id);
                     }
+                    if timings.fork == Some(ForkKind::Copied) {
+                        // A copy reads every page of a source whose RAM is a memfd.
+                        self.give_back_zero_pages_later(&src.id);
+                    }
                     break (record, timings, clone_guard);
                 }
                 Err(CloneError::SourceBusy) if attempt < FORK_ATTEMPTS => {
@@ -257,6 +261,10 @@ impl Manager {
                 self.flatten_later(&record.id);
                 if mode == CloneMode::Fork {
                     self.rehome_later(&record.id);
+                }
+                if timings.fork == Some(ForkKind::Copied) {
+                    // A copy into a memfd fills in every page.
+                    self.give_back_zero_pages_later(&record.id);
                 }
                 None
             }
@@ -480,6 +488,11 @@ impl Manager {
             .and_then(|l| l.ram.clone());
         let instant = self.cfg.fork_memory != crate::config::ForkMemory::Copy;
         let shared = ram.filter(|ram| instant && !busy && !ram.is_sealed());
+        timings.fork = Some(if shared.is_some() {
+            ForkKind::Instant
+        } else {
+            ForkKind::Copied
+        });
         let (pid, clone_qmp) = match shared {
             Some(ram) => {
                 self.fork_shared(
