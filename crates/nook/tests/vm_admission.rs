@@ -185,6 +185,22 @@ fn host_room_bytes() -> u64 {
     field("MemAvailable:") + field("SwapFree:") / 2
 }
 
+/// [`host_room_bytes`] once it holds still: the last test's VMs may still be ending, and the
+/// memory they free would otherwise make room this test does not expect (seen once: its
+/// second VM was admitted).
+fn settled_host_room_bytes() -> u64 {
+    let mut room = host_room_bytes();
+    for _ in 0..30 {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let now = host_room_bytes();
+        if now.abs_diff(room) < 32 << 20 {
+            return now;
+        }
+        room = now;
+    }
+    room
+}
+
 #[test]
 fn vm_admission_a_host_short_of_real_memory_refuses_new_vms_and_kills_none() {
     // The reserve is set so that the host has room for one more VM now, with 350 MiB to
@@ -192,7 +208,7 @@ fn vm_admission_a_host_short_of_real_memory_refuses_new_vms_and_kills_none() {
     // What a 1 GiB VM is counted to touch as it boots: half its RAM, at most 256 MiB, and
     // under TCG 96 MiB for QEMU and its translation cache.
     const NEED: u64 = (256 + 96) << 20;
-    let reserve = host_room_bytes() - NEED - (350 << 20);
+    let reserve = settled_host_room_bytes() - NEED - (350 << 20);
     let reserve_arg = format!("{}M", reserve >> 20);
     let d = Daemon::start_with(&["--host-memory-reserve", &reserve_arg]);
     let alice = Key::new("alice");

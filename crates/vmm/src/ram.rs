@@ -143,6 +143,17 @@ impl GuestRam {
     /// Call it only while nothing writes this RAM (its QEMU stopped): a page the guest
     /// writes between the check and the punch would be lost.
     pub fn punch_zero_pages(&self, offset: u64, len: u64) -> Result<u64, VmmError> {
+        self.zero_pages(offset, len, true)
+    }
+
+    /// The bytes of `offset..offset + len` that hold only zeros and are not holes: what
+    /// [`Self::punch_zero_pages`] would free. Safe at any time (it changes nothing), but only
+    /// a hint while the guest runs.
+    pub fn count_zero_pages(&self, offset: u64, len: u64) -> Result<u64, VmmError> {
+        self.zero_pages(offset, len, false)
+    }
+
+    fn zero_pages(&self, offset: u64, len: u64, punch_them: bool) -> Result<u64, VmmError> {
         use nix::unistd::{Whence, lseek};
         let fail = |what: &str, e: nix::Error| {
             VmmError::Qmp(format!("cannot {what} the VM's memory: {e}"))
@@ -155,6 +166,10 @@ impl GuestRam {
         let mut run: Option<(u64, u64)> = None;
         let mut punch = |run: &mut Option<(u64, u64)>| -> Result<(), VmmError> {
             if let Some((start, stop)) = run.take() {
+                if !punch_them {
+                    freed += stop - start;
+                    return Ok(());
+                }
                 nix::fcntl::fallocate(
                     &*self.fd,
                     nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
@@ -206,6 +221,16 @@ impl GuestRam {
         Ok(freed)
     }
 
+    /// Whether `other` is the same memfd (not merely one of the same size).
+    pub fn is(&self, other: &GuestRam) -> bool {
+        let id = |r: &GuestRam| {
+            nix::sys::stat::fstat(&*r.fd)
+                .ok()
+                .map(|st| (st.st_dev, st.st_ino))
+        };
+        id(self).is_some() && id(self) == id(other)
+    }
+
     /// Whether any page of `offset..offset + len` is in memory (or swapped out), rather than
     /// a hole.
     pub fn has_data(&self, offset: u64, len: u64) -> bool {
@@ -244,10 +269,11 @@ mod tests {
             f.metadata().expect("memfd").blocks() * 512
         };
         assert_eq!(allocated(&file), 5 * 4096);
-        assert_eq!(
-            ram.punch_zero_pages(0, ram.size().expect("memfd")).expect("memfd"),
-            3 * 4096
-        );
+        let size = ram.size().expect("memfd");
+        assert_eq!(ram.count_zero_pages(0, size).expect("memfd"), 3 * 4096);
+        assert_eq!(ram.count_zero_pages(4096, 4096).expect("memfd"), 4096);
+        assert_eq!(allocated(&file), 5 * 4096, "counting frees nothing");
+        assert_eq!(ram.punch_zero_pages(0, size).expect("memfd"), 3 * 4096);
         assert_eq!(
             allocated(&file),
             2 * 4096,
@@ -258,11 +284,16 @@ mod tests {
         assert_eq!(&byte, b"x");
         file.read_exact_at(&mut byte, 5 * 4096 - 1).expect("memfd");
         assert_eq!(&byte, b"y");
+        assert!(ram.is(&ram.clone()) && !ram.is(&GuestRam::new(4).expect("memfd")));
         assert!(ram.has_data(0, 4096) && ram.has_data(4 * 4096, 1));
         assert!(!ram.has_data(4096, 3 * 4096) && !ram.has_data(5 * 4096, 1 << 20));
         // A range covers only itself, and a second pass finds nothing more.
         assert_eq!(ram.punch_zero_pages(0, 4096).expect("memfd"), 0);
-        assert_eq!(ram.punch_zero_pages(0, ram.size().expect("memfd")).expect("memfd"), 0);
+        assert_eq!(
+            ram.punch_zero_pages(0, ram.size().expect("memfd"))
+                .expect("memfd"),
+            0
+        );
     }
 
     /// Whether QEMU 7.2 takes its page-by-page dirty sync for a RAM block this long.

@@ -302,21 +302,13 @@ impl Manager {
     /// copy filled with zeros (every page the guest never touched: see
     /// `GuestRam::punch_zero_pages`). Without this a forked 1 GiB tiny VM held 1 GiB of host
     /// memory after its move, against 114 MiB before the fork. A punch must not race the
-    /// guest's writes, so the VM is paused for each slice of its memory in turn (under its
-    /// lock, so no fork or move meanwhile), a few milliseconds each.
+    /// guest's writes, so the VM is paused for each slice of its memory that holds zero pages,
+    /// in turn and under its lock (a `cp` or a move waits one slice at most, and one that
+    /// changes its QEMU or shares its memory ends this).
     pub(super) fn give_back_zero_pages_later(self: &Arc<Self>, id: &str) {
         let (this, id) = (self.clone(), id.to_string());
         tokio::spawn(async move {
-            let lock = this.op_lock(&id);
-            let _guard = lock.lock().await;
-            let (ram, qmp) = {
-                let live = this.live.lock().unwrap_or_else(|p| p.into_inner());
-                match live.get(&id) {
-                    Some(l) => (l.ram.clone(), l.qmp.clone()),
-                    None => return,
-                }
-            };
-            let Some(ram) = ram.filter(|r| !r.is_sealed()) else {
+            let Some(ram) = this.own_ram(&id) else {
                 return;
             };
             let started = Instant::now();
@@ -324,7 +316,7 @@ impl Manager {
                 Ok(vm) => vm.name,
                 Err(_) => id.clone(),
             };
-            match this.punch_zero_pages_in_slices(&id, &ram, &qmp).await {
+            match this.punch_zero_pages_in_slices(&id, &ram).await {
                 Ok(given) => tracing::info!(
                     vm = name,
                     given_mib = given.bytes >> 20,
@@ -342,40 +334,67 @@ impl Manager {
         });
     }
 
+    /// The running VM's RAM when it is a memfd of its own that no fork shares.
+    fn own_ram(&self, id: &str) -> Option<GuestRam> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.get(id)?.ram.clone().filter(|r| !r.is_sealed())
+    }
+
     async fn punch_zero_pages_in_slices(
         &self,
         id: &str,
         ram: &GuestRam,
-        qmp: &Qmp,
     ) -> Result<GivenBack, String> {
         let size = ram.size().map_err(|e| e.to_string())?;
         let mut given = GivenBack::default();
         let mut offset = 0;
         while offset < size {
+            let slice = offset;
+            offset += ZERO_PAGE_SLICE;
+            // Looked at first while the guest runs: a slice with no zero pages costs no pause.
+            let counted = ram.clone();
+            let zeros = tokio::task::spawn_blocking(move || {
+                counted.count_zero_pages(slice, ZERO_PAGE_SLICE)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            if zeros == 0 {
+                continue;
+            }
+            let lock = self.op_lock(id);
+            let guard = lock.lock().await;
+            // Still the same QEMU on the same memory, which no fork shares.
+            if !self.own_ram(id).is_some_and(|r| r.is(ram)) {
+                return Err("the VM changed QEMU or shares its memory now".into());
+            }
+            let qmp = self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .map(|l| l.qmp.clone())
+                .ok_or("the VM stopped")?;
             // Only a VM that runs: one a full disk, its lease or an admin paused stays as it
             // is, and is never let go on from here.
             if self.fleet.as_ref().is_some_and(|f| f.is_fenced(id)) {
                 return Err("the VM's lease is being renewed".into());
             }
-            if !ram.has_data(offset, ZERO_PAGE_SLICE) {
-                offset += ZERO_PAGE_SLICE;
-                continue;
-            }
-            if run_status(qmp).await.as_deref() != Some("running") {
+            if run_status(&qmp).await.as_deref() != Some("running") {
                 return Err("the VM is not running".into());
             }
             qmp.execute("stop", None)
                 .await
                 .map_err(|e| format!("cannot pause it: {e}"))?;
             let paused = Instant::now();
-            let ram_slice = ram.clone();
+            let punched_ram = ram.clone();
             let punched = tokio::task::spawn_blocking(move || {
-                ram_slice.punch_zero_pages(offset, ZERO_PAGE_SLICE)
+                punched_ram.punch_zero_pages(slice, ZERO_PAGE_SLICE)
             })
             .await;
             // Let it go on unless something else stopped it meanwhile (a write that found the
             // disk full while QEMU paused: the full-disk watcher resumes it).
-            let status = run_status(qmp).await;
+            let status = run_status(&qmp).await;
             if status.as_deref() == Some("paused")
                 && let Err(err) = qmp.execute("cont", None).await
             {
@@ -392,7 +411,7 @@ impl Manager {
             if status.as_deref() != Some("paused") {
                 return Err(format!("the VM went from paused to {status:?}"));
             }
-            offset += ZERO_PAGE_SLICE;
+            drop(guard);
             tokio::time::sleep(ZERO_PAGE_GAP).await;
         }
         Ok(given)
@@ -400,9 +419,9 @@ impl Manager {
 }
 
 /// How much of a VM's memory is checked for zero pages in one pause, and how long it runs
-/// between two: 32 MiB took 10-30 ms here (a debug build, two VMs at once).
+/// between two pauses.
 const ZERO_PAGE_SLICE: u64 = 32 << 20;
-const ZERO_PAGE_GAP: Duration = Duration::from_millis(25);
+const ZERO_PAGE_GAP: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct GivenBack {
