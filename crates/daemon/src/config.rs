@@ -136,10 +136,10 @@ pub struct Settings {
     pub browser: Option<PathBuf>,
     /// How hard idle VMs' memory is packed: `off`, `balanced` or `dense` [default: off].
     pub pack: Option<String>,
-    /// How `cp` forks a running VM's memory: `copy` (a live copy), or instantly, sharing it,
-    /// and then `own` (each side moves, in the background, into memory of its own, so its
-    /// next fork is instant too) or `shared` (they go on sharing it; a fork of either copies)
-    /// [default: copy; the instant fork is experimental].
+    /// How `cp` forks a running VM's memory: instantly, sharing it, and then `own` (each
+    /// side moves, in the background, into memory of its own, so its next fork is instant
+    /// too) or `shared` (they go on sharing it; a fork of either copies); or `copy` (a live
+    /// copy) [default: own].
     pub fork_memory: Option<String>,
     /// Where the host's state lives: `sqlite` (the embedded file in the data dir, the
     /// default) or a `postgres://` URL, a database several hosts can share.
