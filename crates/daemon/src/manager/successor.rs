@@ -308,6 +308,9 @@ impl Manager {
     pub(super) fn give_back_zero_pages_later(self: &Arc<Self>, id: &str) {
         let (this, id) = (self.clone(), id.to_string());
         tokio::spawn(async move {
+            // Not at once: the moments after a `cp` are when its user connects to the clone,
+            // and the scans and pauses slowed that (`bench/clone_ssh.sh`).
+            tokio::time::sleep(GIVE_BACK_DELAY).await;
             let Some(ram) = this.own_ram(&id) else {
                 return;
             };
@@ -422,6 +425,8 @@ impl Manager {
 /// between two pauses.
 const ZERO_PAGE_SLICE: u64 = 32 << 20;
 const ZERO_PAGE_GAP: Duration = Duration::from_millis(50);
+/// How long after a copy its zero pages start to be given back.
+const GIVE_BACK_DELAY: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct GivenBack {
