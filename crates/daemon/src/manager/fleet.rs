@@ -556,7 +556,7 @@ impl Manager {
         }
     }
 
-    fn live_qmp_by_id(&self, id: &str) -> Option<Qmp> {
+    pub(super) fn live_qmp_by_id(&self, id: &str) -> Option<Qmp> {
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())

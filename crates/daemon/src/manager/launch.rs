@@ -775,7 +775,15 @@ const FULL_DISK_RETRY: Duration = Duration::from_secs(3);
 
 /// QEMU's run state is `io-error`: a disk error (here, a full disk) stopped the guest.
 async fn stopped_for_io(qmp: &Qmp) -> bool {
+    run_status(qmp).await.as_deref() == Some("io-error")
+}
+
+/// QEMU's run state (`running`, `paused`, `io-error`, ...), or None when QEMU does not answer.
+pub(super) async fn run_status(qmp: &Qmp) -> Option<String> {
     qmp.execute("query-status", None)
         .await
-        .is_ok_and(|s| s.get("status").and_then(serde_json::Value::as_str) == Some("io-error"))
+        .ok()?
+        .get("status")?
+        .as_str()
+        .map(str::to_string)
 }

@@ -15,6 +15,7 @@
 use super::*;
 use crate::faults;
 use clone::kill_qemu;
+use launch::run_status;
 use nook_vmm::fork;
 
 /// New processes held off through a VM's agent while it changes QEMU. Dropped, they go ahead
@@ -371,13 +372,7 @@ impl Manager {
             if !self.own_ram(id).is_some_and(|r| r.is(ram)) {
                 return Err("the VM changed QEMU or shares its memory now".into());
             }
-            let qmp = self
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id)
-                .map(|l| l.qmp.clone())
-                .ok_or("the VM stopped")?;
+            let qmp = self.live_qmp_by_id(id).ok_or("the VM stopped")?;
             // Only a VM that runs: one a full disk, its lease or an admin paused stays as it
             // is, and is never let go on from here.
             if self.fleet.as_ref().is_some_and(|f| f.is_fenced(id)) {
@@ -406,11 +401,9 @@ impl Manager {
             }
             given.pauses += 1;
             given.longest_pause = given.longest_pause.max(paused.elapsed());
-            match punched {
-                Ok(Ok(bytes)) => given.bytes += bytes,
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(e) => return Err(e.to_string()),
-            }
+            given.bytes += punched
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
             if status.as_deref() != Some("paused") {
                 return Err(format!("the VM went from paused to {status:?}"));
             }
@@ -433,16 +426,6 @@ struct GivenBack {
     bytes: u64,
     pauses: u32,
     longest_pause: Duration,
-}
-
-/// QEMU's run state (`running`, `paused`, `io-error`, ...), or None when QEMU does not answer.
-async fn run_status(qmp: &Qmp) -> Option<String> {
-    qmp.execute("query-status", None)
-        .await
-        .ok()?
-        .get("status")?
-        .as_str()
-        .map(str::to_string)
 }
 
 /// How long after a fork a VM may wait for a moment without agent processes to get memory
