@@ -157,6 +157,9 @@ pub struct Manager {
     /// Running VMs that QEMU stopped because a disk write found the host's disk full, with
     /// what `ls` and `stat` say about it (see `Manager::watch_for_a_full_disk`).
     disk_full: std::sync::Mutex<HashMap<String, String>>,
+    /// VMs with zero pages still to give back (see `Manager::give_back_zero_pages_later`),
+    /// each with whether another copy asked for it while it ran.
+    give_backs: std::sync::Mutex<HashMap<String, bool>>,
     store: Store,
     images: ImageStore,
     net: Net,
@@ -417,6 +420,7 @@ impl Manager {
             host_admission: Default::default(),
             idle: Default::default(),
             disk_full: Default::default(),
+            give_backs: Default::default(),
             cgroups,
             cfg,
             store,

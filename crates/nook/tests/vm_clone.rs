@@ -285,6 +285,19 @@ fn ram_held_mib(d: &Daemon, name: &str) -> (u64, u64) {
     (kib >> 10, size)
 }
 
+/// Whether `name`'s memory holds zero pages a copy filled in, still to be given back: the
+/// daemon says so in the VM's directory, and over half the RAM is held.
+fn give_back_pending(d: &Daemon, name: &str) -> bool {
+    let id = d.vm(name)["id"].as_str().expect("id").to_string();
+    let (held, size) = ram_held_mib(d, name);
+    d.data_dir
+        .join("vms")
+        .join(id)
+        .join("give-back-pending")
+        .exists()
+        && held > size / 2
+}
+
 /// The pid of the QEMU running `name`, and its `/proc/PID/maps`.
 fn qemu_maps(d: &Daemon, name: &str) -> (u32, String) {
     let id = d.vm(name)["id"].as_str().expect("id").to_string();
@@ -365,7 +378,7 @@ fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_
 #[test]
 fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive() {
     // The default (`--fork-memory own`).
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     d.create_tiny("src");
     let base = fill_ram(&d, "src", 32);
     // After each instant fork both sides move into memory of their own in the background,
@@ -378,6 +391,16 @@ fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive()
             Duration::from_secs(60),
             || ram_mapping(&d, "src").1 == 's' && ram_mapping(&d, clone).1 == 's',
         );
+        if clone == "c1" {
+            // The give-back waits 10 s after each move; a daemon that dies meanwhile does it
+            // once it is back.
+            wait_until(
+                &format!("src and {clone} to have zero pages to give back"),
+                Duration::from_secs(30),
+                || ["src", clone].iter().all(|vm| give_back_pending(&d, vm)),
+            );
+            d.restart();
+        }
         // The move is a live copy, which fills in every page the guest never touched; those
         // are given back, so neither side holds its whole RAM size (a tiny guest touches
         // well under half of it).
@@ -667,7 +690,14 @@ fn vm_clone_crash_at_any_step_leaves_the_source_intact() {
         }
     }
 
-    // The clone's QEMU dies mid-fork: a clear error, the source runs on.
+    // The clone's QEMU dies mid-fork: a clear error, the source runs on. The last restart
+    // resumed the source's move into memory of its own, so this fork shares it, and the
+    // source, which had released its disk to its successor, must take it back.
+    wait_until(
+        "the source to have memory of its own",
+        Duration::from_secs(60),
+        || ram_mapping(&d, "src").1 == 's',
+    );
     d.set_env("NOOK_FAULT", Some("clone:paused=kill-clone"));
     d.restart();
     d.fails(&["vm", "cp", "src", "half"]);

@@ -524,17 +524,19 @@ impl Manager {
 
         let ready_started = Instant::now();
         progress("giving the clone its own identity");
-        let agent = AgentClient::connect(&clone_paths.agent_socket())
-            .await
-            .map_err(|e| errors::from_vmm("connect to the guest agent", e))?;
-        if let Some(live) = self
+        // (Connected before the clone woke: `wake_clone`.)
+        let agent = self
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&clone.id)
-        {
-            live.agent = Some(agent.clone());
-        }
+            .get(&clone.id)
+            .and_then(|l| l.agent.clone())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::GuestNotReady,
+                    format!("The clone '{}' stopped right after its restore", clone.name),
+                )
+            })?;
         // The kernel is watched from the clone's wake until it is handed over: one that wakes
         // broken has crashed during its identity as well as before it (seen in a loop of forks
         // of a busy VM), and is forked again rather than waited on.
@@ -639,9 +641,7 @@ impl Manager {
         drop(layers_guard);
         let sent = sent.map_err(|e| errors::from_vmm("copy the VM's memory", e))?;
         timings.source_paused_ms = Some(ms(sent.paused));
-        fork::finish(&clone_qmp)
-            .await
-            .map_err(|e| errors::from_vmm("restore the clone", e))?;
+        self.wake_clone(clone, &clone_qmp).await?;
         timings.memory_ms = Some(ms(sent.total));
         Ok((pid, clone_qmp))
     }
@@ -773,11 +773,30 @@ impl Manager {
         drop(layers_guard);
         tracing::info!(vm = %src.name, paused_ms = ms(paused), "the VM runs in its next QEMU, sharing its memory with its clone");
         timings.source_paused_ms = Some(ms(paused));
-        fork::finish(&clone_qmp)
-            .await
-            .map_err(|e| errors::from_vmm("restore the clone", e))?;
+        self.wake_clone(clone, &clone_qmp).await?;
         timings.memory_ms = Some(ms(sent.total));
         Ok((clone_pid, clone_qmp))
+    }
+
+    /// Lets a clone that holds all of its state run, its guest agent connected first. The
+    /// agent in the source had a host on its port; one that wakes to find none reads end of
+    /// file and looks again only after a pause (`nook-guest-agent`'s port loop), and waking
+    /// connected it never notices the change of QEMU.
+    async fn wake_clone(&self, clone: &VmRecord, clone_qmp: &Qmp) -> Result<(), ApiError> {
+        let agent = AgentClient::connect(&self.paths(&clone.id).agent_socket())
+            .await
+            .map_err(|e| errors::from_vmm("connect to the clone's guest agent", e))?;
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&clone.id)
+        {
+            live.agent = Some(agent);
+        }
+        fork::finish(clone_qmp)
+            .await
+            .map_err(|e| errors::from_vmm("restore the clone", e))
     }
 
     /// After a fork that sealed the VM's RAM and failed: its RAM cannot be forked again, so

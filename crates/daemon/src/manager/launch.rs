@@ -707,10 +707,18 @@ pub(super) fn jail_for(
         read_only.push(dir);
     }
     // A layer that was this VM's own top before a clone still belongs to its uid: it becomes
-    // root's now. (A layer frozen for a fork a moment ago is still the source's live top,
-    // owned by the source's uid: the clone's jail only makes it readable.)
+    // root's now. Not the VM's live top, though, below a successor's new one until the
+    // hand-over: its running QEMU must reopen it writable should the fork fail (QEMU 7.2
+    // then hit an assertion at its next migration), and `settle_next_disk` freezes it once
+    // the successor runs. (For a clone it is the source's, owned by the source's uid: the
+    // clone's jail only makes it readable.)
+    let live_top = std::fs::metadata(files.paths.disk())
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
     for file in below {
-        if std::fs::metadata(file).is_ok_and(|m| m.uid() == uid) {
+        if std::fs::metadata(file)
+            .is_ok_and(|m| m.uid() == uid && Some((m.dev(), m.ino())) != live_top)
+        {
             own(file, 0)?;
         }
     }

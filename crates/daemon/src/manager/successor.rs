@@ -306,36 +306,68 @@ impl Manager {
     /// guest's writes, so the VM is paused for each slice of its memory that holds zero pages,
     /// in turn and under its lock (a `cp` or a move waits one slice at most, and one that
     /// changes its QEMU or shares its memory ends this).
+    ///
+    /// One give-back runs per VM: another copy meanwhile has it go over the memory again once
+    /// it ends. [`GIVE_BACK_PENDING`] in the VM's directory says one is due, so a daemon that
+    /// restarts before it ends starts it again (`recover`).
     pub(super) fn give_back_zero_pages_later(self: &Arc<Self>, id: &str) {
+        let marker = self.paths(id).dir.join(GIVE_BACK_PENDING);
+        {
+            let mut pending = self.give_backs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(again) = pending.get_mut(id) {
+                *again = true;
+                return;
+            }
+            pending.insert(id.to_string(), false);
+            if let Err(err) = std::fs::write(&marker, b"") {
+                tracing::warn!(vm = id, %err, "cannot note a pending give-back of zero pages; a restart before it ends forgets it");
+            }
+        }
         let (this, id) = (self.clone(), id.to_string());
         tokio::spawn(async move {
-            // Not at once: the moments after a `cp` are when its user connects to the clone,
-            // and the scans and pauses slowed that (`bench/clone_ssh.sh`).
-            tokio::time::sleep(GIVE_BACK_DELAY).await;
-            let Some(ram) = this.own_ram(&id) else {
-                return;
-            };
-            let started = Instant::now();
-            let name = match this.store.get_by_id(&id).await {
-                Ok(vm) => vm.name,
-                Err(_) => id.clone(),
-            };
-            match this.punch_zero_pages_in_slices(&id, &ram).await {
-                Ok(given) => tracing::info!(
-                    vm = name,
-                    given_mib = given.bytes >> 20,
-                    pauses = given.pauses,
-                    longest_pause_ms = given.longest_pause.as_millis() as u64,
-                    secs = started.elapsed().as_secs_f64(),
-                    "gave back the zero pages a copy of the VM's memory filled in"
-                ),
-                Err(why) => tracing::info!(
-                    vm = name,
-                    why,
-                    "stopped giving back zero pages of the VM's memory"
-                ),
+            loop {
+                // Not at once: the moments after a `cp` are when its user connects to the
+                // clone, and the scans and pauses slowed that (`bench/clone_ssh.sh`).
+                tokio::time::sleep(GIVE_BACK_DELAY).await;
+                this.give_back_zero_pages(&id).await;
+                let mut pending = this.give_backs.lock().unwrap_or_else(|p| p.into_inner());
+                match pending.get_mut(&id) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        pending.remove(&id);
+                        // (Gone with the VM's directory if it was removed meanwhile.)
+                        let _ = std::fs::remove_file(&marker);
+                        return;
+                    }
+                }
             }
         });
+    }
+
+    async fn give_back_zero_pages(&self, id: &str) {
+        let Some(ram) = self.own_ram(id) else {
+            return;
+        };
+        let started = Instant::now();
+        let name = match self.store.get_by_id(id).await {
+            Ok(vm) => vm.name,
+            Err(_) => id.to_string(),
+        };
+        match self.punch_zero_pages_in_slices(id, &ram).await {
+            Ok(given) => tracing::info!(
+                vm = name,
+                given_mib = given.bytes >> 20,
+                pauses = given.pauses,
+                longest_pause_ms = given.longest_pause.as_millis() as u64,
+                secs = started.elapsed().as_secs_f64(),
+                "gave back the zero pages a copy of the VM's memory filled in"
+            ),
+            Err(why) => tracing::info!(
+                vm = name,
+                why,
+                "stopped giving back zero pages of the VM's memory"
+            ),
+        }
     }
 
     /// The running VM's RAM when it is a memfd of its own that no fork shares.
@@ -420,6 +452,8 @@ const ZERO_PAGE_SLICE: u64 = 32 << 20;
 const ZERO_PAGE_GAP: Duration = Duration::from_millis(50);
 /// How long after a copy its zero pages start to be given back.
 const GIVE_BACK_DELAY: Duration = Duration::from_secs(10);
+/// In a VM's directory while zero pages a copy filled in are still to be given back.
+pub(super) const GIVE_BACK_PENDING: &str = "give-back-pending";
 
 #[derive(Default)]
 struct GivenBack {

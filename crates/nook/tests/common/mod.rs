@@ -498,6 +498,14 @@ impl Drop for Daemon {
                     entry.path().display(),
                     tail[tail.len().saturating_sub(30)..].join("\n")
                 );
+                let qemu =
+                    std::fs::read_to_string(entry.path().join("qemu.log")).unwrap_or_default();
+                if !qemu.trim().is_empty() {
+                    eprintln!(
+                        "--- QEMU's stderr in {} ---\n{qemu}",
+                        entry.path().display()
+                    );
+                }
             }
         }
         // Remove VMs through the daemon so taps and rules go too; then make sure.
