@@ -525,18 +525,12 @@ impl Manager {
         let ready_started = Instant::now();
         progress("giving the clone its own identity");
         // (Connected before the clone woke: `wake_clone`.)
-        let agent = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&clone.id)
-            .and_then(|l| l.agent.clone())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::GuestNotReady,
-                    format!("The clone '{}' stopped right after its restore", clone.name),
-                )
-            })?;
+        let agent = self.open_agent(clone).ok().flatten().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::GuestNotReady,
+                format!("The clone '{}' stopped right after its restore", clone.name),
+            )
+        })?;
         // The kernel is watched from the clone's wake until it is handed over: one that wakes
         // broken has crashed during its identity as well as before it (seen in a loop of forks
         // of a busy VM), and is forked again rather than waited on.
@@ -786,14 +780,7 @@ impl Manager {
         let agent = AgentClient::connect(&self.paths(&clone.id).agent_socket())
             .await
             .map_err(|e| errors::from_vmm("connect to the clone's guest agent", e))?;
-        if let Some(live) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&clone.id)
-        {
-            live.agent = Some(agent);
-        }
+        self.keep_agent(&clone.id, agent);
         fork::finish(clone_qmp)
             .await
             .map_err(|e| errors::from_vmm("restore the clone", e))

@@ -59,19 +59,24 @@ impl Manager {
             .wait_ready(Duration::from_secs(10))
             .await
             .map_err(|e| errors::from_vmm("reach the guest agent", e))?;
+        self.keep_agent(&vm.id, agent.clone());
+        Ok(agent)
+    }
+
+    /// Keeps `agent` as the running VM `id`'s agent connection.
+    pub(super) fn keep_agent(&self, id: &str, agent: AgentClient) {
         if let Some(live) = self
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&vm.id)
+            .get_mut(id)
         {
-            live.agent = Some(agent.clone());
+            live.agent = Some(agent);
         }
-        Ok(agent)
     }
 
     /// The VM's agent connection when it is open.
-    fn open_agent(&self, vm: &VmRecord) -> Result<Option<AgentClient>, ApiError> {
+    pub(super) fn open_agent(&self, vm: &VmRecord) -> Result<Option<AgentClient>, ApiError> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         match live.get(&vm.id) {
             Some(l) => Ok(l.agent.clone().filter(|a| !a.is_closed())),

@@ -87,13 +87,17 @@ impl Manager {
                             let agent = AgentClient::connect(&paths.agent_socket()).await.ok();
                             // The VM's own RAM, if a fork may still share it (a fork's, which
                             // it maps copy-on-write, is sealed: its next fork copies).
-                            let ram = nook_vmm::GuestRam::of_qemu(pid).filter(|r| !r.is_sealed());
+                            let ram = nook_vmm::GuestRam::of_qemu(pid);
+                            let forked = ram.as_ref().is_some_and(nook_vmm::GuestRam::is_sealed);
+                            let ram = ram.filter(|_| !forked);
                             let own_ram = ram.is_some();
                             self.adopt(vm, qmp, agent, ram);
                             // What the restart cut short goes on: a forked VM's move into
-                            // memory of its own (a no-op for any other VM), and the give-back
-                            // of the zero pages a copy filled in.
-                            self.rehome_later(&vm.id);
+                            // memory of its own, and the give-back of the zero pages a copy
+                            // filled in.
+                            if forked {
+                                self.rehome_later(&vm.id);
+                            }
                             let give_back = paths.dir.join(successor::GIVE_BACK_PENDING);
                             if own_ram && give_back.exists() {
                                 self.give_back_zero_pages_later(&vm.id);
