@@ -124,6 +124,17 @@ fn vm_survives_daemon_sigkill_and_is_readopted() {
     // /tmp is a tmpfs: the same boot, not a new one.
     assert_eq!(d.exec("sturdy", "cat /tmp/mark"), "before\n");
     assert!(d.log_text().contains("re-adopted running VM"));
+    // The new daemon reads QEMU's stderr (a pipe the old one read): what QEMU says from now
+    // on, such as why it died, reaches qemu.log.
+    let stderr = std::fs::read_link(format!("/proc/{}/fd/2", pids[0])).expect("QEMU's stderr");
+    assert!(stderr.to_string_lossy().starts_with("pipe:"), "{stderr:?}");
+    let daemon_fds = std::fs::read_dir(format!("/proc/{}/fd", d.pid())).expect("daemon fds");
+    assert!(
+        daemon_fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == stderr)),
+        "the re-adopting daemon does not read QEMU's stderr ({stderr:?})"
+    );
 
     // A VM that dies while the daemon is down is reported with its reason.
     d.kill9();

@@ -560,25 +560,70 @@ fn greets(socket: &Path) -> bool {
 /// Reads QEMU's stderr until it closes, keeping the first [`STDERR_KEEP`] bytes in `log` and
 /// in the returned buffer (for a launch that fails).
 fn keep_stderr(child: &mut std::process::Child, log: PathBuf) -> Arc<Mutex<Vec<u8>>> {
-    use std::io::{Read, Write};
     let kept = Arc::new(Mutex::new(Vec::new()));
-    let Some(mut stderr) = child.stderr.take() else {
+    let Some(stderr) = child.stderr.take() else {
         return kept;
     };
-    let shared = Arc::clone(&kept);
+    relay_stderr(
+        stderr,
+        std::fs::File::create(&log).ok(),
+        0,
+        Arc::clone(&kept),
+    );
+    kept
+}
+
+/// Reads the stderr of the running QEMU `pid` again after a daemon restart, appending to its
+/// `qemu.log` within the same [`STDERR_KEEP`]. QEMU's stderr is a pipe whose reader was the
+/// daemon that launched it; with that daemon gone its messages would be lost (QEMU ignores
+/// SIGPIPE, so it goes on), and it is what a re-adopted VM that dies says about why. Opening
+/// `/proc/PID/fd/2` opens that same pipe, as a new reader. Call it once per re-adoption.
+pub fn follow_stderr(pid: u32, paths: &VmPaths) -> Result<(), VmmError> {
+    let end = PathBuf::from(format!("/proc/{pid}/fd/2"));
+    let held = std::fs::read_link(&end).map_err(VmmError::io(&end))?;
+    if !held.to_string_lossy().starts_with("pipe:") {
+        return Err(VmmError::LaunchFailed(format!(
+            "QEMU {pid}'s stderr is not the pipe nook gave it ({})",
+            held.display()
+        )));
+    }
+    let pipe = std::fs::File::open(&end).map_err(VmmError::io(&end))?;
+    let log = paths.qemu_log();
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log)
+        .map_err(VmmError::io(&log))?;
+    let written = file.metadata().map_or(STDERR_KEEP, |m| {
+        usize::try_from(m.len()).unwrap_or(STDERR_KEEP)
+    });
+    relay_stderr(pipe, Some(file), written, Arc::new(Mutex::new(Vec::new())));
+    Ok(())
+}
+
+/// Copies `stderr` into `file` (which holds `written` bytes already) up to [`STDERR_KEEP`] in
+/// all, and into `kept`, on a thread of its own until the pipe closes. Past the cap it reads
+/// and drops, so a guest that makes QEMU warn forever can neither fill the disk nor block QEMU
+/// on a full pipe.
+fn relay_stderr(
+    mut stderr: impl std::io::Read + Send + 'static,
+    mut file: Option<std::fs::File>,
+    mut written: usize,
+    kept: Arc<Mutex<Vec<u8>>>,
+) {
+    use std::io::Write;
     let spawned = std::thread::Builder::new()
         .name("qemu-stderr".into())
         .spawn(move || {
-            let mut file = std::fs::File::create(&log).ok();
             let mut buf = [0u8; 4096];
             while let Ok(n) = stderr.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
-                let mut kept = lock(&shared);
-                let room = STDERR_KEEP.saturating_sub(kept.len()).min(n);
+                let room = STDERR_KEEP.saturating_sub(written).min(n);
                 if room > 0 {
-                    kept.extend_from_slice(&buf[..room]);
+                    written += room;
+                    lock(&kept).extend_from_slice(&buf[..room]);
                     if let Some(f) = file.as_mut() {
                         let _ = f.write_all(&buf[..room]);
                     }
@@ -588,7 +633,6 @@ fn keep_stderr(child: &mut std::process::Child, log: PathBuf) -> Arc<Mutex<Vec<u
     if spawned.is_err() {
         tracing::warn!("cannot read QEMU's stderr; its messages are lost");
     }
-    kept
 }
 
 /// Locks, ignoring poisoning: a panicked reader thread loses only log lines.
@@ -641,6 +685,57 @@ mod tests {
             hold: false,
             jail: None,
         }
+    }
+
+    /// A re-adopting daemon reads QEMU's stderr again: what the process says after its first
+    /// reader is gone reaches `qemu.log`, after what is there, and never past the cap.
+    #[test]
+    fn stderr_is_followed_again_after_its_reader_is_gone() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let paths = VmPaths::new(dir.path());
+        std::fs::write(paths.qemu_log(), "before the restart\n").expect("log");
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "read line; echo \"$line\" >&2; read line; echo \"$line\" >&2",
+            ])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        // The launching daemon's reader is gone.
+        drop(child.stderr.take());
+        follow_stderr(child.id(), &paths).expect("follow");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "after the restart").expect("write");
+        // Past the cap: dropped, but read, so the writer never blocks.
+        writeln!(stdin, "{}", "x".repeat(2 * STDERR_KEEP)).expect("write");
+        drop(stdin);
+        assert!(child.wait().expect("wait").success());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = std::fs::read_to_string(paths.qemu_log()).expect("log");
+            if log.len() >= STDERR_KEEP || Instant::now() > deadline {
+                assert!(
+                    log.starts_with("before the restart\nafter the restart\nxxx"),
+                    "{log:.80}"
+                );
+                assert_eq!(log.len(), STDERR_KEEP);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Not a pipe (not what nook launched): refused.
+        let mut other = std::process::Command::new("sleep")
+            .arg("5")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sleep");
+        let err = follow_stderr(other.id(), &paths);
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(err.is_err_and(|e| e.to_string().contains("not the pipe")));
     }
 
     #[test]

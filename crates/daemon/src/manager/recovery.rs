@@ -78,6 +78,9 @@ impl Manager {
                         Ok(qmp) => {
                             tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
                             nook_vmm::console::follow(&paths);
+                            if let Err(err) = nook_vmm::qemu::follow_stderr(pid, &paths) {
+                                tracing::warn!(vm = %vm.name, %err, "cannot read a re-adopted QEMU's stderr; what it says is lost");
+                            }
                             // A clone the crash interrupted may have left it paused.
                             nook_vmm::fork::resume(&qmp).await;
                             self.settle_next_disk(vm, Some(&qmp)).await;
