@@ -258,6 +258,8 @@ async fn main() -> anyhow_free::Result {
                 mac: "02:6e:6b:ff:ff:ff".into(),
             },
             accel,
+            // Raw QEMU's own translation cache, as a user running it by hand has.
+            tcg_cache_mib: None,
             reclaim: true,
             incoming: false,
             hold: false,

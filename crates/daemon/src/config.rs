@@ -74,6 +74,9 @@ pub struct Settings {
     /// Memory reclaim (balloon free page reporting, KSM). On by default;
     /// off only to measure what it saves.
     pub reclaim: Option<bool>,
+    /// Under TCG, each QEMU's translation cache in MiB (16 to 4096): more runs big guests
+    /// faster, at up to that much memory per VM [default: 128].
+    pub tcg_cache_mib: Option<u32>,
     /// Where the HTTPS edge listens (`https://VM.DOMAIN/`); `off` disables it.
     pub https_addr: Option<String>,
     /// VM web ports reachable as `https://VM.DOMAIN:PORT/` (`3000-9999`), or `off`.
@@ -186,6 +189,7 @@ impl Settings {
             replicate_every_secs: other.replicate_every_secs.or(self.replicate_every_secs),
             metrics_addr: other.metrics_addr.or(self.metrics_addr),
             reclaim: other.reclaim.or(self.reclaim),
+            tcg_cache_mib: other.tcg_cache_mib.or(self.tcg_cache_mib),
             https_addr: other.https_addr.or(self.https_addr),
             vm_ports: other.vm_ports.or(self.vm_ports),
             dns_addr: other.dns_addr.or(self.dns_addr),
@@ -348,6 +352,8 @@ pub struct Config {
     pub replicate_every: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub reclaim: bool,
+    /// Each TCG QEMU's translation cache, MiB.
+    pub tcg_cache_mib: u32,
     pub web: WebConfig,
     /// The LLM gateway's providers, prices and limits.
     pub gateway: nook_gateway::GatewayConfig,
@@ -702,6 +708,15 @@ impl Config {
             ));
         }
         let idle_after = Duration::from_secs(s.idle_after_secs.unwrap_or(60).max(1));
+        let tcg_cache_mib = match s.tcg_cache_mib.unwrap_or(nook_vmm::TCG_CACHE_MIB) {
+            mib @ 16..=4096 => mib,
+            other => {
+                return Err(ConfigError::Invalid(
+                    "tcg_cache_mib",
+                    format!("{other}: give the translation cache in MiB, from 16 to 4096"),
+                ));
+            }
+        };
         let replicate_every = match s.replicate_every_secs.unwrap_or(60) {
             0 => {
                 return Err(ConfigError::Invalid(
@@ -881,6 +896,7 @@ impl Config {
             gateway,
             llm_initial_credit_micros,
             reclaim: s.reclaim.unwrap_or(true),
+            tcg_cache_mib,
             metrics_addr,
             idle_after,
             replicate_every,
@@ -992,6 +1008,24 @@ mod tests {
             toml::from_str::<Settings>("colour = 1").is_err(),
             "unknown fields are refused"
         );
+    }
+
+    #[test]
+    fn tcg_cache_defaults_and_a_size_out_of_range_names_the_range() {
+        let cfg = Config::validate(Settings::default()).expect("defaults");
+        assert_eq!(cfg.tcg_cache_mib, nook_vmm::TCG_CACHE_MIB);
+        let file: Settings = toml::from_str("tcg_cache_mib = 512").expect("toml");
+        let cfg = Config::validate(Settings::default().merge(file)).expect("512");
+        assert_eq!(cfg.tcg_cache_mib, 512);
+        for bad in [0, 8, 5000] {
+            let err = Config::validate(Settings {
+                tcg_cache_mib: Some(bad),
+                ..Settings::default()
+            })
+            .expect_err("out of range")
+            .to_string();
+            assert!(err.contains("tcg_cache_mib") && err.contains("16 to 4096"), "{err}");
+        }
     }
 
     #[test]

@@ -288,6 +288,10 @@ pub struct ServeArgs {
     /// Seconds of near-zero CPU and network before a VM counts as idle
     #[arg(long, env = "NOOK_IDLE_AFTER")]
     pub idle_after: Option<u64>,
+    /// Under TCG (no KVM), each QEMU's translation cache in MiB, 16 to 4096: more runs big
+    /// guests faster, at up to that much memory per VM [default: 128]
+    #[arg(long, env = "NOOK_TCG_CACHE_MIB")]
+    pub tcg_cache_mib: Option<u32>,
     /// Seconds between replicas of a VM kept on a second host (`replicate VM HOST`): the most
     /// a VM restored from its replica can have lost [default: 60]
     #[arg(long, env = "NOOK_REPLICATE_EVERY_SECS")]

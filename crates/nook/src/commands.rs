@@ -296,6 +296,7 @@ async fn serve(base: Settings, args: ServeArgs) -> anyhow::Result<i32> {
         github_url: args.github_url,
         github_api_url: args.github_api_url,
         idle_after_secs: args.idle_after,
+        tcg_cache_mib: args.tcg_cache_mib,
         replicate_every_secs: args.replicate_every_secs,
         metrics_addr: args.metrics_addr,
         https_addr: args.https_addr,

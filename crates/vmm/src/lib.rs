@@ -18,6 +18,17 @@ pub mod ram;
 mod sys;
 mod throttle;
 
+/// The TCG translation cache nook gives each QEMU, in MiB, unless configured otherwise.
+/// QEMU's default is up to 1 GiB, filled front to back as the guest runs new code and only
+/// flushed when full: an idle default-image VM had written 267 MiB of it within minutes of
+/// its boot, most of it code its boot ran once, which packing then moved to swap. 128 MiB
+/// holds what a guest runs again; a boot fills it about twice. Measured on idle default VMs
+/// with `--pack dense` (README): the host's MemAvailable 62 MiB lower per VM against 109, and
+/// waking as fast; 64 MiB saved no more and slowed boots and requests by flushing.
+/// (Under QEMU 7.2 forks taken across a flush woke corrupted until the precopy fix in
+/// `ram.rs`; they no longer do: `bench/fork_booting.sh`.)
+pub const TCG_CACHE_MIB: u32 = 128;
+
 pub use agent::{AgentClient, Identified, Process, ProcessHandle, SpawnHold};
 pub use error::VmmError;
 pub use jail::Jail;

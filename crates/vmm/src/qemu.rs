@@ -138,6 +138,9 @@ pub struct LaunchSpec {
     pub cmdline: String,
     pub net: NetBackend,
     pub accel: Accel,
+    /// Under TCG, the translation cache's size in MiB (`tb-size`); None keeps QEMU's default
+    /// (up to 1 GiB). See [`crate::TCG_CACHE_MIB`].
+    pub tcg_cache_mib: Option<u32>,
     /// Memory reclaim: a balloon with free page reporting. Off only to measure what it saves.
     pub reclaim: bool,
     /// Start paused, waiting for a running VM's state to stream in (a fork's clone).
@@ -195,14 +198,10 @@ impl Qemu {
                 "pc".into()
             },
             "-accel".into(),
-            // TCG keeps its default translation cache (up to 1 GiB, resident only as it fills).
-            // A 64 MiB cache saved memory but flushed again and again while a guest booted, and
-            // a fork taken across such a flush woke corrupted under QEMU 7.2: 5 of 6 forks of a
-            // booting default VM crashed (a corrupted kernel stack, a NULL jump) against 0 of 6
-            // with the default size (`bench/clone_ssh.sh` and `cp` right after `new`).
-            match spec.accel {
-                Accel::Tcg => "tcg".into(),
-                Accel::Kvm => "kvm".into(),
+            match (spec.accel, spec.tcg_cache_mib) {
+                (Accel::Tcg, Some(mib)) => format!("tcg,tb-size={mib}"),
+                (Accel::Tcg, None) => "tcg".into(),
+                (Accel::Kvm, _) => "kvm".into(),
             },
         ];
         if spec.accel == Accel::Kvm {
@@ -680,6 +679,7 @@ mod tests {
                 mac: "02:6e:6b:00:00:03".into(),
             },
             accel: Accel::Tcg,
+            tcg_cache_mib: Some(128),
             reclaim: true,
             incoming: false,
             hold: false,
@@ -745,7 +745,7 @@ mod tests {
         for part in [
             "-name nook-abc123",
             "-M pc",
-            "-accel tcg ",
+            "-accel tcg,tb-size=128 ",
             // Two pages past 256 MiB: QEMU 7.2 tracks TCG's writes soundly only then (`ram.rs`).
             "-smp 2 -m 262152K",
             "file=/d/vms/abc123/disk.qcow2,format=qcow2",
@@ -765,8 +765,13 @@ mod tests {
         // A jailed QEMU could not write these: nook binds the sockets and writes the pidfile.
         assert!(!line.contains("path="), "{line}");
         assert!(!line.contains("-pidfile"), "{line}");
-        // A shrunken translation cache broke forks (see `args`).
-        assert!(!line.contains("tb-size"), "{line}");
+        // QEMU's own translation cache where none is asked for, and none under KVM.
+        let mut spec = spec;
+        spec.tcg_cache_mib = None;
+        assert!(Qemu::args(&spec).join(" ").contains("-accel tcg "));
+        spec.tcg_cache_mib = Some(64);
+        spec.accel = Accel::Kvm;
+        assert!(!Qemu::args(&spec).join(" ").contains("tb-size"));
     }
 
     #[test]

@@ -265,6 +265,7 @@ impl Manager {
             cmdline,
             net,
             accel,
+            tcg_cache_mib: Some(self.cfg.tcg_cache_mib),
             reclaim: self.cfg.reclaim,
             incoming,
             // A successor waits to be told to run, once the VM is its (see `clone.rs`).
