@@ -1024,7 +1024,10 @@ mod tests {
             })
             .expect_err("out of range")
             .to_string();
-            assert!(err.contains("tcg_cache_mib") && err.contains("16 to 4096"), "{err}");
+            assert!(
+                err.contains("tcg_cache_mib") && err.contains("16 to 4096"),
+                "{err}"
+            );
         }
     }
 
