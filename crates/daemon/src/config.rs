@@ -74,7 +74,7 @@ pub struct Settings {
     /// Memory reclaim (balloon free page reporting, KSM). On by default;
     /// off only to measure what it saves.
     pub reclaim: Option<bool>,
-    /// Under TCG, each QEMU's translation cache in MiB (16 to 4096): more runs big guests
+    /// Under TCG, each QEMU's translation cache in MiB (16 to 2048): more runs big guests
     /// faster, at up to that much memory per VM [default: 128].
     pub tcg_cache_mib: Option<u32>,
     /// Where the HTTPS edge listens (`https://VM.DOMAIN/`); `off` disables it.
@@ -709,11 +709,12 @@ impl Config {
         }
         let idle_after = Duration::from_secs(s.idle_after_secs.unwrap_or(60).max(1));
         let tcg_cache_mib = match s.tcg_cache_mib.unwrap_or(nook_vmm::TCG_CACHE_MIB) {
-            mib @ 16..=4096 => mib,
+            // QEMU caps an x86-64 host's cache at 2 GiB.
+            mib @ 16..=2048 => mib,
             other => {
                 return Err(ConfigError::Invalid(
                     "tcg_cache_mib",
-                    format!("{other}: give the translation cache in MiB, from 16 to 4096"),
+                    format!("{other}: give the translation cache in MiB, from 16 to 2048"),
                 ));
             }
         };
@@ -1025,7 +1026,7 @@ mod tests {
             .expect_err("out of range")
             .to_string();
             assert!(
-                err.contains("tcg_cache_mib") && err.contains("16 to 4096"),
+                err.contains("tcg_cache_mib") && err.contains("16 to 2048"),
                 "{err}"
             );
         }

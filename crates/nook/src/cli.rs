@@ -288,7 +288,7 @@ pub struct ServeArgs {
     /// Seconds of near-zero CPU and network before a VM counts as idle
     #[arg(long, env = "NOOK_IDLE_AFTER")]
     pub idle_after: Option<u64>,
-    /// Under TCG (no KVM), each QEMU's translation cache in MiB, 16 to 4096: more runs big
+    /// Under TCG (no KVM), each QEMU's translation cache in MiB, 16 to 2048: more runs big
     /// guests faster, at up to that much memory per VM [default: 128]
     #[arg(long, env = "NOOK_TCG_CACHE_MIB")]
     pub tcg_cache_mib: Option<u32>,

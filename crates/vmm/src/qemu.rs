@@ -567,7 +567,7 @@ fn keep_stderr(child: &mut std::process::Child, log: PathBuf) -> Arc<Mutex<Vec<u
         stderr,
         std::fs::File::create(&log).ok(),
         0,
-        Arc::clone(&kept),
+        Some(Arc::clone(&kept)),
     );
     kept
 }
@@ -586,7 +586,15 @@ pub fn follow_stderr(pid: u32, paths: &VmPaths) -> Result<(), VmmError> {
             held.display()
         )));
     }
-    let pipe = std::fs::File::open(&end).map_err(VmmError::io(&end))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that a QEMU gone since the check cannot leave the open waiting for a
+    // writer; the reader thread then blocks as usual.
+    let pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&end)
+        .map_err(VmmError::io(&end))?;
+    crate::sys::set_blocking(&pipe).map_err(VmmError::io(&end))?;
     let log = paths.qemu_log();
     let file = std::fs::OpenOptions::new()
         .append(true)
@@ -596,19 +604,19 @@ pub fn follow_stderr(pid: u32, paths: &VmPaths) -> Result<(), VmmError> {
     let written = file.metadata().map_or(STDERR_KEEP, |m| {
         usize::try_from(m.len()).unwrap_or(STDERR_KEEP)
     });
-    relay_stderr(pipe, Some(file), written, Arc::new(Mutex::new(Vec::new())));
+    relay_stderr(pipe, Some(file), written, None);
     Ok(())
 }
 
 /// Copies `stderr` into `file` (which holds `written` bytes already) up to [`STDERR_KEEP`] in
-/// all, and into `kept`, on a thread of its own until the pipe closes. Past the cap it reads
+/// all, and into `kept` if given (a launch reads it when QEMU fails to come up), on a thread of its own until the pipe closes. Past the cap it reads
 /// and drops, so a guest that makes QEMU warn forever can neither fill the disk nor block QEMU
 /// on a full pipe.
 fn relay_stderr(
     mut stderr: impl std::io::Read + Send + 'static,
     mut file: Option<std::fs::File>,
     mut written: usize,
-    kept: Arc<Mutex<Vec<u8>>>,
+    kept: Option<Arc<Mutex<Vec<u8>>>>,
 ) {
     use std::io::Write;
     let spawned = std::thread::Builder::new()
@@ -622,7 +630,9 @@ fn relay_stderr(
                 let room = STDERR_KEEP.saturating_sub(written).min(n);
                 if room > 0 {
                     written += room;
-                    lock(&kept).extend_from_slice(&buf[..room]);
+                    if let Some(kept) = &kept {
+                        lock(kept).extend_from_slice(&buf[..room]);
+                    }
                     if let Some(f) = file.as_mut() {
                         let _ = f.write_all(&buf[..room]);
                     }

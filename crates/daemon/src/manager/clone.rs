@@ -33,8 +33,9 @@ const FORK_READY: Duration = Duration::from_secs(30);
 
 /// Forks of a running VM tried before `cp` gives up on a clone whose kernel crashed on waking.
 /// A fork must wake exactly as its source was; one that does not is thrown away, never handed
-/// to the user. (Under TCG with a shrunken translation cache, most forks of a booting guest
-/// woke with a corrupted kernel; see `nook_vmm::Qemu::args`. This is the net under that fix.)
+/// to the user. (Under QEMU 7.2's TCG, before the precopy fix in `nook_vmm::ram`, most forks
+/// taken across a flush of a small translation cache woke with a corrupted kernel; this is
+/// the net under that fix, and `bench/fork_fresh.sh` counts a retry as a failure.)
 const FORK_ATTEMPTS: u32 = 3;
 /// How long a fresh clone has to run `true` before it counts as crashed.
 const CLONE_HEALTH: Duration = Duration::from_secs(10);
