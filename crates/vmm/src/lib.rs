@@ -26,7 +26,7 @@ mod throttle;
 /// with `--pack dense` (README): the host's MemAvailable 62 MiB lower per VM against 109, and
 /// waking as fast; 64 MiB saved no more and slowed boots and requests by flushing.
 /// (Under QEMU 7.2 forks taken across a flush woke corrupted until the precopy fix in
-/// `ram.rs`; they no longer do: `bench/fork_booting.sh`.)
+/// `ram.rs`; they no longer do: `bench/fork_fresh.sh`.)
 pub const TCG_CACHE_MIB: u32 = 128;
 
 pub use agent::{AgentClient, Identified, Process, ProcessHandle, SpawnHold};
