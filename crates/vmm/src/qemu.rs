@@ -586,15 +586,9 @@ pub fn follow_stderr(pid: u32, paths: &VmPaths) -> Result<(), VmmError> {
             held.display()
         )));
     }
-    use std::os::unix::fs::OpenOptionsExt;
-    // Non-blocking, so that a QEMU gone since the check cannot leave the open waiting for a
-    // writer; the reader thread then blocks as usual.
-    let pipe = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&end)
-        .map_err(VmmError::io(&end))?;
-    crate::sys::set_blocking(&pipe).map_err(VmmError::io(&end))?;
+    // An anonymous pipe's open never waits for a writer (unlike a FIFO's), so a QEMU gone
+    // since the check cannot hang it: the reader then reads end of file at once.
+    let pipe = std::fs::File::open(&end).map_err(VmmError::io(&end))?;
     let log = paths.qemu_log();
     let file = std::fs::OpenOptions::new()
         .append(true)
@@ -609,9 +603,9 @@ pub fn follow_stderr(pid: u32, paths: &VmPaths) -> Result<(), VmmError> {
 }
 
 /// Copies `stderr` into `file` (which holds `written` bytes already) up to [`STDERR_KEEP`] in
-/// all, and into `kept` if given (a launch reads it when QEMU fails to come up), on a thread of its own until the pipe closes. Past the cap it reads
-/// and drops, so a guest that makes QEMU warn forever can neither fill the disk nor block QEMU
-/// on a full pipe.
+/// all, and into `kept` if given (a launch reads it when QEMU fails to come up), on a thread
+/// of its own until the pipe closes. Past the cap it reads and drops, so a guest that makes
+/// QEMU warn forever can neither fill the disk nor block QEMU on a full pipe.
 fn relay_stderr(
     mut stderr: impl std::io::Read + Send + 'static,
     mut file: Option<std::fs::File>,

@@ -119,18 +119,6 @@ pub(crate) fn seals(fd: &OwnedFd) -> std::io::Result<i32> {
     Ok(seals)
 }
 
-/// Clears `O_NONBLOCK` on `file`: opened non-blocking so the open cannot wait, read blocking.
-pub(crate) fn set_blocking(file: &std::fs::File) -> std::io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor this process owns.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Seals `fd` against change: `F_SEAL_FUTURE_WRITE` (mappings already shared and writable
 /// still write, but no new one can be made, and `write(2)` and `fallocate` hole punches
 /// fail), its size (a shrunk file would fault every mapping past its end), and its seals.
