@@ -505,6 +505,16 @@ pub(crate) fn hangup(shared: &Shared, id: u64) -> Result<(), Failure> {
     }
 }
 
+/// [`hangup`] for every process running through the agent.
+pub(crate) fn hangup_all(shared: &Shared) {
+    let ids: Vec<u64> = lock(&shared.procs).keys().copied().collect();
+    for id in ids {
+        if let Err(f) = hangup(shared, id) {
+            log!("cannot hang up process {id}: {}", f.message);
+        }
+    }
+}
+
 pub(crate) fn resize(shared: &Shared, id: u64, cols: u16, rows: u16) -> Result<(), Failure> {
     let proc = get(shared, id)?;
     let Some(master) = &proc.pty else {

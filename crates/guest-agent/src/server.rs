@@ -183,6 +183,12 @@ impl Agent {
             } => files::write(&path, &data, append, mode).map(|()| shared.send(id, GuestMsg::Ok)),
             HostMsg::Identify(identity) => {
                 let applied = crate::identity::apply(&identity);
+                if applied.cloned {
+                    // What runs through the agent now was started by the source's sessions,
+                    // which stream on from the source: here nobody will read it, as if their
+                    // connection had dropped.
+                    process::hangup_all(shared);
+                }
                 shared.send(
                     id,
                     GuestMsg::Identified {

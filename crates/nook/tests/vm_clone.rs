@@ -371,6 +371,11 @@ fn vm_clone_running_and_its_source_write_the_same_pages_and_each_reads_back_its_
     assert_eq!(d.exec("src", "head -c 1 /mnt/ram/data"), "A");
     d.ok(&["vm", "rm", "src"]);
     assert_eq!(d.exec("twin", "sha256sum < /mnt/ram/data"), t);
+    // A fork of a VM whose RAM is shared (sealed) copies it.
+    let copied = cp(&d, &["twin", "triplet"]);
+    assert_eq!(copied["timings"]["fork"], "copied", "{copied}");
+    assert_eq!(d.exec("triplet", "sha256sum < /mnt/ram/data"), t);
+    d.ok(&["vm", "rm", "triplet"]);
     d.ok(&["vm", "rm", "twin"]);
     assert!(d.qemu_pids().is_empty());
 }
@@ -420,8 +425,11 @@ fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive()
     cp(&d, &["c1", "c1a"]);
     assert_eq!(d.exec("c1a", "sha256sum < /mnt/ram/data"), base);
 
-    // A command streaming through the source's agent while it is cloned keeps its stream: a
-    // change of QEMU would cut it, so such a source is copied, and moved only once it ends.
+    // A command streaming through the source's agent while it is forked keeps its stream,
+    // every byte in order: the agent's connection moves to the source's next QEMU with it,
+    // made before that QEMU runs, so the guest never finds its host gone. The fork is instant
+    // all the same, and so is the move into memory of its own that follows it.
+    let lines = 60 * 250;
     let streaming = {
         let (nook, data_dir) = (common::nook_bin(), d.data_dir.clone());
         std::thread::spawn(move || {
@@ -433,7 +441,8 @@ fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive()
                     "--",
                     "sh",
                     "-c",
-                    "echo started; sleep 4; echo survived",
+                    "echo started; i=0; while [ $i -lt 60 ]; do \
+                     seq $((i*250+1)) $((i*250+250)); i=$((i+1)); sleep 0.3; done; echo survived",
                 ])
                 .env("NOOK_DATA_DIR", data_dir)
                 .env("NOOK_IMAGES_DIR", common::images_dir())
@@ -444,32 +453,50 @@ fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive()
     wait_until(
         "the streaming command to start",
         Duration::from_secs(20),
-        || d.exec("src", "ps").contains("sleep 4"),
+        || d.exec("src", "ps").contains("sleep 0.3"),
     );
     let (before, _) = ram_mapping(&d, "src");
-    let copied = cp(&d, &["src", "c3"]);
-    assert_eq!(copied["timings"]["fork"], "copied", "{copied}");
-    assert_eq!(ram_mapping(&d, "src").0, before, "the source kept its QEMU");
+    let forked = cp(&d, &["src", "c3"]);
+    assert_eq!(forked["timings"]["fork"], "instant", "{forked}");
+    assert_ne!(
+        ram_mapping(&d, "src").0,
+        before,
+        "the source runs in its next QEMU"
+    );
+    // In the clone, what the source's session ran was hung up: nobody reads it there.
+    let ps = d.exec("c3", "ps");
+    assert!(
+        !ps.contains("sleep 0.3"),
+        "the source's command runs on in the clone:\n{ps}"
+    );
+    wait_until(
+        "src to have memory of its own while the command streams",
+        Duration::from_secs(60),
+        || ram_mapping(&d, "src").1 == 's',
+    );
+    assert!(
+        !streaming.is_finished(),
+        "the command ended before the source moved: make it stream longer"
+    );
     let out = streaming.join().expect("exec thread");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\nsurvived\n");
-    assert_eq!(d.exec("c3", "sha256sum < /mnt/ram/data"), base);
-    // A copying fork reads every page of the source's memfd and fills in every page of the
-    // clone's: both give back what holds only zeros.
-    wait_until(
-        "src and c3 to give back the pages the copy filled in",
-        Duration::from_secs(60),
-        || {
-            ["src", "c3"].iter().all(|vm| {
-                let (held, size) = ram_held_mib(&d, vm);
-                held < size / 2
-            })
-        },
+    let expected: String = std::iter::once("started".to_string())
+        .chain((1..=lines).map(|n| n.to_string()))
+        .chain(std::iter::once("survived".to_string()))
+        .map(|l| l + "\n")
+        .collect();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout == expected,
+        "the stream lost or repeated bytes across the changes of QEMU: {} lines, {} expected",
+        stdout.lines().count(),
+        lines + 2
     );
+    assert_eq!(d.exec("c3", "sha256sum < /mnt/ram/data"), base);
     assert_eq!(d.exec("src", "sha256sum < /mnt/ram/data"), base);
     // Nothing was left behind: one QEMU per VM, and removing them in any order is clean.
     wait_until("one QEMU per VM", Duration::from_secs(30), || {

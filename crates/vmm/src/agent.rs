@@ -14,7 +14,7 @@ use nook_proto::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::VmmError;
@@ -33,6 +33,10 @@ const PROBE_EVERY: Duration = Duration::from_millis(300);
 /// as [`Process::next`] hands it out, so a caller that reads slowly slows the process instead
 /// of the host buffering what it prints.
 pub const DEFAULT_WINDOW: u32 = 1 << 20;
+/// How long a connection that moved to a VM's next QEMU goes on reading what the old one
+/// wrote before it ended. The old QEMU is killed before the switch, so its end of file comes
+/// at once; this only bounds a QEMU that takes long to die.
+const OLD_QEMU_DRAIN: Duration = Duration::from_secs(5);
 
 /// The requests waiting for the guest, and whether the connection is gone. One lock guards
 /// both, so a request can never be registered after the reader has given up on the
@@ -62,8 +66,6 @@ struct Route {
     /// Stdin the process may still be sent, for spawns with a flow-control window.
     stdin_credit: Option<Arc<Credit>>,
     queue: Arc<QueueBudget>,
-    /// A spawned process's stream, as opposed to one call's reply.
-    process: bool,
 }
 
 /// Frame bytes delivered to one request and not yet taken by its reader. A guest that keeps
@@ -163,27 +165,29 @@ pub struct AgentClient {
     next_id: Arc<AtomicU64>,
     call_timeout: Duration,
     /// Spawns hold it shared until the guest answers, and the writer while it writes a frame;
-    /// a VM about to change QEMU holds it alone ([`AgentClient::hold_spawns`]), so no spawn
-    /// is lost in the change and nothing more reaches the old QEMU.
+    /// a VM about to change QEMU holds it alone ([`AgentClient::hold`]), so no spawn is lost
+    /// in the change and nothing more reaches the old QEMU.
     spawns: Arc<tokio::sync::RwLock<()>>,
-    /// The connection's socket, to see whether QEMU has read all that was written to it.
-    socket: Arc<std::os::fd::OwnedFd>,
+    /// The connection's socket, to see whether QEMU has read all that was written to it. It
+    /// changes when the VM moves to its next QEMU ([`Held::switch`]).
+    socket: Arc<std::sync::Mutex<Arc<std::os::fd::OwnedFd>>>,
+    /// Tells the reader to stop, go on, or go on with the next QEMU's socket.
+    reader: mpsc::UnboundedSender<ReaderCtl>,
+    /// Hands the writer the next QEMU's socket.
+    writer: mpsc::UnboundedSender<OwnedWriteHalf>,
     _alive: Arc<watch::Sender<()>>,
 }
 
-/// While held, no process starts through the connection and no frame is written to it (see
-/// [`AgentClient::hold_spawns`]).
-pub type SpawnHold = tokio::sync::OwnedRwLockWriteGuard<()>;
-
-/// What the agent said when it answered the readiness probe.
-#[derive(Debug, Clone)]
-pub struct AgentHello {
-    pub agent_version: String,
-    pub hostname: String,
-    pub boot_id: String,
+/// A connection to a VM's next QEMU (the successor that takes it over on this host), made
+/// before that QEMU runs: the guest then never sees its host go away, so the processes it
+/// streams keep their flow-control windows and nothing they print is lost.
+pub struct NextConnection {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    socket: std::os::fd::OwnedFd,
 }
 
-impl AgentClient {
+impl NextConnection {
     pub async fn connect(path: &Path) -> Result<Self, VmmError> {
         let stream = UnixStream::connect(path)
             .await
@@ -196,14 +200,100 @@ impl AgentClient {
                 .map_err(VmmError::io(path))?
         };
         let (read, write) = stream.into_split();
+        Ok(Self {
+            read,
+            write,
+            socket,
+        })
+    }
+}
+
+/// What the reader is told while its VM changes QEMU.
+enum ReaderCtl {
+    /// Read nothing more until told otherwise; answered once the reader has stopped.
+    Pause(oneshot::Sender<()>),
+    Resume,
+    /// The old QEMU is gone: read what it left, then go on with its successor's socket.
+    Switch(OwnedReadHalf),
+}
+
+/// A connection held still while its VM changes QEMU ([`AgentClient::hold`]): no process
+/// starts through it, no frame is written to it, and nothing more is read from it. Reading
+/// would let the old QEMU take more of the guest's output off its virtqueue after its device
+/// state was taken: the successor would send the same bytes again, and the old QEMU's write
+/// to the queue would land in memory an instant fork's two sides start from. Dropped, the
+/// connection goes on as it was (the change was called off); [`Held::switch`] moves it to
+/// the next QEMU.
+pub struct Held {
+    client: AgentClient,
+    _spawns: tokio::sync::OwnedRwLockWriteGuard<()>,
+    switched: bool,
+}
+
+impl Held {
+    /// The VM runs in its next QEMU, which `next` reaches, and the old one has ended: the
+    /// reader takes the rest of what the old QEMU wrote, then goes on with the next one, and
+    /// the writer writes what waited (and all that follows) to the next one. Open requests
+    /// and streams go on as if nothing happened.
+    pub fn switch(mut self, next: NextConnection) {
+        *self.client.socket.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(next.socket);
+        // Both before the hold ends (when `self` drops), so no frame reaches the old socket.
+        let _ = self.client.writer.send(next.write);
+        let _ = self.client.reader.send(ReaderCtl::Switch(next.read));
+        self.switched = true;
+    }
+
+    /// The connection ends here, its open requests and streams with it: the VM runs in
+    /// another QEMU that no connection was made to beforehand.
+    pub fn close(mut self) {
+        self.client.close();
+        self.switched = true;
+    }
+
+    pub fn client(&self) -> &AgentClient {
+        &self.client
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.switched {
+            let _ = self.client.reader.send(ReaderCtl::Resume);
+        }
+    }
+}
+
+/// What the agent said when it answered the readiness probe.
+#[derive(Debug, Clone)]
+pub struct AgentHello {
+    pub agent_version: String,
+    pub hostname: String,
+    pub boot_id: String,
+}
+
+impl AgentClient {
+    pub async fn connect(path: &Path) -> Result<Self, VmmError> {
+        let NextConnection {
+            read,
+            write,
+            socket,
+        } = NextConnection::connect(path).await?;
         let (alive, alive_rx) = watch::channel(());
         let (outbox, queued) = mpsc::channel(OUTBOX_FRAMES);
+        let (reader, reader_ctl) = mpsc::unbounded_channel();
+        let (writer, next_writes) = mpsc::unbounded_channel();
         let routes = SharedRoutes::default();
         let spawns = Arc::<tokio::sync::RwLock<()>>::default();
-        tokio::spawn(read_frames(read, routes.clone(), alive_rx.clone()));
+        tokio::spawn(read_frames(
+            read,
+            routes.clone(),
+            alive_rx.clone(),
+            reader_ctl,
+        ));
         tokio::spawn(write_frames(
             write,
             queued,
+            next_writes,
             routes.clone(),
             spawns.clone(),
             alive_rx,
@@ -211,7 +301,9 @@ impl AgentClient {
         Ok(Self {
             outbox,
             routes,
-            socket: Arc::new(socket),
+            socket: Arc::new(std::sync::Mutex::new(Arc::new(socket))),
+            reader,
+            writer,
             // The guest keys running processes by request id, and processes outlive the
             // connection that started them: a clone carries its source's, and a restarted
             // daemon finds its own. Each connection counts from a random start, so its ids
@@ -223,23 +315,38 @@ impl AgentClient {
         })
     }
 
-    /// Holds off new processes, for a VM about to change QEMU (whose connection then ends):
-    /// a spawn waiting meanwhile fails with [`VmmError::AgentMoved`] once the connection is
-    /// gone, never having been sent, or goes ahead if the change was called off. None while
-    /// a spawn waits for the guest's answer (the guest may be paused): the change must wait.
-    pub fn hold_spawns(&self) -> Option<SpawnHold> {
-        self.spawns.clone().try_write_owned().ok()
+    /// Holds the connection still, for a VM about to change QEMU (see [`Held`]): a spawn
+    /// waiting meanwhile goes ahead once the hold ends, on the next QEMU if the connection
+    /// moved to it. None while a spawn waits for the guest's answer or a frame is being
+    /// written (the guest may be paused): the change must wait.
+    pub async fn hold(&self) -> Option<Held> {
+        let spawns = self.spawns.clone().try_write_owned().ok()?;
+        let (stopped, reader_stopped) = oneshot::channel();
+        if self.reader.send(ReaderCtl::Pause(stopped)).is_ok() {
+            // An error means the reader has ended: nothing reads either way.
+            let _ = reader_stopped.await;
+        }
+        Some(Held {
+            client: self.clone(),
+            _spawns: spawns,
+            switched: false,
+        })
     }
 
     /// Waits, up to `within`, until QEMU has read everything written to the connection; false
-    /// if it has not. With the writer held ([`AgentClient::hold_spawns`]) and the VM paused,
+    /// if it has not. With the connection held ([`AgentClient::hold`]) and the VM paused,
     /// nothing more can then reach the guest: a QEMU that is being replaced must not write
     /// into guest memory after its device state was taken (virtio-serial delivers even to a
     /// paused guest, and after an instant fork that memory is what both sides start from).
     pub async fn drained(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         loop {
-            let Ok(unread) = crate::sys::unread_by_peer(&self.socket) else {
+            let socket = self
+                .socket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let Ok(unread) = crate::sys::unread_by_peer(&socket) else {
                 return false;
             };
             if unread == 0 {
@@ -268,16 +375,6 @@ impl AgentClient {
         lock(&self.routes).closed
     }
 
-    /// How many processes started through this connection still stream. A VM that changes
-    /// QEMU (the source of an instant fork) loses the connection, and they their streams.
-    pub fn open_processes(&self) -> usize {
-        lock(&self.routes)
-            .map
-            .values()
-            .filter(|r| r.process)
-            .count()
-    }
-
     /// Queues one frame for the writer, waiting for room until `deadline`. Frames are written
     /// whole by one task, so a sender that gives up never leaves half a frame on the wire.
     async fn send_by(&self, frame: &HostFrame, deadline: Instant) -> Result<(), VmmError> {
@@ -295,14 +392,13 @@ impl AgentClient {
     }
 
     fn open_route(&self) -> Result<(u64, RouteRx), VmmError> {
-        self.open_route_with(None, QueueBudget::reply(), false)
+        self.open_route_with(None, QueueBudget::reply())
     }
 
     fn open_route_with(
         &self,
         stdin_credit: Option<Arc<Credit>>,
         queue: Arc<QueueBudget>,
-        process: bool,
     ) -> Result<(u64, RouteRx), VmmError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -314,7 +410,6 @@ impl AgentClient {
             id,
             Route {
                 tx,
-                process,
                 stdin_credit,
                 queue: queue.clone(),
             },
@@ -410,8 +505,7 @@ impl AgentClient {
         let credit = request.window.map(|w| Arc::new(Credit::new(w)));
         let auto_ack = request.window.is_none();
         let window = *request.window.get_or_insert(DEFAULT_WINDOW);
-        let (id, mut rx) =
-            self.open_route_with(credit.clone(), QueueBudget::window(window), true)?;
+        let (id, mut rx) = self.open_route_with(credit.clone(), QueueBudget::window(window))?;
         if let Err(e) = self
             .send_by(
                 &HostFrame {
@@ -542,34 +636,35 @@ impl AgentClient {
     }
 }
 
-/// Reads the guest's frames and hands each to its request, until the guest closes the
-/// connection or the last client handle is dropped.
-async fn read_frames(
-    mut read: OwnedReadHalf,
+/// The guest's bytes on their way to its requests: frames are cut from them and routed, and
+/// what does not fit is logged, at most every 10 s (a guest can send garbage at full speed).
+struct Inbound {
     routes: SharedRoutes,
-    mut alive: watch::Receiver<()>,
-) {
-    let mut frames = FrameBuf::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    // A guest can send garbage at full speed: one line per bad frame would flood the log.
-    let mut undecodable = Throttle::new(Duration::from_secs(10));
-    let mut noise = Throttle::new(Duration::from_secs(10));
-    let mut overrun = Throttle::new(Duration::from_secs(10));
-    loop {
-        let read = tokio::select! {
-            r = read.read(&mut buf) => r,
-            _ = alive.changed() => break,
-        };
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => frames.push(&buf[..n]),
+    frames: FrameBuf,
+    undecodable: Throttle,
+    noise: Throttle,
+    overrun: Throttle,
+}
+
+impl Inbound {
+    fn new(routes: SharedRoutes) -> Self {
+        Self {
+            routes,
+            frames: FrameBuf::new(),
+            undecodable: Throttle::new(Duration::from_secs(10)),
+            noise: Throttle::new(Duration::from_secs(10)),
+            overrun: Throttle::new(Duration::from_secs(10)),
         }
-        let skipped_before = frames.skipped();
-        while let Some(body) = frames.next_body() {
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.frames.push(bytes);
+        let skipped_before = self.frames.skipped();
+        while let Some(body) = self.frames.next_body() {
             match nook_proto::decode::<GuestFrame>(&body) {
                 Ok(frame) => {
-                    if let Overrun::Dropped(id) = route(&routes, frame, body.len())
-                        && let Some(more) = overrun.allow()
+                    if let Overrun::Dropped(id) = route(&self.routes, frame, body.len())
+                        && let Some(more) = self.overrun.allow()
                     {
                         tracing::warn!(
                             id,
@@ -579,15 +674,15 @@ async fn read_frames(
                     }
                 }
                 Err(err) => {
-                    if let Some(more) = undecodable.allow() {
+                    if let Some(more) = self.undecodable.allow() {
                         tracing::warn!(%err, similar_since_last = more, "undecodable frame from guest agent");
                     }
                 }
             }
         }
-        let skipped = frames.skipped() - skipped_before;
+        let skipped = self.frames.skipped() - skipped_before;
         if skipped > 0
-            && let Some(more) = noise.allow_n(skipped)
+            && let Some(more) = self.noise.allow_n(skipped)
         {
             tracing::warn!(
                 bytes = skipped,
@@ -596,14 +691,105 @@ async fn read_frames(
             );
         }
     }
+}
+
+/// What a held reader does next.
+enum AfterHold {
+    Resume,
+    Switch(OwnedReadHalf),
+    End,
+}
+
+/// Reads the guest's frames and hands each to its request, until the guest closes the
+/// connection or the last client handle is dropped. While its VM changes QEMU it stops
+/// reading when told, and then goes on, or takes the rest of the old QEMU's output and goes
+/// on with the next QEMU's socket: the guest's bytes arrive whole and in order across the
+/// change (a frame may even be cut between the two).
+async fn read_frames(
+    mut read: OwnedReadHalf,
+    routes: SharedRoutes,
+    mut alive: watch::Receiver<()>,
+    mut ctl: mpsc::UnboundedReceiver<ReaderCtl>,
+) {
+    let mut inbound = Inbound::new(routes.clone());
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Reads are cancel-safe: a read dropped for a control message took nothing.
+        let read_now = tokio::select! {
+            r = read.read(&mut buf) => r,
+            c = ctl.recv() => {
+                let after = match c {
+                    Some(ReaderCtl::Pause(stopped)) => {
+                        let _ = stopped.send(());
+                        held(&mut ctl, &mut alive).await
+                    }
+                    Some(ReaderCtl::Resume) => AfterHold::Resume,
+                    Some(ReaderCtl::Switch(next)) => AfterHold::Switch(next),
+                    None => AfterHold::End,
+                };
+                match after {
+                    AfterHold::Resume => continue,
+                    AfterHold::Switch(next) => {
+                        let old = std::mem::replace(&mut read, next);
+                        drain_old(old, &mut inbound, &mut buf).await;
+                        continue;
+                    }
+                    AfterHold::End => break,
+                }
+            }
+            _ = alive.changed() => break,
+        };
+        match read_now {
+            Ok(0) | Err(_) => break,
+            Ok(n) => inbound.push(&buf[..n]),
+        }
+    }
     close_routes(&routes);
 }
 
+/// Waits, reading nothing, until the hold ends or the connection moves.
+async fn held(
+    ctl: &mut mpsc::UnboundedReceiver<ReaderCtl>,
+    alive: &mut watch::Receiver<()>,
+) -> AfterHold {
+    loop {
+        tokio::select! {
+            c = ctl.recv() => match c {
+                Some(ReaderCtl::Resume) => return AfterHold::Resume,
+                Some(ReaderCtl::Switch(next)) => return AfterHold::Switch(next),
+                // A second hold cannot be taken while this one lasts; nothing to stop.
+                Some(ReaderCtl::Pause(stopped)) => { let _ = stopped.send(()); }
+                None => return AfterHold::End,
+            },
+            _ = alive.changed() => return AfterHold::End,
+        }
+    }
+}
+
+/// Takes what the old QEMU wrote before it ended, up to its end of file.
+async fn drain_old(mut old: OwnedReadHalf, inbound: &mut Inbound, buf: &mut [u8]) {
+    let deadline = Instant::now() + OLD_QEMU_DRAIN;
+    loop {
+        match tokio::time::timeout_at(deadline, old.read(buf)).await {
+            Ok(Ok(n)) if n > 0 => inbound.push(&buf[..n]),
+            Ok(_) => return,
+            Err(_) => {
+                tracing::warn!(
+                    "the old QEMU of a VM that changed QEMU did not end; went on without the rest of its agent output"
+                );
+                return;
+            }
+        }
+    }
+}
+
 /// Writes queued frames whole, one after the other, until every client handle is dropped;
-/// a failed write ends the connection.
+/// a failed write ends the connection. After a change of QEMU it writes to the next QEMU's
+/// socket, which it is handed while the connection is held.
 async fn write_frames(
     mut write: OwnedWriteHalf,
     mut queued: mpsc::Receiver<Vec<u8>>,
+    mut next_writes: mpsc::UnboundedReceiver<OwnedWriteHalf>,
     routes: SharedRoutes,
     hold: Arc<tokio::sync::RwLock<()>>,
     mut alive: watch::Receiver<()>,
@@ -616,12 +802,15 @@ async fn write_frames(
             },
             _ = alive.changed() => break,
         };
-        // Held while the VM changes QEMU: the frame waits, and goes to the old QEMU only if
-        // the change is called off (otherwise the connection ends first).
+        // Held while the VM changes QEMU: the frame waits, and goes to the old QEMU if the
+        // change is called off, or to the next one if the connection moved to it.
         let _writing = tokio::select! {
             g = hold.read() => g,
             _ = alive.changed() => break,
         };
+        while let Ok(next) = next_writes.try_recv() {
+            write = next;
+        }
         if lock(&routes).closed {
             break;
         }

@@ -29,7 +29,7 @@ mod throttle;
 /// `ram.rs`; they no longer do: `bench/fork_fresh.sh`.)
 pub const TCG_CACHE_MIB: u32 = 128;
 
-pub use agent::{AgentClient, Identified, Process, ProcessHandle, SpawnHold};
+pub use agent::{AgentClient, Held, Identified, NextConnection, Process, ProcessHandle};
 pub use error::VmmError;
 pub use jail::Jail;
 pub use probe::{Accel, probe_accel};

@@ -68,6 +68,12 @@ impl VmPaths {
         })
     }
 
+    /// Where a successor QEMU serves the guest agent until it takes over.
+    pub fn successor_agent_socket(&self) -> PathBuf {
+        let [_, (agent, _), ..] = self.runtime_files();
+        agent
+    }
+
     /// Makes the successor's files the VM's: from now on QMP, the agent, the console and the
     /// pidfile reach the successor (connections to the old QEMU stay open).
     pub fn promote_successor(&self) -> std::io::Result<()> {

@@ -49,8 +49,8 @@ const BOOT_SETTLE_QUIET: Duration = Duration::from_millis(500);
 enum CloneError {
     /// The clone's kernel panicked on waking from the fork: worth forking again.
     Crashed(ApiError),
-    /// A process started in the source while it was being forked instantly: forked again,
-    /// by copying.
+    /// A process was being started in the source, or its QEMU did not take what was sent to
+    /// the guest agent, while it was being forked instantly: worth forking again.
     SourceBusy,
     Failed(ApiError),
 }
@@ -223,7 +223,7 @@ impl Manager {
                     break (record, timings, clone_guard);
                 }
                 Err(CloneError::SourceBusy) if attempt < FORK_ATTEMPTS => {
-                    tracing::info!(source = %src.name, clone = %record.name, "a process started in the source during an instant fork; forking again");
+                    tracing::info!(source = %src.name, clone = %record.name, "the source's guest agent was busy during an instant fork; forking again");
                     self.destroy(&record).await;
                     name = Some(record.name.clone());
                     attempt += 1;
@@ -478,9 +478,6 @@ impl Manager {
         }
 
         timings.disk_ms = ms(disk_started.elapsed());
-        // A process streaming through the agent would lose its stream with the source's
-        // QEMU: such a source is copied instead.
-        let busy = self.agent_busy(&src.id);
         let ram = self
             .live
             .lock()
@@ -488,7 +485,7 @@ impl Manager {
             .get(&src.id)
             .and_then(|l| l.ram.clone());
         let instant = self.cfg.fork_memory != crate::config::ForkMemory::Copy;
-        let shared = ram.filter(|ram| instant && !busy && !ram.is_sealed());
+        let shared = ram.filter(|ram| instant && !ram.is_sealed());
         timings.fork = Some(if shared.is_some() {
             ForkKind::Instant
         } else {
@@ -738,7 +735,7 @@ impl Manager {
             drop(layers_guard);
             self.forget_sealed_ram(&src.id);
             if busy.load(Ordering::SeqCst) {
-                // Forked again, by copying (the source's RAM was not sealed).
+                // Forked again (the source's RAM was not sealed).
                 return Err(CloneError::SourceBusy);
             }
             return Err(errors::from_vmm("fork the VM's memory", err).into());
@@ -746,8 +743,9 @@ impl Manager {
         let sent = sent.unwrap_or_default();
 
         let successor_qmp = successor.qmp.clone();
+        let hold = held.lock().unwrap_or_else(|p| p.into_inner()).take();
         let paused = match self
-            .take_over(src, &src_qmp, source_pid, successor, "clone:switched")
+            .take_over(src, &src_qmp, source_pid, successor, hold, "clone:switched")
             .await
         {
             Ok(running) => paused_at
@@ -761,9 +759,6 @@ impl Manager {
                 return Err(err.into());
             }
         };
-        if let Some(held) = held.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            held.moved();
-        }
         self.settle_next_disk(src, Some(&successor_qmp)).await;
         drop(layers_guard);
         tracing::info!(vm = %src.name, paused_ms = ms(paused), "the VM runs in its next QEMU, sharing its memory with its clone");

@@ -18,22 +18,13 @@ use clone::kill_qemu;
 use launch::run_status;
 use nook_vmm::fork;
 
-/// New processes held off through a VM's agent while it changes QEMU. Dropped, they go ahead
-/// (the change was called off); [`AgentHold::moved`] sends them to the new QEMU's agent.
+/// A VM's agent connection held still while the VM changes QEMU (see [`nook_vmm::Held`]),
+/// and new connections to it kept off. Dropped, it goes on as it was (the change was called
+/// off); [`Manager::take_over`] moves it to the next QEMU.
 pub(super) struct AgentHold {
-    held: Option<(AgentClient, nook_vmm::SpawnHold)>,
+    held: Option<nook_vmm::Held>,
     /// No new connection to the agent meanwhile: it would reach the old QEMU.
     _connecting: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl AgentHold {
-    /// The VM runs in its new QEMU: the old agent connection ends, and the spawns waiting on
-    /// it are retried on the new one.
-    pub(super) fn moved(self) {
-        if let Some((agent, _hold)) = self.held {
-            agent.close();
-        }
-    }
 }
 
 /// How long a VM about to change QEMU waits for its QEMU to read what was sent to its agent.
@@ -49,18 +40,37 @@ impl Manager {
     /// Hands `vm` to `successor`, which holds all of its state, paused, while the old QEMU
     /// (`old_pid`, reached at `old_qmp`) is stopped: the successor's files take the VM's names
     /// (the pidfile last), it runs, the old QEMU ends, and the store records the successor's
-    /// pid. `fault` names the fault point between the old QEMU's end and that record. Returns
-    /// when the successor was told to run (where the VM's pause ended). On an error the
-    /// successor is ended and the old QEMU goes on.
+    /// pid. `fault` names the fault point between the old QEMU's end and that record. The
+    /// agent connection `hold` holds moves with the VM: it is connected to the successor
+    /// before the successor runs, so the guest never finds its host gone and processes
+    /// streaming through the agent keep their streams. Returns when the successor was told to
+    /// run (where the VM's pause ended). On an error the successor is ended and the old QEMU
+    /// goes on.
     pub(super) async fn take_over(
         self: &Arc<Self>,
         vm: &VmRecord,
         old_qmp: &Qmp,
         old_pid: u32,
         successor: Launched,
+        hold: Option<AgentHold>,
         fault: &str,
     ) -> Result<Instant, ApiError> {
         let paths = self.paths(&vm.id);
+        let held = hold.as_ref().and_then(|h| h.held.as_ref());
+        let next_agent = match held {
+            Some(_) => {
+                match nook_vmm::NextConnection::connect(&paths.successor_agent_socket()).await {
+                    Ok(next) => Some(next),
+                    Err(err) => {
+                        // The VM still moves; its agent is reconnected after, and what streams
+                        // through it now ends, as a move between hosts does.
+                        tracing::warn!(vm = %vm.name, %err, "could not connect to the guest agent of the VM's next QEMU before it runs");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let old = self
             .live
             .lock()
@@ -91,7 +101,19 @@ impl Manager {
             tracing::error!(vm = %vm.name, error = %e, "could not record the VM's next QEMU; a restart finds it by its pidfile");
         }
         nook_vmm::console::follow(&paths);
-        self.adopt(vm, successor.qmp.clone(), None, successor.ram);
+        let (agent, reconnect) = match (hold.and_then(|h| h.held), next_agent) {
+            (Some(held), Some(next)) => {
+                let agent = held.client().clone();
+                held.switch(next);
+                (Some(agent), false)
+            }
+            (Some(held), None) => {
+                held.close();
+                (None, true)
+            }
+            (None, _) => (None, true),
+        };
+        self.adopt(vm, successor.qmp.clone(), agent, successor.ram);
         if let Some(live) = self
             .live
             .lock()
@@ -103,9 +125,10 @@ impl Manager {
         if let Err(err) = resumed {
             tracing::error!(vm = %vm.name, %err, "the VM's next QEMU would not run");
         }
-        // The agent's connection was the old QEMU's: its sessions end with it (as in a move).
-        let (this, vm) = (self.clone(), vm.clone());
-        tokio::spawn(async move { this.reconnect_agent(&vm).await });
+        if reconnect {
+            let (this, vm) = (self.clone(), vm.clone());
+            tokio::spawn(async move { this.reconnect_agent(&vm).await });
+        }
         Ok(running)
     }
 
@@ -119,12 +142,6 @@ impl Manager {
         }
     }
 
-    /// Whether processes run in `id` through its guest agent: they would lose their streams
-    /// if the VM changed QEMU now.
-    pub(super) fn agent_busy(&self, id: &str) -> bool {
-        self.live_agent(id).is_some_and(|a| a.open_processes() > 0)
-    }
-
     fn live_agent(&self, id: &str) -> Option<AgentClient> {
         self.live
             .lock()
@@ -133,12 +150,12 @@ impl Manager {
             .and_then(|l| l.agent.clone())
     }
 
-    /// For a change of QEMU, with the VM paused: holds off new processes and every other
-    /// frame through its agent, and new connections to it (a spawn waiting meanwhile goes to
-    /// the new QEMU's agent, see `guest.rs`), once QEMU has read all that was sent. Nothing
-    /// then reaches the guest through the old QEMU after its state is taken. None when a
-    /// process streams through the agent or is being started, or QEMU does not read: the
-    /// change must wait. `connecting` is [`Manager::no_new_agent_connections`]'s, taken
+    /// For a change of QEMU, with the VM paused: holds its agent connection still (no new
+    /// process, no frame written, nothing more read: see [`nook_vmm::Held`]), and new
+    /// connections to it off, once QEMU has read all that was sent. Nothing then reaches the
+    /// guest through the old QEMU after its state is taken, and the old QEMU takes nothing
+    /// more from it. None when a process is being started or QEMU does not read: the change
+    /// must wait. `connecting` is [`Manager::no_new_agent_connections`]'s, taken
     /// before the VM paused.
     pub(super) async fn hold_agent(
         &self,
@@ -155,12 +172,12 @@ impl Manager {
                 _connecting: connecting,
             });
         };
-        let hold = agent.hold_spawns()?;
-        if agent.open_processes() > 0 || !agent.drained(AGENT_DRAIN).await {
+        let held = agent.hold().await?;
+        if !agent.drained(AGENT_DRAIN).await {
             return None;
         }
         Some(AgentHold {
-            held: Some((agent, hold)),
+            held: Some(held),
             _connecting: connecting,
         })
     }
@@ -175,9 +192,9 @@ impl Manager {
     }
 
     /// After an instant fork, moves `id` (the source or the clone) in the background into a
-    /// QEMU with RAM of its own, so that its next fork is instant as well. Only while no
-    /// process runs through its agent (their streams would end), so it waits for such a
-    /// moment, within [`REHOME_PATIENCE`]. Only with `fork_memory = own`: `shared` keeps the
+    /// QEMU with RAM of its own, so that its next fork is instant as well. Not while a
+    /// process is being started through its agent, so it tries again, within
+    /// [`REHOME_PATIENCE`]. Only with `fork_memory = own`: `shared` keeps the
     /// two sharing their memory instead (their next forks copy).
     pub(super) fn rehome_later(self: &Arc<Self>, id: &str) {
         if self.cfg.fork_memory != crate::config::ForkMemory::Own {
@@ -187,20 +204,18 @@ impl Manager {
         tokio::spawn(async move {
             let deadline = Instant::now() + REHOME_PATIENCE;
             while Instant::now() < deadline {
-                if !this.agent_busy(&id) {
-                    match this.rehome(&id).await {
-                        Ok(Rehomed::Done | Rehomed::NotNeeded) => return,
-                        Ok(Rehomed::Busy) => {}
-                        Err(err) => {
-                            tracing::warn!(vm = id, error = %err.message, "could not give a forked VM memory of its own; its next fork copies");
-                        }
+                match this.rehome(&id).await {
+                    Ok(Rehomed::Done | Rehomed::NotNeeded) => return,
+                    Ok(Rehomed::Busy) => {}
+                    Err(err) => {
+                        tracing::warn!(vm = id, error = %err.message, "could not give a forked VM memory of its own; its next fork copies");
                     }
                 }
                 tokio::time::sleep(REHOME_RETRY).await;
             }
             tracing::info!(
                 vm = id,
-                "a forked VM kept processes running through its agent; its next fork copies"
+                "a forked VM's guest agent stayed busy; its next fork copies"
             );
         });
     }
@@ -259,7 +274,9 @@ impl Manager {
                 || async {
                     let Some(hold) = self.hold_agent(id, &connecting).await else {
                         busy.store(true, Ordering::SeqCst);
-                        return Err(nook_vmm::VmmError::Qmp("a process runs in the VM".into()));
+                        return Err(nook_vmm::VmmError::Qmp(
+                            "a process is being started in the VM".into(),
+                        ));
                     };
                     *held.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
                     Ok(())
@@ -283,12 +300,10 @@ impl Manager {
             }
         };
         let paused_from = Instant::now() - sent.paused;
+        let hold = held.lock().unwrap_or_else(|p| p.into_inner()).take();
         let running = self
-            .take_over(&vm, &old_qmp, old_pid, successor, "rehome:switched")
+            .take_over(&vm, &old_qmp, old_pid, successor, hold, "rehome:switched")
             .await?;
-        if let Some(held) = held.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            held.moved();
-        }
         tracing::info!(
             vm = %vm.name,
             secs = started.elapsed().as_secs_f64(),
@@ -462,8 +477,8 @@ struct GivenBack {
     longest_pause: Duration,
 }
 
-/// How long after a fork a VM may wait for a moment without agent processes to get memory
-/// of its own.
+/// How long after a fork a VM may wait for a moment when no process is being started through
+/// its agent, to get memory of its own.
 const REHOME_PATIENCE: Duration = Duration::from_secs(600);
 const REHOME_RETRY: Duration = Duration::from_secs(2);
 
