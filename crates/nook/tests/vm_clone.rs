@@ -429,21 +429,20 @@ fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive()
     // every byte in order: the agent's connection moves to the source's next QEMU with it,
     // made before that QEMU runs, so the guest never finds its host gone. The fork is instant
     // all the same, and so is the move into memory of its own that follows it.
-    let lines = 60 * 250;
+    // Bursts of ~270 KB, more than the agent socket's buffer, so the pause can find QEMU
+    // part-way through sending one.
+    let (bursts, per_burst) = (30, 40_000);
+    let lines = bursts * per_burst;
+    let script = format!(
+        "echo started; i=0; while [ $i -lt {bursts} ]; do \
+         seq $((i*{per_burst}+1)) $((i*{per_burst}+{per_burst})); i=$((i+1)); sleep 0.3; done; \
+         echo survived"
+    );
     let streaming = {
         let (nook, data_dir) = (common::nook_bin(), d.data_dir.clone());
         std::thread::spawn(move || {
             Command::new(nook)
-                .args([
-                    "vm",
-                    "exec",
-                    "src",
-                    "--",
-                    "sh",
-                    "-c",
-                    "echo started; i=0; while [ $i -lt 60 ]; do \
-                     seq $((i*250+1)) $((i*250+250)); i=$((i+1)); sleep 0.3; done; echo survived",
-                ])
+                .args(["vm", "exec", "src", "--", "sh", "-c", script.as_str()])
                 .env("NOOK_DATA_DIR", data_dir)
                 .env("NOOK_IMAGES_DIR", common::images_dir())
                 .output()
@@ -490,12 +489,20 @@ fn vm_clone_running_each_side_gets_memory_of_its_own_and_agent_streams_survive()
         .map(|l| l + "\n")
         .collect();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout == expected,
-        "the stream lost or repeated bytes across the changes of QEMU: {} lines, {} expected",
-        stdout.lines().count(),
-        lines + 2
-    );
+    if stdout != expected {
+        let at = stdout
+            .bytes()
+            .zip(expected.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        panic!(
+            "the stream lost or repeated bytes across the changes of QEMU: {} bytes, {} expected, \
+             the first difference at byte {at}: {:?}",
+            stdout.len(),
+            expected.len(),
+            &stdout[at.saturating_sub(20)..(at + 40).min(stdout.len())]
+        );
+    }
     assert_eq!(d.exec("c3", "sha256sum < /mnt/ram/data"), base);
     assert_eq!(d.exec("src", "sha256sum < /mnt/ram/data"), base);
     // Nothing was left behind: one QEMU per VM, and removing them in any order is clean.

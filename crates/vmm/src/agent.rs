@@ -35,7 +35,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(300);
 pub const DEFAULT_WINDOW: u32 = 1 << 20;
 /// How long a connection that moved to a VM's next QEMU goes on reading what the old one
 /// wrote before it ended. The old QEMU is killed before the switch, so its end of file comes
-/// at once; this only bounds a QEMU that takes long to die.
+/// at once; this only bounds a QEMU that takes long to die (the connection then ends).
 const OLD_QEMU_DRAIN: Duration = Duration::from_secs(5);
 
 /// The requests waiting for the guest, and whether the connection is gone. One lock guards
@@ -244,10 +244,10 @@ impl Held {
     }
 
     /// The connection ends here, its open requests and streams with it: the VM runs in
-    /// another QEMU that no connection was made to beforehand.
-    pub fn close(mut self) {
+    /// another QEMU that no connection was made to beforehand. (The reader goes on to the old
+    /// QEMU's end of file, and ends.)
+    pub fn close(self) {
         self.client.close();
-        self.switched = true;
     }
 
     pub fn client(&self) -> &AgentClient {
@@ -321,16 +321,33 @@ impl AgentClient {
     /// written (the guest may be paused): the change must wait.
     pub async fn hold(&self) -> Option<Held> {
         let spawns = self.spawns.clone().try_write_owned().ok()?;
+        // Made first: if this future is dropped while the reader stops, the hold's end
+        // still tells the reader to go on.
+        let held = Held {
+            client: self.clone(),
+            _spawns: spawns,
+            switched: false,
+        };
         let (stopped, reader_stopped) = oneshot::channel();
         if self.reader.send(ReaderCtl::Pause(stopped)).is_ok() {
             // An error means the reader has ended: nothing reads either way.
             let _ = reader_stopped.await;
         }
-        Some(Held {
-            client: self.clone(),
-            _spawns: spawns,
-            switched: false,
-        })
+        Some(held)
+    }
+
+    /// Whether a hold would likely fail now: a spawn waits for the guest's answer, a frame
+    /// is being written, or QEMU has not read all that was written (as while a process
+    /// takes an upload slower than it comes). A cheap look before a change of QEMU that
+    /// would otherwise copy a VM's memory only to be called off.
+    pub fn looks_busy(&self) -> bool {
+        let socket = self
+            .socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.spawns.try_write().is_err()
+            || crate::sys::unread_by_peer(&socket).map_or(true, |unread| unread > 0)
     }
 
     /// Waits, up to `within`, until QEMU has read everything written to the connection; false
@@ -731,8 +748,12 @@ async fn read_frames(
                     AfterHold::Resume => continue,
                     AfterHold::Switch(next) => {
                         let old = std::mem::replace(&mut read, next);
-                        drain_old(old, &mut inbound, &mut buf).await;
-                        continue;
+                        if drain_old(old, &mut inbound, &mut buf).await {
+                            continue;
+                        }
+                        // Part of the old QEMU's output may be missing: the stream cannot go
+                        // on whole, so the connection ends (and a new one is made).
+                        break;
                     }
                     AfterHold::End => break,
                 }
@@ -766,18 +787,23 @@ async fn held(
     }
 }
 
-/// Takes what the old QEMU wrote before it ended, up to its end of file.
-async fn drain_old(mut old: OwnedReadHalf, inbound: &mut Inbound, buf: &mut [u8]) {
+/// Takes what the old QEMU wrote before it ended, up to its end of file; false if it did
+/// not end in time or the read failed.
+async fn drain_old(mut old: OwnedReadHalf, inbound: &mut Inbound, buf: &mut [u8]) -> bool {
     let deadline = Instant::now() + OLD_QEMU_DRAIN;
     loop {
         match tokio::time::timeout_at(deadline, old.read(buf)).await {
-            Ok(Ok(n)) if n > 0 => inbound.push(&buf[..n]),
-            Ok(_) => return,
+            Ok(Ok(0)) => return true,
+            Ok(Ok(n)) => inbound.push(&buf[..n]),
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "could not read the rest of the agent output of a VM's old QEMU; its agent connection ends");
+                return false;
+            }
             Err(_) => {
                 tracing::warn!(
-                    "the old QEMU of a VM that changed QEMU did not end; went on without the rest of its agent output"
+                    "the old QEMU of a VM that changed QEMU did not end; its agent connection ends"
                 );
-                return;
+                return false;
             }
         }
     }

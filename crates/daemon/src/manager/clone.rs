@@ -49,8 +49,9 @@ const BOOT_SETTLE_QUIET: Duration = Duration::from_millis(500);
 enum CloneError {
     /// The clone's kernel panicked on waking from the fork: worth forking again.
     Crashed(ApiError),
-    /// A process was being started in the source, or its QEMU did not take what was sent to
-    /// the guest agent, while it was being forked instantly: worth forking again.
+    /// The source's agent connection could not be held still for an instant fork (a process
+    /// was being started, or QEMU did not take what was sent to the agent, as when a paused
+    /// guest cannot take more of an upload): worth forking again, by copying.
     SourceBusy,
     Failed(ApiError),
 }
@@ -176,6 +177,9 @@ impl Manager {
         }
         let mut name = req.name.clone();
         let mut attempt = 1;
+        // Cleared when an instant fork could not hold the source's agent connection still:
+        // the next attempt copies the memory, which leaves the source in its QEMU.
+        let mut may_share = true;
         let (record, timings, clone_guard) = loop {
             let record = {
                 let account_lock = self.op_lock(&format!("account:{}", src.owner));
@@ -207,7 +211,10 @@ impl Manager {
             faults::point("clone:recorded");
             tracing::info!(source = %src.name, clone = %record.name, ?mode, attempt, "cloning");
             progress(&format!("cloning {} into {}", src.name, record.name));
-            let err = match self.make_clone(&src, &record, &image, mode, progress).await {
+            let err = match self
+                .make_clone(&src, &record, &image, mode, may_share, progress)
+                .await
+            {
                 Ok(mut timings) => {
                     timings.total_ms = ms(started.elapsed());
                     timings.attempts = attempt;
@@ -223,16 +230,17 @@ impl Manager {
                     break (record, timings, clone_guard);
                 }
                 Err(CloneError::SourceBusy) if attempt < FORK_ATTEMPTS => {
-                    tracing::info!(source = %src.name, clone = %record.name, "the source's guest agent was busy during an instant fork; forking again");
+                    tracing::info!(source = %src.name, clone = %record.name, "the source's guest agent could not be held still for an instant fork; copying its memory instead");
                     self.destroy(&record).await;
                     name = Some(record.name.clone());
+                    may_share = false;
                     attempt += 1;
                     continue;
                 }
                 Err(CloneError::SourceBusy) => ApiError::new(
                     ErrorCode::Busy,
                     format!(
-                        "processes kept starting in VM '{}' while it was being cloned; try again",
+                        "VM '{}' was busy starting processes while it was being cloned; try again",
                         src.name
                     ),
                 ),
@@ -408,6 +416,7 @@ impl Manager {
         clone: &VmRecord,
         image: &Image,
         mode: CloneMode,
+        may_share: bool,
         progress: Progress<'_>,
     ) -> Result<CloneTimings, CloneError> {
         let mut timings = CloneTimings::default();
@@ -485,7 +494,7 @@ impl Manager {
             .get(&src.id)
             .and_then(|l| l.ram.clone());
         let instant = self.cfg.fork_memory != crate::config::ForkMemory::Copy;
-        let shared = ram.filter(|ram| instant && !ram.is_sealed());
+        let shared = ram.filter(|ram| instant && may_share && !ram.is_sealed());
         timings.fork = Some(if shared.is_some() {
             ForkKind::Instant
         } else {
@@ -522,7 +531,7 @@ impl Manager {
 
         let ready_started = Instant::now();
         progress("giving the clone its own identity");
-        // (Connected before the clone woke: `wake_clone`.)
+        // (Connected before the clone took the state: `connect_clone_agent`.)
         let agent = self.open_agent(clone).ok().flatten().ok_or_else(|| {
             ApiError::new(
                 ErrorCode::GuestNotReady,
@@ -607,6 +616,7 @@ impl Manager {
             .launch(clone, image, Launch::Fork { shared: None }, progress)
             .await?;
         self.adopt(clone, clone_qmp.clone(), None, ram);
+        self.connect_clone_agent(clone).await?;
         let src_qmp = self.live_qmp(src)?;
         let source_pid = src.pid;
         progress("copying memory");
@@ -633,7 +643,7 @@ impl Manager {
         drop(layers_guard);
         let sent = sent.map_err(|e| errors::from_vmm("copy the VM's memory", e))?;
         timings.source_paused_ms = Some(ms(sent.paused));
-        self.wake_clone(clone, &clone_qmp).await?;
+        self.wake_clone(&clone_qmp).await?;
         timings.memory_ms = Some(ms(sent.total));
         Ok((pid, clone_qmp))
     }
@@ -687,14 +697,22 @@ impl Manager {
         if let Ok(l) = &launched {
             self.adopt(clone, l.qmp.clone(), None, None);
         }
-        let (successor, launched) = match (successor, launched) {
-            (Ok(s), Ok(l)) => (s, l),
-            (successor, launched) => {
+        let connected = match &launched {
+            Ok(_) => Some(self.connect_clone_agent(clone).await),
+            Err(_) => None,
+        };
+        let (successor, launched) = match (successor, launched, connected) {
+            (Ok(s), Ok(l), Some(Ok(()))) => (s, l),
+            (successor, launched, connected) => {
                 if let Ok(s) = successor {
                     end_successor(&src_paths, s.pid);
                 }
                 self.settle_next_disk(src, Some(&src_qmp)).await;
-                let err = launched.err().unwrap_or_else(|| {
+                let err = match (launched, connected) {
+                    (Err(err), _) | (_, Some(Err(err))) => Some(err),
+                    _ => None,
+                };
+                let err = err.unwrap_or_else(|| {
                     ApiError::new(
                         ErrorCode::Internal,
                         format!("could not start the next QEMU of VM '{}'", src.name),
@@ -709,6 +727,7 @@ impl Manager {
         let busy = std::sync::atomic::AtomicBool::new(false);
         let held = std::sync::Mutex::new(None);
         let connecting = self.no_new_agent_connections(&src.id).await;
+        let next_agent = self.connect_next_agent(&src.id).await;
         let sent = fork::send_shared(&src_qmp, &successor.qmp, &clone_qmp, || async {
             let _ = paused_at.set(Instant::now());
             let Some(hold) = self.hold_agent(&src.id, &connecting).await else {
@@ -729,7 +748,8 @@ impl Manager {
         .await;
         if let Err(err) = sent {
             // The source runs on in its own QEMU (`send_shared` let it go); its RAM may be
-            // sealed now, so its next fork copies.
+            // sealed now, so its next fork copies. Its agent connection goes on at once.
+            drop(held.lock().unwrap_or_else(|p| p.into_inner()).take());
             end_successor(&src_paths, successor.pid);
             self.settle_next_disk(src, Some(&src_qmp)).await;
             drop(layers_guard);
@@ -745,7 +765,15 @@ impl Manager {
         let successor_qmp = successor.qmp.clone();
         let hold = held.lock().unwrap_or_else(|p| p.into_inner()).take();
         let paused = match self
-            .take_over(src, &src_qmp, source_pid, successor, hold, "clone:switched")
+            .take_over(
+                src,
+                &src_qmp,
+                source_pid,
+                successor,
+                hold,
+                next_agent,
+                "clone:switched",
+            )
             .await
         {
             Ok(running) => paused_at
@@ -763,20 +791,26 @@ impl Manager {
         drop(layers_guard);
         tracing::info!(vm = %src.name, paused_ms = ms(paused), "the VM runs in its next QEMU, sharing its memory with its clone");
         timings.source_paused_ms = Some(ms(paused));
-        self.wake_clone(clone, &clone_qmp).await?;
+        self.wake_clone(&clone_qmp).await?;
         timings.memory_ms = Some(ms(sent.total));
         Ok((clone_pid, clone_qmp))
     }
 
-    /// Lets a clone that holds all of its state run, its guest agent connected first. The
-    /// agent in the source had a host on its port; one that wakes to find none reads end of
-    /// file and looks again only after a pause (`nook-guest-agent`'s port loop), and waking
-    /// connected it never notices the change of QEMU.
-    async fn wake_clone(&self, clone: &VmRecord, clone_qmp: &Qmp) -> Result<(), ApiError> {
+    /// Connects to a clone's guest agent as soon as its QEMU has started, before it takes the
+    /// source's state. The agent in the source had a host on its port: connected before the
+    /// load, the clone's port never goes without one, so the agent never notices the change
+    /// of QEMU, and output the source's QEMU was part-way through sending is sent on (into a
+    /// port with no host, QEMU would hold it back for good).
+    async fn connect_clone_agent(&self, clone: &VmRecord) -> Result<(), ApiError> {
         let agent = AgentClient::connect(&self.paths(&clone.id).agent_socket())
             .await
             .map_err(|e| errors::from_vmm("connect to the clone's guest agent", e))?;
         self.keep_agent(&clone.id, agent);
+        Ok(())
+    }
+
+    /// Lets a clone that holds all of its state run (its agent connected since its launch).
+    async fn wake_clone(&self, clone_qmp: &Qmp) -> Result<(), ApiError> {
         fork::finish(clone_qmp)
             .await
             .map_err(|e| errors::from_vmm("restore the clone", e))

@@ -41,11 +41,13 @@ impl Manager {
     /// (`old_pid`, reached at `old_qmp`) is stopped: the successor's files take the VM's names
     /// (the pidfile last), it runs, the old QEMU ends, and the store records the successor's
     /// pid. `fault` names the fault point between the old QEMU's end and that record. The
-    /// agent connection `hold` holds moves with the VM: it is connected to the successor
-    /// before the successor runs, so the guest never finds its host gone and processes
+    /// agent connection `hold` holds moves with the VM to `next_agent`, the connection to the
+    /// successor's agent made before the successor took the VM's state
+    /// ([`Manager::connect_next_agent`]): the guest never finds its host gone, and processes
     /// streaming through the agent keep their streams. Returns when the successor was told to
     /// run (where the VM's pause ended). On an error the successor is ended and the old QEMU
     /// goes on.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn take_over(
         self: &Arc<Self>,
         vm: &VmRecord,
@@ -53,24 +55,10 @@ impl Manager {
         old_pid: u32,
         successor: Launched,
         hold: Option<AgentHold>,
+        next_agent: Option<nook_vmm::NextConnection>,
         fault: &str,
     ) -> Result<Instant, ApiError> {
         let paths = self.paths(&vm.id);
-        let held = hold.as_ref().and_then(|h| h.held.as_ref());
-        let next_agent = match held {
-            Some(_) => {
-                match nook_vmm::NextConnection::connect(&paths.successor_agent_socket()).await {
-                    Ok(next) => Some(next),
-                    Err(err) => {
-                        // The VM still moves; its agent is reconnected after, and what streams
-                        // through it now ends, as a move between hosts does.
-                        tracing::warn!(vm = %vm.name, %err, "could not connect to the guest agent of the VM's next QEMU before it runs");
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
         let old = self
             .live
             .lock()
@@ -102,12 +90,16 @@ impl Manager {
         }
         nook_vmm::console::follow(&paths);
         let (agent, reconnect) = match (hold.and_then(|h| h.held), next_agent) {
-            (Some(held), Some(next)) => {
+            (Some(held), Some(next)) if !held.client().is_closed() => {
                 let agent = held.client().clone();
                 held.switch(next);
                 (Some(agent), false)
             }
-            (Some(held), None) => {
+            // No connection to move, or none made to the successor: a new one is made, and
+            // what streamed through the old one has ended, as in a move between hosts. (A
+            // connection made to the successor but unused is dropped here: QEMU serves one
+            // at a time.)
+            (Some(held), _) => {
                 held.close();
                 (None, true)
             }
@@ -182,6 +174,23 @@ impl Manager {
         })
     }
 
+    /// A connection to the agent of `id`'s successor QEMU (started, not yet holding the VM's
+    /// state), for its agent connection to move to: made before the successor takes the
+    /// state, so its port never goes without a host (see `connect_clone_agent` in
+    /// `clone.rs`). None when the VM has no connection to move, or this one cannot be made
+    /// (then the VM's connection ends with the change, and a new one is made). Call it with
+    /// [`Manager::no_new_agent_connections`] held.
+    pub(super) async fn connect_next_agent(&self, id: &str) -> Option<nook_vmm::NextConnection> {
+        self.live_agent(id).filter(|a| !a.is_closed())?;
+        match nook_vmm::NextConnection::connect(&self.paths(id).successor_agent_socket()).await {
+            Ok(next) => Some(next),
+            Err(err) => {
+                tracing::warn!(vm = id, %err, "could not connect to the guest agent of the VM's next QEMU; what streams through its agent ends with the change");
+                None
+            }
+        }
+    }
+
     /// Waits for a connection being made to `id`'s agent, and keeps new ones off until
     /// [`Manager::hold_agent`]'s hold ends: for a change of QEMU, taken before the VM pauses.
     pub(super) async fn no_new_agent_connections(
@@ -192,9 +201,9 @@ impl Manager {
     }
 
     /// After an instant fork, moves `id` (the source or the clone) in the background into a
-    /// QEMU with RAM of its own, so that its next fork is instant as well. Not while a
-    /// process is being started through its agent, so it tries again, within
-    /// [`REHOME_PATIENCE`]. Only with `fork_memory = own`: `shared` keeps the
+    /// QEMU with RAM of its own, so that its next fork is instant as well. Not while its
+    /// agent connection cannot be held still (a process being started, or an upload the
+    /// guest takes slower than it comes), so it tries again, within [`REHOME_PATIENCE`]. Only with `fork_memory = own`: `shared` keeps the
     /// two sharing their memory instead (their next forks copy).
     pub(super) fn rehome_later(self: &Arc<Self>, id: &str) {
         if self.cfg.fork_memory != crate::config::ForkMemory::Own {
@@ -204,6 +213,12 @@ impl Manager {
         tokio::spawn(async move {
             let deadline = Instant::now() + REHOME_PATIENCE;
             while Instant::now() < deadline {
+                // A move its agent connection could not be held still for is called off only
+                // after the memory was copied: not started at all while it looks busy.
+                if this.live_agent(&id).is_some_and(|a| a.looks_busy()) {
+                    tokio::time::sleep(REHOME_RETRY).await;
+                    continue;
+                }
                 match this.rehome(&id).await {
                     Ok(Rehomed::Done | Rehomed::NotNeeded) => return,
                     Ok(Rehomed::Busy) => {}
@@ -265,6 +280,7 @@ impl Manager {
         let busy = AtomicBool::new(false);
         let held = std::sync::Mutex::new(None);
         let connecting = self.no_new_agent_connections(id).await;
+        let next_agent = self.connect_next_agent(id).await;
         let sent = async {
             fork::connect(&successor.qmp, &old_qmp).await?;
             // Paused for the last pages: a process started through the agent meanwhile
@@ -291,6 +307,8 @@ impl Manager {
         let sent = match sent {
             Ok(sent) => sent,
             Err(err) => {
+                // The agent connection goes on at once, not after the clean-up.
+                drop(held.lock().unwrap_or_else(|p| p.into_inner()).take());
                 end_successor(&paths, successor.pid);
                 fork::resume(&old_qmp).await;
                 if busy.load(Ordering::SeqCst) {
@@ -302,7 +320,15 @@ impl Manager {
         let paused_from = Instant::now() - sent.paused;
         let hold = held.lock().unwrap_or_else(|p| p.into_inner()).take();
         let running = self
-            .take_over(&vm, &old_qmp, old_pid, successor, hold, "rehome:switched")
+            .take_over(
+                &vm,
+                &old_qmp,
+                old_pid,
+                successor,
+                hold,
+                next_agent,
+                "rehome:switched",
+            )
             .await?;
         tracing::info!(
             vm = %vm.name,
