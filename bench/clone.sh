@@ -10,6 +10,10 @@
 #     give back; QEMU's own shared libraries are a few MiB of it). Each round waits for the
 #     source to have memory of its own again (seconds after the last fork), and the moves
 #     into it are listed from the daemon's log. FORK_MEMORY=shared keeps the two sharing.
+#  4. the same 1 GiB fork while a command streams through the source's guest agent (as an
+#     `ssh VM@HOST` shell or `nook vm exec` does), next to (3): `cp` until the clone answers,
+#     whether each fork was instant, and whether the stream came through every fork whole
+#     (a counter printed every 50 ms, checked for gaps and repeats).
 # Run as root after `cargo build --release -p nook` and `scripts/build-agent`:
 #   bench/clone.sh [ROUNDS]
 set -euo pipefail
@@ -109,15 +113,46 @@ running_clone() { # $1 = memory size, $2 = MiB of it to fill
   echo "$(printf '%s\n' "${totals[@]}" | median) $(printf '%s\n' "${pauses[@]}" | median) $shared0 $shared60"
 }
 
+busy_clone() { # $1 = memory size, $2 = MiB of it to fill
+  local name totals=() kinds=() out streamer
+  name=b$(echo "$1" | tr A-Z a-z)
+  "$nook" vm create --image tiny --name "$name" --memory "$1" >/dev/null 2>&1
+  "$nook" vm exec "$name" -- sh -c "mount -o remount,size=90% /dev/shm; dd if=/dev/urandom of=/dev/shm/fill bs=1M count=$2 2>/dev/null"
+  "$nook" vm exec "$name" -- sh -c 'i=0; while :; do echo $i; i=$((i+1)); sleep 0.05; done' >"$tmp/stream" 2>&1 &
+  streamer=$!
+  for _ in $(seq 100); do [ -s "$tmp/stream" ] && break; sleep 0.1; done
+  for i in $(seq "$rounds"); do
+    for _ in $(seq 150); do own_ram "$name" && break; sleep 0.2; done
+    out=$("$nook" vm cp "$name" "$name-c$i" --json)
+    totals+=("$(echo "$out" | field '["timings"]["total_ms"]')")
+    kinds+=("$(echo "$out" | field '["timings"]["fork"]')")
+    echo "  $1 busy round $i: $(echo "$out" | field '["timings"]')" >&2
+    "$nook" vm rm "$name-c$i" >/dev/null 2>&1
+  done
+  # The last fork's move into memory of its own happens under the stream too.
+  for _ in $(seq 150); do own_ram "$name" && break; sleep 0.2; done
+  sleep 1
+  kill "$streamer" 2>/dev/null; wait "$streamer" 2>/dev/null || true
+  "$nook" vm rm "$name" >/dev/null 2>&1
+  local whole
+  whole=$(python3 -c "
+import sys
+n = [int(l) for l in open(sys.argv[1]) if l.strip().isdigit()]
+print(f'{len(n)}-lines-' + ('whole' if n == list(range(n[0], n[0] + len(n))) else 'BROKEN'))" "$tmp/stream")
+  echo "$(printf '%s\n' "${totals[@]}" | median) $(printf '%s\n' "${kinds[@]}" | sort | uniq -c | awk '{printf "%s%s:%s", sep, $2, $1; sep=","}') $whole"
+}
+
 echo "accel: $("$nook" vm create --image tiny --name probe --json >/dev/null 2>&1; curl -s --unix-socket "$NOOK_DATA_DIR/nook.sock" http://nook/v1/info | field '["accel"]')"
 "$nook" vm rm probe >/dev/null
 s1=$(stopped_clone 1G); s20=$(stopped_clone 20G)
 c1=$(full_copy 1G); c20=$(full_copy 20G)
 read -r r256 p256 sh256 sl256 < <(running_clone 256M 128)
 read -r r1g p1g sh1g sl1g < <(running_clone 1G 512)
-python3 - "$s1" "$s20" "$c1" "$c20" "$r256" "$p256" "$r1g" "$p1g" "$sh256" "$sl256" "$sh1g" "$sl1g" <<'PY'
+read -r b1g bkinds bstream < <(busy_clone 1G 512)
+python3 - "$s1" "$s20" "$c1" "$c20" "$r256" "$p256" "$r1g" "$p1g" "$sh256" "$sl256" "$sh1g" "$sl1g" "$b1g" "$bkinds" "$bstream" <<'PY'
 import sys
-s1, s20, c1, c20, r256, p256, r1g, p1g, sh256, sl256, sh1g, sl1g = map(float, sys.argv[1:])
+s1, s20, c1, c20, r256, p256, r1g, p1g, sh256, sl256, sh1g, sl1g, b1g = map(float, sys.argv[1:14])
+bkinds, bstream = sys.argv[14:16]
 def full(c, s):
     return "not enough free disk for two full copies" if c != c else f"{c:8.1f} ms, {c/s:6.0f}x faster"
 print(f"stopped clone, 1 GiB disk:   {s1:8.1f} ms   (cp of the full image: {full(c1, s1)})")
@@ -127,4 +162,6 @@ print(f"running clone, 256 MiB guest (128 MiB in use): {r256:8.1f} ms to the clo
       f" shared {sh256:.0f} MiB right after, {sl256:.0f} MiB 60 s later")
 print(f"running clone, 1 GiB guest (512 MiB in use):   {r1g:8.1f} ms to the clone answering, source paused {p1g:5.1f} ms;"
       f" shared {sh1g:.0f} MiB right after, {sl1g:.0f} MiB 60 s later")
+print(f"running clone, 1 GiB guest, a command streaming through its agent: {b1g:8.1f} ms to the clone answering"
+      f" ({b1g/r1g:.2f}x the idle fork); forks {bkinds}; the stream: {bstream.replace('-', ' ')}")
 PY
