@@ -698,7 +698,7 @@ impl Manager {
         here.host = me.clone();
         here.image_dir = image_dir.display().to_string();
         let disk = self.paths(vm_id).disk();
-        let mut qemu: Option<(u32, Qmp, Option<nook_vmm::GuestRam>)> = None;
+        let mut qemu: Option<(u32, Qmp, Option<nook_vmm::GuestRam>, AgentClient)> = None;
         loop {
             match expect::<_, MoveIn>(link, "receiving").await? {
                 MoveIn::File { name, size } if name == "top" => {
@@ -747,6 +747,12 @@ impl Manager {
                         .launch(&here, &image, Launch::Arrival, &quiet)
                         .await
                         .map_err(|e| e.message)?;
+                    // Connected before the state arrives: the guest's port never goes without
+                    // a host, so output the sender's QEMU was part-way through is sent on (see
+                    // `connect_clone_agent`).
+                    let agent = AgentClient::connect(&self.paths(&here.id).agent_socket())
+                        .await
+                        .map_err(|e| format!("cannot connect to the guest agent: {e}"))?;
                     let token = hex::encode(rand::random::<[u8; 16]>());
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     self.arrivals
@@ -771,7 +777,7 @@ impl Manager {
                         let _ = tokio::io::copy(&mut stream, &mut ours).await;
                         let _ = ours.shutdown().await;
                     });
-                    qemu = Some((pid, qmp, ram));
+                    qemu = Some((pid, qmp, ram, agent));
                 }
                 MoveIn::Commit => break,
                 other => return Err(format!("the move sent {other:?} out of turn")),
@@ -779,7 +785,7 @@ impl Manager {
         }
 
         let state = match &mut qemu {
-            Some((pid, qmp, ram)) => {
+            Some((pid, qmp, ram, agent)) => {
                 fork::received(qmp)
                     .await
                     .map_err(|e| format!("the memory did not all arrive: {e}"))?;
@@ -792,12 +798,22 @@ impl Manager {
                 self.take_released_lease(&here).await?;
                 self.commit_arrival(&vm, &here, VmState::Running, Some(*pid), arrival)
                     .await?;
-                self.adopt(&here, qmp.clone(), None, ram.take());
+                self.adopt(&here, qmp.clone(), Some(agent.clone()), ram.take());
                 if let Err(err) = qmp.execute("cont", None).await {
                     tracing::error!(vm = %vm.name, %err, "a VM that moved here would not run");
                 }
-                // Shells and commands go through the agent: have it before saying done.
-                self.reconnect_agent(&here).await;
+                // Shells and commands go through the agent: have it answer before saying done.
+                if let Err(err) = agent.wait_ready(Duration::from_secs(10)).await {
+                    tracing::warn!(vm = %vm.name, %err, "the guest agent of a VM that moved here does not answer");
+                }
+                if let Some(live) = self
+                    .live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&here.id)
+                {
+                    live.booted = true;
+                }
                 VmState::Running
             }
             None => {
