@@ -74,7 +74,10 @@ qemu_pid() { # $1 = VM name
 }
 # Whether VM $1's QEMU maps a memfd of its own shared (an instant fork can share it), rather
 # than an instant fork's copy-on-write (it moves into its own within seconds of the fork).
-own_ram() { grep -q 'rw-s .*memfd:nook-ram' "/proc/$(qemu_pid "$1")/maps" 2>/dev/null; }
+# With FORK_MEMORY=copy guest RAM is anonymous and every fork copies: nothing to wait for.
+own_ram() {
+  [ "$NOOK_FORK_MEMORY" = copy ] || grep -q 'rw-s .*memfd:nook-ram' "/proc/$(qemu_pid "$1")/maps" 2>/dev/null
+}
 shared_mib() { # $1 $2 = pids: RSS counted twice minus PSS, in MiB
   awk '/^Rss:/ {r += $2} /^Pss:/ {p += $2} END {printf "%.0f", (r - p) / 1024}' \
     "/proc/$1/smaps_rollup" "/proc/$2/smaps_rollup"
@@ -107,7 +110,7 @@ running_clone() { # $1 = memory size, $2 = MiB of it to fill
   shared60=$(shared_mib "$(qemu_pid "$name")" "$(qemu_pid "$name-c$rounds")" 2>/dev/null || echo nan)
   "$nook" vm rm "$name-c$rounds" >/dev/null 2>&1
   # The moves into memory of their own (source and clones), from the daemon's log.
-  tail -n +"$((log_from + 1))" "$tmp/log" | grep -a 'memory of its own again' | sed 's/\x1b\[[0-9;]*m//g' |
+  tail -n +"$((log_from + 1))" "$tmp/log" | { grep -a 'memory of its own again' || true; } | sed 's/\x1b\[[0-9;]*m//g' |
     awk '{for (i = 1; i <= NF; i++) if ($i ~ /^(secs|paused_ms)=/) printf "%s ", $i; print ""}' |
     sed 's/^/  moved: /' >&2
   echo "$(printf '%s\n' "${totals[@]}" | median) $(printf '%s\n' "${pauses[@]}" | median) $shared0 $shared60"
