@@ -336,18 +336,21 @@ impl AgentClient {
         Some(held)
     }
 
+    /// The socket of the QEMU the connection reaches now.
+    fn socket(&self) -> Arc<std::os::fd::OwnedFd> {
+        self.socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Whether a hold would likely fail now: a spawn waits for the guest's answer, a frame
     /// is being written, or QEMU has not read all that was written (as while a process
     /// takes an upload slower than it comes). A cheap look before a change of QEMU that
     /// would otherwise copy a VM's memory only to be called off.
     pub fn looks_busy(&self) -> bool {
-        let socket = self
-            .socket
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         self.spawns.try_write().is_err()
-            || crate::sys::unread_by_peer(&socket).map_or(true, |unread| unread > 0)
+            || crate::sys::unread_by_peer(&self.socket()).map_or(true, |unread| unread > 0)
     }
 
     /// Waits, up to `within`, until QEMU has read everything written to the connection; false
@@ -358,12 +361,7 @@ impl AgentClient {
     pub async fn drained(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         loop {
-            let socket = self
-                .socket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let Ok(unread) = crate::sys::unread_by_peer(&socket) else {
+            let Ok(unread) = crate::sys::unread_by_peer(&self.socket()) else {
                 return false;
             };
             if unread == 0 {

@@ -14,25 +14,37 @@ use std::time::Duration;
 use nook_proto::{FrameBuf, GuestFrame, GuestMetrics, GuestMsg, HostFrame, HostMsg};
 use nook_vmm::{AgentClient, NextConnection};
 
-async fn agent_with_peer(dir: &tempfile::TempDir) -> (AgentClient, UnixStream) {
-    let path = dir.path().join("peer.sock");
+/// A peer (a QEMU's agent socket) at `name` in `dir`, and what `connect` made to it.
+async fn with_peer<T, F>(
+    dir: &tempfile::TempDir,
+    name: &str,
+    connect: impl FnOnce(std::path::PathBuf) -> F,
+) -> (T, UnixStream)
+where
+    F: std::future::Future<Output = Result<T, nook_vmm::VmmError>>,
+{
+    let path = dir.path().join(name);
     let listener = UnixListener::bind(&path).expect("bind");
     let peer = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
-    let client = AgentClient::connect(&path).await.expect("connect");
+    let connected = connect(path).await.expect("connect");
     let peer = peer.join().expect("accept thread").expect("accept");
     peer.set_nonblocking(true).expect("nonblocking");
-    (client, peer)
+    (connected, peer)
+}
+
+async fn agent_with_peer(dir: &tempfile::TempDir) -> (AgentClient, UnixStream) {
+    with_peer(dir, "peer.sock", |p| async move {
+        AgentClient::connect(&p).await
+    })
+    .await
 }
 
 /// A second peer, the next QEMU, and the connection to it.
 async fn next_peer(dir: &tempfile::TempDir) -> (NextConnection, UnixStream) {
-    let path = dir.path().join("next.sock");
-    let listener = UnixListener::bind(&path).expect("bind");
-    let peer = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
-    let next = NextConnection::connect(&path).await.expect("connect");
-    let peer = peer.join().expect("accept thread").expect("accept");
-    peer.set_nonblocking(true).expect("nonblocking");
-    (next, peer)
+    with_peer(dir, "next.sock", |p| async move {
+        NextConnection::connect(&p).await
+    })
+    .await
 }
 
 /// The host frames the peer has been sent, waiting up to 5 s for at least one.

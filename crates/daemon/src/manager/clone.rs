@@ -380,16 +380,7 @@ impl Manager {
         };
         match ended {
             // Any answer, even "degraded" or "no such command", means no boot is under way.
-            Some(_) => {
-                if let Some(l) = self
-                    .live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_mut(&vm.id)
-                {
-                    l.booted = true;
-                }
-            }
+            Some(_) => self.set_booted(&vm.id, true),
             None => {
                 tracing::warn!(vm = %vm.name, "the VM's boot did not finish in time; forking it anyway")
             }

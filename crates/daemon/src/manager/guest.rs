@@ -75,6 +75,18 @@ impl Manager {
         }
     }
 
+    /// Records whether `id`'s guest has finished booting (`cp` waits for that before a fork).
+    pub(super) fn set_booted(&self, id: &str, booted: bool) {
+        if let Some(live) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)
+        {
+            live.booted = booted;
+        }
+    }
+
     /// The VM's agent connection when it is open.
     pub(super) fn open_agent(&self, vm: &VmRecord) -> Result<Option<AgentClient>, ApiError> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());

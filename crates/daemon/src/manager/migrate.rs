@@ -806,14 +806,7 @@ impl Manager {
                 if let Err(err) = agent.wait_ready(Duration::from_secs(10)).await {
                     tracing::warn!(vm = %vm.name, %err, "the guest agent of a VM that moved here does not answer");
                 }
-                if let Some(live) = self
-                    .live
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_mut(&here.id)
-                {
-                    live.booted = true;
-                }
+                self.set_booted(&here.id, true);
                 VmState::Running
             }
             None => {
@@ -1222,14 +1215,7 @@ impl Manager {
         if let Err(err) = self.agent(vm).await {
             tracing::warn!(vm = %vm.name, error = %err.message, "the guest agent of a VM in its new QEMU does not answer");
         }
-        if let Some(live) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&vm.id)
-        {
-            live.booted = true;
-        }
+        self.set_booted(&vm.id, true);
     }
 }
 

@@ -106,14 +106,7 @@ impl Manager {
             (None, _) => (None, true),
         };
         self.adopt(vm, successor.qmp.clone(), agent, successor.ram);
-        if let Some(live) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&vm.id)
-        {
-            live.booted = old.is_some_and(|(_, booted)| booted);
-        }
+        self.set_booted(&vm.id, old.is_some_and(|(_, booted)| booted));
         if let Err(err) = resumed {
             tracing::error!(vm = %vm.name, %err, "the VM's next QEMU would not run");
         }
