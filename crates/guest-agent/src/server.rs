@@ -173,6 +173,11 @@ impl Agent {
             HostMsg::Signal { signal } => process::signal(shared, id, signal),
             HostMsg::OutputAck { bytes } => process::output_ack(shared, id, bytes),
             HostMsg::Hangup => process::hangup(shared, id),
+            HostMsg::HangupAllBut { keep } => {
+                process::hangup_all_but(shared, &keep);
+                shared.send(id, GuestMsg::Ok);
+                Ok(())
+            }
             HostMsg::ReadFile { path, offset, len } => files::read(&path, offset, len)
                 .map(|data| shared.send(id, GuestMsg::FileData { data })),
             HostMsg::WriteFile {
@@ -187,7 +192,7 @@ impl Agent {
                     // What runs through the agent now was started by the source's sessions,
                     // which stream on from the source: here nobody will read it, as if their
                     // connection had dropped.
-                    process::hangup_all(shared);
+                    process::hangup_all_but(shared, &[]);
                 }
                 shared.send(
                     id,

@@ -944,3 +944,32 @@ fn hangup_sends_sighup_and_ends_a_login_shell_command() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "hup\n");
     let _ = std::fs::remove_file(&marker);
 }
+
+#[test]
+fn hangup_all_but_keeps_the_listed_processes() {
+    let mut host = Host::start();
+    let cat = || SpawnRequest {
+        stdin: true,
+        ..spawn_req(&["cat"])
+    };
+    host.send(1, HostMsg::Spawn(cat()));
+    host.expect_spawned(1);
+    host.send(2, HostMsg::Spawn(cat()));
+    host.expect_spawned(2);
+    host.send(3, HostMsg::HangupAllBut { keep: vec![2] });
+    assert_eq!(host.recv(3), GuestMsg::Ok);
+    // The stray's stdin was closed and its group hung up: its `Exit` comes (or the read
+    // times out and the test fails).
+    host.finish(1, &mut Run::default());
+    // The kept one still takes its input.
+    host.send(
+        2,
+        HostMsg::Stdin {
+            data: b"kept\n".to_vec(),
+        },
+    );
+    host.send(2, HostMsg::CloseStdin);
+    let mut kept = Run::default();
+    host.finish(2, &mut kept);
+    assert_eq!(kept.out(), "kept\n");
+}

@@ -402,6 +402,28 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     );
     let pid = pid.trim().to_string();
     assert!(pid.parse::<u32>().is_ok(), "counter pid: {pid:?}");
+    // A session open on the old host ends with the move, as a dropped SSH connection does:
+    // the new host hangs up what it started (the guest never sees its host go).
+    let session_script = "'echo $$ > /tmp/session.pid; trap \"echo hup > /tmp/session.hup; exit 0\" HUP; \
+                          while :; do date; sleep 0.2; done'";
+    let mut session = Command::new("ssh")
+        .args(h1.ssh_opts(&alice))
+        .args(["-p", &h1.ssh_port.to_string(), &format!("vm1@{}", h1.addr)])
+        .args(["sh", "-c", session_script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh");
+    wait_until(
+        "the session to start in vm1",
+        Duration::from_secs(30),
+        || {
+            h1.exec("vm1", "test -s /tmp/session.pid && echo yes; true")
+                .trim()
+                == "yes"
+        },
+    );
     let out = h3.lobby_ok(&alice, &["move", "vm1", "h2", "--json"]);
     let moved: Value = serde_json::from_str(&out).expect("move --json");
     eprintln!("live move: {moved}");
@@ -455,6 +477,23 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
             h.addr
         );
     }
+    wait_until(
+        "the old host's session to end",
+        Duration::from_secs(30),
+        || session.try_wait().ok().flatten().is_some(),
+    );
+    wait_until(
+        "vm1's session from the old host to be hung up",
+        Duration::from_secs(30),
+        || {
+            h2.exec(
+                "vm1",
+                "cat /tmp/session.hup 2>/dev/null; test -d /proc/$(cat /tmp/session.pid) && echo running; true",
+            )
+            .trim()
+                == "hup"
+        },
+    );
     // A stopped VM moves with its disk, and starts on its new host with its files.
     h2.lobby_ok(&alice, &["stop", "vm2"]);
     let out = h3.lobby_ok(&alice, &["move", "vm2", "h1", "--json"]);

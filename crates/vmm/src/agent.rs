@@ -439,9 +439,21 @@ impl AgentClient {
     /// One request, one reply, within the client's call timeout.
     async fn call(&self, msg: HostMsg) -> Result<GuestMsg, VmmError> {
         let deadline = Instant::now() + self.call_timeout;
-        let (id, mut rx) = self.open_route()?;
+        let (id, rx) = self.open_route()?;
+        let sent = self.send_by(&HostFrame { id, msg }, deadline).await;
+        self.reply(id, rx, sent, deadline).await
+    }
+
+    /// The reply to the request with route `id`, once it was `sent`; closes the route.
+    async fn reply(
+        &self,
+        id: u64,
+        mut rx: RouteRx,
+        sent: Result<(), VmmError>,
+        deadline: Instant,
+    ) -> Result<GuestMsg, VmmError> {
         let reply = async {
-            self.send_by(&HostFrame { id, msg }, deadline).await?;
+            sent?;
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(reply)) => Ok(reply),
                 Ok(None) => Err(VmmError::AgentClosed),
@@ -636,6 +648,40 @@ impl AgentClient {
             GuestMsg::Identified { cloned, sshd } => Ok(Identified { cloned, sshd }),
             other => Err(VmmError::Agent(format!(
                 "unexpected reply to identify: {other:?}"
+            ))),
+        }
+    }
+
+    /// Hangs up every process in the guest that this connection did not start. A VM that
+    /// moved here from another host still runs what that host's sessions started, and their
+    /// users went with that host's connection. Returns once the guest has hung them up.
+    pub async fn hang_up_strays(&self) -> Result<(), VmmError> {
+        let deadline = Instant::now() + self.call_timeout;
+        let (id, rx) = self.open_route()?;
+        // The list is taken, and the frame queued, under the routes' lock: a spawn missing from
+        // the list opens its route after it, so its frame is queued after this one and the
+        // guest starts it only once the strays are hung up.
+        let sent = {
+            let routes = lock(&self.routes);
+            let keep = routes.map.keys().copied().filter(|k| *k != id).collect();
+            nook_proto::encode(&HostFrame {
+                id,
+                msg: HostMsg::HangupAllBut { keep },
+            })
+            .map_err(VmmError::from)
+            .and_then(|bytes| {
+                self.outbox.try_send(bytes).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        VmmError::Agent("too many frames are waiting to be sent".into())
+                    }
+                    mpsc::error::TrySendError::Closed(_) => VmmError::AgentClosed,
+                })
+            })
+        };
+        match self.reply(id, rx, sent, deadline).await? {
+            GuestMsg::Ok => Ok(()),
+            other => Err(VmmError::Agent(format!(
+                "unexpected reply to hang up strays: {other:?}"
             ))),
         }
     }

@@ -805,6 +805,11 @@ impl Manager {
                 // Shells and commands go through the agent: have it answer before saying done.
                 if let Err(err) = agent.wait_ready(Duration::from_secs(10)).await {
                     tracing::warn!(vm = %vm.name, %err, "the guest agent of a VM that moved here does not answer");
+                } else if let Err(err) = agent.hang_up_strays().await {
+                    // The guest never saw its host go (connected before the state came), so
+                    // the sender's sessions would stay open in it, each with its flow-control
+                    // window spent, and nobody to read them.
+                    tracing::warn!(vm = %vm.name, %err, "cannot hang up the processes the sending host's sessions started");
                 }
                 self.set_booted(&here.id, true);
                 VmState::Running
