@@ -683,7 +683,16 @@ impl Manager {
         let account_lock = self.op_lock(&format!("account:{owner}"));
         let _account_guard = account_lock.lock().await;
         let admitted = self
-            .admit(owner, Ask::Create, cpu, memory_mib, disk_bytes)
+            .admit(
+                owner,
+                Ask::Create,
+                image.kind,
+                Wants {
+                    cpu,
+                    memory_mib,
+                    disk_bytes,
+                },
+            )
             .await?;
         let template = NewVm {
             id: String::new(),
@@ -912,7 +921,16 @@ impl Manager {
         let _account_guard = account_lock.lock().await;
         let image = self.image_of(&vm)?;
         let admitted = self
-            .admit(&vm.owner, Ask::Start(&vm.id), vm.cpu, vm.memory_mib, 0)
+            .admit(
+                &vm.owner,
+                Ask::Start(&vm.id),
+                image.kind,
+                Wants {
+                    cpu: vm.cpu,
+                    memory_mib: vm.memory_mib,
+                    disk_bytes: 0,
+                },
+            )
             .await?;
         // `starting` from here on counts the VM's memory against the host's room.
         self.store
@@ -978,10 +996,12 @@ impl Manager {
     }
 
     fn image_of(&self, vm: &VmRecord) -> Result<Image, ApiError> {
-        let kind = ImageKind::from_str(&vm.image)
-            .map_err(|e| errors::from_storage("open the VM's image", e))?;
-        ImageStore::open_at(kind, std::path::Path::new(&vm.image_dir))
+        ImageStore::open_at(self.image_kind_of(vm)?, std::path::Path::new(&vm.image_dir))
             .map_err(|e| errors::from_storage("open the VM's image", e))
+    }
+
+    fn image_kind_of(&self, vm: &VmRecord) -> Result<ImageKind, ApiError> {
+        ImageKind::from_str(&vm.image).map_err(|e| errors::from_storage("open the VM's image", e))
     }
 
     pub async fn restart(
@@ -1082,7 +1102,16 @@ impl Manager {
             old_disk_bytes: vm.disk_bytes,
         };
         let _admitted = self
-            .admit(&vm.owner, ask, cpu, memory_mib, disk_bytes)
+            .admit(
+                &vm.owner,
+                ask,
+                self.image_kind_of(&vm)?,
+                Wants {
+                    cpu,
+                    memory_mib,
+                    disk_bytes,
+                },
+            )
             .await?;
         if disk_bytes > vm.disk_bytes {
             self.grow_disk(&vm, disk_bytes).await?;

@@ -86,13 +86,16 @@ pub fn default_reserve(total: u64) -> u64 {
 /// What a VM of `memory` bytes touches as it boots and settles, the part admission counts:
 /// half its RAM (at most 256 MiB; guests touch far less than they are given at first, and the
 /// rest is the overcommit the `--pack` level allows for) plus QEMU's own memory. Under TCG
-/// that includes the translation cache, which the boot fills and which is never given back:
-/// 64 MiB for a tiny guest here, so a 128 MiB VM's QEMU held about 175 MiB of RAM and swap
-/// once booted. Counting only the guest's half let an envelope admit a boot its RAM and
-/// swap could not hold, and the OOM killer took a VM (the 93rd of 128 MiB in an 8 GiB
-/// envelope with `--pack balanced`).
-pub fn boot_footprint(memory: u64, tcg: bool) -> u64 {
-    let qemu: u64 = if tcg { 96 << 20 } else { 16 << 20 };
+/// that includes `tcg_cache`, the part of the translation cache the boot fills, which is never
+/// given back (None under KVM). A tiny guest fills 64 MiB here, so a 128 MiB VM's QEMU held
+/// about 175 MiB of RAM and swap once booted. Counting only the guest's half let an envelope
+/// admit a boot its RAM and swap could not hold, and the OOM killer took a VM (the 93rd of
+/// 128 MiB in an 8 GiB envelope with `--pack balanced`).
+pub fn boot_footprint(memory: u64, tcg_cache: Option<u64>) -> u64 {
+    let qemu: u64 = match tcg_cache {
+        Some(cache) => (32 << 20) + cache,
+        None => 16 << 20,
+    };
     (memory / 2).min(256 << 20) + qemu
 }
 
@@ -182,9 +185,10 @@ mod tests {
 
     #[test]
     fn the_footprint_and_reserve_scale_with_size() {
-        assert_eq!(boot_footprint(128 << 20, false), 80 << 20);
-        assert_eq!(boot_footprint(128 << 20, true), 160 << 20);
-        assert_eq!(boot_footprint(8 << 30, false), 272 << 20);
+        assert_eq!(boot_footprint(128 << 20, None), 80 << 20);
+        assert_eq!(boot_footprint(128 << 20, Some(64 << 20)), 160 << 20);
+        assert_eq!(boot_footprint(128 << 20, Some(128 << 20)), 224 << 20);
+        assert_eq!(boot_footprint(8 << 30, None), 272 << 20);
         assert_eq!(default_reserve(2 << 30), 256 << 20);
         assert_eq!(default_reserve(24 << 30), 768 << 20);
     }

@@ -188,9 +188,12 @@ impl Manager {
                     .admit_on(
                         &src.owner,
                         Ask::Create,
-                        src.cpu,
-                        need_mib,
-                        src.disk_bytes,
+                        self.image_kind_of(&src)?,
+                        Wants {
+                            cpu: src.cpu,
+                            memory_mib: need_mib,
+                            disk_bytes: src.disk_bytes,
+                        },
                         stays,
                     )
                     .await?;

@@ -250,12 +250,10 @@ impl Manager {
         &self,
         owner: &str,
         ask: Ask<'_>,
-        cpu: u32,
-        memory_mib: u32,
-        disk_bytes: u64,
+        image: ImageKind,
+        wants: Wants,
     ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
-        self.admit_on(owner, ask, cpu, memory_mib, disk_bytes, Stays::Here)
-            .await
+        self.admit_on(owner, ask, image, wants, Stays::Here).await
     }
 
     /// [`Self::admit`], for a VM that may only pass through this host (a clone made here and
@@ -265,16 +263,21 @@ impl Manager {
         &self,
         owner: &str,
         ask: Ask<'_>,
-        cpu: u32,
-        memory_mib: u32,
-        disk_bytes: u64,
+        image: ImageKind,
+        wants: Wants,
         stays: Stays,
     ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
         let admitted = self.host_admission.lock().await;
         let starts = !matches!(ask, Ask::Resize { .. });
+        let Wants {
+            cpu: _,
+            memory_mib,
+            disk_bytes,
+        } = wants;
         // Until a VM has booted nook does not know its accelerator: TCG's larger cost then.
-        let tcg = self.accel() != Some(Accel::Kvm);
-        let need = nook_memory::boot_footprint(u64::from(memory_mib) << 20, tcg);
+        let tcg_cache = (self.accel() != Some(Accel::Kvm))
+            .then(|| tcg_cache_filled(image, self.cfg.tcg_cache_mib));
+        let need = nook_memory::boot_footprint(u64::from(memory_mib) << 20, tcg_cache);
         if starts {
             // Every VM, the admin's too: what is at stake is the VMs already running.
             host_memory_room(
@@ -302,11 +305,6 @@ impl Manager {
             )?;
         }
         let plan = self.plan_for(owner).await?;
-        let wants = Wants {
-            cpu,
-            memory_mib,
-            disk_bytes,
-        };
         // Packing idle VMs lets the running ones add up further past the envelope.
         let overcommit = self.cfg.memory_overcommit * factor;
         account_room(&plan, overcommit, &all, owner, ask, wants)?;
@@ -364,6 +362,17 @@ impl Manager {
             vm.disk_bytes,
         )
     }
+}
+
+/// How much of a translation cache of `cache_mib` a guest of `image` fills as it boots and
+/// settles under TCG: measured here, a tiny guest 64 MiB, a default one (systemd, Debian's
+/// userland) all of the 128 MiB default.
+fn tcg_cache_filled(image: ImageKind, cache_mib: u32) -> u64 {
+    let mib = match image {
+        ImageKind::Tiny => cache_mib.min(64),
+        ImageKind::Default => cache_mib,
+    };
+    u64::from(mib) << 20
 }
 
 /// Whether the host, by what it really has left, can take a VM that will soon touch `need`
@@ -632,6 +641,14 @@ fn browser_group(vm_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_boot_counts_the_translation_cache_its_image_fills() {
+        assert_eq!(tcg_cache_filled(ImageKind::Tiny, 128), 64 << 20);
+        assert_eq!(tcg_cache_filled(ImageKind::Tiny, 32), 32 << 20);
+        assert_eq!(tcg_cache_filled(ImageKind::Default, 128), 128 << 20);
+        assert_eq!(tcg_cache_filled(ImageKind::Default, 512), 512 << 20);
+    }
 
     fn vm(id: &str, state: VmState, memory_mib: u32, disk_gib: u64) -> VmRecord {
         VmRecord {
