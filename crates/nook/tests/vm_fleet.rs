@@ -631,7 +631,8 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
 
     // A clone asked for on another host is made where its source's layers are and moved
     // there live, saying what that cost: the fork runs on h2 with vm1's processes, and h1 keeps
-    // no QEMU of it.
+    // no QEMU of it. vm1 came to h1 live (the drain), into memory it can share: the fork is
+    // instant, with no copy of its RAM.
     let h1_qemus = h1.qemu_pids().len();
     let out = h3.lobby_ok(&alice, &["cp", "vm1", "vm1-fork", "--on", "h2", "--json"]);
     let cloned: Value = serde_json::from_str(&out).expect("cp --json");
@@ -643,13 +644,15 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
             cloned["vm"]["state"].as_str(),
             cloned["moved"]["from"].as_str(),
             cloned["moved"]["to"].as_str(),
+            cloned["timings"]["fork"].as_str(),
         ),
         (
             Some("fork"),
             Some("h2"),
             Some("running"),
             Some("h1"),
-            Some("h2")
+            Some("h2"),
+            Some("instant")
         ),
         "{cloned}"
     );

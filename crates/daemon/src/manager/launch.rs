@@ -208,10 +208,6 @@ impl Manager {
                 shares: Some(ram), ..
             }
             | Launch::Fork { shared: Some(ram) } => Some(RamMapping::Fork(ram.clone())),
-            // A VM arriving from another host keeps QEMU's own RAM: moves between hosts into
-            // and out of a memfd lost the guest for seconds in the fleet test (not understood
-            // yet). Its forks here copy its memory.
-            Launch::Arrival => Some(RamMapping::Anonymous),
             // Without instant forks, QEMU's own RAM: a memfd's pages are 4 KiB shmem pages
             // (no huge pages for shmem on common hosts), which made copying a 1 GiB guest
             // 2.5x slower, and KSM cannot merge them.
