@@ -505,13 +505,9 @@ pub(crate) fn hangup(shared: &Shared, id: u64) -> Result<(), Failure> {
     }
 }
 
-/// [`hangup`] for every process running through the agent but those in `keep`.
-pub(crate) fn hangup_all_but(shared: &Shared, keep: &[u64]) {
-    let ids: Vec<u64> = lock(&shared.procs)
-        .keys()
-        .copied()
-        .filter(|id| !keep.contains(id))
-        .collect();
+/// [`hangup`] for every process running through the agent.
+pub(crate) fn hangup_all(shared: &Shared) {
+    let ids: Vec<u64> = lock(&shared.procs).keys().copied().collect();
     for id in ids {
         if let Err(f) = hangup(shared, id) {
             log!("cannot hang up process {id}: {}", f.message);

@@ -103,8 +103,16 @@ impl Agent {
     /// will acknowledge the output of the processes running now, so let them run free instead
     /// of waiting forever.
     pub fn host_gone(&self) {
-        for proc in lock(&self.shared.procs).values() {
-            proc.release_window();
+        self.host_gone_but(&[]);
+    }
+
+    /// [`Agent::host_gone`] for the processes the new host did not start: those in `started`
+    /// keep their windows.
+    fn host_gone_but(&self, started: &[u64]) {
+        for (id, proc) in lock(&self.shared.procs).iter() {
+            if !started.contains(id) {
+                proc.release_window();
+            }
         }
     }
 
@@ -173,8 +181,8 @@ impl Agent {
             HostMsg::Signal { signal } => process::signal(shared, id, signal),
             HostMsg::OutputAck { bytes } => process::output_ack(shared, id, bytes),
             HostMsg::Hangup => process::hangup(shared, id),
-            HostMsg::HangupAllBut { keep } => {
-                process::hangup_all_but(shared, &keep);
+            HostMsg::NewHost { started } => {
+                self.host_gone_but(&started);
                 shared.send(id, GuestMsg::Ok);
                 Ok(())
             }
@@ -192,7 +200,7 @@ impl Agent {
                     // What runs through the agent now was started by the source's sessions,
                     // which stream on from the source: here nobody will read it, as if their
                     // connection had dropped.
-                    process::hangup_all_but(shared, &[]);
+                    process::hangup_all(shared);
                 }
                 shared.send(
                     id,

@@ -946,30 +946,50 @@ fn hangup_sends_sighup_and_ends_a_login_shell_command() {
 }
 
 #[test]
-fn hangup_all_but_keeps_the_listed_processes() {
+fn a_new_host_frees_the_processes_it_did_not_start() {
     let mut host = Host::start();
-    let cat = || SpawnRequest {
-        stdin: true,
-        ..spawn_req(&["cat"])
+    let flood = || SpawnRequest {
+        window: Some(10_000),
+        ..spawn_req(&["head", "-c", "200000", "/dev/zero"])
     };
-    host.send(1, HostMsg::Spawn(cat()));
+    host.send(1, HostMsg::Spawn(flood()));
     host.expect_spawned(1);
-    host.send(2, HostMsg::Spawn(cat()));
+    host.send(2, HostMsg::Spawn(flood()));
     host.expect_spawned(2);
-    host.send(3, HostMsg::HangupAllBut { keep: vec![2] });
+    host.send(3, HostMsg::NewHost { started: vec![2] });
     assert_eq!(host.recv(3), GuestMsg::Ok);
-    // The stray's stdin was closed and its group hung up: its `Exit` comes (or the read
-    // times out and the test fails).
-    host.finish(1, &mut Run::default());
-    // The kept one still takes its input.
+    // The old host's process runs free to its end, with no acknowledgement.
+    let mut stray = Run::default();
+    host.finish(1, &mut stray);
+    assert_eq!(stray.code, Some(0), "{stray:?}");
+    // The new host's own still waits for its acknowledgements, then ends whole.
+    host.stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 65536];
+    while let Ok(n @ 1..) = host.stream.read(&mut buf) {
+        host.frames.push(&buf[..n]);
+    }
+    host.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    while let Some(body) = host.frames.next_body() {
+        host.pending.push_back(decode(&body).unwrap());
+    }
+    assert!(
+        !host
+            .pending
+            .iter()
+            .any(|f| f.id == 2 && matches!(f.msg, GuestMsg::Exit { .. })),
+        "the new host's process ran past its window"
+    );
     host.send(
         2,
-        HostMsg::Stdin {
-            data: b"kept\n".to_vec(),
+        HostMsg::OutputAck {
+            bytes: u64::MAX / 2,
         },
     );
-    host.send(2, HostMsg::CloseStdin);
     let mut kept = Run::default();
     host.finish(2, &mut kept);
-    assert_eq!(kept.out(), "kept\n");
+    assert_eq!((kept.code, kept.stdout.len()), (Some(0), 200_000));
 }

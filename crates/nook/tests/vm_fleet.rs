@@ -402,10 +402,11 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     );
     let pid = pid.trim().to_string();
     assert!(pid.parse::<u32>().is_ok(), "counter pid: {pid:?}");
-    // A session open on the old host ends with the move, as a dropped SSH connection does:
-    // the new host hangs up what it started (the guest never sees its host go).
-    let session_script = "'echo $$ > /tmp/session.pid; trap \"echo hup > /tmp/session.hup; exit 0\" HUP; \
-                          while :; do date; sleep 0.2; done'";
+    // A session open on the old host ends with the move, but what it started runs on: its
+    // output no longer waits for the old host's acknowledgements (the guest never saw that
+    // host go, and 4 MB is past the flow-control window).
+    let session_script = "'echo $$ > /tmp/session.pid; while [ ! -e /tmp/go ]; do sleep 0.1; done; \
+                          head -c 4000000 /dev/zero; echo done > /tmp/session.done'";
     let mut session = Command::new("ssh")
         .args(h1.ssh_opts(&alice))
         .args(["-p", &h1.ssh_port.to_string(), &format!("vm1@{}", h1.addr)])
@@ -482,16 +483,14 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         Duration::from_secs(30),
         || session.try_wait().ok().flatten().is_some(),
     );
+    h2.exec("vm1", "touch /tmp/go");
     wait_until(
-        "vm1's session from the old host to be hung up",
+        "what vm1's session from the old host started to run to its end",
         Duration::from_secs(30),
         || {
-            h2.exec(
-                "vm1",
-                "cat /tmp/session.hup 2>/dev/null; test -d /proc/$(cat /tmp/session.pid) && echo running; true",
-            )
-            .trim()
-                == "hup"
+            h2.exec("vm1", "cat /tmp/session.done 2>/dev/null; true")
+                .trim()
+                == "done"
         },
     );
     // A stopped VM moves with its disk, and starts on its new host with its files.

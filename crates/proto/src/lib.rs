@@ -63,10 +63,11 @@ pub enum HostMsg {
     /// SIGHUP its process group, close its stdin and stop reading its output (later writes get
     /// EPIPE). Its `Exit` still follows.
     Hangup,
-    /// The host end is new and started only the processes in `keep` (the VM moved here from
-    /// another host, whose connection went with it): every other process is hung up as
-    /// `Hangup` does, since its user is gone and nobody would read it. Answered with `Ok`.
-    HangupAllBut { keep: Vec<u64> },
+    /// The host end is a new host that started only the processes in `started` (the VM moved
+    /// here from another host, whose connection went with it, though the guest's port never
+    /// closed). Every other process runs free, as when the host end closes: nobody will
+    /// acknowledge its output. Answered with `Ok`.
+    NewHost { started: Vec<u64> },
     /// Read up to `len` bytes from `offset`; answered with `FileData` (empty data means end of file).
     ReadFile { path: String, offset: u64, len: u32 },
     /// Write `data` at the end (`append`) or replace the file; answered with `Ok`.

@@ -652,21 +652,23 @@ impl AgentClient {
         }
     }
 
-    /// Hangs up every process in the guest that this connection did not start. A VM that
-    /// moved here from another host still runs what that host's sessions started, and their
-    /// users went with that host's connection. Returns once the guest has hung them up.
-    pub async fn hang_up_strays(&self) -> Result<(), VmmError> {
+    /// Tells the guest this connection is a new host's, which started only what it started
+    /// itself. A VM that moved here from another host still runs what that host's sessions
+    /// started; their users went with that host's connection, and without this their output
+    /// would wait for acknowledgements that never come. Returns once the guest has let them
+    /// run free.
+    pub async fn new_host(&self) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.call_timeout;
         let (id, rx) = self.open_route()?;
         // The list is taken, and the frame queued, under the routes' lock: a spawn missing from
         // the list opens its route after it, so its frame is queued after this one and the
-        // guest starts it only once the strays are hung up.
+        // guest starts it only after this.
         let sent = {
             let routes = lock(&self.routes);
-            let keep = routes.map.keys().copied().filter(|k| *k != id).collect();
+            let started = routes.map.keys().copied().filter(|k| *k != id).collect();
             nook_proto::encode(&HostFrame {
                 id,
-                msg: HostMsg::HangupAllBut { keep },
+                msg: HostMsg::NewHost { started },
             })
             .map_err(VmmError::from)
             .and_then(|bytes| {
@@ -681,7 +683,7 @@ impl AgentClient {
         match self.reply(id, rx, sent, deadline).await? {
             GuestMsg::Ok => Ok(()),
             other => Err(VmmError::Agent(format!(
-                "unexpected reply to hang up strays: {other:?}"
+                "unexpected reply to new host: {other:?}"
             ))),
         }
     }

@@ -805,11 +805,11 @@ impl Manager {
                 // Shells and commands go through the agent: have it answer before saying done.
                 if let Err(err) = agent.wait_ready(Duration::from_secs(10)).await {
                     tracing::warn!(vm = %vm.name, %err, "the guest agent of a VM that moved here does not answer");
-                } else if let Err(err) = agent.hang_up_strays().await {
+                } else if let Err(err) = agent.new_host().await {
                     // The guest never saw its host go (connected before the state came), so
-                    // the sender's sessions would stay open in it, each with its flow-control
-                    // window spent, and nobody to read them.
-                    tracing::warn!(vm = %vm.name, %err, "cannot hang up the processes the sending host's sessions started");
+                    // what the sender's sessions started would stop at the end of its
+                    // flow-control window, with nobody left to acknowledge it.
+                    tracing::warn!(vm = %vm.name, %err, "cannot tell the guest agent its host changed");
                 }
                 self.set_booted(&here.id, true);
                 VmState::Running
