@@ -205,8 +205,9 @@ fn settled_host_room_bytes() -> u64 {
 fn vm_admission_a_host_short_of_real_memory_refuses_new_vms_and_kills_none() {
     // The reserve is set so that the host has room for one more VM now, with 350 MiB to
     // spare; a VM filling 700 MiB then takes that room for real.
-    // What a 1 GiB VM is counted to touch as it boots: half its RAM, at most 256 MiB, and
-    // under TCG 96 MiB for QEMU and its translation cache.
+    // What a 1 GiB tiny VM is counted to touch as it boots: half its RAM, at most 256 MiB,
+    // and under TCG 32 MiB for QEMU plus the 64 MiB of translation cache a tiny guest fills
+    // (of the default 128 MiB).
     const NEED: u64 = (256 + 96) << 20;
     let reserve = settled_host_room_bytes() - NEED - (350 << 20);
     let reserve_arg = format!("{}M", reserve >> 20);

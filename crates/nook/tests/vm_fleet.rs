@@ -493,6 +493,21 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
                 == "done"
         },
     );
+    // The moved VM's RAM is a memfd, as every VM's is (its forks here are instant): the live
+    // copy filled in every page of it, and the zero pages are given back.
+    let vm1 = find(&ls(&h2, &alice), "vm1").clone();
+    let (vm1_id, size) = (
+        vm1["id"].as_str().expect("id"),
+        vm1["memory_mib"].as_u64().expect("memory_mib"),
+    );
+    wait_until(
+        "vm1 on h2 to give back the pages its move filled in",
+        Duration::from_secs(60),
+        || {
+            let held = ram_held_mib(vm1_id);
+            held > 0 && held < size / 2
+        },
+    );
     // A stopped VM moves with its disk, and starts on its new host with its files.
     h2.lobby_ok(&alice, &["stop", "vm2"]);
     let out = h3.lobby_ok(&alice, &["move", "vm2", "h1", "--json"]);
@@ -950,6 +965,22 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
 }
 
 /// A process's state letter (`R`, `S`, `T` for stopped, ...), while it exists.
+/// The host memory, in MiB, the RAM memfd of the VM with this id holds (its QEMU's
+/// `RssShmem`).
+fn ram_held_mib(id: &str) -> u64 {
+    let held = common::qemu_pids_of_vm(id)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("RssShmem:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .sum::<u64>();
+    held >> 10
+}
+
 fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat[stat.rfind(')')? + 1..].trim_start().chars().next()

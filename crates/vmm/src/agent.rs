@@ -660,26 +660,25 @@ impl AgentClient {
     pub async fn new_host(&self) -> Result<(), VmmError> {
         let deadline = Instant::now() + self.call_timeout;
         let (id, rx) = self.open_route()?;
-        // The list is taken, and the frame queued, under the routes' lock: a spawn missing from
-        // the list opens its route after it, so its frame is queued after this one and the
-        // guest starts it only after this.
-        let sent = {
+        let sent = async {
+            // A place in the queue first (it cannot be awaited under the lock below).
+            let permit = match tokio::time::timeout_at(deadline, self.outbox.reserve()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(VmmError::AgentClosed),
+                Err(_) => return Err(VmmError::AgentTimeout(self.call_timeout)),
+            };
+            // The list is taken, and the frame queued, under the routes' lock: a spawn missing
+            // from the list opens its route after it, so its frame is queued after this one
+            // and the guest starts it only after this.
             let routes = lock(&self.routes);
             let started = routes.map.keys().copied().filter(|k| *k != id).collect();
-            nook_proto::encode(&HostFrame {
+            permit.send(nook_proto::encode(&HostFrame {
                 id,
                 msg: HostMsg::NewHost { started },
-            })
-            .map_err(VmmError::from)
-            .and_then(|bytes| {
-                self.outbox.try_send(bytes).map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        VmmError::Agent("too many frames are waiting to be sent".into())
-                    }
-                    mpsc::error::TrySendError::Closed(_) => VmmError::AgentClosed,
-                })
-            })
-        };
+            })?);
+            Ok(())
+        }
+        .await;
         match self.reply(id, rx, sent, deadline).await? {
             GuestMsg::Ok => Ok(()),
             other => Err(VmmError::Agent(format!(

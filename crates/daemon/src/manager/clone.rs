@@ -188,7 +188,7 @@ impl Manager {
                     .admit_on(
                         &src.owner,
                         Ask::Create,
-                        self.image_kind_of(&src)?,
+                        image.kind,
                         Wants {
                             cpu: src.cpu,
                             memory_mib: need_mib,

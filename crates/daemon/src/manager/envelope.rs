@@ -277,7 +277,11 @@ impl Manager {
         // Until a VM has booted nook does not know its accelerator: TCG's larger cost then.
         let tcg_cache = (self.accel() != Some(Accel::Kvm))
             .then(|| tcg_cache_filled(image, self.cfg.tcg_cache_mib));
-        let need = nook_memory::boot_footprint(u64::from(memory_mib) << 20, tcg_cache);
+        // (No memory asked for: a clone that stays stopped, which boots nothing.)
+        let need = match memory_mib {
+            0 => 0,
+            _ => nook_memory::boot_footprint(u64::from(memory_mib) << 20, tcg_cache),
+        };
         if starts {
             // Every VM, the admin's too: what is at stake is the VMs already running.
             host_memory_room(

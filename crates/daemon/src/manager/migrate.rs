@@ -798,18 +798,32 @@ impl Manager {
                 self.take_released_lease(&here).await?;
                 self.commit_arrival(&vm, &here, VmState::Running, Some(*pid), arrival)
                     .await?;
+                let own_ram = ram.is_some();
                 self.adopt(&here, qmp.clone(), Some(agent.clone()), ram.take());
                 if let Err(err) = qmp.execute("cont", None).await {
                     tracing::error!(vm = %vm.name, %err, "a VM that moved here would not run");
                 }
                 // Shells and commands go through the agent: have it answer before saying done.
-                if let Err(err) = agent.wait_ready(Duration::from_secs(10)).await {
-                    tracing::warn!(vm = %vm.name, %err, "the guest agent of a VM that moved here does not answer");
-                } else if let Err(err) = agent.new_host().await {
-                    // The guest never saw its host go (connected before the state came), so
-                    // what the sender's sessions started would stop at the end of its
-                    // flow-control window, with nobody left to acknowledge it.
-                    tracing::warn!(vm = %vm.name, %err, "cannot tell the guest agent its host changed");
+                // The guest never saw its old host go (connected before the state came), so
+                // it is told: what the sender's sessions started must not wait on output
+                // acknowledgements that will never come.
+                let ready = agent.wait_ready(Duration::from_secs(10)).await;
+                if let Err(err) = &ready {
+                    tracing::warn!(vm = %vm.name, %err, "the guest agent of a VM that moved here does not answer yet");
+                }
+                let (name, agent) = (vm.name.clone(), agent.clone());
+                tokio::spawn(async move {
+                    if ready.is_err() {
+                        let _ = agent.wait_ready(NEW_HOST_WAIT).await;
+                    }
+                    if let Err(err) = agent.new_host().await {
+                        tracing::warn!(vm = %name, %err, "cannot tell the guest agent its host changed: what the old host's sessions started may wait on its output until the VM restarts");
+                    }
+                });
+                // The live copy filled in every page of the memfd (see
+                // `give_back_zero_pages_later`).
+                if own_ram {
+                    self.give_back_zero_pages_later(&here.id);
                 }
                 self.set_booted(&here.id, true);
                 VmState::Running
@@ -1223,6 +1237,10 @@ impl Manager {
         self.set_booted(&vm.id, true);
     }
 }
+
+/// How long a VM that moved here may take to answer on its agent before the guest is told its
+/// host changed (`AgentClient::new_host`) all the same.
+const NEW_HOST_WAIT: Duration = Duration::from_secs(120);
 
 /// Receives a file of `size` bytes into a new file at `path`, on disk before this returns.
 async fn receive_file<S>(

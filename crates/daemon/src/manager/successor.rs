@@ -246,8 +246,8 @@ impl Manager {
         if vm.state != VmState::Running || has_ram != Some(false) {
             return Ok(Rehomed::NotNeeded);
         }
-        // Only a fork's QEMU (mapping a sealed memfd) moves; one with QEMU's own RAM (a VM
-        // that arrived from another host) stays as it is.
+        // Only a fork's QEMU (mapping a sealed memfd) moves; one with QEMU's own RAM
+        // (`fork_memory = copy`) stays as it is.
         let forked = self
             .qemu_pid(id)
             .and_then(nook_vmm::GuestRam::of_qemu)
