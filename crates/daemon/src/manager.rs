@@ -120,6 +120,10 @@ pub struct SshTarget {
 /// shares one slow vCPU with that boot. Only a broken agent takes longer.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(45);
 
+/// How long a stopped VM's cgroup may keep its exiting QEMU before it is left behind (and
+/// swept at the daemon's next start).
+const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(5);
+
 /// The user every image has, and whom `ssh VM@HOST` lands as.
 pub const GUEST_USER: &str = "nook";
 /// nook's key for the relay into a VM's sshd, in the VM's directory (`.pub` beside it).
@@ -796,15 +800,29 @@ impl Manager {
         }
     }
 
+    /// Frees what a VM's QEMU held once it is gone: its lease, its cgroup and its tap.
     async fn release_runtime(&self, id: &str, slot: u32, owner: &str) {
         self.drop_lease(id).await;
         if let Some(cg) = &self.cgroups
             && owner != ADMIN_OWNER
         {
             let (cg, owner, vm) = (cg.clone(), owner.to_string(), id.to_string());
-            if let Ok(Err(err)) =
-                tokio::task::spawn_blocking(move || cg.remove_vm(&owner, &vm)).await
-            {
+            // A QEMU whose QMP socket has closed (a live move's sender, a VM that exited) can
+            // still be in its group for a moment while it exits; a group left behind then
+            // stayed until the daemon's next start swept it.
+            let removed = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + CGROUP_EMPTY_WAIT;
+                loop {
+                    match cg.remove_vm(&owner, &vm) {
+                        Err(nook_cgroup::CgroupError::Busy { .. }) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        other => return other,
+                    }
+                }
+            })
+            .await;
+            if let Ok(Err(err)) = removed {
                 tracing::warn!(%err, "removing a VM's cgroup failed");
             }
         }

@@ -443,6 +443,24 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         "h1 still runs a QEMU: {:?}",
         h1.qemu_pids()
     );
+    // ...nor keeps its cgroup (the sender's QEMU may still be in it as it exits).
+    let vm1 = find(&ls(&h2, &alice), "vm1").clone();
+    let group = format!(
+        "nook-h1/{}/{}",
+        vm1["owner"].as_str().expect("owner"),
+        vm1["id"].as_str().expect("id")
+    );
+    let groups: Vec<PathBuf> = [
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup",
+    ]
+    .iter()
+    .map(|root| PathBuf::from(root).join(&group))
+    .collect();
+    wait_until("h1 to remove vm1's cgroup", Duration::from_secs(10), || {
+        groups.iter().all(|g| !g.exists())
+    });
     for h in [&h1, &h2, &h3] {
         let vm1 = find(&ls(h, &alice), "vm1").clone();
         assert_eq!(
