@@ -275,14 +275,9 @@ fn fill_ram(d: &Daemon, vm: &str, mib: u32) -> String {
 /// size, in MiB.
 fn ram_held_mib(d: &Daemon, name: &str) -> (u64, u64) {
     let (pid, _) = qemu_maps(d, name);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssShmem:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("RssShmem");
+    let held = common::rss_shmem_mib(pid).expect("RssShmem");
     let size = d.vm(name)["memory_mib"].as_u64().expect("memory_mib");
-    (kib >> 10, size)
+    (held, size)
 }
 
 /// Whether `name`'s memory holds zero pages a copy filled in, still to be given back: the

@@ -419,11 +419,7 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     wait_until(
         "the session to start in vm1",
         Duration::from_secs(30),
-        || {
-            h1.exec("vm1", "test -s /tmp/session.pid && echo yes; true")
-                .trim()
-                == "yes"
-        },
+        || !file_in(&h1, "vm1", "/tmp/session.pid").is_empty(),
     );
     let out = h3.lobby_ok(&alice, &["move", "vm1", "h2", "--json"]);
     let moved: Value = serde_json::from_str(&out).expect("move --json");
@@ -505,15 +501,10 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
     wait_until(
         "what vm1's session from the old host started to run to its end",
         Duration::from_secs(30),
-        || {
-            h2.exec("vm1", "cat /tmp/session.done 2>/dev/null; true")
-                .trim()
-                == "done"
-        },
+        || file_in(&h2, "vm1", "/tmp/session.done") == "done",
     );
     // The moved VM's RAM is a memfd, as every VM's is (its forks here are instant): the live
     // copy filled in every page of it, and the zero pages are given back.
-    let vm1 = find(&ls(&h2, &alice), "vm1").clone();
     let (vm1_id, size) = (
         vm1["id"].as_str().expect("id"),
         vm1["memory_mib"].as_u64().expect("memory_mib"),
@@ -522,7 +513,10 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
         "vm1 on h2 to give back the pages its move filled in",
         Duration::from_secs(60),
         || {
-            let held = ram_held_mib(vm1_id);
+            let held: u64 = common::qemu_pids_of_vm(vm1_id)
+                .into_iter()
+                .filter_map(common::rss_shmem_mib)
+                .sum();
             held > 0 && held < size / 2
         },
     );
@@ -983,20 +977,11 @@ fn vm_fleet_three_hosts_in_namespaces_on_one_postgres() {
 }
 
 /// A process's state letter (`R`, `S`, `T` for stopped, ...), while it exists.
-/// The host memory, in MiB, the RAM memfd of the VM with this id holds (its QEMU's
-/// `RssShmem`).
-fn ram_held_mib(id: &str) -> u64 {
-    let held = common::qemu_pids_of_vm(id)
-        .into_iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("RssShmem:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .sum::<u64>();
-    held >> 10
+/// What the file at `path` in `vm` holds, trimmed; empty when there is no such file.
+fn file_in(h: &Daemon, vm: &str, path: &str) -> String {
+    h.exec(vm, &format!("cat {path} 2>/dev/null; true"))
+        .trim()
+        .to_string()
 }
 
 fn process_state(pid: u32) -> Option<char> {

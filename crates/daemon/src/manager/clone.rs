@@ -813,19 +813,14 @@ impl Manager {
     /// After a fork that sealed the VM's RAM and failed: its RAM cannot be forked again, so
     /// it moves into RAM of its own (and a fork meanwhile copies).
     fn forget_sealed_ram(self: &Arc<Self>, id: &str) {
-        let forgot = match self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(id)
-        {
-            Some(live) if live.ram.as_ref().is_some_and(GuestRam::is_sealed) => {
+        let forgot = self.with_live(id, |live| {
+            let sealed = live.ram.as_ref().is_some_and(GuestRam::is_sealed);
+            if sealed {
                 live.ram = None;
-                true
             }
-            _ => false,
-        };
-        if forgot {
+            sealed
+        });
+        if forgot == Some(true) {
             self.rehome_later(id);
         }
     }

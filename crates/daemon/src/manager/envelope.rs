@@ -269,18 +269,13 @@ impl Manager {
     ) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
         let admitted = self.host_admission.lock().await;
         let starts = !matches!(ask, Ask::Resize { .. });
-        let Wants {
-            cpu: _,
-            memory_mib,
-            disk_bytes,
-        } = wants;
         // Until a VM has booted nook does not know its accelerator: TCG's larger cost then.
         let tcg_cache = (self.accel() != Some(Accel::Kvm))
             .then(|| tcg_cache_filled(image, self.cfg.tcg_cache_mib));
         // (No memory asked for: a clone that stays stopped, which boots nothing.)
-        let need = match memory_mib {
+        let need = match wants.memory_mib {
             0 => 0,
-            _ => nook_memory::boot_footprint(u64::from(memory_mib) << 20, tcg_cache),
+            mib => nook_memory::boot_footprint(u64::from(mib) << 20, tcg_cache),
         };
         if starts {
             // Every VM, the admin's too: what is at stake is the VMs already running.
@@ -304,8 +299,8 @@ impl Manager {
                 &self.host_limits(),
                 &self.vms_here(&all),
                 ask,
-                memory_mib,
-                disk_bytes,
+                wants.memory_mib,
+                wants.disk_bytes,
             )?;
         }
         let plan = self.plan_for(owner).await?;

@@ -63,28 +63,23 @@ impl Manager {
         Ok(agent)
     }
 
-    /// Keeps `agent` as the running VM `id`'s agent connection.
-    pub(super) fn keep_agent(&self, id: &str, agent: AgentClient) {
-        if let Some(live) = self
-            .live
+    /// Runs `change` on the running VM `id`'s live state; None when it is not running here.
+    pub(super) fn with_live<R>(&self, id: &str, change: impl FnOnce(&mut Live) -> R) -> Option<R> {
+        self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(id)
-        {
-            live.agent = Some(agent);
-        }
+            .map(change)
+    }
+
+    /// Keeps `agent` as the running VM `id`'s agent connection.
+    pub(super) fn keep_agent(&self, id: &str, agent: AgentClient) {
+        self.with_live(id, |live| live.agent = Some(agent));
     }
 
     /// Records whether `id`'s guest has finished booting (`cp` waits for that before a fork).
     pub(super) fn set_booted(&self, id: &str, booted: bool) {
-        if let Some(live) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(id)
-        {
-            live.booted = booted;
-        }
+        self.with_live(id, |live| live.booted = booted);
     }
 
     /// The VM's agent connection when it is open.

@@ -426,25 +426,13 @@ impl Manager {
         let (Net::Tap(_), Ok(link)) = (&self.net, VmLink::for_slot(vm.slot)) else {
             return;
         };
-        if let Some(live) = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&vm.id)
-        {
+        self.with_live(&vm.id, |live| {
             live.sshd_restarting_until = Some(std::time::Instant::now() + SSHD_RESTART_PATIENCE);
-        }
+        });
         let (this, id) = (self.clone(), vm.id.clone());
         tokio::spawn(async move {
             guest::sshd_accepts_within(link.guest_ip, SSHD_RESTART_PATIENCE).await;
-            if let Some(live) = this
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(&id)
-            {
-                live.sshd_restarting_until = None;
-            }
+            this.with_live(&id, |live| live.sshd_restarting_until = None);
         });
     }
 

@@ -450,6 +450,17 @@ impl Daemon {
     }
 }
 
+/// The shared memory process `pid` holds (`RssShmem`: a QEMU's RAM memfd), in MiB; None once
+/// it has gone.
+pub fn rss_shmem_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    Some(kib >> 10)
+}
+
 /// PIDs of the QEMU processes of the VM with this id (each carries `-name nook-ID`; a fork's
 /// successor names no file of the VM's directory on its command line).
 pub fn qemu_pids_of_vm(id: &str) -> Vec<u32> {
